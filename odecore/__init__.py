@@ -1,0 +1,31 @@
+"""odecore: differentiable ODE solvers written once against the Python array API."""
+
+from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
+from odecore._config import backend_name, set_backend, use_backend
+from odecore._solution import Solution, SolveError, Status
+from odecore._solve import odeint, solve
+from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
+
+METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "BACKEND_NAMES",
+    "FIXED_STEP_METHODS",
+    "METHODS",
+    "TABLEAUS",
+    "Backend",
+    "BackendNotAvailableError",
+    "Solution",
+    "SolveError",
+    "Status",
+    "Tableau",
+    "backend_name",
+    "get_backend",
+    "odeint",
+    "set_backend",
+    "solve",
+    "use_backend",
+]

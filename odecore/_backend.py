@@ -1,0 +1,180 @@
+"""The Backend protocol and the lazy registry that maps names and array types to adapters.
+
+The core never imports a framework. It asks this module for a :class:`Backend`, either by name
+(``"numpy"``, ``"torch"``, ...) or by looking at the arrays a user passed in, and only then is
+the adapter module (and with it the framework) imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+
+# name -> (adapter module, the pip extra that installs what it needs)
+_ADAPTERS: dict[str, tuple[str, str]] = {
+    "numpy": ("odecore.adapters.numpy", "odecore"),
+    "torch": ("odecore.adapters.torch", "odecore[torch]"),
+    "jax": ("odecore.adapters.jax", "odecore[jax]"),
+    "numba": ("odecore.adapters.numba", "odecore[numba]"),
+    "cupy": ("odecore.adapters.cupy", "odecore[cupy]"),
+}
+# The framework each adapter needs, so that a missing framework and a missing adapter get
+# different messages.
+_FRAMEWORK_MODULE = {"numpy": "numpy", "torch": "torch", "jax": "jax", "numba": "numba",
+                     "cupy": "cupy"}
+
+BACKEND_NAMES: tuple[str, ...] = tuple(_ADAPTERS)
+
+_loaded: dict[str, Backend] = {}
+
+
+class BackendNotAvailableError(ImportError):
+    """The requested backend cannot be used in this environment."""
+
+
+class Backend:
+    """What the core needs from an array library, beyond its array-API namespace.
+
+    Adapters subclass this and override what their framework does differently. The defaults
+    here are the eager, autodiff-free behaviour, which is what NumPy needs.
+    """
+
+    name: str = "base"
+    #: The array-API namespace (from array-api-compat).
+    xp: Any = None
+    #: True when Python control flow on array values is allowed (no tracing).
+    eager: bool = True
+    #: Whether the core may write into arrays it allocated itself (array-api-extra's ``at``).
+    #: Frameworks that record operations for autodiff want copies instead.
+    inplace_ok: bool = True
+
+    def owns(self, x: Any) -> bool:
+        """True if ``x`` is an array of this backend's library."""
+        raise NotImplementedError
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        """Convert plain inputs (lists, floats, NumPy arrays) to this backend's arrays."""
+        return self.xp.asarray(x, dtype=dtype)
+
+    @property
+    def time_dtype(self) -> Any:
+        """The dtype time is kept in: float64 wherever the library allows it."""
+        return self.xp.float64
+
+    @property
+    def int_dtype(self) -> Any:
+        """The dtype of counters and indices inside the loop."""
+        return self.xp.int64
+
+    def while_loop(self, cond: Callable, body: Callable, state: Any) -> Any:
+        while bool(cond(state)):
+            state = body(state)
+        return state
+
+    def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+    def stage_store(self, capacity: int, first: Any):
+        """Where a Runge-Kutta step keeps its stages (see ``odecore._rk.ListStages``)."""
+        from odecore._rk import ListStages
+
+        return ListStages(capacity, first)
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x
+
+    def to_host_float(self, x: Any) -> float:
+        return float(x)
+
+    def __repr__(self) -> str:
+        return f"<odecore backend {self.name!r}>"
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, importing its adapter (and framework) on first use."""
+    if name not in _ADAPTERS:
+        raise ValueError(
+            f"unknown backend {name!r}; valid backends are "
+            f"{', '.join(repr(n) for n in ('auto',) + BACKEND_NAMES)}"
+        )
+    if name not in _loaded:
+        _loaded[name] = _load_adapter(name)
+    return _loaded[name]
+
+
+def _load_adapter(name: str) -> Backend:
+    module_name, extra = _ADAPTERS[name]
+    try:
+        importlib.import_module(_FRAMEWORK_MODULE[name])
+    except ImportError as exc:
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs {_FRAMEWORK_MODULE[name]}, which is not installed; "
+            f"install it with: pip install '{extra}'"
+        ) from exc
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise BackendNotAvailableError(
+            f"the {name!r} backend is planned but its adapter is not part of this release of "
+            f"odecore; available now: 'numpy'"
+        ) from exc
+    return module.BACKEND
+
+
+def _library_of(x: Any) -> str | None:
+    """The backend name that owns array ``x``, or None for plain Python values.
+
+    Checked without importing any framework: array-api-compat only looks at types of modules
+    already imported.
+    """
+    if array_api_compat.is_torch_array(x):
+        return "torch"
+    if array_api_compat.is_jax_array(x):
+        return "jax"
+    if array_api_compat.is_cupy_array(x):
+        return "cupy"
+    if array_api_compat.is_numpy_array(x):
+        return "numpy"
+    return None
+
+
+def infer_backend(*values: Any) -> Backend:
+    """The backend that owns the arrays among ``values`` (nested tuples, lists and dicts are
+    searched); NumPy when there are only plain Python values.
+
+    Arrays of two libraries in one call are an error: converting silently would move data
+    between devices or drop gradients.
+    """
+    found: dict[str, str] = {}
+    for where, leaf in _leaves(values):
+        library = _library_of(leaf)
+        if library is not None and library not in found:
+            found[library] = where
+    # NumPy arrays mixed with another library's are inputs to convert, like lists; anything
+    # else mixed is ambiguous.
+    frameworks = {k: v for k, v in found.items() if k != "numpy"}
+    if len(frameworks) > 1:
+        (a, wa), (b, wb) = list(frameworks.items())[:2]
+        raise TypeError(
+            f"arrays from two libraries in one call: {wa} is a {a} array but {wb} is a {b} "
+            f"array; convert them to one library first"
+        )
+    name = next(iter(frameworks), "numpy")
+    return get_backend(name)
+
+
+def _leaves(values: Any, path: str = "argument"):
+    stack = [(path, values)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, (tuple, list)):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            stack.extend((f"{where}[{k!r}]", v) for k, v in value.items())
+        else:
+            yield where, value

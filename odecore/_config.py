@@ -1,0 +1,101 @@
+"""Which backend a solve runs on: ``set_backend``, ``use_backend`` and ``ODECORE_BACKEND``.
+
+``"auto"`` (the default) follows the type of the arrays passed in. A named backend converts
+plain inputs (lists, floats, NumPy arrays) to its own arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from odecore._backend import (
+    BACKEND_NAMES,
+    Backend,
+    _leaves,
+    _library_of,
+    get_backend,
+    infer_backend,
+)
+
+_ENV_VAR = "ODECORE_BACKEND"
+_VALID = ("auto",) + BACKEND_NAMES
+
+# A thread-local stack so that `use_backend` in one thread does not leak into another.
+_state = threading.local()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in _VALID:
+        raise ValueError(
+            f"unknown backend {name!r}; valid backends are {', '.join(map(repr, _VALID))}"
+        )
+    return name
+
+
+def _stack() -> list[str]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+_global_choice: str | None = None
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every later solve in this process ("auto" restores the default)."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Choose the backend for the solves inside a ``with`` block, in this thread only."""
+    _stack().append(_check_name(name))
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def backend_name() -> str:
+    """The configured backend name: the innermost ``use_backend``, else ``set_backend``, else
+    the ``ODECORE_BACKEND`` environment variable, else "auto"."""
+    if _stack():
+        return _stack()[-1]
+    if _global_choice is not None:
+        return _global_choice
+    env = os.environ.get(_ENV_VAR)
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {_ENV_VAR}: {exc}") from None
+    return "auto"
+
+
+def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
+    """The backend a call runs on: ``requested`` (an argument) wins over the configuration."""
+    if isinstance(requested, Backend):
+        return requested
+    name = _check_name(requested) if requested is not None else backend_name()
+    if name == "auto":
+        return infer_backend(*inputs)
+    backend = get_backend(name)
+    _check_inputs_belong(backend, inputs)
+    return backend
+
+
+def _check_inputs_belong(backend: Backend, inputs: tuple) -> None:
+    """A configured backend converts plain values and NumPy arrays, but an array of a third
+    library is a mistake to report, not to convert."""
+    for where, leaf in _leaves(inputs):
+        library = _library_of(leaf)
+        if library not in (None, "numpy", backend.name) and not backend.owns(leaf):
+            raise TypeError(
+                f"the backend is {backend.name!r} but {where} is a {library} array; convert it, "
+                f"or use backend='auto' to follow the arrays' type"
+            )

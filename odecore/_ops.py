@@ -1,0 +1,204 @@
+"""Operations on the loop's per-sample control values: time, step size, status, counters, masks.
+
+The solve loop keeps one control value per sample. For a batch, or for a tracing backend, they
+are arrays of shape (B,) and every update is a masked array operation. For a single sample on
+an eager backend they are plain Python numbers: a NumPy call on a one-element array costs about
+as much as a Runge-Kutta stage on a small state, and the bookkeeping has dozens of them per
+step. The loop is written once against this small interface, so both cases run the same code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+
+class ArrayOps:
+    """Control values as arrays of shape (B,); state arrays are (B, N)."""
+
+    scalar = False
+
+    def __init__(self, xp, time_dtype, state_dtype, int_dtype):
+        self.xp = xp
+        self.time_dtype = time_dtype
+        self.state_dtype = state_dtype
+        self.int_dtype = int_dtype
+
+    def where(self, cond, a, b):
+        return self.xp.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return self.xp.minimum(a, b)
+
+    def maximum(self, a, b):
+        return self.xp.maximum(a, b)
+
+    def isfinite(self, x):
+        return self.xp.isfinite(x)
+
+    def not_(self, x):
+        return self.xp.logical_not(x)
+
+    def any(self, x):
+        return self.xp.any(x)
+
+    def count(self, mask):
+        """A mask as 0/1 counter increments."""
+        return self.xp.astype(mask, self.int_dtype)
+
+    def full(self, batch, value, kind="time"):
+        dtype = {"time": self.time_dtype, "int": self.int_dtype}[kind]
+        return self.xp.full((batch,), value, dtype=dtype)
+
+    def from_norm(self, n):
+        """A norm's per-sample values (an array (B,)) as control values."""
+        return self.xp.astype(n, self.time_dtype)
+
+    def select_rows(self, mask, a, b):
+        """Per-sample choice between two state arrays."""
+        return self.xp.where(mask[:, None], a, b)
+
+    def all_rows(self, x):
+        """Per sample: is every element of the state row true?"""
+        return self.xp.all(x, axis=1)
+
+    def to_state(self, h):
+        """A per-sample time value as a (B, 1) factor in the state's dtype."""
+        return self.xp.astype(h, self.state_dtype)[:, None]
+
+    def times(self, ts):
+        return ts
+
+    def take(self, ts, idx):
+        return self.xp.take(ts, idx)
+
+    def next_stop(self, stops, t):
+        """The first stop strictly after each sample's time."""
+        xp = self.xp
+        if stops.shape[0] == 1:
+            return xp.broadcast_to(stops, t.shape)
+        passed = xp.sum(xp.astype(stops[None, :] <= t[:, None], self.int_dtype), axis=1)
+        return xp.take(stops, xp.minimum(passed, stops.shape[0] - 1))
+
+    def is_member(self, t, values):
+        return self.xp.any(values[None, :] == t[:, None], axis=1)
+
+    def nextafter_up(self, t):
+        return self.xp.nextafter(t, self.xp.asarray(math.inf, dtype=t.dtype))
+
+    def rows_index(self, batch):
+        return self.xp.arange(batch)
+
+    @staticmethod
+    def out_index(slot, rows):
+        """Where each sample's output goes in the (T, B, N) buffer."""
+        return slot, rows
+
+    def user_time(self, t, batched):
+        """Time as ``func`` receives it: in the state's dtype, one per sample or 0-d."""
+        t = self.xp.astype(t, self.state_dtype)
+        return t if batched else self.xp.reshape(t, ())
+
+    def to_host(self, x):
+        return x
+
+
+class ScalarOps:
+    """Control values as Python floats, ints and bools, for one sample on an eager backend.
+
+    Each method mirrors :class:`ArrayOps` exactly; the tests compare a batched solve (array
+    path) with the same samples solved one at a time (this path).
+    """
+
+    scalar = True
+
+    def __init__(self, xp, time_dtype, state_dtype, int_dtype):
+        self.xp = xp
+        self.time_dtype = time_dtype
+        self.state_dtype = state_dtype
+        self.int_dtype = int_dtype
+
+    @staticmethod
+    def where(cond, a, b):
+        return a if cond else b
+
+    @staticmethod
+    def minimum(a, b):
+        # NaN propagates, as in the array version.
+        return a if (a <= b or a != a) else b
+
+    @staticmethod
+    def maximum(a, b):
+        return a if (a >= b or a != a) else b
+
+    @staticmethod
+    def isfinite(x):
+        return math.isfinite(x)
+
+    @staticmethod
+    def not_(x):
+        return not x
+
+    @staticmethod
+    def any(x):
+        return bool(x)
+
+    @staticmethod
+    def count(mask):
+        return int(mask)
+
+    @staticmethod
+    def full(batch, value, kind="time"):
+        return float(value) if kind == "time" else int(value)
+
+    @staticmethod
+    def from_norm(n):
+        return float(n)
+
+    @staticmethod
+    def select_rows(mask, a, b):
+        return a if mask else b
+
+    def all_rows(self, x):
+        return bool(self.xp.all(x))
+
+    @staticmethod
+    def to_state(h):
+        # A Python float is a "weak" scalar for array libraries: it takes the state's dtype.
+        return h
+
+    @staticmethod
+    def times(ts):
+        return [float(v) for v in ts]
+
+    @staticmethod
+    def take(ts, idx):
+        return ts[idx]
+
+    @staticmethod
+    def next_stop(stops, t):
+        i = bisect.bisect_right(stops, t)
+        return stops[min(i, len(stops) - 1)]
+
+    @staticmethod
+    def is_member(t, values):
+        return t in values
+
+    @staticmethod
+    def nextafter_up(t):
+        return math.nextafter(t, math.inf)
+
+    @staticmethod
+    def rows_index(batch):
+        return None
+
+    @staticmethod
+    def out_index(slot, rows):
+        # A single sample's buffer is (T, *shape): no row axis.
+        return slot
+
+    def user_time(self, t, batched):
+        return self.xp.asarray(t, dtype=self.state_dtype)
+
+    def to_host(self, x):
+        return self.xp.asarray([x])

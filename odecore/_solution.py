@@ -1,0 +1,93 @@
+"""What a solve returns: the :class:`Solution`, its status codes, and :class:`SolveError`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome of a solve. ``RUNNING`` only appears inside the loop."""
+
+    RUNNING = -1
+    SUCCESS = 0
+    MAX_STEPS_REACHED = 1
+    DT_UNDERFLOW = 2
+    NONFINITE_STATE = 3
+
+    def describe(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Status.RUNNING: "still running",
+    Status.SUCCESS: "success",
+    Status.MAX_STEPS_REACHED: (
+        "max_num_steps reached; raise options['max_num_steps'], loosen rtol/atol, or check "
+        "whether the problem is stiff (explicit methods need tiny steps on stiff problems)"
+    ),
+    Status.DT_UNDERFLOW: (
+        "underflow in dt: the step size the error control asked for is too small to advance "
+        "time (or fell below options['min_step']); the solution may blow up here, or the "
+        "tolerances may be too tight for the dtype"
+    ),
+    Status.NONFINITE_STATE: (
+        "non-finite state: the dynamics returned NaN or inf and no smaller step avoided it; "
+        "check func near this time"
+    ),
+}
+
+
+@dataclass
+class Solution:
+    """The result of :func:`odecore.solve`.
+
+    ``ys[i]`` is the state at ``ts[i]``. ``stats`` counts function evaluations (``nfev``, one per
+    call of ``func`` on the whole batch) and, per sample, the steps attempted (``nsteps``),
+    accepted (``naccept``) and rejected (``nreject``). ``status`` is a :class:`Status` code,
+    per sample when the solve was batched. Outputs after a failure are NaN.
+    """
+
+    ts: Any
+    ys: Any
+    stats: dict[str, Any]
+    status: Any
+    t_reached: Any = None
+    method: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return bool(_all_equal(self.status, Status.SUCCESS))
+
+    @property
+    def message(self) -> str:
+        return describe_status(self.status)
+
+
+def _all_equal(status: Any, value: int) -> bool:
+    try:
+        return all(int(s) == value for s in status)
+    except TypeError:
+        return int(status) == value
+
+
+def describe_status(status: Any) -> str:
+    try:
+        codes = sorted({int(s) for s in status})
+    except TypeError:
+        codes = [int(status)]
+    return "; ".join(Status(c).describe() for c in codes)
+
+
+class SolveError(RuntimeError):
+    """A solve failed: max steps reached, step-size underflow, or a non-finite state.
+
+    The message says where (time reached) and with what statistics; ``solution`` holds the
+    partial result (outputs past the failure are NaN).
+    """
+
+    def __init__(self, message: str, solution: Solution | None = None):
+        super().__init__(message)
+        self.solution = solution

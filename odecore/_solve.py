@@ -1,0 +1,420 @@
+"""The solve: checks the inputs, then runs one init / cond / body loop for every backend.
+
+The loop state is a dict of fixed-shape arrays. Every sample (a row of the internal (B, N)
+state) has its own time, step size, status and counters; updates are masked with ``where``, so
+a finished or failed sample stops changing while the others go on. Requested output times are
+filled by interpolation after each accepted step and never change the steps taken. The body
+has no Python ``if`` on array values, so a tracing backend (JAX) can run it unchanged under
+its own ``while_loop``.
+
+Time runs forward inside the loop. A decreasing ``t`` is solved as ``s = -t`` with
+``dy/ds = -f(-s, y)``, so nothing else needs to know about direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_extra as xpx
+
+from odecore import _validate
+from odecore._backend import Backend
+from odecore._config import resolve_backend
+from odecore._control import Controller, error_ratio, initial_step
+from odecore._ops import ArrayOps, ScalarOps
+from odecore._rk import RKMethod
+from odecore._solution import Solution, SolveError, Status, describe_status
+
+RUNNING = int(Status.RUNNING)
+
+
+@dataclass
+class _Problem:
+    """Everything the loop needs, checked and converted once."""
+
+    backend: Backend
+    ops: ArrayOps | ScalarOps  # how per-sample control values are held (odecore._ops)
+    method: RKMethod
+    fn: Any  # fn(t (B,), y (B, N)) -> (B, N), in internal (forward) time
+    y0: Any  # (B, N)
+    ts: Any  # (T,) internal output times, increasing, as control values
+    ts_array: Any  # the same as an array
+    stops: Any  # (M,) times every step must land on, increasing, the last is the end time
+    jumps: Any  # (J,) times where f is re-evaluated after landing, or None
+    dense_coeffs: Any  # the interpolant's coefficients, (dense stages, degree)
+    rtol: Any
+    atol: Any
+    norm: Any
+    controller: Controller | None
+    first_step: float | None
+    step_size: float | None
+    max_num_steps: int
+    min_step: float
+    max_step: float
+    layout: _validate.Layout
+    direction: float  # +1 when the user's t increases, -1 when it decreases
+
+
+def solve(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, options=None,
+          batch_axis=None, backend=None, throw=True) -> Solution:
+    """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
+
+    Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
+    outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
+    ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
+    backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
+    solve did not reach are NaN.
+    """
+    bk = resolve_backend(backend, y0, t, params)
+    problem = _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis)
+    if problem is None:  # a single output time: the answer is y0, with no work done
+        return _trivial_solution(bk, y0, t, method, batch_axis)
+    state = bk.while_loop(lambda s: problem.ops.any(s["status"] == RUNNING),
+                          lambda s: _body(problem, s), _init(problem))
+    solution = _finish(problem, state)
+    if throw and bk.eager and not solution.success:
+        raise SolveError(_failure_message(solution), solution)
+    return solution
+
+
+def odeint(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, options=None,
+           batch_axis=None, backend=None):
+    """Solve an initial value problem and return the state at every time in ``t``.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning
+        ``dy/dt`` with the shape and dtype of ``y``. With ``batch_axis``, ``t`` is a vector
+        with one time per sample (each sample steps on its own); otherwise a 0-d array.
+        ``t`` is passed in the state's dtype.
+    y0 : array
+        Initial state, any shape, real floating dtype.
+    t : 1-D array
+        Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
+        time.
+    rtol, atol : float or array
+        Relative and absolute tolerances (positive; arrays broadcast against ``y0``).
+    method : str
+        One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
+    options : dict
+        ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
+        (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
+        and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
+        (``"rms"``, ``"max"`` or a callable), ``safety``, ``ifactor``, ``dfactor``,
+        ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``.
+    batch_axis : int, optional
+        The axis of ``y0`` that indexes independent samples; each sample gets its own steps
+        and the result for one sample equals solving it alone.
+    backend : str, optional
+        Overrides the configured backend for this call.
+
+    Returns
+    -------
+    array of shape ``(len(t), *y0.shape)``.
+    """
+    return solve(func, y0, t, params=params, rtol=rtol, atol=atol, method=method,
+                 options=options, batch_axis=batch_axis, backend=backend).ys
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation
+
+
+def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
+    xp = bk.xp
+    rk = RKMethod(_validate.tableau(method))
+    opts = _validate.options(options, rk)
+    ts_user = _validate.times(bk, t)
+    y0_arr = _validate.initial_state(bk, y0)
+    # A single sample on an eager backend keeps its control values as Python numbers and its
+    # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
+    scalar = bk.eager and batch_axis is None
+    layout = _validate.layout(y0_arr, batch_axis, flat=not scalar)
+    if ts_user.shape[0] == 1:
+        return None
+    time_dtype = bk.time_dtype
+    ts_user = xp.astype(ts_user, time_dtype)
+    sign = 1.0 if bool(ts_user[1] > ts_user[0]) else -1.0
+    ts = ts_user * sign
+    ops_class = ScalarOps if scalar else ArrayOps
+    ops = ops_class(xp, time_dtype, y0_arr.dtype, bk.int_dtype)
+    fn = _dynamics(bk, ops, func, params, layout, sign)
+    y0_int = layout.to_internal(xp, y0_arr)
+
+    step_size = opts.get("step_size")
+    stops = [ts[-1:]]
+    for key in ("step_t", "jump_t"):
+        if opts.get(key) is not None:
+            stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
+    if not rk.adaptive and step_size is None:
+        stops.append(ts[1:])  # a fixed grid without step_size steps between output times
+    stops = xp.unique_values(xp.concat(stops)) if len(stops) > 1 else stops[0]
+    jumps = (_validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
+             if opts.get("jump_t") is not None else None)
+
+    controller = None
+    if rk.adaptive:
+        pi = opts.get("controller", "I") == "PI"
+        controller = Controller(
+            safety=opts.get("safety", 0.9), ifactor=opts.get("ifactor", 10.0),
+            dfactor=opts.get("dfactor", 0.2),
+            icoeff=opts.get("icoeff", 0.3 if pi else 1.0),
+            pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
+            k=rk.error_exponent_order,
+        )
+    return _Problem(
+        backend=bk, ops=ops, method=rk, fn=fn, y0=y0_int, ts=ops.times(ts), ts_array=ts,
+        stops=ops.times(stops), jumps=None if jumps is None else ops.times(jumps),
+        dense_coeffs=xp.asarray(rk.dense, dtype=y0_arr.dtype),
+        rtol=_validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype),
+        atol=_validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype),
+        norm=_validate.norm(bk, opts.get("norm", "rms"), layout),
+        controller=controller, first_step=opts.get("first_step"), step_size=step_size,
+        max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
+        min_step=opts.get("min_step", 0.0), max_step=opts.get("max_step", math.inf),
+        layout=layout, direction=sign,
+    )
+
+
+def _dynamics(bk, ops, func, params, layout, sign):
+    """Wrap the user's ``func`` as ``fn(t, y (B, N)) -> (B, N)`` in internal time, and check
+    its first output: a wrong shape or dtype is reported at once, by name, instead of
+    surfacing as a broadcasting error deep inside a step."""
+    xp = bk.xp
+    batched = layout.batched
+
+    def call(t, y):
+        ty = ops.user_time(t * sign if sign < 0 else t, batched)
+        yu = layout.to_user(xp, y)
+        return func(ty, yu) if params is None else func(ty, yu, params)
+
+    def fn(t, y):
+        out = layout.from_user(xp, call(t, y))
+        return -out if sign < 0 else out
+
+    def first_call(t, y):
+        out = call(t, y)
+        _validate.dynamics_output(bk, out, layout)
+        out = layout.from_user(xp, out)
+        return -out if sign < 0 else out
+
+    fn.first_call = first_call
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _init(p: _Problem) -> dict:
+    bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
+    B, T = lay.batch, p.ts_array.shape[0]
+    t0 = ops.full(B, p.ts[0])
+    f0 = p.fn.first_call(t0, p.y0)
+    nfev = 1
+    if p.controller is None:
+        dt = ops.full(B, p.step_size if p.step_size is not None else math.inf)
+    elif p.first_step is not None:
+        dt = ops.full(B, p.first_step)
+    else:
+        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, p.method.order, p.rtol, p.atol, p.norm)
+        nfev += 1
+    dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
+    finite = ops.all_rows(xp.isfinite(f0))
+    out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
+    out = xpx.at(out, 0).set(p.y0, copy=not bk.inplace_ok)
+    return {
+        "t": t0, "y": p.y0, "f": f0, "dt": dt,
+        "ratio_prev": ops.full(B, 1.0),
+        "status": ops.where(finite, ops.full(B, RUNNING, "int"),
+                            ops.full(B, int(Status.NONFINITE_STATE), "int")),
+        "out": out, "out_idx": ops.full(B, 1, "int"),
+        "nfev": ops.full(1, nfev, "int") if not ops.scalar else nfev,
+        "nsteps": ops.full(B, 0, "int"), "naccept": ops.full(B, 0, "int"),
+        "nreject": ops.full(B, 0, "int"),
+    }
+
+
+def _body(p: _Problem, s: dict) -> dict:
+    ops, rk = p.ops, p.method
+    running = s["status"] == RUNNING
+    t, y, f = s["t"], s["y"], s["f"]
+
+    # Land exactly on the next stop (end time, step_t, jump_t, fixed-grid output) rather than
+    # overshoot it; a step within a relative 1e-7 of the stop is stretched to it, which keeps
+    # a fixed step size that divides the interval from leaving a rounding-sized last step.
+    next_stop = ops.next_stop(p.stops, t)
+    gap = next_stop - t
+    dt = ops.minimum(s["dt"], p.max_step)
+    lands = dt >= gap * (1.0 - 1e-7)
+    h = ops.where(running, ops.where(lands, gap, dt), 0.0)
+    t_new = ops.where(running & lands, next_stop, t + h)
+    hy = ops.to_state(h)
+
+    y_new, ks, err, err2 = rk.step(p.fn, t, y, f, h, hy, p.backend.stage_store)
+    if p.controller is not None:
+        ratio = ops.from_norm(error_ratio(p.backend.xp, p.norm, err, err2, y, y_new, p.rtol,
+                                          p.atol))
+        finite = ops.isfinite(ratio)
+        accept = running & (ratio <= 1.0)
+    else:
+        finite = ops.all_rows(p.backend.xp.isfinite(y_new))
+        accept = running & finite
+    f_new = ks[-1] if rk.fsal else p.fn(t_new, y_new)
+    nfev = s["nfev"] + rk.nfev_per_step
+    if p.jumps is not None:
+        f_new, nfev = _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev)
+
+    out, out_idx, nfev = _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new,
+                                       nfev)
+
+    rejected = running & ops.not_(accept)
+    if p.controller is not None:
+        dt_next = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
+        # A step shortened to land on a stop says nothing about the step the error allows.
+        dt_next = ops.where(accept & lands, ops.maximum(dt_next, dt), dt_next)
+        dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
+        ratio_prev = ops.where(accept, ops.maximum(ratio, 1e-4), s["ratio_prev"])
+        # Stalled: the step the error control asks for no longer advances time, or a step at
+        # min_step was still rejected.
+        stalled = rejected & ((t + dt_next <= t) | (h <= p.min_step))
+        failure = ops.where(finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE_STATE))
+    else:
+        dt_next, ratio_prev = s["dt"], s["ratio_prev"]
+        stalled = rejected
+        failure = int(Status.NONFINITE_STATE)
+
+    nsteps = s["nsteps"] + ops.count(running)
+    status = s["status"]
+    status = ops.where(accept & (t_new >= p.ts[-1]), int(Status.SUCCESS), status)
+    status = ops.where(stalled, failure, status)
+    status = ops.where((status == RUNNING) & (nsteps >= p.max_num_steps),
+                       int(Status.MAX_STEPS_REACHED), status)
+    return {
+        "t": ops.where(accept, t_new, t),
+        "y": ops.select_rows(accept, y_new, y),
+        "f": ops.select_rows(accept, f_new, f),
+        "dt": ops.where(running, dt_next, s["dt"]),
+        "ratio_prev": ratio_prev,
+        "status": status,
+        "out": out, "out_idx": out_idx, "nfev": nfev, "nsteps": nsteps,
+        "naccept": s["naccept"] + ops.count(accept),
+        "nreject": s["nreject"] + ops.count(rejected),
+    }
+
+
+def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
+    """After landing on a discontinuity, the carried-over f(t_new, y_new) is the left limit;
+    the next step needs the right one, evaluated just after the jump."""
+    ops = p.ops
+    on_jump = accept & ops.is_member(t_new, p.jumps)
+
+    def fresh(f_new, nfev):
+        f_after = p.fn(ops.nextafter_up(t_new), y_new)
+        return ops.select_rows(on_jump, f_after, f_new), nfev + 1
+
+    return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev),
+                          f_new, nfev)
+
+
+def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
+    """Write every requested output time in (t, t_new] of each accepting sample, by the
+    method's interpolant on the step just taken."""
+    bk, ops, rk = p.backend, p.ops, p.method
+    ts, T = p.ts, p.ts_array.shape[0]
+    rows = ops.rows_index(p.layout.batch)
+    h_safe = ops.where(h > 0, h, 1.0)
+
+    def pending(out_idx):
+        at_time = ops.take(ts, ops.minimum(out_idx, T - 1))
+        return accept & (out_idx < T) & (at_time <= t_new), at_time
+
+    def write(out, out_idx, nfev):
+        dense = rk.dense_stages(p.fn, t, y, h, hy, ks, f_new)
+        nfev = nfev + rk.nfev_dense_extra
+
+        def more(c):
+            return ops.any(pending(c[1])[0])
+
+        def one_output(c):
+            out, out_idx = c
+            mask, at_time = pending(out_idx)
+            slot = ops.minimum(out_idx, T - 1)
+            theta = ops.to_state((at_time - t) / h_safe)
+            value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+            # The step's end point is known exactly; do not replace it by the interpolant.
+            value = ops.select_rows(at_time == t_new, y_new, value)
+            where = ops.out_index(slot, rows)
+            value = ops.select_rows(mask, value, out[where])
+            out = xpx.at(out, where).set(value, copy=not bk.inplace_ok)
+            return out, out_idx + ops.count(mask)
+
+        out, out_idx = bk.while_loop(more, one_output, (out, out_idx))
+        return out, out_idx, nfev
+
+    any_pending = ops.any(pending(s["out_idx"])[0])
+    return bk.cond(any_pending, write, lambda o, i, n: (o, i, n), s["out"], s["out_idx"], nfev)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+def _finish(p: _Problem, s: dict) -> Solution:
+    """The loop's state as the user's :class:`Solution`: per-sample values stay arrays for a
+    batch and become Python numbers for a single eager solve."""
+    lay, ops = p.layout, p.ops
+
+    def per_sample(value):
+        if ops.scalar or lay.batched:
+            return value
+        value = value[0]
+        return int(value) if p.backend.eager else value
+
+    nfev = s["nfev"]
+    if not ops.scalar:
+        nfev = int(nfev[0]) if p.backend.eager else nfev[0]
+    stats = {"nfev": nfev, "nsteps": per_sample(s["nsteps"]),
+             "naccept": per_sample(s["naccept"]), "nreject": per_sample(s["nreject"])}
+    t_reached = s["t"] if (ops.scalar or lay.batched) else s["t"][0]
+    return Solution(
+        ts=p.ts_array * p.direction,
+        ys=lay.outputs_to_user(p.backend.xp, s["out"]),
+        stats=stats, status=per_sample(s["status"]),
+        t_reached=t_reached * p.direction, method=p.method.name,
+    )
+
+
+def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
+    xp = bk.xp
+    y0_arr = _validate.initial_state(bk, y0)
+    layout = _validate.layout(y0_arr, batch_axis)
+    zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
+    status = int(Status.SUCCESS) if not layout.batched else zero
+    stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
+    return Solution(ts=t, ys=y0_arr[None, ...], stats=stats, status=status,
+                    t_reached=None, method=method or "dopri5")
+
+
+def _failure_message(sol: Solution) -> str:
+    status, t_reached = sol.status, sol.t_reached
+    try:
+        failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
+    except TypeError:
+        failed = None
+    stats = sol.stats
+    if failed is None:
+        where = f"at t={float(t_reached):.17g}"
+        counts = (f"nfev={stats['nfev']}, steps={stats['nsteps']} "
+                  f"(accepted {stats['naccept']}, rejected {stats['nreject']})")
+    else:
+        i = failed[0]
+        where = (f"for {len(failed)} of {len(status)} samples; sample {i} stopped at "
+                 f"t={float(t_reached[i]):.17g}")
+        counts = (f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
+                  f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})")
+    return (f"odecore: the {sol.method} solve failed {where}: {describe_status(status)}. "
+            f"Statistics: {counts}.")

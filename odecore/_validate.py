@@ -1,0 +1,274 @@
+"""Input checks. Every bad input gets an error that names the problem and what to do.
+
+These run once per solve, before the loop, on concrete values; nothing here runs per step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from odecore._control import BUILTIN_NORMS
+from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
+
+DEFAULT_METHOD = "dopri5"
+# Finite so that a solve can never hang; large enough that a well-posed non-stiff problem
+# does not meet it. Raise it through options["max_num_steps"].
+DEFAULT_MAX_NUM_STEPS = 100_000
+
+_COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t"}
+_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size"}
+_ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
+    "first_step", "min_step", "max_step", "norm", "safety", "ifactor", "dfactor", "controller",
+    "pcoeff", "icoeff",
+}
+
+
+def tableau(method: str | None) -> Tableau:
+    name = DEFAULT_METHOD if method is None else method
+    if not isinstance(name, str) or name not in TABLEAUS:
+        raise ValueError(
+            f"unknown method {method!r}; valid methods are: fixed-step "
+            f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}"
+        )
+    return TABLEAUS[name]
+
+
+def options(opts: dict | None, rk) -> dict:
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise TypeError(f"options must be a dict, not {type(opts).__name__}")
+    valid = _ADAPTIVE_OPTIONS if rk.adaptive else _FIXED_OPTIONS
+    unknown = sorted(set(opts) - valid)
+    if unknown:
+        other = _FIXED_OPTIONS if rk.adaptive else _ADAPTIVE_OPTIONS
+        hint = ""
+        misplaced = [k for k in unknown if k in other]
+        if misplaced:
+            kind = "fixed-step" if rk.adaptive else "adaptive"
+            hint = f" ({', '.join(map(repr, misplaced))} only applies to {kind} methods)"
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {rk.name!r}{hint}; "
+            f"valid options are: {', '.join(sorted(valid))}"
+        )
+    out = {k: v for k, v in opts.items() if v is not None}
+    for key in ("step_size", "first_step", "max_step", "safety", "ifactor"):
+        if key in out:
+            out[key] = _positive_float(out[key], key)
+    if "min_step" in out:
+        out["min_step"] = _positive_float(out["min_step"], "min_step", allow_zero=True)
+    if "dfactor" in out:
+        d = _positive_float(out["dfactor"], "dfactor")
+        if d >= 1:
+            raise ValueError(f"options['dfactor'] must be in (0, 1), got {d}")
+        out["dfactor"] = d
+    if "ifactor" in out and out["ifactor"] <= 1:
+        raise ValueError(f"options['ifactor'] must be greater than 1, got {out['ifactor']}")
+    for key in ("pcoeff", "icoeff"):
+        if key in out:
+            out[key] = _positive_float(out[key], key, allow_zero=True)
+    if "controller" in out and out["controller"] not in ("I", "PI"):
+        raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
+    if "max_num_steps" in out:
+        n = out["max_num_steps"]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"options['max_num_steps'] must be a positive integer, got {n!r}")
+        out["max_num_steps"] = int(n)
+    if out.get("min_step", 0.0) > out.get("max_step", math.inf):
+        raise ValueError("options['min_step'] is larger than options['max_step']")
+    return out
+
+
+def _positive_float(value, name: str, allow_zero: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
+    if math.isnan(x) or x < 0 or (x == 0 and not allow_zero):
+        need = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"options[{name!r}] must be {need}, got {value!r}")
+    return x
+
+
+def times(bk, t) -> Any:
+    xp = bk.xp
+    arr = bk.asarray(t)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}"
+        )
+    if arr.shape[0] == 0:
+        raise ValueError("t is empty; it needs at least the initial time")
+    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
+        raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
+    if xp.isdtype(arr.dtype, "integral"):
+        arr = xp.astype(arr, bk.time_dtype)
+    if not bool(xp.all(xp.isfinite(arr))):
+        raise ValueError("t contains NaN or infinite values")
+    if arr.shape[0] > 1:
+        diffs = arr[1:] - arr[:-1]
+        if not (bool(xp.all(diffs > 0)) or bool(xp.all(diffs < 0))):
+            raise ValueError(
+                "t must be strictly increasing or strictly decreasing (no repeated times)"
+            )
+    return arr
+
+
+def initial_state(bk, y0) -> Any:
+    xp = bk.xp
+    arr = bk.asarray(y0)
+    if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
+        raise TypeError(
+            f"y0 must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
+            f"y0.astype(float64) or a float literal"
+        )
+    if not xp.isdtype(arr.dtype, "real floating"):
+        raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
+    if not bool(xp.all(xp.isfinite(arr))):
+        raise ValueError("y0 contains NaN or infinite values")
+    return arr
+
+
+class Layout:
+    """How the user's state of shape ``shape`` maps to the loop's (batch, size) rows.
+
+    The conversions run on every function evaluation, so everything they need is computed
+    here once. With ``flat=False`` (a single sample on an eager backend, whose control values
+    are Python numbers) the loop keeps the state in the user's shape and every conversion is
+    the identity.
+    """
+
+    def __init__(self, shape: tuple[int, ...], batch_axis: int | None, dtype: Any,
+                 flat: bool = True):
+        self.shape = shape
+        self.batch_axis = batch_axis
+        self.dtype = dtype
+        self.flat = flat
+        self.batched = batch_axis is not None
+        self.batch = shape[batch_axis] if self.batched else 1
+        self.size = math.prod(shape) // self.batch if self.batch else 0
+        self.internal_shape = (self.batch, self.size) if flat else shape
+        rest = tuple(n for i, n in enumerate(shape) if i != batch_axis)
+        self._moved_shape = (self.batch, *rest)
+        if not flat:
+            self.to_internal = self.to_user = self.from_user = _identity
+            self.outputs_to_user = _identity
+
+    @property
+    def reduce_axis(self):
+        """The axes a per-sample reduction runs over in the loop's layout."""
+        return 1 if self.flat else None
+
+    def to_internal(self, xp, y):
+        if self.batched and self.batch_axis != 0:
+            y = xp.moveaxis(y, self.batch_axis, 0)
+        return xp.reshape(y, self.internal_shape)
+
+    def to_user(self, xp, y):
+        if not self.batched:
+            return xp.reshape(y, self.shape)
+        y = xp.reshape(y, self._moved_shape)
+        return y if self.batch_axis == 0 else xp.moveaxis(y, 0, self.batch_axis)
+
+    from_user = to_internal
+
+    def outputs_to_user(self, xp, out):
+        """(T, B, N) buffer -> (T, *shape)."""
+        T = out.shape[0]
+        if not self.batched:
+            return xp.reshape(out, (T, *self.shape))
+        out = xp.reshape(out, (T, *self._moved_shape))
+        return out if self.batch_axis == 0 else xp.moveaxis(out, 1, self.batch_axis + 1)
+
+
+def _identity(xp, y):
+    return y
+
+
+def layout(y0, batch_axis, flat: bool = True) -> Layout:
+    shape = tuple(int(n) for n in y0.shape)
+    if batch_axis is None:
+        return Layout(shape, None, y0.dtype, flat)
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral):
+        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+    if not -len(shape) <= batch_axis < len(shape):
+        raise ValueError(
+            f"batch_axis={batch_axis} is out of range for y0 of shape {shape}"
+        )
+    return Layout(shape, int(batch_axis) % len(shape), y0.dtype)
+
+
+def tolerance(bk, value, name: str, lay: Layout, dtype):
+    """A positive float, or a per-element array broadcast to the loop's (B, N) layout."""
+    xp = bk.xp
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        return float(value)
+    arr = xp.asarray(bk.asarray(value), dtype=dtype)
+    if not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+        raise ValueError(f"every element of {name} must be positive and finite")
+    if arr.ndim == 0:
+        return arr
+    try:
+        full = xp.broadcast_to(arr, lay.shape)
+    except (ValueError, RuntimeError):
+        raise ValueError(
+            f"{name} of shape {tuple(arr.shape)} does not broadcast to y0's shape {lay.shape}"
+        ) from None
+    return lay.to_internal(xp, full)
+
+
+def norm(bk, value, lay: Layout):
+    """The error norm as ``norm(x (B, N)) -> (B,)``."""
+    xp = bk.xp
+    if isinstance(value, str):
+        if value not in BUILTIN_NORMS:
+            raise ValueError(
+                f"unknown norm {value!r}; use 'rms', 'max' or a callable"
+            )
+        builtin, axis = BUILTIN_NORMS[value], lay.reduce_axis
+        return lambda x: builtin(xp, x, axis)
+    if not callable(value):
+        raise TypeError(f"options['norm'] must be 'rms', 'max' or a callable, got {value!r}")
+
+    # A user norm sees the state in the user's shape and returns a scalar, or one value per
+    # sample when the solve is batched.
+    def user_norm(x):
+        n = xp.asarray(value(lay.to_user(xp, x)))
+        return xp.reshape(n, (lay.batch,)) if lay.flat else n
+
+    return user_norm
+
+
+def stop_times(bk, values, name: str, ts, sign: float):
+    """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval."""
+    xp = bk.xp
+    arr = xp.astype(bk.asarray(values), bk.time_dtype)
+    if arr.ndim != 1:
+        arr = xp.reshape(arr, (-1,))
+    if not bool(xp.all(xp.isfinite(arr))):
+        raise ValueError(f"options[{name!r}] contains NaN or infinite values")
+    arr = arr * sign
+    inside = (arr > ts[0]) & (arr < ts[-1])
+    return xp.sort(arr[inside])
+
+
+def dynamics_output(bk, out, lay: Layout) -> None:
+    """Check ``func``'s first output against the state it was given."""
+    if not bk.owns(out):
+        raise TypeError(
+            f"func must return a {bk.name} array shaped like y, got {type(out).__name__}"
+        )
+    if tuple(out.shape) != lay.shape:
+        raise ValueError(
+            f"func returned shape {tuple(out.shape)} but the state y has shape {lay.shape}; "
+            f"dy/dt must have the shape of y"
+        )
+    if out.dtype != lay.dtype:
+        raise TypeError(
+            f"func returned dtype {out.dtype} but the state y has dtype {lay.dtype}; return "
+            f"dy/dt in y's dtype (a float64 constant or t can promote it)"
+        )
