@@ -23,8 +23,13 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
 }
 # The framework each adapter needs, so that a missing framework and a missing adapter get
 # different messages.
-_FRAMEWORK_MODULE = {"numpy": "numpy", "torch": "torch", "jax": "jax", "numba": "numba",
-                     "cupy": "cupy"}
+_FRAMEWORK_MODULE = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "numba": "numba",
+    "cupy": "cupy",
+}
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_ADAPTERS)
 

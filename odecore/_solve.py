@@ -57,8 +57,20 @@ class _Problem:
     direction: float  # +1 when the user's t increases, -1 when it decreases
 
 
-def solve(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, options=None,
-          batch_axis=None, backend=None, throw=True) -> Solution:
+def solve(
+    func,
+    y0,
+    t,
+    *,
+    params=None,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    batch_axis=None,
+    backend=None,
+    throw=True,
+) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
     Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
@@ -71,16 +83,30 @@ def solve(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, option
     problem = _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis)
     if problem is None:  # a single output time: the answer is y0, with no work done
         return _trivial_solution(bk, y0, t, method, batch_axis)
-    state = bk.while_loop(lambda s: problem.ops.any(s["status"] == RUNNING),
-                          lambda s: _body(problem, s), _init(problem))
+    state = bk.while_loop(
+        lambda s: problem.ops.any(s["status"] == RUNNING),
+        lambda s: _body(problem, s),
+        _init(problem),
+    )
     solution = _finish(problem, state)
     if throw and bk.eager and not solution.success:
         raise SolveError(_failure_message(solution), solution)
     return solution
 
 
-def odeint(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, options=None,
-           batch_axis=None, backend=None):
+def odeint(
+    func,
+    y0,
+    t,
+    *,
+    params=None,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    batch_axis=None,
+    backend=None,
+):
     """Solve an initial value problem and return the state at every time in ``t``.
 
     Parameters
@@ -115,8 +141,18 @@ def odeint(func, y0, t, *, params=None, rtol=1e-7, atol=1e-9, method=None, optio
     -------
     array of shape ``(len(t), *y0.shape)``.
     """
-    return solve(func, y0, t, params=params, rtol=rtol, atol=atol, method=method,
-                 options=options, batch_axis=batch_axis, backend=backend).ys
+    return solve(
+        func,
+        y0,
+        t,
+        params=params,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        options=options,
+        batch_axis=batch_axis,
+        backend=backend,
+    ).ys
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,30 +188,45 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
     if not rk.adaptive and step_size is None:
         stops.append(ts[1:])  # a fixed grid without step_size steps between output times
     stops = xp.unique_values(xp.concat(stops)) if len(stops) > 1 else stops[0]
-    jumps = (_validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
-             if opts.get("jump_t") is not None else None)
+    jumps = (
+        _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
+        if opts.get("jump_t") is not None
+        else None
+    )
 
     controller = None
     if rk.adaptive:
         pi = opts.get("controller", "I") == "PI"
         controller = Controller(
-            safety=opts.get("safety", 0.9), ifactor=opts.get("ifactor", 10.0),
+            safety=opts.get("safety", 0.9),
+            ifactor=opts.get("ifactor", 10.0),
             dfactor=opts.get("dfactor", 0.2),
             icoeff=opts.get("icoeff", 0.3 if pi else 1.0),
             pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
             k=rk.error_exponent_order,
         )
     return _Problem(
-        backend=bk, ops=ops, method=rk, fn=fn, y0=y0_int, ts=ops.times(ts), ts_array=ts,
-        stops=ops.times(stops), jumps=None if jumps is None else ops.times(jumps),
+        backend=bk,
+        ops=ops,
+        method=rk,
+        fn=fn,
+        y0=y0_int,
+        ts=ops.times(ts),
+        ts_array=ts,
+        stops=ops.times(stops),
+        jumps=None if jumps is None else ops.times(jumps),
         dense_coeffs=xp.asarray(rk.dense, dtype=y0_arr.dtype),
         rtol=_validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype),
         atol=_validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype),
         norm=_validate.norm(bk, opts.get("norm", "rms"), layout),
-        controller=controller, first_step=opts.get("first_step"), step_size=step_size,
+        controller=controller,
+        first_step=opts.get("first_step"),
+        step_size=step_size,
         max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
-        min_step=opts.get("min_step", 0.0), max_step=opts.get("max_step", math.inf),
-        layout=layout, direction=sign,
+        min_step=opts.get("min_step", 0.0),
+        max_step=opts.get("max_step", math.inf),
+        layout=layout,
+        direction=sign,
     )
 
 
@@ -227,13 +278,19 @@ def _init(p: _Problem) -> dict:
     out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
     out = xpx.at(out, 0).set(p.y0, copy=not bk.inplace_ok)
     return {
-        "t": t0, "y": p.y0, "f": f0, "dt": dt,
+        "t": t0,
+        "y": p.y0,
+        "f": f0,
+        "dt": dt,
         "ratio_prev": ops.full(B, 1.0),
-        "status": ops.where(finite, ops.full(B, RUNNING, "int"),
-                            ops.full(B, int(Status.NONFINITE_STATE), "int")),
-        "out": out, "out_idx": ops.full(B, 1, "int"),
+        "status": ops.where(
+            finite, ops.full(B, RUNNING, "int"), ops.full(B, int(Status.NONFINITE_STATE), "int")
+        ),
+        "out": out,
+        "out_idx": ops.full(B, 1, "int"),
         "nfev": ops.full(1, nfev, "int") if not ops.scalar else nfev,
-        "nsteps": ops.full(B, 0, "int"), "naccept": ops.full(B, 0, "int"),
+        "nsteps": ops.full(B, 0, "int"),
+        "naccept": ops.full(B, 0, "int"),
         "nreject": ops.full(B, 0, "int"),
     }
 
@@ -256,8 +313,9 @@ def _body(p: _Problem, s: dict) -> dict:
 
     y_new, ks, err, err2 = rk.step(p.fn, t, y, f, h, hy, p.backend.stage_store)
     if p.controller is not None:
-        ratio = ops.from_norm(error_ratio(p.backend.xp, p.norm, err, err2, y, y_new, p.rtol,
-                                          p.atol))
+        ratio = ops.from_norm(
+            error_ratio(p.backend.xp, p.norm, err, err2, y, y_new, p.rtol, p.atol)
+        )
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
     else:
@@ -268,8 +326,7 @@ def _body(p: _Problem, s: dict) -> dict:
     if p.jumps is not None:
         f_new, nfev = _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev)
 
-    out, out_idx, nfev = _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new,
-                                       nfev)
+    out, out_idx, nfev = _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev)
 
     rejected = running & ops.not_(accept)
     if p.controller is not None:
@@ -291,8 +348,9 @@ def _body(p: _Problem, s: dict) -> dict:
     status = s["status"]
     status = ops.where(accept & (t_new >= p.ts[-1]), int(Status.SUCCESS), status)
     status = ops.where(stalled, failure, status)
-    status = ops.where((status == RUNNING) & (nsteps >= p.max_num_steps),
-                       int(Status.MAX_STEPS_REACHED), status)
+    status = ops.where(
+        (status == RUNNING) & (nsteps >= p.max_num_steps), int(Status.MAX_STEPS_REACHED), status
+    )
     return {
         "t": ops.where(accept, t_new, t),
         "y": ops.select_rows(accept, y_new, y),
@@ -300,7 +358,10 @@ def _body(p: _Problem, s: dict) -> dict:
         "dt": ops.where(running, dt_next, s["dt"]),
         "ratio_prev": ratio_prev,
         "status": status,
-        "out": out, "out_idx": out_idx, "nfev": nfev, "nsteps": nsteps,
+        "out": out,
+        "out_idx": out_idx,
+        "nfev": nfev,
+        "nsteps": nsteps,
         "naccept": s["naccept"] + ops.count(accept),
         "nreject": s["nreject"] + ops.count(rejected),
     }
@@ -316,8 +377,7 @@ def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
         f_after = p.fn(ops.nextafter_up(t_new), y_new)
         return ops.select_rows(on_jump, f_after, f_new), nfev + 1
 
-    return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev),
-                          f_new, nfev)
+    return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev), f_new, nfev)
 
 
 def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
@@ -377,14 +437,20 @@ def _finish(p: _Problem, s: dict) -> Solution:
     nfev = s["nfev"]
     if not ops.scalar:
         nfev = int(nfev[0]) if p.backend.eager else nfev[0]
-    stats = {"nfev": nfev, "nsteps": per_sample(s["nsteps"]),
-             "naccept": per_sample(s["naccept"]), "nreject": per_sample(s["nreject"])}
+    stats = {
+        "nfev": nfev,
+        "nsteps": per_sample(s["nsteps"]),
+        "naccept": per_sample(s["naccept"]),
+        "nreject": per_sample(s["nreject"]),
+    }
     t_reached = s["t"] if (ops.scalar or lay.batched) else s["t"][0]
     return Solution(
         ts=p.ts_array * p.direction,
         ys=lay.outputs_to_user(p.backend.xp, s["out"]),
-        stats=stats, status=per_sample(s["status"]),
-        t_reached=t_reached * p.direction, method=p.method.name,
+        stats=stats,
+        status=per_sample(s["status"]),
+        t_reached=t_reached * p.direction,
+        method=p.method.name,
     )
 
 
@@ -395,8 +461,14 @@ def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
     zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
     status = int(Status.SUCCESS) if not layout.batched else zero
     stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
-    return Solution(ts=t, ys=y0_arr[None, ...], stats=stats, status=status,
-                    t_reached=None, method=method or "dopri5")
+    return Solution(
+        ts=t,
+        ys=y0_arr[None, ...],
+        stats=stats,
+        status=status,
+        t_reached=None,
+        method=method or "dopri5",
+    )
 
 
 def _failure_message(sol: Solution) -> str:
@@ -408,13 +480,21 @@ def _failure_message(sol: Solution) -> str:
     stats = sol.stats
     if failed is None:
         where = f"at t={float(t_reached):.17g}"
-        counts = (f"nfev={stats['nfev']}, steps={stats['nsteps']} "
-                  f"(accepted {stats['naccept']}, rejected {stats['nreject']})")
+        counts = (
+            f"nfev={stats['nfev']}, steps={stats['nsteps']} "
+            f"(accepted {stats['naccept']}, rejected {stats['nreject']})"
+        )
     else:
         i = failed[0]
-        where = (f"for {len(failed)} of {len(status)} samples; sample {i} stopped at "
-                 f"t={float(t_reached[i]):.17g}")
-        counts = (f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
-                  f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})")
-    return (f"odecore: the {sol.method} solve failed {where}: {describe_status(status)}. "
-            f"Statistics: {counts}.")
+        where = (
+            f"for {len(failed)} of {len(status)} samples; sample {i} stopped at "
+            f"t={float(t_reached[i]):.17g}"
+        )
+        counts = (
+            f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
+            f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
+        )
+    return (
+        f"odecore: the {sol.method} solve failed {where}: {describe_status(status)}. "
+        f"Statistics: {counts}."
+    )

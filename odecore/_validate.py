@@ -20,8 +20,16 @@ DEFAULT_MAX_NUM_STEPS = 100_000
 _COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t"}
 _FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size"}
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
-    "first_step", "min_step", "max_step", "norm", "safety", "ifactor", "dfactor", "controller",
-    "pcoeff", "icoeff",
+    "first_step",
+    "min_step",
+    "max_step",
+    "norm",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "controller",
+    "pcoeff",
+    "icoeff",
 }
 
 
@@ -96,9 +104,7 @@ def times(bk, t) -> Any:
     xp = bk.xp
     arr = bk.asarray(t)
     if arr.ndim != 1:
-        raise ValueError(
-            f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}"
-        )
+        raise ValueError(f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError("t is empty; it needs at least the initial time")
     if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
@@ -140,8 +146,9 @@ class Layout:
     the identity.
     """
 
-    def __init__(self, shape: tuple[int, ...], batch_axis: int | None, dtype: Any,
-                 flat: bool = True):
+    def __init__(
+        self, shape: tuple[int, ...], batch_axis: int | None, dtype: Any, flat: bool = True
+    ):
         self.shape = shape
         self.batch_axis = batch_axis
         self.dtype = dtype
@@ -194,9 +201,7 @@ def layout(y0, batch_axis, flat: bool = True) -> Layout:
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral):
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
     if not -len(shape) <= batch_axis < len(shape):
-        raise ValueError(
-            f"batch_axis={batch_axis} is out of range for y0 of shape {shape}"
-        )
+        raise ValueError(f"batch_axis={batch_axis} is out of range for y0 of shape {shape}")
     return Layout(shape, int(batch_axis) % len(shape), y0.dtype)
 
 
@@ -226,9 +231,7 @@ def norm(bk, value, lay: Layout):
     xp = bk.xp
     if isinstance(value, str):
         if value not in BUILTIN_NORMS:
-            raise ValueError(
-                f"unknown norm {value!r}; use 'rms', 'max' or a callable"
-            )
+            raise ValueError(f"unknown norm {value!r}; use 'rms', 'max' or a callable")
         builtin, axis = BUILTIN_NORMS[value], lay.reduce_axis
         return lambda x: builtin(xp, x, axis)
     if not callable(value):
