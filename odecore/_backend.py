@@ -153,33 +153,36 @@ def infer_backend(*values: Any) -> Backend:
     searched); NumPy when there are only plain Python values.
 
     Arrays of two libraries in one call are an error: converting silently would move data
-    between devices or drop gradients.
+    between devices or drop gradients. (A configured backend, by contrast, converts plain
+    values and NumPy arrays; see ``odecore._config``.)
     """
     found: dict[str, str] = {}
     for where, leaf in _leaves(values):
         library = _library_of(leaf)
         if library is not None and library not in found:
             found[library] = where
-    # NumPy arrays mixed with another library's are inputs to convert, like lists; anything
-    # else mixed is ambiguous.
-    frameworks = {k: v for k, v in found.items() if k != "numpy"}
-    if len(frameworks) > 1:
-        (a, wa), (b, wb) = list(frameworks.items())[:2]
+    if len(found) > 1:
+        (a, wa), (b, wb) = list(found.items())[:2]
         raise TypeError(
             f"arrays from two libraries in one call: {wa} is a {a} array but {wb} is a {b} "
-            f"array; convert them to one library first"
+            f"array; convert them to one library, or choose a backend (backend=... or "
+            f"odecore.set_backend) to have plain inputs converted to it"
         )
-    name = next(iter(frameworks), "numpy")
+    name = next(iter(found), "numpy")
     return get_backend(name)
 
 
-def _leaves(values: Any, path: str = "argument"):
+def _leaves(values: Any, path: str = ""):
+    """(name, leaf) pairs of nested containers; a top-level dict names its entries, so that
+    ``{"y0": ..., "t": ...}`` reports ``y0`` and ``params[1]`` rather than positions."""
     stack = [(path, values)]
     while stack:
         where, value = stack.pop()
         if isinstance(value, (tuple, list)):
             stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
         elif isinstance(value, dict):
-            stack.extend((f"{where}[{k!r}]", v) for k, v in value.items())
+            stack.extend(
+                (f"{where}[{k!r}]" if where else str(k), v) for k, v in reversed(value.items())
+            )
         else:
-            yield where, value
+            yield where or "argument", value

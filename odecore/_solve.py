@@ -79,7 +79,7 @@ def solve(
     backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
     solve did not reach are NaN.
     """
-    bk = resolve_backend(backend, y0, t, params)
+    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     problem = _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis)
     if problem is None:  # a single output time: the answer is y0, with no work done
         return _trivial_solution(bk, y0, t, method, batch_axis)
@@ -330,14 +330,16 @@ def _body(p: _Problem, s: dict) -> dict:
 
     rejected = running & ops.not_(accept)
     if p.controller is not None:
-        dt_next = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
+        dt_wanted = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
+        # Stalled: the step the error control asks for no longer advances time, or is below
+        # min_step (a step shortened to land on a stop may legitimately be that short).
+        stalled = rejected & (
+            (t + dt_wanted <= t) | ((dt_wanted < p.min_step) & ops.not_(lands))
+        )
         # A step shortened to land on a stop says nothing about the step the error allows.
-        dt_next = ops.where(accept & lands, ops.maximum(dt_next, dt), dt_next)
+        dt_next = ops.where(accept & lands, ops.maximum(dt_wanted, dt), dt_wanted)
         dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
         ratio_prev = ops.where(accept, ops.maximum(ratio, 1e-4), s["ratio_prev"])
-        # Stalled: the step the error control asks for no longer advances time, or a step at
-        # min_step was still rejected.
-        stalled = rejected & ((t + dt_next <= t) | (h <= p.min_step))
         failure = ops.where(finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE_STATE))
     else:
         dt_next, ratio_prev = s["dt"], s["ratio_prev"]

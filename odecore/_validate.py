@@ -132,6 +132,8 @@ def initial_state(bk, y0) -> Any:
         )
     if not xp.isdtype(arr.dtype, "real floating"):
         raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
+    if math.prod(arr.shape) == 0:
+        raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
     if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError("y0 contains NaN or infinite values")
     return arr
