@@ -112,12 +112,18 @@ def get_backend(name: str) -> Backend:
 
 def _load_adapter(name: str) -> Backend:
     module_name, extra = _ADAPTERS[name]
+    framework = _FRAMEWORK_MODULE[name]
     try:
-        importlib.import_module(_FRAMEWORK_MODULE[name])
+        importlib.import_module(framework)
     except ImportError as exc:
         raise BackendNotAvailableError(
-            f"the {name!r} backend needs {_FRAMEWORK_MODULE[name]}, which is not installed; "
+            f"the {name!r} backend needs {framework}, which is not installed; "
             f"install it with: pip install '{extra}'"
+        ) from exc
+    except Exception as exc:  # a broken install fails with OSError and friends, not ImportError
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs {framework}, which is installed but fails to import "
+            f"({type(exc).__name__}: {exc}); reinstall it with: pip install '{extra}'"
         ) from exc
     try:
         module = importlib.import_module(module_name)
