@@ -67,7 +67,9 @@ def error_ratio(xp, norm, err, err2, y, y_new, rtol, atol):
         return n1
     n2 = norm(err2 / scale)
     denominator = xp.sqrt(n1 * n1 + 0.01 * n2 * n2)
-    return xp.where(denominator > 0, n1 * n1 / xp.where(denominator > 0, denominator, 1.0), 0.0)
+    # Zero only when both estimates vanish; a NaN must stay NaN so the step is rejected.
+    zero = denominator == 0
+    return xp.where(zero, 0.0, n1 * n1 / xp.where(zero, 1.0, denominator))
 
 
 def initial_step(xp, ops, fn, t0, y0, f0, order, rtol, atol, norm) -> Any:
@@ -76,10 +78,12 @@ def initial_step(xp, ops, fn, t0, y0, f0, order, rtol, atol, norm) -> Any:
     scale = atol + xp.abs(y0) * rtol
     d0 = ops.from_norm(norm(y0 / scale))
     d1 = ops.from_norm(norm(f0 / scale))
-    small = (d0 < 1e-5) | (d1 < 1e-5)
+    # An infinite or NaN derivative gets a nominal guess; the loop then reports the
+    # non-finite state instead of this heuristic dividing by zero.
+    small = (d0 < 1e-5) | (d1 < 1e-5) | ops.not_(ops.isfinite(d0 * d1))
     h0 = ops.where(small, 1e-6, 0.01 * d0 / ops.where(small, 1.0, d1))
     f1 = fn(t0 + h0, y0 + ops.to_state(h0) * f0)
-    d2 = ops.from_norm(norm((f1 - f0) / scale)) / h0
+    d2 = ops.from_norm(norm((f1 - f0) / scale)) / ops.where(h0 > 0, h0, 1.0)
     dmax = ops.maximum(d1, d2)
     tiny = dmax <= 1e-15
     h1 = ops.where(
