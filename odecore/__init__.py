@@ -3,7 +3,7 @@
 from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore._config import backend_name, set_backend, use_backend
 from odecore._solution import Solution, SolveError, Status
-from odecore._solve import odeint, solve
+from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
@@ -25,7 +25,9 @@ __all__ = [
     "backend_name",
     "get_backend",
     "odeint",
+    "odeint_adjoint",
     "set_backend",
     "solve",
     "use_backend",
+    "vjp_odeint",
 ]

@@ -7,6 +7,7 @@ the adapter module (and with it the framework) imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,59 @@ class Backend:
         from odecore._rk import ListStages
 
         return ListStages(capacity, first)
+
+    # ---- gradients -------------------------------------------------------------------------
+    #: True when the framework differentiates through array operations itself ("direct").
+    has_autodiff: bool = False
+
+    def param_leaves(self, func: Callable, params: Any) -> list[Any]:
+        """The arrays that receive parameter gradients: the leaves of ``params``."""
+        return [leaf for _, leaf in _leaves(params)] if params is not None else []
+
+    def requires_grad(self, values: Any) -> bool:
+        """Whether any array among ``values`` asks for a gradient from the framework."""
+        return False
+
+    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
+        """``cot`` times the Jacobian of ``func(t, y, params)`` with respect to ``y`` and to
+        each array in ``leaves``: returns ``(value, cot_y, [cot_leaf, ...])``, with ``value``
+        ``func(t, y, params)`` when ``want_value`` and None otherwise.
+
+        Without autodiff this is the dynamics' own ``vjp(t, y, params, cotangent) ->
+        (cot_y, cot_params)`` method, with ``cot_params`` shaped like ``params``.
+        """
+        vjp = getattr(func, "vjp", None)
+        if vjp is None:
+            raise TypeError(
+                f"gradients on the {self.name!r} backend need the dynamics' own VJP, and "
+                f"{type(func).__name__} has no 'vjp' method: give it "
+                f"vjp(t, y, params, cotangent) -> (cot_y, cot_params), where cot_params has "
+                f"the structure of params (None when there are no params); or use a backend "
+                f"with autodiff (torch, jax)"
+            )
+        cot_y, cot_params = vjp(t, y, params, cot)
+        cot_leaves = self.param_leaves(func, cot_params) if leaves else []
+        value = func(t, y, params) if want_value and params is not None else None
+        if want_value and params is None:
+            value = func(t, y)
+        if len(cot_leaves) != len(leaves):
+            raise ValueError(
+                f"{type(func).__name__}.vjp returned {len(cot_leaves)} parameter cotangents "
+                f"for {len(leaves)} parameter arrays; return one per array in params, in the "
+                f"same structure"
+            )
+        return value, cot_y, cot_leaves
+
+    def custom_vjp(self, rule) -> Callable:
+        """Turn a framework-neutral ``rule`` (``forward(y0, t, leaves) -> (ys, residuals)``
+        and ``backward(residuals, ys_bar) -> (y0_bar, t_bar, leaves_bar)``) into an operation
+        the framework's autodiff sees. Backends without autodiff hand the rule's pullback to
+        the user instead (``odecore.vjp_odeint``)."""
+        raise NotImplementedError(f"the {self.name!r} backend has no autodiff to attach to")
+
+    def no_grad(self):
+        """A context in which the framework records nothing for autodiff."""
+        return contextlib.nullcontext()
 
     def stop_gradient(self, x: Any) -> Any:
         return x

@@ -18,7 +18,7 @@ class ArrayOps:
 
     scalar = False
 
-    def __init__(self, xp, time_dtype, state_dtype, int_dtype):
+    def __init__(self, xp, time_dtype, state_dtype, int_dtype, to_float=float):
         self.xp = xp
         self.time_dtype = time_dtype
         self.state_dtype = state_dtype
@@ -86,6 +86,9 @@ class ArrayOps:
     def nextafter_up(self, t):
         return self.xp.nextafter(t, self.xp.asarray(math.inf, dtype=t.dtype))
 
+    def nextafter_down(self, t):
+        return self.xp.nextafter(t, self.xp.asarray(-math.inf, dtype=t.dtype))
+
     def rows_index(self, batch):
         return self.xp.arange(batch)
 
@@ -112,11 +115,14 @@ class ScalarOps:
 
     scalar = True
 
-    def __init__(self, xp, time_dtype, state_dtype, int_dtype):
+    def __init__(self, xp, time_dtype, state_dtype, int_dtype, to_float=float):
         self.xp = xp
         self.time_dtype = time_dtype
         self.state_dtype = state_dtype
         self.int_dtype = int_dtype
+        # Reading a value to the host must not drag autodiff along (the step-size control is
+        # not differentiated), so the backend supplies the conversion.
+        self.from_norm = to_float
 
     @staticmethod
     def where(cond, a, b):
@@ -152,10 +158,6 @@ class ScalarOps:
         return float(value) if kind == "time" else int(value)
 
     @staticmethod
-    def from_norm(n):
-        return float(n)
-
-    @staticmethod
     def select_rows(mask, a, b):
         return a if mask else b
 
@@ -187,6 +189,10 @@ class ScalarOps:
     @staticmethod
     def nextafter_up(t):
         return math.nextafter(t, math.inf)
+
+    @staticmethod
+    def nextafter_down(t):
+        return math.nextafter(t, -math.inf)
 
     @staticmethod
     def rows_index(batch):

@@ -12,6 +12,13 @@ from typing import Any
 from odecore.tableaus import Tableau
 
 
+def _minimum(a, b):
+    """Elementwise minimum of control values: Python numbers or arrays."""
+    if isinstance(a, float):
+        return a if a <= b else b
+    return a.__array_namespace__().minimum(a, b)
+
+
 class Weights:
     """One row of stage weights, in the two forms the stage stores use: the nonzero terms
     (for a sum of scaled arrays) and the dense tuple (for one matrix product)."""
@@ -95,23 +102,41 @@ class RKMethod:
         self.dense = tab.dense if tab.dense is not None else _hermite_dense(tab)
         self.dense_c = tuple(float(c) for c in tab.dense_c)
         self.dense_a = tuple(_nonzero(row) for row in tab.dense_a)
+        # The step as a list of "nodes" for the gradient replay: node 0 is f(t, y); node i
+        # has input y + h * sum_j node_rows[i][j] K_j at time t + node_c[i] h, for the main
+        # stages, then f(t + h, y_new) when the method is not FSAL, then the extra dense
+        # stages. y_new is the input of node ``new_node``.
+        rows = list(self.a[1:])
+        cs = list(self.c[1:])
+        if not self.fsal:
+            rows.append(self.b)
+            cs.append(1.0)
+        self.new_node = len(rows)
+        rows += list(self.dense_a)
+        cs += list(self.dense_c)
+        self.node_rows = (None, *rows)
+        self.node_c = (0.0, *cs)
         # Function evaluations per attempted step: stages 1..s-1, plus f(t+h, y_new) when the
         # last stage is not already that.
         self.nfev_per_step = self.stages - 1 + (0 if self.fsal else 1)
         self.nfev_dense_extra = len(self.dense_c)
 
-    def step(self, fn, t, y, f0, h, hy, stage_store=ListStages):
+    def step(self, fn, t, y, f0, h, hy, stage_store=ListStages, t_max=None):
         """Stages of one step from ``(t, y)`` with ``f0 = f(t, y)``.
 
         Returns ``(y_new, ks, err, err2)`` with ``ks`` the list of stages; for FSAL methods
         ``ks[-1]`` is ``f(t+h, y_new)``. ``h`` is the step as control values (one per sample);
-        ``hy`` the same as a factor in the state's dtype.
+        ``hy`` the same as a factor in the state's dtype. ``t_max``, when given, caps the
+        stage times (a step ending on a discontinuity evaluates its end just before it).
         """
         ks = stage_store(self.stages, f0)
         y_stage = y
         for i in range(1, self.stages):
             y_stage = y + hy * ks.combine(self.a[i])
-            ks.add(fn(t + self.c[i] * h, y_stage))
+            t_stage = t + self.c[i] * h
+            if t_max is not None:
+                t_stage = _minimum(t_stage, t_max)
+            ks.add(fn(t_stage, y_stage))
         # For FSAL methods the last stage's input is y_new itself (a[-1] == b).
         y_new = y_stage if self.fsal else y + hy * ks.combine(self.b)
         err = hy * ks.combine(self.b_err) if self.b_err is not None else None
@@ -125,22 +150,40 @@ class RKMethod:
             dense.append(fn(t + c * h, y + hy * lincomb(row, dense)))
         return dense
 
+    def node_count(self, with_dense: bool) -> int:
+        """Nodes a replay needs: through y_new, or all of them when it interpolates."""
+        return len(self.node_rows) if with_dense else self.new_node + 1
+
+    def dense_weights(self, ops, theta) -> list:
+        """The interpolant's weight of each dense stage at ``theta`` (control values, in the
+        time dtype), as factors in the state's dtype."""
+        weights = []
+        for row in self.dense:
+            w, power = 0.0, theta
+            for c in row:
+                w = w + c * power
+                power = power * theta
+            weights.append(ops.to_state(w))
+        return weights
+
     def interpolate(self, ops, coeffs, theta, y, hy, dense):
         """``y(t + theta*h)``, in the state dtype, for ``theta`` one control value per sample.
 
-        ``coeffs`` is ``self.dense`` as an array (stages, degree): one matmul turns the powers
-        of theta into per-stage weights, then one reduction over the stacked stages. A single
-        sample's theta is a Python float, and its weights are computed in Python.
+        ``coeffs`` is ``self.dense`` as an array (stages, degree) in the time dtype: one
+        matmul turns the powers of theta into per-stage weights, which are then cast to the
+        state's dtype for one reduction over the stacked stages. A single sample's theta is a
+        Python float, and its weights are computed in Python.
         """
         if ops.scalar:
             weights = [sum(c * theta ** (m + 1) for m, c in enumerate(row)) for row in self.dense]
             return y + hy * lincomb(_nonzero(weights), dense)
         xp = ops.xp
+        theta = theta[:, None]
         powers = [theta]
         for _ in range(1, coeffs.shape[1]):
             powers.append(powers[-1] * theta)
-        # theta is (B, 1), so the powers concatenate to (B, degree).
         weights = xp.matmul(xp.concat(powers, axis=1), xp.permute_dims(coeffs, (1, 0)))
+        weights = xp.astype(weights, y.dtype)
         stacked = xp.stack(dense, axis=0)  # (stages, B, N)
         combined = xp.sum(xp.permute_dims(weights, (1, 0))[..., None] * stacked, axis=0)
         return y + hy * combined

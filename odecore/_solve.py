@@ -23,6 +23,8 @@ from odecore import _validate
 from odecore._backend import Backend
 from odecore._config import resolve_backend
 from odecore._control import Controller, error_ratio, initial_step
+from odecore._dynamics import Dynamics
+from odecore._grad import SolveRule
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod
 from odecore._solution import Solution, SolveError, Status, describe_status
@@ -35,6 +37,8 @@ class _Problem:
     """Everything the loop needs, checked and converted once."""
 
     backend: Backend
+    dynamics: Dynamics
+    t_user_dtype: Any
     ops: ArrayOps | ScalarOps  # how per-sample control values are held (odecore._ops)
     method: RKMethod
     fn: Any  # fn(t (B,), y (B, N)) -> (B, N), in internal (forward) time
@@ -55,6 +59,9 @@ class _Problem:
     max_step: float
     layout: _validate.Layout
     direction: float  # +1 when the user's t increases, -1 when it decreases
+    # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
+    # checkpoint gradient; None when not recording.
+    tape: list | None = None
 
 
 def solve(
@@ -70,6 +77,12 @@ def solve(
     batch_axis=None,
     backend=None,
     throw=True,
+    adjoint=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
@@ -80,18 +93,96 @@ def solve(
     solve did not reach are NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
-    problem = _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis)
-    if problem is None:  # a single output time: the answer is y0, with no work done
-        return _trivial_solution(bk, y0, t, method, batch_axis)
-    state = bk.while_loop(
-        lambda s: problem.ops.any(s["status"] == RUNNING),
-        lambda s: _body(problem, s),
-        _init(problem),
+    mode = _validate.adjoint_mode(adjoint, bk)
+
+    def run(y0_, t_, record=False):
+        problem = _prepare(
+            bk, func, y0_, t_, params, rtol, atol, method, options, batch_axis, adjoint_params
+        )
+        if problem is None:  # a single output time: the answer is y0, with no work done
+            return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
+        problem.tape = [] if record else None
+        state = bk.while_loop(
+            lambda s: problem.ops.any(s["status"] == RUNNING),
+            lambda s: _body(problem, s),
+            _init(problem),
+        )
+        solution = _finish(problem, state)
+        if throw and bk.eager and not solution.success:
+            raise SolveError(_failure_message(solution), solution)
+        return problem, solution, problem.tape
+
+    if mode is None or not bk.has_autodiff:
+        return run(y0, t)[1]
+    leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
+    xp = bk.xp
+    y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
+    wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
+    if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+        return run(y0_arr, t_arr)[1]
+    if mode == "direct":
+        solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+        # A parameter the dynamics never touch gets a zero gradient rather than None, as in
+        # the other modes.
+        untouched = [xp.sum(leaf) * 0.0 for leaf in leaves]
+        if untouched:
+            solution.ys = solution.ys + xp.astype(sum(untouched), solution.ys.dtype)
+        return solution
+    settings = _validate.adjoint_settings(
+        bk,
+        rtol,
+        atol,
+        method,
+        options,
+        adjoint_rtol,
+        adjoint_atol,
+        adjoint_method,
+        adjoint_options,
     )
-    solution = _finish(problem, state)
-    if throw and bk.eager and not solution.success:
-        raise SolveError(_failure_message(solution), solution)
+    rule = SolveRule(mode, run, settings)
+    ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+    solution = rule.solution
+    solution.ys = ys
     return solution
+
+
+def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
+    """``direct`` mode: the framework differentiates through the loop for ``y0`` and the
+    parameters. Time gradients come from the flow's identities instead of from the step
+    arithmetic (whose step sizes are not differentiable): each output gets
+    ``(t_i - stop_gradient(t_i)) * f(t_i, y_i)``, zero in value with gradient ``f``, and the
+    start ``y0 - (t_0 - stop_gradient(t_0)) * f(t_0, y0)`` gives ``-a(t_0) . f(t_0, y_0)``."""
+    xp = bk.xp
+    sg = bk.stop_gradient
+    if not bk.requires_grad({"t": t}):
+        return run(y0, t)[1]
+    t_const = sg(t)
+    with bk.no_grad():
+        problem, _, _ = run(sg(y0), t_const)
+    f0 = sg(_user_f_at(problem, t_const[0], y0))
+    shift = xp.astype(t[0] - t_const[0], y0.dtype)
+    _, solution, _ = run(y0 - shift * f0, t_const)
+    ys = solution.ys
+    rates = [sg(_user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
+    moved = [
+        ys[i] + xp.astype(t[i] - t_const[i], ys.dtype) * rates[i - 1] for i in range(1, ys.shape[0])
+    ]
+    solution.ys = xp.stack([y0, *moved])
+    return solution
+
+
+def _user_f_at(problem, t_user, y):
+    """``f(t, y)`` in the user's terms, for ``t`` an output time (a 0-d array)."""
+    dyn = problem.dynamics
+    t_ctl = problem.backend.xp.astype(t_user, problem.backend.time_dtype) * dyn.sign
+    with problem.backend.no_grad():
+        t_ctl = (
+            float(t_ctl)
+            if problem.ops.scalar
+            else problem.ops.full(problem.layout.batch, 0.0) + t_ctl
+        )
+        lay, xp = problem.layout, problem.backend.xp
+        return lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y))) * dyn.sign
 
 
 def odeint(
@@ -106,6 +197,12 @@ def odeint(
     options=None,
     batch_axis=None,
     backend=None,
+    adjoint=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
 ):
     """Solve an initial value problem and return the state at every time in ``t``.
 
@@ -136,6 +233,20 @@ def odeint(
         and the result for one sample equals solving it alone.
     backend : str, optional
         Overrides the configured backend for this call.
+    adjoint : {"direct", "backsolve", "checkpoint"}, optional
+        How the framework's autodiff gets gradients of the result with respect to ``y0``,
+        ``t`` and the parameters (``params``, or the parameters of an ``nn.Module`` func).
+        ``"direct"`` (the default on frameworks with autodiff) differentiates through the
+        solver's operations; ``"backsolve"`` solves the continuous adjoint backward in time,
+        in memory independent of the number of steps; ``"checkpoint"`` stores the accepted
+        steps and replays each backward for the exact gradient of the discrete solve.
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+        The backsolve's own tolerances, method and options (default: the forward ones);
+        ``adjoint_options={"norm": "seminorm"}`` leaves the parameter adjoint out of its
+        error control.
+    adjoint_params : sequence of arrays, optional
+        The arrays to compute parameter gradients for, instead of those found in ``params``
+        or on an ``nn.Module`` func.
 
     Returns
     -------
@@ -152,14 +263,112 @@ def odeint(
         options=options,
         batch_axis=batch_axis,
         backend=backend,
+        adjoint=adjoint,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
+        adjoint_params=adjoint_params,
     ).ys
+
+
+def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
+    """:func:`odeint` with the continuous adjoint by default, under torchdiffeq's name."""
+    return odeint(func, y0, t, adjoint=adjoint, **kwargs)
+
+
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
+    """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
+    t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
+
+    ``func`` supplies ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``. ``adjoint``
+    is ``"checkpoint"`` (exact for the discrete solve) or ``"backsolve"``; the other keyword
+    arguments are those of :func:`odeint`. ``params_bar`` has the structure of ``params``.
+    """
+    if adjoint not in ("checkpoint", "backsolve"):
+        raise ValueError(
+            f"vjp_odeint computes gradients by 'checkpoint' or 'backsolve', got {adjoint!r}"
+        )
+    adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
+    adjoint_kwargs = [kwargs.pop(k, None) for k in adjoint_keys]
+
+    def run(y0_, t_, record=False):
+        problem = _prepare(
+            bk,
+            func,
+            y0_,
+            t_,
+            params,
+            kwargs.get("rtol", 1e-7),
+            kwargs.get("atol", 1e-9),
+            kwargs.get("method"),
+            kwargs.get("options"),
+            kwargs.get("batch_axis"),
+            None,
+        )
+        if problem is None:
+            raise ValueError("vjp_odeint needs at least two output times in t")
+        problem.tape = [] if record else None
+        state = bk.while_loop(
+            lambda s: problem.ops.any(s["status"] == RUNNING),
+            lambda s: _body(problem, s),
+            _init(problem),
+        )
+        solution = _finish(problem, state)
+        if not solution.success:
+            raise SolveError(_failure_message(solution), solution)
+        return problem, solution, problem.tape
+
+    unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    if unknown:
+        raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
+    settings = _validate.adjoint_settings(
+        bk,
+        kwargs.get("rtol", 1e-7),
+        kwargs.get("atol", 1e-9),
+        kwargs.get("method"),
+        kwargs.get("options"),
+        *adjoint_kwargs,
+    )
+    rule = SolveRule(adjoint, run, settings)
+    ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t), None)
+    problem = residuals[0]
+
+    def pullback(ys_bar):
+        ys_bar = bk.asarray(ys_bar)
+        if tuple(ys_bar.shape) != tuple(ys.shape):
+            raise ValueError(
+                f"pullback expects a cotangent shaped like ys {tuple(ys.shape)}, "
+                f"got {tuple(ys_bar.shape)}"
+            )
+        y0_bar, t_bar, leaves_bar = rule.backward(residuals, ys_bar)
+        return y0_bar, _unflatten_like(params, leaves_bar, problem), t_bar
+
+    return ys, pullback
+
+
+def _unflatten_like(params, leaves, problem):
+    """Put leaf gradients back into the structure of ``params``."""
+    if params is None:
+        return None
+    it = iter(leaves)
+
+    def rebuild(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(rebuild(v) for v in value)
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        return next(it)
+
+    return rebuild(params)
 
 
 # --------------------------------------------------------------------------------------------
 # Preparation
 
 
-def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
+def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None):
     xp = bk.xp
     rk = RKMethod(_validate.tableau(method))
     opts = _validate.options(options, rk)
@@ -169,15 +378,19 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
     scalar = bk.eager and batch_axis is None
     layout = _validate.layout(y0_arr, batch_axis, flat=not scalar)
+    rtol = _validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype)
+    atol = _validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype)
+    norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
     if ts_user.shape[0] == 1:
         return None
     time_dtype = bk.time_dtype
+    ts_in_dtype = ts_user.dtype
     ts_user = xp.astype(ts_user, time_dtype)
     sign = 1.0 if bool(ts_user[1] > ts_user[0]) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
-    ops = ops_class(xp, time_dtype, y0_arr.dtype, bk.int_dtype)
-    fn = _dynamics(bk, ops, func, params, layout, sign)
+    ops = ops_class(xp, time_dtype, y0_arr.dtype, bk.int_dtype, bk.to_host_float)
+    fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
     y0_int = layout.to_internal(xp, y0_arr)
 
     step_size = opts.get("step_size")
@@ -207,6 +420,8 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
         )
     return _Problem(
         backend=bk,
+        dynamics=fn,
+        t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
         fn=fn,
@@ -215,10 +430,10 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
         ts_array=ts,
         stops=ops.times(stops),
         jumps=None if jumps is None else ops.times(jumps),
-        dense_coeffs=xp.asarray(rk.dense, dtype=y0_arr.dtype),
-        rtol=_validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype),
-        atol=_validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype),
-        norm=_validate.norm(bk, opts.get("norm", "rms"), layout),
+        dense_coeffs=xp.asarray(rk.dense, dtype=time_dtype),
+        rtol=rtol,
+        atol=atol,
+        norm=norm,
         controller=controller,
         first_step=opts.get("first_step"),
         step_size=step_size,
@@ -228,32 +443,6 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis):
         layout=layout,
         direction=sign,
     )
-
-
-def _dynamics(bk, ops, func, params, layout, sign):
-    """Wrap the user's ``func`` as ``fn(t, y (B, N)) -> (B, N)`` in internal time, and check
-    its first output: a wrong shape or dtype is reported at once, by name, instead of
-    surfacing as a broadcasting error deep inside a step."""
-    xp = bk.xp
-    batched = layout.batched
-
-    def call(t, y):
-        ty = ops.user_time(t * sign if sign < 0 else t, batched)
-        yu = layout.to_user(xp, y)
-        return func(ty, yu) if params is None else func(ty, yu, params)
-
-    def fn(t, y):
-        out = layout.from_user(xp, call(t, y))
-        return -out if sign < 0 else out
-
-    def first_call(t, y):
-        out = call(t, y)
-        _validate.dynamics_output(bk, out, layout)
-        out = layout.from_user(xp, out)
-        return -out if sign < 0 else out
-
-    fn.first_call = first_call
-    return fn
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +500,13 @@ def _body(p: _Problem, s: dict) -> dict:
     t_new = ops.where(running & lands, next_stop, t + h)
     hy = ops.to_state(h)
 
-    y_new, ks, err, err2 = rk.step(p.fn, t, y, f, h, hy, p.backend.stage_store)
+    # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
+    # (and f at its end) are evaluated just before the jump, never on the far side of it.
+    t_left = None
+    if p.jumps is not None:
+        on_jump = running & lands & ops.is_member(next_stop, p.jumps)
+        t_left = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
+    y_new, ks, err, err2 = rk.step(p.fn, t, y, f, h, hy, p.backend.stage_store, t_left)
     if p.controller is not None:
         ratio = ops.from_norm(
             error_ratio(p.backend.xp, p.norm, err, err2, y, y_new, p.rtol, p.atol)
@@ -321,21 +516,23 @@ def _body(p: _Problem, s: dict) -> dict:
     else:
         finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
-    f_new = ks[-1] if rk.fsal else p.fn(t_new, y_new)
+    f_new = ks[-1] if rk.fsal else p.fn(t_new if t_left is None else t_left, y_new)
     nfev = s["nfev"] + rk.nfev_per_step
-    if p.jumps is not None:
-        f_new, nfev = _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev)
 
+    if p.tape is not None:
+        _record(p, t, h, t_new, y, accept)
     out, out_idx, nfev = _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev)
+    if p.jumps is not None:
+        # Only now, with the step's outputs interpolated from the left limit, does the next
+        # step get the right limit as its first stage.
+        f_new, nfev = _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev)
 
     rejected = running & ops.not_(accept)
     if p.controller is not None:
         dt_wanted = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
         # Stalled: the step the error control asks for no longer advances time, or is below
         # min_step (a step shortened to land on a stop may legitimately be that short).
-        stalled = rejected & (
-            (t + dt_wanted <= t) | ((dt_wanted < p.min_step) & ops.not_(lands))
-        )
+        stalled = rejected & ((t + dt_wanted <= t) | ((dt_wanted < p.min_step) & ops.not_(lands)))
         # A step shortened to land on a stop says nothing about the step the error allows.
         dt_next = ops.where(accept & lands, ops.maximum(dt_wanted, dt), dt_wanted)
         dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
@@ -367,6 +564,13 @@ def _body(p: _Problem, s: dict) -> dict:
         "naccept": s["naccept"] + ops.count(accept),
         "nreject": s["nreject"] + ops.count(rejected),
     }
+
+
+def _record(p, t, h, t_new, y, accept):
+    """Keep the step for the checkpoint replay (eager backends: a Python list)."""
+    if p.ops.scalar and not accept:
+        return
+    p.tape.append((t, h, t_new, y, accept))
 
 
 def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
@@ -405,7 +609,9 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
             out, out_idx = c
             mask, at_time = pending(out_idx)
             slot = ops.minimum(out_idx, T - 1)
-            theta = ops.to_state((at_time - t) / h_safe)
+            # theta stays in the time dtype: the interpolant's coefficients reach hundreds
+            # (DOP853), and their weighted sums would lose digits in a float32 state.
+            theta = (at_time - t) / h_safe
             value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
             # The step's end point is known exactly; do not replace it by the interpolant.
             value = ops.select_rows(at_time == t_new, y_new, value)
@@ -496,7 +702,8 @@ def _failure_message(sol: Solution) -> str:
             f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
             f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
         )
+    failed_status = status if failed is None else [status[i] for i in failed]
     return (
-        f"odecore: the {sol.method} solve failed {where}: {describe_status(status)}. "
+        f"odecore: the {sol.method} solve failed {where}: {describe_status(failed_status)}. "
         f"Statistics: {counts}."
     )

@@ -163,7 +163,7 @@ class Layout:
         self._moved_shape = (self.batch, *rest)
         if not flat:
             self.to_internal = self.to_user = self.from_user = _identity
-            self.outputs_to_user = _identity
+            self.outputs_to_user = self.outputs_to_internal = _identity
 
     @property
     def reduce_axis(self):
@@ -182,6 +182,13 @@ class Layout:
         return y if self.batch_axis == 0 else xp.moveaxis(y, 0, self.batch_axis)
 
     from_user = to_internal
+
+    def outputs_to_internal(self, xp, out):
+        """(T, *shape) -> (T, B, N)."""
+        T = out.shape[0]
+        if self.batched and self.batch_axis != 0:
+            out = xp.moveaxis(out, self.batch_axis + 1, 1)
+        return xp.reshape(out, (T, *self.internal_shape))
 
     def outputs_to_user(self, xp, out):
         """(T, B, N) buffer -> (T, *shape)."""
@@ -277,3 +284,63 @@ def dynamics_output(bk, out, lay: Layout) -> None:
             f"func returned dtype {out.dtype} but the state y has dtype {lay.dtype}; return "
             f"dy/dt in y's dtype (a float64 constant or t can promote it)"
         )
+
+
+ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
+
+
+def adjoint_mode(adjoint, bk) -> str | None:
+    """The gradient mode: None (no gradients) on backends without autodiff, whose users call
+    ``odecore.vjp_odeint`` instead; "direct" by default where the framework differentiates."""
+    if adjoint is None:
+        return "direct" if bk.has_autodiff else None
+    if adjoint not in ADJOINT_MODES:
+        raise ValueError(
+            f"unknown adjoint {adjoint!r}; valid modes are {', '.join(map(repr, ADJOINT_MODES))}"
+        )
+    if not bk.has_autodiff:
+        raise ValueError(
+            f"adjoint={adjoint!r} needs a framework with autodiff, and the {bk.name!r} backend "
+            f"has none; for gradients on {bk.name!r} use odecore.vjp_odeint(func, y0, t, "
+            f"params, adjoint='checkpoint' or 'backsolve') with a func that has a vjp method"
+        )
+    return adjoint
+
+
+def adjoint_settings(
+    bk, rtol, atol, method, fwd_options, adj_rtol, adj_atol, adj_method, adj_options
+):
+    """The backsolve's tolerances, method and options, checked now rather than in the middle
+    of a backward pass. Defaults are the forward solve's; a per-element tolerance becomes its
+    strictest value, since the backward state is not shaped like y0."""
+    xp = bk.xp
+
+    def scalar_tol(value, name):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive and finite, got {value!r}")
+            return float(value)
+        arr = bk.asarray(value)
+        if not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+            raise ValueError(f"every element of {name} must be positive and finite")
+        return float(xp.min(arr))
+
+    tab = tableau(adj_method if adj_method is not None else method)
+    if adj_options is None:
+        # The forward norm is written for y's shape, not for the augmented backward state.
+        adj_options = {k: v for k, v in (fwd_options or {}).items() if k != "norm"}
+    if not isinstance(adj_options, dict):
+        raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
+    from odecore._rk import RKMethod
+
+    seminorm = adj_options.get("norm") == "seminorm"
+    options({k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, RKMethod(tab))
+    # Name what the user gave: a bad forward rtol is reported as rtol, not adjoint_rtol.
+    rtol_given = (adj_rtol, "adjoint_rtol") if adj_rtol is not None else (rtol, "rtol")
+    atol_given = (adj_atol, "adjoint_atol") if adj_atol is not None else (atol, "atol")
+    return {
+        "rtol": scalar_tol(*rtol_given),
+        "atol": scalar_tol(*atol_given),
+        "method": tab.name,
+        "options": adj_options,
+    }

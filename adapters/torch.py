@@ -1,0 +1,136 @@
+"""The PyTorch backend: eager, with torch autograd.
+
+The core's gradient rules (backsolve, checkpoint) become one ``torch.autograd.Function``; the
+dynamics' VJPs come from ``torch.autograd.grad``. ``direct`` mode is plain autograd through
+the core's loop. No gradient algorithm lives here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import array_api_compat.torch as xp_torch
+import torch
+
+from odecore._backend import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = xp_torch
+    eager = True
+    has_autodiff = True
+    # Autograd records in-place writes into a buffer (CopySlices) correctly as long as the
+    # overwritten values are not needed for the backward pass, which holds for the output
+    # buffer: the loop only reads from it what it is about to overwrite.
+    inplace_ok = True
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        device = like.device if isinstance(like, torch.Tensor) else None
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype=dtype or x.dtype, device=device or x.device)
+        return torch.as_tensor(x, dtype=dtype, device=device)
+
+    def stage_store(self, capacity: int, first: Any):
+        return _StackedStages(capacity, first)
+
+    # ---- gradients -------------------------------------------------------------------------
+
+    def param_leaves(self, func, params) -> list[Any]:
+        """Tensors in ``params``, else the parameters of an ``nn.Module`` ``func`` (found
+        without being passed, as torchdiffeq users expect)."""
+        leaves = super().param_leaves(func, params)
+        if params is None and isinstance(func, torch.nn.Module):
+            leaves = [p for p in func.parameters() if p.requires_grad]
+        return [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+    def requires_grad(self, values: Any) -> bool:
+        from odecore._backend import _leaves
+
+        return torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for _, x in _leaves(values)
+        )
+
+    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            out = func(t, y) if params is None else func(t, y, params)
+            inputs = [y, *leaves]
+            grads = torch.autograd.grad(out, inputs, cot, allow_unused=True)
+        # A parameter the dynamics do not use gets a zero gradient, not None.
+        grads = [
+            torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
+        ]
+        return (out.detach() if want_value else None), grads[0], grads[1:]
+
+    def custom_vjp(self, rule):
+        def apply(y0, t, *leaves):
+            return _OdeFunction.apply(rule, y0, t, *leaves)
+
+        return apply
+
+    def no_grad(self):
+        return torch.no_grad()
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach()
+
+    def to_host_float(self, x: Any) -> float:
+        return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class _OdeFunction(torch.autograd.Function):
+    """One solve as one autograd node; the rule holds the framework-neutral math."""
+
+    @staticmethod
+    def forward(ctx, rule, y0, t, *leaves):
+        ys, residuals = rule.forward(y0, t, list(leaves))
+        ctx.rule, ctx.residuals = rule, residuals
+        return ys
+
+    @staticmethod
+    def backward(ctx, ys_bar):
+        # The residuals stay on ctx until autograd frees the graph: a backward with
+        # retain_graph=True may run again.
+        y0_bar, t_bar, leaves_bar = ctx.rule.backward(ctx.residuals, ys_bar)
+        return (None, y0_bar, t_bar, *leaves_bar)
+
+
+@functools.lru_cache(maxsize=512)
+def _weights(dense: tuple, dtype, device) -> torch.Tensor:
+    # Cached so that a step does not copy its coefficients to the device again.
+    return torch.tensor(dense, dtype=dtype, device=device)
+
+
+class _StackedStages:
+    """Stages kept in a list and combined with one matmul over the stacked stages: a single
+    kernel launch per combination instead of two per nonzero coefficient."""
+
+    def __init__(self, capacity: int, first: torch.Tensor):
+        self.ks = [first]
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    def add(self, k: torch.Tensor) -> None:
+        self.ks.append(k)
+
+    def combine(self, row) -> torch.Tensor:
+        m = len(row.dense)
+        if len(row.terms) <= 2:
+            out = None
+            for j, w in row.terms:
+                out = self.ks[j] * w if out is None else out + self.ks[j] * w
+            return out if out is not None else self.ks[0] * 0.0
+        first = self.ks[0]
+        w = _weights(row.dense, first.dtype, first.device)
+        stacked = torch.stack(self.ks[:m], dim=-1)
+        return stacked @ w
+
+    def as_list(self) -> list[torch.Tensor]:
+        return self.ks
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,63 @@
+"""The user's ``func`` as the loop sees it: internal layout, internal (forward) time, and a VJP.
+
+The loop works on a (B, N) state (or the user's own shape for a single eager sample, see
+``odecore._validate.Layout``) and on time that always increases. :class:`Dynamics` converts
+both ways around every call, checks the first output, and gives the vector-Jacobian products
+the gradient modes need through the backend (``Backend.dynamics_vjp``): the framework's
+autodiff for torch and JAX, the dynamics' own ``vjp`` method for NumPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from odecore import _validate
+
+
+class Dynamics:
+    """``fn(t, y) -> dy/dt`` and ``vjp(t, y, cot) -> (cot_y, cot_params)`` in loop terms.
+
+    ``sign`` is -1 when the user's times decrease: the loop then solves ``s = -t`` with
+    ``dy/ds = -f(-s, y)``.
+    """
+
+    def __init__(self, bk, ops, func, params, layout, sign: float, leaves=None):
+        self.backend = bk
+        self.ops = ops
+        self.func = func
+        self.params = params
+        self.layout = layout
+        self.sign = sign
+        self.leaves = bk.param_leaves(func, params) if leaves is None else list(leaves)
+
+    def user_time(self, t):
+        return self.ops.user_time(t * self.sign if self.sign < 0 else t, self.layout.batched)
+
+    def _call_user(self, t, y):
+        ty = self.user_time(t)
+        yu = self.layout.to_user(self.backend.xp, y)
+        if self.params is None:
+            return self.func(ty, yu)
+        return self.func(ty, yu, self.params)
+
+    def __call__(self, t, y):
+        out = self.layout.from_user(self.backend.xp, self._call_user(t, y))
+        return -out if self.sign < 0 else out
+
+    def first_call(self, t, y):
+        """The first evaluation, checked: a wrong shape or dtype is reported at once, by name,
+        instead of surfacing as a broadcasting error deep inside a step."""
+        out = self._call_user(t, y)
+        _validate.dynamics_output(self.backend, out, self.layout)
+        out = self.layout.from_user(self.backend.xp, out)
+        return -out if self.sign < 0 else out
+
+    def vjp(self, t, y, cot) -> tuple[Any, list[Any]]:
+        """``cot`` times the Jacobians of ``fn`` with respect to ``y`` and to each parameter
+        leaf (``self.leaves``), in loop layout for ``y``."""
+        xp, lay = self.backend.xp, self.layout
+        cot_user = lay.to_user(xp, -cot if self.sign < 0 else cot)
+        _, cot_y, cot_leaves = self.backend.dynamics_vjp(
+            self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y), cot_user
+        )
+        return lay.from_user(xp, cot_y), cot_leaves

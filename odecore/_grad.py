@@ -1,0 +1,264 @@
+"""Gradients of a solve: the backsolve (continuous) adjoint and checkpointed exact gradients.
+
+Both are written once, against the Backend protocol: ``Backend.dynamics_vjp`` gives
+vector-Jacobian products of the dynamics (torch autograd, or the dynamics' own ``vjp`` on
+NumPy), and ``Backend.custom_vjp`` attaches the pair ``forward`` / ``backward`` below to the
+framework's autodiff. A NumPy user gets ``backward`` as a pullback from
+:func:`odecore.vjp_odeint`.
+
+Time gradients in every mode use the identities of the exact flow: moving an output time
+``t_i`` changes ``y(t_i)`` at rate ``f(t_i, y(t_i))``, and moving ``t_0`` shifts the whole
+trajectory, ``dL/dt_0 = -a(t_0) . f(t_0, y_0)`` with ``a`` the adjoint. On the discrete
+solution they hold to the solver's tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
+
+
+class SolveRule:
+    """One solve as a framework-neutral forward / backward pair."""
+
+    def __init__(self, mode: str, run, backsolve_settings: dict | None = None):
+        # ``run(y0, t, record)`` prepares and runs the forward loop, returning
+        # (problem, solution, tape); it is _solve's, passed in to keep one loop.
+        self.mode = mode
+        self.run = run
+        self.backsolve_settings = backsolve_settings or {}
+        self.solution = None
+
+    def forward(self, y0, t, leaves):
+        problem, solution, tape = self.run(y0, t, record=self.mode == "checkpoint")
+        self.solution = solution
+        return solution.ys, (problem, solution.ys, tape)
+
+    def backward(self, residuals, ys_bar):
+        problem, ys, tape = residuals
+        if self.mode == "checkpoint":
+            a0, leaves_bar = _checkpoint_backward(problem, tape, ys_bar)
+        else:
+            a0, leaves_bar = _backsolve_backward(problem, ys, ys_bar, self.backsolve_settings)
+        return _finish_gradients(problem, ys, ys_bar, a0, leaves_bar)
+
+
+def _user_f(problem, i, y_user):
+    """``f(t_i, y)`` in the user's terms (time, shape and sign), for output ``i``."""
+    bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
+    xp = bk.xp
+    s_i = problem.ts_array[i]
+    t_ctl = problem.ops.full(lay.batch, 0.0) + s_i if not problem.ops.scalar else float(s_i)
+    f = lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y_user)))
+    return f * dyn.sign
+
+
+def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar):
+    """Add the direct terms: the output at t_0 is y0 itself, and the time gradients."""
+    bk = problem.backend
+    xp = bk.xp
+    y0_bar = a0 + ys_bar[0]
+    T = ys.shape[0]
+    t_bar = [None] * T
+    for i in range(1, T):
+        t_bar[i] = xp.sum(ys_bar[i] * _user_f(problem, i, ys[i]))
+    t_bar[0] = -xp.sum(a0 * _user_f(problem, 0, ys[0]))
+    t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
+    leaves_bar = [
+        xp.astype(g, leaf.dtype) if g.dtype != leaf.dtype else g
+        for g, leaf in zip(leaves_bar, problem.dynamics.leaves, strict=True)
+    ]
+    return y0_bar, t_bar, leaves_bar
+
+
+# --------------------------------------------------------------------------------------------
+# Backsolve: the continuous adjoint (Pontryagin; Chen et al. 2018)
+
+
+def _backsolve_backward(problem, ys, ys_bar, settings):
+    """Solve ``[y, a, a_theta]`` backward from the last output time to the first:
+    ``y' = f``, ``a' = -a df/dy``, ``a_theta' = -a df/dtheta``. At every output time ``y`` is
+    reset to the stored forward value (so the backward ``y`` never drifts from the forward
+    one) and the output's cotangent is added to ``a``. One joint solve serves the whole
+    batch; memory does not grow with the number of steps."""
+    from odecore._solve import solve
+
+    bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
+    xp = bk.xp
+    shape, dtype = lay.shape, lay.dtype
+    m = math.prod(shape)
+    leaves = dyn.leaves
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes)
+
+    options = dict(settings.get("options") or {})
+    if options.get("norm") == "seminorm":
+        # Torchdiffeq's seminorm: the parameter adjoint does not influence the step size, it
+        # only accumulates (Kidger et al. 2021, "Hey, that's not an ODE").
+        options["norm"] = _seminorm(xp, 2 * m)
+    a = xp.zeros(shape, dtype=dtype)
+    a_theta = xp.zeros((sum(sizes),), dtype=dtype)
+    t_user = problem.ts_array * dyn.sign
+    for i in range(ys.shape[0] - 1, 0, -1):
+        a = a + ys_bar[i]
+        z0 = xp.concat([xp.reshape(ys[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
+        sol = solve(
+            aug,
+            z0,
+            xp.stack([t_user[i], t_user[i - 1]]),
+            rtol=settings["rtol"],
+            atol=settings["atol"],
+            method=settings["method"],
+            options=options,
+            backend=bk,
+        )
+        z = sol.ys[-1]
+        a = xp.reshape(z[m : 2 * m], shape)
+        a_theta = z[2 * m :]
+    leaves_bar, start = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
+        start += size
+    return a, leaves_bar
+
+
+def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes):
+    xp = bk.xp
+    batch = dyn.layout.batch if dyn.layout.batched else None
+
+    def aug(t, z):
+        y = xp.reshape(z[:m], shape)
+        a = xp.reshape(z[m : 2 * m], shape)
+        t_user = xp.broadcast_to(t, (batch,)) if batch is not None else t
+        f, cot_y, cot_leaves = bk.dynamics_vjp(
+            dyn.func, dyn.params, leaves, t_user, y, a, want_value=True
+        )
+        parts = [xp.reshape(f, (-1,)), -xp.reshape(cot_y, (-1,))]
+        parts += [-xp.astype(xp.reshape(g, (-1,)), z.dtype) for g in cot_leaves]
+        return xp.concat(parts)
+
+    return aug
+
+
+def _seminorm(xp, count):
+    def norm(z):
+        head = z[:count]
+        return xp.sqrt(xp.vecdot(head, head) / count)
+
+    return norm
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint: the exact gradient of the discrete solve
+
+
+def _checkpoint_backward(problem, tape, ys_bar):
+    """Replay every recorded step backward with local VJPs of the dynamics.
+
+    Each record holds a step's start ``(t, y)``, its size and whether it was accepted. The
+    step's stages are recomputed, then the cotangents flow backward through the stage
+    equations ``Y_i = y + h sum_j a_ij K_j``, ``K_i = f(t + c_i h, Y_i)``, the new state and
+    the interpolated outputs inside the step. Step sizes are treated as constants, as the
+    error control is not differentiable.
+    """
+    bk, lay = problem.backend, problem.layout
+    xp = bk.xp
+    out_bar = lay.outputs_to_internal(xp, ys_bar)
+    a = xp.zeros(lay.internal_shape, dtype=lay.dtype)
+    leaves_bar = [xp.zeros(leaf.shape, dtype=lay.dtype) for leaf in problem.dynamics.leaves]
+    for record in reversed(tape):
+        a, grads = _replay_step(problem, record, a, out_bar)
+        leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
+    return lay.to_user(xp, a), leaves_bar
+
+
+def _replay_step(problem, record, a, out_bar):
+    bk, ops, rk, dyn = problem.backend, problem.ops, problem.method, problem.dynamics
+    xp = bk.xp
+    t, h, t_new, y, accept = record
+    hy = ops.to_state(h)
+    a_in = ops.select_rows(accept, a, a * 0.0)
+    outputs = _outputs_in_step(problem, t, t_new, accept)
+    interpolated = [o for o in outputs if not o[2]]
+    n_nodes = rk.node_count(with_dense=bool(interpolated))
+
+    # Recompute the stage inputs Y_i and stages K_i of the step.
+    Y, K = [y], [dyn(t, y)]
+    for i in range(1, n_nodes):
+        Y.append(y + hy * _combine(xp, rk.node_rows[i], K, hy))
+        K.append(dyn(t + rk.node_c[i] * h, Y[i]))
+
+    Y_bar = [None] * n_nodes
+    K_bar = [None] * n_nodes
+    y_bar = a_in * 0.0
+    Y_bar[rk.new_node] = a_in
+    rows = ops.rows_index(problem.layout.batch)
+    h_safe = ops.where(h > 0, h, 1.0)
+    for index, mask, exact in outputs:
+        cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
+        if exact:  # the forward pass wrote y_new itself, not the interpolant
+            Y_bar[rk.new_node] = Y_bar[rk.new_node] + cot
+            continue
+        theta = (problem.ts[index] - t) / h_safe
+        y_bar = y_bar + cot
+        for j, w in enumerate(rk.dense_weights(ops, theta)):
+            K_bar[j] = _add(K_bar[j], hy * w * cot)
+
+    grads = [None] * len(dyn.leaves)
+    for i in range(n_nodes - 1, -1, -1):
+        if K_bar[i] is not None:
+            node_t = t if i == 0 else t + rk.node_c[i] * h
+            cot_y, cot_leaves = dyn.vjp(node_t, Y[i], K_bar[i])
+            Y_bar[i] = _add(Y_bar[i], cot_y)
+            grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
+        if Y_bar[i] is None:
+            continue
+        y_bar = y_bar + Y_bar[i]
+        if i > 0:
+            for j, w in rk.node_rows[i].terms:
+                K_bar[j] = _add(K_bar[j], hy * (w * Y_bar[i]))
+    grads = [
+        xp.zeros(leaf.shape, dtype=problem.layout.dtype) if g is None else g
+        for g, leaf in zip(grads, dyn.leaves, strict=True)
+    ]
+    return ops.select_rows(accept, y_bar, a), grads
+
+
+def _add(total, term):
+    return term if total is None else total + term
+
+
+def _combine(xp, row, K, hy):
+    total = None
+    for j, w in row.terms:
+        total = _add(total, K[j] * w)
+    return total if total is not None else K[0] * 0.0
+
+
+def _outputs_in_step(problem, t, t_new, accept):
+    """(output index, per-sample mask, lands exactly on the step's end) for each output
+    time inside (t, t_new] of an accepted step."""
+    ops = problem.ops
+    ts = problem.ts
+    found = []
+    if ops.scalar:
+        if not accept:
+            return found
+        for index, s in enumerate(ts):
+            if t < s <= t_new:
+                found.append((index, True, s == t_new))
+        return found
+    xp = problem.backend.xp
+    for index in range(1, len(ts) if isinstance(ts, list) else ts.shape[0]):
+        s = problem.ts_array[index]
+        mask = accept & (t < s) & (s <= t_new)
+        if bool(xp.any(mask)):
+            exact = bool(xp.all(xp.where(mask, t_new == s, True)))
+            if not exact and bool(xp.any(mask & (t_new == s))):
+                # Mixed: some samples land exactly, some interpolate; split the two.
+                found.append((index, mask & (t_new == s), True))
+                found.append((index, mask & (t_new != s), False))
+                continue
+            found.append((index, mask, exact))
+    return found
