@@ -18,11 +18,12 @@ class ArrayOps:
 
     scalar = False
 
-    def __init__(self, xp, time_dtype, state_dtype, int_dtype, to_float=float):
-        self.xp = xp
-        self.time_dtype = time_dtype
+    def __init__(self, backend, state_dtype):
+        self.xp = backend.xp
+        self.time_dtype = backend.time_dtype
         self.state_dtype = state_dtype
-        self.int_dtype = int_dtype
+        self.int_dtype = backend.int_dtype
+        self.stop_gradient = backend.stop_gradient
 
     def where(self, cond, a, b):
         return self.xp.where(cond, a, b)
@@ -51,8 +52,9 @@ class ArrayOps:
         return self.xp.full((batch,), value, dtype=dtype)
 
     def from_norm(self, n):
-        """A norm's per-sample values (an array (B,)) as control values."""
-        return self.xp.astype(n, self.time_dtype)
+        """A norm's per-sample values (an array (B,)) as control values. Step-size control
+        is not differentiated (its decisions are piecewise), so autodiff stops here."""
+        return self.xp.astype(self.stop_gradient(n), self.time_dtype)
 
     def select_rows(self, mask, a, b):
         """Per-sample choice between two state arrays."""
@@ -115,14 +117,14 @@ class ScalarOps:
 
     scalar = True
 
-    def __init__(self, xp, time_dtype, state_dtype, int_dtype, to_float=float):
-        self.xp = xp
-        self.time_dtype = time_dtype
+    def __init__(self, backend, state_dtype):
+        self.xp = backend.xp
+        self.time_dtype = backend.time_dtype
         self.state_dtype = state_dtype
-        self.int_dtype = int_dtype
+        self.int_dtype = backend.int_dtype
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
-        self.from_norm = to_float
+        self.from_norm = backend.to_host_float
 
     @staticmethod
     def where(cond, a, b):

@@ -389,7 +389,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     sign = 1.0 if bool(ts_user[1] > ts_user[0]) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
-    ops = ops_class(xp, time_dtype, y0_arr.dtype, bk.int_dtype, bk.to_host_float)
+    ops = ops_class(bk, y0_arr.dtype)
     fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
     y0_int = layout.to_internal(xp, y0_arr)
 
