@@ -1,0 +1,179 @@
+"""Test, lint and benchmark sessions for odecore.
+
+    nox -s ci                          the whole CI run (what .ci/run does)
+    nox -s tests                       unit tests, once per backend
+    nox -s "tests(backend='torch')"    unit tests with one backend's extra installed
+    nox -s conformance                 the cross-backend suite and its summary table
+    nox -s lint                        ruff check + ruff format --check
+    nox -s bench                       benchmarks/bench_numpy.py
+    nox -s bench -- benchmarks/bench_numpy.py --repeat 3   scripts and their arguments
+
+Every install goes through constraints.txt, which pins torch to the CPU build.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests", "conformance"]
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", "constraints.txt")
+
+# Adding a backend is one line here: its name is also the name of its pip extra
+# (pyproject.toml) and of the module that proves it is installed.
+# Planned: "jax", "numba", "cupy".
+BACKENDS = ["numpy", "torch"]
+
+# The backends installed for the CI run (a 2-core machine, 90 minutes in all). torch comes from
+# constraints.txt's CPU wheel.
+CI_BACKENDS = ["numpy", "torch"]
+
+# What benchmarks/bench_<backend>.py compares odecore with, beyond the bench extra.
+BENCH_PEERS = {"torch": ["torchdiffeq"], "jax": ["diffrax"]}
+
+LINT_PATHS = ["odecore", "adapters", "tests", "conformance", "benchmarks", "noxfile.py"]
+
+
+def extras_for(*backends: str, base: str = "test") -> str:
+    """The pip extras string for a set of backends: numpy needs none beyond the base."""
+    extras = [base, *(b for b in backends if b != "numpy")]
+    return ",".join(dict.fromkeys(extras))
+
+
+def install_project(session: nox.Session, extras: str) -> None:
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+
+
+def importable_backends(session: nox.Session, candidates: list[str]) -> list[str]:
+    """The candidates whose module imports inside this session's virtualenv."""
+    probe = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception:\n"
+        "        continue\n"
+        "    print(name)\n"
+    )
+    out = session.run("python", "-c", probe, *candidates, silent=True) or ""
+    found = [line.strip() for line in out.splitlines() if line.strip() in candidates]
+    return found
+
+
+def require_tests_executed(session: nox.Session, junit_xml: Path) -> None:
+    """Fail when pytest ran nothing: every test deselected or skipped is not a pass.
+
+    pytest itself exits 5 when it collects nothing, and nox already treats that as a failure;
+    this also catches a run where everything collected was skipped.
+    """
+    root = ET.parse(junit_xml).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = sum(int(s.get("tests", 0)) for s in suites)
+    skipped = sum(int(s.get("skipped", 0)) for s in suites)
+    if total - skipped <= 0:
+        session.error(f"pytest executed no test ({total} collected, {skipped} skipped)")
+    session.log(f"pytest executed {total - skipped} tests ({skipped} skipped)")
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """Unit and property tests with ODECORE_TEST_BACKEND set to one backend."""
+    install_project(session, extras_for(backend))
+    session.run(
+        "pytest",
+        "tests",
+        *session.posargs,
+        env={"ODECORE_TEST_BACKEND": backend},
+    )
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """The conformance suite over every backend that installs and imports here."""
+    if not (ROOT / "conformance").is_dir():
+        session.error("there is no conformance/ suite yet")
+    install_project(session, extras_for(*BACKENDS))
+    available = importable_backends(session, BACKENDS)
+    if not available:
+        session.error(f"none of the backends {BACKENDS} imports")
+    session.log(f"conformance backends: {', '.join(available)}")
+    session.run(
+        "pytest",
+        "conformance",
+        "-s",
+        *session.posargs,
+        env={"ODECORE_CONFORMANCE_BACKENDS": ",".join(available)},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check; pass --fix etc. through posargs to ruff check."""
+    session.install(*CONSTRAINTS, "ruff")
+    paths = [p for p in LINT_PATHS if (ROOT / p).exists()]
+    session.run("ruff", "check", *session.posargs, *paths)
+    session.run("ruff", "format", "--check", *paths)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run benchmark scripts: `nox -s bench -- [benchmarks/bench_X.py ...] [script args]`.
+
+    Arguments ending in .py choose the scripts (default benchmarks/bench_numpy.py); the rest are
+    passed to every script. A script named bench_<backend>.py gets that backend's extra.
+    """
+    scripts = [a for a in session.posargs if a.endswith(".py")]
+    script_args = [a for a in session.posargs if not a.endswith(".py")]
+    if not scripts:
+        scripts = ["benchmarks/bench_numpy.py"]
+    for script in scripts:
+        if not (ROOT / script).is_file():
+            session.error(f"no benchmark script {script}; have: {sorted(_bench_scripts())}")
+    named = [Path(s).stem.removeprefix("bench_") for s in scripts]
+    backends = [b for b in named if b in BACKENDS]
+    install_project(session, extras_for(*backends, base="bench"))
+    peers = [peer for b in backends for peer in BENCH_PEERS.get(b, [])]
+    if peers:
+        session.install(*CONSTRAINTS, *peers)
+    for script in scripts:
+        session.run("python", script, *script_args)
+
+
+def _bench_scripts() -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("bench_*.py")]
+
+
+@nox.session
+def ci(session: nox.Session) -> None:
+    """The CI entry point: tests and conformance (not slow) with every CI backend installed.
+
+    One virtualenv and one pytest run, so the 2-core CI machine installs each dependency once;
+    the conformance suite compares the CI backends with each other in that run.
+    """
+    install_project(session, extras_for(*CI_BACKENDS))
+    # A fresh clone has no empty directories: pass pytest only the suites that exist.
+    suites = [d for d in ("tests", "conformance") if (ROOT / d).is_dir()]
+    junit_xml = Path(session.create_tmp()) / "junit.xml"
+    session.run(
+        "pytest",
+        *suites,
+        "-m",
+        "not slow",
+        "--durations=15",
+        f"--junitxml={junit_xml}",
+        *session.posargs,
+        env={
+            "ODECORE_CONFORMANCE_BACKENDS": ",".join(CI_BACKENDS),
+            # Hypothesis picks its built-in "ci" profile (derandomized, no deadline) when CI
+            # is set, so a loaded 2-core machine gives no flaky failures.
+            "CI": os.environ.get("CI", "true"),
+        },
+    )
+    require_tests_executed(session, junit_xml)
