@@ -58,7 +58,15 @@ class TorchBackend(Backend):
     def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
-            out = func(t, y) if params is None else func(t, y, params)
+            if params is None:
+                # Implicit parameters (an nn.Module's) are leaves that require grad already.
+                out = func(t, y)
+            else:
+                # Explicit parameters are replaced by detached copies that require grad, so
+                # that a plain tensor gets a gradient too and nothing accumulates on the
+                # user's own graph.
+                leaves = [x.detach().requires_grad_(True) for x in leaves]
+                out = func(t, y, _replace_leaves(params, leaves))
             inputs = [y, *leaves]
             grads = torch.autograd.grad(out, inputs, cot, allow_unused=True)
         # A parameter the dynamics do not use gets a zero gradient, not None.
@@ -66,6 +74,27 @@ class TorchBackend(Backend):
             torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
         ]
         return (out.detach() if want_value else None), grads[0], grads[1:]
+
+    def vjp(self, fn, *primals):
+        """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> tuple of cotangents``."""
+        primals = [p.detach().requires_grad_(True) for p in primals]
+        with torch.enable_grad():
+            out = fn(*primals)
+
+        def pullback(cotangent):
+            grads = torch.autograd.grad(
+                out, primals, cotangent, allow_unused=True, retain_graph=True
+            )
+            return tuple(
+                torch.zeros_like(p) if g is None else g for g, p in zip(grads, primals, strict=True)
+            )
+
+        return out.detach(), pullback
+
+    def jvp(self, fn, primals, tangents):
+        """``(fn(*primals), tangent of the output)``, by forward-mode autodiff."""
+        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+        return out, tangent
 
     def custom_vjp(self, rule):
         def apply(y0, t, *leaves):
@@ -98,6 +127,22 @@ class _OdeFunction(torch.autograd.Function):
         # retain_graph=True may run again.
         y0_bar, t_bar, leaves_bar = ctx.rule.backward(ctx.residuals, ys_bar)
         return (None, y0_bar, t_bar, *leaves_bar)
+
+
+def _replace_leaves(params, leaves):
+    """``params`` with its tensors replaced, in order, by ``leaves``."""
+    it = iter(leaves)
+
+    def rebuild(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(rebuild(v) for v in value)
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return next(it)
+        return value
+
+    return rebuild(params)
 
 
 @functools.lru_cache(maxsize=512)

@@ -131,6 +131,20 @@ class Backend:
             )
         return value, cot_y, cot_leaves
 
+    def vjp(self, fn: Callable, *primals: Any):
+        """``(fn(*primals), pullback)``, ``pullback(cotangent)`` giving one cotangent per
+        primal, by the framework's reverse mode."""
+        raise NotImplementedError(
+            f"the {self.name!r} backend has no autodiff; the core uses the dynamics' own "
+            f"vjp method instead (see Backend.dynamics_vjp)"
+        )
+
+    def jvp(self, fn: Callable, primals, tangents):
+        """``(fn(*primals), tangent_out)`` by the framework's forward mode."""
+        raise NotImplementedError(
+            f"the {self.name!r} backend has no autodiff; give the dynamics a jvp method"
+        )
+
     def custom_vjp(self, rule) -> Callable:
         """Turn a framework-neutral ``rule`` (``forward(y0, t, leaves) -> (ys, residuals)``
         and ``backward(residuals, ys_bar) -> (y0_bar, t_bar, leaves_bar)``) into an operation

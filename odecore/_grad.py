@@ -170,7 +170,8 @@ def _checkpoint_backward(problem, tape, ys_bar):
     for record in reversed(tape):
         a, grads = _replay_step(problem, record, a, out_bar)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
-    return lay.to_user(xp, a), leaves_bar
+    # NumPy turns 0-d arithmetic into scalars; hand back arrays like the other mode does.
+    return lay.to_user(xp, a), [xp.asarray(g) for g in leaves_bar]
 
 
 def _replay_step(problem, record, a, out_bar):
