@@ -35,8 +35,14 @@ class TorchBackend(Backend):
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
         return torch.as_tensor(x, dtype=dtype, device=device)
 
-    def stage_store(self, capacity: int, first: Any):
-        return _StackedStages(capacity, first)
+    def write(self, out, where, value):
+        # The loop owns the output buffer, so it is written in place: a plain item
+        # assignment costs a fraction of array-api-extra's general-purpose ``at``.
+        out[where] = value
+        return out
+
+    def stage_store(self, method, y, first, h, hy):
+        return _StackedStages(method, y, first, h, hy)
 
     # ---- gradients -------------------------------------------------------------------------
 
@@ -155,12 +161,18 @@ class _StackedStages:
     """Stages kept in a list and combined with one matmul over the stacked stages: a single
     kernel launch per combination instead of two per nonzero coefficient."""
 
-    def __init__(self, capacity: int, first: torch.Tensor):
+    def __init__(self, method, y, first, h, hy):
+        self.y, self.hy = y, hy
         self.ks = [first]
-        self._weights: dict[tuple, torch.Tensor] = {}
 
     def add(self, k: torch.Tensor) -> None:
         self.ks.append(k)
+
+    def stage_input(self, row) -> torch.Tensor:
+        return self.y + self.hy * self.combine(row)
+
+    def increment(self, row) -> torch.Tensor:
+        return self.hy * self.combine(row)
 
     def combine(self, row) -> torch.Tensor:
         m = len(row.dense)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
+import array_api_extra as xpx
 
 # name -> (adapter module, the pip extra that installs what it needs)
 _ADAPTERS: dict[str, tuple[str, str]] = {
@@ -83,11 +84,16 @@ class Backend:
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
-    def stage_store(self, capacity: int, first: Any):
+    def write(self, out: Any, where: Any, value: Any) -> Any:
+        """``out`` with ``out[where] = value``: in place where the library allows it
+        (``inplace_ok``), else as a new array (array-api-extra's ``at``)."""
+        return xpx.at(out, where).set(value, copy=not self.inplace_ok)
+
+    def stage_store(self, method, y: Any, first: Any, h: Any, hy: Any):
         """Where a Runge-Kutta step keeps its stages (see ``odecore._rk.ListStages``)."""
         from odecore._rk import ListStages
 
-        return ListStages(capacity, first)
+        return ListStages(method, y, first, h, hy)
 
     # ---- gradients -------------------------------------------------------------------------
     #: True when the framework differentiates through array operations itself ("direct").

@@ -10,7 +10,7 @@ from typing import Any
 def rms_norm(xp, x, axis):
     """Root-mean-square over the state, per sample (``axis=1`` of a (B, N) state), or over
     everything for a single sample kept in its own shape (``axis=None``)."""
-    if axis is None:
+    if axis is None and x.ndim != 1:
         x = xp.reshape(x, (-1,))
     # vecdot is one fused reduction; mean(x * x) is three operations.
     return xp.sqrt(xp.vecdot(x, x, axis=-1) / x.shape[-1])
@@ -54,22 +54,22 @@ class Controller:
         return h * factor
 
 
-def error_ratio(xp, norm, err, err2, y, y_new, rtol, atol):
-    """Scaled error norm per sample; at most 1 means the step is accepted.
+def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):
+    """Scaled error norm per sample, as control values; at most 1 means the step is accepted.
 
     The scale follows ``atol + rtol * max(|y_n|, |y_n+1|)``. With two estimates (DOP853),
     they are combined as ``n1**2 / sqrt(n1**2 + 0.01 * n2**2)``, Hairer's formula that uses the
     low-order estimate to avoid overestimating the error of the high-order one.
     """
     scale = atol + rtol * xp.maximum(xp.abs(y), xp.abs(y_new))
-    n1 = norm(err / scale)
+    n1 = ops.from_norm(norm(err / scale))
     if err2 is None:
         return n1
-    n2 = norm(err2 / scale)
-    denominator = xp.sqrt(n1 * n1 + 0.01 * n2 * n2)
+    n2 = ops.from_norm(norm(err2 / scale))
+    squared = n1 * n1 + 0.01 * n2 * n2
     # Zero only when both estimates vanish; a NaN must stay NaN so the step is rejected.
-    zero = denominator == 0
-    return xp.where(zero, 0.0, n1 * n1 / xp.where(zero, 1.0, denominator))
+    zero = squared == 0
+    return ops.where(zero, 0.0, n1 * n1 / ops.where(zero, 1.0, squared) ** 0.5)
 
 
 def initial_step(xp, ops, fn, t0, y0, f0, order, rtol, atol, norm) -> Any:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+from odecore._rk import lincomb
+
 ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
 
 
@@ -187,7 +189,7 @@ def _replay_step(problem, record, a, out_bar):
     # Recompute the stage inputs Y_i and stages K_i of the step.
     Y, K = [y], [dyn(t, y)]
     for i in range(1, n_nodes):
-        Y.append(y + hy * _combine(xp, rk.node_rows[i], K, hy))
+        Y.append(y + hy * lincomb(rk.node_rows[i], K))
         K.append(dyn(t + rk.node_c[i] * h, Y[i]))
 
     Y_bar = [None] * n_nodes
@@ -228,13 +230,6 @@ def _replay_step(problem, record, a, out_bar):
 
 def _add(total, term):
     return term if total is None else total + term
-
-
-def _combine(xp, row, K, hy):
-    total = None
-    for j, w in row.terms:
-        total = _add(total, K[j] * w)
-    return total if total is not None else K[0] * 0.0
 
 
 def _outputs_in_step(problem, t, t_new, accept):

@@ -23,11 +23,15 @@ class Weights:
     """One row of stage weights, in the two forms the stage stores use: the nonzero terms
     (for a sum of scaled arrays) and the dense tuple (for one matrix product)."""
 
-    __slots__ = ("terms", "dense")
+    __slots__ = ("terms", "dense", "native", "slot")
 
     def __init__(self, weights):
         self.dense = tuple(float(w) for w in weights)
         self.terms = tuple((j, w) for j, w in enumerate(self.dense) if w != 0)
+        # A stage store may keep the row as its own array here, keyed as it likes (dtype,
+        # device), so that a step never converts the same weights twice.
+        self.native = {}
+        self.slot = -1
 
 
 def _nonzero(weights) -> Weights:
@@ -46,18 +50,23 @@ def lincomb(row: Weights, ks: list[Any]) -> Any:
 class ListStages:
     """The portable stage store: a Python list, combined term by term.
 
-    Backends may supply a faster store with the same three methods (see
+    A step asks its store for stage inputs ``y + h * sum_j w_j K_j`` and increments
+    ``h * sum_j w_j K_j``. Backends may supply a faster store with the same methods (see
     ``Backend.stage_store``); this one is the reference they are tested against.
     """
 
-    def __init__(self, capacity: int, first: Any):
+    def __init__(self, method: RKMethod, y: Any, first: Any, h: Any, hy: Any):
+        self.y, self.hy = y, hy
         self.ks = [first]
 
     def add(self, k: Any) -> None:
         self.ks.append(k)
 
-    def combine(self, row: Weights) -> Any:
-        return lincomb(row, self.ks)
+    def stage_input(self, row: Weights) -> Any:
+        return self.y + self.hy * lincomb(row, self.ks)
+
+    def increment(self, row: Weights) -> Any:
+        return self.hy * lincomb(row, self.ks)
 
     def as_list(self) -> list[Any]:
         return self.ks
@@ -96,6 +105,16 @@ class RKMethod:
         self.b = _nonzero(tab.b)
         self.b_err = _nonzero(tab.b_err) if tab.b_err is not None else None
         self.b_err2 = _nonzero(tab.b_err2) if tab.b_err2 is not None else None
+        # Every row a step combines, numbered, so that a store can scale them all by h at
+        # once: one operation per step instead of one per stage.
+        step_rows = [*self.a[1:], self.b, self.b_err, self.b_err2]
+        self.step_rows = [row for row in step_rows if row is not None]
+        for slot, row in enumerate(self.step_rows):
+            row.slot = slot
+        self.step_matrix = tuple(
+            row.dense + (0.0,) * (self.stages - len(row.dense)) for row in self.step_rows
+        )
+        self.native = {}  # stores may cache step_matrix as their own arrays here
         # The controller's exponent is 1/(q+1) with q the order of the error estimate
         # (Hairer, Norsett & Wanner I, section II.4).
         self.error_exponent_order = (tab.error_order or tab.order) + 1
@@ -121,7 +140,7 @@ class RKMethod:
         self.nfev_per_step = self.stages - 1 + (0 if self.fsal else 1)
         self.nfev_dense_extra = len(self.dense_c)
 
-    def step(self, fn, t, y, f0, h, hy, stage_store=ListStages, t_max=None):
+    def step(self, fn, t, y, f0, h, hy, stage_store=None, t_max=None):
         """Stages of one step from ``(t, y)`` with ``f0 = f(t, y)``.
 
         Returns ``(y_new, ks, err, err2)`` with ``ks`` the list of stages; for FSAL methods
@@ -129,18 +148,18 @@ class RKMethod:
         ``hy`` the same as a factor in the state's dtype. ``t_max``, when given, caps the
         stage times (a step ending on a discontinuity evaluates its end just before it).
         """
-        ks = stage_store(self.stages, f0)
+        ks = (stage_store or ListStages)(self, y, f0, h, hy)
         y_stage = y
         for i in range(1, self.stages):
-            y_stage = y + hy * ks.combine(self.a[i])
+            y_stage = ks.stage_input(self.a[i])
             t_stage = t + self.c[i] * h
             if t_max is not None:
                 t_stage = _minimum(t_stage, t_max)
             ks.add(fn(t_stage, y_stage))
         # For FSAL methods the last stage's input is y_new itself (a[-1] == b).
-        y_new = y_stage if self.fsal else y + hy * ks.combine(self.b)
-        err = hy * ks.combine(self.b_err) if self.b_err is not None else None
-        err2 = hy * ks.combine(self.b_err2) if self.b_err2 is not None else None
+        y_new = y_stage if self.fsal else ks.stage_input(self.b)
+        err = ks.increment(self.b_err) if self.b_err is not None else None
+        err2 = ks.increment(self.b_err2) if self.b_err2 is not None else None
         return y_new, ks.as_list(), err, err2
 
     def dense_stages(self, fn, t, y, h, hy, ks, f_new):

@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_extra as xpx
-
 from odecore import _validate
 from odecore._backend import Backend
 from odecore._config import resolve_backend
@@ -41,7 +39,8 @@ class _Problem:
     t_user_dtype: Any
     ops: ArrayOps | ScalarOps  # how per-sample control values are held (odecore._ops)
     method: RKMethod
-    fn: Any  # fn(t (B,), y (B, N)) -> (B, N), in internal (forward) time
+    fn: Any  # the Dynamics: fn(t, y) in internal (forward) time and layout, and its VJP
+    rhs: Any  # the same evaluation, by its fastest path (Dynamics.fast_path)
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -421,6 +420,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     return _Problem(
         backend=bk,
         dynamics=fn,
+        rhs=fn.fast_path(),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
@@ -465,7 +465,7 @@ def _init(p: _Problem) -> dict:
     dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
     finite = ops.all_rows(xp.isfinite(f0))
     out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
-    out = xpx.at(out, 0).set(p.y0, copy=not bk.inplace_ok)
+    out = bk.write(out, 0, p.y0)
     return {
         "t": t0,
         "y": p.y0,
@@ -506,17 +506,15 @@ def _body(p: _Problem, s: dict) -> dict:
     if p.jumps is not None:
         on_jump = running & lands & ops.is_member(next_stop, p.jumps)
         t_left = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
-    y_new, ks, err, err2 = rk.step(p.fn, t, y, f, h, hy, p.backend.stage_store, t_left)
+    y_new, ks, err, err2 = rk.step(p.rhs, t, y, f, h, hy, p.backend.stage_store, t_left)
     if p.controller is not None:
-        ratio = ops.from_norm(
-            error_ratio(p.backend.xp, p.norm, err, err2, y, y_new, p.rtol, p.atol)
-        )
+        ratio = error_ratio(p.backend.xp, ops, p.norm, err, err2, y, y_new, p.rtol, p.atol)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
     else:
         finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
-    f_new = ks[-1] if rk.fsal else p.fn(t_new if t_left is None else t_left, y_new)
+    f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
     nfev = s["nfev"] + rk.nfev_per_step
 
     if p.tape is not None:
@@ -580,7 +578,7 @@ def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
     on_jump = accept & ops.is_member(t_new, p.jumps)
 
     def fresh(f_new, nfev):
-        f_after = p.fn(ops.nextafter_up(t_new), y_new)
+        f_after = p.rhs(ops.nextafter_up(t_new), y_new)
         return ops.select_rows(on_jump, f_after, f_new), nfev + 1
 
     return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev), f_new, nfev)
@@ -599,7 +597,7 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         return accept & (out_idx < T) & (at_time <= t_new), at_time
 
     def write(out, out_idx, nfev):
-        dense = rk.dense_stages(p.fn, t, y, h, hy, ks, f_new)
+        dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
         nfev = nfev + rk.nfev_dense_extra
 
         def more(c):
@@ -617,8 +615,7 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
             value = ops.select_rows(at_time == t_new, y_new, value)
             where = ops.out_index(slot, rows)
             value = ops.select_rows(mask, value, out[where])
-            out = xpx.at(out, where).set(value, copy=not bk.inplace_ok)
-            return out, out_idx + ops.count(mask)
+            return bk.write(out, where, value), out_idx + ops.count(mask)
 
         out, out_idx = bk.while_loop(more, one_output, (out, out_idx))
         return out, out_idx, nfev
