@@ -1,0 +1,426 @@
+"""odecore against torchdiffeq on a small neural ODE, on one CPU thread.
+
+    python benchmarks/bench_torch.py              # about two minutes
+    python benchmarks/bench_torch.py --quick      # shorter timings, 2 output times only
+    nox -s bench -- benchmarks/bench_torch.py     # in nox's virtualenv (needs torchdiffeq)
+
+The problem is torchdiffeq's home ground: ``dy/dt = W2 tanh(W1 y + b1) + b2`` as an
+``nn.Module`` (state dimension 2, hidden width 64) on a batch of 512 initial states solved as
+one state (``batch_axis=None``, as torchdiffeq does), float64, dopri5 at rtol 1e-6 and atol
+1e-8, on t in [0, 1], with outputs at t = [0, 1] and again at 10 times. The weights are fixed
+random numbers, scaled so that the solve takes a few dozen steps.
+
+Printed, odecore against torchdiffeq (ratios are odecore / torchdiffeq, below 1 means odecore
+is faster; each time is the best call of as many as fill --min-time seconds, after a warm-up,
+and the calls compared in one row alternate, so that a change in the machine's load during
+the run affects both sides of a ratio):
+
+- forward solve, no autograd;
+- gradients of sum(y(1)**2) with respect to every parameter: odecore ``backsolve`` against
+  ``torchdiffeq.odeint_adjoint``, odecore ``direct`` against ``torchdiffeq.odeint`` then
+  backward, and odecore ``checkpoint`` (which has no peer) against the same;
+- "floor": the ratio odecore would reach if its solver cost nothing but its function
+  evaluations (forward: nfev x one bare call; backsolve: plus backward nfev x one bare VJP).
+  A target below the floor cannot be met by making the solver faster, only by needing fewer
+  evaluations or a faster function;
+- solver overhead: the forward time over the time of the same number of bare calls of the
+  function, and the solver's own time per step, measured by replaying the function's
+  recorded outputs so that the function costs nothing;
+- function evaluations of both libraries, which should agree within 5%; a larger gap means
+  the two did not take the same steps;
+- the largest differences between the two libraries' results.
+
+This is a report, not a test: it exits 0 unless --strict is given and a target or a check
+is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from _common import best_time, environment_lines
+
+import odecore
+
+try:
+    import torchdiffeq
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.exit("bench_torch.py compares with torchdiffeq: pip install torchdiffeq")
+
+STATE, HIDDEN, BATCH = 2, 64, 512
+RTOL, ATOL, METHOD = 1e-6, 1e-8, "dopri5"
+DTYPE = torch.float64
+SEED = 0
+# W1's scale sets how sharply tanh switches across the batch, W2's how fast the state moves:
+# at (4, 4) the step size varies along the solve and dopri5 takes 35 or so steps.
+W1_SCALE, W2_SCALE = 4.0, 4.0
+
+TARGETS = {"forward": 0.6, "backsolve": 0.6, "overhead": 1.3}
+NFEV_TOLERANCE = 0.05
+
+
+class MLPDynamics(torch.nn.Module):
+    """``W2 tanh(W1 y + b1) + b2``, counting its own evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(SEED)
+
+        def draw(*shape, scale):
+            return torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=DTYPE) * scale)
+
+        self.w1 = draw(HIDDEN, STATE, scale=W1_SCALE / STATE**0.5)
+        self.b1 = draw(HIDDEN, scale=1.0)
+        self.w2 = draw(STATE, HIDDEN, scale=W2_SCALE / HIDDEN**0.5)
+        self.b2 = draw(STATE, scale=0.1)
+        self.nfev = 0
+
+    def forward(self, t, y):
+        self.nfev += 1
+        return torch.tanh(y @ self.w1.T + self.b1) @ self.w2.T + self.b2
+
+
+class Replay(torch.nn.Module):
+    """Records a module's outputs on the first solve, then returns them in call order: the
+    same solve again, with a function that costs nothing, times the solver alone."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.recorded: list[torch.Tensor] | None = None
+        self.outputs: list[torch.Tensor] = []
+        self.position = 0
+
+    def forward(self, t, y):
+        if self.recorded is None:
+            out = self.inner(t, y)
+            self.outputs.append(out)
+            return out
+        out = self.recorded[self.position]
+        self.position += 1
+        return out
+
+
+def initial_state() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(SEED + 1)
+    return torch.randn(BATCH, STATE, generator=gen, dtype=DTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# The calls being compared
+
+
+def forward_odecore(f, y0, t):
+    with torch.no_grad():
+        return odecore.odeint(f, y0, t, rtol=RTOL, atol=ATOL, method=METHOD)
+
+
+def forward_torchdiffeq(f, y0, t):
+    with torch.no_grad():
+        return torchdiffeq.odeint(f, y0, t, rtol=RTOL, atol=ATOL, method=METHOD)
+
+
+def odecore_mode(adjoint):
+    def solve(f, y0, t):
+        return odecore.odeint(f, y0, t, rtol=RTOL, atol=ATOL, method=METHOD, adjoint=adjoint)
+
+    return solve
+
+
+def torchdiffeq_direct(f, y0, t):
+    return torchdiffeq.odeint(f, y0, t, rtol=RTOL, atol=ATOL, method=METHOD)
+
+
+def torchdiffeq_adjoint(f, y0, t):
+    return torchdiffeq.odeint_adjoint(f, y0, t, rtol=RTOL, atol=ATOL, method=METHOD)
+
+
+# odecore mode: (odecore call, peer call, peer's name)
+GRADIENTS = {
+    "backsolve": (odecore_mode("backsolve"), torchdiffeq_adjoint, "odeint_adjoint"),
+    "direct": (odecore_mode("direct"), torchdiffeq_direct, "odeint+backward"),
+    "checkpoint": (odecore_mode("checkpoint"), torchdiffeq_direct, "odeint+backward"),
+}
+
+
+def gradient(solve, f, y0, t):
+    """Gradients of ``sum(y(t_end)**2)`` with respect to every parameter."""
+    ys = solve(f, y0, t)
+    return torch.autograd.grad((ys[-1] ** 2).sum(), list(f.parameters()))
+
+
+def count_forward(call, f, y0, t) -> int:
+    f.nfev = 0
+    call(f, y0, t)
+    return f.nfev
+
+
+def count_gradient(solve, f, y0, t) -> tuple[int, int]:
+    """Evaluations in the forward solve and in the backward pass."""
+    f.nfev = 0
+    ys = solve(f, y0, t)
+    forward = f.nfev
+    torch.autograd.grad((ys[-1] ** 2).sum(), list(f.parameters()))
+    return forward, f.nfev - forward
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+def timer(min_time: float, min_repeats: int):
+    """``timed(*fns)``: the best time of one call of each function. With several, their
+    calls alternate (a, b, c, a, b, c, ...) until each has had its ``min_repeats`` calls and
+    ``min_time`` seconds: a machine whose load changes during the run then disturbs every
+    side of a ratio alike, rather than whichever was measured at the wrong moment."""
+
+    def timed(*fns) -> float | tuple[float, ...]:
+        for fn in fns:
+            fn()  # warm-up: lazy initialisation, caches, the allocator's pools
+        if len(fns) == 1:
+            return best_time(fns[0], min_time, min_repeats)[0]
+        best = [math.inf] * len(fns)
+        spent = [0.0] * len(fns)
+        count = 0
+        while count < min_repeats or min(spent) < min_time:
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                best[i] = min(best[i], elapsed)
+                spent[i] += elapsed
+            count += 1
+        return tuple(best)
+
+    return timed
+
+
+def bare_work(f, y0, t0, n_calls: int, n_vjps: int = 0):
+    """``n_calls`` bare calls of the dynamics, then ``n_vjps`` bare VJPs with respect to the
+    state and every parameter (the unit of work of an adjoint evaluation): the function
+    evaluations of a solve, without the solver."""
+    params = list(f.parameters())
+    cot = torch.ones_like(y0)
+
+    def run():
+        with torch.no_grad():
+            for _ in range(n_calls):
+                f(t0, y0)
+        for _ in range(n_vjps):
+            y = y0.detach().requires_grad_(True)
+            torch.autograd.grad(f(t0, y), [y, *params], cot)
+
+    return run
+
+
+def solver_time_per_step(call, f, y0, t, timed) -> tuple[float, int]:
+    """(seconds per step with the function's cost removed, steps); dopri5 is FSAL: six
+    evaluations a step after the two that start the solve."""
+    replay = Replay(f)
+    reference = call(replay, y0, t)
+    replay.recorded = replay.outputs
+
+    def run():
+        replay.position = 0
+        return call(replay, y0, t)
+
+    if not torch.equal(run(), reference):
+        raise RuntimeError("the replayed solve took other steps than the recorded one")
+    steps = (len(replay.recorded) - 2) // 6
+    return timed(run) / steps, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)  # (name, ours, theirs, target, floor, peer)
+    overhead: list = field(default_factory=list)
+    nfev: list = field(default_factory=list)  # (name, ours, theirs, checked)
+    agreement: list = field(default_factory=list)  # (name, max abs diff, max abs value)
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return "PASS" if value <= target else "MISS"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def measure(args) -> Report:
+    timed = timer(args.min_time, args.min_repeats)
+    f = MLPDynamics()
+    y0 = initial_state()
+    t0 = torch.zeros((), dtype=DTYPE)
+    grids = [("2 outputs", torch.tensor([0.0, 1.0], dtype=DTYPE))]
+    if not args.quick:
+        grids.append(("10 outputs", torch.linspace(0.0, 1.0, 10, dtype=DTYPE)))
+    report = Report()
+    one_f, one_vjp = timed(bare_work(f, y0, t0, 1), bare_work(f, y0, t0, 0, 1))
+    report.overhead.append(("one bare call of f", one_f, None))
+    report.overhead.append(("one bare VJP of f (state and parameters)", one_vjp, None))
+
+    for label, t in grids:
+        n_ours = count_forward(forward_odecore, f, y0, t)
+        n_theirs = count_forward(forward_torchdiffeq, f, y0, t)
+        ours, theirs, bare_ours, bare_theirs = timed(
+            lambda t=t: forward_odecore(f, y0, t),
+            lambda t=t: forward_torchdiffeq(f, y0, t),
+            bare_work(f, y0, t0, n_ours),
+            bare_work(f, y0, t0, n_theirs),
+        )
+        floor = bare_ours / theirs
+        report.rows.append((f"forward, {label}", ours, theirs, TARGETS["forward"], floor, ""))
+        report.nfev.append((f"forward, {label}", n_ours, n_theirs, True))
+        report.overhead.append(
+            (f"solve / the same bare calls, {label}", ours / bare_ours, theirs / bare_theirs)
+        )
+        step_ours, _ = solver_time_per_step(forward_odecore, f, y0, t, timed)
+        step_theirs, _ = solver_time_per_step(forward_torchdiffeq, f, y0, t, timed)
+        report.overhead.append(
+            (f"solver time per step, f replayed, {label}", step_ours, step_theirs)
+        )
+        ys_ours, ys_theirs = forward_odecore(f, y0, t), forward_torchdiffeq(f, y0, t)
+        diff, scale = (ys_ours - ys_theirs).abs().max(), ys_theirs.abs().max()
+        report.agreement.append((f"forward y, {label}", float(diff), float(scale)))
+
+        for mode, (solve_ours, solve_theirs, peer) in GRADIENTS.items():
+            fwd_ours, bwd_ours = count_gradient(solve_ours, f, y0, t)
+            _, bwd_theirs = count_gradient(solve_theirs, f, y0, t)
+            calls = [
+                lambda s=solve_ours, t=t: gradient(s, f, y0, t),
+                lambda s=solve_theirs, t=t: gradient(s, f, y0, t),
+            ]
+            if mode == "backsolve":
+                calls.append(bare_work(f, y0, t0, fwd_ours, bwd_ours))
+            ours, theirs, *bare = timed(*calls)
+            floor = bare[0] / theirs if bare else None
+            if mode == "backsolve":
+                report.nfev.append((f"backsolve backward, {label}", bwd_ours, bwd_theirs, True))
+            elif mode == "checkpoint":
+                report.nfev.append((f"checkpoint backward, {label}", bwd_ours, None, False))
+            target = TARGETS.get(mode)
+            report.rows.append((f"grad {mode}, {label}", ours, theirs, target, floor, peer))
+            g_ours, g_theirs = gradient(solve_ours, f, y0, t), gradient(solve_theirs, f, y0, t)
+            err = max(float((a - b).abs().max()) for a, b in zip(g_ours, g_theirs, strict=True))
+            scale = max(float(g.abs().max()) for g in g_theirs)
+            report.agreement.append((f"grad {mode} vs {peer}, {label}", err, scale))
+    return report
+
+
+def print_report(report: Report) -> int:
+    misses = 0
+    head = (
+        f"{'measurement':<28}{'odecore':>11}{'torchdiffeq':>13}{'ratio':>7}{'floor':>7}"
+        f"{'target':>9}  verdict"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, ours, theirs, target, floor, peer in report.rows:
+        ratio = ours / theirs
+        mark = verdict(ratio, target)
+        misses += mark == "MISS"
+        floor_s = f"{floor:.2f}" if floor is not None else ""
+        target_s = f"<= {target:.2f}" if target is not None else ""
+        peer_s = f"vs {peer}" if peer else ""
+        print(
+            f"{name:<28}{fmt_time(ours):>11}{fmt_time(theirs):>13}{ratio:>7.2f}{floor_s:>7}"
+            f"{target_s:>9}  {mark:<4} {peer_s}".rstrip()
+        )
+    print()
+
+    head = f"{'solver overhead':<46}{'odecore':>11}{'torchdiffeq':>13}{'target':>9}  verdict"
+    print(head)
+    print("-" * len(head))
+    for name, ours, theirs in report.overhead:
+        if name.startswith("solve /"):
+            mark = verdict(ours, TARGETS["overhead"])
+            misses += mark == "MISS"
+            target_s = f"<= {TARGETS['overhead']:.2f}"
+            print(f"{name:<46}{ours:>10.2f}x{theirs:>12.2f}x{target_s:>9}  {mark}")
+        elif theirs is None:
+            print(f"{name:<46}{ours * 1e6:>8.1f} us")
+        else:
+            print(f"{name:<46}{ours * 1e6:>8.1f} us{theirs * 1e6:>10.1f} us")
+    print()
+
+    head = f"{'function evaluations':<34}{'odecore':>9}{'torchdiffeq':>13}{'gap':>7}  (<= 5%)"
+    print(head)
+    print("-" * len(head))
+    for name, ours, theirs, checked in report.nfev:
+        if not checked:
+            print(f"{name:<34}{ours:>9}{'-':>13}{'':>7}  (no peer)")
+            continue
+        gap = abs(ours - theirs) / max(theirs, 1)
+        mark = "ok" if gap <= NFEV_TOLERANCE else "MISMATCH"
+        misses += mark != "ok"
+        print(f"{name:<34}{ours:>9}{theirs:>13}{gap:>7.1%}  {mark}")
+    print()
+
+    head = f"{'agreement':<46}{'max |diff|':>12}{'relative':>10}"
+    print(head)
+    print("-" * len(head))
+    for name, err, scale in report.agreement:
+        print(f"{name:<46}{err:>12.2e}{err / scale:>10.1e}")
+    print()
+    print(f"{misses} target(s) or check(s) missed" if misses else "all targets and checks met")
+    return misses
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 output times, shorter timings")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--min-repeats", type=int, default=5, help="calls per measurement")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any MISS or MISMATCH")
+    args = parser.parse_args(argv)
+    if args.min_time is None:
+        args.min_time = 0.1 if args.quick else 0.3
+
+    torch.set_num_threads(1)
+    print("odecore vs torchdiffeq: neural ODE dy/dt = W2 tanh(W1 y + b1) + b2 (an nn.Module)")
+    print(
+        f"  state {STATE}, hidden {HIDDEN}, y0 {BATCH}x{STATE} solved as one state, "
+        f"{str(DTYPE).removeprefix('torch.')}, t in [0, 1], {METHOD}, rtol {RTOL:g}, atol {ATOL:g}"
+    )
+    print(
+        f"  odecore {odecore.__version__}, torchdiffeq {torchdiffeq.__version__}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread"
+    )
+    print(f"  CPU: {cpu_name()}")
+    for line in environment_lines():
+        print(f"  {line}")
+    print(
+        f"  each time: the best of >= {args.min_repeats} calls lasting >= {args.min_time:g} s "
+        f"together, after a warm-up call; the calls compared in one row alternate"
+    )
+    print()
+    misses = print_report(measure(args))
+    return 1 if (args.strict and misses) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
