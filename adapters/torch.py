@@ -103,8 +103,8 @@ class TorchBackend(Backend):
         return out, tangent
 
     def custom_vjp(self, rule):
-        def apply(y0, t, *leaves):
-            return _OdeFunction.apply(rule, y0, t, *leaves)
+        def apply(*primals):
+            return _RuleFunction.apply(rule, *primals)
 
         return apply
 
@@ -118,21 +118,21 @@ class TorchBackend(Backend):
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
-class _OdeFunction(torch.autograd.Function):
-    """One solve as one autograd node; the rule holds the framework-neutral math."""
+class _RuleFunction(torch.autograd.Function):
+    """One rule (a solve, a fixed point) as one autograd node; the rule holds the
+    framework-neutral math."""
 
     @staticmethod
-    def forward(ctx, rule, y0, t, *leaves):
-        ys, residuals = rule.forward(y0, t, list(leaves))
+    def forward(ctx, rule, *primals):
+        out, residuals = rule.forward(*primals)
         ctx.rule, ctx.residuals = rule, residuals
-        return ys
+        return out
 
     @staticmethod
-    def backward(ctx, ys_bar):
+    def backward(ctx, out_bar):
         # The residuals stay on ctx until autograd frees the graph: a backward with
         # retain_graph=True may run again.
-        y0_bar, t_bar, leaves_bar = ctx.rule.backward(ctx.residuals, ys_bar)
-        return (None, y0_bar, t_bar, *leaves_bar)
+        return (None, *ctx.rule.backward(ctx.residuals, out_bar))
 
 
 def _replace_leaves(params, leaves):

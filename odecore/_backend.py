@@ -152,10 +152,12 @@ class Backend:
         )
 
     def custom_vjp(self, rule) -> Callable:
-        """Turn a framework-neutral ``rule`` (``forward(y0, t, leaves) -> (ys, residuals)``
-        and ``backward(residuals, ys_bar) -> (y0_bar, t_bar, leaves_bar)``) into an operation
-        the framework's autodiff sees. Backends without autodiff hand the rule's pullback to
-        the user instead (``odecore.vjp_odeint``)."""
+        """Turn a framework-neutral ``rule`` into a function of arrays that the framework's
+        autodiff sees as one operation with one array output. The rule has
+        ``forward(*primals) -> (out, residuals)`` and ``backward(residuals, out_bar) ->
+        tuple`` with one cotangent per primal (None for a primal with no gradient). The
+        solve (``odecore._grad.SolveRule``) and the fixed point use it. Backends without
+        autodiff hand the rule's pullback to the user instead (``odecore.vjp_odeint``)."""
         raise NotImplementedError(f"the {self.name!r} backend has no autodiff to attach to")
 
     def no_grad(self):

@@ -32,18 +32,20 @@ class SolveRule:
         self.backsolve_settings = backsolve_settings or {}
         self.solution = None
 
-    def forward(self, y0, t, leaves):
+    def forward(self, y0, t, *leaves):
         problem, solution, tape = self.run(y0, t, record=self.mode == "checkpoint")
         self.solution = solution
         return solution.ys, (problem, solution.ys, tape)
 
     def backward(self, residuals, ys_bar):
+        """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``."""
         problem, ys, tape = residuals
         if self.mode == "checkpoint":
             a0, leaves_bar = _checkpoint_backward(problem, tape, ys_bar)
         else:
             a0, leaves_bar = _backsolve_backward(problem, ys, ys_bar, self.backsolve_settings)
-        return _finish_gradients(problem, ys, ys_bar, a0, leaves_bar)
+        y0_bar, t_bar, leaves_bar = _finish_gradients(problem, ys, ys_bar, a0, leaves_bar)
+        return (y0_bar, t_bar, *leaves_bar)
 
 
 def _user_f(problem, i, y_user):

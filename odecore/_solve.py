@@ -331,7 +331,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         *adjoint_kwargs,
     )
     rule = SolveRule(adjoint, run, settings)
-    ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t), None)
+    ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
     problem = residuals[0]
 
     def pullback(ys_bar):
@@ -341,7 +341,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
                 f"pullback expects a cotangent shaped like ys {tuple(ys.shape)}, "
                 f"got {tuple(ys_bar.shape)}"
             )
-        y0_bar, t_bar, leaves_bar = rule.backward(residuals, ys_bar)
+        y0_bar, t_bar, *leaves_bar = rule.backward(residuals, ys_bar)
         return y0_bar, _unflatten_like(params, leaves_bar, problem), t_bar
 
     return ys, pullback
