@@ -98,6 +98,9 @@ class Backend:
     # ---- gradients -------------------------------------------------------------------------
     #: True when the framework differentiates through array operations itself ("direct").
     has_autodiff: bool = False
+    #: The gradient mode when the user names none; a framework whose reverse mode cannot run
+    #: through the loop (JAX: no reverse mode through ``while_loop``) has no "direct" at all.
+    default_adjoint: str = "direct"
 
     def param_leaves(self, func: Callable, params: Any) -> list[Any]:
         """The arrays that receive parameter gradients: the leaves of ``params``."""
@@ -170,6 +173,18 @@ class Backend:
     def to_host_float(self, x: Any) -> float:
         return float(x)
 
+    def is_traced(self, x: Any) -> bool:
+        """True when ``x`` has no value yet (a JAX tracer under ``jit``): checks on its value
+        are left out, and failures are reported by the solve's status instead of raised."""
+        return False
+
+    def with_leaves(self, params: Any, leaves: list[Any]) -> Any:
+        """``params`` as a rule's forward must call ``func`` with: unchanged where the
+        framework hands the forward the user's own arrays (torch, NumPy); with ``leaves``
+        (the rule's primals) in place of its arrays where the forward is traced separately
+        from the caller (JAX), so that no differentiated value is captured from outside."""
+        return params
+
     def __repr__(self) -> str:
         return f"<odecore backend {self.name!r}>"
 
@@ -211,6 +226,13 @@ def _load_adapter(name: str) -> Backend:
             f"odecore; available now: 'numpy'"
         ) from exc
     return module.BACKEND
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an array of a tracing framework with no concrete value yet; the
+    checks in ``odecore._validate`` skip such values."""
+    library = _library_of(x)
+    return library is not None and library in _loaded and _loaded[library].is_traced(x)
 
 
 def _library_of(x: Any) -> str | None:
