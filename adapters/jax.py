@@ -132,13 +132,17 @@ class JaxBackend(Backend):
 
         def fwd(*primals):
             outputs, residuals = forward(*primals)
-            return outputs, (primals, rule.residual_arrays(residuals))
+            failed = jnp.any(jnp.isnan(outputs[0]))
+            return outputs, (primals, failed, rule.residual_arrays(residuals))
 
         def bwd(saved, cotangents):
-            primals, arrays = saved
+            primals, failed, arrays = saved
             out_bar = cotangents[0]
             with self.no_grad():
                 grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
+            # NaN outputs mean a failed solve (status under jit): its gradients are NaN
+            # too, also where only outputs it reached carry a cotangent.
+            grads = [None if g is None else jnp.where(failed, jnp.nan, g) for g in grads]
             return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
         apply.defvjp(fwd, bwd)

@@ -391,11 +391,12 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     time_dtype = bk.time_dtype
     ts_in_dtype = ts_user.dtype
     ts_user = xp.astype(ts_user, time_dtype)
-    if bk.is_traced(ts_user):
-        # Traced times (jit): the direction is a run-time value too (see Dynamics.flip).
-        sign = xp.astype(xp.where(ts_user[1] > ts_user[0], 1.0, -1.0), time_dtype)
+    forward = ts_user[1] > ts_user[0]
+    if bk.is_traced(forward):
+        # Under jit the direction is a run-time value too (see Dynamics.flip).
+        sign = xp.astype(xp.where(forward, 1.0, -1.0), time_dtype)
     else:
-        sign = 1.0 if bool(ts_user[1] > ts_user[0]) else -1.0
+        sign = 1.0 if bool(forward) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, y0_arr.dtype)

@@ -36,6 +36,12 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
 }
 
 
+def _fails(bk, check) -> bool:
+    """True when the boolean ``check`` is known to be false. Under jit even a check on a
+    constant is traced; it is then left to the solve's status."""
+    return not bk.is_traced(check) and not bool(check)
+
+
 def tableau(method: str | None) -> Tableau:
     name = DEFAULT_METHOD if method is None else method
     if not isinstance(name, str) or name not in TABLEAUS:
@@ -119,13 +125,11 @@ def times(bk, t) -> Any:
         raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if xp.isdtype(arr.dtype, "integral"):
         arr = xp.astype(arr, bk.time_dtype)
-    if bk.is_traced(arr):
-        return arr
-    if not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("t contains NaN or infinite values")
     if arr.shape[0] > 1:
         diffs = arr[1:] - arr[:-1]
-        if not (bool(xp.all(diffs > 0)) or bool(xp.all(diffs < 0))):
+        if _fails(bk, xp.all(diffs > 0) | xp.all(diffs < 0)):
             raise ValueError(
                 "t must be strictly increasing or strictly decreasing (no repeated times)"
             )
@@ -144,7 +148,7 @@ def initial_state(bk, y0) -> Any:
         raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
         raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
-    if not bk.is_traced(arr) and not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("y0 contains NaN or infinite values")
     return arr
 
@@ -232,7 +236,7 @@ def tolerance(bk, value, name: str, lay: Layout, dtype):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
     arr = xp.asarray(bk.asarray(value), dtype=dtype)
-    if not bk.is_traced(arr) and not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+    if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
     if arr.ndim == 0:
         return arr
@@ -271,7 +275,7 @@ def stop_times(bk, values, name: str, ts, sign: float):
     arr = xp.astype(bk.asarray(values), bk.time_dtype)
     if arr.ndim != 1:
         arr = xp.reshape(arr, (-1,))
-    if not bk.is_traced(arr) and not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"options[{name!r}] contains NaN or infinite values")
     arr = arr * sign
     inside = (arr > ts[0]) & (arr < ts[-1])
@@ -343,11 +347,10 @@ def adjoint_settings(
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
             return float(value)
         arr = bk.asarray(value)
-        if bk.is_traced(arr):
-            return xp.min(arr)
-        if not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+        if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
             raise ValueError(f"every element of {name} must be positive and finite")
-        return float(xp.min(arr))
+        smallest = xp.min(arr)
+        return smallest if bk.is_traced(smallest) else float(smallest)
 
     tab = tableau(adj_method if adj_method is not None else method)
     if adj_options is None:
