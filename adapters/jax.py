@@ -154,6 +154,9 @@ class JaxBackend(Backend):
 
         return call
 
+    def float64(self):
+        return jax.enable_x64(True)
+
     @contextlib.contextmanager
     def no_grad(self):
         before = getattr(_state, "no_grad", False)

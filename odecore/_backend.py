@@ -163,6 +163,11 @@ class Backend:
         autodiff hand the rule's pullback to the user instead (``odecore.vjp_odeint``)."""
         raise NotImplementedError(f"the {self.name!r} backend has no autodiff to attach to")
 
+    def float64(self):
+        """A context in which float64 arrays are float64. Only JAX needs it: without its x64
+        mode a float64 request silently gives float32."""
+        return contextlib.nullcontext()
+
     def no_grad(self):
         """A context in which the framework records nothing for autodiff."""
         return contextlib.nullcontext()
