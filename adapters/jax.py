@@ -17,12 +17,14 @@ core's own. What differs from the eager backends:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters.ad import JVPTracer
 
 from odecore._backend import Backend
 from odecore._solution import Solution
@@ -69,6 +71,9 @@ class JaxBackend(Backend):
         return out.at[where].set(value)
 
     def is_traced(self, x: Any) -> bool:
+        # Under grad without jit, values carry tangents but are known.
+        while isinstance(x, JVPTracer):
+            x = x.primal
         return isinstance(x, jax.core.Tracer)
 
     # ---- gradients -------------------------------------------------------------------------
@@ -120,36 +125,39 @@ class JaxBackend(Backend):
 
     def custom_vjp(self, rule):
         """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
-        status and statistics, which would otherwise escape the trace of the forward."""
+        status and statistics, which would otherwise escape the trace of the forward.
 
-        def forward(*primals):
-            out, residuals = rule.forward(*primals)
-            return (out, _solution_arrays(rule.solution)), residuals
-
-        @jax.custom_vjp
-        def apply(*primals):
-            return forward(*primals)[0]
-
-        def fwd(*primals):
-            outputs, residuals = forward(*primals)
-            failed = jnp.any(jnp.isnan(outputs[0]))
-            return outputs, (primals, failed, rule.residual_arrays(residuals))
-
-        def bwd(saved, cotangents):
-            primals, failed, arrays = saved
-            out_bar = cotangents[0]
-            with self.no_grad():
-                grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
-            # NaN outputs mean a failed solve (status under jit): its gradients are NaN
-            # too, also where only outputs it reached carry a cotangent.
-            grads = [None if g is None else jnp.where(failed, jnp.nan, g) for g in grads]
-            return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
-
-        apply.defvjp(fwd, bwd)
+        The rule's forward and backward close over whatever the solve was called with:
+        tolerances, step sizes, the user's func and what it captures, any of which may be
+        traced (``jit`` arguments). ``jax.closure_convert`` turns both into functions of
+        explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
+        tracer of a trace that has ended."""
 
         def call(*primals):
-            out, arrays = apply(*primals)
-            _restore_solution_arrays(rule.solution, arrays)
+            # Checks the inputs where their values are known: inside the conversion below
+            # every value is traced, and the checks would be skipped.
+            rule.from_arrays(primals, (None, None))
+
+            def forward(*primals):
+                out, residuals = rule.forward(*primals)
+                arrays = rule.residual_arrays(residuals)
+                return (out, _solution_arrays(rule.solution)), arrays
+
+            forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
+            (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
+
+            def backward(primals, arrays, out_bar):
+                with self.no_grad():
+                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
+                return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
+
+            backward_arrays, backward_consts = jax.closure_convert(
+                backward, primals, _zeros_like_shapes(arrays_shape), _zeros_like_shapes(out_shape)
+            )
+            out, solution_arrays = _apply(
+                forward_arrays, backward_arrays, primals, forward_consts, backward_consts
+            )
+            _restore_solution_arrays(rule.solution, solution_arrays)
             return out
 
         return call
@@ -168,6 +176,36 @@ class JaxBackend(Backend):
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _apply(forward, backward, primals, forward_consts, backward_consts):
+    return forward(*primals, *forward_consts)[0]
+
+
+def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
+    outputs, arrays = forward(*primals, *forward_consts)
+    # NaN outputs mean a failed solve (its status says so under jit): its gradients are NaN
+    # too, also where only outputs it reached carry a cotangent.
+    failed = jnp.any(jnp.isnan(outputs[0]))
+    return outputs, (primals, arrays, failed, forward_consts, backward_consts)
+
+
+def _apply_bwd(forward, backward, residuals, cotangents):
+    primals, arrays, failed, forward_consts, backward_consts = residuals
+    grads = backward(primals, arrays, cotangents[0], *backward_consts)
+    grads = tuple(
+        g if g.dtype == jax.dtypes.float0 else jnp.where(failed, jnp.nan, g) for g in grads
+    )
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (forward_consts, backward_consts))
+    return (grads, *zeros)
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _zeros_like_shapes(shapes):
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 _ADJOINT_PARAMS_MESSAGE = (

@@ -148,6 +148,9 @@ def solve(
     ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
     solution = rule.solution
     solution.ys = ys
+    # A backend that traces the rule's forward (JAX) learns the status only here.
+    if throw and not bk.is_traced(solution.status) and not solution.success:
+        raise SolveError(_failure_message(solution), solution)
     return solution
 
 

@@ -250,15 +250,19 @@ def test_invalid_concrete_inputs_still_raise(x64):
 # Gradients
 
 
+# tests/gradient_cases.py's settings, with heun3 and fehlberg2 tighter: the check below is
+# relative to the largest entry of each gradient, and these two left the O(h^p) gap between
+# the flow's time gradients (and the continuous adjoint) and the discrete solve at 1.1e-5 to
+# 1.4e-5 of it.
 GRAD_SETTINGS = {
     "dopri5": {"rtol": 1e-10, "atol": 1e-12},
     "tsit5": {"rtol": 1e-10, "atol": 1e-12},
     "dopri8": {"rtol": 1e-10, "atol": 1e-12},
     "bosh3": {"rtol": 1e-7, "atol": 1e-9},
-    "fehlberg2": {"rtol": 1e-7, "atol": 1e-9},
+    "fehlberg2": {"rtol": 1e-8, "atol": 1e-10},
     "adaptive_heun": {"rtol": 1e-5, "atol": 1e-7},
     "rk4": {"options": {"step_size": 0.05}},
-    "heun3": {"options": {"step_size": 0.05}},
+    "heun3": {"options": {"step_size": 0.025}},
     "midpoint": {"options": {"step_size": 0.005}},
     "heun2": {"options": {"step_size": 0.005}},
     "euler": {"options": {"step_size": 0.05}},
