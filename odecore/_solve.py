@@ -58,6 +58,9 @@ class _Problem:
     max_step: float
     layout: _validate.Layout
     direction: float  # +1 when the user's t increases, -1 when it decreases
+    # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
+    # array); None when they were checked before the solve.
+    valid: Any = None
     # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
     # checkpoint gradient; None when not recording.
     tape: list | None = None
@@ -433,8 +436,10 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
             pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
             k=rk.error_exponent_order,
         )
+    valid = _traced_validity(bk, ts, y0_int, rtol, atol)
     return _Problem(
         backend=bk,
+        valid=valid,
         dynamics=fn,
         rhs=fn.fast_path(),
         t_user_dtype=ts_in_dtype,
@@ -459,6 +464,19 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
         layout=layout,
         direction=sign,
     )
+
+
+def _traced_validity(bk, ts, y0, rtol, atol):
+    """What ``_validate`` checks, as one 0-d boolean array, when its checks were traced (jit);
+    None when they ran. The loop then starts with status INVALID_INPUT instead of raising."""
+    if bk.eager:
+        return None
+    xp = bk.xp
+    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1]) & xp.all(xp.isfinite(y0))
+    for tol in (rtol, atol):
+        if not isinstance(tol, float):
+            ok = ok & xp.all(xp.isfinite(tol) & (tol > 0))
+    return ok if bk.is_traced(ok) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,6 +516,8 @@ def _init(p: _Problem) -> dict:
         "naccept": ops.full(B, 0, "int"),
         "nreject": ops.full(B, 0, "int"),
     }
+    if p.valid is not None:
+        state["status"] = ops.where(p.valid, state["status"], int(Status.INVALID_INPUT))
     if p.tape is not None and not bk.eager:
         state["tape"] = _tape_buffers(p)
     return state

@@ -7,6 +7,8 @@ same algorithm, eager), and central finite differences. Float64 tests run inside
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -441,3 +443,28 @@ def test_checkpoint_buffer_is_sized_by_max_num_steps(x64):
     assert int(sol.stats["nsteps"]) < 1000
     fd = _central_differences(jax.jit(lambda v: loss(v, 1000)[0]), y0)
     assert _relative(g, fd) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "t, y0",
+    [
+        ([0.0, 1.0, 0.5], [1.0]),  # not monotonic
+        ([0.0, math.nan], [1.0]),
+        ([0.0, 1.0], [math.inf]),
+    ],
+)
+def test_invalid_traced_inputs_give_a_status(x64, t, y0):
+    """What eager checks reject becomes status INVALID_INPUT and NaN outputs under jit."""
+    run = jax.jit(lambda y0, t: odecore.solve(lambda t, y: -y, y0, t))
+    sol = run(jnp.asarray(y0), jnp.asarray(t))
+    assert int(sol.status) == Status.INVALID_INPUT
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+    with pytest.raises(ValueError):  # and outside jit the checks name the problem
+        odecore.solve(lambda t, y: -y, jnp.asarray(y0), jnp.asarray(t))
+
+
+def test_invalid_traced_rtol_gives_a_status(x64):
+    y0, t, params = jax_inputs()
+    run = jax.jit(lambda rtol: odecore.solve(field, y0, t, params=params, rtol=rtol))
+    assert int(run(jnp.asarray(-1e-6)).status) == Status.INVALID_INPUT
+    assert int(run(jnp.asarray(1e-6)).status) == Status.SUCCESS
