@@ -151,9 +151,17 @@ class JaxBackend(Backend):
                     grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
-            backward_arrays, backward_consts = jax.closure_convert(
-                backward, primals, _zeros_like_shapes(arrays_shape), _zeros_like_shapes(out_shape)
-            )
+            if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
+                backward_arrays, backward_consts = jax.closure_convert(
+                    backward,
+                    primals,
+                    _zeros_like_shapes(arrays_shape),
+                    _zeros_like_shapes(out_shape),
+                )
+            else:
+                # Nothing traced is captured (the backward calls the same func with the same
+                # settings as the forward), so it is traced only if it is ever needed.
+                backward_arrays, backward_consts = backward, []
             out, solution_arrays = _apply(
                 forward_arrays, backward_arrays, primals, forward_consts, backward_consts
             )
@@ -202,6 +210,10 @@ def _apply_bwd(forward, backward, residuals, cotangents):
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _captures_tracers(value) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(value))
 
 
 def _zeros_like_shapes(shapes):
