@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters.ad import JVPTracer
 
 from odecore._backend import Backend
 from odecore._solution import Solution
@@ -72,7 +71,7 @@ class JaxBackend(Backend):
 
     def is_traced(self, x: Any) -> bool:
         # Under grad without jit, values carry tangents but are known.
-        while isinstance(x, JVPTracer):
+        while _differentiated(x):
             x = x.primal
         return isinstance(x, jax.core.Tracer)
 
@@ -118,7 +117,9 @@ class JaxBackend(Backend):
         return (out if want_value else None), cot_y, cot_leaves
 
     def vjp(self, fn, *primals):
-        return jax.vjp(fn, *primals)
+        # Jitted: the forward and the backward each compile to one program, instead of
+        # dispatching every operation (and compiling every loop) on its own.
+        return jax.vjp(jax.jit(fn), *primals)
 
     def jvp(self, fn, primals, tangents):
         return jax.jvp(fn, tuple(primals), tuple(tangents))
@@ -144,6 +145,8 @@ class JaxBackend(Backend):
                 return (out, _solution_arrays(rule.solution)), arrays
 
             forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
+            if any(_differentiated(c) for c in forward_consts):
+                raise ValueError(_CAPTURED_MESSAGE)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
 
             def backward(primals, arrays, out_bar):
@@ -205,11 +208,22 @@ def _apply_bwd(forward, backward, residuals, cotangents):
     grads = tuple(
         g if g.dtype == jax.dtypes.float0 else jnp.where(failed, jnp.nan, g) for g in grads
     )
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, (forward_consts, backward_consts))
-    return (grads, *zeros)
+    # The rule has no gradient for what func captures or the options hold: NaN, so that
+    # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
+    # Cotangents of values nothing differentiates are dropped by JAX.
+    unknown = jax.tree_util.tree_map(
+        lambda c: jnp.full_like(c, jnp.nan), (forward_consts, backward_consts)
+    )
+    return (grads, *unknown)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _differentiated(x) -> bool:
+    """A tracer of forward or reverse mode (JAX's JVP and linearize tracers carry a primal and
+    a tangent; the tracers of jit and vmap do not)."""
+    return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
 
 
 def _captures_tracers(value) -> bool:
@@ -219,6 +233,12 @@ def _captures_tracers(value) -> bool:
 def _zeros_like_shapes(shapes):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+
+_CAPTURED_MESSAGE = (
+    "a value being differentiated reaches the solve other than through y0, t or params: func "
+    "captures it, or it is a tolerance or an option. The gradient rules differentiate only "
+    "y0, t and the arrays in params; pass it in params, as func(t, y, params)"
+)
 
 _ADJOINT_PARAMS_MESSAGE = (
     "on the 'jax' backend gradients reach the floating-point arrays of params (a pytree), "
