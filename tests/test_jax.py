@@ -500,3 +500,64 @@ def test_grad_of_jit_through_a_captured_array_is_nan_not_zero(x64):
     g_only = jax.grad(loss)(y0, b)
     fd = _central_differences(lambda v: loss(v, b), y0)
     assert _relative(g_only, fd) < 1e-6
+
+
+def test_float32_gradients_without_x64():
+    """float32 state and time (JAX's default): gradients within float32's reach of the same
+    gradients in float64."""
+    assert not jax.config.jax_enable_x64
+    loss = _loss_fn("dopri5", "checkpoint")
+    y0, t, params = jax_inputs(jnp.float32)
+    g_y0, (g_W, g_b) = jax.jit(jax.grad(loss, argnums=(0, 2)))(y0, t, params)
+    assert g_y0.dtype == jnp.float32
+    with jax.enable_x64(True):
+        loss64 = _loss_fn("dopri5", "checkpoint")
+        r_y0, (r_W, r_b) = jax.jit(jax.grad(loss64, argnums=(0, 2)))(*jax_inputs())
+    for got, ref in ((g_y0, r_y0), (g_W, r_W), (g_b, r_b)):
+        assert _relative(np.asarray(got), np.asarray(ref)) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_batched_gradients_equal_per_sample_gradients(x64, mode):
+    """batch_axis=0 under jit: each sample steps on its own (masked updates, a tape with
+    per-sample accept masks), and its gradient equals that of solving it alone."""
+    kw = _settings("dopri5", mode)
+    y0s = jnp.asarray(np.stack([Y0, 3 * Y0, -Y0]))
+    _, t, params = jax_inputs()
+
+    def batched(y0s, params):
+        ys = odecore.odeint(field, y0s, t, params=params, batch_axis=0, **kw)
+        return jnp.sum(ys[:, 0] ** 2) + 0.5 * jnp.sum(ys[:, 1:] ** 3)
+
+    def single(y0, params, i):
+        ys = odecore.odeint(field, y0, t, params=params, **kw)
+        return jnp.sum(ys**2) if i == 0 else 0.5 * jnp.sum(ys**3)
+
+    g_y0s, (g_W, g_b) = jax.jit(jax.grad(batched, argnums=(0, 1)))(y0s, params)
+    sum_W, sum_b = 0.0, 0.0
+    for i in range(3):
+        r_y0, (r_W, r_b) = jax.jit(jax.grad(single, argnums=(0, 1)), static_argnums=2)(
+            y0s[i], params, i
+        )
+        np.testing.assert_allclose(np.asarray(g_y0s[i]), np.asarray(r_y0), rtol=1e-7)
+        sum_W, sum_b = sum_W + np.asarray(r_W), sum_b + np.asarray(r_b)
+    np.testing.assert_allclose(np.asarray(g_W), sum_W, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(g_b), sum_b, rtol=1e-7)
+
+
+def test_step_and_jump_times_under_jit_match_numpy(x64):
+    y0, t, params = jax_inputs()
+    options = {"step_t": [0.25, 0.9, 5.0], "jump_t": [0.7]}
+
+    def jumpy(t, y, params):
+        return field(t, y, params) + jnp.where(t < 0.7, 0.0, 1.0)
+
+    run = jax.jit(lambda y0, t, p: odecore.solve(jumpy, y0, t, params=p, options=options))
+    sol = run(y0, t, params)
+
+    def jumpy_np(t, y, params):
+        return field(t, y, params) + (0.0 if t < 0.7 else 1.0)
+
+    ref = odecore.solve(jumpy_np, Y0, TIMES, params=(W, B), options=options)
+    np.testing.assert_allclose(np.asarray(sol.ys), ref.ys, rtol=1e-12, atol=1e-14)
+    assert int(sol.stats["naccept"]) == ref.stats["naccept"]
