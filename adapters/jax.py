@@ -12,6 +12,11 @@ core's own. What differs from the eager backends:
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
 - Without x64 (JAX's default) time is float32, the widest dtype JAX then has.
+- Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
+  differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
+  ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
+- The checkpoint tape is allocated at its full size, ``max_num_steps`` rows of the state, on
+  every differentiated solve; a tight ``max_num_steps`` keeps it small.
 """
 
 from __future__ import annotations
