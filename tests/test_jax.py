@@ -380,7 +380,7 @@ def test_vmap_of_grad_equals_grad_per_sample(x64):
         np.testing.assert_allclose(np.asarray(g_b[i]), np.asarray(r_b), rtol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
 def test_grad_of_vmap_equals_sum_of_grads(x64, mode):
     loss = _loss_fn("tsit5", mode)
     _, t, params = jax_inputs()
@@ -409,6 +409,7 @@ def test_jit_of_grad_equals_grad(x64):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow  # grad of a jit runs in CI through the README example and the capture test
 def test_grad_of_jit_equals_grad(x64):
     loss = _loss_fn("dopri5", "backsolve")
     y0, t, params = jax_inputs()
@@ -517,7 +518,7 @@ def test_float32_gradients_without_x64():
         assert _relative(np.asarray(got), np.asarray(ref)) < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
 def test_batched_gradients_equal_per_sample_gradients(x64, mode):
     """batch_axis=0 under jit: each sample steps on its own (masked updates, a tape with
     per-sample accept masks), and its gradient equals that of solving it alone."""
@@ -563,7 +564,7 @@ def test_step_and_jump_times_under_jit_match_numpy(x64):
     assert int(sol.stats["naccept"]) == ref.stats["naccept"]
 
 
-@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
 def test_gradients_with_decreasing_traced_times(x64, mode):
     """A traced decreasing t: the direction is a run-time value (Dynamics.flip)."""
     kw = _settings("dopri5", mode)
