@@ -71,6 +71,11 @@ class Backend:
         """The dtype time is kept in: float64 wherever the library allows it."""
         return self.xp.float64
 
+    def scalar(self, value: float, dtype: Any) -> Any:
+        """A 0-d array holding the Python number ``value``: the time a single-sample ``func``
+        receives at every evaluation, so an adapter may give a cheaper constructor."""
+        return self.xp.asarray(value, dtype=dtype)
+
     @property
     def int_dtype(self) -> Any:
         """The dtype of counters and indices inside the loop."""
@@ -136,6 +141,29 @@ class Backend:
                 f"same structure"
             )
         return value, cot_y, cot_leaves
+
+    def dynamics_linearize(self, func, params, leaves, t, y):
+        """``(func(t, y, params), pullback)``, ``pullback(cot) -> (cot_y, cot_leaves)``. With
+        autodiff one evaluation serves the value and the VJP; without, the VJP is the
+        dynamics' own ``vjp`` method (see ``dynamics_vjp``)."""
+        value = func(t, y) if params is None else func(t, y, params)
+
+        def pullback(cot):
+            _, cot_y, cot_leaves = self.dynamics_vjp(func, params, leaves, t, y, cot)
+            return cot_y, cot_leaves
+
+        return value, pullback
+
+    def attach_zero_gradients(self, out: Any, leaves: list[Any]) -> Any:
+        """``out`` unchanged in value, but depending on each of ``leaves`` with a zero
+        derivative: in ``direct`` mode a parameter the dynamics never use then gets a zero
+        gradient, as in the other modes, rather than none."""
+        return out
+
+    def check_no_hidden_parameters(self, func, params, leaves, t, y0, batch_axis) -> None:
+        """Raise if ``func`` uses arrays that want gradients but are not among ``leaves``:
+        backsolve and checkpoint differentiate only with respect to ``leaves``, and any
+        other array would silently get no gradient."""
 
     def vjp(self, fn: Callable, *primals: Any):
         """``(fn(*primals), pullback)``, ``pullback(cotangent)`` giving one cotangent per

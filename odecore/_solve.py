@@ -41,6 +41,9 @@ class _Problem:
     method: RKMethod
     fn: Any  # the Dynamics: fn(t, y) in internal (forward) time and layout, and its VJP
     rhs: Any  # the same evaluation, by its fastest path (Dynamics.fast_path)
+    # error_ratio(err, err2, y, y_new) -> per-sample scaled error norm as control values: the
+    # backend's fused kernel for the built-in rms norm, else odecore._control.error_ratio
+    error_ratio: Any
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -111,22 +114,8 @@ def solve(
             raise SolveError(_failure_message(solution), solution)
         return problem, solution, problem.tape
 
-    if mode is None or not bk.has_autodiff:
-        return run(y0, t)[1]
-    leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
-    xp = bk.xp
-    y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
-    wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
-    if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
-        return run(y0_arr, t_arr)[1]
-    if mode == "direct":
-        solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
-        # A parameter the dynamics never touch gets a zero gradient rather than None, as in
-        # the other modes.
-        untouched = [xp.sum(leaf) * 0.0 for leaf in leaves]
-        if untouched:
-            solution.ys = solution.ys + xp.astype(sum(untouched), solution.ys.dtype)
-        return solution
+    # Checked on every call, not only when a gradient is asked for: a bad setting must fail
+    # where it is written, not later in training.
     settings = _validate.adjoint_settings(
         bk,
         rtol,
@@ -137,10 +126,26 @@ def solve(
         adjoint_atol,
         adjoint_method,
         adjoint_options,
+        mode,
     )
+    if mode is None or not bk.has_autodiff:
+        return run(y0, t)[1]
+    leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
+    y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
+    wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
+    if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+        return run(y0_arr, t_arr)[1]
+    if mode == "direct":
+        solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+        # A parameter the dynamics never touch gets a zero gradient rather than None, as in
+        # the other modes.
+        solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+        return solution
+    if adjoint_params is None:
+        bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
     rule = SolveRule(mode, run, settings)
     ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
-    solution = rule.solution
+    solution, rule.solution = rule.solution, None
     solution.ys = ys
     return solution
 
@@ -329,6 +334,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         kwargs.get("method"),
         kwargs.get("options"),
         *adjoint_kwargs,
+        adjoint,
     )
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
@@ -421,6 +427,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
         backend=bk,
         dynamics=fn,
         rhs=fn.fast_path(),
+        error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
@@ -445,6 +452,27 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     )
 
 
+def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
+    """The step's scaled error norm: the backend's fused kernel where it has one for the
+    built-in rms norm and a single error estimate, the portable composition otherwise."""
+    xp = bk.xp
+    fused = getattr(bk, "rms_error_ratio", None)
+    axis = layout.reduce_axis
+
+    def portable(err, err2, y, y_new):
+        return error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol)
+
+    if fused is None or opts.get("norm", "rms") != "rms":
+        return portable
+
+    def ratio(err, err2, y, y_new):
+        if err2 is not None:
+            return portable(err, err2, y, y_new)
+        return ops.from_norm(fused(err, y, y_new, rtol, atol, axis))
+
+    return ratio
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 
@@ -460,7 +488,10 @@ def _init(p: _Problem) -> dict:
     elif p.first_step is not None:
         dt = ops.full(B, p.first_step)
     else:
-        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, p.method.order, p.rtol, p.atol, p.norm)
+        # The exponent is the error estimate's, 1/(q+1): Hairer's HINIT (IORD=5 for DOPRI5),
+        # scipy and torchdiffeq all use it; the method's own order p gave 1/(p+1).
+        order = p.method.error_exponent_order - 1
+        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, order, p.rtol, p.atol, p.norm)
         nfev += 1
     dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
     finite = ops.all_rows(xp.isfinite(f0))
@@ -502,13 +533,17 @@ def _body(p: _Problem, s: dict) -> dict:
 
     # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
     # (and f at its end) are evaluated just before the jump, never on the far side of it.
-    t_left = None
+    t_left, rhs = None, p.rhs
     if p.jumps is not None:
         on_jump = running & lands & ops.is_member(next_stop, p.jumps)
         t_left = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
-    y_new, ks, err, err2 = rk.step(p.rhs, t, y, f, h, hy, p.backend.stage_store, t_left)
+
+        def rhs(t_stage, y_stage):
+            return p.rhs(ops.minimum(t_stage, t_left), y_stage)
+
+    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.backend.stage_store)
     if p.controller is not None:
-        ratio = error_ratio(p.backend.xp, ops, p.norm, err, err2, y, y_new, p.rtol, p.atol)
+        ratio = p.error_ratio(err, err2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
     else:
