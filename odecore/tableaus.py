@@ -307,8 +307,8 @@ DOPRI5 = _record(
     # Runge-Kutta formulas", Math. Comp. 46 (1986) 135-150), which torchdiffeq's dopri5 also
     # uses, rather than Dormand & Prince's own b_hat = (5179/57600, 0, 7571/16695, 393/640,
     # -92097/339200, 187/2100, 1/40) of dopri5.f and scipy's RK45. With the same controller
-    # and first step, odecore and torchdiffeq then take the same steps at the same
-    # tolerances, so a torchdiffeq user who switches gets the same solution and work. On
+    # and first step, odecore and torchdiffeq then make the same step-size decisions at the
+    # same tolerances, so a torchdiffeq user who switches gets the same work. On
     # odecore.problems at rtol 1e-4..1e-10 it takes 7% fewer evaluations than the other
     # estimator for errors 1.9x larger (geometric means): a shift along the
     # work-precision line of an order-5 method, not a loss of accuracy for the tolerance.
