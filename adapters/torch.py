@@ -7,6 +7,7 @@ the core's loop. No gradient algorithm lives here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -35,6 +36,12 @@ class TorchBackend(Backend):
         if isinstance(x, torch.Tensor):
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
         return torch.as_tensor(x, dtype=dtype, device=device)
+
+    def device_scope(self, x: Any):
+        # torch creates tensors on the CPU unless told otherwise; a device used as a context
+        # sets the default for every factory call inside. The CPU needs none, and the
+        # context's function mode costs time on every operation.
+        return _device_scope(x)
 
     def scalar(self, value: float, dtype: Any) -> Any:
         # A third of the cost of torch.asarray through array-api-compat (1.8 us against
@@ -212,7 +219,14 @@ class _RuleFunction(torch.autograd.Function):
         # needs_input_grad tells the rule which cotangents nobody asked for (the times,
         # most often), so it can skip their work.
         needs = ctx.needs_input_grad[1:]
-        return (None, *ctx.rule.backward(ctx.residuals, out_bar, needs))
+        with _device_scope(out_bar):
+            return (None, *ctx.rule.backward(ctx.residuals, out_bar, needs))
+
+
+def _device_scope(x):
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        return torch.device(x.device)
+    return contextlib.nullcontext()
 
 
 class _ZeroGradient(torch.autograd.Function):

@@ -89,6 +89,12 @@ class Backend:
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
+    def device_scope(self, x: Any):
+        """A context in which arrays the core creates without a template land on ``x``'s
+        device. Libraries that put new arrays on the host by default need it for states on
+        an accelerator."""
+        return contextlib.nullcontext()
+
     def write(self, out: Any, where: Any, value: Any) -> Any:
         """``out`` with ``out[where] = value``: in place where the library allows it
         (``inplace_ok``), else as a new array (array-api-extra's ``at``)."""

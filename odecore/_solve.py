@@ -95,6 +95,51 @@ def solve(
     solve did not reach are NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
+    # the times.
+    with bk.device_scope(y0):
+        if bk.owns(y0):
+            t = bk.asarray(t, like=y0)
+        return _solve(
+            bk,
+            func,
+            y0,
+            t,
+            params,
+            rtol,
+            atol,
+            method,
+            options,
+            batch_axis,
+            throw,
+            adjoint,
+            adjoint_rtol,
+            adjoint_atol,
+            adjoint_method,
+            adjoint_options,
+            adjoint_params,
+        )
+
+
+def _solve(
+    bk,
+    func,
+    y0,
+    t,
+    params,
+    rtol,
+    atol,
+    method,
+    options,
+    batch_axis,
+    throw,
+    adjoint,
+    adjoint_rtol,
+    adjoint_atol,
+    adjoint_method,
+    adjoint_options,
+    adjoint_params,
+) -> Solution:
     mode = _validate.adjoint_mode(adjoint, bk)
 
     def run(y0_, t_, record=False):
