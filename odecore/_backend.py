@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -240,11 +241,19 @@ def _load_adapter(name: str) -> Backend:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
+        shipped = ", ".join(repr(n) for n in BACKEND_NAMES if _adapter_shipped(n))
         raise BackendNotAvailableError(
             f"the {name!r} backend is planned but its adapter is not part of this release of "
-            f"odecore; available now: 'numpy'"
+            f"odecore; the adapters in this release: {shipped}"
         ) from exc
     return module.BACKEND
+
+
+def _adapter_shipped(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(_ADAPTERS[name][0]) is not None
+    except ImportError:
+        return False
 
 
 def _library_of(x: Any) -> str | None:
