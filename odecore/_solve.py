@@ -100,99 +100,66 @@ def solve(
     with bk.device_scope(y0):
         if bk.owns(y0):
             t = bk.asarray(t, like=y0)
-        return _solve(
+        mode = _validate.adjoint_mode(adjoint, bk)
+
+        def run(y0_, t_, record=False):
+            problem = _prepare(
+                bk, func, y0_, t_, params, rtol, atol, method, options, batch_axis, adjoint_params
+            )
+            if problem is None:  # a single output time: the answer is y0, with no work done
+                return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
+            return _run_loop(problem, record, throw)
+
+        # Checked on every call, not only when a gradient is asked for: a bad setting must fail
+        # where it is written, not later in training.
+        settings = _validate.adjoint_settings(
             bk,
-            func,
-            y0,
-            t,
-            params,
             rtol,
             atol,
             method,
             options,
-            batch_axis,
-            throw,
-            adjoint,
             adjoint_rtol,
             adjoint_atol,
             adjoint_method,
             adjoint_options,
-            adjoint_params,
+            mode,
         )
-
-
-def _solve(
-    bk,
-    func,
-    y0,
-    t,
-    params,
-    rtol,
-    atol,
-    method,
-    options,
-    batch_axis,
-    throw,
-    adjoint,
-    adjoint_rtol,
-    adjoint_atol,
-    adjoint_method,
-    adjoint_options,
-    adjoint_params,
-) -> Solution:
-    mode = _validate.adjoint_mode(adjoint, bk)
-
-    def run(y0_, t_, record=False):
-        problem = _prepare(
-            bk, func, y0_, t_, params, rtol, atol, method, options, batch_axis, adjoint_params
-        )
-        if problem is None:  # a single output time: the answer is y0, with no work done
-            return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
-        problem.tape = [] if record else None
-        state = bk.while_loop(
-            lambda s: problem.ops.any(s["status"] == RUNNING),
-            lambda s: _body(problem, s),
-            _init(problem),
-        )
-        solution = _finish(problem, state)
-        if throw and bk.eager and not solution.success:
-            raise SolveError(_failure_message(solution), solution)
-        return problem, solution, problem.tape
-
-    # Checked on every call, not only when a gradient is asked for: a bad setting must fail
-    # where it is written, not later in training.
-    settings = _validate.adjoint_settings(
-        bk,
-        rtol,
-        atol,
-        method,
-        options,
-        adjoint_rtol,
-        adjoint_atol,
-        adjoint_method,
-        adjoint_options,
-        mode,
-    )
-    if mode is None or not bk.has_autodiff:
-        return run(y0, t)[1]
-    leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
-    y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
-    wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
-    if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
-        return run(y0_arr, t_arr)[1]
-    if mode == "direct":
-        solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
-        # A parameter the dynamics never touch gets a zero gradient rather than None, as in
-        # the other modes.
-        solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+        if mode is None or not bk.has_autodiff:
+            return run(y0, t)[1]
+        leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
+        y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
+        wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
+        if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+            return run(y0_arr, t_arr)[1]
+        if mode == "direct":
+            solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+            # A parameter the dynamics never touch gets a zero gradient rather than None, as in
+            # the other modes.
+            solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+            return solution
+        if adjoint_params is None:
+            bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
+        rule = SolveRule(mode, run, settings)
+        ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+        solution, rule.solution = rule.solution, None
+        solution.ys = ys
         return solution
-    if adjoint_params is None:
-        bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
-    rule = SolveRule(mode, run, settings)
-    ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
-    solution, rule.solution = rule.solution, None
-    solution.ys = ys
-    return solution
+
+
+def _run_loop(problem: _Problem, record: bool, throw: bool):
+    """Run the loop over a prepared problem: ``(problem, solution, tape)``, the tape holding
+    the accepted steps when ``record`` (for the checkpoint gradient)."""
+    bk = problem.backend
+    problem.tape = [] if record else None
+    state = bk.while_loop(
+        lambda s: problem.ops.any(s["status"] == RUNNING),
+        lambda s: _body(problem, s),
+        _init(problem),
+    )
+    solution = _finish(problem, state)
+    if throw and bk.eager and not solution.success:
+        raise SolveError(_failure_message(solution), solution)
+    return problem, solution, problem.tape
 
 
 def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
@@ -357,16 +324,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        problem.tape = [] if record else None
-        state = bk.while_loop(
-            lambda s: problem.ops.any(s["status"] == RUNNING),
-            lambda s: _body(problem, s),
-            _init(problem),
-        )
-        solution = _finish(problem, state)
-        if not solution.success:
-            raise SolveError(_failure_message(solution), solution)
-        return problem, solution, problem.tape
+        return _run_loop(problem, record, throw=True)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
