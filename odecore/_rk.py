@@ -84,7 +84,8 @@ def _hermite_dense(tab: Tableau) -> tuple[tuple[float, ...], ...]:
 
 
 class RKMethod:
-    """A tableau prepared for the loop."""
+    """A tableau prepared for the loop. Use :func:`prepared`: preparing costs a fair part of
+    a short solve, and the adapters cache their converted weights on the instance."""
 
     def __init__(self, tab: Tableau):
         self.tableau = tab
@@ -195,3 +196,14 @@ class RKMethod:
         stacked = xp.stack(dense, axis=0)  # (stages, B, N)
         combined = xp.sum(xp.permute_dims(weights, (1, 0))[..., None] * stacked, axis=0)
         return y + hy * combined
+
+
+_PREPARED: dict[str, RKMethod] = {}
+
+
+def prepared(tab: Tableau) -> RKMethod:
+    """The :class:`RKMethod` of a tableau, built once per method name."""
+    rk = _PREPARED.get(tab.name)
+    if rk is None or rk.tableau is not tab:
+        rk = _PREPARED[tab.name] = RKMethod(tab)
+    return rk

@@ -24,7 +24,7 @@ from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
 from odecore._grad import SolveRule
 from odecore._ops import ArrayOps, ScalarOps
-from odecore._rk import RKMethod
+from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
 
 RUNNING = int(Status.RUNNING)
@@ -378,7 +378,7 @@ def _unflatten_like(params, leaves, problem):
 
 def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None):
     xp = bk.xp
-    rk = RKMethod(_validate.tableau(method))
+    rk = prepared(_validate.tableau(method))
     opts = _validate.options(options, rk)
     ts_user = _validate.times(bk, t)
     y0_arr = _validate.initial_state(bk, y0)

@@ -347,10 +347,10 @@ def adjoint_settings(
         adj_options = {k: v for k, v in (fwd_options or {}).items() if k != "norm"}
     if not isinstance(adj_options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
-    from odecore._rk import RKMethod
+    from odecore._rk import prepared
 
     seminorm = adj_options.get("norm") == "seminorm"
-    rk = RKMethod(tab)
+    rk = prepared(tab)
     options({k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk)
     # Name what the user gave: a bad forward rtol is reported as rtol, not adjoint_rtol.
     rtol_given = (adj_rtol, "adjoint_rtol") if adj_rtol is not None else (rtol, "rtol")
