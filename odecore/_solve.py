@@ -634,9 +634,10 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         at_time = ops.take(ts, ops.minimum(out_idx, T - 1))
         return accept & (out_idx < T) & (at_time <= t_new), at_time
 
-    def write(out, out_idx, nfev):
-        dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
-        nfev = nfev + rk.nfev_dense_extra
+    def write(out, out_idx, nfev, interpolating):
+        if interpolating:
+            dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
+            nfev = nfev + rk.nfev_dense_extra
 
         def more(c):
             return ops.any(pending(c[1])[0])
@@ -645,12 +646,15 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
             out, out_idx = c
             mask, at_time = pending(out_idx)
             slot = ops.minimum(out_idx, T - 1)
-            # theta stays in the time dtype: the interpolant's coefficients reach hundreds
-            # (DOP853), and their weighted sums would lose digits in a float32 state.
-            theta = (at_time - t) / h_safe
-            value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
-            # The step's end point is known exactly; do not replace it by the interpolant.
-            value = ops.select_rows(at_time == t_new, y_new, value)
+            value = y_new
+            if interpolating:
+                # theta stays in the time dtype: the interpolant's coefficients reach
+                # hundreds (DOP853), and their weighted sums would lose digits in a float32
+                # state.
+                theta = (at_time - t) / h_safe
+                value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                # The step's end point is known exactly; do not replace it by the interpolant.
+                value = ops.select_rows(at_time == t_new, y_new, value)
             where = ops.out_index(slot, rows)
             value = ops.select_rows(mask, value, out[where])
             return bk.write(out, where, value), out_idx + ops.count(mask)
@@ -658,8 +662,22 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         out, out_idx = bk.while_loop(more, one_output, (out, out_idx))
         return out, out_idx, nfev
 
+    def interpolated(out, out_idx, nfev):
+        return write(out, out_idx, nfev, interpolating=True)
+
+    def exact(out, out_idx, nfev):
+        return write(out, out_idx, nfev, interpolating=False)
+
+    def fill(out, out_idx, nfev):
+        # Outputs come in increasing time, so if each sample's first pending output is the
+        # step's end, none lies inside the step: y_new is written as it is, and the
+        # interpolant's extra stages (three evaluations for dopri8) are not computed.
+        mask, at_time = pending(out_idx)
+        inside = ops.any(mask & (at_time < t_new))
+        return bk.cond(inside, interpolated, exact, out, out_idx, nfev)
+
     any_pending = ops.any(pending(s["out_idx"])[0])
-    return bk.cond(any_pending, write, lambda o, i, n: (o, i, n), s["out"], s["out_idx"], nfev)
+    return bk.cond(any_pending, fill, lambda o, i, n: (o, i, n), s["out"], s["out_idx"], nfev)
 
 
 # --------------------------------------------------------------------------------------------
