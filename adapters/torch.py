@@ -127,15 +127,17 @@ class TorchBackend(Backend):
         wanted = [i for i, x in enumerate(inputs) if x.requires_grad]
 
         def pullback(cot):
-            grads = [torch.zeros_like(x) for x in inputs]
+            grads = [None] * len(inputs)
             if out.requires_grad:
                 # Called once per evaluation: the graph is freed as the gradient runs.
                 found = torch.autograd.grad(
                     out, [inputs[i] for i in wanted], cot, allow_unused=True
                 )
                 for i, g in zip(wanted, found, strict=True):
-                    if g is not None:
-                        grads[i] = g
+                    grads[i] = g
+            grads = [
+                torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
+            ]
             return grads[0], grads[1:]
 
         return out.detach(), pullback
