@@ -35,8 +35,10 @@ BACKENDS = ["numpy", "torch", "jax"]
 # default jaxlib wheel).
 CI_BACKENDS = ["numpy", "torch", "jax"]
 
-# What benchmarks/bench_<backend>.py compares odecore with, beyond the bench extra.
-BENCH_PEERS = {"torch": ["torchdiffeq"], "jax": ["diffrax"]}
+# The peer libraries a backend's tests and benchmarks compare odecore with (pinned in
+# constraints.txt): the tests check values, gradients and step counts against them, and skip
+# with the reason where one is missing.
+PEERS = {"torch": ["torchdiffeq"], "jax": ["diffrax"]}
 
 LINT_PATHS = ["odecore", "adapters", "tests", "conformance", "benchmarks", "noxfile.py"]
 
@@ -47,8 +49,11 @@ def extras_for(*backends: str, base: str = "test") -> str:
     return ",".join(dict.fromkeys(extras))
 
 
-def install_project(session: nox.Session, extras: str) -> None:
+def install_project(session: nox.Session, extras: str, peers_of: tuple[str, ...] = ()) -> None:
     session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+    peers = [peer for backend in peers_of for peer in PEERS.get(backend, [])]
+    if peers:
+        session.install(*CONSTRAINTS, *peers)
 
 
 def importable_backends(session: nox.Session, candidates: list[str]) -> list[str]:
@@ -86,7 +91,7 @@ def require_tests_executed(session: nox.Session, junit_xml: Path) -> None:
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Unit and property tests with ODECORE_TEST_BACKEND set to one backend."""
-    install_project(session, extras_for(backend))
+    install_project(session, extras_for(backend), peers_of=(backend,))
     session.run(
         "pytest",
         "tests",
@@ -139,10 +144,7 @@ def bench(session: nox.Session) -> None:
             session.error(f"no benchmark script {script}; have: {sorted(_bench_scripts())}")
     named = [Path(s).stem.removeprefix("bench_") for s in scripts]
     backends = [b for b in named if b in BACKENDS]
-    install_project(session, extras_for(*backends, base="bench"))
-    peers = [peer for b in backends for peer in BENCH_PEERS.get(b, [])]
-    if peers:
-        session.install(*CONSTRAINTS, *peers)
+    install_project(session, extras_for(*backends, base="bench"), peers_of=tuple(backends))
     for script in scripts:
         session.run("python", script, *script_args)
 
@@ -158,7 +160,7 @@ def ci(session: nox.Session) -> None:
     One virtualenv and one pytest run, so the 2-core CI machine installs each dependency once;
     the conformance suite compares the CI backends with each other in that run.
     """
-    install_project(session, extras_for(*CI_BACKENDS))
+    install_project(session, extras_for(*CI_BACKENDS), peers_of=tuple(CI_BACKENDS))
     # A fresh clone has no empty directories: pass pytest only the suites that exist.
     suites = [d for d in ("tests", "conformance") if (ROOT / d).is_dir()]
     junit_xml = Path(session.create_tmp()) / "junit.xml"

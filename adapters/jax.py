@@ -121,6 +121,22 @@ class JaxBackend(Backend):
         cot_y, *cot_leaves = pullback(cot)
         return (out if want_value else None), cot_y, cot_leaves
 
+    def dynamics_linearize(self, func, params, leaves, t, y):
+        if params is None:
+            out, pull = jax.vjp(lambda y_: func(t, y_), y)
+            return out, lambda cot: (pull(cot)[0], [])
+
+        def call(y_, *leaves_):
+            return func(t, y_, self.with_leaves(params, list(leaves_)))
+
+        out, pull = jax.vjp(call, y, *leaves)
+
+        def pullback(cot):
+            cot_y, *cot_leaves = pull(cot)
+            return cot_y, cot_leaves
+
+        return out, pullback
+
     def vjp(self, fn, *primals):
         # Jitted: the forward and the backward each compile to one program, instead of
         # dispatching every operation (and compiling every loop) on its own.

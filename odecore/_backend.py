@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,11 @@ class Backend:
         """The dtype time is kept in: float64 wherever the library allows it."""
         return self.xp.float64
 
+    def scalar(self, value: float, dtype: Any) -> Any:
+        """A 0-d array holding the Python number ``value``: the time a single-sample ``func``
+        receives at every evaluation, so an adapter may give a cheaper constructor."""
+        return self.xp.asarray(value, dtype=dtype)
+
     @property
     def int_dtype(self) -> Any:
         """The dtype of counters and indices inside the loop."""
@@ -83,6 +89,12 @@ class Backend:
 
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+    def device_scope(self, x: Any):
+        """A context in which arrays the core creates without a template land on ``x``'s
+        device. Libraries that put new arrays on the host by default need it for states on
+        an accelerator."""
+        return contextlib.nullcontext()
 
     def write(self, out: Any, where: Any, value: Any) -> Any:
         """``out`` with ``out[where] = value``: in place where the library allows it
@@ -139,6 +151,29 @@ class Backend:
                 f"same structure"
             )
         return value, cot_y, cot_leaves
+
+    def dynamics_linearize(self, func, params, leaves, t, y):
+        """``(func(t, y, params), pullback)``, ``pullback(cot) -> (cot_y, cot_leaves)``. With
+        autodiff one evaluation serves the value and the VJP; without, the VJP is the
+        dynamics' own ``vjp`` method (see ``dynamics_vjp``)."""
+        value = func(t, y) if params is None else func(t, y, params)
+
+        def pullback(cot):
+            _, cot_y, cot_leaves = self.dynamics_vjp(func, params, leaves, t, y, cot)
+            return cot_y, cot_leaves
+
+        return value, pullback
+
+    def attach_zero_gradients(self, out: Any, leaves: list[Any]) -> Any:
+        """``out`` unchanged in value, but depending on each of ``leaves`` with a zero
+        derivative: in ``direct`` mode a parameter the dynamics never use then gets a zero
+        gradient, as in the other modes, rather than none."""
+        return out
+
+    def check_no_hidden_parameters(self, func, params, leaves, t, y0, batch_axis) -> None:
+        """Raise if ``func`` uses arrays that want gradients but are not among ``leaves``:
+        backsolve and checkpoint differentiate only with respect to ``leaves``, and any
+        other array would silently get no gradient."""
 
     def vjp(self, fn: Callable, *primals: Any):
         """``(fn(*primals), pullback)``, ``pullback(cotangent)`` giving one cotangent per
@@ -226,9 +261,10 @@ def _load_adapter(name: str) -> Backend:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
+        shipped = ", ".join(repr(n) for n in BACKEND_NAMES if _adapter_shipped(n))
         raise BackendNotAvailableError(
             f"the {name!r} backend is planned but its adapter is not part of this release of "
-            f"odecore; available now: 'numpy'"
+            f"odecore; the adapters in this release: {shipped}"
         ) from exc
     return module.BACKEND
 
@@ -238,6 +274,13 @@ def is_traced(x: Any) -> bool:
     checks in ``odecore._validate`` skip such values."""
     library = _library_of(x)
     return library is not None and library in _loaded and _loaded[library].is_traced(x)
+
+
+def _adapter_shipped(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(_ADAPTERS[name][0]) is not None
+    except ImportError:
+        return False
 
 
 def _library_of(x: Any) -> str | None:

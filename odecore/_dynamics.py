@@ -60,10 +60,10 @@ class Dynamics:
         func, params, ops = self.func, self.params, self.ops
         if ops.scalar:
             # ScalarOps.user_time, inlined: one Python call less per evaluation.
-            asarray, dtype = self.backend.xp.asarray, ops.state_dtype
+            scalar, dtype = self.backend.scalar, ops.state_dtype
             if params is None:
-                return lambda t, y: func(asarray(t, dtype=dtype), y)
-            return lambda t, y: func(asarray(t, dtype=dtype), y, params)
+                return lambda t, y: func(scalar(t, dtype), y)
+            return lambda t, y: func(scalar(t, dtype), y, params)
         user_time = ops.user_time
         if params is None:
             return lambda t, y: func(user_time(t, False), y)
@@ -86,3 +86,18 @@ class Dynamics:
             self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y), cot_user
         )
         return lay.from_user(xp, cot_y), cot_leaves
+
+    def linearize(self, t, y):
+        """``(fn(t, y), pullback)`` with ``pullback(cot) -> (cot_y, cot_params)``: one
+        evaluation serves both the value and its VJP (``Backend.dynamics_linearize``)."""
+        xp, lay = self.backend.xp, self.layout
+        value, pull = self.backend.dynamics_linearize(
+            self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y)
+        )
+        value = lay.from_user(xp, value)
+
+        def pullback(cot):
+            cot_y, cot_leaves = pull(lay.to_user(xp, self.flip(cot)))
+            return lay.from_user(xp, cot_y), cot_leaves
+
+        return self.flip(value), pullback

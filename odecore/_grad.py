@@ -38,7 +38,10 @@ class SolveRule:
         record = self.mode == "checkpoint"
         problem, solution, tape = self.run(y0, t, record=record, leaves=list(leaves))
         self.solution = solution
-        return solution.ys, (problem, solution.ys, tape)
+        # The residuals hold the outputs through a stop_gradient alias: the framework's
+        # record of this operation keeps the residuals, and a reference back to its own
+        # output would be a cycle that keeps the tape alive until the cyclic GC runs.
+        return solution.ys, (problem, problem.backend.stop_gradient(solution.ys), tape)
 
     @staticmethod
     def residual_arrays(residuals):
@@ -53,14 +56,18 @@ class SolveRule:
         ys, tape = arrays
         return self.prepare(y0, t, list(leaves)), ys, tape
 
-    def backward(self, residuals, ys_bar):
-        """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``."""
+    def backward(self, residuals, ys_bar, needs=None):
+        """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``.
+        ``needs`` (one flag per primal, from the framework) says which are wanted; the
+        time gradient costs one evaluation of the dynamics per output time, so it is
+        skipped (None) when the times need none."""
         problem, ys, tape = residuals
         if self.mode == "checkpoint":
             a0, leaves_bar = _checkpoint_backward(problem, tape, ys_bar)
         else:
             a0, leaves_bar = _backsolve_backward(problem, ys, ys_bar, self.backsolve_settings)
-        y0_bar, t_bar, leaves_bar = _finish_gradients(problem, ys, ys_bar, a0, leaves_bar)
+        want_t = needs is None or bool(needs[1])
+        y0_bar, t_bar, leaves_bar = _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t)
         return (y0_bar, t_bar, *leaves_bar)
 
 
@@ -74,17 +81,19 @@ def _user_f(problem, i, y_user):
     return f * dyn.sign
 
 
-def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar):
+def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t=True):
     """Add the direct terms: the output at t_0 is y0 itself, and the time gradients."""
     bk = problem.backend
     xp = bk.xp
     y0_bar = a0 + ys_bar[0]
     T = ys.shape[0]
-    t_bar = [None] * T
-    for i in range(1, T):
-        t_bar[i] = xp.sum(ys_bar[i] * _user_f(problem, i, ys[i]))
-    t_bar[0] = -xp.sum(a0 * _user_f(problem, 0, ys[0]))
-    t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
+    t_bar = None
+    if want_t:
+        t_bar = [None] * T
+        for i in range(1, T):
+            t_bar[i] = xp.sum(ys_bar[i] * _user_f(problem, i, ys[i]))
+        t_bar[0] = -xp.sum(a0 * _user_f(problem, 0, ys[0]))
+        t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
     leaves_bar = [
         xp.astype(g, leaf.dtype) if g.dtype != leaf.dtype else g
         for g, leaf in zip(leaves_bar, problem.dynamics.leaves, strict=True)
@@ -113,10 +122,13 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
     aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes)
 
     options = dict(settings.get("options") or {})
+    parts = [m, m, sum(sizes)]
     if options.get("norm") == "seminorm":
-        # Torchdiffeq's seminorm: the parameter adjoint does not influence the step size, it
-        # only accumulates (Kidger et al. 2021, "Hey, that's not an ODE").
-        options["norm"] = _seminorm(xp, 2 * m)
+        # The parameter adjoint does not influence the step size, it only accumulates
+        # (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE").
+        options["norm"] = _max_of_part_norms(xp, parts[:2])
+    elif "norm" not in options and settings["adaptive"]:
+        options["norm"] = _max_of_part_norms(xp, parts)
     a = xp.zeros(shape, dtype=dtype)
     a_theta = xp.zeros((sum(sizes),), dtype=dtype)
     t_user = problem.ts_array * dyn.sign
@@ -149,22 +161,42 @@ def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes):
 
     def aug(t, z):
         y = xp.reshape(z[:m], shape)
-        a = xp.reshape(z[m : 2 * m], shape)
+        # The VJP with -a gives -a df/dy and -a df/dtheta at once: one negation of the
+        # state-sized adjoint instead of one per output part.
+        neg_a = -xp.reshape(z[m : 2 * m], shape)
         t_user = xp.broadcast_to(t, (batch,)) if batch is not None else t
         f, cot_y, cot_leaves = bk.dynamics_vjp(
-            dyn.func, dyn.params, leaves, t_user, y, a, want_value=True
+            dyn.func, dyn.params, leaves, t_user, y, neg_a, want_value=True
         )
-        parts = [xp.reshape(f, (-1,)), -xp.reshape(cot_y, (-1,))]
-        parts += [-xp.astype(xp.reshape(g, (-1,)), z.dtype) for g in cot_leaves]
+        parts = [xp.reshape(f, (-1,)), xp.reshape(cot_y, (-1,))]
+        for g, size in zip(cot_leaves, sizes, strict=True):
+            g = xp.reshape(g, (size,))
+            parts.append(g if g.dtype == z.dtype else xp.astype(g, z.dtype))
         return xp.concat(parts)
 
     return aug
 
 
-def _seminorm(xp, count):
+def _max_of_part_norms(xp, sizes):
+    """The backward state's error norm: the largest RMS of its parts ``[y, a, a_theta]``
+    (or of the leading parts only). One RMS over the whole vector would dilute the errors
+    of ``y`` and ``a`` by the number of parameters, so a large parameter vector, even one
+    the dynamics never use, would loosen the backward solve."""
+    bounds, start = [], 0
+    for size in sizes:
+        if size:
+            bounds.append((start, start + size))
+        start += size
+
     def norm(z):
-        head = z[:count]
-        return xp.sqrt(xp.vecdot(head, head) / count)
+        rms = [
+            xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
+            for lo, hi in bounds
+        ]
+        out = rms[0]
+        for r in rms[1:]:
+            out = xp.maximum(out, r)
+        return out
 
     return norm
 
@@ -216,11 +248,30 @@ def _replay_step(problem, record, a, out_bar):
     interpolated = [o for o in outputs if not o[2]]
     n_nodes = rk.node_count(with_dense=bool(interpolated))
 
-    # Recompute the stage inputs Y_i and stages K_i of the step.
-    Y, K = [y], [dyn(t, y)]
+    # Recompute the stage inputs Y_i and stages K_i of the step, keeping each evaluation's
+    # pullback: the VJPs below reuse these evaluations instead of repeating them. The last
+    # node feeds no later stage, so it is evaluated only if an output's cotangent reaches it.
+    # A step that ended on a jump evaluated its stages at c = 1 just before it (see
+    # odecore._solve._body); the replay must see the same left limit.
+    t_cap = None
+    if problem.jumps is not None:
+        on_jump = ops.is_member(t_new, problem.jumps)
+        t_cap = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
+
+    def node_time(i):
+        t_i = t if i == 0 else t + rk.node_c[i] * h
+        return t_i if t_cap is None else ops.minimum(t_i, t_cap)
+
+    k0, pull0 = dyn.linearize(t, y)
+    Y, K, pulls = [y], [k0], [pull0]
     for i in range(1, n_nodes):
         Y.append(y + hy * lincomb(rk.node_rows[i], K))
-        K.append(dyn(t + rk.node_c[i] * h, Y[i]))
+        if i < n_nodes - 1:
+            k, pull = dyn.linearize(node_time(i), Y[i])
+            K.append(k)
+            pulls.append(pull)
+        else:
+            pulls.append(None)
 
     Y_bar = [None] * n_nodes
     K_bar = [None] * n_nodes
@@ -241,8 +292,8 @@ def _replay_step(problem, record, a, out_bar):
     grads = [None] * len(dyn.leaves)
     for i in range(n_nodes - 1, -1, -1):
         if K_bar[i] is not None:
-            node_t = t if i == 0 else t + rk.node_c[i] * h
-            cot_y, cot_leaves = dyn.vjp(node_t, Y[i], K_bar[i])
+            pull = pulls[i] or dyn.linearize(node_time(i), Y[i])[1]
+            cot_y, cot_leaves = pull(K_bar[i])
             Y_bar[i] = _add(Y_bar[i], cot_y)
             grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
         if Y_bar[i] is None:

@@ -125,6 +125,7 @@ class ScalarOps:
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
         self.from_norm = backend.to_host_float
+        self.scalar = backend.scalar
 
     @staticmethod
     def where(cond, a, b):
@@ -206,7 +207,7 @@ class ScalarOps:
         return slot
 
     def user_time(self, t, batched):
-        return self.xp.asarray(t, dtype=self.state_dtype)
+        return self.scalar(t, self.state_dtype)
 
     def to_host(self, x):
         return self.xp.asarray([x])

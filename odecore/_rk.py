@@ -12,13 +12,6 @@ from typing import Any
 from odecore.tableaus import Tableau
 
 
-def _minimum(a, b):
-    """Elementwise minimum of control values: Python numbers or arrays."""
-    if isinstance(a, float):
-        return a if a <= b else b
-    return a.__array_namespace__().minimum(a, b)
-
-
 class Weights:
     """One row of stage weights, in the two forms the stage stores use: the nonzero terms
     (for a sum of scaled arrays) and the dense tuple (for one matrix product)."""
@@ -91,7 +84,8 @@ def _hermite_dense(tab: Tableau) -> tuple[tuple[float, ...], ...]:
 
 
 class RKMethod:
-    """A tableau prepared for the loop."""
+    """A tableau prepared for the loop. Use :func:`prepared`: preparing costs a fair part of
+    a short solve, and the adapters cache their converted weights on the instance."""
 
     def __init__(self, tab: Tableau):
         self.tableau = tab
@@ -140,22 +134,18 @@ class RKMethod:
         self.nfev_per_step = self.stages - 1 + (0 if self.fsal else 1)
         self.nfev_dense_extra = len(self.dense_c)
 
-    def step(self, fn, t, y, f0, h, hy, stage_store=None, t_max=None):
+    def step(self, fn, t, y, f0, h, hy, stage_store=None):
         """Stages of one step from ``(t, y)`` with ``f0 = f(t, y)``.
 
         Returns ``(y_new, ks, err, err2)`` with ``ks`` the list of stages; for FSAL methods
         ``ks[-1]`` is ``f(t+h, y_new)``. ``h`` is the step as control values (one per sample);
-        ``hy`` the same as a factor in the state's dtype. ``t_max``, when given, caps the
-        stage times (a step ending on a discontinuity evaluates its end just before it).
+        ``hy`` the same as a factor in the state's dtype.
         """
         ks = (stage_store or ListStages)(self, y, f0, h, hy)
         y_stage = y
         for i in range(1, self.stages):
             y_stage = ks.stage_input(self.a[i])
-            t_stage = t + self.c[i] * h
-            if t_max is not None:
-                t_stage = _minimum(t_stage, t_max)
-            ks.add(fn(t_stage, y_stage))
+            ks.add(fn(t + self.c[i] * h, y_stage))
         # For FSAL methods the last stage's input is y_new itself (a[-1] == b).
         y_new = y_stage if self.fsal else ks.stage_input(self.b)
         err = ks.increment(self.b_err) if self.b_err is not None else None
@@ -206,3 +196,14 @@ class RKMethod:
         stacked = xp.stack(dense, axis=0)  # (stages, B, N)
         combined = xp.sum(xp.permute_dims(weights, (1, 0))[..., None] * stacked, axis=0)
         return y + hy * combined
+
+
+_PREPARED: dict[str, RKMethod] = {}
+
+
+def prepared(tab: Tableau) -> RKMethod:
+    """The :class:`RKMethod` of a tableau, built once per method name."""
+    rk = _PREPARED.get(tab.name)
+    if rk is None or rk.tableau is not tab:
+        rk = _PREPARED[tab.name] = RKMethod(tab)
+    return rk

@@ -24,7 +24,7 @@ from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
 from odecore._grad import SolveRule
 from odecore._ops import ArrayOps, ScalarOps
-from odecore._rk import RKMethod
+from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
 
 RUNNING = int(Status.RUNNING)
@@ -41,6 +41,9 @@ class _Problem:
     method: RKMethod
     fn: Any  # the Dynamics: fn(t, y) in internal (forward) time and layout, and its VJP
     rhs: Any  # the same evaluation, by its fastest path (Dynamics.fast_path)
+    # error_ratio(err, err2, y, y_new) -> per-sample scaled error norm as control values: the
+    # backend's fused kernel for the built-in rms norm, else odecore._control.error_ratio
+    error_ratio: Any
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -95,66 +98,82 @@ def solve(
     solve did not reach are NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
-    mode = _validate.adjoint_mode(adjoint, bk)
+    # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
+    # the times.
+    with bk.device_scope(y0):
+        if bk.owns(y0):
+            t = bk.asarray(t, like=y0)
+        mode = _validate.adjoint_mode(adjoint, bk)
 
-    def prepare(y0_, t_, leaves=None):
-        # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
-        params_ = params if leaves is None else bk.with_leaves(params, leaves)
-        leaves = adjoint_params if leaves is None else leaves
-        return _prepare(bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves)
+        def prepare(y0_, t_, leaves=None):
+            # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
+            params_ = params if leaves is None else bk.with_leaves(params, leaves)
+            leaves = adjoint_params if leaves is None else leaves
+            return _prepare(
+                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves
+            )
 
-    def run(y0_, t_, record=False, leaves=None):
-        problem = prepare(y0_, t_, leaves)
-        if problem is None:  # a single output time: the answer is y0, with no work done
-            return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
-        problem.tape = [] if record else None
-        state = bk.while_loop(
-            lambda s: problem.ops.any(s["status"] == RUNNING),
-            lambda s: _body(problem, s),
-            _init(problem),
+        def run(y0_, t_, record=False, leaves=None):
+            problem = prepare(y0_, t_, leaves)
+            if problem is None:  # a single output time: the answer is y0, with no work done
+                return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
+            return _run_loop(problem, record, throw)
+
+        # Checked on every call, not only when a gradient is asked for: a bad setting must fail
+        # where it is written, not later in training.
+        settings = _validate.adjoint_settings(
+            bk,
+            rtol,
+            atol,
+            method,
+            options,
+            adjoint_rtol,
+            adjoint_atol,
+            adjoint_method,
+            adjoint_options,
+            mode,
         )
-        solution = _finish(problem, state)
-        # Under jit the status is not known until run time: it stays in the Solution, and
-        # the outputs the solve did not reach are NaN.
+        if mode is None or not bk.has_autodiff:
+            return run(y0, t)[1]
+        leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
+        y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
+        wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
+        if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+            return run(y0_arr, t_arr)[1]
+        if mode == "direct":
+            solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+            # A parameter the dynamics never touch gets a zero gradient rather than None, as in
+            # the other modes.
+            solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+            return solution
+        if adjoint_params is None:
+            bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
+        rule = SolveRule(mode, run, settings, prepare)
+        ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+        solution, rule.solution = rule.solution, None
+        solution.ys = ys
+        # A backend that traces the rule's forward (JAX) learns the status only here.
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(_failure_message(solution), solution)
-        return problem, solution, problem.tape
-
-    if mode is None or not bk.has_autodiff:
-        return run(y0, t)[1]
-    leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
-    xp = bk.xp
-    y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
-    wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
-    if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
-        return run(y0_arr, t_arr)[1]
-    if mode == "direct":
-        solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
-        # A parameter the dynamics never touch gets a zero gradient rather than None, as in
-        # the other modes.
-        untouched = [xp.sum(leaf) * 0.0 for leaf in leaves]
-        if untouched:
-            solution.ys = solution.ys + xp.astype(sum(untouched), solution.ys.dtype)
         return solution
-    settings = _validate.adjoint_settings(
-        bk,
-        rtol,
-        atol,
-        method,
-        options,
-        adjoint_rtol,
-        adjoint_atol,
-        adjoint_method,
-        adjoint_options,
+
+
+def _run_loop(problem: _Problem, record: bool, throw: bool):
+    """Run the loop over a prepared problem: ``(problem, solution, tape)``, the tape holding
+    the accepted steps when ``record`` (for the checkpoint gradient)."""
+    bk = problem.backend
+    problem.tape = [] if record else None
+    state = bk.while_loop(
+        lambda s: problem.ops.any(s["status"] == RUNNING),
+        lambda s: _body(problem, s),
+        _init(problem),
     )
-    rule = SolveRule(mode, run, settings, prepare)
-    ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
-    solution = rule.solution
-    solution.ys = ys
-    # A backend that traces the rule's forward (JAX) learns the status only here.
+    solution = _finish(problem, state)
+    # Under jit the status is not known until run time: it stays in the Solution, and the
+    # outputs the solve did not reach are NaN.
     if throw and not bk.is_traced(solution.status) and not solution.success:
         raise SolveError(_failure_message(solution), solution)
-    return solution
+    return problem, solution, problem.tape
 
 
 def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
@@ -319,16 +338,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        problem.tape = [] if record else None
-        state = bk.while_loop(
-            lambda s: problem.ops.any(s["status"] == RUNNING),
-            lambda s: _body(problem, s),
-            _init(problem),
-        )
-        solution = _finish(problem, state)
-        if not solution.success:
-            raise SolveError(_failure_message(solution), solution)
-        return problem, solution, problem.tape
+        return _run_loop(problem, record, throw=True)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
@@ -341,6 +351,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         kwargs.get("method"),
         kwargs.get("options"),
         *adjoint_kwargs,
+        adjoint,
     )
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
@@ -381,7 +392,7 @@ def _unflatten_like(params, leaves, problem):
 
 def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None):
     xp = bk.xp
-    rk = RKMethod(_validate.tableau(method))
+    rk = prepared(_validate.tableau(method))
     opts = _validate.options(options, rk)
     ts_user = _validate.times(bk, t)
     y0_arr = _validate.initial_state(bk, y0)
@@ -442,6 +453,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
         valid=valid,
         dynamics=fn,
         rhs=fn.fast_path(),
+        error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
@@ -479,6 +491,27 @@ def _traced_validity(bk, ts, y0, rtol, atol):
     return ok if bk.is_traced(ok) else None
 
 
+def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
+    """The step's scaled error norm: the backend's fused kernel where it has one for the
+    built-in rms norm and a single error estimate, the portable composition otherwise."""
+    xp = bk.xp
+    fused = getattr(bk, "rms_error_ratio", None)
+    axis = layout.reduce_axis
+
+    def portable(err, err2, y, y_new):
+        return error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol)
+
+    if fused is None or opts.get("norm", "rms") != "rms":
+        return portable
+
+    def ratio(err, err2, y, y_new):
+        if err2 is not None:
+            return portable(err, err2, y, y_new)
+        return ops.from_norm(fused(err, y, y_new, rtol, atol, axis))
+
+    return ratio
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 
@@ -494,7 +527,10 @@ def _init(p: _Problem) -> dict:
     elif p.first_step is not None:
         dt = ops.full(B, p.first_step)
     else:
-        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, p.method.order, p.rtol, p.atol, p.norm)
+        # The exponent is the error estimate's, 1/(q+1): Hairer's HINIT (IORD=5 for DOPRI5),
+        # scipy and torchdiffeq all use it; the method's own order p gave 1/(p+1).
+        order = p.method.error_exponent_order - 1
+        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, order, p.rtol, p.atol, p.norm)
         nfev += 1
     dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
     finite = ops.all_rows(xp.isfinite(f0))
@@ -556,13 +592,17 @@ def _body(p: _Problem, s: dict) -> dict:
 
     # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
     # (and f at its end) are evaluated just before the jump, never on the far side of it.
-    t_left = None
+    t_left, rhs = None, p.rhs
     if p.jumps is not None:
         on_jump = running & lands & ops.is_member(next_stop, p.jumps)
         t_left = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
-    y_new, ks, err, err2 = rk.step(p.rhs, t, y, f, h, hy, p.backend.stage_store, t_left)
+
+        def rhs(t_stage, y_stage):
+            return p.rhs(ops.minimum(t_stage, t_left), y_stage)
+
+    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.backend.stage_store)
     if p.controller is not None:
-        ratio = error_ratio(p.backend.xp, ops, p.norm, err, err2, y, y_new, p.rtol, p.atol)
+        ratio = p.error_ratio(err, err2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
     else:
@@ -662,9 +702,10 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         at_time = ops.take(ts, ops.minimum(out_idx, T - 1))
         return accept & (out_idx < T) & (at_time <= t_new), at_time
 
-    def write(out, out_idx, nfev):
-        dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
-        nfev = nfev + rk.nfev_dense_extra
+    def write(out, out_idx, nfev, interpolating):
+        if interpolating:
+            dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
+            nfev = nfev + rk.nfev_dense_extra
 
         def more(c):
             return ops.any(pending(c[1])[0])
@@ -673,12 +714,15 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
             out, out_idx = c
             mask, at_time = pending(out_idx)
             slot = ops.minimum(out_idx, T - 1)
-            # theta stays in the time dtype: the interpolant's coefficients reach hundreds
-            # (DOP853), and their weighted sums would lose digits in a float32 state.
-            theta = (at_time - t) / h_safe
-            value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
-            # The step's end point is known exactly; do not replace it by the interpolant.
-            value = ops.select_rows(at_time == t_new, y_new, value)
+            value = y_new
+            if interpolating:
+                # theta stays in the time dtype: the interpolant's coefficients reach
+                # hundreds (DOP853), and their weighted sums would lose digits in a float32
+                # state.
+                theta = (at_time - t) / h_safe
+                value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                # The step's end point is known exactly; do not replace it by the interpolant.
+                value = ops.select_rows(at_time == t_new, y_new, value)
             where = ops.out_index(slot, rows)
             value = ops.select_rows(mask, value, out[where])
             return bk.write(out, where, value), out_idx + ops.count(mask)
@@ -686,8 +730,22 @@ def _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         out, out_idx = bk.while_loop(more, one_output, (out, out_idx))
         return out, out_idx, nfev
 
+    def interpolated(out, out_idx, nfev):
+        return write(out, out_idx, nfev, interpolating=True)
+
+    def exact(out, out_idx, nfev):
+        return write(out, out_idx, nfev, interpolating=False)
+
+    def fill(out, out_idx, nfev):
+        # Outputs come in increasing time, so if each sample's first pending output is the
+        # step's end, none lies inside the step: y_new is written as it is, and the
+        # interpolant's extra stages (three evaluations for dopri8) are not computed.
+        mask, at_time = pending(out_idx)
+        inside = ops.any(mask & (at_time < t_new))
+        return bk.cond(inside, interpolated, exact, out, out_idx, nfev)
+
     any_pending = ops.any(pending(s["out_idx"])[0])
-    return bk.cond(any_pending, write, lambda o, i, n: (o, i, n), s["out"], s["out_idx"], nfev)
+    return bk.cond(any_pending, fill, lambda o, i, n: (o, i, n), s["out"], s["out_idx"], nfev)
 
 
 # --------------------------------------------------------------------------------------------

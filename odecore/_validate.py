@@ -334,12 +334,28 @@ def adjoint_mode(adjoint, bk) -> str | None:
 
 
 def adjoint_settings(
-    bk, rtol, atol, method, fwd_options, adj_rtol, adj_atol, adj_method, adj_options
+    bk, rtol, atol, method, fwd_options, adj_rtol, adj_atol, adj_method, adj_options, mode
 ):
     """The backsolve's tolerances, method and options, checked now rather than in the middle
     of a backward pass. Defaults are the forward solve's; a per-element tolerance becomes its
-    strictest value, since the backward state is not shaped like y0."""
+    strictest value, since the backward state is not shaped like y0. Only the backsolve
+    solves a backward ODE: other modes refuse these settings rather than ignore them."""
     xp = bk.xp
+    given = {
+        "adjoint_rtol": adj_rtol,
+        "adjoint_atol": adj_atol,
+        "adjoint_method": adj_method,
+        "adjoint_options": adj_options,
+    }
+    given = [name for name, value in given.items() if value is not None]
+    if mode != "backsolve":
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} configure the backward solve of adjoint='backsolve', "
+                f"and this solve uses adjoint={mode!r}, which has none; pass "
+                f"adjoint='backsolve' or drop {'it' if len(given) == 1 else 'them'}"
+            )
+        return None
 
     def scalar_tol(value, name):
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -358,10 +374,11 @@ def adjoint_settings(
         adj_options = {k: v for k, v in (fwd_options or {}).items() if k != "norm"}
     if not isinstance(adj_options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
-    from odecore._rk import RKMethod
+    from odecore._rk import prepared
 
     seminorm = adj_options.get("norm") == "seminorm"
-    options({k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, RKMethod(tab))
+    rk = prepared(tab)
+    options({k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk)
     # Name what the user gave: a bad forward rtol is reported as rtol, not adjoint_rtol.
     rtol_given = (adj_rtol, "adjoint_rtol") if adj_rtol is not None else (rtol, "rtol")
     atol_given = (adj_atol, "adjoint_atol") if adj_atol is not None else (atol, "atol")
@@ -369,5 +386,6 @@ def adjoint_settings(
         "rtol": scalar_tol(*rtol_given),
         "atol": scalar_tol(*atol_given),
         "method": tab.name,
+        "adaptive": rk.adaptive,
         "options": adj_options,
     }

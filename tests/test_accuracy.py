@@ -258,14 +258,16 @@ def test_output_times_do_not_change_the_steps(method):
     np.testing.assert_array_equal(few.ys[-1], many.ys[-1])
 
     # nfev: identical unless the interpolant needs extra stages (dopri8: 3), which are paid
-    # once for every step that has an output in it.
+    # once for every step with an output strictly inside it; an output on a step's end is
+    # the step's own y_new.
     extra = len(odecore.TABLEAUS[method].dense_c)
     starts = [t0, *ends[:-1]]
 
-    def steps_with_outputs(ts):
-        return sum(any(a < t <= b for t in ts) for a, b in zip(starts, ends, strict=True))
+    def steps_interpolating(ts):
+        return sum(any(a < t < b for t in ts) for a, b in zip(starts, ends, strict=True))
 
-    expected = extra * (steps_with_outputs(np.linspace(t0, t1, 200)) - steps_with_outputs([t1]))
+    assert steps_interpolating([t1]) == 0
+    expected = extra * steps_interpolating(np.linspace(t0, t1, 200))
     assert many.stats["nfev"] - few.stats["nfev"] == expected
 
 
@@ -432,14 +434,29 @@ def test_float32_state(method, batch_axis):
     assert np.max(np.abs(sol.ys - exact) / np.abs(exact)) < 1e-5
 
 
-def test_float32_batched_dense_output_equals_unbatched():
-    # Same sample, same steps: only float32 summation order may differ (observed 2e-7 once
-    # the weights are computed in float64; 1.6e-5 when they were computed in float32).
+@pytest.mark.parametrize("method", ["bosh3", "dopri5", "tsit5", "dopri8"])
+def test_float32_batched_matches_unbatched(method):
+    # In float32 a high-order error estimate is close to rounding noise, and the batched and
+    # single-sample layouts round differently (a single sample folds h into the weights
+    # before the dot product, a batch applies h after), so the two may take slightly
+    # different steps; float64 runs agree step for step
+    # (test_solve.py::test_each_sample_equals_solving_it_alone). What must hold: both
+    # are as accurate as asked and agree with each other to that accuracy.
     ts = np.linspace(0.0, 5.0, 6)
     y0 = np.array([1.0, 2.0], dtype=np.float32)
-    alone = odecore.solve(lambda t, y: np.cos(t) * y, y0, ts, method="dopri8")
+    rtol, atol = 1e-4, 1e-6
+    alone = odecore.solve(lambda t, y: np.cos(t) * y, y0, ts, method=method, rtol=rtol, atol=atol)
     batch = odecore.solve(
-        lambda t, y: np.cos(t)[:, None] * y, y0[None], ts, method="dopri8", batch_axis=0
+        lambda t, y: np.cos(t)[:, None] * y,
+        y0[None],
+        ts,
+        method=method,
+        batch_axis=0,
+        rtol=rtol,
+        atol=atol,
     )
-    assert batch.stats["nsteps"][0] == alone.stats["nsteps"]
-    np.testing.assert_allclose(batch.ys[:, 0], alone.ys, rtol=1e-6)
+    exact = np.exp(np.sin(ts))[:, None] * y0.astype(np.float64)
+    assert batch.ys.dtype == alone.ys.dtype == np.float32
+    for ys in (alone.ys, batch.ys[:, 0]):
+        assert np.max(np.abs(ys - exact) / exact) < 10 * rtol
+    np.testing.assert_allclose(batch.ys[:, 0], alone.ys, rtol=10 * rtol)

@@ -190,14 +190,6 @@ def test_torch_backsolve_uses_less_memory_than_stored_modes(torch_peaks):
     assert backsolve < torch_peaks[f"direct-{long}"] / 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the checkpoint tape (and backsolve's residuals) stay allocated after the "
-    "outputs are gone until Python's cyclic GC runs: ys.grad_fn (the autograd ctx) holds "
-    "the SolveRule, whose .solution.ys is ys again (odecore/_grad.py SolveRule.forward "
-    "keeps self.solution; adapters/torch.py keeps ctx.rule). Here 100 steps of a 0.4 MB "
-    "state leave ~40 MB behind per solve",
-)
 def test_torch_checkpoint_tape_is_freed_with_its_outputs(torch_peaks):
     # Freed by reference counting, without waiting for the cyclic GC: within 1 MB of what
     # is left after a full collection.

@@ -300,7 +300,17 @@ def test_matches_scipy_low_order_pairs(name, solver):
     np.testing.assert_allclose(main_matrix(tab)[:rows, :cols], ref.A, rtol=0, atol=1e-15)
     main_stages = ref.n_stages
     np.testing.assert_allclose(tab.b[:main_stages], ref.B, rtol=0, atol=1e-16)
-    np.testing.assert_allclose(tab.b_err, -ref.E, rtol=0, atol=1e-16)
+    if name != "dopri5":  # dopri5 takes Shampine's embedded weights: see the next test
+        np.testing.assert_allclose(tab.b_err, -ref.E, rtol=0, atol=1e-16)
+
+
+def test_dopri5_error_weights_match_torchdiffeq():
+    # odecore's dopri5 uses the same embedded solution as torchdiffeq (odecore/tableaus.py
+    # says why), so that both take the same steps. Its order is checked with the other
+    # tableaus' order conditions above.
+    tableau = pytest.importorskip("torchdiffeq._impl.dopri5")._DORMAND_PRINCE_SHAMPINE_TABLEAU
+    theirs = [float(x) for x in tableau.c_error]
+    np.testing.assert_allclose(TABLEAUS["dopri5"].b_err, theirs, rtol=0, atol=1e-16)
 
 
 def test_dopri5_interpolant_matches_scipy_rk45():
