@@ -27,12 +27,13 @@ CONSTRAINTS = ("-c", "constraints.txt")
 
 # Adding a backend is one line here: its name is also the name of its pip extra
 # (pyproject.toml) and of the module that proves it is installed.
-# Planned: "jax", "numba", "cupy".
-BACKENDS = ["numpy", "torch"]
+# Planned: "numba", "cupy".
+BACKENDS = ["numpy", "torch", "jax"]
 
 # The backends installed for the CI run (a 2-core machine, 90 minutes in all). torch comes from
-# constraints.txt's CPU wheel.
-CI_BACKENDS = ["numpy", "torch"]
+# constraints.txt's CPU wheel; jax and jaxlib are pinned there too (the CPU build is the
+# default jaxlib wheel).
+CI_BACKENDS = ["numpy", "torch", "jax"]
 
 # The peer libraries a backend's tests and benchmarks compare odecore with (pinned in
 # constraints.txt): the tests check values, gradients and step counts against them, and skip

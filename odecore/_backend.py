@@ -110,6 +110,9 @@ class Backend:
     # ---- gradients -------------------------------------------------------------------------
     #: True when the framework differentiates through array operations itself ("direct").
     has_autodiff: bool = False
+    #: The gradient mode when the user names none; a framework whose reverse mode cannot run
+    #: through the loop (JAX: no reverse mode through ``while_loop``) has no "direct" at all.
+    default_adjoint: str = "direct"
 
     def param_leaves(self, func: Callable, params: Any) -> list[Any]:
         """The arrays that receive parameter gradients: the leaves of ``params``."""
@@ -195,6 +198,11 @@ class Backend:
         autodiff hand the rule's pullback to the user instead (``odecore.vjp_odeint``)."""
         raise NotImplementedError(f"the {self.name!r} backend has no autodiff to attach to")
 
+    def float64(self):
+        """A context in which float64 arrays are float64. Only JAX needs it: without its x64
+        mode a float64 request silently gives float32."""
+        return contextlib.nullcontext()
+
     def no_grad(self):
         """A context in which the framework records nothing for autodiff."""
         return contextlib.nullcontext()
@@ -204,6 +212,18 @@ class Backend:
 
     def to_host_float(self, x: Any) -> float:
         return float(x)
+
+    def is_traced(self, x: Any) -> bool:
+        """True when ``x`` has no value yet (a JAX tracer under ``jit``): checks on its value
+        are left out, and failures are reported by the solve's status instead of raised."""
+        return False
+
+    def with_leaves(self, params: Any, leaves: list[Any]) -> Any:
+        """``params`` as a rule's forward must call ``func`` with: unchanged where the
+        framework hands the forward the user's own arrays (torch, NumPy); with ``leaves``
+        (the rule's primals) in place of its arrays where the forward is traced separately
+        from the caller (JAX), so that no differentiated value is captured from outside."""
+        return params
 
     def __repr__(self) -> str:
         return f"<odecore backend {self.name!r}>"
@@ -254,6 +274,13 @@ def _adapter_shipped(name: str) -> bool:
         return importlib.util.find_spec(_ADAPTERS[name][0]) is not None
     except ImportError:
         return False
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an array of a tracing framework with no concrete value yet; the
+    checks in ``odecore._validate`` skip such values."""
+    library = _library_of(x)
+    return library is not None and library in _loaded and _loaded[library].is_traced(x)
 
 
 def _library_of(x: Any) -> str | None:

@@ -30,8 +30,15 @@ class Dynamics:
         self.sign = sign
         self.leaves = bk.param_leaves(func, params) if leaves is None else list(leaves)
 
+    def flip(self, x):
+        """``x`` times the direction. ``sign`` is a Python float when the times are known, a
+        0-d array when they are traced (JAX under jit), which costs one multiply."""
+        if isinstance(self.sign, float):
+            return -x if self.sign < 0 else x
+        return x * self.backend.xp.astype(self.sign, x.dtype)
+
     def user_time(self, t):
-        return self.ops.user_time(t * self.sign if self.sign < 0 else t, self.layout.batched)
+        return self.ops.user_time(self.flip(t), self.layout.batched)
 
     def _call_user(self, t, y):
         ty = self.user_time(t)
@@ -42,13 +49,13 @@ class Dynamics:
 
     def __call__(self, t, y):
         out = self.layout.from_user(self.backend.xp, self._call_user(t, y))
-        return -out if self.sign < 0 else out
+        return self.flip(out)
 
     def fast_path(self):
         """``self.__call__`` without the layout and sign bookkeeping, when there is none to
         do: a forward solve of one sample kept in its own shape. The loop calls this for
         every stage, so the saved Python calls are a measurable part of a small step."""
-        if self.sign < 0 or self.layout.flat:
+        if self.layout.flat or self.sign < 0:  # a traced sign is only ever flat
             return self
         func, params, ops = self.func, self.params, self.ops
         if ops.scalar:
@@ -68,13 +75,13 @@ class Dynamics:
         out = self._call_user(t, y)
         _validate.dynamics_output(self.backend, out, self.layout)
         out = self.layout.from_user(self.backend.xp, out)
-        return -out if self.sign < 0 else out
+        return self.flip(out)
 
     def vjp(self, t, y, cot) -> tuple[Any, list[Any]]:
         """``cot`` times the Jacobians of ``fn`` with respect to ``y`` and to each parameter
         leaf (``self.leaves``), in loop layout for ``y``."""
         xp, lay = self.backend.xp, self.layout
-        cot_user = lay.to_user(xp, -cot if self.sign < 0 else cot)
+        cot_user = lay.to_user(xp, self.flip(cot))
         _, cot_y, cot_leaves = self.backend.dynamics_vjp(
             self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y), cot_user
         )
@@ -83,14 +90,14 @@ class Dynamics:
     def linearize(self, t, y):
         """``(fn(t, y), pullback)`` with ``pullback(cot) -> (cot_y, cot_params)``: one
         evaluation serves both the value and its VJP (``Backend.dynamics_linearize``)."""
-        xp, lay, sign = self.backend.xp, self.layout, self.sign
+        xp, lay = self.backend.xp, self.layout
         value, pull = self.backend.dynamics_linearize(
             self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y)
         )
         value = lay.from_user(xp, value)
 
         def pullback(cot):
-            cot_y, cot_leaves = pull(lay.to_user(xp, -cot if sign < 0 else cot))
+            cot_y, cot_leaves = pull(lay.to_user(xp, self.flip(cot)))
             return lay.from_user(xp, cot_y), cot_leaves
 
-        return (-value if sign < 0 else value), pullback
+        return self.flip(value), pullback

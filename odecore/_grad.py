@@ -24,21 +24,37 @@ ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
 class SolveRule:
     """One solve as a framework-neutral forward / backward pair."""
 
-    def __init__(self, mode: str, run, backsolve_settings: dict | None = None):
-        # ``run(y0, t, record)`` prepares and runs the forward loop, returning
+    def __init__(self, mode: str, run, backsolve_settings: dict | None = None, prepare=None):
+        # ``run(y0, t, record, leaves)`` prepares and runs the forward loop, returning
         # (problem, solution, tape); it is _solve's, passed in to keep one loop.
+        # ``prepare(y0, t, leaves)`` only prepares: see ``from_arrays``.
         self.mode = mode
         self.run = run
+        self.prepare = prepare
         self.backsolve_settings = backsolve_settings or {}
         self.solution = None
 
     def forward(self, y0, t, *leaves):
-        problem, solution, tape = self.run(y0, t, record=self.mode == "checkpoint")
+        record = self.mode == "checkpoint"
+        problem, solution, tape = self.run(y0, t, record=record, leaves=list(leaves))
         self.solution = solution
         # The residuals hold the outputs through a stop_gradient alias: the framework's
         # record of this operation keeps the residuals, and a reference back to its own
         # output would be a cycle that keeps the tape alive until the cyclic GC runs.
         return solution.ys, (problem, problem.backend.stop_gradient(solution.ys), tape)
+
+    @staticmethod
+    def residual_arrays(residuals):
+        """The arrays among ``forward``'s residuals. A framework that traces the forward and
+        the backward separately (JAX) can keep only arrays between them; ``from_arrays``
+        rebuilds the rest from the primals."""
+        _, ys, tape = residuals
+        return ys, (tape if isinstance(tape, dict) else None)
+
+    def from_arrays(self, primals, arrays):
+        y0, t, *leaves = primals
+        ys, tape = arrays
+        return self.prepare(y0, t, list(leaves)), ys, tape
 
     def backward(self, residuals, ys_bar, needs=None):
         """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``.
@@ -203,6 +219,18 @@ def _checkpoint_backward(problem, tape, ys_bar):
     out_bar = lay.outputs_to_internal(xp, ys_bar)
     a = xp.zeros(lay.internal_shape, dtype=lay.dtype)
     leaves_bar = [xp.zeros(leaf.shape, dtype=lay.dtype) for leaf in problem.dynamics.leaves]
+    if isinstance(tape, dict):
+        # A tracing backend's tape: buffers with ``n`` rows in use, replayed by a loop.
+        def replay(carry):
+            i, a, leaves_bar = carry
+            record = tuple(tape[k][i] for k in ("t", "h", "t_new", "y", "accept"))
+            a, grads = _replay_step(problem, record, a, out_bar)
+            leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
+            return i - 1, a, leaves_bar
+
+        carry = (tape["n"] - 1, a, leaves_bar)
+        _, a, leaves_bar = bk.while_loop(lambda c: c[0] >= 0, replay, carry)
+        return lay.to_user(xp, a), leaves_bar
     for record in reversed(tape):
         a, grads = _replay_step(problem, record, a, out_bar)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
@@ -302,6 +330,10 @@ def _outputs_in_step(problem, t, t_new, accept):
     for index in range(1, len(ts) if isinstance(ts, list) else ts.shape[0]):
         s = problem.ts_array[index]
         mask = accept & (t < s) & (s <= t_new)
+        if not problem.backend.eager:  # masks only: which outputs a step holds is traced
+            found.append((index, mask & (t_new == s), True))
+            found.append((index, mask & (t_new != s), False))
+            continue
         if bool(xp.any(mask)):
             exact = bool(xp.all(xp.where(mask, t_new == s, True)))
             if not exact and bool(xp.any(mask & (t_new == s))):

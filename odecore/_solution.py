@@ -15,6 +15,8 @@ class Status(enum.IntEnum):
     MAX_STEPS_REACHED = 1
     DT_UNDERFLOW = 2
     NONFINITE_STATE = 3
+    #: Only under jit, where inputs cannot be checked before the solve (eagerly they raise).
+    INVALID_INPUT = 4
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -35,6 +37,11 @@ _DESCRIPTIONS = {
     Status.NONFINITE_STATE: (
         "non-finite state: the dynamics returned NaN or inf and no smaller step avoided it; "
         "check func near this time"
+    ),
+    Status.INVALID_INPUT: (
+        "invalid input, found under jit: t is not strictly monotonic or not finite, y0 is not "
+        "finite, or a tolerance is not positive and finite; the same call outside jit names "
+        "the problem"
     ),
 }
 

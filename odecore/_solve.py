@@ -61,6 +61,9 @@ class _Problem:
     max_step: float
     layout: _validate.Layout
     direction: float  # +1 when the user's t increases, -1 when it decreases
+    # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
+    # array); None when they were checked before the solve.
+    valid: Any = None
     # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
     # checkpoint gradient; None when not recording.
     tape: list | None = None
@@ -102,10 +105,16 @@ def solve(
             t = bk.asarray(t, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
 
-        def run(y0_, t_, record=False):
-            problem = _prepare(
-                bk, func, y0_, t_, params, rtol, atol, method, options, batch_axis, adjoint_params
+        def prepare(y0_, t_, leaves=None):
+            # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
+            params_ = params if leaves is None else bk.with_leaves(params, leaves)
+            leaves = adjoint_params if leaves is None else leaves
+            return _prepare(
+                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves
             )
+
+        def run(y0_, t_, record=False, leaves=None):
+            problem = prepare(y0_, t_, leaves)
             if problem is None:  # a single output time: the answer is y0, with no work done
                 return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
             return _run_loop(problem, record, throw)
@@ -139,10 +148,13 @@ def solve(
             return solution
         if adjoint_params is None:
             bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
-        rule = SolveRule(mode, run, settings)
+        rule = SolveRule(mode, run, settings, prepare)
         ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
         solution, rule.solution = rule.solution, None
         solution.ys = ys
+        # A backend that traces the rule's forward (JAX) learns the status only here.
+        if throw and not bk.is_traced(solution.status) and not solution.success:
+            raise SolveError(_failure_message(solution), solution)
         return solution
 
 
@@ -157,7 +169,9 @@ def _run_loop(problem: _Problem, record: bool, throw: bool):
         _init(problem),
     )
     solution = _finish(problem, state)
-    if throw and bk.eager and not solution.success:
+    # Under jit the status is not known until run time: it stays in the Solution, and the
+    # outputs the solve did not reach are NaN.
+    if throw and not bk.is_traced(solution.status) and not solution.success:
         raise SolveError(_failure_message(solution), solution)
     return problem, solution, problem.tape
 
@@ -308,7 +322,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint_kwargs = [kwargs.pop(k, None) for k in adjoint_keys]
 
-    def run(y0_, t_, record=False):
+    def run(y0_, t_, record=False, leaves=None):
         problem = _prepare(
             bk,
             func,
@@ -394,7 +408,12 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     time_dtype = bk.time_dtype
     ts_in_dtype = ts_user.dtype
     ts_user = xp.astype(ts_user, time_dtype)
-    sign = 1.0 if bool(ts_user[1] > ts_user[0]) else -1.0
+    forward = ts_user[1] > ts_user[0]
+    if bk.is_traced(forward):
+        # Under jit the direction is a run-time value too (see Dynamics.flip).
+        sign = xp.astype(xp.where(forward, 1.0, -1.0), time_dtype)
+    else:
+        sign = 1.0 if bool(forward) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, y0_arr.dtype)
@@ -408,7 +427,9 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
             stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
     if not rk.adaptive and step_size is None:
         stops.append(ts[1:])  # a fixed grid without step_size steps between output times
-    stops = xp.unique_values(xp.concat(stops)) if len(stops) > 1 else stops[0]
+    # A repeated stop is harmless to the loop; a tracing backend cannot drop it (fixed shapes).
+    merge = xp.unique_values if bk.eager else xp.sort
+    stops = merge(xp.concat(stops)) if len(stops) > 1 else stops[0]
     jumps = (
         _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
         if opts.get("jump_t") is not None
@@ -426,8 +447,10 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
             pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
             k=rk.error_exponent_order,
         )
+    valid = _traced_validity(bk, ts, y0_int, rtol, atol)
     return _Problem(
         backend=bk,
+        valid=valid,
         dynamics=fn,
         rhs=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
@@ -476,6 +499,19 @@ def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
     return ratio
 
 
+def _traced_validity(bk, ts, y0, rtol, atol):
+    """What ``_validate`` checks, as one 0-d boolean array, when its checks were traced (jit);
+    None when they ran. The loop then starts with status INVALID_INPUT instead of raising."""
+    if bk.eager:
+        return None
+    xp = bk.xp
+    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1]) & xp.all(xp.isfinite(y0))
+    for tol in (rtol, atol):
+        if not isinstance(tol, float):
+            ok = ok & xp.all(xp.isfinite(tol) & (tol > 0))
+    return ok if bk.is_traced(ok) else None
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 
@@ -500,7 +536,7 @@ def _init(p: _Problem) -> dict:
     finite = ops.all_rows(xp.isfinite(f0))
     out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
     out = bk.write(out, 0, p.y0)
-    return {
+    state = {
         "t": t0,
         "y": p.y0,
         "f": f0,
@@ -515,6 +551,26 @@ def _init(p: _Problem) -> dict:
         "nsteps": ops.full(B, 0, "int"),
         "naccept": ops.full(B, 0, "int"),
         "nreject": ops.full(B, 0, "int"),
+    }
+    if p.valid is not None:
+        state["status"] = ops.where(p.valid, state["status"], int(Status.INVALID_INPUT))
+    if p.tape is not None and not bk.eager:
+        state["tape"] = _tape_buffers(p)
+    return state
+
+
+def _tape_buffers(p: _Problem) -> dict:
+    """The checkpoint tape of a tracing backend: fixed-size buffers, one row per step up to
+    max_num_steps (the most steps a solve can take), and the count of rows in use."""
+    xp, lay, K = p.backend.xp, p.layout, p.max_num_steps
+    time = xp.zeros((K, lay.batch), dtype=p.backend.time_dtype)
+    return {
+        "t": time,
+        "h": time,
+        "t_new": time,
+        "y": xp.zeros((K, *lay.internal_shape), dtype=lay.dtype),
+        "accept": xp.zeros((K, lay.batch), dtype=xp.bool),
+        "n": xp.asarray(0, dtype=p.backend.int_dtype),
     }
 
 
@@ -555,8 +611,7 @@ def _body(p: _Problem, s: dict) -> dict:
     f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
     nfev = s["nfev"] + rk.nfev_per_step
 
-    if p.tape is not None:
-        _record(p, t, h, t_new, y, accept)
+    tape = _record(p, s, t, h, t_new, y, accept) if p.tape is not None else None
     out, out_idx, nfev = _fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev)
     if p.jumps is not None:
         # Only now, with the step's outputs interpolated from the left limit, does the next
@@ -586,7 +641,7 @@ def _body(p: _Problem, s: dict) -> dict:
     status = ops.where(
         (status == RUNNING) & (nsteps >= p.max_num_steps), int(Status.MAX_STEPS_REACHED), status
     )
-    return {
+    state = {
         "t": ops.where(accept, t_new, t),
         "y": ops.select_rows(accept, y_new, y),
         "f": ops.select_rows(accept, f_new, f),
@@ -600,13 +655,26 @@ def _body(p: _Problem, s: dict) -> dict:
         "naccept": s["naccept"] + ops.count(accept),
         "nreject": s["nreject"] + ops.count(rejected),
     }
+    if tape is not None:
+        state["tape"] = tape
+    return state
 
 
-def _record(p, t, h, t_new, y, accept):
-    """Keep the step for the checkpoint replay (eager backends: a Python list)."""
-    if p.ops.scalar and not accept:
-        return
-    p.tape.append((t, h, t_new, y, accept))
+def _record(p, s, t, h, t_new, y, accept):
+    """Keep the step for the checkpoint replay. Eager backends append to a Python list; a
+    tracing backend writes the next row of the buffers in ``s["tape"]`` and returns them (a
+    step that no sample accepted leaves its row to be overwritten)."""
+    if p.backend.eager:
+        if p.ops.scalar and not accept:
+            return None
+        p.tape.append((t, h, t_new, y, accept))
+        return None
+    xp, tape = p.backend.xp, dict(s["tape"])
+    n = tape["n"]
+    for key, value in (("t", t), ("h", h), ("t_new", t_new), ("y", y), ("accept", accept)):
+        tape[key] = p.backend.write(tape[key], n, value)
+    tape["n"] = n + xp.astype(xp.any(accept), n.dtype)
+    return tape
 
 
 def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
@@ -688,6 +756,8 @@ def _finish(p: _Problem, s: dict) -> Solution:
     """The loop's state as the user's :class:`Solution`: per-sample values stay arrays for a
     batch and become Python numbers for a single eager solve."""
     lay, ops = p.layout, p.ops
+    if "tape" in s:  # a tracing backend's checkpoint buffers, for the rule's residuals
+        p.tape = s["tape"]
 
     def per_sample(value):
         if ops.scalar or lay.batched:

@@ -1,6 +1,8 @@
 """Input checks. Every bad input gets an error that names the problem and what to do.
 
-These run once per solve, before the loop, on concrete values; nothing here runs per step.
+These run once per solve, before the loop; nothing here runs per step. A value that is not
+known yet (a JAX tracer under ``jit``) skips the checks on its value: a bad value then shows
+in the solve's status (NaN state, steps exhausted) instead of an error here.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import math
 import numbers
 from typing import Any
 
+from odecore._backend import is_traced
 from odecore._control import BUILTIN_NORMS
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
@@ -31,6 +34,12 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "pcoeff",
     "icoeff",
 }
+
+
+def _fails(bk, check) -> bool:
+    """True when the boolean ``check`` is known to be false. Under jit even a check on a
+    constant is traced; it is then left to the solve's status."""
+    return not bk.is_traced(check) and not bool(check)
 
 
 def tableau(method: str | None) -> Tableau:
@@ -62,10 +71,13 @@ def options(opts: dict | None, rk) -> dict:
             f"valid options are: {', '.join(sorted(valid))}"
         )
     out = {k: v for k, v in opts.items() if v is not None}
+    # Step sizes may be traced arrays under jit, so that changing them does not recompile.
+    runtime = {k for k in ("step_size", "first_step", "min_step", "max_step") if k in out}
+    runtime = {k for k in runtime if is_traced(out[k])}
     for key in ("step_size", "first_step", "max_step", "safety", "ifactor"):
-        if key in out:
+        if key in out and key not in runtime:
             out[key] = _positive_float(out[key], key)
-    if "min_step" in out:
+    if "min_step" in out and "min_step" not in runtime:
         out["min_step"] = _positive_float(out["min_step"], "min_step", allow_zero=True)
     if "dfactor" in out:
         d = _positive_float(out["dfactor"], "dfactor")
@@ -84,7 +96,9 @@ def options(opts: dict | None, rk) -> dict:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"options['max_num_steps'] must be a positive integer, got {n!r}")
         out["max_num_steps"] = int(n)
-    if out.get("min_step", 0.0) > out.get("max_step", math.inf):
+    if not runtime & {"min_step", "max_step"} and out.get("min_step", 0.0) > out.get(
+        "max_step", math.inf
+    ):
         raise ValueError("options['min_step'] is larger than options['max_step']")
     return out
 
@@ -111,11 +125,11 @@ def times(bk, t) -> Any:
         raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if xp.isdtype(arr.dtype, "integral"):
         arr = xp.astype(arr, bk.time_dtype)
-    if not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("t contains NaN or infinite values")
     if arr.shape[0] > 1:
         diffs = arr[1:] - arr[:-1]
-        if not (bool(xp.all(diffs > 0)) or bool(xp.all(diffs < 0))):
+        if _fails(bk, xp.all(diffs > 0) | xp.all(diffs < 0)):
             raise ValueError(
                 "t must be strictly increasing or strictly decreasing (no repeated times)"
             )
@@ -134,7 +148,7 @@ def initial_state(bk, y0) -> Any:
         raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
         raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
-    if not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("y0 contains NaN or infinite values")
     return arr
 
@@ -222,7 +236,7 @@ def tolerance(bk, value, name: str, lay: Layout, dtype):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
     arr = xp.asarray(bk.asarray(value), dtype=dtype)
-    if not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+    if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
     if arr.ndim == 0:
         return arr
@@ -261,10 +275,14 @@ def stop_times(bk, values, name: str, ts, sign: float):
     arr = xp.astype(bk.asarray(values), bk.time_dtype)
     if arr.ndim != 1:
         arr = xp.reshape(arr, (-1,))
-    if not bool(xp.all(xp.isfinite(arr))):
+    if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"options[{name!r}] contains NaN or infinite values")
     arr = arr * sign
     inside = (arr > ts[0]) & (arr < ts[-1])
+    if not bk.eager:
+        # A tracing backend needs a fixed shape: a time outside the interval becomes the end
+        # time, a stop the loop lands on anyway.
+        return xp.sort(xp.where(inside, arr, ts[-1]))
     return xp.sort(arr[inside])
 
 
@@ -293,10 +311,18 @@ def adjoint_mode(adjoint, bk) -> str | None:
     """The gradient mode: None (no gradients) on backends without autodiff, whose users call
     ``odecore.vjp_odeint`` instead; "direct" by default where the framework differentiates."""
     if adjoint is None:
-        return "direct" if bk.has_autodiff else None
+        return bk.default_adjoint if bk.has_autodiff else None
     if adjoint not in ADJOINT_MODES:
         raise ValueError(
             f"unknown adjoint {adjoint!r}; valid modes are {', '.join(map(repr, ADJOINT_MODES))}"
+        )
+    if adjoint == "direct" and bk.has_autodiff and bk.default_adjoint != "direct":
+        raise ValueError(
+            f"adjoint='direct' is not available on the {bk.name!r} backend: its reverse mode "
+            f"cannot differentiate through a while loop whose length depends on the solution; "
+            f"use adjoint='checkpoint' (the exact gradient of the discrete solve; its buffer "
+            f"holds options['max_num_steps'] steps) or adjoint='backsolve' (the continuous "
+            f"adjoint, memory independent of the number of steps)"
         )
     if not bk.has_autodiff:
         raise ValueError(
@@ -337,9 +363,10 @@ def adjoint_settings(
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
             return float(value)
         arr = bk.asarray(value)
-        if not bool(xp.all(xp.isfinite(arr) & (arr > 0))):
+        if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
             raise ValueError(f"every element of {name} must be positive and finite")
-        return float(xp.min(arr))
+        smallest = xp.min(arr)
+        return smallest if bk.is_traced(smallest) else float(smallest)
 
     tab = tableau(adj_method if adj_method is not None else method)
     if adj_options is None:

@@ -20,6 +20,8 @@ def test_readme_examples_run():
     blocks = _python_blocks()
     if any("import torch" in b for b in blocks):
         pytest.importorskip("torch", reason="the README's gradient example uses torch")
+    if any("import jax" in b for b in blocks):
+        pytest.importorskip("jax", reason="the README's JAX example uses jax")
     namespace: dict = {}
     for block in blocks:  # one namespace: later blocks may use earlier imports
         exec(compile(block, str(README), "exec"), namespace)
@@ -42,3 +44,22 @@ def test_readme_examples_run():
             d[i, j] = eps
             fd[i, j] = (loss(A + d) - loss(A - d)) / (2 * eps)
     np.testing.assert_allclose(namespace["A_bar"], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_readme_jax_example_gives_the_gradient():
+    """The JAX example's gradient against central differences of its own jitted loss."""
+    pytest.importorskip("jax", reason="the README's JAX example uses jax")
+    (block,) = [b for b in _python_blocks() if "import jax" in b]
+    namespace: dict = {}
+    import odecore
+
+    with odecore.use_backend("auto"):  # the README's later blocks set a backend globally
+        exec(compile(block, str(README), "exec"), namespace)
+    jnp, loss, p = namespace["jnp"], namespace["loss"], namespace["p"]
+    y0, eps = jnp.array([1.0, 0.0]), 1e-2  # float32: a large step, a loose comparison
+    for i in range(2):
+        d = jnp.zeros(2).at[i].set(eps)
+        plus = float(loss({**p, "b": p["b"] + d}, y0, 1e-5))
+        minus = float(loss({**p, "b": p["b"] - d}, y0, 1e-5))
+        fd = (plus - minus) / (2 * eps)
+        assert abs(float(namespace["grads"]["b"][i]) - fd) < 1e-2 * max(1.0, abs(fd))

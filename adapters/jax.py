@@ -1,0 +1,298 @@
+"""The JAX backend: the core's loop on ``jax.lax.while_loop``, gradients through ``jax.custom_vjp``.
+
+Everything here is plumbing between the core and JAX; the loop and both gradient rules are the
+core's own. What differs from the eager backends:
+
+- The loop runs on ``lax.while_loop`` and ``lax.cond``, so a solve traces once and compiles to
+  one XLA loop. Tolerances, step sizes and times may be traced arrays: changing them does not
+  recompile.
+- ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
+  default mode is ``backsolve``; ``checkpoint`` keeps a tape of ``options["max_num_steps"]``
+  rows.
+- Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
+  why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
+- Without x64 (JAX's default) time is float32, the widest dtype JAX then has.
+- Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
+  differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
+  ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
+- The checkpoint tape is allocated at its full size, ``max_num_steps`` rows of the state, on
+  every differentiated solve; a tight ``max_num_steps`` keeps it small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from odecore._backend import Backend
+from odecore._solution import Solution
+
+# The backward pass runs solves of its own (backsolve); they must not attach another
+# custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
+# calling thread.
+_state = threading.local()
+
+
+def _recording() -> bool:
+    return not getattr(_state, "no_grad", False)
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    xp = jnp
+    eager = False
+    inplace_ok = False
+    has_autodiff = True
+    default_adjoint = "backsolve"
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, jax.Array)
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        return jnp.asarray(x, dtype=dtype)
+
+    @property
+    def time_dtype(self) -> Any:
+        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+    @property
+    def int_dtype(self) -> Any:
+        return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+    def while_loop(self, cond, body, state):
+        return jax.lax.while_loop(cond, body, state)
+
+    def cond(self, pred, true_fn, false_fn, *operands):
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+
+    def write(self, out, where, value):
+        return out.at[where].set(value)
+
+    def is_traced(self, x: Any) -> bool:
+        # Under grad without jit, values carry tangents but are known.
+        while _differentiated(x):
+            x = x.primal
+        return isinstance(x, jax.core.Tracer)
+
+    # ---- gradients -------------------------------------------------------------------------
+
+    def param_leaves(self, func, params) -> list[Any]:
+        """The floating-point arrays of the pytree ``params``."""
+        if params is None:
+            return []
+        return [x for x in jax.tree_util.tree_leaves(params) if _is_float_array(x)]
+
+    def with_leaves(self, params, leaves):
+        if params is None:
+            if leaves:
+                raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+            return None
+        flat, tree = jax.tree_util.tree_flatten(params)
+        slots = [i for i, x in enumerate(flat) if _is_float_array(x)]
+        if len(slots) != len(leaves):
+            raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+        flat = list(flat)
+        for i, leaf in zip(slots, leaves, strict=True):
+            flat[i] = leaf
+        return jax.tree_util.tree_unflatten(tree, flat)
+
+    def requires_grad(self, values: Any) -> bool:
+        # Whether a traced value will be differentiated is not known while tracing (under
+        # grad(jit(...)) the solve sees plain jit tracers), so every solve outside a backward
+        # pass goes through custom_vjp; undifferentiated, that costs nothing.
+        return _recording()
+
+    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
+        if params is None:
+            out, pullback = jax.vjp(lambda y_: func(t, y_), y)
+            (cot_y,) = pullback(cot)
+            return (out if want_value else None), cot_y, []
+
+        def call(y_, *leaves_):
+            return func(t, y_, self.with_leaves(params, list(leaves_)))
+
+        out, pullback = jax.vjp(call, y, *leaves)
+        cot_y, *cot_leaves = pullback(cot)
+        return (out if want_value else None), cot_y, cot_leaves
+
+    def vjp(self, fn, *primals):
+        # Jitted: the forward and the backward each compile to one program, instead of
+        # dispatching every operation (and compiling every loop) on its own.
+        return jax.vjp(jax.jit(fn), *primals)
+
+    def jvp(self, fn, primals, tangents):
+        return jax.jvp(fn, tuple(primals), tuple(tangents))
+
+    def custom_vjp(self, rule):
+        """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
+        status and statistics, which would otherwise escape the trace of the forward.
+
+        The rule's forward and backward close over whatever the solve was called with:
+        tolerances, step sizes, the user's func and what it captures, any of which may be
+        traced (``jit`` arguments). ``jax.closure_convert`` turns both into functions of
+        explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
+        tracer of a trace that has ended."""
+
+        def call(*primals):
+            # Checks the inputs where their values are known: inside the conversion below
+            # every value is traced, and the checks would be skipped.
+            rule.from_arrays(primals, (None, None))
+
+            def forward(*primals):
+                out, residuals = rule.forward(*primals)
+                arrays = rule.residual_arrays(residuals)
+                return (out, _solution_arrays(rule.solution)), arrays
+
+            forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
+            if any(_differentiated(c) for c in forward_consts):
+                raise ValueError(_CAPTURED_MESSAGE)
+            (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
+
+            def backward(primals, arrays, out_bar):
+                with self.no_grad():
+                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
+                return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
+
+            if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
+                backward_arrays, backward_consts = jax.closure_convert(
+                    backward,
+                    primals,
+                    _zeros_like_shapes(arrays_shape),
+                    _zeros_like_shapes(out_shape),
+                )
+            else:
+                # Nothing traced is captured (the backward calls the same func with the same
+                # settings as the forward), so it is traced only if it is ever needed.
+                backward_arrays, backward_consts = backward, []
+            out, solution_arrays = _apply(
+                forward_arrays, backward_arrays, primals, forward_consts, backward_consts
+            )
+            _restore_solution_arrays(rule.solution, solution_arrays)
+            return out
+
+        return call
+
+    def float64(self):
+        return jax.enable_x64(True)
+
+    @contextlib.contextmanager
+    def no_grad(self):
+        before = getattr(_state, "no_grad", False)
+        _state.no_grad = True
+        try:
+            yield
+        finally:
+            _state.no_grad = before
+
+    def stop_gradient(self, x: Any) -> Any:
+        return jax.lax.stop_gradient(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _apply(forward, backward, primals, forward_consts, backward_consts):
+    return forward(*primals, *forward_consts)[0]
+
+
+def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
+    outputs, arrays = forward(*primals, *forward_consts)
+    # NaN outputs mean a failed solve (its status says so under jit): its gradients are NaN
+    # too, also where only outputs it reached carry a cotangent.
+    failed = jnp.any(jnp.isnan(outputs[0]))
+    return outputs, (primals, arrays, failed, forward_consts, backward_consts)
+
+
+def _apply_bwd(forward, backward, residuals, cotangents):
+    primals, arrays, failed, forward_consts, backward_consts = residuals
+    grads = backward(primals, arrays, cotangents[0], *backward_consts)
+    grads = tuple(
+        g if g.dtype == jax.dtypes.float0 else jnp.where(failed, jnp.nan, g) for g in grads
+    )
+    # The rule has no gradient for what func captures or the options hold: NaN, so that
+    # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
+    # Cotangents of values nothing differentiates are dropped by JAX.
+    unknown = jax.tree_util.tree_map(
+        lambda c: jnp.full_like(c, jnp.nan), (forward_consts, backward_consts)
+    )
+    return (grads, *unknown)
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _differentiated(x) -> bool:
+    """A tracer of forward or reverse mode (JAX's JVP and linearize tracers carry a primal and
+    a tangent; the tracers of jit and vmap do not)."""
+    return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
+
+
+def _captures_tracers(value) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(value))
+
+
+def _zeros_like_shapes(shapes):
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+_CAPTURED_MESSAGE = (
+    "a value being differentiated reaches the solve other than through y0, t or params: func "
+    "captures it, or it is a tolerance or an option. The gradient rules differentiate only "
+    "y0, t and the arrays in params; pass it in params, as func(t, y, params)"
+)
+
+_ADJOINT_PARAMS_MESSAGE = (
+    "on the 'jax' backend gradients reach the floating-point arrays of params (a pytree), "
+    "passed to func as func(t, y, params); adjoint_params cannot name other arrays. Put "
+    "every array to differentiate into params"
+)
+
+
+def _is_float_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+_SOLUTION_FIELDS = ("status", "t_reached", "ts")
+
+
+def _solution_arrays(solution):
+    return {
+        "stats": dict(solution.stats),
+        **{name: getattr(solution, name) for name in _SOLUTION_FIELDS},
+    }
+
+
+def _restore_solution_arrays(solution, arrays):
+    solution.stats = arrays["stats"]
+    for name in _SOLUTION_FIELDS:
+        setattr(solution, name, arrays[name])
+
+
+def _cotangent_like(g, primal):
+    """A cotangent as JAX requires it: the primal's shape and dtype; ``float0`` zeros for an
+    integer primal (integer times)."""
+    if not jnp.issubdtype(primal.dtype, jnp.inexact):
+        return np.zeros(primal.shape, dtype=jax.dtypes.float0)
+    if g is None:
+        return jnp.zeros_like(primal)
+    return jnp.asarray(g, dtype=primal.dtype).reshape(primal.shape)
+
+
+def _flatten_solution(sol: Solution):
+    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached, sol.extra)
+    return children, sol.method
+
+
+def _unflatten_solution(method, children):
+    ts, ys, stats, status, t_reached, extra = children
+    return Solution(ts, ys, stats, status, t_reached, method, extra)
+
+
+# So that a jitted function can return a whole Solution (status and statistics included).
+jax.tree_util.register_pytree_node(Solution, _flatten_solution, _unflatten_solution)
+
+BACKEND = JaxBackend()

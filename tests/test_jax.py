@@ -1,0 +1,586 @@
+"""The JAX backend: the core's loop under jit, vmap and grad, failures, dtypes, recompilation.
+
+References that do not come from the JAX backend: closed forms, odecore's NumPy backend (the
+same algorithm, eager), and central finite differences. Float64 tests run inside
+``jax.enable_x64``; the float32 tests run without it, as JAX users get by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="the JAX tests need jax installed")
+jnp = jax.numpy
+
+import odecore  # noqa: E402
+from odecore import Status  # noqa: E402
+
+W = np.array([[-0.5, 1.0], [-1.0, -0.3]])
+B = np.array([0.1, -0.2])
+Y0 = np.array([0.3, -0.4])
+TIMES = np.array([0.0, 0.4, 1.1, 1.5])
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def field(t, y, params):
+    """``tanh(y W^T) + b sin(2t)``: nonlinear, non-autonomous; works on any array library."""
+    W_, b = params
+    xp = y.__array_namespace__() if hasattr(y, "__array_namespace__") else np
+    s = xp.sin(2 * xp.asarray(t))
+    return xp.tanh(y @ W_.T) + b * (s[..., None] if s.ndim else s)
+
+
+def jax_inputs(dtype=None):
+    dtype = dtype or jnp.float64
+    return (
+        jnp.asarray(Y0, dtype=dtype),
+        jnp.asarray(TIMES, dtype=dtype),
+        (jnp.asarray(W, dtype=dtype), jnp.asarray(B, dtype=dtype)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward solves
+
+
+def test_decay_matches_closed_form_under_jit(x64):
+    k = 0.7
+    y0 = jnp.asarray([1.0, -2.0])
+    t = jnp.linspace(0.0, 2.0, 6)
+    run = jax.jit(lambda y0, t, k: odecore.odeint(lambda t, y, k: -k * y, y0, t, params=k))
+    ys = run(y0, t, jnp.asarray(k))
+    expected = np.exp(-k * np.asarray(t))[:, None] * np.asarray(y0)
+    np.testing.assert_allclose(np.asarray(ys), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8", "bosh3", "rk4"])
+def test_jit_agrees_with_numpy_for_the_same_steps(x64, method):
+    """float64 under jit takes the steps the NumPy backend takes, to rounding."""
+    y0, t, params = jax_inputs()
+    kw = {"method": method, "rtol": 1e-8, "atol": 1e-10}
+    if method == "rk4":
+        kw = {"method": method, "options": {"step_size": 0.05}}
+    sol = jax.jit(lambda y0, t, p: odecore.solve(field, y0, t, params=p, **kw))(y0, t, params)
+    ref = odecore.solve(field, Y0, TIMES, params=(W, B), **kw)
+    assert int(sol.stats["nsteps"]) == ref.stats["nsteps"]
+    assert int(sol.stats["naccept"]) == ref.stats["naccept"]
+    np.testing.assert_allclose(np.asarray(sol.ys), ref.ys, rtol=1e-12, atol=1e-14)
+    assert int(sol.status) == Status.SUCCESS
+
+
+def test_jit_equals_unjitted(x64):
+    y0, t, params = jax_inputs()
+    eager = odecore.odeint(field, y0, t, params=params)
+    jitted = jax.jit(lambda y0, t, p: odecore.odeint(field, y0, t, params=p))(y0, t, params)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-13, atol=1e-15)
+
+
+def test_decreasing_traced_times_match_numpy(x64):
+    y0, t, params = jax_inputs()
+    back = jax.jit(lambda y0, t, p: odecore.odeint(field, y0, t, params=p))(y0, t[::-1], params)
+    ref = odecore.odeint(field, Y0, TIMES[::-1], params=(W, B))
+    np.testing.assert_allclose(np.asarray(back), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_batch_axis_under_jit_matches_single_solves(x64):
+    y0s = np.stack([Y0, 2 * Y0, -Y0])
+    run = jax.jit(lambda y0, t, p: odecore.odeint(field, y0, t, params=p, batch_axis=0))
+    ys = run(jnp.asarray(y0s), jnp.asarray(TIMES), (jnp.asarray(W), jnp.asarray(B)))
+    for i in range(3):
+        ref = odecore.odeint(field, y0s[i], TIMES, params=(W, B))
+        np.testing.assert_allclose(np.asarray(ys[:, i]), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_changing_rtol_does_not_recompile(x64):
+    traces = []
+
+    @jax.jit
+    def run(y0, t, p, rtol, atol):
+        traces.append(1)  # runs once per trace, never when the compiled code runs
+        return odecore.solve(field, y0, t, params=p, rtol=rtol, atol=atol)
+
+    y0, t, params = jax_inputs()
+    steps = []
+    for rtol in (1e-4, 1e-6, 1e-8, 1e-10):
+        sol = run(y0, t, params, rtol, rtol * 1e-2)
+        ref = odecore.solve(field, Y0, TIMES, params=(W, B), rtol=rtol, atol=rtol * 1e-2)
+        np.testing.assert_allclose(np.asarray(sol.ys), ref.ys, rtol=1e-12, atol=1e-14)
+        assert int(sol.stats["nsteps"]) == ref.stats["nsteps"]
+        steps.append(int(sol.stats["nsteps"]))
+    assert len(traces) == 1
+    assert run._cache_size() == 1
+    assert steps == sorted(steps) and steps[0] < steps[-1]  # the tolerance took effect
+
+
+def test_changing_step_size_does_not_recompile(x64):
+    traces = []
+
+    @jax.jit
+    def run(y0, t, p, h):
+        traces.append(1)
+        return odecore.odeint(field, y0, t, params=p, method="rk4", options={"step_size": h})
+
+    y0, t, params = jax_inputs()
+    for h in (0.1, 0.05, 0.02):
+        ref = odecore.odeint(
+            field, Y0, TIMES, params=(W, B), method="rk4", options={"step_size": h}
+        )
+        np.testing.assert_allclose(np.asarray(run(y0, t, params, h)), ref, rtol=1e-12)
+    assert len(traces) == 1
+
+
+def test_float32_without_x64():
+    assert not jax.config.jax_enable_x64
+    k = 0.7
+    t = jnp.linspace(0.0, 2.0, 5)
+    y0 = jnp.asarray([1.0, -2.0], dtype=jnp.float32)
+    sol = jax.jit(lambda y0, t: odecore.solve(lambda t, y: -k * y, y0, t, rtol=1e-5, atol=1e-7))(
+        y0, t
+    )
+    assert sol.ys.dtype == jnp.float32
+    assert sol.ts.dtype == jnp.float32  # the widest time JAX has without x64
+    expected = np.exp(-k * np.linspace(0.0, 2.0, 5))[:, None] * np.array([1.0, -2.0])
+    np.testing.assert_allclose(np.asarray(sol.ys), expected, rtol=5e-5, atol=1e-6)
+
+
+def test_float32_state_keeps_float64_time_with_x64(x64):
+    t = jnp.asarray([0.0, 1e4, 1e4 + 1e-3])
+    sol = odecore.solve(lambda t, y: jnp.zeros_like(y), jnp.ones(2, dtype=jnp.float32), t)
+    assert sol.ys.dtype == jnp.float32
+    # 1e4 + 1e-3 is not representable in float32 (spacing ~1e-3): time stayed float64.
+    assert float(sol.ts[-1]) == 1e4 + 1e-3
+    assert float(sol.t_reached) == 1e4 + 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Failures under jit are never silent
+
+
+def _failing(kind):
+    if kind == "max_steps":
+        return (lambda t, y: -y), jnp.asarray([0.0, 50.0]), {"max_num_steps": 5}
+    if kind == "dt_underflow":  # y' = y^2 from y(0) = 1 blows up at t = 1
+        return (lambda t, y: y * y), jnp.asarray([0.0, 2.0]), {"max_num_steps": 100_000}
+    return (lambda t, y: jnp.where(t > 0.5, jnp.nan, -y)), jnp.asarray([0.0, 1.0]), None
+
+
+EXPECTED_STATUS = {
+    "max_steps": Status.MAX_STEPS_REACHED,
+    "dt_underflow": Status.DT_UNDERFLOW,
+    "nonfinite": Status.NONFINITE_STATE,
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED_STATUS))
+def test_failure_under_jit_gives_nan_and_status(x64, kind):
+    func, t, options = _failing(kind)
+    y0 = jnp.asarray([1.0])
+    run = jax.jit(lambda y0: odecore.solve(func, y0, t, options=options))
+    sol = run(y0)
+    assert int(sol.status) == EXPECTED_STATUS[kind]
+    assert bool(jnp.all(jnp.isnan(sol.ys[-1])))
+    assert float(sol.t_reached) < float(t[-1])
+    # Outside jit the same solve raises, naming the reason.
+    with pytest.raises(odecore.SolveError, match=EXPECTED_STATUS[kind].describe()[:20]):
+        odecore.solve(func, y0, t, options=options)
+
+
+def test_failure_in_a_batch_is_per_sample(x64):
+    y0 = jnp.asarray([[1.0], [-1.0]])  # y' = y^2: blows up from +1, decays from -1
+    sol = jax.jit(
+        lambda y0: odecore.solve(lambda t, y: y * y, y0, jnp.asarray([0.0, 2.0]), batch_axis=0)
+    )(y0)
+    assert [int(s) for s in sol.status] == [Status.DT_UNDERFLOW, Status.SUCCESS]
+    assert bool(jnp.isnan(sol.ys[-1, 0, 0]))
+    np.testing.assert_allclose(float(sol.ys[-1, 1, 0]), -1.0 / 3.0, rtol=1e-6)
+
+
+def test_failure_gives_nan_gradients_under_jit(x64):
+    func, t, options = _failing("max_steps")
+    loss = jax.jit(
+        jax.grad(
+            lambda y0: jnp.sum(odecore.odeint(func, y0, t, options=options, adjoint="backsolve"))
+        )
+    )
+    assert bool(jnp.all(jnp.isnan(loss(jnp.asarray([1.0])))))
+
+
+# --------------------------------------------------------------------------------------------
+# Invalid requests
+
+
+def test_direct_adjoint_raises_naming_the_modes():
+    y0, t, params = jax_inputs(jnp.float32)
+    with pytest.raises(ValueError, match="backsolve.*|checkpoint") as info:
+        odecore.odeint(field, y0, t, params=params, adjoint="direct")
+    assert "checkpoint" in str(info.value) and "backsolve" in str(info.value)
+
+
+def test_jvp_raises_a_clear_error(x64):
+    y0, t, params = jax_inputs()
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda y: odecore.odeint(field, y, t, params=params), (y0,), (y0,))
+
+
+def test_adjoint_params_outside_params_raises(x64):
+    y0, t, params = jax_inputs()
+    with pytest.raises(ValueError, match="Put every array to differentiate into params"):
+        jax.grad(
+            lambda y0: jnp.sum(
+                odecore.odeint(field, y0, t, params=params, adjoint_params=[params[0]])
+            )
+        )(y0)
+
+
+def test_invalid_concrete_inputs_still_raise(x64):
+    y0, t, params = jax_inputs()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        odecore.odeint(field, y0, jnp.asarray([0.0, 1.0, 1.0]), params=params)
+    with pytest.raises(ValueError, match="rtol must be positive"):
+        odecore.odeint(field, y0, t, params=params, rtol=-1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+
+# tests/gradient_cases.py's settings, with heun3 and fehlberg2 tighter: the check below is
+# relative to the largest entry of each gradient, and these two left the O(h^p) gap between
+# the flow's time gradients (and the continuous adjoint) and the discrete solve at 1.1e-5 to
+# 1.4e-5 of it.
+GRAD_SETTINGS = {
+    "dopri5": {"rtol": 1e-10, "atol": 1e-12},
+    "tsit5": {"rtol": 1e-10, "atol": 1e-12},
+    "dopri8": {"rtol": 1e-10, "atol": 1e-12},
+    "bosh3": {"rtol": 1e-7, "atol": 1e-9},
+    "fehlberg2": {"rtol": 1e-8, "atol": 1e-10},
+    "adaptive_heun": {"rtol": 1e-5, "atol": 1e-7},
+    "rk4": {"options": {"step_size": 0.05}},
+    "heun3": {"options": {"step_size": 0.025}},
+    "midpoint": {"options": {"step_size": 0.005}},
+    "heun2": {"options": {"step_size": 0.005}},
+    "euler": {"options": {"step_size": 0.05}},
+}
+# Every CI run: an adaptive and a fixed-step method. The conformance suite checks the JAX
+# gradients of dopri5, tsit5, dopri8 and bosh3 against independent references too; the full
+# set runs under -m slow.
+CI_METHODS = ("dopri5", "rk4")
+assert set(GRAD_SETTINGS) == set(odecore.METHODS)
+
+
+def _settings(method, mode):
+    kw = {"method": method, "adjoint": mode, **GRAD_SETTINGS[method]}
+    options = dict(kw.get("options", {}))
+    options["max_num_steps"] = 4000 if method in ("midpoint", "heun2") else 2000
+    kw["options"] = options
+    return kw
+
+
+def _loss_fn(method, mode):
+    weights = jnp.asarray(np.linspace(0.5, 1.5, TIMES.size * Y0.size).reshape(TIMES.size, -1))
+    kw = _settings(method, mode)
+
+    def loss(y0, t, params):
+        ys = odecore.odeint(field, y0, t, params=params, **kw)
+        return 0.5 * jnp.sum(weights * ys * ys)
+
+    return loss
+
+
+def _central_differences(f, x, eps=1e-6):
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.shape)
+    for j in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[j] += eps
+        minus[j] -= eps
+        out[j] = (float(f(jnp.asarray(plus))) - float(f(jnp.asarray(minus)))) / (2 * eps)
+    return out
+
+
+def _relative(actual, expected):
+    scale = max(float(np.max(np.abs(expected))), 1e-300)
+    return float(np.max(np.abs(np.asarray(actual) - expected))) / scale
+
+
+def _methods():
+    return [
+        m if m in CI_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in odecore.METHODS
+    ]
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("method", _methods())
+def test_gradients_match_finite_differences(x64, method, mode):
+    """jit(grad) with respect to y0, both parameters and every output time, against central
+    differences of the jitted solve, float64."""
+    if method == "euler" and mode == "backsolve":
+        pytest.skip("first order: the continuous adjoint is O(h) from the discrete solve")
+    loss = _loss_fn(method, mode)
+    y0, t, (W_, b) = jax_inputs()
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(y0, t, (W_, b))
+    fwd = jax.jit(loss)
+    fd = {
+        "y0": _central_differences(lambda v: fwd(v, t, (W_, b)), y0),
+        "W": _central_differences(lambda v: fwd(y0, t, (v, b)), W_),
+        "b": _central_differences(lambda v: fwd(y0, t, (W_, v)), b),
+    }
+    got = {"y0": grads[0], "W": grads[2][0], "b": grads[2][1]}
+    if method != "euler":  # time gradients are the flow's: O(h) off the Euler solve
+        fd["t"] = _central_differences(lambda v: fwd(y0, v, (W_, b)), t)
+        got["t"] = grads[1]
+    for name, reference in fd.items():
+        assert _relative(got[name], reference) < 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_checkpoint_and_backsolve_agree_with_numpy_pullback(x64, mode):
+    """The same rule as NumPy's odecore.vjp_odeint (dynamics with a hand-written VJP)."""
+    loss = _loss_fn("dopri5", mode)
+    y0, t, params = jax_inputs()
+    g_y0, g_t, (g_W, g_b) = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(y0, t, params)
+
+    class NumpyField:
+        def __call__(self, t, y, params):
+            return field(t, y, params)
+
+        def vjp(self, t, y, params, cot):
+            W_, b = params
+            u = cot * (1.0 - np.tanh(y @ W_.T) ** 2)
+            return u @ W_, (np.outer(u, y), cot * np.sin(2 * t))
+
+    weights = np.linspace(0.5, 1.5, TIMES.size * Y0.size).reshape(TIMES.size, -1)
+    kw = _settings("dopri5", mode)
+    kw.pop("adjoint")
+    ys, pullback = odecore.vjp_odeint(NumpyField(), Y0, TIMES, (W, B), adjoint=mode, **kw)
+    r_y0, (r_W, r_b), r_t = pullback(weights * ys)
+    for got, ref in ((g_y0, r_y0), (g_t, r_t), (g_W, r_W), (g_b, r_b)):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_of_grad_equals_grad_per_sample(x64):
+    loss = _loss_fn("dopri5", "checkpoint")
+    _, t, params = jax_inputs()
+    y0s = jnp.asarray(np.stack([Y0, 2 * Y0, -0.5 * Y0]))
+    batched = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 2)), in_axes=(0, None, None)))
+    g_y0, (g_W, g_b) = batched(y0s, t, params)
+    single = jax.jit(jax.grad(loss, argnums=(0, 2)))
+    for i in range(3):
+        r_y0, (r_W, r_b) = single(y0s[i], t, params)
+        np.testing.assert_allclose(np.asarray(g_y0[i]), np.asarray(r_y0), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(g_W[i]), np.asarray(r_W), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(g_b[i]), np.asarray(r_b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
+def test_grad_of_vmap_equals_sum_of_grads(x64, mode):
+    loss = _loss_fn("tsit5", mode)
+    _, t, params = jax_inputs()
+    y0s = jnp.asarray(np.stack([Y0, 2 * Y0, -0.5 * Y0]))
+
+    def total(y0s, params):
+        return jnp.sum(jax.vmap(loss, in_axes=(0, None, None))(y0s, t, params))
+
+    g_y0s, (g_W, g_b) = jax.jit(jax.grad(total, argnums=(0, 1)))(y0s, params)
+    single = jax.jit(jax.grad(loss, argnums=(0, 2)))
+    parts = [single(y0s[i], t, params) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(g_y0s), np.stack([p[0] for p in parts]), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(g_W), sum(np.asarray(p[1][0]) for p in parts), rtol=1e-11)
+    np.testing.assert_allclose(np.asarray(g_b), sum(np.asarray(p[1][1]) for p in parts), rtol=1e-11)
+
+
+def test_jit_of_grad_equals_grad(x64):
+    # checkpoint: its backward outside jit is one loop; backsolve's is one solve per output.
+    loss = _loss_fn("dopri5", "checkpoint")
+    y0, t, params = jax_inputs()
+    plain = jax.grad(loss, argnums=(0, 1, 2))(y0, t, params)
+    jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(y0, t, params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(jitted), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.slow  # grad of a jit runs in CI through the README example and the capture test
+def test_grad_of_jit_equals_grad(x64):
+    loss = _loss_fn("dopri5", "backsolve")
+    y0, t, params = jax_inputs()
+    plain = jax.grad(loss, argnums=(0, 2))(y0, t, params)
+    outer = jax.grad(jax.jit(loss), argnums=(0, 2))(y0, t, params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(outer), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+
+
+def test_checkpoint_buffer_is_sized_by_max_num_steps(x64):
+    """A solve that needs more steps than the buffer holds fails loudly (status and NaN
+    gradients) rather than replaying a truncated tape."""
+    y0, t, params = jax_inputs()
+
+    def loss(y0, n):
+        sol = odecore.solve(
+            field,
+            y0,
+            t,
+            params=params,
+            adjoint="checkpoint",
+            throw=False,
+            rtol=1e-10,
+            atol=1e-12,
+            options={"max_num_steps": n},
+        )
+        return jnp.sum(sol.ys**2), sol
+
+    (_, sol), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(y0, 10)
+    assert int(sol.status) == Status.MAX_STEPS_REACHED
+    assert bool(jnp.all(jnp.isnan(g)))
+    (_, sol), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(y0, 1000)
+    assert int(sol.status) == Status.SUCCESS
+    assert int(sol.stats["nsteps"]) < 1000
+    fd = _central_differences(jax.jit(lambda v: loss(v, 1000)[0]), y0)
+    assert _relative(g, fd) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "t, y0",
+    [
+        ([0.0, 1.0, 0.5], [1.0]),  # not monotonic
+        ([0.0, math.nan], [1.0]),
+        ([0.0, 1.0], [math.inf]),
+    ],
+)
+def test_invalid_traced_inputs_give_a_status(x64, t, y0):
+    """What eager checks reject becomes status INVALID_INPUT and NaN outputs under jit."""
+    run = jax.jit(lambda y0, t: odecore.solve(lambda t, y: -y, y0, t))
+    sol = run(jnp.asarray(y0), jnp.asarray(t))
+    assert int(sol.status) == Status.INVALID_INPUT
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+    with pytest.raises(ValueError):  # and outside jit the checks name the problem
+        odecore.solve(lambda t, y: -y, jnp.asarray(y0), jnp.asarray(t))
+
+
+def test_invalid_traced_rtol_gives_a_status(x64):
+    y0, t, params = jax_inputs()
+    run = jax.jit(lambda rtol: odecore.solve(field, y0, t, params=params, rtol=rtol))
+    assert int(run(jnp.asarray(-1e-6)).status) == Status.INVALID_INPUT
+    assert int(run(jnp.asarray(1e-6)).status) == Status.SUCCESS
+
+
+def test_differentiating_a_captured_array_raises(x64):
+    y0, t, (W_, b) = jax_inputs()
+
+    def loss(b):
+        return jnp.sum(odecore.odeint(lambda t, y: field(t, y, (W_, b)), y0, t))
+
+    with pytest.raises(ValueError, match="pass it in params"):
+        jax.grad(loss)(b)
+    with pytest.raises(ValueError, match="pass it in params"):
+        jax.jit(jax.grad(loss))(b)
+
+
+def test_grad_of_jit_through_a_captured_array_is_nan_not_zero(x64):
+    """Under grad(jit(f)) the capture cannot be seen while tracing: the gradient is NaN."""
+    y0, t, (W_, b) = jax_inputs()
+
+    @jax.jit
+    def loss(y0, b):
+        return jnp.sum(odecore.odeint(lambda t, y: field(t, y, (W_, b)), y0, t))
+
+    g_y0, g_b = jax.grad(loss, argnums=(0, 1))(y0, b)
+    assert bool(jnp.all(jnp.isnan(g_b)))
+    # y0 alone is differentiable, and its gradient does not depend on the capture's.
+    g_only = jax.grad(loss)(y0, b)
+    fd = _central_differences(lambda v: loss(v, b), y0)
+    assert _relative(g_only, fd) < 1e-6
+
+
+def test_float32_gradients_without_x64():
+    """float32 state and time (JAX's default): gradients within float32's reach of the same
+    gradients in float64."""
+    assert not jax.config.jax_enable_x64
+    loss = _loss_fn("dopri5", "checkpoint")
+    y0, t, params = jax_inputs(jnp.float32)
+    g_y0, (g_W, g_b) = jax.jit(jax.grad(loss, argnums=(0, 2)))(y0, t, params)
+    assert g_y0.dtype == jnp.float32
+    with jax.enable_x64(True):
+        loss64 = _loss_fn("dopri5", "checkpoint")
+        r_y0, (r_W, r_b) = jax.jit(jax.grad(loss64, argnums=(0, 2)))(*jax_inputs())
+    for got, ref in ((g_y0, r_y0), (g_W, r_W), (g_b, r_b)):
+        assert _relative(np.asarray(got), np.asarray(ref)) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
+def test_batched_gradients_equal_per_sample_gradients(x64, mode):
+    """batch_axis=0 under jit: each sample steps on its own (masked updates, a tape with
+    per-sample accept masks), and its gradient equals that of solving it alone."""
+    kw = _settings("dopri5", mode)
+    y0s = jnp.asarray(np.stack([Y0, 3 * Y0, -Y0]))
+    _, t, params = jax_inputs()
+
+    def batched(y0s, params):
+        ys = odecore.odeint(field, y0s, t, params=params, batch_axis=0, **kw)
+        return jnp.sum(ys[:, 0] ** 2) + 0.5 * jnp.sum(ys[:, 1:] ** 3)
+
+    def single(y0, params, i):
+        ys = odecore.odeint(field, y0, t, params=params, **kw)
+        return jnp.sum(ys**2) if i == 0 else 0.5 * jnp.sum(ys**3)
+
+    g_y0s, (g_W, g_b) = jax.jit(jax.grad(batched, argnums=(0, 1)))(y0s, params)
+    sum_W, sum_b = 0.0, 0.0
+    for i in range(3):
+        r_y0, (r_W, r_b) = jax.jit(jax.grad(single, argnums=(0, 1)), static_argnums=2)(
+            y0s[i], params, i
+        )
+        np.testing.assert_allclose(np.asarray(g_y0s[i]), np.asarray(r_y0), rtol=1e-7)
+        sum_W, sum_b = sum_W + np.asarray(r_W), sum_b + np.asarray(r_b)
+    np.testing.assert_allclose(np.asarray(g_W), sum_W, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(g_b), sum_b, rtol=1e-7)
+
+
+def test_step_and_jump_times_under_jit_match_numpy(x64):
+    y0, t, params = jax_inputs()
+    options = {"step_t": [0.25, 0.9, 5.0], "jump_t": [0.7]}
+
+    def jumpy(t, y, params):
+        return field(t, y, params) + jnp.where(t < 0.7, 0.0, 1.0)
+
+    run = jax.jit(lambda y0, t, p: odecore.solve(jumpy, y0, t, params=p, options=options))
+    sol = run(y0, t, params)
+
+    def jumpy_np(t, y, params):
+        return field(t, y, params) + (0.0 if t < 0.7 else 1.0)
+
+    ref = odecore.solve(jumpy_np, Y0, TIMES, params=(W, B), options=options)
+    np.testing.assert_allclose(np.asarray(sol.ys), ref.ys, rtol=1e-12, atol=1e-14)
+    assert int(sol.stats["naccept"]) == ref.stats["naccept"]
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)])
+def test_gradients_with_decreasing_traced_times(x64, mode):
+    """A traced decreasing t: the direction is a run-time value (Dynamics.flip)."""
+    kw = _settings("dopri5", mode)
+    y0, t, params = jax_inputs()
+    t = t[::-1]
+
+    def loss(y0, t, b):
+        ys = odecore.odeint(field, y0, t, params=(params[0], b), **kw)
+        return jnp.sum(ys[1:] ** 2 * jnp.arange(1.0, 4.0)[:, None])
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(y0, t, params[1])
+    fwd = jax.jit(loss)
+    fd = (
+        _central_differences(lambda v: fwd(v, t, params[1]), y0),
+        _central_differences(lambda v: fwd(y0, v, params[1]), t),
+        _central_differences(lambda v: fwd(y0, t, v), params[1]),
+    )
+    for got, ref in zip(grads, fd, strict=True):
+        assert _relative(got, ref) < 1e-5
