@@ -269,18 +269,18 @@ def _load_adapter(name: str) -> Backend:
     return module.BACKEND
 
 
-def is_traced(x: Any) -> bool:
-    """True when ``x`` is an array of a tracing framework with no concrete value yet; the
-    checks in ``odecore._validate`` skip such values."""
-    library = _library_of(x)
-    return library is not None and library in _loaded and _loaded[library].is_traced(x)
-
-
 def _adapter_shipped(name: str) -> bool:
     try:
         return importlib.util.find_spec(_ADAPTERS[name][0]) is not None
     except ImportError:
         return False
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an array of a tracing framework with no concrete value yet; the
+    checks in ``odecore._validate`` skip such values."""
+    library = _library_of(x)
+    return library is not None and library in _loaded and _loaded[library].is_traced(x)
 
 
 def _library_of(x: Any) -> str | None:

@@ -478,19 +478,6 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     )
 
 
-def _traced_validity(bk, ts, y0, rtol, atol):
-    """What ``_validate`` checks, as one 0-d boolean array, when its checks were traced (jit);
-    None when they ran. The loop then starts with status INVALID_INPUT instead of raising."""
-    if bk.eager:
-        return None
-    xp = bk.xp
-    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1]) & xp.all(xp.isfinite(y0))
-    for tol in (rtol, atol):
-        if not isinstance(tol, float):
-            ok = ok & xp.all(xp.isfinite(tol) & (tol > 0))
-    return ok if bk.is_traced(ok) else None
-
-
 def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
     """The step's scaled error norm: the backend's fused kernel where it has one for the
     built-in rms norm and a single error estimate, the portable composition otherwise."""
@@ -510,6 +497,19 @@ def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
         return ops.from_norm(fused(err, y, y_new, rtol, atol, axis))
 
     return ratio
+
+
+def _traced_validity(bk, ts, y0, rtol, atol):
+    """What ``_validate`` checks, as one 0-d boolean array, when its checks were traced (jit);
+    None when they ran. The loop then starts with status INVALID_INPUT instead of raising."""
+    if bk.eager:
+        return None
+    xp = bk.xp
+    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1]) & xp.all(xp.isfinite(y0))
+    for tol in (rtol, atol):
+        if not isinstance(tol, float):
+            ok = ok & xp.all(xp.isfinite(tol) & (tol > 0))
+    return ok if bk.is_traced(ok) else None
 
 
 # --------------------------------------------------------------------------------------------
