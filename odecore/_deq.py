@@ -458,9 +458,14 @@ class _Loop:
         m = self.m
         count = s["n_updates"]
         slots = xp.arange(m, dtype=count.dtype)
+        # With the memory full, the sample restarts from -I: the terms of the product form
+        # build on each other, so dropping only the oldest would leave an inconsistent rest.
+        restart = update & (count % m == 0)
+        mem_a = xp.where(restart[:, None, None], 0.0, s["mem_a"])
+        mem_b = xp.where(restart[:, None, None], 0.0, s["mem_b"])
         write = (slots[None, :] == (count % m)[:, None]) & update[:, None]
-        s["mem_a"] = xp.where(write[:, :, None], u[:, None, :], s["mem_a"])
-        s["mem_b"] = xp.where(write[:, :, None], v[:, None, :], s["mem_b"])
+        s["mem_a"] = xp.where(write[:, :, None], u[:, None, :], mem_a)
+        s["mem_b"] = xp.where(write[:, :, None], v[:, None, :], mem_b)
         s["n_updates"] = count + xp.astype(update, count.dtype)
 
 
