@@ -678,6 +678,14 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, params) (or f(z)), got {type(f).__name__}")
     layout = _Layout(bk, z0, batch_axis)
+    if params is not None and bk.param_leaves(f, None):
+        # The module's own parameters would silently get no gradient: the VJP differentiates
+        # with respect to params only once params are given.
+        raise TypeError(
+            f"f is a module with its own parameters and params is given too; pass everything "
+            f"through params (e.g. torch.func.functional_call(module, weights, (z, x)) with "
+            f"params=(weights, x)), or params=None with the inputs held by the module"
+        )
     leaves = bk.param_leaves(f, params)
     fmap = _Map(bk, f, params, leaves, layout)
     return bk, opts, z0, layout, leaves, fmap

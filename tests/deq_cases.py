@@ -5,6 +5,8 @@ Maps take a batch ``z`` of shape (B, N) (or a single (N,) sample) and ``params``
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 COS_FIXED_POINT = 0.7390851332151607  # the Dottie number, z = cos z
@@ -77,3 +79,47 @@ def reference_fixed_point(f, z0, params, iterations=2000):
 def relative_error(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def tanh_loss_weights():
+    return np.random.default_rng(1).standard_normal((3, 4))
+
+
+def _fd(fn, arrays, h=1e-6):
+    """Central differences of the scalar ``fn(arrays)`` with respect to every array."""
+    grads = []
+    for k, a in enumerate(arrays):
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            plus = [x.copy() for x in arrays]
+            minus = [x.copy() for x in arrays]
+            plus[k][idx] += h
+            minus[k][idx] -= h
+            g[idx] = (fn(plus) - fn(minus)) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+@functools.cache
+def implicit_fd_gradient():
+    c = tanh_loss_weights()
+
+    def loss(ps):
+        return float(np.sum(c * reference_fixed_point(Tanh(), Z0, tuple(ps), 200)))
+
+    return _fd(loss, list(tanh_params()))
+
+
+@functools.cache
+def unrolled_fd_gradient(k, d):
+    """Finite differences of ``k`` damped steps from the converged, held-fixed ``z*``."""
+    c = tanh_loss_weights()
+    z_star = reference_fixed_point(Tanh(), Z0, tanh_params())
+
+    def loss(ps):
+        z = z_star
+        for _ in range(k):
+            z = (1 - d) * z + d * Tanh()(z, tuple(ps))
+        return float(np.sum(c * z))
+
+    return _fd(loss, list(tanh_params()))

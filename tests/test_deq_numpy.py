@@ -21,9 +21,11 @@ from deq_cases import (
     Tanh,
     W,
     X,
-    reference_fixed_point,
+    implicit_fd_gradient,
     relative_error,
+    tanh_loss_weights,
     tanh_params,
+    unrolled_fd_gradient,
 )
 
 import odecore
@@ -230,44 +232,10 @@ def test_cos_plus_b_implicit_derivative(backward_solver):
     assert abs(b_bar[0] - 1.0 / (1.0 + np.sin(z))) < 1e-10
 
 
-def _tanh_loss_weights():
-    return np.random.default_rng(1).standard_normal((3, 4))
-
-
-def _fd(fn, arrays, h=1e-6):
-    """Central differences of the scalar ``fn(arrays)`` with respect to every array."""
-    grads = []
-    for k, a in enumerate(arrays):
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            plus = [x.copy() for x in arrays]
-            minus = [x.copy() for x in arrays]
-            plus[k][idx] += h
-            minus[k][idx] -= h
-            g[idx] = (fn(plus) - fn(minus)) / (2 * h)
-        grads.append(g)
-    return grads
-
-
-def _implicit_fd_gradient():
-    c = _tanh_loss_weights()
-
-    def loss(ps):
-        return float(np.sum(c * reference_fixed_point(Tanh(), Z0, tuple(ps), 200)))
-
-    return _fd(loss, list(tanh_params()))
-
-
-_IMPLICIT_FD = None
-
-
 @pytest.mark.parametrize(
     "solver,backward_solver", list(itertools.product(SOLVERS, BACKWARD_SOLVERS))
 )
 def test_implicit_gradient_matches_finite_differences(solver, backward_solver):
-    global _IMPLICIT_FD
-    if _IMPLICIT_FD is None:
-        _IMPLICIT_FD = _implicit_fd_gradient()
     sol, pullback = odecore.vjp_fixed_point(
         Tanh(),
         Z0,
@@ -277,23 +245,9 @@ def test_implicit_gradient_matches_finite_differences(solver, backward_solver):
         batch_axis=0,
         **TIGHT,
     )
-    grads = pullback(_tanh_loss_weights())
-    for got, ref, name in zip(grads, _IMPLICIT_FD, ("W", "U", "b", "x"), strict=True):
+    grads = pullback(tanh_loss_weights())
+    for got, ref, name in zip(grads, implicit_fd_gradient(), ("W", "U", "b", "x"), strict=True):
         assert relative_error(got, ref) < 1e-7, name
-
-
-def _unrolled_fd_gradient(k, d):
-    """Finite differences of ``k`` damped steps from the converged, held-fixed ``z*``."""
-    c = _tanh_loss_weights()
-    z_star = reference_fixed_point(Tanh(), Z0, tanh_params())
-
-    def loss(ps):
-        z = z_star
-        for _ in range(k):
-            z = (1 - d) * z + d * Tanh()(z, tuple(ps))
-        return float(np.sum(c * z))
-
-    return _fd(loss, list(tanh_params()))
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -310,14 +264,14 @@ def test_one_step_and_unrolled_match_finite_differences(solver, backward, k, d):
         **TIGHT,
         **kwargs,
     )
-    grads = pullback(_tanh_loss_weights())
-    for got, ref in zip(grads, _unrolled_fd_gradient(k, d), strict=True):
+    grads = pullback(tanh_loss_weights())
+    for got, ref in zip(grads, unrolled_fd_gradient(k, d), strict=True):
         # z* is the solver's to 1e-12, the FD map's to machine precision.
         assert relative_error(got, ref) < 1e-7
 
 
 def test_one_step_is_exactly_one_vjp_and_differs_from_implicit():
-    c = _tanh_loss_weights()
+    c = tanh_loss_weights()
     sol, pullback = odecore.vjp_fixed_point(
         Tanh(), Z0, tanh_params(), backward="one_step", batch_axis=0, **TIGHT
     )
@@ -330,7 +284,7 @@ def test_one_step_is_exactly_one_vjp_and_differs_from_implicit():
 
 
 def test_unrolled_converges_to_implicit():
-    c = _tanh_loss_weights()
+    c = tanh_loss_weights()
     _, implicit = odecore.vjp_fixed_point(Tanh(), Z0, tanh_params(), batch_axis=0, **TIGHT)
     ref = implicit(c)[2]
     errors = []
