@@ -56,7 +56,7 @@ class DEQClassifier(torch.nn.Module):
 def progress(epoch, epochs, done, total, loss, width=30):
     filled = int(width * done / total)
     bar = "#" * filled + "-" * (width - filled)
-    sys.stdout.write(f"\repoch {epoch + 1}/{epochs} [{bar}] {done}/{total} loss {loss:.3f}")
+    sys.stdout.write(f"\repoch {epoch + 1}/{epochs} [{bar}] {done}/{total} mean loss {loss:.3f}")
     sys.stdout.flush()
 
 
@@ -85,6 +85,7 @@ def main(argv=None):
     start = time.perf_counter()
     for epoch in range(args.epochs):
         order = torch.randperm(len(y_train))
+        epoch_loss, seen = 0.0, 0
         for i in range(0, len(order), args.batch_size):
             batch = order[i : i + args.batch_size]
             logits, sol, x = model(X_train[batch])
@@ -104,9 +105,9 @@ def main(argv=None):
             optimizer.step()
             forward_iters.append(sol.iterations.double().mean().item())
             backward_iters.append(sol.stats["backward_iterations"].double().mean().item())
-            progress(
-                epoch, args.epochs, min(i + args.batch_size, len(order)), len(order), loss.item()
-            )
+            epoch_loss += loss.item() * len(batch)
+            seen += len(batch)
+            progress(epoch, args.epochs, seen, len(order), epoch_loss / seen)
         sys.stdout.write("\n")
 
     with torch.no_grad():
