@@ -380,24 +380,29 @@ class _Loop:
     # ---- Anderson ---------------------------------------------------------------------------
 
     def _anderson(self, s, active):
-        """Anderson mixing with each sample's own coefficients: store ``(z, g(z))``, then mix
-        the stored pairs with the weights ``alpha`` (summing to one) that minimise the
-        combined residual ``|sum_i alpha_i (g(z_i) - z_i)|^2 + lam' |alpha|^2``."""
-        xp = self.bk.xp
+        """Anderson mixing with each sample's own coefficients: store ``z`` and its residual
+        ``g(z) - z``, then mix the stored pairs with the weights ``alpha`` (summing to one)
+        that minimise ``|sum_i alpha_i (g(z_i) - z_i)|^2 + lam' |alpha|^2``.
+
+        Every running sample has done exactly ``k`` iterations (a sample that stops never
+        restarts), so all of them write the same memory slot; writing into a stopped
+        sample's memory is harmless, as its proposals are discarded. One slice write
+        replaces a masked update of the whole memory."""
+        bk, xp = self.bk, self.bk.xp
         m = self.m
-        B = s["z"].shape[0]
-        count = s["iterations"]  # pairs stored so far, minus one
-        slot = xp.astype(count % m, count.dtype)
-        slots = xp.arange(m, dtype=count.dtype)
-        write = (slots[None, :] == slot[:, None]) & active[:, None]
-        s["mem_a"] = xp.where(write[:, :, None], s["z"][:, None, :], s["mem_a"])
-        s["mem_b"] = xp.where(write[:, :, None], s["gz"][:, None, :], s["mem_b"])
-        filled = slots[None, :] <= count[:, None]  # (B, m)
-        X, F = s["mem_a"], s["mem_b"]
-        G = xp.where(filled[:, :, None], F - X, 0.0)
-        # A non-finite residual in memory would poison the whole system; such samples have
-        # stopped already, so zeros only keep the batched solve finite.
-        G = xp.where(xp.isfinite(G), G, 0.0)
+        z = s["z"]
+        B = z.shape[0]
+        k = s["k"]
+        slot = k % m
+        # A non-finite residual in memory would poison the batched solve; such a sample has
+        # stopped already, so a zero only keeps the others' arithmetic finite.
+        residual = s["gz"] - z
+        residual = xp.where(xp.isfinite(residual), residual, 0.0)
+        X = bk.write(s["mem_a"], (slice(None), slot), z)
+        G = bk.write(s["mem_b"], (slice(None), slot), residual)
+        s["mem_a"], s["mem_b"] = X, G
+        slots = xp.arange(m, dtype=k.dtype)
+        filled = slots <= k  # (m,): unfilled slots hold zeros
         GG = G @ xp.matrix_transpose(G)  # (B, m, m)
         eye = xp.eye(m, dtype=G.dtype)
         diag = xp.sum(GG * eye, axis=-1)
@@ -405,9 +410,9 @@ class _Loop:
         # the floor keeps the system regular once the residuals reach zero.
         floor = xp.finfo(G.dtype).smallest_normal ** 0.5
         scale = self.lam * xp.sum(diag, axis=-1) / m + floor  # (B,)
-        both = filled[:, :, None] & filled[:, None, :]
+        both = filled[:, None] & filled[None, :]
         H = xp.where(both, GG + scale[:, None, None] * eye, eye)
-        ones = xp.astype(filled, G.dtype)
+        ones = xp.broadcast_to(xp.astype(filled, G.dtype), (B, m))
         top = xp.concat([xp.zeros((B, 1), dtype=G.dtype), ones], axis=1)[:, None, :]
         body = xp.concat([ones[:, :, None], H], axis=2)
         A = xp.concat([top, body], axis=1)  # (B, m + 1, m + 1)
@@ -416,11 +421,12 @@ class _Loop:
         # Guard: should the system still be singular in floating point, that sample takes a
         # plain step from its newest pair instead.
         ok = xp.all(xp.isfinite(alpha), axis=-1)
-        newest = xp.astype(write, G.dtype)
-        alpha = xp.where(ok[:, None], alpha, newest)
-        mixed_f = xp.sum(alpha[:, :, None] * F, axis=1)
-        mixed_x = xp.sum(alpha[:, :, None] * X, axis=1)
-        return self.beta * mixed_f + (1.0 - self.beta) * mixed_x
+        newest = xp.astype(slots == slot, G.dtype)
+        alpha = xp.where(ok[:, None], alpha, newest[None, :])
+        weights = alpha[:, None, :]
+        mixed_x = (weights @ X)[:, 0, :]
+        mixed_g = (weights @ G)[:, 0, :]
+        return mixed_x + self.beta * mixed_g
 
     # ---- Broyden ----------------------------------------------------------------------------
     # The inverse Jacobian of r(z) = g(z) - z is kept as -I + sum_i u_i v_i^T (mem_a holds u,
@@ -682,9 +688,9 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
         # The module's own parameters would silently get no gradient: the VJP differentiates
         # with respect to params only once params are given.
         raise TypeError(
-            f"f is a module with its own parameters and params is given too; pass everything "
-            f"through params (e.g. torch.func.functional_call(module, weights, (z, x)) with "
-            f"params=(weights, x)), or params=None with the inputs held by the module"
+            "f is a module with its own parameters and params is given too; pass everything "
+            "through params (e.g. torch.func.functional_call(module, weights, (z, x)) with "
+            "params=(weights, x)), or params=None with the inputs held by the module"
         )
     leaves = bk.param_leaves(f, params)
     fmap = _Map(bk, f, params, leaves, layout)
