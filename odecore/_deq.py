@@ -479,7 +479,7 @@ class _Loop:
 # GMRES for the implicit backward
 
 
-def _gmres(bk, apply_op, w, tol, max_iter, restart):
+def _gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
     """Restarted GMRES, per sample, for ``apply_op(u) = w`` on ``(B, N)`` arrays. Each cycle
     builds a Krylov basis of ``restart`` vectors and solves its small least-squares problem;
     converged samples stop changing. Returns ``(u, iterations, residual, status)``, with
@@ -488,7 +488,8 @@ def _gmres(bk, apply_op, w, tol, max_iter, restart):
     B, N = w.shape
     restart = max(1, min(restart, N))
     tiny = xp.finfo(w.dtype).tiny
-    w_norm = _norm(xp, w)
+    # "rel" measures the linear residual against the right-hand side, per sample.
+    tol = tol * _norm(xp, w) if stop_mode == "rel" else tol
 
     def residual(u):
         return w - apply_op(u)
@@ -547,7 +548,7 @@ def _gmres(bk, apply_op, w, tol, max_iter, restart):
 
     s = bk.while_loop(cond, body, init())
     status = xp.where(s["status"] == RUNNING, MAX_ITER_REACHED, s["status"])
-    return s["u"], s["iterations"], s["res"], status, w_norm
+    return s["u"], s["iterations"], status
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,11 +620,12 @@ class FixedPointRule:
             return self.fmap.vjp(z_star, u)[0]
 
         if opts.backward_solver == "gmres":
-            u, iterations, res, status, w_norm = _gmres(
+            u, iterations, status = _gmres(
                 bk,
                 lambda u: u - vjp_z(u),
                 w,
                 opts.backward_tol,
+                opts.stop_mode,
                 opts.backward_max_iter,
                 restart=min(opts.m * 4, 20),
             )
@@ -847,6 +849,11 @@ def jacobian_frobenius(f, z, params=None, *, probe, batch_axis=None, backend=Non
     zero mean and identity covariance (Gaussian or Rademacher), so the estimate is unbiased.
     Returns shape ``(B,)`` with ``batch_axis=0``, else a 0-d array."""
     bk = resolve_backend(backend, {"z": z, "params": params, "probe": probe})
+    if not bk.has_autodiff:
+        raise TypeError(
+            f"jacobian_frobenius is a training penalty and needs autodiff to differentiate "
+            f"it; the {bk.name!r} backend has none: use torch"
+        )
     xp = bk.xp
     z, probe = bk.asarray(z), bk.asarray(probe)
     if tuple(probe.shape) != tuple(z.shape):
