@@ -24,7 +24,7 @@ from odecore._config import resolve_backend
 
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
-BACKWARD_SOLVERS = ("picard", "anderson", "gmres")
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
 STOP_MODES = ("abs", "rel")
 
 
@@ -747,11 +747,13 @@ def solve_fixed_point(
         ``MAX_ITER_REACHED``.
     backward : {"implicit", "one_step", "unrolled"}
         The gradient. ``"implicit"``: the implicit-function-theorem gradient, solving
-        ``u = w + u J_f(z*)`` with ``backward_solver`` (``"picard"``, ``"anderson"`` or
-        ``"gmres"``) to ``backward_tol`` within ``backward_max_iter`` (default: the forward
-        ``tol`` and ``max_iter``). ``"one_step"``: the gradient of one step ``f(z*)`` from the
-        detached ``z*``. ``"unrolled"``: backpropagation through ``unroll_steps`` steps
-        ``z <- (1 - unroll_damping) z + unroll_damping f(z)`` from the detached ``z*``.
+        ``u = w + u J_f(z*)`` with ``backward_solver`` (``"picard"``, ``"anderson"``,
+        ``"broyden"``, with the forward's ``m`` and ``lam``; or ``"gmres"``, restarted every
+        ``min(4 m, 20)`` vectors) to ``backward_tol`` within ``backward_max_iter`` (default:
+        the forward ``tol`` and ``max_iter``). ``"one_step"``: the gradient of one step
+        ``f(z*)`` from the detached ``z*``. ``"unrolled"``: backpropagation through
+        ``unroll_steps`` steps ``z <- (1 - unroll_damping) z + unroll_damping f(z)`` from the
+        detached ``z*``.
     batch_axis : None or 0
         With 0, the first axis indexes independent samples, each converging on its own.
     backend : str, optional

@@ -196,7 +196,7 @@ def test_anderson_survives_a_singular_system():
 # Gradients: closed forms, finite differences, one step, unrolled
 # ---------------------------------------------------------------------------------------------
 
-BACKWARD_SOLVERS = ("picard", "anderson", "gmres")
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
 
 
 @pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)

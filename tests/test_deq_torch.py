@@ -27,7 +27,7 @@ import odecore
 torch = pytest.importorskip("torch")
 
 SOLVERS = ("picard", "anderson", "broyden")
-BACKWARD_SOLVERS = ("picard", "anderson", "gmres")
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
 TIGHT = {"tol": 1e-12, "max_iter": 300}
 
 
