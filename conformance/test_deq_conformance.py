@@ -262,7 +262,7 @@ def check_values(bk, variant):
 
 def check_cross_backend(bk, variant):
     if bk.name == "numpy":
-        pytest.skip("the NumPy backend is the reference")
+        pytest.skip("numpy is the backend the others are compared with")
     ref = solve_values(odecore.get_backend("numpy"), variant)
     err = relative_error(solve_values(bk, variant), ref)
     assert err < 1e-10, f"z* differs from NumPy's by {err:.2e} relative"
