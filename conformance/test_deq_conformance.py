@@ -294,4 +294,11 @@ assert tuple(CHECK_FUNCTIONS) == CHECKS
 @pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
 def test_deq_conformance(backend_name: str, variant: Variant, check: str) -> None:
     bk = backend_or_skip(backend_name)
-    CHECK_FUNCTIONS[check](bk, variant)
+    try:
+        CHECK_FUNCTIONS[check](bk, variant)
+    except NotImplementedError as exc:
+        # A backend the fixed point does not support yet says so with this error; its cells
+        # are skipped with the message rather than failed.
+        if "fixed points on the" not in str(exc):
+            raise
+        pytest.skip(str(exc))

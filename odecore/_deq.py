@@ -597,7 +597,10 @@ class FixedPointRule:
         )
         return self.solution.z, z_star
 
-    def backward(self, z_star, z_bar):
+    def backward(self, z_star, z_bar, needs=None):
+        """One cotangent per primal: ``(None, *leaves_bar)``. ``needs`` (one flag per primal,
+        from the framework) is accepted for the protocol; every leaf's cotangent comes from
+        the same VJP, so there is nothing to skip."""
         xp, opts = self.bk.xp, self.opts
         w = self.layout.to_internal(xp, z_bar)
         with self.bk.no_grad():
@@ -676,6 +679,14 @@ class FixedPointRule:
 
 def _setup(f, z0, params, backend, batch_axis, kwargs):
     bk = resolve_backend(backend, {"z0": z0, "params": params})
+    if not bk.eager:
+        # The loop itself is written for tracing (no Python branch on array values), but the
+        # rule does not yet keep its residuals and statistics as the explicit arrays a
+        # tracing framework's custom VJP needs.
+        raise NotImplementedError(
+            f"fixed points on the {bk.name!r} backend (a tracing backend) are not supported "
+            f"yet; use the 'numpy' or 'torch' backend"
+        )
     opts = _options(**kwargs)
     z0 = bk.asarray(z0)
     xp = bk.xp

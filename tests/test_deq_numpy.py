@@ -368,3 +368,12 @@ def test_pullback_checks_the_cotangent_shape():
     _, pullback = odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC))
     with pytest.raises(ValueError, match="cotangent shaped like z"):
         pullback(np.ones(3))
+
+
+def test_a_tracing_backend_is_refused_with_a_clear_error():
+    class Tracing(type(odecore.get_backend("numpy"))):
+        name = "tracing"
+        eager = False
+
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        odecore.solve_fixed_point(np.cos, np.zeros(2), backend=Tracing())
