@@ -19,6 +19,7 @@ from deq_cases import (
     Affine,
     CosPlusB,
     Tanh,
+    U,
     W,
     X,
     implicit_fd_gradient,
@@ -27,6 +28,8 @@ from deq_cases import (
     tanh_params,
     unrolled_fd_gradient,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import odecore
 
@@ -377,3 +380,28 @@ def test_a_tracing_backend_is_refused_with_a_clear_error():
 
     with pytest.raises(NotImplementedError, match="not supported yet"):
         odecore.solve_fixed_point(np.cos, np.zeros(2), backend=Tracing())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    order=st.permutations(range(5)),
+    size=st.integers(min_value=1, max_value=5),
+    solver=st.sampled_from(SOLVERS),
+)
+def test_iterations_do_not_depend_on_batch_composition(order, size, solver):
+    starts = np.linspace(-2.0, 3.0, 5)[:, None] * np.ones((5, 4))
+    inputs = np.random.default_rng(0).standard_normal((5, 3))
+
+    def solve(rows):
+        rows = list(rows)
+        params = (W, U, B_VEC, inputs[rows])
+        return odecore.solve_fixed_point(
+            Tanh(), starts[rows], params, solver=solver, batch_axis=0, tol=1e-10
+        )
+
+    alone = [solve([i]) for i in range(5)]
+    chosen = list(order)[:size]
+    batch = solve(chosen)
+    for j, i in enumerate(chosen):
+        assert batch.iterations[j] == alone[i].iterations[0]
+        np.testing.assert_allclose(batch.z[j], alone[i].z[0], rtol=0, atol=1e-14)

@@ -231,3 +231,14 @@ def test_spectral_radius_on_torch():
         lambda z, p: z @ p.T, t64(np.zeros((2, 4))), t64(S), iterations=200, batch_axis=0
     )
     np.testing.assert_allclose(rho.numpy(), [0.9, 0.9], atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_singular_mixing_system_does_not_raise(solver):
+    # A constant map: after one step every residual is exactly zero, and with lam=0 the
+    # Anderson system would be singular without its floor; torch's solve raises on that.
+    sol = odecore.solve_fixed_point(
+        lambda z: torch.full_like(z, 0.25), torch.zeros(3, 2), solver=solver, lam=0.0, batch_axis=0
+    )
+    assert sol.success
+    assert torch.equal(sol.z, torch.full((3, 2), 0.25))
