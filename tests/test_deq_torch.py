@@ -242,3 +242,22 @@ def test_singular_mixing_system_does_not_raise(solver):
     )
     assert sol.success
     assert torch.equal(sol.z, torch.full((3, 2), 0.25))
+
+
+def test_classifier_example_learns(capsys):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "deq_classifier.py"
+    spec = importlib.util.spec_from_file_location("deq_classifier", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        accuracy = example.main(["--epochs", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert accuracy > 0.6  # ten classes: chance is 0.1
+    assert "test accuracy" in out and "forward" in out and "backward" in out
