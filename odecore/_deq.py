@@ -16,6 +16,7 @@ parameter gradient is then ``u df/dparams``.
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -770,22 +771,8 @@ def solve_fixed_point(
     backend : str, optional
         Overrides the configured backend.
     """
-    kwargs = dict(
-        solver=solver,
-        tol=tol,
-        stop_mode=stop_mode,
-        max_iter=max_iter,
-        m=m,
-        lam=lam,
-        beta=beta,
-        damping=damping,
-        backward=backward,
-        backward_solver=backward_solver,
-        backward_tol=backward_tol,
-        backward_max_iter=backward_max_iter,
-        unroll_steps=unroll_steps,
-        unroll_damping=unroll_damping,
-    )
+    given = locals()
+    kwargs = {name: given[name] for name in _option_defaults()}
     bk, opts, z0, layout, leaves, fmap = _setup(f, z0, params, backend, batch_axis, kwargs)
     rule = FixedPointRule(bk, fmap, layout, opts)
     if not bk.has_autodiff or not bk.requires_grad({"params": params, "leaves": leaves}):
@@ -795,6 +782,16 @@ def solve_fixed_point(
     solution = rule.solution
     solution.z = z
     return solution
+
+
+def _option_defaults() -> dict:
+    """The solver options of :func:`solve_fixed_point` with their defaults, read from its
+    signature so that the other entry points cannot drift from it."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(solve_fixed_point).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("batch_axis", "backend")
+    }
 
 
 def fixed_point(f, z0, params=None, **kwargs):
@@ -813,22 +810,7 @@ def vjp_fixed_point(f, z0, params=None, **kwargs):
 
     backend = kwargs.pop("backend", None)
     batch_axis = kwargs.pop("batch_axis", None)
-    defaults = dict(
-        solver="anderson",
-        tol=1e-6,
-        stop_mode="abs",
-        max_iter=50,
-        m=5,
-        lam=1e-4,
-        beta=1.0,
-        damping=1.0,
-        backward="implicit",
-        backward_solver="anderson",
-        backward_tol=None,
-        backward_max_iter=None,
-        unroll_steps=None,
-        unroll_damping=1.0,
-    )
+    defaults = _option_defaults()
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"vjp_fixed_point got unexpected keyword arguments {sorted(unknown)}")

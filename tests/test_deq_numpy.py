@@ -405,3 +405,8 @@ def test_iterations_do_not_depend_on_batch_composition(order, size, solver):
     for j, i in enumerate(chosen):
         assert batch.iterations[j] == alone[i].iterations[0]
         np.testing.assert_allclose(batch.z[j], alone[i].z[0], rtol=0, atol=1e-14)
+
+
+def test_vjp_fixed_point_rejects_unknown_options():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['tolerance'\]"):
+        odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), tolerance=1e-3)
