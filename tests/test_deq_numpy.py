@@ -410,3 +410,18 @@ def test_iterations_do_not_depend_on_batch_composition(order, size, solver):
 def test_vjp_fixed_point_rejects_unknown_options():
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['tolerance'\]"):
         odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), tolerance=1e-3)
+
+
+def test_unconverged_backward_reports_its_status():
+    sol, pullback = odecore.vjp_fixed_point(
+        Tanh(),
+        Z0,
+        tanh_params(),
+        backward_solver="picard",
+        backward_max_iter=2,
+        batch_axis=0,
+        **TIGHT,
+    )
+    pullback(tanh_loss_weights())
+    assert (sol.stats["backward_status"] == odecore.FixedPointStatus.MAX_ITER_REACHED).all()
+    assert (sol.stats["backward_iterations"] == 2).all()
