@@ -2,6 +2,15 @@
 
 from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore._config import backend_name, set_backend, use_backend
+from odecore._deq import (
+    FixedPointSolution,
+    FixedPointStatus,
+    fixed_point,
+    jacobian_frobenius,
+    solve_fixed_point,
+    spectral_radius,
+    vjp_fixed_point,
+)
 from odecore._solution import Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
@@ -17,17 +26,24 @@ __all__ = [
     "METHODS",
     "TABLEAUS",
     "Backend",
+    "FixedPointSolution",
+    "FixedPointStatus",
     "BackendNotAvailableError",
     "Solution",
     "SolveError",
     "Status",
     "Tableau",
     "backend_name",
+    "fixed_point",
     "get_backend",
+    "jacobian_frobenius",
     "odeint",
     "odeint_adjoint",
     "set_backend",
     "solve",
+    "solve_fixed_point",
+    "spectral_radius",
     "use_backend",
+    "vjp_fixed_point",
     "vjp_odeint",
 ]

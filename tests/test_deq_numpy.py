@@ -1,0 +1,427 @@
+"""Fixed points on NumPy: the forward solvers, the per-sample bookkeeping, and gradients from
+``odecore.vjp_fixed_point`` with the map's own VJP.
+
+References: closed forms (the Dottie number, sqrt 2, ``(I - W)^{-1} b`` and its gradient
+``(I - W)^{-T} 1``, ``1 / (1 + sin z*)``), plain iteration to machine precision, and central
+finite differences in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from deq_cases import (
+    B_VEC,
+    COS_FIXED_POINT,
+    Z0,
+    Affine,
+    CosPlusB,
+    Tanh,
+    U,
+    W,
+    X,
+    implicit_fd_gradient,
+    relative_error,
+    tanh_loss_weights,
+    tanh_params,
+    unrolled_fd_gradient,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import odecore
+
+SOLVERS = ("picard", "anderson", "broyden")
+TIGHT = {"tol": 1e-12, "max_iter": 300}
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: analytic fixed points
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cos_fixed_point(solver):
+    sol = odecore.solve_fixed_point(np.cos, np.array([1.0]), solver=solver, **TIGHT)
+    assert sol.success, sol.message
+    assert abs(sol.z[0] - COS_FIXED_POINT) < 1e-11
+    assert sol.abs_residual[0] <= 1e-12
+    assert sol.stats["nfev"] == sol.iterations[0] + 1
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_babylonian_square_root(solver):
+    z0 = np.array([[1.0], [3.0], [0.5]])
+    sol = odecore.solve_fixed_point(
+        lambda z: (z + 2.0 / z) / 2.0, z0, solver=solver, batch_axis=0, **TIGHT
+    )
+    assert sol.success, sol.message
+    np.testing.assert_allclose(sol.z[:, 0], np.sqrt(2.0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_affine_fixed_point_is_the_linear_solve(solver):
+    b = np.stack([B_VEC, -B_VEC, 2 * B_VEC])
+    sol = odecore.solve_fixed_point(Affine(), Z0, (W, b), solver=solver, batch_axis=0, **TIGHT)
+    expected = np.linalg.solve(np.eye(W.shape[0]) - W, b.T).T
+    assert sol.success, sol.message
+    assert relative_error(sol.z, expected) < 1e-10
+
+
+def test_anderson_and_broyden_beat_picard_on_a_slow_contraction():
+    # Dominant eigenvalue 0.95: Picard needs hundreds of iterations, the accelerated solvers
+    # far fewer.
+    Q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((4, 4)))
+    Wslow = Q @ np.diag([0.95, 0.9, -0.8, 0.5]) @ Q.T
+    b = np.stack([B_VEC])
+    counts = {
+        s: int(
+            odecore.solve_fixed_point(
+                Affine(), Z0[:1], (Wslow, b), solver=s, m=8, batch_axis=0, tol=1e-10, max_iter=2000
+            ).iterations[0]
+        )
+        for s in SOLVERS
+    }
+    assert counts["anderson"] < counts["picard"] / 5
+    assert counts["broyden"] < counts["picard"] / 5
+
+
+def test_damped_picard_is_the_damped_iteration():
+    z0 = np.array([1.0])
+    sol = odecore.solve_fixed_point(np.cos, z0, solver="picard", damping=0.5, max_iter=3, tol=1e-30)
+    z = z0
+    for _ in range(3):
+        z = 0.5 * z + 0.5 * np.cos(z)
+    # Each damped iterate is closer, so the best iterate is the last.
+    assert sol.z[0] == z[0]
+    assert sol.iterations[0] == 3
+
+
+def test_relative_stopping_mode():
+    scale = 1e6
+    sol = odecore.solve_fixed_point(
+        lambda z: scale * np.cos(z / scale), np.array([scale]), stop_mode="rel", tol=1e-10
+    )
+    assert sol.success
+    assert sol.rel_residual[0] <= 1e-10
+    assert sol.abs_residual[0] > 1e-10  # the absolute residual is larger: rel is what stopped
+    assert abs(sol.z[0] / scale - COS_FIXED_POINT) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample behaviour
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batch_equals_each_sample_alone(solver):
+    params = tanh_params()
+    z0 = np.stack([np.zeros(4), np.ones(4), -2 * np.ones(4)])
+    batch = odecore.solve_fixed_point(Tanh(), z0, params, solver=solver, batch_axis=0, tol=1e-10)
+    assert batch.success
+    for i in range(3):
+        alone = odecore.solve_fixed_point(
+            Tanh(),
+            z0[i : i + 1],
+            params[:3] + (X[i : i + 1],),
+            solver=solver,
+            batch_axis=0,
+            tol=1e-10,
+        )
+        np.testing.assert_allclose(batch.z[i], alone.z[0], rtol=0, atol=1e-14)
+        assert batch.iterations[i] == alone.iterations[0]
+        assert batch.status[i] == alone.status[0]
+
+
+def test_converged_sample_stops_changing():
+    # Sample 0 starts at the fixed point, sample 1 far from it.
+    z0 = np.array([[COS_FIXED_POINT], [3.0]])
+    sol = odecore.solve_fixed_point(np.cos, z0, batch_axis=0, solver="picard", tol=1e-9)
+    assert sol.iterations[0] == 0 and sol.iterations[1] > 10
+    assert sol.z[0, 0] == COS_FIXED_POINT
+    # The residual trace of the finished sample is NaN from its first idle iteration on.
+    assert np.isnan(sol.trace[1:, 0]).all() and np.isfinite(sol.trace[:, 1]).all()
+
+
+def test_non_convergent_map_reports_max_iter():
+    # z -> -z + 1 oscillates forever between z0 and 1 - z0: the residual never shrinks.
+    sol = odecore.solve_fixed_point(
+        lambda z: 1.0 - z, np.array([0.0]), solver="picard", max_iter=25, tol=1e-8
+    )
+    assert not sol.success
+    assert sol.status[0] == odecore.FixedPointStatus.MAX_ITER_REACHED
+    assert sol.iterations[0] == 25
+    assert sol.abs_residual[0] == 1.0 and np.isfinite(sol.z).all()
+    assert "max_iter" in sol.message
+    assert sol.trace.shape == (26, 1)
+
+
+def test_best_iterate_is_returned_not_the_last():
+    # z -> 2z diverges from its fixed point 0: the start is the best iterate.
+    sol = odecore.solve_fixed_point(lambda z: 2.0 * z, np.array([1.0]), solver="picard", max_iter=5)
+    assert sol.z[0] == 1.0
+    assert sol.abs_residual[0] == 1.0
+    assert sol.trace[-1, 0] == 32.0  # the last iterate, 32, had residual 32
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_map_without_real_fixed_point_gets_a_status_not_an_exception(solver):
+    # z -> z^2 + 1 has no real fixed point: Picard overflows, the others may wander; either
+    # way the solve ends with a failure status and finite best iterates and residuals.
+    with np.errstate(over="ignore", invalid="ignore"):
+        sol = odecore.solve_fixed_point(
+            lambda z: z * z + 1.0,
+            np.array([[2.0], [3.0]]),
+            batch_axis=0,
+            solver=solver,
+            max_iter=60,
+        )
+    failed = (odecore.FixedPointStatus.NONFINITE, odecore.FixedPointStatus.MAX_ITER_REACHED)
+    assert all(int(s) in failed for s in sol.status)
+    assert np.isfinite(sol.z).all() and np.isfinite(sol.abs_residual).all()
+    assert (sol.abs_residual >= 0.75).all()  # z^2 + 1 - z >= 3/4 everywhere
+    if solver == "picard":
+        assert (sol.status == odecore.FixedPointStatus.NONFINITE).all()
+        assert "non-finite" in sol.message
+
+
+def test_anderson_survives_a_singular_system():
+    # A constant map: every stored residual after the first is the same vector, and once the
+    # iterate lands the residuals are exactly zero; the mixing system must not break.
+    sol = odecore.solve_fixed_point(lambda z: np.ones_like(z) * 0.25, np.zeros(3), m=4, lam=0.0)
+    assert sol.success
+    np.testing.assert_array_equal(sol.z, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: closed forms, finite differences, one step, unrolled
+# ---------------------------------------------------------------------------------------------
+
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
+
+
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_affine_implicit_gradient_closed_form(solver, backward_solver):
+    b = B_VEC[None, :]
+    sol, pullback = odecore.vjp_fixed_point(
+        Affine(),
+        Z0[:1],
+        (W, b),
+        solver=solver,
+        backward_solver=backward_solver,
+        batch_axis=0,
+        **TIGHT,
+    )
+    W_bar, b_bar = pullback(np.ones_like(sol.z))
+    expected_b = np.linalg.solve((np.eye(4) - W).T, np.ones(4))
+    assert relative_error(b_bar[0], expected_b) < 1e-9
+    z_star = np.linalg.solve(np.eye(4) - W, B_VEC)
+    assert relative_error(W_bar, np.outer(expected_b, z_star)) < 1e-9
+    assert sol.stats["backward_status"].tolist() == [0]
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+def test_cos_plus_b_implicit_derivative(backward_solver, stop_mode):
+    b = np.array([0.3])
+    sol, pullback = odecore.vjp_fixed_point(
+        CosPlusB(),
+        np.array([0.0]),
+        (b,),
+        backward_solver=backward_solver,
+        stop_mode=stop_mode,
+        **TIGHT,
+    )
+    (b_bar,) = pullback(np.array([1.0]))
+    z = sol.z[0]
+    assert abs(z - np.cos(z) - 0.3) < 1e-12
+    assert abs(b_bar[0] - 1.0 / (1.0 + np.sin(z))) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "solver,backward_solver", list(itertools.product(SOLVERS, BACKWARD_SOLVERS))
+)
+def test_implicit_gradient_matches_finite_differences(solver, backward_solver):
+    sol, pullback = odecore.vjp_fixed_point(
+        Tanh(),
+        Z0,
+        tanh_params(),
+        solver=solver,
+        backward_solver=backward_solver,
+        batch_axis=0,
+        **TIGHT,
+    )
+    grads = pullback(tanh_loss_weights())
+    for got, ref, name in zip(grads, implicit_fd_gradient(), ("W", "U", "b", "x"), strict=True):
+        assert relative_error(got, ref) < 1e-7, name
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("backward,k,d", [("one_step", 1, 1.0), ("unrolled", 4, 0.7)])
+def test_one_step_and_unrolled_match_finite_differences(solver, backward, k, d):
+    kwargs = {} if backward == "one_step" else {"unroll_steps": k, "unroll_damping": d}
+    _, pullback = odecore.vjp_fixed_point(
+        Tanh(),
+        Z0,
+        tanh_params(),
+        solver=solver,
+        backward=backward,
+        batch_axis=0,
+        **TIGHT,
+        **kwargs,
+    )
+    grads = pullback(tanh_loss_weights())
+    for got, ref in zip(grads, unrolled_fd_gradient(k, d), strict=True):
+        # z* is the solver's to 1e-12, the FD map's to machine precision.
+        assert relative_error(got, ref) < 1e-7
+
+
+def test_one_step_is_exactly_one_vjp_and_differs_from_implicit():
+    c = tanh_loss_weights()
+    sol, pullback = odecore.vjp_fixed_point(
+        Tanh(), Z0, tanh_params(), backward="one_step", batch_axis=0, **TIGHT
+    )
+    grads = pullback(c)
+    _, expected = Tanh().vjp(sol.z, tanh_params(), c)
+    for got, ref in zip(grads, expected, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    _, implicit_pullback = odecore.vjp_fixed_point(Tanh(), Z0, tanh_params(), batch_axis=0, **TIGHT)
+    assert relative_error(grads[0], implicit_pullback(c)[0]) > 0.05
+
+
+def test_unrolled_converges_to_implicit():
+    c = tanh_loss_weights()
+    _, implicit = odecore.vjp_fixed_point(Tanh(), Z0, tanh_params(), batch_axis=0, **TIGHT)
+    ref = implicit(c)[2]
+    errors = []
+    for k in (1, 5, 20, 60):
+        _, pb = odecore.vjp_fixed_point(
+            Tanh(), Z0, tanh_params(), backward="unrolled", unroll_steps=k, batch_axis=0, **TIGHT
+        )
+        errors.append(relative_error(pb(c)[2], ref))
+    # Until the last, which is at rounding level, each longer unroll is closer.
+    assert errors[:3] == sorted(errors[:3], reverse=True)
+    assert errors[-1] < 1e-9 < errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_spectral_radius_of_a_symmetric_map():
+    Q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))
+    S = Q @ np.diag([0.9, -0.5, 0.3, 0.1]) @ Q.T
+    rho = odecore.spectral_radius(Affine(), np.zeros(4), (S, B_VEC), iterations=200)
+    assert abs(rho - 0.9) < 1e-8
+
+
+def test_jacobian_frobenius_needs_autodiff_on_numpy():
+    with pytest.raises(TypeError, match="needs autodiff"):
+        odecore.jacobian_frobenius(Affine(), np.zeros(4), (W, B_VEC), probe=np.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"solver": "newton"}, "unknown solver 'newton'"),
+        ({"m": 0}, "m must be an integer >= 1"),
+        ({"tol": -1e-6}, "tol must lie in"),
+        ({"tol": 0.0}, "tol must lie in"),
+        ({"backward": "adjoint"}, "unknown backward 'adjoint'"),
+        ({"backward_solver": "cg"}, "unknown backward_solver 'cg'"),
+        ({"stop_mode": "max"}, "unknown stop_mode"),
+        ({"max_iter": 0}, "max_iter must be"),
+        ({"beta": 1.5}, "beta must lie in"),
+        ({"damping": 0.0}, "damping must lie in"),
+        ({"lam": -1.0}, "lam must lie in"),
+        ({"backward": "one_step", "unroll_steps": 3}, "use backward='unrolled'"),
+        ({"batch_axis": 1}, "batch_axis must be None"),
+    ],
+)
+def test_invalid_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        odecore.solve_fixed_point(np.cos, np.zeros((2, 2)), **kwargs)
+
+
+def test_wrong_shape_from_f_is_named():
+    with pytest.raises(ValueError, match="f returned shape"):
+        odecore.solve_fixed_point(lambda z: z[:1], np.zeros(3))
+
+
+def test_integer_start_is_rejected():
+    with pytest.raises(TypeError, match="real floating dtype"):
+        odecore.solve_fixed_point(np.cos, np.zeros(3, dtype=np.int64))
+
+
+def test_numpy_gradient_without_vjp_says_what_to_add():
+    with pytest.raises(TypeError, match=r"vjp\(z, params, cotangent\)"):
+        odecore.vjp_fixed_point(lambda z, p: np.cos(z) + p[0], np.zeros(2), (np.ones(2),))
+
+
+def test_pullback_checks_the_cotangent_shape():
+    _, pullback = odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC))
+    with pytest.raises(ValueError, match="cotangent shaped like z"):
+        pullback(np.ones(3))
+
+
+def test_a_tracing_backend_is_refused_with_a_clear_error():
+    class Tracing(type(odecore.get_backend("numpy"))):
+        name = "tracing"
+        eager = False
+
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        odecore.solve_fixed_point(np.cos, np.zeros(2), backend=Tracing())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    order=st.permutations(range(5)),
+    size=st.integers(min_value=1, max_value=5),
+    solver=st.sampled_from(SOLVERS),
+)
+def test_iterations_do_not_depend_on_batch_composition(order, size, solver):
+    starts = np.linspace(-2.0, 3.0, 5)[:, None] * np.ones((5, 4))
+    inputs = np.random.default_rng(0).standard_normal((5, 3))
+
+    def solve(rows):
+        rows = list(rows)
+        params = (W, U, B_VEC, inputs[rows])
+        return odecore.solve_fixed_point(
+            Tanh(), starts[rows], params, solver=solver, batch_axis=0, tol=1e-10
+        )
+
+    alone = [solve([i]) for i in range(5)]
+    chosen = list(order)[:size]
+    batch = solve(chosen)
+    for j, i in enumerate(chosen):
+        assert batch.iterations[j] == alone[i].iterations[0]
+        np.testing.assert_allclose(batch.z[j], alone[i].z[0], rtol=0, atol=1e-14)
+
+
+def test_vjp_fixed_point_rejects_unknown_options():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['tolerance'\]"):
+        odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), tolerance=1e-3)
+
+
+def test_unconverged_backward_reports_its_status():
+    sol, pullback = odecore.vjp_fixed_point(
+        Tanh(),
+        Z0,
+        tanh_params(),
+        backward_solver="picard",
+        backward_max_iter=2,
+        batch_axis=0,
+        **TIGHT,
+    )
+    pullback(tanh_loss_weights())
+    assert (sol.stats["backward_status"] == odecore.FixedPointStatus.MAX_ITER_REACHED).all()
+    assert (sol.stats["backward_iterations"] == 2).all()

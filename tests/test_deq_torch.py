@@ -1,0 +1,263 @@
+"""Fixed points on torch: values, per-sample bookkeeping, and gradients through autograd.
+
+References: the same closed forms and float64 finite differences (of NumPy reference
+iterations, ``deq_cases``) as the NumPy tests, and the regulariser's closed form.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from deq_cases import (
+    B_VEC,
+    COS_FIXED_POINT,
+    Z0,
+    W,
+    implicit_fd_gradient,
+    relative_error,
+    tanh_loss_weights,
+    tanh_params,
+    unrolled_fd_gradient,
+)
+
+import odecore
+
+torch = pytest.importorskip("torch")
+
+SOLVERS = ("picard", "anderson", "broyden")
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
+TIGHT = {"tol": 1e-12, "max_iter": 300}
+
+
+def t64(x, grad=False):
+    return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=grad)
+
+
+def tanh_map(z, params):
+    W_, U_, b_, x_ = params
+    return torch.tanh(z @ W_.T + x_ @ U_.T + b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cos_fixed_point_keeps_dtype(solver, dtype):
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    sol = odecore.solve_fixed_point(
+        torch.cos, torch.ones(2, 1, dtype=dtype), solver=solver, tol=tol, batch_axis=0, max_iter=300
+    )
+    assert sol.success, sol.message
+    assert sol.z.dtype == dtype
+    assert (sol.z - COS_FIXED_POINT).abs().max() < 10 * tol
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_square_root_and_affine(solver):
+    z = odecore.fixed_point(lambda z: (z + 2 / z) / 2, t64([1.5]), solver=solver, **TIGHT)
+    assert abs(float(z[0]) - 2**0.5) < 1e-12
+    z = odecore.fixed_point(lambda z, p: z @ p[0].T + p[1], t64(np.zeros(4)), (t64(W), t64(B_VEC)))
+    assert relative_error(z.numpy(), np.linalg.solve(np.eye(4) - W, B_VEC)) < 1e-5
+
+
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+def test_affine_and_cos_gradients_closed_form(backward_solver):
+    Wt, b = t64(W, True), t64(B_VEC, True)
+    z = odecore.fixed_point(
+        lambda z, p: z @ p[0].T + p[1],
+        t64(np.zeros(4)),
+        (Wt, b),
+        backward_solver=backward_solver,
+        **TIGHT,
+    )
+    z.sum().backward()
+    expected_b = np.linalg.solve((np.eye(4) - W).T, np.ones(4))
+    assert relative_error(b.grad.numpy(), expected_b) < 1e-9
+    z_star = np.linalg.solve(np.eye(4) - W, B_VEC)
+    assert relative_error(Wt.grad.numpy(), np.outer(expected_b, z_star)) < 1e-9
+
+    c = t64([0.3], True)
+    z = odecore.fixed_point(
+        lambda z, p: torch.cos(z) + p, t64([0.0]), c, backward_solver=backward_solver, **TIGHT
+    )
+    z.sum().backward()
+    assert abs(float(c.grad[0]) - 1 / (1 + np.sin(float(z.detach()[0])))) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "solver,backward_solver", list(itertools.product(SOLVERS, BACKWARD_SOLVERS))
+)
+def test_implicit_gradient_matches_finite_differences(solver, backward_solver):
+    params = [t64(p, True) for p in tanh_params()]
+    z = odecore.fixed_point(
+        tanh_map,
+        t64(Z0),
+        tuple(params),
+        solver=solver,
+        backward_solver=backward_solver,
+        batch_axis=0,
+        **TIGHT,
+    )
+    (z * t64(tanh_loss_weights())).sum().backward()
+    for p, ref, name in zip(params, implicit_fd_gradient(), "WUbx", strict=True):
+        assert relative_error(p.grad.numpy(), ref) < 1e-7, name
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("backward,k,d", [("one_step", 1, 1.0), ("unrolled", 4, 0.7)])
+def test_one_step_and_unrolled_match_finite_differences(solver, backward, k, d):
+    kwargs = {} if backward == "one_step" else {"unroll_steps": k, "unroll_damping": d}
+    params = [t64(p, True) for p in tanh_params()]
+    z = odecore.fixed_point(
+        tanh_map,
+        t64(Z0),
+        tuple(params),
+        solver=solver,
+        backward=backward,
+        batch_axis=0,
+        **TIGHT,
+        **kwargs,
+    )
+    (z * t64(tanh_loss_weights())).sum().backward()
+    for p, ref in zip(params, unrolled_fd_gradient(k, d), strict=True):
+        assert relative_error(p.grad.numpy(), ref) < 1e-7
+
+
+def test_one_step_is_exactly_autograd_through_one_step():
+    params = [t64(p, True) for p in tanh_params()]
+    c = t64(tanh_loss_weights())
+    z = odecore.fixed_point(
+        tanh_map, t64(Z0), tuple(params), backward="one_step", batch_axis=0, **TIGHT
+    )
+    (z * c).sum().backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    (tanh_map(z.detach(), params) * c).sum().backward()
+    for g, p in zip(got, params, strict=True):
+        assert torch.equal(g, p.grad)
+
+
+def test_module_parameters_get_gradients():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        layer.weight.mul_(0.3)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = layer
+
+        def forward(self, z):
+            return torch.tanh(self.lin(z))
+
+    f = Layer()
+    z = odecore.fixed_point(f, torch.zeros(2, 4, dtype=torch.float64), batch_axis=0, **TIGHT)
+    z.sum().backward()
+    # Reference: the implicit gradient by the closed form at z*: dL/db = (I - J)^{-T} 1 per
+    # sample, with J = diag(1 - z*^2) W.
+    Wm = layer.weight.detach().numpy()
+    expected = 0.0
+    for zs in z.detach().numpy():
+        J = np.diag(1 - zs**2) @ Wm
+        u = np.linalg.solve((np.eye(4) - J).T, np.ones(4))
+        expected = expected + u * (1 - zs**2)
+    assert relative_error(layer.bias.grad.numpy(), expected) < 1e-9
+
+
+def test_module_with_params_is_refused():
+    # Its own weights would silently get no gradient once params are given.
+    layer = torch.nn.Linear(3, 3)
+    with pytest.raises(TypeError, match="functional_call"):
+        odecore.fixed_point(layer, torch.zeros(3), torch.ones(3))
+
+
+def test_batch_independence_of_iterations():
+    params = [t64(p) for p in tanh_params()]
+    z0 = t64(np.stack([np.zeros(4), np.ones(4), -2 * np.ones(4)]))
+    batch = odecore.solve_fixed_point(tanh_map, z0, tuple(params), batch_axis=0, tol=1e-10)
+    for i in range(3):
+        alone = odecore.solve_fixed_point(
+            tanh_map, z0[i : i + 1], (*params[:3], params[3][i : i + 1]), batch_axis=0, tol=1e-10
+        )
+        assert torch.equal(batch.iterations[i : i + 1], alone.iterations)
+        assert (batch.z[i] - alone.z[0]).abs().max() < 1e-14
+
+
+def test_non_convergent_map_has_status_and_finite_residual():
+    sol = odecore.solve_fixed_point(
+        lambda z: 1.0 - z, torch.zeros(1, dtype=torch.float64), solver="picard", max_iter=10
+    )
+    assert int(sol.status[0]) == odecore.FixedPointStatus.MAX_ITER_REACHED
+    assert float(sol.abs_residual[0]) == 1.0
+
+
+def test_backward_statistics_are_recorded():
+    b = t64(B_VEC, True)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: z @ t64(W).T + p, t64(np.zeros(4)), b, backward_solver="picard", **TIGHT
+    )
+    sol.z.sum().backward()
+    assert int(sol.stats["backward_status"][0]) == 0
+    assert int(sol.stats["backward_iterations"][0]) > 10
+
+
+def test_jacobian_frobenius_closed_form_and_gradient():
+    Wt = t64(W, True)
+    probe = t64([1.0, -1.0, 1.0, 1.0])
+    reg = odecore.jacobian_frobenius(lambda z, p: z @ p.T, t64(np.zeros(4)), Wt, probe=probe)
+    expected = float(np.sum((W @ probe.numpy()) ** 2))
+    assert abs(float(reg) - expected) < 1e-12
+    reg.backward()
+    np.testing.assert_allclose(
+        Wt.grad.numpy(), 2 * np.outer(W @ probe.numpy(), probe.numpy()), atol=1e-12
+    )
+    # Averaged over all Rademacher probes the estimate is exactly ||W||_F^2.
+    total = 0.0
+    for signs in itertools.product([1.0, -1.0], repeat=4):
+        total += float(
+            odecore.jacobian_frobenius(
+                lambda z, p: z @ p.T, t64(np.zeros(4)), t64(W), probe=t64(signs)
+            )
+        )
+    assert abs(total / 16 - np.sum(W**2)) < 1e-12
+
+
+def test_spectral_radius_on_torch():
+    Q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))
+    S = Q @ np.diag([-0.9, 0.5, 0.3, 0.1]) @ Q.T
+    rho = odecore.spectral_radius(
+        lambda z, p: z @ p.T, t64(np.zeros((2, 4))), t64(S), iterations=200, batch_axis=0
+    )
+    np.testing.assert_allclose(rho.numpy(), [0.9, 0.9], atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_singular_mixing_system_does_not_raise(solver):
+    # A constant map: after one step every residual is exactly zero, and with lam=0 the
+    # Anderson system would be singular without its floor; torch's solve raises on that.
+    sol = odecore.solve_fixed_point(
+        lambda z: torch.full_like(z, 0.25), torch.zeros(3, 2), solver=solver, lam=0.0, batch_axis=0
+    )
+    assert sol.success
+    assert torch.equal(sol.z, torch.full((3, 2), 0.25))
+
+
+def test_classifier_example_learns(capsys):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "deq_classifier.py"
+    spec = importlib.util.spec_from_file_location("deq_classifier", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        accuracy = example.main(["--epochs", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert accuracy > 0.6  # ten classes: chance is 0.1
+    assert "test accuracy" in out and "forward" in out and "backward" in out
