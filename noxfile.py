@@ -37,10 +37,22 @@ CI_BACKENDS = ["numpy", "torch", "jax"]
 
 # The peer libraries a backend's tests and benchmarks compare odecore with (pinned in
 # constraints.txt): the tests check values, gradients and step counts against them, and skip
-# with the reason where one is missing.
-PEERS = {"torch": ["torchdiffeq"], "jax": ["diffrax"]}
+# with the reason where one is missing. scikit-learn carries the digits data of
+# examples/deq_classifier.py, whose test trains it for two epochs.
+PEERS = {"torch": ["torchdiffeq", "scikit-learn"], "jax": ["diffrax"], "deq": ["torchdeq"]}
 
-LINT_PATHS = ["odecore", "adapters", "tests", "conformance", "benchmarks", "noxfile.py"]
+# Benchmarks named for a topic rather than a backend, and the backends they run on.
+BENCH_BACKENDS = {"deq": ["torch"]}
+
+LINT_PATHS = [
+    "odecore",
+    "adapters",
+    "tests",
+    "conformance",
+    "benchmarks",
+    "examples",
+    "noxfile.py",
+]
 
 
 def extras_for(*backends: str, base: str = "test") -> str:
@@ -133,7 +145,8 @@ def bench(session: nox.Session) -> None:
     """Run benchmark scripts: `nox -s bench -- [benchmarks/bench_X.py ...] [script args]`.
 
     Arguments ending in .py choose the scripts (default benchmarks/bench_numpy.py); the rest are
-    passed to every script. A script named bench_<backend>.py gets that backend's extra.
+    passed to every script. A script named bench_<backend>.py gets that backend's extra and
+    peers; bench_<topic>.py gets those of BENCH_BACKENDS[topic] and the topic's own peers.
     """
     scripts = [a for a in session.posargs if a.endswith(".py")]
     script_args = [a for a in session.posargs if not a.endswith(".py")]
@@ -144,7 +157,12 @@ def bench(session: nox.Session) -> None:
             session.error(f"no benchmark script {script}; have: {sorted(_bench_scripts())}")
     named = [Path(s).stem.removeprefix("bench_") for s in scripts]
     backends = [b for b in named if b in BACKENDS]
-    install_project(session, extras_for(*backends, base="bench"), peers_of=tuple(backends))
+    backends += [b for n in named for b in BENCH_BACKENDS.get(n, []) if b not in backends]
+    install_project(
+        session,
+        extras_for(*backends, base="bench"),
+        peers_of=tuple(dict.fromkeys(backends + named)),
+    )
     for script in scripts:
         session.run("python", script, *script_args)
 
