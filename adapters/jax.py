@@ -155,6 +155,8 @@ class JaxBackend(Backend):
         explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
         tracer of a trace that has ended."""
 
+        fields = getattr(rule, "solution_fields", _SOLUTION_FIELDS)
+
         def call(*primals):
             # Checks the inputs where their values are known: inside the conversion below
             # every value is traced, and the checks would be skipped.
@@ -163,7 +165,7 @@ class JaxBackend(Backend):
             def forward(*primals):
                 out, residuals = rule.forward(*primals)
                 arrays = rule.residual_arrays(residuals)
-                return (out, _solution_arrays(rule.solution)), arrays
+                return (out, _solution_arrays(rule.solution, fields)), arrays
 
             forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
             if any(_differentiated(c) for c in forward_consts):
@@ -189,7 +191,7 @@ class JaxBackend(Backend):
             out, solution_arrays = _apply(
                 forward_arrays, backward_arrays, primals, forward_consts, backward_consts
             )
-            _restore_solution_arrays(rule.solution, solution_arrays)
+            _restore_solution_arrays(rule.solution, solution_arrays, fields)
             return out
 
         return call
@@ -275,16 +277,16 @@ def _is_float_array(x) -> bool:
 _SOLUTION_FIELDS = ("status", "t_reached", "ts")
 
 
-def _solution_arrays(solution):
+def _solution_arrays(solution, fields):
     return {
         "stats": dict(solution.stats),
-        **{name: getattr(solution, name) for name in _SOLUTION_FIELDS},
+        **{name: getattr(solution, name) for name in fields},
     }
 
 
-def _restore_solution_arrays(solution, arrays):
+def _restore_solution_arrays(solution, arrays, fields):
     solution.stats = arrays["stats"]
-    for name in _SOLUTION_FIELDS:
+    for name in fields:
         setattr(solution, name, arrays[name])
 
 

@@ -295,10 +295,12 @@ assert tuple(CHECK_FUNCTIONS) == CHECKS
 def test_deq_conformance(backend_name: str, variant: Variant, check: str) -> None:
     bk = backend_or_skip(backend_name)
     try:
-        CHECK_FUNCTIONS[check](bk, variant)
+        # As in the ODE suite: the cases are float64, which JAX only has inside float64().
+        with bk.float64():
+            CHECK_FUNCTIONS[check](bk, variant)
     except NotImplementedError as exc:
         # A backend the fixed point does not support yet says so with this error; its cells
         # are skipped with the message rather than failed.
-        if "fixed points on the" not in str(exc):
+        if "fixed points on the" not in str(exc) and "backward_solver='gmres'" not in str(exc):
             raise
         pytest.skip(str(exc))

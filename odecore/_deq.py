@@ -230,6 +230,12 @@ class _Map:
         self.bk, self.f, self.params, self.leaves, self.layout = bk, f, params, leaves, layout
         self.as_dynamics = _AsDynamics(f)
 
+    def rebuilt(self, leaves):
+        """This map calling ``f`` with ``leaves`` in place of its params' arrays: a traced
+        rule's forward and backward must not capture the caller's differentiated values."""
+        leaves = list(leaves)
+        return _Map(self.bk, self.f, self.bk.with_leaves(self.params, leaves), leaves, self.layout)
+
     def user(self, z_user):
         return self.f(z_user) if self.params is None else self.f(z_user, self.params)
 
@@ -568,8 +574,22 @@ class FixedPointRule:
         self.bk, self.fmap, self.layout, self.opts = bk, fmap, layout, options
         self.solution = None
 
+    # The solution fields a tracing framework's custom VJP must carry out of its forward trace.
+    solution_fields = ("iterations", "abs_residual", "rel_residual", "status", "trace")
+
+    @staticmethod
+    def residual_arrays(residuals):
+        return residuals
+
+    def from_arrays(self, primals, arrays):
+        _, *leaves = primals
+        self.fmap = self.fmap.rebuilt(leaves)
+        return arrays
+
     def forward(self, z0, *leaves):
         bk, xp, opts = self.bk, self.bk.xp, self.opts
+        if not bk.eager:
+            self.fmap = self.fmap.rebuilt(leaves)
         with bk.no_grad():
             z0_int = self.layout.to_internal(xp, bk.stop_gradient(z0))
             loop = _Loop(
@@ -648,7 +668,9 @@ class FixedPointRule:
             )
             state = loop.run(xp.zeros_like(w))
             u, iterations, status = state["best_z"], state["iterations"], state["status"]
-        if self.solution is not None:
+        if self.solution is not None and self.bk.eager:
+            # On a tracing backend these are values of the backward's own trace, which
+            # must not leak into the solution the caller holds.
             self.solution.stats["backward_iterations"] = iterations
             self.solution.stats["backward_status"] = status
         return u
@@ -680,15 +702,13 @@ class FixedPointRule:
 
 def _setup(f, z0, params, backend, batch_axis, kwargs):
     bk = resolve_backend(backend, {"z0": z0, "params": params})
-    if not bk.eager:
-        # The loop itself is written for tracing (no Python branch on array values), but the
-        # rule does not yet keep its residuals and statistics as the explicit arrays a
-        # tracing framework's custom VJP needs.
-        raise NotImplementedError(
-            f"fixed points on the {bk.name!r} backend (a tracing backend) are not supported "
-            f"yet; use the 'numpy' or 'torch' backend"
-        )
     opts = _options(**kwargs)
+    if not bk.eager and opts.backward == "implicit" and opts.backward_solver == "gmres":
+        # GMRES decides its restarts and breakdowns on the host from concrete values.
+        raise NotImplementedError(
+            f"backward_solver='gmres' is not supported on the {bk.name!r} backend (a tracing "
+            f"backend); use 'anderson', 'picard' or 'broyden'"
+        )
     z0 = bk.asarray(z0)
     xp = bk.xp
     if not xp.isdtype(z0.dtype, "real floating"):

@@ -1,0 +1,157 @@
+"""Fixed points on the JAX backend: eager, under jit, grad and vmap.
+
+References not from the JAX backend: closed forms (z = cos z, affine maps solved with
+numpy.linalg), and central finite differences of the float64 solve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="the JAX tests need jax installed")
+jnp = jax.numpy
+
+import odecore  # noqa: E402
+
+DOTTIE = 0.7390851332151607
+W = np.array([[0.3, -0.2, 0.1], [0.1, 0.25, -0.15], [-0.2, 0.05, 0.2]])
+BIAS = np.array([[0.5, -1.0, 0.25], [1.5, 0.3, -0.7]])
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def cos_map(z, b):
+    return jnp.cos(z) + b
+
+
+def affine(z, params):
+    w, b = params
+    return z @ w.T + b
+
+
+def solve(f, z0, params, **kw):
+    kw.setdefault("tol", 1e-12)
+    kw.setdefault("max_iter", 200)
+    return odecore.solve_fixed_point(f, z0, params, batch_axis=0, backend="jax", **kw)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_dottie_number_eager_and_jit(x64, solver):
+    z0, b = jnp.zeros((3, 1)), jnp.zeros((3, 1))
+    sol = solve(cos_map, z0, b, solver=solver)
+    np.testing.assert_allclose(np.asarray(sol.z), DOTTIE, rtol=0, atol=1e-10)
+    assert sol.success
+    jitted = jax.jit(lambda b: solve(cos_map, z0, b, solver=solver).z)(b)
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(sol.z))
+
+
+def test_affine_closed_form_and_per_sample_statistics(x64):
+    z0 = jnp.zeros(BIAS.shape)
+
+    def run(w, b):
+        sol = solve(affine, z0, (w, b), solver="anderson")
+        return sol.z, sol.status, sol.iterations, sol.abs_residual
+
+    z, status, iterations, abs_residual = jax.jit(run)(W, BIAS)
+    want = np.linalg.solve(np.eye(3) - W, BIAS.T).T
+    np.testing.assert_allclose(np.asarray(z), want, rtol=0, atol=1e-10)
+    assert np.asarray(status).tolist() == [0, 0]
+    assert np.asarray(iterations).shape == (2,)
+    assert (np.asarray(abs_residual) <= 1e-12).all()
+
+
+def test_max_iter_is_reported_under_jit_without_raising(x64):
+    z0, b = jnp.zeros((2, 1)), jnp.zeros((2, 1))
+
+    def run(b):
+        sol = solve(cos_map, z0, b, solver="picard", max_iter=3)
+        return sol.status, sol.iterations
+
+    status, iterations = jax.jit(run)(b)
+    assert np.asarray(status).tolist() == [1, 1]
+    assert np.asarray(iterations).tolist() == [3, 3]
+
+
+def test_implicit_gradient_of_cos_map_closed_form(x64):
+    z0, b = jnp.zeros((3, 1)), jnp.zeros((3, 1))
+    for backward_solver in ("picard", "anderson"):
+
+        def loss(b, backward_solver=backward_solver):
+            return solve(cos_map, z0, b, backward_solver=backward_solver).z.sum()
+
+        g = jax.jit(jax.grad(loss))(b)
+        np.testing.assert_allclose(np.asarray(g), 1 / (1 + np.sin(DOTTIE)), rtol=1e-9)
+
+
+def test_implicit_gradient_of_affine_map_closed_form(x64):
+    z0 = jnp.zeros(BIAS.shape)
+    g = jax.grad(lambda b: solve(affine, z0, (jnp.asarray(W), b)).z.sum())(jnp.asarray(BIAS))
+    want = np.linalg.solve((np.eye(3) - W).T, np.ones(3))
+    np.testing.assert_allclose(np.asarray(g), np.broadcast_to(want, BIAS.shape), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "backward, kw",
+    [("implicit", {}), ("one_step", {}), ("unrolled", {"unroll_steps": 4, "unroll_damping": 0.7})],
+)
+def test_gradient_modes_match_finite_differences(x64, backward, kw):
+    z0 = jnp.zeros(BIAS.shape)
+    w = jnp.asarray(W)
+
+    def loss(b):
+        return (solve(affine, z0, (w, b), backward=backward, **kw).z ** 2).sum()
+
+    g = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(BIAS)))
+    if backward != "implicit":
+        # one_step / unrolled differentiate k damped steps from the detached z*, so their
+        # reference is the finite difference of that function, built here in NumPy.
+        z_star = np.linalg.solve(np.eye(3) - W, BIAS.T).T
+        steps, d = (1, 1.0) if backward == "one_step" else (4, 0.7)
+
+        def reference(b):
+            z = z_star
+            for _ in range(steps):
+                z = (1 - d) * z + d * (z @ W.T + b)
+            return (z**2).sum()
+    else:
+
+        def reference(b):
+            return (np.linalg.solve(np.eye(3) - W, b.T).T ** 2).sum()
+
+    eps = 1e-6
+    fd = np.zeros_like(BIAS)
+    for idx in np.ndindex(BIAS.shape):
+        e = np.zeros_like(BIAS)
+        e[idx] = eps
+        fd[idx] = (reference(BIAS + e) - reference(BIAS - e)) / (2 * eps)
+    np.testing.assert_allclose(g, fd, rtol=1e-7, atol=1e-9)
+
+
+def test_vmap_of_grad_equals_per_sample_grad(x64):
+    w = jnp.asarray(W)
+
+    def loss(b):
+        return solve(affine, jnp.zeros((1, 3)), (w, b[None])).z.sum()
+
+    bs = jnp.asarray(BIAS)
+    batched = np.asarray(jax.vmap(jax.grad(loss))(bs))
+    for i in range(bs.shape[0]):
+        np.testing.assert_allclose(batched[i], np.asarray(jax.grad(loss)(bs[i])), rtol=1e-12)
+
+
+def test_batch_independence(x64):
+    z0 = jnp.zeros((2, 1))
+    b = jnp.array([[0.0], [0.5]])
+    both = solve(cos_map, z0, b).z
+    alone = solve(cos_map, z0[1:], b[1:]).z
+    np.testing.assert_allclose(np.asarray(both[1:]), np.asarray(alone), rtol=0, atol=1e-12)
+
+
+def test_gmres_backward_raises_naming_the_alternatives(x64):
+    with pytest.raises(NotImplementedError, match="anderson"):
+        solve(cos_map, jnp.zeros((1, 1)), jnp.zeros((1, 1)), backward_solver="gmres")
