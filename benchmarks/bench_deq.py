@@ -44,19 +44,20 @@ def layer(z, params):
     return torch.tanh(z @ W.T + x)
 
 
+# The forward settings both odecore calls share, matching torchdeq's below.
+ODECORE_FORWARD = {
+    "solver": "anderson",
+    "m": MEMORY,
+    "lam": LAM,
+    "tol": TOL,
+    "max_iter": MAX_ITER,
+    "batch_axis": 0,
+}
+
+
 def odecore_forward(W, x):
     with torch.no_grad():
-        return odecore.solve_fixed_point(
-            layer,
-            torch.zeros_like(x),
-            (W, x),
-            solver="anderson",
-            m=MEMORY,
-            lam=LAM,
-            tol=TOL,
-            max_iter=MAX_ITER,
-            batch_axis=0,
-        )
+        return odecore.solve_fixed_point(layer, torch.zeros_like(x), (W, x), **ODECORE_FORWARD)
 
 
 def odecore_gradient(W, x, c):
@@ -64,14 +65,9 @@ def odecore_gradient(W, x, c):
         layer,
         torch.zeros_like(x),
         (W, x),
-        solver="anderson",
-        m=MEMORY,
-        lam=LAM,
-        tol=TOL,
-        max_iter=MAX_ITER,
         backward="implicit",
         backward_solver="anderson",
-        batch_axis=0,
+        **ODECORE_FORWARD,
     )
     W.grad = x.grad = None
     (sol.z * c).sum().backward()
