@@ -109,17 +109,9 @@ class JaxBackend(Backend):
         return _recording()
 
     def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
-        if params is None:
-            out, pullback = jax.vjp(lambda y_: func(t, y_), y)
-            (cot_y,) = pullback(cot)
-            return (out if want_value else None), cot_y, []
-
-        def call(y_, *leaves_):
-            return func(t, y_, self.with_leaves(params, list(leaves_)))
-
-        out, pullback = jax.vjp(call, y, *leaves)
-        cot_y, *cot_leaves = pullback(cot)
-        return (out if want_value else None), cot_y, cot_leaves
+        value, pullback = self.dynamics_linearize(func, params, leaves, t, y)
+        cot_y, cot_leaves = pullback(cot)
+        return (value if want_value else None), cot_y, cot_leaves
 
     def dynamics_linearize(self, func, params, leaves, t, y):
         if params is None:
