@@ -7,16 +7,15 @@ core's own. What differs from the eager backends:
   one XLA loop. Tolerances, step sizes and times may be traced arrays: changing them does not
   recompile.
 - ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
-  default mode is ``backsolve``; ``checkpoint`` keeps a tape of ``options["max_num_steps"]``
-  rows.
+  default mode is ``backsolve``; ``checkpoint`` keeps the times of up to
+  ``options["max_num_steps"]`` steps and a square root's worth of their states (see
+  ``odecore._solve.checkpoint_rows``).
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
 - Without x64 (JAX's default) time is float32, the widest dtype JAX then has.
 - Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
   differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
   ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
-- The checkpoint tape is allocated at its full size, ``max_num_steps`` rows of the state, on
-  every differentiated solve; a tight ``max_num_steps`` keeps it small.
 """
 
 from __future__ import annotations

@@ -220,22 +220,92 @@ def _checkpoint_backward(problem, tape, ys_bar):
     a = xp.zeros(lay.internal_shape, dtype=lay.dtype)
     leaves_bar = [xp.zeros(leaf.shape, dtype=lay.dtype) for leaf in problem.dynamics.leaves]
     if isinstance(tape, dict):
-        # A tracing backend's tape: buffers with ``n`` rows in use, replayed by a loop.
-        def replay(carry):
-            i, a, leaves_bar = carry
-            record = tuple(tape[k][i] for k in ("t", "h", "t_new", "y", "accept"))
-            a, grads = _replay_step(problem, record, a, out_bar)
-            leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
-            return i - 1, a, leaves_bar
-
-        carry = (tape["n"] - 1, a, leaves_bar)
-        _, a, leaves_bar = bk.while_loop(lambda c: c[0] >= 0, replay, carry)
+        a, leaves_bar = _replay_buffers(problem, tape, a, leaves_bar, out_bar)
         return lay.to_user(xp, a), leaves_bar
     for record in reversed(tape):
         a, grads = _replay_step(problem, record, a, out_bar)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
     # NumPy turns 0-d arithmetic into scalars; hand back arrays like the other mode does.
     return lay.to_user(xp, a), [xp.asarray(g) for g in leaves_bar]
+
+
+def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
+    """Replay a tracing backend's tape (``odecore._solve._tape_buffers``) in loops: its
+    steps fall into runs of ``stride`` steps, of which only the first state was kept.
+    For each run, last to first, the other states are recomputed forward into a buffer,
+    then the run's steps are replayed backward."""
+    bk, ops, xp = problem.backend, problem.ops, problem.backend.xp
+    from odecore._solve import checkpoint_rows
+
+    n, stride = tape["n"], tape["stride"]
+    _, longest = checkpoint_rows(tape["t"].shape[0])
+    states = xp.zeros((longest, *problem.layout.internal_shape), dtype=problem.layout.dtype)
+
+    def record(i, y):
+        return tuple(tape[k][i] for k in ("t", "h", "t_new")) + (y, tape["accept"][i])
+
+    def advance(c):
+        k, start, states = c
+        t, h, t_new, y, accept = record(start + k - 1, states[k - 1])
+        Y = _stages(problem, t, h, t_new, y, problem.method.new_node + 1, linearize=False)[0]
+        y_next = ops.select_rows(accept, Y[problem.method.new_node], y)
+        return k + 1, start, bk.write(states, k, y_next)
+
+    def replay(c):
+        k, start, states, a, leaves_bar = c
+        a, grads = _replay_step(problem, record(start + k, states[k]), a, out_bar)
+        leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
+        return k - 1, start, states, a, leaves_bar
+
+    def run(c):
+        j, states, a, leaves_bar = c
+        start = j * stride
+        length = xp.minimum(stride, n - start)
+        states = bk.write(states, 0, tape["y"][j])
+        _, _, states = bk.while_loop(lambda c: c[0] < length, advance, (1, start, states))
+        carry = (length - 1, start, states, a, leaves_bar)
+        _, _, states, a, leaves_bar = bk.while_loop(lambda c: c[0] >= 0, replay, carry)
+        return j - 1, states, a, leaves_bar
+
+    runs = (n + stride - 1) // stride
+    _, _, a, leaves_bar = bk.while_loop(lambda c: c[0] >= 0, run, (runs - 1, states, a, leaves_bar))
+    return a, leaves_bar
+
+
+def _stages(problem, t, h, t_new, y, n_nodes, linearize):
+    """The stage inputs ``Y_i`` and stages ``K_i`` of the step from ``(t, y)`` of size ``h``,
+    for the first ``n_nodes`` nodes; the last node's stage is not evaluated (it feeds no
+    later node). With ``linearize``, also each evaluation's pullback.
+
+    A step that ended on a jump evaluated its stages at c = 1 just before it (see
+    odecore._solve._body); a replay must see the same left limit."""
+    ops, rk, dyn = problem.ops, problem.method, problem.dynamics
+    t_cap = None
+    if problem.jumps is not None:
+        on_jump = ops.is_member(t_new, problem.jumps)
+        t_cap = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
+
+    def node_time(i):
+        t_i = t if i == 0 else t + rk.node_c[i] * h
+        return t_i if t_cap is None else ops.minimum(t_i, t_cap)
+
+    def evaluate(i, y_i):
+        if linearize:
+            return dyn.linearize(node_time(i), y_i)
+        return dyn(node_time(i), y_i), None
+
+    hy = ops.to_state(h)
+    k0, pull0 = evaluate(0, y)
+    Y, K, pulls = [y], [k0], [pull0]
+    for i in range(1, n_nodes):
+        Y.append(y + hy * lincomb(rk.node_rows[i], K))
+        if i < n_nodes - 1:
+            k, pull = evaluate(i, Y[i])
+            K.append(k)
+            pulls.append(pull)
+        else:
+            pulls.append(None)
+    return Y, K, pulls, node_time
 
 
 def _replay_step(problem, record, a, out_bar):
@@ -250,28 +320,8 @@ def _replay_step(problem, record, a, out_bar):
 
     # Recompute the stage inputs Y_i and stages K_i of the step, keeping each evaluation's
     # pullback: the VJPs below reuse these evaluations instead of repeating them. The last
-    # node feeds no later stage, so it is evaluated only if an output's cotangent reaches it.
-    # A step that ended on a jump evaluated its stages at c = 1 just before it (see
-    # odecore._solve._body); the replay must see the same left limit.
-    t_cap = None
-    if problem.jumps is not None:
-        on_jump = ops.is_member(t_new, problem.jumps)
-        t_cap = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
-
-    def node_time(i):
-        t_i = t if i == 0 else t + rk.node_c[i] * h
-        return t_i if t_cap is None else ops.minimum(t_i, t_cap)
-
-    k0, pull0 = dyn.linearize(t, y)
-    Y, K, pulls = [y], [k0], [pull0]
-    for i in range(1, n_nodes):
-        Y.append(y + hy * lincomb(rk.node_rows[i], K))
-        if i < n_nodes - 1:
-            k, pull = dyn.linearize(node_time(i), Y[i])
-            K.append(k)
-            pulls.append(pull)
-        else:
-            pulls.append(None)
+    # node is evaluated only if an output's cotangent reaches it.
+    Y, K, pulls, node_time = _stages(problem, t, h, t_new, y, n_nodes, linearize=True)
 
     Y_bar = [None] * n_nodes
     K_bar = [None] * n_nodes

@@ -341,21 +341,24 @@ def test_gradients_match_finite_differences(x64, method, mode):
         assert _relative(got[name], reference) < 1e-5, name
 
 
+class NumpyField:
+    """``field`` with a hand-written VJP, for NumPy's odecore.vjp_odeint."""
+
+    def __call__(self, t, y, params):
+        return field(t, y, params)
+
+    def vjp(self, t, y, params, cot):
+        W_, b = params
+        u = cot * (1.0 - np.tanh(y @ W_.T) ** 2)
+        return u @ W_, (np.outer(u, y), cot * np.sin(2 * t))
+
+
 @pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
 def test_checkpoint_and_backsolve_agree_with_numpy_pullback(x64, mode):
     """The same rule as NumPy's odecore.vjp_odeint (dynamics with a hand-written VJP)."""
     loss = _loss_fn("dopri5", mode)
     y0, t, params = jax_inputs()
     g_y0, g_t, (g_W, g_b) = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(y0, t, params)
-
-    class NumpyField:
-        def __call__(self, t, y, params):
-            return field(t, y, params)
-
-        def vjp(self, t, y, params, cot):
-            W_, b = params
-            u = cot * (1.0 - np.tanh(y @ W_.T) ** 2)
-            return u @ W_, (np.outer(u, y), cot * np.sin(2 * t))
 
     weights = np.linspace(0.5, 1.5, TIMES.size * Y0.size).reshape(TIMES.size, -1)
     kw = _settings("dopri5", mode)
@@ -364,6 +367,43 @@ def test_checkpoint_and_backsolve_agree_with_numpy_pullback(x64, mode):
     r_y0, (r_W, r_b), r_t = pullback(weights * ys)
     for got, ref in ((g_y0, r_y0), (g_t, r_t), (g_W, r_W), (g_b, r_b)):
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{}, {"jump_t": [0.7]}], ids=["smooth", "jump"])
+def test_checkpoint_gradient_stays_exact_when_states_are_thinned(x64, options):
+    """Past its ``kept`` states the tape keeps every other state, then every fourth, and the
+    backward pass recomputes the ones in between: the gradient must still be the exact
+    gradient of the discrete solve, which NumPy's tape of every step gives."""
+    from odecore._solve import checkpoint_rows
+
+    max_num_steps = 200
+    kept, run = checkpoint_rows(max_num_steps)
+    assert (kept, run) == (16, 16)
+    kw = {"rtol": 1e-10, "atol": 1e-12, "options": {"max_num_steps": max_num_steps, **options}}
+    weights = np.linspace(0.5, 1.5, TIMES.size * Y0.size).reshape(TIMES.size, -1)
+
+    def loss(y0, t, params):
+        sol = odecore.solve(field, y0, t, params=params, adjoint="checkpoint", **kw)
+        return 0.5 * jnp.sum(weights * sol.ys**2), sol.stats["naccept"]
+
+    y0, t, params = jax_inputs()
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (g_y0, g_t, (g_W, g_b)), naccept = grad(y0, t, params)
+    # Enough steps that the stride reached 4: two rounds of thinning, recomputed runs.
+    assert int(naccept) > 2 * kept
+    ys, pullback = odecore.vjp_odeint(NumpyField(), Y0, TIMES, (W, B), **kw)
+    r_y0, (r_W, r_b), r_t = pullback(weights * ys)
+    for got, ref in ((g_y0, r_y0), (g_t, r_t), (g_W, r_W), (g_b, r_b)):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-13)
+
+
+def test_checkpoint_rows_cover_every_step():
+    from odecore._solve import checkpoint_rows
+
+    for n in (1, 2, 3, 10, 64, 100, 4096, 4097, 100_000):
+        kept, run = checkpoint_rows(n)
+        assert kept * run >= n and kept <= n
+        assert kept + run <= 4 * math.sqrt(n) + 2  # memory grows as the square root
 
 
 def test_vmap_of_grad_equals_grad_per_sample(x64):
