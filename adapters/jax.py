@@ -151,7 +151,7 @@ class JaxBackend(Backend):
         def call(*primals):
             # Checks the inputs where their values are known: inside the conversion below
             # every value is traced, and the checks would be skipped.
-            rule.from_arrays(primals, (None, None))
+            rule.from_arrays(primals, None)
 
             def forward(*primals):
                 out, residuals = rule.forward(*primals)

@@ -47,14 +47,17 @@ class SolveRule:
     def residual_arrays(residuals):
         """The arrays among ``forward``'s residuals. A framework that traces the forward and
         the backward separately (JAX) can keep only arrays between them; ``from_arrays``
-        rebuilds the rest from the primals."""
-        _, ys, tape = residuals
-        return ys, (tape if isinstance(tape, dict) else None)
+        rebuilds the rest from the primals. ``arrays=None`` only checks the primals."""
+        problem, ys, tape = residuals
+        return ys, (tape if isinstance(tape, dict) else None), problem.dt_next
 
     def from_arrays(self, primals, arrays):
         y0, t, *leaves = primals
-        ys, tape = arrays
-        return self.prepare(y0, t, list(leaves)), ys, tape
+        problem = self.prepare(y0, t, list(leaves))
+        if arrays is None:
+            return None
+        ys, tape, problem.dt_next = arrays
+        return problem, ys, tape
 
     def backward(self, residuals, ys_bar, needs=None):
         """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``.
@@ -111,7 +114,7 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
     reset to the stored forward value (so the backward ``y`` never drifts from the forward
     one) and the output's cotangent is added to ``a``. One joint solve serves the whole
     batch; memory does not grow with the number of steps."""
-    from odecore._solve import solve
+    from odecore._solve import _prepare, _run_loop
 
     bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
     xp = bk.xp
@@ -129,22 +132,35 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
         options["norm"] = _max_of_part_norms(xp, parts[:2])
     elif "norm" not in options and settings["adaptive"]:
         options["norm"] = _max_of_part_norms(xp, parts)
+    # The backward solve starts with the step the forward solve would have taken next, and
+    # each later interval with the one before's: the trajectory is the same, and Hairer's
+    # automatic first step misjudges the augmented state, whose parameter adjoint starts at
+    # zero (its error scale is then atol alone): on a neural ODE it chose a step 10^4 times
+    # too small and spent four steps growing it back.
+    seed = settings["adaptive"] and "first_step" not in options and problem.controller
+    dt_next = _usable_step(bk, problem.dt_next) if seed else None
     a = xp.zeros(shape, dtype=dtype)
     a_theta = xp.zeros((sum(sizes),), dtype=dtype)
     t_user = problem.ts_array * dyn.sign
     for i in range(ys.shape[0] - 1, 0, -1):
         a = a + ys_bar[i]
         z0 = xp.concat([xp.reshape(ys[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
-        sol = solve(
+        interval = options if dt_next is None else {**options, "first_step": dt_next}
+        backward = _prepare(
+            bk,
             aug,
             z0,
             xp.stack([t_user[i], t_user[i - 1]]),
-            rtol=settings["rtol"],
-            atol=settings["atol"],
-            method=settings["method"],
-            options=options,
-            backend=bk,
+            None,
+            settings["rtol"],
+            settings["atol"],
+            settings["method"],
+            interval,
+            None,
+            None,
         )
+        backward, sol, _ = _run_loop(backward, record=False, throw=True)
+        dt_next = _usable_step(bk, backward.dt_next) if seed else None
         z = sol.ys[-1]
         a = xp.reshape(z[m : 2 * m], shape)
         a_theta = z[2 * m :]
@@ -153,6 +169,15 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
         leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
         start += size
     return a, leaves_bar
+
+
+def _usable_step(bk, dt):
+    """``dt`` as a first step, or None (the automatic choice) where it is known to be unusable:
+    a failed solve's NaN. A traced value is passed on; the solve's status covers it."""
+    if dt is None or bk.is_traced(dt):
+        return dt
+    dt = float(dt)
+    return dt if math.isfinite(dt) and dt > 0 else None
 
 
 def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes):
