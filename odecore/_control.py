@@ -27,8 +27,10 @@ BUILTIN_NORMS: dict[str, Callable] = {"rms": rms_norm, "max": max_norm}
 class Controller:
     """An I controller (``pcoeff = 0``) or a PI controller, in the form of Gustafsson / Hairer:
     ``factor = safety * ratio**(-(icoeff + pcoeff)/k) * ratio_prev**(pcoeff/k)``, clipped to
-    ``[dfactor, ifactor]``; after an accepted step the step never shrinks, as in torchdiffeq,
-    so that the two libraries take the same steps at the same tolerances.
+    ``[dfactor, ifactor]``. By default an accepted step never shrinks the next one, as in
+    torchdiffeq, so that the two libraries take the same steps at the same tolerances. With
+    ``shrink_after_accept`` it may (Hairer's DOPRI5 and scipy): an error that grows along the
+    solution then shortens the steps before one fails, instead of after.
     """
 
     safety: float
@@ -37,6 +39,7 @@ class Controller:
     icoeff: float
     pcoeff: float
     k: int
+    shrink_after_accept: bool = False
 
     def next_dt(self, ops, h, ratio, ratio_prev, accept):
         """``ops`` is the loop's control-value namespace (see ``odecore._ops``)."""
@@ -48,8 +51,11 @@ class Controller:
         factor = self.safety * safe ** (-(self.icoeff + self.pcoeff) / self.k)
         if self.pcoeff:
             factor = factor * ratio_prev ** (self.pcoeff / self.k)
-        lower = ops.where(accept, 1.0, self.dfactor)
-        factor = ops.minimum(ops.maximum(factor, lower), self.ifactor)
+        if self.shrink_after_accept:
+            factor = ops.minimum(ops.maximum(factor, self.dfactor), self.ifactor)
+        else:
+            lower = ops.where(accept, 1.0, self.dfactor)
+            factor = ops.minimum(ops.maximum(factor, lower), self.ifactor)
         factor = ops.where(finite, factor, self.dfactor)
         return h * factor
 

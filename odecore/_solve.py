@@ -260,7 +260,10 @@ def odeint(
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
         and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
         (``"rms"``, ``"max"`` or a callable), ``safety``, ``ifactor``, ``dfactor``,
-        ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``.
+        ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``
+        (``False``: as in torchdiffeq, an accepted step never shrinks the next one, and the
+        two libraries take the same steps; ``True``: it may, as in scipy, which rejects fewer
+        steps where the error grows along the solution).
     batch_axis : int, optional
         The axis of ``y0`` that indexes independent samples; each sample gets its own steps
         and the result for one sample equals solving it alone.
@@ -274,9 +277,9 @@ def odeint(
         in memory independent of the number of steps; ``"checkpoint"`` stores the accepted
         steps and replays each backward for the exact gradient of the discrete solve.
     adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
-        The backsolve's own tolerances, method and options (default: the forward ones);
-        ``adjoint_options={"norm": "seminorm"}`` leaves the parameter adjoint out of its
-        error control.
+        The backsolve's own tolerances, method and options (default: the forward ones, with
+        ``shrink_after_accept=True``); ``adjoint_options={"norm": "seminorm"}`` leaves the
+        parameter adjoint out of its error control.
     adjoint_params : sequence of arrays, optional
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
@@ -449,6 +452,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
             icoeff=opts.get("icoeff", 0.3 if pi else 1.0),
             pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
             k=rk.error_exponent_order,
+            shrink_after_accept=opts.get("shrink_after_accept", False),
         )
     valid = _traced_validity(bk, ts, y0_int, rtol, atol)
     return _Problem(

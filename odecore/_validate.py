@@ -33,6 +33,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "controller",
     "pcoeff",
     "icoeff",
+    "shrink_after_accept",
 }
 
 
@@ -89,6 +90,11 @@ def options(opts: dict | None, rk) -> dict:
     for key in ("pcoeff", "icoeff"):
         if key in out:
             out[key] = _positive_float(out[key], key, allow_zero=True)
+    if "shrink_after_accept" in out and not isinstance(out["shrink_after_accept"], bool):
+        raise TypeError(
+            "options['shrink_after_accept'] must be True or False, got "
+            f"{out['shrink_after_accept']!r}"
+        )
     if "controller" in out and out["controller"] not in ("I", "PI"):
         raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
     if "max_num_steps" in out:

@@ -547,6 +547,51 @@ def test_pi_controller_uses_the_previous_error():
     assert pi.stats["nreject"] < default.stats["nreject"]
 
 
+def test_shrink_after_accept_follows_the_controller_formula():
+    """After an accepted step with error ratio r the I controller proposes
+    ``h * safety * r**(-1/k)``; by default (torchdiffeq's rule) never below h."""
+    from odecore._control import Controller
+    from odecore._ops import ScalarOps
+    from odecore.adapters.numpy import BACKEND
+
+    ops = ScalarOps(BACKEND, np.float64)
+    k = 5
+    for shrink, ratio, expected in [
+        (False, 0.99, 1.0),
+        (True, 0.99, 0.9 * 0.99 ** (-1 / k)),
+        (True, 0.01, min(10.0, 0.9 * 0.01 ** (-1 / k))),
+        (False, 0.01, 0.9 * 0.01 ** (-1 / k)),
+    ]:
+        ctl = Controller(0.9, 10.0, 0.2, 1.0, 0.0, k, shrink_after_accept=shrink)
+        got = ctl.next_dt(ops, 0.1, ratio, 1.0, True)
+        assert got == pytest.approx(0.1 * expected, rel=1e-14), (shrink, ratio)
+    # A rejected step shrinks either way, by the same formula, down to dfactor.
+    for shrink in (False, True):
+        ctl = Controller(0.9, 10.0, 0.2, 1.0, 0.0, k, shrink_after_accept=shrink)
+        assert ctl.next_dt(ops, 0.1, 2.0, 1.0, False) == pytest.approx(0.1 * 0.9 * 2.0**-0.2)
+        assert ctl.next_dt(ops, 0.1, 1e6, 1.0, False) == pytest.approx(0.1 * 0.2)
+
+
+def test_shrink_after_accept_rejects_fewer_steps_where_the_error_grows():
+    """y' = y(1 + t)^3: the error per step grows along the solution, so holding the step
+    after each accepted one ends in rejections that shrinking avoids. Both stay accurate."""
+
+    def f(t, y):
+        return y * (1.0 + t) ** 3
+
+    def exact(t):
+        return np.exp(((1.0 + t) ** 4 - 1.0) / 4.0)
+
+    ts = np.array([0.0, 1.2])
+    held = odecore.solve(f, np.array([1.0]), ts, rtol=1e-8, atol=1e-10)
+    shrunk = odecore.solve(
+        f, np.array([1.0]), ts, rtol=1e-8, atol=1e-10, options={"shrink_after_accept": True}
+    )
+    for sol in (held, shrunk):
+        assert abs(sol.ys[-1, 0] / exact(1.2) - 1.0) < 1e-6
+    assert shrunk.stats["nreject"] < held.stats["nreject"]
+
+
 def test_callable_norm_equal_to_builtin_gives_identical_steps():
     seen = []
 
@@ -607,6 +652,8 @@ def test_first_step_is_used():
 def test_invalid_controller_options_raise():
     with pytest.raises(ValueError, match="controller"):
         odecore.solve(oscillator, OSC_Y0, OSC_TS, options={"controller": "PID"})
+    with pytest.raises(TypeError, match="shrink_after_accept'] must be True or False"):
+        odecore.solve(oscillator, OSC_Y0, OSC_TS, options={"shrink_after_accept": 1})
     with pytest.raises(ValueError, match="norm"):
         odecore.solve(oscillator, OSC_Y0, OSC_TS, options={"norm": "l2"})
     with pytest.raises(TypeError, match="norm"):
