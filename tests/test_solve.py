@@ -550,9 +550,10 @@ def test_pi_controller_uses_the_previous_error():
 def test_shrink_after_accept_follows_the_controller_formula():
     """After an accepted step with error ratio r the I controller proposes
     ``h * safety * r**(-1/k)``; by default (torchdiffeq's rule) never below h."""
+    from odecore.adapters.numpy import BACKEND
+
     from odecore._control import Controller
     from odecore._ops import ScalarOps
-    from odecore.adapters.numpy import BACKEND
 
     ops = ScalarOps(BACKEND, np.float64)
     k = 5
