@@ -397,6 +397,40 @@ def test_checkpoint_gradient_stays_exact_when_states_are_thinned(x64, options):
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-13)
 
 
+def test_thinned_tape_of_a_batch_matches_the_full_tape(x64):
+    """batch_axis=0: samples accept and reject on their own, and the recomputed states must
+    follow each sample's own accept mask. A tape that keeps every state (max_num_steps
+    large enough that nothing is thinned; the steps do not depend on it) is the reference."""
+    y0s = jnp.asarray(np.stack([Y0, 3 * Y0, -Y0]))
+    _, t, params = jax_inputs()
+
+    def loss(y0s, params, max_num_steps):
+        sol = odecore.solve(
+            field,
+            y0s,
+            t,
+            params=params,
+            batch_axis=0,
+            adjoint="checkpoint",
+            rtol=1e-10,
+            atol=1e-12,
+            options={"max_num_steps": max_num_steps},
+        )
+        return jnp.sum(sol.ys**2) + 0.1 * jnp.sum(sol.ys**3), sol.stats["naccept"]
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    from odecore._solve import checkpoint_rows
+
+    assert checkpoint_rows(60) == (8, 8)
+    thinned, naccept = grad(y0s, params, 60)
+    full, _ = grad(y0s, params, 20_000)
+    assert int(jnp.min(naccept)) > 16  # past two rounds of thinning (8 states kept)
+    assert len(set(np.asarray(naccept).tolist())) > 1  # the samples step differently
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(thinned), leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
 def test_checkpoint_rows_cover_every_step():
     from odecore._solve import checkpoint_rows
 
