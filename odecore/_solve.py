@@ -44,6 +44,7 @@ class _Problem:
     # error_ratio(err, err2, y, y_new) -> per-sample scaled error norm as control values: the
     # backend's fused kernel for the built-in rms norm, else odecore._control.error_ratio
     error_ratio: Any
+    stage_store: Any  # start(method, y, first, h, hy): a step's stage store (Backend.stage_store)
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -454,6 +455,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
         dynamics=fn,
         rhs=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
+        stage_store=bk.stage_store(rk, y0_int),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
@@ -600,7 +602,7 @@ def _body(p: _Problem, s: dict) -> dict:
         def rhs(t_stage, y_stage):
             return p.rhs(ops.minimum(t_stage, t_left), y_stage)
 
-    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.backend.stage_store)
+    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.stage_store)
     if p.controller is not None:
         ratio = p.error_ratio(err, err2, y, y_new)
         finite = ops.isfinite(ratio)
