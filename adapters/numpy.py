@@ -34,8 +34,8 @@ class BufferStages:
             # Cast once, so that a float32 state stays float32.
             matrix = method.native[dtype] = np.asarray(method.step_matrix, dtype=dtype)
         self.scaled = np.empty_like(matrix)
-        # Indexed by Weights.slot: the row's nonzero-length prefix of weights (unscaled and
-        # scaled by h) and the stages it combines.
+        # Indexed by Weights.slot, as views: each row's weights (as given, and scaled by h)
+        # and the leading stages they combine.
         sizes = [len(row.dense) for row in method.step_rows]
         self.rows = [matrix[slot, :m] for slot, m in enumerate(sizes)]
         self.scaled_rows = [self.scaled[slot, :m] for slot, m in enumerate(sizes)]
