@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,28 +15,45 @@ class BufferStages:
     dot product instead of ``2m`` small array operations.
 
     On a state of a few elements the cost of a step is the number of NumPy calls, so this
-    store avoids every call it can: a single sample's step scales all of the method's
-    weight rows by ``h`` at once, so a stage input costs one dot product and one addition;
-    1-D states are stored without reshaping; weights are converted once per solve.
+    store avoids every call it can. It is made once per solve and restarted by each step:
+    the buffer, its leading stages and the weight rows are views made here, not per stage.
+    A single sample's step scales all of the method's weight rows by ``h`` at once (in
+    place, into rows these views already see), so a stage input costs one dot product and
+    one addition; ``ndarray.dot`` is the same product as ``np.dot`` without the function
+    dispatch, which costs more than the product itself on a few elements; 1-D states are
+    stored without reshaping; weights are converted once per solve.
     """
 
-    def __init__(self, method, y, first, h, hy):
-        self.y, self.hy = y, hy
-        self.shape = first.shape
-        self.flat = first.ndim == 1
-        dtype = first.dtype
-        self.buffer = np.empty((method.stages, first.size), dtype=dtype)
-        self.buffer[0] = first if self.flat else first.reshape(-1)
-        self.count = 1
-        self.ks = [first]
+    def __init__(self, method, y0):
+        dtype = y0.dtype
+        self.shape = y0.shape
+        self.flat = y0.ndim == 1
+        self.buffer = np.empty((method.stages, y0.size), dtype=dtype)
         matrix = method.native.get(dtype)
         if matrix is None:
             # Cast once, so that a float32 state stays float32.
             matrix = method.native[dtype] = np.asarray(method.step_matrix, dtype=dtype)
+        self.scaled = np.empty_like(matrix)
+        # Indexed by Weights.slot, as views: each row's weights (as given, and scaled by h)
+        # and the leading stages they combine.
+        sizes = [len(row.dense) for row in method.step_rows]
+        self.rows = [matrix[slot, :m] for slot, m in enumerate(sizes)]
+        self.scaled_rows = [self.scaled[slot, :m] for slot, m in enumerate(sizes)]
+        self.stages = [self.buffer[:m] for m in sizes]
+        self.matrix = matrix
+
+    def __call__(self, method, y, first, h, hy):
+        """Start a step (the ``start`` of ``Backend.stage_store``)."""
+        self.y, self.hy = y, hy
+        self.buffer[0] = first if self.flat else first.reshape(-1)
+        self.count = 1
+        self.ks = [first]
         # One sample: h is a Python float and scales every row in one operation. A batch
         # has one h per sample, applied after the dot product instead.
-        self.scaled = matrix * h if isinstance(h, float) else None
-        self.matrix = matrix
+        self.one_h = isinstance(h, float)
+        if self.one_h:
+            np.multiply(self.matrix, h, out=self.scaled)
+        return self
 
     def add(self, k):
         self.buffer[self.count] = k if self.flat else k.reshape(-1)
@@ -43,11 +61,11 @@ class BufferStages:
         self.ks.append(k)
 
     def increment(self, row):
-        m = len(row.dense)
-        if self.scaled is not None:
-            out = np.dot(self.scaled[row.slot, :m], self.buffer[:m])
+        slot = row.slot
+        if self.one_h:
+            out = self.scaled_rows[slot].dot(self.stages[slot])
             return out if self.flat else out.reshape(self.shape)
-        out = np.dot(self.matrix[row.slot, :m], self.buffer[:m])
+        out = self.rows[slot].dot(self.stages[slot])
         return self.hy * (out if self.flat else out.reshape(self.shape))
 
     def stage_input(self, row):
@@ -78,8 +96,25 @@ class NumpyBackend(Backend):
         out[where] = value
         return out
 
-    def stage_store(self, method, y, first, h, hy):
-        return BufferStages(method, y, first, h, hy)
+    def stage_store(self, method, y0):
+        return BufferStages(method, y0)
+
+    def rms_error_ratio(self, err, y, y_new, rtol, atol, axis):
+        """odecore._control.error_ratio for the rms norm, ``rms(err / (atol + rtol *
+        max(|y|, |y_new|)))``, by the same operations. One sample's sum of squares is
+        ``ndarray.dot``, the product ``vecdot`` computes, without the dispatch that costs
+        twice the product on a small state; its root in float64 is ``math.sqrt``, the same
+        correctly rounded root as ``np.sqrt`` without a ufunc call. A Python float for one
+        sample (axis None), else a (B,) array."""
+        scaled = err / (atol + rtol * np.maximum(np.abs(y), np.abs(y_new)))
+        if axis is not None:
+            return np.sqrt(np.vecdot(scaled, scaled, axis=axis) / scaled.shape[axis])
+        if scaled.ndim != 1:
+            scaled = scaled.reshape(-1)
+        mean_square = scaled.dot(scaled) / scaled.shape[0]
+        if mean_square.dtype == np.float64:
+            return math.sqrt(mean_square)
+        return float(np.sqrt(mean_square))
 
 
 BACKEND = NumpyBackend()

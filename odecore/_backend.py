@@ -101,11 +101,14 @@ class Backend:
         (``inplace_ok``), else as a new array (array-api-extra's ``at``)."""
         return xpx.at(out, where).set(value, copy=not self.inplace_ok)
 
-    def stage_store(self, method, y: Any, first: Any, h: Any, hy: Any):
-        """Where a Runge-Kutta step keeps its stages (see ``odecore._rk.ListStages``)."""
+    def stage_store(self, method, y0: Any) -> Callable:
+        """Where the Runge-Kutta steps of one solve keep their stages: called once per solve
+        with the initial state in loop layout, it returns ``start(method, y, first, h, hy)``,
+        which each step calls for its store (see ``odecore._rk.ListStages``). A store may keep
+        its buffers from one step to the next."""
         from odecore._rk import ListStages
 
-        return ListStages(method, y, first, h, hy)
+        return ListStages
 
     # ---- gradients -------------------------------------------------------------------------
     #: True when the framework differentiates through array operations itself ("direct").

@@ -99,6 +99,7 @@ class RKMethod:
         self.b = _nonzero(tab.b)
         self.b_err = _nonzero(tab.b_err) if tab.b_err is not None else None
         self.b_err2 = _nonzero(tab.b_err2) if tab.b_err2 is not None else None
+        self.stage_rows = tuple(zip(self.a[1:], self.c[1:], strict=True))  # stages 1..s-1
         # Every row a step combines, numbered, so that a store can scale them all by h at
         # once: one operation per step instead of one per stage.
         step_rows = [*self.a[1:], self.b, self.b_err, self.b_err2]
@@ -143,9 +144,9 @@ class RKMethod:
         """
         ks = (stage_store or ListStages)(self, y, f0, h, hy)
         y_stage = y
-        for i in range(1, self.stages):
-            y_stage = ks.stage_input(self.a[i])
-            ks.add(fn(t + self.c[i] * h, y_stage))
+        for row, c in self.stage_rows:
+            y_stage = ks.stage_input(row)
+            ks.add(fn(t + c * h, y_stage))
         # For FSAL methods the last stage's input is y_new itself (a[-1] == b).
         y_new = y_stage if self.fsal else ks.stage_input(self.b)
         err = ks.increment(self.b_err) if self.b_err is not None else None
