@@ -26,8 +26,9 @@ the run affects both sides of a ratio):
 - solver overhead: the forward time over the time of the same number of bare calls of the
   function, and the solver's own time per step, measured by replaying the function's
   recorded outputs so that the function costs nothing;
-- function evaluations of both libraries, which should agree within 5%; a larger gap means
-  the two did not take the same steps;
+- function evaluations of both libraries: odecore may not take more than 5% more. The
+  forward solves take the same steps; the backsolve's backward solve takes its own (it
+  starts from the forward's last step and shrinks steps after accepted ones), usually fewer;
 - the largest differences between the two libraries' results.
 
 This is a report, not a test: it exits 0 unless --strict is given and a target or a check
@@ -367,17 +368,17 @@ def print_report(report: Report) -> int:
             print(f"{name:<46}{ours * 1e6:>8.1f} us{theirs * 1e6:>10.1f} us")
     print()
 
-    head = f"{'function evaluations':<34}{'odecore':>9}{'torchdiffeq':>13}{'gap':>7}  (<= 5%)"
+    head = f"{'function evaluations':<34}{'odecore':>9}{'torchdiffeq':>13}{'gap':>7}  (<= +5%)"
     print(head)
     print("-" * len(head))
     for name, ours, theirs, checked in report.nfev:
         if not checked:
             print(f"{name:<34}{ours:>9}{'-':>13}{'':>7}  (no peer)")
             continue
-        gap = abs(ours - theirs) / max(theirs, 1)
-        mark = "ok" if gap <= NFEV_TOLERANCE else "MISMATCH"
-        misses += mark != "ok"
-        print(f"{name:<34}{ours:>9}{theirs:>13}{gap:>7.1%}  {mark}")
+        gap = (ours - theirs) / max(theirs, 1)
+        mark = "MORE" if gap > NFEV_TOLERANCE else ("fewer" if gap < -NFEV_TOLERANCE else "ok")
+        misses += mark == "MORE"
+        print(f"{name:<34}{ours:>9}{theirs:>13}{gap:>+7.1%}  {mark}")
     print()
 
     head = f"{'agreement':<46}{'max |diff|':>12}{'relative':>10}"
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 output times, shorter timings")
     parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--min-repeats", type=int, default=5, help="calls per measurement")
-    parser.add_argument("--strict", action="store_true", help="exit 1 on any MISS or MISMATCH")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any MISS or MORE")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
