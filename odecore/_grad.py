@@ -305,19 +305,9 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
 def _stages(problem, t, h, t_new, y, n_nodes, linearize):
     """The stage inputs ``Y_i`` and stages ``K_i`` of the step from ``(t, y)`` of size ``h``,
     for the first ``n_nodes`` nodes; the last node's stage is not evaluated (it feeds no
-    later node). With ``linearize``, also each evaluation's pullback.
-
-    A step that ended on a jump evaluated its stages at c = 1 just before it (see
-    odecore._solve._body); a replay must see the same left limit."""
+    later node). With ``linearize``, also each evaluation's pullback."""
     ops, rk, dyn = problem.ops, problem.method, problem.dynamics
-    t_cap = None
-    if problem.jumps is not None:
-        on_jump = ops.is_member(t_new, problem.jumps)
-        t_cap = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
-
-    def node_time(i):
-        t_i = t if i == 0 else t + rk.node_c[i] * h
-        return t_i if t_cap is None else ops.minimum(t_i, t_cap)
+    node_time = _stages_node_time(problem, t, h, t_new)
 
     def evaluate(i, y_i):
         if linearize:
@@ -338,6 +328,23 @@ def _stages(problem, t, h, t_new, y, n_nodes, linearize):
     return Y, K, pulls, node_time
 
 
+def _stages_node_time(problem, t, h, t_new):
+    """The time of each node of the step. A step that ended on a jump evaluated its stages
+    at c = 1 just before it (see odecore._solve._body); a replay must see the same left
+    limit."""
+    ops, rk = problem.ops, problem.method
+    t_cap = None
+    if problem.jumps is not None:
+        on_jump = ops.is_member(t_new, problem.jumps)
+        t_cap = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
+
+    def node_time(i):
+        t_i = t if i == 0 else t + rk.node_c[i] * h
+        return t_i if t_cap is None else ops.minimum(t_i, t_cap)
+
+    return node_time
+
+
 def _replay_step(problem, record, a, out_bar):
     bk, ops, rk, dyn = problem.backend, problem.ops, problem.method, problem.dynamics
     xp = bk.xp
@@ -346,34 +353,51 @@ def _replay_step(problem, record, a, out_bar):
     a_in = ops.select_rows(accept, a, a * 0.0)
     outputs = _outputs_in_step(problem, t, t_new, accept)
     interpolated = [o for o in outputs if not o[2]]
-    n_nodes = rk.node_count(with_dense=bool(interpolated))
 
-    # Recompute the stage inputs Y_i and stages K_i of the step, keeping each evaluation's
-    # pullback: the VJPs below reuse these evaluations instead of repeating them. The last
-    # node is evaluated only if an output's cotangent reaches it.
-    Y, K, pulls, node_time = _stages(problem, t, h, t_new, y, n_nodes, linearize=True)
+    # Recompute the stage inputs Y_i and stages K_i of the step through y_new, keeping each
+    # evaluation's pullback: the VJPs below reuse these evaluations instead of repeating
+    # them. The stages past y_new serve only the interpolant (see _interpolated_cotangents).
+    main = rk.new_node + 1
+    Y, K, pulls, _ = _stages(problem, t, h, t_new, y, main, linearize=True)
 
-    Y_bar = [None] * n_nodes
-    K_bar = [None] * n_nodes
+    K_bar = [None] * main
     y_bar = a_in * 0.0
-    Y_bar[rk.new_node] = a_in
+    Y_new_bar = a_in
     rows = ops.rows_index(problem.layout.batch)
-    h_safe = ops.where(h > 0, h, 1.0)
     for index, mask, exact in outputs:
-        cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
         if exact:  # the forward pass wrote y_new itself, not the interpolant
-            Y_bar[rk.new_node] = Y_bar[rk.new_node] + cot
-            continue
-        theta = (problem.ts[index] - t) / h_safe
-        y_bar = y_bar + cot
-        for j, w in enumerate(rk.dense_weights(ops, theta)):
-            K_bar[j] = _add(K_bar[j], hy * w * cot)
-
+            cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
+            Y_new_bar = Y_new_bar + cot
     grads = [None] * len(dyn.leaves)
-    for i in range(n_nodes - 1, -1, -1):
+    if interpolated:
+        # A tracing backend does not know which steps hold an interpolated output (most do
+        # not): the interpolant's cotangents, with the evaluation of f(t_new, y_new) and any
+        # further dense stages, run only where one does.
+        def through_interpolant():
+            return _interpolated_cotangents(problem, record, Y, K, interpolated, out_bar)
+
+        if bk.eager:
+            dense = through_interpolant()
+        else:
+            any_output = interpolated[0][1]
+            for _, mask, _ in interpolated[1:]:
+                any_output = any_output | mask
+            zero = y * 0.0
+            nothing = (
+                zero,
+                [zero] * rk.new_node,
+                zero,
+                [xp.zeros(leaf.shape, dtype=leaf.dtype) for leaf in dyn.leaves],
+            )
+            dense = bk.cond(ops.any(any_output), through_interpolant, lambda: nothing)
+        y_bar, K_bar[: rk.new_node], Y_new_bar_dense, grads = dense
+        Y_new_bar = Y_new_bar + Y_new_bar_dense
+
+    Y_bar = [None] * main
+    Y_bar[rk.new_node] = Y_new_bar
+    for i in range(rk.new_node, -1, -1):
         if K_bar[i] is not None:
-            pull = pulls[i] or dyn.linearize(node_time(i), Y[i])[1]
-            cot_y, cot_leaves = pull(K_bar[i])
+            cot_y, cot_leaves = pulls[i](K_bar[i])
             Y_bar[i] = _add(Y_bar[i], cot_y)
             grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
         if Y_bar[i] is None:
@@ -387,6 +411,56 @@ def _replay_step(problem, record, a, out_bar):
         for g, leaf in zip(grads, dyn.leaves, strict=True)
     ]
     return ops.select_rows(accept, y_bar, a), grads
+
+
+def _interpolated_cotangents(problem, record, Y, K, interpolated, out_bar):
+    """What the step's interpolated outputs send back: ``(y_bar, K_bar for the stages before
+    y_new, Y_bar of y_new, parameter cotangents)``. Evaluates (with pullbacks) the stages the
+    interpolant adds past y_new: ``f(t_new, y_new)`` and any dense-only stages."""
+    ops, rk, dyn = problem.ops, problem.method, problem.dynamics
+    t, h, t_new, y, _ = record
+    hy = ops.to_state(h)
+    n_nodes = rk.node_count(with_dense=True)
+    Y, K = list(Y), list(K)
+    node_time = _stages_node_time(problem, t, h, t_new)
+    pulls = {}
+    for i in range(rk.new_node, n_nodes):
+        if i > rk.new_node:
+            Y.append(y + hy * lincomb(rk.node_rows[i], K))
+        k, pulls[i] = dyn.linearize(node_time(i), Y[i])
+        K.append(k)
+
+    K_bar = [None] * n_nodes
+    y_bar = y * 0.0
+    rows = ops.rows_index(problem.layout.batch)
+    h_safe = ops.where(h > 0, h, 1.0)
+    for index, mask, _ in interpolated:
+        cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], y * 0.0)
+        theta = (problem.ts[index] - t) / h_safe
+        y_bar = y_bar + cot
+        for j, w in enumerate(rk.dense_weights(ops, theta)):
+            K_bar[j] = _add(K_bar[j], hy * w * cot)
+
+    grads = [None] * len(dyn.leaves)
+    Y_new_bar = y * 0.0
+    for i in range(n_nodes - 1, rk.new_node - 1, -1):
+        if K_bar[i] is None:
+            continue
+        cot_y, cot_leaves = pulls[i](K_bar[i])
+        grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
+        if i == rk.new_node:
+            Y_new_bar = Y_new_bar + cot_y
+            continue
+        # A dense-only stage's input is y + h sum_j a_ij K_j.
+        y_bar = y_bar + cot_y
+        for j, w in rk.node_rows[i].terms:
+            K_bar[j] = _add(K_bar[j], hy * (w * cot_y))
+    K_bar = [y * 0.0 if k is None else k for k in K_bar[: rk.new_node]]
+    grads = [
+        g if g is not None else problem.backend.xp.zeros(leaf.shape, dtype=leaf.dtype)
+        for g, leaf in zip(grads, dyn.leaves, strict=True)
+    ]
+    return y_bar, K_bar, Y_new_bar, grads
 
 
 def _add(total, term):
