@@ -115,12 +115,14 @@ class JaxBackend(Backend):
     def dynamics_linearize(self, func, params, leaves, t, y):
         if params is None:
             out, pull = jax.vjp(lambda y_: func(t, y_), y)
+            pull = _unit_batched(pull)
             return out, lambda cot: (pull(cot)[0], [])
 
         def call(y_, *leaves_):
             return func(t, y_, self.with_leaves(params, list(leaves_)))
 
         out, pull = jax.vjp(call, y, *leaves)
+        pull = _unit_batched(pull)
 
         def pullback(cot):
             cot_y, *cot_leaves = pull(cot)
@@ -232,6 +234,33 @@ def _apply_bwd(forward, backward, residuals, cotangents):
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _unit_batched(pull):
+    """``pull`` run under ``vmap`` over a batch of one, on the CPU.
+
+    A dense layer's weight cotangent is a contraction over the batch axis of two row-major
+    arrays (``delta^T x``). XLA:CPU hands that transposed contraction to a generic
+    multi-threaded kernel, which for small outputs costs more than the rest of the VJP: on
+    bench_jax's 2-64-2 MLP (batch 512, 2 cores) 25 us per call, 21% of a backsolve
+    gradient. Under ``vmap`` the same cotangent reaches XLA with an explicit transpose and
+    an ordinary matrix product, which it runs on its fast path. Measured on 2 cores, the
+    whole gradient: float64 backsolve 9-14% faster, checkpoint unchanged; float32 28% and
+    22% faster. Other platforms are left as they are (not measured).
+
+    A pullback that cannot be batched (a ``pure_callback`` without a ``vmap_method`` in a
+    custom VJP, say) runs as it is; a genuine error in it then surfaces from that call."""
+    if jax.default_backend() != "cpu":
+        return pull
+
+    def batched(cot):
+        try:
+            out = jax.vmap(pull)(cot[None])
+        except Exception:
+            return pull(cot)
+        return jax.tree_util.tree_map(lambda g: g[0], out)
+
+    return batched
 
 
 def _differentiated(x) -> bool:

@@ -431,6 +431,46 @@ def test_thinned_tape_of_a_batch_matches_the_full_tape(x64):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_dynamics_whose_vjp_cannot_be_batched(mode):
+    """The adapter batches the dynamics' pullback over a unit axis (a faster kernel on the
+    CPU); one that vmap cannot batch (a host callback with no vmap_method in a custom VJP)
+    must still give the same gradients as the plain jnp version. Float32: a host callback
+    runs outside the thread-local x64 context."""
+
+    @jax.custom_vjp
+    def sin(x):
+        return jnp.sin(x)
+
+    def sin_fwd(x):
+        return jnp.sin(x), x
+
+    def sin_bwd(x, cot):
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+        def host(x, c):
+            return np.cos(np.asarray(x)) * np.asarray(c)
+
+        return (jax.pure_callback(host, shape, x, cot),)
+
+    sin.defvjp(sin_fwd, sin_bwd)
+
+    def loss(sin_):
+        def f(t, y, w):
+            return -w * sin_(y)
+
+        def value(y0, w):
+            ys = odecore.odeint(f, y0, jnp.asarray([0.0, 1.5]), params=w, adjoint=mode)
+            return jnp.sum(ys[-1] ** 2)
+
+        return jax.jit(jax.grad(value, argnums=(0, 1)))
+
+    y0, w = jnp.asarray([0.3, -1.2, 2.0]), jnp.asarray(0.8)
+    for got, ref in zip(loss(sin)(y0, w), loss(jnp.sin)(y0, w), strict=True):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_rows_cover_every_step():
     from odecore._solve import checkpoint_rows
 
