@@ -177,10 +177,16 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
 
 
 def _usable_step(bk, dt):
-    """``dt`` as a first step, or None (the automatic choice) where it is known to be unusable:
-    a failed solve's NaN. A traced value is passed on; the solve's status covers it."""
-    if dt is None or bk.is_traced(dt):
-        return dt
+    """A solve's last proposed step (per sample) as the first step of one joint backward
+    solve: the smallest over the samples, or None (the automatic choice) where it is known
+    to be unusable, a failed solve's NaN. A traced value is passed on; the solve's status
+    covers it."""
+    if dt is None:
+        return None
+    if not isinstance(dt, float):
+        dt = bk.xp.min(dt)
+        if bk.is_traced(dt):
+            return dt
     dt = float(dt)
     return dt if math.isfinite(dt) and dt > 0 else None
 
@@ -302,37 +308,16 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
     return a, leaves_bar
 
 
-def _stages(problem, t, h, t_new, y, n_nodes, linearize):
-    """The stage inputs ``Y_i`` and stages ``K_i`` of the step from ``(t, y)`` of size ``h``,
-    for the first ``n_nodes`` nodes; the last node's stage is not evaluated (it feeds no
-    later node). With ``linearize``, also each evaluation's pullback."""
+def _stages(problem, t, h, t_new, y, n_nodes, linearize, known=None, evaluate_last=False):
+    """``(Y, K, pulls)``: the stage inputs ``Y_i`` and stages ``K_i`` of the step from
+    ``(t, y)`` of size ``h``, for the first ``n_nodes`` nodes. The last node's stage is
+    evaluated only with ``evaluate_last`` (otherwise it feeds no later node); ``known``
+    continues from an earlier call's result. With ``linearize``, ``pulls`` holds each
+    evaluation's pullback.
+
+    A step that ended on a jump evaluated its stages at c = 1 just before it (see
+    odecore._solve._body); a replay must see the same left limit."""
     ops, rk, dyn = problem.ops, problem.method, problem.dynamics
-    node_time = _stages_node_time(problem, t, h, t_new)
-
-    def evaluate(i, y_i):
-        if linearize:
-            return dyn.linearize(node_time(i), y_i)
-        return dyn(node_time(i), y_i), None
-
-    hy = ops.to_state(h)
-    k0, pull0 = evaluate(0, y)
-    Y, K, pulls = [y], [k0], [pull0]
-    for i in range(1, n_nodes):
-        Y.append(y + hy * lincomb(rk.node_rows[i], K))
-        if i < n_nodes - 1:
-            k, pull = evaluate(i, Y[i])
-            K.append(k)
-            pulls.append(pull)
-        else:
-            pulls.append(None)
-    return Y, K, pulls, node_time
-
-
-def _stages_node_time(problem, t, h, t_new):
-    """The time of each node of the step. A step that ended on a jump evaluated its stages
-    at c = 1 just before it (see odecore._solve._body); a replay must see the same left
-    limit."""
-    ops, rk = problem.ops, problem.method
     t_cap = None
     if problem.jumps is not None:
         on_jump = ops.is_member(t_new, problem.jumps)
@@ -342,7 +327,39 @@ def _stages_node_time(problem, t, h, t_new):
         t_i = t if i == 0 else t + rk.node_c[i] * h
         return t_i if t_cap is None else ops.minimum(t_i, t_cap)
 
-    return node_time
+    hy = ops.to_state(h)
+    Y, K, pulls = ([y], [], []) if known is None else (list(part) for part in known)
+    for i in range(len(K), n_nodes if evaluate_last else n_nodes - 1):
+        if i == len(Y):
+            Y.append(y + hy * lincomb(rk.node_rows[i], K))
+        if linearize:
+            k, pull = dyn.linearize(node_time(i), Y[i])
+        else:
+            k, pull = dyn(node_time(i), Y[i]), None
+        K.append(k)
+        pulls.append(pull)
+    if len(Y) < n_nodes:
+        Y.append(y + hy * lincomb(rk.node_rows[n_nodes - 1], K))
+    return Y, K, pulls
+
+
+def _pull_back_nodes(problem, hy, nodes, pulls, K_bar, Y_bar, y_bar, grads):
+    """Reverse mode through the step's nodes, last first: each stage's cotangent through
+    its pullback into its input ``Y_i = y + h sum_j a_ij K_j``, and from there into ``y``
+    and the earlier stages (``K_bar`` and ``Y_bar`` are updated in place). Returns
+    ``(y_bar, grads)``."""
+    for i in nodes:
+        if K_bar[i] is not None:
+            cot_y, cot_leaves = pulls[i](K_bar[i])
+            Y_bar[i] = _add(Y_bar[i], cot_y)
+            grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
+        if Y_bar[i] is None:
+            continue
+        y_bar = y_bar + Y_bar[i]
+        if i > 0:
+            for j, w in problem.method.node_rows[i].terms:
+                K_bar[j] = _add(K_bar[j], hy * (w * Y_bar[i]))
+    return y_bar, grads
 
 
 def _replay_step(problem, record, a, out_bar):
@@ -358,23 +375,24 @@ def _replay_step(problem, record, a, out_bar):
     # evaluation's pullback: the VJPs below reuse these evaluations instead of repeating
     # them. The stages past y_new serve only the interpolant (see _interpolated_cotangents).
     main = rk.new_node + 1
-    Y, K, pulls, _ = _stages(problem, t, h, t_new, y, main, linearize=True)
+    stages = _stages(problem, t, h, t_new, y, main, linearize=True)
 
     K_bar = [None] * main
+    Y_bar = [None] * main
+    Y_bar[rk.new_node] = a_in
     y_bar = a_in * 0.0
-    Y_new_bar = a_in
+    grads = [None] * len(dyn.leaves)
     rows = ops.rows_index(problem.layout.batch)
     for index, mask, exact in outputs:
         if exact:  # the forward pass wrote y_new itself, not the interpolant
             cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
-            Y_new_bar = Y_new_bar + cot
-    grads = [None] * len(dyn.leaves)
+            Y_bar[rk.new_node] = Y_bar[rk.new_node] + cot
     if interpolated:
         # A tracing backend does not know which steps hold an interpolated output (most do
         # not): the interpolant's cotangents, with the evaluation of f(t_new, y_new) and any
         # further dense stages, run only where one does.
         def through_interpolant():
-            return _interpolated_cotangents(problem, record, Y, K, interpolated, out_bar)
+            return _interpolated_cotangents(problem, record, stages, interpolated, out_bar)
 
         if bk.eager:
             dense = through_interpolant()
@@ -386,26 +404,14 @@ def _replay_step(problem, record, a, out_bar):
             nothing = (
                 zero,
                 [zero] * rk.new_node,
-                zero,
                 [xp.zeros(leaf.shape, dtype=leaf.dtype) for leaf in dyn.leaves],
             )
             dense = bk.cond(ops.any(any_output), through_interpolant, lambda: nothing)
-        y_bar, K_bar[: rk.new_node], Y_new_bar_dense, grads = dense
-        Y_new_bar = Y_new_bar + Y_new_bar_dense
+        y_bar, K_bar[: rk.new_node], grads = dense
 
-    Y_bar = [None] * main
-    Y_bar[rk.new_node] = Y_new_bar
-    for i in range(rk.new_node, -1, -1):
-        if K_bar[i] is not None:
-            cot_y, cot_leaves = pulls[i](K_bar[i])
-            Y_bar[i] = _add(Y_bar[i], cot_y)
-            grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
-        if Y_bar[i] is None:
-            continue
-        y_bar = y_bar + Y_bar[i]
-        if i > 0:
-            for j, w in rk.node_rows[i].terms:
-                K_bar[j] = _add(K_bar[j], hy * (w * Y_bar[i]))
+    y_bar, grads = _pull_back_nodes(
+        problem, hy, range(rk.new_node, -1, -1), stages[2], K_bar, Y_bar, y_bar, grads
+    )
     grads = [
         xp.zeros(leaf.shape, dtype=problem.layout.dtype) if g is None else g
         for g, leaf in zip(grads, dyn.leaves, strict=True)
@@ -413,22 +419,18 @@ def _replay_step(problem, record, a, out_bar):
     return ops.select_rows(accept, y_bar, a), grads
 
 
-def _interpolated_cotangents(problem, record, Y, K, interpolated, out_bar):
-    """What the step's interpolated outputs send back: ``(y_bar, K_bar for the stages before
-    y_new, Y_bar of y_new, parameter cotangents)``. Evaluates (with pullbacks) the stages the
-    interpolant adds past y_new: ``f(t_new, y_new)`` and any dense-only stages."""
+def _interpolated_cotangents(problem, record, stages, interpolated, out_bar):
+    """What the step's interpolated outputs send back, through every node from the last
+    to y_new's: ``(y_bar, K_bar of the stages before y_new, parameter cotangents)``.
+    Evaluates (with pullbacks) the stages the interpolant adds to ``stages``:
+    ``f(t_new, y_new)`` and any dense-only stages."""
     ops, rk, dyn = problem.ops, problem.method, problem.dynamics
     t, h, t_new, y, _ = record
     hy = ops.to_state(h)
     n_nodes = rk.node_count(with_dense=True)
-    Y, K = list(Y), list(K)
-    node_time = _stages_node_time(problem, t, h, t_new)
-    pulls = {}
-    for i in range(rk.new_node, n_nodes):
-        if i > rk.new_node:
-            Y.append(y + hy * lincomb(rk.node_rows[i], K))
-        k, pulls[i] = dyn.linearize(node_time(i), Y[i])
-        K.append(k)
+    _, _, pulls = _stages(
+        problem, t, h, t_new, y, n_nodes, linearize=True, known=stages, evaluate_last=True
+    )
 
     K_bar = [None] * n_nodes
     y_bar = y * 0.0
@@ -441,26 +443,18 @@ def _interpolated_cotangents(problem, record, Y, K, interpolated, out_bar):
         for j, w in enumerate(rk.dense_weights(ops, theta)):
             K_bar[j] = _add(K_bar[j], hy * w * cot)
 
-    grads = [None] * len(dyn.leaves)
-    Y_new_bar = y * 0.0
-    for i in range(n_nodes - 1, rk.new_node - 1, -1):
-        if K_bar[i] is None:
-            continue
-        cot_y, cot_leaves = pulls[i](K_bar[i])
-        grads = [_add(g, d) for g, d in zip(grads, cot_leaves, strict=True)]
-        if i == rk.new_node:
-            Y_new_bar = Y_new_bar + cot_y
-            continue
-        # A dense-only stage's input is y + h sum_j a_ij K_j.
-        y_bar = y_bar + cot_y
-        for j, w in rk.node_rows[i].terms:
-            K_bar[j] = _add(K_bar[j], hy * (w * cot_y))
+    # Linear: y_new's cotangent from here is carried through y_new's node now, and the
+    # caller carries the rest (the state's adjoint, exact outputs) the same way.
+    nodes = range(n_nodes - 1, rk.new_node - 1, -1)
+    y_bar, grads = _pull_back_nodes(
+        problem, hy, nodes, pulls, K_bar, [None] * n_nodes, y_bar, [None] * len(dyn.leaves)
+    )
     K_bar = [y * 0.0 if k is None else k for k in K_bar[: rk.new_node]]
     grads = [
         g if g is not None else problem.backend.xp.zeros(leaf.shape, dtype=leaf.dtype)
         for g, leaf in zip(grads, dyn.leaves, strict=True)
     ]
-    return y_bar, K_bar, Y_new_bar, grads
+    return y_bar, K_bar, grads
 
 
 def _add(total, term):

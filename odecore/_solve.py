@@ -68,8 +68,8 @@ class _Problem:
     # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
     # checkpoint gradient; None when not recording.
     tape: list | None = None
-    # After the loop: the step size the controller proposed last, the smallest over the
-    # samples (a control value). The backsolve starts its backward solve with it.
+    # After the loop: the step size the controller proposed last, per sample (control
+    # values). The backsolve starts its backward solve with it.
     dt_next: Any = None
 
 
@@ -806,7 +806,7 @@ def _finish(p: _Problem, s: dict) -> Solution:
     lay, ops = p.layout, p.ops
     if "tape" in s:  # a tracing backend's checkpoint buffers, for the rule's residuals
         p.tape = s["tape"]
-    p.dt_next = s["dt"] if ops.scalar else p.backend.xp.min(s["dt"])
+    p.dt_next = s["dt"]
 
     def per_sample(value):
         if ops.scalar or lay.batched:
