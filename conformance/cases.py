@@ -1042,21 +1042,26 @@ def _variants() -> tuple[Variant, ...]:
     )
 
 
-# The subset CI runs: every backend x method family x gradient mode x option (step_t, jump_t,
-# first_step, seminorm) has a cell, and so do batches, decreasing times and float32; one
-# variant carries several options where that costs nothing in coverage, since every compiled
-# variant costs seconds on JAX.
+# The subset CI runs: every method, and every backend x method family x gradient mode x
+# option (step_t, jump_t, first_step, seminorm, step size or grid), batches, decreasing times
+# and float32, each have a cell. Variants carry several of these at once where that costs
+# nothing in coverage, since every compiled variant costs seconds on JAX.
 CI_VARIANT_IDS = (
     "harmonic/dopri5",
     "forced/tsit5[first_step,step_t]",
     "jump/dopri5[jump_t]",
     "jump/dopri5[jump_t,seminorm]",
+    "jump/bosh3[jump_t]",
+    "linear3/dopri8",
+    "decay/adaptive_heun[rtol=1e-06]",
+    "decay/fehlberg2[rtol=1e-06]",
     "batched-decay/dopri5",
     "reversed/dopri5",
     "harmonic-float32/dopri5",
     "reversed/rk4[h=1/16]",
     "harmonic-float32/rk4[h=1/16]",
     "jump/heun3[grid,jump_t,step_t]",
+    *(f"jump/{method}[grid,jump_t]" for method in ("euler", "midpoint", "heun2")),
 )
 
 

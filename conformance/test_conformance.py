@@ -752,8 +752,8 @@ def test_backend_names_from_the_environment(monkeypatch) -> None:
 
 def test_ci_subset_covers_every_family_mode_and_option() -> None:
     """The CI subset keeps a cell for every method family x gradient mode x option (and for
-    batches, decreasing times and float32), so that deselecting the slow cells drops
-    repetitions, not coverage."""
+    every method, batches, decreasing times and float32), so that deselecting the slow cells
+    drops repetitions, not coverage."""
 
     def features(variant: Variant) -> set[str]:
         opts = variant.solver_options or {}
@@ -764,7 +764,7 @@ def test_ci_subset_covers_every_family_mode_and_option() -> None:
         found |= {"batch"} if variant.case.batch_axis is not None else set()
         found |= {"decreasing"} if variant.case.ts[-1] < variant.case.ts[0] else set()
         found |= {"float32"} if variant.case.dtype == "float32" else set()
-        return found | {"plain"}
+        return found | {"plain", variant.method}
 
     def cells(variants) -> set[tuple[str, str, str]]:
         return {(v.family, m, f) for v in variants for m in v.modes for f in features(v)}
