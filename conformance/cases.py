@@ -7,11 +7,22 @@ A :class:`Case` is an initial value problem ``y' = func(t, y, params)`` with
 - a hand-written vector-Jacobian product ``vjp(t, y, params, cotangent) -> (cot_y,
   cot_params)``: backends without autodiff take their gradients from it (DESIGN.md,
   "Dynamics"), and the suite checks it against finite differences of ``func``;
-- a reference solution computed without odecore: a closed form, or scipy's DOP853 at
-  rtol = atol = 1e-13 (``reference_source`` says which);
+- a reference solution computed without odecore: a closed form, ``scipy.linalg.expm``, or
+  scipy's DOP853 at rtol = atol = 1e-13 (``reference_source`` says which);
 - reference sensitivities ``dy(t_i)/dy0`` and ``dy(t_i)/dparams`` (``gradient_source`` says how
-  they were obtained), from which :func:`reference_gradient` builds the exact gradient of the
+  they were obtained), from which :func:`continuous_reference` builds the exact gradient of the
   suite's loss.
+
+A case that is linear in an extended state (:class:`LinearForm`) also has the exact solution
+of a *fixed-step* method: an explicit Runge-Kutta method with as many stages as its order
+``p <= 4`` advances ``z' = M z`` by the Taylor polynomial of degree ``p`` of ``h M`` (its
+stability function), so the discrete solution is a product of matrix polynomials
+(:func:`discrete_reference`), differentiated by the complex step. Fixed-step variants are
+checked against it to rounding, not against the continuous solution at the method's order.
+
+A :class:`Variant` is a case solved one way: a method, a step size or the grid of stops, and
+options (``step_t``, ``first_step``, the backsolve's seminorm). ``VARIANTS`` lists them all;
+those with ``ci=True`` form the subset CI runs (the others are marked slow).
 
 The loss is the same for every case, ``L(ys) = 0.5 * sum(W * ys**2)`` over all output times,
 with weights ``W`` drawn once per case: its cotangent ``W * ys`` weighs every output time and
@@ -22,30 +33,57 @@ Everything here except the dynamics (the references, the weights) is NumPy and S
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import array_api_compat
 import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.linalg import expm, expm_frechet
 
+from odecore import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS
+
 __all__ = [
     "CASES",
     "VARIANTS",
     "Case",
     "CaseDynamics",
+    "LinearForm",
+    "Reference",
     "Variant",
+    "continuous_reference",
+    "discrete_reference",
     "loss",
     "loss_cotangent",
     "reference_gradient",
+    "variant_reference",
 ]
 
 # scipy's DOP853 at this tolerance is the "high precision" reference for problems without a
 # closed form; its global error on the cases below is around 1e-12 relative.
 SCIPY_REFERENCE_TOL = 1e-13
+# The complex step: d f(x)/dx = Im f(x + i h) / h + O(h^2), with no cancellation, so any
+# h far below the square root of the smallest double gives the derivative to rounding.
+COMPLEX_STEP = 1e-30
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """The case as ``z' = M z`` for the extended state ``z = [y (flattened), *extra(t0)]``.
+
+    ``matrix(params, piece)`` is ``M`` on the ``piece``-th interval between ``breaks`` (the
+    times where ``func`` jumps); an inhomogeneous term rides in ``extra`` as a constant 1 (and
+    ``t`` itself as a component with ``t' = 1``). ``matrix`` must accept complex parameters,
+    for the complex-step derivatives.
+    """
+
+    matrix: Callable[[tuple, int], np.ndarray]
+    extra: Callable[[float], np.ndarray] = lambda t0: np.zeros(0)
+    breaks: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so results can be cached
@@ -68,20 +106,15 @@ class Case:
     reference_source: str
     sensitivities: Callable[[np.ndarray], tuple[np.ndarray, tuple[np.ndarray, ...]]]
     gradient_source: str
-    methods: tuple[str, ...] = ("dopri5",)
     dtype: str = "float64"
     batch_axis: int | None = None
-    # The solver's tolerances.
+    # The adaptive solver's tolerances.
     rtol: float = 1e-10
     atol: float = 1e-12
-    # Accepted error of the outputs: |ys - reference| <= values_atol + values_rtol * |reference|,
-    # 100 times the solver's tolerances. The tolerances bound the local error; on these short
-    # horizons the measured global errors stay below 1/20 of these bounds for every method.
-    values_rtol: float = 1e-8
-    values_atol: float = 1e-10
-    # Accepted error of each gradient (y0, every parameter, t), relative to its largest entry;
-    # the measured errors of both gradient modes stay below 1/15 of it.
-    gradient_rtol: float = 1e-7
+    # Options every variant of the case gets (jump_t where func jumps).
+    options: dict = field(default_factory=dict)
+    # Set where the case is linear in an extended state: fixed-step variants need it.
+    linear: LinearForm | None = None
 
     @property
     def dynamics(self) -> CaseDynamics:
@@ -126,14 +159,77 @@ class CaseDynamics:
 
 @dataclass(frozen=True)
 class Variant:
-    """A case solved by one method: one row of the summary table per backend."""
+    """A case solved one way: one row of the summary table per backend.
+
+    ``step_size`` applies to fixed-step methods; without it they take one step between
+    consecutive stops (output times, ``step_t``, ``jump_t``). ``options`` adds solver options
+    to the case's own, as ``(name, value)`` pairs. ``seminorm`` runs the backsolve with
+    ``adjoint_options={"norm": "seminorm"}``, which only the backsolve accepts. ``rtol`` and
+    ``atol`` override the case's (low-order methods need looser ones to stay short).
+    """
 
     case: Case
     method: str
+    step_size: float | None = None
+    options: tuple[tuple[str, object], ...] = ()
+    seminorm: bool = False
+    rtol: float | None = None
+    atol: float | None = None
+    ci: bool = False
+
+    def __post_init__(self):
+        if self.method not in TABLEAUS:
+            raise ValueError(f"{self.id}: unknown method")
+        if self.fixed_step and self.case.linear is None:
+            raise ValueError(f"{self.id}: fixed-step variants need a case with a LinearForm")
+
+    @property
+    def fixed_step(self) -> bool:
+        return self.method in FIXED_STEP_METHODS
+
+    @property
+    def family(self) -> str:
+        return "fixed-step" if self.fixed_step else "adaptive"
+
+    @property
+    def tolerances(self) -> tuple[float, float]:
+        rtol = self.case.rtol if self.rtol is None else self.rtol
+        return rtol, self.case.atol if self.atol is None else self.atol
+
+    @property
+    def solver_options(self) -> dict | None:
+        opts = {**self.case.options, **dict(self.options)}
+        if self.step_size is not None:
+            opts["step_size"] = self.step_size
+        return opts or None
+
+    @property
+    def adjoint_options(self) -> dict | None:
+        return {"norm": "seminorm"} if self.seminorm else None
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The gradient modes this variant is solved with (adjoint options configure the
+        backsolve only; the other modes refuse them)."""
+        return ("backsolve",) if self.seminorm else ("checkpoint", "backsolve", "direct")
 
     @property
     def id(self) -> str:
-        return f"{self.case.name}/{self.method}"
+        tags = []
+        if self.fixed_step:
+            tags.append("grid" if self.step_size is None else f"h={_fraction(self.step_size)}")
+        tags += sorted({*self.case.options, *dict(self.options)})
+        if self.seminorm:
+            tags.append("seminorm")
+        if self.rtol is not None:
+            tags.append(f"rtol={self.rtol:g}")
+        suffix = f"[{','.join(tags)}]" if tags else ""
+        return f"{self.case.name}/{self.method}{suffix}"
+
+
+def _fraction(x: float) -> str:
+    inverse = 1.0 / x
+    return f"1/{int(inverse)}" if inverse == int(inverse) else f"{x:g}"
 
 
 def loss(ys, weights):
@@ -147,36 +243,293 @@ def loss_cotangent(ys, weights):
     return weights * ys
 
 
+# --------------------------------------------------------------------------------------------
+# References: values, gradients and the magnitudes that bound their rounding
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Outputs and loss gradient of a variant, with the magnitude of every gradient entry.
+
+    An entry of a gradient is a sum of contributions (``sum_i cot_i . S_i[:, j]``, or
+    ``cot_i . f_i`` for a time); its ``magnitude`` is the same sum of their absolute values.
+    An entry that is small because its contributions cancel still carries their rounding and
+    truncation errors, which scale with the magnitude, not with the entry: comparisons
+    accept ``|error| <= rtol * (|expected| + magnitude)``.
+    """
+
+    ys: np.ndarray
+    gradient: dict  # {"y0", "params": (...), "t"}
+    magnitude: dict  # the same structure
+    source: str
+
+
 def _contract(cot: np.ndarray, jac: np.ndarray) -> np.ndarray:
     """``sum_{i, state} cot[i, state] * jac[i, state, ...]``."""
     return np.tensordot(cot, jac, axes=cot.ndim)
 
 
-@functools.cache
-def reference_gradient(case: Case) -> dict:
-    """The exact gradient of the loss at the reference solution: ``{"y0", "params", "t"}``.
+def _gradient(case: Case, ys, s_y0, s_params, source: str) -> Reference:
+    """The loss gradient at outputs ``ys`` with sensitivities ``s_y0``, ``s_params``.
 
-    ``y0`` and ``params`` come from the case's sensitivities. The time gradient follows from
-    the flow: moving an output time ``t_i`` (i >= 1) moves ``y(t_i)`` at rate
-    ``f(t_i, y(t_i))``; moving ``t_0`` with ``y0`` fixed shifts the whole solution, which
-    gives ``-(dL/dy0 - W_0 y0) . f(t_0, y0)`` (the adjoint at ``t_0`` without the direct term
-    of the output at ``t_0``, which is ``y0`` itself).
+    The time gradient follows from the flow: moving an output time ``t_i`` (i >= 1) moves
+    ``y(t_i)`` at rate ``f(t_i, y(t_i))``; moving ``t_0`` with ``y0`` fixed shifts the whole
+    solution, which gives ``-(dL/dy0 - W_0 y0) . f(t_0, y0)`` (the adjoint at ``t_0``
+    without the direct term of the output at ``t_0``, which is ``y0`` itself). odecore uses
+    the same identities in every mode, at its own outputs: for a fixed-step method they hold
+    at the discrete outputs, which is where this evaluates them.
     """
     ts = case.ts
-    ys = case.reference(ts)
     cot = loss_cotangent(ys, case.loss_weights())
-    s_y0, s_params = case.sensitivities(ts)
-    g_y0 = _contract(cot, s_y0)
+    g_y0, m_y0 = _contract(cot, s_y0), _contract(np.abs(cot), np.abs(s_y0))
     g_params = tuple(_contract(cot, s) for s in s_params)
+    m_params = tuple(_contract(np.abs(cot), np.abs(s)) for s in s_params)
 
     def f(i, y):
         return np.asarray(case.func(case.time_argument(ts[i]), y, case.params))
 
-    g_t = np.empty_like(ts)
+    g_t, m_t = np.empty_like(ts), np.empty_like(ts)
     for i in range(1, len(ts)):
-        g_t[i] = np.sum(cot[i] * f(i, ys[i]))
-    g_t[0] = -np.sum((g_y0 - cot[0]) * f(0, case.y0))
-    return {"y0": g_y0, "params": g_params, "t": g_t}
+        terms = cot[i] * f(i, ys[i])
+        g_t[i], m_t[i] = np.sum(terms), np.sum(np.abs(terms))
+    f0 = f(0, case.y0)
+    g_t[0] = -np.sum((g_y0 - cot[0]) * f0)
+    m_t[0] = np.sum((m_y0 - np.abs(cot[0])) * np.abs(f0))
+    return Reference(
+        ys=ys,
+        gradient={"y0": g_y0, "params": g_params, "t": g_t},
+        magnitude={"y0": m_y0, "params": m_params, "t": m_t},
+        source=source,
+    )
+
+
+@functools.cache
+def continuous_reference(case: Case) -> Reference:
+    """The exact solution and loss gradient, from the case's reference and sensitivities."""
+    ts = case.ts
+    s_y0, s_params = case.sensitivities(ts)
+    return _gradient(case, case.reference(ts), s_y0, s_params, case.gradient_source)
+
+
+def reference_gradient(case: Case) -> dict:
+    """The exact gradient of the loss at the reference solution: ``{"y0", "params", "t"}``."""
+    return continuous_reference(case).gradient
+
+
+@functools.cache
+def discrete_reference(variant: Variant) -> Reference:
+    """The exact outputs and loss gradient of a fixed-step variant's discrete solution."""
+    case, form = variant.case, variant.case.linear
+    stages = TABLEAUS[variant.method].stages
+    assert TABLEAUS[variant.method].order == stages <= 4, "stability function is not Taylor"
+    boundaries = fixed_step_boundaries(case.ts, variant.step_size, _stop_times(variant))
+
+    def outputs(y0, params):
+        return _linear_outputs(form, params, y0, case.ts, boundaries, _taylor(stages))
+
+    ys, s_y0, s_params = _complex_step_jacobians(outputs, case.y0, case.params)
+    return _gradient(case, ys, s_y0, s_params, f"exact {variant.method} steps, complex step")
+
+
+@functools.cache
+def discrete_backsolve_reference(variant: Variant) -> Reference:
+    """The loss gradient a fixed-step backsolve computes, exactly: the continuous adjoint
+    ``[y, a, a_theta]' = [f, -a df/dy, -a df/dtheta]`` advanced backward by the method's own
+    steps (the forward grid, reversed), with ``y`` reset to the forward output and the
+    output's cotangent added to ``a`` at every output time (Chen et al. 2018, algorithm 1).
+
+    Each step is the textbook explicit Runge-Kutta step with the method's tableau; ``df/dtheta``
+    comes from the complex step of the case's matrix. Outputs and magnitudes are those of the
+    discrete solution."""
+    case, form, tab = variant.case, variant.case.linear, TABLEAUS[variant.method]
+    forward = discrete_reference(variant)
+    ts, n = case.ts, case.y0.size
+    ys_bar = loss_cotangent(forward.ys, case.loss_weights()).reshape(len(ts), n)
+    pieces = range(len(form.breaks) + 1)
+    matrices = [form.matrix(case.params, piece) for piece in pieces]
+    # d M / d theta_j, one per parameter entry, restricted to the rows of y.
+    derivatives = [
+        [np.imag(form.matrix(p, piece))[:n] / COMPLEX_STEP for p in _shifted(case.params)]
+        for piece in pieces
+    ]
+
+    def rates(piece, state):
+        z, a, _ = state
+        m = matrices[piece]
+        return m @ z, -m[:n, :n].T @ a, np.array([a @ (d @ z) for d in derivatives[piece]])
+
+    a, a_theta = np.zeros(n), np.zeros(len(derivatives[0]))
+    for i in range(len(ts) - 1, 0, -1):
+        a = a + ys_bar[i]
+        z = np.concatenate([forward.ys[i].reshape(-1), form.extra(ts[i])])
+        interval = ts[i : i - 2 if i >= 2 else None : -1]
+        boundaries = fixed_step_boundaries(interval, variant.step_size, _stop_times(variant))
+        for t0, t1 in zip(boundaries[:-1], boundaries[1:], strict=True):
+            piece = sum(0.5 * (t0 + t1) > brk for brk in form.breaks)
+            step_rates = functools.partial(rates, piece)
+            z, a, a_theta = _rk_step(tab, t1 - t0, (z, a, a_theta), step_rates)
+    # a_theta integrated -a df/dtheta from t_i down to t_{i-1}: the gradient is its negative.
+    sizes = [p.size for p in case.params]
+    flat = np.split(-a_theta, np.cumsum(sizes)[:-1])
+    g_params = tuple(g.reshape(p.shape) for g, p in zip(flat, case.params, strict=True))
+    a0 = a.reshape(case.y0.shape)
+    f0 = np.asarray(case.func(case.time_argument(ts[0]), case.y0, case.params))
+    g_t = forward.gradient["t"].copy()
+    g_t[0] = -np.sum(a0 * f0)
+    gradient = {"y0": a0 + ys_bar[0].reshape(case.y0.shape), "params": g_params, "t": g_t}
+    source = f"exact {variant.method} backsolve steps"
+    return Reference(forward.ys, gradient, forward.magnitude, source)
+
+
+def _shifted(params):
+    """Every parameter entry in turn shifted by the complex step."""
+    for k, p in enumerate(params):
+        for j in range(p.size):
+            shifted = p.astype(complex).reshape(-1)
+            shifted[j] += 1j * COMPLEX_STEP
+            yield _replace(params, k, shifted.reshape(p.shape))
+
+
+def _rk_step(tab, h, state, rates):
+    """One explicit Runge-Kutta step of ``state' = rates(state)`` (a tuple of arrays)."""
+    ks = []
+
+    def advance(weights):
+        return tuple(
+            x + h * sum(w * k[j] for w, k in zip(weights, ks, strict=True))
+            for j, x in enumerate(state)
+        )
+
+    for row in tab.a:
+        ks.append(rates(advance(row)))
+    return advance(tab.b)
+
+
+def variant_reference(variant: Variant, mode: str | None = None) -> Reference:
+    """What a variant's results are compared with: for a fixed-step method the exact result
+    of its steps (the discrete solution and its gradient, or the discrete backsolve); the
+    exact solution otherwise."""
+    if not variant.fixed_step:
+        return continuous_reference(variant.case)
+    if mode == "backsolve":
+        return discrete_backsolve_reference(variant)
+    return discrete_reference(variant)
+
+
+def _stop_times(variant: Variant) -> list[float]:
+    opts = variant.solver_options or {}
+    return [float(x) for key in ("step_t", "jump_t") for x in np.ravel(opts.get(key, []))]
+
+
+def fixed_step_boundaries(ts, step_size, stop_times) -> np.ndarray:
+    """The times a fixed-step solve steps through, from ``ts[0]`` to ``ts[-1]``.
+
+    As documented for ``odecore.solve``: steps of ``step_size`` (or, without it, one step to
+    each next output time), each landing exactly on the next stop (``step_t``, ``jump_t``, the
+    end) that it would reach or pass; a step within a relative 1e-7 of a stop is stretched to
+    it. Times run in the direction of ``ts``.
+    """
+    sign = 1.0 if ts[-1] > ts[0] else -1.0
+    s = sign * np.asarray(ts, dtype=np.float64)
+    stops = {sign * x for x in stop_times if s[0] < sign * x < s[-1]} | {s[-1]}
+    if step_size is None:
+        stops |= set(s[1:])
+    stops = sorted(stops)
+    here, out = s[0], [s[0]]
+    while here < s[-1]:
+        next_stop = min(x for x in stops if x > here)
+        gap = next_stop - here
+        step = math.inf if step_size is None else step_size
+        here = next_stop if step >= gap * (1.0 - 1e-7) else here + step
+        out.append(here)
+    return sign * np.asarray(out)
+
+
+def _taylor(degree: int) -> Callable[[np.ndarray], np.ndarray]:
+    def polynomial(z):
+        term, total = np.eye(len(z), dtype=z.dtype), np.eye(len(z), dtype=z.dtype)
+        for k in range(1, degree + 1):
+            term = term @ z / k
+            total = total + term
+        return total
+
+    return polynomial
+
+
+def _linear_outputs(form: LinearForm, params, y0, ts, boundaries, propagator) -> np.ndarray:
+    """``y`` at ``ts`` for ``z' = M z``, advanced by ``propagator(h M)`` from each boundary to
+    the next. Every output time must be a boundary."""
+    n = y0.size
+    dtype = np.result_type(y0, *params, complex if np.iscomplexobj(y0) else float)
+    z = np.concatenate([np.reshape(y0, -1), form.extra(ts[0])]).astype(dtype)
+    out, k = [np.reshape(z[:n], y0.shape)], 1
+    for a, b in zip(boundaries[:-1], boundaries[1:], strict=True):
+        piece = sum(0.5 * (a + b) > brk for brk in form.breaks)
+        z = propagator((b - a) * form.matrix(params, piece)) @ z
+        if k < len(ts) and b == ts[k]:
+            out.append(np.reshape(z[:n], y0.shape))
+            k += 1
+    if k != len(ts):
+        raise ValueError("an output time is not a step boundary; choose step_size to divide it")
+    return np.stack(out)
+
+
+def _exact_linear_outputs(form: LinearForm, params, y0, ts) -> np.ndarray:
+    breaks = [b for b in form.breaks if min(ts[0], ts[-1]) < b < max(ts[0], ts[-1])]
+    boundaries = np.asarray(sorted({*ts, *breaks}, reverse=bool(ts[-1] < ts[0])))
+    return _linear_outputs(form, params, y0, ts, boundaries, expm)
+
+
+def _complex_step_jacobians(outputs, y0, params):
+    """``outputs(y0, params)`` and its Jacobians in ``y0`` and each parameter, by the
+    complex step (``outputs`` is analytic in both)."""
+    ys = np.real(outputs(y0, params))
+    T = ys.shape[0]
+
+    def jacobian(x, evaluate):
+        jac = np.empty((T, *y0.shape, x.size))
+        for j in range(x.size):
+            shifted = x.astype(complex).reshape(-1)
+            shifted[j] += 1j * COMPLEX_STEP
+            jac[..., j] = np.imag(evaluate(shifted.reshape(x.shape))) / COMPLEX_STEP
+        return jac.reshape(T, *y0.shape, *x.shape)
+
+    s_y0 = jacobian(y0, lambda v: outputs(v, params))
+    s_params = tuple(
+        jacobian(p, lambda v, k=k: outputs(y0, _replace(params, k, v)))
+        for k, p in enumerate(params)
+    )
+    return ys, s_y0, s_params
+
+
+def _replace(params, k, value):
+    return tuple(value if j == k else p for j, p in enumerate(params))
+
+
+def _linear_case(name, description, form: LinearForm, **kwargs) -> Case:
+    """A case whose reference is its LinearForm's exact flow (scipy.linalg.expm), its
+    sensitivities by the complex step."""
+    y0, params = kwargs["y0"], kwargs["params"]
+
+    def reference(ts):
+        return _exact_linear_outputs(form, params, y0, ts)
+
+    def sensitivities(ts):
+        _, s_y0, s_params = _complex_step_jacobians(
+            lambda y, p: _exact_linear_outputs(form, p, y, ts), y0, params
+        )
+        return s_y0, s_params
+
+    return Case(
+        name=name,
+        description=description,
+        reference=reference,
+        reference_source="scipy.linalg.expm of the extended linear system, piece by piece",
+        sensitivities=sensitivities,
+        gradient_source="complex step through scipy.linalg.expm",
+        linear=form,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,12 +567,12 @@ def _decay_case() -> Case:
         vjp=_decay_vjp,
         y0=y0,
         params=(np.asarray(k),),
-        times=tuple(np.linspace(0.0, 3.0, 7)),
+        times=tuple(np.linspace(0.0, 2.0, 5)),
         reference=reference,
         reference_source="closed form y0 exp(-k t)",
         sensitivities=sensitivities,
         gradient_source="closed form: dy/dy0 = exp(-k t) I, dy/dk = -t y0 exp(-k t)",
-        methods=("dopri5", "bosh3"),
+        linear=LinearForm(lambda p, piece: -p[0] * np.eye(3)),
     )
 
 
@@ -227,20 +580,20 @@ def _decay_case() -> Case:
 # Linear system y' = A y with the matrix A as the parameter: expm and its Fréchet derivative.
 
 
-def _linear_func(t, y, params):
+def _matrix_func(t, y, params):
     xp = array_api_compat.array_namespace(y)
     (a,) = params
     return xp.matmul(a, y)
 
 
-def _linear_vjp(t, y, params, cotangent):
+def _matrix_vjp(t, y, params, cotangent):
     xp = array_api_compat.array_namespace(y)
     (a,) = params
     # d(A y)/dy = A, so cot_y = A^T cot; d(A y)_i/dA_jl = delta_ij y_l, so cot_A = cot y^T.
     return xp.matmul(cotangent, a), (cotangent[:, None] * y[None, :],)
 
 
-def _linear_case() -> Case:
+def _linear3_case() -> Case:
     # Eigenvalues: a complex pair -0.24 +- 1.24i and a real decay -1.02.
     a = np.array([[-0.4, 1.2, 0.0], [-1.0, -0.2, 0.5], [0.3, -0.6, -0.9]])
     y0 = np.array([1.0, -0.5, 0.8])
@@ -264,18 +617,18 @@ def _linear_case() -> Case:
     return Case(
         name="linear3",
         description="y' = A y, 3x3, A a parameter (complex pair and a decay)",
-        func=_linear_func,
-        vjp=_linear_vjp,
+        func=_matrix_func,
+        vjp=_matrix_vjp,
         y0=y0,
         params=(a,),
-        times=tuple(np.linspace(0.0, 3.0, 7)),
+        times=tuple(np.linspace(0.0, 2.0, 5)),
         reference=reference,
         reference_source="scipy.linalg.expm(t A) @ y0",
         sensitivities=sensitivities,
         gradient_source=(
             "dy/dy0 = expm(t A); dy/dA_jm = expm_frechet(t A, t E_jm) @ y0 (scipy.linalg)"
         ),
-        methods=("dopri5", "dopri8"),
+        linear=LinearForm(lambda p, piece: p[0]),
     )
 
 
@@ -294,6 +647,11 @@ def _harmonic_vjp(t, y, params, cotangent):
     (omega,) = params
     cot_y = xp.stack([-(omega * omega) * cotangent[1], cotangent[0]])
     return cot_y, (-2.0 * omega * y[0] * cotangent[1],)
+
+
+def _harmonic_matrix(params, piece):
+    (omega,) = params
+    return np.array([[0.0, 1.0], [-(omega * omega), 0.0]], dtype=np.result_type(omega, float))
 
 
 def _harmonic_case(dtype: str = "float64") -> Case:
@@ -321,20 +679,17 @@ def _harmonic_case(dtype: str = "float64") -> Case:
         vjp=_harmonic_vjp,
         y0=y0,
         params=(np.asarray(omega),),
-        times=tuple(np.linspace(0.0, 5.0, 11)),
+        times=tuple(np.linspace(0.0, 4.0, 5)),
         reference=reference,
         reference_source="closed form x0 cos(w t) + v0 sin(w t) / w",
         sensitivities=sensitivities,
         gradient_source="closed form: derivatives of the solution in x0, v0 and omega",
-        methods=("dopri5",) if float32 else ("dopri5", "tsit5", "dopri8"),
         dtype=dtype,
-        # float32: machine epsilon is 6e-8, so the tolerances and the accepted errors are
-        # those a float32 state can honour.
-        rtol=1e-6 if float32 else 1e-10,
-        atol=1e-8 if float32 else 1e-12,
-        values_rtol=1e-4 if float32 else 1e-8,
-        values_atol=1e-5 if float32 else 1e-10,
-        gradient_rtol=1e-4 if float32 else 1e-7,
+        # float32: the unit roundoff is 6e-8, so these are tolerances a float32 state can
+        # honour with a few dozen steps.
+        rtol=1e-5 if float32 else 1e-10,
+        atol=1e-7 if float32 else 1e-12,
+        linear=LinearForm(_harmonic_matrix),
     )
 
 
@@ -381,7 +736,7 @@ def _forced_case() -> Case:
         vjp=_forced_vjp,
         y0=y0,
         params=(np.asarray(a),),
-        times=tuple(np.linspace(0.0, 4.0, 9)),
+        times=tuple(np.linspace(0.0, 4.0, 5)),
         reference=reference,
         reference_source="closed form (variation of constants)",
         sensitivities=sensitivities,
@@ -459,19 +814,19 @@ def _lotka_volterra_case() -> Case:
         vjp=_lotka_volterra_vjp,
         y0=y0,
         params=tuple(np.asarray(x) for x in p),
-        times=tuple(np.linspace(0.0, 4.0, 9)),
+        times=tuple(np.linspace(0.0, 4.0, 5)),
         reference=lambda ts: reference_cached(tuple(ts)),
         reference_source=f"scipy solve_ivp DOP853, rtol = atol = {tol:g}",
         sensitivities=lambda ts: sensitivities_cached(tuple(ts)),
         gradient_source=(
             f"forward variational equations solved by scipy DOP853, rtol = atol = {tol:g}"
         ),
-        methods=("dopri5", "dopri8"),
     )
 
 
 # --------------------------------------------------------------------------------------------
-# A batch of decays (batch_axis=0): each sample has its own rate, so its own steps.
+# A batch of decays (batch_axis=0): rates 25 times apart, so every sample takes its own
+# number of steps.
 
 
 def _batched_decay_vjp(t, y, params, cotangent):
@@ -482,7 +837,7 @@ def _batched_decay_vjp(t, y, params, cotangent):
 
 def _batched_decay_case() -> Case:
     y0 = np.array([[1.0, 2.0], [1.0, -1.0], [0.5, 0.5], [2.0, 1.0]])
-    k = np.array([[0.3], [0.8], [1.5], [4.0]])  # one rate per sample, shape (4, 1)
+    k = np.array([[0.3], [1.0], [3.0], [8.0]])  # one rate per sample, shape (4, 1)
     batch, size = y0.shape
 
     def reference(ts):
@@ -500,7 +855,7 @@ def _batched_decay_case() -> Case:
 
     return Case(
         name="batched-decay",
-        description="4 samples of y' = -k_b y (2 components each), batch_axis=0",
+        description="4 samples of y' = -k_b y (2 components each), k_b from 0.3 to 8",
         func=_decay_func,
         vjp=_batched_decay_vjp,
         y0=y0,
@@ -514,16 +869,213 @@ def _batched_decay_case() -> Case:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# y' = A y + t b solved backward in time, from t = 1 down to 0: the time-dependent term
+# catches a sign lost when the solver runs time forward internally.
+
+
+def _affine_in_time_func(t, y, params):
+    xp = array_api_compat.array_namespace(y)
+    a, b = params
+    return xp.matmul(a, y) + t * b
+
+
+def _affine_in_time_vjp(t, y, params, cotangent):
+    xp = array_api_compat.array_namespace(y)
+    a, _ = params
+    return xp.matmul(cotangent, a), (cotangent[:, None] * y[None, :], t * cotangent)
+
+
+def _affine_in_time_matrix(params, piece):
+    # z = (y, t, 1): y' = A y + t b, t' = 1.
+    a, b = params
+    m = np.zeros((4, 4), dtype=np.result_type(a, b, float))
+    m[:2, :2] = a
+    m[:2, 2] = b
+    m[2, 3] = 1.0
+    return m
+
+
+def _reversed_case() -> Case:
+    return _linear_case(
+        "reversed",
+        "y' = A y + t b, 2x2, solved from t = 1 down to t = 0",
+        LinearForm(_affine_in_time_matrix, extra=lambda t0: np.array([t0, 1.0])),
+        func=_affine_in_time_func,
+        vjp=_affine_in_time_vjp,
+        y0=np.array([1.0, 0.5]),
+        params=(np.array([[-0.5, 1.0], [-1.5, -0.3]]), np.array([0.4, -0.8])),
+        times=tuple(np.linspace(1.0, 0.0, 5)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A rate and a source that jump at t = 0.75: y' = -k(t) y + b(t). The solution has a kink
+# there, and every parameter's sensitivity switches on or off. The jump in f is modest, so
+# a backward solve that crosses it without landing, with the parameter adjoint left out of
+# its error control (seminorm), takes a step long enough for the switch's quadrature error
+# to exceed the tolerance a thousandfold.
+
+JUMP_TIME = 0.75
+
+
+def _jump_func(t, y, params):
+    xp = array_api_compat.array_namespace(y)
+    k1, k2, b1, b2 = params
+    before = t < JUMP_TIME
+    return -xp.where(before, k1, k2) * y + xp.where(before, b1, b2)
+
+
+def _jump_vjp(t, y, params, cotangent):
+    xp = array_api_compat.array_namespace(y)
+    k1, k2, b1, b2 = params
+    before = t < JUMP_TIME
+    zero = xp.zeros_like(k1)
+    cot_rate, cot_source = -xp.sum(cotangent * y), xp.sum(cotangent)
+    cot_params = (
+        xp.where(before, cot_rate, zero),
+        xp.where(before, zero, cot_rate),
+        xp.where(before, cot_source, zero),
+        xp.where(before, zero, cot_source),
+    )
+    return -xp.where(before, k1, k2) * cotangent, cot_params
+
+
+def _jump_matrix(params, piece):
+    # z = (y, 1): y' = -k y + b, with (k, b) = (k1, b1) before the jump and (k2, b2) after.
+    k = params[piece]
+    b = params[2 + piece]
+    m = np.zeros((3, 3), dtype=np.result_type(*params, float))
+    m[:2, :2] = -k * np.eye(2)
+    m[:2, 2] = b
+    return m
+
+
+def _jump_case() -> Case:
+    return _linear_case(
+        "jump",
+        f"y' = -k y + b, (k, b) = (0.8, 0.5) before t = {JUMP_TIME} and (0.9, 0.45) after",
+        LinearForm(_jump_matrix, extra=lambda t0: np.ones(1), breaks=(JUMP_TIME,)),
+        func=_jump_func,
+        vjp=_jump_vjp,
+        y0=np.array([1.0, -2.0]),
+        params=tuple(np.asarray(x) for x in (0.8, 0.9, 0.5, 0.45)),
+        times=tuple(np.linspace(0.0, 2.0, 5)),
+        options={"jump_t": (JUMP_TIME,)},
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The catalogue
+
+DECAY = _decay_case()
+LINEAR3 = _linear3_case()
+HARMONIC = _harmonic_case()
+FORCED = _forced_case()
+LOTKA_VOLTERRA = _lotka_volterra_case()
+BATCHED_DECAY = _batched_decay_case()
+REVERSED = _reversed_case()
+JUMP = _jump_case()
+HARMONIC_FLOAT32 = _harmonic_case("float32")
+
 CASES: tuple[Case, ...] = (
-    _decay_case(),
-    _linear_case(),
-    _harmonic_case(),
-    _forced_case(),
-    _lotka_volterra_case(),
-    _batched_decay_case(),
-    _harmonic_case("float32"),
+    DECAY,
+    LINEAR3,
+    HARMONIC,
+    FORCED,
+    LOTKA_VOLTERRA,
+    BATCHED_DECAY,
+    REVERSED,
+    JUMP,
+    HARMONIC_FLOAT32,
 )
 
-VARIANTS: tuple[Variant, ...] = tuple(Variant(c, m) for c in CASES for m in c.methods)
+# Fixed-step methods take 1/16 (a binary fraction, so the grid is exact and lands on every
+# output time) or one step per interval between stops.
+STEP = 1.0 / 16.0
+# Order-2 adaptive methods need about tol^(-1/2) steps: at the cases' 1e-10 that would be
+# tens of thousands.
+LOW_ORDER_TOLERANCES = {"rtol": 1e-6, "atol": 1e-8}
+
+
+def _variants() -> tuple[Variant, ...]:
+    v = Variant
+    grid_step_t = (("step_t", (0.25, 1.375)),)
+    return (
+        # Every fixed-step method with a step size, and on the grid of stops.
+        *(v(LINEAR3, m, step_size=STEP) for m in FIXED_STEP_METHODS),
+        *(v(JUMP, m) for m in FIXED_STEP_METHODS),
+        v(DECAY, "euler", step_size=STEP),
+        v(HARMONIC, "heun2"),
+        v(JUMP, "rk4", step_size=STEP),
+        v(JUMP, "heun3", options=grid_step_t),
+        v(LINEAR3, "midpoint", options=grid_step_t),
+        v(REVERSED, "rk4", step_size=STEP),
+        v(REVERSED, "heun3"),
+        v(HARMONIC_FLOAT32, "rk4", step_size=STEP),
+        # Every adaptive method, with each option.
+        *(v(DECAY, m, **LOW_ORDER_TOLERANCES) for m in ("adaptive_heun", "fehlberg2")),
+        v(DECAY, "bosh3"),
+        v(DECAY, "dopri5"),
+        v(LINEAR3, "dopri5"),
+        v(LINEAR3, "dopri8"),
+        v(LINEAR3, "bosh3", options=(("step_t", (0.3, 1.1)),)),
+        v(HARMONIC, "dopri5"),
+        v(HARMONIC, "tsit5"),
+        v(HARMONIC, "dopri8", options=(("first_step", 1e-3),)),
+        v(HARMONIC_FLOAT32, "dopri5"),
+        v(FORCED, "dopri5"),
+        v(FORCED, "tsit5", options=(("first_step", 0.01), ("step_t", (0.3, 2.2)))),
+        v(LOTKA_VOLTERRA, "dopri5"),
+        v(LOTKA_VOLTERRA, "dopri8"),
+        v(BATCHED_DECAY, "dopri5"),
+        v(BATCHED_DECAY, "bosh3"),
+        v(REVERSED, "dopri5"),
+        v(REVERSED, "tsit5", options=(("first_step", 0.02),)),
+        v(JUMP, "dopri5"),
+        v(JUMP, "dopri5", seminorm=True),
+        v(JUMP, "bosh3"),
+        v(JUMP, "tsit5", seminorm=True, options=(("step_t", (0.3,)),)),
+        v(JUMP, "dopri8"),
+    )
+
+
+# The subset CI runs: every method, and every backend x method family x gradient mode x
+# option (step_t, jump_t, first_step, seminorm, step size or grid), batches, decreasing times
+# and float32, each have a cell. Variants carry several of these at once where that costs
+# nothing in coverage, since every compiled variant costs seconds on JAX.
+CI_VARIANT_IDS = (
+    "harmonic/dopri5",
+    "forced/tsit5[first_step,step_t]",
+    "jump/dopri5[jump_t]",
+    "jump/dopri5[jump_t,seminorm]",
+    "jump/bosh3[jump_t]",
+    "linear3/dopri8",
+    "decay/adaptive_heun[rtol=1e-06]",
+    "decay/fehlberg2[rtol=1e-06]",
+    "batched-decay/dopri5",
+    "reversed/dopri5",
+    "harmonic-float32/dopri5",
+    "reversed/rk4[h=1/16]",
+    "harmonic-float32/rk4[h=1/16]",
+    "jump/heun3[grid,jump_t,step_t]",
+    *(f"jump/{method}[grid,jump_t]" for method in ("euler", "midpoint", "heun2")),
+)
+
+
+def _with_ci_marks(variants: tuple[Variant, ...]) -> tuple[Variant, ...]:
+    ids = {variant.id for variant in variants}
+    missing = [i for i in CI_VARIANT_IDS if i not in ids]
+    assert not missing, f"CI_VARIANT_IDS names unknown variants: {missing}"
+    return tuple(dataclasses.replace(v, ci=v.id in CI_VARIANT_IDS) for v in variants)
+
+
+VARIANTS: tuple[Variant, ...] = _with_ci_marks(_variants())
 
 assert len({c.name for c in CASES}) == len(CASES), "case names must be unique"
+assert len({v.id for v in VARIANTS}) == len(VARIANTS), "variant ids must be unique"
+assert {v.method for v in VARIANTS} == {*FIXED_STEP_METHODS, *ADAPTIVE_METHODS}, (
+    "a method is missing"
+)

@@ -1,11 +1,18 @@
-"""Collects the conformance outcomes and prints them as one table at the end of the run.
+"""Collects the conformance outcomes and prints them as tables at the end of the run.
 
-Each conformance test is tagged at collection with its cell ``(case/method, backend, check)``
+Each conformance test is tagged at collection with its cell ``(table, row, backend, check)``
 in ``item.user_properties``, which travels with the test's reports (also to an xdist
-controller). ``pytest_runtest_logreport`` records the outcome of every report it sees, and
-``pytest_terminal_summary`` prints the table: a row per case and backend, a column per check,
-each cell PASS, FAIL[n], SKIP[n] or ERROR[n], with the reasons as numbered notes below. A
-backend whose every cell is skipped for one reason (not installed) gets a single line.
+controller); a check also records what it measured (``odecore_measurements``: one entry per
+comparison, its worst relative error and the bound there). ``pytest_runtest_logreport``
+records both, and ``pytest_terminal_summary`` prints, per test module:
+
+- the grid: a row per variant and backend, a column per check, each cell PASS, FAIL[n],
+  SKIP[n] or ERROR[n], with the reasons as numbered notes below. A backend whose every cell
+  is skipped for one reason (not installed) gets a single line;
+- the agreement: per backend, method family, dtype and mode, the worst measured disagreement with
+  the reference and with the other backends, as ``relative error / bound`` at the worst
+  element (the element with the largest ratio of the two), and where it was.
+
 The terminal summary is printed with ``-q`` too, and in CI logs.
 """
 
@@ -16,18 +23,21 @@ from dataclasses import dataclass, field
 import pytest
 
 _CELL_KEY = "odecore_conformance_cell"
+_MEASUREMENTS_KEY = "odecore_measurements"
 _PARAMS = ("variant", "backend_name", "check")
 
 
 @dataclass
-class _Results:
-    rows: list[str] = field(default_factory=list)  # case/method ids, in collection order
+class _Table:
+    rows: list[str] = field(default_factory=list)  # variant ids, in collection order
     backends: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     cells: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    # (backend, family, dtype, column, kind) -> [error / bound, error, bound, where, count]
+    worst: dict[tuple[str, str, str, str], list] = field(default_factory=dict)
 
 
-_results = _Results()
+_tables: dict[str, _Table] = {}
 
 
 def _remember(seq: list[str], value: str) -> None:
@@ -40,13 +50,18 @@ def pytest_collection_modifyitems(items) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is None or not all(p in callspec.params for p in _PARAMS):
             continue
-        row = callspec.params["variant"].id
-        backend = callspec.params["backend_name"]
-        check = callspec.params["check"]
-        item.user_properties.append((_CELL_KEY, (row, backend, check)))
-        _remember(_results.rows, row)
-        _remember(_results.backends, backend)
-        _remember(_results.checks, check)
+        title = getattr(item.module, "SUMMARY_TITLE", item.module.__name__)
+        cell = (title, callspec.params["variant"].id, callspec.params["backend_name"])
+        item.user_properties.append((_CELL_KEY, (*cell, callspec.params["check"])))
+        _place(*cell, callspec.params["check"])
+
+
+def _place(title: str, row: str, backend: str, check: str) -> _Table:
+    table = _tables.setdefault(title, _Table())
+    _remember(table.rows, row)
+    _remember(table.backends, backend)
+    _remember(table.checks, check)
+    return table
 
 
 def _reason(report) -> str:
@@ -61,23 +76,32 @@ def _reason(report) -> str:
 
 
 def pytest_runtest_logreport(report) -> None:
-    cell = dict(report.user_properties).get(_CELL_KEY)
+    properties = dict(report.user_properties)
+    cell = properties.get(_CELL_KEY)
     if cell is None:
         return
-    row, backend, check = cell
-    if isinstance(cell, list):  # xdist serializes tuples as lists
-        cell = tuple(cell)
-    for seq, value in ((_results.rows, row), (_results.backends, backend)):
-        _remember(seq, value)
-    _remember(_results.checks, check)
+    title, row, backend, check = cell  # xdist serializes tuples as lists
+    table = _place(title, row, backend, check)
+    key = (row, backend, check)
     if report.when == "call":
         outcome = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[report.outcome]
-        _results.cells[cell] = (outcome, "" if report.passed else _reason(report))
+        table.cells[key] = (outcome, "" if report.passed else _reason(report))
+        for measurement in properties.get(_MEASUREMENTS_KEY, ()):
+            _keep_worst(table, backend, row, *measurement)
     elif report.when == "setup" and not report.passed:
         outcome = "SKIP" if report.skipped else "ERROR"
-        _results.cells[cell] = (outcome, _reason(report))
+        table.cells[key] = (outcome, _reason(report))
     elif report.when == "teardown" and report.failed:
-        _results.cells[cell] = ("ERROR", _reason(report))
+        table.cells[key] = ("ERROR", _reason(report))
+
+
+def _keep_worst(table, backend, row, kind, column, family, dtype, error, bound, where) -> None:
+    ratio = error / bound if bound > 0 else (0.0 if error == 0 else float("inf"))
+    key = (backend, family, dtype, column, kind)
+    entry = table.worst.setdefault(key, [-1.0, 0.0, 0.0, "", 0])
+    entry[4] += 1
+    if ratio > entry[0]:
+        entry[:4] = [ratio, error, bound, f"{row} {where}"]
 
 
 class _Notes:
@@ -94,34 +118,44 @@ class _Notes:
         return self._by_text[text]
 
 
-def render_table(results: _Results) -> list[str]:
-    if not results.cells:
+def _format(header: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cols: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()
+
+    return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)]
+
+
+def render_grid(table: _Table) -> list[str]:
+    if not table.cells:
         return []
     notes = _Notes()
-    rows, checks = results.rows, results.checks
+    rows, checks = table.rows, table.checks
     lines: list[list[str]] = []
     collapsed: list[str] = []
     counts: dict[str, int] = {}
-    for outcome, _ in results.cells.values():
+    for outcome, _ in table.cells.values():
         counts[outcome] = counts.get(outcome, 0) + 1
 
-    for backend in results.backends:
+    for backend in table.backends:
         cells = {
-            (r, c): results.cells[(r, backend, c)]
+            (r, c): table.cells[(r, backend, c)]
             for r in rows
             for c in checks
-            if (r, backend, c) in results.cells
+            if (r, backend, c) in table.cells
         }
         if not cells:
             continue
         distinct = set(cells.values())
-        if len(distinct) == 1 and next(iter(distinct))[0] == "SKIP":
-            n = notes.add(next(iter(distinct))[1])
-            collapsed.append(f"{backend}: every case and check SKIP[{n}]")
+        if len(distinct) == 1 and next(iter(distinct))[0] in ("SKIP", "FAIL"):
+            outcome, reason = next(iter(distinct))
+            n = notes.add(reason if outcome == "SKIP" else f"FAIL on {backend}: {reason}")
+            collapsed.append(f"{backend}: every variant and check {outcome}[{n}]")
             continue
         for row in rows:
             if not any((row, check) in cells for check in checks):
-                continue  # deselected (-k) or not run
+                continue  # deselected (-k, -m) or not run
             line = [row, backend]
             for check in checks:
                 outcome, reason = cells.get((row, check), ("-", ""))
@@ -134,15 +168,7 @@ def render_table(results: _Results) -> list[str]:
                     line.append(f"{outcome}[{n}]")
             lines.append(line)
 
-    header = ["case/method", "backend", *checks]
-    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
-
-    def fmt(cols: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()
-
-    out = [fmt(header), fmt(["-" * w for w in widths])]
-    out += [fmt(line) for line in lines]
-    out += collapsed
+    out = _format(["variant", "backend", *checks], lines) + collapsed
     out.append("")
     out.append("totals: " + ", ".join(f"{counts[k]} {k}" for k in sorted(counts)))
     if notes.lines:
@@ -151,11 +177,46 @@ def render_table(results: _Results) -> list[str]:
     return out
 
 
+def render_agreement(table: _Table) -> list[str]:
+    """Per backend, family and column: the worst measured disagreement, against the
+    reference and against the other backends."""
+    if not table.worst:
+        return []
+    keys = sorted(
+        {key[:4] for key in table.worst},
+        key=lambda k: (table.backends.index(k[0]) if k[0] in table.backends else 99, *k[1:]),
+    )
+    lines = []
+    for key in keys:
+        line = list(key)
+        for kind in ("reference", "cross"):
+            entry = table.worst.get((*key, kind))
+            if entry is None:
+                line += ["-", "", ""]
+                continue
+            _, error, bound, where, count = entry
+            line += [f"{error:.1e} / {bound:.1e}", str(count), where]
+        lines.append(line)
+    header = ["backend", "family", "dtype", "mode", "vs reference", "n", "worst at"]
+    header += ["vs other backends", "n", "worst at"]
+    intro = [
+        "worst measured disagreement: relative error / bound at the worst element, over n "
+        "comparisons (each of y0, every parameter and t is one comparison per pair)",
+    ]
+    return intro + _format(header, lines)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter) -> None:
-    lines = render_table(_results)
-    if not lines:
-        return
-    terminalreporter.section("odecore conformance", sep="=")
-    for line in lines:
-        terminalreporter.write_line(line)
+    for title, table in _tables.items():
+        grid = render_grid(table)
+        if not grid:
+            continue
+        terminalreporter.section(f"odecore conformance: {title}", sep="=")
+        for line in grid:
+            terminalreporter.write_line(line)
+        agreement = render_agreement(table)
+        if agreement:
+            terminalreporter.write_line("")
+            for line in agreement:
+                terminalreporter.write_line(line)

@@ -1,60 +1,100 @@
-"""The conformance runner: every check on every case, once per backend.
+"""The conformance runner: every check on every variant, once per backend.
 
-One test per (backend, case/method, check); ``conftest.py`` gathers their outcomes into the
-table printed at the end of the run. Nothing here names a framework: a backend is whatever
-``odecore.get_backend(name)`` returns for a name in ``odecore.BACKEND_NAMES``, inputs are
-converted with ``backend.asarray``, and arrays come back to NumPy through DLPack. A backend
-that is not installed is skipped with ``BackendNotAvailableError``'s message.
+One test per (backend, variant, check); ``conftest.py`` gathers their outcomes, and the
+agreements they measured, into the tables printed at the end of the run. Nothing here names a
+framework: a backend is whatever ``odecore.get_backend(name)`` returns for a name in
+``odecore.BACKEND_NAMES``, inputs are converted with ``backend.asarray``, and arrays come back
+to NumPy through DLPack.
 
-``ODECORE_CONFORMANCE_BACKENDS=numpy,torch`` restricts the run to those backends (the others
-are skipped, and say so); nox's ``conformance`` session sets it to what imports there.
+Which backends run:
 
-Checks:
+- ``ODECORE_CONFORMANCE_BACKENDS=numpy,torch`` restricts the run to those backends (the others
+  are skipped, and say so); nox's ``conformance`` session sets it to what imports there.
+- ``ODECORE_REQUIRED_BACKENDS=numpy,torch,jax`` names backends that must run: one that is not
+  installed fails every cell with ``BackendNotAvailableError``'s message instead of skipping
+  (nox's ``ci`` session sets it to its CI backends). A backend named in
+  ``ODECORE_CONFORMANCE_BACKENDS`` is required too: asking for it and not getting it is a
+  failure. Only a backend nobody asked for is skipped when it is missing.
 
-- ``values``: the outputs match the case's reference (closed form or scipy at 1e-13) within
-  the case's tolerance, with the solve reporting success and keeping the state's dtype.
-- ``cross-backend``: the outputs match the NumPy backend's to 1e-10 relative (float64; float32
-  states to 1e-5), for every backend but NumPy itself.
+Checks (each gradient check covers every argument: ``y0``, each parameter, the times ``t``):
+
+- ``values``: the outputs match the variant's reference: the exact discrete solution for a
+  fixed-step method (to rounding), the exact solution otherwise (to the tolerance), with the
+  solve reporting success and keeping the state's dtype.
+- ``grad:<mode>``: the loss gradient matches the reference gradient, element by element.
+  Backends without autodiff get it from ``odecore.vjp_odeint``; the others through their
+  ``Backend.vjp(fn, *primals) -> (out, pullback)`` (DESIGN.md).
+- ``cross:values`` and ``cross:<mode>``: consistency between backends: the outputs, and the
+  gradient of each mode, match every other backend's, element by element, to what rounding
+  and the tolerance allow (``cross_rtol``). ``direct`` and ``checkpoint`` both give the exact
+  gradient of the discrete solve, so each is compared with the other mode too (a backend has
+  ``direct`` only where its framework can reverse through the loop).
 - ``vjp``: the case's hand-written VJP, evaluated on the backend in float64, matches central
-  finite differences of the case's ``func`` on the same backend.
-- ``gradient[mode]``: the gradient of the loss with respect to ``y0``, the parameters and the
-  output times matches the reference gradient. Backends without autodiff get it from
-  ``odecore.vjp_odeint`` (modes checkpoint and backsolve; ``direct`` needs autodiff); backends
-  with autodiff through their ``Backend.vjp(fn, *primals) -> (out, pullback)`` (DESIGN.md).
-- ``reference-gradient``: the reference gradient itself matches, to 1e-7, central finite
-  differences of odecore's own NumPy solve (dopri8 at rtol = atol = 1e-12). It checks the
-  case's data, so it runs on the NumPy row only.
+  finite differences of the case's ``func`` on the same backend (one row per case).
+- ``reference-gradient``: the reference gradient itself matches central finite differences of
+  odecore's own NumPy solve (dopri8 at rtol = atol = 1e-12). It checks the case's data, so it
+  runs on the NumPy row of one variant per case.
+
+A gradient mode that a backend does not have is not a cell: ``test_unavailable_mode_raises``
+checks that asking for it raises the documented error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import array_api_compat
 import numpy as np
 import pytest
 
 import odecore
-from conformance.cases import VARIANTS, Variant, loss_cotangent, reference_gradient
-
-CHECKS = (
-    "values",
-    "cross-backend",
-    "vjp",
-    "gradient[checkpoint]",
-    "gradient[backsolve]",
-    "gradient[direct]",
-    "reference-gradient",
+from conformance.cases import (
+    VARIANTS,
+    Variant,
+    continuous_reference,
+    loss_cotangent,
+    variant_reference,
 )
 
+# The table conftest.py prints for this module.
+SUMMARY_TITLE = "ODE solves"
+MODES = ("checkpoint", "backsolve", "direct")
+# Modes that compute the same thing: the exact gradient of the discrete solve (step sizes
+# held constant), by replaying the steps or by differentiating through the loop.
+SAME_GRADIENT = {"checkpoint": ("checkpoint", "direct"), "direct": ("direct", "checkpoint")}
 REFERENCE_BACKEND = "numpy"
-# Agreement between backends: the same algorithm in the same dtype differs only by rounding
-# (summation order in stage combinations), which the error control can turn into slightly
-# different steps; the differences stay orders of magnitude below these.
-CROSS_BACKEND_RTOL = {"float64": 1e-10, "float32": 1e-5}
-GRADIENT_MODES_WITHOUT_AUTODIFF = ("checkpoint", "backsolve")
-NO_GRADIENT_API_REASON = "gradients land with the gradients issue (adapter has no vjp yet)"
+
+# Bounds. Every comparison accepts |actual - expected| <= rtol * (|expected| + floor), element
+# by element, where floor is the magnitude of what the entry is made of (see
+# conformance.cases.Reference), so an entry that is small because its contributions cancel
+# is held to the error those contributions carry, and every other entry to its own size.
+#
+# Rounding: two computations of the same arithmetic in a different summation order differ
+# by a few unit roundoffs u per stage combination. A step combines s stages, a solve takes n
+# steps and the gradient retraces them once; with 4 roundings per combination and a factor 4
+# for the growth of earlier errors along the solve: 32 u s n. That is below 1e-12 in float64
+# for every fixed-step variant here (s n <= 256).
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24}
+ROUNDING_FACTOR = 32
+# Tolerance: an adaptive solve keeps each step's local error near rtol (relative to |y| +
+# atol/rtol); over the cases' short horizons the global error stays a modest multiple of it,
+# for the outputs and for both gradient modes (the backsolve controls its adjoint to the same
+# tolerance; the checkpoint gradient is exact for a discrete solution that is this close).
+TOLERANCE_FACTOR = 100
+# fehlberg2's error estimate is the difference of its order-1 and order-2 solutions, whose
+# weights differ by 1/512 only (odecore.tableaus): it measures the error of the order-1
+# solution, which Fehlberg built to be small, while the order-2 solution is propagated. The
+# local errors committed are then up to hundreds of times the tolerance, and so is the
+# global error: ten times the common factor.
+ERROR_CONSTANT = {"fehlberg2": 10}
+# Adaptive backends agree to rounding while they make the same accept decisions. A decision
+# that rounding flips (a step whose error ratio is within rounding of 1) changes that step's
+# local error by at most about the tolerance, and the solution and gradient by about rtol.
+FLIP_FACTOR = 10
+
 # The finite-difference check of the reference gradients: a tight solve and a step h where
 # the truncation error (~h^2, dominant) and the solver's noise (~tol / h) leave the measured
 # differences from the references at 1e-8 relative or below (h = 1e-4 gave up to 9e-7).
@@ -65,22 +105,86 @@ FD_RTOL = 1e-7
 
 
 # --------------------------------------------------------------------------------------------
-# Backends, conversions and solves
+# Backends
 
 
-def _selected_backends() -> set[str] | None:
-    chosen = os.environ.get("ODECORE_CONFORMANCE_BACKENDS", "").strip()
-    return {name.strip() for name in chosen.split(",") if name.strip()} if chosen else None
+def _backend_names(variable: str) -> set[str] | None:
+    chosen = os.environ.get(variable, "").strip()
+    if not chosen:
+        return None
+    names = {name.strip() for name in chosen.split(",") if name.strip()}
+    unknown = sorted(names - set(odecore.BACKEND_NAMES))
+    if unknown:
+        raise ValueError(
+            f"{variable} names unknown backends {unknown}; valid names are "
+            f"{', '.join(odecore.BACKEND_NAMES)}"
+        )
+    return names
+
+
+SELECTED_BACKENDS = _backend_names("ODECORE_CONFORMANCE_BACKENDS")
+REQUIRED_BACKENDS = (_backend_names("ODECORE_REQUIRED_BACKENDS") or set()) | (
+    SELECTED_BACKENDS or set()
+)
+
+
+def runs(name: str) -> bool:
+    """Whether this run includes the backend ``name`` (installed or not)."""
+    return SELECTED_BACKENDS is None or name in SELECTED_BACKENDS | REQUIRED_BACKENDS
 
 
 def backend_or_skip(name: str) -> odecore.Backend:
-    selected = _selected_backends()
-    if selected is not None and name not in selected:
-        pytest.skip(f"not selected (ODECORE_CONFORMANCE_BACKENDS={','.join(sorted(selected))})")
+    """The backend ``name``; skips when this run leaves it out, or when it is missing and
+    nobody required it; fails, naming it, when a required backend is missing."""
+    if not runs(name):
+        pytest.skip(
+            f"not selected (ODECORE_CONFORMANCE_BACKENDS={','.join(sorted(SELECTED_BACKENDS))})"
+        )
     try:
         return odecore.get_backend(name)
     except odecore.BackendNotAvailableError as exc:
+        if name in REQUIRED_BACKENDS:
+            pytest.fail(
+                f"the {name!r} backend is required in this run (ODECORE_REQUIRED_BACKENDS or "
+                f"ODECORE_CONFORMANCE_BACKENDS) but is not available: {exc}",
+                pytrace=False,
+            )
         pytest.skip(str(exc))
+
+
+def available_backend(name: str) -> odecore.Backend | None:
+    """The backend, if this run includes it and it is installed; None otherwise."""
+    if not runs(name):
+        return None
+    try:
+        return odecore.get_backend(name)
+    except odecore.BackendNotAvailableError:
+        return None
+
+
+def has_mode(bk: odecore.Backend, mode: str) -> bool:
+    """Whether ``bk`` computes gradients in ``mode`` (``odecore._validate.adjoint_mode``'s
+    rule): ``direct`` needs a framework that reverses through the loop itself."""
+    if mode == "direct":
+        return bk.has_autodiff and bk.default_adjoint == "direct"
+    return True
+
+
+def backend_modes(name: str) -> tuple[str, ...]:
+    """The modes the cells of backend ``name`` cover. For a backend that is not here, every
+    mode: its cells then skip or fail with the reason."""
+    bk = available_backend(name)
+    return MODES if bk is None else tuple(m for m in MODES if has_mode(bk, m))
+
+
+def precision(bk, dtype: str):
+    """The context a case runs in: float64 cases in the backend's float64 mode (JAX's x64);
+    float32 cases in the backend's own default, as its users get it."""
+    return bk.float64() if dtype == "float64" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions and solves
 
 
 def to_numpy(bk, x) -> np.ndarray:
@@ -110,102 +214,299 @@ def inputs(bk, case):
 
 
 def solver_kwargs(variant: Variant, bk) -> dict:
-    case = variant.case
+    rtol, atol = variant.tolerances
     return {
-        "rtol": case.rtol,
-        "atol": case.atol,
+        "rtol": rtol,
+        "atol": atol,
         "method": variant.method,
-        "batch_axis": case.batch_axis,
+        "options": variant.solver_options,
+        "batch_axis": variant.case.batch_axis,
         "backend": bk.name,
     }
 
 
-def solve_variant(bk, variant: Variant) -> np.ndarray:
-    """The variant's outputs on ``bk``, checked for success, dtype and shape."""
+def cached(fn):
+    """``functools.cache`` that also remembers a failure: a cell that needs another
+    backend's result does not recompute (and recompile) one that has already failed in its
+    own cell, and reports the same error."""
+    results = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if args not in results:
+            try:
+                results[args] = (True, fn(*args))
+            except Exception as exc:
+                results[args] = (False, exc)
+        ok, value = results[args]
+        if not ok:
+            raise value
+        return value
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Solved:
+    ys: np.ndarray
+    steps: int  # accepted steps of the longest-running sample
+
+
+@cached
+def solve_variant(backend_name: str, variant: Variant) -> Solved:
+    """The variant's outputs on a backend, checked for success, dtype and shape."""
+    bk = odecore.get_backend(backend_name)
     case = variant.case
-    y0, t, params = inputs(bk, case)
-    sol = odecore.solve(case.dynamics, y0, t, params=params, **solver_kwargs(variant, bk))
-    assert sol.success, f"the solve did not succeed: {sol.message}"
-    assert sol.ys.dtype == _dtype(bk, case.dtype), (
-        f"ys has dtype {sol.ys.dtype}, the state {case.dtype}"
-    )
-    ys = to_numpy(bk, sol.ys)
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        sol = odecore.solve(case.dynamics, y0, t, params=params, **solver_kwargs(variant, bk))
+        assert sol.success, f"the solve did not succeed: {sol.message}"
+        assert sol.ys.dtype == _dtype(bk, case.dtype), (
+            f"ys has dtype {sol.ys.dtype}, the state {case.dtype}"
+        )
+        ys = to_numpy(bk, sol.ys)
+        steps = int(np.max(to_numpy(bk, sol.stats["naccept"])))
     expected_shape = (len(case.times), *case.y0.shape)
     assert ys.shape == expected_shape, f"ys has shape {ys.shape}, expected {expected_shape}"
-    return ys
+    return Solved(ys.astype(np.float64), steps)
 
 
-@functools.cache
-def reference_backend_values(variant: Variant) -> np.ndarray:
-    return solve_variant(odecore.get_backend(REFERENCE_BACKEND), variant)
+@cached
+def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
+    """The loss gradient from odecore on a backend, as float64 NumPy arrays ``{"y0",
+    "params", "t"}``. One solve and one pullback per (backend, variant, mode), shared by
+    every check that needs it: on JAX each is a compilation."""
+    bk = odecore.get_backend(backend_name)
+    case = variant.case
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
+        kwargs = solver_kwargs(variant, bk)
+        if mode == "backsolve":
+            kwargs["adjoint_options"] = variant.adjoint_options
+        if not bk.has_autodiff:
+            ys, pullback = odecore.vjp_odeint(case.dynamics, y0, t, params, adjoint=mode, **kwargs)
+            y0_bar, params_bar, t_bar = pullback(loss_cotangent(ys, weights))
+        else:
+
+            def solve(y0_, t_, *params_):
+                return odecore.odeint(
+                    case.dynamics, y0_, t_, params=params_, adjoint=mode, **kwargs
+                )
+
+            ys, pullback = bk.vjp(solve, y0, t, *params)
+            y0_bar, t_bar, *params_bar = pullback(loss_cotangent(ys, weights))
+        return {
+            "y0": to_numpy(bk, y0_bar).astype(np.float64),
+            "params": tuple(to_numpy(bk, g).astype(np.float64) for g in params_bar),
+            "t": to_numpy(bk, t_bar).astype(np.float64),
+        }
 
 
-def assert_close(actual, expected, rtol: float, atol: float, what: str) -> None:
+# --------------------------------------------------------------------------------------------
+# Bounds
+
+
+def rounding_rtol(variant: Variant, steps: int) -> float:
+    """What rounding alone can change, relative (see ROUNDING_FACTOR)."""
+    stages = odecore.TABLEAUS[variant.method].stages
+    return ROUNDING_FACTOR * UNIT_ROUNDOFF[variant.case.dtype] * stages * max(steps, 1)
+
+
+def reference_steps(variant: Variant) -> int:
+    return solve_variant(REFERENCE_BACKEND, variant).steps
+
+
+def cross_rtol(variant: Variant) -> float:
+    """How far two backends may differ on a variant. Fixed-step methods do the same
+    arithmetic in another summation order: rounding only. Adaptive methods may also flip an
+    accept decision where rounding decides it: about the tolerance (FLIP_FACTOR)."""
+    rounding = rounding_rtol(variant, reference_steps(variant))
+    if variant.fixed_step:
+        return rounding
+    return max(rounding, FLIP_FACTOR * variant.tolerances[0])
+
+
+def values_rtol(variant: Variant) -> float:
+    """The outputs' bound against the reference: rounding for a fixed-step method (its
+    reference is the exact result of its steps), the tolerance otherwise."""
+    if variant.fixed_step:
+        return rounding_rtol(variant, reference_steps(variant))
+    return tolerance_rtol(variant)
+
+
+def tolerance_rtol(variant: Variant) -> float:
+    return TOLERANCE_FACTOR * ERROR_CONSTANT.get(variant.method, 1) * variant.tolerances[0]
+
+
+def values_floor(variant: Variant) -> np.ndarray:
+    """The size each component reaches along the solve: rounding and the propagated local
+    errors of a component scale with it, also where the component passes through zero."""
+    return np.max(np.abs(variant_reference(variant).ys), axis=0)
+
+
+def gradient_rtol(variant: Variant) -> float:
+    """The gradient's bound against its reference: rounding for a fixed-step method, whose
+    reference is the exact result of its own steps in every mode; the tolerance otherwise."""
+    if variant.fixed_step:
+        return rounding_rtol(variant, reference_steps(variant))
+    return tolerance_rtol(variant)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons and what they measured
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One comparison: the worst element's relative error ``|a - b| / (|b| + floor)``
+    against the bound ``rtol``."""
+
+    kind: str  # "reference" or "cross"
+    column: str  # "values" or a gradient mode
+    family: str  # the method family (fixed-step, adaptive) or "fixed point"
+    dtype: str
+    error: float
+    bound: float
+    where: str
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.bound)
+
+    def as_property(self) -> tuple:
+        return (self.kind, self.column, self.family, self.dtype, self.error, self.bound, self.where)
+
+
+def compare(actual, expected, rtol: float, floor, **labels) -> Measurement:
+    """Element-wise ``|actual - expected| <= rtol * (|expected| + floor)``, as the worst
+    element's relative error."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {actual.shape}, expected {expected.shape}"
-    )
-    bound = atol + rtol * np.abs(expected)
-    excess = np.abs(actual - expected) / bound
-    if not np.all(np.isfinite(excess)):
-        raise AssertionError(f"{what}: non-finite values")
-    worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.ndim else ()
-    if excess[worst] > 1.0:
-        err = abs(float(actual[worst]) - float(expected[worst]))
+    where = labels.pop("where")
+    if actual.shape != expected.shape:
+        problem = f"shape {actual.shape}, expected {expected.shape}"
+        return Measurement(**labels, error=np.inf, bound=rtol, where=f"{where}: {problem}")
+    if not np.all(np.isfinite(actual)):
+        return Measurement(**labels, error=np.inf, bound=rtol, where=f"{where}: non-finite")
+    scale = np.broadcast_to(np.abs(expected) + floor, expected.shape)
+    difference = np.abs(actual - expected)
+    # An entry whose expected value and magnitude are both zero must come out exactly zero.
+    relative = np.where(scale > 0, difference / np.where(scale > 0, scale, 1.0), np.inf)
+    relative = np.where(difference == 0, 0.0, relative)
+    worst = np.unravel_index(int(np.argmax(relative)), relative.shape) if relative.ndim else ()
+    at = f"[{','.join(str(int(i)) for i in worst)}]" if worst else ""
+    return Measurement(**labels, error=float(relative[worst]), bound=rtol, where=f"{where}{at}")
+
+
+def gradient_arguments(grad: dict) -> list[tuple[str, np.ndarray]]:
+    return [
+        ("y0", grad["y0"]),
+        *((f"params[{k}]", g) for k, g in enumerate(grad["params"])),
+        ("t", grad["t"]),
+    ]
+
+
+def report(record_property, measurements: list[Measurement]) -> None:
+    """Record what was measured (for conftest's tables), then fail on the first excess."""
+    record_property("odecore_measurements", [m.as_property() for m in measurements])
+    failed = [m for m in measurements if not m.passed]
+    if failed:
+        m = failed[0]
         raise AssertionError(
-            f"{what}: error {err:.3g} at index {tuple(int(i) for i in worst)} is "
-            f"{float(excess[worst]):.3g} times the bound atol + rtol |ref| "
-            f"(rtol={rtol:g}, atol={atol:g})"
+            f"{m.where}: relative error {m.error:.3g} exceeds the bound {m.bound:.3g}"
+            + (f" (and {len(failed) - 1} more comparisons)" if len(failed) > 1 else "")
         )
-
-
-def assert_gradient_close(grad: dict, ref: dict, rtol: float, what: str) -> None:
-    """Each gradient (y0, every parameter, t) within ``rtol`` of its largest entry."""
-    pairs = [("y0", grad["y0"], ref["y0"]), ("t", grad["t"], ref["t"])]
-    assert len(grad["params"]) == len(ref["params"]), (
-        f"{what}: {len(grad['params'])} parameter gradients for {len(ref['params'])} parameters"
-    )
-    for k, (g, r) in enumerate(zip(grad["params"], ref["params"], strict=True)):
-        pairs.append((f"params[{k}]", g, r))
-    for name, g, r in pairs:
-        r = np.asarray(r, dtype=np.float64)
-        scale = float(np.max(np.abs(r))) if r.size else 0.0
-        assert_close(g, r, rtol=0.0, atol=rtol * max(scale, 1e-300), what=f"{what} d/d{name}")
 
 
 # --------------------------------------------------------------------------------------------
 # The checks
 
 
-def check_values(bk, variant: Variant) -> None:
-    case = variant.case
-    ys = solve_variant(bk, variant)
-    ref = case.reference(case.ts)
-    assert_close(ys, ref, case.values_rtol, case.values_atol, "ys vs reference")
+def check_values(bk, variant: Variant) -> list[Measurement]:
+    ys = solve_variant(bk.name, variant).ys
+    ref = variant_reference(variant)
+    labels = _labels("reference", "values", variant, "ys")
+    return [compare(ys, ref.ys, values_rtol(variant), values_floor(variant), **labels)]
 
 
-def check_cross_backend(bk, variant: Variant) -> None:
-    if bk.name == REFERENCE_BACKEND:
-        pytest.skip(f"{REFERENCE_BACKEND} is the backend the others are compared with")
-    ys = solve_variant(bk, variant)
-    expected = reference_backend_values(variant)
-    rtol = CROSS_BACKEND_RTOL[variant.case.dtype]
-    scale = float(np.max(np.abs(expected)))
-    assert_close(ys, expected, rtol, rtol * scale, f"ys vs the {REFERENCE_BACKEND} backend")
+def check_cross_values(bk, variant: Variant) -> list[Measurement]:
+    ys = solve_variant(bk.name, variant).ys
+    floor = values_floor(variant)
+    out = []
+    for peer in peers(bk.name):
+        expected = solve_variant(peer.name, variant).ys
+        labels = _labels("cross", "values", variant, f"ys vs {peer.name}")
+        out.append(compare(ys, expected, cross_rtol(variant), floor, **labels))
+    return out
 
 
-def check_vjp(bk, variant: Variant) -> None:
+def check_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
+    grad = gradient(bk.name, variant, mode)
+    ref = variant_reference(variant, mode)
+    magnitude = dict(gradient_arguments(ref.magnitude))
+    out = []
+    for (name, g), (_, r) in zip(
+        gradient_arguments(grad), gradient_arguments(ref.gradient), strict=True
+    ):
+        labels = _labels("reference", mode, variant, f"d/d{name}")
+        out.append(compare(g, r, gradient_rtol(variant), magnitude[name], **labels))
+    return out
+
+
+def check_cross_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
+    grad = gradient(bk.name, variant, mode)
+    magnitude = dict(gradient_arguments(variant_reference(variant).magnitude))
+    out = []
+    for peer in peers(bk.name):
+        for peer_mode in SAME_GRADIENT.get(mode, (mode,)):
+            if peer_mode not in variant.modes or not has_mode(peer, peer_mode):
+                continue
+            expected = gradient(peer.name, variant, peer_mode)
+            for (name, g), (_, e) in zip(
+                gradient_arguments(grad), gradient_arguments(expected), strict=True
+            ):
+                where = f"d/d{name} vs {peer.name}/{peer_mode}"
+                labels = _labels("cross", mode, variant, where)
+                out.append(compare(g, e, cross_rtol(variant), magnitude[name], **labels))
+    if not out:
+        pytest.skip(f"no other backend in this run computes {mode!r} gradients")
+    return out
+
+
+def peers(name: str) -> list[odecore.Backend]:
+    """Every other backend in this run that is installed. A required one that is missing
+    fails in its own cells."""
+    found = [available_backend(other) for other in odecore.BACKEND_NAMES if other != name]
+    found = [bk for bk in found if bk is not None]
+    if not found:
+        pytest.skip("no other backend in this run to compare with")
+    return found
+
+
+def _labels(kind: str, column: str, variant: Variant, where: str) -> dict:
+    return {
+        "kind": kind,
+        "column": column,
+        "family": variant.family,
+        "dtype": variant.case.dtype,
+        "where": where,
+    }
+
+
+def check_vjp(bk, variant: Variant) -> list[Measurement]:
     """The hand-written VJP against central differences of ``func``, both on ``bk`` in
     float64, at the initial state and two points of the reference trajectory."""
     case = variant.case
     ts = case.ts
-    ys_ref = case.reference(ts)
+    ys_ref = continuous_reference(case).ys
     rng = np.random.default_rng(7)
-    for i in (0, len(ts) // 2, len(ts) - 1):
-        y = np.asarray(ys_ref[i], dtype=np.float64)
-        cot = rng.uniform(-1.0, 1.0, size=y.shape)
-        _check_vjp_at(bk, case, float(ts[i]), y, cot)
+    with bk.float64():
+        for i in (0, len(ts) // 2, len(ts) - 1):
+            y = np.asarray(ys_ref[i], dtype=np.float64)
+            cot = rng.uniform(-1.0, 1.0, size=y.shape)
+            _check_vjp_at(bk, case, float(ts[i]), y, cot)
+    return []
 
 
 def _check_vjp_at(bk, case, t_value: float, y: np.ndarray, cot: np.ndarray) -> None:
@@ -229,16 +530,24 @@ def _check_vjp_at(bk, case, t_value: float, y: np.ndarray, cot: np.ndarray) -> N
     assert len(cot_params) == len(params), (
         f"vjp returned {len(cot_params)} parameter cotangents for {len(params)} parameters"
     )
+    # Central differences with h = 1e-6 of functions with O(1) derivatives: truncation
+    # h^2 ~ 1e-12 and rounding eps / h ~ 1e-10, far inside 1e-7 of the cotangent's scale.
     fd_y = _fd_vjp(lambda value: f(value, params), y, cot)
-    assert_close(to_numpy(bk, cot_y), fd_y, 1e-7, 1e-7 * _scale(fd_y), f"cot_y at t={t_value}")
+    _assert_close(to_numpy(bk, cot_y), fd_y, 1e-7, f"cot_y at t={t_value}")
     for k, p in enumerate(params):
         fd_p = _fd_vjp(f_of_param(k), p, cot)
-        got = to_numpy(bk, cot_params[k])
-        assert_close(got, fd_p, 1e-7, 1e-7 * _scale(fd_p), f"cot_params[{k}] at t={t_value}")
+        _assert_close(to_numpy(bk, cot_params[k]), fd_p, 1e-7, f"cot_params[{k}] at t={t_value}")
 
 
-def _scale(x) -> float:
-    return max(float(np.max(np.abs(x))), 1.0)
+def _assert_close(actual, expected, rtol, what) -> None:
+    """Within ``rtol`` of the larger of 1 and the largest expected entry."""
+    actual = np.asarray(actual, dtype=np.float64)
+    assert actual.shape == np.shape(expected), (
+        f"{what}: shape {actual.shape}, expected {np.shape(expected)}"
+    )
+    bound = rtol * max(float(np.max(np.abs(expected))), 1.0)
+    err = float(np.max(np.abs(actual - expected)))
+    assert err <= bound, f"{what}: error {err:.3g} exceeds {bound:.3g}"
 
 
 def _fd_vjp(f, x: np.ndarray, cot: np.ndarray) -> np.ndarray:
@@ -254,67 +563,28 @@ def _fd_vjp(f, x: np.ndarray, cot: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_gradient(bk, variant: Variant, mode: str) -> None:
-    case = variant.case
-    if mode == "direct" and bk.has_autodiff and bk.default_adjoint != "direct":
-        # A framework that cannot reverse through the loop (JAX) must say so, not fail later.
-        with pytest.raises(ValueError, match="'direct' is not available.*checkpoint.*backsolve"):
-            odecore_gradient(bk, variant, mode)
-        pytest.skip(f"{bk.name!r} has no 'direct' mode; asking for it raises, as checked")
-    grad = odecore_gradient(bk, variant, mode)
-    assert_gradient_close(grad, reference_gradient(case), case.gradient_rtol, f"{mode}")
-
-
-def odecore_gradient(bk, variant: Variant, mode: str) -> dict:
-    """The loss gradient from odecore on ``bk``, as NumPy arrays ``{"y0", "params", "t"}``."""
-    case = variant.case
-    y0, t, params = inputs(bk, case)
-    weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
-    kwargs = solver_kwargs(variant, bk)
-    if not bk.has_autodiff:
-        if mode not in GRADIENT_MODES_WITHOUT_AUTODIFF:
-            pytest.skip(
-                f"{mode!r} differentiates through the framework, and {bk.name!r} has no autodiff"
-            )
-        vjp_odeint = getattr(odecore, "vjp_odeint", None)
-        if vjp_odeint is None:
-            pytest.skip(NO_GRADIENT_API_REASON)
-        ys, pullback = vjp_odeint(case.dynamics, y0, t, params, adjoint=mode, **kwargs)
-        y0_bar, params_bar, t_bar = pullback(loss_cotangent(ys, weights))
-    else:
-        backend_vjp = getattr(bk, "vjp", None)
-        if backend_vjp is None:
-            pytest.skip(
-                f"{bk.name!r} has autodiff but its Backend has no vjp(fn, *primals) -> "
-                f"(out, pullback) (DESIGN.md) for the suite to drive it"
-            )
-
-        def solve(y0_, t_, *params_):
-            return odecore.odeint(case.dynamics, y0_, t_, params=params_, adjoint=mode, **kwargs)
-
-        ys, pullback = backend_vjp(solve, y0, t, *params)
-        y0_bar, t_bar, *params_bar = pullback(loss_cotangent(ys, weights))
-    return {
-        "y0": to_numpy(bk, y0_bar),
-        "params": tuple(to_numpy(bk, g) for g in params_bar),
-        "t": to_numpy(bk, t_bar),
-    }
-
-
-def check_reference_gradient(bk, variant: Variant) -> None:
-    if bk.name != REFERENCE_BACKEND:
-        pytest.skip(
-            f"checks the case's reference data, not a backend: runs on the {REFERENCE_BACKEND} row"
-        )
+def check_reference_gradient(bk, variant: Variant) -> list[Measurement]:
     case = variant.case
     fd = finite_difference_gradient(case)
-    assert_gradient_close(fd, reference_gradient(case), FD_RTOL, "finite differences")
+    ref = continuous_reference(case)
+    magnitude = dict(gradient_arguments(ref.magnitude))
+    for (name, g), (_, r) in zip(
+        gradient_arguments(fd), gradient_arguments(ref.gradient), strict=True
+    ):
+        m = compare(
+            g,
+            r,
+            FD_RTOL,
+            magnitude[name],
+            **_labels("reference", "fd", variant, f"finite differences d/d{name}"),
+        )
+        assert m.passed, f"{m.where}: relative error {m.error:.3g} exceeds {m.bound:.3g}"
+    return []
 
 
 @functools.cache
 def finite_difference_gradient(case) -> dict:
     """The loss gradient by central differences of odecore's NumPy solve in float64."""
-    bk = odecore.get_backend(REFERENCE_BACKEND)
     weights = case.loss_weights()
     y0 = np.asarray(case.y0, dtype=np.float64)
     params = [np.asarray(p, dtype=np.float64) for p in case.params]
@@ -329,8 +599,9 @@ def finite_difference_gradient(case) -> dict:
             rtol=FD_SOLVE_TOL,
             atol=FD_SOLVE_TOL,
             method=FD_METHOD,
+            options=case.options or None,
             batch_axis=case.batch_axis,
-            backend=bk.name,
+            backend=REFERENCE_BACKEND,
         )
         return 0.5 * float(np.sum(weights * ys * ys))
 
@@ -359,20 +630,144 @@ def finite_difference_gradient(case) -> dict:
 
 CHECK_FUNCTIONS = {
     "values": check_values,
-    "cross-backend": check_cross_backend,
+    "cross:values": check_cross_values,
     "vjp": check_vjp,
-    "gradient[checkpoint]": functools.partial(check_gradient, mode="checkpoint"),
-    "gradient[backsolve]": functools.partial(check_gradient, mode="backsolve"),
-    "gradient[direct]": functools.partial(check_gradient, mode="direct"),
     "reference-gradient": check_reference_gradient,
+    **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
+    **{f"cross:{m}": functools.partial(check_cross_gradient, mode=m) for m in MODES},
 }
-assert tuple(CHECK_FUNCTIONS) == CHECKS
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.id)
-@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
-def test_conformance(backend_name: str, variant: Variant, check: str) -> None:
+# --------------------------------------------------------------------------------------------
+# The cells
+
+
+def _case_rows() -> dict:
+    """The variant that carries a case's per-case checks (vjp, reference data): its first
+    CI variant, so CI checks every case it solves."""
+    rows = {}
+    for variant in sorted(VARIANTS, key=lambda v: not v.ci):
+        rows.setdefault(variant.case, variant)
+    return rows
+
+
+def _cells():
+    case_rows = _case_rows()
+    for backend_name in odecore.BACKEND_NAMES:
+        modes = backend_modes(backend_name)
+        for variant in VARIANTS:
+            checks = ["values", "cross:values"]
+            if case_rows[variant.case] is variant:
+                checks.append("vjp")
+                if backend_name == REFERENCE_BACKEND:
+                    checks.append("reference-gradient")
+            gradient_modes = [m for m in variant.modes if m in modes]
+            checks += [f"grad:{m}" for m in gradient_modes]
+            checks += [f"cross:{m}" for m in gradient_modes]
+            marks = () if variant.ci else (pytest.mark.slow,)
+            for check in checks:
+                yield pytest.param(
+                    backend_name,
+                    variant,
+                    check,
+                    marks=marks,
+                    id=f"{backend_name}-{variant.id}-{check}",
+                )
+
+
+@pytest.mark.parametrize(("backend_name", "variant", "check"), list(_cells()))
+def test_conformance(backend_name: str, variant: Variant, check: str, record_property) -> None:
     bk = backend_or_skip(backend_name)
+    report(record_property, CHECK_FUNCTIONS[check](bk, variant))
+
+
+@pytest.mark.parametrize(
+    "backend_name",
+    [n for n in odecore.BACKEND_NAMES if available_backend(n) is None or backend_modes(n) != MODES],
+)
+def test_unavailable_mode_raises(backend_name: str) -> None:
+    """A mode a backend lacks is refused up front, with the modes it has."""
+    bk = backend_or_skip(backend_name)
+    missing = [m for m in MODES if not has_mode(bk, m)]
+    variant = VARIANTS[0]
+    case = variant.case
     with bk.float64():
-        CHECK_FUNCTIONS[check](bk, variant)
+        y0, t, params = inputs(bk, case)
+        for mode in missing:
+            with pytest.raises(ValueError, match=f"adjoint={mode!r}.*'checkpoint'.*'backsolve'"):
+                odecore.odeint(
+                    case.dynamics, y0, t, params=params, adjoint=mode, **solver_kwargs(variant, bk)
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Which backends run
+
+
+def _missing_backend(monkeypatch, missing: str) -> None:
+    """Make ``odecore.get_backend(missing)`` fail as it does when the framework is absent."""
+    real = odecore.get_backend
+
+    def get_backend(name):
+        if name == missing:
+            raise odecore.BackendNotAvailableError(f"the {name!r} backend needs a framework")
+        return real(name)
+
+    monkeypatch.setattr(odecore, "get_backend", get_backend)
+
+
+def _outcome(name: str) -> tuple[type, str]:
+    """What ``backend_or_skip(name)`` does: skip and fail are exceptions of their own."""
+    with pytest.raises(BaseException) as info:
+        backend_or_skip(name)
+    return info.type, str(info.value)
+
+
+def test_missing_required_backend_fails_naming_it(monkeypatch) -> None:
+    _missing_backend(monkeypatch, REFERENCE_BACKEND)
+    monkeypatch.setattr("conformance.test_conformance.REQUIRED_BACKENDS", {REFERENCE_BACKEND})
+    kind, message = _outcome(REFERENCE_BACKEND)
+    assert kind is pytest.fail.Exception, f"{kind.__name__}: {message}"
+    assert f"the '{REFERENCE_BACKEND}' backend is required" in message
+
+
+def test_missing_backend_nobody_required_is_skipped(monkeypatch) -> None:
+    _missing_backend(monkeypatch, REFERENCE_BACKEND)
+    monkeypatch.setattr("conformance.test_conformance.REQUIRED_BACKENDS", set())
+    monkeypatch.setattr("conformance.test_conformance.SELECTED_BACKENDS", None)
+    kind, message = _outcome(REFERENCE_BACKEND)
+    assert kind is pytest.skip.Exception, f"{kind.__name__}: {message}"
+    assert "needs a framework" in message
+
+
+def test_backend_names_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("ODECORE_REQUIRED_BACKENDS", " numpy, torch ,")
+    assert _backend_names("ODECORE_REQUIRED_BACKENDS") == {"numpy", "torch"}
+    monkeypatch.setenv("ODECORE_REQUIRED_BACKENDS", "")
+    assert _backend_names("ODECORE_REQUIRED_BACKENDS") is None
+    monkeypatch.setenv("ODECORE_REQUIRED_BACKENDS", "numpy,tensorflow")
+    with pytest.raises(ValueError, match="unknown backends \\['tensorflow'\\]"):
+        _backend_names("ODECORE_REQUIRED_BACKENDS")
+
+
+def test_ci_subset_covers_every_family_mode_and_option() -> None:
+    """The CI subset keeps a cell for every method family x gradient mode x option (and for
+    every method, batches, decreasing times and float32), so that deselecting the slow cells
+    drops repetitions, not coverage."""
+
+    def features(variant: Variant) -> set[str]:
+        opts = variant.solver_options or {}
+        found = {key for key in ("step_t", "jump_t", "first_step") if key in opts}
+        if variant.fixed_step:
+            found.add("step_size" if variant.step_size is not None else "grid")
+        found |= {"seminorm"} if variant.seminorm else set()
+        found |= {"batch"} if variant.case.batch_axis is not None else set()
+        found |= {"decreasing"} if variant.case.ts[-1] < variant.case.ts[0] else set()
+        found |= {"float32"} if variant.case.dtype == "float32" else set()
+        return found | {"plain", variant.method}
+
+    def cells(variants) -> set[tuple[str, str, str]]:
+        return {(v.family, m, f) for v in variants for m in v.modes for f in features(v)}
+
+    missing = cells(VARIANTS) - cells(v for v in VARIANTS if v.ci)
+    assert not missing, f"no CI variant covers {sorted(missing)}"

@@ -1,20 +1,26 @@
-"""Conformance of fixed points: every DEQ case and forward solver, once per backend.
+"""Conformance of fixed points: every DEQ case, forward solver and backward mode, per backend.
 
 The maps are written against the array API (``array_api_compat.array_namespace``), with
 hand-written VJPs for backends without autodiff, so a new backend joins without changes. Its
-cells appear in the same summary table as the ODE cases (``conftest.py``).
+cells appear in their own tables at the end of the run (``conftest.py``); backends are chosen
+and required as in ``test_conformance.py``.
 
 Checks:
 
-- ``values``: ``z*`` matches the closed form (or a linear solve), with success and the dtype
-  kept.
-- ``cross-backend``: ``z*`` matches the NumPy backend's to 1e-10 relative.
-- ``gradient[implicit/<solver>]``: the loss gradient with respect to every parameter matches
-  the implicit-function-theorem gradient computed by a dense linear solve at the reference
-  ``z*``. Backends without autodiff get it from ``odecore.vjp_fixed_point``; the others
-  through ``Backend.vjp(fn, *primals)``.
-- ``gradient[one_step]``: the one-step gradient matches the map's VJP at ``z*`` applied to
-  the loss weights.
+- ``values``: ``z*`` matches the closed form (or a dense linear solve, or a long Picard run in
+  float64), with success and the dtype kept.
+- ``grad:<mode>``: the loss gradient with respect to every parameter matches a dense-algebra
+  reference at the reference ``z*``, element by element: for ``implicit/<solver>`` the
+  implicit-function-theorem gradient ``u df/dparams`` with ``u (I - J) = w``; for
+  ``one_step`` the map's VJP at ``z*`` applied to the loss weights ``w``; for ``unrolled``
+  ``d sum_{j<k} w M^j df/dparams`` with ``M = (1 - d) I + d J`` (k steps, damping d).
+  Backends without autodiff get it from ``odecore.vjp_fixed_point``; the others through
+  ``Backend.vjp(fn, *primals)``.
+- ``cross:values`` and ``cross:<mode>``: consistency between backends: ``z*`` and each mode's
+  gradient match every other backend's.
+
+A backward solver a backend does not have (GMRES on a tracing backend) is not a cell:
+``test_unavailable_backward_solver_raises`` checks that asking for it raises.
 """
 
 from __future__ import annotations
@@ -27,10 +33,36 @@ import numpy as np
 import pytest
 
 import odecore
-from conformance.test_conformance import backend_or_skip, to_numpy
+from conformance.test_conformance import (
+    Measurement,
+    available_backend,
+    backend_or_skip,
+    cached,
+    compare,
+    precision,
+    report,
+    to_numpy,
+)
 
-TOL = 1e-12
-RTOL = 1e-9
+SUMMARY_TITLE = "fixed points"
+SOLVERS = ("picard", "anderson", "broyden")
+BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
+MODES = (*(f"implicit/{s}" for s in BACKWARD_SOLVERS), "one_step", "unrolled")
+UNROLL_STEPS = 5
+UNROLL_DAMPING = 0.8
+MAX_ITER = 300
+# Every map below is a contraction with Lipschitz constant at most RHO (W has spectral norm
+# 0.7, |tanh'| <= 1, |sin(z*)| = 0.67 at the Dottie number).
+RHO = 0.7
+# A solve stopped at residual ||f(z) - z|| <= tol is within tol / (1 - rho) of z*; the
+# gradients inherit that error through J and df/dparams, and the implicit backward solve
+# adds its own, also stopped at tol: a few times tol / (1 - rho). Two backends that stop
+# after different iterations (a stop decision flipped by rounding) differ by as much.
+TOLERANCE_FACTOR = 10
+
+
+def deq_rtol(case) -> float:
+    return TOLERANCE_FACTOR * case.tol / (1.0 - RHO)
 
 
 class CosPlusB:
@@ -47,8 +79,8 @@ class CosPlusB:
     def jacobian(self, z, params, i):
         return np.diag(-np.sin(z))
 
-    def reference_vjp(self, z, params, u):
-        return (u,)
+    def reference_vjp(self, z, params, u, absolute=False):
+        return (np.abs(u) if absolute else u,)
 
 
 class Affine:
@@ -66,7 +98,9 @@ class Affine:
     def jacobian(self, z, params, i):
         return params[0]
 
-    def reference_vjp(self, z, params, u):
+    def reference_vjp(self, z, params, u, absolute=False):
+        if absolute:
+            u, z = np.abs(u), np.abs(z)
         return (u.T @ z, u.sum(axis=0))
 
 
@@ -90,15 +124,17 @@ class Tanh:
         s = 1.0 - np.tanh(W @ z + U @ x[i] + b) ** 2
         return np.diag(s) @ W
 
-    def reference_vjp(self, z, params, u):
+    def reference_vjp(self, z, params, u, absolute=False):
         W, U, b, x = params
         c = u * (1.0 - np.tanh(z @ W.T + x @ U.T + b) ** 2)
+        if absolute:
+            c, z, x, U = np.abs(c), np.abs(z), np.abs(x), np.abs(U)
         return (c.T @ z, c.T @ x, c.sum(axis=0), c @ U)
 
 
 _rng = np.random.default_rng(11)
 _W = _rng.standard_normal((4, 4))
-_W = 0.7 * _W / np.linalg.norm(_W, 2)
+_W = RHO * _W / np.linalg.norm(_W, 2)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity, for the cached references
@@ -109,65 +145,58 @@ class Case:
     params: tuple
     batched: bool
     expected: np.ndarray | None = None  # a closed form, when there is one
+    dtype: str = "float64"
+    # The forward and backward stopping tolerance: float64 far below what the checks need;
+    # float32 a hundred unit roundoffs of the state, which its residuals can reach.
+    tol: float = 1e-12
 
 
-CASES = (
-    Case(
-        "cos+b",
-        CosPlusB(),
-        np.zeros(1),
-        (np.array([0.0]),),
-        False,
-        np.array([0.7390851332151607]),  # the Dottie number
-    ),
-    Case(
-        "affine",
-        Affine(),
-        np.zeros((3, 4)),
-        (_W, _rng.standard_normal(4)),
-        True,
-    ),
-    Case(
-        "tanh",
-        Tanh(),
-        np.zeros((3, 4)),
-        (
-            _W,
-            0.5 * _rng.standard_normal((4, 2)),
-            _rng.standard_normal(4),
-            _rng.standard_normal((3, 2)),
-        ),
-        True,
-    ),
+_TANH_PARAMS = (
+    _W,
+    0.5 * _rng.standard_normal((4, 2)),
+    _rng.standard_normal(4),
+    _rng.standard_normal((3, 2)),
 )
+COS_B = Case(
+    "cos+b", CosPlusB(), np.zeros(1), (np.array([0.0]),), False, np.array([0.7390851332151607])
+)
+AFFINE = Case("affine", Affine(), np.zeros((3, 4)), (_W, _rng.standard_normal(4)), True)
+TANH = Case("tanh", Tanh(), np.zeros((3, 4)), _TANH_PARAMS, True)
+TANH_FLOAT32 = Case(
+    "tanh-float32", Tanh(), np.zeros((3, 4)), _TANH_PARAMS, True, dtype="float32", tol=1e-5
+)
+CASES = (COS_B, AFFINE, TANH, TANH_FLOAT32)
 
 
 @dataclass(frozen=True)
 class Variant:
     case: Case
     solver: str
+    ci_modes: tuple[str, ...] = ()  # the modes CI runs; the others are marked slow
+
+    family = "fixed point"
 
     @property
     def id(self) -> str:
         return f"deq-{self.case.name}/{self.solver}"
 
+    @property
+    def ci(self) -> bool:
+        return bool(self.ci_modes)
 
-VARIANTS = tuple(Variant(c, s) for c in CASES for s in ("picard", "anderson", "broyden"))
-CHECKS = (
-    "values",
-    "cross-backend",
-    "gradient[implicit/anderson]",
-    "gradient[implicit/gmres]",
-    "gradient[one_step]",
-)
+
+# CI: every forward solver, every backward mode, and float32, at least once.
+_CI_MODES = {
+    (TANH, "anderson"): MODES,
+    (AFFINE, "broyden"): ("implicit/broyden", "unrolled"),
+    (COS_B, "picard"): ("implicit/picard", "one_step"),
+    (TANH_FLOAT32, "anderson"): ("implicit/anderson", "one_step"),
+}
+VARIANTS = tuple(Variant(c, s, _CI_MODES.get((c, s), ())) for c in CASES for s in SOLVERS)
 
 
 # --------------------------------------------------------------------------------------------
-# References, by dense linear algebra on NumPy
-
-
-def _samples(case):
-    return case.z0 if case.batched else case.z0[None]
+# References, by dense linear algebra on NumPy in float64
 
 
 @functools.cache
@@ -187,120 +216,223 @@ def loss_weights(case: Case) -> np.ndarray:
     return np.random.default_rng(7).standard_normal(case.z0.shape)
 
 
-def reference_gradient(case: Case, implicit: bool) -> tuple:
+@functools.cache
+def reference_gradient(case: Case, mode: str) -> tuple[tuple, tuple]:
+    """The parameter gradient of ``sum(w * z*)`` in ``mode``, and the magnitudes of its
+    entries (the same contraction over absolute values)."""
     z = reference_z(case)
-    c = loss_weights(case)
-    if not implicit:
-        return case.func.reference_vjp(z, case.params, c)
-    # Per sample, u_i solves u_i (I - J_i) = c_i with J_i the map's Jacobian at z*_i.
-    zs, cs = (z, c) if case.batched else (z[None], c[None])
+    w = loss_weights(case)
+    zs, ws = (z, w) if case.batched else (z[None], w[None])
     eye = np.eye(zs.shape[1])
-    us = [
-        np.linalg.solve((eye - case.func.jacobian(zs[i], case.params, i)).T, cs[i])
-        for i in range(zs.shape[0])
-    ]
+    us = []
+    for i in range(zs.shape[0]):
+        jac = case.func.jacobian(zs[i], case.params, i)
+        if mode.startswith("implicit/"):
+            # u (I - J) = w.
+            us.append(np.linalg.solve((eye - jac).T, ws[i]))
+        elif mode == "one_step":
+            us.append(ws[i])
+        else:
+            step = (1.0 - UNROLL_DAMPING) * eye + UNROLL_DAMPING * jac
+            powers = [np.linalg.matrix_power(step, j) for j in range(UNROLL_STEPS)]
+            us.append(UNROLL_DAMPING * ws[i] @ sum(powers))
     u = np.stack(us) if case.batched else us[0]
-    return case.func.reference_vjp(z, case.params, u)
+    gradient = case.func.reference_vjp(z, case.params, u)
+    # The stopping test is absolute: u and z* carry errors relative to themselves and also
+    # an absolute one per component, so the floor holds |u| df/dparams and 1 df/dparams.
+    relative = case.func.reference_vjp(z, case.params, u, absolute=True)
+    absolute = case.func.reference_vjp(z, case.params, np.ones_like(u), absolute=True)
+    magnitude = tuple(r + a for r, a in zip(relative, absolute, strict=True))
+    return gradient, magnitude
 
 
 # --------------------------------------------------------------------------------------------
 # odecore on a backend
 
 
+def has_mode(bk, mode: str) -> bool:
+    """GMRES decides its restarts on the host from concrete values: eager backends only."""
+    return mode != "implicit/gmres" or bk.eager
+
+
 def inputs(bk, case):
-    z0 = bk.asarray(case.z0, dtype=bk.xp.float64)
-    params = tuple(bk.asarray(p, dtype=bk.xp.float64) for p in case.params)
+    dtype = getattr(bk.xp, case.dtype)
+    z0 = bk.asarray(case.z0, dtype=dtype)
+    params = tuple(bk.asarray(p, dtype=dtype) for p in case.params)
     return z0, params
 
 
-def kwargs(variant: Variant, bk, **extra) -> dict:
-    return {
+def kwargs(variant: Variant, bk, mode: str | None = None) -> dict:
+    out = {
         "solver": variant.solver,
-        "tol": TOL,
-        "max_iter": 300,
+        "tol": variant.case.tol,
+        "max_iter": MAX_ITER,
         "batch_axis": 0 if variant.case.batched else None,
         "backend": bk.name,
-        **extra,
+    }
+    if mode is None:
+        return out
+    backward, _, backward_solver = mode.partition("/")
+    out["backward"] = backward
+    if backward_solver:
+        out["backward_solver"] = backward_solver
+    if backward == "unrolled":
+        out.update(unroll_steps=UNROLL_STEPS, unroll_damping=UNROLL_DAMPING)
+    return out
+
+
+@cached
+def solve_values(backend_name: str, variant: Variant) -> np.ndarray:
+    bk = odecore.get_backend(backend_name)
+    case = variant.case
+    with precision(bk, case.dtype):
+        z0, params = inputs(bk, case)
+        sol = odecore.solve_fixed_point(case.func, z0, params, **kwargs(variant, bk))
+        assert sol.success, sol.message
+        assert sol.z.dtype == getattr(bk.xp, case.dtype), f"z has dtype {sol.z.dtype}"
+        return to_numpy(bk, sol.z).astype(np.float64)
+
+
+@cached
+def gradient(backend_name: str, variant: Variant, mode: str) -> tuple:
+    """The parameter gradient on a backend: one solve and pullback per (backend, variant,
+    mode), shared by every check."""
+    bk = odecore.get_backend(backend_name)
+    case = variant.case
+    with precision(bk, case.dtype):
+        z0, params = inputs(bk, case)
+        w = bk.asarray(loss_weights(case), dtype=getattr(bk.xp, case.dtype))
+        opts = kwargs(variant, bk, mode)
+        if not bk.has_autodiff:
+            _, pullback = odecore.vjp_fixed_point(case.func, z0, params, **opts)
+            grads = pullback(w)
+        else:
+
+            def solve(*params_):
+                return odecore.fixed_point(case.func, z0, params_, **opts)
+
+            _, pullback = bk.vjp(solve, *params)
+            grads = pullback(w)
+        return tuple(to_numpy(bk, g).astype(np.float64) for g in grads)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+
+
+def _labels(kind, column, variant, where) -> dict:
+    return {
+        "kind": kind,
+        "column": column,
+        "family": variant.family,
+        "dtype": variant.case.dtype,
+        "where": where,
     }
 
 
-def solve_values(bk, variant: Variant) -> np.ndarray:
-    z0, params = inputs(bk, variant.case)
-    sol = odecore.solve_fixed_point(variant.case.func, z0, params, **kwargs(variant, bk))
-    assert sol.success, sol.message
-    assert sol.z.dtype == bk.xp.float64
-    return to_numpy(bk, sol.z)
+# The stopping test is absolute: every component of z* may be off by tol / (1 - rho)
+# whatever its size.
+Z_FLOOR = 1.0
 
 
-def odecore_gradient(bk, variant: Variant, backward: str, backward_solver: str) -> tuple:
+def check_values(bk, variant) -> list[Measurement]:
+    got = solve_values(bk.name, variant)
     case = variant.case
-    z0, params = inputs(bk, case)
-    w = bk.asarray(loss_weights(case), dtype=bk.xp.float64)
-    opts = kwargs(variant, bk, backward=backward, backward_solver=backward_solver)
-    if not bk.has_autodiff:
-        _, pullback = odecore.vjp_fixed_point(case.func, z0, params, **opts)
-        grads = pullback(w)
-    else:
-
-        def solve(*params_):
-            return odecore.fixed_point(case.func, z0, params_, **opts)
-
-        _, pullback = bk.vjp(solve, *params)
-        grads = pullback(w)
-    return tuple(to_numpy(bk, g) for g in grads)
+    labels = _labels("reference", "values", variant, "z*")
+    return [compare(got, reference_z(case), deq_rtol(case), Z_FLOOR, **labels)]
 
 
-def relative_error(a, b) -> float:
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+def check_cross_values(bk, variant) -> list[Measurement]:
+    got = solve_values(bk.name, variant)
+    case = variant.case
+    out = []
+    for peer in peers(bk.name):
+        labels = _labels("cross", "values", variant, f"z* vs {peer.name}")
+        expected = solve_values(peer.name, variant)
+        out.append(compare(got, expected, deq_rtol(case), Z_FLOOR, **labels))
+    return out
 
 
-def check_values(bk, variant):
-    got = solve_values(bk, variant)
-    err = relative_error(got, reference_z(variant.case))
-    assert err < 1e-10, f"z* off by {err:.2e} relative"
+def check_gradient(bk, variant, mode) -> list[Measurement]:
+    got = gradient(bk.name, variant, mode)
+    expected, magnitude = reference_gradient(variant.case, mode)
+    out = []
+    for i, (g, e, m) in enumerate(zip(got, expected, magnitude, strict=True)):
+        labels = _labels("reference", mode, variant, f"d/dparams[{i}]")
+        out.append(compare(g, e, deq_rtol(variant.case), m, **labels))
+    return out
 
 
-def check_cross_backend(bk, variant):
-    if bk.name == "numpy":
-        pytest.skip("numpy is the backend the others are compared with")
-    ref = solve_values(odecore.get_backend("numpy"), variant)
-    err = relative_error(solve_values(bk, variant), ref)
-    assert err < 1e-10, f"z* differs from NumPy's by {err:.2e} relative"
+def check_cross_gradient(bk, variant, mode) -> list[Measurement]:
+    got = gradient(bk.name, variant, mode)
+    _, magnitude = reference_gradient(variant.case, mode)
+    out = []
+    for peer in peers(bk.name):
+        if not has_mode(peer, mode):
+            continue
+        expected = gradient(peer.name, variant, mode)
+        for i, (g, e, m) in enumerate(zip(got, expected, magnitude, strict=True)):
+            labels = _labels("cross", mode, variant, f"d/dparams[{i}] vs {peer.name}")
+            out.append(compare(g, e, deq_rtol(variant.case), m, **labels))
+    if not out:
+        pytest.skip(f"no other backend in this run computes {mode!r} gradients")
+    return out
 
 
-def check_gradient(bk, variant, backward, backward_solver="anderson"):
-    got = odecore_gradient(bk, variant, backward, backward_solver)
-    ref = reference_gradient(variant.case, implicit=backward == "implicit")
-    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-        assert g.shape == r.shape, f"params[{i}] gradient has shape {g.shape}, expected {r.shape}"
-        err = relative_error(g, r)
-        assert err < RTOL, f"params[{i}] gradient off by {err:.2e} relative"
+def peers(name: str) -> list:
+    found = [available_backend(other) for other in odecore.BACKEND_NAMES if other != name]
+    found = [bk for bk in found if bk is not None]
+    if not found:
+        pytest.skip("no other backend in this run to compare with")
+    return found
 
 
 CHECK_FUNCTIONS = {
     "values": check_values,
-    "cross-backend": check_cross_backend,
-    "gradient[implicit/anderson]": functools.partial(check_gradient, backward="implicit"),
-    "gradient[implicit/gmres]": functools.partial(
-        check_gradient, backward="implicit", backward_solver="gmres"
-    ),
-    "gradient[one_step]": functools.partial(check_gradient, backward="one_step"),
+    "cross:values": check_cross_values,
+    **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
+    **{f"cross:{m}": functools.partial(check_cross_gradient, mode=m) for m in MODES},
 }
-assert tuple(CHECK_FUNCTIONS) == CHECKS
 
 
-@pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.id)
-@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
-def test_deq_conformance(backend_name: str, variant: Variant, check: str) -> None:
+def backend_modes(name: str) -> tuple[str, ...]:
+    bk = available_backend(name)
+    return MODES if bk is None else tuple(m for m in MODES if has_mode(bk, m))
+
+
+def _cells():
+    for backend_name in odecore.BACKEND_NAMES:
+        modes = backend_modes(backend_name)
+        for variant in VARIANTS:
+            cells = [("values", variant.ci), ("cross:values", variant.ci)]
+            cells += [(f"grad:{m}", m in variant.ci_modes) for m in modes]
+            cells += [(f"cross:{m}", m in variant.ci_modes) for m in modes]
+            for check, ci in cells:
+                yield pytest.param(
+                    backend_name,
+                    variant,
+                    check,
+                    marks=() if ci else (pytest.mark.slow,),
+                    id=f"{backend_name}-{variant.id}-{check}",
+                )
+
+
+@pytest.mark.parametrize(("backend_name", "variant", "check"), list(_cells()))
+def test_deq_conformance(backend_name: str, variant: Variant, check: str, record_property):
     bk = backend_or_skip(backend_name)
-    try:
-        # As in the ODE suite: the cases are float64, which JAX only has inside float64().
-        with bk.float64():
-            CHECK_FUNCTIONS[check](bk, variant)
-    except NotImplementedError as exc:
-        # A backend the fixed point does not support yet says so with this error; its cells
-        # are skipped with the message rather than failed.
-        if "fixed points on the" not in str(exc) and "backward_solver='gmres'" not in str(exc):
-            raise
-        pytest.skip(str(exc))
+    report(record_property, CHECK_FUNCTIONS[check](bk, variant))
+
+
+@pytest.mark.parametrize(
+    "backend_name",
+    [n for n in odecore.BACKEND_NAMES if available_backend(n) is None or backend_modes(n) != MODES],
+)
+def test_unavailable_backward_solver_raises(backend_name: str) -> None:
+    """A backward solver a backend lacks is refused up front, naming the ones it has."""
+    bk = backend_or_skip(backend_name)
+    variant = VARIANTS[0]
+    with precision(bk, variant.case.dtype):
+        z0, params = inputs(bk, variant.case)
+        for mode in (m for m in MODES if not has_mode(bk, m)):
+            with pytest.raises(NotImplementedError, match="'gmres' is not supported.*'anderson'"):
+                odecore.fixed_point(variant.case.func, z0, params, **kwargs(variant, bk, mode))

@@ -375,11 +375,20 @@ def adjoint_settings(
         return smallest if bk.is_traced(smallest) else float(smallest)
 
     tab = tableau(adj_method if adj_method is not None else method)
+    fwd_options = fwd_options if isinstance(fwd_options, dict) else {}
     if adj_options is None:
         # The forward norm is written for y's shape, not for the augmented backward state.
-        adj_options = {k: v for k, v in (fwd_options or {}).items() if k != "norm"}
+        adj_options = {k: v for k, v in fwd_options.items() if k != "norm"}
     if not isinstance(adj_options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
+    # The backward solve crosses the forward's stops and discontinuities too: it lands on
+    # them unless the user's adjoint_options name their own.
+    landing = {
+        k: fwd_options[k]
+        for k in ("step_t", "jump_t")
+        if fwd_options.get(k) is not None and k not in adj_options
+    }
+    adj_options = {**adj_options, **landing}
     from odecore._rk import prepared
 
     seminorm = adj_options.get("norm") == "seminorm"
