@@ -3,6 +3,7 @@
 from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore._config import backend_name, set_backend, use_backend
 from odecore._deq import (
+    FixedPointError,
     FixedPointSolution,
     FixedPointStatus,
     fixed_point,
@@ -26,6 +27,7 @@ __all__ = [
     "METHODS",
     "TABLEAUS",
     "Backend",
+    "FixedPointError",
     "FixedPointSolution",
     "FixedPointStatus",
     "BackendNotAvailableError",

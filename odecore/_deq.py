@@ -18,10 +18,13 @@ from __future__ import annotations
 import enum
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from odecore._backend import _leaves
 from odecore._config import resolve_backend
+from odecore._solution import SolveError
 
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
@@ -95,6 +98,38 @@ def _to_list(x):
     return [x[i] for i in range(x.shape[0])]
 
 
+class FixedPointError(SolveError):
+    """A fixed-point solve did not converge: ``max_iter`` was reached, or ``f`` returned
+    NaN or inf. The message names the failed samples, the residual and the iterations;
+    ``solution`` holds the :class:`FixedPointSolution`, with each sample's best iterate and
+    status. A :class:`~odecore.SolveError`, so that one ``except`` catches every failed
+    solve of the library."""
+
+
+def _failure_message(bk, solution: FixedPointSolution, opts: _Options, batched: bool) -> str:
+    status = [int(s) for s in _to_list(solution.status)]
+    failed = [i for i, s in enumerate(status) if s != CONVERGED]
+    first = failed[0]
+    residuals = solution.abs_residual if opts.stop_mode == "abs" else solution.rel_residual
+    residual = bk.to_host_float(residuals[first])
+    measure = "||f(z) - z||" if opts.stop_mode == "abs" else "||f(z) - z|| / ||f(z)||"
+    reasons = "; ".join(FixedPointStatus(c).describe() for c in sorted({status[i] for i in failed}))
+    if batched:
+        shown = ", ".join(str(i) for i in failed[:10]) + (", ..." if len(failed) > 10 else "")
+        where = (
+            f" for {len(failed)} of {len(status)} samples (indices {shown}); the best iterate "
+            f"of sample {first}"
+        )
+    else:
+        where = ": its best iterate"
+    return (
+        f"odecore: the fixed-point solve ({solution.solver}) did not converge{where} has "
+        f"residual {measure} = {residual:.6g} (tol {opts.tol:g}) after "
+        f"{int(solution.iterations[first])} iterations: {reasons}. Pass throw=False to get "
+        f"the best iterates with a per-sample status instead"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Options
 
@@ -115,6 +150,45 @@ class _Options:
     backward_max_iter: int
     unroll_steps: int
     unroll_damping: float
+    throw: bool
+
+
+def _choice(name, value, valid):
+    names = ", ".join(repr(v) for v in valid)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {names}; got {_describe(value)}")
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {names}")
+
+
+def _integer(name, value, least=1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {least}, got {_describe(value)}")
+    if value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
+def _number(name, value, low, high, low_open=False) -> float:
+    """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a Python float), got {_describe(value)}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high) or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        closing = ")" if high == math.inf else "]"
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}{closing}, got {value!r}")
+    return value
+
+
+def _describe(value) -> str:
+    """What a wrong value is, for an error message: its type, and its value when short."""
+    if value is None:
+        return "None"
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    shown = repr(value)
+    return f"{name} {shown}" if len(shown) <= 40 else f"a {name}"
 
 
 def _options(
@@ -132,64 +206,51 @@ def _options(
     backward_max_iter,
     unroll_steps,
     unroll_damping,
+    throw,
 ) -> _Options:
-    def choice(name, value, valid):
-        if value not in valid:
-            raise ValueError(
-                f"unknown {name} {value!r}; choose one of {', '.join(repr(v) for v in valid)}"
-            )
-
-    def positive_int(name, value, least=1):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
-    def number(name, value, low, high, low_open=False):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{name} must be a real number, got {value!r}")
-        if value < low or value > high or (low_open and value == low):
-            bracket = "(" if low_open else "["
-            raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
-
-    choice("solver", solver, SOLVERS)
-    choice("stop_mode", stop_mode, STOP_MODES)
-    choice("backward", backward, BACKWARD_MODES)
-    choice("backward_solver", backward_solver, BACKWARD_SOLVERS)
-    number("tol", tol, 0.0, math.inf, low_open=True)
-    positive_int("max_iter", max_iter)
-    positive_int("m", m)
-    number("lam", lam, 0.0, math.inf)
-    number("beta", beta, 0.0, 1.0, low_open=True)
-    number("damping", damping, 0.0, 1.0, low_open=True)
+    _choice("solver", solver, SOLVERS)
+    _choice("stop_mode", stop_mode, STOP_MODES)
+    _choice("backward", backward, BACKWARD_MODES)
+    _choice("backward_solver", backward_solver, BACKWARD_SOLVERS)
+    tol = _number("tol", tol, 0.0, math.inf, low_open=True)
+    max_iter = _integer("max_iter", max_iter)
+    m = _integer("m", m)
+    lam = _number("lam", lam, 0.0, math.inf)
+    beta = _number("beta", beta, 0.0, 1.0, low_open=True)
+    damping = _number("damping", damping, 0.0, 1.0, low_open=True)
     backward_tol = tol if backward_tol is None else backward_tol
     backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
-    number("backward_tol", backward_tol, 0.0, math.inf, low_open=True)
-    positive_int("backward_max_iter", backward_max_iter)
+    backward_tol = _number("backward_tol", backward_tol, 0.0, math.inf, low_open=True)
+    backward_max_iter = _integer("backward_max_iter", backward_max_iter)
     if unroll_steps is None:
         unroll_steps = 1 if backward == "one_step" else 5
-    positive_int("unroll_steps", unroll_steps)
+    unroll_steps = _integer("unroll_steps", unroll_steps)
     if backward == "one_step" and unroll_steps != 1:
         raise ValueError(
             f"backward='one_step' differentiates exactly one step of f; got unroll_steps="
             f"{unroll_steps}: use backward='unrolled' for more"
         )
-    number("unroll_damping", unroll_damping, 0.0, 1.0, low_open=True)
+    unroll_damping = _number("unroll_damping", unroll_damping, 0.0, 1.0, low_open=True)
     if backward == "one_step" and unroll_damping != 1.0:
         raise ValueError("backward='one_step' has no damping; use backward='unrolled'")
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be True or False, got {_describe(throw)}")
     return _Options(
         solver,
-        float(tol),
+        tol,
         stop_mode,
         max_iter,
         m,
-        float(lam),
-        float(beta),
-        float(damping),
+        lam,
+        beta,
+        damping,
         backward,
         backward_solver,
-        float(backward_tol),
+        backward_tol,
         backward_max_iter,
         unroll_steps,
-        float(unroll_damping),
+        unroll_damping,
+        throw,
     )
 
 
@@ -201,6 +262,12 @@ class _Layout:
     """Between the user's shape of ``z`` and the loop's ``(B, N)``."""
 
     def __init__(self, bk, z0, batch_axis):
+        if batch_axis is not None and (
+            isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral)
+        ):
+            raise TypeError(
+                f"batch_axis must be None or the integer 0, got {_describe(batch_axis)}"
+            )
         if batch_axis not in (None, 0):
             raise ValueError(
                 f"batch_axis must be None (one sample) or 0 (the first axis indexes samples), "
@@ -209,6 +276,7 @@ class _Layout:
         if batch_axis == 0 and z0.ndim == 0:
             raise ValueError("batch_axis=0 needs z0 with at least one axis")
         self.shape = tuple(z0.shape)
+        self.dtype = z0.dtype
         self.batched = batch_axis == 0
         self.batch = self.shape[0] if self.batched else 1
         self.size = math.prod(self.shape) // max(self.batch, 1)
@@ -242,11 +310,7 @@ class _Map:
     def __call__(self, z):
         xp = self.bk.xp
         out = self.user(self.layout.to_user(xp, z))
-        if tuple(out.shape) != self.layout.shape:
-            raise ValueError(
-                f"f returned shape {tuple(out.shape)} for z of shape {self.layout.shape}; a "
-                f"fixed-point map must return an array shaped like z"
-            )
+        _check_output(self.bk, out, self.layout)
         return self.layout.to_internal(xp, out)
 
     def vjp(self, z, cot):
@@ -261,6 +325,24 @@ class _Map:
             lay.to_user(xp, cot),
         )
         return lay.to_internal(xp, cot_z), cot_leaves
+
+
+def _check_output(bk, out, layout):
+    """``f``'s value must be an array like ``z``: the loop mixes it with ``z`` and would
+    fail later, far from the cause, or silently change precision."""
+    expected = f"a {bk.name} array shaped like z {layout.shape} with z's dtype {layout.dtype}"
+    if not bk.owns(out):
+        raise TypeError(f"f must return {expected}; it returned {_describe(out)}")
+    if tuple(out.shape) != layout.shape:
+        raise ValueError(
+            f"f returned shape {tuple(out.shape)} for z of shape {layout.shape}; a "
+            f"fixed-point map must return an array shaped like z"
+        )
+    if out.dtype != layout.dtype:
+        raise TypeError(
+            f"f returned dtype {out.dtype} for z of dtype {layout.dtype}; a fixed-point map "
+            f"must keep z's dtype: give z0 and params the same dtype"
+        )
 
 
 class _AsDynamics:
@@ -307,17 +389,18 @@ class _Loop:
         rel_res = abs_res / (_norm(xp, gz) + tiny)
         return abs_res, rel_res
 
-    def run(self, z0):
+    def run(self, z0, gz0=None):
+        """Iterate from ``z0``; ``gz0``, when given, is ``g(z0)`` already evaluated."""
         bk = self.bk
-        state = bk.while_loop(self.cond, self.body, self.init(z0))
+        state = bk.while_loop(self.cond, self.body, self.init(z0, gz0))
         status = state["status"]
         state["status"] = bk.xp.where(status == RUNNING, MAX_ITER_REACHED, status)
         return state
 
-    def init(self, z0):
+    def init(self, z0, gz0=None):
         bk, xp = self.bk, self.bk.xp
         B, N = z0.shape
-        gz = self.g(z0)
+        gz = self.g(z0) if gz0 is None else gz0
         abs_res, rel_res = self.residuals(z0, gz)
         res = abs_res if self.stop_mode == "abs" else rel_res
         finite = xp.isfinite(res)
@@ -586,7 +669,9 @@ class FixedPointRule:
         self.fmap = self.fmap.rebuilt(leaves)
         return arrays
 
-    def forward(self, z0, *leaves):
+    def forward(self, z0, *leaves, first_value=None):
+        """The solve from ``z0``; ``first_value`` is ``f(z0)`` in internal layout, when the
+        caller has evaluated it already."""
         bk, xp, opts = self.bk, self.bk.xp, self.opts
         if not bk.eager:
             self.fmap = self.fmap.rebuilt(leaves)
@@ -604,7 +689,7 @@ class FixedPointRule:
                 opts.beta,
                 opts.damping,
             )
-            state = loop.run(z0_int)
+            state = loop.run(z0_int, first_value)
         z_star = state["best_z"]
         self.solution = FixedPointSolution(
             z=self.layout.to_user(xp, z_star),
@@ -630,8 +715,10 @@ class FixedPointRule:
                 _, leaves_bar = self.fmap.vjp(z_star, u)
             else:
                 leaves_bar = self._unrolled(z_star, w)
+        # A number among the params (NumPy keeps it as a leaf) takes its cotangent as f.vjp
+        # gives it.
         leaves_bar = [
-            xp.astype(g, leaf.dtype) if g.dtype != leaf.dtype else g
+            xp.astype(g, leaf.dtype) if hasattr(leaf, "dtype") and g.dtype != leaf.dtype else g
             for g, leaf in zip(leaves_bar, self.fmap.leaves, strict=True)
         ]
         return (None, *leaves_bar)
@@ -709,14 +796,9 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
             f"backward_solver='gmres' is not supported on the {bk.name!r} backend (a tracing "
             f"backend); use 'anderson', 'picard' or 'broyden'"
         )
-    z0 = bk.asarray(z0)
-    xp = bk.xp
-    if not xp.isdtype(z0.dtype, "real floating"):
-        raise TypeError(
-            f"z0 must have a real floating dtype, got {z0.dtype}; convert it, e.g. to float64"
-        )
-    if not callable(f):
-        raise TypeError(f"f must be callable as f(z, params) (or f(z)), got {type(f).__name__}")
+    z0 = _float_array(bk, "z0", z0)
+    _check_callable(f)
+    _check_params(params)
     layout = _Layout(bk, z0, batch_axis)
     if params is not None and bk.param_leaves(f, None):
         # The module's own parameters would silently get no gradient: the VJP differentiates
@@ -729,6 +811,50 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
     leaves = bk.param_leaves(f, params)
     fmap = _Map(bk, f, params, leaves, layout)
     return bk, opts, z0, layout, leaves, fmap
+
+
+def _float_array(bk, name, value, dtype=None):
+    try:
+        array = bk.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a real floating array, got {_describe(value)}") from exc
+    if not bk.xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {array.dtype}; convert it, e.g. to "
+            f"float64"
+        )
+    return array
+
+
+def _like_z(bk, name, value, z):
+    """A vector shaped like ``z``, with its dtype (a probe or a start). Plain values (lists,
+    NumPy arrays on another backend) take z's dtype; an array must have it already."""
+    array = _float_array(bk, name, value, None if bk.owns(value) else z.dtype)
+    if tuple(array.shape) != tuple(z.shape):
+        raise ValueError(f"{name} must be shaped like z {tuple(z.shape)}, got {tuple(array.shape)}")
+    if array.dtype != z.dtype:
+        raise TypeError(f"{name} must have z's dtype {z.dtype}, got {array.dtype}")
+    return array
+
+
+def _check_callable(f):
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(z, params) (or f(z)), got {_describe(f)}")
+
+
+def _check_params(params):
+    """``params`` is a pytree of arrays: anything else in it would get no gradient, and the
+    NumPy pullback could not give it one."""
+    for where, leaf in _leaves({"params": params}):
+        if leaf is None or isinstance(leaf, numbers.Number):
+            continue
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            continue
+        raise TypeError(
+            f"params must be an array or a tuple, list or dict of arrays (numbers and None "
+            f"may appear too); {where} is {_describe(leaf)}: put its arrays into params "
+            f"instead, or let f capture it if it needs no gradient"
+        )
 
 
 def solve_fixed_point(
@@ -750,6 +876,7 @@ def solve_fixed_point(
     backward_max_iter=None,
     unroll_steps=None,
     unroll_damping=1.0,
+    throw=True,
     batch_axis=None,
     backend=None,
 ) -> FixedPointSolution:
@@ -786,22 +913,77 @@ def solve_fixed_point(
         ``f(z*)`` from the detached ``z*``. ``"unrolled"``: backpropagation through
         ``unroll_steps`` steps ``z <- (1 - unroll_damping) z + unroll_damping f(z)`` from the
         detached ``z*``.
+    throw : bool
+        With True (the default), a sample that did not converge raises
+        :class:`~odecore.FixedPointError` (on a tracing backend, only where the status is
+        known: under ``jax.jit`` it is reported in ``status`` only). With False, the solution
+        holds each sample's best iterate and its ``status``.
     batch_axis : None or 0
         With 0, the first axis indexes independent samples, each converging on its own.
     backend : str, optional
         Overrides the configured backend.
+
+    On torch, ``f`` must not use a tensor that requires grad other than through ``params``
+    (or, for an ``nn.Module`` called without params, its own parameters): the gradient
+    reaches only those, so such a tensor raises ``ValueError`` while grad mode is on.
     """
     given = locals()
     kwargs = {name: given[name] for name in _option_defaults()}
     bk, opts, z0, layout, leaves, fmap = _setup(f, z0, params, backend, batch_axis, kwargs)
     rule = FixedPointRule(bk, fmap, layout, opts)
-    if not bk.has_autodiff or not bk.requires_grad({"params": params, "leaves": leaves}):
-        rule.forward(z0, *leaves)
-        return rule.solution
-    z = bk.custom_vjp(rule)(z0, *leaves)
-    solution = rule.solution
-    solution.z = z
+    if bk.has_autodiff and bk.requires_grad({"params": params, "leaves": leaves}):
+        z = bk.custom_vjp(rule)(z0, *leaves)
+        solution = rule.solution
+        solution.z = z
+        # After the solve, where f has run: a ValueError from the check is the check's own.
+        _refuse_hidden_parameters(bk, fmap, z0, leaves)
+    else:
+        rule.forward(z0, *leaves, first_value=_first_value(bk, fmap, z0))
+        solution = rule.solution
+    _raise_if_failed(bk, solution, opts, layout)
     return solution
+
+
+def _raise_if_failed(bk, solution, opts, layout):
+    # Under jit the status has no value yet: it stays in the solution.
+    if opts.throw and not bk.is_traced(solution.status) and not solution.success:
+        raise FixedPointError(_failure_message(bk, solution, opts, layout.batched), solution)
+
+
+_HIDDEN_GRADIENT_MESSAGE = (
+    "f uses a tensor that requires grad but is not in params: the fixed point's gradient "
+    "reaches only the arrays in params (and the own parameters of an nn.Module f called "
+    "without params), so that tensor would silently get no gradient. Pass it in params and "
+    "read it there, as f(z, params); or detach it if it needs no gradient"
+)
+
+
+def _refuse_hidden_parameters(bk, fmap, z0, leaves):
+    """On an eager framework with autodiff, refuse an ``f`` that uses a tensor wanting a
+    gradient other than through ``leaves``. (A tracing framework's ``custom_vjp`` refuses
+    such a capture itself.)"""
+    if not bk.eager:
+        return
+    z0 = bk.stop_gradient(z0)
+    time = bk.xp.zeros((1,), dtype=z0.dtype)  # f is seen as dynamics that ignore time
+    try:
+        bk.check_no_hidden_parameters(fmap.as_dynamics, fmap.params, leaves, time, z0, None)
+    except ValueError:
+        raise ValueError(_HIDDEN_GRADIENT_MESSAGE) from None
+
+
+def _first_value(bk, fmap, z0):
+    """``f(z0)`` in the caller's grad mode, in internal layout, for the loop to start from;
+    None where nothing needs checking. It is called when nothing the rule differentiates
+    wants a gradient, so a value that does (grad mode on, on an eager framework with
+    autodiff) comes from a tensor ``f`` uses outside params."""
+    if not (bk.has_autodiff and bk.eager):
+        return None
+    value = fmap.user(bk.stop_gradient(z0))
+    _check_output(bk, value, fmap.layout)
+    if bk.requires_grad({"f(z0)": value}):
+        raise ValueError(_HIDDEN_GRADIENT_MESSAGE)
+    return fmap.layout.to_internal(bk.xp, bk.stop_gradient(value))
 
 
 def _option_defaults() -> dict:
@@ -816,7 +998,9 @@ def _option_defaults() -> dict:
 
 def fixed_point(f, z0, params=None, **kwargs):
     """``z* = f(z*, params)``: :func:`solve_fixed_point`'s ``z``, differentiable on
-    frameworks with autodiff. Keyword arguments are those of :func:`solve_fixed_point`."""
+    frameworks with autodiff. Keyword arguments are those of :func:`solve_fixed_point`; a
+    solve that does not converge raises :class:`~odecore.FixedPointError` unless
+    ``throw=False``."""
     return solve_fixed_point(f, z0, params, **kwargs).z
 
 
@@ -839,6 +1023,7 @@ def vjp_fixed_point(f, z0, params=None, **kwargs):
     _require_vjp(bk, f)
     rule = FixedPointRule(bk, fmap, layout, opts)
     _, z_star = rule.forward(z0, *leaves)
+    _raise_if_failed(bk, rule.solution, opts, layout)
 
     def pullback(z_bar):
         z_bar = bk.asarray(z_bar)
@@ -870,13 +1055,16 @@ def jacobian_frobenius(f, z, params=None, *, probe, batch_axis=None, backend=Non
             f"it; the {bk.name!r} backend has none: use torch"
         )
     xp = bk.xp
-    z, probe = bk.asarray(z), bk.asarray(probe)
-    if tuple(probe.shape) != tuple(z.shape):
-        raise ValueError(f"probe must be shaped like z {tuple(z.shape)}, got {tuple(probe.shape)}")
+    _check_callable(f)
+    _check_params(params)
+    z = _float_array(bk, "z", z)
+    probe = _like_z(bk, "probe", probe, z)
     layout = _Layout(bk, z, batch_axis)
 
     def fz(z_):
-        return f(z_) if params is None else f(z_, params)
+        out = f(z_) if params is None else f(z_, params)
+        _check_output(bk, out, layout)
+        return out
 
     _, tangent = bk.jvp(fz, (bk.stop_gradient(z),), (probe,))
     sq = xp.sum(layout.to_internal(xp, tangent * tangent), axis=-1)
@@ -890,19 +1078,29 @@ def spectral_radius(f, z, params=None, *, iterations=20, start=None, batch_axis=
     ``(B,)`` with ``batch_axis=0``, else a 0-d array. The estimate is the growth of the
     dominant singular direction under repeated application, exact for a dominant real
     eigenvalue."""
-    bk = resolve_backend(backend, {"z": z, "params": params})
+    bk = resolve_backend(backend, {"z": z, "params": params, "start": start})
     xp = bk.xp
-    z = bk.asarray(z)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    _check_callable(f)
+    _check_params(params)
+    z = _float_array(bk, "z", z)
+    iterations = _integer("iterations", iterations)
     layout = _Layout(bk, z, batch_axis)
     _require_vjp(bk, f)
     fmap = _Map(bk, f, params, bk.param_leaves(f, params), layout)
     z_int = layout.to_internal(xp, bk.stop_gradient(z))
-    u = xp.ones_like(z_int) if start is None else layout.to_internal(xp, bk.asarray(start))
+    if start is None:
+        u = xp.ones_like(z_int)
+    else:
+        u = layout.to_internal(xp, _like_z(bk, "start", start, z))
     tiny = xp.finfo(z_int.dtype).tiny
     with bk.no_grad():
-        u = u / (_norm(xp, u) + tiny)[:, None]
+        fmap(z_int)  # checks what f returns before its VJP is asked for
+        start_norm = _norm(xp, u)
+        if not bk.is_traced(start_norm) and not bool(xp.all(start_norm > 0)):
+            raise ValueError(
+                "start must be nonzero in every sample: power iteration from zero stays at zero"
+            )
+        u = u / (start_norm + tiny)[:, None]
         estimate = xp.zeros((layout.batch,), dtype=z_int.dtype)
         for _ in range(iterations):
             v = fmap.vjp(z_int, u)[0]

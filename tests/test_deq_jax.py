@@ -155,3 +155,38 @@ def test_batch_independence(x64):
 def test_gmres_backward_raises_naming_the_alternatives(x64):
     with pytest.raises(NotImplementedError, match="anderson"):
         solve(cos_map, jnp.zeros((1, 1)), jnp.zeros((1, 1)), backward_solver="gmres")
+
+
+def test_unconverged_solve_raises_eagerly(x64):
+    # z -> 2 z + b: the fixed point -b repels, so Picard's best iterate is z0 = 0, whose
+    # residual is |b| = 1.
+    with pytest.raises(odecore.FixedPointError) as info:
+        solve(lambda z, b: 2 * z + b, jnp.zeros((2, 1)), jnp.ones((2, 1)), solver="picard")
+    message = str(info.value)
+    assert "for 2 of 2 samples (indices 0, 1)" in message
+    assert "residual ||f(z) - z|| = 1 (tol 1e-12) after 200 iterations" in message
+    np.testing.assert_array_equal(np.asarray(info.value.solution.z), 0.0)
+
+
+def test_captured_differentiated_value_raises(x64):
+    z0, b = jnp.zeros((2, 1)), jnp.ones((2, 1))
+
+    def loss(w):
+        return solve(lambda z, p: w * z + p, z0, b).z.sum()
+
+    for transform in (jax.grad, lambda fn: jax.jit(jax.grad(fn))):
+        with pytest.raises(ValueError, match="pass it in params"):
+            transform(loss)(0.5)
+    # Under grad of a jit the capture cannot be seen: the gradient is NaN, never a wrong
+    # finite number (the true dz*/dw summed is 2 b / (1 - w)^2 = 8).
+    assert np.isnan(float(jax.grad(jax.jit(loss))(0.5)))
+    # The remedy, w in params, gives that closed form.
+    g = jax.grad(lambda w: solve(lambda z, p: p[0] * z + p[1], z0, (w, b)).z.sum())(
+        jnp.asarray(0.5)
+    )
+    assert abs(float(g) - 8.0) < 1e-9
+
+
+def test_map_returning_a_list_is_named(x64):
+    with pytest.raises(TypeError, match="f must return a jax array.*it returned a list"):
+        solve(lambda z, b: [z, b], jnp.zeros((2, 1)), jnp.ones((2, 1)))

@@ -90,7 +90,9 @@ def test_anderson_and_broyden_beat_picard_on_a_slow_contraction():
 
 def test_damped_picard_is_the_damped_iteration():
     z0 = np.array([1.0])
-    sol = odecore.solve_fixed_point(np.cos, z0, solver="picard", damping=0.5, max_iter=3, tol=1e-30)
+    sol = odecore.solve_fixed_point(
+        np.cos, z0, solver="picard", damping=0.5, max_iter=3, tol=1e-30, throw=False
+    )
     z = z0
     for _ in range(3):
         z = 0.5 * z + 0.5 * np.cos(z)
@@ -138,7 +140,9 @@ def test_batch_equals_each_sample_alone(solver):
 def test_converged_sample_stops_changing():
     # Sample 0 starts at the fixed point, sample 1 far from it.
     z0 = np.array([[COS_FIXED_POINT], [3.0]])
-    sol = odecore.solve_fixed_point(np.cos, z0, batch_axis=0, solver="picard", tol=1e-9)
+    sol = odecore.solve_fixed_point(
+        np.cos, z0, batch_axis=0, solver="picard", tol=1e-9, throw=False
+    )
     assert sol.iterations[0] == 0 and sol.iterations[1] > 10
     assert sol.z[0, 0] == COS_FIXED_POINT
     # The residual trace of the finished sample is NaN from its first idle iteration on.
@@ -148,7 +152,7 @@ def test_converged_sample_stops_changing():
 def test_non_convergent_map_reports_max_iter():
     # z -> -z + 1 oscillates forever between z0 and 1 - z0: the residual never shrinks.
     sol = odecore.solve_fixed_point(
-        lambda z: 1.0 - z, np.array([0.0]), solver="picard", max_iter=25, tol=1e-8
+        lambda z: 1.0 - z, np.array([0.0]), solver="picard", max_iter=25, tol=1e-8, throw=False
     )
     assert not sol.success
     assert sol.status[0] == odecore.FixedPointStatus.MAX_ITER_REACHED
@@ -160,10 +164,83 @@ def test_non_convergent_map_reports_max_iter():
 
 def test_best_iterate_is_returned_not_the_last():
     # z -> 2z diverges from its fixed point 0: the start is the best iterate.
-    sol = odecore.solve_fixed_point(lambda z: 2.0 * z, np.array([1.0]), solver="picard", max_iter=5)
+    sol = odecore.solve_fixed_point(
+        lambda z: 2.0 * z, np.array([1.0]), solver="picard", max_iter=5, throw=False
+    )
     assert sol.z[0] == 1.0
     assert sol.abs_residual[0] == 1.0
     assert sol.trace[-1, 0] == 32.0  # the last iterate, 32, had residual 32
+
+
+class Doubling:
+    """``z -> 2 z + 1``: its fixed point -1 repels, so Picard from 0 runs away and its best
+    iterate stays the start, with residual ``|f(0) - 0| = 1`` per component."""
+
+    def __call__(self, z, params=None):
+        return 2.0 * z + 1.0
+
+    def vjp(self, z, params, cot):
+        return 2.0 * cot, None
+
+
+@pytest.mark.parametrize("entry", ["fixed_point", "solve_fixed_point", "vjp_fixed_point"])
+def test_unconverged_solve_raises_with_residual_and_iterations(entry):
+    with pytest.raises(odecore.FixedPointError) as info:
+        getattr(odecore, entry)(Doubling(), np.zeros(2), solver="picard", max_iter=5)
+    message = str(info.value)
+    # The best iterate is z0 = 0: residual |(1, 1)| = sqrt(2), printed to 6 digits.
+    assert f"residual ||f(z) - z|| = {np.sqrt(2.0):.6g} (tol 1e-06)" in message
+    assert "after 5 iterations" in message and "max_iter reached" in message
+    assert "throw=False" in message
+    assert isinstance(info.value, odecore.SolveError) and isinstance(info.value, RuntimeError)
+    solution = info.value.solution
+    np.testing.assert_array_equal(solution.z, [0.0, 0.0])
+    assert solution.status.tolist() == [odecore.FixedPointStatus.MAX_ITER_REACHED]
+
+
+def test_unconverged_batch_names_the_failed_samples():
+    # z -> a z + 1 per sample: a = 0.5 contracts to 1 / (1 - a) = 2, a = 2 runs away from 0.
+    a = np.array([[0.5], [2.0], [0.5], [2.0]])
+    with pytest.raises(odecore.FixedPointError) as info:
+        odecore.fixed_point(
+            lambda z: a * z + 1.0, np.zeros((4, 1)), solver="picard", batch_axis=0, tol=1e-12
+        )
+    message = str(info.value)
+    assert "for 2 of 4 samples (indices 1, 3)" in message
+    assert "sample 1 has residual ||f(z) - z|| = 1 (tol 1e-12) after 50 iterations" in message
+    solution = info.value.solution
+    assert solution.status.tolist() == [0, 1, 0, 1]
+    # Converged: residual 2^-k <= 1e-12, so the error 2 * residual is at most 2e-12.
+    np.testing.assert_allclose(solution.z[[0, 2], 0], 2.0, rtol=0, atol=2e-12)
+    np.testing.assert_array_equal(solution.z[[1, 3], 0], 0.0)
+
+
+def test_unconverged_batch_lists_the_first_ten_failed_indices():
+    a = np.full((13, 1), 2.0)
+    a[0] = 0.5
+    with pytest.raises(odecore.FixedPointError, match="for 12 of 13 samples") as info:
+        odecore.fixed_point(lambda z: a * z + 1.0, np.zeros((13, 1)), solver="picard", batch_axis=0)
+    assert "(indices 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...)" in str(info.value)
+
+
+def test_non_finite_map_raises_naming_the_cause():
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(odecore.FixedPointError, match="non-finite residual") as info:
+            odecore.fixed_point(lambda z: z * z + 1.0, np.array([2.0]), solver="picard")
+    # The best iterate is the start: z^2 + 1 - z grows with z beyond 1/2.
+    assert info.value.solution.z.tolist() == [2.0]
+    assert "residual ||f(z) - z|| = 3 " in str(info.value)
+
+
+def test_relative_mode_failure_names_the_relative_residual():
+    with pytest.raises(odecore.FixedPointError) as info:
+        odecore.fixed_point(
+            Doubling(), np.zeros(1), solver="picard", stop_mode="rel", max_iter=3, tol=1e-3
+        )
+    # Picard from 0 gives z_k = 2^k - 1, whose relative residual 2^k / (2^(k+1) - 1) falls
+    # towards 1/2: the best iterate is the last, z_3, with 8/15.
+    expected = f"residual ||f(z) - z|| / ||f(z)|| = {8 / 15:.6g} (tol 0.001) after 3 iterations"
+    assert expected in str(info.value)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -177,6 +254,7 @@ def test_map_without_real_fixed_point_gets_a_status_not_an_exception(solver):
             batch_axis=0,
             solver=solver,
             max_iter=60,
+            throw=False,
         )
     failed = (odecore.FixedPointStatus.NONFINITE, odecore.FixedPointStatus.MAX_ITER_REACHED)
     assert all(int(s) in failed for s in sol.status)
@@ -350,6 +428,149 @@ def test_jacobian_frobenius_needs_autodiff_on_numpy():
 def test_invalid_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         odecore.solve_fixed_point(np.cos, np.zeros((2, 2)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"tol": "1e-6"}, "tol"),
+        ({"tol": None}, "tol"),
+        ({"max_iter": 2.5}, "max_iter"),
+        ({"max_iter": True}, "max_iter"),
+        ({"solver": None}, "solver"),
+        ({"solver": ["anderson"]}, "solver"),
+        ({"stop_mode": 1}, "stop_mode"),
+        ({"m": 2.0}, "m"),
+        ({"lam": "0"}, "lam"),
+        ({"beta": None}, "beta"),
+        ({"damping": [0.5]}, "damping"),
+        ({"backward": None}, "backward"),
+        ({"backward_solver": 1}, "backward_solver"),
+        ({"backward_tol": "x"}, "backward_tol"),
+        ({"backward_max_iter": 1.5}, "backward_max_iter"),
+        ({"unroll_steps": 2.0}, "unroll_steps"),
+        ({"unroll_damping": None}, "unroll_damping"),
+        ({"throw": "yes"}, "throw"),
+        ({"throw": None}, "throw"),
+        ({"batch_axis": "0"}, "batch_axis"),
+        ({"batch_axis": 0.0}, "batch_axis"),
+        ({"batch_axis": True}, "batch_axis"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["fixed_point", "solve_fixed_point", "vjp_fixed_point"])
+def test_option_of_the_wrong_type_raises_type_error_naming_it(entry, kwargs, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be "):
+        getattr(odecore, entry)(Affine(), np.zeros((2, 4)), (W, B_VEC), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"tol": float("inf")}, "tol"),
+        ({"lam": float("inf")}, "lam"),
+        ({"backward_tol": float("nan")}, "backward_tol"),
+        ({"beta": float("nan")}, "beta"),
+    ],
+)
+def test_non_finite_option_raises_value_error_naming_it(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} must lie in"):
+        odecore.fixed_point(np.cos, np.zeros(2), **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    z = odecore.fixed_point(np.cos, np.zeros(1), tol=np.float32(1e-12), max_iter=np.int64(300))
+    assert abs(z[0] - COS_FIXED_POINT) < 1e-11
+
+
+@pytest.mark.parametrize(
+    "returned,shown",
+    [
+        (lambda z: [0.1, 0.2, 0.3], "list [0.1, 0.2, 0.3]"),
+        (lambda z: None, "None"),
+        (lambda z: 0.5, "float 0.5"),
+    ],
+)
+def test_map_returning_a_non_array_is_named(returned, shown):
+    expected = "a numpy array shaped like z (3,) with z's dtype float64"
+    with pytest.raises(TypeError, match="f must return") as info:
+        odecore.fixed_point(returned, np.zeros(3))
+    assert str(info.value) == f"f must return {expected}; it returned {shown}"
+
+
+def test_map_changing_the_dtype_is_named():
+    with pytest.raises(TypeError, match="f returned dtype float32 for z of dtype float64"):
+        odecore.fixed_point(lambda z: np.cos(z).astype(np.float32), np.zeros(3))
+    with pytest.raises(TypeError, match="f returned dtype int64 for z of dtype float64"):
+        odecore.fixed_point(lambda z: np.ones(3, dtype=np.int64), np.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "params,where",
+    [
+        (object(), "params is object"),
+        ({1.0, 2.0}, "params is set"),
+        ((W, "relu"), "params[1] is str 'relu'"),
+        ({"W": W, "act": np.tanh}, "params['act'] is numpy.ufunc"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["fixed_point", "vjp_fixed_point", "spectral_radius"])
+def test_params_that_are_not_arrays_raise(entry, params, where):
+    with pytest.raises(TypeError, match="params must be an array or a tuple") as info:
+        getattr(odecore, entry)(Affine(), np.zeros(4), params)
+    assert where in str(info.value)
+
+
+class ScaledCos:
+    """``z = s cos z + b`` with ``s`` a Python float: ``dz*/db = 1 / (1 + s sin z*)`` and
+    ``dz*/ds = cos z* / (1 + s sin z*)``."""
+
+    def __call__(self, z, params):
+        b, s = params
+        return s * np.cos(z) + b
+
+    def vjp(self, z, params, cot):
+        b, s = params
+        return -s * np.sin(z) * cot, (cot, float(np.sum(np.cos(z) * cot)))
+
+
+def test_number_in_params_gets_its_gradient():
+    sol, pullback = odecore.vjp_fixed_point(
+        ScaledCos(), np.zeros(1), (np.array([0.3]), 1.0), **TIGHT
+    )
+    b_bar, s_bar = pullback(np.ones(1))
+    z = sol.z[0]
+    assert abs(b_bar[0] - 1.0 / (1.0 + np.sin(z))) < 1e-10
+    assert abs(s_bar - np.cos(z) / (1.0 + np.sin(z))) < 1e-10
+
+
+def test_spectral_radius_arguments_are_checked():
+    args = (Affine(), np.zeros(4), (W, B_VEC))
+    with pytest.raises(TypeError, match="^f must be callable"):
+        odecore.spectral_radius(3, np.zeros(4))
+    with pytest.raises(TypeError, match="^iterations must be an integer >= 1, got float 2.0"):
+        odecore.spectral_radius(*args, iterations=2.0)
+    with pytest.raises(ValueError, match="^iterations must be an integer >= 1, got 0"):
+        odecore.spectral_radius(*args, iterations=0)
+    with pytest.raises(ValueError, match=r"^start must be shaped like z \(4,\), got \(3,\)"):
+        odecore.spectral_radius(*args, start=np.ones(3))
+    with pytest.raises(TypeError, match="^start must have z's dtype float64, got float32"):
+        odecore.spectral_radius(*args, start=np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="^start must be nonzero"):
+        odecore.spectral_radius(*args, start=np.zeros(4))
+    with pytest.raises(TypeError, match="^z must have a real floating dtype"):
+        odecore.spectral_radius(Affine(), np.zeros(4, dtype=np.int64), (W, B_VEC))
+    with pytest.raises(TypeError, match="^batch_axis must be None or the integer 0"):
+        odecore.spectral_radius(*args, batch_axis=0.0)
+
+
+def test_spectral_radius_from_a_plain_list_start():
+    # S is symmetric with eigenvalues 0.9, -0.5, 0.3, 0.1, so power iteration finds 0.9.
+    Q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))
+    S = Q @ np.diag([0.9, -0.5, 0.3, 0.1]) @ Q.T
+    rho = odecore.spectral_radius(
+        Affine(), np.zeros(4), (S, B_VEC), iterations=200, start=[1.0, 0.0, 0.0, 0.0]
+    )
+    assert abs(rho - 0.9) < 1e-8
 
 
 def test_wrong_shape_from_f_is_named():
