@@ -22,7 +22,7 @@ from odecore._backend import Backend
 from odecore._config import resolve_backend
 from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
-from odecore._grad import SolveRule
+from odecore._grad import FailedSolvePolicy, SolveRule
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
@@ -99,7 +99,9 @@ def solve(
     outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
     ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
     backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
-    solve did not reach are NaN.
+    solve did not reach are NaN. Gradients then reach the outputs it did reach as if it had
+    stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
+    gradient, and the parameter and time gradients, NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
@@ -149,6 +151,9 @@ def solve(
             # A parameter the dynamics never touch gets a zero gradient rather than None, as in
             # the other modes.
             solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+            if not solution.success:
+                policy = FailedSolvePolicy(bk, _validate.layout(y0_arr, batch_axis))
+                solution.ys = bk.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:
             bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
@@ -198,6 +203,11 @@ def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
     _, solution, _ = run(y0 - shift * f0, t_const)
     ys = solution.ys
     rates = [sg(_user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
+    if not solution.success:
+        # An output the solve did not reach has no rate: its time gradient is left to
+        # FailedSolvePolicy.
+        unreached = xp.isnan(sg(ys[1:]))
+        rates = [xp.where(unreached[i], xp.zeros_like(r), r) for i, r in enumerate(rates)]
     moved = [
         ys[i] + xp.astype(t[i] - t_const[i], ys.dtype) * rates[i - 1] for i in range(1, ys.shape[0])
     ]
@@ -314,13 +324,16 @@ def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
     return odeint(func, y0, t, adjoint=adjoint, **kwargs)
 
 
-def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
     """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
     t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
 
     ``func`` supplies ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``. ``adjoint``
     is ``"checkpoint"`` (exact for the discrete solve) or ``"backsolve"``; the other keyword
     arguments are those of :func:`odeint`. ``params_bar`` has the structure of ``params``.
+    With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
+    of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
+    gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
     """
     if adjoint not in ("checkpoint", "backsolve"):
         raise ValueError(
@@ -345,7 +358,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        return _run_loop(problem, record, throw=True)
+        return _run_loop(problem, record, throw=throw)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
