@@ -150,6 +150,9 @@ class TorchBackend(Backend):
         # One evaluation at the initial point, recorded for autograd with y and t detached:
         # every tensor the graph reaches that requires grad must be a listed leaf (or its
         # stand-in copy), otherwise backsolve and checkpoint would give it no gradient.
+        # Without grad mode nothing gets a gradient, and nothing is missed.
+        if not torch.is_grad_enabled():
+            return
         t0 = t[0].detach().to(y0.dtype)
         if batch_axis is not None:
             t0 = t0.expand(y0.shape[batch_axis])

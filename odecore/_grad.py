@@ -14,9 +14,11 @@ solution they hold to the solver's tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
+from odecore._backend import _leaves, _library_of
 from odecore._rk import lincomb
 
 ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
@@ -194,6 +196,44 @@ class FailedSolvePolicy:
             [xp.zeros_like(x) for x in leaves],
         )
         return (ys_bar, y0_bar, t_bar, *leaves_bar)
+
+
+def check_params_tree(bk, params, leaves, differentiated_only=True):
+    """Refuse a ``params`` that hides arrays from the gradient rules: an object (a
+    SimpleNamespace, a dataclass, an ``nn.Module``) that is not an array, a tuple, list or
+    dict, or a pytree the backend flattens (JAX), holding arrays that are not among
+    ``leaves``. They would get no gradient. With ``differentiated_only``, only arrays that
+    want a gradient (``Backend.requires_grad``) count."""
+    known = {id(x) for x in leaves}
+    for path, leaf in _leaves(params, "params"):
+        if _library_of(leaf) is not None:
+            continue
+        hidden = [x for x in _arrays_held_by(leaf) if id(x) not in known]
+        if not hidden or (differentiated_only and not bk.requires_grad({"hidden": hidden})):
+            continue
+        pytree = " (or a pytree registered with JAX)" if bk.name == "jax" else ""
+        remedy = {
+            "jax": "register its type as a pytree (jax.tree_util.register_dataclass)",
+            "torch": "make func an nn.Module that owns them, list them in adjoint_params, or "
+            "use adjoint='direct'",
+        }.get(bk.name)
+        raise TypeError(
+            f"params must be an array or a nested tuple, list or dict of arrays{pytree}; "
+            f"{path} is a {type(leaf).__name__} holding {len(hidden)} array(s), which the "
+            f"gradient rules cannot see into, so they would get no gradient. Pass its arrays "
+            f"in a tuple or dict instead (for example params=vars(obj) or "
+            f"dataclasses.asdict(obj)){', or ' + remedy if remedy else ''}"
+        )
+
+
+def _arrays_held_by(obj):
+    """The arrays among an object's attributes (one level deep, through tuples, lists and
+    dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    else:
+        values = list(getattr(obj, "__dict__", {}).values())
+    return [x for _, x in _leaves(values) if _library_of(x) is not None]
 
 
 def _user_f(problem, i, y_user):

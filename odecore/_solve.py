@@ -22,7 +22,7 @@ from odecore._backend import Backend
 from odecore._config import resolve_backend
 from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
-from odecore._grad import FailedSolvePolicy, SolveRule
+from odecore._grad import FailedSolvePolicy, SolveRule, check_params_tree
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
@@ -144,7 +144,15 @@ def solve(
         leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
         y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
         wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
-        if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+        several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
+        if mode != "direct" and several_times and not wants_grad:
+            solution = run(y0_arr, t_arr)[1]
+            # What func uses besides y0, t and the parameters the rules know of would get no
+            # gradient from this solve, even where nothing else asks for one.
+            if adjoint_params is None:
+                _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
+            return solution
+        if not wants_grad or not several_times:
             return run(y0_arr, t_arr)[1]
         if mode == "direct":
             solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
@@ -156,7 +164,7 @@ def solve(
                 solution.ys = bk.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:
-            bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
+            _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
         rule = SolveRule(mode, run, settings, prepare)
         ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
         solution, rule.solution = rule.solution, None
@@ -183,6 +191,14 @@ def _run_loop(problem: _Problem, record: bool, throw: bool):
     if throw and not bk.is_traced(solution.status) and not solution.success:
         raise SolveError(_failure_message(solution), solution)
     return problem, solution, problem.tape
+
+
+def _check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
+    """Refuse arrays that ``backsolve`` and ``checkpoint`` would silently give no gradient:
+    inside a ``params`` object they cannot see into, or used by ``func`` without being among
+    its parameters."""
+    check_params_tree(bk, params, leaves)
+    bk.check_no_hidden_parameters(func, params, leaves, t, y0, batch_axis)
 
 
 def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
@@ -373,6 +389,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
         *adjoint_kwargs,
         adjoint,
     )
+    check_params_tree(bk, params, bk.param_leaves(func, params), differentiated_only=False)
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
     problem = residuals[0]

@@ -1,0 +1,162 @@
+"""Gradient requests that cannot be honoured raise, naming the problem and the remedy.
+
+- A tensor ``func`` captures, or hides in a ``params`` object the rules cannot see into,
+  would get no gradient from ``backsolve`` or ``checkpoint``: refused.
+- A NumPy dynamics' ``vjp`` that returns the wrong shape would be broadcast into a wrong
+  gradient: refused on its first call, naming the output.
+- Second-order gradients exist in ``direct`` mode only; the other modes say so.
+
+References for the values checked along the way: closed forms of ``y' = -k y`` and
+``y' = a y``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import numpy as np
+import pytest
+
+import odecore
+
+RULE_MODES = ("backsolve", "checkpoint")
+K = 0.7
+T_END = 1.3
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+# The solve is accurate to about rtol; a derivative of the discrete solve (steps held
+# constant) follows the sensitivity equation to the same order, so 1e3 * rtol is a wide margin.
+CLOSED_FORM_TOL = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors the gradient rules would not see (torch)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_captured_tensor_is_refused_when_nothing_else_requires_grad(mode):
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odecore.odeint(lambda t, y: -k * y, y0, t, adjoint=mode)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_captured_tensor_is_fine_without_grad_mode(mode):
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with torch.no_grad():
+        ys = odecore.odeint(lambda t, y: -k * y, y0, t, adjoint=mode, **TIGHT)
+    expected = y0 * math.exp(-K * T_END)
+    assert torch.allclose(ys[-1], expected, rtol=CLOSED_FORM_TOL, atol=0)
+
+
+def test_a_captured_tensor_gets_its_gradient_in_direct_mode():
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y: -k * y, y0, t, adjoint="direct", **TIGHT)
+    ys[-1].sum().backward()
+    # d/dk of sum(y0) e^{-k T} = -T sum(y0) e^{-k T}
+    expected = -T_END * float(y0.sum()) * math.exp(-K * T_END)
+    assert abs(float(k.grad) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+@dataclasses.dataclass
+class Rates:
+    k: object
+
+
+def _opaque_params(torch, kind):
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    return types.SimpleNamespace(k=k) if kind == "namespace" else Rates(k)
+
+
+@pytest.mark.parametrize("kind", ["namespace", "dataclass"])
+@pytest.mark.parametrize("y0_requires_grad", [False, True])
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_are_not_a_tree_are_refused(mode, y0_requires_grad, kind):
+    torch = pytest.importorskip("torch")
+    params = _opaque_params(torch, kind)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=y0_requires_grad)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with pytest.raises(TypeError, match="params must be an array or a nested tuple") as info:
+        odecore.odeint(lambda t, y, p: -p.k * y, y0, t, params=params, adjoint=mode)
+    assert type(params).__name__ in str(info.value)
+    assert "adjoint_params" in str(info.value)
+
+
+def test_params_that_are_not_a_tree_work_in_direct_mode():
+    torch = pytest.importorskip("torch")
+    params = _opaque_params(torch, "namespace")
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y, p: -p.k * y, y0, t, params=params, adjoint="direct", **TIGHT)
+    ys[-1].sum().backward()
+    expected = -T_END * float(y0.sum()) * math.exp(-K * T_END)
+    assert abs(float(params.k.grad) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+class DecayNumpy:
+    def __call__(self, t, y, params):
+        return -params.k * y
+
+    def vjp(self, t, y, params, cotangent):
+        return -params.k * cotangent, types.SimpleNamespace(k=-np.sum(cotangent * y))
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_are_not_a_tree_are_refused_by_vjp_odeint(mode):
+    params = types.SimpleNamespace(k=np.asarray(K))
+    with pytest.raises(TypeError, match="params must be an array or a nested tuple"):
+        odecore.vjp_odeint(DecayNumpy(), np.ones(2), np.array([0.0, T_END]), params, adjoint=mode)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_jax_cannot_flatten_are_refused(mode):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = types.SimpleNamespace(k=jnp.asarray(K))
+    with pytest.raises(TypeError, match="registered pytree|pytree registered"):
+        odecore.odeint(
+            lambda t, y, p: -p.k * y,
+            jnp.ones(2),
+            jnp.asarray([0.0, T_END]),
+            params=params,
+            adjoint=mode,
+        )
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_registered_pytree_gets_its_gradient_on_jax(mode):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Registered:
+        k: object
+
+    with jax.enable_x64(True):
+        y0 = jnp.asarray([1.0, -2.0])
+
+        def loss(params):
+            ys = odecore.odeint(
+                lambda t, y, p: -p.k * y,
+                y0,
+                jnp.asarray([0.0, T_END]),
+                params=params,
+                adjoint=mode,
+                **TIGHT,
+            )
+            return jnp.sum(ys[-1])
+
+        grad = jax.grad(loss)(Registered(jnp.asarray(K)))
+        expected = -T_END * float(jnp.sum(y0)) * math.exp(-K * T_END)
+        assert abs(float(grad.k) - expected) < CLOSED_FORM_TOL * abs(expected)
