@@ -407,9 +407,7 @@ def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving=None):
         # state-sized adjoint instead of one per output part.
         neg_a = -xp.reshape(z[m : 2 * m], shape)
         t_user = xp.broadcast_to(t, (batch,)) if batch is not None else t
-        f, cot_y, cot_leaves = bk.dynamics_vjp(
-            dyn.func, dyn.params, leaves, t_user, y, neg_a, want_value=True
-        )
+        f, cot_y, cot_leaves = dyn.checked_vjp(t_user, y, neg_a, want_value=True)
         if moving is not None:
             f = xp.where(moving, f, xp.zeros_like(f))
             cot_y = xp.where(moving, cot_y, xp.zeros_like(cot_y))

@@ -160,3 +160,70 @@ def test_a_registered_pytree_gets_its_gradient_on_jax(mode):
         grad = jax.grad(loss)(Registered(jnp.asarray(K)))
         expected = -T_END * float(jnp.sum(y0)) * math.exp(-K * T_END)
         assert abs(float(grad.k) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# A NumPy vjp that returns the wrong shape
+
+
+class Nonlinear:
+    """``y' = tanh(W y) + b`` with ``params = {"W": W, "b": b}``; ``bad`` names the output
+    its VJP gets wrong, and how."""
+
+    def __init__(self, bad=None):
+        self.bad = bad
+
+    def __call__(self, t, y, params):
+        return np.tanh(params["W"] @ y) + params["b"]
+
+    def vjp(self, t, y, params, cotangent):
+        u = cotangent * (1 - np.tanh(params["W"] @ y) ** 2)
+        cot_y, cot_W, cot_b = params["W"].T @ u, np.outer(u, y), cotangent
+        if self.bad == "cot_y":
+            cot_y = cot_y[:, None]  # (2, 1): broadcasts against (2,) into (2, 2)
+        elif self.bad == "W":
+            cot_W = np.sum(cot_W, axis=0)  # (2,): broadcasts against (2, 2)
+        elif self.bad == "b":
+            cot_b = float(np.sum(cot_b))  # not an array
+        return cot_y, {"W": cot_W, "b": cot_b}
+
+
+W_NL = np.array([[-0.5, 1.0], [-1.0, -0.3]])
+B_NL = np.array([0.1, -0.2])
+Y0_NL = np.array([0.3, -0.4])
+T_NL = np.array([0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        ("cot_y", ValueError, ["cot_y", "(2, 1)", "(2,)"]),
+        ("W", ValueError, ["cot_params['W']", "(2,)", "(2, 2)"]),
+        ("b", TypeError, ["cot_params['b']", "float", "(2,)"]),
+    ],
+)
+def test_a_vjp_of_the_wrong_shape_is_named(mode, bad, error, words):
+    params = {"W": W_NL, "b": B_NL}
+    _, pullback = odecore.vjp_odeint(Nonlinear(bad), Y0_NL, T_NL, params, adjoint=mode)
+    with pytest.raises(error) as info:
+        pullback(np.ones((3, 2)))
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_right_vjp_passes_the_check(mode):
+    # Consistency with central differences of the solve, so that the check cannot pass by
+    # never calling the VJP.
+    params = {"W": W_NL, "b": B_NL}
+    _, pullback = odecore.vjp_odeint(Nonlinear(), Y0_NL, T_NL, params, adjoint=mode, **TIGHT)
+    y0_bar, _, _ = pullback(np.ones((3, 2)))
+    h = 1e-6  # central differences: h^2 truncation and 1e-16 / h rounding, both below 1e-9
+    fd = np.zeros(2)
+    for j in range(2):
+        step = np.eye(2)[j] * h
+        up, _ = odecore.vjp_odeint(Nonlinear(), Y0_NL + step, T_NL, params, **TIGHT)
+        down, _ = odecore.vjp_odeint(Nonlinear(), Y0_NL - step, T_NL, params, **TIGHT)
+        fd[j] = (up.sum() - down.sum()) / (2 * h)
+    assert np.max(np.abs(y0_bar - fd)) < 1e-7 * np.max(np.abs(fd))
