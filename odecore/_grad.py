@@ -84,6 +84,21 @@ class SolveRule:
         return (y0_bar, t_bar, *leaves_bar)
 
 
+def higher_order_message(rule) -> str:
+    """Why a rule's gradients cannot be differentiated again, and what to use instead."""
+    if isinstance(rule, SolveRule):
+        return (
+            f"second-order gradients (create_graph=True) are not available with "
+            f"adjoint={rule.mode!r}: its backward pass computes first-order gradients only. "
+            f"Use adjoint='direct', which differentiates through the solver's operations and "
+            f"supports higher-order gradients"
+        )
+    return (
+        f"second-order gradients (create_graph=True) are not available through "
+        f"{type(rule).__name__}: its backward pass computes first-order gradients only"
+    )
+
+
 class FailedOutputs:
     """The outputs a failed solve did not reach, and the gradient policy for them.
 

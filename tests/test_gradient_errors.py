@@ -227,3 +227,52 @@ def test_a_right_vjp_passes_the_check(mode):
         down, _ = odecore.vjp_odeint(Nonlinear(), Y0_NL - step, T_NL, params, **TIGHT)
         fd[j] = (up.sum() - down.sum()) / (2 * h)
     assert np.max(np.abs(y0_bar - fd)) < 1e-7 * np.max(np.abs(fd))
+
+
+# --------------------------------------------------------------------------------------------
+# Second-order gradients (torch)
+
+A_RATE = 0.5
+Y0_SCALAR = 1.5
+
+
+def _growth(torch, mode):
+    a = torch.tensor(A_RATE, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([Y0_SCALAR], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y, p: p[0] * y, y0, t, params=(a,), adjoint=mode, **TIGHT)
+    return a, ys[-1].sum()
+
+
+def test_direct_mode_second_derivative_matches_the_closed_form():
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, "direct")
+    (first,) = torch.autograd.grad(y_end, a, create_graph=True)
+    (second,) = torch.autograd.grad(first, a)
+    # y(T) = y0 e^{aT}: dy/da = T y0 e^{aT}, d2y/da2 = T^2 y0 e^{aT}.
+    grows = Y0_SCALAR * math.exp(A_RATE * T_END)
+    assert abs(float(first.detach()) - T_END * grows) < CLOSED_FORM_TOL * T_END * grows
+    assert abs(float(second) - T_END**2 * grows) < CLOSED_FORM_TOL * T_END**2 * grows
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_second_order_gradients_name_direct_mode(mode):
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, mode)
+    (first,) = torch.autograd.grad(y_end, a, create_graph=True)
+    # The first derivative is still right (the backsolve to its tolerance) ...
+    grows = Y0_SCALAR * math.exp(A_RATE * T_END)
+    assert abs(float(first.detach()) - T_END * grows) < CLOSED_FORM_TOL * T_END * grows
+    # ... and differentiating it again raises, naming the mode that can.
+    with pytest.raises(NotImplementedError, match="adjoint='direct'"):
+        torch.autograd.grad(first, a)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_second_order_through_backward_names_direct_mode(mode):
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, mode)
+    y_end.backward(create_graph=True)
+    with pytest.raises(NotImplementedError, match="adjoint='direct'"):
+        (a.grad**2).backward()
