@@ -211,19 +211,14 @@ def _apply(forward, backward, primals, forward_consts, backward_consts):
 
 
 def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
+    # A failed solve's gradients follow the rule's own policy (odecore._grad.FailedOutputs).
     outputs, arrays = forward(*primals, *forward_consts)
-    # NaN outputs mean a failed solve (its status says so under jit): its gradients are NaN
-    # too, also where only outputs it reached carry a cotangent.
-    failed = jnp.any(jnp.isnan(outputs[0]))
-    return outputs, (primals, arrays, failed, forward_consts, backward_consts)
+    return outputs, (primals, arrays, forward_consts, backward_consts)
 
 
 def _apply_bwd(forward, backward, residuals, cotangents):
-    primals, arrays, failed, forward_consts, backward_consts = residuals
+    primals, arrays, forward_consts, backward_consts = residuals
     grads = backward(primals, arrays, cotangents[0], *backward_consts)
-    grads = tuple(
-        g if g.dtype == jax.dtypes.float0 else jnp.where(failed, jnp.nan, g) for g in grads
-    )
     # The rule has no gradient for what func captures or the options hold: NaN, so that
     # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
     # Cotangents of values nothing differentiates are dropped by JAX.

@@ -16,6 +16,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from odecore._backend import Backend
+from odecore._grad import higher_order_message
 
 
 class TorchBackend(Backend):
@@ -150,6 +151,9 @@ class TorchBackend(Backend):
         # One evaluation at the initial point, recorded for autograd with y and t detached:
         # every tensor the graph reaches that requires grad must be a listed leaf (or its
         # stand-in copy), otherwise backsolve and checkpoint would give it no gradient.
+        # Without grad mode nothing gets a gradient, and nothing is missed.
+        if not torch.is_grad_enabled():
+            return
         t0 = t[0].detach().to(y0.dtype)
         if batch_axis is not None:
             t0 = t0.expand(y0.shape[batch_axis])
@@ -212,6 +216,9 @@ class _RuleFunction(torch.autograd.Function):
     def forward(ctx, rule, *primals):
         out, residuals = rule.forward(*primals)
         ctx.rule, ctx.residuals = rule, residuals
+        # Attributes, not saved tensors: an in-place change of an input after the solve
+        # must not break the first-order backward, which does not read them.
+        ctx.primals = primals
         return out
 
     @staticmethod
@@ -222,7 +229,41 @@ class _RuleFunction(torch.autograd.Function):
         # most often), so it can skip their work.
         needs = ctx.needs_input_grad[1:]
         with _device_scope(out_bar):
-            return (None, *ctx.rule.backward(ctx.residuals, out_bar, needs))
+            grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow
+            grads = _first_order_only(ctx, out_bar, grads)
+        return (None, *grads)
+
+
+def _first_order_only(ctx, out_bar, grads):
+    """``grads`` as the rule computed them, but recorded as depending on the rule's inputs
+    and ``out_bar`` through a node whose own backward raises: the rule's backward is
+    not differentiable, and a second derivative must not come out as zero or as torch's
+    error about a tensor that does not require grad."""
+    anchors = [x for x in (*ctx.primals, out_bar) if x.requires_grad]
+    slots = [i for i, g in enumerate(grads) if g is not None]
+    if not anchors or not slots:
+        return grads
+    message = higher_order_message(ctx.rule)
+    wrapped = _FirstOrderOnly.apply(message, len(slots), *(grads[i] for i in slots), *anchors)
+    grads = list(grads)
+    for i, g in zip(slots, wrapped, strict=True):
+        grads[i] = g
+    return tuple(grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on the first ``count`` tensors; the others only connect it to the graph.
+    Differentiating through it raises NotImplementedError with ``message``."""
+
+    @staticmethod
+    def forward(ctx, message, count, *tensors):
+        ctx.message = message
+        return tuple(x.clone() for x in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(ctx.message)
 
 
 def _device_scope(x):

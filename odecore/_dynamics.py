@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from odecore import _validate
+from odecore._backend import _leaves
 
 
 class Dynamics:
@@ -29,6 +30,7 @@ class Dynamics:
         self.layout = layout
         self.sign = sign
         self.leaves = bk.param_leaves(func, params) if leaves is None else list(leaves)
+        self._vjp_checked = False
 
     def flip(self, x):
         """``x`` times the direction. ``sign`` is a Python float when the times are known, a
@@ -87,17 +89,64 @@ class Dynamics:
         )
         return lay.from_user(xp, cot_y), cot_leaves
 
+    def checked_vjp(self, t, y, cot, want_value=False):
+        """``Backend.dynamics_vjp`` of ``func`` at the user's ``(t, y)``: ``(value, cot_y,
+        cot_leaves)``. What the first call returns is checked (see ``check_vjp``)."""
+        out = self.backend.dynamics_vjp(
+            self.func, self.params, self.leaves, t, y, cot, want_value=want_value
+        )
+        self.check_vjp(y, out[1], out[2])
+        return out
+
+    def check_vjp(self, y, cot_y, cot_leaves):
+        """On the first call: the cotangents a VJP returned must be arrays shaped like ``y``
+        and like each parameter leaf. A user's ``vjp`` (NumPy) that returns another shape
+        would otherwise be broadcast into a wrong gradient."""
+        if self._vjp_checked:
+            return
+        names = ["cot_y", *_cotangent_names(self.params, len(self.leaves))]
+        for name, got, like in zip(names, [cot_y, *cot_leaves], [y, *self.leaves], strict=True):
+            what = "y" if name == "cot_y" else "its parameter"
+            if not self.backend.owns(got):
+                raise TypeError(
+                    f"{_vjp_name(self.func)} returned {name} of type {type(got).__name__}; "
+                    f"return a {self.backend.name} array shaped like {what}, "
+                    f"{tuple(like.shape)}"
+                )
+            if tuple(got.shape) != tuple(like.shape):
+                raise ValueError(
+                    f"{_vjp_name(self.func)} returned {name} of shape {tuple(got.shape)}, "
+                    f"expected {tuple(like.shape)}, the shape of {what}: a cotangent has "
+                    f"the shape of the value it belongs to (sum over any broadcast axes)"
+                )
+        self._vjp_checked = True
+
     def linearize(self, t, y):
         """``(fn(t, y), pullback)`` with ``pullback(cot) -> (cot_y, cot_params)``: one
         evaluation serves both the value and its VJP (``Backend.dynamics_linearize``)."""
         xp, lay = self.backend.xp, self.layout
+        y_user = lay.to_user(xp, y)
         value, pull = self.backend.dynamics_linearize(
-            self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y)
+            self.func, self.params, self.leaves, self.user_time(t), y_user
         )
         value = lay.from_user(xp, value)
 
         def pullback(cot):
             cot_y, cot_leaves = pull(lay.to_user(xp, self.flip(cot)))
+            self.check_vjp(y_user, cot_y, cot_leaves)
             return lay.from_user(xp, cot_y), cot_leaves
 
         return self.flip(value), pullback
+
+
+def _cotangent_names(params, count):
+    """How to name the parameter cotangents in a message: by their path in ``params``
+    (``cot_params[0]``, ``cot_params['W']``) when the leaves are those of ``params``."""
+    paths = [where for where, _ in _leaves(params, "cot_params")] if params is not None else []
+    if len(paths) == count:
+        return paths
+    return [f"cot_params[{i}]" for i in range(count)]
+
+
+def _vjp_name(func):
+    return f"{type(func).__name__}.vjp" if hasattr(func, "vjp") else "the dynamics' VJP"

@@ -14,8 +14,11 @@ solution they hold to the solver's tolerance.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
+from odecore._backend import _leaves, _library_of
 from odecore._rk import lincomb
 
 ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
@@ -65,13 +68,187 @@ class SolveRule:
         time gradient costs one evaluation of the dynamics per output time, so it is
         skipped (None) when the times need none."""
         problem, ys, tape = residuals
+        failed = FailedOutputs(problem.backend, problem.layout, ys)
+        ys_bar, poisoned = failed.drop_cotangents(ys_bar)
         if self.mode == "checkpoint":
-            a0, leaves_bar = _checkpoint_backward(problem, tape, ys_bar)
+            a0, leaves_bar = _checkpoint_backward(problem, tape, ys_bar, failed)
         else:
-            a0, leaves_bar = _backsolve_backward(problem, ys, ys_bar, self.backsolve_settings)
+            a0, leaves_bar = _backsolve_backward(
+                problem, ys, ys_bar, self.backsolve_settings, failed
+            )
         want_t = needs is None or bool(needs[1])
-        y0_bar, t_bar, leaves_bar = _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t)
+        y0_bar, t_bar, leaves_bar = _finish_gradients(
+            problem, ys, ys_bar, a0, leaves_bar, want_t, failed
+        )
+        y0_bar, t_bar, leaves_bar = failed.poison(poisoned, y0_bar, t_bar, leaves_bar)
         return (y0_bar, t_bar, *leaves_bar)
+
+
+def higher_order_message(rule) -> str:
+    """Why a rule's gradients cannot be differentiated again, and what to use instead."""
+    if isinstance(rule, SolveRule):
+        return (
+            f"second-order gradients (create_graph=True) are not available with "
+            f"adjoint={rule.mode!r}: its backward pass computes first-order gradients only. "
+            f"Use adjoint='direct', which differentiates through the solver's operations and "
+            f"supports higher-order gradients"
+        )
+    return (
+        f"second-order gradients (create_graph=True) are not available through "
+        f"{type(rule).__name__}: its backward pass computes first-order gradients only"
+    )
+
+
+class FailedOutputs:
+    """The outputs a failed solve did not reach, and the gradient policy for them.
+
+    A solve that fails (``throw=False``, or any failure under jit) leaves NaN in every
+    output it did not reach, per sample and time. Every gradient mode, on every backend,
+    treats the cotangents of those outputs the same way:
+
+    - a zero cotangent on an unreached output is ignored, and so is everything the
+      unreached output would send back: the outputs the solve did reach get exactly the
+      gradients of a solve that stopped at them;
+    - a nonzero cotangent (NaN included) on an unreached output means the loss depends on a
+      value the solve never computed. The gradients that output depends on become NaN: its
+      sample's ``y0`` gradient (samples are independent), and the gradients of the parameters
+      and of the times (every sample shares them).
+
+    Where the outputs are known, a solve that reached every output skips the policy; under
+    tracing (jit) it is applied with ``where``, which changes nothing then.
+    """
+
+    def __init__(self, bk, layout, ys):
+        xp = bk.xp
+        self.backend, self.layout = bk, layout
+        self.nan = xp.isnan(ys)
+        # (T, B): True where the solve did not reach output i of sample b.
+        self.unreached = xp.any(_per_sample(xp, layout, self.nan), axis=-1)
+        self.active = bk.is_traced(self.unreached) or bool(xp.any(self.unreached))
+
+    def drop_cotangents(self, ys_bar):
+        """``(ys_bar with zeros on the unreached outputs, poisoned)``: ``poisoned`` (B,) says
+        which samples had a nonzero cotangent on one of them; None when none could."""
+        if not self.active:
+            return ys_bar, None
+        xp = self.backend.xp
+        touched = _per_sample(xp, self.layout, self.nan & (ys_bar != 0))
+        poisoned = xp.any(xp.any(touched, axis=-1), axis=0)
+        return xp.where(self.nan, xp.zeros_like(ys_bar), ys_bar), poisoned
+
+    def poison(self, poisoned, y0_bar, t_bar, leaves_bar):
+        """NaN for the gradients a poisoned sample reaches: its rows of ``y0_bar``, and
+        ``t_bar`` and every parameter gradient if any sample is poisoned. ``t_bar`` may be
+        None (not wanted)."""
+        bk, xp = self.backend, self.backend.xp
+        if poisoned is None or (not bk.is_traced(poisoned) and not bool(xp.any(poisoned))):
+            return y0_bar, t_bar, leaves_bar
+        anywhere = xp.any(poisoned)
+
+        def nan_where(mask, g):
+            return xp.where(mask, xp.full_like(g, math.nan), g)
+
+        y0_bar = nan_where(self.per_sample_mask(poisoned), y0_bar)
+        t_bar = None if t_bar is None else nan_where(anywhere, t_bar)
+        return y0_bar, t_bar, [nan_where(anywhere, g) for g in leaves_bar]
+
+    def per_sample_mask(self, mask):
+        """A (B,) mask shaped to broadcast against a state in the user's layout."""
+        lay = self.layout
+        shape = [1] * len(lay.shape)
+        if lay.batched:
+            shape[lay.batch_axis] = lay.batch
+        return self.backend.xp.reshape(mask, tuple(shape))
+
+    def reached_end(self):
+        """(B,): which samples reached the last output time."""
+        return self.backend.xp.logical_not(self.unreached[-1])
+
+    def last_reached(self, ys):
+        """``ys[i]`` with each unreached output replaced by its sample's last reached one:
+        finite states the backsolve can hold a sample at where it did not get to."""
+        xp = self.backend.xp
+        held = [ys[0]]
+        for i in range(1, ys.shape[0]):
+            held.append(xp.where(self.nan[i], held[-1], ys[i]))
+        return held
+
+
+def _per_sample(xp, layout, outputs):
+    """(T, *shape) -> (T, B, N): the outputs of each sample as rows."""
+    if layout.flat:
+        return layout.outputs_to_internal(xp, outputs)
+    return xp.reshape(outputs, (outputs.shape[0], 1, -1))
+
+
+class FailedSolvePolicy:
+    """``direct`` mode's gradient policy for a failed solve, as a rule: the identity on
+    ``ys``, whose backward drops the cotangents of unreached outputs and turns a nonzero one
+    into NaN gradients for ``y0``, ``t`` and the parameters (see :class:`FailedOutputs`).
+    The framework differentiates the reached outputs itself; the unreached ones are
+    constants of the output buffer, so without this rule a loss on them would get no NaN."""
+
+    def __init__(self, bk, layout):
+        self.backend, self.layout = bk, layout
+        self.solution = None
+
+    def forward(self, ys, y0, t, *leaves):
+        xp, sg = self.backend.xp, self.backend.stop_gradient
+        # A new array, not ys itself: the framework records this operation as its origin.
+        out = xp.reshape(ys, ys.shape)
+        return out, (sg(ys), [sg(x) for x in (y0, t, *leaves)])
+
+    def backward(self, residuals, ys_bar, needs=None):
+        ys, (y0, t, *leaves) = residuals
+        xp = self.backend.xp
+        failed = FailedOutputs(self.backend, self.layout, ys)
+        ys_bar, poisoned = failed.drop_cotangents(ys_bar)
+        want_t = (needs is None or bool(needs[2])) and xp.isdtype(t.dtype, "real floating")
+        y0_bar, t_bar, leaves_bar = failed.poison(
+            poisoned,
+            xp.zeros_like(y0),
+            xp.zeros_like(t) if want_t else None,
+            [xp.zeros_like(x) for x in leaves],
+        )
+        return (ys_bar, y0_bar, t_bar, *leaves_bar)
+
+
+def check_params_tree(bk, params, leaves, differentiated_only=True):
+    """Refuse a ``params`` that hides arrays from the gradient rules: an object (a
+    SimpleNamespace, a dataclass, an ``nn.Module``) that is not an array, a tuple, list or
+    dict, or a pytree the backend flattens (JAX), holding arrays that are not among
+    ``leaves``. They would get no gradient. With ``differentiated_only``, only arrays that
+    want a gradient (``Backend.requires_grad``) count."""
+    known = {id(x) for x in leaves}
+    for path, leaf in _leaves(params, "params"):
+        if _library_of(leaf) is not None:
+            continue
+        hidden = [x for x in _arrays_held_by(leaf) if id(x) not in known]
+        if not hidden or (differentiated_only and not bk.requires_grad({"hidden": hidden})):
+            continue
+        pytree = " (or a pytree registered with JAX)" if bk.name == "jax" else ""
+        remedy = {
+            "jax": "register its type as a pytree (jax.tree_util.register_dataclass)",
+            "torch": "make func an nn.Module that owns them, list them in adjoint_params, or "
+            "use adjoint='direct'",
+        }.get(bk.name)
+        raise TypeError(
+            f"params must be an array or a nested tuple, list or dict of arrays{pytree}; "
+            f"{path} is a {type(leaf).__name__} holding {len(hidden)} array(s), which the "
+            f"gradient rules cannot see into, so they would get no gradient. Pass its arrays "
+            f"in a tuple or dict instead (for example params=vars(obj) or "
+            f"dataclasses.asdict(obj)){', or ' + remedy if remedy else ''}"
+        )
+
+
+def _arrays_held_by(obj):
+    """The arrays among an object's attributes (one level deep, through tuples, lists and
+    dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    else:
+        values = list(getattr(obj, "__dict__", {}).values())
+    return [x for _, x in _leaves(values) if _library_of(x) is not None]
 
 
 def _user_f(problem, i, y_user):
@@ -84,7 +261,7 @@ def _user_f(problem, i, y_user):
     return f * dyn.sign
 
 
-def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t=True):
+def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t, failed):
     """Add the direct terms: the output at t_0 is y0 itself, and the time gradients."""
     bk = problem.backend
     xp = bk.xp
@@ -92,9 +269,11 @@ def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t=True):
     T = ys.shape[0]
     t_bar = None
     if want_t:
+        # An unreached output's cotangent is zero, and its rate is taken at a finite state.
+        states = failed.last_reached(ys) if failed.active else ys
         t_bar = [None] * T
         for i in range(1, T):
-            t_bar[i] = xp.sum(ys_bar[i] * _user_f(problem, i, ys[i]))
+            t_bar[i] = xp.sum(ys_bar[i] * _user_f(problem, i, states[i]))
         t_bar[0] = -xp.sum(a0 * _user_f(problem, 0, ys[0]))
         t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
     leaves_bar = [
@@ -108,12 +287,17 @@ def _finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t=True):
 # Backsolve: the continuous adjoint (Pontryagin; Chen et al. 2018)
 
 
-def _backsolve_backward(problem, ys, ys_bar, settings):
+def _backsolve_backward(problem, ys, ys_bar, settings, failed):
     """Solve ``[y, a, a_theta]`` backward from the last output time to the first:
     ``y' = f``, ``a' = -a df/dy``, ``a_theta' = -a df/dtheta``. At every output time ``y`` is
     reset to the stored forward value (so the backward ``y`` never drifts from the forward
     one) and the output's cotangent is added to ``a``. One joint solve serves the whole
-    batch; memory does not grow with the number of steps."""
+    batch; memory does not grow with the number of steps.
+
+    A sample that a failed solve did not take to output ``i`` is frozen over the interval
+    from ``t_i`` back: held at its last reached state with ``y' = 0``, and its adjoint is
+    zero there (``failed`` has dropped the cotangents of unreached outputs), so it can
+    neither fail nor disturb the others. Its backward starts at its last reached output."""
     from odecore._solve import _prepare, _run_loop
 
     bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
@@ -122,7 +306,7 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
     m = math.prod(shape)
     leaves = dyn.leaves
     sizes = [math.prod(leaf.shape) for leaf in leaves]
-    aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes)
+    held = failed.last_reached(ys) if failed.active else ys
 
     options = dict(settings.get("options") or {})
     if settings["adaptive"]:
@@ -143,14 +327,19 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
     # zero (its error scale is then atol alone): on a neural ODE it chose a step 10^4 times
     # too small and spent four steps growing it back.
     seed = settings["adaptive"] and "first_step" not in options and problem.controller
-    dt_next = _usable_step(bk, problem.dt_next) if seed else None
+    dt_next = _usable_step(bk, _finished_steps(bk, problem.dt_next, failed)) if seed else None
     a = xp.zeros(shape, dtype=dtype)
     a_theta = xp.zeros((sum(sizes),), dtype=dtype)
     t_user = problem.ts_array * dyn.sign
-    for i in range(ys.shape[0] - 1, 0, -1):
-        a = a + ys_bar[i]
-        z0 = xp.concat([xp.reshape(ys[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
-        interval = options if dt_next is None else {**options, "first_step": dt_next}
+
+    def interval(i, a, a_theta, dt_next):
+        """Solve back from ``t_i`` to ``t_{i-1}``."""
+        moving = None
+        if failed.active:
+            moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
+        aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+        z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
+        first = options if dt_next is None else {**options, "first_step": dt_next}
         backward = _prepare(
             bk,
             aug,
@@ -160,20 +349,50 @@ def _backsolve_backward(problem, ys, ys_bar, settings):
             settings["rtol"],
             settings["atol"],
             settings["method"],
-            interval,
+            first,
             None,
             None,
         )
         backward, sol, _ = _run_loop(backward, record=False, throw=True)
         dt_next = _usable_step(bk, backward.dt_next) if seed else None
         z = sol.ys[-1]
-        a = xp.reshape(z[m : 2 * m], shape)
-        a_theta = z[2 * m :]
+        return xp.reshape(z[m : 2 * m], shape), z[2 * m :], dt_next
+
+    for i in range(ys.shape[0] - 1, 0, -1):
+        a = a + ys_bar[i]
+        # Where no sample reached t_i there is nothing to integrate: every sample is frozen,
+        # and a fixed-step method would spend (and may run out of) steps on it.
+        anything = xp.any(xp.logical_not(failed.unreached[i])) if failed.active else True
+        if not bk.is_traced(anything):
+            if bool(anything):
+                a, a_theta, dt_next = interval(i, a, a_theta, dt_next)
+            continue
+        if seed:  # carried through cond, so an array; inf makes the first step span it
+            dt_next = xp.asarray(math.inf if dt_next is None else dt_next, dtype=bk.time_dtype)
+        a, a_theta, dt_next = bk.cond(
+            anything, functools.partial(interval, i), _unchanged, a, a_theta, dt_next
+        )
     leaves_bar, start = [], 0
     for leaf, size in zip(leaves, sizes, strict=True):
         leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
         start += size
     return a, leaves_bar
+
+
+def _unchanged(*operands):
+    return operands
+
+
+def _finished_steps(bk, dt, failed):
+    """The last proposed steps of the samples that reached the end (inf for the others, or
+    None for a single sample that did not): a failed sample's says nothing about the
+    trajectories the backward solve follows."""
+    if not failed.active or dt is None:
+        return dt
+    finished = failed.reached_end()
+    if isinstance(dt, float):
+        return dt if bool(finished[0]) else None
+    return bk.xp.where(finished, dt, math.inf)
 
 
 def _usable_step(bk, dt):
@@ -191,7 +410,9 @@ def _usable_step(bk, dt):
     return dt if math.isfinite(dt) and dt > 0 else None
 
 
-def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes):
+def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving=None):
+    """The backsolve's ``[y, a, a_theta]' = [f, -a df/dy, -a df/dtheta]``. ``moving`` (a
+    per-sample mask, or None for all) leaves the other samples' ``y`` and ``a`` constant."""
     xp = bk.xp
     batch = dyn.layout.batch if dyn.layout.batched else None
 
@@ -201,9 +422,10 @@ def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes):
         # state-sized adjoint instead of one per output part.
         neg_a = -xp.reshape(z[m : 2 * m], shape)
         t_user = xp.broadcast_to(t, (batch,)) if batch is not None else t
-        f, cot_y, cot_leaves = bk.dynamics_vjp(
-            dyn.func, dyn.params, leaves, t_user, y, neg_a, want_value=True
-        )
+        f, cot_y, cot_leaves = dyn.checked_vjp(t_user, y, neg_a, want_value=True)
+        if moving is not None:
+            f = xp.where(moving, f, xp.zeros_like(f))
+            cot_y = xp.where(moving, cot_y, xp.zeros_like(cot_y))
         parts = [xp.reshape(f, (-1,)), xp.reshape(cot_y, (-1,))]
         for g, size in zip(cot_leaves, sizes, strict=True):
             g = xp.reshape(g, (size,))
@@ -241,7 +463,7 @@ def _max_of_part_norms(xp, sizes):
 # Checkpoint: the exact gradient of the discrete solve
 
 
-def _checkpoint_backward(problem, tape, ys_bar):
+def _checkpoint_backward(problem, tape, ys_bar, failed):
     """Replay every recorded step backward with local VJPs of the dynamics.
 
     Each record holds a step's start ``(t, y)``, its size and whether it was accepted. The
@@ -249,23 +471,28 @@ def _checkpoint_backward(problem, tape, ys_bar):
     equations ``Y_i = y + h sum_j a_ij K_j``, ``K_i = f(t + c_i h, Y_i)``, the new state and
     the interpolated outputs inside the step. Step sizes are treated as constants, as the
     error control is not differentiable.
+
+    A failed sample's rejected steps are replayed with size zero: what they send back is
+    zero either way, and the stages of the steps that made it fail may not be finite.
     """
     bk, lay = problem.backend, problem.layout
     xp = bk.xp
     out_bar = lay.outputs_to_internal(xp, ys_bar)
     a = xp.zeros(lay.internal_shape, dtype=lay.dtype)
     leaves_bar = [xp.zeros(leaf.shape, dtype=lay.dtype) for leaf in problem.dynamics.leaves]
+    # A single eager sample records accepted steps only.
+    finished = failed.reached_end() if failed.active and not problem.ops.scalar else None
     if isinstance(tape, dict):
-        a, leaves_bar = _replay_buffers(problem, tape, a, leaves_bar, out_bar)
+        a, leaves_bar = _replay_buffers(problem, tape, a, leaves_bar, out_bar, finished)
         return lay.to_user(xp, a), leaves_bar
     for record in reversed(tape):
-        a, grads = _replay_step(problem, record, a, out_bar)
+        a, grads = _replay_step(problem, record, a, out_bar, finished)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
     # NumPy turns 0-d arithmetic into scalars; hand back arrays like the other mode does.
     return lay.to_user(xp, a), [xp.asarray(g) for g in leaves_bar]
 
 
-def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
+def _replay_buffers(problem, tape, a, leaves_bar, out_bar, finished):
     """Replay a tracing backend's tape (``odecore._solve._tape_buffers``) in loops: its
     steps fall into runs of ``stride`` steps, of which only the first state was kept.
     For each run, last to first, the other states are recomputed forward into a buffer,
@@ -289,7 +516,7 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
 
     def replay(c):
         k, start, states, a, leaves_bar = c
-        a, grads = _replay_step(problem, record(start + k, states[k]), a, out_bar)
+        a, grads = _replay_step(problem, record(start + k, states[k]), a, out_bar, finished)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
         return k - 1, start, states, a, leaves_bar
 
@@ -362,10 +589,13 @@ def _pull_back_nodes(problem, hy, nodes, pulls, K_bar, Y_bar, y_bar, grads):
     return y_bar, grads
 
 
-def _replay_step(problem, record, a, out_bar):
+def _replay_step(problem, record, a, out_bar, finished=None):
     bk, ops, rk, dyn = problem.backend, problem.ops, problem.method, problem.dynamics
     xp = bk.xp
     t, h, t_new, y, accept = record
+    if finished is not None:
+        h = ops.where(accept | finished, h, 0.0)
+        record = (t, h, t_new, y, accept)
     hy = ops.to_state(h)
     a_in = ops.select_rows(accept, a, a * 0.0)
     outputs = _outputs_in_step(problem, t, t_new, accept)

@@ -22,7 +22,7 @@ from odecore._backend import Backend
 from odecore._config import resolve_backend
 from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
-from odecore._grad import SolveRule
+from odecore._grad import FailedSolvePolicy, SolveRule, check_params_tree
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
@@ -99,7 +99,9 @@ def solve(
     outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
     ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
     backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
-    solve did not reach are NaN.
+    solve did not reach are NaN. Gradients then reach the outputs it did reach as if it had
+    stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
+    gradient, and the parameter and time gradients, NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
@@ -142,16 +144,27 @@ def solve(
         leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
         y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
         wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
-        if not wants_grad or t_arr.ndim != 1 or t_arr.shape[0] < 2:
+        several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
+        if mode != "direct" and several_times and not wants_grad:
+            solution = run(y0_arr, t_arr)[1]
+            # What func uses besides y0, t and the parameters the rules know of would get no
+            # gradient from this solve, even where nothing else asks for one.
+            if adjoint_params is None:
+                _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
+            return solution
+        if not wants_grad or not several_times:
             return run(y0_arr, t_arr)[1]
         if mode == "direct":
             solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
             # A parameter the dynamics never touch gets a zero gradient rather than None, as in
             # the other modes.
             solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+            if not solution.success:
+                policy = FailedSolvePolicy(bk, _validate.layout(y0_arr, batch_axis))
+                solution.ys = bk.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:
-            bk.check_no_hidden_parameters(func, params, leaves, t_arr, y0_arr, batch_axis)
+            _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
         rule = SolveRule(mode, run, settings, prepare)
         ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
         solution, rule.solution = rule.solution, None
@@ -180,6 +193,14 @@ def _run_loop(problem: _Problem, record: bool, throw: bool):
     return problem, solution, problem.tape
 
 
+def _check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
+    """Refuse arrays that ``backsolve`` and ``checkpoint`` would silently give no gradient:
+    inside a ``params`` object they cannot see into, or used by ``func`` without being among
+    its parameters."""
+    check_params_tree(bk, params, leaves)
+    bk.check_no_hidden_parameters(func, params, leaves, t, y0, batch_axis)
+
+
 def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
     """``direct`` mode: the framework differentiates through the loop for ``y0`` and the
     parameters. Time gradients come from the flow's identities instead of from the step
@@ -198,6 +219,11 @@ def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
     _, solution, _ = run(y0 - shift * f0, t_const)
     ys = solution.ys
     rates = [sg(_user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
+    if not solution.success:
+        # An output the solve did not reach has no rate: its time gradient is left to
+        # FailedSolvePolicy.
+        unreached = xp.isnan(sg(ys[1:]))
+        rates = [xp.where(unreached[i], xp.zeros_like(r), r) for i, r in enumerate(rates)]
     moved = [
         ys[i] + xp.astype(t[i] - t_const[i], ys.dtype) * rates[i - 1] for i in range(1, ys.shape[0])
     ]
@@ -314,13 +340,16 @@ def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
     return odeint(func, y0, t, adjoint=adjoint, **kwargs)
 
 
-def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
     """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
     t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
 
     ``func`` supplies ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``. ``adjoint``
     is ``"checkpoint"`` (exact for the discrete solve) or ``"backsolve"``; the other keyword
     arguments are those of :func:`odeint`. ``params_bar`` has the structure of ``params``.
+    With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
+    of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
+    gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
     """
     if adjoint not in ("checkpoint", "backsolve"):
         raise ValueError(
@@ -345,7 +374,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        return _run_loop(problem, record, throw=True)
+        return _run_loop(problem, record, throw=throw)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
@@ -360,6 +389,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
         *adjoint_kwargs,
         adjoint,
     )
+    check_params_tree(bk, params, bk.param_leaves(func, params), differentiated_only=False)
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
     problem = residuals[0]

@@ -1,0 +1,278 @@
+"""Gradient requests that cannot be honoured raise, naming the problem and the remedy.
+
+- A tensor ``func`` captures, or hides in a ``params`` object the rules cannot see into,
+  would get no gradient from ``backsolve`` or ``checkpoint``: refused.
+- A NumPy dynamics' ``vjp`` that returns the wrong shape would be broadcast into a wrong
+  gradient: refused on its first call, naming the output.
+- Second-order gradients exist in ``direct`` mode only; the other modes say so.
+
+References for the values checked along the way: closed forms of ``y' = -k y`` and
+``y' = a y``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import numpy as np
+import pytest
+
+import odecore
+
+RULE_MODES = ("backsolve", "checkpoint")
+K = 0.7
+T_END = 1.3
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+# The solve is accurate to about rtol; a derivative of the discrete solve (steps held
+# constant) follows the sensitivity equation to the same order, so 1e3 * rtol is a wide margin.
+CLOSED_FORM_TOL = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors the gradient rules would not see (torch)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_captured_tensor_is_refused_when_nothing_else_requires_grad(mode):
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odecore.odeint(lambda t, y: -k * y, y0, t, adjoint=mode)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_captured_tensor_is_fine_without_grad_mode(mode):
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with torch.no_grad():
+        ys = odecore.odeint(lambda t, y: -k * y, y0, t, adjoint=mode, **TIGHT)
+    expected = y0 * math.exp(-K * T_END)
+    assert torch.allclose(ys[-1], expected, rtol=CLOSED_FORM_TOL, atol=0)
+
+
+def test_a_captured_tensor_gets_its_gradient_in_direct_mode():
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y: -k * y, y0, t, adjoint="direct", **TIGHT)
+    ys[-1].sum().backward()
+    # d/dk of sum(y0) e^{-k T} = -T sum(y0) e^{-k T}
+    expected = -T_END * float(y0.sum()) * math.exp(-K * T_END)
+    assert abs(float(k.grad) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+@dataclasses.dataclass
+class Rates:
+    k: object
+
+
+def _opaque_params(torch, kind):
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    return types.SimpleNamespace(k=k) if kind == "namespace" else Rates(k)
+
+
+@pytest.mark.parametrize("kind", ["namespace", "dataclass"])
+@pytest.mark.parametrize("y0_requires_grad", [False, True])
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_are_not_a_tree_are_refused(mode, y0_requires_grad, kind):
+    torch = pytest.importorskip("torch")
+    params = _opaque_params(torch, kind)
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=y0_requires_grad)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    with pytest.raises(TypeError, match="params must be an array or a nested tuple") as info:
+        odecore.odeint(lambda t, y, p: -p.k * y, y0, t, params=params, adjoint=mode)
+    assert type(params).__name__ in str(info.value)
+    assert "adjoint_params" in str(info.value)
+
+
+def test_params_that_are_not_a_tree_work_in_direct_mode():
+    torch = pytest.importorskip("torch")
+    params = _opaque_params(torch, "namespace")
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y, p: -p.k * y, y0, t, params=params, adjoint="direct", **TIGHT)
+    ys[-1].sum().backward()
+    expected = -T_END * float(y0.sum()) * math.exp(-K * T_END)
+    assert abs(float(params.k.grad) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+class DecayNumpy:
+    def __call__(self, t, y, params):
+        return -params.k * y
+
+    def vjp(self, t, y, params, cotangent):
+        return -params.k * cotangent, types.SimpleNamespace(k=-np.sum(cotangent * y))
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_are_not_a_tree_are_refused_by_vjp_odeint(mode):
+    params = types.SimpleNamespace(k=np.asarray(K))
+    with pytest.raises(TypeError, match="params must be an array or a nested tuple"):
+        odecore.vjp_odeint(DecayNumpy(), np.ones(2), np.array([0.0, T_END]), params, adjoint=mode)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_params_that_jax_cannot_flatten_are_refused(mode):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = types.SimpleNamespace(k=jnp.asarray(K))
+    with pytest.raises(TypeError, match="registered pytree|pytree registered"):
+        odecore.odeint(
+            lambda t, y, p: -p.k * y,
+            jnp.ones(2),
+            jnp.asarray([0.0, T_END]),
+            params=params,
+            adjoint=mode,
+        )
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_registered_pytree_gets_its_gradient_on_jax(mode):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Registered:
+        k: object
+
+    with jax.enable_x64(True):
+        y0 = jnp.asarray([1.0, -2.0])
+
+        def loss(params):
+            ys = odecore.odeint(
+                lambda t, y, p: -p.k * y,
+                y0,
+                jnp.asarray([0.0, T_END]),
+                params=params,
+                adjoint=mode,
+                **TIGHT,
+            )
+            return jnp.sum(ys[-1])
+
+        grad = jax.grad(loss)(Registered(jnp.asarray(K)))
+        expected = -T_END * float(jnp.sum(y0)) * math.exp(-K * T_END)
+        assert abs(float(grad.k) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# A NumPy vjp that returns the wrong shape
+
+
+class Nonlinear:
+    """``y' = tanh(W y) + b`` with ``params = {"W": W, "b": b}``; ``bad`` names the output
+    its VJP gets wrong, and how."""
+
+    def __init__(self, bad=None):
+        self.bad = bad
+
+    def __call__(self, t, y, params):
+        return np.tanh(params["W"] @ y) + params["b"]
+
+    def vjp(self, t, y, params, cotangent):
+        u = cotangent * (1 - np.tanh(params["W"] @ y) ** 2)
+        cot_y, cot_W, cot_b = params["W"].T @ u, np.outer(u, y), cotangent
+        if self.bad == "cot_y":
+            cot_y = cot_y[:, None]  # (2, 1): broadcasts against (2,) into (2, 2)
+        elif self.bad == "W":
+            cot_W = np.sum(cot_W, axis=0)  # (2,): broadcasts against (2, 2)
+        elif self.bad == "b":
+            cot_b = float(np.sum(cot_b))  # not an array
+        return cot_y, {"W": cot_W, "b": cot_b}
+
+
+W_NL = np.array([[-0.5, 1.0], [-1.0, -0.3]])
+B_NL = np.array([0.1, -0.2])
+Y0_NL = np.array([0.3, -0.4])
+T_NL = np.array([0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        ("cot_y", ValueError, ["cot_y", "(2, 1)", "(2,)"]),
+        ("W", ValueError, ["cot_params['W']", "(2,)", "(2, 2)"]),
+        ("b", TypeError, ["cot_params['b']", "float", "(2,)"]),
+    ],
+)
+def test_a_vjp_of_the_wrong_shape_is_named(mode, bad, error, words):
+    params = {"W": W_NL, "b": B_NL}
+    _, pullback = odecore.vjp_odeint(Nonlinear(bad), Y0_NL, T_NL, params, adjoint=mode)
+    with pytest.raises(error) as info:
+        pullback(np.ones((3, 2)))
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_a_right_vjp_passes_the_check(mode):
+    # Consistency with central differences of the solve, so that the check cannot pass by
+    # never calling the VJP.
+    params = {"W": W_NL, "b": B_NL}
+    _, pullback = odecore.vjp_odeint(Nonlinear(), Y0_NL, T_NL, params, adjoint=mode, **TIGHT)
+    y0_bar, _, _ = pullback(np.ones((3, 2)))
+    h = 1e-6  # central differences: h^2 truncation and 1e-16 / h rounding, both below 1e-9
+    fd = np.zeros(2)
+    for j in range(2):
+        step = np.eye(2)[j] * h
+        up, _ = odecore.vjp_odeint(Nonlinear(), Y0_NL + step, T_NL, params, **TIGHT)
+        down, _ = odecore.vjp_odeint(Nonlinear(), Y0_NL - step, T_NL, params, **TIGHT)
+        fd[j] = (up.sum() - down.sum()) / (2 * h)
+    assert np.max(np.abs(y0_bar - fd)) < 1e-7 * np.max(np.abs(fd))
+
+
+# --------------------------------------------------------------------------------------------
+# Second-order gradients (torch)
+
+A_RATE = 0.5
+Y0_SCALAR = 1.5
+
+
+def _growth(torch, mode):
+    a = torch.tensor(A_RATE, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([Y0_SCALAR], dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(lambda t, y, p: p[0] * y, y0, t, params=(a,), adjoint=mode, **TIGHT)
+    return a, ys[-1].sum()
+
+
+def test_direct_mode_second_derivative_matches_the_closed_form():
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, "direct")
+    (first,) = torch.autograd.grad(y_end, a, create_graph=True)
+    (second,) = torch.autograd.grad(first, a)
+    # y(T) = y0 e^{aT}: dy/da = T y0 e^{aT}, d2y/da2 = T^2 y0 e^{aT}.
+    grows = Y0_SCALAR * math.exp(A_RATE * T_END)
+    assert abs(float(first.detach()) - T_END * grows) < CLOSED_FORM_TOL * T_END * grows
+    assert abs(float(second) - T_END**2 * grows) < CLOSED_FORM_TOL * T_END**2 * grows
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_second_order_gradients_name_direct_mode(mode):
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, mode)
+    (first,) = torch.autograd.grad(y_end, a, create_graph=True)
+    # The first derivative is still right (the backsolve to its tolerance) ...
+    grows = Y0_SCALAR * math.exp(A_RATE * T_END)
+    assert abs(float(first.detach()) - T_END * grows) < CLOSED_FORM_TOL * T_END * grows
+    # ... and differentiating it again raises, naming the mode that can.
+    with pytest.raises(NotImplementedError, match="adjoint='direct'"):
+        torch.autograd.grad(first, a)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("mode", RULE_MODES)
+def test_second_order_through_backward_names_direct_mode(mode):
+    torch = pytest.importorskip("torch")
+    a, y_end = _growth(torch, mode)
+    y_end.backward(create_graph=True)
+    with pytest.raises(NotImplementedError, match="adjoint='direct'"):
+        (a.grad**2).backward()
