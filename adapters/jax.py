@@ -75,9 +75,7 @@ class JaxBackend(Backend):
 
     def is_traced(self, x: Any) -> bool:
         # Under grad without jit, values carry tangents but are known.
-        while _differentiated(x):
-            x = x.primal
-        return isinstance(x, jax.core.Tracer)
+        return isinstance(_primal(x), jax.core.Tracer)
 
     # ---- gradients -------------------------------------------------------------------------
 
@@ -144,7 +142,7 @@ class JaxBackend(Backend):
 
         The rule's forward and backward close over whatever the solve was called with:
         tolerances, step sizes, the user's func and what it captures, any of which may be
-        traced (``jit`` arguments). ``jax.closure_convert`` turns both into functions of
+        traced (``jit`` arguments). ``_closure_convert`` turns both into functions of
         explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
         tracer of a trace that has ended."""
 
@@ -160,7 +158,7 @@ class JaxBackend(Backend):
                 arrays = rule.residual_arrays(residuals)
                 return (out, _solution_arrays(rule.solution, fields)), arrays
 
-            forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
+            forward_arrays, forward_consts = _closure_convert(forward, *primals)
             if any(_differentiated(c) for c in forward_consts):
                 raise ValueError(_CAPTURED_MESSAGE)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
@@ -171,7 +169,7 @@ class JaxBackend(Backend):
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
             if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
-                backward_arrays, backward_consts = jax.closure_convert(
+                backward_arrays, backward_consts = _closure_convert(
                     backward,
                     primals,
                     _zeros_like_shapes(arrays_shape),
@@ -226,11 +224,16 @@ def _apply_bwd(forward, backward, residuals, cotangents):
     )
     # The rule has no gradient for what func captures or the options hold: NaN, so that
     # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
-    # Cotangents of values nothing differentiates are dropped by JAX.
-    unknown = jax.tree_util.tree_map(
-        lambda c: jnp.full_like(c, jnp.nan), (forward_consts, backward_consts)
-    )
+    # Cotangents of values nothing differentiates are dropped by JAX; integer and boolean
+    # values have none.
+    unknown = jax.tree_util.tree_map(_unknown_cotangent, (forward_consts, backward_consts))
     return (grads, *unknown)
+
+
+def _unknown_cotangent(value):
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return np.zeros(value.shape, dtype=jax.dtypes.float0)
+    return jnp.full_like(value, jnp.nan)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
@@ -269,6 +272,31 @@ def _differentiated(x) -> bool:
     return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
 
 
+def _closure_convert(fn, *args):
+    """``(converted, hoisted)``: ``fn`` as a function of ``args`` and of every tracer it
+    captures, ``converted(*args, *hoisted) == fn(*args)``; captured concrete arrays stay
+    constants.
+
+    ``jax.closure_convert`` hoists only the captured values that may carry a tangent, so an
+    integer array traced by an enclosing ``jit`` stays inside, stale once that trace ends
+    (``grad`` of a ``jit`` traces the backward later). Its cache also keeps every function
+    it converted, and with it the user's ``func`` and what that captures."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    consts = closed.consts
+    hoist = [isinstance(c, jax.core.Tracer) for c in consts]
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    n_args = len(args)
+
+    def converted(*args_and_hoisted):
+        given = iter(args_and_hoisted[n_args:])
+        values = [next(given) if h else c for c, h in zip(consts, hoist, strict=True)]
+        flat_args = jax.tree_util.tree_leaves(args_and_hoisted[:n_args])
+        out = jax.core.eval_jaxpr(closed.jaxpr, values, *flat_args)
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return converted, [c for c, h in zip(consts, hoist, strict=True) if h]
+
+
 def _captures_tracers(value) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(value))
 
@@ -305,9 +333,19 @@ def _solution_arrays(solution, fields):
 
 
 def _restore_solution_arrays(solution, arrays, fields):
+    """Put the status and statistics back on the solution. They have no gradient; under
+    ``grad`` without ``jit`` their values are known, and the solution holds those values
+    (a failure message, say, can read them) rather than the tracers that carry them."""
+    arrays = jax.tree_util.tree_map(_primal, arrays)
     solution.stats = arrays["stats"]
     for name in fields:
         setattr(solution, name, arrays[name])
+
+
+def _primal(x):
+    while _differentiated(x):
+        x = x.primal
+    return x
 
 
 def _cotangent_like(g, primal):
