@@ -13,6 +13,7 @@ jax = pytest.importorskip("jax", reason="the JAX tests need jax installed")
 jnp = jax.numpy
 
 import odecore  # noqa: E402
+from odecore import Status  # noqa: E402
 
 
 @pytest.fixture
@@ -120,3 +121,73 @@ def test_integer_parameter_is_a_constant(x64, mode, wrap):
         np.testing.assert_allclose(np.asarray(g[name]), fd, rtol=0, atol=1e-5 * scale)
     # rates[1] is never selected: its gradient is zero, not NaN.
     assert float(g["rates"][1]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Validity under jit: per sample, except what the samples share
+
+
+def _decay(t, y):
+    return -y
+
+
+TIMES = np.array([0.0, 0.5, 2.0])
+BATCH = np.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.25]])
+
+
+def _exact(y0):
+    return np.exp(-TIMES)[:, None] * y0
+
+
+def test_per_element_tolerance_of_one_sample_invalidates_only_it(x64):
+    atol = np.full(BATCH.shape, 1e-12)
+    atol[2, 1] = -1.0
+    run = jax.jit(
+        lambda y0, t, atol: odecore.solve(
+            _decay, y0, t, rtol=1e-10, atol=atol, batch_axis=0, throw=False
+        )
+    )
+    sol = run(jnp.asarray(BATCH), jnp.asarray(TIMES), jnp.asarray(atol))
+    assert [int(s) for s in sol.status] == [Status.SUCCESS, Status.SUCCESS, Status.INVALID_INPUT]
+    assert bool(jnp.all(jnp.isnan(sol.ys[:, 2])))
+    for i in (0, 1):
+        # dopri5 at rtol 1e-10 to t = 2: a global error within a few hundred tolerances.
+        np.testing.assert_allclose(np.asarray(sol.ys[:, i]), _exact(BATCH[i]), atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["t", "rtol"])
+def test_invalid_shared_input_invalidates_every_sample(x64, bad):
+    t = jnp.asarray([0.0, np.nan, 2.0]) if bad == "t" else jnp.asarray(TIMES)
+    rtol = jnp.asarray(-1e-8) if bad == "rtol" else jnp.asarray(1e-8)
+    run = jax.jit(lambda y0, t, rtol: odecore.solve(_decay, y0, t, rtol=rtol, batch_axis=0))
+    sol = run(jnp.asarray(BATCH), t, rtol)
+    assert [int(s) for s in sol.status] == [Status.INVALID_INPUT] * 3
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+
+
+def test_one_non_finite_sample_under_jit_leaves_the_others(x64):
+    y0 = BATCH.copy()
+    y0[1, 0] = np.inf
+    sol = jax.jit(lambda y0, t: odecore.solve(_decay, y0, t, batch_axis=0, rtol=1e-10))(
+        jnp.asarray(y0), jnp.asarray(TIMES)
+    )
+    assert [int(s) for s in sol.status] == [Status.SUCCESS, Status.INVALID_INPUT, Status.SUCCESS]
+    for i in (0, 2):
+        np.testing.assert_allclose(np.asarray(sol.ys[:, i]), _exact(BATCH[i]), atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["step_t", "jump_t"])
+def test_nan_stop_time_under_jit_is_invalid_input(x64, key):
+    run = jax.jit(
+        lambda y0, stops: odecore.solve(
+            _decay, y0, jnp.asarray(TIMES), batch_axis=0, options={key: stops}
+        )
+    )
+    sol = run(jnp.asarray(BATCH), jnp.asarray([0.7, np.nan]))
+    assert [int(s) for s in sol.status] == [Status.INVALID_INPUT] * 3
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+    # The same stops without the NaN are solved.
+    sol = run(jnp.asarray(BATCH), jnp.asarray([0.7, 1.2]))
+    assert [int(s) for s in sol.status] == [Status.SUCCESS] * 3
+    with pytest.raises(ValueError, match=rf"options\['{key}'\] contains NaN"):
+        odecore.solve(_decay, jnp.asarray(BATCH), jnp.asarray(TIMES), options={key: [np.nan]})
