@@ -5,14 +5,17 @@ core's own. What differs from the eager backends:
 
 - The loop runs on ``lax.while_loop`` and ``lax.cond``, so a solve traces once and compiles to
   one XLA loop. Tolerances, step sizes and times may be traced arrays: changing them does not
-  recompile.
+  recompile. A call outside ``jit`` runs through a ``jax.jit`` kept for its ``func`` and
+  configuration (``odecore.adapters._jax_cache``): repeating it compiles nothing.
 - ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
   default mode is ``backsolve``; ``checkpoint`` keeps the times of up to
   ``options["max_num_steps"]`` steps and a square root's worth of their states (see
   ``odecore._solve.checkpoint_rows``).
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
-- Without x64 (JAX's default) time is float32, the widest dtype JAX then has.
+- Without x64 (JAX's default) time is float32, the widest dtype JAX then has, and a float64
+  NumPy input becomes float32: a ``PrecisionWarning`` says so, once per process.
+- Integer and boolean arrays in ``params`` are constants: their cotangents are ``float0``.
 - Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
   differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
   ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
@@ -23,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from odecore.adapters._jax_cache import CompiledSolves
 
 from odecore._backend import Backend
 from odecore._solution import Solution
+from odecore._warnings import PrecisionWarning
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
@@ -54,6 +60,7 @@ class JaxBackend(Backend):
         return isinstance(x, jax.Array)
 
     def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        _warn_if_downcast(x)
         return jnp.asarray(x, dtype=dtype)
 
     @property
@@ -187,6 +194,16 @@ class JaxBackend(Backend):
 
         return call
 
+    def compiled_solve(self, solve, func, y0, t, params, arguments):
+        """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
+        configuration (``odecore.adapters._jax_cache``)."""
+        _warn_if_downcast(y0, t, params, arguments)
+        solution = _COMPILED_SOLVES.solve(self, solve, func, y0, t, params, arguments)
+        if solution is not None:
+            arrays = _solution_arrays(solution, _SOLUTION_FIELDS)
+            _restore_solution_arrays(solution, arrays, _SOLUTION_FIELDS)
+        return solution
+
     def float64(self):
         return jax.enable_x64(True)
 
@@ -237,6 +254,32 @@ def _unknown_cotangent(value):
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+_COMPILED_SOLVES = CompiledSolves()
+_downcast_warned = False
+
+
+def _warn_if_downcast(*values) -> None:
+    """Warn, once per process, when a float64 NumPy array among ``values`` is about to become
+    float32 because JAX's x64 mode is off: JAX converts it without a word, and a solve asked
+    for float64 accuracy would silently get float32's."""
+    global _downcast_warned
+    if _downcast_warned or jax.config.jax_enable_x64:
+        return
+    for value in jax.tree_util.tree_leaves(values):
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype == np.float64:
+            _downcast_warned = True
+            warnings.warn(_DOWNCAST_MESSAGE, PrecisionWarning, stacklevel=2)
+            return
+
+
+_DOWNCAST_MESSAGE = (
+    "odecore: float64 NumPy input becomes float32 on the 'jax' backend, since JAX's x64 mode "
+    "is off; to solve in float64, enable it at startup with "
+    'jax.config.update("jax_enable_x64", True), or pass float32 arrays to solve in float32 '
+    "without this warning"
+)
 
 
 def _unit_batched(pull):

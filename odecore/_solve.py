@@ -102,6 +102,26 @@ def solve(
     solve did not reach are NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    arguments = {
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "batch_axis": batch_axis,
+        "adjoint": adjoint,
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+    }
+    compiled = bk.compiled_solve(solve, func, y0, t, params, arguments)
+    if compiled is not None:
+
+        def check_inputs():
+            _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw)
+
+        return _raise_compiled_failures(bk, compiled, throw, check_inputs)
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
@@ -160,6 +180,21 @@ def solve(
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(_failure_message(solution), solution)
         return solution
+
+
+def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:
+    """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
+    that status is known, an invalid input raises what an eager solve raises for it
+    (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
+    solve raises SolveError."""
+    status, xp = solution.status, bk.xp
+    if bk.is_traced(status) or bool(xp.all(status == int(Status.SUCCESS))):
+        return solution
+    if bool(xp.any(status == int(Status.INVALID_INPUT))):
+        check_inputs()
+    if throw:
+        raise SolveError(_failure_message(solution), solution)
+    return solution
 
 
 def _run_loop(problem: _Problem, record: bool, throw: bool):
@@ -559,18 +594,23 @@ def _traced_shared_validity(bk, ts, rtol, atol, opts):
     if bk.eager:
         return None
     xp = bk.xp
-    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1])
+    checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1])]
     for tol in (rtol, atol):
         if not isinstance(tol, float) and tol.ndim == 0:
-            ok = ok & xp.isfinite(tol) & (tol > 0)
+            checks.append(xp.isfinite(tol) & (tol > 0))
     for key in ("step_t", "jump_t"):
         if opts.get(key) is not None:
-            ok = ok & xp.all(xp.isfinite(xp.astype(bk.asarray(opts[key]), bk.time_dtype)))
+            stops = xp.astype(bk.asarray(opts[key]), bk.time_dtype)
+            checks.append(xp.all(xp.isfinite(stops)))
     for key in ("step_size", "first_step", "max_step"):
         if bk.is_traced(opts.get(key)):
-            ok = ok & (opts[key] > 0)
-    if bk.is_traced(opts.get("min_step")):
-        ok = ok & (opts["min_step"] >= 0)
+            checks.append(opts[key] > 0)
+    low, high = opts.get("min_step", 0.0), opts.get("max_step", math.inf)
+    if bk.is_traced(low) or bk.is_traced(high):
+        checks.append((low >= 0) & (low <= high))
+    ok = checks[0]
+    for check in checks[1:]:
+        ok = ok & check
     return ok if bk.is_traced(ok) else None
 
 
