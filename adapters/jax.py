@@ -5,14 +5,17 @@ core's own. What differs from the eager backends:
 
 - The loop runs on ``lax.while_loop`` and ``lax.cond``, so a solve traces once and compiles to
   one XLA loop. Tolerances, step sizes and times may be traced arrays: changing them does not
-  recompile.
+  recompile. A call outside ``jit`` runs through a ``jax.jit`` kept for its ``func`` and
+  configuration (``odecore.adapters._jax_cache``): repeating it compiles nothing.
 - ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
   default mode is ``backsolve``; ``checkpoint`` keeps the times of up to
   ``options["max_num_steps"]`` steps and a square root's worth of their states (see
   ``odecore._solve.checkpoint_rows``).
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
-- Without x64 (JAX's default) time is float32, the widest dtype JAX then has.
+- Without x64 (JAX's default) time is float32, the widest dtype JAX then has, and a float64
+  NumPy input becomes float32: a ``PrecisionWarning`` says so, once per process.
+- Integer and boolean arrays in ``params`` are constants: their cotangents are ``float0``.
 - Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
   differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
   ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
@@ -23,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from odecore.adapters._jax_cache import CompiledSolves
 
 from odecore._backend import Backend
 from odecore._solution import Solution
+from odecore._warnings import PrecisionWarning
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
@@ -54,6 +60,7 @@ class JaxBackend(Backend):
         return isinstance(x, jax.Array)
 
     def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        _warn_if_downcast(x)
         return jnp.asarray(x, dtype=dtype)
 
     @property
@@ -75,9 +82,7 @@ class JaxBackend(Backend):
 
     def is_traced(self, x: Any) -> bool:
         # Under grad without jit, values carry tangents but are known.
-        while _differentiated(x):
-            x = x.primal
-        return isinstance(x, jax.core.Tracer)
+        return isinstance(_primal(x), jax.core.Tracer)
 
     # ---- gradients -------------------------------------------------------------------------
 
@@ -144,7 +149,7 @@ class JaxBackend(Backend):
 
         The rule's forward and backward close over whatever the solve was called with:
         tolerances, step sizes, the user's func and what it captures, any of which may be
-        traced (``jit`` arguments). ``jax.closure_convert`` turns both into functions of
+        traced (``jit`` arguments). ``_closure_convert`` turns both into functions of
         explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
         tracer of a trace that has ended."""
 
@@ -160,7 +165,7 @@ class JaxBackend(Backend):
                 arrays = rule.residual_arrays(residuals)
                 return (out, _solution_arrays(rule.solution, fields)), arrays
 
-            forward_arrays, forward_consts = jax.closure_convert(forward, *primals)
+            forward_arrays, forward_consts = _closure_convert(forward, *primals)
             if any(_differentiated(c) for c in forward_consts):
                 raise ValueError(_CAPTURED_MESSAGE)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
@@ -171,7 +176,7 @@ class JaxBackend(Backend):
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
             if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
-                backward_arrays, backward_consts = jax.closure_convert(
+                backward_arrays, backward_consts = _closure_convert(
                     backward,
                     primals,
                     _zeros_like_shapes(arrays_shape),
@@ -188,6 +193,16 @@ class JaxBackend(Backend):
             return out
 
         return call
+
+    def compiled_solve(self, solve, func, y0, t, params, arguments):
+        """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
+        configuration (``odecore.adapters._jax_cache``)."""
+        _warn_if_downcast(y0, t, params, arguments)
+        solution = _COMPILED_SOLVES.solve(self, solve, func, y0, t, params, arguments)
+        if solution is not None:
+            arrays = _solution_arrays(solution, _SOLUTION_FIELDS)
+            _restore_solution_arrays(solution, arrays, _SOLUTION_FIELDS)
+        return solution
 
     def float64(self):
         return jax.enable_x64(True)
@@ -221,14 +236,45 @@ def _apply_bwd(forward, backward, residuals, cotangents):
     grads = backward(primals, arrays, cotangents[0], *backward_consts)
     # The rule has no gradient for what func captures or the options hold: NaN, so that
     # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
-    # Cotangents of values nothing differentiates are dropped by JAX.
-    unknown = jax.tree_util.tree_map(
-        lambda c: jnp.full_like(c, jnp.nan), (forward_consts, backward_consts)
-    )
+    # Cotangents of values nothing differentiates are dropped by JAX; integer and boolean
+    # values have none.
+    unknown = jax.tree_util.tree_map(_unknown_cotangent, (forward_consts, backward_consts))
     return (grads, *unknown)
 
 
+def _unknown_cotangent(value):
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return np.zeros(value.shape, dtype=jax.dtypes.float0)
+    return jnp.full_like(value, jnp.nan)
+
+
 _apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+_COMPILED_SOLVES = CompiledSolves()
+_downcast_warned = False
+
+
+def _warn_if_downcast(*values) -> None:
+    """Warn, once per process, when a float64 NumPy array among ``values`` is about to become
+    float32 because JAX's x64 mode is off: JAX converts it without a word, and a solve asked
+    for float64 accuracy would silently get float32's."""
+    global _downcast_warned
+    if _downcast_warned or jax.config.jax_enable_x64:
+        return
+    for value in jax.tree_util.tree_leaves(values):
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype == np.float64:
+            _downcast_warned = True
+            warnings.warn(_DOWNCAST_MESSAGE, PrecisionWarning, stacklevel=2)
+            return
+
+
+_DOWNCAST_MESSAGE = (
+    "odecore: float64 NumPy input becomes float32 on the 'jax' backend, since JAX's x64 mode "
+    "is off; to solve in float64, enable it at startup with "
+    'jax.config.update("jax_enable_x64", True), or pass float32 arrays to solve in float32 '
+    "without this warning"
+)
 
 
 def _unit_batched(pull):
@@ -262,6 +308,31 @@ def _differentiated(x) -> bool:
     """A tracer of forward or reverse mode (JAX's JVP and linearize tracers carry a primal and
     a tangent; the tracers of jit and vmap do not)."""
     return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
+
+
+def _closure_convert(fn, *args):
+    """``(converted, hoisted)``: ``fn`` as a function of ``args`` and of every tracer it
+    captures, ``converted(*args, *hoisted) == fn(*args)``; captured concrete arrays stay
+    constants.
+
+    ``jax.closure_convert`` hoists only the captured values that may carry a tangent, so an
+    integer array traced by an enclosing ``jit`` stays inside, stale once that trace ends
+    (``grad`` of a ``jit`` traces the backward later). Its cache also keeps every function
+    it converted, and with it the user's ``func`` and what that captures."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    consts = closed.consts
+    hoist = [isinstance(c, jax.core.Tracer) for c in consts]
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    n_args = len(args)
+
+    def converted(*args_and_hoisted):
+        given = iter(args_and_hoisted[n_args:])
+        values = [next(given) if h else c for c, h in zip(consts, hoist, strict=True)]
+        flat_args = jax.tree_util.tree_leaves(args_and_hoisted[:n_args])
+        out = jax.core.eval_jaxpr(closed.jaxpr, values, *flat_args)
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return converted, [c for c, h in zip(consts, hoist, strict=True) if h]
 
 
 def _captures_tracers(value) -> bool:
@@ -300,9 +371,19 @@ def _solution_arrays(solution, fields):
 
 
 def _restore_solution_arrays(solution, arrays, fields):
+    """Put the status and statistics back on the solution. They have no gradient; under
+    ``grad`` without ``jit`` their values are known, and the solution holds those values
+    (a failure message, say, can read them) rather than the tracers that carry them."""
+    arrays = jax.tree_util.tree_map(_primal, arrays)
     solution.stats = arrays["stats"]
     for name in fields:
         setattr(solution, name, arrays[name])
+
+
+def _primal(x):
+    while _differentiated(x):
+        x = x.primal
+    return x
 
 
 def _cotangent_like(g, primal):

@@ -14,6 +14,7 @@ from odecore._deq import (
 )
 from odecore._solution import Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore._warnings import PrecisionWarning
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
@@ -31,6 +32,7 @@ __all__ = [
     "FixedPointSolution",
     "FixedPointStatus",
     "BackendNotAvailableError",
+    "PrecisionWarning",
     "Solution",
     "SolveError",
     "Status",

@@ -201,6 +201,15 @@ class Backend:
         autodiff hand the rule's pullback to the user instead (``odecore.vjp_odeint``)."""
         raise NotImplementedError(f"the {self.name!r} backend has no autodiff to attach to")
 
+    def compiled_solve(self, solve: Callable, func, y0, t, params, arguments: dict) -> Any:
+        """``solve(func, y0, t, params=params, **arguments, throw=False)`` run by a compiled
+        program that the backend keeps for ``func`` and the static configuration, so that
+        repeating the call with new values compiles nothing; None where the backend keeps
+        none (the default) or this call cannot use one (an input is being traced, so the
+        call is itself being compiled). The solution's status holds any failure; the caller
+        raises."""
+        return None
+
     def float64(self):
         """A context in which float64 arrays are float64. Only JAX needs it: without its x64
         mode a float64 request silently gives float32."""

@@ -15,7 +15,8 @@ class Status(enum.IntEnum):
     MAX_STEPS_REACHED = 1
     DT_UNDERFLOW = 2
     NONFINITE_STATE = 3
-    #: Only under jit, where inputs cannot be checked before the solve (eagerly they raise).
+    #: A sample of a batch solved with ``throw=False`` whose y0 is not finite; under jit, also
+    #: what the checks before an eager solve would have raised for.
     INVALID_INPUT = 4
 
     def describe(self) -> str:
@@ -39,9 +40,9 @@ _DESCRIPTIONS = {
         "check func near this time"
     ),
     Status.INVALID_INPUT: (
-        "invalid input, found under jit: t is not strictly monotonic or not finite, y0 is not "
-        "finite, or a tolerance is not positive and finite; the same call outside jit names "
-        "the problem"
+        "invalid input: y0 is not finite, or, found under jit, t is not strictly monotonic or "
+        "not finite, a tolerance or step size is not positive and finite, or step_t or jump_t "
+        "is not finite; the same call outside jit with throw=True names the problem"
     ),
 }
 

@@ -104,6 +104,26 @@ def solve(
     gradient, and the parameter and time gradients, NaN.
     """
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    arguments = {
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "batch_axis": batch_axis,
+        "adjoint": adjoint,
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+    }
+    compiled = bk.compiled_solve(solve, func, y0, t, params, arguments)
+    if compiled is not None:
+
+        def check_inputs():
+            _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw)
+
+        return _raise_compiled_failures(bk, compiled, throw, check_inputs)
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
@@ -116,7 +136,7 @@ def solve(
             params_ = params if leaves is None else bk.with_leaves(params, leaves)
             leaves = adjoint_params if leaves is None else leaves
             return _prepare(
-                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves
+                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
             )
 
         def run(y0_, t_, record=False, leaves=None):
@@ -173,6 +193,21 @@ def solve(
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(_failure_message(solution), solution)
         return solution
+
+
+def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:
+    """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
+    that status is known, an invalid input raises what an eager solve raises for it
+    (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
+    solve raises SolveError."""
+    status, xp = solution.status, bk.xp
+    if bk.is_traced(status) or bool(xp.all(status == int(Status.SUCCESS))):
+        return solution
+    if bool(xp.any(status == int(Status.INVALID_INPUT))):
+        check_inputs()
+    if throw:
+        raise SolveError(_failure_message(solution), solution)
+    return solution
 
 
 def _run_loop(problem: _Problem, record: bool, throw: bool):
@@ -427,12 +462,17 @@ def _unflatten_like(params, leaves, problem):
 # Preparation
 
 
-def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None):
+def _prepare(
+    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None, throw=True
+):
+    """The checked, converted :class:`_Problem`, or None for a single output time. A batch
+    with samples whose y0 is not finite raises with ``throw``; without, those samples get
+    status INVALID_INPUT and the others are solved."""
     xp = bk.xp
     rk = prepared(_validate.tableau(method))
     opts = _validate.options(options, rk)
     ts_user = _validate.times(bk, t)
-    y0_arr = _validate.initial_state(bk, y0)
+    y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
     # A single sample on an eager backend keeps its control values as Python numbers and its
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
     scalar = bk.eager and batch_axis is None
@@ -440,6 +480,8 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     rtol = _validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype)
     atol = _validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype)
     norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
+    y0_int = layout.to_internal(xp, y0_arr)
+    samples_valid = _sample_validity(bk, y0_int, rtol, atol, layout, throw)
     if ts_user.shape[0] == 1:
         return None
     time_dtype = bk.time_dtype
@@ -455,7 +497,6 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, y0_arr.dtype)
     fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
-    y0_int = layout.to_internal(xp, y0_arr)
 
     step_size = opts.get("step_size")
     stops = [ts[-1:]]
@@ -485,7 +526,11 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
             k=rk.error_exponent_order,
             shrink_after_accept=opts.get("shrink_after_accept", False),
         )
-    valid = _traced_validity(bk, ts, y0_int, rtol, atol)
+    valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
+    if valid is not None:
+        # An invalid sample is not solved: all its outputs are NaN. NaN, unlike inf, also
+        # passes through the first evaluations of f without floating-point warnings.
+        y0_int = xp.where(valid[..., None], y0_int, math.nan)
     return _Problem(
         backend=bk,
         valid=valid,
@@ -538,17 +583,71 @@ def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
     return ratio
 
 
-def _traced_validity(bk, ts, y0, rtol, atol):
-    """What ``_validate`` checks, as one 0-d boolean array, when its checks were traced (jit);
-    None when they ran. The loop then starts with status INVALID_INPUT instead of raising."""
+def _sample_validity(bk, y0, rtol, atol, lay, throw):
+    """Whether each sample's y0 is finite and its per-element tolerances are positive and
+    finite, as a (B,) boolean array for the loop's initial status; None when every sample is
+    known to be valid (the state of a single eager sample, which ``_validate`` checked whole).
+
+    Known values are checked now: a batch whose y0 has non-finite samples raises, naming them,
+    with ``throw``, and otherwise solves the others. Under jit the flags are traced, and each
+    invalid sample starts with status INVALID_INPUT."""
+    if not lay.flat:
+        return None
+    xp = bk.xp
+    valid = xp.all(xp.isfinite(y0), axis=1)
+    for tol in (rtol, atol):
+        if not isinstance(tol, float) and tol.ndim == 2:  # per element, in (B, N) layout
+            valid = valid & xp.all(xp.isfinite(tol) & (tol > 0), axis=1)
+    if bk.is_traced(valid):
+        return valid
+    if bool(xp.all(valid)):
+        return None
+    if throw or not lay.batched:
+        raise ValueError(_invalid_samples_message(bk, valid, lay))
+    return valid
+
+
+def _invalid_samples_message(bk, valid, lay) -> str:
+    bad = [int(i) for i in bk.xp.nonzero(bk.xp.logical_not(valid))[0]]
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    return (
+        f"y0 contains NaN or infinite values in {len(bad)} of {lay.batch} samples "
+        f"(batch_axis={lay.batch_axis}): {shown}; replace or drop them, or pass throw=False "
+        f"to solve the other samples, and these get status INVALID_INPUT"
+    )
+
+
+def _traced_shared_validity(bk, ts, rtol, atol, opts):
+    """What every sample shares (the times, scalar tolerances, step sizes, step_t and jump_t)
+    checked as one 0-d boolean array where the checks in ``_validate`` were traced (jit);
+    None where they ran. An invalid shared input makes every sample INVALID_INPUT."""
     if bk.eager:
         return None
     xp = bk.xp
-    ok = xp.all(xp.isfinite(ts)) & xp.all(ts[1:] > ts[:-1]) & xp.all(xp.isfinite(y0))
+    checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1])]
     for tol in (rtol, atol):
-        if not isinstance(tol, float):
-            ok = ok & xp.all(xp.isfinite(tol) & (tol > 0))
+        if not isinstance(tol, float) and tol.ndim == 0:
+            checks.append(xp.isfinite(tol) & (tol > 0))
+    for key in ("step_t", "jump_t"):
+        if opts.get(key) is not None:
+            stops = xp.astype(bk.asarray(opts[key]), bk.time_dtype)
+            checks.append(xp.all(xp.isfinite(stops)))
+    for key in ("step_size", "first_step", "max_step"):
+        if bk.is_traced(opts.get(key)):
+            checks.append(opts[key] > 0)
+    low, high = opts.get("min_step", 0.0), opts.get("max_step", math.inf)
+    if bk.is_traced(low) or bk.is_traced(high):
+        checks.append((low >= 0) & (low <= high))
+    ok = checks[0]
+    for check in checks[1:]:
+        ok = ok & check
     return ok if bk.is_traced(ok) else None
+
+
+def _combine_validity(samples, shared):
+    if samples is None or shared is None:
+        return shared if samples is None else samples
+    return samples & shared
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def times(bk, t) -> Any:
     return arr
 
 
-def initial_state(bk, y0) -> Any:
+def initial_state(bk, y0, finite: bool = True) -> Any:
+    """``y0`` as an array, checked; ``finite=False`` leaves its values to the caller (a batch
+    is checked sample by sample)."""
     xp = bk.xp
     arr = bk.asarray(y0)
     if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
@@ -154,7 +156,7 @@ def initial_state(bk, y0) -> Any:
         raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
         raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
-    if _fails(bk, xp.all(xp.isfinite(arr))):
+    if finite and _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("y0 contains NaN or infinite values")
     return arr
 

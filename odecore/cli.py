@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import array_api_compat
 import numpy as np
@@ -112,20 +113,24 @@ def _run_solve(args) -> int:
 
     y0 = np.asarray(problem.y0, dtype=np.float64)
     t = np.asarray([problem.t0, problem.t1], dtype=np.float64)
+    # The problems are float64; a backend that must be told so (JAX's x64 mode) is, before it
+    # makes any array.
+    precision = odecore.get_backend(backend).float64() if backend != "auto" else nullcontext()
     start = time.perf_counter()
     try:
-        solution = odecore.solve(
-            problem.func,
-            y0,
-            t,
-            params=problem.params,
-            rtol=args.rtol,
-            atol=args.atol,
-            method=args.method,
-            options=options or None,
-            backend=args.backend,
-        )
-        final = _to_numpy(solution.ys[-1])  # converting waits for asynchronous backends
+        with precision:
+            solution = odecore.solve(
+                problem.func,
+                y0,
+                t,
+                params=problem.params,
+                rtol=args.rtol,
+                atol=args.atol,
+                method=args.method,
+                options=options or None,
+                backend=args.backend,
+            )
+            final = _to_numpy(solution.ys[-1])  # converting waits for asynchronous backends
     except odecore.SolveError as exc:
         print(exc, file=sys.stderr)
         return 1

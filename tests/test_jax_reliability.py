@@ -1,0 +1,442 @@
+"""The JAX backend where it used to go wrong: failures under grad, integer parameters, invalid
+samples and stop times under jit, silent downcasts, and the cost of repeated eager calls.
+
+References: closed forms, odecore's NumPy backend, and central finite differences in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="the JAX tests need jax installed")
+jnp = jax.numpy
+
+import odecore  # noqa: E402
+from odecore import Status  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _central_differences(f, x, eps=1e-6):
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.shape)
+    for j in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[j] += eps
+        minus[j] -= eps
+        out[j] = (float(f(jnp.asarray(plus))) - float(f(jnp.asarray(minus)))) / (2 * eps)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# A failed solve under grad raises SolveError
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_grad_of_a_failing_solve_raises_solve_error(x64, mode, batch_axis):
+    """Outside jit the status is known, under grad too: the failure is reported by name,
+    with the time reached, not by an error about tracers."""
+    y0 = jnp.ones((2, 1)) if batch_axis == 0 else jnp.ones(1)
+
+    def loss(y0):
+        ys = odecore.odeint(
+            lambda t, y: -y,
+            y0,
+            jnp.asarray([0.0, 50.0]),
+            options={"max_num_steps": 5},
+            adjoint=mode,
+            batch_axis=batch_axis,
+        )
+        return jnp.sum(ys)
+
+    with pytest.raises(odecore.SolveError, match=r"max_num_steps reached") as info:
+        jax.grad(loss)(y0)
+    # Five steps of dopri5 from t = 0 on y' = -y (a first step near 1e-1) end well before 50.
+    assert 0.0 < float(np.max(np.asarray(info.value.solution.t_reached))) < 50.0
+    assert "stopped at t=" in str(info.value) or "failed at t=" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Integer and boolean parameters are constants
+
+
+def _indexed(t, y, params):
+    """``dy/dt = -rates[order] * y + shift``, the shift only where ``free``: an integer index
+    array picks the rates, a boolean mask the shifted components."""
+    shift = jnp.where(params["free"], params["shift"], 0.0)
+    return -params["rates"][params["order"]] * y + shift
+
+
+def _integer_params():
+    return {
+        "rates": jnp.asarray([0.5, 1.5, 0.8]),
+        "order": jnp.asarray([2, 0]),
+        "shift": jnp.asarray(0.25),
+        "free": jnp.asarray([True, False]),
+    }
+
+
+def _indexed_loss(mode):
+    t = jnp.asarray([0.0, 0.7, 1.3])
+    y0 = jnp.asarray([1.0, -0.5])
+
+    def loss(params):
+        ys = odecore.odeint(_indexed, y0, t, params=params, adjoint=mode, rtol=1e-10, atol=1e-12)
+        return jnp.sum(ys**2)
+
+    return loss
+
+
+@pytest.mark.parametrize("wrap", ["grad", "jit(grad)", "grad(jit)"])
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_integer_parameter_is_a_constant(x64, mode, wrap):
+    loss = _indexed_loss(mode)
+    params = _integer_params()
+    if wrap == "grad":
+        grad = jax.grad(loss, allow_int=True)
+    elif wrap == "jit(grad)":
+        grad = jax.jit(jax.grad(loss, allow_int=True))
+    else:
+        grad = jax.grad(jax.jit(loss), allow_int=True)
+    g = grad(params)
+    assert g["order"].dtype == jax.dtypes.float0
+    assert g["free"].dtype == jax.dtypes.float0
+    for name in ("rates", "shift"):
+
+        def along(value, name=name):
+            return loss({**params, name: value})
+
+        fd = _central_differences(along, params[name])
+        # A perturbation of 1e-6 leaves the steps as they are, so the quotient is that of the
+        # discrete solve, to O(1e-12) truncation and 1e-16 / 1e-6 rounding; the backsolve's
+        # continuous adjoint differs from it by about the tolerance, 1e-10. 1e-5 of the
+        # largest entry leaves a wide margin over both.
+        scale = max(float(np.max(np.abs(fd))), 1.0)
+        np.testing.assert_allclose(np.asarray(g[name]), fd, rtol=0, atol=1e-5 * scale)
+    # rates[1] is never selected: its gradient is zero, not NaN.
+    assert float(g["rates"][1]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Validity under jit: per sample, except what the samples share
+
+
+def _decay(t, y):
+    return -y
+
+
+TIMES = np.array([0.0, 0.5, 2.0])
+BATCH = np.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.25]])
+
+
+def _exact(y0):
+    return np.exp(-TIMES)[:, None] * y0
+
+
+def test_per_element_tolerance_of_one_sample_invalidates_only_it(x64):
+    atol = np.full(BATCH.shape, 1e-12)
+    atol[2, 1] = -1.0
+    run = jax.jit(
+        lambda y0, t, atol: odecore.solve(
+            _decay, y0, t, rtol=1e-10, atol=atol, batch_axis=0, throw=False
+        )
+    )
+    sol = run(jnp.asarray(BATCH), jnp.asarray(TIMES), jnp.asarray(atol))
+    assert [int(s) for s in sol.status] == [Status.SUCCESS, Status.SUCCESS, Status.INVALID_INPUT]
+    assert bool(jnp.all(jnp.isnan(sol.ys[:, 2])))
+    for i in (0, 1):
+        # dopri5 at rtol 1e-10 to t = 2: a global error within a few hundred tolerances.
+        np.testing.assert_allclose(np.asarray(sol.ys[:, i]), _exact(BATCH[i]), atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["t", "rtol"])
+def test_invalid_shared_input_invalidates_every_sample(x64, bad):
+    t = jnp.asarray([0.0, np.nan, 2.0]) if bad == "t" else jnp.asarray(TIMES)
+    rtol = jnp.asarray(-1e-8) if bad == "rtol" else jnp.asarray(1e-8)
+    run = jax.jit(lambda y0, t, rtol: odecore.solve(_decay, y0, t, rtol=rtol, batch_axis=0))
+    sol = run(jnp.asarray(BATCH), t, rtol)
+    assert [int(s) for s in sol.status] == [Status.INVALID_INPUT] * 3
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+
+
+def test_one_non_finite_sample_under_jit_leaves_the_others(x64):
+    y0 = BATCH.copy()
+    y0[1, 0] = np.inf
+    sol = jax.jit(lambda y0, t: odecore.solve(_decay, y0, t, batch_axis=0, rtol=1e-10))(
+        jnp.asarray(y0), jnp.asarray(TIMES)
+    )
+    assert [int(s) for s in sol.status] == [Status.SUCCESS, Status.INVALID_INPUT, Status.SUCCESS]
+    for i in (0, 2):
+        np.testing.assert_allclose(np.asarray(sol.ys[:, i]), _exact(BATCH[i]), atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["step_t", "jump_t"])
+def test_nan_stop_time_under_jit_is_invalid_input(x64, key):
+    run = jax.jit(
+        lambda y0, stops: odecore.solve(
+            _decay, y0, jnp.asarray(TIMES), batch_axis=0, options={key: stops}
+        )
+    )
+    sol = run(jnp.asarray(BATCH), jnp.asarray([0.7, np.nan]))
+    assert [int(s) for s in sol.status] == [Status.INVALID_INPUT] * 3
+    assert bool(jnp.all(jnp.isnan(sol.ys[1:])))
+    # The same stops without the NaN are solved.
+    sol = run(jnp.asarray(BATCH), jnp.asarray([0.7, 1.2]))
+    assert [int(s) for s in sol.status] == [Status.SUCCESS] * 3
+    with pytest.raises(ValueError, match=rf"options\['{key}'\] contains NaN"):
+        odecore.solve(_decay, jnp.asarray(BATCH), jnp.asarray(TIMES), options={key: [np.nan]})
+
+
+# --------------------------------------------------------------------------------------------
+# Never downcast silently
+
+
+_DOWNCAST_SCRIPT = """
+import json, sys, warnings
+import numpy as np
+import jax
+import odecore
+
+case = sys.argv[1]
+if case == "x64":
+    jax.config.update("jax_enable_x64", True)
+state = np.float64 if case in ("y0", "x64") else np.float32
+y0 = np.array([1.0, -0.5], dtype=state)
+t = np.array([0.0, 1.0], dtype=state)
+rate = np.array(0.7, dtype=np.float64 if case in ("params", "x64") else np.float32)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        odecore.odeint(lambda t, y, k: -k * y, y0, t, params=rate, backend="jax")
+print(json.dumps([
+    [issubclass(w.category, odecore.PrecisionWarning), issubclass(w.category, UserWarning),
+     str(w.message)]
+    for w in caught
+]))
+"""
+
+
+def _warnings_in_a_fresh_process(case):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DOWNCAST_SCRIPT, case],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["y0", "params"])
+def test_float64_input_without_x64_warns_once(case):
+    """float64 y0 and t (or only params) on the 'jax' backend without x64: one warning per
+    process, naming the fix."""
+    caught = _warnings_in_a_fresh_process(case)
+    assert len(caught) == 1, caught
+    is_precision, is_user, message = caught[0]
+    assert is_precision and is_user
+    assert 'jax.config.update("jax_enable_x64", True)' in message
+
+
+@pytest.mark.parametrize("case", ["x64", "float32"])
+def test_no_precision_warning_without_a_downcast(case):
+    assert _warnings_in_a_fresh_process(case) == []
+
+
+def test_cli_solves_float64_problems_in_float64_on_jax(capsys):
+    """The problems are float64: the CLI's JAX solve matches the NumPy backend's to rounding,
+    where a float32 solve is off by about 1e-5 (its rounding accumulated over 10 time units)."""
+    from odecore.cli import main
+
+    assert not jax.config.jax_enable_x64
+    finals, errors = {}, {}
+    for backend in ("numpy", "jax"):
+        argv = ["solve", "harmonic", "--rtol", "1e-10", "--atol", "1e-12", "--backend", backend]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        line = next(s for s in out.splitlines() if s.startswith("final state:"))
+        finals[backend] = np.array([float(v) for v in line.split("[")[1].rstrip("]").split(",")])
+        line = next(s for s in out.splitlines() if s.startswith("max abs error:"))
+        errors[backend] = float(line.split()[-1])
+    assert not jax.config.jax_enable_x64  # the CLI switched x64 on for its solve only
+    # The same algorithm in float64 on both backends: they differ by rounding in the error
+    # control's sums, far below the solve's own error (about 7e-10 against the closed form).
+    np.testing.assert_allclose(finals["jax"], finals["numpy"], rtol=1e-11)
+    assert errors["jax"] < 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# Repeated eager calls reuse one compiled solve
+
+
+W = np.array([[-0.5, 1.0], [-1.0, -0.3]])
+B = np.array([0.1, -0.2])
+Y0 = np.array([0.3, -0.4])
+FIELD_TIMES = np.array([0.0, 0.4, 1.1, 1.5])
+
+
+def _field(t, y, params):
+    """``tanh(y W^T) + b sin(2t)``: nonlinear, non-autonomous; works on any array library."""
+    W_, b = params
+    xp = y.__array_namespace__() if hasattr(y, "__array_namespace__") else np
+    s = xp.sin(2 * xp.asarray(t))
+    return xp.tanh(y @ W_.T) + b * (s[..., None] if s.ndim else s)
+
+
+def _counting_field():
+    """``_field`` for the JAX solves, and the list its evaluations append to. Under JAX they
+    run only while func is traced, never when compiled code runs: the list counts traces."""
+    traces = []
+
+    def field(t, y, params):
+        traces.append(1)
+        return _field(t, y, params)
+
+    return field, traces
+
+
+def _jax(*arrays):
+    return [jnp.asarray(a) for a in arrays]
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_repeated_eager_calls_do_not_retrace(x64, batch_axis):
+    field, traces = _counting_field()
+    y0 = Y0 if batch_axis is None else np.stack([Y0, -2 * Y0])
+    calls = [  # (y0, t, W, b, rtol, atol): new values of the same shapes and dtypes
+        (y0, FIELD_TIMES, W, B, 1e-7, 1e-9),
+        (1.5 * y0, FIELD_TIMES, W, B, 1e-7, 1e-9),
+        (y0, 2.0 * FIELD_TIMES[::-1], W, B, 1e-7, 1e-9),
+        (y0, FIELD_TIMES, 0.5 * W, -B, 1e-7, 1e-9),
+        (y0, FIELD_TIMES, W, B, 1e-10, 1e-12),
+    ]
+    for i, (y0_, t, W_, b, rtol, atol) in enumerate(calls):
+        y0_j, t_j, W_j, b_j = _jax(y0_, t, W_, b)
+        kw = {"rtol": rtol, "atol": atol, "batch_axis": batch_axis}
+        ys = odecore.odeint(field, y0_j, t_j, params=(W_j, b_j), **kw)
+        if i == 0:
+            assert traces, "the first call traces func"
+            traces.clear()
+        # The NumPy backend takes the same steps; the two differ by rounding.
+        ref = odecore.odeint(_field, y0_, t, params=(W_, b), backend="numpy", **kw)
+        np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-12, atol=1e-14)
+    assert traces == [], f"func was traced again, {len(traces)} evaluations"
+
+
+@pytest.mark.parametrize("option, values", [("step_size", [0.1, 0.05]), ("step_t", [[0.3], [0.6]])])
+def test_new_step_sizes_and_stop_times_do_not_retrace(x64, option, values):
+    field, traces = _counting_field()
+    method = "rk4" if option == "step_size" else "dopri5"
+    for i, value in enumerate(values):
+        kw = {"method": method, "options": {option: value}}
+        ys = odecore.odeint(field, *_jax(Y0, FIELD_TIMES), params=tuple(_jax(W, B)), **kw)
+        if i == 0:
+            traces.clear()
+        ref = odecore.odeint(_field, Y0, FIELD_TIMES, params=(W, B), backend="numpy", **kw)
+        np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-12, atol=1e-14)
+    assert traces == []
+
+
+def test_repeated_eager_call_is_fast(x64):
+    """A call that traced and compiled its loops took about half a second on two cores; a
+    compiled call with its dispatch and checks takes a few milliseconds at most, so 0.1 s
+    leaves room for a loaded machine and still fails for any recompilation."""
+    import statistics
+    import time
+
+    field, _ = _counting_field()
+    y0, t, W_, b = _jax(Y0, FIELD_TIMES, W, B)
+    odecore.odeint(field, y0, t, params=(W_, b)).block_until_ready()
+    times = []
+    for i in range(10):
+        start = time.perf_counter()
+        odecore.odeint(field, y0 + 0.01 * i, t, params=(W_, b)).block_until_ready()
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.1, times
+
+
+def _resident_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_repeated_eager_calls_do_not_grow_memory(x64):
+    """A call that kept what it traced held about 6 MB that nothing freed (1.2 GB over these
+    200 calls); a compiled call keeps nothing. 50 MB is far below the first and far above
+    the allocator's noise."""
+    import gc
+    import os
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("reads the resident set size from /proc")
+    field, _ = _counting_field()
+    y0, t, W_, b = _jax(Y0, FIELD_TIMES, W, B)
+    for i in range(5):  # compile, and let the allocator reach its working size
+        odecore.odeint(field, y0 + 0.01 * i, t, params=(W_, b)).block_until_ready()
+    gc.collect()
+    before = _resident_mb()
+    for i in range(200):
+        odecore.odeint(field, y0 + 1e-3 * i, t, params=(W_, b)).block_until_ready()
+    gc.collect()
+    assert _resident_mb() - before < 50
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_grad_of_eager_calls_reuses_the_compiled_solve(x64, mode):
+    field, traces = _counting_field()
+    t = jnp.asarray(FIELD_TIMES)
+
+    def loss(y0, b):
+        ys = odecore.odeint(field, y0, t, params=(jnp.asarray(W), b), adjoint=mode, rtol=1e-10)
+        return jnp.sum(ys**2)
+
+    y0, b = _jax(Y0, B)
+    jax.grad(loss, argnums=(0, 1))(y0, b)
+    traces.clear()
+    g_y0, g_b = jax.grad(loss, argnums=(0, 1))(y0 + 0.1, b)
+    assert traces == []
+    # Central differences of the forward solve: the steps stay put under a 1e-6
+    # perturbation, so they differentiate the discrete solve to O(1e-12) plus rounding
+    # 1e-16 / 1e-6; the adjoint is within the tolerance (1e-10) of it.
+    fd_y0 = _central_differences(lambda v: loss(v, b), y0 + 0.1)
+    fd_b = _central_differences(lambda v: loss(y0 + 0.1, v), b)
+    np.testing.assert_allclose(np.asarray(g_y0), fd_y0, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(g_b), fd_b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_dead_func_frees_its_compiled_solve(x64):
+    import gc
+    import weakref
+
+    def make():
+        scale = jnp.asarray(0.5)
+        return lambda t, y: -scale * y
+
+    func = make()
+    alive = weakref.ref(func)
+    odecore.odeint(func, jnp.ones(3), jnp.asarray([0.0, 1.0]))
+    del func
+    gc.collect()
+    assert alive() is None
+
+
+def test_eager_call_under_disable_jit(x64):
+    """With jit disabled the compiled solve runs its Python as it is; it must not call
+    itself again, and solves as a compiled one does."""
+    field, _ = _counting_field()
+    with jax.disable_jit():
+        ys = odecore.odeint(field, *_jax(Y0, FIELD_TIMES), params=tuple(_jax(W, B)), rtol=1e-6)
+    ref = odecore.odeint(_field, Y0, FIELD_TIMES, params=(W, B), backend="numpy", rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-12, atol=1e-14)
