@@ -248,7 +248,11 @@ def odeint(
         with one time per sample (each sample steps on its own); otherwise a 0-d array.
         ``t`` is passed in the state's dtype.
     y0 : array
-        Initial state, any shape, real floating dtype.
+        Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
+        solved in float32 (the state, the stage sums, the error estimate and the outputs
+        buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
+        ``func`` still receives and returns the 16-bit dtype, and the outputs (and
+        gradients) come back in it.
     t : 1-D array
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
         time.
@@ -406,9 +410,9 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
     # A single sample on an eager backend keeps its control values as Python numbers and its
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
     scalar = bk.eager and batch_axis is None
-    layout = _validate.layout(y0_arr, batch_axis, flat=not scalar)
-    rtol = _validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype)
-    atol = _validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype)
+    layout = _validate.layout(xp, y0_arr, batch_axis, flat=not scalar)
+    rtol = _validate.tolerance(bk, rtol, "rtol", layout)
+    atol = _validate.tolerance(bk, atol, "atol", layout)
     norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
     if ts_user.shape[0] == 1:
         return None
@@ -423,7 +427,7 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
         sign = 1.0 if bool(forward) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
-    ops = ops_class(bk, y0_arr.dtype)
+    ops = ops_class(bk, layout.dtype, layout.user_dtype)
     fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
     y0_int = layout.to_internal(xp, y0_arr)
 
@@ -837,7 +841,7 @@ def _finish(p: _Problem, s: dict) -> Solution:
 def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
     xp = bk.xp
     y0_arr = _validate.initial_state(bk, y0)
-    layout = _validate.layout(y0_arr, batch_axis)
+    layout = _validate.layout(xp, y0_arr, batch_axis)
     zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
     status = int(Status.SUCCESS) if not layout.batched else zero
     stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}

@@ -164,16 +164,27 @@ class Layout:
 
     The conversions run on every function evaluation, so everything they need is computed
     here once. With ``flat=False`` (a single sample on an eager backend, whose control values
-    are Python numbers) the loop keeps the state in the user's shape and every conversion is
-    the identity.
+    are Python numbers) the loop keeps the state in the user's shape.
+
+    ``dtype`` is the loop's dtype, ``user_dtype`` that of ``y0``: they differ for a 16-bit
+    state, which the loop keeps in float32 (see ``loop_dtype``). The conversions then cast
+    too, so ``func``, a user norm and the outputs see the user's dtype and the loop its own.
+    Otherwise a single eager sample's conversions are the identity.
     """
 
     def __init__(
-        self, shape: tuple[int, ...], batch_axis: int | None, dtype: Any, flat: bool = True
+        self,
+        shape: tuple[int, ...],
+        batch_axis: int | None,
+        dtype: Any,
+        flat: bool = True,
+        user_dtype: Any = None,
     ):
         self.shape = shape
         self.batch_axis = batch_axis
         self.dtype = dtype
+        self.user_dtype = dtype if user_dtype is None else user_dtype
+        self.casts = self.user_dtype != dtype
         self.flat = flat
         self.batched = batch_axis is not None
         self.batch = shape[batch_axis] if self.batched else 1
@@ -181,7 +192,7 @@ class Layout:
         self.internal_shape = (self.batch, self.size) if flat else shape
         rest = tuple(n for i, n in enumerate(shape) if i != batch_axis)
         self._moved_shape = (self.batch, *rest)
-        if not flat:
+        if not flat and not self.casts:
             self.to_internal = self.to_user = self.from_user = _identity
             self.outputs_to_user = self.outputs_to_internal = _identity
 
@@ -193,9 +204,16 @@ class Layout:
     def to_internal(self, xp, y):
         if self.batched and self.batch_axis != 0:
             y = xp.moveaxis(y, self.batch_axis, 0)
-        return xp.reshape(y, self.internal_shape)
+        y = xp.reshape(y, self.internal_shape)
+        return xp.astype(y, self.dtype, copy=False) if self.casts else y
 
     def to_user(self, xp, y):
+        if self.casts:
+            y = xp.astype(y, self.user_dtype)
+        return self.shaped_as_user(xp, y)
+
+    def shaped_as_user(self, xp, y):
+        """``y`` in the user's shape, keeping its dtype."""
         if not self.batched:
             return xp.reshape(y, self.shape)
         y = xp.reshape(y, self._moved_shape)
@@ -208,10 +226,13 @@ class Layout:
         T = out.shape[0]
         if self.batched and self.batch_axis != 0:
             out = xp.moveaxis(out, self.batch_axis + 1, 1)
-        return xp.reshape(out, (T, *self.internal_shape))
+        out = xp.reshape(out, (T, *self.internal_shape))
+        return xp.astype(out, self.dtype, copy=False) if self.casts else out
 
     def outputs_to_user(self, xp, out):
         """(T, B, N) buffer -> (T, *shape)."""
+        if self.casts:
+            out = xp.astype(out, self.user_dtype)
         T = out.shape[0]
         if not self.batched:
             return xp.reshape(out, (T, *self.shape))
@@ -223,25 +244,37 @@ def _identity(xp, y):
     return y
 
 
-def layout(y0, batch_axis, flat: bool = True) -> Layout:
+def loop_dtype(xp, dtype):
+    """The dtype the loop keeps a state of ``dtype`` in: its own, but at least float32.
+
+    In a 16-bit float a step's increment ``h * k`` is often below half a unit in the last
+    place of ``y``, so ``y + h * k`` rounds back to ``y``: the solve drifts or stalls while
+    reporting success. The loop's stage sums, error estimate and outputs are therefore
+    float32; ``func`` still sees (and returns) the user's dtype."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def layout(xp, y0, batch_axis, flat: bool = True) -> Layout:
     shape = tuple(int(n) for n in y0.shape)
+    dtype = loop_dtype(xp, y0.dtype)
     if batch_axis is None:
-        return Layout(shape, None, y0.dtype, flat)
+        return Layout(shape, None, dtype, flat, user_dtype=y0.dtype)
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral):
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
     if not -len(shape) <= batch_axis < len(shape):
         raise ValueError(f"batch_axis={batch_axis} is out of range for y0 of shape {shape}")
-    return Layout(shape, int(batch_axis) % len(shape), y0.dtype)
+    return Layout(shape, int(batch_axis) % len(shape), dtype, user_dtype=y0.dtype)
 
 
-def tolerance(bk, value, name: str, lay: Layout, dtype):
-    """A positive float, or a per-element array broadcast to the loop's (B, N) layout."""
+def tolerance(bk, value, name: str, lay: Layout):
+    """A positive float, or a per-element array in the loop's dtype, broadcast to its (B, N)
+    layout."""
     xp = bk.xp
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
-    arr = xp.asarray(bk.asarray(value), dtype=dtype)
+    arr = xp.asarray(bk.asarray(value), dtype=lay.dtype)
     if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
     if arr.ndim == 0:
@@ -267,10 +300,14 @@ def norm(bk, value, lay: Layout):
         raise TypeError(f"options['norm'] must be 'rms', 'max' or a callable, got {value!r}")
 
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
-    # sample when the solve is batched.
+    # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
+    # a 16-bit state's dtype would only lose digits.
+    if not lay.flat:
+        return lambda x: xp.asarray(value(x))
+
     def user_norm(x):
-        n = xp.asarray(value(lay.to_user(xp, x)))
-        return xp.reshape(n, (lay.batch,)) if lay.flat else n
+        n = xp.asarray(value(lay.shaped_as_user(xp, x)))
+        return xp.reshape(n, (lay.batch,))
 
     return user_norm
 
@@ -303,9 +340,9 @@ def dynamics_output(bk, out, lay: Layout) -> None:
             f"func returned shape {tuple(out.shape)} but the state y has shape {lay.shape}; "
             f"dy/dt must have the shape of y"
         )
-    if out.dtype != lay.dtype:
+    if out.dtype != lay.user_dtype:
         raise TypeError(
-            f"func returned dtype {out.dtype} but the state y has dtype {lay.dtype}; return "
+            f"func returned dtype {out.dtype} but the state y has dtype {lay.user_dtype}; return "
             f"dy/dt in y's dtype (a float64 constant or t can promote it)"
         )
 
