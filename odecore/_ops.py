@@ -39,6 +39,9 @@ class ArrayOps:
     def isfinite(self, x):
         return self.xp.isfinite(x)
 
+    def isnan(self, x):
+        return self.xp.isnan(x)
+
     def not_(self, x):
         return self.xp.logical_not(x)
 
@@ -146,6 +149,10 @@ class ScalarOps:
     @staticmethod
     def isfinite(x):
         return math.isfinite(x)
+
+    @staticmethod
+    def isnan(x):
+        return x != x
 
     @staticmethod
     def not_(x):

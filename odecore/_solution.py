@@ -17,6 +17,7 @@ class Status(enum.IntEnum):
     NONFINITE_STATE = 3
     #: Only under jit, where inputs cannot be checked before the solve (eagerly they raise).
     INVALID_INPUT = 4
+    NONFINITE_ERROR = 5
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -30,13 +31,19 @@ _DESCRIPTIONS = {
         "whether the problem is stiff (explicit methods need tiny steps on stiff problems)"
     ),
     Status.DT_UNDERFLOW: (
-        "underflow in dt: the step size the error control asked for is too small to advance "
-        "time (or fell below options['min_step']); the solution may blow up here, or the "
-        "tolerances may be too tight for the dtype"
+        "underflow in dt: the step size is too small to advance time (the step the error "
+        "control asked for, or options['step_size'] or options['first_step']), or fell below "
+        "options['min_step']; the solution may blow up here, or the tolerances may be too "
+        "tight for the dtype"
     ),
     Status.NONFINITE_STATE: (
         "non-finite state: the dynamics returned NaN or inf and no smaller step avoided it; "
         "check func near this time"
+    ),
+    Status.NONFINITE_ERROR: (
+        "the error estimate is not finite although the state is: check options['norm'] (a "
+        "norm that returns NaN rejects every step) and the tolerances; no smaller step can "
+        "help"
     ),
     Status.INVALID_INPUT: (
         "invalid input, found under jit: t is not strictly monotonic or not finite, y0 is not "

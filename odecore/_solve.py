@@ -27,7 +27,13 @@ from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status, describe_status
 
+# The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
+SUCCESS = int(Status.SUCCESS)
+MAX_STEPS_REACHED = int(Status.MAX_STEPS_REACHED)
+DT_UNDERFLOW = int(Status.DT_UNDERFLOW)
+NONFINITE_STATE = int(Status.NONFINITE_STATE)
+NONFINITE_ERROR = int(Status.NONFINITE_ERROR)
 
 
 @dataclass
@@ -449,13 +455,13 @@ def _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, l
 
     controller = None
     if rk.adaptive:
-        pi = opts.get("controller", "I") == "PI"
+        icoeff, pcoeff = _validate.controller_gains(opts)
         controller = Controller(
             safety=opts.get("safety", 0.9),
             ifactor=opts.get("ifactor", 10.0),
             dfactor=opts.get("dfactor", 0.2),
-            icoeff=opts.get("icoeff", 0.3 if pi else 1.0),
-            pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
+            icoeff=icoeff,
+            pcoeff=pcoeff,
             k=rk.error_exponent_order,
             shrink_after_accept=opts.get("shrink_after_accept", False),
         )
@@ -636,9 +642,14 @@ def _body(p: _Problem, s: dict) -> dict:
         ratio = p.error_ratio(err, err2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
+        norm_failed = running & _norm_failed(p, ratio, err, err2, y_new)
     else:
         finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
+    # A step too short to move time (t + h == t, or h == 0) is not taken: it would change y
+    # but not t, and every step after it would be the same.
+    no_progress = accept & (t_new <= t)
+    accept = accept & ops.not_(no_progress)
     f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
     nfev = s["nfev"] + rk.nfev_per_step
 
@@ -659,19 +670,20 @@ def _body(p: _Problem, s: dict) -> dict:
         dt_next = ops.where(accept & lands, ops.maximum(dt_wanted, dt), dt_wanted)
         dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
         ratio_prev = ops.where(accept, ops.maximum(ratio, 1e-4), s["ratio_prev"])
-        failure = ops.where(finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE_STATE))
+        nonfinite = ops.where(norm_failed, NONFINITE_ERROR, NONFINITE_STATE)
+        stalled = stalled | norm_failed
     else:
         dt_next, ratio_prev = s["dt"], s["ratio_prev"]
         stalled = rejected
-        failure = int(Status.NONFINITE_STATE)
+        nonfinite = NONFINITE_STATE
+    stalled = stalled | no_progress
+    failure = ops.where(finite, DT_UNDERFLOW, nonfinite)
 
     nsteps = s["nsteps"] + ops.count(running)
     status = s["status"]
-    status = ops.where(accept & (t_new >= p.ts[-1]), int(Status.SUCCESS), status)
+    status = ops.where(accept & (t_new >= p.ts[-1]), SUCCESS, status)
     status = ops.where(stalled, failure, status)
-    status = ops.where(
-        (status == RUNNING) & (nsteps >= p.max_num_steps), int(Status.MAX_STEPS_REACHED), status
-    )
+    status = ops.where((status == RUNNING) & (nsteps >= p.max_num_steps), MAX_STEPS_REACHED, status)
     state = {
         "t": ops.where(accept, t_new, t),
         "y": ops.select_rows(accept, y_new, y),
@@ -689,6 +701,29 @@ def _body(p: _Problem, s: dict) -> dict:
     if tape is not None:
         state["tape"] = tape
     return state
+
+
+def _norm_failed(p, ratio, err, err2, y_new):
+    """Per sample: the error ratio is NaN although the error estimates and the trial state
+    are finite. The dynamics are then not to blame but the norm (a user norm returning NaN,
+    say), and no smaller step can help. The finiteness of the state is looked at only when
+    some ratio is NaN."""
+    ops, xp = p.ops, p.backend.xp
+    nan = ops.isnan(ratio)
+
+    def estimates_finite(nan, *estimates):
+        finite = xp.isfinite(estimates[0])
+        for e in estimates[1:]:
+            finite = finite & xp.isfinite(e)
+        return nan & ops.all_rows(finite)
+
+    estimates = (y_new, err) if err2 is None else (y_new, err, err2)
+    # Where no ratio is NaN, ``nan`` is the all-false answer.
+    return p.backend.cond(ops.any(nan), estimates_finite, _first, nan, *estimates)
+
+
+def _first(first, *rest):
+    return first
 
 
 def _record(p, s, t, h, t_new, y, accept):

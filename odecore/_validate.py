@@ -75,21 +75,22 @@ def options(opts: dict | None, rk) -> dict:
     # Step sizes may be traced arrays under jit, so that changing them does not recompile.
     runtime = {k for k in ("step_size", "first_step", "min_step", "max_step") if k in out}
     runtime = {k for k in runtime if is_traced(out[k])}
-    for key in ("step_size", "first_step", "max_step", "safety", "ifactor"):
+    # An infinite max_step or ifactor means no limit; the other values must be finite.
+    for key in ("step_size", "first_step", "max_step", "safety", "ifactor", "dfactor"):
         if key in out and key not in runtime:
-            out[key] = _positive_float(out[key], key)
-    if "min_step" in out and "min_step" not in runtime:
-        out["min_step"] = _positive_float(out["min_step"], "min_step", allow_zero=True)
-    if "dfactor" in out:
-        d = _positive_float(out["dfactor"], "dfactor")
-        if d >= 1:
-            raise ValueError(f"options['dfactor'] must be in (0, 1), got {d}")
-        out["dfactor"] = d
-    if "ifactor" in out and out["ifactor"] <= 1:
+            out[key] = _positive_float(out[key], key, finite=key not in ("max_step", "ifactor"))
+    for key in ("min_step", "pcoeff", "icoeff"):
+        if key in out and key not in runtime:
+            out[key] = _positive_float(out[key], key, allow_zero=True, finite=True)
+    if out.get("safety", 0.9) > 1:
+        raise ValueError(
+            f"options['safety'] must be in (0, 1], got {out['safety']}: it scales the step "
+            f"the error estimate allows, and a factor above 1 steps past it (0.9 is usual)"
+        )
+    if out.get("dfactor", 0.2) >= 1:
+        raise ValueError(f"options['dfactor'] must be in (0, 1), got {out['dfactor']}")
+    if out.get("ifactor", 10.0) <= 1:
         raise ValueError(f"options['ifactor'] must be greater than 1, got {out['ifactor']}")
-    for key in ("pcoeff", "icoeff"):
-        if key in out:
-            out[key] = _positive_float(out[key], key, allow_zero=True)
     if "shrink_after_accept" in out and not isinstance(out["shrink_after_accept"], bool):
         raise TypeError(
             "options['shrink_after_accept'] must be True or False, got "
@@ -97,6 +98,11 @@ def options(opts: dict | None, rk) -> dict:
         )
     if "controller" in out and out["controller"] not in ("I", "PI"):
         raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
+    if sum(controller_gains(out)) == 0:
+        raise ValueError(
+            "options['icoeff'] and options['pcoeff'] are both 0, so the step size would not "
+            "depend on the error estimate; make icoeff positive (1 for the I controller)"
+        )
     if "max_num_steps" in out:
         n = out["max_num_steps"]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -109,13 +115,23 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
-def _positive_float(value, name: str, allow_zero: bool = False) -> float:
+def controller_gains(opts: dict) -> tuple[float, float]:
+    """``(icoeff, pcoeff)``: those given, else the I controller's (1, 0) or, with
+    ``controller="PI"``, the PI controller's (0.3, 0.4)."""
+    pi = opts.get("controller", "I") == "PI"
+    return opts.get("icoeff", 0.3 if pi else 1.0), opts.get("pcoeff", 0.4 if pi else 0.0)
+
+
+def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = False) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"options[{name!r}] must be a number, got {value!r}")
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
-    if math.isnan(x) or x < 0 or (x == 0 and not allow_zero):
+    if math.isnan(x) or x < 0 or (x == 0 and not allow_zero) or (finite and math.isinf(x)):
         need = "non-negative" if allow_zero else "positive"
+        need = f"{need} and finite" if finite else need
         raise ValueError(f"options[{name!r}] must be {need}, got {value!r}")
     return x
 
