@@ -107,12 +107,13 @@ def solve(
     backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
     solve did not reach are NaN.
     """
+    _validate.call_arguments(func, throw, adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
         if bk.owns(y0):
-            t = bk.asarray(t, like=y0)
+            t = _validate.as_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
 
         def prepare(y0_, t_, leaves=None):
@@ -360,6 +361,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", **kwargs):
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
         raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+    _validate.call_arguments(func, True, None)
     bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
     settings = _validate.adjoint_settings(
         bk,

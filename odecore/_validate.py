@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from odecore._backend import is_traced
@@ -43,6 +44,24 @@ def _fails(bk, check) -> bool:
     return not bk.is_traced(check) and not bool(check)
 
 
+def call_arguments(func, throw, adjoint_params) -> None:
+    """The arguments of a solve that are not arrays or options: checked before anything
+    calls or iterates over them."""
+    if not callable(func):
+        raise TypeError(
+            f"func must be a callable, func(t, y) or func(t, y, params), got {_shown(func)}"
+        )
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be True or False, got {_shown(throw)}")
+    if adjoint_params is not None and (
+        isinstance(adjoint_params, (str, bytes, dict)) or not isinstance(adjoint_params, Iterable)
+    ):
+        raise TypeError(
+            f"adjoint_params must be a sequence of arrays (a list or tuple), got "
+            f"{_shown(adjoint_params)}"
+        )
+
+
 def tableau(method: str | None) -> Tableau:
     name = DEFAULT_METHOD if method is None else method
     if not isinstance(name, str) or name not in TABLEAUS:
@@ -56,10 +75,9 @@ def tableau(method: str | None) -> Tableau:
 def options(opts: dict | None, rk) -> dict:
     if opts is None:
         return {}
-    if not isinstance(opts, dict):
-        raise TypeError(f"options must be a dict, not {type(opts).__name__}")
+    check_dict(opts, "options")
     valid = _ADAPTIVE_OPTIONS if rk.adaptive else _FIXED_OPTIONS
-    unknown = sorted(set(opts) - valid)
+    unknown = sorted(set(opts) - valid, key=repr)
     if unknown:
         other = _FIXED_OPTIONS if rk.adaptive else _ADAPTIVE_OPTIONS
         hint = ""
@@ -115,6 +133,13 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
+def check_dict(value, name: str) -> None:
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"{name} must be a dict of option names to values, not {type(value).__name__}"
+        )
+
+
 def controller_gains(opts: dict) -> tuple[float, float]:
     """``(icoeff, pcoeff)``: those given, else the I controller's (1, 0) or, with
     ``controller="PI"``, the PI controller's (0.3, 0.4)."""
@@ -136,15 +161,18 @@ def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = F
     return x
 
 
+TIMES_NEED = "a 1-D array of output times"
+
+
 def times(bk, t) -> Any:
     xp = bk.xp
-    arr = bk.asarray(t)
+    arr = as_array(bk, t, "t", TIMES_NEED)
+    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
+        raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError("t is empty; it needs at least the initial time")
-    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
-        raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if xp.isdtype(arr.dtype, "integral"):
         arr = xp.astype(arr, bk.time_dtype)
     if _fails(bk, xp.all(xp.isfinite(arr))):
@@ -160,7 +188,7 @@ def times(bk, t) -> Any:
 
 def initial_state(bk, y0) -> Any:
     xp = bk.xp
-    arr = bk.asarray(y0)
+    arr = as_array(bk, y0, "y0", "an array of real floating numbers")
     if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
         raise TypeError(
             f"y0 must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
@@ -290,7 +318,7 @@ def tolerance(bk, value, name: str, lay: Layout):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
-    arr = xp.asarray(bk.asarray(value), dtype=lay.dtype)
+    arr = xp.asarray(real_numbers(bk, value, name, "a positive number"), dtype=lay.dtype)
     if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
     if arr.ndim == 0:
@@ -302,6 +330,38 @@ def tolerance(bk, value, name: str, lay: Layout):
             f"{name} of shape {tuple(arr.shape)} does not broadcast to y0's shape {lay.shape}"
         ) from None
     return lay.to_internal(xp, full)
+
+
+def real_numbers(bk, value, name: str, what: str):
+    """``value`` as an array of real numbers, or a TypeError that names ``name`` and says it
+    must be ``what`` or an array of them. Strings are refused even where the library would
+    parse them (NumPy reads "1e-6" as a number): a quoted number is a mistake elsewhere."""
+    xp = bk.xp
+    need = f"{what} or an array of them"
+    arr = None if isinstance(value, (str, bytes, bool)) else as_array(bk, value, name, need)
+    if arr is None or not (
+        xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")
+    ):
+        raise TypeError(f"{name} must be {need}, got {_shown(value)}")
+    return arr
+
+
+def as_array(bk, value, name: str, need: str, like=None):
+    """``value`` as the backend's array (on ``like``'s device), or a TypeError saying that
+    ``name`` must be ``need`` where the library cannot convert it (each library words its
+    own refusal, and none names the argument)."""
+    if value is None:
+        raise TypeError(f"{name} must be {need}, got None")
+    try:
+        return bk.asarray(value, like=like)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else f"{text[:57]}..."
+    return f"{text} ({type(value).__name__})"
 
 
 def norm(bk, value, lay: Layout):
@@ -331,7 +391,7 @@ def norm(bk, value, lay: Layout):
 def stop_times(bk, values, name: str, ts, sign: float):
     """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval."""
     xp = bk.xp
-    arr = xp.astype(bk.asarray(values), bk.time_dtype)
+    arr = xp.astype(real_numbers(bk, values, f"options[{name!r}]", "a time"), bk.time_dtype)
     if arr.ndim != 1:
         arr = xp.reshape(arr, (-1,))
     if _fails(bk, xp.all(xp.isfinite(arr))):
@@ -421,18 +481,19 @@ def adjoint_settings(
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
             return float(value)
-        arr = bk.asarray(value)
+        arr = real_numbers(bk, value, name, "a positive number")
         if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
             raise ValueError(f"every element of {name} must be positive and finite")
         smallest = xp.min(arr)
         return smallest if bk.is_traced(smallest) else float(smallest)
 
     tab = tableau(adj_method if adj_method is not None else method)
+    if fwd_options is not None:
+        check_dict(fwd_options, "options")
     if adj_options is None:
         # The forward norm is written for y's shape, not for the augmented backward state.
         adj_options = {k: v for k, v in (fwd_options or {}).items() if k != "norm"}
-    if not isinstance(adj_options, dict):
-        raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
+    check_dict(adj_options, "adjoint_options")
     from odecore._rk import prepared
 
     seminorm = adj_options.get("norm") == "seminorm"
