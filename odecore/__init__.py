@@ -11,7 +11,7 @@ from odecore._deq import (
     spectral_radius,
     vjp_fixed_point,
 )
-from odecore._solution import Solution, SolveError, Status
+from odecore._solution import PrecisionWarning, Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
@@ -29,6 +29,7 @@ __all__ = [
     "FixedPointSolution",
     "FixedPointStatus",
     "BackendNotAvailableError",
+    "PrecisionWarning",
     "Solution",
     "SolveError",
     "Status",

@@ -105,3 +105,8 @@ class SolveError(RuntimeError):
     def __init__(self, message: str, solution: Solution | None = None):
         super().__init__(message)
         self.solution = solution
+
+
+class PrecisionWarning(UserWarning):
+    """A tolerance asks for more than the state's dtype can resolve: the solve cannot reach
+    it, and may report success with a larger error than the tolerance promises."""

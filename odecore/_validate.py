@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from odecore._backend import is_traced
 from odecore._control import BUILTIN_NORMS
+from odecore._solution import PrecisionWarning
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 DEFAULT_METHOD = "dopri5"
@@ -60,6 +63,59 @@ def call_arguments(func, throw, adjoint_params) -> None:
             f"adjoint_params must be a sequence of arrays (a list or tuple), got "
             f"{_shown(adjoint_params)}"
         )
+
+
+def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
+    """Warn (:class:`~odecore.PrecisionWarning`) when ``rtol``, or the backsolve's
+    ``adjoint_rtol``, is below the unit roundoff of ``y0``'s dtype (half its machine
+    epsilon): no solve in that dtype resolves a smaller relative error, so such a tolerance
+    cannot be met, and a solve may report success with an error far above it. A value not
+    known yet (traced) is not looked at; a bad one is left to the checks that name it."""
+    xp = bk.xp
+    y0_arr = as_array(bk, y0, "y0", "an array of real floating numbers")
+    if not xp.isdtype(y0_arr.dtype, "real floating"):
+        return
+    dtype = y0_arr.dtype
+    roundoff = float(xp.finfo(dtype).eps) / 2
+    for name, value in (("rtol", rtol), ("adjoint_rtol", adjoint_rtol)):
+        smallest = _smallest_tolerance(bk, value, name)
+        if smallest is None or not 0 < smallest < roundoff:
+            continue
+        if isinstance(value, numbers.Real):
+            what = f"{name}={smallest:.3g}"
+        else:
+            what = f"the smallest element of {name}, {smallest:.3g},"
+        bits = xp.finfo(dtype).bits
+        wider = {16: ", or give y0 a wider dtype (float32 or float64)", 32: ", or use float64"}
+        warnings.warn(
+            f"{what} is below the unit roundoff of y0's dtype {_dtype_name(dtype)} "
+            f"({roundoff:.3g}), the smallest relative error it resolves: the solve cannot "
+            f"meet it, and its error may be far larger than {name} asks. Loosen {name} to "
+            f"at least {roundoff:.3g}{wider.get(bits, '')}",
+            PrecisionWarning,
+            stacklevel=_stacklevel_outside_odecore(),
+        )
+
+
+def _smallest_tolerance(bk, value, name) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    smallest = bk.xp.min(real_numbers(bk, value, name, "a positive number"))
+    return None if bk.is_traced(smallest) else float(smallest)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1].strip("'>")
+
+
+def _stacklevel_outside_odecore() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside odecore."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("odecore"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def tableau(method: str | None) -> Tableau:
