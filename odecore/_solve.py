@@ -25,7 +25,7 @@ from odecore._dynamics import Dynamics
 from odecore._grad import SolveRule
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
-from odecore._solution import Solution, SolveError, Status, describe_status
+from odecore._solution import Solution, SolveError, Status
 
 # The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
@@ -104,8 +104,9 @@ def solve(
     Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
     outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
     ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
-    backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
-    solve did not reach are NaN.
+    backends (a batch's message lists the failed samples, each with its status and the time
+    it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
+    the solve did not reach are NaN.
     """
     _validate.call_arguments(func, throw, adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
@@ -898,30 +899,39 @@ def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
 
 
 def _failure_message(sol: Solution) -> str:
-    status, t_reached = sol.status, sol.t_reached
+    """Where and why the solve failed. A batch lists its failed samples (the first
+    ``_LISTED_FAILURES``), each with its status and the time it reached."""
+    status, t_reached, stats = sol.status, sol.t_reached, sol.stats
     try:
         failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
     except TypeError:
         failed = None
-    stats = sol.stats
     if failed is None:
         where = f"at t={float(t_reached):.17g}"
         counts = (
             f"nfev={stats['nfev']}, steps={stats['nsteps']} "
             f"(accepted {stats['naccept']}, rejected {stats['nreject']})"
         )
+        codes = {int(status)}
     else:
-        i = failed[0]
-        where = (
-            f"for {len(failed)} of {len(status)} samples; sample {i} stopped at "
-            f"t={float(t_reached[i]):.17g}"
+        listed = ", ".join(
+            f"sample {i} ({Status(int(status[i])).name} at t={float(t_reached[i]):.9g})"
+            for i in failed[:_LISTED_FAILURES]
         )
+        unlisted = len(failed) - _LISTED_FAILURES
+        more = f" and {unlisted} more" if unlisted > 0 else ""
+        where = f"for {len(failed)} of {len(status)} samples; {listed}{more}"
+        i = failed[0]
         counts = (
             f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
             f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
         )
-    failed_status = status if failed is None else [status[i] for i in failed]
-    return (
-        f"odecore: the {sol.method} solve failed {where}: {describe_status(failed_status)}. "
-        f"Statistics: {counts}."
-    )
+        codes = {int(status[i]) for i in failed}
+    if len(codes) == 1:
+        why = Status(codes.pop()).describe()
+    else:
+        why = "; ".join(f"{Status(c).name}: {Status(c).describe()}" for c in sorted(codes))
+    return f"odecore: the {sol.method} solve failed {where}: {why}. Statistics: {counts}."
+
+
+_LISTED_FAILURES = 10
