@@ -35,8 +35,7 @@ import numpy as np
 from odecore.adapters._jax_cache import CompiledSolves
 
 from odecore._backend import Backend
-from odecore._solution import Solution
-from odecore._warnings import PrecisionWarning
+from odecore._solution import PrecisionWarning, Solution
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the

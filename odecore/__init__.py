@@ -12,9 +12,8 @@ from odecore._deq import (
     spectral_radius,
     vjp_fixed_point,
 )
-from odecore._solution import Solution, SolveError, Status
+from odecore._solution import PrecisionWarning, Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
-from odecore._warnings import PrecisionWarning
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS

@@ -73,9 +73,11 @@ def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):
         return n1
     n2 = ops.from_norm(norm(err2 / scale))
     squared = n1 * n1 + 0.01 * n2 * n2
-    # Zero only when both estimates vanish; a NaN must stay NaN so the step is rejected.
+    # Zero only when both estimates vanish; a NaN must stay NaN so the step is rejected, and
+    # an overflow stays infinite rather than becoming inf / inf.
     zero = squared == 0
-    return ops.where(zero, 0.0, n1 * n1 / ops.where(zero, 1.0, squared) ** 0.5)
+    combined = n1 * n1 / ops.where(zero, 1.0, squared) ** 0.5
+    return ops.where(zero, 0.0, ops.where(ops.isfinite(squared), combined, n1 + n2))
 
 
 def initial_step(xp, ops, fn, t0, y0, f0, order, rtol, atol, norm) -> Any:
@@ -97,4 +99,7 @@ def initial_step(xp, ops, fn, t0, y0, f0, order, rtol, atol, norm) -> Any:
         ops.maximum(h0 * 1e-3, 1e-6),
         (0.01 / ops.where(tiny, 1.0, dmax)) ** (1.0 / (order + 1)),
     )
-    return ops.minimum(100 * h0, h1)
+    # A derivative that is not finite a small step on, or a norm that returns NaN, says
+    # nothing about the step size (it would give 0 or NaN): the first guess stands, and the
+    # loop's first step finds out what is wrong.
+    return ops.where(ops.isfinite(dmax), ops.minimum(100 * h0, h1), h0)

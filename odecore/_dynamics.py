@@ -2,9 +2,11 @@
 
 The loop works on a (B, N) state (or the user's own shape for a single eager sample, see
 ``odecore._validate.Layout``) and on time that always increases. :class:`Dynamics` converts
-both ways around every call, checks the first output, and gives the vector-Jacobian products
-the gradient modes need through the backend (``Backend.dynamics_vjp``): the framework's
-autodiff for torch and JAX, the dynamics' own ``vjp`` method for NumPy.
+both ways around every call (for a 16-bit state also between its dtype and the loop's
+float32, so that ``func`` and its VJPs see only the user's dtype), checks the first output,
+and gives the vector-Jacobian products the gradient modes need through the backend
+(``Backend.dynamics_vjp``): the framework's autodiff for torch and JAX, the dynamics' own
+``vjp`` method for NumPy.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ class Dynamics:
         """``self.__call__`` without the layout and sign bookkeeping, when there is none to
         do: a forward solve of one sample kept in its own shape. The loop calls this for
         every stage, so the saved Python calls are a measurable part of a small step."""
-        if self.layout.flat or self.sign < 0:  # a traced sign is only ever flat
+        # A traced sign is only ever flat.
+        if self.layout.flat or self.layout.casts or self.sign < 0:
             return self
         func, params, ops = self.func, self.params, self.ops
         if ops.scalar:
             # ScalarOps.user_time, inlined: one Python call less per evaluation.
-            scalar, dtype = self.backend.scalar, ops.state_dtype
+            scalar, dtype = self.backend.scalar, ops.user_dtype
             if params is None:
                 return lambda t, y: func(scalar(t, dtype), y)
             return lambda t, y: func(scalar(t, dtype), y, params)

@@ -302,7 +302,9 @@ def _backsolve_backward(problem, ys, ys_bar, settings, failed):
 
     bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
     xp = bk.xp
-    shape, dtype = lay.shape, lay.dtype
+    # The backward state is in the user's dtype: for a 16-bit state its solve, like the
+    # forward one, then keeps its loop in float32 and calls func in the user's dtype.
+    shape, dtype = lay.shape, lay.user_dtype
     m = math.prod(shape)
     leaves = dyn.leaves
     sizes = [math.prod(leaf.shape) for leaf in leaves]

@@ -18,10 +18,12 @@ class ArrayOps:
 
     scalar = False
 
-    def __init__(self, backend, state_dtype):
+    def __init__(self, backend, state_dtype, user_dtype=None):
         self.xp = backend.xp
         self.time_dtype = backend.time_dtype
-        self.state_dtype = state_dtype
+        self.state_dtype = state_dtype  # the loop's
+        # The dtype ``func`` gets its time in: the user's state's (see Layout.user_dtype).
+        self.user_dtype = state_dtype if user_dtype is None else user_dtype
         self.int_dtype = backend.int_dtype
         self.stop_gradient = backend.stop_gradient
 
@@ -36,6 +38,9 @@ class ArrayOps:
 
     def isfinite(self, x):
         return self.xp.isfinite(x)
+
+    def isnan(self, x):
+        return self.xp.isnan(x)
 
     def not_(self, x):
         return self.xp.logical_not(x)
@@ -100,8 +105,8 @@ class ArrayOps:
         return slot, rows
 
     def user_time(self, t, batched):
-        """Time as ``func`` receives it: in the state's dtype, one per sample or 0-d."""
-        t = self.xp.astype(t, self.state_dtype)
+        """Time as ``func`` receives it: in the user's state's dtype, one per sample or 0-d."""
+        t = self.xp.astype(t, self.user_dtype)
         return t if batched else self.xp.reshape(t, ())
 
     def to_host(self, x):
@@ -117,10 +122,11 @@ class ScalarOps:
 
     scalar = True
 
-    def __init__(self, backend, state_dtype):
+    def __init__(self, backend, state_dtype, user_dtype=None):
         self.xp = backend.xp
         self.time_dtype = backend.time_dtype
         self.state_dtype = state_dtype
+        self.user_dtype = state_dtype if user_dtype is None else user_dtype
         self.int_dtype = backend.int_dtype
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
@@ -143,6 +149,10 @@ class ScalarOps:
     @staticmethod
     def isfinite(x):
         return math.isfinite(x)
+
+    @staticmethod
+    def isnan(x):
+        return x != x
 
     @staticmethod
     def not_(x):
@@ -207,7 +217,7 @@ class ScalarOps:
         return slot
 
     def user_time(self, t, batched):
-        return self.scalar(t, self.state_dtype)
+        return self.scalar(t, self.user_dtype)
 
     def to_host(self, x):
         return self.xp.asarray([x])

@@ -18,6 +18,7 @@ class Status(enum.IntEnum):
     #: A sample of a batch solved with ``throw=False`` whose y0 is not finite; under jit, also
     #: what the checks before an eager solve would have raised for.
     INVALID_INPUT = 4
+    NONFINITE_ERROR = 5
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -31,13 +32,19 @@ _DESCRIPTIONS = {
         "whether the problem is stiff (explicit methods need tiny steps on stiff problems)"
     ),
     Status.DT_UNDERFLOW: (
-        "underflow in dt: the step size the error control asked for is too small to advance "
-        "time (or fell below options['min_step']); the solution may blow up here, or the "
-        "tolerances may be too tight for the dtype"
+        "underflow in dt: the step size is too small to advance time (the step the error "
+        "control asked for, or options['step_size'] or options['first_step']), or fell below "
+        "options['min_step']; the solution may blow up here, or the tolerances may be too "
+        "tight for the dtype"
     ),
     Status.NONFINITE_STATE: (
         "non-finite state: the dynamics returned NaN or inf and no smaller step avoided it; "
         "check func near this time"
+    ),
+    Status.NONFINITE_ERROR: (
+        "the error estimate is not finite although the state is: check options['norm'] (a "
+        "norm that returns NaN rejects every step) and the tolerances; no smaller step can "
+        "help"
     ),
     Status.INVALID_INPUT: (
         "invalid input: y0 is not finite, or, found under jit, t is not strictly monotonic or "
@@ -99,3 +106,9 @@ class SolveError(RuntimeError):
     def __init__(self, message: str, solution: Solution | None = None):
         super().__init__(message)
         self.solution = solution
+
+
+class PrecisionWarning(UserWarning):
+    """A solve cannot give the precision it was asked for: a tolerance below what the state's
+    dtype resolves (the solve may report success with a larger error than the tolerance
+    promises), or float64 inputs that JAX without its x64 mode turns into float32."""

@@ -25,9 +25,15 @@ from odecore._dynamics import Dynamics
 from odecore._grad import FailedSolvePolicy, SolveRule, check_params_tree
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import RKMethod, prepared
-from odecore._solution import Solution, SolveError, Status, describe_status
+from odecore._solution import Solution, SolveError, Status
 
+# The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
+SUCCESS = int(Status.SUCCESS)
+MAX_STEPS_REACHED = int(Status.MAX_STEPS_REACHED)
+DT_UNDERFLOW = int(Status.DT_UNDERFLOW)
+NONFINITE_STATE = int(Status.NONFINITE_STATE)
+NONFINITE_ERROR = int(Status.NONFINITE_ERROR)
 
 
 @dataclass
@@ -98,11 +104,13 @@ def solve(
     Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
     outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
     ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
-    backends; with ``throw=False`` the failure is reported in ``status`` and the outputs the
-    solve did not reach are NaN. Gradients then reach the outputs it did reach as if it had
-    stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
+    backends (a batch's message lists the failed samples, each with its status and the time
+    it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
+    the solve did not reach are NaN. Gradients then reach the outputs it did reach as if it
+    had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
     gradient, and the parameter and time gradients, NaN.
     """
+    _validate.call_arguments(func, throw, adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     arguments = {
         "rtol": rtol,
@@ -128,7 +136,7 @@ def solve(
     # the times.
     with bk.device_scope(y0):
         if bk.owns(y0):
-            t = bk.asarray(t, like=y0)
+            t = _validate.as_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
 
         def prepare(y0_, t_, leaves=None):
@@ -159,6 +167,7 @@ def solve(
             adjoint_options,
             mode,
         )
+        _validate.warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol if settings else None)
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1]
         leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
@@ -309,12 +318,19 @@ def odeint(
         with one time per sample (each sample steps on its own); otherwise a 0-d array.
         ``t`` is passed in the state's dtype.
     y0 : array
-        Initial state, any shape, real floating dtype.
+        Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
+        solved in float32 (the state, the stage sums, the error estimate and the outputs
+        buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
+        ``func`` still receives and returns the 16-bit dtype, and the outputs (and
+        gradients) come back in it.
     t : 1-D array
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
         time.
     rtol, atol : float or array
-        Relative and absolute tolerances (positive; arrays broadcast against ``y0``).
+        Relative and absolute tolerances (positive; arrays broadcast against ``y0``). An
+        ``rtol`` below the unit roundoff of ``y0``'s dtype (half its machine epsilon:
+        5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
+        gets a :class:`~odecore.PrecisionWarning`; so does such an ``adjoint_rtol``.
     method : str
         One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
     options : dict
@@ -414,6 +430,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
         raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+    _validate.call_arguments(func, True, None)
     bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
     settings = _validate.adjoint_settings(
         bk,
@@ -425,6 +442,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
         adjoint,
     )
     check_params_tree(bk, params, bk.param_leaves(func, params), differentiated_only=False)
+    _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
     problem = residuals[0]
@@ -476,9 +494,9 @@ def _prepare(
     # A single sample on an eager backend keeps its control values as Python numbers and its
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
     scalar = bk.eager and batch_axis is None
-    layout = _validate.layout(y0_arr, batch_axis, flat=not scalar)
-    rtol = _validate.tolerance(bk, rtol, "rtol", layout, y0_arr.dtype)
-    atol = _validate.tolerance(bk, atol, "atol", layout, y0_arr.dtype)
+    layout = _validate.layout(xp, y0_arr, batch_axis, flat=not scalar)
+    rtol = _validate.tolerance(bk, rtol, "rtol", layout)
+    atol = _validate.tolerance(bk, atol, "atol", layout)
     norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
     y0_int = layout.to_internal(xp, y0_arr)
     samples_valid = _sample_validity(bk, y0_int, rtol, atol, layout, throw)
@@ -495,7 +513,7 @@ def _prepare(
         sign = 1.0 if bool(forward) else -1.0
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
-    ops = ops_class(bk, y0_arr.dtype)
+    ops = ops_class(bk, layout.dtype, layout.user_dtype)
     fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
 
     step_size = opts.get("step_size")
@@ -516,13 +534,13 @@ def _prepare(
 
     controller = None
     if rk.adaptive:
-        pi = opts.get("controller", "I") == "PI"
+        icoeff, pcoeff = _validate.controller_gains(opts)
         controller = Controller(
             safety=opts.get("safety", 0.9),
             ifactor=opts.get("ifactor", 10.0),
             dfactor=opts.get("dfactor", 0.2),
-            icoeff=opts.get("icoeff", 0.3 if pi else 1.0),
-            pcoeff=opts.get("pcoeff", 0.4 if pi else 0.0),
+            icoeff=icoeff,
+            pcoeff=pcoeff,
             k=rk.error_exponent_order,
             shrink_after_accept=opts.get("shrink_after_accept", False),
         )
@@ -761,9 +779,14 @@ def _body(p: _Problem, s: dict) -> dict:
         ratio = p.error_ratio(err, err2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
+        norm_failed = running & _norm_failed(p, ratio, err, err2, y_new)
     else:
         finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
+    # A step too short to move time (t + h == t, or h == 0) is not taken: it would change y
+    # but not t, and every step after it would be the same.
+    no_progress = accept & (t_new <= t)
+    accept = accept & ops.not_(no_progress)
     f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
     nfev = s["nfev"] + rk.nfev_per_step
 
@@ -784,19 +807,20 @@ def _body(p: _Problem, s: dict) -> dict:
         dt_next = ops.where(accept & lands, ops.maximum(dt_wanted, dt), dt_wanted)
         dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
         ratio_prev = ops.where(accept, ops.maximum(ratio, 1e-4), s["ratio_prev"])
-        failure = ops.where(finite, int(Status.DT_UNDERFLOW), int(Status.NONFINITE_STATE))
+        nonfinite = ops.where(norm_failed, NONFINITE_ERROR, NONFINITE_STATE)
+        stalled = stalled | norm_failed
     else:
         dt_next, ratio_prev = s["dt"], s["ratio_prev"]
         stalled = rejected
-        failure = int(Status.NONFINITE_STATE)
+        nonfinite = NONFINITE_STATE
+    stalled = stalled | no_progress
+    failure = ops.where(finite, DT_UNDERFLOW, nonfinite)
 
     nsteps = s["nsteps"] + ops.count(running)
     status = s["status"]
-    status = ops.where(accept & (t_new >= p.ts[-1]), int(Status.SUCCESS), status)
+    status = ops.where(accept & (t_new >= p.ts[-1]), SUCCESS, status)
     status = ops.where(stalled, failure, status)
-    status = ops.where(
-        (status == RUNNING) & (nsteps >= p.max_num_steps), int(Status.MAX_STEPS_REACHED), status
-    )
+    status = ops.where((status == RUNNING) & (nsteps >= p.max_num_steps), MAX_STEPS_REACHED, status)
     state = {
         "t": ops.where(accept, t_new, t),
         "y": ops.select_rows(accept, y_new, y),
@@ -814,6 +838,29 @@ def _body(p: _Problem, s: dict) -> dict:
     if tape is not None:
         state["tape"] = tape
     return state
+
+
+def _norm_failed(p, ratio, err, err2, y_new):
+    """Per sample: the error ratio is NaN although the error estimates and the trial state
+    are finite. The dynamics are then not to blame but the norm (a user norm returning NaN,
+    say), and no smaller step can help. The finiteness of the state is looked at only when
+    some ratio is NaN."""
+    ops, xp = p.ops, p.backend.xp
+    nan = ops.isnan(ratio)
+
+    def estimates_finite(nan, *estimates):
+        finite = xp.isfinite(estimates[0])
+        for e in estimates[1:]:
+            finite = finite & xp.isfinite(e)
+        return nan & ops.all_rows(finite)
+
+    estimates = (y_new, err) if err2 is None else (y_new, err, err2)
+    # Where no ratio is NaN, ``nan`` is the all-false answer.
+    return p.backend.cond(ops.any(nan), estimates_finite, _first, nan, *estimates)
+
+
+def _first(first, *rest):
+    return first
 
 
 def _record(p, s, t, h, t_new, y, accept):
@@ -966,7 +1013,7 @@ def _finish(p: _Problem, s: dict) -> Solution:
 def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
     xp = bk.xp
     y0_arr = _validate.initial_state(bk, y0)
-    layout = _validate.layout(y0_arr, batch_axis)
+    layout = _validate.layout(xp, y0_arr, batch_axis)
     zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
     status = int(Status.SUCCESS) if not layout.batched else zero
     stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
@@ -981,30 +1028,39 @@ def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
 
 
 def _failure_message(sol: Solution) -> str:
-    status, t_reached = sol.status, sol.t_reached
+    """Where and why the solve failed. A batch lists its failed samples (the first
+    ``_LISTED_FAILURES``), each with its status and the time it reached."""
+    status, t_reached, stats = sol.status, sol.t_reached, sol.stats
     try:
         failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
     except TypeError:
         failed = None
-    stats = sol.stats
     if failed is None:
         where = f"at t={float(t_reached):.17g}"
         counts = (
             f"nfev={stats['nfev']}, steps={stats['nsteps']} "
             f"(accepted {stats['naccept']}, rejected {stats['nreject']})"
         )
+        codes = {int(status)}
     else:
-        i = failed[0]
-        where = (
-            f"for {len(failed)} of {len(status)} samples; sample {i} stopped at "
-            f"t={float(t_reached[i]):.17g}"
+        listed = ", ".join(
+            f"sample {i} ({Status(int(status[i])).name} at t={float(t_reached[i]):.9g})"
+            for i in failed[:_LISTED_FAILURES]
         )
+        unlisted = len(failed) - _LISTED_FAILURES
+        more = f" and {unlisted} more" if unlisted > 0 else ""
+        where = f"for {len(failed)} of {len(status)} samples; {listed}{more}"
+        i = failed[0]
         counts = (
             f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
             f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
         )
-    failed_status = status if failed is None else [status[i] for i in failed]
-    return (
-        f"odecore: the {sol.method} solve failed {where}: {describe_status(failed_status)}. "
-        f"Statistics: {counts}."
-    )
+        codes = {int(status[i]) for i in failed}
+    if len(codes) == 1:
+        why = Status(codes.pop()).describe()
+    else:
+        why = "; ".join(f"{Status(c).name}: {Status(c).describe()}" for c in sorted(codes))
+    return f"odecore: the {sol.method} solve failed {where}: {why}. Statistics: {counts}."
+
+
+_LISTED_FAILURES = 10

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from odecore._backend import is_traced
 from odecore._control import BUILTIN_NORMS
+from odecore._solution import PrecisionWarning
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 DEFAULT_METHOD = "dopri5"
@@ -43,6 +47,77 @@ def _fails(bk, check) -> bool:
     return not bk.is_traced(check) and not bool(check)
 
 
+def call_arguments(func, throw, adjoint_params) -> None:
+    """The arguments of a solve that are not arrays or options: checked before anything
+    calls or iterates over them."""
+    if not callable(func):
+        raise TypeError(
+            f"func must be a callable, func(t, y) or func(t, y, params), got {_shown(func)}"
+        )
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be True or False, got {_shown(throw)}")
+    if adjoint_params is not None and (
+        isinstance(adjoint_params, (str, bytes, dict)) or not isinstance(adjoint_params, Iterable)
+    ):
+        raise TypeError(
+            f"adjoint_params must be a sequence of arrays (a list or tuple), got "
+            f"{_shown(adjoint_params)}"
+        )
+
+
+def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
+    """Warn (:class:`~odecore.PrecisionWarning`) when ``rtol``, or the backsolve's
+    ``adjoint_rtol``, is below the unit roundoff of ``y0``'s dtype (half its machine
+    epsilon): no solve in that dtype resolves a smaller relative error, so such a tolerance
+    cannot be met, and a solve may report success with an error far above it. A value not
+    known yet (traced) is not looked at; a bad one is left to the checks that name it."""
+    xp = bk.xp
+    y0_arr = as_array(bk, y0, "y0", "an array of real floating numbers")
+    if not xp.isdtype(y0_arr.dtype, "real floating"):
+        return
+    dtype = y0_arr.dtype
+    roundoff = float(xp.finfo(dtype).eps) / 2
+    for name, value in (("rtol", rtol), ("adjoint_rtol", adjoint_rtol)):
+        smallest = _smallest_tolerance(bk, value, name)
+        if smallest is None or not 0 < smallest < roundoff:
+            continue
+        if isinstance(value, numbers.Real):
+            what = f"{name}={smallest:.3g}"
+        else:
+            what = f"the smallest element of {name}, {smallest:.3g},"
+        bits = xp.finfo(dtype).bits
+        wider = {16: ", or give y0 a wider dtype (float32 or float64)", 32: ", or use float64"}
+        warnings.warn(
+            f"{what} is below the unit roundoff of y0's dtype {_dtype_name(dtype)} "
+            f"({roundoff:.3g}), the smallest relative error it resolves: the solve cannot "
+            f"meet it, and its error may be far larger than {name} asks. Loosen {name} to "
+            f"at least {roundoff:.3g}{wider.get(bits, '')}",
+            PrecisionWarning,
+            stacklevel=_stacklevel_outside_odecore(),
+        )
+
+
+def _smallest_tolerance(bk, value, name) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    smallest = bk.xp.min(real_numbers(bk, value, name, "a positive number"))
+    return None if bk.is_traced(smallest) else float(smallest)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1].strip("'>")
+
+
+def _stacklevel_outside_odecore() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside odecore."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("odecore"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def tableau(method: str | None) -> Tableau:
     name = DEFAULT_METHOD if method is None else method
     if not isinstance(name, str) or name not in TABLEAUS:
@@ -56,10 +131,9 @@ def tableau(method: str | None) -> Tableau:
 def options(opts: dict | None, rk) -> dict:
     if opts is None:
         return {}
-    if not isinstance(opts, dict):
-        raise TypeError(f"options must be a dict, not {type(opts).__name__}")
+    check_dict(opts, "options")
     valid = _ADAPTIVE_OPTIONS if rk.adaptive else _FIXED_OPTIONS
-    unknown = sorted(set(opts) - valid)
+    unknown = sorted(set(opts) - valid, key=repr)
     if unknown:
         other = _FIXED_OPTIONS if rk.adaptive else _ADAPTIVE_OPTIONS
         hint = ""
@@ -75,21 +149,22 @@ def options(opts: dict | None, rk) -> dict:
     # Step sizes may be traced arrays under jit, so that changing them does not recompile.
     runtime = {k for k in ("step_size", "first_step", "min_step", "max_step") if k in out}
     runtime = {k for k in runtime if is_traced(out[k])}
-    for key in ("step_size", "first_step", "max_step", "safety", "ifactor"):
+    # An infinite max_step or ifactor means no limit; the other values must be finite.
+    for key in ("step_size", "first_step", "max_step", "safety", "ifactor", "dfactor"):
         if key in out and key not in runtime:
-            out[key] = _positive_float(out[key], key)
-    if "min_step" in out and "min_step" not in runtime:
-        out["min_step"] = _positive_float(out["min_step"], "min_step", allow_zero=True)
-    if "dfactor" in out:
-        d = _positive_float(out["dfactor"], "dfactor")
-        if d >= 1:
-            raise ValueError(f"options['dfactor'] must be in (0, 1), got {d}")
-        out["dfactor"] = d
-    if "ifactor" in out and out["ifactor"] <= 1:
+            out[key] = _positive_float(out[key], key, finite=key not in ("max_step", "ifactor"))
+    for key in ("min_step", "pcoeff", "icoeff"):
+        if key in out and key not in runtime:
+            out[key] = _positive_float(out[key], key, allow_zero=True, finite=True)
+    if out.get("safety", 0.9) > 1:
+        raise ValueError(
+            f"options['safety'] must be in (0, 1], got {out['safety']}: it scales the step "
+            f"the error estimate allows, and a factor above 1 steps past it (0.9 is usual)"
+        )
+    if out.get("dfactor", 0.2) >= 1:
+        raise ValueError(f"options['dfactor'] must be in (0, 1), got {out['dfactor']}")
+    if out.get("ifactor", 10.0) <= 1:
         raise ValueError(f"options['ifactor'] must be greater than 1, got {out['ifactor']}")
-    for key in ("pcoeff", "icoeff"):
-        if key in out:
-            out[key] = _positive_float(out[key], key, allow_zero=True)
     if "shrink_after_accept" in out and not isinstance(out["shrink_after_accept"], bool):
         raise TypeError(
             "options['shrink_after_accept'] must be True or False, got "
@@ -97,6 +172,11 @@ def options(opts: dict | None, rk) -> dict:
         )
     if "controller" in out and out["controller"] not in ("I", "PI"):
         raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
+    if sum(controller_gains(out)) == 0:
+        raise ValueError(
+            "options['icoeff'] and options['pcoeff'] are both 0, so the step size would not "
+            "depend on the error estimate; make icoeff positive (1 for the I controller)"
+        )
     if "max_num_steps" in out:
         n = out["max_num_steps"]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -109,26 +189,46 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
-def _positive_float(value, name: str, allow_zero: bool = False) -> float:
+def check_dict(value, name: str) -> None:
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"{name} must be a dict of option names to values, not {type(value).__name__}"
+        )
+
+
+def controller_gains(opts: dict) -> tuple[float, float]:
+    """``(icoeff, pcoeff)``: those given, else the I controller's (1, 0) or, with
+    ``controller="PI"``, the PI controller's (0.3, 0.4)."""
+    pi = opts.get("controller", "I") == "PI"
+    return opts.get("icoeff", 0.3 if pi else 1.0), opts.get("pcoeff", 0.4 if pi else 0.0)
+
+
+def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = False) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"options[{name!r}] must be a number, got {value!r}")
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
-    if math.isnan(x) or x < 0 or (x == 0 and not allow_zero):
+    if math.isnan(x) or x < 0 or (x == 0 and not allow_zero) or (finite and math.isinf(x)):
         need = "non-negative" if allow_zero else "positive"
+        need = f"{need} and finite" if finite else need
         raise ValueError(f"options[{name!r}] must be {need}, got {value!r}")
     return x
 
 
+TIMES_NEED = "a 1-D array of output times"
+
+
 def times(bk, t) -> Any:
     xp = bk.xp
-    arr = bk.asarray(t)
+    arr = as_array(bk, t, "t", TIMES_NEED)
+    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
+        raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError("t is empty; it needs at least the initial time")
-    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
-        raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if xp.isdtype(arr.dtype, "integral"):
         arr = xp.astype(arr, bk.time_dtype)
     if _fails(bk, xp.all(xp.isfinite(arr))):
@@ -146,7 +246,7 @@ def initial_state(bk, y0, finite: bool = True) -> Any:
     """``y0`` as an array, checked; ``finite=False`` leaves its values to the caller (a batch
     is checked sample by sample)."""
     xp = bk.xp
-    arr = bk.asarray(y0)
+    arr = as_array(bk, y0, "y0", "an array of real floating numbers")
     if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
         raise TypeError(
             f"y0 must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
@@ -166,16 +266,27 @@ class Layout:
 
     The conversions run on every function evaluation, so everything they need is computed
     here once. With ``flat=False`` (a single sample on an eager backend, whose control values
-    are Python numbers) the loop keeps the state in the user's shape and every conversion is
-    the identity.
+    are Python numbers) the loop keeps the state in the user's shape.
+
+    ``dtype`` is the loop's dtype, ``user_dtype`` that of ``y0``: they differ for a 16-bit
+    state, which the loop keeps in float32 (see ``loop_dtype``). The conversions then cast
+    too, so ``func``, a user norm and the outputs see the user's dtype and the loop its own.
+    Otherwise a single eager sample's conversions are the identity.
     """
 
     def __init__(
-        self, shape: tuple[int, ...], batch_axis: int | None, dtype: Any, flat: bool = True
+        self,
+        shape: tuple[int, ...],
+        batch_axis: int | None,
+        dtype: Any,
+        flat: bool = True,
+        user_dtype: Any = None,
     ):
         self.shape = shape
         self.batch_axis = batch_axis
         self.dtype = dtype
+        self.user_dtype = dtype if user_dtype is None else user_dtype
+        self.casts = self.user_dtype != dtype
         self.flat = flat
         self.batched = batch_axis is not None
         self.batch = shape[batch_axis] if self.batched else 1
@@ -183,7 +294,7 @@ class Layout:
         self.internal_shape = (self.batch, self.size) if flat else shape
         rest = tuple(n for i, n in enumerate(shape) if i != batch_axis)
         self._moved_shape = (self.batch, *rest)
-        if not flat:
+        if not flat and not self.casts:
             self.to_internal = self.to_user = self.from_user = _identity
             self.outputs_to_user = self.outputs_to_internal = _identity
 
@@ -195,9 +306,16 @@ class Layout:
     def to_internal(self, xp, y):
         if self.batched and self.batch_axis != 0:
             y = xp.moveaxis(y, self.batch_axis, 0)
-        return xp.reshape(y, self.internal_shape)
+        y = xp.reshape(y, self.internal_shape)
+        return xp.astype(y, self.dtype, copy=False) if self.casts else y
 
     def to_user(self, xp, y):
+        if self.casts:
+            y = xp.astype(y, self.user_dtype)
+        return self.shaped_as_user(xp, y)
+
+    def shaped_as_user(self, xp, y):
+        """``y`` in the user's shape, keeping its dtype."""
         if not self.batched:
             return xp.reshape(y, self.shape)
         y = xp.reshape(y, self._moved_shape)
@@ -210,10 +328,13 @@ class Layout:
         T = out.shape[0]
         if self.batched and self.batch_axis != 0:
             out = xp.moveaxis(out, self.batch_axis + 1, 1)
-        return xp.reshape(out, (T, *self.internal_shape))
+        out = xp.reshape(out, (T, *self.internal_shape))
+        return xp.astype(out, self.dtype, copy=False) if self.casts else out
 
     def outputs_to_user(self, xp, out):
         """(T, B, N) buffer -> (T, *shape)."""
+        if self.casts:
+            out = xp.astype(out, self.user_dtype)
         T = out.shape[0]
         if not self.batched:
             return xp.reshape(out, (T, *self.shape))
@@ -225,25 +346,37 @@ def _identity(xp, y):
     return y
 
 
-def layout(y0, batch_axis, flat: bool = True) -> Layout:
+def loop_dtype(xp, dtype):
+    """The dtype the loop keeps a state of ``dtype`` in: its own, but at least float32.
+
+    In a 16-bit float a step's increment ``h * k`` is often below half a unit in the last
+    place of ``y``, so ``y + h * k`` rounds back to ``y``: the solve drifts or stalls while
+    reporting success. The loop's stage sums, error estimate and outputs are therefore
+    float32; ``func`` still sees (and returns) the user's dtype."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def layout(xp, y0, batch_axis, flat: bool = True) -> Layout:
     shape = tuple(int(n) for n in y0.shape)
+    dtype = loop_dtype(xp, y0.dtype)
     if batch_axis is None:
-        return Layout(shape, None, y0.dtype, flat)
+        return Layout(shape, None, dtype, flat, user_dtype=y0.dtype)
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral):
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
     if not -len(shape) <= batch_axis < len(shape):
         raise ValueError(f"batch_axis={batch_axis} is out of range for y0 of shape {shape}")
-    return Layout(shape, int(batch_axis) % len(shape), y0.dtype)
+    return Layout(shape, int(batch_axis) % len(shape), dtype, user_dtype=y0.dtype)
 
 
-def tolerance(bk, value, name: str, lay: Layout, dtype):
-    """A positive float, or a per-element array broadcast to the loop's (B, N) layout."""
+def tolerance(bk, value, name: str, lay: Layout):
+    """A positive float, or a per-element array in the loop's dtype, broadcast to its (B, N)
+    layout."""
     xp = bk.xp
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
-    arr = xp.asarray(bk.asarray(value), dtype=dtype)
+    arr = xp.asarray(real_numbers(bk, value, name, "a positive number"), dtype=lay.dtype)
     if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
     if arr.ndim == 0:
@@ -255,6 +388,38 @@ def tolerance(bk, value, name: str, lay: Layout, dtype):
             f"{name} of shape {tuple(arr.shape)} does not broadcast to y0's shape {lay.shape}"
         ) from None
     return lay.to_internal(xp, full)
+
+
+def real_numbers(bk, value, name: str, what: str):
+    """``value`` as an array of real numbers, or a TypeError that names ``name`` and says it
+    must be ``what`` or an array of them. Strings are refused even where the library would
+    parse them (NumPy reads "1e-6" as a number): a quoted number is a mistake elsewhere."""
+    xp = bk.xp
+    need = f"{what} or an array of them"
+    arr = None if isinstance(value, (str, bytes, bool)) else as_array(bk, value, name, need)
+    if arr is None or not (
+        xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")
+    ):
+        raise TypeError(f"{name} must be {need}, got {_shown(value)}")
+    return arr
+
+
+def as_array(bk, value, name: str, need: str, like=None):
+    """``value`` as the backend's array (on ``like``'s device), or a TypeError saying that
+    ``name`` must be ``need`` where the library cannot convert it (each library words its
+    own refusal, and none names the argument)."""
+    if value is None:
+        raise TypeError(f"{name} must be {need}, got None")
+    try:
+        return bk.asarray(value, like=like)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else f"{text[:57]}..."
+    return f"{text} ({type(value).__name__})"
 
 
 def norm(bk, value, lay: Layout):
@@ -269,10 +434,14 @@ def norm(bk, value, lay: Layout):
         raise TypeError(f"options['norm'] must be 'rms', 'max' or a callable, got {value!r}")
 
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
-    # sample when the solve is batched.
+    # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
+    # a 16-bit state's dtype would only lose digits.
+    if not lay.flat:
+        return lambda x: xp.asarray(value(x))
+
     def user_norm(x):
-        n = xp.asarray(value(lay.to_user(xp, x)))
-        return xp.reshape(n, (lay.batch,)) if lay.flat else n
+        n = xp.asarray(value(lay.shaped_as_user(xp, x)))
+        return xp.reshape(n, (lay.batch,))
 
     return user_norm
 
@@ -280,7 +449,7 @@ def norm(bk, value, lay: Layout):
 def stop_times(bk, values, name: str, ts, sign: float):
     """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval."""
     xp = bk.xp
-    arr = xp.astype(bk.asarray(values), bk.time_dtype)
+    arr = xp.astype(real_numbers(bk, values, f"options[{name!r}]", "a time"), bk.time_dtype)
     if arr.ndim != 1:
         arr = xp.reshape(arr, (-1,))
     if _fails(bk, xp.all(xp.isfinite(arr))):
@@ -305,9 +474,9 @@ def dynamics_output(bk, out, lay: Layout) -> None:
             f"func returned shape {tuple(out.shape)} but the state y has shape {lay.shape}; "
             f"dy/dt must have the shape of y"
         )
-    if out.dtype != lay.dtype:
+    if out.dtype != lay.user_dtype:
         raise TypeError(
-            f"func returned dtype {out.dtype} but the state y has dtype {lay.dtype}; return "
+            f"func returned dtype {out.dtype} but the state y has dtype {lay.user_dtype}; return "
             f"dy/dt in y's dtype (a float64 constant or t can promote it)"
         )
 
@@ -370,19 +539,20 @@ def adjoint_settings(
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
             return float(value)
-        arr = bk.asarray(value)
+        arr = real_numbers(bk, value, name, "a positive number")
         if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
             raise ValueError(f"every element of {name} must be positive and finite")
         smallest = xp.min(arr)
         return smallest if bk.is_traced(smallest) else float(smallest)
 
     tab = tableau(adj_method if adj_method is not None else method)
-    fwd_options = fwd_options if isinstance(fwd_options, dict) else {}
+    if fwd_options is not None:
+        check_dict(fwd_options, "options")
+    fwd_options = fwd_options or {}
     if adj_options is None:
         # The forward norm is written for y's shape, not for the augmented backward state.
         adj_options = {k: v for k, v in fwd_options.items() if k != "norm"}
-    if not isinstance(adj_options, dict):
-        raise TypeError(f"adjoint_options must be a dict, got {type(adj_options).__name__}")
+    check_dict(adj_options, "adjoint_options")
     # The backward solve crosses the forward's stops and discontinuities too: it lands on
     # them unless the user's adjoint_options name their own.
     landing = {

@@ -5,7 +5,22 @@ from pathlib import Path
 
 import pytest
 
+from odecore import _config
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def restore_backend_choice():
+    """The README's examples call odecore.set_backend("numpy"); the tests that run after
+    this module must not inherit that choice (a torch array would then be refused). There
+    is no public way back to "nothing chosen", so the module's record of the choice is
+    restored, as in test_config."""
+    saved = _config._global_choice
+    try:
+        yield
+    finally:
+        _config._global_choice = saved
 
 
 def _python_blocks():

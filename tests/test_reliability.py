@@ -1,0 +1,578 @@
+"""A solve is never silent: 16-bit states, tolerances finer than the dtype, stalls, bad types.
+
+References: closed forms (exponential decay ``y' = -y``, the Gaussian ``y' = -2ty``, linear
+growth ``y' = a y`` and its gradients), and the rounding arithmetic of each dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import odecore
+from odecore import PrecisionWarning, SolveError, Status
+
+# Unit roundoff (half the machine epsilon) of the 16-bit formats: float16 keeps 11
+# significant bits, bfloat16 8.
+ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+class Library:
+    """Makes arrays of one library in a dtype named as in NumPy, and reads them back as
+    float64 NumPy arrays."""
+
+    def __init__(self, name):
+        self.name = name
+        if name == "torch":
+            self.torch = pytest.importorskip("torch", reason="needs torch")
+        elif name == "jax":
+            self.jnp = pytest.importorskip("jax.numpy", reason="needs jax")
+
+    def array(self, values, dtype):
+        if self.name == "torch":
+            return self.torch.tensor(np.asarray(values), dtype=getattr(self.torch, dtype))
+        if self.name == "jax":
+            return self.jnp.asarray(np.asarray(values), dtype=getattr(self.jnp, dtype))
+        return np.asarray(values, dtype=dtype)
+
+    def to_numpy(self, x):
+        if self.name == "torch":
+            return x.detach().to(self.torch.float64).numpy()
+        return np.asarray(x).astype(np.float64)
+
+    def dtype_name(self, x):
+        return str(x.dtype).rsplit(".", 1)[-1]
+
+
+# NumPy has no bfloat16.
+LOW_PRECISION = [
+    ("numpy", "float16"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("jax", "float16"),
+    ("jax", "bfloat16"),
+]
+
+
+def decay(t, y):
+    return -y
+
+
+def gaussian(t, y):
+    """``y' = -2 t y``: y(t) = y(0) exp(-t^2). ``t`` has one time per sample when batched."""
+    if t.ndim:
+        t = t[:, None]
+    return -2 * t * y
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit states: the loop runs in float32, func and the outputs keep the user's dtype
+# ---------------------------------------------------------------------------------------------
+
+TIMES = np.array([0.0, 0.25, 0.5, 1.0])
+
+# Every solve here uses the default tolerances (rtol 1e-7, atol 1e-9), where 16-bit states
+# failed: each step's y + h*k rounded back to y, so bfloat16 returned y(1) = 0.996 for
+# y' = -y with SUCCESS, and float16 took 100000 steps that did not move y. rtol 1e-7 is
+# below a 16-bit dtype's resolution, so each solve also warns. The float32 loop meets it,
+# so what remains is the rounding that the dtype itself brings: the output is rounded once
+# (u, the unit roundoff), and f sees its input rounded to the dtype, so its value carries
+# k relative roundings of at most u each (k = 1 for a*y, 3 for -2*t*y: t, y and the
+# product). By Gronwall a relative perturbation of f of at most k*u moves y(t) by at most
+# k*u*int |f/y| dt relative, which is k*u*t for the decay and k*u*t^2 for the Gaussian,
+# both at most k*u up to t = 1. The float32 solve at rtol 1e-7 adds far less (u >= 4.9e-4).
+
+
+def _default_tolerance_solve(*args, **kwargs):
+    with pytest.warns(PrecisionWarning, match="rtol=1e-07"):
+        return odecore.solve(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])
+@pytest.mark.parametrize(
+    ("problem", "exact", "roundings"),
+    [(decay, lambda t: np.exp(-t), 1), (gaussian, lambda t: np.exp(-t * t), 3)],
+    ids=["decay", "gaussian"],
+)
+@pytest.mark.parametrize(("library", "dtype"), LOW_PRECISION)
+def test_low_precision_state_matches_closed_form(
+    library, dtype, problem, exact, roundings, batched
+):
+    lib = Library(library)
+    y0 = np.array([[1.0], [-3.0], [0.3]]) if batched else np.array([1.0, -3.0])
+    seen = []
+
+    def func(t, y):
+        seen.append((lib.dtype_name(t), lib.dtype_name(y)))
+        return problem(t, y)
+
+    sol = _default_tolerance_solve(
+        func, lib.array(y0, dtype), lib.array(TIMES, dtype), batch_axis=0 if batched else None
+    )
+    assert sol.success
+    assert lib.dtype_name(sol.ys) == dtype
+    assert set(seen) == {(dtype, dtype)}
+    reference = exact(TIMES).reshape((-1,) + (1,) * y0.ndim) * y0
+    error = np.abs(lib.to_numpy(sol.ys) - reference) / np.abs(reference)
+    assert np.max(error) <= (1 + roundings) * ROUNDOFF[dtype]
+
+
+def test_low_precision_under_jit():
+    jax = pytest.importorskip("jax", reason="needs jax")
+    jnp = jax.numpy
+    y0 = jnp.asarray([1.0, -3.0], dtype=jnp.bfloat16)
+    t = jnp.asarray(TIMES, dtype=jnp.bfloat16)
+    with pytest.warns(PrecisionWarning):
+        ys = jax.jit(lambda y0, t: odecore.odeint(decay, y0, t))(y0, t)
+    assert ys.dtype == jnp.bfloat16
+    reference = np.exp(-TIMES)[:, None] * np.array([1.0, -3.0])
+    error = np.abs(np.asarray(ys, dtype=np.float64) - reference) / np.abs(reference)
+    assert np.max(error) <= 2 * ROUNDOFF["bfloat16"]  # the decay's bound, 2u
+
+
+def test_bfloat16_module_as_func():
+    torch = pytest.importorskip("torch", reason="needs torch")
+    # An nn.Module in bfloat16 refuses float32 inputs: func must see the user's dtype.
+    layer = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(-1.0)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.bfloat16)
+    t = torch.tensor([0.0, 1.0], dtype=torch.bfloat16)
+    with torch.no_grad():
+        sol = _default_tolerance_solve(lambda t, y: layer(y), y0, t)
+    assert sol.ys.dtype == torch.bfloat16
+    error = sol.ys[-1].double() / (y0.double() * math.exp(-1.0)) - 1
+    # The layer's y @ W^T with W = -1 rounds once, as the decay: 2u.
+    assert float(error.abs().max()) <= 2 * ROUNDOFF["bfloat16"]
+
+
+# Gradients of y(1) = y0 exp(a) for y' = a y: d/dy0 = exp(a), d/da = y0 exp(a). Bound: the
+# output and each gradient are rounded once (u); the forward and the backward pass see their
+# states (and the backward its cotangents) rounded to the dtype, a relative perturbation of
+# at most u each, integrated over |a| t <= 0.7: 3u in all. float32 accumulates the parameter
+# gradient in checkpoint and backsolve.
+GROWTH_RATE = -0.7
+GROWTH_Y0 = [1.5, -0.5]
+GROWTH_TIMES = [0.0, 0.5, 1.0]
+
+
+def _check_growth(dtype, ys, y0_bar, a_bar, a):
+    e = math.exp(a)
+    u = ROUNDOFF[dtype]
+    np.testing.assert_allclose(ys[-1], np.array(GROWTH_Y0) * e, rtol=2 * u)
+    np.testing.assert_allclose(y0_bar, [e, e], rtol=3 * u)
+    if a_bar is not None:
+        np.testing.assert_allclose(a_bar, sum(GROWTH_Y0) * e, rtol=3 * u)
+
+
+@pytest.mark.parametrize("adjoint", ["direct", "checkpoint", "backsolve"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_gradients_torch(dtype, adjoint):
+    torch = pytest.importorskip("torch", reason="needs torch")
+    lib = Library("torch")
+    a = lib.array(GROWTH_RATE, dtype).requires_grad_(True)
+    y0 = lib.array(GROWTH_Y0, dtype).requires_grad_(True)
+    sol = _default_tolerance_solve(
+        lambda t, y, a: a * y, y0, lib.array(GROWTH_TIMES, dtype), params=a, adjoint=adjoint
+    )
+    a_bar, y0_bar = torch.autograd.grad(sol.ys[-1].sum(), [a, y0])
+    assert a_bar.dtype == y0_bar.dtype == sol.ys.dtype == getattr(torch, dtype)
+    # In direct mode autograd sums the parameter's gradient over every evaluation of f
+    # (about a thousand here) in the parameter's own dtype, which no bound of a few u
+    # covers; its y0 gradient flows through the float32 loop like the other modes'.
+    a_bar = None if adjoint == "direct" else lib.to_numpy(a_bar)
+    _check_growth(dtype, lib.to_numpy(sol.ys), lib.to_numpy(y0_bar), a_bar, float(a.detach()))
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_gradients_jax(dtype, adjoint):
+    jax = pytest.importorskip("jax", reason="needs jax")
+    lib = Library("jax")
+    t = lib.array(GROWTH_TIMES, dtype)
+
+    def loss(y0, a):
+        ys = odecore.odeint(lambda t, y, a: a * y, y0, t, params=a, adjoint=adjoint)
+        return ys[-1].sum(), ys
+
+    a = lib.array(GROWTH_RATE, dtype)
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    with pytest.warns(PrecisionWarning):
+        (_, ys), (y0_bar, a_bar) = grad(lib.array(GROWTH_Y0, dtype), a)
+    assert str(ys.dtype) == str(y0_bar.dtype) == str(a_bar.dtype) == dtype
+    _check_growth(dtype, *(lib.to_numpy(x) for x in (ys, y0_bar, a_bar)), float(a))
+
+
+class GrowthFloat16:
+    """``y' = a y`` with its own VJP, for NumPy; checks that it only ever sees float16."""
+
+    def __call__(self, t, y, params):
+        assert y.dtype == np.float16 and t.dtype == np.float16
+        return params[0] * y
+
+    def vjp(self, t, y, params, cot):
+        assert y.dtype == cot.dtype == np.float16
+        return params[0] * cot, (np.sum(cot * y),)
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_low_precision_gradients_numpy(adjoint):
+    a = np.asarray(GROWTH_RATE, dtype=np.float16)
+    with pytest.warns(PrecisionWarning):
+        ys, pullback = odecore.vjp_odeint(
+            GrowthFloat16(),
+            np.asarray(GROWTH_Y0, dtype=np.float16),
+            np.asarray(GROWTH_TIMES, dtype=np.float16),
+            (a,),
+            adjoint=adjoint,
+        )
+    cotangent = np.zeros(ys.shape, dtype=np.float16)
+    cotangent[-1] = 1.0
+    y0_bar, (a_bar,), _ = pullback(cotangent)
+    assert ys.dtype == y0_bar.dtype == np.float16
+    _check_growth(
+        "float16", *(np.asarray(x, dtype=np.float64) for x in (ys, y0_bar, a_bar)), float(a)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances below what the dtype resolves
+# ---------------------------------------------------------------------------------------------
+
+
+def _precision_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, PrecisionWarning)]
+
+
+def test_precision_warning_is_a_user_warning():
+    assert issubclass(odecore.PrecisionWarning, UserWarning)
+    assert "PrecisionWarning" in odecore.__all__
+
+
+@pytest.mark.parametrize(("library", "dtype"), [("numpy", "float32"), ("torch", "float32")])
+def test_float32_rtol_below_roundoff_warns(library, dtype):
+    lib = Library(library)
+    with pytest.warns(PrecisionWarning) as record:
+        odecore.solve(decay, lib.array([1.0], dtype), lib.array([0.0, 1.0], dtype), rtol=1e-12)
+    (message,) = _precision_warnings(record)
+    # Names the argument, the dtype, its resolution (2^-24) and the remedies.
+    assert "rtol=1e-12" in message and "float32" in message
+    assert f"{2.0**-24:.3g}" in message
+    assert "Loosen rtol" in message and "float64" in message
+
+
+def test_float32_default_rtol_does_not_warn():
+    # 1e-7 is above float32's unit roundoff 5.96e-8.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", odecore.PrecisionWarning)
+        sol = odecore.solve(decay, np.array([1.0], dtype=np.float32), [0.0, 1.0])
+    assert sol.success
+
+
+@pytest.mark.parametrize(("library", "dtype"), LOW_PRECISION)
+def test_16_bit_default_rtol_warns(library, dtype):
+    lib = Library(library)
+    with pytest.warns(PrecisionWarning, match=rf"rtol=1e-07 .* {dtype} \({ROUNDOFF[dtype]:.3g}\)"):
+        odecore.solve(decay, lib.array([1.0], dtype), lib.array([0.0, 1.0], dtype))
+
+
+def test_float64_rtol_below_roundoff_warns_without_a_wider_dtype():
+    with pytest.warns(PrecisionWarning, match="rtol=1e-17 .* float64") as record:
+        odecore.solve(decay, np.array([1.0]), [0.0, 1.0], rtol=1e-17)
+    (message,) = _precision_warnings(record)
+    assert f"at least {2.0**-53:.3g}" in message
+    assert "wider" not in message
+
+
+def test_array_rtol_names_its_smallest_element():
+    with pytest.warns(PrecisionWarning, match="smallest element of rtol, 1e-09,"):
+        odecore.solve(
+            decay,
+            np.array([1.0, 2.0], dtype=np.float32),
+            [0.0, 1.0],
+            rtol=np.array([1e-5, 1e-9]),
+        )
+
+
+def test_adjoint_rtol_below_roundoff_warns():
+    torch = pytest.importorskip("torch", reason="needs torch")
+    y0 = torch.tensor([1.0], requires_grad=True)  # float32
+    with pytest.warns(PrecisionWarning) as record:
+        odecore.odeint(decay, y0, torch.tensor([0.0, 1.0]), adjoint="backsolve", adjoint_rtol=1e-10)
+    (message,) = _precision_warnings(record)
+    assert message.startswith("adjoint_rtol=1e-10 is below") and "Loosen adjoint_rtol" in message
+
+
+def test_warning_points_at_the_caller():
+    with pytest.warns(PrecisionWarning) as record:
+        odecore.odeint(decay, np.array([1.0], dtype=np.float32), [0.0, 1.0], rtol=1e-9)
+    assert record[0].filename == __file__
+
+
+# ---------------------------------------------------------------------------------------------
+# Stalls: reported at once
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_step_too_small_to_advance_time_is_underflow_at_once(batch_axis):
+    # At t = 1 a step of 1e-17 is below half an ulp (1.1e-16): t + h == t.
+    y0 = np.ones((2, 1)) if batch_axis == 0 else np.ones(1)
+    with pytest.raises(SolveError, match="underflow in dt") as info:
+        odecore.solve(
+            decay, y0, [1.0, 2.0], method="rk4", options={"step_size": 1e-17}, batch_axis=batch_axis
+        )
+    sol = info.value.solution
+    assert np.all(np.asarray(sol.status) == Status.DT_UNDERFLOW)
+    assert np.all(np.asarray(sol.stats["nsteps"]) == 1)
+    assert np.all(np.asarray(sol.t_reached) == 1.0)
+    assert "step_size" in str(info.value)
+
+
+def test_step_too_small_to_advance_time_under_jit():
+    jax = pytest.importorskip("jax", reason="needs jax")
+    jnp = jax.numpy
+    with jax.enable_x64(True):
+        run = jax.jit(
+            lambda h: odecore.solve(
+                decay, jnp.ones(1), jnp.asarray([1.0, 2.0]), method="rk4", options={"step_size": h}
+            )
+        )
+        sol = run(jnp.asarray(1e-17))
+        assert int(sol.status) == Status.DT_UNDERFLOW
+        assert int(sol.stats["nsteps"]) == 1
+        # A step size that is zero only at run time (unchecked under jit) stalls the same way.
+        assert int(run(jnp.asarray(0.0)).status) == Status.DT_UNDERFLOW
+
+
+def nan_norm(x):
+    return float("nan")
+
+
+def test_norm_returning_nan_fails_at_once():
+    with pytest.raises(SolveError, match=r"options\['norm'\]") as info:
+        odecore.solve(decay, np.array([1.0]), [0.0, 1.0], options={"norm": nan_norm})
+    sol = info.value.solution
+    assert sol.status == Status.NONFINITE_ERROR
+    # The first step is the one that fails: no retries with smaller steps.
+    assert sol.stats["nsteps"] == 1
+    assert "error estimate is not finite although the state is" in str(info.value)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_norm_returning_nan_for_one_sample(library):
+    lib = Library(library)
+    xp = np if library == "numpy" else (lib.torch if library == "torch" else lib.jnp)
+
+    def norm(x):  # per sample; sample 1 gets NaN
+        rms = xp.sqrt(xp.mean(x * x, axis=1))
+        return xp.where(xp.arange(3) == 1, math.nan, rms)
+
+    y0 = np.array([[1.0], [2.0], [3.0]])
+    sol = odecore.solve(
+        decay,
+        lib.array(y0, "float32"),
+        lib.array([0.0, 1.0], "float32"),
+        batch_axis=0,
+        options={"norm": norm},
+        throw=False,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(sol.status), [Status.SUCCESS, Status.NONFINITE_ERROR, Status.SUCCESS]
+    )
+    assert int(np.asarray(sol.stats["nsteps"])[1]) == 1
+    ys = lib.to_numpy(sol.ys)
+    # float32 at rtol 1e-7: a relative error of 1e-6 is ten times rtol, well above the
+    # float32 arithmetic.
+    np.testing.assert_allclose(ys[-1, [0, 2], 0], math.exp(-1.0) * y0[[0, 2], 0], rtol=1e-6)
+    assert np.isnan(ys[-1, 1, 0])
+
+
+def test_dynamics_non_finite_right_after_the_start():
+    # f is NaN for every t > 0. The automatic first step, whose probe sees the NaN, used to
+    # be NaN itself and every later step too, until max_num_steps. Now the steps shrink from
+    # the first guess (1e-6) by dfactor 0.2 until they underflow: 0.2^n * 1e-6 is below half
+    # the smallest subnormal (2.5e-324) for n = 454, and the rounding of subnormal steps
+    # adds a few more; then the state is reported non-finite.
+    def func(t, y):
+        return -y if t == 0 else y * math.nan
+
+    with pytest.raises(SolveError, match="non-finite state") as info:
+        odecore.solve(func, np.array([1.0]), [0.0, 1.0])
+    sol = info.value.solution
+    assert sol.status == Status.NONFINITE_STATE
+    assert sol.stats["nsteps"] < 500
+    assert float(sol.t_reached) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"min_step": math.inf}, r"options\['min_step'\] must be non-negative and finite"),
+        ({"safety": 1.5}, r"options\['safety'\] must be in \(0, 1\]"),
+        ({"pcoeff": math.inf}, r"options\['pcoeff'\] must be non-negative and finite"),
+        ({"icoeff": math.inf}, r"options\['icoeff'\] must be non-negative and finite"),
+        ({"icoeff": 0.0}, r"options\['icoeff'\] and options\['pcoeff'\] are both 0"),
+        ({"icoeff": 0.0, "pcoeff": 0.0}, r"make icoeff positive"),
+        ({"first_step": math.inf}, r"options\['first_step'\] must be positive and finite"),
+        ({"safety": True}, r"options\['safety'\] must be a number"),
+    ],
+    ids=[
+        "min_step-inf",
+        "safety",
+        "pcoeff-inf",
+        "icoeff-inf",
+        "icoeff-0",
+        "gains-0",
+        "first_step-inf",
+        "safety-bool",
+    ],
+)
+def test_invalid_controller_options(options, match):
+    error = TypeError if options.get("safety") is True else ValueError
+    with pytest.raises(error, match=match):
+        odecore.solve(decay, np.array([1.0]), [0.0, 1.0], options=options)
+
+
+def test_infinite_fixed_step_size_is_refused():
+    with pytest.raises(ValueError, match=r"options\['step_size'\] must be positive and finite"):
+        odecore.solve(
+            decay, np.array([1.0]), [0.0, 1.0], method="rk4", options={"step_size": math.inf}
+        )
+
+
+def test_controller_limits_that_remain_valid():
+    # The bounds are closed where they should be: safety 1, no limit on max_step and
+    # ifactor, icoeff 0 with a positive pcoeff. The answer is e^-1 to rtol's order (a
+    # relative 1e-5 is a hundred times rtol; float64 arithmetic adds nothing visible).
+    options = {
+        "safety": 1.0,
+        "max_step": math.inf,
+        "ifactor": math.inf,
+        "icoeff": 0.0,
+        "pcoeff": 0.4,
+        "min_step": 0.0,
+    }
+    ys = odecore.odeint(decay, np.array([1.0]), [0.0, 1.0], options=options)
+    assert ys[-1, 0] == pytest.approx(math.exp(-1.0), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrong types: TypeError naming the argument, on every backend
+# ---------------------------------------------------------------------------------------------
+
+# (keyword arguments, the start of the message, the libraries whose error named nothing)
+WRONG_TYPES = [
+    ({"rtol": "1e-6"}, r"rtol must be a positive number", "numpy torch jax"),
+    ({"atol": "1e-9"}, r"atol must be a positive number", "numpy torch jax"),
+    ({"rtol": True}, r"rtol must be a positive number", "numpy torch jax"),
+    ({"rtol": None}, r"rtol must be a positive number", "numpy torch jax"),
+    ({"atol": [1e-9, "tight"]}, r"atol must be a positive number", "numpy torch jax"),
+    ({"options": {"step_t": "half"}}, r"options\['step_t'\] must be a time", "numpy torch jax"),
+    ({"options": {"jump_t": ["late"]}}, r"options\['jump_t'\] must be a time", "numpy torch jax"),
+    ({"throw": "no"}, r"throw must be True or False", "numpy torch jax"),
+    ({"func": 5}, r"func must be a callable", "numpy torch jax"),
+    ({"adjoint_params": 5}, r"adjoint_params must be a sequence of arrays", "numpy torch jax"),
+    ({"t": None}, r"t must be a 1-D array", "numpy torch jax"),
+    # NumPy reads these as strings, which the dtype check already named.
+    ({"y0": "abc"}, r"y0 must be an array of real floating numbers", "torch jax"),
+    ({"t": [0.0, "1"]}, r"t must be a 1-D array of output times", "torch jax"),
+]
+WRONG_TYPE_CASES = [
+    pytest.param(library, kwargs, match, id=f"{library}-{next(iter(kwargs))}{i}")
+    for i, (kwargs, match, libraries) in enumerate(WRONG_TYPES)
+    for library in libraries.split()
+]
+
+
+@pytest.mark.parametrize(("library", "kwargs", "match"), WRONG_TYPE_CASES)
+def test_wrong_type_is_a_type_error_naming_the_argument(library, kwargs, match):
+    lib = Library(library)
+    arguments = {
+        "func": decay,
+        "y0": lib.array([1.0], "float32"),
+        "t": lib.array([0.0, 1.0], "float32"),
+    }
+    arguments.update(kwargs)
+    func, y0, t = arguments.pop("func"), arguments.pop("y0"), arguments.pop("t")
+    with pytest.raises(TypeError, match=f"^{match}"):
+        odecore.solve(func, y0, t, **arguments)
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # The backsolve reads options before the solve validates them.
+        ({"options": [("first_step", 0.1)]}, r"^options must be a dict"),
+        ({"options": "rk4"}, r"^options must be a dict"),
+        ({"adjoint_rtol": "1e-3"}, r"^adjoint_rtol must be a positive number"),
+        ({"adjoint_atol": [1.0, "tight"]}, r"^adjoint_atol must be a positive number"),
+    ],
+    ids=["options-list", "options-str", "adjoint_rtol", "adjoint_atol"],
+)
+def test_wrong_type_with_backsolve(library, kwargs, match):
+    lib = Library(library)
+    y0 = lib.array([1.0], "float32")
+    if library == "torch":
+        y0.requires_grad_(True)
+    with pytest.raises(TypeError, match=match):
+        odecore.solve(decay, y0, lib.array([0.0, 1.0], "float32"), adjoint="backsolve", **kwargs)
+
+
+def test_vjp_odeint_wrong_types():
+    with pytest.raises(TypeError, match="^func must be a callable"):
+        odecore.vjp_odeint(None, np.ones(1), [0.0, 1.0])
+    with pytest.raises(TypeError, match="^rtol must be a positive number"):
+        odecore.vjp_odeint(GrowthFloat16(), np.ones(1), [0.0, 1.0], (1.0,), rtol="1e-6")
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed batch names its failed samples
+# ---------------------------------------------------------------------------------------------
+
+LISTED = re.compile(r"sample (\d+) \((\w+) at t=([-0-9.e+]+)\)")
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_batched_failure_lists_failed_samples(library):
+    lib = Library(library)
+    # y' = y^2 from y(0) = c blows up at t = 1/c; with c <= 0 it decays and succeeds. Twelve
+    # samples fail (the first ten are listed), at 1/c for c = 1, 1.25, ..., 3.75. Sample 5
+    # instead turns NaN for t > 0.3.
+    c = np.array([1.0 + 0.25 * i if i % 3 else -1.0 for i in range(18)])
+    y0 = c[:, None]
+
+    xp = lib.torch if library == "torch" else np
+    sample_5 = xp.asarray(np.arange(18) == 5)[:, None]
+
+    def func(t, y):
+        return xp.where(sample_5 & (t[:, None] > 0.3), math.nan, y * y)
+
+    with pytest.raises(SolveError) as info:
+        odecore.solve(
+            func, lib.array(y0, "float64"), lib.array([0.0, 2.0], "float64"), batch_axis=0
+        )
+    message = str(info.value)
+    failed = [i for i in range(18) if c[i] > 0]
+    assert f"failed for {len(failed)} of 18 samples" in message
+    listed = LISTED.findall(message)
+    assert [int(i) for i, _, _ in listed] == failed[:10]
+    assert message.count("and 2 more") == 1
+    for index, status, t in listed:
+        index = int(index)
+        if index == 5:
+            assert status == "NONFINITE_STATE"
+            assert float(t) == pytest.approx(0.3, abs=0.05)
+        else:
+            assert status == "DT_UNDERFLOW"
+            # As in test_errors.test_step_size_underflow: the steps stall within 1e-3 of
+            # the blow-up.
+            assert float(t) == pytest.approx(1.0 / c[index], abs=1e-3)
+    # Both failures are explained by name.
+    assert "DT_UNDERFLOW: underflow in dt" in message
+    assert "NONFINITE_STATE: non-finite state" in message
