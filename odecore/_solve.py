@@ -112,47 +112,12 @@ def solve(
     """
     _validate.call_arguments(func, throw, adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
-    arguments = {
-        "rtol": rtol,
-        "atol": atol,
-        "method": method,
-        "options": options,
-        "batch_axis": batch_axis,
-        "adjoint": adjoint,
-        "adjoint_rtol": adjoint_rtol,
-        "adjoint_atol": adjoint_atol,
-        "adjoint_method": adjoint_method,
-        "adjoint_options": adjoint_options,
-        "adjoint_params": adjoint_params,
-    }
-    compiled = bk.compiled_solve(solve, func, y0, t, params, arguments)
-    if compiled is not None:
-
-        def check_inputs():
-            _prepare(bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw)
-
-        return _raise_compiled_failures(bk, compiled, throw, check_inputs)
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
         if bk.owns(y0):
             t = _validate.as_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
-
-        def prepare(y0_, t_, leaves=None):
-            # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
-            params_ = params if leaves is None else bk.with_leaves(params, leaves)
-            leaves = adjoint_params if leaves is None else leaves
-            return _prepare(
-                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
-            )
-
-        def run(y0_, t_, record=False, leaves=None):
-            problem = prepare(y0_, t_, leaves)
-            if problem is None:  # a single output time: the answer is y0, with no work done
-                return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
-            return _run_loop(problem, record, throw)
-
         # Checked on every call, not only when a gradient is asked for: a bad setting must fail
         # where it is written, not later in training.
         settings = _validate.adjoint_settings(
@@ -168,6 +133,43 @@ def solve(
             mode,
         )
         _validate.warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol if settings else None)
+        arguments = {
+            "rtol": rtol,
+            "atol": atol,
+            "method": method,
+            "options": options,
+            "batch_axis": batch_axis,
+            "adjoint": adjoint,
+            "adjoint_rtol": adjoint_rtol,
+            "adjoint_atol": adjoint_atol,
+            "adjoint_method": adjoint_method,
+            "adjoint_options": adjoint_options,
+            "adjoint_params": adjoint_params,
+        }
+        compiled = bk.compiled_solve(solve, func, y0, t, params, arguments)
+        if compiled is not None:
+
+            def check_inputs():
+                _prepare(
+                    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw
+                )
+
+            return _raise_compiled_failures(bk, compiled, throw, check_inputs)
+
+        def prepare(y0_, t_, leaves=None):
+            # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
+            params_ = params if leaves is None else bk.with_leaves(params, leaves)
+            leaves = adjoint_params if leaves is None else leaves
+            return _prepare(
+                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
+            )
+
+        def run(y0_, t_, record=False, leaves=None):
+            problem = prepare(y0_, t_, leaves)
+            if problem is None:  # a single output time: the answer is y0, with no work done
+                return None, _trivial_solution(bk, y0_, t_, method, batch_axis), None
+            return _run_loop(problem, record, throw)
+
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1]
         leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
@@ -189,7 +191,7 @@ def solve(
             # the other modes.
             solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
             if not solution.success:
-                policy = FailedSolvePolicy(bk, _validate.layout(y0_arr, batch_axis))
+                policy = FailedSolvePolicy(bk, _validate.layout(bk.xp, y0_arr, batch_axis))
                 solution.ys = bk.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:

@@ -6,6 +6,8 @@ References: closed forms, odecore's NumPy backend, and central finite difference
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -59,7 +61,8 @@ def test_grad_of_a_failing_solve_raises_solve_error(x64, mode, batch_axis):
         jax.grad(loss)(y0)
     # Five steps of dopri5 from t = 0 on y' = -y (a first step near 1e-1) end well before 50.
     assert 0.0 < float(np.max(np.asarray(info.value.solution.t_reached))) < 50.0
-    assert "stopped at t=" in str(info.value) or "failed at t=" in str(info.value)
+    # The time reached is a concrete number in the message, not a tracer.
+    assert re.search(r"at t=-?\d", str(info.value))
 
 
 # --------------------------------------------------------------------------------------------
