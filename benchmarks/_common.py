@@ -75,20 +75,6 @@ def alternating_best_times(
     return best
 
 
-def best_time(fn: Callable[[], object], min_time: float, min_repeats: int) -> tuple[float, int]:
-    """``(best seconds of one call, number of calls)``: at least ``min_repeats`` calls, and as
-    many as it takes for the calls together to last ``min_time`` seconds."""
-    best, total, count = math.inf, 0.0, 0
-    while count < min_repeats or total < min_time:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        best = min(best, elapsed)
-        total += elapsed
-        count += 1
-    return best, count
-
-
 def relative_error(values: Sequence, references: Sequence) -> float:
     """The largest ``max|value - reference| / max|reference|`` over matching arrays (the
     outputs of a solve, or the gradient of each parameter): the worst array's error relative
