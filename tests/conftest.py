@@ -15,6 +15,11 @@ Which backends run:
   must load: where it does not, every test of it fails with the reason, instead of being
   left out or skipped.
 
+A case that is slow on one backend only (JAX compiles every solve configuration, seconds
+each) can be marked ``@pytest.mark.slow_on("jax")``, on the test or on one of its
+``pytest.param`` values: on that backend the case is then also marked ``slow``, so that
+``-m "not slow"`` leaves it out there and still runs it on the other backends.
+
 Float64 is float64 on every backend: the fixture runs JAX's tests in its x64 mode and restores
 the mode afterwards. ``ArrayBackend.default_precision`` gives a test the mode JAX users get by
 default, where time is float32.
@@ -104,6 +109,17 @@ def pytest_runtest_setup(item) -> None:
             )
         if why:
             pytest.skip(why)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    """Mark ``slow`` the cases whose ``slow_on`` marker names their backend, before ``-m``
+    deselects."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("backend") if callspec else None
+        if name and any(m.args == (name,) for m in item.iter_markers("slow_on")):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(
