@@ -28,34 +28,15 @@ default, where time is float32.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 import numpy as np
 import pytest
+from backend_params import REQUIRED, SELECTED
 
 import odecore
-
-
-def _backend_names(variable: str) -> list[str] | None:
-    """The backend names listed (comma-separated) in the environment variable, in
-    ``odecore.BACKEND_NAMES`` order; None when it is unset or empty."""
-    chosen = {name.strip() for name in os.environ.get(variable, "").split(",") if name.strip()}
-    if not chosen:
-        return None
-    unknown = sorted(chosen - set(odecore.BACKEND_NAMES))
-    if unknown:
-        raise pytest.UsageError(
-            f"{variable} names unknown backends {unknown}; valid names are "
-            f"{', '.join(odecore.BACKEND_NAMES)}"
-        )
-    return [name for name in odecore.BACKEND_NAMES if name in chosen]
-
-
-SELECTED = _backend_names("ODECORE_TEST_BACKEND")
-REQUIRED = set(_backend_names("ODECORE_REQUIRED_BACKENDS") or ()) | set(SELECTED or ())
 
 
 def _load(name: str) -> tuple[odecore.Backend | None, str]:
