@@ -2,7 +2,7 @@
 
     nox -s ci                          the whole CI run (what .ci/run does)
     nox -s tests                       unit tests, once per backend
-    nox -s "tests(backend='torch')"    unit tests with one backend's extra installed
+    nox -s "tests(backend='torch')"    unit tests of one backend, with its extra installed
     nox -s conformance                 the cross-backend suite and its summary table
     nox -s lint                        ruff check + ruff format --check
     nox -s bench                       benchmarks/bench_numpy.py
@@ -103,7 +103,9 @@ def require_tests_executed(session: nox.Session, junit_xml: Path) -> None:
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Unit and property tests with ODECORE_TEST_BACKEND set to one backend."""
+    """Unit and property tests of one backend: ODECORE_TEST_BACKEND selects it, so the tests
+    of the others are left out or skipped, and this backend's tests fail where it does not
+    install (tests/conftest.py). Slow tests run too."""
     install_project(session, extras_for(backend), peers_of=(backend,))
     session.run(
         "pytest",

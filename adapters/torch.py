@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import array_api_compat.torch as xp_torch
+import numpy as np
 import torch
 
 from odecore._backend import Backend
@@ -36,6 +37,9 @@ class TorchBackend(Backend):
         device = like.device if isinstance(like, torch.Tensor) else None
         if isinstance(x, torch.Tensor):
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
+        if isinstance(x, np.ndarray) and any(stride < 0 for stride in x.strides):
+            # torch refuses to share memory with a reversed view (``t[::-1]``).
+            x = np.ascontiguousarray(x)
         return torch.as_tensor(x, dtype=dtype, device=device)
 
     def device_scope(self, x: Any):

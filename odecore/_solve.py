@@ -116,7 +116,7 @@ def solve(
     # the times.
     with bk.device_scope(y0):
         if bk.owns(y0):
-            t = _validate.as_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
+            t = _validate.time_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
         # Checked on every call, not only when a gradient is asked for: a bad setting must fail
         # where it is written, not later in training.

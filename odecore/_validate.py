@@ -222,7 +222,7 @@ TIMES_NEED = "a 1-D array of output times"
 
 def times(bk, t) -> Any:
     xp = bk.xp
-    arr = as_array(bk, t, "t", TIMES_NEED)
+    arr = time_array(bk, t, "t", TIMES_NEED)
     if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
         raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 1:
@@ -390,13 +390,15 @@ def tolerance(bk, value, name: str, lay: Layout):
     return lay.to_internal(xp, full)
 
 
-def real_numbers(bk, value, name: str, what: str):
+def real_numbers(bk, value, name: str, what: str, convert=None):
     """``value`` as an array of real numbers, or a TypeError that names ``name`` and says it
     must be ``what`` or an array of them. Strings are refused even where the library would
-    parse them (NumPy reads "1e-6" as a number): a quoted number is a mistake elsewhere."""
+    parse them (NumPy reads "1e-6" as a number): a quoted number is a mistake elsewhere.
+    ``convert`` (default :func:`as_array`) makes the array."""
     xp = bk.xp
     need = f"{what} or an array of them"
-    arr = None if isinstance(value, (str, bytes, bool)) else as_array(bk, value, name, need)
+    convert = as_array if convert is None else convert
+    arr = None if isinstance(value, (str, bytes, bool)) else convert(bk, value, name, need)
     if arr is None or not (
         xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")
     ):
@@ -404,16 +406,27 @@ def real_numbers(bk, value, name: str, what: str):
     return arr
 
 
-def as_array(bk, value, name: str, need: str, like=None):
+def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     """``value`` as the backend's array (on ``like``'s device), or a TypeError saying that
     ``name`` must be ``need`` where the library cannot convert it (each library words its
     own refusal, and none names the argument)."""
     if value is None:
         raise TypeError(f"{name} must be {need}, got None")
     try:
-        return bk.asarray(value, like=like)
+        return bk.asarray(value, dtype=dtype, like=like)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
+
+
+def time_array(bk, value, name: str, need: str, like=None):
+    """Times as :func:`as_array` makes them, except that Python floats (alone or in
+    sequences) are read at the backend's time dtype directly: through the library's default
+    float (torch's float32) they would be rounded before reaching float64 time. Arrays keep
+    their dtype, and so do values that are not real floating (the caller refuses those)."""
+    arr = as_array(bk, value, name, need, like=like)
+    if hasattr(value, "dtype") or not bk.xp.isdtype(arr.dtype, "real floating"):
+        return arr
+    return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
 
 
 def _shown(value) -> str:
@@ -449,7 +462,8 @@ def norm(bk, value, lay: Layout):
 def stop_times(bk, values, name: str, ts, sign: float):
     """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval."""
     xp = bk.xp
-    arr = xp.astype(real_numbers(bk, values, f"options[{name!r}]", "a time"), bk.time_dtype)
+    arr = real_numbers(bk, values, f"options[{name!r}]", "a time", convert=time_array)
+    arr = xp.astype(arr, bk.time_dtype)
     if arr.ndim != 1:
         arr = xp.reshape(arr, (-1,))
     if _fails(bk, xp.all(xp.isfinite(arr))):

@@ -225,8 +225,10 @@ def _backend_or_skip(name):
         pytest.skip(f"the {name} backend is not available here: {exc}")
 
 
+@pytest.mark.backend("torch")
 def test_configured_backend_converts_plain_inputs():
-    torch = pytest.importorskip("torch", reason="needs torch to check the conversion")
+    import torch
+
     _backend_or_skip("torch")
     with odecore.use_backend("torch"):
         ys = odecore.odeint(decay, np.array([1.0, 2.0]), np.array([0.0, 1.0]))
@@ -236,8 +238,10 @@ def test_configured_backend_converts_plain_inputs():
     assert isinstance(odecore.odeint(decay, [1.0], [0.0, 1.0]), torch.Tensor)
 
 
+@pytest.mark.backend("torch")
 def test_auto_follows_the_array_type():
-    torch = pytest.importorskip("torch", reason="needs torch to check type inference")
+    import torch
+
     _backend_or_skip("torch")
     y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert isinstance(odecore.odeint(decay, y0, [0.0, 1.0]), torch.Tensor)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from backend_params import framework_module
 from deq_cases import (
     B_VEC,
     COS_FIXED_POINT,
@@ -27,7 +28,8 @@ from deq_cases import (
 
 import odecore
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.backend("torch")
+torch = framework_module("torch")
 
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")

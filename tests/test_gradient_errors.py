@@ -35,8 +35,10 @@ CLOSED_FORM_TOL = 1e-7
 
 
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
 def test_a_captured_tensor_is_refused_when_nothing_else_requires_grad(mode):
-    torch = pytest.importorskip("torch")
+    import torch
+
     k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     t = torch.tensor([0.0, T_END], dtype=torch.float64)
@@ -45,8 +47,10 @@ def test_a_captured_tensor_is_refused_when_nothing_else_requires_grad(mode):
 
 
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
 def test_a_captured_tensor_is_fine_without_grad_mode(mode):
-    torch = pytest.importorskip("torch")
+    import torch
+
     k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     t = torch.tensor([0.0, T_END], dtype=torch.float64)
@@ -56,8 +60,10 @@ def test_a_captured_tensor_is_fine_without_grad_mode(mode):
     assert torch.allclose(ys[-1], expected, rtol=CLOSED_FORM_TOL, atol=0)
 
 
+@pytest.mark.backend("torch")
 def test_a_captured_tensor_gets_its_gradient_in_direct_mode():
-    torch = pytest.importorskip("torch")
+    import torch
+
     k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     t = torch.tensor([0.0, T_END], dtype=torch.float64)
@@ -81,8 +87,10 @@ def _opaque_params(torch, kind):
 @pytest.mark.parametrize("kind", ["namespace", "dataclass"])
 @pytest.mark.parametrize("y0_requires_grad", [False, True])
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
 def test_params_that_are_not_a_tree_are_refused(mode, y0_requires_grad, kind):
-    torch = pytest.importorskip("torch")
+    import torch
+
     params = _opaque_params(torch, kind)
     y0 = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=y0_requires_grad)
     t = torch.tensor([0.0, T_END], dtype=torch.float64)
@@ -92,8 +100,10 @@ def test_params_that_are_not_a_tree_are_refused(mode, y0_requires_grad, kind):
     assert "adjoint_params" in str(info.value)
 
 
+@pytest.mark.backend("torch")
 def test_params_that_are_not_a_tree_work_in_direct_mode():
-    torch = pytest.importorskip("torch")
+    import torch
+
     params = _opaque_params(torch, "namespace")
     y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     t = torch.tensor([0.0, T_END], dtype=torch.float64)
@@ -119,8 +129,10 @@ def test_params_that_are_not_a_tree_are_refused_by_vjp_odeint(mode):
 
 
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("jax")
 def test_params_that_jax_cannot_flatten_are_refused(mode):
-    jax = pytest.importorskip("jax")
+    import jax
+
     jnp = jax.numpy
     params = types.SimpleNamespace(k=jnp.asarray(K))
     with pytest.raises(TypeError, match="registered pytree|pytree registered"):
@@ -134,8 +146,10 @@ def test_params_that_jax_cannot_flatten_are_refused(mode):
 
 
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("jax")
 def test_a_registered_pytree_gets_its_gradient_on_jax(mode):
-    jax = pytest.importorskip("jax")
+    import jax
+
     jnp = jax.numpy
 
     @jax.tree_util.register_dataclass
@@ -244,8 +258,10 @@ def _growth(torch, mode):
     return a, ys[-1].sum()
 
 
+@pytest.mark.backend("torch")
 def test_direct_mode_second_derivative_matches_the_closed_form():
-    torch = pytest.importorskip("torch")
+    import torch
+
     a, y_end = _growth(torch, "direct")
     (first,) = torch.autograd.grad(y_end, a, create_graph=True)
     (second,) = torch.autograd.grad(first, a)
@@ -256,8 +272,10 @@ def test_direct_mode_second_derivative_matches_the_closed_form():
 
 
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
 def test_second_order_gradients_name_direct_mode(mode):
-    torch = pytest.importorskip("torch")
+    import torch
+
     a, y_end = _growth(torch, mode)
     (first,) = torch.autograd.grad(y_end, a, create_graph=True)
     # The first derivative is still right (the backsolve to its tolerance) ...
@@ -270,8 +288,10 @@ def test_second_order_gradients_name_direct_mode(mode):
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
 def test_second_order_through_backward_names_direct_mode(mode):
-    torch = pytest.importorskip("torch")
+    import torch
+
     a, y_end = _growth(torch, mode)
     y_end.backward(create_graph=True)
     with pytest.raises(NotImplementedError, match="adjoint='direct'"):

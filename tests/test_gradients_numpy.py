@@ -317,8 +317,10 @@ def test_without_params():
 
 
 @pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.backend("torch")
 def test_against_torch(adjoint):
-    torch = pytest.importorskip("torch", reason="the comparison with torch needs torch")
+    import torch
+
     t = np.array([0.0, 0.37, 0.8, 1.4])
     c = cotangents((4, 2), seed=10)
     _, pullback = odecore.vjp_odeint(

@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from backend_params import framework_module
 
-torch = pytest.importorskip("torch", reason="the torch gradient tests need torch installed")
+pytestmark = pytest.mark.backend("torch")
+torch = framework_module("torch")
 
 from gradient_cases import (  # noqa: E402
     A_LINEAR,

@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 import pytest
+from backend_params import framework_module
 
-jax = pytest.importorskip("jax", reason="the JAX tests need jax installed")
+pytestmark = pytest.mark.backend("jax")
+jax = framework_module("jax")
 jnp = jax.numpy
 
 import odecore  # noqa: E402

@@ -94,8 +94,9 @@ def test_numpy_store_matches_the_reference(method, batched):
 
 
 @pytest.mark.parametrize("method", ["dopri5", "dopri8", "rk4"])
+@pytest.mark.backend("torch")
 def test_torch_store_matches_the_reference(method):
-    torch = pytest.importorskip("torch", reason="the torch store needs torch")
+    import torch
     from odecore.adapters.torch import BACKEND
 
     rk = prepared(TABLEAUS[method])

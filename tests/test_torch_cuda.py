@@ -8,10 +8,10 @@ but rounding, and that every tensor the solve returns lives on the input's devic
 from __future__ import annotations
 
 import pytest
+from backend_params import framework_module
 
-torch = pytest.importorskip(
-    "torch", reason="the torch backend needs torch: pip install 'odecore[torch]'"
-)
+pytestmark = pytest.mark.backend("torch")
+torch = framework_module("torch")
 
 import odecore  # noqa: E402
 
