@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from odecore.adapters._jax_cache import CompiledSolves
 
-from odecore._backend import Backend
 from odecore._solution import PrecisionWarning, Solution
+from odecore.backend import Autodiff, Backend, Tracing
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
@@ -47,43 +47,10 @@ def _recording() -> bool:
     return not getattr(_state, "no_grad", False)
 
 
-class JaxBackend(Backend):
-    name = "jax"
-    xp = jnp
-    eager = False
-    inplace_ok = False
-    has_autodiff = True
+class JaxAutodiff(Autodiff):
+    """JAX's reverse mode: VJPs from ``jax.vjp``, rules as one ``jax.custom_vjp``."""
+
     default_adjoint = "backsolve"
-
-    def owns(self, x: Any) -> bool:
-        return isinstance(x, jax.Array)
-
-    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
-        _warn_if_downcast(x)
-        return jnp.asarray(x, dtype=dtype)
-
-    @property
-    def time_dtype(self) -> Any:
-        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-
-    @property
-    def int_dtype(self) -> Any:
-        return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-
-    def while_loop(self, cond, body, state):
-        return jax.lax.while_loop(cond, body, state)
-
-    def cond(self, pred, true_fn, false_fn, *operands):
-        return jax.lax.cond(pred, true_fn, false_fn, *operands)
-
-    def write(self, out, where, value):
-        return out.at[where].set(value)
-
-    def is_traced(self, x: Any) -> bool:
-        # Under grad without jit, values carry tangents but are known.
-        return isinstance(_primal(x), jax.core.Tracer)
-
-    # ---- gradients -------------------------------------------------------------------------
 
     def param_leaves(self, func, params) -> list[Any]:
         """The floating-point arrays of the pytree ``params``."""
@@ -91,39 +58,20 @@ class JaxBackend(Backend):
             return []
         return [x for x in jax.tree_util.tree_leaves(params) if _is_float_array(x)]
 
-    def with_leaves(self, params, leaves):
-        if params is None:
-            if leaves:
-                raise ValueError(_ADJOINT_PARAMS_MESSAGE)
-            return None
-        flat, tree = jax.tree_util.tree_flatten(params)
-        slots = [i for i, x in enumerate(flat) if _is_float_array(x)]
-        if len(slots) != len(leaves):
-            raise ValueError(_ADJOINT_PARAMS_MESSAGE)
-        flat = list(flat)
-        for i, leaf in zip(slots, leaves, strict=True):
-            flat[i] = leaf
-        return jax.tree_util.tree_unflatten(tree, flat)
-
     def requires_grad(self, values: Any) -> bool:
         # Whether a traced value will be differentiated is not known while tracing (under
         # grad(jit(...)) the solve sees plain jit tracers), so every solve outside a backward
         # pass goes through custom_vjp; undifferentiated, that costs nothing.
         return _recording()
 
-    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
-        value, pullback = self.dynamics_linearize(func, params, leaves, t, y)
-        cot_y, cot_leaves = pullback(cot)
-        return (value if want_value else None), cot_y, cot_leaves
-
-    def dynamics_linearize(self, func, params, leaves, t, y):
+    def linearize(self, func, params, leaves, t, y):
         if params is None:
             out, pull = jax.vjp(lambda y_: func(t, y_), y)
             pull = _unit_batched(pull)
             return out, lambda cot: (pull(cot)[0], [])
 
         def call(y_, *leaves_):
-            return func(t, y_, self.with_leaves(params, list(leaves_)))
+            return func(t, y_, _with_leaves(params, list(leaves_)))
 
         out, pull = jax.vjp(call, y, *leaves)
         pull = _unit_batched(pull)
@@ -170,7 +118,7 @@ class JaxBackend(Backend):
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
 
             def backward(primals, arrays, out_bar):
-                with self.no_grad():
+                with _no_grad():
                     grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
@@ -193,27 +141,90 @@ class JaxBackend(Backend):
 
         return call
 
+
+class JaxTracing(Tracing):
+    """Solves under ``jit``, and eager solves compiled once per func and configuration."""
+
+    def with_leaves(self, params, leaves):
+        return _with_leaves(params, leaves)
+
     def compiled_solve(self, solve, func, y0, t, params, arguments):
         """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
         configuration (``odecore.adapters._jax_cache``)."""
         _warn_if_downcast(y0, t, params, arguments)
-        solution = _COMPILED_SOLVES.solve(self, solve, func, y0, t, params, arguments)
+        solution = _COMPILED_SOLVES.solve(BACKEND, solve, func, y0, t, params, arguments)
         if solution is not None:
             arrays = _solution_arrays(solution, _SOLUTION_FIELDS)
             _restore_solution_arrays(solution, arrays, _SOLUTION_FIELDS)
         return solution
 
+
+def _with_leaves(params, leaves):
+    if params is None:
+        if leaves:
+            raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+        return None
+    flat, tree = jax.tree_util.tree_flatten(params)
+    slots = [i for i, x in enumerate(flat) if _is_float_array(x)]
+    if len(slots) != len(leaves):
+        raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+    flat = list(flat)
+    for i, leaf in zip(slots, leaves, strict=True):
+        flat[i] = leaf
+    return jax.tree_util.tree_unflatten(tree, flat)
+
+
+@contextlib.contextmanager
+def _no_grad():
+    before = getattr(_state, "no_grad", False)
+    _state.no_grad = True
+    try:
+        yield
+    finally:
+        _state.no_grad = before
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    xp = jnp
+    eager = False
+    inplace_ok = False
+    autodiff = JaxAutodiff()
+    tracing = JaxTracing()
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, jax.Array)
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        _warn_if_downcast(x)
+        return jnp.asarray(x, dtype=dtype)
+
+    @property
+    def time_dtype(self) -> Any:
+        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+    @property
+    def int_dtype(self) -> Any:
+        return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+    def while_loop(self, cond, body, state):
+        return jax.lax.while_loop(cond, body, state)
+
+    def cond(self, pred, true_fn, false_fn, *operands):
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+
+    def write(self, out, where, value):
+        return out.at[where].set(value)
+
+    def is_traced(self, x: Any) -> bool:
+        # Under grad without jit, values carry tangents but are known.
+        return isinstance(_primal(x), jax.core.Tracer)
+
     def float64(self):
         return jax.enable_x64(True)
 
-    @contextlib.contextmanager
     def no_grad(self):
-        before = getattr(_state, "no_grad", False)
-        _state.no_grad = True
-        try:
-            yield
-        finally:
-            _state.no_grad = before
+        return _no_grad()
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)

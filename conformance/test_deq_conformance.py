@@ -15,7 +15,7 @@ Checks:
   ``one_step`` the map's VJP at ``z*`` applied to the loss weights ``w``; for ``unrolled``
   ``d sum_{j<k} w M^j df/dparams`` with ``M = (1 - d) I + d J`` (k steps, damping d).
   Backends without autodiff get it from ``odecore.vjp_fixed_point``; the others through
-  ``Backend.vjp(fn, *primals)``.
+  ``Backend.autodiff.vjp(fn, *primals)``.
 - ``cross:values`` and ``cross:<mode>``: consistency between backends: ``z*`` and each mode's
   gradient match every other backend's.
 
@@ -311,7 +311,7 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> tuple:
             def solve(*params_):
                 return odecore.fixed_point(case.func, z0, params_, **opts)
 
-            _, pullback = bk.vjp(solve, *params)
+            _, pullback = bk.autodiff.vjp(solve, *params)
             grads = pullback(w)
         return tuple(to_numpy(bk, g).astype(np.float64) for g in grads)
 

@@ -1,6 +1,5 @@
 """odecore: differentiable ODE solvers written once against the Python array API."""
 
-from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore._config import backend_name, set_backend, use_backend
 from odecore._deq import (
     FixedPointError,
@@ -14,6 +13,7 @@ from odecore._deq import (
 )
 from odecore._solution import PrecisionWarning, Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS

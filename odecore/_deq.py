@@ -22,9 +22,10 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from odecore._backend import _leaves
 from odecore._config import resolve_backend
 from odecore._solution import SolveError
+from odecore.backend import differentiate
+from odecore.backend.tree import leaves as tree_leaves
 
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
@@ -302,7 +303,13 @@ class _Map:
         """This map calling ``f`` with ``leaves`` in place of its params' arrays: a traced
         rule's forward and backward must not capture the caller's differentiated values."""
         leaves = list(leaves)
-        return _Map(self.bk, self.f, self.bk.with_leaves(self.params, leaves), leaves, self.layout)
+        return _Map(
+            self.bk,
+            self.f,
+            differentiate.with_leaves(self.bk, self.params, leaves),
+            leaves,
+            self.layout,
+        )
 
     def user(self, z_user):
         return self.f(z_user) if self.params is None else self.f(z_user, self.params)
@@ -316,7 +323,8 @@ class _Map:
     def vjp(self, z, cot):
         """``(cot J_z, [cot J_leaf, ...])`` at internal ``z`` for internal ``cot``."""
         xp, lay = self.bk.xp, self.layout
-        _, cot_z, cot_leaves = self.bk.dynamics_vjp(
+        _, cot_z, cot_leaves = differentiate.vjp(
+            self.bk,
             self.as_dynamics,
             self.params,
             self.leaves,
@@ -800,7 +808,7 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
     _check_callable(f)
     _check_params(params)
     layout = _Layout(bk, z0, batch_axis)
-    if params is not None and bk.param_leaves(f, None):
+    if params is not None and differentiate.param_leaves(bk, f, None):
         # The module's own parameters would silently get no gradient: the VJP differentiates
         # with respect to params only once params are given.
         raise TypeError(
@@ -808,7 +816,7 @@ def _setup(f, z0, params, backend, batch_axis, kwargs):
             "through params (e.g. torch.func.functional_call(module, weights, (z, x)) with "
             "params=(weights, x)), or params=None with the inputs held by the module"
         )
-    leaves = bk.param_leaves(f, params)
+    leaves = differentiate.param_leaves(bk, f, params)
     fmap = _Map(bk, f, params, leaves, layout)
     return bk, opts, z0, layout, leaves, fmap
 
@@ -845,7 +853,7 @@ def _check_callable(f):
 def _check_params(params):
     """``params`` is a pytree of arrays: anything else in it would get no gradient, and the
     NumPy pullback could not give it one."""
-    for where, leaf in _leaves({"params": params}):
+    for where, leaf in tree_leaves({"params": params}):
         if leaf is None or isinstance(leaf, numbers.Number):
             continue
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
@@ -931,8 +939,8 @@ def solve_fixed_point(
     kwargs = {name: given[name] for name in _option_defaults()}
     bk, opts, z0, layout, leaves, fmap = _setup(f, z0, params, backend, batch_axis, kwargs)
     rule = FixedPointRule(bk, fmap, layout, opts)
-    if bk.has_autodiff and bk.requires_grad({"params": params, "leaves": leaves}):
-        z = bk.custom_vjp(rule)(z0, *leaves)
+    if differentiate.requires_grad(bk, {"params": params, "leaves": leaves}):
+        z = bk.autodiff.custom_vjp(rule)(z0, *leaves)
         solution = rule.solution
         solution.z = z
         # After the solve, where f has run: a ValueError from the check is the check's own.
@@ -965,11 +973,9 @@ def _refuse_hidden_parameters(bk, fmap, z0, leaves):
     if not bk.eager:
         return
     z0 = bk.stop_gradient(z0)
-    time = bk.xp.zeros((1,), dtype=z0.dtype)  # f is seen as dynamics that ignore time
-    try:
-        bk.check_no_hidden_parameters(fmap.as_dynamics, fmap.params, leaves, time, z0, None)
-    except ValueError:
-        raise ValueError(_HIDDEN_GRADIENT_MESSAGE) from None
+    time = bk.xp.zeros((), dtype=z0.dtype)  # f is seen as dynamics that ignore time
+    if bk.autodiff.hidden_parameters(fmap.as_dynamics, fmap.params, leaves, time, z0):
+        raise ValueError(_HIDDEN_GRADIENT_MESSAGE)
 
 
 def _first_value(bk, fmap, z0):
@@ -981,7 +987,7 @@ def _first_value(bk, fmap, z0):
         return None
     value = fmap.user(bk.stop_gradient(z0))
     _check_output(bk, value, fmap.layout)
-    if bk.requires_grad({"f(z0)": value}):
+    if differentiate.requires_grad(bk, {"f(z0)": value}):
         raise ValueError(_HIDDEN_GRADIENT_MESSAGE)
     return fmap.layout.to_internal(bk.xp, bk.stop_gradient(value))
 
@@ -1066,7 +1072,7 @@ def jacobian_frobenius(f, z, params=None, *, probe, batch_axis=None, backend=Non
         _check_output(bk, out, layout)
         return out
 
-    _, tangent = bk.jvp(fz, (bk.stop_gradient(z),), (probe,))
+    _, tangent = bk.autodiff.jvp(fz, (bk.stop_gradient(z),), (probe,))
     sq = xp.sum(layout.to_internal(xp, tangent * tangent), axis=-1)
     return sq if layout.batched else sq[0]
 
@@ -1086,7 +1092,7 @@ def spectral_radius(f, z, params=None, *, iterations=20, start=None, batch_axis=
     iterations = _integer("iterations", iterations)
     layout = _Layout(bk, z, batch_axis)
     _require_vjp(bk, f)
-    fmap = _Map(bk, f, params, bk.param_leaves(f, params), layout)
+    fmap = _Map(bk, f, params, differentiate.param_leaves(bk, f, params), layout)
     z_int = layout.to_internal(xp, bk.stop_gradient(z))
     if start is None:
         u = xp.ones_like(z_int)

@@ -14,12 +14,13 @@ solution they hold to the solver's tolerance.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
-from odecore._backend import _leaves, _library_of
 from odecore._rk import lincomb
+from odecore.backend import differentiate, library_of
+from odecore.backend.tree import arrays_held_by
+from odecore.backend.tree import leaves as tree_leaves
 
 ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
 
@@ -220,11 +221,13 @@ def check_params_tree(bk, params, leaves, differentiated_only=True):
     ``leaves``. They would get no gradient. With ``differentiated_only``, only arrays that
     want a gradient (``Backend.requires_grad``) count."""
     known = {id(x) for x in leaves}
-    for path, leaf in _leaves(params, "params"):
-        if _library_of(leaf) is not None:
+    for path, leaf in tree_leaves(params, "params"):
+        if library_of(leaf) is not None:
             continue
-        hidden = [x for x in _arrays_held_by(leaf) if id(x) not in known]
-        if not hidden or (differentiated_only and not bk.requires_grad({"hidden": hidden})):
+        hidden = [x for x in arrays_held_by(leaf, _is_array) if id(x) not in known]
+        if not hidden or (
+            differentiated_only and not differentiate.requires_grad(bk, {"hidden": hidden})
+        ):
             continue
         pytree = " (or a pytree registered with JAX)" if bk.name == "jax" else ""
         remedy = {
@@ -241,14 +244,29 @@ def check_params_tree(bk, params, leaves, differentiated_only=True):
         )
 
 
-def _arrays_held_by(obj):
-    """The arrays among an object's attributes (one level deep, through tuples, lists and
-    dicts)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    else:
-        values = list(getattr(obj, "__dict__", {}).values())
-    return [x for _, x in _leaves(values) if _library_of(x) is not None]
+def _is_array(x) -> bool:
+    return library_of(x) is not None
+
+
+def refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis):
+    """Refuse arrays ``func`` uses that want a gradient without being among ``leaves``:
+    backsolve and checkpoint differentiate only ``leaves``, and would give them none."""
+    if bk.autodiff is None:
+        return
+    xp = bk.xp
+    t0 = xp.astype(bk.stop_gradient(t[0]), y0.dtype)
+    if batch_axis is not None:
+        t0 = xp.broadcast_to(t0, (y0.shape[batch_axis],))
+    hidden = bk.autodiff.hidden_parameters(func, params, leaves, t0, y0)
+    if hidden:
+        shapes = ", ".join(str(tuple(x.shape)) for x in hidden[:5])
+        raise ValueError(
+            f"func uses {len(hidden)} tensor(s) that require grad but are not among its "
+            f"parameters (shapes {shapes}); adjoint='backsolve' and 'checkpoint' "
+            f"differentiate only with respect to parameters they know of, so these would "
+            f"get no gradient. Pass them with params=... (func(t, y, params)), list them "
+            f"in adjoint_params=..., or make func an nn.Module that owns them"
+        )
 
 
 def _user_f(problem, i, y_user):

@@ -18,14 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from odecore import _validate
-from odecore._backend import Backend
 from odecore._config import resolve_backend
 from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
-from odecore._grad import FailedSolvePolicy, SolveRule, check_params_tree
+from odecore._grad import (
+    FailedSolvePolicy,
+    SolveRule,
+    check_params_tree,
+    refuse_hidden_parameters,
+)
 from odecore._ops import ArrayOps, ScalarOps
-from odecore._rk import RKMethod, prepared
+from odecore._rk import ListStages, RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status
+from odecore.backend import Backend, differentiate
+from odecore.backend.layout import Layout
+from odecore.backend.layout import layout as make_layout
 
 # The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
@@ -66,7 +73,7 @@ class _Problem:
     max_num_steps: int
     min_step: float
     max_step: float
-    layout: _validate.Layout
+    layout: Layout
     direction: float  # +1 when the user's t increases, -1 when it decreases
     # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
     # array); None when they were checked before the solve.
@@ -146,7 +153,11 @@ def solve(
             "adjoint_options": adjoint_options,
             "adjoint_params": adjoint_params,
         }
-        compiled = bk.compiled_solve(solve, func, y0, t, params, arguments)
+        compiled = (
+            bk.tracing.compiled_solve(solve, func, y0, t, params, arguments)
+            if bk.tracing is not None
+            else None
+        )
         if compiled is not None:
 
             def check_inputs():
@@ -158,7 +169,7 @@ def solve(
 
         def prepare(y0_, t_, leaves=None):
             # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
-            params_ = params if leaves is None else bk.with_leaves(params, leaves)
+            params_ = params if leaves is None else differentiate.with_leaves(bk, params, leaves)
             leaves = adjoint_params if leaves is None else leaves
             return _prepare(
                 bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
@@ -172,9 +183,15 @@ def solve(
 
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1]
-        leaves = bk.param_leaves(func, params) if adjoint_params is None else list(adjoint_params)
+        leaves = (
+            differentiate.param_leaves(bk, func, params)
+            if adjoint_params is None
+            else list(adjoint_params)
+        )
         y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
-        wants_grad = bk.requires_grad({"y0": y0_arr, "t": t_arr, "params": params, "p": leaves})
+        wants_grad = differentiate.requires_grad(
+            bk, {"y0": y0_arr, "t": t_arr, "params": params, "p": leaves}
+        )
         several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
         if mode != "direct" and several_times and not wants_grad:
             solution = run(y0_arr, t_arr)[1]
@@ -189,15 +206,15 @@ def solve(
             solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
             # A parameter the dynamics never touch gets a zero gradient rather than None, as in
             # the other modes.
-            solution.ys = bk.attach_zero_gradients(solution.ys, leaves)
+            solution.ys = bk.autodiff.attach_zero_gradients(solution.ys, leaves)
             if not solution.success:
-                policy = FailedSolvePolicy(bk, _validate.layout(bk.xp, y0_arr, batch_axis))
-                solution.ys = bk.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
+                policy = FailedSolvePolicy(bk, make_layout(bk.xp, y0_arr, batch_axis))
+                solution.ys = bk.autodiff.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:
             _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
         rule = SolveRule(mode, run, settings, prepare)
-        ys = bk.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+        ys = bk.autodiff.custom_vjp(rule)(y0_arr, t_arr, *leaves)
         solution, rule.solution = rule.solution, None
         solution.ys = ys
         # A backend that traces the rule's forward (JAX) learns the status only here.
@@ -244,7 +261,7 @@ def _check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
     inside a ``params`` object they cannot see into, or used by ``func`` without being among
     its parameters."""
     check_params_tree(bk, params, leaves)
-    bk.check_no_hidden_parameters(func, params, leaves, t, y0, batch_axis)
+    refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
 
 
 def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
@@ -255,7 +272,7 @@ def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
     start ``y0 - (t_0 - stop_gradient(t_0)) * f(t_0, y0)`` gives ``-a(t_0) . f(t_0, y_0)``."""
     xp = bk.xp
     sg = bk.stop_gradient
-    if not bk.requires_grad({"t": t}):
+    if not differentiate.requires_grad(bk, {"t": t}):
         return run(y0, t)[1]
     t_const = sg(t)
     with bk.no_grad():
@@ -443,7 +460,9 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
         *adjoint_kwargs,
         adjoint,
     )
-    check_params_tree(bk, params, bk.param_leaves(func, params), differentiated_only=False)
+    check_params_tree(
+        bk, params, differentiate.param_leaves(bk, func, params), differentiated_only=False
+    )
     _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
     rule = SolveRule(adjoint, run, settings)
     ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
@@ -496,7 +515,7 @@ def _prepare(
     # A single sample on an eager backend keeps its control values as Python numbers and its
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
     scalar = bk.eager and batch_axis is None
-    layout = _validate.layout(xp, y0_arr, batch_axis, flat=not scalar)
+    layout = make_layout(xp, y0_arr, batch_axis, flat=not scalar)
     rtol = _validate.tolerance(bk, rtol, "rtol", layout)
     atol = _validate.tolerance(bk, atol, "atol", layout)
     norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
@@ -557,7 +576,7 @@ def _prepare(
         dynamics=fn,
         rhs=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
-        stage_store=bk.stage_store(rk, y0_int),
+        stage_store=_stage_store(bk, rk, y0_int),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         method=rk,
@@ -582,11 +601,18 @@ def _prepare(
     )
 
 
+def _stage_store(bk, method, y0):
+    """The step's stage store: the backend's kernel where it has one, else the reference."""
+    if bk.kernels.stage_store is None:
+        return ListStages
+    return bk.kernels.stage_store(method, y0)
+
+
 def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
     """The step's scaled error norm: the backend's fused kernel where it has one for the
     built-in rms norm and a single error estimate, the portable composition otherwise."""
     xp = bk.xp
-    fused = getattr(bk, "rms_error_ratio", None)
+    fused = bk.kernels.rms_error_ratio
     axis = layout.reduce_axis
 
     def portable(err, err2, y, y_new):
@@ -1015,7 +1041,7 @@ def _finish(p: _Problem, s: dict) -> Solution:
 def _trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
     xp = bk.xp
     y0_arr = _validate.initial_state(bk, y0)
-    layout = _validate.layout(xp, y0_arr, batch_axis)
+    layout = make_layout(xp, y0_arr, batch_axis)
     zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
     status = int(Status.SUCCESS) if not layout.batched else zero
     stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
