@@ -100,17 +100,14 @@ class JaxAutodiff(Autodiff):
         explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
         tracer of a trace that has ended."""
 
-        fields = getattr(rule, "solution_fields", _SOLUTION_FIELDS)
-
         def call(*primals):
             # Checks the inputs where their values are known: inside the conversion below
             # every value is traced, and the checks would be skipped.
             rule.from_arrays(primals, None)
 
             def forward(*primals):
-                out, residuals = rule.forward(*primals)
-                arrays = rule.residual_arrays(residuals)
-                return (out, _solution_arrays(rule.solution, fields)), arrays
+                out, aux, residuals = rule.forward(*primals)
+                return (out, aux), rule.residual_arrays(residuals)
 
             forward_arrays, forward_consts = _closure_convert(forward, *primals)
             if any(_differentiated(c) for c in forward_consts):
@@ -122,7 +119,7 @@ class JaxAutodiff(Autodiff):
                     grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
-            if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
+            if forward_consts or _captures_tracers(rule.captured()):
                 backward_arrays, backward_consts = _closure_convert(
                     backward,
                     primals,
@@ -133,11 +130,13 @@ class JaxAutodiff(Autodiff):
                 # Nothing traced is captured (the backward calls the same func with the same
                 # settings as the forward), so it is traced only if it is ever needed.
                 backward_arrays, backward_consts = backward, []
-            out, solution_arrays = _apply(
+            out, aux = _apply(
                 forward_arrays, backward_arrays, primals, forward_consts, backward_consts
             )
-            _restore_solution_arrays(rule.solution, solution_arrays, fields)
-            return out
+            # The aux values have no gradient; under grad without jit their values are
+            # known, and the caller gets those (a failure message can read them) rather than
+            # the tracers carrying them.
+            return out, jax.tree_util.tree_map(_primal, aux)
 
         return call
 
@@ -154,8 +153,10 @@ class JaxTracing(Tracing):
         _warn_if_downcast(y0, t, params, arguments)
         solution = _COMPILED_SOLVES.solve(BACKEND, solve, func, y0, t, params, arguments)
         if solution is not None:
-            arrays = _solution_arrays(solution, _SOLUTION_FIELDS)
-            _restore_solution_arrays(solution, arrays, _SOLUTION_FIELDS)
+            # Status and statistics have no gradient: the solution holds their known values
+            # (under grad), not the tracers that carry them.
+            for name in ("stats", "status", "t_reached", "ts"):
+                setattr(solution, name, jax.tree_util.tree_map(_primal, getattr(solution, name)))
         return solution
 
 
@@ -370,26 +371,6 @@ def _is_float_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-_SOLUTION_FIELDS = ("status", "t_reached", "ts")
-
-
-def _solution_arrays(solution, fields):
-    return {
-        "stats": dict(solution.stats),
-        **{name: getattr(solution, name) for name in fields},
-    }
-
-
-def _restore_solution_arrays(solution, arrays, fields):
-    """Put the status and statistics back on the solution. They have no gradient; under
-    ``grad`` without ``jit`` their values are known, and the solution holds those values
-    (a failure message, say, can read them) rather than the tracers that carry them."""
-    arrays = jax.tree_util.tree_map(_primal, arrays)
-    solution.stats = arrays["stats"]
-    for name in fields:
-        setattr(solution, name, arrays[name])
-
-
 def _primal(x):
     while _differentiated(x):
         x = x.primal
@@ -407,13 +388,13 @@ def _cotangent_like(g, primal):
 
 
 def _flatten_solution(sol: Solution):
-    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached, sol.extra)
+    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached)
     return children, sol.method
 
 
 def _unflatten_solution(method, children):
-    ts, ys, stats, status, t_reached, extra = children
-    return Solution(ts, ys, stats, status, t_reached, method, extra)
+    ts, ys, stats, status, t_reached = children
+    return Solution(ts, ys, stats, status, t_reached, method)
 
 
 # So that a jitted function can return a whole Solution (status and statistics included).

@@ -15,7 +15,6 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import torch
 
-from odecore._grad import higher_order_message
 from odecore.backend import Autodiff, Backend, Kernels
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.backend.tree import replace_leaves
@@ -127,7 +126,11 @@ class TorchAutodiff(Autodiff):
 
     def custom_vjp(self, rule):
         def apply(*primals):
-            return _RuleFunction.apply(rule, *primals)
+            # The rule's aux values (a solve's status and statistics) have no gradient: they
+            # leave the Function beside it rather than as outputs autograd would track.
+            aux = []
+            out = _RuleFunction.apply(rule, aux, *primals)
+            return out, aux[0]
 
         return apply
 
@@ -202,8 +205,9 @@ class _RuleFunction(torch.autograd.Function):
     framework-neutral math."""
 
     @staticmethod
-    def forward(ctx, rule, *primals):
-        out, residuals = rule.forward(*primals)
+    def forward(ctx, rule, aux, *primals):
+        out, values, residuals = rule.forward(*primals)
+        aux.append(values)
         ctx.rule, ctx.residuals = rule, residuals
         # Attributes, not saved tensors: an in-place change of an input after the solve
         # must not break the first-order backward, which does not read them.
@@ -216,12 +220,12 @@ class _RuleFunction(torch.autograd.Function):
         # retain_graph=True may run again.
         # needs_input_grad tells the rule which cotangents nobody asked for (the times,
         # most often), so it can skip their work.
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         with _device_scope(out_bar):
             grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
         if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow
             grads = _first_order_only(ctx, out_bar, grads)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _first_order_only(ctx, out_bar, grads):
@@ -233,7 +237,7 @@ def _first_order_only(ctx, out_bar, grads):
     slots = [i for i, g in enumerate(grads) if g is not None]
     if not anchors or not slots:
         return grads
-    message = higher_order_message(ctx.rule)
+    message = ctx.rule.second_order_message
     wrapped = _FirstOrderOnly.apply(message, len(slots), *(grads[i] for i in slots), *anchors)
     grads = list(grads)
     for i, g in zip(slots, wrapped, strict=True):

@@ -665,8 +665,14 @@ class FixedPointRule:
         self.bk, self.fmap, self.layout, self.opts = bk, fmap, layout, options
         self.solution = None
 
-    # The solution fields a tracing framework's custom VJP must carry out of its forward trace.
-    solution_fields = ("iterations", "abs_residual", "rel_residual", "status", "trace")
+    second_order_message = (
+        "second-order gradients (create_graph=True) are not available through a fixed point: "
+        "its backward pass computes first-order gradients only"
+    )
+
+    @staticmethod
+    def captured():
+        return []
 
     @staticmethod
     def residual_arrays(residuals):
@@ -709,7 +715,16 @@ class FixedPointRule:
             solver=opts.solver,
             stats={"nfev": state["k"] + 1},
         )
-        return self.solution.z, z_star
+        sol = self.solution
+        aux = {
+            "iterations": sol.iterations,
+            "abs_residual": sol.abs_residual,
+            "rel_residual": sol.rel_residual,
+            "status": sol.status,
+            "trace": sol.trace,
+            "stats": sol.stats,
+        }
+        return sol.z, aux, z_star
 
     def backward(self, z_star, z_bar, needs=None):
         """One cotangent per primal: ``(None, *leaves_bar)``. ``needs`` (one flag per primal,
@@ -940,8 +955,9 @@ def solve_fixed_point(
     bk, opts, z0, layout, leaves, fmap = _setup(f, z0, params, backend, batch_axis, kwargs)
     rule = FixedPointRule(bk, fmap, layout, opts)
     if differentiate.requires_grad(bk, {"params": params, "leaves": leaves}):
-        z = bk.autodiff.custom_vjp(rule)(z0, *leaves)
-        solution = rule.solution
+        z, aux = bk.autodiff.custom_vjp(rule)(z0, *leaves)
+        # Eagerly the rule's own solution also collects the backward's statistics.
+        solution = rule.solution if bk.eager else FixedPointSolution(z, solver=opts.solver, **aux)
         solution.z = z
         # After the solve, where f has run: a ValueError from the check is the check's own.
         _refuse_hidden_parameters(bk, fmap, z0, leaves)
@@ -1028,7 +1044,7 @@ def vjp_fixed_point(f, z0, params=None, **kwargs):
     bk, opts, z0, layout, leaves, fmap = _setup(f, z0, params, backend, batch_axis, defaults)
     _require_vjp(bk, f)
     rule = FixedPointRule(bk, fmap, layout, opts)
-    _, z_star = rule.forward(z0, *leaves)
+    _, _, z_star = rule.forward(z0, *leaves)
     _raise_if_failed(bk, rule.solution, opts, layout)
 
     def pullback(z_bar):

@@ -36,16 +36,24 @@ class SolveRule:
         self.run = run
         self.prepare = prepare
         self.backsolve_settings = backsolve_settings or {}
-        self.solution = None
+        self.second_order_message = (
+            f"second-order gradients (create_graph=True) are not available with "
+            f"adjoint={mode!r}: its backward pass computes first-order gradients only. "
+            f"Use adjoint='direct', which differentiates through the solver's operations and "
+            f"supports higher-order gradients"
+        )
 
     def forward(self, y0, t, *leaves):
         record = self.mode == "checkpoint"
         problem, solution, tape = self.run(y0, t, record=record, leaves=list(leaves))
-        self.solution = solution
         # The residuals hold the outputs through a stop_gradient alias: the framework's
         # record of this operation keeps the residuals, and a reference back to its own
         # output would be a cycle that keeps the tape alive until the cyclic GC runs.
-        return solution.ys, (problem, problem.backend.stop_gradient(solution.ys), tape)
+        residuals = (problem, problem.backend.stop_gradient(solution.ys), tape)
+        return solution.ys, solution.report(), residuals
+
+    def captured(self):
+        return [v for v in (self.backsolve_settings.get(k) for k in ("rtol", "atol")) if v]
 
     @staticmethod
     def residual_arrays(residuals):
@@ -83,21 +91,6 @@ class SolveRule:
         )
         y0_bar, t_bar, leaves_bar = failed.poison(poisoned, y0_bar, t_bar, leaves_bar)
         return (y0_bar, t_bar, *leaves_bar)
-
-
-def higher_order_message(rule) -> str:
-    """Why a rule's gradients cannot be differentiated again, and what to use instead."""
-    if isinstance(rule, SolveRule):
-        return (
-            f"second-order gradients (create_graph=True) are not available with "
-            f"adjoint={rule.mode!r}: its backward pass computes first-order gradients only. "
-            f"Use adjoint='direct', which differentiates through the solver's operations and "
-            f"supports higher-order gradients"
-        )
-    return (
-        f"second-order gradients (create_graph=True) are not available through "
-        f"{type(rule).__name__}: its backward pass computes first-order gradients only"
-    )
 
 
 class FailedOutputs:
@@ -189,15 +182,31 @@ class FailedSolvePolicy:
     The framework differentiates the reached outputs itself; the unreached ones are
     constants of the output buffer, so without this rule a loss on them would get no NaN."""
 
+    second_order_message = (
+        "second-order gradients (create_graph=True) are not available for the outputs of a "
+        "failed solve"
+    )
+
     def __init__(self, bk, layout):
         self.backend, self.layout = bk, layout
-        self.solution = None
 
     def forward(self, ys, y0, t, *leaves):
         xp, sg = self.backend.xp, self.backend.stop_gradient
         # A new array, not ys itself: the framework records this operation as its origin.
         out = xp.reshape(ys, ys.shape)
-        return out, (sg(ys), [sg(x) for x in (y0, t, *leaves)])
+        return out, {}, (sg(ys), [sg(x) for x in (y0, t, *leaves)])
+
+    @staticmethod
+    def residual_arrays(residuals):
+        return residuals
+
+    @staticmethod
+    def from_arrays(primals, arrays):
+        return arrays
+
+    @staticmethod
+    def captured():
+        return []
 
     def backward(self, residuals, ys_bar, needs=None):
         ys, (y0, t, *leaves) = residuals

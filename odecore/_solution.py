@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -70,7 +70,16 @@ class Solution:
     status: Any
     t_reached: Any = None
     method: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """Everything but the outputs and the method: what a gradient rule hands back
+        beside ``ys``, with no gradient."""
+        return {
+            "ts": self.ts,
+            "stats": self.stats,
+            "status": self.status,
+            "t_reached": self.t_reached,
+        }
 
     @property
     def success(self) -> bool:

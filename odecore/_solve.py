@@ -209,14 +209,13 @@ def solve(
             solution.ys = bk.autodiff.attach_zero_gradients(solution.ys, leaves)
             if not solution.success:
                 policy = FailedSolvePolicy(bk, make_layout(bk.xp, y0_arr, batch_axis))
-                solution.ys = bk.autodiff.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
+                solution.ys, _ = bk.autodiff.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
             return solution
         if adjoint_params is None:
             _check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
         rule = SolveRule(mode, run, settings, prepare)
-        ys = bk.autodiff.custom_vjp(rule)(y0_arr, t_arr, *leaves)
-        solution, rule.solution = rule.solution, None
-        solution.ys = ys
+        ys, report = bk.autodiff.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+        solution = Solution(ys=ys, method=_validate.tableau(method).name, **report)
         # A backend that traces the rule's forward (JAX) learns the status only here.
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(_failure_message(solution), solution)
@@ -465,7 +464,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     )
     _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
     rule = SolveRule(adjoint, run, settings)
-    ys, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
+    ys, _, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
     problem = residuals[0]
 
     def pullback(ys_bar):
