@@ -6,19 +6,22 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from odecore.control import rules
+
 
 class Status(enum.IntEnum):
     """Per-sample outcome of a solve. ``RUNNING`` only appears inside the loop."""
 
-    RUNNING = -1
-    SUCCESS = 0
-    MAX_STEPS_REACHED = 1
-    DT_UNDERFLOW = 2
-    NONFINITE_STATE = 3
+    # The values are the pure rules' (odecore.control.rules), which compiled loops use.
+    RUNNING = rules.RUNNING
+    SUCCESS = rules.SUCCESS
+    MAX_STEPS_REACHED = rules.MAX_STEPS_REACHED
+    DT_UNDERFLOW = rules.DT_UNDERFLOW
+    NONFINITE_STATE = rules.NONFINITE_STATE
     #: A sample of a batch solved with ``throw=False`` whose y0 is not finite; under jit, also
     #: what the checks before an eager solve would have raised for.
-    INVALID_INPUT = 4
-    NONFINITE_ERROR = 5
+    INVALID_INPUT = rules.INVALID_INPUT
+    NONFINITE_ERROR = rules.NONFINITE_ERROR
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]

@@ -19,7 +19,6 @@ from typing import Any
 
 from odecore import _validate
 from odecore._config import resolve_backend
-from odecore._control import Controller, error_ratio, initial_step
 from odecore._dynamics import Dynamics
 from odecore._grad import (
     FailedSolvePolicy,
@@ -30,9 +29,13 @@ from odecore._grad import (
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import ListStages, RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status
+from odecore.adjoint import modes
 from odecore.backend import Backend, differentiate
 from odecore.backend.layout import Layout
 from odecore.backend.layout import layout as make_layout
+from odecore.control.controller import Controller
+from odecore.control.initial_step import initial_step
+from odecore.control.norms import error_ratio
 
 # The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
@@ -117,6 +120,9 @@ def solve(
     had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
     gradient, and the parameter and time gradients, NaN.
     """
+    adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options = modes.as_keywords(
+        adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+    )
     _validate.call_arguments(func, throw, adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
@@ -365,7 +371,8 @@ def odeint(
         and the result for one sample equals solving it alone.
     backend : str, optional
         Overrides the configured backend for this call.
-    adjoint : {"direct", "backsolve", "checkpoint"}, optional
+    adjoint : odecore.Direct(), odecore.Backsolve(...), odecore.Checkpoint(), or their names
+    "direct", "backsolve", "checkpoint"; optional
         How the framework's autodiff gets gradients of the result with respect to ``y0``,
         ``t`` and the parameters (``params``, or the parameters of an ``nn.Module`` func).
         ``"direct"`` (the default on frameworks with autodiff) differentiates through the
@@ -373,9 +380,11 @@ def odeint(
         in memory independent of the number of steps; ``"checkpoint"`` stores the accepted
         steps and replays each backward for the exact gradient of the discrete solve.
     adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
-        The backsolve's own tolerances, method and options (default: the forward ones, with
-        ``shrink_after_accept=True``); ``adjoint_options={"norm": "seminorm"}`` leaves the
-        parameter adjoint out of its error control.
+        torchdiffeq's spelling of ``odecore.Backsolve(rtol=..., atol=..., method=...,
+        options=...)``: the backsolve's own tolerances, method and options (default: the
+        forward ones, with ``shrink_after_accept=True``); ``adjoint_options={"norm":
+        "seminorm"}``, or ``Backsolve(seminorm=True)``, leaves the parameter adjoint out of its
+        error control.
     adjoint_params : sequence of arrays, optional
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
@@ -420,12 +429,15 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
     gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
     """
+    adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
+    adjoint, *adjoint_kwargs = modes.as_keywords(
+        adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)
+    )
     if adjoint not in ("checkpoint", "backsolve"):
         raise ValueError(
-            f"vjp_odeint computes gradients by 'checkpoint' or 'backsolve', got {adjoint!r}"
+            f"vjp_odeint computes gradients by 'checkpoint' or 'backsolve' (odecore.Checkpoint() "
+            f"or odecore.Backsolve(...)), got {adjoint!r}"
         )
-    adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
-    adjoint_kwargs = [kwargs.pop(k, None) for k in adjoint_keys]
 
     def run(y0_, t_, record=False, leaves=None):
         problem = _prepare(
@@ -776,27 +788,21 @@ def checkpoint_rows(max_num_steps: int) -> tuple[int, int]:
 
 
 def _body(p: _Problem, s: dict) -> dict:
-    ops, rk = p.ops, p.method
+    ops, rk, rules = p.ops, p.method, p.ops.rules
     running = s["status"] == RUNNING
     t, y, f = s["t"], s["y"], s["f"]
 
-    # Land exactly on the next stop (end time, step_t, jump_t, fixed-grid output) rather than
-    # overshoot it; a step within a relative 1e-7 of the stop is stretched to it, which keeps
-    # a fixed step size that divides the interval from leaving a rounding-sized last step.
+    # Every step lands exactly on the next stop (end time, step_t, jump_t, fixed-grid output)
+    # rather than overshoot it.
     next_stop = ops.next_stop(p.stops, t)
-    gap = next_stop - t
-    dt = ops.minimum(s["dt"], p.max_step)
-    lands = dt >= gap * (1.0 - 1e-7)
-    h = ops.where(running, ops.where(lands, gap, dt), 0.0)
-    t_new = ops.where(running & lands, next_stop, t + h)
+    h, t_new, lands = rules.land_on_stop(t, s["dt"], next_stop, p.max_step, running)
     hy = ops.to_state(h)
 
     # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
     # (and f at its end) are evaluated just before the jump, never on the far side of it.
     t_left, rhs = None, p.rhs
     if p.jumps is not None:
-        on_jump = running & lands & ops.is_member(next_stop, p.jumps)
-        t_left = ops.where(on_jump, ops.nextafter_down(t_new), t_new)
+        t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
 
         def rhs(t_stage, y_stage):
             return p.rhs(ops.minimum(t_stage, t_left), y_stage)
@@ -827,27 +833,26 @@ def _body(p: _Problem, s: dict) -> dict:
     rejected = running & ops.not_(accept)
     if p.controller is not None:
         dt_wanted = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
-        # Stalled: the step the error control asks for no longer advances time, or is below
-        # min_step (a step shortened to land on a stop may legitimately be that short).
-        stalled = rejected & ((t + dt_wanted <= t) | ((dt_wanted < p.min_step) & ops.not_(lands)))
-        # A step shortened to land on a stop says nothing about the step the error allows.
-        dt_next = ops.where(accept & lands, ops.maximum(dt_wanted, dt), dt_wanted)
-        dt_next = ops.minimum(ops.maximum(dt_next, p.min_step), p.max_step)
-        ratio_prev = ops.where(accept, ops.maximum(ratio, 1e-4), s["ratio_prev"])
-        nonfinite = ops.where(norm_failed, NONFINITE_ERROR, NONFINITE_STATE)
-        stalled = stalled | norm_failed
+        stalled = rules.stalled(rejected, t, dt_wanted, p.min_step, lands) | norm_failed
+        dt_next = rules.next_step(h, s["dt"], dt_wanted, accept, lands, p.min_step, p.max_step)
+        ratio_prev = rules.remembered_ratio(ratio, s["ratio_prev"], accept)
     else:
         dt_next, ratio_prev = s["dt"], s["ratio_prev"]
         stalled = rejected
-        nonfinite = NONFINITE_STATE
-    stalled = stalled | no_progress
-    failure = ops.where(finite, DT_UNDERFLOW, nonfinite)
-
+        # A fixed-step solve has no error norm to fail.
+        norm_failed = rejected & ops.not_(rejected)
+    failure = rules.failure_status(finite, norm_failed)
     nsteps = s["nsteps"] + ops.count(running)
-    status = s["status"]
-    status = ops.where(accept & (t_new >= p.ts[-1]), SUCCESS, status)
-    status = ops.where(stalled, failure, status)
-    status = ops.where((status == RUNNING) & (nsteps >= p.max_num_steps), MAX_STEPS_REACHED, status)
+    status = rules.status_after_step(
+        s["status"],
+        accept,
+        t_new,
+        p.ts[-1],
+        stalled | no_progress,
+        failure,
+        nsteps,
+        p.max_num_steps,
+    )
     state = {
         "t": ops.where(accept, t_new, t),
         "y": ops.select_rows(accept, y_new, y),

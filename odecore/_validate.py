@@ -14,10 +14,10 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from odecore._control import BUILTIN_NORMS
 from odecore._solution import PrecisionWarning
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
+from odecore.control.norms import BUILTIN_NORMS
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 DEFAULT_METHOD = "dopri5"
