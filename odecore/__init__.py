@@ -13,6 +13,7 @@ from odecore._deq import (
 )
 from odecore._solution import PrecisionWarning, Solution, SolveError, Status
 from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
 from odecore.backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
@@ -27,6 +28,9 @@ __all__ = [
     "METHODS",
     "TABLEAUS",
     "Backend",
+    "Backsolve",
+    "Checkpoint",
+    "Direct",
     "FixedPointError",
     "FixedPointSolution",
     "FixedPointStatus",
