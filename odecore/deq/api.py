@@ -119,12 +119,6 @@ def vjp_fixed_point(f, z0, params=None, *, batch_axis=None, backend=None, **opti
 
 def _setup(f, z0, params, backend, batch_axis, opts):
     bk = resolve_backend(backend, {"z0": z0, "params": params})
-    if not bk.eager and opts.backward == "implicit" and opts.backward_solver == "gmres":
-        # GMRES decides its restarts and breakdowns on the host from concrete values.
-        raise NotImplementedError(
-            f"backward_solver='gmres' is not supported on the {bk.name!r} backend (a tracing "
-            f"backend); use 'anderson', 'picard' or 'broyden'"
-        )
     z0 = float_array(bk, "z0", z0)
     check_callable(f)
     check_params(params)
