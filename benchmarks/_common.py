@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmark scripts: the environment banner, timing, and the
-"time at equal error" comparison. Scripts import this as ``_common`` (run them as
-``python benchmarks/bench_X.py``, which puts this directory on ``sys.path``)."""
+"""Helpers shared by the benchmark scripts: the environment banner, alternating timings,
+errors against a reference, the "time at equal error" comparison and the summary table.
+Scripts import this as ``_common`` (run them as ``python benchmarks/bench_X.py``, which puts
+this directory on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def environment_lines(extra: dict[str, str] | None = None) -> list[str]:
     coretype = os.environ.get("OPENBLAS_CORETYPE")
     lines = [
         f"python {platform.python_version()} ({sys.implementation.name}), "
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu_name()})",
         f"numpy {np.__version__}",
         "OPENBLAS_CORETYPE: "
         + (
@@ -33,19 +34,58 @@ def environment_lines(extra: dict[str, str] | None = None) -> list[str]:
     return lines
 
 
-def best_time(fn: Callable[[], object], min_time: float, min_repeats: int) -> tuple[float, int]:
-    """``(best seconds of one call, number of calls)``: at least ``min_repeats`` calls, and as
-    many as it takes for the calls together to last ``min_time`` seconds. The best call is
-    the one least disturbed by the rest of the machine."""
-    best, total, count = math.inf, 0.0, 0
-    while count < min_repeats or total < min_time:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        best = min(best, elapsed)
-        total += elapsed
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def alternating_best_times(
+    fns: Sequence[Callable[[], object]],
+    min_time: float,
+    min_repeats: int,
+    finish: Callable[[object], object] = lambda result: result,
+) -> list[float]:
+    """The best seconds of one call of each function, after one warm-up call of each.
+
+    The calls alternate (a, b, a, b, ...) until each function has had ``min_repeats`` calls
+    and ``min_time`` seconds: a change in the machine's load during the run then disturbs
+    both sides of a ratio alike, rather than whichever was measured at the wrong moment. The
+    best call is the one least disturbed by the rest of the machine. ``finish`` is applied
+    to each result inside the timed region (JAX: ``jax.block_until_ready``).
+    """
+    for fn in fns:
+        finish(fn())
+    best = [math.inf] * len(fns)
+    spent = [0.0] * len(fns)
+    count = 0
+    while count < min_repeats or min(spent) < min_time:
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            finish(fn())
+            elapsed = time.perf_counter() - start
+            best[i] = min(best[i], elapsed)
+            spent[i] += elapsed
         count += 1
-    return best, count
+    return best
+
+
+def relative_error(values: Sequence, references: Sequence) -> float:
+    """The largest ``max|value - reference| / max|reference|`` over matching arrays (the
+    outputs of a solve, or the gradient of each parameter): the worst array's error relative
+    to its own scale. Arrays are anything ``np.asarray`` accepts."""
+    worst = 0.0
+    for value, reference in zip(values, references, strict=True):
+        value = np.asarray(value, dtype=np.float64)
+        reference = np.asarray(reference, dtype=np.float64)
+        scale = max(float(np.max(np.abs(reference))), 1e-300)
+        worst = max(worst, float(np.max(np.abs(value - reference))) / scale)
+    return worst
 
 
 def geometric_mean(values: Sequence[float]) -> float:
@@ -79,3 +119,42 @@ def equal_error_ratios(
         time_a = math.exp(float(np.interp(math.log(e), log_e, log_t)))
         out.append((e, time_a / t))
     return out
+
+
+def print_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)
+) -> None:
+    """Columns aligned to their widest cell: those numbered in ``left`` left-aligned (text),
+    the others right-aligned (numbers)."""
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    print(line(header))
+    print("-" * len(line(header)))
+    for row in rows:
+        print(line(row))
+
+
+def print_summary(peer: str, rows: Sequence[tuple]) -> None:
+    """The table each script ends with: ``rows`` of ``(measurement, odecore seconds, odecore
+    error, peer seconds, peer error, note)``, the ratio odecore / peer first."""
+    print(f"summary: time odecore / {peer} (below 1: odecore faster), each time beside the")
+    print("error of its result against the reference")
+    print_table(
+        ("measurement", "ratio", "odecore", "error", peer, "error", ""),
+        [
+            (name, f"{ours / theirs:.2f}", fmt_time(ours), f"{e_ours:.1e}", fmt_time(theirs))
+            + (f"{e_theirs:.1e}", note)
+            for name, ours, e_ours, theirs, e_theirs, note in rows
+        ],
+        left=(0, 6),
+    )
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"

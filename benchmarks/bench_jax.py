@@ -1,7 +1,7 @@
 """odecore against diffrax on a small neural ODE, both jitted, on the CPU.
 
     python benchmarks/bench_jax.py              # a few minutes
-    python benchmarks/bench_jax.py --quick      # shorter timings
+    python benchmarks/bench_jax.py --quick      # shorter timings, no evaluation counts
     nox -s bench -- benchmarks/bench_jax.py     # in nox's virtualenv (needs diffrax)
 
 The problem is bench_torch.py's: ``dy/dt = W2 tanh(W1 y + b1) + b2`` (state dimension 2,
@@ -20,19 +20,25 @@ calls of one row alternating so that a change in the machine's load affects both
   (diffrax's default);
 - the steps each library took, which should be comparable;
 - compile times (trace, lower and compile, no run), separately;
-- the largest difference between the two libraries' results.
+- each time beside the error of its result against the reference, and at the end a summary
+  table of the ratios with those errors.
+
+The reference is the same network solved by odecore with dopri8 at rtol = atol = 1e-12 in
+float64, and for gradients the exact gradient of that discrete solve (``checkpoint``).
+diffrax's Dopri8 at the same tolerances (its gradient by ``RecursiveCheckpointAdjoint``) is
+printed beside it: their difference bounds the reference's error. Errors are
+max |result - reference| / max |reference|, for the worst output or parameter gradient.
 
 Both libraries get ``max_steps = 4096`` (diffrax's default), which also sizes odecore's
 checkpoint buffers (the times of 4096 steps, the states of 64 plus a 64-state recompute
-buffer). Last, each gradient's function evaluations (forward and backward together) are
-counted in one more, untimed, call. This is a report, not a test: it exits 0 unless --strict
-is given and a target is missed.
+buffer). Each gradient's function evaluations (forward and backward together) are counted in
+one more, untimed, call (not with --quick: it compiles four more functions). This is a
+report, not a test: it exits 0 unless --strict is given and a target is missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -41,7 +47,12 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-from _common import environment_lines  # noqa: E402
+from _common import (  # noqa: E402
+    alternating_best_times,
+    environment_lines,
+    print_summary,
+    relative_error,
+)
 
 import odecore  # noqa: E402
 
@@ -57,6 +68,7 @@ SEED = 0
 # As in bench_torch.py: the step size varies along the solve, a few dozen steps.
 W1_SCALE, W2_SCALE = 4.0, 4.0
 TARGET = 1.0
+REFERENCE_METHOD, REFERENCE_TOL = "dopri8", 1e-12
 
 
 def make_params():
@@ -82,31 +94,31 @@ TS = jnp.asarray([0.0, 1.0])
 # The calls being compared
 
 
-def odecore_solve(y0, params, adjoint="backsolve", func=mlp):
+def odecore_solve(y0, params, adjoint="backsolve", func=mlp, method=METHOD, tol=(RTOL, ATOL)):
     return odecore.solve(
         func,
         y0,
         TS,
         params=params,
-        rtol=RTOL,
-        atol=ATOL,
-        method=METHOD,
+        rtol=tol[0],
+        atol=tol[1],
+        method=method,
         adjoint=adjoint,
         options={"max_num_steps": MAX_STEPS},
     )
 
 
-def diffrax_solve(y0, params, adjoint=None, func=mlp):
+def diffrax_solve(y0, params, adjoint=None, func=mlp, solver=None, tol=(RTOL, ATOL)):
     return diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: func(t, y, args)),
-        diffrax.Dopri5(),
+        solver or diffrax.Dopri5(),
         t0=0.0,
         t1=1.0,
         dt0=None,
         y0=y0,
         args=params,
         saveat=diffrax.SaveAt(ts=TS),
-        stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+        stepsize_controller=diffrax.PIDController(rtol=tol[0], atol=tol[1]),
         adjoint=adjoint or diffrax.RecursiveCheckpointAdjoint(),
         max_steps=MAX_STEPS,
     )
@@ -120,16 +132,18 @@ def diffrax_forward(y0, params):
     return diffrax_solve(y0, params).ys
 
 
-def odecore_gradient(mode, func=mlp):
+def odecore_gradient(mode, func=mlp, **settings):
     def loss(params, y0):
-        return jnp.sum(odecore_solve(y0, params, adjoint=mode, func=func).ys[-1] ** 2)
+        ys = odecore_solve(y0, params, adjoint=mode, func=func, **settings).ys
+        return jnp.sum(ys[-1] ** 2)
 
     return jax.grad(loss)
 
 
-def diffrax_gradient(adjoint, func=mlp):
+def diffrax_gradient(adjoint, func=mlp, **settings):
     def loss(params, y0):
-        return jnp.sum(diffrax_solve(y0, params, adjoint=adjoint, func=func).ys[-1] ** 2)
+        ys = diffrax_solve(y0, params, adjoint=adjoint, func=func, **settings).ys
+        return jnp.sum(ys[-1] ** 2)
 
     return jax.grad(loss)
 
@@ -150,6 +164,46 @@ def count_evaluations(make_gradient, params, y0) -> int:
     return count[0]
 
 
+def count_gradient_evaluations(params, y0) -> str:
+    counts = []
+    for mode, adjoint in (
+        ("backsolve", diffrax.BacksolveAdjoint()),
+        ("checkpoint", diffrax.RecursiveCheckpointAdjoint()),
+    ):
+        ours = count_evaluations(lambda f, m=mode: odecore_gradient(m, f), params, y0)
+        theirs = count_evaluations(lambda f, a=adjoint: diffrax_gradient(a, f), params, y0)
+        counts.append(f"{mode} {ours} / {theirs}")
+    return "; ".join(counts)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+
+
+def reference(params, y0):
+    """``(ys, gradients)`` of the same network solved by odecore with dopri8 at rtol = atol =
+    1e-12 in float64 (the outputs are the end points of the solve, never interpolated); the
+    gradients are those of that discrete solve (checkpoint), exact to rounding."""
+    tight = {"method": REFERENCE_METHOD, "tol": (REFERENCE_TOL, REFERENCE_TOL)}
+    ys = jax.jit(lambda y0, p: odecore_solve(y0, p, adjoint="checkpoint", **tight).ys)(y0, params)
+    grads = jax.jit(odecore_gradient("checkpoint", **tight))(params, y0)
+    return ys, grads
+
+
+def reference_check(params, y0):
+    """The same tight solve by diffrax (Dopri8; its gradient by its recursive checkpoint):
+    how far it is from the reference bounds the reference's own error."""
+    tight = {"solver": diffrax.Dopri8(), "tol": (REFERENCE_TOL, REFERENCE_TOL)}
+    ys = jax.jit(lambda y0, p: diffrax_solve(y0, p, **tight).ys)(y0, params)
+    grads = jax.jit(diffrax_gradient(diffrax.RecursiveCheckpointAdjoint(), **tight))(params, y0)
+    return ys, grads
+
+
+def error(value, reference_value) -> float:
+    leaves = jax.tree_util.tree_leaves
+    return relative_error(leaves(value), leaves(reference_value))
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring
 
@@ -158,30 +212,6 @@ def compile_time(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return time.perf_counter() - start, compiled
-
-
-def alternate(fns, min_time: float, min_repeats: int) -> list[float]:
-    """Best time of one call of each compiled function, calls alternating."""
-    for fn in fns:
-        jax.block_until_ready(fn())
-    best, spent, count = [math.inf] * len(fns), [0.0] * len(fns), 0
-    while count < min_repeats or min(spent) < min_time:
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            elapsed = time.perf_counter() - start
-            best[i] = min(best[i], elapsed)
-            spent[i] += elapsed
-        count += 1
-    return best
-
-
-def max_difference(a, b) -> float:
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return max(
-        float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(y)), 1e-300))
-        for x, y in zip(leaves_a, leaves_b, strict=True)
-    )
 
 
 def main(argv=None) -> int:
@@ -203,15 +233,27 @@ def main(argv=None) -> int:
         f"problem: MLP {STATE}-{HIDDEN}-{STATE}, batch {BATCH} as one state, float64, "
         f"{METHOD} rtol={RTOL:g} atol={ATOL:g}, max_steps={MAX_STEPS}"
     )
+    ys_ref, grads_ref = reference(params, y0)
+    ys_check, grads_check = reference_check(params, y0)
+    print(
+        f"reference: odecore {REFERENCE_METHOD} at rtol = atol = {REFERENCE_TOL:g}, gradients of "
+        "that solve (checkpoint);"
+    )
+    print(
+        f"  diffrax's Dopri8 at the same tolerances differs from it by "
+        f"{error(ys_check, ys_ref):.1e} "
+        f"(values) and {error(grads_check, grads_ref):.1e} (gradients)"
+    )
     print()
 
     rows = [
-        ("forward", odecore_forward, diffrax_forward, (y0, params), "diffeqsolve"),
+        ("forward", odecore_forward, diffrax_forward, (y0, params), ys_ref, "diffeqsolve"),
         (
             "grad backsolve",
             odecore_gradient("backsolve"),
             diffrax_gradient(diffrax.BacksolveAdjoint()),
             (params, y0),
+            grads_ref,
             "BacksolveAdjoint",
         ),
         (
@@ -219,32 +261,39 @@ def main(argv=None) -> int:
             odecore_gradient("checkpoint"),
             diffrax_gradient(diffrax.RecursiveCheckpointAdjoint()),
             (params, y0),
+            grads_ref,
             "RecursiveCheckpointAdjoint",
         ),
     ]
     header = (
-        f"{'':16} {'odecore ms':>11} {'diffrax ms':>11} {'ratio':>7}  {'compile s':>15}  "
-        f"{'max rel diff':>12}  peer"
+        f"{'':16} {'odecore ms':>11} {'error':>8} {'diffrax ms':>11} {'error':>8} {'ratio':>7}  "
+        f"{'compile s':>15}  peer"
     )
     print(header)
     print("-" * len(header))
-    missed = []
-    for name, ours, theirs, call_args, peer in rows:
+    missed, summary = [], []
+    for name, ours, theirs, call_args, ref, peer in rows:
         c_ours, f_ours = compile_time(ours, *call_args)
         c_theirs, f_theirs = compile_time(theirs, *call_args)
-        t_ours, t_theirs = alternate(
+        t_ours, t_theirs = alternating_best_times(
             [lambda f=f_ours, a=call_args: f(*a), lambda f=f_theirs, a=call_args: f(*a)],
             min_time,
             min_repeats,
+            finish=jax.block_until_ready,
         )
         ratio = t_ours / t_theirs
         if ratio > TARGET:
             missed.append(name)
-        diff = max_difference(f_ours(*call_args), f_theirs(*call_args))
+        e_ours, e_theirs = error(f_ours(*call_args), ref), error(f_theirs(*call_args), ref)
+        summary.append((name, t_ours, e_ours, t_theirs, e_theirs, f"vs {peer}"))
         print(
-            f"{name:16} {t_ours * 1e3:11.2f} {t_theirs * 1e3:11.2f} {ratio:7.2f}  "
-            f"{c_ours:6.2f} / {c_theirs:6.2f}  {diff:12.2e}  {peer}"
+            f"{name:16} {t_ours * 1e3:11.2f} {e_ours:8.1e} {t_theirs * 1e3:11.2f} {e_theirs:8.1e} "
+            f"{ratio:7.2f}  {c_ours:6.2f} / {c_theirs:6.2f}  {peer}"
         )
+    print(
+        "(error: max |result - reference| / max |reference|, the worst output or parameter "
+        "gradient)"
+    )
 
     sol = jax.jit(lambda y0, p: odecore_solve(y0, p))(y0, params)
     dsol = jax.jit(diffrax_solve)(y0, params)
@@ -254,24 +303,17 @@ def main(argv=None) -> int:
         f"{int(sol.stats['nfev'])} evaluations); diffrax {int(dsol.stats['num_steps'])} "
         f"({int(dsol.stats['num_accepted_steps'])} accepted)"
     )
-    evaluations = [
-        (
-            name,
-            count_evaluations(lambda f, m=mode: odecore_gradient(m, f), params, y0),
-            count_evaluations(lambda f, a=adjoint: diffrax_gradient(a, f), params, y0),
+    if args.quick:
+        print("evaluations per gradient: not counted with --quick (four more compiles)")
+    else:
+        print(
+            f"evaluations per gradient, odecore / diffrax: {count_gradient_evaluations(params, y0)}"
         )
-        for name, mode, adjoint in (
-            ("backsolve", "backsolve", diffrax.BacksolveAdjoint()),
-            ("checkpoint", "checkpoint", diffrax.RecursiveCheckpointAdjoint()),
-        )
-    ]
-    print(
-        "evaluations per gradient, odecore / diffrax: "
-        + "; ".join(f"{name} {ours} / {theirs}" for name, ours, theirs in evaluations)
-    )
     print(f"target: every ratio <= {TARGET}; compile times are odecore / diffrax, in seconds")
     if missed:
         print(f"missed: {', '.join(missed)}")
+    print()
+    print_summary("diffrax", summary)
     return 1 if (args.strict and missed) else 0
 
 

@@ -4,23 +4,28 @@
     python benchmarks/bench_numpy.py --quick    # two tolerances, shorter timings
     nox -s bench                                # the full run, in nox's virtualenv
 
-Pairs: scipy RK45 vs odecore dopri5 (both Dormand-Prince 5(4)), scipy DOP853 vs odecore
-dopri8 (both Dormand-Prince 8(5,3)). Both libraries get the same right-hand side (one NumPy
-function), the same tolerances, only the initial and final time (no dense output), and pick
-their first step themselves. For each problem, pair and tolerance, one run of each library
-gives the final error against the reference, nfev, the accepted and rejected steps, and the
-wall time (the best of repeated calls, repeated until they add up to --min-time seconds).
+Pairs: scipy RK45 vs odecore dopri5, scipy DOP853 vs odecore dopri8. Both libraries get the
+same right-hand side (one NumPy function), the same tolerances, only the initial and final
+time (no dense output), and pick their first step themselves. For each problem, pair and
+tolerance, one run of each library gives the final error against the reference, nfev, the
+accepted and rejected steps, and the wall time: the best of repeated calls, the two
+libraries' calls alternating until each has had --min-time seconds.
 
-Printed ratios (odecore / scipy; below 1 means odecore is faster):
+The pairs share their Runge-Kutta stages but not all of their step-size control: odecore's
+dopri5 estimates its error with Shampine's embedded weights (as torchdiffeq does), scipy's
+RK45 with Dormand and Prince's own, so at the same tolerances the two take different steps
+and reach different errors. Hence two ratios (odecore / scipy; below 1 means odecore is
+faster):
 - time per step: wall time over attempted steps (accepted + rejected), the cost of one step
   of each implementation, whatever its step-size controller decides;
 - time at equal error: each library's log(time) is interpolated along its log(error) curve
   (over the tolerances) at every error the other library reached (never extrapolated), and
   the ratio taken there; this includes the number of steps each controller takes.
 
-References are scipy's DOP853 at rtol = atol = 1e-13, or a closed form. Arenstorf and Van der
-Pol also have mpmath references in odecore.problems; the run prints how far scipy's
-reference is from them, which bounds the smallest error that is meaningful.
+The problems and their references come from odecore.problems: a closed form, or mpmath's
+Taylor-series solution at 45 digits (Arenstorf's orbit is periodic, so y(T) = y0). The run
+prints how far scipy's DOP853 and odecore's dopri8 at rtol = atol = 1e-13 are from them: the
+smallest errors that float64 solves of each problem reach.
 
 NumPy's speed depends on OPENBLAS_CORETYPE, which some machines set; the script prints
 whether it is set, and both libraries run under the same setting. To measure without it,
@@ -32,14 +37,19 @@ unset it for this process only:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy
-from _common import best_time, environment_lines, equal_error_ratios, geometric_mean
+from _common import (
+    alternating_best_times,
+    environment_lines,
+    equal_error_ratios,
+    geometric_mean,
+    print_table,
+)
 from scipy.integrate import solve_ivp
 
 import odecore
@@ -48,38 +58,58 @@ from odecore.problems import get_problem
 PAIRS = (("RK45", "dopri5"), ("DOP853", "dopri8"))
 TOLERANCES = (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 ATOL_FACTOR = 1e-2  # atol = rtol * ATOL_FACTOR
-REFERENCE_TOL = 1e-13
+CHECK_TOL = 1e-13
 
 # --------------------------------------------------------------------------------------------
-# Problems: plain NumPy right-hand sides, shared by both libraries.
+# Problems: plain NumPy right-hand sides, shared by both libraries, with the constants of
+# odecore.problems. The catalogue's own functions are written against the array API, whose
+# namespace lookups would add the same cost to every call of both libraries.
 
 
-def lorenz(t, y):
-    x, v, z = y
-    return np.array([10.0 * (v - x), x * (28.0 - z) - v, x * v - (8.0 / 3.0) * z])
+def lorenz(sigma, rho, beta):
+    def f(t, y):
+        x, v, z = y
+        return np.array([sigma * (v - x), x * (rho - z) - v, x * v - beta * z])
+
+    return f
 
 
-_MU = 0.012277471  # Arenstorf: the moon's mass ratio
+def arenstorf(mu):
+    earth = 1.0 - mu
+
+    def f(t, y):
+        x, z, vx, vz = y
+        d1 = ((x + mu) ** 2 + z * z) ** 1.5
+        d2 = ((x - earth) ** 2 + z * z) ** 1.5
+        ax = x + 2.0 * vz - earth * (x + mu) / d1 - mu * (x - earth) / d2
+        az = z - 2.0 * vx - earth * z / d1 - mu * z / d2
+        return np.array([vx, vz, ax, az])
+
+    return f
 
 
-def arenstorf(t, y):
-    x, z, vx, vz = y
-    earth = 1.0 - _MU
-    d1 = ((x + _MU) ** 2 + z * z) ** 1.5
-    d2 = ((x - earth) ** 2 + z * z) ** 1.5
-    ax = x + 2.0 * vz - earth * (x + _MU) / d1 - _MU * (x - earth) / d2
-    az = z - 2.0 * vx - earth * z / d1 - _MU * z / d2
-    return np.array([vx, vz, ax, az])
+def vanderpol(mu):
+    def f(t, y):
+        x, v = y
+        return np.array([v, mu * (1.0 - x * x) * v - x])
+
+    return f
 
 
-def vanderpol(t, y):
-    x, v = y
-    return np.array([v, (1.0 - x * x) * v - x])
+def harmonic(omega):
+    def f(t, y):
+        x, v = y
+        return np.array([v, -(omega**2) * x])
+
+    return f
 
 
-def harmonic(t, y):
-    x, v = y
-    return np.array([v, -4.0 * x])  # omega = 2
+RIGHT_HAND_SIDES = {
+    "lorenz": lorenz,
+    "arenstorf": arenstorf,
+    "vanderpol": vanderpol,
+    "harmonic": harmonic,
+}
 
 
 @dataclass
@@ -87,47 +117,47 @@ class Problem:
     name: str
     func: Callable
     y0: np.ndarray
+    t0: float
     t1: float
-    exact: np.ndarray | None = None  # closed-form y(t1)
-    mpmath_problem: str | None = None  # an odecore.problems entry with this y0 and t1
-    reference: np.ndarray | None = None
-    reference_note: str = ""
+    reference: np.ndarray
+    reference_source: str
 
 
-def problems() -> list[Problem]:
-    arenstorf_period = 17.0652165601579625588917206249
-    return [
-        Problem("lorenz", lorenz, np.array([1.0, 1.0, 1.0]), 2.0),
-        Problem(
-            "arenstorf",
-            arenstorf,
-            np.array([0.994, 0.0, 0.0, -2.00158510637908252240537862224]),
-            arenstorf_period,
-            mpmath_problem="arenstorf",
-        ),
-        Problem("vanderpol", vanderpol, np.array([2.0, 0.0]), 10.0, mpmath_problem="vanderpol"),
-        Problem(
-            "harmonic",
-            harmonic,
-            np.array([1.0, 0.0]),
-            10.0,
-            exact=np.array([math.cos(20.0), -2.0 * math.sin(20.0)]),
-        ),
+def problems(names) -> list[Problem]:
+    selected = []
+    for name, make in RIGHT_HAND_SIDES.items():
+        if names and name not in names:
+            continue
+        p = get_problem(name)
+        func = make(*p.params)
+        y0 = np.array(p.y0)
+        # The plain function must be the catalogue's, or the reference would not apply.
+        expected = np.asarray(p.func(p.t0, y0, p.params))
+        if not np.allclose(func(p.t0, y0), expected, rtol=1e-15, atol=0.0):
+            raise RuntimeError(f"the NumPy right-hand side of {name} is not the catalogue's")
+        reference = np.array(p.reference)
+        selected.append(Problem(name, func, y0, p.t0, p.t1, reference, p.reference_source))
+    return selected
+
+
+def reference_checks(p: Problem) -> str:
+    """How far tight solves by both libraries are from the reference."""
+    sp = solve_ivp(p.func, (p.t0, p.t1), p.y0, method="DOP853", rtol=CHECK_TOL, atol=CHECK_TOL).y[
+        :, -1
     ]
-
-
-def prepare_reference(p: Problem) -> None:
-    if p.exact is not None:
-        p.reference, p.reference_note = p.exact, "closed form"
-        return
-    sol = solve_ivp(
-        p.func, (0.0, p.t1), p.y0, method="DOP853", rtol=REFERENCE_TOL, atol=REFERENCE_TOL
+    od = odecore.solve(
+        p.func,
+        p.y0,
+        np.array([p.t0, p.t1]),
+        rtol=CHECK_TOL,
+        atol=CHECK_TOL,
+        method="dopri8",
+        options={"max_num_steps": 10**7},
+    ).ys[-1]
+    return (
+        f"at rtol = atol = {CHECK_TOL:g}, DOP853 is {relative_error(sp, p.reference):.1e} "
+        f"and dopri8 {relative_error(od, p.reference):.1e} from it"
     )
-    p.reference = sol.y[:, -1]
-    p.reference_note = f"scipy DOP853 at {REFERENCE_TOL:g}"
-    if p.mpmath_problem is not None:
-        mp = np.asarray(get_problem(p.mpmath_problem).reference)
-        p.reference_note += f"; differs from mpmath by {relative_error(p.reference, mp):.1e}"
 
 
 def relative_error(y, ref) -> float:
@@ -145,42 +175,38 @@ class Result:
     nfev: int
     accepted: int
     rejected: int
-    seconds: float
-    calls: int
+    seconds: float = 0.0
 
     @property
     def per_step_us(self) -> float:
         return 1e6 * self.seconds / max(self.accepted + self.rejected, 1)
 
 
-def run_scipy(p: Problem, method: str, rtol: float, args) -> Result:
-    def once():
+def scipy_call(p: Problem, method: str, rtol: float) -> tuple[Callable, Callable]:
+    """``(solve, result)``: a call to time, and what one of its solutions measured."""
+
+    def solve():
         atol = rtol * ATOL_FACTOR
-        return solve_ivp(p.func, (0.0, p.t1), p.y0, method=method, rtol=rtol, atol=atol)
+        return solve_ivp(p.func, (p.t0, p.t1), p.y0, method=method, rtol=rtol, atol=atol)
 
-    sol = once()
-    if not sol.success:
-        raise RuntimeError(f"scipy {method} failed on {p.name}: {sol.message}")
-    accepted = len(sol.t) - 1
-    # Each attempted step costs the same evaluations (6 for RK45, 12 for DOP853) after the
-    # two of the start (f(t0, y0) and the first-step heuristic).
-    per_step = {"RK45": 6, "DOP853": 12}[method]
-    attempted = round((sol.nfev - 2) / per_step)
-    seconds, calls = best_time(once, args.min_time, args.repeats)
-    return Result(
-        relative_error(sol.y[:, -1], p.reference),
-        sol.nfev,
-        accepted,
-        attempted - accepted,
-        seconds,
-        calls,
-    )
+    def result(sol) -> Result:
+        if not sol.success:
+            raise RuntimeError(f"scipy {method} failed on {p.name}: {sol.message}")
+        accepted = len(sol.t) - 1
+        # Each attempted step costs the same evaluations (6 for RK45, 12 for DOP853) after
+        # the two of the start (f(t0, y0) and the first-step heuristic).
+        per_step = {"RK45": 6, "DOP853": 12}[method]
+        attempted = round((sol.nfev - 2) / per_step)
+        error = relative_error(sol.y[:, -1], p.reference)
+        return Result(error, sol.nfev, accepted, attempted - accepted)
+
+    return solve, result
 
 
-def run_odecore(p: Problem, method: str, rtol: float, args) -> Result:
-    t = np.array([0.0, p.t1])
+def odecore_call(p: Problem, method: str, rtol: float) -> tuple[Callable, Callable]:
+    t = np.array([p.t0, p.t1])
 
-    def once():
+    def solve():
         return odecore.solve(
             p.func,
             p.y0,
@@ -191,20 +217,77 @@ def run_odecore(p: Problem, method: str, rtol: float, args) -> Result:
             options={"max_num_steps": 10**7},
         )
 
-    sol = once()
-    seconds, calls = best_time(once, args.min_time, args.repeats)
-    return Result(
-        relative_error(sol.ys[-1], p.reference),
-        int(sol.stats["nfev"]),
-        int(sol.stats["naccept"]),
-        int(sol.stats["nreject"]),
-        seconds,
-        calls,
+    def result(sol) -> Result:
+        error = relative_error(sol.ys[-1], p.reference)
+        stats = sol.stats
+        return Result(error, int(stats["nfev"]), int(stats["naccept"]), int(stats["nreject"]))
+
+    return solve, result
+
+
+def measure(p: Problem, sp_method: str, od_method: str, rtol: float, args):
+    """One run of each library for its results, then their alternating timings."""
+    sp_solve, sp_result = scipy_call(p, sp_method, rtol)
+    od_solve, od_result = odecore_call(p, od_method, rtol)
+    sp, od = sp_result(sp_solve()), od_result(od_solve())
+    sp.seconds, od.seconds = alternating_best_times(
+        [sp_solve, od_solve], args.min_time, args.repeats
     )
+    return sp, od
 
 
 # --------------------------------------------------------------------------------------------
 # Report
+
+
+@dataclass
+class PairSummary:
+    """What one problem and pair measured over the tolerances (ratios odecore / scipy)."""
+
+    pair: str
+    problem: str
+    per_step: list[float]
+    equal_error: list[tuple[float, float]]  # (error, time ratio)
+    nfev: list[float]
+    error: list[float]
+
+
+def span(values, digits=2) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    low, high = f"{low:.{digits}f}", f"{high:.{digits}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def summary_row(label: str, parts: list[PairSummary]) -> tuple[str, ...]:
+    per_step = [r for s in parts for r in s.per_step]
+    matched = [m for s in parts for m in s.equal_error]
+    ratios = [r for _, r in matched]
+    errors = [e for e, _ in matched]
+    return (
+        label,
+        f"{geometric_mean(per_step):.2f} ({span(per_step)})",
+        f"{geometric_mean(ratios):.2f} ({span(ratios)})" if matched else "no overlap",
+        f"{min(errors):.0e} to {max(errors):.0e}" if matched else "-",
+        span([r for s in parts for r in s.nfev]),
+        span([r for s in parts for r in s.error], 1),
+    )
+
+
+def print_summary(summaries: list[PairSummary]) -> None:
+    print("summary: odecore / scipy (below 1: odecore faster), geometric mean (range) over the")
+    print("tolerances; time at equal error: where both reach the same error against the")
+    print("reference, over the errors given; nfev and error: their ratios at the same rtol")
+    rows = []
+    for pair in dict.fromkeys(s.pair for s in summaries):
+        parts = [s for s in summaries if s.pair == pair]
+        rows += [summary_row(f"{pair}, {s.problem}", [s]) for s in parts]
+        rows.append(summary_row(f"{pair}, all problems", parts))
+    print_table(
+        ("pair, problem", "time per step", "time at equal error", "over errors", "nfev", "error"),
+        rows,
+    )
 
 
 def main(argv=None) -> int:
@@ -217,6 +300,9 @@ def main(argv=None) -> int:
     tolerances = (1e-4, 1e-8) if args.quick else TOLERANCES
     if args.quick:
         args.min_time = min(args.min_time, 0.05)
+    unknown = set(args.problems or ()) - set(RIGHT_HAND_SIDES)
+    if unknown:
+        parser.error(f"unknown problems {sorted(unknown)}; choose from {list(RIGHT_HAND_SIDES)}")
 
     print("odecore (NumPy backend) vs scipy.integrate.solve_ivp")
     extra = {"scipy": scipy.__version__, "odecore": odecore.__version__}
@@ -224,12 +310,15 @@ def main(argv=None) -> int:
         print("  " + line)
     rtols = ", ".join(f"{r:g}" for r in tolerances)
     print(f"  rtol in {rtols}; atol = rtol * {ATOL_FACTOR:g}; error = max|y(t1)-ref| / max|ref|")
-    print(f"  timing: best call of >= {args.repeats}, repeated for >= {args.min_time:g} s")
+    print(
+        f"  timing: best call of >= {args.repeats}, repeated for >= {args.min_time:g} s, "
+        "the libraries' calls alternating"
+    )
 
-    selected = [p for p in problems() if not args.problems or p.name in args.problems]
+    selected = problems(args.problems)
     for p in selected:
-        prepare_reference(p)
-        print(f"  reference {p.name} (t1 = {p.t1:.6g}): {p.reference_note}")
+        print(f"  reference {p.name} (t1 = {p.t1:.6g}): {p.reference_source}")
+        print(f"    {reference_checks(p)}")
     print()
     header = (
         f"{'problem':<10} {'scipy/odecore':<15} {'rtol':>6}  {'error sp':>8} {'error od':>8}  "
@@ -239,19 +328,19 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
 
-    per_step_ratios: dict[str, list[float]] = {sp: [] for sp, _ in PAIRS}
-    equal_error: dict[str, list[float]] = {sp: [] for sp, _ in PAIRS}
-    equal_error_lines = []
+    summaries, equal_error_lines = [], []
     for p in selected:
         for sp_method, od_method in PAIRS:
+            summary = PairSummary(f"{od_method} / {sp_method}", p.name, [], [], [], [])
             sp_results, od_results = [], []
             for rtol in tolerances:
-                sp = run_scipy(p, sp_method, rtol, args)
-                od = run_odecore(p, od_method, rtol, args)
+                sp, od = measure(p, sp_method, od_method, rtol, args)
                 sp_results.append(sp)
                 od_results.append(od)
                 ratio = od.per_step_us / sp.per_step_us
-                per_step_ratios[sp_method].append(ratio)
+                summary.per_step.append(ratio)
+                summary.nfev.append(od.nfev / sp.nfev)
+                summary.error.append(od.error / sp.error if sp.error > 0 else float("nan"))
                 print(
                     f"{p.name:<10} {sp_method + '/' + od_method:<15} {rtol:>6.0e}  "
                     f"{sp.error:>8.1e} {od.error:>8.1e}  {sp.nfev:>7} {od.nfev:>7}  "
@@ -264,7 +353,8 @@ def main(argv=None) -> int:
             matched = equal_error_ratios(*od_curve, *sp_curve)
             matched += [(e, 1.0 / r) for e, r in equal_error_ratios(*sp_curve, *od_curve)]
             matched.sort(reverse=True)
-            equal_error[sp_method] += [r for _, r in matched]
+            summary.equal_error = matched
+            summaries.append(summary)
             ratios = [r for _, r in matched]
             detail = (
                 f"{geometric_mean(ratios):.2f} (geometric mean of {len(ratios)}; "
@@ -280,14 +370,7 @@ def main(argv=None) -> int:
     for line in equal_error_lines:
         print(line)
     print()
-    print("summary (odecore / scipy; below 1: odecore faster):")
-    for sp_method, od_method in PAIRS:
-        steps, equal = per_step_ratios[sp_method], equal_error[sp_method]
-        print(
-            f"  {od_method} vs {sp_method}: time per step {geometric_mean(steps):.2f} "
-            f"(geometric mean of {len(steps)}), time at equal error "
-            f"{geometric_mean(equal):.2f} (of {len(equal)} matched errors)"
-        )
+    print_summary(summaries)
     return 0
 
 

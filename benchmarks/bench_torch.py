@@ -13,7 +13,8 @@ random numbers, scaled so that the solve takes a few dozen steps.
 Printed, odecore against torchdiffeq (ratios are odecore / torchdiffeq, below 1 means odecore
 is faster; each time is the best call of as many as fill --min-time seconds, after a warm-up,
 and the calls compared in one row alternate, so that a change in the machine's load during
-the run affects both sides of a ratio):
+the run affects both sides of a ratio), each time beside the error of its result against the
+reference (below):
 
 - forward solve, no autograd;
 - gradients of sum(y(1)**2) with respect to every parameter: odecore ``backsolve`` against
@@ -29,7 +30,13 @@ the run affects both sides of a ratio):
 - function evaluations of both libraries: odecore may not take more than 5% more. The
   forward solves take the same steps; the backsolve's backward solve takes its own (it
   starts from the forward's last step and shrinks steps after accepted ones), usually fewer;
-- the largest differences between the two libraries' results.
+- last, a summary table of the ratios, with each library's error beside its time.
+
+The reference is the same network solved by odecore with dopri8 at rtol = atol = 1e-12 in
+float64, stepping on the output times, and for gradients the exact gradient of that solve
+(``checkpoint``). torchdiffeq's dopri8 at the same settings, with its own adjoint for the
+gradients, is printed beside it: their difference bounds the reference's error. Errors are
+max |result - reference| / max |reference|, for the worst output array or parameter gradient.
 
 This is a report, not a test: it exits 0 unless --strict is given and a target or a check
 is missed.
@@ -38,13 +45,17 @@ is missed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import best_time, environment_lines
+from _common import (
+    alternating_best_times,
+    environment_lines,
+    fmt_time,
+    print_summary,
+    relative_error,
+)
 
 import odecore
 
@@ -60,6 +71,8 @@ SEED = 0
 # W1's scale sets how sharply tanh switches across the batch, W2's how fast the state moves:
 # at (4, 4) the step size varies along the solve and dopri5 takes 35 or so steps.
 W1_SCALE, W2_SCALE = 4.0, 4.0
+
+REFERENCE_METHOD, REFERENCE_TOL = "dopri8", 1e-12
 
 TARGETS = {"forward": 0.6, "backsolve": 0.6, "overhead": 1.3}
 NFEV_TOLERANCE = 0.05
@@ -171,32 +184,61 @@ def count_gradient(solve, f, y0, t) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# The reference
+
+
+def reference(f, y0, t):
+    """``(ys, gradients)`` of the same network solved with dopri8 at rtol = atol = 1e-12 in
+    float64, stepping on every output time so that no output is interpolated (dopri8's
+    interpolant is of lower order than its steps); the gradients are those of that discrete
+    solve (checkpoint), exact to rounding."""
+    ys = odecore.odeint(
+        f,
+        y0,
+        t,
+        rtol=REFERENCE_TOL,
+        atol=REFERENCE_TOL,
+        method=REFERENCE_METHOD,
+        adjoint="checkpoint",
+        options={"step_t": t},
+    )
+    grads = torch.autograd.grad((ys[-1] ** 2).sum(), list(f.parameters()))
+    return ys.detach(), grads
+
+
+def reference_check(f, y0, t):
+    """The same tight solve by torchdiffeq (its gradient from its own adjoint at the same
+    tolerances): how far it is from the reference bounds the reference's own error."""
+    ys = torchdiffeq.odeint_adjoint(
+        f,
+        y0,
+        t,
+        rtol=REFERENCE_TOL,
+        atol=REFERENCE_TOL,
+        method=REFERENCE_METHOD,
+        options={"step_t": t},
+    )
+    grads = torch.autograd.grad((ys[-1] ** 2).sum(), list(f.parameters()))
+    return ys.detach(), grads
+
+
+def error(values, references) -> float:
+    return relative_error(
+        [v.detach().numpy() for v in values], [r.detach().numpy() for r in references]
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Measuring
 
 
 def timer(min_time: float, min_repeats: int):
-    """``timed(*fns)``: the best time of one call of each function. With several, their
-    calls alternate (a, b, c, a, b, c, ...) until each has had its ``min_repeats`` calls and
-    ``min_time`` seconds: a machine whose load changes during the run then disturbs every
-    side of a ratio alike, rather than whichever was measured at the wrong moment."""
+    """``timed(*fns)``: the best time of one call of each function, their calls alternating;
+    one function gives one number, several a tuple."""
 
-    def timed(*fns) -> float | tuple[float, ...]:
-        for fn in fns:
-            fn()  # warm-up: lazy initialisation, caches, the allocator's pools
-        if len(fns) == 1:
-            return best_time(fns[0], min_time, min_repeats)[0]
-        best = [math.inf] * len(fns)
-        spent = [0.0] * len(fns)
-        count = 0
-        while count < min_repeats or min(spent) < min_time:
-            for i, fn in enumerate(fns):
-                start = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - start
-                best[i] = min(best[i], elapsed)
-                spent[i] += elapsed
-            count += 1
-        return tuple(best)
+    def timed(*fns):
+        best = alternating_best_times(fns, min_time, min_repeats)
+        return best[0] if len(fns) == 1 else tuple(best)
 
     return timed
 
@@ -219,21 +261,21 @@ def bare_work(f, y0, t0, n_calls: int, n_vjps: int = 0):
     return run
 
 
-def solver_time_per_step(call, f, y0, t, timed) -> tuple[float, int]:
-    """(seconds per step with the function's cost removed, steps); dopri5 is FSAL: six
-    evaluations a step after the two that start the solve."""
+def replayed_solve(call, f, y0, t):
+    """``(run, steps)``: ``run`` repeats the solve with the function's recorded outputs
+    replayed, so that the function costs nothing and only the solver's own work is timed.
+    dopri5 is FSAL: six evaluations a step after the two that start the solve."""
     replay = Replay(f)
-    reference = call(replay, y0, t)
+    recorded = call(replay, y0, t)
     replay.recorded = replay.outputs
 
     def run():
         replay.position = 0
         return call(replay, y0, t)
 
-    if not torch.equal(run(), reference):
+    if not torch.equal(run(), recorded):
         raise RuntimeError("the replayed solve took other steps than the recorded one")
-    steps = (len(replay.recorded) - 2) // 6
-    return timed(run) / steps, steps
+    return run, (len(replay.recorded) - 2) // 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,34 +283,29 @@ def solver_time_per_step(call, f, y0, t, timed) -> tuple[float, int]:
 
 
 @dataclass
+class Row:
+    name: str
+    ours: float  # seconds
+    theirs: float
+    error_ours: float  # against the reference
+    error_theirs: float
+    target: float | None = None
+    floor: float | None = None
+    peer: str = ""
+
+
+@dataclass
 class Report:
-    rows: list = field(default_factory=list)  # (name, ours, theirs, target, floor, peer)
+    rows: list[Row] = field(default_factory=list)
     overhead: list = field(default_factory=list)
     nfev: list = field(default_factory=list)  # (name, ours, theirs, checked)
-    agreement: list = field(default_factory=list)  # (name, max abs diff, max abs value)
-
-
-def fmt_time(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"
+    references: list = field(default_factory=list)  # (name, values' error, gradients' error)
 
 
 def verdict(value: float, target: float | None) -> str:
     if target is None:
         return ""
     return "PASS" if value <= target else "MISS"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def measure(args) -> Report:
@@ -285,6 +322,12 @@ def measure(args) -> Report:
     report.overhead.append(("one bare VJP of f (state and parameters)", one_vjp, None))
 
     for label, t in grids:
+        ys_ref, grads_ref = reference(f, y0, t)
+        ys_check, grads_check = reference_check(f, y0, t)
+        report.references.append(
+            (label, error([ys_check], [ys_ref]), error(grads_check, grads_ref))
+        )
+
         n_ours = count_forward(forward_odecore, f, y0, t)
         n_theirs = count_forward(forward_torchdiffeq, f, y0, t)
         ours, theirs, bare_ours, bare_theirs = timed(
@@ -293,20 +336,28 @@ def measure(args) -> Report:
             bare_work(f, y0, t0, n_ours),
             bare_work(f, y0, t0, n_theirs),
         )
-        floor = bare_ours / theirs
-        report.rows.append((f"forward, {label}", ours, theirs, TARGETS["forward"], floor, ""))
+        errors = [
+            error([call(f, y0, t)], [ys_ref]) for call in (forward_odecore, forward_torchdiffeq)
+        ]
+        report.rows.append(
+            Row(f"forward, {label}", ours, theirs, *errors, TARGETS["forward"], bare_ours / theirs)
+        )
         report.nfev.append((f"forward, {label}", n_ours, n_theirs, True))
         report.overhead.append(
             (f"solve / the same bare calls, {label}", ours / bare_ours, theirs / bare_theirs)
         )
-        step_ours, _ = solver_time_per_step(forward_odecore, f, y0, t, timed)
-        step_theirs, _ = solver_time_per_step(forward_torchdiffeq, f, y0, t, timed)
-        report.overhead.append(
-            (f"solver time per step, f replayed, {label}", step_ours, step_theirs)
+        (run_ours, steps_ours), (run_theirs, steps_theirs) = (
+            replayed_solve(forward_odecore, f, y0, t),
+            replayed_solve(forward_torchdiffeq, f, y0, t),
         )
-        ys_ours, ys_theirs = forward_odecore(f, y0, t), forward_torchdiffeq(f, y0, t)
-        diff, scale = (ys_ours - ys_theirs).abs().max(), ys_theirs.abs().max()
-        report.agreement.append((f"forward y, {label}", float(diff), float(scale)))
+        replay_ours, replay_theirs = timed(run_ours, run_theirs)
+        report.overhead.append(
+            (
+                f"solver time per step, f replayed, {label}",
+                replay_ours / steps_ours,
+                replay_theirs / steps_theirs,
+            )
+        )
 
         for mode, (solve_ours, solve_theirs, peer) in GRADIENTS.items():
             fwd_ours, bwd_ours = count_gradient(solve_ours, f, y0, t)
@@ -323,34 +374,36 @@ def measure(args) -> Report:
                 report.nfev.append((f"backsolve backward, {label}", bwd_ours, bwd_theirs, True))
             elif mode == "checkpoint":
                 report.nfev.append((f"checkpoint backward, {label}", bwd_ours, None, False))
-            target = TARGETS.get(mode)
-            report.rows.append((f"grad {mode}, {label}", ours, theirs, target, floor, peer))
-            g_ours, g_theirs = gradient(solve_ours, f, y0, t), gradient(solve_theirs, f, y0, t)
-            err = max(float((a - b).abs().max()) for a, b in zip(g_ours, g_theirs, strict=True))
-            scale = max(float(g.abs().max()) for g in g_theirs)
-            report.agreement.append((f"grad {mode} vs {peer}, {label}", err, scale))
+            errors = [error(gradient(s, f, y0, t), grads_ref) for s in (solve_ours, solve_theirs)]
+            name = f"grad {mode}, {label}"
+            report.rows.append(Row(name, ours, theirs, *errors, TARGETS.get(mode), floor, peer))
     return report
 
 
 def print_report(report: Report) -> int:
     misses = 0
     head = (
-        f"{'measurement':<28}{'odecore':>11}{'torchdiffeq':>13}{'ratio':>7}{'floor':>7}"
-        f"{'target':>9}  verdict"
+        f"{'measurement':<28}{'odecore':>11}{'error':>9}{'torchdiffeq':>13}{'error':>9}"
+        f"{'ratio':>7}{'floor':>7}{'target':>9}  verdict"
     )
     print(head)
     print("-" * len(head))
-    for name, ours, theirs, target, floor, peer in report.rows:
-        ratio = ours / theirs
-        mark = verdict(ratio, target)
+    for row in report.rows:
+        ratio = row.ours / row.theirs
+        mark = verdict(ratio, row.target)
         misses += mark == "MISS"
-        floor_s = f"{floor:.2f}" if floor is not None else ""
-        target_s = f"<= {target:.2f}" if target is not None else ""
-        peer_s = f"vs {peer}" if peer else ""
+        floor_s = f"{row.floor:.2f}" if row.floor is not None else ""
+        target_s = f"<= {row.target:.2f}" if row.target is not None else ""
+        peer_s = f"vs {row.peer}" if row.peer else ""
         print(
-            f"{name:<28}{fmt_time(ours):>11}{fmt_time(theirs):>13}{ratio:>7.2f}{floor_s:>7}"
+            f"{row.name:<28}{fmt_time(row.ours):>11}{row.error_ours:>9.1e}"
+            f"{fmt_time(row.theirs):>13}{row.error_theirs:>9.1e}{ratio:>7.2f}{floor_s:>7}"
             f"{target_s:>9}  {mark:<4} {peer_s}".rstrip()
         )
+    print(
+        "(error: max |result - reference| / max |reference|, the worst output or parameter "
+        "gradient)"
+    )
     print()
 
     head = f"{'solver overhead':<46}{'odecore':>11}{'torchdiffeq':>13}{'target':>9}  verdict"
@@ -381,13 +434,33 @@ def print_report(report: Report) -> int:
         print(f"{name:<34}{ours:>9}{theirs:>13}{gap:>+7.1%}  {mark}")
     print()
 
-    head = f"{'agreement':<46}{'max |diff|':>12}{'relative':>10}"
-    print(head)
-    print("-" * len(head))
-    for name, err, scale in report.agreement:
-        print(f"{name:<46}{err:>12.2e}{err / scale:>10.1e}")
+    print(
+        f"reference: odecore {REFERENCE_METHOD} at rtol = atol = {REFERENCE_TOL:g}, stepping on "
+        "the output times; gradients of that"
+    )
+    print(
+        f"solve (checkpoint). torchdiffeq's {REFERENCE_METHOD} at the same settings (gradients "
+        "by its adjoint) differs from it by:"
+    )
+    for label, values, grads in report.references:
+        print(f"  {label}: values {values:.1e}, gradients {grads:.1e}")
     print()
     print(f"{misses} target(s) or check(s) missed" if misses else "all targets and checks met")
+    print()
+    print_summary(
+        "torchdiffeq",
+        [
+            (
+                r.name,
+                r.ours,
+                r.error_ours,
+                r.theirs,
+                r.error_theirs,
+                f"vs {r.peer}" if r.peer else "",
+            )
+            for r in report.rows
+        ],
+    )
     return misses
 
 
@@ -411,7 +484,6 @@ def main(argv=None) -> int:
         f"  odecore {odecore.__version__}, torchdiffeq {torchdiffeq.__version__}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread"
     )
-    print(f"  CPU: {cpu_name()}")
     for line in environment_lines():
         print(f"  {line}")
     print(
