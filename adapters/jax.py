@@ -293,12 +293,10 @@ def _unit_batched(pull):
 
     A dense layer's weight cotangent is a contraction over the batch axis of two row-major
     arrays (``delta^T x``). XLA:CPU hands that transposed contraction to a generic
-    multi-threaded kernel, which for small outputs costs more than the rest of the VJP: on
-    bench_jax's 2-64-2 MLP (batch 512, 2 cores) 25 us per call, 21% of a backsolve
-    gradient. Under ``vmap`` the same cotangent reaches XLA with an explicit transpose and
-    an ordinary matrix product, which it runs on its fast path. Measured on 2 cores, the
-    whole gradient: float64 backsolve 9-14% faster, checkpoint unchanged; float32 28% and
-    22% faster. Other platforms are left as they are (not measured).
+    multi-threaded kernel, which for small outputs costs more than the rest of the VJP.
+    Under ``vmap`` the same cotangent reaches XLA with an explicit transpose and an ordinary
+    matrix product, which it runs on its fast path (docs/performance.md has the timings).
+    Other platforms are left as they are: nothing was measured there.
 
     A pullback that cannot be batched (a ``pure_callback`` without a ``vmap_method`` in a
     custom VJP, say) runs as it is; a genuine error in it then surfaces from that call."""

@@ -11,8 +11,6 @@ and gives the vector-Jacobian products the gradient modes need through the backe
 
 from __future__ import annotations
 
-from typing import Any
-
 from odecore import _validate
 from odecore.backend import differentiate
 from odecore.backend.tree import leaves as tree_leaves
@@ -84,22 +82,6 @@ class Dynamics:
         _validate.dynamics_output(self.backend, out, self.layout)
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)
-
-    def vjp(self, t, y, cot) -> tuple[Any, list[Any]]:
-        """``cot`` times the Jacobians of ``fn`` with respect to ``y`` and to each parameter
-        leaf (``self.leaves``), in loop layout for ``y``."""
-        xp, lay = self.backend.xp, self.layout
-        cot_user = lay.to_user(xp, self.flip(cot))
-        _, cot_y, cot_leaves = differentiate.vjp(
-            self.backend,
-            self.func,
-            self.params,
-            self.leaves,
-            self.user_time(t),
-            lay.to_user(xp, y),
-            cot_user,
-        )
-        return lay.from_user(xp, cot_y), cot_leaves
 
     def checked_vjp(self, t, y, cot, want_value=False):
         """``Backend.dynamics_vjp`` of ``func`` at the user's ``(t, y)``: ``(value, cot_y,

@@ -22,8 +22,6 @@ from odecore.backend import differentiate, library_of
 from odecore.backend.tree import arrays_held_by
 from odecore.backend.tree import leaves as tree_leaves
 
-ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
-
 
 class SolveRule:
     """One solve as a framework-neutral forward / backward pair."""
@@ -340,8 +338,8 @@ def _backsolve_backward(problem, ys, ys_bar, settings, failed):
     options = dict(settings.get("options") or {})
     if settings["adaptive"]:
         # The adjoint's error grows along most of the backward solve (it accumulates
-        # sensitivity), where holding the step after each accepted one ends in a rejection;
-        # on bench_jax's neural ODE, shrinking instead saved 8% of the backward evaluations.
+        # sensitivity), where holding the step after each accepted one ends in a rejection
+        # (docs/performance.md has the evaluations this saves).
         options.setdefault("shrink_after_accept", True)
     parts = [m, m, sum(sizes)]
     if options.get("norm") == "seminorm":

@@ -113,9 +113,6 @@ class ArrayOps:
         t = self.xp.astype(t, self.user_dtype)
         return t if batched else self.xp.reshape(t, ())
 
-    def to_host(self, x):
-        return x
-
 
 class ScalarOps:
     """Control values as Python floats, ints and bools, for one sample on an eager backend.
@@ -135,7 +132,7 @@ class ScalarOps:
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
         self.from_norm = backend.to_host_float
-        self.scalar = backend.scalar
+        self.time_scalar = backend.scalar
         self.rules = rules.bound(None)
         self.state_rules = rules.bound(self.xp)
 
@@ -223,7 +220,4 @@ class ScalarOps:
         return slot
 
     def user_time(self, t, batched):
-        return self.scalar(t, self.user_dtype)
-
-    def to_host(self, x):
-        return self.xp.asarray([x])
+        return self.time_scalar(t, self.user_dtype)

@@ -30,7 +30,7 @@ from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import ListStages, RKMethod, prepared
 from odecore._solution import Solution, SolveError, Status
 from odecore.adjoint import modes
-from odecore.backend import Backend, differentiate
+from odecore.backend import Backend, differentiate, tree
 from odecore.backend.layout import Layout
 from odecore.backend.layout import layout as make_layout
 from odecore.control.controller import Controller
@@ -477,7 +477,6 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
     rule = SolveRule(adjoint, run, settings)
     ys, _, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
-    problem = residuals[0]
 
     def pullback(ys_bar):
         ys_bar = bk.asarray(ys_bar)
@@ -487,25 +486,9 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
                 f"got {tuple(ys_bar.shape)}"
             )
         y0_bar, t_bar, *leaves_bar = rule.backward(residuals, ys_bar)
-        return y0_bar, _unflatten_like(params, leaves_bar, problem), t_bar
+        return y0_bar, tree.unflatten_like(params, leaves_bar), t_bar
 
     return ys, pullback
-
-
-def _unflatten_like(params, leaves, problem):
-    """Put leaf gradients back into the structure of ``params``."""
-    if params is None:
-        return None
-    it = iter(leaves)
-
-    def rebuild(value):
-        if isinstance(value, (tuple, list)):
-            return type(value)(rebuild(v) for v in value)
-        if isinstance(value, dict):
-            return {k: rebuild(v) for k, v in value.items()}
-        return next(it)
-
-    return rebuild(params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from odecore._solution import PrecisionWarning
+from odecore.adjoint.modes import MODES
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
 from odecore.control.norms import BUILTIN_NORMS
@@ -375,17 +376,15 @@ def dynamics_output(bk, out, lay: Layout) -> None:
         )
 
 
-ADJOINT_MODES = ("direct", "backsolve", "checkpoint")
-
-
 def adjoint_mode(adjoint, bk) -> str | None:
     """The gradient mode: None (no gradients) on backends without autodiff, whose users call
     ``odecore.vjp_odeint`` instead; "direct" by default where the framework differentiates."""
     if adjoint is None:
         return bk.autodiff.default_adjoint if bk.has_autodiff else None
-    if adjoint not in ADJOINT_MODES:
+    if not isinstance(adjoint, str) or adjoint not in MODES:
         raise ValueError(
-            f"unknown adjoint {adjoint!r}; valid modes are {', '.join(map(repr, ADJOINT_MODES))}"
+            f"unknown adjoint {adjoint!r}; valid modes are {', '.join(map(repr, MODES))}, "
+            f"or odecore.Direct(), odecore.Backsolve(...), odecore.Checkpoint()"
         )
     if adjoint == "direct" and bk.has_autodiff and bk.autodiff.default_adjoint != "direct":
         raise ValueError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from odecore._config import resolve_backend
-from odecore.backend import differentiate
+from odecore.backend import differentiate, tree
 from odecore.deq.arguments import check_callable, check_params, float_array, layout
 from odecore.deq.mapping import Map, check_output, require_vjp
 from odecore.deq.options import FixedPointOptions
@@ -96,7 +96,6 @@ def vjp_fixed_point(f, z0, params=None, *, batch_axis=None, backend=None, **opti
 
     ``f`` supplies ``vjp(z, params, cotangent) -> (cot_z, cot_params)``. Keyword arguments
     are those of :func:`solve_fixed_point`."""
-    from odecore._solve import _unflatten_like
 
     opts = FixedPointOptions.from_keywords("vjp_fixed_point", options)
     bk, z0, lay, leaves, fmap = _setup(f, z0, params, backend, batch_axis, opts)
@@ -112,7 +111,7 @@ def vjp_fixed_point(f, z0, params=None, *, batch_axis=None, backend=None, **opti
                 f"pullback expects a cotangent shaped like z {lay.shape}, got {tuple(z_bar.shape)}"
             )
         _, *leaves_bar = rule.backward(z_star, z_bar)
-        return _unflatten_like(params, leaves_bar, None)
+        return tree.unflatten_like(params, leaves_bar)
 
     return rule.solution, pullback
 
