@@ -10,7 +10,7 @@ core's own. What differs from the eager backends:
 - ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
   default mode is ``backsolve``; ``checkpoint`` keeps the times of up to
   ``options["max_num_steps"]`` steps and a square root's worth of their states (see
-  ``odecore._solve.checkpoint_rows``).
+  ``odecore.ode.tape.checkpoint_rows``).
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
 - Without x64 (JAX's default) time is float32, the widest dtype JAX then has, and a float64
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from odecore.adapters._jax_cache import CompiledSolves
 
-from odecore._solution import PrecisionWarning, Solution
 from odecore.backend import Autodiff, Backend, Tracing
+from odecore.ode.solution import PrecisionWarning, Solution
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
@@ -237,7 +237,8 @@ def _apply(forward, backward, primals, forward_consts, backward_consts):
 
 
 def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
-    # A failed solve's gradients follow the rule's own policy (odecore._grad.FailedOutputs).
+    # A failed solve's gradients follow the rule's own policy
+    # (odecore.adjoint.failed.FailedOutputs).
     outputs, arrays = forward(*primals, *forward_consts)
     return outputs, (primals, arrays, forward_consts, backward_consts)
 

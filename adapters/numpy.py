@@ -76,7 +76,7 @@ class BufferStages:
 
 
 def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
-    """odecore._control.error_ratio for the rms norm, ``rms(err / (atol + rtol *
+    """odecore.control.norms.error_ratio for the rms norm, ``rms(err / (atol + rtol *
     max(|y|, |y_new|)))``, by the same operations. One sample's sum of squares is
     ``ndarray.dot``, the product ``vecdot`` computes, without the dispatch that costs
     twice the product on a small state; its root in float64 is ``math.sqrt``, the same

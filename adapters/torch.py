@@ -140,7 +140,7 @@ def _stacked_stages(method, y0):
 
 
 def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
-    """odecore._control.error_ratio for the rms norm, ``rms(err / (atol + rtol *
+    """odecore.control.norms.error_ratio for the rms norm, ``rms(err / (atol + rtol *
     max(|y|, |y_new|)))``, in five kernels on temporaries and outside autograd (the
     step-size control is not differentiated). A Python float for one sample (axis
     None), else a (B,) tensor."""

@@ -1,8 +1,6 @@
 """odecore: differentiable ODE solvers written once against the Python array API."""
 
 from odecore._config import backend_name, set_backend, use_backend
-from odecore._solution import PrecisionWarning, Solution, SolveError, Status
-from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
 from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
 from odecore.backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore.deq import (
@@ -15,6 +13,8 @@ from odecore.deq import (
     spectral_radius,
     vjp_fixed_point,
 )
+from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS

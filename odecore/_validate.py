@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from odecore._solution import PrecisionWarning
 from odecore.adjoint.modes import MODES
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
 from odecore.control.norms import BUILTIN_NORMS
+from odecore.ode.solution import PrecisionWarning
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 DEFAULT_METHOD = "dopri5"

@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from odecore._solution import SolveError
 from odecore.deq.options import FixedPointOptions
+from odecore.ode.solution import SolveError
 
 
 class FixedPointStatus(enum.IntEnum):

@@ -124,3 +124,42 @@ class PrecisionWarning(UserWarning):
     """A solve cannot give the precision it was asked for: a tolerance below what the state's
     dtype resolves (the solve may report success with a larger error than the tolerance
     promises), or float64 inputs that JAX without its x64 mode turns into float32."""
+
+
+def failure_message(sol: Solution) -> str:
+    """Where and why the solve failed. A batch lists its failed samples (the first
+    ``_LISTED_FAILURES``), each with its status and the time it reached."""
+    status, t_reached, stats = sol.status, sol.t_reached, sol.stats
+    try:
+        failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
+    except TypeError:
+        failed = None
+    if failed is None:
+        where = f"at t={float(t_reached):.17g}"
+        counts = (
+            f"nfev={stats['nfev']}, steps={stats['nsteps']} "
+            f"(accepted {stats['naccept']}, rejected {stats['nreject']})"
+        )
+        codes = {int(status)}
+    else:
+        listed = ", ".join(
+            f"sample {i} ({Status(int(status[i])).name} at t={float(t_reached[i]):.9g})"
+            for i in failed[:_LISTED_FAILURES]
+        )
+        unlisted = len(failed) - _LISTED_FAILURES
+        more = f" and {unlisted} more" if unlisted > 0 else ""
+        where = f"for {len(failed)} of {len(status)} samples; {listed}{more}"
+        i = failed[0]
+        counts = (
+            f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
+            f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
+        )
+        codes = {int(status[i]) for i in failed}
+    if len(codes) == 1:
+        why = Status(codes.pop()).describe()
+    else:
+        why = "; ".join(f"{Status(c).name}: {Status(c).describe()}" for c in sorted(codes))
+    return f"odecore: the {sol.method} solve failed {where}: {why}. Statistics: {counts}."
+
+
+_LISTED_FAILURES = 10
