@@ -10,7 +10,7 @@ core's own. What differs from the eager backends:
 - ``direct`` mode would need reverse mode through a while loop, which JAX does not have. The
   default mode is ``backsolve``; ``checkpoint`` keeps the times of up to
   ``options["max_num_steps"]`` steps and a square root's worth of their states (see
-  ``odecore._solve.checkpoint_rows``).
+  ``odecore.ode.tape.checkpoint_rows``).
 - Under ``jit`` a failed solve cannot raise: its outputs are NaN and ``Solution.status`` says
   why. Outside ``jit`` the status is concrete and ``throw=True`` raises as on other backends.
 - Without x64 (JAX's default) time is float32, the widest dtype JAX then has, and a float64
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from odecore.adapters._jax_cache import CompiledSolves
 
-from odecore._backend import Backend
-from odecore._solution import PrecisionWarning, Solution
+from odecore.backend import Autodiff, Backend, Tracing
+from odecore.ode.solution import PrecisionWarning, Solution
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
 # custom_vjp, which nothing would differentiate. A thread-local flag, since JAX traces on the
@@ -47,13 +47,151 @@ def _recording() -> bool:
     return not getattr(_state, "no_grad", False)
 
 
+class JaxAutodiff(Autodiff):
+    """JAX's reverse mode: VJPs from ``jax.vjp``, rules as one ``jax.custom_vjp``."""
+
+    default_adjoint = "backsolve"
+
+    def param_leaves(self, func, params) -> list[Any]:
+        """The floating-point arrays of the pytree ``params``."""
+        if params is None:
+            return []
+        return [x for x in jax.tree_util.tree_leaves(params) if _is_float_array(x)]
+
+    def requires_grad(self, values: Any) -> bool:
+        # Whether a traced value will be differentiated is not known while tracing (under
+        # grad(jit(...)) the solve sees plain jit tracers), so every solve outside a backward
+        # pass goes through custom_vjp; undifferentiated, that costs nothing.
+        return _recording()
+
+    def linearize(self, func, params, leaves, t, y):
+        if params is None:
+            out, pull = jax.vjp(lambda y_: func(t, y_), y)
+            pull = _unit_batched(pull)
+            return out, lambda cot: (pull(cot)[0], [])
+
+        def call(y_, *leaves_):
+            return func(t, y_, _with_leaves(params, list(leaves_)))
+
+        out, pull = jax.vjp(call, y, *leaves)
+        pull = _unit_batched(pull)
+
+        def pullback(cot):
+            cot_y, *cot_leaves = pull(cot)
+            return cot_y, cot_leaves
+
+        return out, pullback
+
+    def vjp(self, fn, *primals):
+        # Jitted: the forward and the backward each compile to one program, instead of
+        # dispatching every operation (and compiling every loop) on its own.
+        return jax.vjp(jax.jit(fn), *primals)
+
+    def jvp(self, fn, primals, tangents):
+        return jax.jvp(fn, tuple(primals), tuple(tangents))
+
+    def custom_vjp(self, rule):
+        """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
+        status and statistics, which would otherwise escape the trace of the forward.
+
+        The rule's forward and backward close over whatever the solve was called with:
+        tolerances, step sizes, the user's func and what it captures, any of which may be
+        traced (``jit`` arguments). ``_closure_convert`` turns both into functions of
+        explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
+        tracer of a trace that has ended."""
+
+        def call(*primals):
+            # Checks the inputs where their values are known: inside the conversion below
+            # every value is traced, and the checks would be skipped.
+            rule.from_arrays(primals, None)
+
+            def forward(*primals):
+                out, aux, residuals = rule.forward(*primals)
+                return (out, aux), rule.residual_arrays(residuals)
+
+            forward_arrays, forward_consts = _closure_convert(forward, *primals)
+            if any(_differentiated(c) for c in forward_consts):
+                raise ValueError(_CAPTURED_MESSAGE)
+            (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
+
+            def backward(primals, arrays, out_bar):
+                with _no_grad():
+                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
+                return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
+
+            if forward_consts or _captures_tracers(rule.captured()):
+                backward_arrays, backward_consts = _closure_convert(
+                    backward,
+                    primals,
+                    _zeros_like_shapes(arrays_shape),
+                    _zeros_like_shapes(out_shape),
+                )
+            else:
+                # Nothing traced is captured (the backward calls the same func with the same
+                # settings as the forward), so it is traced only if it is ever needed.
+                backward_arrays, backward_consts = backward, []
+            out, aux = _apply(
+                forward_arrays, backward_arrays, primals, forward_consts, backward_consts
+            )
+            # The aux values have no gradient; under grad without jit their values are
+            # known, and the caller gets those (a failure message can read them) rather than
+            # the tracers carrying them.
+            return out, jax.tree_util.tree_map(_primal, aux)
+
+        return call
+
+
+class JaxTracing(Tracing):
+    """Solves under ``jit``, and eager solves compiled once per func and configuration."""
+
+    def with_leaves(self, params, leaves):
+        return _with_leaves(params, leaves)
+
+    def compiled_solve(self, solve, func, y0, t, params, arguments):
+        """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
+        configuration (``odecore.adapters._jax_cache``)."""
+        _warn_if_downcast(y0, t, params, arguments)
+        solution = _COMPILED_SOLVES.solve(BACKEND, solve, func, y0, t, params, arguments)
+        if solution is not None:
+            # Status and statistics have no gradient: the solution holds their known values
+            # (under grad), not the tracers that carry them.
+            for name in ("stats", "status", "t_reached", "ts"):
+                setattr(solution, name, jax.tree_util.tree_map(_primal, getattr(solution, name)))
+        return solution
+
+
+def _with_leaves(params, leaves):
+    if params is None:
+        if leaves:
+            raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+        return None
+    flat, tree = jax.tree_util.tree_flatten(params)
+    slots = [i for i, x in enumerate(flat) if _is_float_array(x)]
+    if len(slots) != len(leaves):
+        raise ValueError(_ADJOINT_PARAMS_MESSAGE)
+    flat = list(flat)
+    for i, leaf in zip(slots, leaves, strict=True):
+        flat[i] = leaf
+    return jax.tree_util.tree_unflatten(tree, flat)
+
+
+@contextlib.contextmanager
+def _no_grad():
+    before = getattr(_state, "no_grad", False)
+    _state.no_grad = True
+    try:
+        yield
+    finally:
+        _state.no_grad = before
+
+
 class JaxBackend(Backend):
     name = "jax"
     xp = jnp
     eager = False
     inplace_ok = False
-    has_autodiff = True
-    default_adjoint = "backsolve"
+    autodiff = JaxAutodiff()
+    tracing = JaxTracing()
 
     def owns(self, x: Any) -> bool:
         return isinstance(x, jax.Array)
@@ -83,137 +221,11 @@ class JaxBackend(Backend):
         # Under grad without jit, values carry tangents but are known.
         return isinstance(_primal(x), jax.core.Tracer)
 
-    # ---- gradients -------------------------------------------------------------------------
-
-    def param_leaves(self, func, params) -> list[Any]:
-        """The floating-point arrays of the pytree ``params``."""
-        if params is None:
-            return []
-        return [x for x in jax.tree_util.tree_leaves(params) if _is_float_array(x)]
-
-    def with_leaves(self, params, leaves):
-        if params is None:
-            if leaves:
-                raise ValueError(_ADJOINT_PARAMS_MESSAGE)
-            return None
-        flat, tree = jax.tree_util.tree_flatten(params)
-        slots = [i for i, x in enumerate(flat) if _is_float_array(x)]
-        if len(slots) != len(leaves):
-            raise ValueError(_ADJOINT_PARAMS_MESSAGE)
-        flat = list(flat)
-        for i, leaf in zip(slots, leaves, strict=True):
-            flat[i] = leaf
-        return jax.tree_util.tree_unflatten(tree, flat)
-
-    def requires_grad(self, values: Any) -> bool:
-        # Whether a traced value will be differentiated is not known while tracing (under
-        # grad(jit(...)) the solve sees plain jit tracers), so every solve outside a backward
-        # pass goes through custom_vjp; undifferentiated, that costs nothing.
-        return _recording()
-
-    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
-        value, pullback = self.dynamics_linearize(func, params, leaves, t, y)
-        cot_y, cot_leaves = pullback(cot)
-        return (value if want_value else None), cot_y, cot_leaves
-
-    def dynamics_linearize(self, func, params, leaves, t, y):
-        if params is None:
-            out, pull = jax.vjp(lambda y_: func(t, y_), y)
-            pull = _unit_batched(pull)
-            return out, lambda cot: (pull(cot)[0], [])
-
-        def call(y_, *leaves_):
-            return func(t, y_, self.with_leaves(params, list(leaves_)))
-
-        out, pull = jax.vjp(call, y, *leaves)
-        pull = _unit_batched(pull)
-
-        def pullback(cot):
-            cot_y, *cot_leaves = pull(cot)
-            return cot_y, cot_leaves
-
-        return out, pullback
-
-    def vjp(self, fn, *primals):
-        # Jitted: the forward and the backward each compile to one program, instead of
-        # dispatching every operation (and compiling every loop) on its own.
-        return jax.vjp(jax.jit(fn), *primals)
-
-    def jvp(self, fn, primals, tangents):
-        return jax.jvp(fn, tuple(primals), tuple(tangents))
-
-    def custom_vjp(self, rule):
-        """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
-        status and statistics, which would otherwise escape the trace of the forward.
-
-        The rule's forward and backward close over whatever the solve was called with:
-        tolerances, step sizes, the user's func and what it captures, any of which may be
-        traced (``jit`` arguments). ``_closure_convert`` turns both into functions of
-        explicit arrays, so that a backward run later (``grad`` of a ``jit``) never sees a
-        tracer of a trace that has ended."""
-
-        fields = getattr(rule, "solution_fields", _SOLUTION_FIELDS)
-
-        def call(*primals):
-            # Checks the inputs where their values are known: inside the conversion below
-            # every value is traced, and the checks would be skipped.
-            rule.from_arrays(primals, None)
-
-            def forward(*primals):
-                out, residuals = rule.forward(*primals)
-                arrays = rule.residual_arrays(residuals)
-                return (out, _solution_arrays(rule.solution, fields)), arrays
-
-            forward_arrays, forward_consts = _closure_convert(forward, *primals)
-            if any(_differentiated(c) for c in forward_consts):
-                raise ValueError(_CAPTURED_MESSAGE)
-            (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
-
-            def backward(primals, arrays, out_bar):
-                with self.no_grad():
-                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
-                return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
-
-            if forward_consts or _captures_tracers(getattr(rule, "backsolve_settings", None)):
-                backward_arrays, backward_consts = _closure_convert(
-                    backward,
-                    primals,
-                    _zeros_like_shapes(arrays_shape),
-                    _zeros_like_shapes(out_shape),
-                )
-            else:
-                # Nothing traced is captured (the backward calls the same func with the same
-                # settings as the forward), so it is traced only if it is ever needed.
-                backward_arrays, backward_consts = backward, []
-            out, solution_arrays = _apply(
-                forward_arrays, backward_arrays, primals, forward_consts, backward_consts
-            )
-            _restore_solution_arrays(rule.solution, solution_arrays, fields)
-            return out
-
-        return call
-
-    def compiled_solve(self, solve, func, y0, t, params, arguments):
-        """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
-        configuration (``odecore.adapters._jax_cache``)."""
-        _warn_if_downcast(y0, t, params, arguments)
-        solution = _COMPILED_SOLVES.solve(self, solve, func, y0, t, params, arguments)
-        if solution is not None:
-            arrays = _solution_arrays(solution, _SOLUTION_FIELDS)
-            _restore_solution_arrays(solution, arrays, _SOLUTION_FIELDS)
-        return solution
-
     def float64(self):
         return jax.enable_x64(True)
 
-    @contextlib.contextmanager
     def no_grad(self):
-        before = getattr(_state, "no_grad", False)
-        _state.no_grad = True
-        try:
-            yield
-        finally:
-            _state.no_grad = before
+        return _no_grad()
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
@@ -225,7 +237,8 @@ def _apply(forward, backward, primals, forward_consts, backward_consts):
 
 
 def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
-    # A failed solve's gradients follow the rule's own policy (odecore._grad.FailedOutputs).
+    # A failed solve's gradients follow the rule's own policy
+    # (odecore.adjoint.failed.FailedOutputs).
     outputs, arrays = forward(*primals, *forward_consts)
     return outputs, (primals, arrays, forward_consts, backward_consts)
 
@@ -281,12 +294,10 @@ def _unit_batched(pull):
 
     A dense layer's weight cotangent is a contraction over the batch axis of two row-major
     arrays (``delta^T x``). XLA:CPU hands that transposed contraction to a generic
-    multi-threaded kernel, which for small outputs costs more than the rest of the VJP: on
-    bench_jax's 2-64-2 MLP (batch 512, 2 cores) 25 us per call, 21% of a backsolve
-    gradient. Under ``vmap`` the same cotangent reaches XLA with an explicit transpose and
-    an ordinary matrix product, which it runs on its fast path. Measured on 2 cores, the
-    whole gradient: float64 backsolve 9-14% faster, checkpoint unchanged; float32 28% and
-    22% faster. Other platforms are left as they are (not measured).
+    multi-threaded kernel, which for small outputs costs more than the rest of the VJP.
+    Under ``vmap`` the same cotangent reaches XLA with an explicit transpose and an ordinary
+    matrix product, which it runs on its fast path (docs/performance.md has the timings).
+    Other platforms are left as they are: nothing was measured there.
 
     A pullback that cannot be batched (a ``pure_callback`` without a ``vmap_method`` in a
     custom VJP, say) runs as it is; a genuine error in it then surfaces from that call."""
@@ -359,26 +370,6 @@ def _is_float_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-_SOLUTION_FIELDS = ("status", "t_reached", "ts")
-
-
-def _solution_arrays(solution, fields):
-    return {
-        "stats": dict(solution.stats),
-        **{name: getattr(solution, name) for name in fields},
-    }
-
-
-def _restore_solution_arrays(solution, arrays, fields):
-    """Put the status and statistics back on the solution. They have no gradient; under
-    ``grad`` without ``jit`` their values are known, and the solution holds those values
-    (a failure message, say, can read them) rather than the tracers that carry them."""
-    arrays = jax.tree_util.tree_map(_primal, arrays)
-    solution.stats = arrays["stats"]
-    for name in fields:
-        setattr(solution, name, arrays[name])
-
-
 def _primal(x):
     while _differentiated(x):
         x = x.primal
@@ -396,13 +387,13 @@ def _cotangent_like(g, primal):
 
 
 def _flatten_solution(sol: Solution):
-    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached, sol.extra)
+    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached)
     return children, sol.method
 
 
 def _unflatten_solution(method, children):
-    ts, ys, stats, status, t_reached, extra = children
-    return Solution(ts, ys, stats, status, t_reached, method, extra)
+    ts, ys, stats, status, t_reached = children
+    return Solution(ts, ys, stats, status, t_reached, method)
 
 
 # So that a jitted function can return a whole Solution (status and statistics included).

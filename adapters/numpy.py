@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from odecore._backend import Backend
+from odecore.backend import Backend, Kernels
 
 
 class BufferStages:
@@ -75,6 +75,24 @@ class BufferStages:
         return self.ks
 
 
+def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
+    """odecore.control.norms.error_ratio for the rms norm, ``rms(err / (atol + rtol *
+    max(|y|, |y_new|)))``, by the same operations. One sample's sum of squares is
+    ``ndarray.dot``, the product ``vecdot`` computes, without the dispatch that costs
+    twice the product on a small state; its root in float64 is ``math.sqrt``, the same
+    correctly rounded root as ``np.sqrt`` without a ufunc call. A Python float for one
+    sample (axis None), else a (B,) array."""
+    scaled = err / (atol + rtol * np.maximum(np.abs(y), np.abs(y_new)))
+    if axis is not None:
+        return np.sqrt(np.vecdot(scaled, scaled, axis=axis) / scaled.shape[axis])
+    if scaled.ndim != 1:
+        scaled = scaled.reshape(-1)
+    mean_square = scaled.dot(scaled) / scaled.shape[0]
+    if mean_square.dtype == np.float64:
+        return math.sqrt(mean_square)
+    return float(np.sqrt(mean_square))
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     # NumPy 2.x is itself an array-API namespace. Using it directly rather than through
@@ -83,6 +101,7 @@ class NumpyBackend(Backend):
     xp = np
     eager = True
     inplace_ok = True
+    kernels = Kernels(stage_store=BufferStages, rms_error_ratio=_rms_error_ratio)
 
     def owns(self, x: Any) -> bool:
         return isinstance(x, (np.ndarray, np.generic))
@@ -95,26 +114,6 @@ class NumpyBackend(Backend):
         # assignment costs a fraction of array-api-extra's general-purpose ``at``.
         out[where] = value
         return out
-
-    def stage_store(self, method, y0):
-        return BufferStages(method, y0)
-
-    def rms_error_ratio(self, err, y, y_new, rtol, atol, axis):
-        """odecore._control.error_ratio for the rms norm, ``rms(err / (atol + rtol *
-        max(|y|, |y_new|)))``, by the same operations. One sample's sum of squares is
-        ``ndarray.dot``, the product ``vecdot`` computes, without the dispatch that costs
-        twice the product on a small state; its root in float64 is ``math.sqrt``, the same
-        correctly rounded root as ``np.sqrt`` without a ufunc call. A Python float for one
-        sample (axis None), else a (B,) array."""
-        scaled = err / (atol + rtol * np.maximum(np.abs(y), np.abs(y_new)))
-        if axis is not None:
-            return np.sqrt(np.vecdot(scaled, scaled, axis=axis) / scaled.shape[axis])
-        if scaled.ndim != 1:
-            scaled = scaled.reshape(-1)
-        mean_square = scaled.dot(scaled) / scaled.shape[0]
-        if mean_square.dtype == np.float64:
-            return math.sqrt(mean_square)
-        return float(np.sqrt(mean_square))
 
 
 BACKEND = NumpyBackend()

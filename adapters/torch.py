@@ -16,73 +16,21 @@ import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
 
-from odecore._backend import Backend
-from odecore._grad import higher_order_message
+from odecore.backend import Autodiff, Backend, Kernels
+from odecore.backend.tree import leaves as tree_leaves
+from odecore.backend.tree import replace_leaves
 
 
-class TorchBackend(Backend):
-    name = "torch"
-    xp = xp_torch
-    eager = True
-    has_autodiff = True
-    # Autograd records in-place writes into a buffer (CopySlices) correctly as long as the
-    # overwritten values are not needed for the backward pass, which holds for the output
-    # buffer: the loop only reads from it what it is about to overwrite.
-    inplace_ok = True
-
-    def owns(self, x: Any) -> bool:
-        return isinstance(x, torch.Tensor)
-
-    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
-        device = like.device if isinstance(like, torch.Tensor) else None
-        if isinstance(x, torch.Tensor):
-            return x.to(dtype=dtype or x.dtype, device=device or x.device)
-        if isinstance(x, np.ndarray) and any(stride < 0 for stride in x.strides):
-            # torch refuses to share memory with a reversed view (``t[::-1]``).
-            x = np.ascontiguousarray(x)
-        return torch.as_tensor(x, dtype=dtype, device=device)
-
-    def device_scope(self, x: Any):
-        # torch creates tensors on the CPU unless told otherwise; a device used as a context
-        # sets the default for every factory call inside. The CPU needs none, and the
-        # context's function mode costs time on every operation.
-        return _device_scope(x)
-
-    def scalar(self, value: float, dtype: Any) -> Any:
-        # A third of the cost of torch.asarray through array-api-compat (1.8 us against
-        # 5.4 us); called once per function evaluation.
-        return torch.scalar_tensor(value, dtype=dtype)
-
-    def rms_error_ratio(self, err, y, y_new, rtol, atol, axis):
-        """odecore._control.error_ratio for the rms norm, ``rms(err / (atol + rtol *
-        max(|y|, |y_new|)))``, in five kernels on temporaries and outside autograd (the
-        step-size control is not differentiated). A Python float for one sample (axis
-        None), else a (B,) tensor."""
-        with torch.no_grad():
-            scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-            scaled = torch.div(err, scale, out=scale)
-            if axis is None:
-                return torch.linalg.vector_norm(scaled).item() / math.sqrt(scaled.numel())
-            n = scaled.shape[axis]
-            return torch.linalg.vector_norm(scaled, dim=axis).mul_(1.0 / math.sqrt(n))
-
-    def write(self, out, where, value):
-        # The loop owns the output buffer, so it is written in place: a plain item
-        # assignment costs a fraction of array-api-extra's general-purpose ``at``.
-        out[where] = value
-        return out
-
-    def stage_store(self, method, y0):
-        return _StackedStages
-
-    # ---- gradients -------------------------------------------------------------------------
+class TorchAutodiff(Autodiff):
+    """torch autograd: VJPs from ``torch.autograd.grad``, rules as one
+    ``torch.autograd.Function``."""
 
     def param_leaves(self, func, params) -> list[Any]:
         """Tensors in ``params``, then the parameters of an ``nn.Module`` ``func`` (found
         without being passed, as torchdiffeq users expect), each once."""
         leaves = [
             x
-            for x in super().param_leaves(func, params)
+            for _, x in (tree_leaves(params) if params is not None else [])
             if isinstance(x, torch.Tensor) and x.is_floating_point()
         ]
         if isinstance(func, torch.nn.Module):
@@ -91,10 +39,8 @@ class TorchBackend(Backend):
         return leaves
 
     def requires_grad(self, values: Any) -> bool:
-        from odecore._backend import _leaves
-
         return torch.is_grad_enabled() and any(
-            isinstance(x, torch.Tensor) and x.requires_grad for _, x in _leaves(values)
+            isinstance(x, torch.Tensor) and x.requires_grad for _, x in tree_leaves(values)
         )
 
     def _differentiable_call(self, func, params, leaves, t, y):
@@ -113,18 +59,15 @@ class TorchBackend(Backend):
                     copies[id(x)] = x.detach().requires_grad_(True)
                 return copies[id(x)]
 
-            explicit = super().param_leaves(func, params)
-            params = _replace_leaves(params, [copy(x) for x in _float_tensors(explicit)])
+            explicit = [x for _, x in tree_leaves(params)]
+            params = replace_leaves(
+                params, [copy(x) for x in _float_tensors(explicit)], _is_float_tensor
+            )
             inputs = [copies.get(id(x), x) for x in inputs]
         out = func(t, y) if params is None else func(t, y, params)
         return out, [y, *inputs]
 
-    def dynamics_vjp(self, func, params, leaves, t, y, cot, want_value=False):
-        value, pullback = self.dynamics_linearize(func, params, leaves, t, y)
-        cot_y, cot_leaves = pullback(cot)
-        return (value if want_value else None), cot_y, cot_leaves
-
-    def dynamics_linearize(self, func, params, leaves, t, y):
+    def linearize(self, func, params, leaves, t, y):
         with torch.enable_grad():
             out, inputs = self._differentiable_call(func, params, leaves, t, y)
         # A tensor that takes no part in the graph (unused, or named in adjoint_params
@@ -151,29 +94,15 @@ class TorchBackend(Backend):
         leaves = [x for x in leaves if x.requires_grad]
         return _ZeroGradient.apply(out, *leaves) if leaves else out
 
-    def check_no_hidden_parameters(self, func, params, leaves, t, y0, batch_axis):
-        # One evaluation at the initial point, recorded for autograd with y and t detached:
-        # every tensor the graph reaches that requires grad must be a listed leaf (or its
-        # stand-in copy), otherwise backsolve and checkpoint would give it no gradient.
-        # Without grad mode nothing gets a gradient, and nothing is missed.
+    def hidden_parameters(self, func, params, leaves, t0, y0):
+        # One evaluation recorded for autograd with y and t detached: every tensor the graph
+        # reaches that requires grad must be a listed leaf (or its stand-in copy). Without
+        # grad mode nothing gets a gradient, and nothing is missed.
         if not torch.is_grad_enabled():
-            return
-        t0 = t[0].detach().to(y0.dtype)
-        if batch_axis is not None:
-            t0 = t0.expand(y0.shape[batch_axis])
+            return []
         with torch.enable_grad():
-            out, inputs = self._differentiable_call(func, params, leaves, t0, y0.detach())
-        allowed = {id(x) for x in inputs}
-        hidden = _graph_leaves(out, allowed)
-        if hidden:
-            shapes = ", ".join(str(tuple(x.shape)) for x in hidden[:5])
-            raise ValueError(
-                f"func uses {len(hidden)} tensor(s) that require grad but are not among its "
-                f"parameters (shapes {shapes}); adjoint='backsolve' and 'checkpoint' "
-                f"differentiate only with respect to parameters they know of, so these would "
-                f"get no gradient. Pass them with params=... (func(t, y, params)), list them "
-                f"in adjoint_params=..., or make func an nn.Module that owns them"
-            )
+            out, inputs = self._differentiable_call(func, params, leaves, t0.detach(), y0.detach())
+        return _graph_leaves(out, {id(x) for x in inputs})
 
     def vjp(self, fn, *primals):
         """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> tuple of cotangents``."""
@@ -198,9 +127,72 @@ class TorchBackend(Backend):
 
     def custom_vjp(self, rule):
         def apply(*primals):
-            return _RuleFunction.apply(rule, *primals)
+            # The rule's aux values (a solve's status and statistics) have no gradient: they
+            # leave the Function beside it rather than as outputs autograd would track.
+            aux = []
+            out = _RuleFunction.apply(rule, aux, *primals)
+            return out, aux[0]
 
         return apply
+
+
+def _stacked_stages(method, y0):
+    return _StackedStages
+
+
+def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
+    """odecore.control.norms.error_ratio for the rms norm, ``rms(err / (atol + rtol *
+    max(|y|, |y_new|)))``, in five kernels on temporaries and outside autograd (the
+    step-size control is not differentiated). A Python float for one sample (axis
+    None), else a (B,) tensor."""
+    with torch.no_grad():
+        scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+        scaled = torch.div(err, scale, out=scale)
+        if axis is None:
+            return torch.linalg.vector_norm(scaled).item() / math.sqrt(scaled.numel())
+        n = scaled.shape[axis]
+        return torch.linalg.vector_norm(scaled, dim=axis).mul_(1.0 / math.sqrt(n))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = xp_torch
+    eager = True
+    # Autograd records in-place writes into a buffer (CopySlices) correctly as long as the
+    # overwritten values are not needed for the backward pass, which holds for the output
+    # buffer: the loop only reads from it what it is about to overwrite.
+    inplace_ok = True
+    autodiff = TorchAutodiff()
+    kernels = Kernels(stage_store=_stacked_stages, rms_error_ratio=_rms_error_ratio)
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        device = like.device if isinstance(like, torch.Tensor) else None
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype=dtype or x.dtype, device=device or x.device)
+        if isinstance(x, np.ndarray) and any(stride < 0 for stride in x.strides):
+            # torch refuses to share memory with a reversed view (``t[::-1]``).
+            x = np.ascontiguousarray(x)
+        return torch.as_tensor(x, dtype=dtype, device=device)
+
+    def device_scope(self, x: Any):
+        # torch creates tensors on the CPU unless told otherwise; a device used as a context
+        # sets the default for every factory call inside. The CPU needs none, and the
+        # context's function mode costs time on every operation.
+        return _device_scope(x)
+
+    def scalar(self, value: float, dtype: Any) -> Any:
+        # Much cheaper than torch.asarray through array-api-compat, and called once per
+        # function evaluation (docs/performance.md).
+        return torch.scalar_tensor(value, dtype=dtype)
+
+    def write(self, out, where, value):
+        # The loop owns the output buffer, so it is written in place: a plain item
+        # assignment costs a fraction of array-api-extra's general-purpose ``at``.
+        out[where] = value
+        return out
 
     def no_grad(self):
         return torch.no_grad()
@@ -217,8 +209,9 @@ class _RuleFunction(torch.autograd.Function):
     framework-neutral math."""
 
     @staticmethod
-    def forward(ctx, rule, *primals):
-        out, residuals = rule.forward(*primals)
+    def forward(ctx, rule, aux, *primals):
+        out, values, residuals = rule.forward(*primals)
+        aux.append(values)
         ctx.rule, ctx.residuals = rule, residuals
         # Attributes, not saved tensors: an in-place change of an input after the solve
         # must not break the first-order backward, which does not read them.
@@ -231,12 +224,12 @@ class _RuleFunction(torch.autograd.Function):
         # retain_graph=True may run again.
         # needs_input_grad tells the rule which cotangents nobody asked for (the times,
         # most often), so it can skip their work.
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         with _device_scope(out_bar):
             grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
         if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow
             grads = _first_order_only(ctx, out_bar, grads)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _first_order_only(ctx, out_bar, grads):
@@ -248,7 +241,7 @@ def _first_order_only(ctx, out_bar, grads):
     slots = [i for i, g in enumerate(grads) if g is not None]
     if not anchors or not slots:
         return grads
-    message = higher_order_message(ctx.rule)
+    message = ctx.rule.second_order_message
     wrapped = _FirstOrderOnly.apply(message, len(slots), *(grads[i] for i in slots), *anchors)
     grads = list(grads)
     for i, g in zip(slots, wrapped, strict=True):
@@ -314,20 +307,8 @@ def _graph_leaves(out, allowed_ids) -> list:
     return found
 
 
-def _replace_leaves(params, leaves):
-    """``params`` with its tensors replaced, in order, by ``leaves``."""
-    it = iter(leaves)
-
-    def rebuild(value):
-        if isinstance(value, (tuple, list)):
-            return type(value)(rebuild(v) for v in value)
-        if isinstance(value, dict):
-            return {k: rebuild(v) for k, v in value.items()}
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return next(it)
-        return value
-
-    return rebuild(params)
+def _is_float_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 @functools.lru_cache(maxsize=512)

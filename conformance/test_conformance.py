@@ -23,7 +23,7 @@ Checks (each gradient check covers every argument: ``y0``, each parameter, the t
   solve reporting success and keeping the state's dtype.
 - ``grad:<mode>``: the loss gradient matches the reference gradient, element by element.
   Backends without autodiff get it from ``odecore.vjp_odeint``; the others through their
-  ``Backend.vjp(fn, *primals) -> (out, pullback)`` (DESIGN.md).
+  ``Backend.autodiff.vjp(fn, *primals) -> (out, pullback)`` (DESIGN.md).
 - ``cross:values`` and ``cross:<mode>``: consistency between backends: the outputs, and the
   gradient of each mode, match every other backend's, element by element, to what rounding
   and the tolerance allow (``cross_rtol``). ``direct`` and ``checkpoint`` both give the exact
@@ -166,7 +166,7 @@ def has_mode(bk: odecore.Backend, mode: str) -> bool:
     """Whether ``bk`` computes gradients in ``mode`` (``odecore._validate.adjoint_mode``'s
     rule): ``direct`` needs a framework that reverses through the loop itself."""
     if mode == "direct":
-        return bk.has_autodiff and bk.default_adjoint == "direct"
+        return bk.has_autodiff and bk.autodiff.default_adjoint == "direct"
     return True
 
 
@@ -294,7 +294,7 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
                     case.dynamics, y0_, t_, params=params_, adjoint=mode, **kwargs
                 )
 
-            ys, pullback = bk.vjp(solve, y0, t, *params)
+            ys, pullback = bk.autodiff.vjp(solve, y0, t, *params)
             y0_bar, t_bar, *params_bar = pullback(loss_cotangent(ys, weights))
         return {
             "y0": to_numpy(bk, y0_bar).astype(np.float64),

@@ -1,8 +1,9 @@
 """odecore: differentiable ODE solvers written once against the Python array API."""
 
-from odecore._backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
 from odecore._config import backend_name, set_backend, use_backend
-from odecore._deq import (
+from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
+from odecore.backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
+from odecore.deq import (
     FixedPointError,
     FixedPointSolution,
     FixedPointStatus,
@@ -12,8 +13,8 @@ from odecore._deq import (
     spectral_radius,
     vjp_fixed_point,
 )
-from odecore._solution import PrecisionWarning, Solution, SolveError, Status
-from odecore._solve import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
@@ -27,6 +28,9 @@ __all__ = [
     "METHODS",
     "TABLEAUS",
     "Backend",
+    "Backsolve",
+    "Checkpoint",
+    "Direct",
     "FixedPointError",
     "FixedPointSolution",
     "FixedPointStatus",

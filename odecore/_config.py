@@ -12,14 +12,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from odecore._backend import (
-    BACKEND_NAMES,
-    Backend,
-    _leaves,
-    _library_of,
-    get_backend,
-    infer_backend,
-)
+from odecore.backend import BACKEND_NAMES, Backend, get_backend, infer_backend, library_of
+from odecore.backend.tree import leaves
 
 _ENV_VAR = "ODECORE_BACKEND"
 _VALID = ("auto",) + BACKEND_NAMES
@@ -92,8 +86,8 @@ def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
 def _check_inputs_belong(backend: Backend, inputs: tuple) -> None:
     """A configured backend converts plain values and NumPy arrays, but an array of a third
     library is a mistake to report, not to convert."""
-    for where, leaf in _leaves(inputs):
-        library = _library_of(leaf)
+    for where, leaf in leaves(inputs):
+        library = library_of(leaf)
         if library not in (None, "numpy", backend.name) and not backend.owns(leaf):
             raise TypeError(
                 f"the backend is {backend.name!r} but {where} is a {library} array; convert it, "

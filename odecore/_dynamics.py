@@ -1,7 +1,7 @@
 """The user's ``func`` as the loop sees it: internal layout, internal (forward) time, and a VJP.
 
 The loop works on a (B, N) state (or the user's own shape for a single eager sample, see
-``odecore._validate.Layout``) and on time that always increases. :class:`Dynamics` converts
+``odecore.backend.layout.Layout``) and on time that always increases. :class:`Dynamics` converts
 both ways around every call (for a 16-bit state also between its dtype and the loop's
 float32, so that ``func`` and its VJPs see only the user's dtype), checks the first output,
 and gives the vector-Jacobian products the gradient modes need through the backend
@@ -11,10 +11,9 @@ and gives the vector-Jacobian products the gradient modes need through the backe
 
 from __future__ import annotations
 
-from typing import Any
-
 from odecore import _validate
-from odecore._backend import _leaves
+from odecore.backend import differentiate
+from odecore.backend.tree import leaves as tree_leaves
 
 
 class Dynamics:
@@ -31,7 +30,9 @@ class Dynamics:
         self.params = params
         self.layout = layout
         self.sign = sign
-        self.leaves = bk.param_leaves(func, params) if leaves is None else list(leaves)
+        self.leaves = (
+            differentiate.param_leaves(bk, func, params) if leaves is None else list(leaves)
+        )
         self._vjp_checked = False
 
     def flip(self, x):
@@ -82,21 +83,11 @@ class Dynamics:
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)
 
-    def vjp(self, t, y, cot) -> tuple[Any, list[Any]]:
-        """``cot`` times the Jacobians of ``fn`` with respect to ``y`` and to each parameter
-        leaf (``self.leaves``), in loop layout for ``y``."""
-        xp, lay = self.backend.xp, self.layout
-        cot_user = lay.to_user(xp, self.flip(cot))
-        _, cot_y, cot_leaves = self.backend.dynamics_vjp(
-            self.func, self.params, self.leaves, self.user_time(t), lay.to_user(xp, y), cot_user
-        )
-        return lay.from_user(xp, cot_y), cot_leaves
-
     def checked_vjp(self, t, y, cot, want_value=False):
         """``Backend.dynamics_vjp`` of ``func`` at the user's ``(t, y)``: ``(value, cot_y,
         cot_leaves)``. What the first call returns is checked (see ``check_vjp``)."""
-        out = self.backend.dynamics_vjp(
-            self.func, self.params, self.leaves, t, y, cot, want_value=want_value
+        out = differentiate.vjp(
+            self.backend, self.func, self.params, self.leaves, t, y, cot, want_value=want_value
         )
         self.check_vjp(y, out[1], out[2])
         return out
@@ -129,8 +120,8 @@ class Dynamics:
         evaluation serves both the value and its VJP (``Backend.dynamics_linearize``)."""
         xp, lay = self.backend.xp, self.layout
         y_user = lay.to_user(xp, y)
-        value, pull = self.backend.dynamics_linearize(
-            self.func, self.params, self.leaves, self.user_time(t), y_user
+        value, pull = differentiate.linearize(
+            self.backend, self.func, self.params, self.leaves, self.user_time(t), y_user
         )
         value = lay.from_user(xp, value)
 
@@ -145,7 +136,7 @@ class Dynamics:
 def _cotangent_names(params, count):
     """How to name the parameter cotangents in a message: by their path in ``params``
     (``cot_params[0]``, ``cot_params['W']``) when the leaves are those of ``params``."""
-    paths = [where for where, _ in _leaves(params, "cot_params")] if params is not None else []
+    paths = [where for where, _ in tree_leaves(params, "cot_params")] if params is not None else []
     if len(paths) == count:
         return paths
     return [f"cot_params[{i}]" for i in range(count)]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import math
 
+from odecore.control import rules
+
 
 class ArrayOps:
     """Control values as arrays of shape (B,); state arrays are (B, N)."""
@@ -26,6 +28,8 @@ class ArrayOps:
         self.user_dtype = state_dtype if user_dtype is None else user_dtype
         self.int_dtype = backend.int_dtype
         self.stop_gradient = backend.stop_gradient
+        # The loop's decisions on control values, and the element-wise ones on states.
+        self.rules = self.state_rules = rules.bound(self.xp)
 
     def where(self, cond, a, b):
         return self.xp.where(cond, a, b)
@@ -109,9 +113,6 @@ class ArrayOps:
         t = self.xp.astype(t, self.user_dtype)
         return t if batched else self.xp.reshape(t, ())
 
-    def to_host(self, x):
-        return x
-
 
 class ScalarOps:
     """Control values as Python floats, ints and bools, for one sample on an eager backend.
@@ -131,7 +132,9 @@ class ScalarOps:
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
         self.from_norm = backend.to_host_float
-        self.scalar = backend.scalar
+        self.time_scalar = backend.scalar
+        self.rules = rules.bound(None)
+        self.state_rules = rules.bound(self.xp)
 
     @staticmethod
     def where(cond, a, b):
@@ -217,7 +220,4 @@ class ScalarOps:
         return slot
 
     def user_time(self, t, batched):
-        return self.scalar(t, self.user_dtype)
-
-    def to_host(self, x):
-        return self.xp.asarray([x])
+        return self.time_scalar(t, self.user_dtype)

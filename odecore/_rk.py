@@ -16,14 +16,11 @@ class Weights:
     """One row of stage weights, in the two forms the stage stores use: the nonzero terms
     (for a sum of scaled arrays) and the dense tuple (for one matrix product)."""
 
-    __slots__ = ("terms", "dense", "native", "slot")
+    __slots__ = ("terms", "dense", "slot")
 
     def __init__(self, weights):
         self.dense = tuple(float(w) for w in weights)
         self.terms = tuple((j, w) for j, w in enumerate(self.dense) if w != 0)
-        # A stage store may keep the row as its own array here, keyed as it likes (dtype,
-        # device), so that a step never converts the same weights twice.
-        self.native = {}
         self.slot = -1
 
 

@@ -1,6 +1,6 @@
 """Butcher tableaus as data: one record per Runge-Kutta method.
 
-A method is nothing but numbers. The solve loop (``odecore._solve``) reads a :class:`Tableau` and
+A method is nothing but numbers. The solve loop (``odecore.ode.loop``) reads a :class:`Tableau` and
 never branches on the method's name, so adding a method means adding a record here.
 
 Conventions, shared by every record:

@@ -594,15 +594,6 @@ def test_pullback_checks_the_cotangent_shape():
         pullback(np.ones(3))
 
 
-def test_a_tracing_backend_refuses_the_gmres_backward_with_a_clear_error():
-    class Tracing(type(odecore.get_backend("numpy"))):
-        name = "tracing"
-        eager = False
-
-    with pytest.raises(NotImplementedError, match="'anderson', 'picard' or 'broyden'"):
-        odecore.solve_fixed_point(np.cos, np.zeros(2), backward_solver="gmres", backend=Tracing())
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     order=st.permutations(range(5)),

@@ -230,7 +230,7 @@ def test_backsolve_starts_with_the_forward_step(monkeypatch):
     """The backward solve starts with the forward solve's last proposed step, instead of
     Hairer's automatic choice, which sees the parameter adjoint at zero (error scale atol
     alone) and starts far too small. Same accuracy, fewer backward evaluations."""
-    from odecore import _grad
+    from odecore.adjoint import backsolve
 
     t = np.array([0.0, 0.7, 2.0])
     c = cotangents((3, 2), seed=7)
@@ -254,7 +254,7 @@ def test_backsolve_starts_with_the_forward_step(monkeypatch):
         return len(calls)
 
     seeded = backward_evaluations()
-    monkeypatch.setattr(_grad, "_usable_step", lambda bk, dt: None)
+    monkeypatch.setattr(backsolve, "_usable_step", lambda bk, dt: None)
     automatic = backward_evaluations()
     assert seeded < automatic, (seeded, automatic)
 

@@ -376,7 +376,7 @@ def test_checkpoint_gradient_stays_exact_when_states_are_thinned(x64, options):
     """Past its ``kept`` states the tape keeps every other state, then every fourth, and the
     backward pass recomputes the ones in between: the gradient must still be the exact
     gradient of the discrete solve, which NumPy's tape of every step gives."""
-    from odecore._solve import checkpoint_rows
+    from odecore.ode.tape import checkpoint_rows
 
     max_num_steps = 200
     kept, run = checkpoint_rows(max_num_steps)
@@ -421,7 +421,7 @@ def test_thinned_tape_of_a_batch_matches_the_full_tape(x64):
         return jnp.sum(sol.ys**2) + 0.1 * jnp.sum(sol.ys**3), sol.stats["naccept"]
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
-    from odecore._solve import checkpoint_rows
+    from odecore.ode.tape import checkpoint_rows
 
     assert checkpoint_rows(60) == (8, 8)
     thinned, naccept = grad(y0s, params, 60)
@@ -474,7 +474,7 @@ def test_dynamics_whose_vjp_cannot_be_batched(mode):
 
 
 def test_checkpoint_rows_cover_every_step():
-    from odecore._solve import checkpoint_rows
+    from odecore.ode.tape import checkpoint_rows
 
     for n in (1, 2, 3, 10, 64, 100, 4096, 4097, 100_000):
         kept, run = checkpoint_rows(n)

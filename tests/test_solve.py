@@ -713,8 +713,8 @@ def test_shrink_after_accept_follows_the_controller_formula():
     ``h * safety * r**(-1/k)``; by default (torchdiffeq's rule) never below h."""
     from odecore.adapters.numpy import BACKEND
 
-    from odecore._control import Controller
     from odecore._ops import ScalarOps
+    from odecore.control.controller import Controller
 
     ops = ScalarOps(BACKEND, np.float64)
     k = 5

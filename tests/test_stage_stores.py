@@ -89,7 +89,7 @@ def test_numpy_store_matches_the_reference(method, batched):
     else:
         y0, t0, h = np.array([0.3, -1.1, 0.7]), np.asarray(0.0), 0.07
     ref = steps(method, ListStages, y0, t0, h, 3)
-    got = steps(method, BACKEND.stage_store(rk, y0), y0, t0, h, 3)
+    got = steps(method, BACKEND.kernels.stage_store(rk, y0), y0, t0, h, 3)
     assert_same_steps(method, got, ref, step_sizes(h, 3))
 
 
@@ -106,7 +106,7 @@ def test_torch_store_matches_the_reference(method):
         return torch.sin(y.flip(-1)) * (1.0 + 0.3 * t) - 0.5 * y
 
     out, t, y, h = [], torch.tensor(0.0, dtype=torch.float64), torch.tensor(y0), 0.07
-    store = BACKEND.stage_store(rk, y)
+    store = BACKEND.kernels.stage_store(rk, y)
     for i in range(3):
         h = h * (1.0 + 0.3 * i)
         result = rk.step(torch_rhs, t, y, torch_rhs(t, y), h, h, store)

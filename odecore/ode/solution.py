@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from odecore.control import rules
 
 
 class Status(enum.IntEnum):
     """Per-sample outcome of a solve. ``RUNNING`` only appears inside the loop."""
 
-    RUNNING = -1
-    SUCCESS = 0
-    MAX_STEPS_REACHED = 1
-    DT_UNDERFLOW = 2
-    NONFINITE_STATE = 3
+    # The values are the pure rules' (odecore.control.rules), which compiled loops use.
+    RUNNING = rules.RUNNING
+    SUCCESS = rules.SUCCESS
+    MAX_STEPS_REACHED = rules.MAX_STEPS_REACHED
+    DT_UNDERFLOW = rules.DT_UNDERFLOW
+    NONFINITE_STATE = rules.NONFINITE_STATE
     #: A sample of a batch solved with ``throw=False`` whose y0 is not finite; under jit, also
     #: what the checks before an eager solve would have raised for.
-    INVALID_INPUT = 4
-    NONFINITE_ERROR = 5
+    INVALID_INPUT = rules.INVALID_INPUT
+    NONFINITE_ERROR = rules.NONFINITE_ERROR
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -70,7 +73,16 @@ class Solution:
     status: Any
     t_reached: Any = None
     method: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """Everything but the outputs and the method: what a gradient rule hands back
+        beside ``ys``, with no gradient."""
+        return {
+            "ts": self.ts,
+            "stats": self.stats,
+            "status": self.status,
+            "t_reached": self.t_reached,
+        }
 
     @property
     def success(self) -> bool:
@@ -112,3 +124,42 @@ class PrecisionWarning(UserWarning):
     """A solve cannot give the precision it was asked for: a tolerance below what the state's
     dtype resolves (the solve may report success with a larger error than the tolerance
     promises), or float64 inputs that JAX without its x64 mode turns into float32."""
+
+
+def failure_message(sol: Solution) -> str:
+    """Where and why the solve failed. A batch lists its failed samples (the first
+    ``_LISTED_FAILURES``), each with its status and the time it reached."""
+    status, t_reached, stats = sol.status, sol.t_reached, sol.stats
+    try:
+        failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
+    except TypeError:
+        failed = None
+    if failed is None:
+        where = f"at t={float(t_reached):.17g}"
+        counts = (
+            f"nfev={stats['nfev']}, steps={stats['nsteps']} "
+            f"(accepted {stats['naccept']}, rejected {stats['nreject']})"
+        )
+        codes = {int(status)}
+    else:
+        listed = ", ".join(
+            f"sample {i} ({Status(int(status[i])).name} at t={float(t_reached[i]):.9g})"
+            for i in failed[:_LISTED_FAILURES]
+        )
+        unlisted = len(failed) - _LISTED_FAILURES
+        more = f" and {unlisted} more" if unlisted > 0 else ""
+        where = f"for {len(failed)} of {len(status)} samples; {listed}{more}"
+        i = failed[0]
+        counts = (
+            f"nfev={stats['nfev']}, sample {i}: steps={int(stats['nsteps'][i])} "
+            f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
+        )
+        codes = {int(status[i]) for i in failed}
+    if len(codes) == 1:
+        why = Status(codes.pop()).describe()
+    else:
+        why = "; ".join(f"{Status(c).name}: {Status(c).describe()}" for c in sorted(codes))
+    return f"odecore: the {sol.method} solve failed {where}: {why}. Statistics: {counts}."
+
+
+_LISTED_FAILURES = 10

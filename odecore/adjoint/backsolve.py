@@ -1,0 +1,191 @@
+"""The backsolve: the continuous adjoint, solved backward in time with the state and the
+parameter cotangents as one augmented ODE.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from odecore.ode.loop import run_loop
+from odecore.ode.outputs import unchanged
+from odecore.ode.problem import prepare
+
+
+def user_f(problem, i, y_user):
+    """``f(t_i, y)`` in the user's terms (time, shape and sign), for output ``i``."""
+    bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
+    xp = bk.xp
+    s_i = problem.ts_array[i]
+    t_ctl = problem.ops.full(lay.batch, 0.0) + s_i if not problem.ops.scalar else float(s_i)
+    f = lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y_user)))
+    return f * dyn.sign
+
+
+def backsolve_backward(problem, ys, ys_bar, settings, failed):
+    """Solve ``[y, a, a_theta]`` backward from the last output time to the first:
+    ``y' = f``, ``a' = -a df/dy``, ``a_theta' = -a df/dtheta``. At every output time ``y`` is
+    reset to the stored forward value (so the backward ``y`` never drifts from the forward
+    one) and the output's cotangent is added to ``a``. One joint solve serves the whole
+    batch; memory does not grow with the number of steps.
+
+    A sample that a failed solve did not take to output ``i`` is frozen over the interval
+    from ``t_i`` back: held at its last reached state with ``y' = 0``, and its adjoint is
+    zero there (``failed`` has dropped the cotangents of unreached outputs), so it can
+    neither fail nor disturb the others. Its backward starts at its last reached output."""
+
+    bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
+    xp = bk.xp
+    # The backward state is in the user's dtype: for a 16-bit state its solve, like the
+    # forward one, then keeps its loop in float32 and calls func in the user's dtype.
+    shape, dtype = lay.shape, lay.user_dtype
+    m = math.prod(shape)
+    leaves = dyn.leaves
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    held = failed.last_reached(ys) if failed.active else ys
+
+    options = dict(settings.get("options") or {})
+    if settings["adaptive"]:
+        # The adjoint's error grows along most of the backward solve (it accumulates
+        # sensitivity), where holding the step after each accepted one ends in a rejection
+        # (docs/performance.md has the evaluations this saves).
+        options.setdefault("shrink_after_accept", True)
+    parts = [m, m, sum(sizes)]
+    if options.get("norm") == "seminorm":
+        # The parameter adjoint does not influence the step size, it only accumulates
+        # (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE").
+        options["norm"] = _max_of_part_norms(xp, parts[:2])
+    elif "norm" not in options and settings["adaptive"]:
+        options["norm"] = _max_of_part_norms(xp, parts)
+    # The backward solve starts with the step the forward solve would have taken next, and
+    # each later interval with the one before's: the trajectory is the same, and Hairer's
+    # automatic first step misjudges the augmented state, whose parameter adjoint starts at
+    # zero (its error scale is then atol alone): on a neural ODE it chose a step 10^4 times
+    # too small and spent four steps growing it back.
+    seed = settings["adaptive"] and "first_step" not in options and problem.controller
+    dt_next = _usable_step(bk, _finished_steps(bk, problem.dt_next, failed)) if seed else None
+    a = xp.zeros(shape, dtype=dtype)
+    a_theta = xp.zeros((sum(sizes),), dtype=dtype)
+    t_user = problem.ts_array * dyn.sign
+
+    def interval(i, a, a_theta, dt_next):
+        """Solve back from ``t_i`` to ``t_{i-1}``."""
+        moving = None
+        if failed.active:
+            moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
+        aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+        z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
+        first = options if dt_next is None else {**options, "first_step": dt_next}
+        backward = prepare(
+            bk,
+            aug,
+            z0,
+            xp.stack([t_user[i], t_user[i - 1]]),
+            None,
+            settings["rtol"],
+            settings["atol"],
+            settings["method"],
+            first,
+            None,
+            None,
+        )
+        backward, sol, _ = run_loop(backward, record=False, throw=True)
+        dt_next = _usable_step(bk, backward.dt_next) if seed else None
+        z = sol.ys[-1]
+        return xp.reshape(z[m : 2 * m], shape), z[2 * m :], dt_next
+
+    for i in range(ys.shape[0] - 1, 0, -1):
+        a = a + ys_bar[i]
+        # Where no sample reached t_i there is nothing to integrate: every sample is frozen,
+        # and a fixed-step method would spend (and may run out of) steps on it.
+        anything = xp.any(xp.logical_not(failed.unreached[i])) if failed.active else True
+        if not bk.is_traced(anything):
+            if bool(anything):
+                a, a_theta, dt_next = interval(i, a, a_theta, dt_next)
+            continue
+        if seed:  # carried through cond, so an array; inf makes the first step span it
+            dt_next = xp.asarray(math.inf if dt_next is None else dt_next, dtype=bk.time_dtype)
+        a, a_theta, dt_next = bk.cond(
+            anything, functools.partial(interval, i), unchanged, a, a_theta, dt_next
+        )
+    leaves_bar, start = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
+        start += size
+    return a, leaves_bar
+
+
+def _finished_steps(bk, dt, failed):
+    """The last proposed steps of the samples that reached the end (inf for the others, or
+    None for a single sample that did not): a failed sample's says nothing about the
+    trajectories the backward solve follows."""
+    if not failed.active or dt is None:
+        return dt
+    finished = failed.reached_end()
+    if isinstance(dt, float):
+        return dt if bool(finished[0]) else None
+    return bk.xp.where(finished, dt, math.inf)
+
+
+def _usable_step(bk, dt):
+    """A solve's last proposed step (per sample) as the first step of one joint backward
+    solve: the smallest over the samples, or None (the automatic choice) where it is known
+    to be unusable, a failed solve's NaN. A traced value is passed on; the solve's status
+    covers it."""
+    if dt is None:
+        return None
+    if not isinstance(dt, float):
+        dt = bk.xp.min(dt)
+        if bk.is_traced(dt):
+            return dt
+    dt = float(dt)
+    return dt if math.isfinite(dt) and dt > 0 else None
+
+
+def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving=None):
+    """The backsolve's ``[y, a, a_theta]' = [f, -a df/dy, -a df/dtheta]``. ``moving`` (a
+    per-sample mask, or None for all) leaves the other samples' ``y`` and ``a`` constant."""
+    xp = bk.xp
+    batch = dyn.layout.batch if dyn.layout.batched else None
+
+    def aug(t, z):
+        y = xp.reshape(z[:m], shape)
+        # The VJP with -a gives -a df/dy and -a df/dtheta at once: one negation of the
+        # state-sized adjoint instead of one per output part.
+        neg_a = -xp.reshape(z[m : 2 * m], shape)
+        t_user = xp.broadcast_to(t, (batch,)) if batch is not None else t
+        f, cot_y, cot_leaves = dyn.checked_vjp(t_user, y, neg_a, want_value=True)
+        if moving is not None:
+            f = xp.where(moving, f, xp.zeros_like(f))
+            cot_y = xp.where(moving, cot_y, xp.zeros_like(cot_y))
+        parts = [xp.reshape(f, (-1,)), xp.reshape(cot_y, (-1,))]
+        for g, size in zip(cot_leaves, sizes, strict=True):
+            g = xp.reshape(g, (size,))
+            parts.append(g if g.dtype == z.dtype else xp.astype(g, z.dtype))
+        return xp.concat(parts)
+
+    return aug
+
+
+def _max_of_part_norms(xp, sizes):
+    """The backward state's error norm: the largest RMS of its parts ``[y, a, a_theta]``
+    (or of the leading parts only). One RMS over the whole vector would dilute the errors
+    of ``y`` and ``a`` by the number of parameters, so a large parameter vector, even one
+    the dynamics never use, would loosen the backward solve."""
+    bounds, start = [], 0
+    for size in sizes:
+        if size:
+            bounds.append((start, start + size))
+        start += size
+
+    def norm(z):
+        rms = [
+            xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
+            for lo, hi in bounds
+        ]
+        out = rms[0]
+        for r in rms[1:]:
+            out = xp.maximum(out, r)
+        return out
+
+    return norm

@@ -1,0 +1,127 @@
+"""The gradient modes as objects: ``odecore.Direct()``, ``odecore.Backsolve(...)``,
+``odecore.Checkpoint()``.
+
+Each checks its settings when it is made, so a bad setting fails where it is written. The
+strings ``"direct"``, ``"backsolve"`` and ``"checkpoint"`` and torchdiffeq's ``adjoint_rtol``,
+``adjoint_atol``, ``adjoint_method`` and ``adjoint_options`` keywords keep working: they map
+onto these objects (:func:`from_arguments`), whose fields hold the one set of defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS
+
+
+@dataclass(frozen=True)
+class Direct:
+    """Backpropagation through the solver's operations: the exact gradient of the discrete
+    solve, with memory growing with the number of steps. The framework's autodiff must be able
+    to reverse a loop of unknown length (torch can; JAX's reverse mode cannot)."""
+
+    name: ClassVar[str] = "direct"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The exact gradient of the discrete solve, recomputing the steps between stored states
+    in the backward pass; on a tracing backend its buffers hold ``options['max_num_steps']``
+    steps."""
+
+    name: ClassVar[str] = "checkpoint"
+
+
+def _tolerance(value, name):
+    if value is None or not isinstance(value, numbers.Real) or isinstance(value, bool):
+        # Arrays are checked with the solve, where their backend is known.
+        if value is not None and not hasattr(value, "shape"):
+            raise TypeError(f"Backsolve({name}=...) must be a positive number, got {value!r}")
+        return
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"Backsolve({name}=...) must be positive and finite, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Backsolve:
+    """The continuous adjoint: the gradient from a backward solve of the adjoint ODE, with
+    memory independent of the number of steps. It approximates the gradient of the exact
+    solution to the backward solve's tolerance, not the discrete solve's gradient.
+
+    ``rtol``, ``atol``, ``method`` and ``options`` configure the backward solve; None takes
+    the forward solve's (a per-element forward tolerance becomes its strictest value, since
+    the backward state is not shaped like y0; the forward's ``norm`` is not carried over, and
+    its ``step_t`` and ``jump_t`` are, unless ``options`` names its own). ``seminorm=True``
+    measures the backward error on the state and the adjoint only, not on the parameters'
+    gradients (Kidger, Chen & Lyons, 2021): usually fewer steps, the same accuracy.
+    """
+
+    rtol: Any = None
+    atol: Any = None
+    method: str | None = None
+    options: Mapping | None = field(default=None, hash=False)
+    seminorm: bool = False
+    name: ClassVar[str] = "backsolve"
+
+    def __post_init__(self):
+        _tolerance(self.rtol, "rtol")
+        _tolerance(self.atol, "atol")
+        if self.method is not None and (
+            not isinstance(self.method, str)
+            or self.method not in (*ADAPTIVE_METHODS, *FIXED_STEP_METHODS)
+        ):
+            raise ValueError(
+                f"Backsolve(method=...) got the unknown method {self.method!r}; valid methods "
+                f"are: fixed-step {', '.join(FIXED_STEP_METHODS)}; adaptive "
+                f"{', '.join(ADAPTIVE_METHODS)}"
+            )
+        if self.options is not None and not isinstance(self.options, Mapping):
+            raise TypeError(
+                f"Backsolve(options=...) must be a dict of the backward solve's options, got "
+                f"{type(self.options).__name__}"
+            )
+        if not isinstance(self.seminorm, bool):
+            raise TypeError(f"Backsolve(seminorm=...) must be True or False, got {self.seminorm!r}")
+        if self.seminorm and self.options is not None and "norm" in self.options:
+            raise ValueError(
+                "Backsolve(seminorm=True) sets the backward solve's norm, and options also names "
+                f"one ({self.options['norm']!r}); pass one of them"
+            )
+
+    def backward_options(self) -> dict | None:
+        """The backward solve's options as the ``adjoint_options`` keyword gives them."""
+        if not self.seminorm:
+            return None if self.options is None else dict(self.options)
+        return {**(self.options or {}), "norm": "seminorm"}
+
+
+MODES: dict[str, type] = {mode.name: mode for mode in (Direct, Backsolve, Checkpoint)}
+
+
+def as_keywords(adjoint, rtol=None, atol=None, method=None, options=None) -> tuple:
+    """``(adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)`` with a mode
+    object spelled as the string and keywords that the solve checks against the backend and
+    the forward solve. Strings and None pass through; a mode object together with
+    ``adjoint_*`` keywords is ambiguous and refused."""
+    if not isinstance(adjoint, (Direct, Backsolve, Checkpoint)):
+        return adjoint, rtol, atol, method, options
+    given = {
+        "adjoint_rtol": rtol,
+        "adjoint_atol": atol,
+        "adjoint_method": method,
+        "adjoint_options": options,
+    }
+    given = [name for name, value in given.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} and adjoint={adjoint!r} both configure the gradient; put the "
+            f"settings in the mode object, odecore.Backsolve(rtol=..., atol=..., method=..., "
+            f"options=...)"
+        )
+    if isinstance(adjoint, Backsolve):
+        return "backsolve", adjoint.rtol, adjoint.atol, adjoint.method, adjoint.backward_options()
+    return adjoint.name, None, None, None, None

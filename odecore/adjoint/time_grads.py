@@ -1,0 +1,33 @@
+"""Gradients with respect to the output times, and the finishing of every mode's cotangents.
+
+Time gradients in every mode use the identities of the exact flow: moving an output time
+``t_i`` changes ``y(t_i)`` at rate ``f(t_i, y(t_i))``, and moving ``t_0`` shifts the whole
+trajectory, ``dL/dt_0 = -a(t_0) . f(t_0, y_0)`` with ``a`` the adjoint. On the discrete
+solution they hold to the solver's tolerance.
+"""
+
+from __future__ import annotations
+
+from odecore.adjoint.backsolve import user_f
+
+
+def finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t, failed):
+    """Add the direct terms: the output at t_0 is y0 itself, and the time gradients."""
+    bk = problem.backend
+    xp = bk.xp
+    y0_bar = a0 + ys_bar[0]
+    T = ys.shape[0]
+    t_bar = None
+    if want_t:
+        # An unreached output's cotangent is zero, and its rate is taken at a finite state.
+        states = failed.last_reached(ys) if failed.active else ys
+        t_bar = [None] * T
+        for i in range(1, T):
+            t_bar[i] = xp.sum(ys_bar[i] * user_f(problem, i, states[i]))
+        t_bar[0] = -xp.sum(a0 * user_f(problem, 0, ys[0]))
+        t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
+    leaves_bar = [
+        xp.astype(g, leaf.dtype) if g.dtype != leaf.dtype else g
+        for g, leaf in zip(leaves_bar, problem.dynamics.leaves, strict=True)
+    ]
+    return y0_bar, t_bar, leaves_bar

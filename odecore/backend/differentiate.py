@@ -1,0 +1,80 @@
+"""Vector-Jacobian products of the user's dynamics, on every backend.
+
+With a framework's autodiff they come from it (``Backend.autodiff``). Without one (NumPy,
+and every backend whose library does not differentiate), the dynamics bring their own
+``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``, with ``cot_params`` shaped like
+``params``; this module is the one place that calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from odecore.backend.protocol import Backend
+from odecore.backend.tree import leaves as tree_leaves
+
+
+def param_leaves(bk: Backend, func, params) -> list[Any]:
+    """The arrays that receive parameter gradients, in order."""
+    if bk.autodiff is not None:
+        return bk.autodiff.param_leaves(func, params)
+    return [leaf for _, leaf in tree_leaves(params)] if params is not None else []
+
+
+def requires_grad(bk: Backend, values: Any) -> bool:
+    return bk.autodiff is not None and bk.autodiff.requires_grad(values)
+
+
+def with_leaves(bk: Backend, params: Any, leaves: list[Any]) -> Any:
+    """``params`` as a rule's forward calls ``func`` with: the rule's own primals in place of
+    its arrays where the backend traces the rule apart from the caller, else unchanged."""
+    return params if bk.tracing is None else bk.tracing.with_leaves(params, leaves)
+
+
+def linearize(bk: Backend, func, params, leaves, t, y):
+    """``(func(t, y[, params]), pullback)``, ``pullback(cot) -> (cot_y, cot_leaves)``."""
+    if bk.autodiff is not None:
+        return bk.autodiff.linearize(func, params, leaves, t, y)
+    value = call(func, t, y, params)
+
+    def pullback(cot):
+        return _user_vjp(bk, func, params, leaves, t, y, cot)
+
+    return value, pullback
+
+
+def vjp(bk: Backend, func, params, leaves, t, y, cot, want_value=False):
+    """``(value, cot_y, cot_leaves)``: ``cot`` times the Jacobians of ``func`` with respect to
+    ``y`` and each of ``leaves``; ``value`` is ``func(t, y[, params])`` when ``want_value``,
+    else None (without autodiff it then costs no evaluation)."""
+    if bk.autodiff is not None:
+        value, pullback = bk.autodiff.linearize(func, params, leaves, t, y)
+        cot_y, cot_leaves = pullback(cot)
+        return (value if want_value else None), cot_y, cot_leaves
+    cot_y, cot_leaves = _user_vjp(bk, func, params, leaves, t, y, cot)
+    return (call(func, t, y, params) if want_value else None), cot_y, cot_leaves
+
+
+def call(func, t, y, params):
+    return func(t, y) if params is None else func(t, y, params)
+
+
+def _user_vjp(bk, func, params, leaves, t, y, cot):
+    user_vjp = getattr(func, "vjp", None)
+    if user_vjp is None:
+        raise TypeError(
+            f"gradients on the {bk.name!r} backend need the dynamics' own VJP, and "
+            f"{type(func).__name__} has no 'vjp' method: give it "
+            f"vjp(t, y, params, cotangent) -> (cot_y, cot_params), where cot_params has "
+            f"the structure of params (None when there are no params); or use a backend "
+            f"with autodiff (torch, jax)"
+        )
+    cot_y, cot_params = user_vjp(t, y, params, cot)
+    cot_leaves = [leaf for _, leaf in tree_leaves(cot_params)] if leaves else []
+    if len(cot_leaves) != len(leaves):
+        raise ValueError(
+            f"{type(func).__name__}.vjp returned {len(cot_leaves)} parameter cotangents "
+            f"for {len(leaves)} parameter arrays; return one per array in params, in the "
+            f"same structure"
+        )
+    return cot_y, cot_leaves

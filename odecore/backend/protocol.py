@@ -1,0 +1,187 @@
+"""What the core needs from an array library: a small required part, and capabilities that a
+backend declares explicitly.
+
+The required part is an array-API namespace, conversion into it, the dtypes the loop keeps
+time and counters in, and the control flow the loop runs on (a Python ``while`` and ``if`` by
+default; a tracing library supplies its own). The optional parts are objects, None where a
+backend lacks them, so that the core asks ``backend.autodiff is not None`` instead of probing
+for methods:
+
+- :class:`Autodiff`: the framework differentiates (torch autograd, JAX). Without it the
+  dynamics bring their own ``vjp`` (``odecore.backend.differentiate``).
+- :class:`Tracing`: the solve may run while its inputs are traced (JAX under ``jit``).
+- :class:`Kernels`: fast paths for the loop's hot operations; each defaults to the portable
+  array-API version, against which it is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_extra as xpx
+
+
+class Autodiff:
+    """The framework's automatic differentiation, as the core uses it."""
+
+    #: The gradient mode when the user names none. A framework whose reverse mode cannot run
+    #: through the loop (JAX: no reverse mode through ``while_loop``) has no "direct" at all.
+    default_adjoint: str = "direct"
+
+    def param_leaves(self, func: Callable, params: Any) -> list[Any]:
+        """The arrays that receive parameter gradients: the floating-point arrays of
+        ``params`` (and, where the framework has them, the parameters ``func`` owns)."""
+        raise NotImplementedError
+
+    def requires_grad(self, values: Any) -> bool:
+        """Whether any array among ``values`` asks the framework for a gradient."""
+        raise NotImplementedError
+
+    def linearize(self, func, params, leaves, t, y):
+        """``(func(t, y[, params]), pullback)`` from one evaluation, with ``pullback(cot) ->
+        (cot_y, [cot_leaf, ...])`` the vector-Jacobian product with respect to ``y`` and to
+        each array of ``leaves``."""
+        raise NotImplementedError
+
+    def vjp(self, fn: Callable, *primals: Any):
+        """``(fn(*primals), pullback)``, ``pullback(cotangent)`` giving one cotangent per
+        primal."""
+        raise NotImplementedError
+
+    def jvp(self, fn: Callable, primals, tangents):
+        """``(fn(*primals), tangent_out)`` by forward mode."""
+        raise NotImplementedError
+
+    def custom_vjp(self, rule) -> Callable:
+        """``rule`` (``odecore.adjoint.rule.Rule``) as a function of arrays that the framework
+        sees as one differentiable operation."""
+        raise NotImplementedError
+
+    def attach_zero_gradients(self, out: Any, leaves: list[Any]) -> Any:
+        """``out`` unchanged in value but depending on each of ``leaves`` with a zero
+        derivative, so that a parameter the dynamics never use gets a zero gradient rather
+        than none."""
+        return out
+
+    def hidden_parameters(self, func, params, leaves, t0, y0) -> list[Any]:
+        """The arrays ``func(t0, y0[, params])`` uses that want a gradient but are not among
+        ``leaves``: rules that differentiate only ``leaves`` would give them none."""
+        return []
+
+
+class Tracing:
+    """A library that traces: the solve may run on values not known yet (JAX under ``jit``).
+    Checks on such values are left out (``Backend.is_traced``), failures are reported by the
+    status, and a rule's forward and backward are traced apart from the caller."""
+
+    def with_leaves(self, params: Any, leaves: list[Any]) -> Any:
+        """``params`` with its floating-point arrays replaced by ``leaves``, in order: a
+        traced rule must call ``func`` with its own primals, never with values it captured
+        from the caller's trace."""
+        raise NotImplementedError
+
+    def compiled_solve(self, solve: Callable, func, y0, t, params, arguments: dict) -> Any:
+        """An eager call's solution from a compiled program kept for ``func`` and its static
+        configuration, or None where none applies (the inputs are traced already). The
+        solution's status holds any failure; the caller raises."""
+        return None
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A backend's fast paths; None means the portable version.
+
+    ``stage_store(method, y0) -> start``: where the Runge-Kutta steps of one solve keep their
+    stages, called once per solve (``odecore.solvers.stage_stores``). ``rms_error_ratio(err,
+    y, y_new, rtol, atol, axis)``: the scaled RMS error of one estimate, per sample, as
+    control values (``odecore.control.norms``)."""
+
+    stage_store: Callable | None = None
+    rms_error_ratio: Callable | None = None
+
+
+class Backend:
+    """One array library as the core sees it. Adapters subclass it, fill in ``name``, ``xp``,
+    :meth:`owns` and :meth:`asarray`, and override what their library does differently; the
+    defaults are those of an eager library."""
+
+    name: str = "base"
+    #: The array-API namespace (from array-api-compat, or the library's own).
+    xp: Any = None
+    #: True when Python control flow on array values is allowed (no tracing).
+    eager: bool = True
+    #: Whether the core may write into arrays it allocated itself.
+    inplace_ok: bool = True
+    autodiff: Autodiff | None = None
+    tracing: Tracing | None = None
+    kernels: Kernels = Kernels()
+
+    @property
+    def has_autodiff(self) -> bool:
+        return self.autodiff is not None
+
+    def owns(self, x: Any) -> bool:
+        """True if ``x`` is an array of this backend's library."""
+        raise NotImplementedError
+
+    def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
+        """Plain inputs (lists, floats, NumPy arrays) as this backend's arrays, on ``like``'s
+        device when given."""
+        raise NotImplementedError
+
+    @property
+    def time_dtype(self) -> Any:
+        """The dtype time is kept in: float64 wherever the library allows it."""
+        return self.xp.float64
+
+    @property
+    def int_dtype(self) -> Any:
+        """The dtype of counters and indices inside the loop."""
+        return self.xp.int64
+
+    def scalar(self, value: float, dtype: Any) -> Any:
+        """A 0-d array holding ``value``: the time a single-sample ``func`` receives at every
+        evaluation, so an adapter may give a cheaper constructor."""
+        return self.xp.asarray(value, dtype=dtype)
+
+    def while_loop(self, cond: Callable, body: Callable, state: Any) -> Any:
+        while bool(cond(state)):
+            state = body(state)
+        return state
+
+    def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+    def write(self, out: Any, where: Any, value: Any) -> Any:
+        """``out`` with ``out[where] = value``: in place where the library allows it, else as
+        a new array."""
+        return xpx.at(out, where).set(value, copy=not self.inplace_ok)
+
+    def device_scope(self, x: Any):
+        """A context in which arrays the core creates without a template land on ``x``'s
+        device."""
+        return contextlib.nullcontext()
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x
+
+    def to_host_float(self, x: Any) -> float:
+        return float(x)
+
+    def is_traced(self, x: Any) -> bool:
+        """True when ``x`` has no value yet (a tracer under ``jit``)."""
+        return False
+
+    def float64(self):
+        """A context in which float64 arrays are float64 (only JAX without x64 needs one)."""
+        return contextlib.nullcontext()
+
+    def no_grad(self):
+        """A context in which the framework records nothing for autodiff."""
+        return contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return f"<odecore backend {self.name!r}>"

@@ -1,0 +1,138 @@
+"""Which adapter serves a name or an array, loaded lazily.
+
+The core never imports a framework. It asks this module for a backend, either by name
+(``"numpy"``, ``"torch"``, ...) or by looking at the arrays a user passed in, and only then is
+the adapter module (and with it the framework) imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import array_api_compat
+
+from odecore.backend.protocol import Backend
+from odecore.backend.tree import leaves
+
+# name -> (adapter module, the pip extra that installs what it needs)
+_ADAPTERS: dict[str, tuple[str, str]] = {
+    "numpy": ("odecore.adapters.numpy", "odecore"),
+    "torch": ("odecore.adapters.torch", "odecore[torch]"),
+    "jax": ("odecore.adapters.jax", "odecore[jax]"),
+    "numba": ("odecore.adapters.numba", "odecore[numba]"),
+    "cupy": ("odecore.adapters.cupy", "odecore[cupy]"),
+}
+# The framework each adapter needs, so that a missing framework and a missing adapter get
+# different messages.
+_FRAMEWORK_MODULE = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "numba": "numba",
+    "cupy": "cupy",
+}
+
+BACKEND_NAMES: tuple[str, ...] = tuple(_ADAPTERS)
+
+_loaded: dict[str, Backend] = {}
+
+
+class BackendNotAvailableError(ImportError):
+    """The requested backend cannot be used in this environment."""
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, importing its adapter (and framework) on first use."""
+    if name not in _ADAPTERS:
+        raise ValueError(
+            f"unknown backend {name!r}; valid backends are "
+            f"{', '.join(repr(n) for n in ('auto',) + BACKEND_NAMES)}"
+        )
+    if name not in _loaded:
+        _loaded[name] = _load_adapter(name)
+    return _loaded[name]
+
+
+def _load_adapter(name: str) -> Backend:
+    module_name, extra = _ADAPTERS[name]
+    framework = _FRAMEWORK_MODULE[name]
+    try:
+        importlib.import_module(framework)
+    except ImportError as exc:
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs {framework}, which is not installed; "
+            f"install it with: pip install '{extra}'"
+        ) from exc
+    except Exception as exc:  # a broken install fails with OSError and friends, not ImportError
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs {framework}, which is installed but fails to import "
+            f"({type(exc).__name__}: {exc}); reinstall it with: pip install '{extra}'"
+        ) from exc
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        shipped = ", ".join(repr(n) for n in BACKEND_NAMES if _adapter_shipped(n))
+        raise BackendNotAvailableError(
+            f"the {name!r} backend is planned but its adapter is not part of this release of "
+            f"odecore; the adapters in this release: {shipped}"
+        ) from exc
+    return module.BACKEND
+
+
+def _adapter_shipped(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(_ADAPTERS[name][0]) is not None
+    except ImportError:
+        return False
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an array of a tracing framework with no concrete value yet; the
+    checks in ``odecore._validate`` skip such values."""
+    library = library_of(x)
+    return library is not None and library in _loaded and _loaded[library].is_traced(x)
+
+
+def library_of(x: Any) -> str | None:
+    """The backend name that owns array ``x``, or None for plain Python values.
+
+    Checked without importing any framework: array-api-compat only looks at types of modules
+    already imported.
+    """
+    if array_api_compat.is_torch_array(x):
+        return "torch"
+    if array_api_compat.is_jax_array(x):
+        return "jax"
+    if array_api_compat.is_cupy_array(x):
+        return "cupy"
+    if array_api_compat.is_numpy_array(x):
+        return "numpy"
+    return None
+
+
+def infer_backend(*values: Any) -> Backend:
+    """The backend that owns the arrays among ``values`` (nested tuples, lists and dicts are
+    searched); NumPy when there are only plain Python values.
+
+    Arrays of two libraries in one call are an error: converting silently would move data
+    between devices or drop gradients. (A configured backend, by contrast, converts plain
+    values and NumPy arrays; see ``odecore._config``.)
+    """
+    found: dict[str, str] = {}
+    for where, leaf in leaves(values):
+        library = library_of(leaf)
+        if library is not None and library not in found:
+            found[library] = where
+    if len(found) > 1:
+        (a, wa), (b, wb) = list(found.items())[:2]
+        raise TypeError(
+            f"arrays from two libraries in one call: {wa} is a {a} array but {wb} is a {b} "
+            f"array; convert them to one library, or choose a backend (backend=... or "
+            f"odecore.set_backend) to have plain inputs converted to it"
+        )
+    name = next(iter(found), "numpy")
+    return get_backend(name)

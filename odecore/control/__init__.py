@@ -1,0 +1,2 @@
+"""Step-size control: the loop's decisions as pure rules, error norms, the controller and the
+automatic first step."""

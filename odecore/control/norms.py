@@ -1,0 +1,33 @@
+"""Error norms: how one step's scaled error becomes one number per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def rms_norm(xp, x, axis):
+    """Root-mean-square over the state, per sample (``axis=1`` of a (B, N) state), or over
+    everything for a single sample kept in its own shape (``axis=None``)."""
+    if axis is None and x.ndim != 1:
+        x = xp.reshape(x, (-1,))
+    # vecdot is one fused reduction; mean(x * x) is three operations.
+    return xp.sqrt(xp.vecdot(x, x, axis=-1) / x.shape[-1])
+
+
+def max_norm(xp, x, axis):
+    return xp.max(xp.abs(x), axis=axis)
+
+
+BUILTIN_NORMS: dict[str, Callable] = {"rms": rms_norm, "max": max_norm}
+
+
+def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):
+    """Scaled error norm per sample, as control values; at most 1 means the step is accepted.
+    With two estimates (DOP853) they are combined by ``rules.combined_error_ratio``."""
+    rules = ops.rules
+    scale = ops.state_rules.error_scale(y, y_new, rtol, atol)
+    n1 = ops.from_norm(norm(err / scale))
+    if err2 is None:
+        return n1
+    n2 = ops.from_norm(norm(err2 / scale))
+    return rules.combined_error_ratio(n1, n2)

@@ -1,0 +1,92 @@
+"""The few operations the pure rules (``odecore.control.rules``) are written against.
+
+A rule is an ordinary Python function of numbers. It calls ``where``, ``minimum``,
+``maximum``, ``isfinite``, ``isnan``, ``logical_not`` and ``next_below`` as module globals, and
+:func:`bind` re-creates it with other globals, so one source serves three kinds of values:
+
+- Python numbers (the functions below): one sample on an eager backend, where a NumPy call on
+  a one-element array would cost more than the whole rule;
+- arrays of one value per sample (:func:`array_primitives`): batches, and every solve on a
+  tracing backend;
+- Numba-compiled scalars: the kernel loop, which compiles each rule with ``numba.njit`` after
+  binding it to compiled versions of the functions below.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+
+
+def where(condition, a, b):
+    return a if condition else b
+
+
+def minimum(a, b):
+    # NaN propagates, as in the array version.
+    return a if (a <= b or a != a) else b
+
+
+def maximum(a, b):
+    return a if (a >= b or a != a) else b
+
+
+def isfinite(x):
+    return math.isfinite(x)
+
+
+def isnan(x):
+    return x != x
+
+
+def logical_not(x):
+    return not x
+
+
+def next_below(x):
+    """The largest number below ``x`` in its own precision."""
+    return math.nextafter(x, -math.inf)
+
+
+SCALAR: dict[str, Callable] = {
+    "where": where,
+    "minimum": minimum,
+    "maximum": maximum,
+    "isfinite": isfinite,
+    "isnan": isnan,
+    "logical_not": logical_not,
+    "next_below": next_below,
+}
+
+
+def array_primitives(xp) -> dict[str, Callable]:
+    """The same operations on arrays of the array-API namespace ``xp``, element-wise."""
+
+    def next_below_array(x):
+        return xp.nextafter(x, xp.asarray(-math.inf, dtype=x.dtype))
+
+    return {
+        "where": xp.where,
+        "minimum": xp.minimum,
+        "maximum": xp.maximum,
+        "isfinite": xp.isfinite,
+        "isnan": xp.isnan,
+        "logical_not": xp.logical_not,
+        "next_below": next_below_array,
+    }
+
+
+def bind(function: Callable, primitives: dict[str, Callable]) -> Callable:
+    """``function`` with the same code, calling ``primitives`` instead of the scalar ones."""
+    namespace = {**function.__globals__, **primitives}
+    bound = types.FunctionType(
+        function.__code__,
+        namespace,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    bound.__doc__ = function.__doc__
+    bound.__qualname__ = function.__qualname__
+    return bound

@@ -1,0 +1,103 @@
+"""The forward loop: one init / cond / body loop for Picard, Anderson and Broyden.
+
+The state is a fixed-shape dict of ``(B, N)`` rows; every update is masked, so a sample that
+has converged stops changing while the others go on, and the body has no Python ``if`` on
+array values (it runs under a tracing framework's ``while_loop``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from odecore.deq.anderson import anderson_proposal
+from odecore.deq.broyden import broyden_proposal, broyden_update
+from odecore.deq.residual import residuals
+from odecore.deq.solution import CONVERGED, MAX_ITER_REACHED, NONFINITE, RUNNING
+
+
+class Loop:
+    """The iteration of a map ``g`` of ``(B, N)`` arrays with ``solver``, until each
+    sample's residual (as ``stop_mode`` measures it) is at most ``tol``, or ``max_iter``."""
+
+    def __init__(self, bk, g, *, solver, tol, stop_mode, max_iter, m, lam, beta, damping):
+        self.bk, self.g = bk, g
+        self.solver, self.tol, self.stop_mode, self.max_iter = solver, tol, stop_mode, max_iter
+        self.m, self.lam, self.beta, self.damping = m, lam, beta, damping
+
+    def run(self, z0, gz0=None):
+        """Iterate from ``z0``; ``gz0``, when given, is ``g(z0)`` already evaluated."""
+        bk = self.bk
+        state = bk.while_loop(self.cond, self.body, self.init(z0, gz0))
+        status = state["status"]
+        state["status"] = bk.xp.where(status == RUNNING, MAX_ITER_REACHED, status)
+        return state
+
+    def init(self, z0, gz0=None):
+        bk, xp = self.bk, self.bk.xp
+        B, N = z0.shape
+        gz = self.g(z0) if gz0 is None else gz0
+        abs_res, rel_res = residuals(xp, z0, gz)
+        res = abs_res if self.stop_mode == "abs" else rel_res
+        finite = xp.isfinite(res)
+        status = xp.where(finite, xp.where(res <= self.tol, CONVERGED, RUNNING), NONFINITE)
+        status = xp.astype(status, bk.int_dtype)
+        trace = xp.full((self.max_iter + 1, B), math.nan, dtype=z0.dtype)
+        trace = bk.write(trace, 0, res)
+        state = {
+            "z": z0,
+            "gz": gz,
+            "best_z": z0,
+            "best_res": xp.where(finite, res, math.inf),
+            "best_abs": abs_res,
+            "best_rel": rel_res,
+            "iterations": xp.zeros((B,), dtype=bk.int_dtype),
+            "k": xp.asarray(0, dtype=bk.int_dtype),
+            "status": status,
+            "trace": trace,
+        }
+        if self.solver == "broyden":
+            state["n_updates"] = xp.zeros((B,), dtype=bk.int_dtype)
+        if self.solver in ("anderson", "broyden"):
+            state["mem_a"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
+            state["mem_b"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
+        return state
+
+    def cond(self, s):
+        xp = self.bk.xp
+        return xp.any(s["status"] == RUNNING) & (s["k"] < self.max_iter)
+
+    def body(self, s):
+        xp, bk = self.bk.xp, self.bk
+        active = s["status"] == RUNNING
+        z, gz = s["z"], s["gz"]
+        s = dict(s)
+        if self.solver == "picard":
+            proposal = (1.0 - self.damping) * z + self.damping * gz
+        elif self.solver == "anderson":
+            proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta)
+        else:
+            proposal = broyden_proposal(xp, s)
+        col = active[:, None]
+        z_new = xp.where(col, proposal, z)
+        gz_new = self.g(z_new)
+        abs_res, rel_res = residuals(xp, z_new, gz_new)
+        res = abs_res if self.stop_mode == "abs" else rel_res
+        finite = xp.isfinite(res)
+        if self.solver == "broyden":
+            broyden_update(xp, s, self.m, active & finite, z, gz, z_new, gz_new)
+        better = active & finite & (res < s["best_res"])
+        s["best_z"] = xp.where(better[:, None], z_new, s["best_z"])
+        s["best_res"] = xp.where(better, res, s["best_res"])
+        s["best_abs"] = xp.where(better, abs_res, s["best_abs"])
+        s["best_rel"] = xp.where(better, rel_res, s["best_rel"])
+        # A non-finite sample keeps its last finite iterate, so the next step starts from it.
+        keep = active & finite
+        s["z"] = xp.where(keep[:, None], z_new, z)
+        s["gz"] = xp.where(keep[:, None], gz_new, gz)
+        s["iterations"] = s["iterations"] + xp.astype(active, bk.int_dtype)
+        status = xp.where(active & ~finite, NONFINITE, s["status"])
+        status = xp.where(active & finite & (res <= self.tol), CONVERGED, status)
+        s["status"] = xp.astype(status, bk.int_dtype)
+        s["k"] = s["k"] + 1
+        s["trace"] = bk.write(s["trace"], s["k"], xp.where(active, res, math.nan))
+        return s

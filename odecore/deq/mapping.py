@@ -1,0 +1,91 @@
+"""The fixed-point map ``f`` with its parameters bound, on the loops' ``(B, N)`` rows."""
+
+from __future__ import annotations
+
+from odecore.backend import differentiate
+from odecore.deq.options import describe
+
+
+class Map:
+    """``f`` with its parameters bound, on internal arrays; and its VJP.
+
+    The VJP goes through ``Backend.dynamics_vjp`` (torch autograd, or ``f.vjp`` on NumPy),
+    with ``f`` seen as dynamics that ignore time."""
+
+    def __init__(self, bk, f, params, leaves, layout):
+        self.bk, self.f, self.params, self.leaves, self.layout = bk, f, params, leaves, layout
+        self.as_dynamics = _AsDynamics(f)
+
+    def rebuilt(self, leaves):
+        """This map calling ``f`` with ``leaves`` in place of its params' arrays: a traced
+        rule's forward and backward must not capture the caller's differentiated values."""
+        leaves = list(leaves)
+        return Map(
+            self.bk,
+            self.f,
+            differentiate.with_leaves(self.bk, self.params, leaves),
+            leaves,
+            self.layout,
+        )
+
+    def user(self, z_user):
+        return self.f(z_user) if self.params is None else self.f(z_user, self.params)
+
+    def __call__(self, z):
+        xp = self.bk.xp
+        out = self.user(self.layout.to_user(xp, z))
+        check_output(self.bk, out, self.layout)
+        return self.layout.to_internal(xp, out)
+
+    def vjp(self, z, cot):
+        """``(cot J_z, [cot J_leaf, ...])`` at internal ``z`` for internal ``cot``."""
+        xp, lay = self.bk.xp, self.layout
+        _, cot_z, cot_leaves = differentiate.vjp(
+            self.bk,
+            self.as_dynamics,
+            self.params,
+            self.leaves,
+            None,
+            lay.to_user(xp, z),
+            lay.to_user(xp, cot),
+        )
+        return lay.to_internal(xp, cot_z), cot_leaves
+
+
+def check_output(bk, out, layout):
+    """``f``'s value must be an array like ``z``: the loop mixes it with ``z`` and would
+    fail later, far from the cause, or silently change precision."""
+    expected = f"a {bk.name} array shaped like z {layout.shape} with z's dtype {layout.dtype}"
+    if not bk.owns(out):
+        raise TypeError(f"f must return {expected}; it returned {describe(out)}")
+    if tuple(out.shape) != layout.shape:
+        raise ValueError(
+            f"f returned shape {tuple(out.shape)} for z of shape {layout.shape}; a "
+            f"fixed-point map must return an array shaped like z"
+        )
+    if out.dtype != layout.dtype:
+        raise TypeError(
+            f"f returned dtype {out.dtype} for z of dtype {layout.dtype}; a fixed-point map "
+            f"must keep z's dtype: give z0 and params the same dtype"
+        )
+
+
+class _AsDynamics:
+    def __init__(self, f):
+        self.f = f
+        user_vjp = getattr(f, "vjp", None)
+        if user_vjp is not None:
+            self.vjp = lambda t, z, params, cot: user_vjp(z, params, cot)
+
+    def __call__(self, t, z, params=None):
+        return self.f(z) if params is None else self.f(z, params)
+
+
+def require_vjp(bk, f):
+    if not bk.has_autodiff and getattr(f, "vjp", None) is None:
+        raise TypeError(
+            f"gradients of a fixed point on the {bk.name!r} backend need f's own VJP, and "
+            f"{type(f).__name__} has no 'vjp' method: give it vjp(z, params, cotangent) -> "
+            f"(cot_z, cot_params), with cot_params shaped like params; or use a backend with "
+            f"autodiff (torch)"
+        )

@@ -1,0 +1,165 @@
+"""The gradient of a fixed point, as one framework-neutral rule (see odecore/adjoint/rule.py).
+
+The implicit backward solves ``u = w + u J_f(z*)`` (``w`` the cotangent of ``z*``) by running
+the forward loop on the map ``u -> w + u J_f(z*)``, or by GMRES on ``u (I - J_f) = w``; the
+parameter gradient is then ``u df/dparams``.
+"""
+
+from __future__ import annotations
+
+from odecore.deq.gmres import gmres
+from odecore.deq.iteration import Loop
+from odecore.deq.solution import FixedPointSolution
+
+
+class FixedPointRule:
+    """A fixed-point solve as a framework-neutral forward / backward pair.
+
+    Primals are ``(z0, *leaves)``. The forward value is the solver's best iterate in every
+    backward mode; the mode only decides the gradient. ``z0`` gets no gradient: ``z*`` does
+    not depend on where the iteration started.
+    """
+
+    def __init__(self, bk, fmap, layout, options):
+        self.bk, self.fmap, self.layout, self.opts = bk, fmap, layout, options
+        self.solution = None
+
+    second_order_message = (
+        "second-order gradients (create_graph=True) are not available through a fixed point: "
+        "its backward pass computes first-order gradients only"
+    )
+
+    @staticmethod
+    def captured():
+        return []
+
+    @staticmethod
+    def residual_arrays(residuals):
+        return residuals
+
+    def from_arrays(self, primals, arrays):
+        _, *leaves = primals
+        self.fmap = self.fmap.rebuilt(leaves)
+        return arrays
+
+    def forward(self, z0, *leaves, first_value=None):
+        """The solve from ``z0``; ``first_value`` is ``f(z0)`` in internal layout, when the
+        caller has evaluated it already."""
+        bk, xp, opts = self.bk, self.bk.xp, self.opts
+        if not bk.eager:
+            self.fmap = self.fmap.rebuilt(leaves)
+        with bk.no_grad():
+            z0_int = self.layout.to_internal(xp, bk.stop_gradient(z0))
+            loop = Loop(
+                bk,
+                self.fmap,
+                solver=opts.solver,
+                tol=opts.tol,
+                stop_mode=opts.stop_mode,
+                max_iter=opts.max_iter,
+                m=opts.m,
+                lam=opts.lam,
+                beta=opts.beta,
+                damping=opts.damping,
+            )
+            state = loop.run(z0_int, first_value)
+        z_star = state["best_z"]
+        self.solution = FixedPointSolution(
+            z=self.layout.to_user(xp, z_star),
+            iterations=state["iterations"],
+            abs_residual=state["best_abs"],
+            rel_residual=state["best_rel"],
+            status=state["status"],
+            trace=state["trace"][: int(state["k"]) + 1] if bk.eager else state["trace"],
+            solver=opts.solver,
+            stats={"nfev": state["k"] + 1},
+        )
+        sol = self.solution
+        aux = {
+            "iterations": sol.iterations,
+            "abs_residual": sol.abs_residual,
+            "rel_residual": sol.rel_residual,
+            "status": sol.status,
+            "trace": sol.trace,
+            "stats": sol.stats,
+        }
+        return sol.z, aux, z_star
+
+    def backward(self, z_star, z_bar, needs=None):
+        """One cotangent per primal: ``(None, *leaves_bar)``. ``needs`` (one flag per primal,
+        from the framework) is accepted for the protocol; every leaf's cotangent comes from
+        the same VJP, so there is nothing to skip."""
+        xp, opts = self.bk.xp, self.opts
+        w = self.layout.to_internal(xp, z_bar)
+        with self.bk.no_grad():
+            if opts.backward == "implicit":
+                u = self._implicit_cotangent(z_star, w)
+                _, leaves_bar = self.fmap.vjp(z_star, u)
+            else:
+                leaves_bar = self._unrolled(z_star, w)
+        # A number among the params (NumPy keeps it as a leaf) takes its cotangent as f.vjp
+        # gives it.
+        leaves_bar = [
+            xp.astype(g, leaf.dtype) if hasattr(leaf, "dtype") and g.dtype != leaf.dtype else g
+            for g, leaf in zip(leaves_bar, self.fmap.leaves, strict=True)
+        ]
+        return (None, *leaves_bar)
+
+    def _implicit_cotangent(self, z_star, w):
+        """``u`` with ``u = w + u J_f(z*)``."""
+        bk, xp, opts = self.bk, self.bk.xp, self.opts
+
+        def vjp_z(u):
+            return self.fmap.vjp(z_star, u)[0]
+
+        if opts.backward_solver == "gmres":
+            u, iterations, status = gmres(
+                bk,
+                lambda u: u - vjp_z(u),
+                w,
+                opts.backward_tol,
+                opts.stop_mode,
+                opts.backward_max_iter,
+                restart=min(opts.m * 4, 20),
+            )
+        else:
+            loop = Loop(
+                bk,
+                lambda u: w + vjp_z(u),
+                solver=opts.backward_solver,
+                tol=opts.backward_tol,
+                stop_mode=opts.stop_mode,
+                max_iter=opts.backward_max_iter,
+                m=opts.m,
+                lam=opts.lam,
+                beta=opts.beta,
+                damping=1.0,
+            )
+            state = loop.run(xp.zeros_like(w))
+            u, iterations, status = state["best_z"], state["iterations"], state["status"]
+        if self.solution is not None and self.bk.eager:
+            # On a tracing backend these are values of the backward's own trace, which
+            # must not leak into the solution the caller holds.
+            self.solution.stats["backward_iterations"] = iterations
+            self.solution.stats["backward_status"] = status
+        return u
+
+    def _unrolled(self, z_star, w):
+        """Backpropagate through ``k`` steps ``z <- (1 - d) z + d f(z)`` from the detached
+        ``z*``: the phantom gradient (``k = 1, d = 1`` is the one-step gradient)."""
+        opts = self.opts
+        d, k = opts.unroll_damping, opts.unroll_steps
+        zs = [z_star]
+        for _ in range(k - 1):
+            zs.append((1.0 - d) * zs[-1] + d * self.fmap(zs[-1]))
+        a = w
+        total = None
+        for z in reversed(zs):
+            cot_z, cot_leaves = self.fmap.vjp(z, d * a)
+            a = (1.0 - d) * a + cot_z
+            total = (
+                cot_leaves
+                if total is None
+                else [t + c for t, c in zip(total, cot_leaves, strict=True)]
+            )
+        return total

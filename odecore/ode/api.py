@@ -1,0 +1,382 @@
+"""The public solve API: ``solve``, ``odeint``, ``odeint_adjoint`` and ``vjp_odeint``.
+
+They check the arguments, choose the gradient mode and hand the prepared problem to the loop,
+directly (``direct`` mode, or no gradients) or through the solve's rule
+(``odecore.adjoint.solve_rule``).
+"""
+
+from __future__ import annotations
+
+from odecore import _validate
+from odecore._config import resolve_backend
+from odecore.adjoint import modes
+from odecore.adjoint.failed import FailedSolvePolicy
+from odecore.adjoint.solve_rule import SolveRule
+from odecore.backend import differentiate, tree
+from odecore.backend.layout import layout as make_layout
+from odecore.backend.parameters import check_params_tree
+from odecore.ode.loop import run_loop, trivial_solution, user_f_at
+from odecore.ode.problem import check_parameters_are_known, prepare
+from odecore.ode.solution import Solution, SolveError, Status, failure_message
+
+
+def solve(
+    func,
+    y0,
+    t,
+    *,
+    params=None,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    batch_axis=None,
+    backend=None,
+    throw=True,
+    adjoint=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
+) -> Solution:
+    """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
+
+    Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
+    outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
+    ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
+    backends (a batch's message lists the failed samples, each with its status and the time
+    it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
+    the solve did not reach are NaN. Gradients then reach the outputs it did reach as if it
+    had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
+    gradient, and the parameter and time gradients, NaN.
+    """
+    adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options = modes.as_keywords(
+        adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+    )
+    _validate.call_arguments(func, throw, adjoint_params)
+    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
+    # the times.
+    with bk.device_scope(y0):
+        if bk.owns(y0):
+            t = _validate.time_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
+        mode = _validate.adjoint_mode(adjoint, bk)
+        # Checked on every call, not only when a gradient is asked for: a bad setting must fail
+        # where it is written, not later in training.
+        settings = _validate.adjoint_settings(
+            bk,
+            rtol,
+            atol,
+            method,
+            options,
+            adjoint_rtol,
+            adjoint_atol,
+            adjoint_method,
+            adjoint_options,
+            mode,
+        )
+        _validate.warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol if settings else None)
+        arguments = {
+            "rtol": rtol,
+            "atol": atol,
+            "method": method,
+            "options": options,
+            "batch_axis": batch_axis,
+            "adjoint": adjoint,
+            "adjoint_rtol": adjoint_rtol,
+            "adjoint_atol": adjoint_atol,
+            "adjoint_method": adjoint_method,
+            "adjoint_options": adjoint_options,
+            "adjoint_params": adjoint_params,
+        }
+        compiled = (
+            bk.tracing.compiled_solve(solve, func, y0, t, params, arguments)
+            if bk.tracing is not None
+            else None
+        )
+        if compiled is not None:
+
+            def check_inputs():
+                prepare(
+                    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw
+                )
+
+            return _raise_compiled_failures(bk, compiled, throw, check_inputs)
+
+        def prepared_problem(y0_, t_, leaves=None):
+            # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
+            params_ = params if leaves is None else differentiate.with_leaves(bk, params, leaves)
+            leaves = adjoint_params if leaves is None else leaves
+            return prepare(
+                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
+            )
+
+        def run(y0_, t_, record=False, leaves=None):
+            problem = prepared_problem(y0_, t_, leaves)
+            if problem is None:  # a single output time: the answer is y0, with no work done
+                return None, trivial_solution(bk, y0_, t_, method, batch_axis), None
+            return run_loop(problem, record, throw)
+
+        if mode is None or not bk.has_autodiff:
+            return run(y0, t)[1]
+        leaves = (
+            differentiate.param_leaves(bk, func, params)
+            if adjoint_params is None
+            else list(adjoint_params)
+        )
+        y0_arr, t_arr = bk.asarray(y0), bk.asarray(t)
+        wants_grad = differentiate.requires_grad(
+            bk, {"y0": y0_arr, "t": t_arr, "params": params, "p": leaves}
+        )
+        several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
+        if mode != "direct" and several_times and not wants_grad:
+            solution = run(y0_arr, t_arr)[1]
+            # What func uses besides y0, t and the parameters the rules know of would get no
+            # gradient from this solve, even where nothing else asks for one.
+            if adjoint_params is None:
+                check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
+            return solution
+        if not wants_grad or not several_times:
+            return run(y0_arr, t_arr)[1]
+        if mode == "direct":
+            solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+            # A parameter the dynamics never touch gets a zero gradient rather than None, as in
+            # the other modes.
+            solution.ys = bk.autodiff.attach_zero_gradients(solution.ys, leaves)
+            if not solution.success:
+                policy = FailedSolvePolicy(bk, make_layout(bk.xp, y0_arr, batch_axis))
+                solution.ys, _ = bk.autodiff.custom_vjp(policy)(solution.ys, y0_arr, t_arr, *leaves)
+            return solution
+        if adjoint_params is None:
+            check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
+        rule = SolveRule(mode, run, settings, prepared_problem)
+        ys, report = bk.autodiff.custom_vjp(rule)(y0_arr, t_arr, *leaves)
+        solution = Solution(ys=ys, method=_validate.tableau(method).name, **report)
+        # A backend that traces the rule's forward (JAX) learns the status only here.
+        if throw and not bk.is_traced(solution.status) and not solution.success:
+            raise SolveError(failure_message(solution), solution)
+        return solution
+
+
+def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:
+    """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
+    that status is known, an invalid input raises what an eager solve raises for it
+    (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
+    solve raises SolveError."""
+    status, xp = solution.status, bk.xp
+    if bk.is_traced(status) or bool(xp.all(status == int(Status.SUCCESS))):
+        return solution
+    if bool(xp.any(status == int(Status.INVALID_INPUT))):
+        check_inputs()
+    if throw:
+        raise SolveError(failure_message(solution), solution)
+    return solution
+
+
+def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
+    """``direct`` mode: the framework differentiates through the loop for ``y0`` and the
+    parameters. Time gradients come from the flow's identities instead of from the step
+    arithmetic (whose step sizes are not differentiable): each output gets
+    ``(t_i - stop_gradient(t_i)) * f(t_i, y_i)``, zero in value with gradient ``f``, and the
+    start ``y0 - (t_0 - stop_gradient(t_0)) * f(t_0, y0)`` gives ``-a(t_0) . f(t_0, y_0)``."""
+    xp = bk.xp
+    sg = bk.stop_gradient
+    if not differentiate.requires_grad(bk, {"t": t}):
+        return run(y0, t)[1]
+    t_const = sg(t)
+    with bk.no_grad():
+        problem, _, _ = run(sg(y0), t_const)
+    f0 = sg(user_f_at(problem, t_const[0], y0))
+    shift = xp.astype(t[0] - t_const[0], y0.dtype)
+    _, solution, _ = run(y0 - shift * f0, t_const)
+    ys = solution.ys
+    rates = [sg(user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
+    if not solution.success:
+        # An output the solve did not reach has no rate: its time gradient is left to
+        # FailedSolvePolicy.
+        unreached = xp.isnan(sg(ys[1:]))
+        rates = [xp.where(unreached[i], xp.zeros_like(r), r) for i, r in enumerate(rates)]
+    moved = [
+        ys[i] + xp.astype(t[i] - t_const[i], ys.dtype) * rates[i - 1] for i in range(1, ys.shape[0])
+    ]
+    solution.ys = xp.stack([y0, *moved])
+    return solution
+
+
+def odeint(
+    func,
+    y0,
+    t,
+    *,
+    params=None,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    batch_axis=None,
+    backend=None,
+    adjoint=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
+):
+    """Solve an initial value problem and return the state at every time in ``t``.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning
+        ``dy/dt`` with the shape and dtype of ``y``. With ``batch_axis``, ``t`` is a vector
+        with one time per sample (each sample steps on its own); otherwise a 0-d array.
+        ``t`` is passed in the state's dtype.
+    y0 : array
+        Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
+        solved in float32 (the state, the stage sums, the error estimate and the outputs
+        buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
+        ``func`` still receives and returns the 16-bit dtype, and the outputs (and
+        gradients) come back in it.
+    t : 1-D array
+        Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
+        time.
+    rtol, atol : float or array
+        Relative and absolute tolerances (positive; arrays broadcast against ``y0``). An
+        ``rtol`` below the unit roundoff of ``y0``'s dtype (half its machine epsilon:
+        5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
+        gets a :class:`~odecore.PrecisionWarning`; so does such an ``adjoint_rtol``.
+    method : str
+        One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
+    options : dict
+        ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
+        (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
+        and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
+        (``"rms"``, ``"max"`` or a callable), ``safety``, ``ifactor``, ``dfactor``,
+        ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``
+        (``False``: as in torchdiffeq, an accepted step never shrinks the next one, and the
+        two libraries take the same steps; ``True``: it may, as in scipy, which rejects fewer
+        steps where the error grows along the solution).
+    batch_axis : int, optional
+        The axis of ``y0`` that indexes independent samples; each sample gets its own steps
+        and the result for one sample equals solving it alone.
+    backend : str, optional
+        Overrides the configured backend for this call.
+    adjoint : odecore.Direct(), odecore.Backsolve(...), odecore.Checkpoint(), or their names
+    "direct", "backsolve", "checkpoint"; optional
+        How the framework's autodiff gets gradients of the result with respect to ``y0``,
+        ``t`` and the parameters (``params``, or the parameters of an ``nn.Module`` func).
+        ``"direct"`` (the default on frameworks with autodiff) differentiates through the
+        solver's operations; ``"backsolve"`` solves the continuous adjoint backward in time,
+        in memory independent of the number of steps; ``"checkpoint"`` stores the accepted
+        steps and replays each backward for the exact gradient of the discrete solve.
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+        torchdiffeq's spelling of ``odecore.Backsolve(rtol=..., atol=..., method=...,
+        options=...)``: the backsolve's own tolerances, method and options (default: the
+        forward ones, with ``shrink_after_accept=True``); ``adjoint_options={"norm":
+        "seminorm"}``, or ``Backsolve(seminorm=True)``, leaves the parameter adjoint out of its
+        error control.
+    adjoint_params : sequence of arrays, optional
+        The arrays to compute parameter gradients for, instead of those found in ``params``
+        or on an ``nn.Module`` func.
+
+    Returns
+    -------
+    array of shape ``(len(t), *y0.shape)``.
+    """
+    return solve(
+        func,
+        y0,
+        t,
+        params=params,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        options=options,
+        batch_axis=batch_axis,
+        backend=backend,
+        adjoint=adjoint,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
+        adjoint_params=adjoint_params,
+    ).ys
+
+
+def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
+    """:func:`odeint` with the continuous adjoint by default, under torchdiffeq's name."""
+    return odeint(func, y0, t, adjoint=adjoint, **kwargs)
+
+
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+    """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
+    t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
+
+    ``func`` supplies ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``. ``adjoint``
+    is ``"checkpoint"`` (exact for the discrete solve) or ``"backsolve"``; the other keyword
+    arguments are those of :func:`odeint`. ``params_bar`` has the structure of ``params``.
+    With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
+    of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
+    gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
+    """
+    adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
+    adjoint, *adjoint_kwargs = modes.as_keywords(
+        adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)
+    )
+    if adjoint not in ("checkpoint", "backsolve"):
+        raise ValueError(
+            f"vjp_odeint computes gradients by 'checkpoint' or 'backsolve' (odecore.Checkpoint() "
+            f"or odecore.Backsolve(...)), got {adjoint!r}"
+        )
+
+    def run(y0_, t_, record=False, leaves=None):
+        problem = prepare(
+            bk,
+            func,
+            y0_,
+            t_,
+            params,
+            kwargs.get("rtol", 1e-7),
+            kwargs.get("atol", 1e-9),
+            kwargs.get("method"),
+            kwargs.get("options"),
+            kwargs.get("batch_axis"),
+            None,
+        )
+        if problem is None:
+            raise ValueError("vjp_odeint needs at least two output times in t")
+        return run_loop(problem, record, throw=throw)
+
+    unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    if unknown:
+        raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+    _validate.call_arguments(func, True, None)
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
+    settings = _validate.adjoint_settings(
+        bk,
+        kwargs.get("rtol", 1e-7),
+        kwargs.get("atol", 1e-9),
+        kwargs.get("method"),
+        kwargs.get("options"),
+        *adjoint_kwargs,
+        adjoint,
+    )
+    check_params_tree(
+        bk, params, differentiate.param_leaves(bk, func, params), differentiated_only=False
+    )
+    _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
+    rule = SolveRule(adjoint, run, settings)
+    ys, _, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
+
+    def pullback(ys_bar):
+        ys_bar = bk.asarray(ys_bar)
+        if tuple(ys_bar.shape) != tuple(ys.shape):
+            raise ValueError(
+                f"pullback expects a cotangent shaped like ys {tuple(ys.shape)}, "
+                f"got {tuple(ys_bar.shape)}"
+            )
+        y0_bar, t_bar, *leaves_bar = rule.backward(residuals, ys_bar)
+        return y0_bar, tree.unflatten_like(params, leaves_bar), t_bar
+
+    return ys, pullback

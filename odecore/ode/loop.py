@@ -1,0 +1,289 @@
+"""The loop: one init / cond / body for every backend.
+
+The loop state is a dict of fixed-shape arrays. Every sample (a row of the internal (B, N)
+state) has its own time, step size, status and counters; updates are masked with ``where``, so
+a finished or failed sample stops changing while the others go on. Requested output times are
+filled by interpolation after each accepted step and never change the steps taken. The body
+has no Python ``if`` on array values, so a tracing backend (JAX) can run it unchanged under
+its own ``while_loop``. Its decisions are the pure rules of ``odecore.control.rules``.
+
+Time runs forward inside the loop. A decreasing ``t`` is solved as ``s = -t`` with
+``dy/ds = -f(-s, y)``, so nothing else needs to know about direction.
+"""
+
+from __future__ import annotations
+
+import math
+
+from odecore import _validate
+from odecore.backend.layout import layout as make_layout
+from odecore.control.initial_step import initial_step
+from odecore.ode.outputs import fill_outputs
+from odecore.ode.problem import Problem
+from odecore.ode.solution import Solution, SolveError, Status, failure_message
+from odecore.ode.tape import record_step, tape_buffers
+
+# The codes as plain ints: the loop body writes them every step.
+RUNNING = int(Status.RUNNING)
+
+
+SUCCESS = int(Status.SUCCESS)
+
+
+MAX_STEPS_REACHED = int(Status.MAX_STEPS_REACHED)
+
+
+DT_UNDERFLOW = int(Status.DT_UNDERFLOW)
+
+
+NONFINITE_STATE = int(Status.NONFINITE_STATE)
+
+
+NONFINITE_ERROR = int(Status.NONFINITE_ERROR)
+
+
+def run_loop(problem: Problem, record: bool, throw: bool):
+    """Run the loop over a prepared problem: ``(problem, solution, tape)``, the tape holding
+    the accepted steps when ``record`` (for the checkpoint gradient)."""
+    bk = problem.backend
+    problem.tape = [] if record else None
+    state = bk.while_loop(
+        lambda s: problem.ops.any(s["status"] == RUNNING),
+        lambda s: step(problem, s),
+        init_state(problem),
+    )
+    solution = finish(problem, state)
+    # Under jit the status is not known until run time: it stays in the Solution, and the
+    # outputs the solve did not reach are NaN.
+    if throw and not bk.is_traced(solution.status) and not solution.success:
+        raise SolveError(failure_message(solution), solution)
+    return problem, solution, problem.tape
+
+
+def user_f_at(problem, t_user, y):
+    """``f(t, y)`` in the user's terms, for ``t`` an output time (a 0-d array)."""
+    dyn = problem.dynamics
+    t_ctl = problem.backend.xp.astype(t_user, problem.backend.time_dtype) * dyn.sign
+    with problem.backend.no_grad():
+        t_ctl = (
+            float(t_ctl)
+            if problem.ops.scalar
+            else problem.ops.full(problem.layout.batch, 0.0) + t_ctl
+        )
+        lay, xp = problem.layout, problem.backend.xp
+        return lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y))) * dyn.sign
+
+
+def init_state(p: Problem) -> dict:
+    bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
+    B, T = lay.batch, p.ts_array.shape[0]
+    t0 = ops.full(B, p.ts[0])
+    f0 = p.fn.first_call(t0, p.y0)
+    nfev = 1
+    if p.controller is None:
+        dt = ops.full(B, p.step_size if p.step_size is not None else math.inf)
+    elif p.first_step is not None:
+        dt = ops.full(B, p.first_step)
+    else:
+        # The exponent is the error estimate's, 1/(q+1): Hairer's HINIT (IORD=5 for DOPRI5),
+        # scipy and torchdiffeq all use it; the method's own order p gave 1/(p+1).
+        order = p.method.error_exponent_order - 1
+        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, order, p.rtol, p.atol, p.norm)
+        nfev += 1
+    dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
+    finite = ops.all_rows(xp.isfinite(f0))
+    out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
+    out = bk.write(out, 0, p.y0)
+    state = {
+        "t": t0,
+        "y": p.y0,
+        "f": f0,
+        "dt": dt,
+        "ratio_prev": ops.full(B, 1.0),
+        "status": ops.where(
+            finite, ops.full(B, RUNNING, "int"), ops.full(B, int(Status.NONFINITE_STATE), "int")
+        ),
+        "out": out,
+        "out_idx": ops.full(B, 1, "int"),
+        "nfev": ops.full(1, nfev, "int") if not ops.scalar else nfev,
+        "nsteps": ops.full(B, 0, "int"),
+        "naccept": ops.full(B, 0, "int"),
+        "nreject": ops.full(B, 0, "int"),
+    }
+    if p.valid is not None:
+        state["status"] = ops.where(p.valid, state["status"], int(Status.INVALID_INPUT))
+    if p.tape is not None and not bk.eager:
+        state["tape"] = tape_buffers(p)
+    return state
+
+
+def step(p: Problem, s: dict) -> dict:
+    ops, rk, rules = p.ops, p.method, p.ops.rules
+    running = s["status"] == RUNNING
+    t, y, f = s["t"], s["y"], s["f"]
+
+    # Every step lands exactly on the next stop (end time, step_t, jump_t, fixed-grid output)
+    # rather than overshoot it.
+    next_stop = ops.next_stop(p.stops, t)
+    h, t_new, lands = rules.land_on_stop(t, s["dt"], next_stop, p.max_step, running)
+    hy = ops.to_state(h)
+
+    # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
+    # (and f at its end) are evaluated just before the jump, never on the far side of it.
+    t_left, rhs = None, p.rhs
+    if p.jumps is not None:
+        t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
+
+        def rhs(t_stage, y_stage):
+            return p.rhs(ops.minimum(t_stage, t_left), y_stage)
+
+    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.stage_store)
+    if p.controller is not None:
+        ratio = p.error_ratio(err, err2, y, y_new)
+        finite = ops.isfinite(ratio)
+        accept = running & (ratio <= 1.0)
+        norm_failed = running & _norm_failed(p, ratio, err, err2, y_new)
+    else:
+        finite = ops.all_rows(p.backend.xp.isfinite(y_new))
+        accept = running & finite
+    # A step too short to move time (t + h == t, or h == 0) is not taken: it would change y
+    # but not t, and every step after it would be the same.
+    no_progress = accept & (t_new <= t)
+    accept = accept & ops.not_(no_progress)
+    f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
+    nfev = s["nfev"] + rk.nfev_per_step
+
+    tape = record_step(p, s, t, h, t_new, y, accept) if p.tape is not None else None
+    out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev)
+    if p.jumps is not None:
+        # Only now, with the step's outputs interpolated from the left limit, does the next
+        # step get the right limit as its first stage.
+        f_new, nfev = _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev)
+
+    rejected = running & ops.not_(accept)
+    if p.controller is not None:
+        dt_wanted = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
+        stalled = rules.stalled(rejected, t, dt_wanted, p.min_step, lands) | norm_failed
+        dt_next = rules.next_step(h, s["dt"], dt_wanted, accept, lands, p.min_step, p.max_step)
+        ratio_prev = rules.remembered_ratio(ratio, s["ratio_prev"], accept)
+    else:
+        dt_next, ratio_prev = s["dt"], s["ratio_prev"]
+        stalled = rejected
+        # A fixed-step solve has no error norm to fail.
+        norm_failed = rejected & ops.not_(rejected)
+    failure = rules.failure_status(finite, norm_failed)
+    nsteps = s["nsteps"] + ops.count(running)
+    status = rules.status_after_step(
+        s["status"],
+        accept,
+        t_new,
+        p.ts[-1],
+        stalled | no_progress,
+        failure,
+        nsteps,
+        p.max_num_steps,
+    )
+    state = {
+        "t": ops.where(accept, t_new, t),
+        "y": ops.select_rows(accept, y_new, y),
+        "f": ops.select_rows(accept, f_new, f),
+        "dt": ops.where(running, dt_next, s["dt"]),
+        "ratio_prev": ratio_prev,
+        "status": status,
+        "out": out,
+        "out_idx": out_idx,
+        "nfev": nfev,
+        "nsteps": nsteps,
+        "naccept": s["naccept"] + ops.count(accept),
+        "nreject": s["nreject"] + ops.count(rejected),
+    }
+    if tape is not None:
+        state["tape"] = tape
+    return state
+
+
+def _norm_failed(p, ratio, err, err2, y_new):
+    """Per sample: the error ratio is NaN although the error estimates and the trial state
+    are finite. The dynamics are then not to blame but the norm (a user norm returning NaN,
+    say), and no smaller step can help. The finiteness of the state is looked at only when
+    some ratio is NaN."""
+    ops, xp = p.ops, p.backend.xp
+    nan = ops.isnan(ratio)
+
+    def estimates_finite(nan, *estimates):
+        finite = xp.isfinite(estimates[0])
+        for e in estimates[1:]:
+            finite = finite & xp.isfinite(e)
+        return nan & ops.all_rows(finite)
+
+    estimates = (y_new, err) if err2 is None else (y_new, err, err2)
+    # Where no ratio is NaN, ``nan`` is the all-false answer.
+    return p.backend.cond(ops.any(nan), estimates_finite, _first, nan, *estimates)
+
+
+def _first(first, *rest):
+    return first
+
+
+def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
+    """After landing on a discontinuity, the carried-over f(t_new, y_new) is the left limit;
+    the next step needs the right one, evaluated just after the jump."""
+    ops = p.ops
+    on_jump = accept & ops.is_member(t_new, p.jumps)
+
+    def fresh(f_new, nfev):
+        f_after = p.rhs(ops.nextafter_up(t_new), y_new)
+        return ops.select_rows(on_jump, f_after, f_new), nfev + 1
+
+    return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev), f_new, nfev)
+
+
+def finish(p: Problem, s: dict) -> Solution:
+    """The loop's state as the user's :class:`Solution`: per-sample values stay arrays for a
+    batch and become Python numbers for a single eager solve."""
+    lay, ops = p.layout, p.ops
+    if "tape" in s:  # a tracing backend's checkpoint buffers, for the rule's residuals
+        p.tape = s["tape"]
+    p.dt_next = s["dt"]
+
+    def per_sample(value):
+        if ops.scalar or lay.batched:
+            return value
+        value = value[0]
+        return int(value) if p.backend.eager else value
+
+    nfev = s["nfev"]
+    if not ops.scalar:
+        nfev = int(nfev[0]) if p.backend.eager else nfev[0]
+    stats = {
+        "nfev": nfev,
+        "nsteps": per_sample(s["nsteps"]),
+        "naccept": per_sample(s["naccept"]),
+        "nreject": per_sample(s["nreject"]),
+    }
+    t_reached = s["t"] if (ops.scalar or lay.batched) else s["t"][0]
+    return Solution(
+        ts=p.ts_array * p.direction,
+        ys=lay.outputs_to_user(p.backend.xp, s["out"]),
+        stats=stats,
+        status=per_sample(s["status"]),
+        t_reached=t_reached * p.direction,
+        method=p.method.name,
+    )
+
+
+def trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
+    xp = bk.xp
+    y0_arr = _validate.initial_state(bk, y0)
+    layout = make_layout(xp, y0_arr, batch_axis)
+    zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
+    status = int(Status.SUCCESS) if not layout.batched else zero
+    stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
+    return Solution(
+        ts=t,
+        ys=y0_arr[None, ...],
+        stats=stats,
+        status=status,
+        t_reached=None,
+        method=method or "dopri5",
+    )

@@ -1,0 +1,68 @@
+"""Dense output: the requested output times inside an accepted step, filled by its interpolant."""
+
+from __future__ import annotations
+
+
+def fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
+    """Write every requested output time in (t, t_new] of each accepting sample, by the
+    method's interpolant on the step just taken."""
+    bk, ops, rk = p.backend, p.ops, p.method
+    ts, T = p.ts, p.ts_array.shape[0]
+
+    def pending(out_idx):
+        at_time = ops.take(ts, ops.minimum(out_idx, T - 1))
+        return accept & (out_idx < T) & (at_time <= t_new), at_time
+
+    def fill(out, out_idx, nfev):
+        rows = ops.rows_index(p.layout.batch)
+        h_safe = ops.where(h > 0, h, 1.0)
+
+        def write(out, out_idx, nfev, interpolating):
+            if interpolating:
+                dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
+                nfev = nfev + rk.nfev_dense_extra
+
+            def more(c):
+                return ops.any(pending(c[1])[0])
+
+            def one_output(c):
+                out, out_idx = c
+                mask, at_time = pending(out_idx)
+                slot = ops.minimum(out_idx, T - 1)
+                value = y_new
+                if interpolating:
+                    # theta stays in the time dtype: the interpolant's coefficients reach
+                    # hundreds (DOP853), and their weighted sums would lose digits in a
+                    # float32 state.
+                    theta = (at_time - t) / h_safe
+                    value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                    # The step's end point is known exactly; do not replace it by the
+                    # interpolant.
+                    value = ops.select_rows(at_time == t_new, y_new, value)
+                where = ops.out_index(slot, rows)
+                value = ops.select_rows(mask, value, out[where])
+                return bk.write(out, where, value), out_idx + ops.count(mask)
+
+            out, out_idx = bk.while_loop(more, one_output, (out, out_idx))
+            return out, out_idx, nfev
+
+        def interpolated(out, out_idx, nfev):
+            return write(out, out_idx, nfev, interpolating=True)
+
+        def exact(out, out_idx, nfev):
+            return write(out, out_idx, nfev, interpolating=False)
+
+        # Outputs come in increasing time, so if each sample's first pending output is the
+        # step's end, none lies inside the step: y_new is written as it is, and the
+        # interpolant's extra stages (three evaluations for dopri8) are not computed.
+        mask, at_time = pending(out_idx)
+        inside = ops.any(mask & (at_time < t_new))
+        return bk.cond(inside, interpolated, exact, out, out_idx, nfev)
+
+    # Most steps reach no output time; everything else is set up only for those that do.
+    any_pending = ops.any(pending(s["out_idx"])[0])
+    return bk.cond(any_pending, fill, unchanged, s["out"], s["out_idx"], nfev)
+
+
+def unchanged(*operands):
+    return operands

@@ -1,0 +1,264 @@
+"""The prepared problem: every input checked and converted once, into what the loop reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from odecore import _validate
+from odecore._dynamics import Dynamics
+from odecore._ops import ArrayOps, ScalarOps
+from odecore._rk import ListStages, RKMethod, prepared
+from odecore.backend import Backend
+from odecore.backend.layout import Layout
+from odecore.backend.layout import layout as make_layout
+from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
+from odecore.control.controller import Controller
+from odecore.control.norms import error_ratio
+
+
+@dataclass
+class Problem:
+    """Everything the loop needs, checked and converted once."""
+
+    backend: Backend
+    dynamics: Dynamics
+    t_user_dtype: Any
+    ops: ArrayOps | ScalarOps  # how per-sample control values are held (odecore._ops)
+    method: RKMethod
+    fn: Any  # the Dynamics: fn(t, y) in internal (forward) time and layout, and its VJP
+    rhs: Any  # the same evaluation, by its fastest path (Dynamics.fast_path)
+    # error_ratio(err, err2, y, y_new) -> per-sample scaled error norm as control values: the
+    # backend's fused kernel for the built-in rms norm, else odecore.control.norms.error_ratio
+    error_ratio: Any
+    stage_store: Any  # start(method, y, first, h, hy): a step's stage store (Backend.stage_store)
+    y0: Any  # (B, N)
+    ts: Any  # (T,) internal output times, increasing, as control values
+    ts_array: Any  # the same as an array
+    stops: Any  # (M,) times every step must land on, increasing, the last is the end time
+    jumps: Any  # (J,) times where f is re-evaluated after landing, or None
+    dense_coeffs: Any  # the interpolant's coefficients, (dense stages, degree)
+    rtol: Any
+    atol: Any
+    norm: Any
+    controller: Controller | None
+    first_step: float | None
+    step_size: float | None
+    max_num_steps: int
+    min_step: float
+    max_step: float
+    layout: Layout
+    direction: float  # +1 when the user's t increases, -1 when it decreases
+    # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
+    # array); None when they were checked before the solve.
+    valid: Any = None
+    # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
+    # checkpoint gradient; None when not recording.
+    tape: list | None = None
+    # After the loop: the step size the controller proposed last, per sample (control
+    # values). The backsolve starts its backward solve with it.
+    dt_next: Any = None
+
+
+def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
+    """Refuse arrays that ``backsolve`` and ``checkpoint`` would silently give no gradient:
+    inside a ``params`` object they cannot see into, or used by ``func`` without being among
+    its parameters."""
+    check_params_tree(bk, params, leaves)
+    refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
+
+
+def prepare(
+    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None, throw=True
+):
+    """The checked, converted :class:`Problem`, or None for a single output time. A batch
+    with samples whose y0 is not finite raises with ``throw``; without, those samples get
+    status INVALID_INPUT and the others are solved."""
+    xp = bk.xp
+    rk = prepared(_validate.tableau(method))
+    opts = _validate.options(options, rk)
+    ts_user = _validate.times(bk, t)
+    y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
+    # A single sample on an eager backend keeps its control values as Python numbers and its
+    # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
+    scalar = bk.eager and batch_axis is None
+    layout = make_layout(xp, y0_arr, batch_axis, flat=not scalar)
+    rtol = _validate.tolerance(bk, rtol, "rtol", layout)
+    atol = _validate.tolerance(bk, atol, "atol", layout)
+    norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
+    y0_int = layout.to_internal(xp, y0_arr)
+    samples_valid = _sample_validity(bk, y0_int, rtol, atol, layout, throw)
+    if ts_user.shape[0] == 1:
+        return None
+    time_dtype = bk.time_dtype
+    ts_in_dtype = ts_user.dtype
+    ts_user = xp.astype(ts_user, time_dtype)
+    forward = ts_user[1] > ts_user[0]
+    if bk.is_traced(forward):
+        # Under jit the direction is a run-time value too (see Dynamics.flip).
+        sign = xp.astype(xp.where(forward, 1.0, -1.0), time_dtype)
+    else:
+        sign = 1.0 if bool(forward) else -1.0
+    ts = ts_user * sign
+    ops_class = ScalarOps if scalar else ArrayOps
+    ops = ops_class(bk, layout.dtype, layout.user_dtype)
+    fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
+
+    step_size = opts.get("step_size")
+    stops = [ts[-1:]]
+    for key in ("step_t", "jump_t"):
+        if opts.get(key) is not None:
+            stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
+    if not rk.adaptive and step_size is None:
+        stops.append(ts[1:])  # a fixed grid without step_size steps between output times
+    # A repeated stop is harmless to the loop; a tracing backend cannot drop it (fixed shapes).
+    merge = xp.unique_values if bk.eager else xp.sort
+    stops = merge(xp.concat(stops)) if len(stops) > 1 else stops[0]
+    jumps = (
+        _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
+        if opts.get("jump_t") is not None
+        else None
+    )
+
+    controller = None
+    if rk.adaptive:
+        icoeff, pcoeff = _validate.controller_gains(opts)
+        controller = Controller(
+            safety=opts.get("safety", 0.9),
+            ifactor=opts.get("ifactor", 10.0),
+            dfactor=opts.get("dfactor", 0.2),
+            icoeff=icoeff,
+            pcoeff=pcoeff,
+            k=rk.error_exponent_order,
+            shrink_after_accept=opts.get("shrink_after_accept", False),
+        )
+    valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
+    if valid is not None:
+        # An invalid sample is not solved: all its outputs are NaN. NaN, unlike inf, also
+        # passes through the first evaluations of f without floating-point warnings.
+        y0_int = xp.where(valid[..., None], y0_int, math.nan)
+    return Problem(
+        backend=bk,
+        valid=valid,
+        dynamics=fn,
+        rhs=fn.fast_path(),
+        error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
+        stage_store=_stage_store(bk, rk, y0_int),
+        t_user_dtype=ts_in_dtype,
+        ops=ops,
+        method=rk,
+        fn=fn,
+        y0=y0_int,
+        ts=ops.times(ts),
+        ts_array=ts,
+        stops=ops.times(stops),
+        jumps=None if jumps is None else ops.times(jumps),
+        dense_coeffs=xp.asarray(rk.dense, dtype=time_dtype),
+        rtol=rtol,
+        atol=atol,
+        norm=norm,
+        controller=controller,
+        first_step=opts.get("first_step"),
+        step_size=step_size,
+        max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
+        min_step=opts.get("min_step", 0.0),
+        max_step=opts.get("max_step", math.inf),
+        layout=layout,
+        direction=sign,
+    )
+
+
+def _stage_store(bk, method, y0):
+    """The step's stage store: the backend's kernel where it has one, else the reference."""
+    if bk.kernels.stage_store is None:
+        return ListStages
+    return bk.kernels.stage_store(method, y0)
+
+
+def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
+    """The step's scaled error norm: the backend's fused kernel where it has one for the
+    built-in rms norm and a single error estimate, the portable composition otherwise."""
+    xp = bk.xp
+    fused = bk.kernels.rms_error_ratio
+    axis = layout.reduce_axis
+
+    def portable(err, err2, y, y_new):
+        return error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol)
+
+    if fused is None or opts.get("norm", "rms") != "rms":
+        return portable
+
+    def ratio(err, err2, y, y_new):
+        if err2 is not None:
+            return portable(err, err2, y, y_new)
+        return ops.from_norm(fused(err, y, y_new, rtol, atol, axis))
+
+    return ratio
+
+
+def _sample_validity(bk, y0, rtol, atol, lay, throw):
+    """Whether each sample's y0 is finite and its per-element tolerances are positive and
+    finite, as a (B,) boolean array for the loop's initial status; None when every sample is
+    known to be valid (the state of a single eager sample, which ``_validate`` checked whole).
+
+    Known values are checked now: a batch whose y0 has non-finite samples raises, naming them,
+    with ``throw``, and otherwise solves the others. Under jit the flags are traced, and each
+    invalid sample starts with status INVALID_INPUT."""
+    if not lay.flat:
+        return None
+    xp = bk.xp
+    valid = xp.all(xp.isfinite(y0), axis=1)
+    for tol in (rtol, atol):
+        if not isinstance(tol, float) and tol.ndim == 2:  # per element, in (B, N) layout
+            valid = valid & xp.all(xp.isfinite(tol) & (tol > 0), axis=1)
+    if bk.is_traced(valid):
+        return valid
+    if bool(xp.all(valid)):
+        return None
+    if throw or not lay.batched:
+        raise ValueError(_invalid_samples_message(bk, valid, lay))
+    return valid
+
+
+def _invalid_samples_message(bk, valid, lay) -> str:
+    bad = [int(i) for i in bk.xp.nonzero(bk.xp.logical_not(valid))[0]]
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    return (
+        f"y0 contains NaN or infinite values in {len(bad)} of {lay.batch} samples "
+        f"(batch_axis={lay.batch_axis}): {shown}; replace or drop them, or pass throw=False "
+        f"to solve the other samples, and these get status INVALID_INPUT"
+    )
+
+
+def _traced_shared_validity(bk, ts, rtol, atol, opts):
+    """What every sample shares (the times, scalar tolerances, step sizes, step_t and jump_t)
+    checked as one 0-d boolean array where the checks in ``_validate`` were traced (jit);
+    None where they ran. An invalid shared input makes every sample INVALID_INPUT."""
+    if bk.eager:
+        return None
+    xp = bk.xp
+    checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1])]
+    for tol in (rtol, atol):
+        if not isinstance(tol, float) and tol.ndim == 0:
+            checks.append(xp.isfinite(tol) & (tol > 0))
+    for key in ("step_t", "jump_t"):
+        if opts.get(key) is not None:
+            stops = xp.astype(bk.asarray(opts[key]), bk.time_dtype)
+            checks.append(xp.all(xp.isfinite(stops)))
+    for key in ("step_size", "first_step", "max_step"):
+        if bk.is_traced(opts.get(key)):
+            checks.append(opts[key] > 0)
+    low, high = opts.get("min_step", 0.0), opts.get("max_step", math.inf)
+    if bk.is_traced(low) or bk.is_traced(high):
+        checks.append((low >= 0) & (low <= high))
+    ok = checks[0]
+    for check in checks[1:]:
+        ok = ok & check
+    return ok if bk.is_traced(ok) else None
+
+
+def _combine_validity(samples, shared):
+    if samples is None or shared is None:
+        return shared if samples is None else samples
+    return samples & shared

@@ -1,0 +1,124 @@
+"""The gradient modes as objects: odecore.Direct(), odecore.Backsolve(...),
+odecore.Checkpoint(), checked when made, and the same as their names and keywords."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import odecore
+
+RATE = 1.3
+Y0 = np.array([1.0, 2.0])
+
+
+def _gradient(adjoint, **kwargs):
+    """d/da of sum(y(1)) for y' = -a y on torch: the closed form is -sum(y0) e^{-a}."""
+    torch = pytest.importorskip("torch")
+    a = torch.tensor(RATE, dtype=torch.float64, requires_grad=True)
+    ys = odecore.odeint(
+        lambda t, y, a: -a * y,
+        torch.tensor(Y0),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+        params=a,
+        rtol=1e-10,
+        atol=1e-12,
+        adjoint=adjoint,
+        **kwargs,
+    )
+    (g,) = torch.autograd.grad(ys[-1].sum(), a)
+    return g.item()
+
+
+EXACT = -Y0.sum() * math.exp(-RATE)
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "keywords"),
+    [
+        (odecore.Direct(), "direct", {}),
+        (odecore.Checkpoint(), "checkpoint", {}),
+        (odecore.Backsolve(), "backsolve", {}),
+        (
+            odecore.Backsolve(rtol=1e-11, atol=1e-13, method="dopri8", seminorm=True),
+            "backsolve",
+            {
+                "adjoint_rtol": 1e-11,
+                "adjoint_atol": 1e-13,
+                "adjoint_method": "dopri8",
+                "adjoint_options": {"norm": "seminorm"},
+            },
+        ),
+    ],
+    ids=["direct", "checkpoint", "backsolve", "backsolve-settings"],
+)
+def test_a_mode_object_is_its_name_and_keywords(mode, name, keywords):
+    got = _gradient(mode)
+    assert got == _gradient(name, **keywords)
+    # rtol 1e-10 on a smooth problem: the global error stays within a few hundred tolerances.
+    assert got == pytest.approx(EXACT, rel=1e-7)
+
+
+def test_backsolve_settings_reach_the_backward_solve():
+    """A loose backward tolerance must make the gradient less accurate than a tight one."""
+    loose = abs(_gradient(odecore.Backsolve(rtol=1e-3, atol=1e-5)) - EXACT)
+    tight = abs(_gradient(odecore.Backsolve(rtol=1e-11, atol=1e-13)) - EXACT)
+    assert tight < 1e-8 < loose
+
+
+def test_mode_objects_on_numpy_through_vjp_odeint():
+    class Decay:
+        def __call__(self, t, y, a):
+            return -a * y
+
+        def vjp(self, t, y, a, cot):
+            return -a * cot, -np.sum(cot * y)
+
+    for mode in (odecore.Checkpoint(), odecore.Backsolve(rtol=1e-11, atol=1e-13)):
+        ys, pullback = odecore.vjp_odeint(
+            Decay(), Y0, np.array([0.0, 1.0]), np.array(RATE), adjoint=mode, rtol=1e-10, atol=1e-12
+        )
+        _, a_bar, _ = pullback(np.stack([np.zeros(2), np.ones(2)]))
+        assert float(a_bar) == pytest.approx(EXACT, rel=1e-7), mode
+    with pytest.raises(ValueError, match="'checkpoint' or 'backsolve'"):
+        odecore.vjp_odeint(
+            Decay(), Y0, np.array([0.0, 1.0]), np.array(RATE), adjoint=odecore.Direct()
+        )
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        ({"rtol": -1e-6}, ValueError, r"Backsolve\(rtol=...\) must be positive and finite"),
+        ({"atol": math.nan}, ValueError, r"Backsolve\(atol=...\) must be positive and finite"),
+        ({"rtol": "1e-6"}, TypeError, r"Backsolve\(rtol=...\) must be a positive number"),
+        ({"method": "rk45"}, ValueError, r"unknown method 'rk45'; valid methods are"),
+        ({"options": [("norm", "max")]}, TypeError, r"options=...\) must be a dict"),
+        ({"seminorm": 1}, TypeError, r"seminorm=...\) must be True or False"),
+        ({"seminorm": True, "options": {"norm": "max"}}, ValueError, "pass one of them"),
+    ],
+)
+def test_backsolve_checks_its_settings_when_made(settings, error, match):
+    with pytest.raises(error, match=match):
+        odecore.Backsolve(**settings)
+
+
+def test_backsolve_options_are_checked_with_the_solve():
+    # Option names depend on the method, so they are checked where the method is known.
+    with pytest.raises(ValueError, match="stepsize"):
+        _gradient(odecore.Backsolve(options={"stepsize": 0.1}))
+
+
+@pytest.mark.parametrize("mode", [odecore.Backsolve(), odecore.Checkpoint(), odecore.Direct()])
+def test_a_mode_object_with_adjoint_keywords_is_ambiguous(mode):
+    with pytest.raises(ValueError, match="adjoint_rtol and adjoint=.* both configure"):
+        _gradient(mode, adjoint_rtol=1e-6)
+
+
+def test_mode_objects_are_values():
+    assert odecore.Backsolve(rtol=1e-6) == odecore.Backsolve(rtol=1e-6)
+    assert odecore.Checkpoint() == odecore.Checkpoint()
+    with pytest.raises(AttributeError):
+        odecore.Backsolve().rtol = 1.0
