@@ -65,6 +65,8 @@ def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
     """Refuse arrays that ``backsolve`` and ``checkpoint`` would silently give no gradient:
     inside a ``params`` object they cannot see into, or used by ``func`` without being among
     its parameters."""
+    # The probe evaluation needs a valid batch_axis: its errors come first, as in a solve.
+    make_layout(bk.xp, y0, batch_axis)
     check_params_tree(bk, params, leaves)
     refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
 
