@@ -4,20 +4,28 @@ The references are never odecore itself: ``scipy.linalg.expm`` for linear system
 written out here, the published DETEST / Arenstorf values from ``odecore.problems`` (computed
 with mpmath, see tests/test_problems.py), and scipy's own dense output for the interpolants that
 scipy ships. Every tolerance below says where it comes from.
+
+Every test runs on every backend (the ``backend`` fixture, tests/conftest.py): the dynamics are
+written against the array API and defined once at module level, so that JAX compiles each of
+them once per configuration; the references are computed on the host with NumPy.
 """
 
 from __future__ import annotations
 
 import math
 
+import array_api_compat
 import numpy as np
 import pytest
+from backend_params import first_only_on_jax
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.integrate import DOP853, RK23, RK45
 from scipy.linalg import expm
 
 import odecore
+
+namespace = array_api_compat.array_namespace
 
 # A fixed 4x4 system with mixed eigenvalues: a complex pair (-0.41 +- 0.97i), a slow mode
 # (-0.0037) and a fast-ish decay (-0.98); spectral norm about 1.5.
@@ -32,8 +40,9 @@ A = np.array(
 Y0 = np.array([1.0, -0.5, 0.3, 2.0])
 
 
-def linear(t, y):
-    return A @ y
+def linear(t, y, a):
+    """``y' = a y``, ``a`` the matrix ``A`` on the backend (passed as ``params``)."""
+    return a @ y
 
 
 def linear_exact(t):
@@ -70,20 +79,28 @@ STEPS_FOR_METHOD = {"tsit5": [0.2, 0.1, 0.05, 0.025]}
 T_ORDER = 2.0
 
 
-@pytest.mark.parametrize("method", odecore.FIXED_STEP_METHODS)
-def test_fixed_step_methods_converge_at_their_order(method):
+@pytest.mark.parametrize("method", first_only_on_jax(odecore.FIXED_STEP_METHODS))
+def test_fixed_step_methods_converge_at_their_order(backend, method):
     order = odecore.TABLEAUS[method].order
     steps = STEPS_FOR_ORDER[order]
     errors = []
     for h in steps:
-        sol = odecore.solve(linear, Y0, [0.0, T_ORDER], method=method, options={"step_size": h})
-        assert sol.stats["nsteps"] == round(T_ORDER / h)
-        errors.append(np.max(np.abs(sol.ys[-1] - linear_exact(T_ORDER))))
+        sol = odecore.solve(
+            linear,
+            backend.asarray(Y0),
+            backend.asarray([0.0, T_ORDER]),
+            params=backend.asarray(A),
+            method=method,
+            options={"step_size": h},
+        )
+        assert backend.stats(sol)["nsteps"] == round(T_ORDER / h)
+        ys = backend.to_numpy(sol.ys)
+        errors.append(np.max(np.abs(ys[-1] - linear_exact(T_ORDER))))
     assert abs(loglog_slope(steps, errors) - order) < 0.25, errors
 
 
-@pytest.mark.parametrize("method", odecore.ADAPTIVE_METHODS)
-def test_adaptive_methods_propagate_a_solution_of_their_order(method):
+@pytest.mark.parametrize("method", first_only_on_jax(odecore.ADAPTIVE_METHODS))
+def test_adaptive_methods_propagate_a_solution_of_their_order(backend, method):
     # The public options turn an adaptive method into a uniform-step one: first_step = max_step
     # = h, and tolerances so loose that no step is rejected. This measures the order of the
     # propagated solution through the real solve loop.
@@ -93,16 +110,19 @@ def test_adaptive_methods_propagate_a_solution_of_their_order(method):
     for h in steps:
         sol = odecore.solve(
             linear,
-            Y0,
-            [0.0, T_ORDER],
+            backend.asarray(Y0),
+            backend.asarray([0.0, T_ORDER]),
+            params=backend.asarray(A),
             method=method,
             rtol=1e6,
             atol=1e6,
             options={"first_step": h, "max_step": h},
         )
-        assert sol.stats["nsteps"] == round(T_ORDER / h)
-        assert sol.stats["nreject"] == 0
-        errors.append(np.max(np.abs(sol.ys[-1] - linear_exact(T_ORDER))))
+        stats = backend.stats(sol)
+        assert stats["nsteps"] == round(T_ORDER / h)
+        assert stats["nreject"] == 0
+        ys = backend.to_numpy(sol.ys)
+        errors.append(np.max(np.abs(ys[-1] - linear_exact(T_ORDER))))
     assert abs(loglog_slope(steps, errors) - order) < 0.25, errors
 
 
@@ -121,17 +141,25 @@ WORK_PRECISION_RTOLS = {
 }
 
 
-@pytest.mark.parametrize("method", odecore.ADAPTIVE_METHODS)
-def test_work_precision_slope_matches_order(method):
+@pytest.mark.parametrize("method", first_only_on_jax(odecore.ADAPTIVE_METHODS))
+def test_work_precision_slope_matches_order(backend, method):
     # error ~ h^p and nfev ~ 1/h give log(error) ~ -p log(nfev).
     order = odecore.TABLEAUS[method].order
     t1 = 20.0
     exact = linear_exact(t1)
     errors, nfevs = [], []
     for rtol in WORK_PRECISION_RTOLS[method]:
-        sol = odecore.solve(linear, Y0, [0.0, t1], method=method, rtol=rtol, atol=rtol * 1e-2)
-        errors.append(np.max(np.abs(sol.ys[-1] - exact)))
-        nfevs.append(sol.stats["nfev"])
+        sol = odecore.solve(
+            linear,
+            backend.asarray(Y0),
+            backend.asarray([0.0, t1]),
+            params=backend.asarray(A),
+            method=method,
+            rtol=rtol,
+            atol=rtol * 1e-2,
+        )
+        errors.append(np.max(np.abs(backend.to_numpy(sol.ys)[-1] - exact)))
+        nfevs.append(backend.stats(sol)["nfev"])
     # Tighter tolerances cost more and give smaller errors.
     assert all(b > a for a, b in zip(nfevs, nfevs[1:], strict=False)), nfevs
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
@@ -152,7 +180,7 @@ def decay_exact(t):
 
 
 def harmonic(t, y):
-    return np.stack([y[1], -4.0 * y[0]])
+    return namespace(y).stack([y[1], -4.0 * y[0]])
 
 
 def harmonic_exact(t):
@@ -160,7 +188,12 @@ def harmonic_exact(t):
 
 
 def cos_growth(t, y):
-    return np.cos(t) * y
+    return namespace(y).cos(t) * y
+
+
+def cos_growth_batched(t, y):
+    """``cos_growth`` with one time per sample (batch axis 0)."""
+    return namespace(y).cos(t)[:, None] * y
 
 
 def cos_growth_exact(t):
@@ -177,18 +210,25 @@ TIGHT_METHODS = ("dopri5", "tsit5", "dopri8", "bosh3")
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("problem", sorted(CLOSED_FORMS))
-@pytest.mark.parametrize("method", TIGHT_METHODS)
-def test_closed_form_at_tight_tolerance(method, problem, direction):
+@pytest.mark.parametrize("method", first_only_on_jax(TIGHT_METHODS))
+def test_closed_form_at_tight_tolerance(backend, method, problem, direction):
     func, exact = CLOSED_FORMS[problem]
     ts = np.linspace(0.5, 6.0, 12)
     if direction == "backward":
         ts = ts[::-1]
     rtol = 1e-11 if method != "bosh3" else 1e-9  # bosh3 is third order: keep it cheap
-    sol = odecore.solve(func, exact(ts[0]), ts, method=method, rtol=rtol, atol=rtol)
+    sol = odecore.solve(
+        func,
+        backend.asarray(exact(ts[0])),
+        backend.asarray(ts),
+        method=method,
+        rtol=rtol,
+        atol=rtol,
+    )
     expected = np.stack([exact(t) for t in ts])
     assert sol.success
     # Global error over [0.5, 6] stays within 100 tolerances (observed: at most ~30).
-    assert np.max(np.abs(sol.ys - expected)) < 100 * rtol
+    assert np.max(np.abs(backend.to_numpy(sol.ys) - expected)) < 100 * rtol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +236,16 @@ def test_closed_form_at_tight_tolerance(method, problem, direction):
 # ---------------------------------------------------------------------------------------------
 
 
-def _accepted_step_ends(func, y0, t0, t1, **kwargs):
+# JAX compiles the solve anew for every max_num_steps value, seconds each, and a step's end
+# is not otherwise visible through the public API: the tests that use this are slow on JAX.
+def _accepted_step_ends(backend, func, y0, t0, t1, **kwargs):
     """The times every accepted step ends at, found through the public API alone: a solve cut
     off after k attempted steps reports the time it reached (t_reached)."""
-    full = odecore.solve(func, y0, [t0, t1], **kwargs)
+    y0, span = backend.asarray(y0), backend.asarray([t0, t1])
+    full = odecore.solve(func, y0, span, **kwargs)
     ends = set()
-    for k in range(1, full.stats["nsteps"]):
-        cut = odecore.solve(func, y0, [t0, t1], throw=False, options={"max_num_steps": k}, **kwargs)
+    for k in range(1, backend.stats(full)["nsteps"]):
+        cut = odecore.solve(func, y0, span, throw=False, options={"max_num_steps": k}, **kwargs)
         ends.add(float(cut.t_reached))
     ends.discard(t0)
     ends.add(t1)
@@ -216,26 +259,30 @@ DENSE_PROBLEMS = {
 }
 
 
+@pytest.mark.slow_on("jax")  # _accepted_step_ends compiles once per step on JAX
 @pytest.mark.parametrize("problem", sorted(DENSE_PROBLEMS))
 @pytest.mark.parametrize("method", TIGHT_METHODS)
-def test_dense_output_error_is_that_of_the_steps(method, problem):
+def test_dense_output_error_is_that_of_the_steps(backend, method, problem):
     func, exact, t0, t1 = DENSE_PROBLEMS[problem]
     rtol = 1e-6
     kwargs = dict(method=method, rtol=rtol, atol=rtol)
     y0 = exact(t0)
-    ends, full = _accepted_step_ends(func, y0, t0, t1, **kwargs)
+    ends, full = _accepted_step_ends(backend, func, y0, t0, t1, **kwargs)
 
     ts = np.linspace(t0, t1, 200)
-    dense = odecore.solve(func, y0, ts, **kwargs)
-    at_ends = odecore.solve(func, y0, [t0, *ends], **kwargs)
+    dense = odecore.solve(func, backend.asarray(y0), backend.asarray(ts), **kwargs)
+    at_ends = odecore.solve(func, backend.asarray(y0), backend.asarray([t0, *ends]), **kwargs)
     # Output times never change the steps (dopri8's nfev differs: see the next test).
+    full_stats = backend.stats(full)
     for sol in (dense, at_ends):
+        stats = backend.stats(sol)
         for key in ("nsteps", "naccept", "nreject"):
-            assert sol.stats[key] == full.stats[key]
-    assert full.stats["nsteps"] < 300  # a few steps, many outputs
+            assert stats[key] == full_stats[key]
+    assert full_stats["nsteps"] < 300  # a few steps, many outputs
 
-    step_error = np.max(np.abs(at_ends.ys - np.stack([exact(t) for t in [t0, *ends]])))
-    dense_error = np.max(np.abs(dense.ys - np.stack([exact(t) for t in ts])))
+    at_ends_ys = backend.to_numpy(at_ends.ys)
+    step_error = np.max(np.abs(at_ends_ys - np.stack([exact(t) for t in [t0, *ends]])))
+    dense_error = np.max(np.abs(backend.to_numpy(dense.ys) - np.stack([exact(t) for t in ts])))
     # Between steps, the interpolant adds an error of the order of the local error to the
     # global error at the step ends. Observed ratios dense/step: 1.0-2.3 on the harmonic
     # oscillator; up to 10 (dopri5) and 25 (dopri8) on exp(sin t), where a few long steps meet
@@ -245,17 +292,20 @@ def test_dense_output_error_is_that_of_the_steps(method, problem):
     assert dense_error < 50 * rtol
 
 
+@pytest.mark.slow_on("jax")  # _accepted_step_ends compiles once per step on JAX
 @pytest.mark.parametrize("method", TIGHT_METHODS)
-def test_output_times_do_not_change_the_steps(method):
+def test_output_times_do_not_change_the_steps(backend, method):
     func, exact, t0, t1 = DENSE_PROBLEMS["nonautonomous"]
     kwargs = dict(method=method, rtol=1e-5, atol=1e-5)
     y0 = exact(t0)
-    ends, _ = _accepted_step_ends(func, y0, t0, t1, **kwargs)
-    few = odecore.solve(func, y0, [t0, t1], **kwargs)
-    many = odecore.solve(func, y0, np.linspace(t0, t1, 200), **kwargs)
+    ends, _ = _accepted_step_ends(backend, func, y0, t0, t1, **kwargs)
+    few = odecore.solve(func, backend.asarray(y0), backend.asarray([t0, t1]), **kwargs)
+    many_ts = backend.asarray(np.linspace(t0, t1, 200))
+    many = odecore.solve(func, backend.asarray(y0), many_ts, **kwargs)
+    few_stats, many_stats = backend.stats(few), backend.stats(many)
     for key in ("nsteps", "naccept", "nreject"):
-        assert few.stats[key] == many.stats[key]
-    np.testing.assert_array_equal(few.ys[-1], many.ys[-1])
+        assert few_stats[key] == many_stats[key]
+    np.testing.assert_array_equal(backend.to_numpy(few.ys)[-1], backend.to_numpy(many.ys)[-1])
 
     # nfev: identical unless the interpolant needs extra stages (dopri8: 3), which are paid
     # once for every step with an output strictly inside it; an output on a step's end is
@@ -268,38 +318,40 @@ def test_output_times_do_not_change_the_steps(method):
 
     assert steps_interpolating([t1]) == 0
     expected = extra * steps_interpolating(np.linspace(t0, t1, 200))
-    assert many.stats["nfev"] - few.stats["nfev"] == expected
+    assert many_stats["nfev"] - few_stats["nfev"] == expected
 
 
 SCIPY_TWINS = {"dopri5": RK45, "dopri8": DOP853, "bosh3": RK23}
 
 
 @pytest.mark.parametrize("method", sorted(SCIPY_TWINS))
-def test_one_step_interpolant_matches_scipy(method):
+def test_one_step_interpolant_matches_scipy(backend, method):
     # One step of size h from the same state: odecore's and scipy's interpolants are the same
     # polynomials (bosh3's cubic Hermite equals scipy RK23's), so they agree to round-off.
     h = 0.7
     ts = np.linspace(0.0, h, 15)
     sol = odecore.solve(
         cos_growth,
-        np.array([1.0]),
-        ts,
+        backend.asarray([1.0]),
+        backend.asarray(ts),
         method=method,
         rtol=1e6,
         atol=1e6,
         options={"first_step": h, "max_step": h},
     )
-    assert sol.stats["nsteps"] == 1
+    assert backend.stats(sol)["nsteps"] == 1
     twin = SCIPY_TWINS[method](cos_growth, 0.0, [1.0], t_bound=h, first_step=h, rtol=1e3, atol=1e3)
     twin.step()
     assert twin.t == h
     # DOP853's interpolant has coefficients up to ~550, so its round-off reaches ~1.5e-13.
     atol = 1e-12 if method == "dopri8" else 1e-14
-    np.testing.assert_allclose(sol.ys[:, 0], twin.dense_output()(ts)[0], rtol=0, atol=atol)
+    np.testing.assert_allclose(
+        backend.to_numpy(sol.ys)[:, 0], twin.dense_output()(ts)[0], rtol=0, atol=atol
+    )
 
 
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
-def test_one_step_interpolant_local_order(method):
+@pytest.mark.parametrize("method", first_only_on_jax(["dopri5", "tsit5", "dopri8"]))
+def test_one_step_interpolant_local_order(backend, method):
     # The interpolant's error inside one step from the exact state is O(h^(q+1)), q the
     # dense order (4 for dopri5 and tsit5, 7 for dopri8).
     q = odecore.TABLEAUS[method].dense_order
@@ -309,14 +361,14 @@ def test_one_step_interpolant_local_order(method):
         ts = np.array([0.0, 0.37 * h, h])
         sol = odecore.solve(
             cos_growth,
-            np.array([1.0]),
-            ts,
+            backend.asarray([1.0]),
+            backend.asarray(ts),
             method=method,
             rtol=1e6,
             atol=1e6,
             options={"first_step": h, "max_step": h},
         )
-        errors.append(abs(sol.ys[1, 0] - cos_growth_exact(ts[1])[0]))
+        errors.append(abs(backend.to_numpy(sol.ys)[1, 0] - cos_growth_exact(ts[1])[0]))
     assert loglog_slope(steps, errors) > q + 1 - 0.3, errors
 
 
@@ -333,23 +385,30 @@ needs_problems = pytest.mark.skipif(problems is None, reason="odecore.problems i
 DETEST_A = ("detest_a1", "detest_a2", "detest_a3", "detest_a4", "detest_a5")
 
 
-def _solve_problem(name, method, rtol, atol):
+def _solve_problem(backend, name, method, rtol, atol):
+    """The solve's final state as NumPy, and the problem's reference."""
     p = problems.get_problem(name)
     sol = odecore.solve(
-        p.func, np.array(p.y0), [p.t0, p.t1], params=p.params, method=method, rtol=rtol, atol=atol
+        p.func,
+        backend.asarray(p.y0),
+        backend.asarray([p.t0, p.t1]),
+        params=p.params,
+        method=method,
+        rtol=rtol,
+        atol=atol,
     )
-    return sol, np.array(p.reference, dtype=np.float64)
+    assert sol.success
+    return backend.to_numpy(sol.ys)[-1], np.array(p.reference, dtype=np.float64)
 
 
 @needs_problems
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
+@pytest.mark.parametrize("method", first_only_on_jax(["dopri5", "tsit5", "dopri8"]))
 @pytest.mark.parametrize("name", DETEST_A)
-def test_detest_class_a_matches_published_reference(name, method):
-    sol, reference = _solve_problem(name, method, rtol=1e-10, atol=1e-12)
-    assert sol.success
+def test_detest_class_a_matches_published_reference(backend, name, method):
+    y_final, reference = _solve_problem(backend, name, method, rtol=1e-10, atol=1e-12)
     # Over [0, 20] the global error is a few to ~15 tolerances times the solution's scale
     # (observed worst: A5 with dopri5, 1.1e-9).
-    assert np.max(np.abs(sol.ys[-1] - reference)) < 1e-8
+    assert np.max(np.abs(y_final - reference)) < 1e-8
 
 
 @needs_problems
@@ -363,12 +422,11 @@ def test_detest_class_a_matches_published_reference(name, method):
         ("dopri8", 1e-12, 2e-8),
     ],
 )
-def test_arenstorf_orbit_closes_after_one_period(method, rtol, bound):
-    sol, reference = _solve_problem("arenstorf", method, rtol=rtol, atol=1e-12)
-    assert sol.success
+def test_arenstorf_orbit_closes_after_one_period(backend, method, rtol, bound):
+    y_final, reference = _solve_problem(backend, "arenstorf", method, rtol=rtol, atol=1e-12)
     p = problems.get_problem("arenstorf")
     np.testing.assert_array_equal(reference, np.array(p.y0))  # the reference is the start
-    assert np.max(np.abs(sol.ys[-1] - np.array(p.y0))) < bound
+    assert np.max(np.abs(y_final - np.array(p.y0))) < bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +450,9 @@ def stable_linear_systems(draw):
     return a, y0, t1
 
 
+# NumPy only: every example is a new system size and matrix, which JAX would compile anew
+# (seconds each), and hypothesis does not share a function-scoped fixture between examples.
+@pytest.mark.backend("numpy")
 @settings(max_examples=30, deadline=None)
 @given(stable_linear_systems())
 def test_random_stable_linear_systems_match_expm(system):
@@ -413,29 +474,37 @@ def test_random_stable_linear_systems_match_expm(system):
 
 
 @pytest.mark.parametrize("batch_axis", [None, 0])
-@pytest.mark.parametrize("method", TIGHT_METHODS)
-def test_float32_state(method, batch_axis):
+@pytest.mark.parametrize("method", first_only_on_jax(TIGHT_METHODS))
+def test_float32_state(backend, method, batch_axis):
     seen = []
+    dynamics = cos_growth if batch_axis is None else cos_growth_batched
 
     def func(t, y):
-        seen.append((t.dtype, y.dtype))
-        return np.cos(t) * y if batch_axis is None else np.cos(t)[:, None] * y
+        seen.append((backend.dtype_name(t), backend.dtype_name(y)))
+        return dynamics(t, y)
 
     y0 = np.array([1.0, 2.0], dtype=np.float32)
     if batch_axis is not None:
         y0 = np.stack([y0, 3 * y0])
     ts = np.linspace(0.0, 5.0, 6)
-    sol = odecore.solve(func, y0, ts, method=method, batch_axis=batch_axis)
-    assert sol.ys.dtype == np.float32
-    assert set(seen) == {(np.dtype(np.float32), np.dtype(np.float32))}
+    sol = odecore.solve(
+        func,
+        backend.asarray(y0, dtype="float32"),
+        backend.asarray(ts),
+        method=method,
+        batch_axis=batch_axis,
+    )
+    assert backend.dtype_name(sol.ys) == "float32"
+    assert set(seen) == {("float32", "float32")}
+    ys = backend.to_numpy(sol.ys)
     exact = np.exp(np.sin(ts)).reshape((-1,) + (1,) * y0.ndim) * y0.astype(np.float64)
     # Default tolerances (rtol 1e-7) are at float32's resolution; observed relative errors
     # 2e-7 (bosh3) to 2e-6 (dopri8).
-    assert np.max(np.abs(sol.ys - exact) / np.abs(exact)) < 1e-5
+    assert np.max(np.abs(ys - exact) / np.abs(exact)) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["bosh3", "dopri5", "tsit5", "dopri8"])
-def test_float32_batched_matches_unbatched(method):
+@pytest.mark.parametrize("method", first_only_on_jax(["bosh3", "dopri5", "tsit5", "dopri8"]))
+def test_float32_batched_matches_unbatched(backend, method):
     # In float32 a high-order error estimate is close to rounding noise, and the batched and
     # single-sample layouts round differently (a single sample folds h into the weights
     # before the dot product, a batch applies h after), so the two may take slightly
@@ -445,18 +514,26 @@ def test_float32_batched_matches_unbatched(method):
     ts = np.linspace(0.0, 5.0, 6)
     y0 = np.array([1.0, 2.0], dtype=np.float32)
     rtol, atol = 1e-4, 1e-6
-    alone = odecore.solve(lambda t, y: np.cos(t) * y, y0, ts, method=method, rtol=rtol, atol=atol)
+    alone = odecore.solve(
+        cos_growth,
+        backend.asarray(y0, dtype="float32"),
+        backend.asarray(ts),
+        method=method,
+        rtol=rtol,
+        atol=atol,
+    )
     batch = odecore.solve(
-        lambda t, y: np.cos(t)[:, None] * y,
-        y0[None],
-        ts,
+        cos_growth_batched,
+        backend.asarray(y0[None], dtype="float32"),
+        backend.asarray(ts),
         method=method,
         batch_axis=0,
         rtol=rtol,
         atol=atol,
     )
     exact = np.exp(np.sin(ts))[:, None] * y0.astype(np.float64)
-    assert batch.ys.dtype == alone.ys.dtype == np.float32
-    for ys in (alone.ys, batch.ys[:, 0]):
+    assert backend.dtype_name(batch.ys) == backend.dtype_name(alone.ys) == "float32"
+    alone_ys, batch_ys = backend.to_numpy(alone.ys), backend.to_numpy(batch.ys)[:, 0]
+    for ys in (alone_ys, batch_ys):
         assert np.max(np.abs(ys - exact) / exact) < 10 * rtol
-    np.testing.assert_allclose(batch.ys[:, 0], alone.ys, rtol=10 * rtol)
+    np.testing.assert_allclose(batch_ys, alone_ys, rtol=10 * rtol)
