@@ -114,8 +114,15 @@ def layout(xp, y0, batch_axis, flat: bool = True) -> Layout:
     dtype = loop_dtype(xp, y0.dtype)
     if batch_axis is None:
         return Layout(shape, None, dtype, flat, user_dtype=y0.dtype)
+    check_batch_axis(shape, batch_axis)
+    return Layout(shape, int(batch_axis) % len(shape), dtype, user_dtype=y0.dtype)
+
+
+def check_batch_axis(shape: tuple, batch_axis) -> None:
+    """A TypeError or ValueError unless ``batch_axis`` is None or an axis of ``shape``."""
+    if batch_axis is None:
+        return
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral):
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
     if not -len(shape) <= batch_axis < len(shape):
         raise ValueError(f"batch_axis={batch_axis} is out of range for y0 of shape {shape}")
-    return Layout(shape, int(batch_axis) % len(shape), dtype, user_dtype=y0.dtype)

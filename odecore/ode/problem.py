@@ -11,7 +11,7 @@ from odecore._dynamics import Dynamics
 from odecore._ops import ArrayOps, ScalarOps
 from odecore._rk import ListStages, RKMethod, prepared
 from odecore.backend import Backend
-from odecore.backend.layout import Layout
+from odecore.backend.layout import Layout, check_batch_axis
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
 from odecore.control.controller import Controller
@@ -66,7 +66,7 @@ def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
     inside a ``params`` object they cannot see into, or used by ``func`` without being among
     its parameters."""
     # The probe evaluation needs a valid batch_axis: its errors come first, as in a solve.
-    make_layout(bk.xp, y0, batch_axis)
+    check_batch_axis(tuple(int(n) for n in y0.shape), batch_axis)
     check_params_tree(bk, params, leaves)
     refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
 
