@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from odecore.adjoint.modes import MODES
+from odecore.adjoint.modes import MODES, given_keywords
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
 from odecore.control.norms import BUILTIN_NORMS
@@ -425,13 +425,7 @@ def adjoint_settings(
     strictest value, since the backward state is not shaped like y0. Only the backsolve
     solves a backward ODE: other modes refuse these settings rather than ignore them."""
     xp = bk.xp
-    given = {
-        "adjoint_rtol": adj_rtol,
-        "adjoint_atol": adj_atol,
-        "adjoint_method": adj_method,
-        "adjoint_options": adj_options,
-    }
-    given = [name for name, value in given.items() if value is not None]
+    given = given_keywords(adj_rtol, adj_atol, adj_method, adj_options)
     if mode != "backsolve":
         if given:
             raise ValueError(

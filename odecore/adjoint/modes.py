@@ -102,6 +102,17 @@ class Backsolve:
 MODES: dict[str, type] = {mode.name: mode for mode in (Direct, Backsolve, Checkpoint)}
 
 
+def given_keywords(rtol=None, atol=None, method=None, options=None) -> list[str]:
+    """The names of the ``adjoint_*`` keywords a call passed (those that are not None)."""
+    given = {
+        "adjoint_rtol": rtol,
+        "adjoint_atol": atol,
+        "adjoint_method": method,
+        "adjoint_options": options,
+    }
+    return [name for name, value in given.items() if value is not None]
+
+
 def as_keywords(adjoint, rtol=None, atol=None, method=None, options=None) -> tuple:
     """``(adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)`` with a mode
     object spelled as the string and keywords that the solve checks against the backend and
@@ -109,13 +120,7 @@ def as_keywords(adjoint, rtol=None, atol=None, method=None, options=None) -> tup
     ``adjoint_*`` keywords is ambiguous and refused."""
     if not isinstance(adjoint, (Direct, Backsolve, Checkpoint)):
         return adjoint, rtol, atol, method, options
-    given = {
-        "adjoint_rtol": rtol,
-        "adjoint_atol": atol,
-        "adjoint_method": method,
-        "adjoint_options": options,
-    }
-    given = [name for name, value in given.items() if value is not None]
+    given = given_keywords(rtol, atol, method, options)
     if given:
         raise ValueError(
             f"{', '.join(given)} and adjoint={adjoint!r} both configure the gradient; put the "
