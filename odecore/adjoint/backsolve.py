@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 
+from odecore.control.norms import largest_part_rms
 from odecore.ode.loop import run_loop
 from odecore.ode.outputs import unchanged
 from odecore.ode.problem import prepare
@@ -54,9 +55,9 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed):
     if options.get("norm") == "seminorm":
         # The parameter adjoint does not influence the step size, it only accumulates
         # (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE").
-        options["norm"] = _max_of_part_norms(xp, parts[:2])
+        options["norm"] = largest_part_rms(xp, parts[:2])
     elif "norm" not in options and settings["adaptive"]:
-        options["norm"] = _max_of_part_norms(xp, parts)
+        options["norm"] = largest_part_rms(xp, parts)
     # The backward solve starts with the step the forward solve would have taken next, and
     # each later interval with the one before's: the trajectory is the same, and Hairer's
     # automatic first step misjudges the augmented state, whose parameter adjoint starts at
@@ -165,27 +166,3 @@ def _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving=None):
         return xp.concat(parts)
 
     return aug
-
-
-def _max_of_part_norms(xp, sizes):
-    """The backward state's error norm: the largest RMS of its parts ``[y, a, a_theta]``
-    (or of the leading parts only). One RMS over the whole vector would dilute the errors
-    of ``y`` and ``a`` by the number of parameters, so a large parameter vector, even one
-    the dynamics never use, would loosen the backward solve."""
-    bounds, start = [], 0
-    for size in sizes:
-        if size:
-            bounds.append((start, start + size))
-        start += size
-
-    def norm(z):
-        rms = [
-            xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
-            for lo, hi in bounds
-        ]
-        out = rms[0]
-        for r in rms[1:]:
-            out = xp.maximum(out, r)
-        return out
-
-    return norm

@@ -21,6 +21,31 @@ def max_norm(xp, x, axis):
 BUILTIN_NORMS: dict[str, Callable] = {"rms": rms_norm, "max": max_norm}
 
 
+def largest_part_rms(xp, sizes) -> Callable:
+    """A norm for a state made of parts laid end to end along its last axis (``sizes``, in
+    order; a part of size 0 is skipped): the largest RMS of any part. One RMS over the whole
+    vector would dilute the error of a small part by the size of the others, so that, say, a
+    large parameter adjoint beside the state would loosen the state's error control. To
+    leave a trailing part out of the error control (a seminorm), pass only the leading sizes."""
+    bounds, start = [], 0
+    for size in sizes:
+        if size:
+            bounds.append((start, start + size))
+        start += size
+
+    def norm(z):
+        rms = [
+            xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
+            for lo, hi in bounds
+        ]
+        out = rms[0]
+        for r in rms[1:]:
+            out = xp.maximum(out, r)
+        return out
+
+    return norm
+
+
 def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):
     """Scaled error norm per sample, as control values; at most 1 means the step is accepted.
     With two estimates (DOP853) they are combined by ``rules.combined_error_ratio``."""
