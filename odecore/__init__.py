@@ -15,7 +15,7 @@ from odecore.deq import (
 )
 from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
 from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
-from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
+from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
 

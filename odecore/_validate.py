@@ -19,7 +19,8 @@ from odecore.backend import is_traced
 from odecore.backend.layout import Layout
 from odecore.control.norms import BUILTIN_NORMS
 from odecore.ode.solution import PrecisionWarning
-from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
+from odecore.solvers.explicit_rk import prepared
+from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 DEFAULT_METHOD = "dopri5"
 # Finite so that a solve can never hang; large enough that a well-posed non-stiff problem
@@ -462,7 +463,6 @@ def adjoint_settings(
         if fwd_options.get(k) is not None and k not in adj_options
     }
     adj_options = {**adj_options, **landing}
-    from odecore._rk import prepared
 
     seminorm = adj_options.get("norm") == "seminorm"
     rk = prepared(tab)

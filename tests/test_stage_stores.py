@@ -1,4 +1,5 @@
-"""The backends' stage stores against the portable reference, ``odecore._rk.ListStages``.
+"""The backends' stage stores against the portable reference,
+``odecore.solvers.stage_stores.ListStages``.
 
 A store decides how a Runge-Kutta step combines its stages (NumPy: one buffer and dot
 products, kept for the whole solve; torch: stacked tensors). Whatever it does, a step through
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import odecore
-from odecore._rk import ListStages, prepared
+from odecore.solvers.explicit_rk import prepared
+from odecore.solvers.stage_stores import ListStages
 from odecore.tableaus import TABLEAUS
 
 

@@ -23,7 +23,7 @@ def user_f(problem, i, y_user):
     return f * dyn.sign
 
 
-def backsolve_backward(problem, ys, ys_bar, settings, failed):
+def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
     """Solve ``[y, a, a_theta]`` backward from the last output time to the first:
     ``y' = f``, ``a' = -a df/dy``, ``a_theta' = -a df/dtheta``. At every output time ``y`` is
     reset to the stored forward value (so the backward ``y`` never drifts from the forward
@@ -33,7 +33,10 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed):
     A sample that a failed solve did not take to output ``i`` is frozen over the interval
     from ``t_i`` back: held at its last reached state with ``y' = 0``, and its adjoint is
     zero there (``failed`` has dropped the cotangents of unreached outputs), so it can
-    neither fail nor disturb the others. Its backward starts at its last reached output."""
+    neither fail nor disturb the others. Its backward starts at its last reached output.
+
+    ``dt_next`` is the step the forward solve proposed next, per sample (its LoopResult):
+    the backward solve starts with it."""
 
     bk, dyn, lay = problem.backend, problem.dynamics, problem.layout
     xp = bk.xp
@@ -64,7 +67,7 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed):
     # zero (its error scale is then atol alone): on a neural ODE it chose a step 10^4 times
     # too small and spent four steps growing it back.
     seed = settings["adaptive"] and "first_step" not in options and problem.controller
-    dt_next = _usable_step(bk, _finished_steps(bk, problem.dt_next, failed)) if seed else None
+    dt_next = _usable_step(bk, _finished_steps(bk, dt_next, failed)) if seed else None
     a = xp.zeros(shape, dtype=dtype)
     a_theta = xp.zeros((sum(sizes),), dtype=dtype)
     t_user = problem.ts_array * dyn.sign
@@ -90,9 +93,9 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed):
             None,
             None,
         )
-        backward, sol, _ = run_loop(backward, record=False, throw=True)
-        dt_next = _usable_step(bk, backward.dt_next) if seed else None
-        z = sol.ys[-1]
+        result = run_loop(backward, record=False, throw=True)
+        dt_next = _usable_step(bk, result.dt_next) if seed else None
+        z = result.solution.ys[-1]
         return xp.reshape(z[m : 2 * m], shape), z[2 * m :], dt_next
 
     for i in range(ys.shape[0] - 1, 0, -1):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from odecore.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS
+from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
-from odecore.ode.loop import run_loop, trivial_solution, user_f_at
+from odecore.ode.loop import LoopResult, run_loop, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 
@@ -115,11 +115,12 @@ def solve(
         def run(y0_, t_, record=False, leaves=None):
             problem = prepared_problem(y0_, t_, leaves)
             if problem is None:  # a single output time: the answer is y0, with no work done
-                return None, trivial_solution(bk, y0_, t_, method, batch_axis), None
-            return run_loop(problem, record, throw)
+                solution = trivial_solution(bk, y0_, t_, method, batch_axis)
+                return None, LoopResult(solution, None, None)
+            return problem, run_loop(problem, record, throw)
 
         if mode is None or not bk.has_autodiff:
-            return run(y0, t)[1]
+            return run(y0, t)[1].solution
         leaves = (
             differentiate.param_leaves(bk, func, params)
             if adjoint_params is None
@@ -131,16 +132,16 @@ def solve(
         )
         several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
         if mode != "direct" and several_times and not wants_grad:
-            solution = run(y0_arr, t_arr)[1]
+            solution = run(y0_arr, t_arr)[1].solution
             # What func uses besides y0, t and the parameters the rules know of would get no
             # gradient from this solve, even where nothing else asks for one.
             if adjoint_params is None:
                 check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
             return solution
         if not wants_grad or not several_times:
-            return run(y0_arr, t_arr)[1]
+            return run(y0_arr, t_arr)[1].solution
         if mode == "direct":
-            solution = _direct_with_time_gradients(bk, run, y0_arr, t_arr)
+            solution = _direct_with_time_gradients(bk, run, prepared_problem, y0_arr, t_arr)
             # A parameter the dynamics never touch gets a zero gradient rather than None, as in
             # the other modes.
             solution.ys = bk.autodiff.attach_zero_gradients(solution.ys, leaves)
@@ -174,7 +175,7 @@ def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) 
     return solution
 
 
-def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
+def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
     """``direct`` mode: the framework differentiates through the loop for ``y0`` and the
     parameters. Time gradients come from the flow's identities instead of from the step
     arithmetic (whose step sizes are not differentiable): each output gets
@@ -183,13 +184,13 @@ def _direct_with_time_gradients(bk, run, y0, t) -> Solution:
     xp = bk.xp
     sg = bk.stop_gradient
     if not differentiate.requires_grad(bk, {"t": t}):
-        return run(y0, t)[1]
+        return run(y0, t)[1].solution
     t_const = sg(t)
     with bk.no_grad():
-        problem, _, _ = run(sg(y0), t_const)
+        problem = prepared_problem(sg(y0), t_const)
     f0 = sg(user_f_at(problem, t_const[0], y0))
     shift = xp.astype(t[0] - t_const[0], y0.dtype)
-    _, solution, _ = run(y0 - shift * f0, t_const)
+    solution = run(y0 - shift * f0, t_const)[1].solution
     ys = solution.ys
     rates = [sg(user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
     if not solution.success:
@@ -346,7 +347,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        return run_loop(problem, record, throw=throw)
+        return problem, run_loop(problem, record, throw=throw)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:

@@ -1,11 +1,12 @@
 """The loop: one init / cond / body for every backend.
 
-The loop state is a dict of fixed-shape arrays. Every sample (a row of the internal (B, N)
-state) has its own time, step size, status and counters; updates are masked with ``where``, so
-a finished or failed sample stops changing while the others go on. Requested output times are
-filled by interpolation after each accepted step and never change the steps taken. The body
-has no Python ``if`` on array values, so a tracing backend (JAX) can run it unchanged under
-its own ``while_loop``. Its decisions are the pure rules of ``odecore.control.rules``.
+The loop state (:class:`LoopState`) is a record of fixed-shape arrays. Every sample (a row
+of the internal (B, N) state) has its own time, step size, status and counters; updates are
+masked with ``where``, so a finished or failed sample stops changing while the others go on.
+Requested output times are filled by interpolation after each accepted step and never change
+the steps taken. The body has no Python ``if`` on array values, so a tracing backend (JAX) can
+run it unchanged under its own ``while_loop``. Its decisions are the pure rules of
+``odecore.control.rules``; the step itself is the solver's (``odecore.solvers``).
 
 Time runs forward inside the loop. A decreasing ``t`` is solved as ``s = -t`` with
 ``dy/ds = -f(-s, y)``, so nothing else needs to know about direction.
@@ -14,6 +15,7 @@ Time runs forward inside the loop. A decreasing ``t`` is solved as ``s = -t`` wi
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 from odecore import _validate
 from odecore.backend.layout import layout as make_layout
@@ -27,37 +29,53 @@ from odecore.ode.tape import record_step, tape_buffers
 RUNNING = int(Status.RUNNING)
 
 
-SUCCESS = int(Status.SUCCESS)
+class LoopState(NamedTuple):
+    """What the loop carries from one step to the next. Per-sample fields are control values
+    (see odecore._ops): Python numbers for one eager sample, (B,) arrays otherwise. As a
+    NamedTuple it is a pytree, so a tracing backend carries it through its ``while_loop``."""
+
+    t: Any  # each sample's time, internal (increasing)
+    y: Any  # its state at t, (B, N) internal layout (one eager sample: the user's shape)
+    f: Any  # f(t, y), the next step's first stage (right limit after a jump)
+    dt: Any  # the step the controller proposes next (fixed-step: the step size)
+    ratio_prev: Any  # the last accepted step's error ratio, for the PI controller
+    status: Any  # RUNNING until the sample finishes or fails (odecore.Status codes)
+    out: Any  # (T, B, N) the outputs so far; NaN where not reached
+    out_idx: Any  # the index of each sample's next output to fill
+    nfev: Any  # evaluations of f, shared by the batch (one count: f sees the whole batch)
+    nsteps: Any  # steps attempted, per sample
+    naccept: Any
+    nreject: Any
+    # The checkpoint tape (odecore.ode.tape): a list of StepRecord on an eager backend,
+    # TapeBuffers on a tracing one; None when the solve records nothing.
+    tape: Any
 
 
-MAX_STEPS_REACHED = int(Status.MAX_STEPS_REACHED)
+class LoopResult(NamedTuple):
+    """What a solve found, besides its Solution: the tape, for the checkpoint gradient; and
+    each sample's next proposed step (control values), with which the backsolve starts its
+    backward solve."""
+
+    solution: Solution
+    tape: Any
+    dt_next: Any
 
 
-DT_UNDERFLOW = int(Status.DT_UNDERFLOW)
-
-
-NONFINITE_STATE = int(Status.NONFINITE_STATE)
-
-
-NONFINITE_ERROR = int(Status.NONFINITE_ERROR)
-
-
-def run_loop(problem: Problem, record: bool, throw: bool):
-    """Run the loop over a prepared problem: ``(problem, solution, tape)``, the tape holding
-    the accepted steps when ``record`` (for the checkpoint gradient)."""
+def run_loop(problem: Problem, record: bool, throw: bool) -> LoopResult:
+    """Run the loop over a prepared problem, recording the accepted steps in the result's
+    tape when ``record`` (for the checkpoint gradient)."""
     bk = problem.backend
-    problem.tape = [] if record else None
     state = bk.while_loop(
-        lambda s: problem.ops.any(s["status"] == RUNNING),
+        lambda s: problem.ops.any(s.status == RUNNING),
         lambda s: step(problem, s),
-        init_state(problem),
+        init_state(problem, record),
     )
     solution = finish(problem, state)
     # Under jit the status is not known until run time: it stays in the Solution, and the
     # outputs the solve did not reach are NaN.
     if throw and not bk.is_traced(solution.status) and not solution.success:
         raise SolveError(failure_message(solution), solution)
-    return problem, solution, problem.tape
+    return LoopResult(solution, state.tape, state.dt)
 
 
 def user_f_at(problem, t_user, y):
@@ -74,11 +92,11 @@ def user_f_at(problem, t_user, y):
         return lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y))) * dyn.sign
 
 
-def init_state(p: Problem) -> dict:
+def init_state(p: Problem, record: bool) -> LoopState:
     bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
     B, T = lay.batch, p.ts_array.shape[0]
     t0 = ops.full(B, p.ts[0])
-    f0 = p.fn.first_call(t0, p.y0)
+    f0 = p.solver.init(p.dynamics.first_call, t0, p.y0)
     nfev = 1
     if p.controller is None:
         dt = ops.full(B, p.step_size if p.step_size is not None else math.inf)
@@ -87,62 +105,64 @@ def init_state(p: Problem) -> dict:
     else:
         # The exponent is the error estimate's, 1/(q+1): Hairer's HINIT (IORD=5 for DOPRI5),
         # scipy and torchdiffeq all use it; the method's own order p gave 1/(p+1).
-        order = p.method.error_exponent_order - 1
-        dt = initial_step(xp, ops, p.fn, t0, p.y0, f0, order, p.rtol, p.atol, p.norm)
+        order = p.solver.error_exponent_order - 1
+        dt = initial_step(xp, ops, p.dynamics, t0, p.y0, f0, order, p.rtol, p.atol, p.norm)
         nfev += 1
     dt = ops.minimum(ops.maximum(dt, p.min_step), p.max_step)
     finite = ops.all_rows(xp.isfinite(f0))
-    out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
-    out = bk.write(out, 0, p.y0)
-    state = {
-        "t": t0,
-        "y": p.y0,
-        "f": f0,
-        "dt": dt,
-        "ratio_prev": ops.full(B, 1.0),
-        "status": ops.where(
-            finite, ops.full(B, RUNNING, "int"), ops.full(B, int(Status.NONFINITE_STATE), "int")
-        ),
-        "out": out,
-        "out_idx": ops.full(B, 1, "int"),
-        "nfev": ops.full(1, nfev, "int") if not ops.scalar else nfev,
-        "nsteps": ops.full(B, 0, "int"),
-        "naccept": ops.full(B, 0, "int"),
-        "nreject": ops.full(B, 0, "int"),
-    }
+    status = ops.where(
+        finite, ops.full(B, RUNNING, "int"), ops.full(B, int(Status.NONFINITE_STATE), "int")
+    )
     if p.valid is not None:
-        state["status"] = ops.where(p.valid, state["status"], int(Status.INVALID_INPUT))
-    if p.tape is not None and not bk.eager:
-        state["tape"] = tape_buffers(p)
-    return state
+        status = ops.where(p.valid, status, int(Status.INVALID_INPUT))
+    out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
+    tape = None
+    if record:
+        tape = [] if bk.eager else tape_buffers(p)
+    return LoopState(
+        t=t0,
+        y=p.y0,
+        f=f0,
+        dt=dt,
+        ratio_prev=ops.full(B, 1.0),
+        status=status,
+        out=bk.write(out, 0, p.y0),
+        out_idx=ops.full(B, 1, "int"),
+        nfev=ops.full(1, nfev, "int") if not ops.scalar else nfev,
+        nsteps=ops.full(B, 0, "int"),
+        naccept=ops.full(B, 0, "int"),
+        nreject=ops.full(B, 0, "int"),
+        tape=tape,
+    )
 
 
-def step(p: Problem, s: dict) -> dict:
-    ops, rk, rules = p.ops, p.method, p.ops.rules
-    running = s["status"] == RUNNING
-    t, y, f = s["t"], s["y"], s["f"]
+def step(p: Problem, s: LoopState) -> LoopState:
+    ops, solver, rules = p.ops, p.solver, p.ops.rules
+    running = s.status == RUNNING
+    t, y = s.t, s.y
 
     # Every step lands exactly on the next stop (end time, step_t, jump_t, fixed-grid output)
     # rather than overshoot it.
     next_stop = ops.next_stop(p.stops, t)
-    h, t_new, lands = rules.land_on_stop(t, s["dt"], next_stop, p.max_step, running)
+    h, t_new, lands = rules.land_on_stop(t, s.dt, next_stop, p.max_step, running)
     hy = ops.to_state(h)
 
     # A step that ends on a discontinuity sees the left limit there: its stages at c = 1
     # (and f at its end) are evaluated just before the jump, never on the far side of it.
-    t_left, rhs = None, p.rhs
+    t_left, cap = None, None
     if p.jumps is not None:
         t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
 
-        def rhs(t_stage, y_stage):
-            return p.rhs(ops.minimum(t_stage, t_left), y_stage)
+        def cap(t_stage):
+            return ops.minimum(t_stage, t_left)
 
-    y_new, ks, err, err2 = rk.step(rhs, t, y, f, h, hy, p.stage_store)
+    trial = solver.step(p.evaluate, t, y, s.f, h, hy, p.stage_store, cap)
+    y_new = trial.y_new
     if p.controller is not None:
-        ratio = p.error_ratio(err, err2, y, y_new)
+        ratio = p.error_ratio(trial.error, trial.error2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
-        norm_failed = running & _norm_failed(p, ratio, err, err2, y_new)
+        norm_failed = running & _norm_failed(p, ratio, trial, y_new)
     else:
         finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
@@ -150,11 +170,14 @@ def step(p: Problem, s: dict) -> dict:
     # but not t, and every step after it would be the same.
     no_progress = accept & (t_new <= t)
     accept = accept & ops.not_(no_progress)
-    f_new = ks[-1] if rk.fsal else p.rhs(t_new if t_left is None else t_left, y_new)
-    nfev = s["nfev"] + rk.nfev_per_step
+    if solver.fsal:
+        f_new = trial.stages[-1]
+    else:
+        f_new = p.evaluate(t_new if t_left is None else t_left, y_new)
+    nfev = s.nfev + solver.nfev_per_step
 
-    tape = record_step(p, s, t, h, t_new, y, accept) if p.tape is not None else None
-    out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev)
+    tape = s.tape if s.tape is None else record_step(p, s.tape, t, h, t_new, y, accept)
+    out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev)
     if p.jumps is not None:
         # Only now, with the step's outputs interpolated from the left limit, does the next
         # step get the right limit as its first stage.
@@ -162,19 +185,19 @@ def step(p: Problem, s: dict) -> dict:
 
     rejected = running & ops.not_(accept)
     if p.controller is not None:
-        dt_wanted = p.controller.next_dt(ops, h, ratio, s["ratio_prev"], accept)
+        dt_wanted = p.controller.next_dt(ops, h, ratio, s.ratio_prev, accept)
         stalled = rules.stalled(rejected, t, dt_wanted, p.min_step, lands) | norm_failed
-        dt_next = rules.next_step(h, s["dt"], dt_wanted, accept, lands, p.min_step, p.max_step)
-        ratio_prev = rules.remembered_ratio(ratio, s["ratio_prev"], accept)
+        dt_next = rules.next_step(h, s.dt, dt_wanted, accept, lands, p.min_step, p.max_step)
+        ratio_prev = rules.remembered_ratio(ratio, s.ratio_prev, accept)
     else:
-        dt_next, ratio_prev = s["dt"], s["ratio_prev"]
+        dt_next, ratio_prev = s.dt, s.ratio_prev
         stalled = rejected
         # A fixed-step solve has no error norm to fail.
         norm_failed = rejected & ops.not_(rejected)
     failure = rules.failure_status(finite, norm_failed)
-    nsteps = s["nsteps"] + ops.count(running)
+    nsteps = s.nsteps + ops.count(running)
     status = rules.status_after_step(
-        s["status"],
+        s.status,
         accept,
         t_new,
         p.ts[-1],
@@ -183,26 +206,24 @@ def step(p: Problem, s: dict) -> dict:
         nsteps,
         p.max_num_steps,
     )
-    state = {
-        "t": ops.where(accept, t_new, t),
-        "y": ops.select_rows(accept, y_new, y),
-        "f": ops.select_rows(accept, f_new, f),
-        "dt": ops.where(running, dt_next, s["dt"]),
-        "ratio_prev": ratio_prev,
-        "status": status,
-        "out": out,
-        "out_idx": out_idx,
-        "nfev": nfev,
-        "nsteps": nsteps,
-        "naccept": s["naccept"] + ops.count(accept),
-        "nreject": s["nreject"] + ops.count(rejected),
-    }
-    if tape is not None:
-        state["tape"] = tape
-    return state
+    return LoopState(
+        t=ops.where(accept, t_new, t),
+        y=ops.select_rows(accept, y_new, y),
+        f=ops.select_rows(accept, f_new, s.f),
+        dt=ops.where(running, dt_next, s.dt),
+        ratio_prev=ratio_prev,
+        status=status,
+        out=out,
+        out_idx=out_idx,
+        nfev=nfev,
+        nsteps=nsteps,
+        naccept=s.naccept + ops.count(accept),
+        nreject=s.nreject + ops.count(rejected),
+        tape=tape,
+    )
 
 
-def _norm_failed(p, ratio, err, err2, y_new):
+def _norm_failed(p, ratio, trial, y_new):
     """Per sample: the error ratio is NaN although the error estimates and the trial state
     are finite. The dynamics are then not to blame but the norm (a user norm returning NaN,
     say), and no smaller step can help. The finiteness of the state is looked at only when
@@ -216,7 +237,9 @@ def _norm_failed(p, ratio, err, err2, y_new):
             finite = finite & xp.isfinite(e)
         return nan & ops.all_rows(finite)
 
-    estimates = (y_new, err) if err2 is None else (y_new, err, err2)
+    estimates = (y_new, trial.error)
+    if trial.error2 is not None:
+        estimates += (trial.error2,)
     # Where no ratio is NaN, ``nan`` is the all-false answer.
     return p.backend.cond(ops.any(nan), estimates_finite, _first, nan, *estimates)
 
@@ -232,19 +255,16 @@ def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
     on_jump = accept & ops.is_member(t_new, p.jumps)
 
     def fresh(f_new, nfev):
-        f_after = p.rhs(ops.nextafter_up(t_new), y_new)
+        f_after = p.evaluate(ops.nextafter_up(t_new), y_new)
         return ops.select_rows(on_jump, f_after, f_new), nfev + 1
 
     return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev), f_new, nfev)
 
 
-def finish(p: Problem, s: dict) -> Solution:
+def finish(p: Problem, s: LoopState) -> Solution:
     """The loop's state as the user's :class:`Solution`: per-sample values stay arrays for a
     batch and become Python numbers for a single eager solve."""
     lay, ops = p.layout, p.ops
-    if "tape" in s:  # a tracing backend's checkpoint buffers, for the rule's residuals
-        p.tape = s["tape"]
-    p.dt_next = s["dt"]
 
     def per_sample(value):
         if ops.scalar or lay.batched:
@@ -252,23 +272,23 @@ def finish(p: Problem, s: dict) -> Solution:
         value = value[0]
         return int(value) if p.backend.eager else value
 
-    nfev = s["nfev"]
+    nfev = s.nfev
     if not ops.scalar:
         nfev = int(nfev[0]) if p.backend.eager else nfev[0]
     stats = {
         "nfev": nfev,
-        "nsteps": per_sample(s["nsteps"]),
-        "naccept": per_sample(s["naccept"]),
-        "nreject": per_sample(s["nreject"]),
+        "nsteps": per_sample(s.nsteps),
+        "naccept": per_sample(s.naccept),
+        "nreject": per_sample(s.nreject),
     }
-    t_reached = s["t"] if (ops.scalar or lay.batched) else s["t"][0]
+    t_reached = s.t if (ops.scalar or lay.batched) else s.t[0]
     return Solution(
         ts=p.ts_array * p.direction,
-        ys=lay.outputs_to_user(p.backend.xp, s["out"]),
+        ys=lay.outputs_to_user(p.backend.xp, s.out),
         stats=stats,
-        status=per_sample(s["status"]),
+        status=per_sample(s.status),
         t_reached=t_reached * p.direction,
-        method=p.method.name,
+        method=p.solver.name,
     )
 
 

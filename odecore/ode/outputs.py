@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 
-def fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
+def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev):
     """Write every requested output time in (t, t_new] of each accepting sample, by the
-    method's interpolant on the step just taken."""
-    bk, ops, rk = p.backend, p.ops, p.method
+    solver's interpolant on the step just taken (``trial``, a StepResult); returns
+    ``(out, out_idx, nfev)``."""
+    bk, ops, solver = p.backend, p.ops, p.solver
+    y_new = trial.y_new
     ts, T = p.ts, p.ts_array.shape[0]
 
     def pending(out_idx):
@@ -19,8 +21,8 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
 
         def write(out, out_idx, nfev, interpolating):
             if interpolating:
-                dense = rk.dense_stages(p.rhs, t, y, h, hy, ks, f_new)
-                nfev = nfev + rk.nfev_dense_extra
+                dense = solver.dense_stages(p.evaluate, t, y, h, hy, trial.stages, f_new)
+                nfev = nfev + solver.nfev_dense_extra
 
             def more(c):
                 return ops.any(pending(c[1])[0])
@@ -35,7 +37,7 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
                     # hundreds (DOP853), and their weighted sums would lose digits in a
                     # float32 state.
                     theta = (at_time - t) / h_safe
-                    value = rk.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                    value = solver.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
                     # The step's end point is known exactly; do not replace it by the
                     # interpolant.
                     value = ops.select_rows(at_time == t_new, y_new, value)
@@ -60,8 +62,8 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, y_new, ks, f_new, nfev):
         return bk.cond(inside, interpolated, exact, out, out_idx, nfev)
 
     # Most steps reach no output time; everything else is set up only for those that do.
-    any_pending = ops.any(pending(s["out_idx"])[0])
-    return bk.cond(any_pending, fill, unchanged, s["out"], s["out_idx"], nfev)
+    any_pending = ops.any(pending(s.out_idx)[0])
+    return bk.cond(any_pending, fill, unchanged, s.out, s.out_idx, nfev)
 
 
 def unchanged(*operands):

@@ -9,30 +9,33 @@ from typing import Any
 from odecore import _validate
 from odecore._dynamics import Dynamics
 from odecore._ops import ArrayOps, ScalarOps
-from odecore._rk import ListStages, RKMethod, prepared
 from odecore.backend import Backend
 from odecore.backend.layout import Layout, check_batch_axis
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
 from odecore.control.controller import Controller
 from odecore.control.norms import error_ratio
+from odecore.solvers.explicit_rk import ExplicitRK, prepared
+from odecore.solvers.stage_stores import ListStages
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
-    """Everything the loop needs, checked and converted once."""
+    """Everything the loop needs, checked and converted once. Nothing writes to it after
+    :func:`prepare`: the loop returns what it found (``odecore.ode.loop.LoopResult``)."""
 
     backend: Backend
+    # f(t, y) in internal (forward) time and layout, with its first-call checks and its VJP.
     dynamics: Dynamics
+    # The same evaluation by its fastest path (Dynamics.fast_path): what the steps call.
+    evaluate: Any
     t_user_dtype: Any
     ops: ArrayOps | ScalarOps  # how per-sample control values are held (odecore._ops)
-    method: RKMethod
-    fn: Any  # the Dynamics: fn(t, y) in internal (forward) time and layout, and its VJP
-    rhs: Any  # the same evaluation, by its fastest path (Dynamics.fast_path)
+    solver: ExplicitRK
     # error_ratio(err, err2, y, y_new) -> per-sample scaled error norm as control values: the
     # backend's fused kernel for the built-in rms norm, else odecore.control.norms.error_ratio
     error_ratio: Any
-    stage_store: Any  # start(method, y, first, h, hy): a step's stage store (Backend.stage_store)
+    stage_store: Any  # start(solver, y, first, h, hy): a step's stage store (Backend.stage_store)
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -53,12 +56,6 @@ class Problem:
     # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
     # array); None when they were checked before the solve.
     valid: Any = None
-    # Accepted steps (start time, size, end time, start state, accept mask), recorded for the
-    # checkpoint gradient; None when not recording.
-    tape: list | None = None
-    # After the loop: the step size the controller proposed last, per sample (control
-    # values). The backsolve starts its backward solve with it.
-    dt_next: Any = None
 
 
 def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
@@ -144,13 +141,12 @@ def prepare(
         backend=bk,
         valid=valid,
         dynamics=fn,
-        rhs=fn.fast_path(),
+        evaluate=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
         stage_store=_stage_store(bk, rk, y0_int),
         t_user_dtype=ts_in_dtype,
         ops=ops,
-        method=rk,
-        fn=fn,
+        solver=rk,
         y0=y0_int,
         ts=ops.times(ts),
         ts_array=ts,
@@ -171,11 +167,11 @@ def prepare(
     )
 
 
-def _stage_store(bk, method, y0):
+def _stage_store(bk, solver, y0):
     """The step's stage store: the backend's kernel where it has one, else the reference."""
     if bk.kernels.stage_store is None:
         return ListStages
-    return bk.kernels.stage_store(method, y0)
+    return bk.kernels.stage_store(solver, y0)
 
 
 def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):

@@ -3,28 +3,54 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 from odecore.ode.problem import Problem
 
 
-def tape_buffers(p: Problem) -> dict:
+class StepRecord(NamedTuple):
+    """One step as the replay needs it (control values per sample, and the state)."""
+
+    t: Any  # the step's start
+    h: Any  # its size
+    t_new: Any  # its end (the stop it landed on, exactly, where it landed)
+    y: Any  # the state at t
+    accept: Any  # whether each sample accepted it
+
+
+class TapeBuffers(NamedTuple):
     """The checkpoint tape of a tracing backend, in fixed-size buffers: every step's times and
     accept mask (``max_num_steps`` rows, the most steps a solve can take), and the states of
-    only some of them (see ``checkpoint_rows``), with the count of steps recorded and the
-    stride between kept states."""
+    only some of them (see :func:`checkpoint_rows`)."""
+
+    t: Any  # (max_num_steps, B)
+    h: Any
+    t_new: Any
+    y: Any  # (kept, B, N) the start states of steps 0, stride, 2 stride, ...
+    accept: Any  # (max_num_steps, B)
+    n: Any  # steps recorded so far (0-d)
+    stride: Any  # steps between two kept states (0-d, a power of two)
+
+    def record(self, i, y):
+        """Step ``i`` as a :class:`StepRecord`, whose start state the replay recomputed."""
+        return StepRecord(self.t[i], self.h[i], self.t_new[i], y, self.accept[i])
+
+
+def tape_buffers(p: Problem) -> TapeBuffers:
+    """An empty tape for a tracing backend."""
     xp, lay, K = p.backend.xp, p.layout, p.max_num_steps
     time = xp.zeros((K, lay.batch), dtype=p.backend.time_dtype)
     kept, _ = checkpoint_rows(K)
     count = xp.asarray(0, dtype=p.backend.int_dtype)
-    return {
-        "t": time,
-        "h": time,
-        "t_new": time,
-        "y": xp.zeros((kept, *lay.internal_shape), dtype=lay.dtype),
-        "accept": xp.zeros((K, lay.batch), dtype=xp.bool),
-        "n": count,
-        "stride": count + 1,
-    }
+    return TapeBuffers(
+        t=time,
+        h=time,
+        t_new=time,
+        y=xp.zeros((kept, *lay.internal_shape), dtype=lay.dtype),
+        accept=xp.zeros((K, lay.batch), dtype=xp.bool),
+        n=count,
+        stride=count + 1,
+    )
 
 
 def checkpoint_rows(max_num_steps: int) -> tuple[int, int]:
@@ -40,32 +66,29 @@ def checkpoint_rows(max_num_steps: int) -> tuple[int, int]:
     return kept, run
 
 
-def record_step(p, s, t, h, t_new, y, accept):
-    """Keep the step for the checkpoint replay. Eager backends append to a Python list; a
-    tracing backend writes the next row of the buffers in ``s["tape"]`` and returns them (a
-    step that no sample accepted leaves its row to be overwritten)."""
+def record_step(p, tape, t, h, t_new, y, accept):
+    """The tape with this step kept for the checkpoint replay. An eager backend's tape is a
+    list, appended to; a tracing backend's is :class:`TapeBuffers`, whose next row is
+    written (a step that no sample accepted leaves its row to be overwritten)."""
     if p.backend.eager:
-        if p.ops.scalar and not accept:
-            return None
-        p.tape.append((t, h, t_new, y, accept))
-        return None
-    bk, xp, tape = p.backend, p.backend.xp, dict(s["tape"])
-    n = tape["n"]
-    for key, value in (("t", t), ("h", h), ("t_new", t_new), ("accept", accept)):
-        tape[key] = bk.write(tape[key], n, value)
+        if not (p.ops.scalar and not accept):
+            tape.append(StepRecord(t, h, t_new, y, accept))
+        return tape
+    bk, xp, n = p.backend, p.backend.xp, tape.n
+    rows = {
+        key: bk.write(getattr(tape, key), n, value)
+        for key, value in (("t", t), ("h", h), ("t_new", t_new), ("accept", accept))
+    }
     # The state of step n is kept when n is a multiple of the stride. When its slot would be
     # past the end, every other kept state is dropped and the stride doubles.
-    kept = tape["y"].shape[0]
-    full = n == kept * tape["stride"]
-    tape["y"], tape["stride"] = bk.cond(
-        full,
+    kept = tape.y.shape[0]
+    ys, stride = bk.cond(
+        n == kept * tape.stride,
         lambda ys, stride: (bk.write(ys, slice(0, (kept + 1) // 2), ys[::2]), stride * 2),
         lambda ys, stride: (ys, stride),
-        tape["y"],
-        tape["stride"],
+        tape.y,
+        tape.stride,
     )
-    slot = n // tape["stride"]
-    keep = n % tape["stride"] == 0
-    tape["y"] = bk.write(tape["y"], slot, xp.where(keep, y, tape["y"][slot]))
-    tape["n"] = n + xp.astype(xp.any(accept), n.dtype)
-    return tape
+    slot = n // stride
+    ys = bk.write(ys, slot, xp.where(n % stride == 0, y, ys[slot]))
+    return TapeBuffers(**rows, y=ys, n=n + xp.astype(xp.any(accept), n.dtype), stride=stride)

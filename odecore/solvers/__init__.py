@@ -1,0 +1,1 @@
+"""Solvers: what one step does. The loop around them is ``odecore.ode.loop``."""
