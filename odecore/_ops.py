@@ -13,6 +13,7 @@ import bisect
 import math
 
 from odecore.control import rules
+from odecore.control.primitives import SCALAR, array_primitives
 
 
 class ArrayOps:
@@ -30,24 +31,15 @@ class ArrayOps:
         self.stop_gradient = backend.stop_gradient
         # The loop's decisions on control values, and the element-wise ones on states.
         self.rules = self.state_rules = rules.bound(self.xp)
-
-    def where(self, cond, a, b):
-        return self.xp.where(cond, a, b)
-
-    def minimum(self, a, b):
-        return self.xp.minimum(a, b)
-
-    def maximum(self, a, b):
-        return self.xp.maximum(a, b)
-
-    def isfinite(self, x):
-        return self.xp.isfinite(x)
-
-    def isnan(self, x):
-        return self.xp.isnan(x)
-
-    def not_(self, x):
-        return self.xp.logical_not(x)
+        # The operations the rules are written against, for the loop's own bookkeeping.
+        primitives = array_primitives(self.xp)
+        self.where, self.minimum, self.maximum = (
+            primitives["where"],
+            primitives["minimum"],
+            primitives["maximum"],
+        )
+        self.isfinite, self.isnan = primitives["isfinite"], primitives["isnan"]
+        self.not_, self.nextafter_down = primitives["logical_not"], primitives["next_below"]
 
     def any(self, x):
         return self.xp.any(x)
@@ -97,9 +89,6 @@ class ArrayOps:
     def nextafter_up(self, t):
         return self.xp.nextafter(t, self.xp.asarray(math.inf, dtype=t.dtype))
 
-    def nextafter_down(self, t):
-        return self.xp.nextafter(t, self.xp.asarray(-math.inf, dtype=t.dtype))
-
     def rows_index(self, batch):
         return self.xp.arange(batch)
 
@@ -136,30 +125,14 @@ class ScalarOps:
         self.rules = rules.bound(None)
         self.state_rules = rules.bound(self.xp)
 
-    @staticmethod
-    def where(cond, a, b):
-        return a if cond else b
-
-    @staticmethod
-    def minimum(a, b):
-        # NaN propagates, as in the array version.
-        return a if (a <= b or a != a) else b
-
-    @staticmethod
-    def maximum(a, b):
-        return a if (a >= b or a != a) else b
-
-    @staticmethod
-    def isfinite(x):
-        return math.isfinite(x)
-
-    @staticmethod
-    def isnan(x):
-        return x != x
-
-    @staticmethod
-    def not_(x):
-        return not x
+    # The operations the rules are written against, on Python numbers.
+    where = staticmethod(SCALAR["where"])
+    minimum = staticmethod(SCALAR["minimum"])
+    maximum = staticmethod(SCALAR["maximum"])
+    isfinite = staticmethod(SCALAR["isfinite"])
+    isnan = staticmethod(SCALAR["isnan"])
+    not_ = staticmethod(SCALAR["logical_not"])
+    nextafter_down = staticmethod(SCALAR["next_below"])
 
     @staticmethod
     def any(x):
@@ -205,10 +178,6 @@ class ScalarOps:
     @staticmethod
     def nextafter_up(t):
         return math.nextafter(t, math.inf)
-
-    @staticmethod
-    def nextafter_down(t):
-        return math.nextafter(t, -math.inf)
 
     @staticmethod
     def rows_index(batch):
