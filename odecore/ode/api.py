@@ -116,6 +116,14 @@ def solve(
             problem = prepared_problem(y0_, t_, leaves)
             if problem is None:  # a single output time: the answer is y0, with no work done
                 return None, trivial_solution(bk, y0_, t_, method, batch_axis), None
+            # The one place a solve leaves the generic loop: a backend that compiles whole
+            # solves (Numba, Backend.kernels.solve) runs the prepared problem as one call,
+            # taking the same steps. Recording the checkpoint tape stays with the loop.
+            if bk.kernels.solve is not None and not record:
+                solution = bk.kernels.solve(problem, options)
+                if throw and not solution.success:
+                    raise SolveError(failure_message(solution), solution)
+                return problem, solution, None
             return run_loop(problem, record, throw)
 
         if mode is None or not bk.has_autodiff:

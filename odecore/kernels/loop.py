@@ -1,0 +1,433 @@
+"""The whole solve of one trajectory as plain scalar Python, for compilers of such code.
+
+:func:`solve_trajectory` runs the generic loop (``odecore.ode.loop``) for one sample, decision
+for decision and in the same order: the first step, landing on stops and on the left limit
+of a jump, the Runge-Kutta stages, the error ratio, acceptance, dense output at the
+requested times, the re-evaluation after a jump, the controller and the status. It takes the
+same steps as the generic loop; only the order of floating-point sums may differ. Every
+decision is one of the pure rules of ``odecore.control.rules``, called as a module global,
+and the method is data (``odecore.kernels.tableau``).
+
+The code uses only loops over state elements, scalar arithmetic, ``math`` and array
+indexing: no array operations, closures, dicts or objects, and it allocates nothing. So
+``numba.njit`` compiles it for the CPU, and the same source can be compiled for one GPU
+thread per trajectory. :func:`odecore.kernels.compile.compiled` re-creates these functions
+with compiled rules and with the user's dynamics as the global ``dynamics(t, y, dy,
+params)``, which writes ``dy/dt`` into ``dy``. Run as it is, in Python, the module is slow
+but correct, given a ``dynamics``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from odecore.control.primitives import isfinite, isnan, maximum, minimum, next_above
+from odecore.control.rules import (
+    INVALID_INPUT,
+    NONFINITE_STATE,
+    RUNNING,
+    combined_error_ratio,
+    error_scale,
+    failure_status,
+    initial_step,
+    initial_step_guess,
+    land_on_stop,
+    left_limit,
+    next_step,
+    remembered_ratio,
+    stalled,
+    status_after_step,
+    step_factor,
+)
+from odecore.kernels.tableau import (
+    ADAPTIVE,
+    DENSE_STAGES,
+    ERROR_ORDER,
+    EXTRA_STAGES,
+    FSAL,
+    NFEV_PER_STEP,
+    STAGES,
+    TWO_ESTIMATES,
+)
+
+# Positions in the settings array (float64).
+SAFETY = 0
+IFACTOR = 1
+DFACTOR = 2
+ICOEFF = 3
+PCOEFF = 4
+SHRINK_AFTER_ACCEPT = 5  # 1.0 or 0.0
+FIRST_STEP = 6  # NaN: Hairer's automatic first step
+STEP_SIZE = 7  # a fixed-step method's step; inf: one step to each stop
+MIN_STEP = 8
+MAX_STEP = 9
+MAX_NUM_STEPS = 10
+DIRECTION = 11  # +1.0, or -1.0 when the user's times decrease
+NORM = 12  # RMS_NORM or MAX_NORM
+SETTINGS_SIZE = 13
+
+RMS_NORM = 0.0
+MAX_NORM = 1.0
+
+# Rows of the work array (rows, state size) before the dense stages.
+Y = 0
+Y_NEW = 1
+Y_STAGE = 2
+ERR = 3
+ERR2 = 4
+FIRST_DENSE_ROW = 5
+
+# Positions in the statistics array (int64).
+NFEV = 0
+NSTEPS = 1
+NACCEPT = 2
+NREJECT = 3
+
+
+def work_rows(sizes) -> int:
+    """Rows of the work array a trajectory needs: the state rows above and every dense
+    stage (the stages K_i; K_0 is f at the step's start)."""
+    return FIRST_DENSE_ROW + sizes[DENSE_STAGES]
+
+
+def dynamics(t, y, dy, params):
+    """The user's dynamics, in place; :func:`odecore.kernels.compile.compiled` binds it."""
+    raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled()")
+
+
+def evaluate(t, y, dy, params, direction, time_buffer):
+    """``dy = f(t, y)`` in loop time, which always increases: the user's dynamics see
+    ``direction * t`` in the state's dtype (``time_buffer`` holds one number of it), and
+    their rate is turned around with the time."""
+    time_buffer[0] = direction * t
+    dynamics(time_buffer[0], y, dy, params)
+    if direction < 0:
+        for i in range(dy.shape[0]):
+            dy[i] = -dy[i]
+
+
+def scaled_norm(x, y, y_new, rtol, atol, norm):
+    """The norm of ``x`` measured against ``error_scale(y, y_new)``, element by element:
+    the root mean square, or the largest magnitude."""
+    n = x.shape[0]
+    total = 0.0
+    for i in range(n):
+        scaled = x[i] / error_scale(y[i], y_new[i], rtol[i], atol[i])
+        if norm == MAX_NORM:
+            total = maximum(total, abs(scaled))
+        else:
+            total += scaled * scaled
+    if norm == MAX_NORM:
+        return total
+    return math.sqrt(total / n)
+
+
+def scaled_difference_norm(a, b, y, rtol, atol, norm, out):
+    """:func:`scaled_norm` of ``a - b`` at the scale of ``y`` alone; ``out`` holds the
+    difference."""
+    for i in range(a.shape[0]):
+        out[i] = a[i] - b[i]
+    return scaled_norm(out, y, y, rtol, atol, norm)
+
+
+def all_finite(x):
+    for i in range(x.shape[0]):
+        if not isfinite(x[i]):
+            return False
+    return True
+
+
+def combine(out, base, h, weights, stages, count):
+    """``out = base + h * sum_j weights[j] K_j`` over the first ``count`` stages, skipping
+    zero weights; the sum is scaled by ``h`` once, as the generic loop's interpolant and
+    dense stages do."""
+    for i in range(out.shape[0]):
+        total = 0.0
+        for j in range(count):
+            if weights[j] != 0.0:
+                total += weights[j] * stages[j, i]
+        out[i] = base[i] + h * total
+
+
+def increment(out, h, weights, stages, count):
+    """``out = sum_j (h weights[j]) K_j``: each weight scaled by ``h`` first, as the generic
+    stage store forms a step's stage inputs and error estimates."""
+    for i in range(out.shape[0]):
+        total = 0.0
+        for j in range(count):
+            if weights[j] != 0.0:
+                total += (h * weights[j]) * stages[j, i]
+        out[i] = total
+
+
+def stage_input(out, base, h, weights, stages, count):
+    """``out = base + sum_j (h weights[j]) K_j``."""
+    increment(out, h, weights, stages, count)
+    for i in range(out.shape[0]):
+        out[i] = base[i] + out[i]
+
+
+def is_member(t, values):
+    for j in range(values.shape[0]):
+        if values[j] == t:
+            return True
+    return False
+
+
+def first_step(y, f, t, params, rtol, atol, settings, sizes, work, time_buffer):
+    """The first step size and the evaluations it took: ``step_size`` for a fixed-step
+    method, ``first_step`` when given, else Hairer's rule (``rules.initial_step_guess`` and
+    ``rules.initial_step``) from one more evaluation."""
+    if sizes[ADAPTIVE] == 0:
+        return settings[STEP_SIZE], 0
+    if not isnan(settings[FIRST_STEP]):
+        return settings[FIRST_STEP], 0
+    norm = settings[NORM]
+    # error_scale(y, y) is the scale atol + rtol |y0| the rule is stated with.
+    d0 = scaled_norm(y, y, y, rtol, atol, norm)
+    d1 = scaled_norm(f, y, y, rtol, atol, norm)
+    h0 = initial_step_guess(d0, d1)
+    trial = work[Y_STAGE]
+    probe = work[Y_NEW]
+    for i in range(y.shape[0]):
+        trial[i] = y[i] + h0 * f[i]
+    evaluate(t + h0, trial, probe, params, settings[DIRECTION], time_buffer)
+    d2_times_h0 = scaled_difference_norm(probe, f, y, rtol, atol, norm, work[ERR])
+    return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
+
+
+def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work, tb):
+    """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
+    and the dense rows; stage times are clipped to ``t_left`` on a step that ends on a jump
+    (``clip``, true whenever the solve has jumps: a step landing on a stop must not see past
+    it either)."""
+    stages = work[FIRST_DENSE_ROW:]
+    y, y_stage = work[Y], work[Y_STAGE]
+    direction = settings[DIRECTION]
+    count = sizes[STAGES]
+    for i in range(1, count):
+        stage_input(y_stage, y, h, tab_a[i], stages, i)
+        t_stage = t + tab_c[i] * h
+        if clip:
+            t_stage = minimum(t_stage, t_left)
+        evaluate(t_stage, y_stage, stages[i], params, direction, tb)
+    y_new = work[Y_NEW]
+    if sizes[FSAL] != 0:
+        # The last stage's input is y_new itself (its weights are b).
+        for i in range(y_new.shape[0]):
+            y_new[i] = y_stage[i]
+    else:
+        stage_input(y_new, y, h, tab_b, stages, count)
+
+
+def error_ratio(h, tab_err, tab_err2, rtol, atol, sizes, settings, work):
+    """The scaled error of the step just taken: one estimate, or two combined
+    (``rules.combined_error_ratio``); and whether the norm alone failed (NaN from finite
+    estimates and a finite trial state)."""
+    stages = work[FIRST_DENSE_ROW:]
+    y, y_new, err, err2 = work[Y], work[Y_NEW], work[ERR], work[ERR2]
+    count = sizes[STAGES]
+    norm = settings[NORM]
+    increment(err, h, tab_err, stages, count)
+    ratio = scaled_norm(err, y, y_new, rtol, atol, norm)
+    two = sizes[TWO_ESTIMATES] != 0
+    if two:
+        increment(err2, h, tab_err2, stages, count)
+        ratio = combined_error_ratio(ratio, scaled_norm(err2, y, y_new, rtol, atol, norm))
+    norm_failed = False
+    if isnan(ratio):
+        norm_failed = all_finite(y_new) and all_finite(err) and (not two or all_finite(err2))
+    return ratio, norm_failed
+
+
+def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings):
+    """Write every output time in ``(t, t_new]`` from the accepted step: by the interpolant,
+    whose extra stages are computed first, or ``y_new`` itself at the step's end. Returns the
+    next output index and the evaluations made. ``weights`` holds one number per dense
+    stage."""
+    (_, _, _, _, _, dense, dense_a, dense_c, sizes) = tab
+    count = ts.shape[0]
+    if out_index >= count or ts[out_index] > t_new:
+        return out_index, 0
+    stages = work[FIRST_DENSE_ROW:]
+    y, y_new, scratch = work[Y], work[Y_NEW], work[Y_STAGE]
+    nfev = 0
+    # Outputs come in increasing time: when the first is the step's end, none lies inside.
+    interpolating = ts[out_index] < t_new
+    if interpolating:
+        first_extra = sizes[DENSE_STAGES] - sizes[EXTRA_STAGES]
+        for x in range(sizes[EXTRA_STAGES]):
+            row = first_extra + x
+            combine(scratch, y, h, dense_a[x], stages, row)
+            evaluate(t + dense_c[x] * h, scratch, stages[row], params, settings[DIRECTION], tb)
+        nfev = sizes[EXTRA_STAGES]
+    h_safe = h if h > 0 else 1.0
+    while out_index < count and ts[out_index] <= t_new:
+        at_time = ts[out_index]
+        target = out[out_index]
+        if interpolating and at_time != t_new:
+            interpolate(target, (at_time - t) / h_safe, y, h, dense, stages, weights)
+        else:
+            for i in range(y_new.shape[0]):
+                target[i] = y_new[i]
+        out_index += 1
+    return out_index, nfev
+
+
+def interpolate(target, theta, y, h, dense, stages, weights):
+    """``target = y + h sum_i b_i(theta) K_i``, ``b_i(theta) = sum_m dense[i, m]
+    theta**(m + 1)``; ``weights`` holds the ``b_i`` (as many as there are dense stages)."""
+    rows = dense.shape[0]
+    for r in range(rows):
+        w = 0.0
+        for m in range(dense.shape[1]):
+            w += dense[r, m] * theta ** (m + 1)
+        weights[r] = w
+    combine(target, y, h, weights, stages, rows)
+
+
+def solve_trajectory(
+    y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings, out, work, tb, weights, stats
+):
+    """Solve one trajectory from ``y0`` at ``ts[0]`` (loop time), writing ``out[k]`` at each
+    ``ts[k]`` it reaches (the rows it does not reach are left as they are). ``stops``: the
+    times every step lands on, increasing, the last being the end; ``jumps``: those where the
+    dynamics jump (possibly none). ``rtol`` and ``atol`` have one value per element. Returns
+    ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
+
+    Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``tb`` one
+    number in the state's dtype (the time the dynamics see), ``weights`` one float64 per
+    dense stage, ``stats`` four int64."""
+    (tab_a, tab_c, tab_b, tab_err, tab_err2, _, _, _, sizes) = tab
+    n = y0.shape[0]
+    stages = work[FIRST_DENSE_ROW:]
+    y, y_new, f = work[Y], work[Y_NEW], stages[0]
+    # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
+    f_new = stages[sizes[STAGES] - 1] if sizes[FSAL] != 0 else stages[sizes[STAGES]]
+    direction = settings[DIRECTION]
+    min_step, max_step = settings[MIN_STEP], settings[MAX_STEP]
+    max_num_steps = int(settings[MAX_NUM_STEPS])
+    adaptive = sizes[ADAPTIVE] != 0
+    has_jumps = jumps.shape[0] > 0
+
+    t = ts[0]
+    for i in range(n):
+        y[i] = y0[i]
+        out[0, i] = y0[i]
+    evaluate(t, y, f, params, direction, tb)
+    dt, extra = first_step(y, f, t, params, rtol, atol, settings, sizes, work, tb)
+    nfev = 1 + extra
+    dt = minimum(maximum(dt, min_step), max_step)
+    status = RUNNING if all_finite(f) else NONFINITE_STATE
+    if not valid:
+        status = INVALID_INPUT
+    ratio_prev = 1.0
+    out_index = 1
+    stop_index = 0
+    nsteps = 0
+    naccept = 0
+    nreject = 0
+    while status == RUNNING:
+        # The first stop strictly after t: every step lands on it rather than overshoot.
+        while stop_index < stops.shape[0] - 1 and stops[stop_index] <= t:
+            stop_index += 1
+        next_stop = stops[stop_index]
+        h, t_new, lands = land_on_stop(t, dt, next_stop, max_step, True)
+        # A step that ends on a discontinuity evaluates its last stages at the left limit.
+        t_left = t_new
+        if has_jumps:
+            t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
+        take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work, tb)
+        ratio = 0.0
+        norm_failed = False
+        if adaptive:
+            ratio, norm_failed = error_ratio(
+                h, tab_err, tab_err2, rtol, atol, sizes, settings, work
+            )
+            finite = isfinite(ratio)
+            accept = ratio <= 1.0
+        else:
+            finite = all_finite(y_new)
+            accept = finite
+        # A step too short to move time is not taken: it would change y but not t.
+        no_progress = accept and t_new <= t
+        accept = accept and not no_progress
+        if sizes[FSAL] == 0:
+            evaluate(t_left, y_new, f_new, params, direction, tb)
+        nfev += sizes[NFEV_PER_STEP]
+        if accept:
+            out_index, extra = fill_outputs(
+                ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings
+            )
+            nfev += extra
+            if has_jumps and is_member(t_new, jumps):
+                # Only now, with the step's outputs interpolated from the left limit, does
+                # the next step get the right limit as its first stage.
+                evaluate(next_above(t_new), y_new, f_new, params, direction, tb)
+                nfev += 1
+        rejected = not accept
+        if adaptive:
+            factor = step_factor(
+                ratio,
+                ratio_prev,
+                accept,
+                settings[SAFETY],
+                settings[IFACTOR],
+                settings[DFACTOR],
+                settings[ICOEFF],
+                settings[PCOEFF],
+                sizes[ERROR_ORDER],
+                settings[SHRINK_AFTER_ACCEPT] != 0.0,
+            )
+            dt_wanted = h * factor
+            stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
+            dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
+            ratio_prev = remembered_ratio(ratio, ratio_prev, accept)
+        else:
+            dt_next = dt
+            stall = rejected
+        failure = failure_status(finite, norm_failed)
+        nsteps += 1
+        status = status_after_step(
+            status,
+            accept,
+            t_new,
+            ts[ts.shape[0] - 1],
+            stall or no_progress,
+            failure,
+            nsteps,
+            max_num_steps,
+        )
+        if accept:
+            t = t_new
+            for i in range(n):
+                y[i] = y_new[i]
+                f[i] = f_new[i]
+            naccept += 1
+        else:
+            nreject += 1
+        dt = dt_next
+    stats[NFEV] = nfev
+    stats[NSTEPS] = nsteps
+    stats[NACCEPT] = naccept
+    stats[NREJECT] = nreject
+    return status, t, dt
+
+
+# In dependency order: each is compiled after the functions it calls.
+KERNEL_FUNCTIONS = (
+    evaluate,
+    scaled_norm,
+    scaled_difference_norm,
+    all_finite,
+    combine,
+    increment,
+    stage_input,
+    is_member,
+    first_step,
+    take_step,
+    error_ratio,
+    interpolate,
+    fill_outputs,
+    solve_trajectory,
+)
