@@ -85,15 +85,18 @@ def _solve_ensemble(
     """Every trajectory of a batch by the kernel loop, in parallel: ``out`` (N, T, D),
     ``status``, ``t_reached`` (N,) and ``stats`` (N, 4) receive the results."""
     count, size = y0.shape
+    # No arithmetic on n: prange's index is unsigned, and mixed with a signed integer it
+    # becomes a float.
+    shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
     for n in numba.prange(count):  # noqa: B007
         work = np.empty((rows, size), dtype=y0.dtype)
         time_buffer = np.empty(1, dtype=y0.dtype)
         weights = np.empty(tab.sizes[DENSE_STAGES])
-        row = n if params.shape[0] == count else 0
+        own = params[0] if shared else params[n]
         s, t, _ = solve_trajectory(  # noqa: F821  (bound per dynamics)
             y0[n],
-            params[row],
+            own,
             ts,
             stops,
             jumps,
