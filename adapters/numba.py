@@ -8,7 +8,8 @@ their signature:
 
 odecore compiles a plain function itself (``numba.njit``, cached on disk where Numba can);
 an ``@numba.njit`` function is used as it is. ``t`` is a number, ``y`` and ``dy`` are 1-D
-arrays of the state's dtype, ``params`` a 1-D array. Everything else is the generic core's:
+arrays of the state's dtype (a state of another shape is seen flattened; the outputs have
+its shape), ``params`` a 1-D array. Everything else is the generic core's:
 ``odecore.ode.problem.prepare`` checks and converts the inputs, and the kernel loop
 (``odecore.kernels.loop``), compiled with the dynamics bound in, runs the whole solve, so
 Python does nothing per step.
@@ -28,9 +29,9 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
+from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
 from odecore import _validate
-from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 from odecore.backend import Kernels
 from odecore.backend.layout import layout as make_layout
 from odecore.control.primitives import bind
@@ -257,11 +258,6 @@ def _check_layout(lay) -> None:
             f"{lay.shape} with batch_axis={lay.batch_axis}; move the sample axis first "
             f"(np.moveaxis) and flatten each state"
         )
-    if not lay.batched and len(lay.shape) != 1:
-        raise ValueError(
-            f"y0 on the numba backend is a 1-D state (or (N, D) with batch_axis=0), got shape "
-            f"{lay.shape}; flatten it, and reshape inside f"
-        )
 
 
 def _norm_code(options) -> float:
@@ -351,9 +347,8 @@ def solve(problem, options) -> Solution:
         )
     status = np.empty(rows, dtype=np.int64)
     t_reached = np.empty(rows)
-    kernel.solve_ensemble(
-        y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings, out, status, t_reached, stats
-    )
+    arrays = (y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings)
+    kernel.solve_ensemble(*arrays, out, status, t_reached, stats)
     return Solution(
         ts=problem.ts_array * problem.direction,
         ys=np.ascontiguousarray(out.transpose(1, 0, 2)),

@@ -31,12 +31,6 @@ def backend_names(variable: str) -> list[str] | None:
 SELECTED = backend_names("ODECORE_TEST_BACKEND")
 REQUIRED = set(backend_names("ODECORE_REQUIRED_BACKENDS") or ()) | set(SELECTED or ())
 
-# Backends whose dynamics must be written in Numba's subset and are compiled into the solve.
-# The fixture's tests write theirs against the array API (and record or count calls from
-# Python), so the fixture leaves these out; tests/test_numba.py and the conformance suite
-# test them.
-COMPILED_DYNAMICS = ("numba",)
-
 
 def framework_module(backend: str, module: str | None = None) -> ModuleType:
     """For a test module about one framework, imported at its top: the framework's module
