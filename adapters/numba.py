@@ -57,7 +57,7 @@ def _jit(fn):
 def _jit_bound(fn):
     # A function bound to one dynamics shares its code, file and name with every other
     # binding: a disk cache would hand one dynamics' machine code to another.
-    return numba.njit(fn)
+    return numba.njit(fn, inline="always")
 
 
 def _compiled_rules() -> dict:
@@ -93,7 +93,7 @@ def _solve_ensemble(
     for n in numba.prange(count):  # noqa: B007
         work = np.empty((rows, size), dtype=y0.dtype)
         time_buffer = np.empty(1, dtype=y0.dtype)
-        weights = np.empty(tab.sizes[DENSE_STAGES])
+        weights = np.empty((1, tab.sizes[DENSE_STAGES]))
         own = params[0] if shared else params[n]
         s, t, _ = solve_trajectory(  # noqa: F821  (bound per dynamics)
             y0[n],
@@ -334,7 +334,7 @@ def solve(problem, options) -> Solution:
             out[0],
             np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
             np.empty(1, dtype=y0.dtype),
-            np.empty(tab.sizes[DENSE_STAGES]),
+            np.empty((1, tab.sizes[DENSE_STAGES])),
             stats[0],
         )
         return Solution(

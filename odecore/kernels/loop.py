@@ -41,6 +41,8 @@ from odecore.control.rules import (
 )
 from odecore.kernels.tableau import (
     ADAPTIVE,
+    B_ERR,
+    B_ERR2,
     DENSE_STAGES,
     ERROR_ORDER,
     EXTRA_STAGES,
@@ -48,6 +50,7 @@ from odecore.kernels.tableau import (
     NFEV_PER_STEP,
     STAGES,
     TWO_ESTIMATES,
+    B,
 )
 
 # Positions in the settings array (float64).
@@ -69,7 +72,8 @@ SETTINGS_SIZE = 13
 RMS_NORM = 0.0
 MAX_NORM = 1.0
 
-# Rows of the work array (rows, state size) before the dense stages.
+# Rows of the work array (rows, state size). The stages K_0, K_1, ... follow: K_j is row
+# FIRST_DENSE_ROW + j, and K_0 is f(t, y) at the step's start.
 Y = 0
 Y_NEW = 1
 Y_STAGE = 2
@@ -83,10 +87,14 @@ NSTEPS = 1
 NACCEPT = 2
 NREJECT = 3
 
+# The functions below address rows of 2-D arrays by number rather than taking row views: a
+# view made inside the loop costs a reference count update, more than a stage's arithmetic
+# on a small state.
+
 
 def work_rows(sizes) -> int:
     """Rows of the work array a trajectory needs: the state rows above and every dense
-    stage (the stages K_i; K_0 is f at the step's start)."""
+    stage."""
     return FIRST_DENSE_ROW + sizes[DENSE_STAGES]
 
 
@@ -95,24 +103,25 @@ def dynamics(t, y, dy, params):
     raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled()")
 
 
-def evaluate(t, y, dy, params, direction, time_buffer):
-    """``dy = f(t, y)`` in loop time, which always increases: the user's dynamics see
-    ``direction * t`` in the state's dtype (``time_buffer`` holds one number of it), and
-    their rate is turned around with the time."""
+def evaluate(t, work, y_row, dy_row, params, direction, time_buffer):
+    """``work[dy_row] = f(t, work[y_row])`` in loop time, which always increases: the user's
+    dynamics see ``direction * t`` in the state's dtype (``time_buffer`` holds one number of
+    it), and their rate is turned around with the time."""
     time_buffer[0] = direction * t
-    dynamics(time_buffer[0], y, dy, params)
+    dynamics(time_buffer[0], work[y_row], work[dy_row], params)
     if direction < 0:
-        for i in range(dy.shape[0]):
-            dy[i] = -dy[i]
+        for i in range(work.shape[1]):
+            work[dy_row, i] = -work[dy_row, i]
 
 
-def scaled_norm(x, y, y_new, rtol, atol, norm):
-    """The norm of ``x`` measured against ``error_scale(y, y_new)``, element by element:
-    the root mean square, or the largest magnitude."""
-    n = x.shape[0]
+def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm):
+    """The norm of ``work[x_row]`` measured against ``error_scale(y, y_new)``, element by
+    element: the root mean square, or the largest magnitude."""
+    n = work.shape[1]
     total = 0.0
     for i in range(n):
-        scaled = x[i] / error_scale(y[i], y_new[i], rtol[i], atol[i])
+        scale = error_scale(work[y_row, i], work[y_new_row, i], rtol[i], atol[i])
+        scaled = work[x_row, i] / scale
         if norm == MAX_NORM:
             total = maximum(total, abs(scaled))
         else:
@@ -122,49 +131,37 @@ def scaled_norm(x, y, y_new, rtol, atol, norm):
     return math.sqrt(total / n)
 
 
-def scaled_difference_norm(a, b, y, rtol, atol, norm, out):
-    """:func:`scaled_norm` of ``a - b`` at the scale of ``y`` alone; ``out`` holds the
-    difference."""
-    for i in range(a.shape[0]):
-        out[i] = a[i] - b[i]
-    return scaled_norm(out, y, y, rtol, atol, norm)
-
-
-def all_finite(x):
-    for i in range(x.shape[0]):
-        if not isfinite(x[i]):
+def all_finite(work, row):
+    for i in range(work.shape[1]):
+        if not isfinite(work[row, i]):
             return False
     return True
 
 
-def combine(out, base, h, weights, stages, count):
-    """``out = base + h * sum_j weights[j] K_j`` over the first ``count`` stages, skipping
-    zero weights; the sum is scaled by ``h`` once, as the generic loop's interpolant and
-    dense stages do."""
-    for i in range(out.shape[0]):
+def combine(target, target_row, work, base_row, h, table, table_row, count):
+    """``target[target_row] = work[base_row] + h * sum_j table[table_row, j] K_j`` over the
+    first ``count`` stages, skipping zero weights; the sum is scaled by ``h`` once, as the
+    generic loop's interpolant and dense stages do."""
+    for i in range(work.shape[1]):
         total = 0.0
         for j in range(count):
-            if weights[j] != 0.0:
-                total += weights[j] * stages[j, i]
-        out[i] = base[i] + h * total
+            w = table[table_row, j]
+            if w != 0.0:
+                total += w * work[FIRST_DENSE_ROW + j, i]
+        target[target_row, i] = work[base_row, i] + h * total
 
 
-def increment(out, h, weights, stages, count):
-    """``out = sum_j (h weights[j]) K_j``: each weight scaled by ``h`` first, as the generic
-    stage store forms a step's stage inputs and error estimates."""
-    for i in range(out.shape[0]):
+def stage_input(work, target_row, base_row, h, table, table_row, count):
+    """``work[target_row] = work[base_row] + sum_j (h table[table_row, j]) K_j``: each
+    weight scaled by ``h`` first, as the generic stage store forms a step's stage inputs;
+    a ``base_row`` below 0 gives the sum alone (an error estimate)."""
+    for i in range(work.shape[1]):
         total = 0.0
         for j in range(count):
-            if weights[j] != 0.0:
-                total += (h * weights[j]) * stages[j, i]
-        out[i] = total
-
-
-def stage_input(out, base, h, weights, stages, count):
-    """``out = base + sum_j (h weights[j]) K_j``."""
-    increment(out, h, weights, stages, count)
-    for i in range(out.shape[0]):
-        out[i] = base[i] + out[i]
+            w = table[table_row, j]
+            if w != 0.0:
+                total += (h * w) * work[FIRST_DENSE_ROW + j, i]
+        work[target_row, i] = total if base_row < 0 else work[base_row, i] + total
 
 
 def is_member(t, values):
@@ -174,7 +171,7 @@ def is_member(t, values):
     return False
 
 
-def first_step(y, f, t, params, rtol, atol, settings, sizes, work, time_buffer):
+def first_step(t, params, rtol, atol, settings, sizes, work, tb):
     """The first step size and the evaluations it took: ``step_size`` for a fixed-step
     method, ``first_step`` when given, else Hairer's rule (``rules.initial_step_guess`` and
     ``rules.initial_step``) from one more evaluation."""
@@ -183,107 +180,105 @@ def first_step(y, f, t, params, rtol, atol, settings, sizes, work, time_buffer):
     if not isnan(settings[FIRST_STEP]):
         return settings[FIRST_STEP], 0
     norm = settings[NORM]
+    f = FIRST_DENSE_ROW
     # error_scale(y, y) is the scale atol + rtol |y0| the rule is stated with.
-    d0 = scaled_norm(y, y, y, rtol, atol, norm)
-    d1 = scaled_norm(f, y, y, rtol, atol, norm)
+    d0 = scaled_norm(work, Y, Y, Y, rtol, atol, norm)
+    d1 = scaled_norm(work, f, Y, Y, rtol, atol, norm)
     h0 = initial_step_guess(d0, d1)
-    trial = work[Y_STAGE]
-    probe = work[Y_NEW]
-    for i in range(y.shape[0]):
-        trial[i] = y[i] + h0 * f[i]
-    evaluate(t + h0, trial, probe, params, settings[DIRECTION], time_buffer)
-    d2_times_h0 = scaled_difference_norm(probe, f, y, rtol, atol, norm, work[ERR])
+    for i in range(work.shape[1]):
+        work[Y_STAGE, i] = work[Y, i] + h0 * work[f, i]
+    evaluate(t + h0, work, Y_STAGE, Y_NEW, params, settings[DIRECTION], tb)
+    for i in range(work.shape[1]):
+        work[ERR, i] = work[Y_NEW, i] - work[f, i]
+    d2_times_h0 = scaled_norm(work, ERR, Y, Y, rtol, atol, norm)
     return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
 
 
 def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work, tb):
     """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
-    and the dense rows; stage times are clipped to ``t_left`` on a step that ends on a jump
-    (``clip``, true whenever the solve has jumps: a step landing on a stop must not see past
-    it either)."""
-    stages = work[FIRST_DENSE_ROW:]
-    y, y_stage = work[Y], work[Y_STAGE]
+    and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
+    has jumps: a step that ends on one sees its left limit)."""
     direction = settings[DIRECTION]
     count = sizes[STAGES]
     for i in range(1, count):
-        stage_input(y_stage, y, h, tab_a[i], stages, i)
+        stage_input(work, Y_STAGE, Y, h, tab_a, i, i)
         t_stage = t + tab_c[i] * h
         if clip:
             t_stage = minimum(t_stage, t_left)
-        evaluate(t_stage, y_stage, stages[i], params, direction, tb)
-    y_new = work[Y_NEW]
+        evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction, tb)
     if sizes[FSAL] != 0:
         # The last stage's input is y_new itself (its weights are b).
-        for i in range(y_new.shape[0]):
-            y_new[i] = y_stage[i]
+        for i in range(work.shape[1]):
+            work[Y_NEW, i] = work[Y_STAGE, i]
     else:
-        stage_input(y_new, y, h, tab_b, stages, count)
+        stage_input(work, Y_NEW, Y, h, tab_b, B, count)
 
 
-def error_ratio(h, tab_err, tab_err2, rtol, atol, sizes, settings, work):
+def error_ratio(h, tab_b, rtol, atol, sizes, settings, work):
     """The scaled error of the step just taken: one estimate, or two combined
     (``rules.combined_error_ratio``); and whether the norm alone failed (NaN from finite
     estimates and a finite trial state)."""
-    stages = work[FIRST_DENSE_ROW:]
-    y, y_new, err, err2 = work[Y], work[Y_NEW], work[ERR], work[ERR2]
     count = sizes[STAGES]
     norm = settings[NORM]
-    increment(err, h, tab_err, stages, count)
-    ratio = scaled_norm(err, y, y_new, rtol, atol, norm)
+    stage_input(work, ERR, -1, h, tab_b, B_ERR, count)
+    ratio = scaled_norm(work, ERR, Y, Y_NEW, rtol, atol, norm)
     two = sizes[TWO_ESTIMATES] != 0
     if two:
-        increment(err2, h, tab_err2, stages, count)
-        ratio = combined_error_ratio(ratio, scaled_norm(err2, y, y_new, rtol, atol, norm))
+        stage_input(work, ERR2, -1, h, tab_b, B_ERR2, count)
+        ratio = combined_error_ratio(ratio, scaled_norm(work, ERR2, Y, Y_NEW, rtol, atol, norm))
     norm_failed = False
     if isnan(ratio):
-        norm_failed = all_finite(y_new) and all_finite(err) and (not two or all_finite(err2))
+        finite = all_finite(work, Y_NEW) and all_finite(work, ERR)
+        norm_failed = finite and (not two or all_finite(work, ERR2))
     return ratio, norm_failed
 
 
 def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings):
     """Write every output time in ``(t, t_new]`` from the accepted step: by the interpolant,
     whose extra stages are computed first, or ``y_new`` itself at the step's end. Returns the
-    next output index and the evaluations made. ``weights`` holds one number per dense
-    stage."""
-    (_, _, _, _, _, dense, dense_a, dense_c, sizes) = tab
+    next output index and the evaluations made. ``weights`` is (1, dense stages)."""
+    (_, _, _, dense, dense_a, dense_c, sizes) = tab
     count = ts.shape[0]
     if out_index >= count or ts[out_index] > t_new:
         return out_index, 0
-    stages = work[FIRST_DENSE_ROW:]
-    y, y_new, scratch = work[Y], work[Y_NEW], work[Y_STAGE]
     nfev = 0
     # Outputs come in increasing time: when the first is the step's end, none lies inside.
     interpolating = ts[out_index] < t_new
     if interpolating:
         first_extra = sizes[DENSE_STAGES] - sizes[EXTRA_STAGES]
+        direction = settings[DIRECTION]
         for x in range(sizes[EXTRA_STAGES]):
             row = first_extra + x
-            combine(scratch, y, h, dense_a[x], stages, row)
-            evaluate(t + dense_c[x] * h, scratch, stages[row], params, settings[DIRECTION], tb)
+            combine(work, Y_STAGE, work, Y, h, dense_a, x, row)
+            at = t + dense_c[x] * h
+            evaluate(at, work, Y_STAGE, FIRST_DENSE_ROW + row, params, direction, tb)
         nfev = sizes[EXTRA_STAGES]
     h_safe = h if h > 0 else 1.0
     while out_index < count and ts[out_index] <= t_new:
         at_time = ts[out_index]
-        target = out[out_index]
         if interpolating and at_time != t_new:
-            interpolate(target, (at_time - t) / h_safe, y, h, dense, stages, weights)
+            interpolate(out, out_index, (at_time - t) / h_safe, h, dense, work, weights)
         else:
-            for i in range(y_new.shape[0]):
-                target[i] = y_new[i]
+            for i in range(work.shape[1]):
+                out[out_index, i] = work[Y_NEW, i]
         out_index += 1
     return out_index, nfev
 
 
-def interpolate(target, theta, y, h, dense, stages, weights):
-    """``target = y + h sum_i b_i(theta) K_i``, ``b_i(theta) = sum_m dense[i, m]
-    theta**(m + 1)``; ``weights`` holds the ``b_i`` (as many as there are dense stages)."""
+def interpolate(out, out_row, theta, h, dense, work, weights):
+    """``out[out_row] = y + h sum_i b_i(theta) K_i``, ``b_i(theta) = sum_m dense[i, m]
+    theta**(m + 1)``; ``weights[0]`` receives the ``b_i``."""
     rows = dense.shape[0]
     for r in range(rows):
+        # Powers by products, as the generic loop's batched interpolant forms them: a
+        # power function per coefficient would cost more than the rest of the output.
         w = 0.0
+        power = theta
         for m in range(dense.shape[1]):
-            w += dense[r, m] * theta ** (m + 1)
-        weights[r] = w
-    combine(target, y, h, weights, stages, rows)
+            w += dense[r, m] * power
+            power *= theta
+        weights[0, r] = w
+    combine(out, out_row, work, Y, h, weights, 0, rows)
 
 
 def solve_trajectory(
@@ -296,29 +291,29 @@ def solve_trajectory(
     ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
 
     Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``tb`` one
-    number in the state's dtype (the time the dynamics see), ``weights`` one float64 per
-    dense stage, ``stats`` four int64."""
-    (tab_a, tab_c, tab_b, tab_err, tab_err2, _, _, _, sizes) = tab
+    number in the state's dtype (the time the dynamics see), ``weights`` (1, dense stages)
+    in float64, ``stats`` four int64."""
+    (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
     n = y0.shape[0]
-    stages = work[FIRST_DENSE_ROW:]
-    y, y_new, f = work[Y], work[Y_NEW], stages[0]
+    f = FIRST_DENSE_ROW
     # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
-    f_new = stages[sizes[STAGES] - 1] if sizes[FSAL] != 0 else stages[sizes[STAGES]]
+    f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
     direction = settings[DIRECTION]
     min_step, max_step = settings[MIN_STEP], settings[MAX_STEP]
     max_num_steps = int(settings[MAX_NUM_STEPS])
     adaptive = sizes[ADAPTIVE] != 0
     has_jumps = jumps.shape[0] > 0
+    t_end = ts[ts.shape[0] - 1]
 
     t = ts[0]
     for i in range(n):
-        y[i] = y0[i]
+        work[Y, i] = y0[i]
         out[0, i] = y0[i]
-    evaluate(t, y, f, params, direction, tb)
-    dt, extra = first_step(y, f, t, params, rtol, atol, settings, sizes, work, tb)
+    evaluate(t, work, Y, f, params, direction, tb)
+    dt, extra = first_step(t, params, rtol, atol, settings, sizes, work, tb)
     nfev = 1 + extra
     dt = minimum(maximum(dt, min_step), max_step)
-    status = RUNNING if all_finite(f) else NONFINITE_STATE
+    status = RUNNING if all_finite(work, f) else NONFINITE_STATE
     if not valid:
         status = INVALID_INPUT
     ratio_prev = 1.0
@@ -341,19 +336,17 @@ def solve_trajectory(
         ratio = 0.0
         norm_failed = False
         if adaptive:
-            ratio, norm_failed = error_ratio(
-                h, tab_err, tab_err2, rtol, atol, sizes, settings, work
-            )
+            ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, sizes, settings, work)
             finite = isfinite(ratio)
             accept = ratio <= 1.0
         else:
-            finite = all_finite(y_new)
+            finite = all_finite(work, Y_NEW)
             accept = finite
         # A step too short to move time is not taken: it would change y but not t.
         no_progress = accept and t_new <= t
         accept = accept and not no_progress
         if sizes[FSAL] == 0:
-            evaluate(t_left, y_new, f_new, params, direction, tb)
+            evaluate(t_left, work, Y_NEW, f_new, params, direction, tb)
         nfev += sizes[NFEV_PER_STEP]
         if accept:
             out_index, extra = fill_outputs(
@@ -363,7 +356,7 @@ def solve_trajectory(
             if has_jumps and is_member(t_new, jumps):
                 # Only now, with the step's outputs interpolated from the left limit, does
                 # the next step get the right limit as its first stage.
-                evaluate(next_above(t_new), y_new, f_new, params, direction, tb)
+                evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction, tb)
                 nfev += 1
         rejected = not accept
         if adaptive:
@@ -389,20 +382,13 @@ def solve_trajectory(
         failure = failure_status(finite, norm_failed)
         nsteps += 1
         status = status_after_step(
-            status,
-            accept,
-            t_new,
-            ts[ts.shape[0] - 1],
-            stall or no_progress,
-            failure,
-            nsteps,
-            max_num_steps,
+            status, accept, t_new, t_end, stall or no_progress, failure, nsteps, max_num_steps
         )
         if accept:
             t = t_new
             for i in range(n):
-                y[i] = y_new[i]
-                f[i] = f_new[i]
+                work[Y, i] = work[Y_NEW, i]
+                work[f, i] = work[f_new, i]
             naccept += 1
         else:
             nreject += 1
@@ -418,10 +404,8 @@ def solve_trajectory(
 KERNEL_FUNCTIONS = (
     evaluate,
     scaled_norm,
-    scaled_difference_norm,
     all_finite,
     combine,
-    increment,
     stage_input,
     is_member,
     first_step,

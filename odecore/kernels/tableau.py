@@ -25,19 +25,24 @@ EXTRA_STAGES = 5  # the stages only the interpolant needs
 NFEV_PER_STEP = 6
 ERROR_ORDER = 7  # the controller's k: the order of the error estimate plus one
 
+# Rows of KernelTableau.b.
+B = 0
+B_ERR = 1
+B_ERR2 = 2
+
 
 class KernelTableau(NamedTuple):
     """One method as arrays. Stage ``i`` of a step has input ``y + h sum_j a[i, j] K_j`` at
-    ``t + c[i] h``; ``y_new = y + h sum_j b[j] K_j``; the error estimates weight the stages
-    by ``b_err`` and ``b_err2``. Dense stage ``sizes[DENSE_STAGES] - sizes[EXTRA_STAGES] + x``
-    has input ``y + h sum_j dense_a[x, j] K_j`` at ``t + dense_c[x] h``, and the interpolant
-    is ``y + h sum_i (sum_m dense[i, m] theta**(m + 1)) K_i``."""
+    ``t + c[i] h``; ``y_new = y + h sum_j b[B, j] K_j``; the error estimates weight the
+    stages by ``b[B_ERR]`` and ``b[B_ERR2]``. Dense stage
+    ``sizes[DENSE_STAGES] - sizes[EXTRA_STAGES] + x`` has input
+    ``y + h sum_j dense_a[x, j] K_j`` at ``t + dense_c[x] h``, and the interpolant is
+    ``y + h sum_i (sum_m dense[i, m] theta**(m + 1)) K_i``."""
 
     a: np.ndarray  # (stages, stages), strictly lower triangular
     c: np.ndarray  # (stages,)
-    b: np.ndarray  # (stages,)
-    b_err: np.ndarray  # (stages,), zeros for a fixed-step method
-    b_err2: np.ndarray  # (stages,), zeros without a second estimate
+    # (3, stages): the rows B, B_ERR and B_ERR2; zeros where the method has no estimate
+    b: np.ndarray
     dense: np.ndarray  # (dense stages, degree)
     dense_a: np.ndarray  # (extra stages, dense stages)
     dense_c: np.ndarray  # (extra stages,)
@@ -77,9 +82,7 @@ def kernel_tableau(tab: Tableau) -> KernelTableau:
     arrays = KernelTableau(
         a=a,
         c=np.asarray(rk.c, dtype=np.float64),
-        b=np.asarray(rk.b.dense, dtype=np.float64),
-        b_err=_weights(rk.b_err, stages),
-        b_err2=_weights(rk.b_err2, stages),
+        b=np.stack([_weights(row, stages) for row in (rk.b, rk.b_err, rk.b_err2)]),
         dense=dense,
         dense_a=dense_a,
         dense_c=np.asarray(rk.dense_c, dtype=np.float64).reshape(extra),
