@@ -56,7 +56,12 @@ def _jit(fn):
 
 def _jit_bound(fn):
     # A function bound to one dynamics shares its code, file and name with every other
-    # binding: a disk cache would hand one dynamics' machine code to another.
+    # binding: a disk cache would hand one dynamics' machine code to another. The loop's
+    # helpers are inlined, so that the compiler can drop the reference counting of the rows
+    # they pass on; the whole solve stays one function, which a single trajectory and the
+    # ensemble's parallel loop both call.
+    if fn.__name__ == "solve_trajectory":
+        return numba.njit(fn)
     return numba.njit(fn, inline="always")
 
 

@@ -15,8 +15,9 @@ Two tables, side by side in one run, ratios odecore / peer (below 1: odecore is 
    by t = 100 any two solutions at 1e-8 have parted by the size of the attractor.
 2. The ensemble: Lorenz with rho evenly in [0, 21] (DiffEqGPU's benchmark), N trajectories
    on t in [0, 1], the final state only: fixed steps of 1e-3 (odecore rk4, float32 and
-   float64) and adaptive steps at rtol = atol = 1e-8 (odecore tsit5), against numbalsoda's
-   ``dop853`` called in a ``numba.prange`` loop (adaptive only; it has no fixed-step method),
+   float64) and adaptive steps at rtol = atol = 1e-8 (odecore tsit5, and dopri8, the method
+   of numbalsoda's ``dop853``), against numbalsoda's ``dop853`` called in a ``numba.prange``
+   loop (adaptive only; it has no fixed-step method),
    diffrax's Tsit5 under ``jax.jit(jax.vmap(...))`` on the CPU (for the fixed steps with a
    ``ConstantStepSize``: 6 evaluations a step against rk4's 4, said in the row), and
    odecore's NumPy batched path (one (N, 3) state). Trajectories per second are printed.
@@ -28,7 +29,6 @@ skipped with the reason printed. This is a report: it exits 0.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numba
@@ -95,21 +95,37 @@ def single(args, peer):
         atol=REFERENCE_TOL,
     ).y.T
     rows = []
-    for method in ("dopri8", "dopri5"):
+    variants = (
+        ("dopri8", None),
+        # Hairer's controller lets an accepted step shrink the next, as DOP853 does.
+        ("dopri8", {"shrink_after_accept": True}),
+        ("dopri5", None),
+    )
+    for method, options in variants:
 
-        def run(method=method):
-            return odecore.odeint(
-                lorenz, Y0, ts, params=LORENZ_P, backend="numba", method=method, rtol=TOL, atol=TOL
+        def run(method=method, options=options):
+            return odecore.solve(
+                lorenz,
+                Y0,
+                ts,
+                params=LORENZ_P,
+                backend="numba",
+                method=method,
+                rtol=TOL,
+                atol=TOL,
+                options=options,
             )
 
         start = time.perf_counter()
-        ys = run()
+        solution = run()
         first = time.perf_counter() - start
+        name = f"odecore numba {method}" + (" shrink" if options else "")
+        steps = solution.stats["nsteps"]
         rows.append(
             (
-                f"odecore numba {method}",
+                f"{name} ({steps} steps)",
                 best(run, args.min_time),
-                error_until(ts, ys, reference),
+                error_until(ts, solution.ys, reference),
                 first,
             )
         )
@@ -144,15 +160,16 @@ def single(args, peer):
             (f"scipy {method}", time.perf_counter() - start, error_until(ts, ys, reference), None)
         )
     print("\nLorenz, t in [0, 100], rtol = atol = 1e-8, 1001 outputs")
-    print(f"{'solver':<24}{'time':>12}{'error (t<=20)':>16}{'first call':>14}")
+    print(f"{'solver':<42}{'time':>12}{'error (t<=20)':>16}{'first call':>14}")
     for name, seconds, error, first in rows:
         first_text = f"{first:.2f} s" if first is not None else ""
-        print(f"{name:<24}{seconds * 1e3:>9.3f} ms{error:>16.2e}{first_text:>14}")
+        print(f"{name:<42}{seconds * 1e3:>9.3f} ms{error:>16.2e}{first_text:>14}")
     times = {name: seconds for name, seconds, _, _ in rows}
-    for ours in ("odecore numba dopri8", "odecore numba dopri5"):
+    ours = [name for name in times if name.startswith("odecore")]
+    for name in ours:
         for peer_name in ("numbalsoda dop853", "numbalsoda lsoda", "scipy DOP853", "scipy RK45"):
             if peer_name in times:
-                print(f"  {ours} / {peer_name}: {times[ours] / times[peer_name]:.3g}x")
+                print(f"  {name} / {peer_name}: {times[name] / times[peer_name]:.3g}x")
 
 
 def sweep_params(n):
@@ -229,9 +246,8 @@ def ensemble(args, peer):
     print("\nEnsemble: Lorenz, rho evenly in [0, 21], t in [0, 1], final state")
     if diffrax_run is None:
         print(f"  diffrax skipped: {diffrax_why}")
-    print(
-        f"{'N':>7} {'configuration':<30}{'odecore numba':>14}{'traj/s':>11}  peers (time, odecore/peer)"
-    )
+    header = f"{'N':>7} {'configuration':<30}{'odecore numba':>14}{'traj/s':>11}"
+    print(f"{header}  peers (time, odecore/peer)")
     for log2 in range(10, args.max_log2 + 1):
         n = 2**log2
         params = sweep_params(n)
@@ -239,13 +255,14 @@ def ensemble(args, peer):
             ("rk4 dt=1e-3 float64", np.float64, True),
             ("rk4 dt=1e-3 float32", np.float32, True),
             ("tsit5 rtol=atol=1e-8", np.float64, False),
+            ("dopri8 rtol=atol=1e-8", np.float64, False),
         ):
             y0 = np.tile(Y0, (n, 1)).astype(dtype)
             p = params.astype(dtype)
             kwargs = (
                 {"method": "rk4", "options": {"step_size": 1e-3}}
                 if fixed
-                else {"method": "tsit5", "rtol": TOL, "atol": TOL}
+                else {"method": label.split()[0], "rtol": TOL, "atol": TOL}
             )
 
             def ours(y0=y0, p=p, kwargs=kwargs):
@@ -262,7 +279,7 @@ def ensemble(args, peer):
                 peers.append(
                     (
                         "numbalsoda-prange dop853",
-                        best(lambda: numbalsoda_run(Y0, params, ts), args.min_time),
+                        best(lambda p=params: numbalsoda_run(Y0, p, ts), args.min_time),
                     )
                 )
             if diffrax_run is not None:
