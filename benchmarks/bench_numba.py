@@ -94,7 +94,8 @@ def single(args, peer):
         rtol=REFERENCE_TOL,
         atol=REFERENCE_TOL,
     ).y.T
-    rows = []
+    # name -> (function returning the outputs, first call's seconds or None)
+    fast = {}
     variants = (
         ("dopri8", None),
         # Hairer's controller lets an accepted step shrink the next, as DOP853 does.
@@ -117,18 +118,10 @@ def single(args, peer):
             )
 
         start = time.perf_counter()
-        solution = run()
+        steps = run().stats["nsteps"]
         first = time.perf_counter() - start
-        name = f"odecore numba {method}" + (" shrink" if options else "")
-        steps = solution.stats["nsteps"]
-        rows.append(
-            (
-                f"{name} ({steps} steps)",
-                best(run, args.min_time),
-                error_until(ts, solution.ys, reference),
-                first,
-            )
-        )
+        name = f"odecore numba {method}" + (" shrink" if options else "") + f" ({steps} steps)"
+        fast[name] = (lambda run=run: run().ys, first)
     if peer is not None:
         address, dop853, lsoda = peer
         for name, fn in (("dop853", dop853), ("lsoda", lsoda)):
@@ -138,15 +131,15 @@ def single(args, peer):
                 assert ok
                 return usol
 
-            ys = run()
-            rows.append(
-                (
-                    f"numbalsoda {name}",
-                    best(run, args.min_time),
-                    error_until(ts, ys, reference),
-                    None,
-                )
-            )
+            fast[f"numbalsoda {name}"] = (run, None)
+    # The compiled solvers' calls alternate, so that the machine's load reaches them alike.
+    seconds = alternating_best_times(
+        [fn for fn, _ in fast.values()], min_time=args.min_time, min_repeats=5
+    )
+    rows = [
+        (name, t, error_until(ts, fn(), reference), first)
+        for (name, (fn, first)), t in zip(fast.items(), seconds, strict=True)
+    ]
     for method in ("DOP853", "RK45"):
 
         def run(method=method):
@@ -156,9 +149,8 @@ def single(args, peer):
 
         start = time.perf_counter()
         ys = run()
-        rows.append(
-            (f"scipy {method}", time.perf_counter() - start, error_until(ts, ys, reference), None)
-        )
+        elapsed = time.perf_counter() - start
+        rows.append((f"scipy {method}", elapsed, error_until(ts, ys, reference), None))
     print("\nLorenz, t in [0, 100], rtol = atol = 1e-8, 1001 outputs")
     print(f"{'solver':<42}{'time':>12}{'error (t<=20)':>16}{'first call':>14}")
     for name, seconds, error, first in rows:
