@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from types import SimpleNamespace
 
 import numba
@@ -46,8 +45,9 @@ FORMS = (
 )
 
 _rules: dict | None = None
-# Per dynamics (held weakly) and form: the compiled kernel functions.
-_kernels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per dynamics and form: the compiled kernel functions. They live as long as the process, as
+# Numba keeps every function it compiled (their dispatchers hold the dynamics anyway).
+_kernels: dict = {}
 
 
 def _jit(fn):
@@ -95,7 +95,7 @@ def _solve_ensemble(
     # becomes a float.
     shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
-    for n in numba.prange(count):  # noqa: B007
+    for n in numba.prange(count):
         work = np.empty((rows, size), dtype=y0.dtype)
         time_buffer = np.empty(1, dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
@@ -168,9 +168,7 @@ def _cacheable(func) -> bool:
 
 def _kernel(func, form: str) -> SimpleNamespace:
     """The kernel functions for ``func`` in ``form``, compiled once per dynamics."""
-    per_form = _kernels.get(func)
-    if per_form is None:
-        per_form = _kernels[func] = {}
+    per_form = _kernels.setdefault(func, {})
     if form not in per_form:
         user = _user_dispatcher(func)
         if form == "in place":

@@ -4,17 +4,18 @@
 for decision and in the same order: the first step, landing on stops and on the left limit
 of a jump, the Runge-Kutta stages, the error ratio, acceptance, dense output at the
 requested times, the re-evaluation after a jump, the controller and the status. It takes the
-same steps as the generic loop; only the order of floating-point sums may differ. Every
-decision is one of the pure rules of ``odecore.control.rules``, called as a module global,
-and the method is data (``odecore.kernels.tableau``).
+same steps as the generic loop; only the order (and, for float32 states, the precision) of
+floating-point sums may differ. Every decision is one of the pure rules of
+``odecore.control.rules``, called as a module global, and the method is data
+(``odecore.kernels.tableau``).
 
 The code uses only loops over state elements, scalar arithmetic, ``math`` and array
 indexing: no array operations, closures, dicts or objects, and it allocates nothing. So
 ``numba.njit`` compiles it for the CPU, and the same source can be compiled for one GPU
-thread per trajectory. :func:`odecore.kernels.compile.compiled` re-creates these functions
-with compiled rules and with the user's dynamics as the global ``dynamics(t, y, dy,
-params)``, which writes ``dy/dt`` into ``dy``. Run as it is, in Python, the module is slow
-but correct, given a ``dynamics``.
+thread per trajectory. :func:`odecore.kernels.compile.compiled_loop` re-creates these
+functions with compiled rules and with the user's dynamics as the global ``dynamics(t, y,
+dy, params)``, which writes ``dy/dt`` into ``dy``. Run as it is, in Python, the module is
+slow but correct, given a ``dynamics``.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def work_rows(sizes) -> int:
 
 
 def dynamics(t, y, dy, params):
-    """The user's dynamics, in place; :func:`odecore.kernels.compile.compiled` binds it."""
-    raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled()")
+    """The user's dynamics, in place; ``odecore.kernels.compile.compiled_loop`` binds it."""
+    raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled_loop()")
 
 
 def evaluate(t, work, y_row, dy_row, params, direction, time_buffer):
