@@ -526,7 +526,5 @@ def test_vjp_odeint_against_finite_differences(adjoint):
     # Central differences with h = 1e-5 on O(1) derivatives: truncation h^2 ~ 1e-10, the
     # solves' noise 1e-10 / h ~ 1e-5 relative at most; the gradients' own error ~ tolerance.
     h = 1e-5
-    fd = [
-        (loss(OSCILLATOR_P + h * e) - loss(OSCILLATOR_P - h * e)) / (2 * h) for e in np.eye(2)
-    ]
+    fd = [(loss(OSCILLATOR_P + h * e) - loss(OSCILLATOR_P - h * e)) / (2 * h) for e in np.eye(2)]
     np.testing.assert_allclose(p_bar, fd, rtol=1e-5, atol=1e-7)
