@@ -27,14 +27,14 @@ CONSTRAINTS = ("-c", "constraints.txt")
 
 # Adding a backend is one line here: its name is also the name of its pip extra
 # (pyproject.toml) and of the module that proves it is installed.
-# Planned: "numba", "cupy".
-BACKENDS = ["numpy", "torch", "jax"]
+# Planned: "cupy".
+BACKENDS = ["numpy", "torch", "jax", "numba"]
 
 # The backends the CI run must test (a 2-core machine, 90 minutes in all). torch comes from
 # constraints.txt's CPU wheel; jax and jaxlib are pinned there too (the CPU build is the
 # default jaxlib wheel). The conformance suite fails, naming it, when one of them does not
 # install or import, rather than skipping its cells.
-CI_BACKENDS = ["numpy", "torch", "jax"]
+CI_BACKENDS = ["numpy", "torch", "jax", "numba"]
 
 # The peer libraries a backend's tests and benchmarks compare odecore with (pinned in
 # constraints.txt): the tests check values, gradients and step counts against them, and skip

@@ -115,6 +115,10 @@ class Case:
     options: dict = field(default_factory=dict)
     # Set where the case is linear in an extended state: fixed-step variants need it.
     linear: LinearForm | None = None
+    # The same dynamics for backends that compile them into the solve (numba): in Numba's
+    # subset, in place, ``kernel(t, y, dy, p)`` over the flattened state and the parameters
+    # flattened into one array (one row per sample for a batch, see ``kernel_params``).
+    kernel: Callable | None = None
 
     @property
     def dynamics(self) -> CaseDynamics:
@@ -128,6 +132,14 @@ class Case:
         """The fixed weights ``W`` of the loss, shaped like the outputs ``(T, *y0.shape)``."""
         rng = np.random.default_rng(zlib.crc32(self.name.encode()))
         return rng.uniform(0.5, 1.5, size=(len(self.times), *self.y0.shape))
+
+    def kernel_params(self) -> np.ndarray:
+        """The parameters as ``kernel`` reads them: flattened and concatenated, per sample
+        (N, P) for a batch."""
+        if self.batch_axis is None:
+            return np.concatenate([np.ravel(p) for p in self.params])
+        batch = self.y0.shape[self.batch_axis]
+        return np.concatenate([np.reshape(p, (batch, -1)) for p in self.params], axis=1)
 
     def time_argument(self, t: float, xp=np, dtype=None):
         """``t`` as the solver passes it to ``func``: 0-d, or one value per sample when the
@@ -547,6 +559,11 @@ def _decay_vjp(t, y, params, cotangent):
     return -k * cotangent, (-xp.sum(cotangent * y),)
 
 
+def _decay_kernel(t, y, dy, p):
+    for i in range(y.shape[0]):
+        dy[i] = -p[0] * y[i]
+
+
 def _decay_case() -> Case:
     y0 = np.array([1.0, 2.0, -0.5])
     k = 0.7
@@ -563,6 +580,7 @@ def _decay_case() -> Case:
     return Case(
         name="decay",
         description="y' = -k y, three components, k = 0.7",
+        kernel=_decay_kernel,
         func=_decay_func,
         vjp=_decay_vjp,
         y0=y0,
@@ -593,6 +611,16 @@ def _matrix_vjp(t, y, params, cotangent):
     return xp.matmul(cotangent, a), (cotangent[:, None] * y[None, :],)
 
 
+def _matrix_kernel(t, y, dy, p):
+    # p is the matrix, row by row, then (for the affine case) the vector multiplying t.
+    n = y.shape[0]
+    for i in range(n):
+        total = 0.0
+        for j in range(n):
+            total += p[i * n + j] * y[j]
+        dy[i] = total + (t * p[n * n + i] if p.shape[0] > n * n else 0.0)
+
+
 def _linear3_case() -> Case:
     # Eigenvalues: a complex pair -0.24 +- 1.24i and a real decay -1.02.
     a = np.array([[-0.4, 1.2, 0.0], [-1.0, -0.2, 0.5], [0.3, -0.6, -0.9]])
@@ -617,6 +645,7 @@ def _linear3_case() -> Case:
     return Case(
         name="linear3",
         description="y' = A y, 3x3, A a parameter (complex pair and a decay)",
+        kernel=_matrix_kernel,
         func=_matrix_func,
         vjp=_matrix_vjp,
         y0=y0,
@@ -654,6 +683,11 @@ def _harmonic_matrix(params, piece):
     return np.array([[0.0, 1.0], [-(omega * omega), 0.0]], dtype=np.result_type(omega, float))
 
 
+def _harmonic_kernel(t, y, dy, p):
+    dy[0] = y[1]
+    dy[1] = -(p[0] * p[0]) * y[0]
+
+
 def _harmonic_case(dtype: str = "float64") -> Case:
     y0 = np.array([1.0, 0.5])
     omega = 2.0
@@ -675,6 +709,7 @@ def _harmonic_case(dtype: str = "float64") -> Case:
     return Case(
         name="harmonic-float32" if float32 else "harmonic",
         description=f"x'' = -omega^2 x, omega = 2, state (x, v), {dtype}",
+        kernel=_harmonic_kernel,
         func=_harmonic_func,
         vjp=_harmonic_vjp,
         y0=y0,
@@ -709,6 +744,10 @@ def _forced_vjp(t, y, params, cotangent):
     return -a * cotangent, (-xp.sum(cotangent * y),)
 
 
+def _forced_kernel(t, y, dy, p):
+    dy[0] = -p[0] * y[0] + math.sin(t)
+
+
 def _forced_case() -> Case:
     y0 = np.asarray(1.0)
     a = 0.7
@@ -732,6 +771,7 @@ def _forced_case() -> Case:
     return Case(
         name="forced",
         description="y' = -a y + sin(t), a = 0.7, 0-d state",
+        kernel=_forced_kernel,
         func=_forced_func,
         vjp=_forced_vjp,
         y0=y0,
@@ -762,6 +802,12 @@ def _lotka_volterra_vjp(t, y, params, cotangent):
     g_u, g_v = cotangent[0], cotangent[1]
     cot_y = xp.stack([g_u * (a - b * v) + g_v * d * v, -g_u * b * u + g_v * (d * u - c)])
     return cot_y, (g_u * u, -g_u * u * v, -g_v * v, g_v * u * v)
+
+
+def _lotka_volterra_kernel(t, y, dy, p):
+    prey, predator = y[0], y[1]
+    dy[0] = p[0] * prey - p[1] * prey * predator
+    dy[1] = -p[2] * predator + p[3] * prey * predator
 
 
 def _lotka_volterra_case() -> Case:
@@ -810,6 +856,7 @@ def _lotka_volterra_case() -> Case:
     return Case(
         name="lotka-volterra",
         description="u' = a u - b u v, v' = -c v + d u v; (a, b, c, d) = (1.5, 1, 3, 1)",
+        kernel=_lotka_volterra_kernel,
         func=_lotka_volterra_func,
         vjp=_lotka_volterra_vjp,
         y0=y0,
@@ -856,6 +903,7 @@ def _batched_decay_case() -> Case:
     return Case(
         name="batched-decay",
         description="4 samples of y' = -k_b y (2 components each), k_b from 0.3 to 8",
+        kernel=_decay_kernel,
         func=_decay_func,
         vjp=_batched_decay_vjp,
         y0=y0,
@@ -901,6 +949,7 @@ def _reversed_case() -> Case:
         "reversed",
         "y' = A y + t b, 2x2, solved from t = 1 down to t = 0",
         LinearForm(_affine_in_time_matrix, extra=lambda t0: np.array([t0, 1.0])),
+        kernel=_matrix_kernel,
         func=_affine_in_time_func,
         vjp=_affine_in_time_vjp,
         y0=np.array([1.0, 0.5]),
@@ -951,11 +1000,20 @@ def _jump_matrix(params, piece):
     return m
 
 
+def _jump_kernel(t, y, dy, p):
+    before = t < JUMP_TIME
+    rate = p[0] if before else p[1]
+    source = p[2] if before else p[3]
+    for i in range(y.shape[0]):
+        dy[i] = -rate * y[i] + source
+
+
 def _jump_case() -> Case:
     return _linear_case(
         "jump",
         f"y' = -k y + b, (k, b) = (0.8, 0.5) before t = {JUMP_TIME} and (0.9, 0.45) after",
         LinearForm(_jump_matrix, extra=lambda t0: np.ones(1), breaks=(JUMP_TIME,)),
+        kernel=_jump_kernel,
         func=_jump_func,
         vjp=_jump_vjp,
         y0=np.array([1.0, -2.0]),

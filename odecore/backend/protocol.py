@@ -97,10 +97,15 @@ class Kernels:
     ``stage_store(method, y0) -> start``: where the Runge-Kutta steps of one solve keep their
     stages, called once per solve (``odecore.solvers.stage_stores``). ``rms_error_ratio(err,
     y, y_new, rtol, atol, axis)``: the scaled RMS error of one estimate, per sample, as
-    control values (``odecore.control.norms``)."""
+    control values (``odecore.control.norms``). ``solve(problem, options) -> Solution``: the
+    whole solve of a prepared problem (``odecore.ode.problem.Problem``, with the user's
+    ``options``) as one compiled call, taking the generic loop's steps
+    (``odecore.kernels.loop``); the caller raises on failure. The generic loop still serves
+    what it does not cover (recording the checkpoint tape)."""
 
     stage_store: Callable | None = None
     rms_error_ratio: Callable | None = None
+    solve: Callable | None = None
 
 
 class Backend:

@@ -1,8 +1,9 @@
 """The few operations the pure rules (``odecore.control.rules``) are written against.
 
 A rule is an ordinary Python function of numbers. It calls ``where``, ``minimum``,
-``maximum``, ``isfinite``, ``isnan``, ``logical_not`` and ``next_below`` as module globals, and
-:func:`bind` re-creates it with other globals, so one source serves three kinds of values:
+``maximum``, ``isfinite``, ``isnan``, ``logical_not``, ``next_below`` and ``next_above`` as
+module globals, and :func:`bind` re-creates it with other globals, so one source serves
+three kinds of values:
 
 - Python numbers (the functions below): one sample on an eager backend, where a NumPy call on
   a one-element array would cost more than the whole rule;
@@ -49,6 +50,11 @@ def next_below(x):
     return math.nextafter(x, -math.inf)
 
 
+def next_above(x):
+    """The smallest number above ``x`` in its own precision."""
+    return math.nextafter(x, math.inf)
+
+
 SCALAR: dict[str, Callable] = {
     "where": where,
     "minimum": minimum,
@@ -57,6 +63,7 @@ SCALAR: dict[str, Callable] = {
     "isnan": isnan,
     "logical_not": logical_not,
     "next_below": next_below,
+    "next_above": next_above,
 }
 
 
@@ -66,6 +73,9 @@ def array_primitives(xp) -> dict[str, Callable]:
     def next_below_array(x):
         return xp.nextafter(x, xp.asarray(-math.inf, dtype=x.dtype))
 
+    def next_above_array(x):
+        return xp.nextafter(x, xp.asarray(math.inf, dtype=x.dtype))
+
     return {
         "where": xp.where,
         "minimum": xp.minimum,
@@ -74,6 +84,7 @@ def array_primitives(xp) -> dict[str, Callable]:
         "isnan": xp.isnan,
         "logical_not": xp.logical_not,
         "next_below": next_below_array,
+        "next_above": next_above_array,
     }
 
 

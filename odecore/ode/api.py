@@ -117,6 +117,14 @@ def solve(
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
                 return None, LoopResult(solution, None, None)
+            # The one place a solve leaves the generic loop: a backend that compiles whole
+            # solves (Numba, Backend.kernels.solve) runs the prepared problem as one call,
+            # taking the same steps. Recording the checkpoint tape stays with the loop.
+            if bk.kernels.solve is not None and not record:
+                solution = bk.kernels.solve(problem, options)
+                if throw and not solution.success:
+                    raise SolveError(failure_message(solution), solution)
+                return problem, LoopResult(solution, None, None)
             return problem, run_loop(problem, record, throw)
 
         if mode is None or not bk.has_autodiff:

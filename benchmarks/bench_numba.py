@@ -1,0 +1,318 @@
+"""odecore's numba backend against numbalsoda, scipy, diffrax and odecore's NumPy path.
+
+    python benchmarks/bench_numba.py                  # N up to 2^14, a few minutes
+    python benchmarks/bench_numba.py --max-log2 16    # the issue's full sweep
+    nox -s bench -- benchmarks/bench_numba.py
+
+Two tables, side by side in one run, ratios odecore / peer (below 1: odecore is faster):
+
+1. The Lorenz system (sigma 10, rho 28, beta 8/3) from (1, 0, 0) on t in [0, 100], rtol =
+   atol = 1e-8, 1001 output times: odecore dopri8 and dopri5 on numba (the in-place form,
+   ``f(t, y, dy, p)``) against numbalsoda's ``dop853`` and ``lsoda`` and scipy's
+   ``solve_ivp`` DOP853 and RK45. Each time is the best of several calls after a warm-up;
+   odecore's first call, which compiles, is printed apart. The error beside each is against
+   scipy's DOP853 at rtol = atol = 1e-13 over t in [0, 20] only: the system is chaotic, and
+   by t = 100 any two solutions at 1e-8 have parted by the size of the attractor.
+2. The ensemble: Lorenz with rho evenly in [0, 21] (DiffEqGPU's benchmark), N trajectories
+   on t in [0, 1], the final state only: fixed steps of 1e-3 (odecore rk4, float32 and
+   float64) and adaptive steps at rtol = atol = 1e-8 (odecore tsit5, and dopri8, the method
+   of numbalsoda's ``dop853``), against numbalsoda's ``dop853`` called in a ``numba.prange``
+   loop (adaptive only; it has no fixed-step method),
+   diffrax's Tsit5 under ``jax.jit(jax.vmap(...))`` on the CPU (for the fixed steps with a
+   ``ConstantStepSize``: 6 evaluations a step against rk4's 4, said in the row), and
+   odecore's NumPy batched path (one (N, 3) state). Trajectories per second are printed.
+
+A peer that is not installed, or fails to build (numbalsoda needs a Fortran compiler), is
+skipped with the reason printed. This is a report: it exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+from _common import alternating_best_times, environment_lines
+from scipy.integrate import solve_ivp
+
+import odecore
+
+SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
+LORENZ_P = np.array([SIGMA, RHO, BETA])
+Y0 = np.array([1.0, 0.0, 0.0])
+TOL = 1e-8
+REFERENCE_TOL = 1e-13
+ERROR_HORIZON = 20.0
+
+
+def lorenz(t, y, dy, p):
+    dy[0] = p[0] * (y[1] - y[0])
+    dy[1] = y[0] * (p[1] - y[2]) - y[1]
+    dy[2] = y[0] * y[1] - p[2] * y[2]
+
+
+def lorenz_returning(t, y, p):
+    """The batched NumPy path's form: y is (N, 3), p (N, 3)."""
+    x, v, z = y[:, 0], y[:, 1], y[:, 2]
+    return np.stack([p[:, 0] * (v - x), x * (p[:, 1] - z) - v, x * v - p[:, 2] * z], axis=1)
+
+
+def lorenz_scipy(t, y):
+    return [SIGMA * (y[1] - y[0]), y[0] * (RHO - y[2]) - y[1], y[0] * y[1] - BETA * y[2]]
+
+
+def numbalsoda_peer():
+    """``(rhs address, dop853, lsoda)``, or the reason numbalsoda cannot be used."""
+    try:
+        from numbalsoda import dop853, lsoda, lsoda_sig
+    except Exception as exc:  # a failed build raises more than ImportError
+        return None, f"numbalsoda is not importable ({type(exc).__name__}: {exc})"
+    rhs = numba.cfunc(lsoda_sig)(lorenz)
+    return (rhs.address, dop853, lsoda), ""
+
+
+def best(fn, min_time):
+    return alternating_best_times([fn], min_time=min_time, min_repeats=3)[0]
+
+
+def error_until(ts, ys, reference):
+    kept = ts <= ERROR_HORIZON
+    scale = np.max(np.abs(reference))
+    return float(np.max(np.abs(ys[kept] - reference)) / scale)
+
+
+def single(args, peer):
+    ts = np.linspace(0.0, 100.0, 1001)
+    kept = ts[ts <= ERROR_HORIZON]
+    reference = solve_ivp(
+        lorenz_scipy,
+        (0.0, ERROR_HORIZON),
+        Y0,
+        method="DOP853",
+        t_eval=kept,
+        rtol=REFERENCE_TOL,
+        atol=REFERENCE_TOL,
+    ).y.T
+    # name -> (function returning the outputs, first call's seconds or None)
+    fast = {}
+    variants = (
+        ("dopri8", None),
+        # Hairer's controller lets an accepted step shrink the next, as DOP853 does.
+        ("dopri8", {"shrink_after_accept": True}),
+        ("dopri5", None),
+    )
+    for method, options in variants:
+
+        def run(method=method, options=options):
+            return odecore.solve(
+                lorenz,
+                Y0,
+                ts,
+                params=LORENZ_P,
+                backend="numba",
+                method=method,
+                rtol=TOL,
+                atol=TOL,
+                options=options,
+            )
+
+        start = time.perf_counter()
+        steps = run().stats["nsteps"]
+        first = time.perf_counter() - start
+        name = f"odecore numba {method}" + (" shrink" if options else "") + f" ({steps} steps)"
+        fast[name] = (lambda run=run: run().ys, first)
+    if peer is not None:
+        address, dop853, lsoda = peer
+        for name, fn in (("dop853", dop853), ("lsoda", lsoda)):
+
+            def run(fn=fn):
+                usol, ok = fn(address, Y0, ts, data=LORENZ_P, rtol=TOL, atol=TOL)
+                assert ok
+                return usol
+
+            fast[f"numbalsoda {name}"] = (run, None)
+    # The compiled solvers' calls alternate, so that the machine's load reaches them alike.
+    seconds = alternating_best_times(
+        [fn for fn, _ in fast.values()], min_time=args.min_time, min_repeats=5
+    )
+    rows = [
+        (name, t, error_until(ts, fn(), reference), first)
+        for (name, (fn, first)), t in zip(fast.items(), seconds, strict=True)
+    ]
+    for method in ("DOP853", "RK45"):
+
+        def run(method=method):
+            return solve_ivp(
+                lorenz_scipy, (0.0, 100.0), Y0, method=method, t_eval=ts, rtol=TOL, atol=TOL
+            ).y.T
+
+        start = time.perf_counter()
+        ys = run()
+        elapsed = time.perf_counter() - start
+        rows.append((f"scipy {method}", elapsed, error_until(ts, ys, reference), None))
+    print("\nLorenz, t in [0, 100], rtol = atol = 1e-8, 1001 outputs")
+    print(f"{'solver':<42}{'time':>12}{'error (t<=20)':>16}{'first call':>14}")
+    for name, seconds, error, first in rows:
+        first_text = f"{first:.2f} s" if first is not None else ""
+        print(f"{name:<42}{seconds * 1e3:>9.3f} ms{error:>16.2e}{first_text:>14}")
+    times = {name: seconds for name, seconds, _, _ in rows}
+    ours = [name for name in times if name.startswith("odecore")]
+    for name in ours:
+        for peer_name in ("numbalsoda dop853", "numbalsoda lsoda", "scipy DOP853", "scipy RK45"):
+            if peer_name in times:
+                print(f"  {name} / {peer_name}: {times[name] / times[peer_name]:.3g}x")
+
+
+def sweep_params(n):
+    return np.stack([np.full(n, SIGMA), np.linspace(0.0, 21.0, n), np.full(n, BETA)], axis=1)
+
+
+def numbalsoda_sweep(peer):
+    address, dop853, _ = peer
+
+    @numba.njit(parallel=True)
+    def sweep(y0, params, ts, out):
+        for i in numba.prange(params.shape[0]):
+            usol, _ = dop853(address, y0, ts, data=params[i], rtol=TOL, atol=TOL)
+            out[i] = usol[-1]
+
+    def run(y0, params, ts):
+        out = np.empty((params.shape[0], 3))
+        sweep(y0, params, ts, out)
+        return out
+
+    return run
+
+
+def diffrax_sweep():
+    """``(run(y0, params, fixed) -> final states, reason)``."""
+    try:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import diffrax
+        import jax.numpy as jnp
+    except Exception as exc:
+        return None, f"diffrax is not importable ({type(exc).__name__}: {exc})"
+
+    def vector_field(t, y, p):
+        return jnp.stack(
+            [p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]]
+        )
+
+    compiled = {}
+
+    def run(y0, params, fixed):
+        key = (fixed, y0.dtype.name)
+        if key not in compiled:
+            if fixed:
+                controller, dt0 = diffrax.ConstantStepSize(), 1e-3
+            else:
+                controller, dt0 = diffrax.PIDController(rtol=TOL, atol=TOL), None
+
+            def one(y, p):
+                sol = diffrax.diffeqsolve(
+                    diffrax.ODETerm(vector_field),
+                    diffrax.Tsit5(),
+                    0.0,
+                    1.0,
+                    dt0,
+                    y,
+                    args=p,
+                    stepsize_controller=controller,
+                    max_steps=4096,
+                )
+                return sol.ys[-1]
+
+            compiled[key] = jax.jit(jax.vmap(one))
+        return compiled[key](jnp.asarray(y0), jnp.asarray(params)).block_until_ready()
+
+    return run, ""
+
+
+def ensemble(args, peer):
+    ts = np.array([0.0, 1.0])
+    diffrax_run, diffrax_why = diffrax_sweep()
+    numbalsoda_run = numbalsoda_sweep(peer) if peer is not None else None
+    print("\nEnsemble: Lorenz, rho evenly in [0, 21], t in [0, 1], final state")
+    if diffrax_run is None:
+        print(f"  diffrax skipped: {diffrax_why}")
+    header = f"{'N':>7} {'configuration':<30}{'odecore numba':>14}{'traj/s':>11}"
+    print(f"{header}  peers (time, odecore/peer)")
+    for log2 in range(10, args.max_log2 + 1):
+        n = 2**log2
+        params = sweep_params(n)
+        for label, dtype, fixed in (
+            ("rk4 dt=1e-3 float64", np.float64, True),
+            ("rk4 dt=1e-3 float32", np.float32, True),
+            ("tsit5 rtol=atol=1e-8", np.float64, False),
+            ("dopri8 rtol=atol=1e-8", np.float64, False),
+        ):
+            y0 = np.tile(Y0, (n, 1)).astype(dtype)
+            p = params.astype(dtype)
+            kwargs = (
+                {"method": "rk4", "options": {"step_size": 1e-3}}
+                if fixed
+                else {"method": label.split()[0], "rtol": TOL, "atol": TOL}
+            )
+
+            def ours(y0=y0, p=p, kwargs=kwargs):
+                return odecore.odeint(
+                    lorenz, y0, ts, params=p, batch_axis=0, backend="numba", **kwargs
+                )[-1]
+
+            start = time.perf_counter()
+            ours()
+            first = time.perf_counter() - start
+            seconds = best(ours, args.min_time)
+            peers = []
+            if numbalsoda_run is not None and not fixed:
+                peers.append(
+                    (
+                        "numbalsoda-prange dop853",
+                        best(lambda p=params: numbalsoda_run(Y0, p, ts), args.min_time),
+                    )
+                )
+            if diffrax_run is not None:
+                name = "diffrax vmap Tsit5" + (" dt=1e-3 (6 evals/step)" if fixed else "")
+                peers.append(
+                    (
+                        name,
+                        best(
+                            lambda y0=y0, p=p, fixed=fixed: diffrax_run(y0, p, fixed), args.min_time
+                        ),
+                    )
+                )
+            if n <= 2**args.numpy_max_log2:
+
+                def generic(y0=y0, p=p, kwargs=kwargs):
+                    return odecore.odeint(
+                        lorenz_returning, y0, ts, params=p, batch_axis=0, backend="numpy", **kwargs
+                    )[-1]
+
+                peers.append(("odecore numpy batched", best(generic, args.min_time)))
+            text = "; ".join(f"{name} {t * 1e3:.1f} ms ({seconds / t:.3g}x)" for name, t in peers)
+            note = f" [first call {first:.1f} s]" if log2 == 10 else ""
+            print(f"{n:>7} {label:<30}{seconds * 1e3:>11.2f} ms{n / seconds:>11.3g}  {text}{note}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-log2", type=int, default=14, help="largest ensemble, 2^k")
+    parser.add_argument("--numpy-max-log2", type=int, default=12, help="largest NumPy batch")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timing")
+    args = parser.parse_args()
+    print(
+        "\n".join(environment_lines({"numba": numba.__version__, "odecore": odecore.__version__}))
+    )
+    print(f"numba threads: {numba.get_num_threads()}")
+    peer, why = numbalsoda_peer()
+    if peer is None:
+        print(f"numbalsoda skipped: {why}")
+    single(args, peer)
+    ensemble(args, peer)
+
+
+if __name__ == "__main__":
+    main()

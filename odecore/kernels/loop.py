@@ -1,0 +1,418 @@
+"""The whole solve of one trajectory as plain scalar Python, for compilers of such code.
+
+:func:`solve_trajectory` runs the generic loop (``odecore.ode.loop``) for one sample, decision
+for decision and in the same order: the first step, landing on stops and on the left limit
+of a jump, the Runge-Kutta stages, the error ratio, acceptance, dense output at the
+requested times, the re-evaluation after a jump, the controller and the status. It takes the
+same steps as the generic loop; only the order (and, for float32 states, the precision) of
+floating-point sums may differ. Every decision is one of the pure rules of
+``odecore.control.rules``, called as a module global, and the method is data
+(``odecore.kernels.tableau``).
+
+The code uses only loops over state elements, scalar arithmetic, ``math`` and array
+indexing: no array operations, closures, dicts or objects, and it allocates nothing. So
+``numba.njit`` compiles it for the CPU, and the same source can be compiled for one GPU
+thread per trajectory. :func:`odecore.kernels.compile.compiled_loop` re-creates these
+functions with compiled rules and with the user's dynamics as the global ``dynamics(t, y,
+dy, params)``, which writes ``dy/dt`` into ``dy``. Run as it is, in Python, the module is
+slow but correct, given a ``dynamics``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from odecore.control.primitives import isfinite, isnan, maximum, minimum, next_above
+from odecore.control.rules import (
+    INVALID_INPUT,
+    NONFINITE_STATE,
+    RUNNING,
+    combined_error_ratio,
+    error_scale,
+    failure_status,
+    initial_step,
+    initial_step_guess,
+    land_on_stop,
+    left_limit,
+    next_step,
+    remembered_ratio,
+    stalled,
+    status_after_step,
+    step_factor,
+)
+from odecore.kernels.tableau import (
+    ADAPTIVE,
+    B_ERR,
+    B_ERR2,
+    DENSE_STAGES,
+    ERROR_ORDER,
+    EXTRA_STAGES,
+    FSAL,
+    NFEV_PER_STEP,
+    STAGES,
+    TWO_ESTIMATES,
+    B,
+)
+
+# Positions in the settings array (float64).
+SAFETY = 0
+IFACTOR = 1
+DFACTOR = 2
+ICOEFF = 3
+PCOEFF = 4
+SHRINK_AFTER_ACCEPT = 5  # 1.0 or 0.0
+FIRST_STEP = 6  # NaN: Hairer's automatic first step
+STEP_SIZE = 7  # a fixed-step method's step; inf: one step to each stop
+MIN_STEP = 8
+MAX_STEP = 9
+MAX_NUM_STEPS = 10
+DIRECTION = 11  # +1.0, or -1.0 when the user's times decrease
+NORM = 12  # RMS_NORM or MAX_NORM
+SETTINGS_SIZE = 13
+
+RMS_NORM = 0.0
+MAX_NORM = 1.0
+
+# Rows of the work array (rows, state size). The stages K_0, K_1, ... follow: K_j is row
+# FIRST_DENSE_ROW + j, and K_0 is f(t, y) at the step's start.
+Y = 0
+Y_NEW = 1
+Y_STAGE = 2
+ERR = 3
+ERR2 = 4
+FIRST_DENSE_ROW = 5
+
+# Positions in the statistics array (int64).
+NFEV = 0
+NSTEPS = 1
+NACCEPT = 2
+NREJECT = 3
+
+# The functions below address rows of 2-D arrays by number rather than taking row views: a
+# view made inside the loop costs a reference count update, more than a stage's arithmetic
+# on a small state.
+
+
+def work_rows(sizes) -> int:
+    """Rows of the work array a trajectory needs: the state rows above and every dense
+    stage."""
+    return FIRST_DENSE_ROW + sizes[DENSE_STAGES]
+
+
+def dynamics(t, y, dy, params):
+    """The user's dynamics, in place; ``odecore.kernels.compile.compiled_loop`` binds it."""
+    raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled_loop()")
+
+
+def evaluate(t, work, y_row, dy_row, params, direction, time_buffer):
+    """``work[dy_row] = f(t, work[y_row])`` in loop time, which always increases: the user's
+    dynamics see ``direction * t`` in the state's dtype (``time_buffer`` holds one number of
+    it), and their rate is turned around with the time."""
+    time_buffer[0] = direction * t
+    dynamics(time_buffer[0], work[y_row], work[dy_row], params)
+    if direction < 0:
+        for i in range(work.shape[1]):
+            work[dy_row, i] = -work[dy_row, i]
+
+
+def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm):
+    """The norm of ``work[x_row]`` measured against ``error_scale(y, y_new)``, element by
+    element: the root mean square, or the largest magnitude."""
+    n = work.shape[1]
+    total = 0.0
+    for i in range(n):
+        scale = error_scale(work[y_row, i], work[y_new_row, i], rtol[i], atol[i])
+        scaled = work[x_row, i] / scale
+        if norm == MAX_NORM:
+            total = maximum(total, abs(scaled))
+        else:
+            total += scaled * scaled
+    if norm == MAX_NORM:
+        return total
+    return math.sqrt(total / n)
+
+
+def all_finite(work, row):
+    for i in range(work.shape[1]):
+        if not isfinite(work[row, i]):
+            return False
+    return True
+
+
+def combine(target, target_row, work, base_row, h, table, table_row, count):
+    """``target[target_row] = work[base_row] + h * sum_j table[table_row, j] K_j`` over the
+    first ``count`` stages, skipping zero weights; the sum is scaled by ``h`` once, as the
+    generic loop's interpolant and dense stages do."""
+    for i in range(work.shape[1]):
+        total = 0.0
+        for j in range(count):
+            w = table[table_row, j]
+            if w != 0.0:
+                total += w * work[FIRST_DENSE_ROW + j, i]
+        target[target_row, i] = work[base_row, i] + h * total
+
+
+def stage_input(work, target_row, base_row, h, table, table_row, count):
+    """``work[target_row] = work[base_row] + sum_j (h table[table_row, j]) K_j``: each
+    weight scaled by ``h`` first, as the generic stage store forms a step's stage inputs;
+    a ``base_row`` below 0 gives the sum alone (an error estimate)."""
+    for i in range(work.shape[1]):
+        total = 0.0
+        for j in range(count):
+            w = table[table_row, j]
+            if w != 0.0:
+                total += (h * w) * work[FIRST_DENSE_ROW + j, i]
+        work[target_row, i] = total if base_row < 0 else work[base_row, i] + total
+
+
+def is_member(t, values):
+    for j in range(values.shape[0]):
+        if values[j] == t:
+            return True
+    return False
+
+
+def first_step(t, params, rtol, atol, settings, sizes, work, tb):
+    """The first step size and the evaluations it took: ``step_size`` for a fixed-step
+    method, ``first_step`` when given, else Hairer's rule (``rules.initial_step_guess`` and
+    ``rules.initial_step``) from one more evaluation."""
+    if sizes[ADAPTIVE] == 0:
+        return settings[STEP_SIZE], 0
+    if not isnan(settings[FIRST_STEP]):
+        return settings[FIRST_STEP], 0
+    norm = settings[NORM]
+    f = FIRST_DENSE_ROW
+    # error_scale(y, y) is the scale atol + rtol |y0| the rule is stated with.
+    d0 = scaled_norm(work, Y, Y, Y, rtol, atol, norm)
+    d1 = scaled_norm(work, f, Y, Y, rtol, atol, norm)
+    h0 = initial_step_guess(d0, d1)
+    for i in range(work.shape[1]):
+        work[Y_STAGE, i] = work[Y, i] + h0 * work[f, i]
+    evaluate(t + h0, work, Y_STAGE, Y_NEW, params, settings[DIRECTION], tb)
+    for i in range(work.shape[1]):
+        work[ERR, i] = work[Y_NEW, i] - work[f, i]
+    d2_times_h0 = scaled_norm(work, ERR, Y, Y, rtol, atol, norm)
+    return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
+
+
+def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work, tb):
+    """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
+    and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
+    has jumps: a step that ends on one sees its left limit)."""
+    direction = settings[DIRECTION]
+    count = sizes[STAGES]
+    for i in range(1, count):
+        stage_input(work, Y_STAGE, Y, h, tab_a, i, i)
+        t_stage = t + tab_c[i] * h
+        if clip:
+            t_stage = minimum(t_stage, t_left)
+        evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction, tb)
+    if sizes[FSAL] != 0:
+        # The last stage's input is y_new itself (its weights are b).
+        for i in range(work.shape[1]):
+            work[Y_NEW, i] = work[Y_STAGE, i]
+    else:
+        stage_input(work, Y_NEW, Y, h, tab_b, B, count)
+
+
+def error_ratio(h, tab_b, rtol, atol, sizes, settings, work):
+    """The scaled error of the step just taken: one estimate, or two combined
+    (``rules.combined_error_ratio``); and whether the norm alone failed (NaN from finite
+    estimates and a finite trial state)."""
+    count = sizes[STAGES]
+    norm = settings[NORM]
+    stage_input(work, ERR, -1, h, tab_b, B_ERR, count)
+    ratio = scaled_norm(work, ERR, Y, Y_NEW, rtol, atol, norm)
+    two = sizes[TWO_ESTIMATES] != 0
+    if two:
+        stage_input(work, ERR2, -1, h, tab_b, B_ERR2, count)
+        ratio = combined_error_ratio(ratio, scaled_norm(work, ERR2, Y, Y_NEW, rtol, atol, norm))
+    norm_failed = False
+    if isnan(ratio):
+        finite = all_finite(work, Y_NEW) and all_finite(work, ERR)
+        norm_failed = finite and (not two or all_finite(work, ERR2))
+    return ratio, norm_failed
+
+
+def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings):
+    """Write every output time in ``(t, t_new]`` from the accepted step: by the interpolant,
+    whose extra stages are computed first, or ``y_new`` itself at the step's end. Returns the
+    next output index and the evaluations made. ``weights`` is (1, dense stages)."""
+    (_, _, _, dense, dense_a, dense_c, sizes) = tab
+    count = ts.shape[0]
+    if out_index >= count or ts[out_index] > t_new:
+        return out_index, 0
+    nfev = 0
+    # Outputs come in increasing time: when the first is the step's end, none lies inside.
+    interpolating = ts[out_index] < t_new
+    if interpolating:
+        first_extra = sizes[DENSE_STAGES] - sizes[EXTRA_STAGES]
+        direction = settings[DIRECTION]
+        for x in range(sizes[EXTRA_STAGES]):
+            row = first_extra + x
+            combine(work, Y_STAGE, work, Y, h, dense_a, x, row)
+            at = t + dense_c[x] * h
+            evaluate(at, work, Y_STAGE, FIRST_DENSE_ROW + row, params, direction, tb)
+        nfev = sizes[EXTRA_STAGES]
+    h_safe = h if h > 0 else 1.0
+    while out_index < count and ts[out_index] <= t_new:
+        at_time = ts[out_index]
+        if interpolating and at_time != t_new:
+            interpolate(out, out_index, (at_time - t) / h_safe, h, dense, work, weights)
+        else:
+            for i in range(work.shape[1]):
+                out[out_index, i] = work[Y_NEW, i]
+        out_index += 1
+    return out_index, nfev
+
+
+def interpolate(out, out_row, theta, h, dense, work, weights):
+    """``out[out_row] = y + h sum_i b_i(theta) K_i``, ``b_i(theta) = sum_m dense[i, m]
+    theta**(m + 1)``; ``weights[0]`` receives the ``b_i``."""
+    rows = dense.shape[0]
+    for r in range(rows):
+        # Powers by products, as the generic loop's batched interpolant forms them: a
+        # power function per coefficient would cost more than the rest of the output.
+        w = 0.0
+        power = theta
+        for m in range(dense.shape[1]):
+            w += dense[r, m] * power
+            power *= theta
+        weights[0, r] = w
+    combine(out, out_row, work, Y, h, weights, 0, rows)
+
+
+def solve_trajectory(
+    y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings, out, work, tb, weights, stats
+):
+    """Solve one trajectory from ``y0`` at ``ts[0]`` (loop time), writing ``out[k]`` at each
+    ``ts[k]`` it reaches (the rows it does not reach are left as they are). ``stops``: the
+    times every step lands on, increasing, the last being the end; ``jumps``: those where the
+    dynamics jump (possibly none). ``rtol`` and ``atol`` have one value per element. Returns
+    ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
+
+    Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``tb`` one
+    number in the state's dtype (the time the dynamics see), ``weights`` (1, dense stages)
+    in float64, ``stats`` four int64."""
+    (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
+    n = y0.shape[0]
+    f = FIRST_DENSE_ROW
+    # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
+    f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
+    direction = settings[DIRECTION]
+    min_step, max_step = settings[MIN_STEP], settings[MAX_STEP]
+    max_num_steps = int(settings[MAX_NUM_STEPS])
+    adaptive = sizes[ADAPTIVE] != 0
+    has_jumps = jumps.shape[0] > 0
+    t_end = ts[ts.shape[0] - 1]
+
+    t = ts[0]
+    for i in range(n):
+        work[Y, i] = y0[i]
+        out[0, i] = y0[i]
+    evaluate(t, work, Y, f, params, direction, tb)
+    dt, extra = first_step(t, params, rtol, atol, settings, sizes, work, tb)
+    nfev = 1 + extra
+    dt = minimum(maximum(dt, min_step), max_step)
+    status = RUNNING if all_finite(work, f) else NONFINITE_STATE
+    if not valid:
+        status = INVALID_INPUT
+    ratio_prev = 1.0
+    out_index = 1
+    stop_index = 0
+    nsteps = 0
+    naccept = 0
+    nreject = 0
+    while status == RUNNING:
+        # The first stop strictly after t: every step lands on it rather than overshoot.
+        while stop_index < stops.shape[0] - 1 and stops[stop_index] <= t:
+            stop_index += 1
+        next_stop = stops[stop_index]
+        h, t_new, lands = land_on_stop(t, dt, next_stop, max_step, True)
+        # A step that ends on a discontinuity evaluates its last stages at the left limit.
+        t_left = t_new
+        if has_jumps:
+            t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
+        take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work, tb)
+        ratio = 0.0
+        norm_failed = False
+        if adaptive:
+            ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, sizes, settings, work)
+            finite = isfinite(ratio)
+            accept = ratio <= 1.0
+        else:
+            finite = all_finite(work, Y_NEW)
+            accept = finite
+        # A step too short to move time is not taken: it would change y but not t.
+        no_progress = accept and t_new <= t
+        accept = accept and not no_progress
+        if sizes[FSAL] == 0:
+            evaluate(t_left, work, Y_NEW, f_new, params, direction, tb)
+        nfev += sizes[NFEV_PER_STEP]
+        if accept:
+            out_index, extra = fill_outputs(
+                ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings
+            )
+            nfev += extra
+            if has_jumps and is_member(t_new, jumps):
+                # Only now, with the step's outputs interpolated from the left limit, does
+                # the next step get the right limit as its first stage.
+                evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction, tb)
+                nfev += 1
+        rejected = not accept
+        if adaptive:
+            factor = step_factor(
+                ratio,
+                ratio_prev,
+                accept,
+                settings[SAFETY],
+                settings[IFACTOR],
+                settings[DFACTOR],
+                settings[ICOEFF],
+                settings[PCOEFF],
+                sizes[ERROR_ORDER],
+                settings[SHRINK_AFTER_ACCEPT] != 0.0,
+            )
+            dt_wanted = h * factor
+            stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
+            dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
+            ratio_prev = remembered_ratio(ratio, ratio_prev, accept)
+        else:
+            dt_next = dt
+            stall = rejected
+        failure = failure_status(finite, norm_failed)
+        nsteps += 1
+        status = status_after_step(
+            status, accept, t_new, t_end, stall or no_progress, failure, nsteps, max_num_steps
+        )
+        if accept:
+            t = t_new
+            for i in range(n):
+                work[Y, i] = work[Y_NEW, i]
+                work[f, i] = work[f_new, i]
+            naccept += 1
+        else:
+            nreject += 1
+        dt = dt_next
+    stats[NFEV] = nfev
+    stats[NSTEPS] = nsteps
+    stats[NACCEPT] = naccept
+    stats[NREJECT] = nreject
+    return status, t, dt
+
+
+# In dependency order: each is compiled after the functions it calls.
+KERNEL_FUNCTIONS = (
+    evaluate,
+    scaled_norm,
+    all_finite,
+    combine,
+    stage_input,
+    is_member,
+    first_step,
+    take_step,
+    error_ratio,
+    interpolate,
+    fill_outputs,
+    solve_trajectory,
+)

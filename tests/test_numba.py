@@ -1,0 +1,530 @@
+"""The numba backend: whole solves compiled from the kernel loop, against the generic loop.
+
+The generic NumPy path is the reference: the kernel makes the same decisions in the same
+order (``odecore.kernels.loop``), so it must take the same accepted and rejected steps and
+agree to rounding. Its sums run in another order than NumPy's, which changes the last bits
+of each stage: over n steps of an s-stage method that is a few units of roundoff times s n,
+far inside 1e-12 relative for the fixed-step solves and 1e-10 for the adaptive ones here
+(at most a few thousand steps).
+
+Every dynamics is defined at module level and reused across tests, so that each is compiled
+once per form for the whole module (a compile takes seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from backend_params import framework_module
+
+import odecore
+from odecore.problems import get_problem
+
+numba = framework_module("numba")
+
+pytestmark = pytest.mark.backend("numba")
+
+FIXED_STEP_RTOL = 1e-12
+ADAPTIVE_RTOL = 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamics, each usable by NumPy's generic loop too (with NumPy scalars and 0-d arrays).
+
+
+def oscillator(t, y, p):
+    """A damped, forced oscillator: smooth, with a time-dependent rate."""
+    return np.array([y[1], -p[0] * y[0] - p[1] * y[1] + np.sin(t)])
+
+
+def oscillator_in_place(t, y, dy, p):
+    dy[0] = y[1]
+    dy[1] = -p[0] * y[0] - p[1] * y[1] + np.sin(t)
+
+
+def switched(t, y, p):
+    """A rate that jumps from p[0] to p[1] at t = 1."""
+    rate = p[0] if t < 1.0 else p[1]
+    return np.array([-rate * y[0] + np.sin(t), y[0] - 0.5 * y[1]])
+
+
+def lorenz(t, y, p):
+    return np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
+
+
+def lorenz_in_place(t, y, dy, p):
+    dy[0] = p[0] * (y[1] - y[0])
+    dy[1] = y[0] * (p[1] - y[2]) - y[1]
+    dy[2] = y[0] * y[1] - p[2] * y[2]
+
+
+def poisoned(t, y, p):
+    """y' = -y, until the rate turns NaN at t = p[0]."""
+    bad = math.nan if t > p[0] else 1.0
+    return -y * bad
+
+
+def blow_up(t, y, p):
+    """y' = y^2 from y(0) = 1: infinite at t = 1."""
+    return y * y
+
+
+def catalogue(t, y, dy, p):
+    """Problems of odecore.problems by number (p[0]), in place: DETEST A1-A5, the rigid body
+    (DETEST B5), Kepler's orbit and the Arenstorf orbit, one function so that one compile
+    serves them all."""
+    k = int(p[0])
+    if k == 0:
+        dy[0] = -y[0]
+    elif k == 1:
+        dy[0] = -0.5 * y[0] ** 3
+    elif k == 2:
+        dy[0] = y[0] * math.cos(t)
+    elif k == 3:
+        dy[0] = 0.25 * y[0] * (1.0 - y[0] / 20.0)
+    elif k == 4:
+        dy[0] = (y[0] - t) / (y[0] + t)
+    elif k == 5:
+        dy[0] = y[1] * y[2]
+        dy[1] = -y[0] * y[2]
+        dy[2] = -p[1] * y[0] * y[1]
+    elif k == 6:
+        r3 = (y[0] ** 2 + y[1] ** 2) ** 1.5
+        dy[0] = y[2]
+        dy[1] = y[3]
+        dy[2] = -y[0] / r3
+        dy[3] = -y[1] / r3
+    else:
+        mu = p[1]
+        x, z, vx, vz = y[0], y[1], y[2], y[3]
+        d_earth = ((x + mu) ** 2 + z**2) ** 1.5
+        d_moon = ((x - 1.0 + mu) ** 2 + z**2) ** 1.5
+        dy[0] = vx
+        dy[1] = vz
+        dy[2] = x + 2.0 * vz - (1.0 - mu) * (x + mu) / d_earth - mu * (x - 1.0 + mu) / d_moon
+        dy[3] = z - 2.0 * vx - (1.0 - mu) * z / d_earth - mu * z / d_moon
+
+
+CATALOGUE = (
+    "detest_a1",
+    "detest_a2",
+    "detest_a3",
+    "detest_a4",
+    "detest_a5",
+    "rigid_body",
+    "kepler",
+    "arenstorf",
+)
+
+OSCILLATOR_P = np.array([4.0, 0.3])
+OSCILLATOR_Y0 = np.array([1.0, 0.0])
+
+
+def tolerances(method: str) -> dict:
+    # The low-order methods take tens of thousands of steps at 1e-8; 1e-6 keeps them short.
+    low_order = method in ("adaptive_heun", "fehlberg2", "bosh3")
+    tol = 1e-6 if low_order else 1e-8
+    return {"rtol": tol, "atol": tol}
+
+
+def solve_both(func, y0, t, **kwargs):
+    kernel = odecore.solve(func, y0, t, backend="numba", **kwargs)
+    generic = odecore.solve(func, y0, t, backend="numpy", **kwargs)
+    return kernel, generic
+
+
+def assert_same_steps(kernel, generic, rtol):
+    assert kernel.stats == generic.stats
+    assert kernel.status == generic.status
+    scale = np.max(np.abs(generic.ys))
+    np.testing.assert_allclose(kernel.ys, generic.ys, rtol=0, atol=rtol * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Every method against the generic loop.
+
+
+@pytest.mark.parametrize("method", odecore.METHODS)
+@pytest.mark.parametrize(
+    "t", [np.linspace(0.0, 4.0, 9), np.linspace(4.0, 0.0, 5)], ids=["forward", "backward"]
+)
+def test_every_method_takes_the_generic_steps(method, t):
+    kwargs = {"params": OSCILLATOR_P, "method": method, **tolerances(method)}
+    fixed = method in odecore.FIXED_STEP_METHODS
+    if fixed:
+        kwargs["options"] = {"step_size": 0.01}
+    kernel, generic = solve_both(oscillator, OSCILLATOR_Y0, t, **kwargs)
+    assert generic.success
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL if fixed else ADAPTIVE_RTOL)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5", "dopri8"])
+def test_fixed_grid_and_first_step(method):
+    """A fixed-step method without step_size steps from output to output; an adaptive one
+    starts from options['first_step']."""
+    options = None if method == "rk4" else {"first_step": 1e-3}
+    t = np.array([0.0, 0.1, 0.25, 0.3, 0.7, 1.0])
+    kernel, generic = solve_both(
+        oscillator, OSCILLATOR_Y0, t, params=OSCILLATOR_P, method=method, options=options
+    )
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
+
+
+@pytest.mark.parametrize("method", ["rk4", "bosh3", "tsit5", "dopri8"])
+@pytest.mark.parametrize("key", ["jump_t", "step_t"])
+def test_landing_on_stops_and_jumps(method, key):
+    """With jump_t the steps land on the jump, see its left limit, and restart from the
+    right one; step_t only lands."""
+    t = np.linspace(0.0, 2.5, 6)
+    options = {key: [1.0, 1.7]}
+    if method == "rk4":
+        options["step_size"] = 0.03
+    kwargs = {"params": np.array([0.8, 2.5]), "method": method, "options": options}
+    kernel, generic = solve_both(switched, np.array([1.0, 0.5]), t, **kwargs)
+    assert generic.success
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
+
+
+@pytest.mark.parametrize("options", [{"norm": "max"}, {"controller": "PI"}, {"max_step": 0.05}])
+def test_controller_options(options):
+    kernel, generic = solve_both(
+        oscillator,
+        OSCILLATOR_Y0,
+        np.linspace(0.0, 3.0, 4),
+        params=OSCILLATOR_P,
+        method="dopri5",
+        options={**options, "shrink_after_accept": True},
+    )
+    assert_same_steps(kernel, generic, ADAPTIVE_RTOL)
+
+
+def test_float32_state():
+    """A float32 state stays float32 and meets the tolerance. The steps need not be NumPy's:
+    the kernel keeps the weights and its sums in float64, where NumPy's stage store rounds
+    them to float32, and on the first small steps the error estimate is of the size of that
+    rounding. So the reference is a float64 solve at a tolerance far tighter than 1e-4."""
+    y0 = OSCILLATOR_Y0.astype(np.float32)
+    t = np.linspace(0.0, 2.0, 5)
+    kernel = odecore.solve(
+        oscillator_f32,
+        y0,
+        t,
+        params=OSCILLATOR_P.astype(np.float32),
+        rtol=1e-4,
+        atol=1e-6,
+        backend="numba",
+    )
+    reference = odecore.solve(
+        oscillator, OSCILLATOR_Y0, t, params=OSCILLATOR_P, rtol=1e-12, atol=1e-12
+    )
+    assert kernel.ys.dtype == np.float32
+    # A global error of a modest multiple of rtol (relative to the solution's size, ~1).
+    np.testing.assert_allclose(kernel.ys, reference.ys, rtol=0, atol=1e-3)
+
+
+def oscillator_f32(t, y, p):
+    return np.array([y[1], -p[0] * y[0] - p[1] * y[1] + np.sin(t)], dtype=np.float32)
+
+
+def test_in_place_form_gives_the_returning_forms_result():
+    """The two forms run the same kernel; only how the rate reaches it differs."""
+    t = np.linspace(0.0, 10.0, 101)
+    p = np.array([10.0, 28.0, 8.0 / 3.0])
+    y0 = np.array([1.0, 0.0, 0.0])
+    returning = odecore.solve(lorenz, y0, t, params=p, backend="numba", method="dopri8")
+    in_place = odecore.solve(lorenz_in_place, y0, t, params=p, backend="numba", method="dopri8")
+    assert returning.stats == in_place.stats
+    np.testing.assert_array_equal(returning.ys, in_place.ys)
+
+
+def test_an_njit_function_is_used_as_it_is():
+    compiled = numba.njit(oscillator_in_place)
+    t = np.linspace(0.0, 1.0, 3)
+    kernel = odecore.solve(compiled, OSCILLATOR_Y0, t, params=OSCILLATOR_P, backend="numba")
+    generic = odecore.solve(oscillator, OSCILLATOR_Y0, t, params=OSCILLATOR_P, backend="numpy")
+    assert_same_steps(kernel, generic, ADAPTIVE_RTOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy on the catalogue's problems, against their independent references.
+
+
+@pytest.mark.parametrize("method", ["dopri5", "dopri8"])
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_catalogue_problems_reach_the_generic_accuracy(name, method):
+    """The kernel's error against the problem's reference is the generic loop's, to
+    rounding: both take the same steps."""
+    problem = get_problem(name)
+    number = CATALOGUE.index(name)
+    params = np.array([number, *problem.params], dtype=np.float64)
+    y0 = np.array(problem.y0)
+    t = np.array([problem.t0, problem.t1])
+    kwargs = {"method": method, "rtol": 1e-10, "atol": 1e-10}
+    kernel = odecore.solve(catalogue, y0, t, params=params, backend="numba", **kwargs)
+    generic = odecore.solve(problem.func, y0, t, params=problem.params, backend="numpy", **kwargs)
+    reference = np.array(problem.reference)
+    kernel_error = np.max(np.abs(kernel.ys[-1] - reference))
+    generic_error = np.max(np.abs(generic.ys[-1] - reference))
+    assert kernel.stats["naccept"] == generic.stats["naccept"]
+    assert kernel.stats["nreject"] == generic.stats["nreject"]
+    scale = np.max(np.abs(reference))
+    assert kernel_error <= generic_error + ADAPTIVE_RTOL * scale
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: the generic path's statuses and messages.
+
+
+def without_time(error) -> str:
+    return re.sub(r"at t=[-+0-9.e]+", "at t=...", str(error))
+
+
+def failure_pair(func, y0, t, **kwargs):
+    outcomes = []
+    for backend in ("numba", "numpy"):
+        with pytest.raises(odecore.SolveError) as info:
+            odecore.solve(func, y0, t, backend=backend, **kwargs)
+        outcomes.append(info.value)
+        report = odecore.solve(func, y0, t, backend=backend, throw=False, **kwargs)
+        outcomes.append(report)
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("func", "params", "options", "status"),
+    [
+        (oscillator, OSCILLATOR_P, {"max_num_steps": 7}, odecore.Status.MAX_STEPS_REACHED),
+        (poisoned, np.array([0.0]), None, odecore.Status.NONFINITE_STATE),
+        (blow_up, np.array([0.0]), None, odecore.Status.DT_UNDERFLOW),
+        (oscillator, OSCILLATOR_P, {"min_step": 0.5}, odecore.Status.DT_UNDERFLOW),
+    ],
+    ids=["max_num_steps", "nonfinite", "blow_up", "min_step"],
+)
+def test_failures_match_the_generic_path(func, params, options, status):
+    y0 = np.array([1.0, 0.5]) if func is not blow_up else np.array([1.0])
+    # No output near the blow-up at t = 1, where y = 1 / (1 - t) magnifies rounding.
+    t = np.array([0.0, 0.45, 0.9, 1.5, 2.0])
+    kwargs = {"params": params, "options": options, "method": "dopri5"}
+    kernel_error, kernel, generic_error, generic = failure_pair(func, y0, t, **kwargs)
+    assert generic.status == status
+    assert kernel.status == generic.status
+    # The messages agree but for the last digits of the time reached, which the message
+    # prints in full (17 digits) and rounding may change.
+    assert without_time(kernel_error) == without_time(generic_error)
+    assert kernel.stats == generic.stats
+    # The error estimate is a sum that cancels (its weights add up to zero), so its relative
+    # rounding is that of the stages times |K| / |err|, up to 1e4 on the first tiny steps,
+    # and the step sizes that follow from it share it: 1e-8 relative.
+    assert kernel.t_reached == pytest.approx(generic.t_reached, rel=1e-8)
+    # Outputs past the failure are NaN; those reached agree.
+    np.testing.assert_array_equal(np.isnan(kernel.ys), np.isnan(generic.ys))
+    reached = ~np.isnan(generic.ys)
+    np.testing.assert_allclose(kernel.ys[reached], generic.ys[reached], rtol=ADAPTIVE_RTOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles.
+
+RHO = np.linspace(0.0, 21.0, 16)
+LORENZ_PARAMS = np.stack([np.full(16, 10.0), RHO, np.full(16, 8.0 / 3.0)], axis=1)
+
+
+def test_ensemble_trajectories_equal_solo_solves():
+    """Each trajectory of a batch is the solve of its own row, exactly: the same kernel."""
+    y0 = np.tile([1.0, 0.0, 0.0], (16, 1)) + 0.01 * np.arange(16)[:, None]
+    t = np.linspace(0.0, 1.0, 11)
+    batch = odecore.solve(
+        lorenz, y0, t, params=LORENZ_PARAMS, batch_axis=0, backend="numba", rtol=1e-8, atol=1e-8
+    )
+    assert batch.ys.shape == (11, 16, 3)
+    assert np.all(batch.status == 0)
+    for n in (0, 5, 15):
+        solo = odecore.solve(
+            lorenz, y0[n], t, params=LORENZ_PARAMS[n], backend="numba", rtol=1e-8, atol=1e-8
+        )
+        np.testing.assert_array_equal(batch.ys[:, n], solo.ys)
+        assert batch.stats["naccept"][n] == solo.stats["naccept"]
+        assert batch.stats["nreject"][n] == solo.stats["nreject"]
+    # The trajectories do take their own steps.
+    assert len(set(batch.stats["naccept"].tolist())) > 1
+
+
+def test_ensemble_shares_a_1d_params():
+    y0 = np.tile([1.0, 0.0, 0.0], (4, 1)) * np.arange(1, 5)[:, None]
+    t = np.linspace(0.0, 0.5, 3)
+    shared = LORENZ_PARAMS[7]
+    batch = odecore.solve(lorenz, y0, t, params=shared, batch_axis=0, backend="numba")
+    for n in range(4):
+        solo = odecore.solve(lorenz, y0[n], t, params=shared, backend="numba")
+        np.testing.assert_array_equal(batch.ys[:, n], solo.ys)
+
+
+def test_one_failing_trajectory_does_not_disturb_the_others():
+    params = np.array([[10.0], [0.3], [10.0], [10.0]])  # sample 1 turns NaN at t = 0.3
+    y0 = np.ones((4, 2))
+    t = np.linspace(0.0, 1.0, 5)
+    batch = odecore.solve(
+        poisoned, y0, t, params=params, batch_axis=0, backend="numba", throw=False
+    )
+    expected = [0, int(odecore.Status.NONFINITE_STATE), 0, 0]
+    np.testing.assert_array_equal(batch.status, expected)
+    np.testing.assert_allclose(batch.ys[:, 0], np.exp(-t)[:, None] * [1.0, 1.0], rtol=1e-6)
+    assert np.all(np.isnan(batch.ys[2:, 1]))
+    for n in (0, 2, 3):
+        solo = odecore.solve(poisoned, y0[n], t, params=params[n], backend="numba")
+        np.testing.assert_array_equal(batch.ys[:, n], solo.ys)
+    with pytest.raises(odecore.SolveError, match="for 1 of 4 samples; sample 1 "):
+        odecore.solve(poisoned, y0, t, params=params, batch_axis=0, backend="numba")
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation: once per dynamics and form.
+
+
+def test_other_values_do_not_recompile():
+    from numba.core.event import install_recorder
+
+    p = np.array([10.0, 28.0, 8.0 / 3.0])
+    odecore.odeint(lorenz_in_place, np.ones(3), [0.0, 1.0], params=p, backend="numba")
+    with install_recorder("numba:compile") as recorder:
+        ys = odecore.odeint(
+            lorenz_in_place,
+            np.array([2.0, 1.0, 0.5]),
+            np.linspace(0.0, 2.0, 7),
+            params=p * 1.01,
+            backend="numba",
+            method="tsit5",
+            rtol=1e-5,
+            atol=1e-7,
+            options={"step_t": [0.3]},
+        )
+    assert ys.shape == (7, 3)
+    assert recorder.buffer == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input.
+
+
+class Settings:
+    rate = -1.0
+
+
+SETTINGS = Settings()
+
+
+def not_compilable(t, y, p):
+    # Numba has no type for an instance of a Python class.
+    return SETTINGS.rate * y
+
+
+def test_a_dynamics_numba_cannot_compile_is_refused_clearly():
+    with pytest.raises(TypeError, match=r"(?s)f\(t, y, params\) -> dy.*f\(t, y, dy, params\)"):
+        odecore.odeint(not_compilable, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+    with pytest.raises(TypeError, match="Numba said"):
+        odecore.odeint(not_compilable, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+
+def test_wrong_arity_and_callables_are_refused():
+    with pytest.raises(TypeError, match="takes 1 positional arguments"):
+        odecore.odeint(lambda y: y, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+    class Rate:
+        def __call__(self, t, y, p):
+            return -y
+
+    with pytest.raises(TypeError, match="Python function or an @numba.njit function"):
+        odecore.odeint(Rate(), np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+
+@pytest.mark.parametrize(
+    ("y0", "params", "batch_axis", "error", "match"),
+    [
+        (np.ones((2, 2, 2)), np.ones(1), 0, ValueError, r"shape \(N, D\) with batch_axis=0"),
+        (np.ones((3, 2)), np.ones((2, 1)), 0, ValueError, r"shape \(3, P\)"),
+        (np.ones(2), np.ones((2, 2)), None, ValueError, "1-D array for a single"),
+        (np.ones(2), "fast", None, TypeError, "params must be a NumPy array"),
+        pytest.param(
+            np.ones(2, dtype=np.float16),
+            np.ones(1),
+            None,
+            TypeError,
+            "float32 and float64",
+            marks=pytest.mark.filterwarnings("ignore::odecore.PrecisionWarning"),
+        ),
+        (np.ones(2, dtype=np.int64), np.ones(1), None, TypeError, "real floating dtype"),
+    ],
+)
+def test_wrong_shapes_and_dtypes_raise_before_compiling(y0, params, batch_axis, error, match):
+    # not_compilable would fail to compile: the input errors must come first.
+    with pytest.raises(error, match=match):
+        odecore.odeint(
+            not_compilable, y0, [0.0, 1.0], params=params, batch_axis=batch_axis, backend="numba"
+        )
+
+
+def three_rates(t, y, p):
+    return np.zeros(3)
+
+
+def test_wrong_rate_shape_is_reported_by_name():
+    with pytest.raises(ValueError, match=r"func returned shape \(3,\) but the state y has shape"):
+        odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+
+def test_a_callable_norm_is_refused():
+    with pytest.raises(ValueError, match="options\\['norm'\\] must be 'rms' or 'max'"):
+        odecore.odeint(
+            oscillator,
+            OSCILLATOR_Y0,
+            [0.0, 1.0],
+            params=OSCILLATOR_P,
+            backend="numba",
+            options={"norm": lambda x: np.max(np.abs(x))},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients: vjp_odeint runs the generic loop on the backend's NumPy arrays, with the
+# dynamics' own VJP, as on NumPy.
+
+
+def damped(t, y, p):
+    return np.array([y[1], -p[0] * y[0] - p[1] * y[1] + np.sin(t)])
+
+
+def damped_vjp(t, y, p, cotangent):
+    """cotangent^T df/dy and cotangent^T df/dp of ``damped``."""
+    cot_y = np.array([-p[0] * cotangent[1], cotangent[0] - p[1] * cotangent[1]])
+    return cot_y, np.array([-y[0] * cotangent[1], -y[1] * cotangent[1]])
+
+
+damped.vjp = damped_vjp
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_vjp_odeint_against_finite_differences(adjoint):
+    t = np.linspace(0.0, 2.0, 5)
+    tight = {"rtol": 1e-10, "atol": 1e-10}
+    weights = np.linspace(0.5, 1.5, 10).reshape(5, 2)
+    ys, pullback = odecore.vjp_odeint(
+        damped, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint=adjoint, backend="numba", **tight
+    )
+    _, p_bar, _ = pullback(weights)
+    _, numpy_pullback = odecore.vjp_odeint(
+        damped, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint=adjoint, backend="numpy", **tight
+    )
+    np.testing.assert_array_equal(p_bar, numpy_pullback(weights)[1])
+
+    def loss(p):
+        ys = odecore.odeint(damped, OSCILLATOR_Y0, t, params=p, backend="numba", **tight)
+        return float(np.sum(weights * ys))
+
+    # Central differences with h = 1e-5 on O(1) derivatives: truncation h^2 ~ 1e-10, the
+    # solves' noise 1e-10 / h ~ 1e-5 relative at most; the gradients' own error ~ tolerance.
+    h = 1e-5
+    fd = [(loss(OSCILLATOR_P + h * e) - loss(OSCILLATOR_P - h * e)) / (2 * h) for e in np.eye(2)]
+    np.testing.assert_allclose(p_bar, fd, rtol=1e-5, atol=1e-7)
