@@ -78,16 +78,24 @@ class ExplicitRK:
     def build(self, evaluate, t, h, store, start, stop, cap=None):
         """Evaluate nodes ``start .. stop - 1`` into ``store``, which holds the stages of the
         nodes before ``start``; returns the input of the last one (the state where
-        ``evaluate`` was last called). ``evaluate(t, Y)``
-        returns the stage; ``cap(t)``, when given, bounds each node's time (a step that ends
-        on a discontinuity sees the left limit there)."""
+        ``evaluate`` was last called). ``evaluate(t, Y)`` returns the stage; ``cap(t)``, when
+        given, bounds each node's time (a step that ends on a discontinuity sees the left
+        limit there)."""
         y_stage = store.y
-        for i in range(start, stop):
-            node = self.nodes[i]
-            t_node = t if node.row is None else t + node.c * h
-            if node.row is not None:
-                y_stage = store.stage_input(node.row)
-            store.add(evaluate(t_node if cap is None else cap(t_node), y_stage))
+        if start == 0:  # node 0, the step's start: f(t, y) itself
+            store.add(evaluate(t if cap is None else cap(t), y_stage))
+            start = 1
+        # This loop is most of a small state's step on an eager backend: it does nothing but
+        # the stage (no per-node branching; the capped times get their own loop).
+        nodes = self.nodes[start:stop]
+        if cap is None:
+            for row, c in nodes:
+                y_stage = store.stage_input(row)
+                store.add(evaluate(t + c * h, y_stage))
+        else:
+            for row, c in nodes:
+                y_stage = store.stage_input(row)
+                store.add(evaluate(cap(t + c * h), y_stage))
         return y_stage
 
     # ---- the step ---------------------------------------------------------------------------
