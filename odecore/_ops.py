@@ -39,7 +39,7 @@ class ArrayOps:
             primitives["maximum"],
         )
         self.isfinite, self.isnan = primitives["isfinite"], primitives["isnan"]
-        self.not_, self.nextafter_down = primitives["logical_not"], primitives["next_below"]
+        self.not_ = primitives["logical_not"]
 
     def any(self, x):
         return self.xp.any(x)
@@ -132,7 +132,6 @@ class ScalarOps:
     isfinite = staticmethod(SCALAR["isfinite"])
     isnan = staticmethod(SCALAR["isnan"])
     not_ = staticmethod(SCALAR["logical_not"])
-    nextafter_down = staticmethod(SCALAR["next_below"])
 
     @staticmethod
     def any(x):

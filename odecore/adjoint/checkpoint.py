@@ -4,6 +4,7 @@ backward with local vector-Jacobian products.
 
 from __future__ import annotations
 
+from odecore.ode.loop import capped_at
 from odecore.ode.tape import TapeBuffers, checkpoint_rows
 
 
@@ -89,12 +90,7 @@ def _left_limit(problem, t_new):
     if problem.jumps is None:
         return None
     ops = problem.ops
-    t_cap = problem.ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps))
-
-    def cap(t_node):
-        return ops.minimum(t_node, t_cap)
-
-    return cap
+    return capped_at(ops, ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps)))
 
 
 def _replay_step(problem, record, a, out_bar, finished=None):

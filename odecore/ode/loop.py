@@ -152,9 +152,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
     t_left, cap = None, None
     if p.jumps is not None:
         t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
-
-        def cap(t_stage):
-            return ops.minimum(t_stage, t_left)
+        cap = capped_at(ops, t_left)
 
     trial = solver.step(p.evaluate, t, y, s.f, h, hy, p.stage_store, cap)
     y_new = trial.y_new
@@ -223,6 +221,15 @@ def step(p: Problem, s: LoopState) -> LoopState:
         s.nreject + ops.count(rejected),  # nreject
         tape,
     )
+
+
+def capped_at(ops, t_left):
+    """The ``cap`` a solver applies to its evaluation times: none later than ``t_left``."""
+
+    def cap(t_stage):
+        return ops.minimum(t_stage, t_left)
+
+    return cap
 
 
 def _norm_failed(p, ratio, trial, y_new):
