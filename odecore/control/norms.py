@@ -21,29 +21,38 @@ def max_norm(xp, x, axis):
 BUILTIN_NORMS: dict[str, Callable] = {"rms": rms_norm, "max": max_norm}
 
 
-def largest_part_rms(xp, sizes) -> Callable:
+def largest_part_rms(xp, sizes) -> LargestPartRMS:
     """A norm for a state made of parts laid end to end along its last axis (``sizes``, in
     order; a part of size 0 is skipped): the largest RMS of any part. One RMS over the whole
     vector would dilute the error of a small part by the size of the others, so that, say, a
     large parameter adjoint beside the state would loosen the state's error control. To
     leave a trailing part out of the error control (a seminorm), pass only the leading sizes."""
-    bounds, start = [], 0
-    for size in sizes:
-        if size:
-            bounds.append((start, start + size))
-        start += size
+    return LargestPartRMS(xp, sizes)
 
-    def norm(z):
+
+class LargestPartRMS:
+    """The norm :func:`largest_part_rms` returns. ``sizes`` (the nonzero part sizes, in
+    order) is public: a backend that compiles the norm into its solve reads it."""
+
+    def __init__(self, xp, sizes):
+        self.xp = xp
+        self.sizes = tuple(int(size) for size in sizes if size)
+        bounds, start = [], 0
+        for size in self.sizes:
+            bounds.append((start, start + size))
+            start += size
+        self.bounds = bounds
+
+    def __call__(self, z):
+        xp = self.xp
         rms = [
             xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
-            for lo, hi in bounds
+            for lo, hi in self.bounds
         ]
         out = rms[0]
         for r in rms[1:]:
             out = xp.maximum(out, r)
         return out
-
-    return norm
 
 
 def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):

@@ -23,10 +23,18 @@ def compiled_rules(jit: Callable) -> dict[str, Callable]:
     return namespace
 
 
-def compiled_loop(jit: Callable, rule_namespace: dict[str, Callable], dynamics) -> SimpleNamespace:
+def compiled_loop(
+    jit: Callable,
+    rule_namespace: dict[str, Callable],
+    dynamics,
+    replacements: dict[str, Callable] | None = None,
+) -> SimpleNamespace:
     """The kernel loop's functions compiled by ``jit``, calling the compiled rules and
-    ``dynamics(t, y, dy, params)``, by name."""
+    ``dynamics(t, y, dy, params)``, by name. ``replacements`` stand in for the loop's
+    functions of the same name: one method's sums (``odecore.kernels.specialize``)."""
     namespace = {**rule_namespace, "dynamics": dynamics}
+    replacements = replacements or {}
     for fn in loop.KERNEL_FUNCTIONS:
-        namespace[fn.__name__] = jit(primitives.bind(fn, namespace))
+        source = replacements.get(fn.__name__, fn)
+        namespace[fn.__name__] = jit(primitives.bind(source, namespace))
     return SimpleNamespace(**{fn.__name__: namespace[fn.__name__] for fn in loop.KERNEL_FUNCTIONS})

@@ -72,6 +72,7 @@ SETTINGS_SIZE = 13
 
 RMS_NORM = 0.0
 MAX_NORM = 1.0
+PARTS_NORM = 2.0
 
 # Rows of the work array (rows, state size). The stages K_0, K_1, ... follow: K_j is row
 # FIRST_DENSE_ROW + j, and K_0 is f(t, y) at the step's start.
@@ -115,12 +116,29 @@ def evaluate(t, work, y_row, dy_row, params, direction, time_buffer):
             work[dy_row, i] = -work[dy_row, i]
 
 
-def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm):
+def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, parts):
     """The norm of ``work[x_row]`` measured against ``error_scale(y, y_new)``, element by
-    element: the root mean square, or the largest magnitude."""
-    n = work.shape[1]
+    element: the root mean square, the largest magnitude, or (``PARTS_NORM``) the largest
+    root mean square of the parts whose sizes ``parts`` lists, laid end to end
+    (``odecore.control.norms.largest_part_rms``; elements after the last part are not
+    measured)."""
+    if norm != PARTS_NORM:
+        return part_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, 0, work.shape[1])
+    largest = 0.0
+    start = 0
+    for k in range(parts.shape[0]):
+        end = start + parts[k]
+        rms = part_norm(work, x_row, y_row, y_new_row, rtol, atol, RMS_NORM, start, end)
+        largest = rms if k == 0 else maximum(largest, rms)
+        start = end
+    return largest
+
+
+def part_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, start, end):
+    """The scaled root mean square (or, ``MAX_NORM``, largest magnitude) of
+    ``work[x_row, start:end]``."""
     total = 0.0
-    for i in range(n):
+    for i in range(start, end):
         scale = error_scale(work[y_row, i], work[y_new_row, i], rtol[i], atol[i])
         scaled = work[x_row, i] / scale
         if norm == MAX_NORM:
@@ -129,7 +147,7 @@ def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm):
             total += scaled * scaled
     if norm == MAX_NORM:
         return total
-    return math.sqrt(total / n)
+    return math.sqrt(total / (end - start))
 
 
 def all_finite(work, row):
@@ -165,6 +183,36 @@ def stage_input(work, target_row, base_row, h, table, table_row, count):
         work[target_row, i] = total if base_row < 0 else work[base_row, i] + total
 
 
+# The tableau's sums, one function per role. Each reads the coefficients from the tableau's
+# arrays; odecore.kernels.specialize writes functions with the same names, signatures and
+# arithmetic with the coefficients as literals, which a compiler turns into straight-line code.
+
+
+def stage_sum(work, h, stage, tab_a):
+    """Stage ``stage``'s input, ``y + sum_{j < stage} (h a[stage, j]) K_j``, into
+    ``work[Y_STAGE]``."""
+    stage_input(work, Y_STAGE, Y, h, tab_a, stage, stage)
+
+
+def solution_sum(work, h, tab_b, count):
+    """The step's result, ``y + sum_j (h b[j]) K_j``, into ``work[Y_NEW]``."""
+    stage_input(work, Y_NEW, Y, h, tab_b, B, count)
+
+
+def error_estimates(work, h, tab_b, count, two):
+    """The step's error estimate, ``sum_j (h b_err[j]) K_j``, into ``work[ERR]``, and with
+    ``two`` the second one into ``work[ERR2]``."""
+    stage_input(work, ERR, -1, h, tab_b, B_ERR, count)
+    if two:
+        stage_input(work, ERR2, -1, h, tab_b, B_ERR2, count)
+
+
+def dense_stage_sum(work, h, extra, dense_a, count):
+    """The input of the interpolant's extra stage ``extra``, ``y + h sum_j dense_a[extra,
+    j] K_j`` over the first ``count`` stages, into ``work[Y_STAGE]``."""
+    combine(work, Y_STAGE, work, Y, h, dense_a, extra, count)
+
+
 def is_member(t, values):
     for j in range(values.shape[0]):
         if values[j] == t:
@@ -172,7 +220,7 @@ def is_member(t, values):
     return False
 
 
-def first_step(t, params, rtol, atol, settings, sizes, work, tb):
+def first_step(t, params, rtol, atol, parts, settings, sizes, work, tb):
     """The first step size and the evaluations it took: ``step_size`` for a fixed-step
     method, ``first_step`` when given, else Hairer's rule (``rules.initial_step_guess`` and
     ``rules.initial_step``) from one more evaluation."""
@@ -183,15 +231,15 @@ def first_step(t, params, rtol, atol, settings, sizes, work, tb):
     norm = settings[NORM]
     f = FIRST_DENSE_ROW
     # error_scale(y, y) is the scale atol + rtol |y0| the rule is stated with.
-    d0 = scaled_norm(work, Y, Y, Y, rtol, atol, norm)
-    d1 = scaled_norm(work, f, Y, Y, rtol, atol, norm)
+    d0 = scaled_norm(work, Y, Y, Y, rtol, atol, norm, parts)
+    d1 = scaled_norm(work, f, Y, Y, rtol, atol, norm, parts)
     h0 = initial_step_guess(d0, d1)
     for i in range(work.shape[1]):
         work[Y_STAGE, i] = work[Y, i] + h0 * work[f, i]
     evaluate(t + h0, work, Y_STAGE, Y_NEW, params, settings[DIRECTION], tb)
     for i in range(work.shape[1]):
         work[ERR, i] = work[Y_NEW, i] - work[f, i]
-    d2_times_h0 = scaled_norm(work, ERR, Y, Y, rtol, atol, norm)
+    d2_times_h0 = scaled_norm(work, ERR, Y, Y, rtol, atol, norm, parts)
     return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
 
 
@@ -202,7 +250,7 @@ def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, 
     direction = settings[DIRECTION]
     count = sizes[STAGES]
     for i in range(1, count):
-        stage_input(work, Y_STAGE, Y, h, tab_a, i, i)
+        stage_sum(work, h, i, tab_a)
         t_stage = t + tab_c[i] * h
         if clip:
             t_stage = minimum(t_stage, t_left)
@@ -212,21 +260,21 @@ def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, 
         for i in range(work.shape[1]):
             work[Y_NEW, i] = work[Y_STAGE, i]
     else:
-        stage_input(work, Y_NEW, Y, h, tab_b, B, count)
+        solution_sum(work, h, tab_b, count)
 
 
-def error_ratio(h, tab_b, rtol, atol, sizes, settings, work):
+def error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work):
     """The scaled error of the step just taken: one estimate, or two combined
     (``rules.combined_error_ratio``); and whether the norm alone failed (NaN from finite
     estimates and a finite trial state)."""
-    count = sizes[STAGES]
     norm = settings[NORM]
-    stage_input(work, ERR, -1, h, tab_b, B_ERR, count)
-    ratio = scaled_norm(work, ERR, Y, Y_NEW, rtol, atol, norm)
     two = sizes[TWO_ESTIMATES] != 0
+    error_estimates(work, h, tab_b, sizes[STAGES], two)
+    ratio = scaled_norm(work, ERR, Y, Y_NEW, rtol, atol, norm, parts)
     if two:
-        stage_input(work, ERR2, -1, h, tab_b, B_ERR2, count)
-        ratio = combined_error_ratio(ratio, scaled_norm(work, ERR2, Y, Y_NEW, rtol, atol, norm))
+        ratio = combined_error_ratio(
+            ratio, scaled_norm(work, ERR2, Y, Y_NEW, rtol, atol, norm, parts)
+        )
     norm_failed = False
     if isnan(ratio):
         finite = all_finite(work, Y_NEW) and all_finite(work, ERR)
@@ -250,7 +298,7 @@ def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights
         direction = settings[DIRECTION]
         for x in range(sizes[EXTRA_STAGES]):
             row = first_extra + x
-            combine(work, Y_STAGE, work, Y, h, dense_a, x, row)
+            dense_stage_sum(work, h, x, dense_a, row)
             at = t + dense_c[x] * h
             evaluate(at, work, Y_STAGE, FIRST_DENSE_ROW + row, params, direction, tb)
         nfev = sizes[EXTRA_STAGES]
@@ -283,12 +331,28 @@ def interpolate(out, out_row, theta, h, dense, work, weights):
 
 
 def solve_trajectory(
-    y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings, out, work, tb, weights, stats
+    y0,
+    params,
+    ts,
+    stops,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    valid,
+    tab,
+    settings,
+    out,
+    work,
+    tb,
+    weights,
+    stats,
 ):
     """Solve one trajectory from ``y0`` at ``ts[0]`` (loop time), writing ``out[k]`` at each
     ``ts[k]`` it reaches (the rows it does not reach are left as they are). ``stops``: the
     times every step lands on, increasing, the last being the end; ``jumps``: those where the
-    dynamics jump (possibly none). ``rtol`` and ``atol`` have one value per element. Returns
+    dynamics jump (possibly none). ``rtol`` and ``atol`` have one value per element;
+    ``parts`` (int64) holds the part sizes of ``PARTS_NORM`` (empty for another norm). Returns
     ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
 
     Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``tb`` one
@@ -311,7 +375,7 @@ def solve_trajectory(
         work[Y, i] = y0[i]
         out[0, i] = y0[i]
     evaluate(t, work, Y, f, params, direction, tb)
-    dt, extra = first_step(t, params, rtol, atol, settings, sizes, work, tb)
+    dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work, tb)
     nfev = 1 + extra
     dt = minimum(maximum(dt, min_step), max_step)
     status = RUNNING if all_finite(work, f) else NONFINITE_STATE
@@ -337,7 +401,7 @@ def solve_trajectory(
         ratio = 0.0
         norm_failed = False
         if adaptive:
-            ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, sizes, settings, work)
+            ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
             finite = isfinite(ratio)
             accept = ratio <= 1.0
         else:
@@ -404,10 +468,15 @@ def solve_trajectory(
 # In dependency order: each is compiled after the functions it calls.
 KERNEL_FUNCTIONS = (
     evaluate,
+    part_norm,
     scaled_norm,
     all_finite,
     combine,
     stage_input,
+    stage_sum,
+    solution_sum,
+    error_estimates,
+    dense_stage_sum,
     is_member,
     first_step,
     take_step,

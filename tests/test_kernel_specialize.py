@@ -1,0 +1,83 @@
+"""The kernel loop's sums written out per method (odecore.kernels.specialize) against the
+generic functions that read the coefficients from arrays: the same numbers, to the last bit,
+for every method. Both run here as plain Python, uncompiled; tests/test_numba.py checks the
+compiled kernel against the generic solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import odecore
+from odecore.kernels import loop
+from odecore.kernels.specialize import specialized
+from odecore.kernels.tableau import (
+    DENSE_STAGES,
+    EXTRA_STAGES,
+    STAGES,
+    TWO_ESTIMATES,
+    kernel_tableau,
+)
+from odecore.solvers.tableaus import TABLEAUS
+
+
+def _work(tab, size, seed):
+    rng = np.random.default_rng(seed)
+    # Values of mixed sign and magnitude, so that a changed order of summation would show
+    # in the last bits.
+    return rng.standard_normal((loop.work_rows(tab.sizes), size)) * np.exp(
+        rng.uniform(-3.0, 3.0, (loop.work_rows(tab.sizes), size))
+    )
+
+
+@pytest.mark.parametrize("method", odecore.METHODS)
+def test_written_sums_equal_the_generic_ones(method):
+    tab = kernel_tableau(TABLEAUS[method])
+    sums = specialized(method, tab)
+    stages = int(tab.sizes[STAGES])
+    h = 0.0123456789
+    for seed in range(3):
+        work = _work(tab, 4, seed)
+        for stage in range(1, stages):
+            generic, written = work.copy(), work.copy()
+            loop.stage_sum(generic, h, stage, tab.a)
+            sums["stage_sum"](written, h, stage, tab.a)
+            np.testing.assert_array_equal(written, generic, err_msg=f"stage {stage}")
+        generic, written = work.copy(), work.copy()
+        loop.solution_sum(generic, h, tab.b, stages)
+        sums["solution_sum"](written, h, tab.b, stages)
+        np.testing.assert_array_equal(written, generic)
+        if tab.sizes[loop.ADAPTIVE]:
+            two = bool(tab.sizes[TWO_ESTIMATES])
+            generic, written = work.copy(), work.copy()
+            loop.error_estimates(generic, h, tab.b, stages, two)
+            sums["error_estimates"](written, h, tab.b, stages, two)
+            np.testing.assert_array_equal(written, generic)
+        first_extra = int(tab.sizes[DENSE_STAGES] - tab.sizes[EXTRA_STAGES])
+        for extra in range(int(tab.sizes[EXTRA_STAGES])):
+            generic, written = work.copy(), work.copy()
+            loop.dense_stage_sum(generic, h, extra, tab.dense_a, first_extra + extra)
+            sums["dense_stage_sum"](written, h, extra, tab.dense_a, first_extra + extra)
+            np.testing.assert_array_equal(written, generic, err_msg=f"extra stage {extra}")
+        for theta in (0.1, 0.5, 0.93):
+            weights = np.empty((1, int(tab.sizes[DENSE_STAGES])))
+            generic, written = np.zeros((2, 4)), np.zeros((2, 4))
+            loop.interpolate(generic, 1, theta, h, tab.dense, work, weights)
+            sums["interpolate"](written, 1, theta, h, tab.dense, work, weights)
+            np.testing.assert_array_equal(written, generic, err_msg=f"theta {theta}")
+
+
+def test_the_written_rk4_step_is_rk4():
+    """The written sums hold the method's own coefficients: odecore's rk4 (Kutta's 3/8 rule)
+    against its closed form, y + h (k1 + 3 k2 + 3 k3 + k4) / 8."""
+    tab = kernel_tableau(TABLEAUS["rk4"])
+    sums = specialized("rk4", tab)
+    work = _work(tab, 3, 7)
+    written = work.copy()
+    sums["solution_sum"](written, 0.5, tab.b, 4)
+    k = work[loop.FIRST_DENSE_ROW : loop.FIRST_DENSE_ROW + 4]
+    expected = work[loop.Y] + 0.5 * (k[0] + 3 * k[1] + 3 * k[2] + k[3]) / 8
+    # The written sum scales each weight by h first; the closed form groups differently, so
+    # they agree to rounding: a few ulps of the largest term.
+    ulps = 1e-14 * (np.abs(k).max() + np.abs(work[loop.Y]).max())
+    np.testing.assert_allclose(written[loop.Y_NEW], expected, rtol=0, atol=ulps)
