@@ -17,37 +17,57 @@ Python does nothing per step.
 Ensembles: with ``batch_axis=0`` and ``y0`` of shape (N, D), each trajectory runs the
 kernel on its own, in parallel over the cores (``numba.prange``); ``f`` sees one
 trajectory's (D,) state and its row of a (N, P) ``params``, or a shared (P,) ``params``.
+
+Gradients (``odecore.vjp_odeint``) use the dynamics' own ``vjp``, as on NumPy. The
+backsolve of a single trajectory is compiled: :func:`adjoint_dynamics` compiles the adjoint
+system from ``f`` and ``f.vjp``, and each backward interval is one kernel solve. The
+checkpoint replay, and the backsolve of a batch, run the generic loop on NumPy arrays;
+:class:`_GenericForm` lets it call dynamics written in place.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import sys
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
+from odecore.adapters import numba_cache
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
 from odecore import _validate
 from odecore.backend import Kernels
 from odecore.backend.layout import layout as make_layout
+from odecore.control.norms import LargestPartRMS
 from odecore.control.primitives import bind
-from odecore.kernels import loop
+from odecore.kernels import loop, specialize
 from odecore.kernels.compile import compiled_loop, compiled_rules
 from odecore.kernels.tableau import DENSE_STAGES, kernel_tableau
+from odecore.ode.loop import LoopResult
 from odecore.ode.solution import Solution
+from odecore.tableaus import Tableau
 
 FORMS = (
     "f(t, y, params) -> dy (returning the rate), or f(t, y, dy, params) (writing it into dy, "
     "numbalsoda's order), in Numba's nopython subset"
 )
+VJP_FORMS = (
+    "vjp(t, y, params, cotangent) -> (y_bar, params_bar), or vjp(t, y, params, cotangent, "
+    "y_bar, params_bar) writing them, in Numba's nopython subset"
+)
 
 _rules: dict | None = None
-# Per dynamics and form: the compiled kernel functions. They live as long as the process, as
-# Numba keeps every function it compiled (their dispatchers hold the dynamics anyway).
+# Per dynamics, form and method: the compiled kernel functions. They live as long as the
+# process, as Numba keeps every function it compiled (their dispatchers hold the dynamics
+# anyway).
 _kernels: dict = {}
+_forms: dict = {}
+# A plain function's dispatcher, made once: each new one would compile again.
+_dispatchers: dict = {}
 
 
 def _jit(fn):
@@ -85,11 +105,47 @@ def _returning_without_params(t, y, dy, params):
         dy[i] = rate[i]
 
 
+# The backsolve's augmented dynamics [y, a, a_theta]' = [f, -a df/dy, -a df/dtheta] over
+# z = [y (m), a (m), a_theta (P)], with P the length of params.
+def _adjoint(t, z, dz, params):
+    size = (z.shape[0] - params.shape[0]) // 2
+    y = z[:size]
+    dynamics_in_place(t, y, dz[:size], params)  # noqa: F821  (bound per dynamics)
+    vjp_in_place(t, y, params, z[size : 2 * size], dz[size : 2 * size], dz[2 * size :])  # noqa: F821
+    # The VJP is linear in its cotangent, so negating its results equals the generic
+    # backsolve's VJP with -a, to the bit.
+    for i in range(size, z.shape[0]):
+        dz[i] = -dz[i]
+
+
+def _vjp_returning(t, y, params, cotangent, y_bar, params_bar):
+    cot_y, cot_params = user_vjp(t, y, params, cotangent)  # noqa: F821  (bound per VJP)
+    for i in range(y_bar.shape[0]):
+        y_bar[i] = cot_y[i]
+    for i in range(params_bar.shape[0]):
+        params_bar[i] = cot_params[i]
+
+
 def _solve_ensemble(
-    y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings, out, status, t_reached, stats
+    y0,
+    params,
+    ts,
+    stops,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    valid,
+    tab,
+    settings,
+    out,
+    status,
+    t_reached,
+    dt_next,
+    stats,
 ):
     """Every trajectory of a batch by the kernel loop, in parallel: ``out`` (N, T, D),
-    ``status``, ``t_reached`` (N,) and ``stats`` (N, 4) receive the results."""
+    ``status``, ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results."""
     count, size = y0.shape
     # No arithmetic on n: prange's index is unsigned, and mixed with a signed integer it
     # becomes a float.
@@ -100,7 +156,7 @@ def _solve_ensemble(
         time_buffer = np.empty(1, dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
         own = params[0] if shared else params[n]
-        s, t, _ = solve_trajectory(  # noqa: F821  (bound per dynamics)
+        s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
             y0[n],
             own,
             ts,
@@ -108,6 +164,7 @@ def _solve_ensemble(
             jumps,
             rtol[n],
             atol[n],
+            parts,
             valid[n],
             tab,
             settings,
@@ -119,23 +176,28 @@ def _solve_ensemble(
         )
         status[n] = s
         t_reached[n] = t
+        dt_next[n] = dt
 
 
 def _form(func, has_params: bool) -> str:
-    """Which of the accepted forms ``func`` has, by its positional parameters."""
-    py_func = getattr(func, "py_func", func)
+    """Which of the accepted forms ``func`` has, by its positional parameters; read once per
+    function (reading a signature costs more than a short compiled solve)."""
     try:
-        signature = inspect.signature(py_func)
-    except (TypeError, ValueError):
+        hash(func)
+    except TypeError:
         raise TypeError(
-            f"the numba backend could not read the signature of func {func!r}; it expects "
-            f"a function {FORMS}"
+            f"the numba backend compiles func once per function object and needs it hashable; "
+            f"got an unhashable {type(func).__name__}. It expects {FORMS}"
         ) from None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [
-        p for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty
-    ]
-    count = len(required)
+    key = (func, has_params)
+    form = _forms.get(key)
+    if form is None:
+        form = _forms[key] = _read_form(func, has_params)
+    return form
+
+
+def _read_form(func, has_params: bool) -> str:
+    count = _positional_count(func, FORMS)
     if count == 4:
         return "in place"
     if count == 3:
@@ -148,43 +210,165 @@ def _form(func, has_params: bool) -> str:
     )
 
 
-def _user_dispatcher(func):
+def _positional_count(func, forms: str) -> int:
+    """How many positional parameters without defaults ``func`` has."""
+    py_func = getattr(func, "py_func", func)
+    try:
+        signature = inspect.signature(py_func)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"the numba backend could not read the signature of {func!r}; it expects "
+            f"a function {forms}"
+        ) from None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty
+    ]
+    return len(required)
+
+
+def _user_dispatcher(func, forms: str = FORMS):
     if isinstance(func, numba.core.dispatcher.Dispatcher):
         return func
     if not inspect.isfunction(func):
         raise TypeError(
-            f"func must be a Python function or an @numba.njit function on the numba backend, "
-            f"got {type(func).__name__}; it expects {FORMS}"
+            f"{'func.vjp' if forms is VJP_FORMS else 'func'} must be a Python function or an "
+            f"@numba.njit function on the numba backend, got {type(func).__name__}; it expects "
+            f"{forms}"
         )
-    return numba.njit(func, cache=_cacheable(func))
+    dispatcher = _dispatchers.get(func)
+    if dispatcher is None:
+        dispatcher = _dispatchers[func] = numba.njit(func, cache=_cacheable(func))
+    return dispatcher
 
 
 def _cacheable(func) -> bool:
-    """Whether Numba can keep ``func``'s machine code on disk: a function defined in a
-    file, not a lambda, not a function typed at a prompt."""
+    """Whether Numba can keep ``func``'s machine code on disk: a function defined in the file
+    of an imported module, not a lambda, not a function typed at a prompt or executed from a
+    string (Numba's cache would import its module by name to load it again)."""
     code = func.__code__
-    return func.__name__ != "<lambda>" and not code.co_filename.startswith("<")
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    return (
+        func.__name__ != "<lambda>"
+        and not code.co_filename.startswith("<")
+        and getattr(module, "__file__", None) == code.co_filename
+    )
 
 
-def _kernel(func, form: str) -> SimpleNamespace:
-    """The kernel functions for ``func`` in ``form``, compiled once per dynamics."""
-    per_form = _kernels.setdefault(func, {})
-    if form not in per_form:
+def _kernel(func, form: str, tableau: Tableau) -> SimpleNamespace:
+    """The kernel functions for ``func`` in ``form`` under ``tableau``'s method, compiled once
+    per dynamics and method: the method's sums are written out (``specialize``). Dynamics
+    that can be imported by name get a kernel kept on disk (``numba_cache``); others one
+    compiled in memory, for the life of the process."""
+    per_func = _kernels.setdefault(func, {})
+    key = (form, tableau.name)
+    kernel = per_func.get(key)
+    if kernel is None or kernel.tableau is not tableau:
+        arrays = kernel_tableau(tableau)
+        module = numba_cache.load(
+            func, form, specialize.source(arrays), inspect.getsource(_solve_ensemble)
+        )
+        if module is not None:
+            user = module._user
+            solve_trajectory, solve_ensemble = module.solve_trajectory, module.solve_ensemble
+        else:
+            user, dynamics = _in_place(func, form)
+            sums = specialize.specialized(tableau.name, arrays)
+            functions = compiled_loop(_jit_bound, _compiled_rules(), dynamics, sums)
+            solve_trajectory = functions.solve_trajectory
+            ensemble = bind(_solve_ensemble, {"solve_trajectory": solve_trajectory})
+            solve_ensemble = numba.njit(ensemble, parallel=True)
+        kernel = per_func[key] = SimpleNamespace(
+            tableau=tableau,
+            arrays=arrays,
+            user=user,
+            solve_trajectory=solve_trajectory,
+            solve_ensemble=solve_ensemble,
+            probed=set(),
+        )
+    return kernel
+
+
+def _in_place(func, form: str):
+    """``(the user's dispatcher, the dynamics in place)``: ``func`` compiled, and for a
+    returning form wrapped to write its rate, once per function and form."""
+    key = ("in place", form)
+    per_func = _kernels.setdefault(func, {})
+    if key not in per_func:
         user = _user_dispatcher(func)
         if form == "in place":
             dynamics = user
         else:
             wrapper = _returning if form == "returning" else _returning_without_params
             dynamics = _jit_bound(bind(wrapper, {"user_dynamics": user}))
-        functions = compiled_loop(_jit_bound, _compiled_rules(), dynamics)
-        ensemble = bind(_solve_ensemble, {"solve_trajectory": functions.solve_trajectory})
-        per_form[form] = SimpleNamespace(
-            user=user,
-            solve_trajectory=functions.solve_trajectory,
-            solve_ensemble=numba.njit(ensemble, parallel=True),
-            probed=set(),
-        )
-    return per_form[form]
+        per_func[key] = (user, dynamics)
+    return per_func[key]
+
+
+def adjoint_dynamics(problem):
+    """``Kernels.adjoint_dynamics``: the backsolve's augmented dynamics compiled in place
+    (with the user's ``func`` and ``func.vjp`` bound in) and the parameters it takes, so that
+    each backward interval is one compiled solve; None where the generic backsolve serves
+    instead: a batch (its backward solve is one joint system), no ``vjp``, or ``params``
+    that are not one array."""
+    dyn = problem.dynamics
+    func, params = dyn.user_func, dyn.params
+    vjp = getattr(func, "vjp", None)
+    if vjp is None or problem.layout.batched:
+        return None
+    if params is not None and not isinstance(params, np.ndarray):
+        return None
+    form = _form(func, params is not None)
+    key = ("adjoint", form)
+    per_func = _kernels.setdefault(func, {})
+    if key not in per_func:
+        _, dynamics = _in_place(func, form)
+        vjp_in_place = _vjp_in_place(vjp)
+        bound = bind(_adjoint, {"dynamics_in_place": dynamics, "vjp_in_place": vjp_in_place})
+        per_func[key] = numba.njit(bound)
+    flat = _params_array(params, None)
+    _probe_vjp(vjp, problem, flat)
+    return per_func[key], flat
+
+
+def _vjp_in_place(vjp):
+    """The user's VJP as ``vjp(t, y, params, cotangent, y_bar, params_bar)``, writing its
+    results: as it is when it has that form, else its returning form wrapped."""
+    user = _user_dispatcher(vjp, VJP_FORMS)
+    count = _positional_count(vjp, VJP_FORMS)
+    if count == 6:
+        return user
+    if count == 4:
+        return _jit_bound(bind(_vjp_returning, {"user_vjp": user}))
+    raise TypeError(
+        f"func.vjp takes {count} positional arguments; the numba backend expects {VJP_FORMS}"
+    )
+
+
+def _probe_vjp(vjp, problem, params) -> None:
+    """Compile the user's VJP alone and check the shapes it returns, before the compiled
+    backward solve copies them (out of bounds, a wrong shape would read garbage)."""
+    y = np.ascontiguousarray(np.asarray(problem.y0).reshape(-1))
+    t = y.dtype.type(problem.ts_array[0] * problem.direction)
+    user = _user_dispatcher(vjp, VJP_FORMS)
+    in_place = _positional_count(vjp, VJP_FORMS) == 6
+    try:
+        if in_place:
+            user(t, y.copy(), params, np.ones_like(y), np.zeros_like(y), np.zeros_like(params))
+            return
+        cot_y, cot_params = user(t, y.copy(), params, np.ones_like(y))
+    except NumbaError as exc:
+        raise TypeError(
+            f"Numba could not compile func.vjp for the numba backend's backsolve, which "
+            f"expects {VJP_FORMS}. Numba said:\n{exc}"
+        ) from None
+    for name, value, size in (("y", cot_y, y.shape[0]), ("params", cot_params, params.shape[0])):
+        shape = np.shape(value)
+        if shape != (size,):
+            raise ValueError(
+                f"func.vjp returned a cotangent for {name} of shape {shape}; the numba "
+                f"backend expects shape ({size},), like the flattened {name}"
+            )
 
 
 def _probe(kernel, form, t, y, params, dtype) -> None:
@@ -263,17 +447,22 @@ def _check_layout(lay) -> None:
         )
 
 
-def _norm_code(options) -> float:
+def _norm(options) -> tuple[float, np.ndarray]:
+    """The kernel's norm code and part sizes for ``options['norm']``."""
     norm = (options or {}).get("norm", "rms")
+    parts = np.zeros(0, dtype=np.int64)
+    if isinstance(norm, LargestPartRMS):
+        return loop.PARTS_NORM, np.asarray(norm.sizes, dtype=np.int64)
     if not isinstance(norm, str):
         raise ValueError(
             "the numba backend compiles the error norm into the solve: options['norm'] must "
-            "be 'rms' or 'max'; use another backend for a norm of your own"
+            "be 'rms', 'max' or odecore.control.norms.largest_part_rms(np, sizes); use another "
+            "backend for a norm of your own"
         )
-    return loop.MAX_NORM if norm == "max" else loop.RMS_NORM
+    return (loop.MAX_NORM if norm == "max" else loop.RMS_NORM), parts
 
 
-def _settings(problem, options) -> np.ndarray:
+def _settings(problem, norm_code: float) -> np.ndarray:
     settings = np.zeros(loop.SETTINGS_SIZE)
     controller = problem.controller
     if controller is not None:
@@ -289,7 +478,7 @@ def _settings(problem, options) -> np.ndarray:
     settings[loop.MAX_STEP] = problem.max_step
     settings[loop.MAX_NUM_STEPS] = problem.max_num_steps
     settings[loop.DIRECTION] = problem.direction
-    settings[loop.NORM] = _norm_code(options)
+    settings[loop.NORM] = norm_code
     return settings
 
 
@@ -301,58 +490,55 @@ def _times(values) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float64).reshape(-1))
 
 
-def solve(problem, options) -> Solution:
-    """``Kernels.solve``: the prepared problem solved by the compiled kernel loop."""
+class KernelInputs(NamedTuple):
+    """A prepared problem as the kernel loop's arguments (``odecore.kernels.loop``), one row
+    per trajectory: ``y0`` (N, D), ``params`` (N, P) or one shared row (1, P) (a single
+    trajectory: (P,)), ``rtol``/``atol`` (N, D), ``valid`` (N,)."""
+
+    y0: np.ndarray
+    params: np.ndarray
+    ts: np.ndarray
+    stops: np.ndarray
+    jumps: np.ndarray
+    rtol: np.ndarray
+    atol: np.ndarray
+    parts: np.ndarray
+    valid: np.ndarray
+    settings: np.ndarray
+    form: str
+    batched: bool
+
+
+def kernel_inputs(problem, options) -> KernelInputs:
+    """The arrays the kernel loop takes for ``problem``, checked (the layouts, the norm and
+    the dynamics' form it can compile)."""
     lay = problem.layout
     _check_layout(lay)
-    settings = _settings(problem, options)
+    norm_code, parts = _norm(options)
     batch = lay.batch if lay.batched else None
-    params = _params_array(problem.dynamics.params, batch)
-    form = _form(problem.dynamics.func, problem.dynamics.params is not None)
     y0 = np.ascontiguousarray(np.asarray(problem.y0).reshape(lay.batch, -1))
     rows, size = y0.shape
-    ts = _times(problem.ts_array)
-    kernel = _kernel(problem.dynamics.func, form)
-    _probe(kernel, form, ts[0] * problem.direction, y0[0], params[0] if batch else params, y0.dtype)
-    stops = _times(problem.stops)
-    jumps = _times(problem.jumps if problem.jumps is not None else [])
-    rtol = _per_element(problem.rtol, (rows, size))
-    atol = _per_element(problem.atol, (rows, size))
     valid = np.ones(rows, dtype=np.bool_) if problem.valid is None else np.asarray(problem.valid)
-    tab = kernel_tableau(problem.solver.tableau)
-    out = np.full((rows, len(ts), size), math.nan, dtype=y0.dtype)
-    stats = np.zeros((rows, 4), dtype=np.int64)
-    if batch is None:
-        status, t_reached, _ = kernel.solve_trajectory(
-            y0[0],
-            params,
-            ts,
-            stops,
-            jumps,
-            rtol[0],
-            atol[0],
-            bool(valid[0]),
-            tab,
-            settings,
-            out[0],
-            np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
-            np.empty(1, dtype=y0.dtype),
-            np.empty((1, tab.sizes[DENSE_STAGES])),
-            stats[0],
-        )
-        return Solution(
-            ts=problem.ts_array * problem.direction,
-            ys=out[0].reshape(len(ts), *lay.shape),
-            stats={name: int(stats[0, k]) for k, name in enumerate(_STATS)},
-            status=int(status),
-            t_reached=float(t_reached) * problem.direction,
-            method=problem.solver.name,
-        )
-    status = np.empty(rows, dtype=np.int64)
-    t_reached = np.empty(rows)
-    arrays = (y0, params, ts, stops, jumps, rtol, atol, valid, tab, settings)
-    kernel.solve_ensemble(*arrays, out, status, t_reached, stats)
-    return Solution(
+    return KernelInputs(
+        y0=y0,
+        params=_params_array(problem.dynamics.params, batch),
+        ts=_times(problem.ts_array),
+        stops=_times(problem.stops),
+        jumps=_times(problem.jumps if problem.jumps is not None else []),
+        rtol=_per_element(problem.rtol, (rows, size)),
+        atol=_per_element(problem.atol, (rows, size)),
+        parts=parts,
+        valid=valid,
+        settings=_settings(problem, norm_code),
+        form=_form(problem.dynamics.user_func, problem.dynamics.params is not None),
+        batched=batch is not None,
+    )
+
+
+def ensemble_result(problem, out, status, t_reached, dt_next, stats) -> LoopResult:
+    """The Solution of a batch from the kernel's per-trajectory results: ``out`` (N, T, D),
+    ``status``, ``t_reached``, ``dt_next`` (N,), ``stats`` (N, 4)."""
+    solution = Solution(
         ts=problem.ts_array * problem.direction,
         ys=np.ascontiguousarray(out.transpose(1, 0, 2)),
         stats={name: stats[:, k].copy() for k, name in enumerate(_STATS)},
@@ -360,9 +546,111 @@ def solve(problem, options) -> Solution:
         t_reached=t_reached * problem.direction,
         method=problem.solver.name,
     )
+    return LoopResult(solution, None, dt_next)
+
+
+def solve(problem, options) -> LoopResult:
+    """``Kernels.solve``: the prepared problem solved by the compiled kernel loop."""
+    inputs = kernel_inputs(problem, options)
+    y0, params, ts = inputs.y0, inputs.params, inputs.ts
+    rows, size = y0.shape
+    kernel = _kernel(problem.dynamics.user_func, inputs.form, problem.solver.tableau)
+    first_params = params[0] if inputs.batched else params
+    _probe(kernel, inputs.form, ts[0] * problem.direction, y0[0], first_params, y0.dtype)
+    tab = kernel.arrays
+    out = np.full((rows, len(ts), size), math.nan, dtype=y0.dtype)
+    stats = np.zeros((rows, 4), dtype=np.int64)
+    if not inputs.batched:
+        status, t_reached, dt_next = kernel.solve_trajectory(
+            y0[0],
+            params,
+            ts,
+            inputs.stops,
+            inputs.jumps,
+            inputs.rtol[0],
+            inputs.atol[0],
+            inputs.parts,
+            bool(inputs.valid[0]),
+            tab,
+            inputs.settings,
+            out[0],
+            np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
+            np.empty(1, dtype=y0.dtype),
+            np.empty((1, tab.sizes[DENSE_STAGES])),
+            stats[0],
+        )
+        solution = Solution(
+            ts=problem.ts_array * problem.direction,
+            ys=out[0].reshape(len(ts), *problem.layout.shape),
+            stats={name: int(stats[0, k]) for k, name in enumerate(_STATS)},
+            status=int(status),
+            t_reached=float(t_reached) * problem.direction,
+            method=problem.solver.name,
+        )
+        return LoopResult(solution, None, float(dt_next))
+    status = np.empty(rows, dtype=np.int64)
+    t_reached = np.empty(rows)
+    dt_next = np.empty(rows)
+    arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
+    arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
+    kernel.solve_ensemble(*arrays, out, status, t_reached, dt_next, stats)
+    return ensemble_result(problem, out, status, t_reached, dt_next, stats)
 
 
 _STATS = ("nfev", "nsteps", "naccept", "nreject")
+
+
+class _GenericForm:
+    """Dynamics written in place (``f(t, y, dy, params)``, or a VJP ``vjp(t, y, params,
+    cotangent, y_bar, params_bar)``) in the returning forms the generic loop calls: the
+    checkpoint's replay and the time gradients run there. ``y`` is seen flattened, as in the
+    kernel."""
+
+    def __init__(self, func, in_place: bool, vjp, vjp_in_place: bool):
+        self.user = func
+        self.in_place = in_place
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+        if vjp is not None:
+            self._user_vjp = vjp
+            self.vjp = self._vjp_in_place if vjp_in_place else vjp
+
+    def __call__(self, t, y, params=None):
+        if not self.in_place:
+            return self.user(t, y) if params is None else self.user(t, y, params)
+        flat = np.ascontiguousarray(y).reshape(-1)
+        dy = np.empty_like(flat)
+        self.user(t, flat, dy, _NO_PARAMS if params is None else params)
+        return dy.reshape(np.shape(y))
+
+    def _vjp_in_place(self, t, y, params, cotangent):
+        flat = np.ascontiguousarray(y).reshape(-1)
+        y_bar = np.zeros_like(flat)
+        params_bar = np.zeros_like(_NO_PARAMS if params is None else params)
+        own = _NO_PARAMS if params is None else params
+        self._user_vjp(t, flat, own, np.ascontiguousarray(cotangent).reshape(-1), y_bar, params_bar)
+        return y_bar.reshape(np.shape(y)), (None if params is None else params_bar)
+
+    def __repr__(self) -> str:
+        return repr(self.user)
+
+
+_NO_PARAMS = np.zeros(0)
+_generic_forms: dict = {}
+
+
+def _generic_form(func, params):
+    """``Backend.generic_form`` for the numba backend: see :class:`_GenericForm`."""
+    in_place = _form(func, params is not None) == "in place"
+    key = (func, params is not None)
+    wrapped = _generic_forms.get(key)
+    if wrapped is None:
+        vjp = getattr(func, "vjp", None)
+        vjp_in_place = vjp is not None and _positional_count(vjp, VJP_FORMS) == 6
+        wrapped = func
+        if in_place or vjp_in_place:
+            wrapped = _GenericForm(func, in_place, vjp, vjp_in_place)
+        _generic_forms[key] = wrapped
+    return wrapped
 
 
 class NumbaBackend(NumpyBackend):
@@ -370,7 +658,16 @@ class NumbaBackend(NumpyBackend):
     rules run the generic loop, as on NumPy."""
 
     name = "numba"
-    kernels = Kernels(stage_store=BufferStages, rms_error_ratio=_rms_error_ratio, solve=solve)
+
+    def generic_form(self, func, params):
+        return _generic_form(func, params)
+
+    kernels = Kernels(
+        stage_store=BufferStages,
+        rms_error_ratio=_rms_error_ratio,
+        solve=solve,
+        adjoint_dynamics=adjoint_dynamics,
+    )
 
 
 BACKEND = NumbaBackend()

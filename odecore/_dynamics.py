@@ -26,7 +26,10 @@ class Dynamics:
     def __init__(self, bk, ops, func, params, layout, sign: float, leaves=None):
         self.backend = bk
         self.ops = ops
-        self.func = func
+        # What the user passed (a backend that compiles whole solves compiles this one), and
+        # how the generic loop calls it (Backend.generic_form).
+        self.user_func = func
+        self.func = bk.generic_form(func, params)
         self.params = params
         self.layout = layout
         self.sign = sign

@@ -159,7 +159,9 @@ class ScalarOps:
 
     @staticmethod
     def times(ts):
-        return [float(v) for v in ts]
+        # ``tolist`` converts in one call; a comprehension converts element by element, which
+        # on a long time grid costs more than a short solve.
+        return ts.tolist() if hasattr(ts, "tolist") else [float(v) for v in ts]
 
     @staticmethod
     def take(ts, idx):

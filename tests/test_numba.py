@@ -387,8 +387,12 @@ def test_one_failing_trajectory_does_not_disturb_the_others():
 def test_other_values_do_not_recompile():
     from numba.core.event import install_recorder
 
+    # The kernel is compiled per dynamics and method (the method's sums are written into
+    # it); everything else is a run-time value.
     p = np.array([10.0, 28.0, 8.0 / 3.0])
-    odecore.odeint(lorenz_in_place, np.ones(3), [0.0, 1.0], params=p, backend="numba")
+    odecore.odeint(
+        lorenz_in_place, np.ones(3), [0.0, 1.0], params=p, backend="numba", method="tsit5"
+    )
     with install_recorder("numba:compile") as recorder:
         ys = odecore.odeint(
             lorenz_in_place,
@@ -476,7 +480,7 @@ def test_wrong_rate_shape_is_reported_by_name():
 
 
 def test_a_callable_norm_is_refused():
-    with pytest.raises(ValueError, match="options\\['norm'\\] must be 'rms' or 'max'"):
+    with pytest.raises(ValueError, match="options\\['norm'\\] must be 'rms', 'max' or"):
         odecore.odeint(
             oscillator,
             OSCILLATOR_Y0,
@@ -488,8 +492,10 @@ def test_a_callable_norm_is_refused():
 
 
 # --------------------------------------------------------------------------------------------
-# Gradients: vjp_odeint runs the generic loop on the backend's NumPy arrays, with the
-# dynamics' own VJP, as on NumPy.
+# Gradients: vjp_odeint with the dynamics' own VJP. The backsolve is compiled: its forward
+# solve and every backward interval are kernel solves, with the augmented dynamics compiled
+# from func and func.vjp. The checkpoint records its tape in the generic loop on the
+# backend's NumPy arrays, as on NumPy.
 
 
 def damped(t, y, p):
@@ -517,7 +523,12 @@ def test_vjp_odeint_against_finite_differences(adjoint):
     _, numpy_pullback = odecore.vjp_odeint(
         damped, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint=adjoint, backend="numpy", **tight
     )
-    np.testing.assert_array_equal(p_bar, numpy_pullback(weights)[1])
+    if adjoint == "checkpoint":
+        np.testing.assert_array_equal(p_bar, numpy_pullback(weights)[1])
+    else:
+        # The same steps and arithmetic, but compiled: sin and the norm's sums may round
+        # differently, and the difference grows at most like the solve's own error.
+        np.testing.assert_allclose(p_bar, numpy_pullback(weights)[1], rtol=1e-8, atol=0)
 
     def loss(p):
         ys = odecore.odeint(damped, OSCILLATOR_Y0, t, params=p, backend="numba", **tight)
@@ -528,3 +539,144 @@ def test_vjp_odeint_against_finite_differences(adjoint):
     h = 1e-5
     fd = [(loss(OSCILLATOR_P + h * e) - loss(OSCILLATOR_P - h * e)) / (2 * h) for e in np.eye(2)]
     np.testing.assert_allclose(p_bar, fd, rtol=1e-5, atol=1e-7)
+
+
+def damped_in_place(t, y, dy, p):
+    dy[0] = y[1]
+    dy[1] = -p[0] * y[0] - p[1] * y[1] + np.sin(t)
+
+
+def damped_vjp_in_place(t, y, p, cotangent, y_bar, p_bar):
+    y_bar[0] = -p[0] * cotangent[1]
+    y_bar[1] = cotangent[0] - p[1] * cotangent[1]
+    p_bar[0] = -y[0] * cotangent[1]
+    p_bar[1] = -y[1] * cotangent[1]
+
+
+damped_in_place.vjp = damped_vjp_in_place
+
+
+def test_compiled_backsolve_in_place_forms_against_the_closed_form():
+    """y' = -k y, loss sum_i y(t_i): dL/dk = -sum_i t_i y0 e^{-k t_i}, dL/dy0 = sum_i
+    e^{-k t_i}; both forms of f and of the VJP written in place."""
+
+    def decay(t, y, dy, p):
+        dy[0] = -p[0] * y[0]
+
+    def decay_vjp(t, y, p, cotangent, y_bar, p_bar):
+        y_bar[0] = -p[0] * cotangent[0]
+        p_bar[0] = -y[0] * cotangent[0]
+
+    decay.vjp = decay_vjp
+    k, y0 = 0.7, 1.3
+    t = np.linspace(0.0, 2.0, 6)
+    ys, pullback = odecore.vjp_odeint(
+        decay,
+        np.array([y0]),
+        t,
+        np.array([k]),
+        adjoint="backsolve",
+        backend="numba",
+        rtol=1e-11,
+        atol=1e-12,
+    )
+    y0_bar, p_bar, _ = pullback(np.ones_like(ys))
+    # The backsolve integrates to the tolerance: relative errors of a few 1e-10 at most.
+    np.testing.assert_allclose(ys[:, 0], y0 * np.exp(-k * t), rtol=1e-9)
+    np.testing.assert_allclose(y0_bar, [np.sum(np.exp(-k * t))], rtol=1e-9)
+    np.testing.assert_allclose(p_bar, [-np.sum(t * y0 * np.exp(-k * t))], rtol=1e-9)
+
+
+def test_compiled_backsolve_with_an_in_place_vjp_matches_the_returning_one():
+    t = np.linspace(0.0, 2.0, 5)
+    weights = np.linspace(0.5, 1.5, 10).reshape(5, 2)
+    grads = []
+    for func in (damped, damped_in_place):
+        _, pullback = odecore.vjp_odeint(
+            func, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint="backsolve", backend="numba"
+        )
+        grads.append(pullback(weights)[:2])
+    # One compiled arithmetic, two ways of writing it: the same numbers.
+    for returning, in_place in zip(*grads, strict=True):
+        np.testing.assert_array_equal(in_place, returning)
+
+
+def test_a_vjp_numba_cannot_compile_is_refused_clearly():
+    def rate(t, y, p):
+        return -p[0] * y
+
+    def vjp(t, y, p, cotangent):
+        return SETTINGS.rate * cotangent, np.zeros(1)
+
+    rate.vjp = vjp
+    with pytest.raises(TypeError, match=r"(?s)func.vjp.*vjp\(t, y, params, cotangent\).*said"):
+        odecore.vjp_odeint(
+            rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint="backsolve", backend="numba"
+        )[1](np.ones((2, 2)))
+
+
+def test_a_vjp_of_the_wrong_shape_is_refused_before_the_compiled_solve():
+    def rate(t, y, p):
+        return -p[0] * y
+
+    def vjp(t, y, p, cotangent):
+        return cotangent[:1], -y[:1] * cotangent[:1]
+
+    rate.vjp = vjp
+    _, pullback = odecore.vjp_odeint(
+        rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint="backsolve", backend="numba"
+    )
+    with pytest.raises(ValueError, match=r"cotangent for y of shape \(1,\).*\(2,\)"):
+        pullback(np.ones((2, 2)))
+
+
+def test_the_partitioned_norm_takes_the_generic_steps():
+    """largest_part_rms compiled into the kernel: the same accepted and rejected steps as
+    the generic loop, on a state whose small part would be diluted by one RMS over all."""
+    from odecore.control.norms import largest_part_rms
+
+    def rates(t, y, p):
+        return np.array([-p[0] * y[0], -p[1] * y[1], np.cos(t) * y[2], y[0] - y[1]])
+
+    y0 = np.array([1.0, 2.0, 0.5, 0.0])
+    p = np.array([0.3, 40.0])
+    t = np.linspace(0.0, 2.0, 9)
+    solutions = [
+        odecore.solve(
+            rates,
+            y0,
+            t,
+            params=p,
+            backend=backend,
+            rtol=1e-6,
+            atol=1e-9,
+            options={"norm": largest_part_rms(np, [1, 2, 1])},
+        )
+        for backend in ("numba", "numpy")
+    ]
+    compiled, generic = solutions
+    assert compiled.stats == generic.stats
+    np.testing.assert_allclose(compiled.ys, generic.ys, rtol=1e-10, atol=1e-14)
+    # The parts are honoured: a seminorm (the last part left out) takes other steps.
+    semi = odecore.solve(
+        rates,
+        y0,
+        t,
+        params=p,
+        backend="numba",
+        rtol=1e-6,
+        atol=1e-9,
+        options={"norm": largest_part_rms(np, [1, 2])},
+    )
+    generic_semi = odecore.solve(
+        rates,
+        y0,
+        t,
+        params=p,
+        backend="numpy",
+        rtol=1e-6,
+        atol=1e-9,
+        options={"norm": largest_part_rms(np, [1, 2])},
+    )
+    assert semi.stats == generic_semi.stats
+    assert semi.stats["nsteps"] != compiled.stats["nsteps"]

@@ -8,7 +8,7 @@ import functools
 import math
 
 from odecore.control.norms import largest_part_rms
-from odecore.ode.loop import run_loop
+from odecore.ode.loop import run_loop, solve_prepared
 from odecore.ode.outputs import unchanged
 from odecore.ode.problem import prepare
 
@@ -71,13 +71,22 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
     a = xp.zeros(shape, dtype=dtype)
     a_theta = xp.zeros((sum(sizes),), dtype=dtype)
     t_user = problem.ts_array * dyn.sign
+    # A backend that compiles whole solves may compile the augmented dynamics too: each
+    # interval is then one compiled call (Backend.kernels.adjoint_dynamics).
+    compiled = bk.kernels.adjoint_dynamics
+    compiled = compiled(problem) if compiled is not None else None
 
     def interval(i, a, a_theta, dt_next):
         """Solve back from ``t_i`` to ``t_{i-1}``."""
-        moving = None
-        if failed.active:
-            moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
-        aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+        if compiled is not None:
+            # Only for a single sample, which moves on every interval that is solved.
+            aug, aug_params = compiled
+        else:
+            moving = None
+            if failed.active:
+                moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
+            aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+            aug_params = None
         z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
         first = options if dt_next is None else {**options, "first_step": dt_next}
         backward = prepare(
@@ -85,7 +94,7 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
             aug,
             z0,
             xp.stack([t_user[i], t_user[i - 1]]),
-            None,
+            aug_params,
             settings["rtol"],
             settings["atol"],
             settings["method"],
@@ -93,7 +102,10 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
             None,
             None,
         )
-        result = run_loop(backward, record=False, throw=True)
+        if compiled is not None:
+            result = solve_prepared(backward, first, record=False, throw=True)
+        else:
+            result = run_loop(backward, record=False, throw=True)
         dt_next = _usable_step(bk, result.dt_next) if seed else None
         z = result.solution.ys[-1]
         return xp.reshape(z[m : 2 * m], shape), z[2 * m :], dt_next

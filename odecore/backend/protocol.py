@@ -97,15 +97,18 @@ class Kernels:
     ``stage_store(method, y0) -> start``: where the Runge-Kutta steps of one solve keep their
     stages, called once per solve (``odecore.solvers.stage_stores``). ``rms_error_ratio(err,
     y, y_new, rtol, atol, axis)``: the scaled RMS error of one estimate, per sample, as
-    control values (``odecore.control.norms``). ``solve(problem, options) -> Solution``: the
-    whole solve of a prepared problem (``odecore.ode.problem.Problem``, with the user's
+    control values (``odecore.control.norms``). ``solve(problem, options) -> LoopResult``:
+    the whole solve of a prepared problem (``odecore.ode.problem.Problem``, with the user's
     ``options``) as one compiled call, taking the generic loop's steps
     (``odecore.kernels.loop``); the caller raises on failure. The generic loop still serves
-    what it does not cover (recording the checkpoint tape)."""
+    what it does not cover (recording the checkpoint tape). ``adjoint_dynamics(problem) ->
+    (func, params) | None``: the backsolve's augmented dynamics for ``problem`` in a form
+    ``solve`` compiles, or None where the backsolve's portable dynamics must serve."""
 
     stage_store: Callable | None = None
     rms_error_ratio: Callable | None = None
     solve: Callable | None = None
+    adjoint_dynamics: Callable | None = None
 
 
 class Backend:
@@ -187,6 +190,14 @@ class Backend:
     def no_grad(self):
         """A context in which the framework records nothing for autodiff."""
         return contextlib.nullcontext()
+
+    def generic_form(self, func: Callable, params: Any) -> Callable:
+        """``func`` as the generic loop calls it: ``func(t, y[, params]) -> dy``, with
+        ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)`` where it has one. A backend
+        whose users may write dynamics another way (Numba's in place ``f(t, y, dy,
+        params)``) wraps them here; :class:`odecore._dynamics.Dynamics` keeps the user's own
+        as ``user_func``."""
+        return func
 
     def __repr__(self) -> str:
         return f"<odecore backend {self.name!r}>"

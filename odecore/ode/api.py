@@ -15,7 +15,7 @@ from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
-from odecore.ode.loop import LoopResult, run_loop, trivial_solution, user_f_at
+from odecore.ode.loop import LoopResult, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 
@@ -117,15 +117,7 @@ def solve(
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
                 return None, LoopResult(solution, None, None)
-            # The one place a solve leaves the generic loop: a backend that compiles whole
-            # solves (Numba, Backend.kernels.solve) runs the prepared problem as one call,
-            # taking the same steps. Recording the checkpoint tape stays with the loop.
-            if bk.kernels.solve is not None and not record:
-                solution = bk.kernels.solve(problem, options)
-                if throw and not solution.success:
-                    raise SolveError(failure_message(solution), solution)
-                return problem, LoopResult(solution, None, None)
-            return problem, run_loop(problem, record, throw)
+            return problem, solve_prepared(problem, options, record, throw)
 
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1].solution
@@ -355,7 +347,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        return problem, run_loop(problem, record, throw=throw)
+        return problem, solve_prepared(problem, kwargs.get("options"), record, throw)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:

@@ -61,6 +61,20 @@ class LoopResult(NamedTuple):
     dt_next: Any
 
 
+def solve_prepared(problem: Problem, options, record: bool, throw: bool) -> LoopResult:
+    """Solve a prepared problem (``options``: the user's, as ``prepare`` got them). The one
+    place a solve leaves the generic loop: a backend that compiles whole solves (Numba,
+    ``Backend.kernels.solve``) runs it as one call, taking the same steps. Recording the
+    checkpoint tape stays with the loop."""
+    compiled = problem.backend.kernels.solve
+    if compiled is None or record:
+        return run_loop(problem, record, throw)
+    result = compiled(problem, options)
+    if throw and not result.solution.success:
+        raise SolveError(failure_message(result.solution), result.solution)
+    return result
+
+
 def run_loop(problem: Problem, record: bool, throw: bool) -> LoopResult:
     """Run the loop over a prepared problem, recording the accepted steps in the result's
     tape when ``record`` (for the checkpoint gradient)."""
