@@ -18,9 +18,15 @@ The terminal summary is printed with ``-q`` too, and in CI logs.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import pytest
+
+# The numba backend keeps compiled kernels on disk (adapters/numba_cache.py); a test run
+# keeps its own, apart from the user's cache and from other runs.
+os.environ.setdefault("ODECORE_CACHE_DIR", tempfile.mkdtemp(prefix="odecore-test-cache-"))
 
 _CELL_KEY = "odecore_conformance_cell"
 _MEASUREMENTS_KEY = "odecore_measurements"

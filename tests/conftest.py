@@ -30,6 +30,8 @@ default, where time is float32.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +41,10 @@ import pytest
 from backend_params import REQUIRED, SELECTED
 
 import odecore
+
+# The numba backend keeps compiled kernels on disk (adapters/numba_cache.py); a test run
+# keeps its own, apart from the user's cache and from other runs.
+os.environ.setdefault("ODECORE_CACHE_DIR", tempfile.mkdtemp(prefix="odecore-test-cache-"))
 
 
 def _load(name: str) -> tuple[odecore.Backend | None, str]:

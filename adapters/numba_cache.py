@@ -1,0 +1,156 @@
+"""The numba backend's compiled kernels kept on disk, so that a new process does not compile
+them again.
+
+Numba caches a function's machine code by its source file and name, and does not look at
+the globals it calls: a kernel loop bound to one dynamics (``compiled_loop``) shares file and
+name with every other binding, so it cannot be cached as it is. Instead, for dynamics that
+can be imported by name, :func:`load` writes one module per dynamics, form and method: the
+kernel loop's source, the method's written-out sums and an import of the dynamics, each
+function compiled with ``cache=True``. The module's name is a digest of everything its code
+depends on (its text, the rules' and primitives' sources, the dynamics' code, the odecore
+and Numba versions), so a change to any of them writes a new module rather than reusing
+stale machine code. A helper function the dynamics call is not part of the digest: edit it
+and Numba's cache of the dynamics serves the old one, as Numba's own caching does.
+
+The directory is ``$ODECORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecore``, else
+``~/.cache/odecore``, with a ``numba`` folder inside; set ``ODECORE_CACHE_DIR`` to an empty
+string to keep every kernel in memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import numba
+
+import odecore
+from odecore.control import primitives, rules
+from odecore.kernels import loop
+from odecore.kernels.specialize import NAMES as WRITTEN_NAMES
+
+_RETURNING = {
+    "in place": "    _user(t, y, dy, params)\n",
+    "returning": "    rate = _user(t, y, params)\n"
+    "    for i in range(dy.shape[0]):\n"
+    "        dy[i] = rate[i]\n",
+    "returning without params": "    rate = _user(t, y)\n"
+    "    for i in range(dy.shape[0]):\n"
+    "        dy[i] = rate[i]\n",
+}
+
+
+def directory() -> Path | None:
+    """Where the kernel modules are written, or None when disk caching is switched off."""
+    configured = os.environ.get("ODECORE_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) / "numba" if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "odecore" / "numba"
+
+
+def importable_name(func) -> tuple[str, str] | None:
+    """``(module, qualified name)`` by which ``func`` can be imported, or None (a lambda, a
+    function defined inside another, one typed at a prompt)."""
+    py_func = getattr(func, "py_func", func)
+    module_name = getattr(py_func, "__module__", None)
+    qualname = getattr(py_func, "__qualname__", "")
+    if not module_name or module_name == "__main__" or "<" in qualname:
+        return None
+    module = sys.modules.get(module_name)
+    target = module
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    if target is not func or getattr(module, "__file__", None) is None:
+        return None
+    return module_name, qualname
+
+
+def load(func, form: str, sums: str, ensemble_source: str) -> ModuleType | None:
+    """The generated module for ``func`` (in ``form``) with the method's written sums
+    ``sums`` (their source, ``odecore.kernels.specialize.source``) and the ensemble's
+    parallel loop ``ensemble_source``, or None where the kernel cannot be cached on disk.
+    Its ``solve_trajectory`` and ``solve_ensemble`` are the kernel."""
+    folder = directory()
+    name = importable_name(func)
+    if folder is None or name is None:
+        return None
+    text = _module_text(name, form, sums, ensemble_source)
+    digest = _digest(text, func)
+    module_name = f"odecore_kernel_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = folder / f"{module_name}.py"
+    try:
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            # Written whole, then renamed: a process reading the folder meanwhile never
+            # sees half a module, and two processes writing it write the same text.
+            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+                f.write(text)
+            os.replace(f.name, path)
+    except OSError:
+        return None  # a read-only home, say: the kernel is compiled in memory instead
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _module_text(name, form, sums, ensemble_source) -> str:
+    module_name, qualname = name
+    head, _, rest = qualname.partition(".")
+    lines = [
+        '"""A kernel of odecore\'s numba backend, written by odecore.adapters.numba_cache."""',
+        "import math",
+        "import numba",
+        "import numpy as np",
+        "from odecore.adapters.numba import _compiled_rules",
+        "from odecore.kernels import loop",
+        "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
+        "from odecore.kernels.tableau import DENSE_STAGES",
+        f"from {module_name} import {head} as _user",
+        "globals().update(_compiled_rules())",
+    ]
+    if rest:
+        lines.append(f"_user = _user.{rest}")
+    lines += [
+        "if not isinstance(_user, numba.core.dispatcher.Dispatcher):",
+        "    _user = numba.njit(_user, cache=True)",
+        "",
+        "",
+        "def dynamics(t, y, dy, params):",
+        _RETURNING[form],
+    ]
+    for fn in loop.KERNEL_FUNCTIONS:
+        if fn.__name__ not in WRITTEN_NAMES:
+            lines += ["", inspect.getsource(fn)]
+    lines += ["", sums, "", ensemble_source, ""]
+    for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
+        if fn_name == "solve_trajectory":
+            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True)")
+        else:
+            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True, inline='always')")
+    lines.append("solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True)")
+    return "\n".join(lines) + "\n"
+
+
+def _digest(text: str, func) -> str:
+    py_func = getattr(func, "py_func", func)
+    code = py_func.__code__
+    parts = [
+        text,
+        inspect.getsource(rules),
+        inspect.getsource(primitives),
+        odecore.__version__,
+        numba.__version__,
+        repr((code.co_code, code.co_consts, code.co_names)),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]

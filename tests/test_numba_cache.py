@@ -1,0 +1,95 @@
+"""Kernels of the numba backend kept on disk (adapters/numba_cache.py): a second process
+loads them instead of compiling, a changed dynamics gets a kernel of its own, and dynamics
+that cannot be imported by name stay in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import odecore
+
+pytest.importorskip("numba", reason="the numba backend needs numba")
+from odecore.adapters import numba_cache  # noqa: E402
+
+pytestmark = pytest.mark.backend("numba")
+
+RUN = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    from numba.core.event import install_recorder
+    import odecore
+    import decay
+
+    with install_recorder("numba:compile") as recorder:
+        sol = odecore.solve(decay.rate, np.array([1.0, 2.0]), [0.0, 1.0], params=np.array([0.5]),
+                            backend="numba", method="tsit5", rtol=1e-9, atol=1e-12)
+    compiled = [e.data["dispatcher"].py_func.__name__ for _, e in recorder.buffer if e.is_start]
+    print(json.dumps({"compiled": compiled, "y1": sol.ys[-1].tolist()}))
+    """
+)
+
+DECAY = """
+def rate(t, y, dy, p):
+    for i in range(y.shape[0]):
+        dy[i] = {sign}p[0] * y[i]
+"""
+
+
+def _run(module_dir, cache_dir):
+    env = {**os.environ, "ODECORE_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, str(module_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_kernel_instead_of_compiling(tmp_path):
+    (tmp_path / "decay.py").write_text(DECAY.format(sign="-"))
+    cache = tmp_path / "cache"
+    first = _run(tmp_path, cache)
+    second = _run(tmp_path, cache)
+    assert "solve_trajectory" in first["compiled"]
+    assert "solve_trajectory" not in second["compiled"]
+    expected = np.exp(-0.5) * np.array([1.0, 2.0])
+    # rtol 1e-9 on a decaying exponential: the global error stays below a few 1e-9.
+    np.testing.assert_allclose(second["y1"], expected, rtol=1e-8)
+    np.testing.assert_array_equal(second["y1"], first["y1"])
+
+    # The same file name with other code: a kernel of its own, not the stale one.
+    (tmp_path / "decay.py").write_text(DECAY.format(sign="+"))
+    changed = _run(tmp_path, cache)
+    assert "solve_trajectory" in changed["compiled"]
+    np.testing.assert_allclose(changed["y1"], np.exp(0.5) * np.array([1.0, 2.0]), rtol=1e-8)
+    assert len(list((cache / "numba").glob("odecore_kernel_*.py"))) == 2
+
+
+def test_dynamics_that_cannot_be_imported_by_name_stay_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODECORE_CACHE_DIR", str(tmp_path))
+
+    def local(t, y, dy, p):
+        dy[0] = -y[0]
+
+    assert numba_cache.importable_name(local) is None
+    assert numba_cache.importable_name(lambda t, y, p: -y) is None
+    sol = odecore.solve(local, np.array([1.0]), [0.0, 1.0], params=np.zeros(0), backend="numba")
+    np.testing.assert_allclose(sol.ys[-1], [np.exp(-1.0)], rtol=1e-6)
+    assert not (tmp_path / "numba").exists()
+
+
+def test_an_empty_cache_dir_switches_disk_caching_off(monkeypatch):
+    monkeypatch.setenv("ODECORE_CACHE_DIR", "")
+    assert numba_cache.directory() is None
