@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import pytest
+from backend_params import REQUIRED
 from odecore.adapters import _cupy_source
 from odecore.adapters.numpy import NumpyBackend
 
@@ -29,13 +30,18 @@ ADAPTIVE = ("dopri5", "bosh3", "tsit5", "dopri8")
 
 
 def _cupy_backend():
-    """The CuPy backend, or a skip that says why there is none."""
+    """The CuPy backend, or a skip that says why there is none; a failure instead where the
+    run requires cupy (ODECORE_REQUIRED_BACKENDS, as benchmarks/gpu_check.sh sets it)."""
     if importlib.util.find_spec("cupy") is None:
-        pytest.skip("cupy not installed (pip install 'odecore[cupy]')")
-    try:
-        return odecore.get_backend("cupy")
-    except odecore.DeviceNotAvailableError as exc:
-        pytest.skip(f"no CUDA device: {exc}")
+        why = "cupy not installed (pip install 'odecore[cupy]')"
+    else:
+        try:
+            return odecore.get_backend("cupy")
+        except odecore.DeviceNotAvailableError as exc:
+            why = f"no CUDA device: {exc}"
+    if "cupy" in REQUIRED:
+        pytest.fail(f"the cupy backend is required in this run but unavailable: {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture
