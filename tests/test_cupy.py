@@ -189,6 +189,64 @@ def test_every_method_has_its_kernels(method):
     assert _cupy_source.dense_output(rk.dense).stages
 
 
+def _nvrtc():
+    """CUDA's runtime compiler, which needs no device; or a skip saying it is missing."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # no cupy, or cupy without the NVRTC library
+        pytest.skip(f"NVRTC not available to compile the kernels ({type(exc).__name__}: {exc})")
+    return nvrtc
+
+
+def _translation_unit(source: _cupy_source.Source, state_type: str) -> str:
+    """The kernel's source as one CUDA function taking each parameter from an array: the
+    parameters and the expressions exactly as the kernel gets them, with ``T`` (and the
+    tolerances' ``R``) the given type, as CuPy's typedefs make them."""
+    params = [p.split() for p in source.in_params.split(", ")]
+    loads = []
+    for i, (kind, name) in enumerate(params):
+        c_type = {"float64": "double"}.get(kind, kind)
+        loads.append(f"{c_type} {name} = ({c_type})in_[{i}];")
+    if source.operation:
+        body = f"T out; {source.operation}; out_[0] = (double)out;"
+    else:
+        body = (
+            f"double v = {source.map_expr}; double a = v, b = v; a = {source.reduce_expr};"
+            f" double out; {source.post_map_expr}; out_[0] = out;"
+        )
+    return f"""
+typedef {state_type} T;
+typedef double R;
+struct Indexer {{ __device__ long size() const {{ return 4; }} }};
+{source.preamble}
+extern "C" __global__ void odecore_check(const double* in_, double* out_) {{
+    Indexer _in_ind, _out_ind;
+    {" ".join(loads)}
+    {body}
+}}
+"""
+
+
+@pytest.mark.parametrize("state_type", ["float", "double"])
+@pytest.mark.parametrize("method", ADAPTIVE + ("rk4",))
+def test_generated_kernels_compile(method, state_type):
+    nvrtc = _nvrtc()
+    rk = prepared(odecore.TABLEAUS[method])
+    sources = [_cupy_source.rms_error_ratio(), _cupy_source.dense_output(rk.dense)]
+    for row in rk.step_rows:
+        sources += [_cupy_source.stage_combination(row.dense, with_y=w) for w in (True, False)]
+    for source in sources:
+        program = nvrtc.createProgram(_translation_unit(source, state_type), "k.cu", [], [])
+        try:
+            # Hopper's virtual architecture: no device is asked which one it is.
+            nvrtc.compileProgram(program, ["-arch=compute_90"])
+        except nvrtc.NVRTCError:
+            pytest.fail(f"{source.name} does not compile:\n{nvrtc.getProgramLog(program)}")
+        assert nvrtc.getPTX(program)
+
+
 @pytest.mark.parametrize(
     ("weights", "kind", "message"),
     [
