@@ -782,6 +782,8 @@ def test_selected_backend_without_its_device_is_skipped(monkeypatch) -> None:
 
 def test_required_backend_without_its_device_fails_naming_it(monkeypatch) -> None:
     _missing_device(monkeypatch, "cupy")
+    monkeypatch.setattr("conformance.test_conformance.SELECTED_BACKENDS", None)
+    monkeypatch.setattr("conformance.test_conformance.REQUIRED_BACKENDS", {"cupy"})
     monkeypatch.setattr("conformance.test_conformance.DEVICE_REQUIRED_BACKENDS", {"cupy"})
     kind, message = _outcome("cupy")
     assert kind is pytest.fail.Exception, f"{kind.__name__}: {message}"
