@@ -5,6 +5,7 @@
     nox -s "tests(backend='torch')"    unit tests of one backend, with its extra installed
     nox -s conformance                 the cross-backend suite and its summary table
     nox -s lint                        ruff check + ruff format --check
+    nox -s gpu                         the cupy rows of tests and conformance (needs a GPU)
     nox -s bench                       benchmarks/bench_numpy.py
     nox -s bench -- benchmarks/bench_numpy.py --repeat 3   scripts and their arguments
 
@@ -27,8 +28,11 @@ CONSTRAINTS = ("-c", "constraints.txt")
 
 # Adding a backend is one line here: its name is also the name of its pip extra
 # (pyproject.toml) and of the module that proves it is installed.
-# Planned: "cupy".
 BACKENDS = ["numpy", "torch", "jax", "numba"]
+
+# Backends that need a GPU: not among BACKENDS, whose sessions run on any machine, nor in CI
+# (which has none). The ``gpu`` session runs their rows.
+GPU_BACKENDS = ["cupy"]
 
 # The backends the CI run must test (a 2-core machine, 90 minutes in all). torch comes from
 # constraints.txt's CPU wheel; jax and jaxlib are pinned there too (the CPU build is the
@@ -131,6 +135,25 @@ def conformance(session: nox.Session) -> None:
         "-s",
         *session.posargs,
         env={"ODECORE_CONFORMANCE_BACKENDS": ",".join(available)},
+    )
+
+
+@nox.session
+@nox.parametrize("backend", GPU_BACKENDS)
+def gpu(session: nox.Session, backend: str) -> None:
+    """A GPU backend's rows of the tests and of the conformance suite, on a machine with a
+    CUDA device. The backend is required: without a device its rows fail, naming the reason,
+    rather than skip. (benchmarks/gpu_check.sh does the same without network access.)"""
+    install_project(session, extras_for(backend))
+    required = {"ODECORE_REQUIRED_BACKENDS": backend}
+    session.run(
+        "pytest", "tests", *session.posargs, env={**required, "ODECORE_TEST_BACKEND": backend}
+    )
+    session.run(
+        "pytest",
+        "conformance",
+        *session.posargs,
+        env={**required, "ODECORE_CONFORMANCE_BACKENDS": f"numpy,{backend}"},
     )
 
 

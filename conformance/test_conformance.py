@@ -15,6 +15,10 @@ Which backends run:
   (nox's ``ci`` session sets it to its CI backends). A backend named in
   ``ODECORE_CONFORMANCE_BACKENDS`` is required too: asking for it and not getting it is a
   failure. Only a backend nobody asked for is skipped when it is missing.
+- A backend whose library is installed but whose device is missing (cupy without a CUDA
+  device: ``DeviceNotAvailableError``) is skipped, saying so, unless
+  ``ODECORE_REQUIRED_BACKENDS`` names it: ``ODECORE_CONFORMANCE_BACKENDS=numpy,cupy`` runs the
+  cupy rows where there is a GPU and skips them elsewhere.
 
 Checks (each gradient check covers every argument: ``y0``, each parameter, the times ``t``):
 
@@ -123,9 +127,9 @@ def _backend_names(variable: str) -> set[str] | None:
 
 
 SELECTED_BACKENDS = _backend_names("ODECORE_CONFORMANCE_BACKENDS")
-REQUIRED_BACKENDS = (_backend_names("ODECORE_REQUIRED_BACKENDS") or set()) | (
-    SELECTED_BACKENDS or set()
-)
+# The backends that must run even where their device is missing.
+DEVICE_REQUIRED_BACKENDS = _backend_names("ODECORE_REQUIRED_BACKENDS") or set()
+REQUIRED_BACKENDS = DEVICE_REQUIRED_BACKENDS | (SELECTED_BACKENDS or set())
 
 
 def runs(name: str) -> bool:
@@ -142,6 +146,14 @@ def backend_or_skip(name: str) -> odecore.Backend:
         )
     try:
         return odecore.get_backend(name)
+    except odecore.DeviceNotAvailableError as exc:
+        if name in DEVICE_REQUIRED_BACKENDS:
+            pytest.fail(
+                f"the {name!r} backend is required in this run (ODECORE_REQUIRED_BACKENDS) but "
+                f"its device is not available: {exc}",
+                pytrace=False,
+            )
+        pytest.skip(str(exc))
     except odecore.BackendNotAvailableError as exc:
         if name in REQUIRED_BACKENDS:
             pytest.fail(
@@ -744,6 +756,38 @@ def test_missing_backend_nobody_required_is_skipped(monkeypatch) -> None:
     kind, message = _outcome(REFERENCE_BACKEND)
     assert kind is pytest.skip.Exception, f"{kind.__name__}: {message}"
     assert "needs a framework" in message
+
+
+def _missing_device(monkeypatch, missing: str) -> None:
+    """Make ``odecore.get_backend(missing)`` fail as it does when the device is absent."""
+    real = odecore.get_backend
+
+    def get_backend(name):
+        if name == missing:
+            raise odecore.DeviceNotAvailableError(f"the {name!r} backend needs a CUDA device")
+        return real(name)
+
+    monkeypatch.setattr(odecore, "get_backend", get_backend)
+
+
+def test_selected_backend_without_its_device_is_skipped(monkeypatch) -> None:
+    _missing_device(monkeypatch, "cupy")
+    monkeypatch.setattr("conformance.test_conformance.SELECTED_BACKENDS", {"numpy", "cupy"})
+    monkeypatch.setattr("conformance.test_conformance.REQUIRED_BACKENDS", {"numpy", "cupy"})
+    monkeypatch.setattr("conformance.test_conformance.DEVICE_REQUIRED_BACKENDS", set())
+    kind, message = _outcome("cupy")
+    assert kind is pytest.skip.Exception, f"{kind.__name__}: {message}"
+    assert "needs a CUDA device" in message
+
+
+def test_required_backend_without_its_device_fails_naming_it(monkeypatch) -> None:
+    _missing_device(monkeypatch, "cupy")
+    monkeypatch.setattr("conformance.test_conformance.SELECTED_BACKENDS", None)
+    monkeypatch.setattr("conformance.test_conformance.REQUIRED_BACKENDS", {"cupy"})
+    monkeypatch.setattr("conformance.test_conformance.DEVICE_REQUIRED_BACKENDS", {"cupy"})
+    kind, message = _outcome("cupy")
+    assert kind is pytest.fail.Exception, f"{kind.__name__}: {message}"
+    assert "the 'cupy' backend is required" in message and "needs a CUDA device" in message
 
 
 def test_backend_names_from_the_environment(monkeypatch) -> None:

@@ -2,7 +2,13 @@
 
 from odecore._config import backend_name, set_backend, use_backend
 from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
-from odecore.backend import BACKEND_NAMES, Backend, BackendNotAvailableError, get_backend
+from odecore.backend import (
+    BACKEND_NAMES,
+    Backend,
+    BackendNotAvailableError,
+    DeviceNotAvailableError,
+    get_backend,
+)
 from odecore.deq import (
     FixedPointError,
     FixedPointSolution,
@@ -35,6 +41,7 @@ __all__ = [
     "FixedPointSolution",
     "FixedPointStatus",
     "BackendNotAvailableError",
+    "DeviceNotAvailableError",
     "PrecisionWarning",
     "Solution",
     "SolveError",

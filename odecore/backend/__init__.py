@@ -5,6 +5,7 @@ from odecore.backend.protocol import Autodiff, Backend, Kernels, Tracing
 from odecore.backend.registry import (
     BACKEND_NAMES,
     BackendNotAvailableError,
+    DeviceNotAvailableError,
     get_backend,
     infer_backend,
     is_traced,
@@ -16,6 +17,7 @@ __all__ = [
     "Autodiff",
     "Backend",
     "BackendNotAvailableError",
+    "DeviceNotAvailableError",
     "Kernels",
     "Tracing",
     "get_backend",

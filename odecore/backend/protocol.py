@@ -103,12 +103,16 @@ class Kernels:
     (``odecore.kernels.loop``); the caller raises on failure. The generic loop still serves
     what it does not cover (recording the checkpoint tape). ``adjoint_dynamics(problem) ->
     (func, params) | None``: the backsolve's augmented dynamics for ``problem`` in a form
-    ``solve`` compiles, or None where the backsolve's portable dynamics must serve."""
+    ``solve`` compiles, or None where the backsolve's portable dynamics must serve.
+    ``dense_output(method) -> interpolate``: the dense output of one solve's steps, with the
+    signature of ``ExplicitRK.interpolate`` (``odecore.solvers.explicit_rk``), called once per
+    solve."""
 
     stage_store: Callable | None = None
     rms_error_ratio: Callable | None = None
     solve: Callable | None = None
     adjoint_dynamics: Callable | None = None
+    dense_output: Callable | None = None
 
 
 class Backend:
@@ -123,6 +127,10 @@ class Backend:
     eager: bool = True
     #: Whether the core may write into arrays it allocated itself.
     inplace_ok: bool = True
+    #: Whether a single eager sample keeps its time, step size and counters as Python numbers
+    #: (``odecore._ops.ScalarOps``). False keeps them as arrays on the state's device, where
+    #: reading each step's error norm to the host would wait for the device.
+    host_control_values: bool = True
     autodiff: Autodiff | None = None
     tracing: Tracing | None = None
     kernels: Kernels = Kernels()

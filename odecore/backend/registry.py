@@ -43,6 +43,11 @@ class BackendNotAvailableError(ImportError):
     """The requested backend cannot be used in this environment."""
 
 
+class DeviceNotAvailableError(BackendNotAvailableError):
+    """The backend's library is installed but the device it computes on is not there (CuPy
+    without a CUDA device)."""
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``, importing its adapter (and framework) on first use."""
     if name not in _ADAPTERS:

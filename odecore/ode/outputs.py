@@ -37,7 +37,7 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev):
                     # hundreds (DOP853), and their weighted sums would lose digits in a
                     # float32 state.
                     theta = (at_time - t) / h_safe
-                    value = solver.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                    value = p.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
                     # The step's end point is known exactly; do not replace it by the
                     # interpolant.
                     value = ops.select_rows(at_time == t_new, y_new, value)

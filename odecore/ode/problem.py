@@ -36,6 +36,9 @@ class Problem:
     # backend's fused kernel for the built-in rms norm, else odecore.control.norms.error_ratio
     error_ratio: Any
     stage_store: Any  # start(solver, y, first, h, hy): a step's stage store (Backend.stage_store)
+    # interpolate(ops, dense_coeffs, theta, y, hy, dense_stages) -> y(t + theta h): the
+    # backend's fused kernel (Kernels.dense_output), else the solver's own
+    interpolate: Any
     y0: Any  # (B, N)
     ts: Any  # (T,) internal output times, increasing, as control values
     ts_array: Any  # the same as an array
@@ -80,8 +83,9 @@ def prepare(
     ts_user = _validate.times(bk, t)
     y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
     # A single sample on an eager backend keeps its control values as Python numbers and its
-    # state in its own shape (see odecore._ops): the cheapest bookkeeping per step.
-    scalar = bk.eager and batch_axis is None
+    # state in its own shape (see odecore._ops): the cheapest bookkeeping per step, unless
+    # the backend keeps them on its device (Backend.host_control_values).
+    scalar = bk.eager and bk.host_control_values and batch_axis is None
     layout = make_layout(xp, y0_arr, batch_axis, flat=not scalar)
     rtol = _validate.tolerance(bk, rtol, "rtol", layout)
     atol = _validate.tolerance(bk, atol, "atol", layout)
@@ -144,6 +148,9 @@ def prepare(
         evaluate=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
         stage_store=_stage_store(bk, rk, y0_int),
+        interpolate=rk.interpolate
+        if bk.kernels.dense_output is None
+        else bk.kernels.dense_output(rk),
         t_user_dtype=ts_in_dtype,
         ops=ops,
         solver=rk,

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# odecore's checks that need a CUDA device, in one run of a few minutes.
+#
+# On a machine with network access, once (from the repository root):
+#     benchmarks/gpu_check.sh --prepare
+# downloads into .whl/ (ignored by git) the pure-Python wheels odecore needs that a GPU image
+# may lack. Then, on the GPU machine, with .whl/ beside the checkout (carried there):
+#     benchmarks/gpu_check.sh
+# installs those wheels and odecore (editable, no network), and runs
+#   1. tests/test_cupy.py and tests/test_torch_cuda.py (the device rows; cupy required, so
+#      a missing device fails instead of skipping);
+#   2. the unit tests that take the backend fixture, on cupy (ODECORE_TEST_BACKEND=cupy);
+#   3. the conformance suite on numpy and cupy (not slow);
+#   4. benchmarks/bench_gpu.py (CuPy against torchdiffeq on torch CUDA).
+# Each part has its own time limit (seconds, overridable: PART_TIMEOUT_TESTS, ...); a part
+# that fails or times out does not stop the others. Logs and summary.txt go to $OUT (default
+# gpu_check_out/). PYTHON names the interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=.whl
+OUT=${OUT:-gpu_check_out}
+export PYTHONUNBUFFERED=1
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    # Versions this checkout is tested with; both are pure Python (py3-none-any).
+    exec "$PY" -m pip download --no-deps --only-binary=:all: -d "$WHEELS" \
+        "array-api-compat==1.16.0" "array-api-extra==0.11.5"
+fi
+
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+: >"$summary"
+
+note() { echo "$*" | tee -a "$summary"; }
+
+if ! "$PY" -c "import array_api_compat, array_api_extra" 2>/dev/null; then
+    "$PY" -m pip install --no-index --find-links "$WHEELS" array-api-compat array-api-extra \
+        >"$OUT/install.log" 2>&1 || { note "install of array-api wheels from $WHEELS failed"; exit 1; }
+fi
+"$PY" -m pip install --no-deps --no-index --no-build-isolation -e . >>"$OUT/install.log" 2>&1 \
+    || { note "editable install of odecore failed (see install.log)"; exit 1; }
+note "$(nvidia-smi -L 2>&1 | head -n 2)"
+note "$("$PY" -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())' 2>&1)"
+
+part() {  # part NAME SECONDS COMMAND...
+    local name=$1 seconds=$2
+    shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    local tail_line
+    tail_line=$(grep -E "passed|failed|error|skipped" "$OUT/$name.log" | tail -n 1)
+    note "$name: rc=$rc in $((SECONDS - start))s (limit ${seconds}s): ${tail_line}"
+}
+
+PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider)
+part device_tests "${PART_TIMEOUT_TESTS:-120}" \
+    env ODECORE_REQUIRED_BACKENDS=cupy "${PYTEST[@]}" tests/test_cupy.py tests/test_torch_cuda.py
+part fixture_tests "${PART_TIMEOUT_FIXTURE:-150}" \
+    env ODECORE_TEST_BACKEND=cupy "${PYTEST[@]}" tests -m "not slow" --maxfail=25
+part conformance "${PART_TIMEOUT_CONFORMANCE:-150}" \
+    env ODECORE_CONFORMANCE_BACKENDS=numpy,cupy ODECORE_REQUIRED_BACKENDS=cupy \
+    "${PYTEST[@]}" conformance -m "not slow"
+part bench "${PART_TIMEOUT_BENCH:-120}" "$PY" benchmarks/bench_gpu.py --sizes 10 14 18 20 --repeat 3
+cat "$OUT/bench.log" >>"$summary"
