@@ -61,7 +61,9 @@ def importable_name(func) -> tuple[str, str] | None:
     py_func = getattr(func, "py_func", func)
     module_name = getattr(py_func, "__module__", None)
     qualname = getattr(py_func, "__qualname__", "")
-    if not module_name or module_name == "__main__" or "<" in qualname:
+    # A script's functions (module __main__) qualify: a later run of the script imports them
+    # from its own __main__. A notebook's do not (its __main__ has no file).
+    if not module_name or "<" in qualname:
         return None
     module = sys.modules.get(module_name)
     target = module
