@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from odecore import _validate
 from odecore.backend import differentiate
+from odecore.backend.structured import unwrap
 from odecore.backend.tree import leaves as tree_leaves
 
 
@@ -143,4 +144,5 @@ def _cotangent_names(params, count):
 
 
 def _vjp_name(func):
+    func = unwrap(func)
     return f"{type(func).__name__}.vjp" if hasattr(func, "vjp") else "the dynamics' VJP"

@@ -245,22 +245,23 @@ def times(bk, t) -> Any:
     return arr
 
 
-def initial_state(bk, y0, finite: bool = True) -> Any:
+def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     """``y0`` as an array, checked; ``finite=False`` leaves its values to the caller (a batch
-    is checked sample by sample)."""
+    is checked sample by sample). ``name`` is how messages call it (a part of a structured
+    state is named by its path)."""
     xp = bk.xp
-    arr = as_array(bk, y0, "y0", "an array of real floating numbers")
+    arr = as_array(bk, y0, name, "an array of real floating numbers")
     if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
         raise TypeError(
-            f"y0 must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
-            f"y0.astype(float64) or a float literal"
+            f"{name} must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
+            f"{name}.astype(float64) or a float literal"
         )
     if not xp.isdtype(arr.dtype, "real floating"):
-        raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
+        raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
-        raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
+        raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); there is nothing to solve")
     if finite and _fails(bk, xp.all(xp.isfinite(arr))):
-        raise ValueError("y0 contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
     return arr
 
 
@@ -345,12 +346,15 @@ def norm(bk, value, lay: Layout):
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
     # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
     # a 16-bit state's dtype would only lose digits.
+    def as_array(n):
+        # An array as it is: torch's asarray of a tensor that requires grad warns.
+        return n if bk.owns(n) else xp.asarray(n)
+
     if not lay.flat:
-        return lambda x: xp.asarray(value(x))
+        return lambda x: as_array(value(x))
 
     def user_norm(x):
-        n = xp.asarray(value(lay.shaped_as_user(xp, x)))
-        return xp.reshape(n, (lay.batch,))
+        return xp.reshape(as_array(value(lay.shaped_as_user(xp, x))), (lay.batch,))
 
     return user_norm
 

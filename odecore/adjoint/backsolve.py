@@ -54,7 +54,10 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         # sensitivity), where holding the step after each accepted one ends in a rejection
         # (docs/performance.md has the evaluations this saves).
         options.setdefault("shrink_after_accept", True)
-    parts = [m, m, sum(sizes)]
+    # Each part of a structured state (settings["state_parts"]), and of its adjoint, is
+    # one part of the norm, over every sample.
+    state = (m // lay.size, tuple(settings.get("state_parts", (lay.size,))))
+    parts = [state, state, sum(sizes)]
     if options.get("norm") == "seminorm":
         # The parameter adjoint does not influence the step size, it only accumulates
         # (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE").

@@ -26,24 +26,47 @@ def largest_part_rms(xp, sizes) -> Callable:
     order; a part of size 0 is skipped): the largest RMS of any part. One RMS over the whole
     vector would dilute the error of a small part by the size of the others, so that, say, a
     large parameter adjoint beside the state would loosen the state's error control. To
-    leave a trailing part out of the error control (a seminorm), pass only the leading sizes."""
-    bounds, start = [], 0
-    for size in sizes:
-        if size:
-            bounds.append((start, start + size))
-        start += size
+    leave a trailing part out of the error control (a seminorm), pass only the leading sizes.
+
+    An entry may also be a block ``(rows, part_sizes)``: ``rows`` rows laid end to end, each
+    made of parts of ``part_sizes`` (a batch of structured states, flattened). Each of those
+    parts is one part of the norm, over all the rows."""
+    blocks, start = [], 0
+    for entry in sizes:
+        rows, parts = (1, (entry,)) if isinstance(entry, int) else entry
+        width = sum(parts)
+        if rows * width:
+            blocks.append((start, rows, width, _bounds(parts)))
+        start += rows * width
 
     def norm(z):
-        rms = [
-            xp.sqrt(xp.vecdot(z[..., lo:hi], z[..., lo:hi], axis=-1) / (hi - lo))
-            for lo, hi in bounds
-        ]
+        lead = tuple(z.shape[:-1])
+        rms = []
+        for begin, rows, width, bounds in blocks:
+            block = z[..., begin : begin + rows * width]
+            if bounds == [(0, width)]:  # one part: the block itself
+                rms.append(xp.sqrt(xp.vecdot(block, block, axis=-1) / (rows * width)))
+                continue
+            block = xp.reshape(block, (*lead, rows, width))
+            for lo, hi in bounds:
+                part = xp.reshape(block[..., lo:hi], (*lead, rows * (hi - lo)))
+                rms.append(xp.sqrt(xp.vecdot(part, part, axis=-1) / (rows * (hi - lo))))
         out = rms[0]
         for r in rms[1:]:
             out = xp.maximum(out, r)
         return out
 
     return norm
+
+
+def _bounds(sizes) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each part of nonzero size laid end to end."""
+    bounds, start = [], 0
+    for size in sizes:
+        if size:
+            bounds.append((start, start + size))
+        start += size
+    return bounds
 
 
 def error_ratio(xp, ops, norm, err, err2, y, y_new, rtol, atol):

@@ -15,6 +15,8 @@ from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
+from odecore.backend.structured import StructuredFunc, is_structured
+from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
@@ -49,8 +51,91 @@ def solve(
     it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
     the solve did not reach are NaN. Gradients then reach the outputs it did reach as if it
     had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
-    gradient, and the parameter and time gradients, NaN.
+    gradient, and the parameter and time gradients, NaN. For a structured ``y0`` (a tuple,
+    list or dict of arrays), ``ys`` has its structure, each part with a leading time axis.
     """
+    keywords = {
+        "params": params,
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "batch_axis": batch_axis,
+        "backend": backend,
+        "throw": throw,
+        "adjoint": adjoint,
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+    }
+    if not is_structured(y0):
+        return _solve_array(func, y0, t, **keywords)
+    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    compiled = _compiled_structured(bk, func, y0, t, keywords)
+    if compiled is not None:
+        return compiled
+    flat = flat_call(bk, func, y0, keywords)
+    solution = _solve_array(flat.func, flat.y0, t, **flat.keywords)
+    solution.ys = flat.structure.unflatten(solution.ys, lead=1)
+    return solution
+
+
+def _compiled_structured(bk, func, y0, t, keywords):
+    """A structured solve through its backend's compiled solves (``Backend.compiled_solve``),
+    filed under the user's ``func``: the compiled program flattens and unflattens the
+    state itself. None where the backend compiles nothing for this call."""
+    if bk.tracing is None:
+        return None
+    arguments = {k: v for k, v in keywords.items() if k not in ("params", "backend", "throw")}
+    compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
+    if compiled is None:
+        return None
+
+    def check_inputs():
+        flat = flat_call(bk, func, y0, keywords)
+        k = flat.keywords
+        prepare(
+            bk,
+            flat.func,
+            flat.y0,
+            t,
+            k["params"],
+            k["rtol"],
+            k["atol"],
+            k["method"],
+            k["options"],
+            k["batch_axis"],
+            None,
+            k["throw"],
+        )
+
+    return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs)
+
+
+def _solve_array(
+    func,
+    y0,
+    t,
+    *,
+    params,
+    rtol,
+    atol,
+    method,
+    options,
+    batch_axis,
+    backend,
+    throw,
+    adjoint,
+    adjoint_rtol,
+    adjoint_atol,
+    adjoint_method,
+    adjoint_options,
+    adjoint_params,
+) -> Solution:
+    """:func:`solve` of a state that is one array (a structured state arrives flattened,
+    with ``func`` a ``StructuredFunc``)."""
     adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options = modes.as_keywords(
         adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
     )
@@ -76,6 +161,9 @@ def solve(
             adjoint_options,
             mode,
         )
+        if settings is not None and isinstance(func, StructuredFunc):
+            # The backsolve's error control then applies to each part of y and of its adjoint.
+            settings["state_parts"] = func.structure.sizes
         _validate.warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol if settings else None)
         arguments = {
             "rtol": rtol,
@@ -91,7 +179,7 @@ def solve(
             "adjoint_params": adjoint_params,
         }
         compiled = (
-            bk.tracing.compiled_solve(solve, func, y0, t, params, arguments)
+            bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
             if bk.tracing is not None
             else None
         )
@@ -241,12 +329,20 @@ def odeint(
         ``dy/dt`` with the shape and dtype of ``y``. With ``batch_axis``, ``t`` is a vector
         with one time per sample (each sample steps on its own); otherwise a 0-d array.
         ``t`` is passed in the state's dtype.
-    y0 : array
+    y0 : array, or a tuple, list or dict of arrays (nested as deep as needed)
         Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs
         buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
         ``func`` still receives and returns the 16-bit dtype, and the outputs (and
-        gradients) come back in it.
+        gradients) come back in it. A structured state (``(x, v)``, as in torchdiffeq, or
+        any pytree of arrays) is passed to ``func`` in its structure, and ``func`` returns
+        the same structure, each part in its part's shape and dtype. The solver integrates
+        the parts together in the dtype they promote to (a float32 part beside a float64
+        one is integrated in float64, and rounded to float32 for ``func`` and the outputs);
+        the outputs, and gradients, come back part by part in each part's own dtype. The
+        error norm is the largest RMS of any part (torchdiffeq's, for a tuple), and ``rtol``
+        / ``atol`` may be structured like ``y0`` (one value per part). With
+        ``batch_axis``, every part has its samples along that axis.
     t : 1-D array
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
         time.
@@ -261,7 +357,8 @@ def odeint(
         ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
         and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
-        (``"rms"``, ``"max"`` or a callable), ``safety``, ``ifactor``, ``dfactor``,
+        (``"rms"``, ``"max"`` or a callable, which receives the scaled error in the structure
+        of ``y0``), ``safety``, ``ifactor``, ``dfactor``,
         ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``
         (``False``: as in torchdiffeq, an accepted step never shrinks the next one, and the
         two libraries take the same steps; ``True``: it may, as in scipy, which rejects fewer
@@ -291,7 +388,8 @@ def odeint(
 
     Returns
     -------
-    array of shape ``(len(t), *y0.shape)``.
+    array of shape ``(len(t), *y0.shape)``; for a structured ``y0``, its structure with each
+    part of shape ``(len(t), *part.shape)``.
     """
     return solve(
         func,
@@ -328,7 +426,50 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
     of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
     gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
+
+    A structured ``y0`` (a tuple, list or dict of arrays) gives ``ys`` in its structure (each
+    part with a leading time axis); ``vjp`` then receives ``y`` and the cotangent in that
+    structure and returns ``cot_y`` in it, and ``pullback`` takes ``ys_bar`` and returns
+    ``y0_bar`` in it.
     """
+    if not is_structured(y0):
+        return _vjp_odeint_array(func, y0, t, params, adjoint=adjoint, throw=throw, **kwargs)
+    _check_vjp_keywords(kwargs)
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
+    defaults = {"rtol": 1e-7, "atol": 1e-9, "method": None, "options": None, "batch_axis": None}
+    keywords = {**defaults, **kwargs}
+    flat = flat_call(bk, func, y0, keywords)
+    ys, pullback = _vjp_odeint_array(
+        flat.func, flat.y0, t, params, adjoint=adjoint, throw=throw, **flat.keywords
+    )
+    structure = flat.structure
+    flat_ys = ys
+
+    def structured_pullback(ys_bar):
+        ys_bar = structure.flatten_returned(
+            bk,
+            ys_bar,
+            "pullback got",
+            "ys_bar",
+            lead_shape=(flat_ys.shape[0],),
+            exact_dtype=False,
+        )
+        y0_bar, params_bar, t_bar = pullback(ys_bar)
+        return structure.unflatten(y0_bar), params_bar, t_bar
+
+    return structure.unflatten(ys, lead=1), structured_pullback
+
+
+def _check_vjp_keywords(kwargs) -> None:
+    known = {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    known |= {"adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options"}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+
+
+def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+    """:func:`vjp_odeint` of a state that is one array."""
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
         adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)

@@ -1,0 +1,337 @@
+"""torchdiffeq's calling conventions: structured states (tuples, and pytrees of arrays).
+
+References: closed forms (the harmonic oscillator ``x'' = -k x`` as ``(x, v)``, whose
+solution and gradients are known), torchdiffeq itself on the same problem, and central
+finite differences of the closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import odecore
+
+T_END = 1.7
+TIMES = np.array([0.0, 0.6, T_END])
+X0 = np.array([0.8, -0.3])
+V0 = np.array([0.2, 0.5])
+K = 1.7
+# Solved at rtol 1e-10 / atol 1e-12 (dopri5): the global error over these times stays well
+# under 1e-8 for these O(1) states.
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+CLOSE = 1e-8
+
+
+def oscillator_exact(x0, v0, k, t):
+    """``(x(t), v(t))`` of ``x'' = -k x``: ``x = x0 cos(wt) + v0/w sin(wt)``, ``w = sqrt k``."""
+    w = math.sqrt(k)
+    t = np.asarray(t)[:, None]
+    x = x0 * np.cos(w * t) + v0 / w * np.sin(w * t)
+    v = -x0 * w * np.sin(w * t) + v0 * np.cos(w * t)
+    return x, v
+
+
+def oscillator(t, y, params=None):
+    x, v = y
+    k = 1.0 if params is None else params[0]
+    return (v, -k * x)
+
+
+def test_tuple_state_matches_closed_form(backend):
+    y0 = (backend.asarray(X0), backend.asarray(V0))
+    ys = odecore.odeint(oscillator, y0, backend.asarray(TIMES), **TIGHT)
+    assert isinstance(ys, tuple) and len(ys) == 2
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    assert tuple(ys[0].shape) == (3, 2)
+    np.testing.assert_allclose(backend.to_numpy(ys[0]), x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(ys[1]), v, rtol=0, atol=CLOSE)
+
+
+def test_nested_dict_and_list_state_keeps_its_structure(backend):
+    def field(t, y):
+        return {"pos": [y["vel"][0]], "vel": (-y["pos"][0],)}
+
+    y0 = {"pos": [backend.asarray(X0)], "vel": (backend.asarray(V0),)}
+    ys = odecore.odeint(field, y0, backend.asarray(TIMES), **TIGHT)
+    assert set(ys) == {"pos", "vel"}
+    assert isinstance(ys["pos"], list) and isinstance(ys["vel"], tuple)
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    np.testing.assert_allclose(backend.to_numpy(ys["pos"][0]), x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(ys["vel"][0]), v, rtol=0, atol=CLOSE)
+
+
+def test_batched_structured_state_per_sample(backend):
+    # Samples along axis 1 of each part: each column is its own oscillator with its own x0.
+    x0 = np.array([[0.8, -0.3, 0.1]])
+    v0 = np.array([[0.2, 0.5, -0.7]])
+    y0 = (backend.asarray(x0), backend.asarray(v0))
+    sol = odecore.solve(oscillator, y0, backend.asarray(TIMES), batch_axis=1, **TIGHT)
+    x, v = oscillator_exact(x0[0], v0[0], 1.0, TIMES)
+    assert tuple(sol.ys[0].shape) == (3, 1, 3)
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[0])[:, 0], x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[1])[:, 0], v, rtol=0, atol=CLOSE)
+    assert backend.to_numpy(sol.stats["naccept"]).shape == (3,)
+
+
+def _closed_form_loss(x0, v0, k, wx, wv):
+    x, v = oscillator_exact(x0, v0, k, [T_END])
+    return float(np.sum(wx * x[-1]) + np.sum(wv * v[-1]))
+
+
+def _reference_gradients(wx, wv):
+    """d/dx0, d/dv0 and d/dk of ``wx . x(T) + wv . v(T)``, by central differences of the
+    closed form (step 1e-6: truncation ~1e-12, roundoff ~1e-10 relative)."""
+    eps = 1e-6
+    grads = []
+    for which in range(2):
+        g = np.zeros(2)
+        for i in range(2):
+            e = np.zeros(2)
+            e[i] = eps
+            args_p = [X0 + e, V0] if which == 0 else [X0, V0 + e]
+            args_m = [X0 - e, V0] if which == 0 else [X0, V0 - e]
+            g[i] = (
+                _closed_form_loss(*args_p, K, wx, wv) - _closed_form_loss(*args_m, K, wx, wv)
+            ) / (2 * eps)
+        grads.append(g)
+    dk = (
+        _closed_form_loss(X0, V0, K + eps, wx, wv) - _closed_form_loss(X0, V0, K - eps, wx, wv)
+    ) / (2 * eps)
+    return grads[0], grads[1], dk
+
+
+WX = np.array([1.0, -0.5])
+WV = np.array([0.3, 0.7])
+# The solve's error (TIGHT) is ~1e-9 and a gradient mode's is of the same order; 1e-6
+# leaves room for the backsolve's adjoint error at its default tolerances (the forward's).
+GRAD_CLOSE = 1e-6
+
+
+def _gradients(backend, mode):
+    """d/dx0, d/dv0, d/dk of ``WX . x(T) + WV . v(T)`` through odecore on ``backend``."""
+    name = backend.name
+    t = backend.asarray([0.0, T_END])
+    if name == "torch":
+        import torch
+
+        x0, v0, k = (
+            torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (X0, V0, [K])
+        )
+        ys = odecore.odeint(oscillator, (x0, v0), t, params=(k,), adjoint=mode, **TIGHT)
+        loss = (ys[0][-1] * torch.tensor(WX)).sum() + (ys[1][-1] * torch.tensor(WV)).sum()
+        loss.backward()
+        return x0.grad.numpy(), v0.grad.numpy(), float(k.grad[0])
+    if name == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def loss(x0, v0, k):
+            ys = odecore.odeint(oscillator, (x0, v0), t, params=(k,), adjoint=mode, **TIGHT)
+            return jnp.sum(ys[0][-1] * WX) + jnp.sum(ys[1][-1] * WV)
+
+        g = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(X0), jnp.asarray(V0), jnp.asarray([K]))
+        return np.asarray(g[0]), np.asarray(g[1]), float(g[2][0])
+    ys, pullback = odecore.vjp_odeint(
+        OscillatorWithVjp(),
+        (X0, V0),
+        np.array([0.0, T_END]),
+        (np.array([K]),),
+        adjoint=mode,
+        **TIGHT,
+    )
+    zeros = np.zeros((2, 2))
+    y0_bar, params_bar, _ = pullback((np.stack([zeros[0], WX]), np.stack([zeros[0], WV])))
+    return y0_bar[0], y0_bar[1], float(params_bar[0][0])
+
+
+class OscillatorWithVjp:
+    """NumPy dynamics with their own VJP, on the structured state ``(x, v)``."""
+
+    def __call__(self, t, y, params):
+        return oscillator(t, y, params)
+
+    def vjp(self, t, y, params, cot):
+        x, _ = y
+        cx, cv = cot
+        k = params[0]
+        return (-k * cv, cx), (np.array([-np.sum(cv * x)]),)
+
+
+MODES = {"numpy": ["checkpoint", "backsolve"], "torch": ["direct", "backsolve", "checkpoint"]}
+MODES["jax"] = ["backsolve", "checkpoint"]
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_structured_gradients_match_finite_differences(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode")
+    gx, gv, gk = _gradients(backend, mode)
+    rx, rv, rk = _reference_gradients(WX, WV)
+    np.testing.assert_allclose(gx, rx, rtol=0, atol=GRAD_CLOSE)
+    np.testing.assert_allclose(gv, rv, rtol=0, atol=GRAD_CLOSE)
+    assert abs(gk - rk) < GRAD_CLOSE
+
+
+@pytest.mark.backend("torch")
+def test_mixed_dtypes_keep_their_own_dtype_and_solve_in_the_wider():
+    import torch
+
+    x0 = torch.tensor(X0, dtype=torch.float32, requires_grad=True)
+    v0 = torch.tensor(V0, dtype=torch.float64, requires_grad=True)
+    seen = set()
+
+    def field(t, y):
+        x, v = y
+        seen.add((x.dtype, v.dtype))
+        return (v.to(x.dtype), -x.to(v.dtype))
+
+    ys = odecore.odeint(field, (x0, v0), torch.tensor(TIMES), **TIGHT)
+    assert seen == {(torch.float32, torch.float64)}
+    assert ys[0].dtype == torch.float32 and ys[1].dtype == torch.float64
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    # The loop integrates in float64; func rounds x (and returns x') to float32 each call, so
+    # the solution carries float32 roundoff (~6e-8 relative) per evaluation, not the solver's.
+    np.testing.assert_allclose(ys[0].detach().numpy(), x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ys[1].detach().numpy(), v, rtol=0, atol=1e-6)
+    (ys[0][-1].sum() + ys[1][-1].sum()).backward()
+    assert x0.grad.dtype == torch.float32 and v0.grad.dtype == torch.float64
+
+
+@pytest.mark.backend("torch")
+def test_tuple_state_matches_torchdiffeq_values_and_work():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torch
+
+    # Parts of very different size and error: a single RMS over all 41 elements would dilute
+    # the small, fast part's error and take fewer steps; torchdiffeq's norm of a tuple (and
+    # odecore's) is the largest RMS of any part.
+    def field(t, y):
+        fast, slow = y
+        return (torch.cos(5 * t) * fast, -0.01 * slow)
+
+    calls = {"n": 0}
+
+    def counted(t, y):
+        calls["n"] += 1
+        return field(t, y)
+
+    y0 = (torch.tensor([1.0], dtype=torch.float64), torch.ones(40, dtype=torch.float64))
+    t = torch.linspace(0, 3, 4, dtype=torch.float64)
+    kwargs = {"rtol": 1e-6, "atol": (1e-8, 1e-6)}
+    ours = odecore.odeint(counted, y0, t, **kwargs)
+    our_calls, calls["n"] = calls["n"], 0
+    theirs = torchdiffeq.odeint(counted, y0, t, **kwargs)
+    their_calls = calls["n"]
+    exact_fast = torch.exp(torch.sin(5 * t) / 5)
+    # Both accurate to the tolerance's order, and the same work: same method, controller and
+    # norm (torchdiffeq counts the same evaluations; odecore's dopri5 error weights differ,
+    # which moves a step or two).
+    # The global error is a few times rtol; the two libraries end the solve differently, so
+    # they agree to the sum of their errors, not bit for bit.
+    assert float((ours[0][:, 0] - exact_fast).abs().max()) < 2e-5
+    assert float((theirs[0][:, 0] - exact_fast).abs().max()) < 2e-5
+    assert float((ours[1] - theirs[1]).abs().max()) < 2e-5
+    assert abs(our_calls - their_calls) <= 0.05 * their_calls
+
+
+@pytest.mark.backend("jax")
+def test_structured_state_under_jit_and_eager_compiled_once():
+    import jax
+    import jax.numpy as jnp
+
+    traces = []
+
+    def field(t, y):
+        traces.append(t)  # runs only while JAX traces
+        return {"x": y["v"], "v": -y["x"]}
+
+    with jax.enable_x64(True):
+        t = jnp.asarray(TIMES)
+        ys = jax.jit(lambda y0: odecore.odeint(field, y0, t, **TIGHT))(
+            {"x": jnp.asarray(X0), "v": jnp.asarray(V0)}
+        )
+        # An eager call runs through a compiled solve kept for the user's func: the second
+        # call traces nothing.
+        odecore.odeint(field, {"x": jnp.asarray(X0), "v": jnp.asarray(V0)}, t, **TIGHT)
+        traced = len(traces)
+        odecore.odeint(field, {"x": jnp.asarray(X0 + 1), "v": jnp.asarray(V0)}, t, **TIGHT)
+        assert len(traces) == traced
+    ys = (ys["x"], ys["v"])
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    np.testing.assert_allclose(np.asarray(ys[0]), x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(np.asarray(ys[1]), v, rtol=0, atol=CLOSE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def _solve_tuple(backend, func, **kwargs):
+    y0 = (backend.asarray(X0), backend.asarray(V0))
+    return odecore.odeint(func, y0, backend.asarray(TIMES), **kwargs)
+
+
+def test_func_returning_another_structure_is_refused(backend):
+    with pytest.raises(
+        ValueError, match=r"func returned a tuple of 3 parts at dy/dt.*same structure"
+    ):
+        _solve_tuple(backend, lambda t, y: (y[1], -y[0], y[0]))
+    with pytest.raises(
+        TypeError, match=r"func returned a \w+ at dy/dt, where the state has a tuple"
+    ):
+        _solve_tuple(backend, lambda t, y: y[0])
+
+
+def test_func_returning_a_wrong_part_is_refused(backend):
+    with pytest.raises(ValueError, match=r"shape \(1,\) at dy/dt\[1\].*shape \(2,\)"):
+        _solve_tuple(backend, lambda t, y: (y[1], y[0][:1]))
+    with pytest.raises(TypeError, match=r"dtype .* at dy/dt\[0\]"):
+        _solve_tuple(backend, lambda t, y: (backend.xp.astype(y[1], backend.xp.float32), -y[0]))
+    with pytest.raises(TypeError, match=r"returned a float at dy/dt\[0\]; return a"):
+        _solve_tuple(backend, lambda t, y: (1.0, -y[0]))
+    with pytest.raises(TypeError, match=r"returned a list of 2 parts at dy/dt\[0\], where"):
+        _solve_tuple(backend, lambda t, y: ([1.0, 2.0], -y[0]))
+
+
+def test_dict_keys_must_match(backend):
+    y0 = {"x": backend.asarray(X0), "v": backend.asarray(V0)}
+    with pytest.raises(
+        ValueError, match=r"keys \['v', 'y'\] at dy/dt, where the state has keys \['v', 'x'\]"
+    ):
+        odecore.odeint(lambda t, y: {"y": y["v"], "v": -y["x"]}, y0, backend.asarray(TIMES))
+
+
+def test_bad_parts_of_y0_are_named(backend):
+    t = backend.asarray(TIMES)
+    with pytest.raises(TypeError, match=r"y0\[1\] must have a real floating dtype"):
+        odecore.odeint(oscillator, (backend.asarray(X0), backend.asarray([1, 2], "int64")), t)
+    with pytest.raises(ValueError, match=r"y0\[0\] contains NaN"):
+        odecore.odeint(oscillator, (backend.asarray([math.nan, 0.0]), backend.asarray(V0)), t)
+    with pytest.raises(ValueError, match="same number of samples"):
+        y0 = (backend.asarray(np.ones((2, 3))), backend.asarray(np.ones((2, 4))))
+        odecore.odeint(oscillator, y0, t, batch_axis=1)
+
+
+def test_structured_tolerance_must_match_y0(backend):
+    with pytest.raises(ValueError, match=r"atol \(structured like y0\) has a tuple of 3 parts"):
+        _solve_tuple(backend, oscillator, atol=(1e-6, 1e-6, 1e-6))
+
+
+def test_vjp_returning_another_structure_is_refused():
+    class Bad(OscillatorWithVjp):
+        def vjp(self, t, y, params, cot):
+            return cot[0], (np.zeros(1),)
+
+    with pytest.raises(TypeError, match=r"Bad.vjp returned a ndarray at cot_y, where the state"):
+        ys, pullback = odecore.vjp_odeint(Bad(), (X0, V0), TIMES, (np.array([K]),))
+        pullback((np.ones((3, 2)), np.ones((3, 2))))
+
+
+@pytest.mark.backend("numba")
+def test_numba_refuses_structured_states():
+    with pytest.raises(TypeError, match="needs y0 as one array.*concatenate"):
+        odecore.odeint(oscillator, (X0, V0), TIMES, backend="numba")
