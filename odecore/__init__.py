@@ -14,6 +14,7 @@ from odecore.deq import (
     vjp_fixed_point,
 )
 from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.perturb import Perturb
 from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
@@ -35,6 +36,7 @@ __all__ = [
     "FixedPointSolution",
     "FixedPointStatus",
     "BackendNotAvailableError",
+    "Perturb",
     "PrecisionWarning",
     "Solution",
     "SolveError",

@@ -301,8 +301,8 @@ class StructuredFunc:
         if getattr(func, "vjp", None) is not None:
             self.vjp = self._vjp
 
-    def __call__(self, t, y, *params):
-        out = self.func(t, self.structure.unflatten(y), *params)
+    def __call__(self, t, y, *params, **keywords):
+        out = self.func(t, self.structure.unflatten(y), *params, **keywords)
         return self.structure.flatten_returned(self.backend, out, "func returned")
 
     def _vjp(self, t, y, params, cot):

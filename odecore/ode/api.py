@@ -356,7 +356,8 @@ def odeint(
     options : dict
         ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
-        and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
+        and ``func`` is evaluated afresh after them; a ``func`` with a ``perturb`` keyword
+        is told the side, :class:`~odecore.Perturb`), ``min_step``, ``max_step``, ``norm``
         (``"rms"``, ``"max"`` or a callable, which receives the scaled error in the structure
         of ``y0``), ``safety``, ``ifactor``, ``dfactor``,
         ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``

@@ -102,8 +102,6 @@ def prepare(
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, layout.dtype, layout.user_dtype)
-    fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
-
     step_size = opts.get("step_size")
     stops = [ts[-1:]]
     for key in ("step_t", "jump_t"):
@@ -119,6 +117,8 @@ def prepare(
         if opts.get("jump_t") is not None
         else None
     )
+
+    fn = Dynamics(bk, ops, func, params, layout, sign, leaves, jumps)
 
     controller = None
     if rk.adaptive:
