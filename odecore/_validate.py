@@ -28,7 +28,8 @@ DEFAULT_METHOD = "dopri5"
 DEFAULT_MAX_NUM_STEPS = 100_000
 
 _COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t"}
-_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size"}
+_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp"}
+INTERPOLATIONS = ("linear", "cubic")
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "first_step",
     "min_step",
@@ -173,6 +174,7 @@ def options(opts: dict | None, rk) -> dict:
             "options['shrink_after_accept'] must be True or False, got "
             f"{out['shrink_after_accept']!r}"
         )
+    _fixed_grid_options(out)
     if "controller" in out and out["controller"] not in ("I", "PI"):
         raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
     if sum(controller_gains(out)) == 0:
@@ -190,6 +192,51 @@ def options(opts: dict | None, rk) -> dict:
     ):
         raise ValueError("options['min_step'] is larger than options['max_step']")
     return out
+
+
+def _fixed_grid_options(out: dict) -> None:
+    """``grid_constructor`` and ``interp``, the fixed-step methods' options from torchdiffeq."""
+    if "interp" in out and (
+        not isinstance(out["interp"], str) or out["interp"] not in INTERPOLATIONS
+    ):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {out['interp']!r}")
+    if "grid_constructor" not in out:
+        return
+    if not callable(out["grid_constructor"]):
+        raise TypeError(
+            f"options['grid_constructor'] must be a function (func, y0, t) -> grid, got "
+            f"{out['grid_constructor']!r}"
+        )
+    if "step_size" in out:
+        raise ValueError(
+            "options['step_size'] and options['grid_constructor'] both set the grid; pass "
+            "one of them"
+        )
+
+
+def grid(bk, constructor, func, y0, t_user, sign):
+    """The steps' grid from ``grid_constructor(func, y0, t)``, in internal time: a 1-D array
+    of times from ``t[0]`` to ``t[-1]``, strictly monotone in ``t``'s direction; and, where
+    the grid is traced (jit), whether it is valid (a 0-d boolean array), else None."""
+    xp = bk.xp
+    need = "a 1-D array of times from t[0] to t[-1]"
+    name = "the grid that options['grid_constructor'] returned"
+    arr = real_numbers(bk, constructor(func, y0, t_user), name, need, convert=time_array)
+    arr = xp.astype(arr, bk.time_dtype)
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(f"{name} must be {need}, got shape {tuple(arr.shape)}")
+    if _fails(bk, (arr[0] == t_user[0]) & (arr[-1] == t_user[-1])):
+        raise ValueError(
+            f"{name} must start at t[0] and end at t[-1] ({float(t_user[0])} and "
+            f"{float(t_user[-1])}), got {float(arr[0])} and {float(arr[-1])}"
+        )
+    internal = arr * sign
+    increasing = xp.all(internal[1:] > internal[:-1])
+    if _fails(bk, increasing):
+        raise ValueError(f"{name} must be strictly monotone in the direction of t")
+    ends = (arr[0] == t_user[0]) & (arr[-1] == t_user[-1])
+    valid = increasing & ends & xp.all(xp.isfinite(arr))
+    return internal, (valid if bk.is_traced(valid) else None)
 
 
 def check_dict(value, name: str) -> None:

@@ -354,7 +354,12 @@ def odeint(
     method : str
         One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
     options : dict
-        ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
+        ``step_size`` (fixed-step methods), ``grid_constructor`` (fixed-step methods:
+        ``grid_constructor(func, y0, t) -> grid``, the times to step between, from ``t[0]``
+        to ``t[-1]``, as in torchdiffeq; not with ``step_size``), ``interp`` (fixed-step
+        methods: outputs between grid points by ``"cubic"`` Hermite interpolation on ``y``
+        and ``f`` at both ends, the default, or ``"linear"``, torchdiffeq's default),
+        ``first_step``, ``max_num_steps``, ``step_t``
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
         and ``func`` is evaluated afresh after them; a ``func`` with a ``perturb`` keyword
         is told the side, :class:`~odecore.Perturb`), ``min_step``, ``max_step``, ``norm``

@@ -41,7 +41,8 @@ def flat_call(bk, func, y0, keywords: dict) -> FlatCall:
     flat["batch_axis"] = None if batch_axis is None else 0
     flat["rtol"] = structure.tolerance(bk, keywords["rtol"], "rtol")
     flat["atol"] = structure.tolerance(bk, keywords["atol"], "atol")
-    flat["options"] = _per_part_norm(wrapped, keywords["method"], keywords["options"])
+    options = _per_part_norm(wrapped, keywords["method"], keywords["options"])
+    flat["options"] = _structured_grid(options, func, y0)
     y0_flat = structure.flatten([leaf for _, leaf in parts])
     return FlatCall(wrapped, y0_flat, flat, structure)
 
@@ -60,3 +61,16 @@ def _per_part_norm(wrapped, method, options):
     elif callable(norm):
         options["norm"] = wrapped.norm(norm)
     return options
+
+
+def _structured_grid(options, func, y0):
+    """The options with a ``grid_constructor`` that receives the user's ``func`` and ``y0``
+    as given, not their flat forms."""
+    constructor = (options or {}).get("grid_constructor")
+    if not callable(constructor):
+        return options
+
+    def grid(_, __, t):
+        return constructor(func, y0, t)
+
+    return {**options, "grid_constructor": grid}

@@ -49,6 +49,9 @@ class Problem:
     first_step: float | None
     step_size: float | None
     max_num_steps: int
+    # Outputs between a fixed-step method's grid points: "cubic" (Hermite on y and f at both
+    # ends, the methods' own dense output) or "linear" (options["interp"]).
+    interp: str
     min_step: float
     max_step: float
     layout: Layout
@@ -107,7 +110,12 @@ def prepare(
     for key in ("step_t", "jump_t"):
         if opts.get(key) is not None:
             stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
-    if not rk.adaptive and step_size is None:
+    grid_valid = None
+    if opts.get("grid_constructor") is not None:
+        # The steps go from grid point to grid point; outputs between them are interpolated.
+        grid, grid_valid = _validate.grid(bk, opts["grid_constructor"], func, y0, ts_user, sign)
+        stops.append(grid[1:])
+    elif not rk.adaptive and step_size is None:
         stops.append(ts[1:])  # a fixed grid without step_size steps between output times
     # A repeated stop is harmless to the loop; a tracing backend cannot drop it (fixed shapes).
     merge = xp.unique_values if bk.eager else xp.sort
@@ -133,6 +141,7 @@ def prepare(
             shrink_after_accept=opts.get("shrink_after_accept", False),
         )
     valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
+    valid = _combine_validity(valid, grid_valid)
     if valid is not None:
         # An invalid sample is not solved: all its outputs are NaN. NaN, unlike inf, also
         # passes through the first evaluations of f without floating-point warnings.
@@ -160,6 +169,7 @@ def prepare(
         first_step=opts.get("first_step"),
         step_size=step_size,
         max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
+        interp=opts.get("interp", "cubic"),
         min_step=opts.get("min_step", 0.0),
         max_step=opts.get("max_step", math.inf),
         layout=layout,
