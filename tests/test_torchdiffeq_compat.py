@@ -519,3 +519,125 @@ def test_bad_fixed_grid_options_are_refused(backend):
         solve(grid_constructor=lambda f, y0, t: backend.asarray([0.0, 1.0, 0.5, 1.55]))
     with pytest.raises(ValueError, match="'interp' only applies to fixed-step methods"):
         solve(method="dopri5", interp="linear")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step callbacks
+# ---------------------------------------------------------------------------------------------
+
+
+class Logged:
+    """``x'' = -(1 + 10 t) x`` as ``(x, v)``, logging its step callbacks."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.log = []
+
+    def __call__(self, t, y):
+        x, v = y
+        return (v, -(1 + 10 * t) * x)
+
+    def callback_step(self, t0, y0, dt):
+        self.log.append(("step", float(t0), float(dt), tuple(float(p[0]) for p in y0)))
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.log.append(("accept", float(t0), float(dt), tuple(float(p[0]) for p in y0)))
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.log.append(("reject", float(t0), float(dt), tuple(float(p[0]) for p in y0)))
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_step_callbacks_follow_every_step(backend, direction):
+    if not backend.backend.eager:
+        pytest.skip("callbacks run in eager solves; see the JAX test below")
+    func = Logged(backend.xp)
+    t = backend.asarray([0.0, 2.0 * direction])
+    y0 = (backend.asarray([1.0]), backend.asarray([0.0]))
+    sol = odecore.solve(func, y0, t, rtol=1e-6, atol=1e-8)
+    kinds = [entry[0] for entry in func.log]
+    assert kinds.count("step") == sol.stats["nsteps"]
+    assert kinds.count("accept") == sol.stats["naccept"] and sol.stats["naccept"] > 10
+    assert kinds.count("reject") == sol.stats["nreject"] and sol.stats["nreject"] > 0
+    # Each attempt is announced, then decided, with the same (t0, y0, dt). An accepted step
+    # moves t0 by dt in the direction of time; a rejected one leaves t0 and y0 as they were.
+    now, state = 0.0, (1.0, 0.0)
+    for announced, decided in zip(func.log[::2], func.log[1::2], strict=True):
+        assert announced[0] == "step" and decided[0] in ("accept", "reject")
+        assert announced[1:] == decided[1:]
+        assert announced[1] == now and announced[2] > 0
+        assert state is None or announced[3] == state
+        if decided[0] == "accept":
+            now, state = now + direction * decided[2], None
+        else:
+            state = decided[3]
+    assert abs(now - 2.0 * direction) < 1e-12
+
+
+@pytest.mark.backend("torch")
+def test_step_callbacks_match_torchdiffeq():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torch
+
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    y0 = (torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64))
+    ours, theirs = Logged(torch), Logged(torch)
+    odecore.odeint(ours, y0, t, rtol=1e-6, atol=1e-8)
+    torchdiffeq.odeint(theirs, y0, t, rtol=1e-6, atol=1e-8)
+    # The same first step (the same rule) and the same work within 5% (the dopri5 error
+    # weights differ slightly, see test_gradients_torch).
+    assert ours.log[0][0] == theirs.log[0][0]
+    assert ours.log[0][1:3] == pytest.approx(theirs.log[0][1:3], rel=1e-12)
+    for kind in ("step", "accept", "reject"):
+        n_ours = sum(entry[0] == kind for entry in ours.log)
+        n_theirs = sum(entry[0] == kind for entry in theirs.log)
+        assert abs(n_ours - n_theirs) <= max(1, 0.05 * n_theirs), kind
+
+
+@pytest.mark.backend("torch")
+def test_adjoint_callbacks_see_the_backward_state():
+    import torch
+
+    class WithAdjoint(Logged):
+        def callback_step_adjoint(self, t0, state, dt):
+            self.log.append(("adjoint", float(t0), float(dt), state))
+
+    func = WithAdjoint(torch)
+    x0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    v0 = torch.tensor([0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ys = odecore.odeint(func, (x0, v0), t, adjoint="backsolve", rtol=1e-8, atol=1e-10)
+    forward_steps = sum(entry[0] == "step" for entry in func.log)
+    ys[0][-1].sum().backward()
+    backward = [entry for entry in func.log if entry[0] == "adjoint"]
+    # Only the adjoint callbacks run in the backward solve; it starts at t = 1 from the
+    # forward's final state with a = the cotangent (1 on x, 0 on v) and goes back to 0.
+    assert sum(entry[0] == "step" for entry in func.log) == forward_steps
+    assert backward and backward[0][1] == 1.0
+    y, a, a_params = backward[0][3]
+    end = [float(part[-1, 0].detach()) for part in ys]
+    assert [float(y[0][0]), float(y[1][0])] == end
+    assert float(a[0][0]) == 1.0 and float(a[1][0]) == 0.0 and a_params.shape == (0,)
+    assert all(entry[1] > 0 for entry in backward[1:])
+
+
+@pytest.mark.backend("jax")
+def test_callbacks_are_not_called_under_jax_and_say_so():
+    import jax.numpy as jnp
+
+    func = Logged(jnp)
+    with pytest.warns(UserWarning, match="not called.*traced"):
+        odecore.odeint(func, (jnp.ones(1), jnp.zeros(1)), jnp.asarray([0.0, 1.0]))
+    assert func.log == []
+
+
+def test_callbacks_are_not_called_in_a_batched_solve_and_say_so():
+    class Autonomous(Logged):
+        def __call__(self, t, y):
+            return (y[1], -y[0])
+
+    func = Autonomous(np)
+    y0 = (np.ones((3, 1)), np.zeros((3, 1)))
+    with pytest.warns(UserWarning, match="not called.*batched"):
+        odecore.odeint(func, y0, np.array([0.0, 1.0]), batch_axis=0)
+    assert func.log == []

@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import math
 
+from odecore.backend.structured import StructuredFunc
 from odecore.control.norms import largest_part_rms
+from odecore.ode.callbacks import attach_adjoint_callbacks
 from odecore.ode.loop import run_loop
 from odecore.ode.outputs import unchanged
 from odecore.ode.problem import prepare
@@ -81,6 +83,7 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         if failed.active:
             moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
         aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+        attach_adjoint_callbacks(aug, dyn.func, functools.partial(_split_state, dyn, shape, m))
         z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
         first = options if dt_next is None else {**options, "first_step": dt_next}
         backward = prepare(
@@ -120,6 +123,16 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
         start += size
     return a, leaves_bar
+
+
+def _split_state(dyn, shape, m, z):
+    """The backward state ``z`` as ``(y, a, a_params)``, ``y`` and ``a`` as the user's state
+    (in its structure, for a structured one), as the ``_adjoint`` callbacks receive it."""
+    xp = dyn.backend.xp
+    y, a = xp.reshape(z[:m], shape), xp.reshape(z[m : 2 * m], shape)
+    if isinstance(dyn.func, StructuredFunc):
+        y, a = dyn.func.structure.unflatten(y), dyn.func.structure.unflatten(a)
+    return y, a, z[2 * m :]
 
 
 def _finished_steps(bk, dt, failed):

@@ -326,9 +326,15 @@ def odeint(
     ----------
     func : callable
         ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning
-        ``dy/dt`` with the shape and dtype of ``y``. With ``batch_axis``, ``t`` is a vector
-        with one time per sample (each sample steps on its own); otherwise a 0-d array.
-        ``t`` is passed in the state's dtype.
+        ``dy/dt`` with the shape and dtype of ``y``. As in torchdiffeq, a ``func`` with a
+        ``perturb`` keyword is told which side of a ``jump_t`` it is evaluated on
+        (:class:`~odecore.Perturb`), and its methods ``callback_step(t0, y0, dt)``,
+        ``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint``
+        counterparts, in the backsolve's backward solve, with ``y0 = (y, a, a_params)``) are
+        called around every step of an eager solve of one sample; a batched or traced (JAX)
+        solve does not call them, and warns (``odecore.ode.callbacks``). With
+        ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
+        its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
     y0 : array, or a tuple, list or dict of arrays (nested as deep as needed)
         Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs

@@ -15,6 +15,7 @@ from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
 from odecore.control.controller import Controller
 from odecore.control.norms import error_ratio
+from odecore.ode.callbacks import step_callbacks
 from odecore.solvers.explicit_rk import ExplicitRK, prepared
 from odecore.solvers.stage_stores import ListStages
 
@@ -49,6 +50,8 @@ class Problem:
     first_step: float | None
     step_size: float | None
     max_num_steps: int
+    # The dynamics' step callbacks (odecore.ode.callbacks), or None.
+    callbacks: Any
     # Outputs between a fixed-step method's grid points: "cubic" (Hermite on y and f at both
     # ends, the methods' own dense output) or "linear" (options["interp"]).
     interp: str
@@ -170,6 +173,7 @@ def prepare(
         step_size=step_size,
         max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
         interp=opts.get("interp", "cubic"),
+        callbacks=step_callbacks(bk, ops, func, layout, fn, rk.adaptive),
         min_step=opts.get("min_step", 0.0),
         max_step=opts.get("max_step", math.inf),
         layout=layout,
