@@ -164,7 +164,10 @@ MODES = {"numpy": ["checkpoint", "backsolve"], "torch": ["direct", "backsolve", 
 MODES["jax"] = ["backsolve", "checkpoint"]
 
 
-@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+# JAX compiles each gradient mode's forward and backward: seconds per case.
+@pytest.mark.parametrize(
+    "mode", ["direct", "backsolve", pytest.param("checkpoint", marks=pytest.mark.slow_on("jax"))]
+)
 def test_structured_gradients_match_finite_differences(backend, mode):
     if mode not in MODES.get(backend.name, []):
         pytest.skip(f"{backend.name} has no {mode!r} mode")
@@ -498,6 +501,7 @@ def test_grid_constructor_sees_a_structured_state(backend):
     np.testing.assert_allclose(backend.to_numpy(ys[0]), x, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow_on("jax")  # each refused grid compiles a solve before it is refused
 def test_bad_fixed_grid_options_are_refused(backend):
     t, y0 = backend.asarray(GRID_TIMES), backend.asarray([1.0])
 
@@ -641,3 +645,17 @@ def test_callbacks_are_not_called_in_a_batched_solve_and_say_so():
     with pytest.warns(UserWarning, match="not called.*batched"):
         odecore.odeint(func, y0, np.array([0.0, 1.0]), batch_axis=0)
     assert func.log == []
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_structured_time_gradient_matches_closed_form(mode):
+    import torch
+
+    t = torch.tensor([0.0, T_END], dtype=torch.float64, requires_grad=True)
+    y0 = tuple(torch.tensor(a, dtype=torch.float64) for a in (X0, V0))
+    ys = odecore.odeint(oscillator, y0, t, adjoint=mode, **TIGHT)
+    ys[0][-1].sum().backward()
+    # d x(T) / dT = v(T), and d x(T) / dt0 = -v(T) for this autonomous system.
+    _, v = oscillator_exact(X0, V0, 1.0, [T_END])
+    np.testing.assert_allclose(t.grad.numpy(), [-v[-1].sum(), v[-1].sum()], rtol=0, atol=1e-8)
