@@ -627,12 +627,29 @@ def test_adjoint_callbacks_see_the_backward_state():
 
 @pytest.mark.backend("jax")
 def test_callbacks_are_not_called_under_jax_and_say_so():
+    import jax
     import jax.numpy as jnp
 
     func = Logged(jnp)
     with pytest.warns(UserWarning, match="not called.*traced"):
         odecore.odeint(func, (jnp.ones(1), jnp.zeros(1)), jnp.asarray([0.0, 1.0]))
     assert func.log == []
+
+    class AdjointOnly:
+        calls = 0
+
+        def __call__(self, t, y):
+            return -y
+
+        def callback_step_adjoint(self, t0, state, dt):
+            AdjointOnly.calls += 1
+
+    def loss(y0):
+        return odecore.odeint(AdjointOnly(), y0, jnp.asarray([0.0, 1.0]))[-1].sum()
+
+    with pytest.warns(UserWarning, match=r"callback_step_adjoint\), which are not called"):
+        jax.grad(loss)(jnp.ones(1))
+    assert AdjointOnly.calls == 0
 
 
 def test_callbacks_are_not_called_in_a_batched_solve_and_say_so():

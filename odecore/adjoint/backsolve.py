@@ -83,7 +83,8 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         if failed.active:
             moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
         aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
-        attach_adjoint_callbacks(aug, dyn.func, functools.partial(_split_state, dyn, shape, m))
+        split = functools.partial(_split_state, dyn, shape, m)
+        attach_adjoint_callbacks(bk, aug, dyn.func, split)
         z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
         first = options if dt_next is None else {**options, "first_step": dt_next}
         backward = prepare(

@@ -51,14 +51,7 @@ def step_callbacks(bk, ops, func, layout, dynamics, adaptive: bool) -> StepCallb
     if not any(callable(c) for c in found.values()):
         return None
     if not ops.scalar:
-        names = ", ".join(n for n, c in found.items() if c)
-        warnings.warn(
-            f"{type(owner).__name__} has step callbacks ({names}), which are not called: "
-            f"they run only in an eager solve of one sample (NumPy or torch, without "
-            f"batch_axis), not in a batched or a traced (JAX) solve",
-            UserWarning,
-            stacklevel=2,
-        )
+        _warn_not_called(owner, found)
         return None
     xp = bk.xp
 
@@ -76,13 +69,30 @@ def step_callbacks(bk, ops, func, layout, dynamics, adaptive: bool) -> StepCallb
     )
 
 
-def attach_adjoint_callbacks(augmented, func, split) -> None:
+def _warn_not_called(owner, found: dict) -> None:
+    names = ", ".join(n for n, c in found.items() if callable(c))
+    warnings.warn(
+        f"{type(owner).__name__} has step callbacks ({names}), which are not called: they "
+        f"run only in an eager solve of one sample (NumPy or torch, without batch_axis; "
+        f"the backsolve's backward solve is one), not in a batched or a traced (JAX) solve",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def attach_adjoint_callbacks(bk, augmented, func, split) -> None:
     """Give the backsolve's augmented dynamics ``augmented`` the ``_adjoint`` callbacks of the
     user's ``func`` as its own step callbacks, receiving the backward state as
-    ``split(z) -> (y, a, a_params)``."""
+    ``split(z) -> (y, a, a_params)``; on a traced backend, warn that they are not called."""
     owner = unwrap(func)
+    found = {f"{name}_adjoint": getattr(owner, f"{name}_adjoint", None) for name in NAMES}
+    if not any(callable(c) for c in found.values()):
+        return
+    if not bk.eager:
+        _warn_not_called(owner, found)
+        return
     for name in NAMES:
-        callback = getattr(owner, f"{name}_adjoint", None)
+        callback = found[f"{name}_adjoint"]
         if callable(callback):
             setattr(augmented, name, _receiving_split(callback, split))
 
