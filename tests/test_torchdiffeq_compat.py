@@ -676,3 +676,32 @@ def test_structured_time_gradient_matches_closed_form(mode):
     # d x(T) / dT = v(T), and d x(T) / dt0 = -v(T) for this autonomous system.
     _, v = oscillator_exact(X0, V0, 1.0, [T_END])
     np.testing.assert_allclose(t.grad.numpy(), [-v[-1].sum(), v[-1].sum()], rtol=0, atol=1e-8)
+
+
+@pytest.mark.backend("torch")
+def test_user_norm_receives_the_structure_as_in_torchdiffeq():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torch
+
+    seen = []
+
+    def norm(error):
+        seen.append(type(error))
+        # Only the first part counts: the second is left out of the error control.
+        return error[0].abs().max()
+
+    y0 = (torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64))
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    calls = {"n": 0}
+
+    def counted(t, y):
+        calls["n"] += 1
+        return (y[1], -(1 + t) * y[0])
+
+    ours = odecore.odeint(counted, y0, t, rtol=1e-7, atol=1e-9, options={"norm": norm})
+    our_calls, calls["n"] = calls["n"], 0
+    theirs = torchdiffeq.odeint(counted, y0, t, rtol=1e-7, atol=1e-9, options={"norm": norm})
+    assert set(seen) == {tuple}
+    # The same norm, method and controller: the same work within 5%, values to tolerance.
+    assert abs(our_calls - calls["n"]) <= 0.05 * calls["n"]
+    assert float((ours[0] - theirs[0]).abs().max()) < 1e-5
