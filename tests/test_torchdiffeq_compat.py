@@ -705,3 +705,34 @@ def test_user_norm_receives_the_structure_as_in_torchdiffeq():
     # The same norm, method and controller: the same work within 5%, values to tolerance.
     assert abs(our_calls - calls["n"]) <= 0.05 * calls["n"]
     assert float((ours[0] - theirs[0]).abs().max()) < 1e-5
+
+
+@pytest.mark.backend("numba")
+def test_numba_refuses_linear_interp_and_warns_of_callbacks():
+    import numba
+
+    @numba.njit
+    def decay(t, y):
+        return -y
+
+    y0, t = np.ones(1), np.array([0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="interp'\\]='linear' is not available on the 'numba'"):
+        odecore.odeint(
+            decay,
+            y0,
+            t,
+            method="rk4",
+            backend="numba",
+            options={"interp": "linear", "step_size": 0.3},
+        )
+
+    def rate(t, y):
+        return -y
+
+    def never(t0, y0, dt):
+        raise AssertionError("not called")
+
+    rate.callback_step = never
+    with pytest.warns(UserWarning, match="callbacks of rate are not called on the 'numba'"):
+        ys = odecore.odeint(rate, y0, t, backend="numba", rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ys[:, 0], np.exp(-t), rtol=1e-8)

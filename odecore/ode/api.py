@@ -7,6 +7,8 @@ directly (``direct`` mode, or no gradients) or through the solve's rule
 
 from __future__ import annotations
 
+import warnings
+
 from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.adjoint import modes
@@ -15,7 +17,8 @@ from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
-from odecore.backend.structured import StructuredFunc, is_structured
+from odecore.backend.structured import StructuredFunc, is_structured, unwrap
+from odecore.ode.callbacks import dynamics_name
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
@@ -209,6 +212,7 @@ def _solve_array(
             # solves (Numba, Backend.kernels.solve) runs the prepared problem as one call,
             # taking the same steps. Recording the checkpoint tape stays with the loop.
             if bk.kernels.solve is not None and not record:
+                _check_compiled_solve_supports(bk, problem)
                 solution = bk.kernels.solve(problem, options)
                 if throw and not solution.success:
                     raise SolveError(failure_message(solution), solution)
@@ -254,6 +258,26 @@ def _solve_array(
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(failure_message(solution), solution)
         return solution
+
+
+def _check_compiled_solve_supports(bk, problem) -> None:
+    """Refuse, or warn about, what a whole-solve kernel (``Backend.kernels.solve``) does not
+    do: it interpolates outputs by the method's own interpolant and calls no Python
+    callbacks."""
+    if problem.interp == "linear":
+        raise ValueError(
+            f"options['interp']='linear' is not available on the {bk.name!r} backend, whose "
+            f"compiled solve interpolates outputs by the cubic Hermite interpolant; use "
+            f"interp='cubic' (the default), or the numpy backend"
+        )
+    if problem.callbacks is not None:
+        name = dynamics_name(unwrap(problem.dynamics.func))
+        warnings.warn(
+            f"the step callbacks of {name} are not called on the {bk.name!r} backend, whose "
+            f"solve is compiled; use the numpy backend to have them called",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:

@@ -69,10 +69,15 @@ def step_callbacks(bk, ops, func, layout, dynamics, adaptive: bool) -> StepCallb
     )
 
 
+def dynamics_name(owner) -> str:
+    """A function's name, or an object's type name."""
+    return getattr(owner, "__name__", None) or type(owner).__name__
+
+
 def _warn_not_called(owner, found: dict) -> None:
     names = ", ".join(n for n, c in found.items() if callable(c))
     warnings.warn(
-        f"{type(owner).__name__} has step callbacks ({names}), which are not called: they "
+        f"{dynamics_name(owner)} has step callbacks ({names}), which are not called: they "
         f"run only in an eager solve of one sample (NumPy or torch, without batch_axis; "
         f"the backsolve's backward solve is one), not in a batched or a traced (JAX) solve",
         UserWarning,
