@@ -736,3 +736,27 @@ def test_numba_refuses_linear_interp_and_warns_of_callbacks():
     with pytest.warns(UserWarning, match="callbacks of rate are not called on the 'numba'"):
         ys = odecore.odeint(rate, y0, t, backend="numba", rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ys[:, 0], np.exp(-t), rtol=1e-8)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("norm", ["seminorm", None])
+def test_module_parameters_of_a_structured_backsolve(norm):
+    import torch
+
+    class Spring(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(K, dtype=torch.float64))
+
+        def forward(self, t, y):
+            return (y[1], -self.k * y[0])
+
+    spring = Spring()
+    y0 = tuple(torch.tensor(a, dtype=torch.float64) for a in (X0, V0))
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    options = None if norm is None else {"norm": norm}
+    ys = odecore.odeint_adjoint(spring, y0, t, adjoint_options=options, **TIGHT)
+    loss = (ys[0][-1] * torch.tensor(WX)).sum() + (ys[1][-1] * torch.tensor(WV)).sum()
+    loss.backward()
+    _, _, dk = _reference_gradients(WX, WV)
+    assert abs(float(spring.k.grad) - dk) < GRAD_CLOSE
