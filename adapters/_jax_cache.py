@@ -125,7 +125,9 @@ def _split(backend, y0, t, params, arguments):
     if not all(_is_value(tol) for tol in tolerances):
         return None
     arrays = [x for x in leaves if _is_array(x)]
-    values = (_as_array(y0), _as_array(t), arrays, *tolerances, runtime)
+    # A structured y0 (a tuple or dict of arrays) is a pytree of the jitted function's
+    # arguments like any other.
+    values = (jax.tree_util.tree_map(_as_array, y0), _as_array(t), arrays, *tolerances, runtime)
     if any(backend.is_traced(x) for x in jax.tree_util.tree_leaves(values)):
         return None
     if values[1].ndim != 1 or values[1].shape[0] < 2:
@@ -219,8 +221,10 @@ def _captures_tracers(func, values, config) -> bool:
     y0, _, arrays = values[:3]
     batch_axis = config["settings"]["batch_axis"]
     try:
-        size = () if batch_axis is None else (y0.shape[batch_axis],)
-        time = jnp.zeros(size, jax.dtypes.canonicalize_dtype(y0.dtype))
+        parts = jax.tree_util.tree_leaves(y0)
+        size = () if batch_axis is None else (parts[0].shape[batch_axis],)
+        dtype = jnp.result_type(*parts)
+        time = jnp.zeros(size, jax.dtypes.canonicalize_dtype(dtype))
 
         def evaluate(y, arrays):
             if config["treedef"] == _NO_PARAMS:

@@ -451,7 +451,7 @@ def _norm(options) -> tuple[float, np.ndarray]:
     """The kernel's norm code and part sizes for ``options['norm']``."""
     norm = (options or {}).get("norm", "rms")
     parts = np.zeros(0, dtype=np.int64)
-    if isinstance(norm, LargestPartRMS):
+    if isinstance(norm, LargestPartRMS) and norm.sizes is not None:
         return loop.PARTS_NORM, np.asarray(norm.sizes, dtype=np.int64)
     if not isinstance(norm, str):
         raise ValueError(

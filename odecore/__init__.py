@@ -20,6 +20,7 @@ from odecore.deq import (
     vjp_fixed_point,
 )
 from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.perturb import Perturb
 from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
@@ -42,6 +43,7 @@ __all__ = [
     "FixedPointStatus",
     "BackendNotAvailableError",
     "DeviceNotAvailableError",
+    "Perturb",
     "PrecisionWarning",
     "Solution",
     "SolveError",

@@ -11,9 +11,13 @@ and gives the vector-Jacobian products the gradient modes need through the backe
 
 from __future__ import annotations
 
+import functools
+
 from odecore import _validate
 from odecore.backend import differentiate
+from odecore.backend.structured import unwrap
 from odecore.backend.tree import leaves as tree_leaves
+from odecore.ode.perturb import JumpSides, accepts_perturb
 
 
 class Dynamics:
@@ -23,7 +27,7 @@ class Dynamics:
     ``dy/ds = -f(-s, y)``.
     """
 
-    def __init__(self, bk, ops, func, params, layout, sign: float, leaves=None):
+    def __init__(self, bk, ops, func, params, layout, sign: float, leaves=None, jumps=None):
         self.backend = bk
         self.ops = ops
         # What the user passed (a backend that compiles whole solves compiles this one), and
@@ -37,6 +41,17 @@ class Dynamics:
             differentiate.param_leaves(bk, func, params) if leaves is None else list(leaves)
         )
         self._vjp_checked = False
+        # A func with a ``perturb`` keyword is told which side of a jump it is evaluated on
+        # (eager backends: the side is read off concrete times).
+        self.jump_sides = None
+        if jumps is not None and bk.eager and accepts_perturb(unwrap(func)):
+            self.jump_sides = JumpSides(jumps, sign)
+
+    def _bound(self, t):
+        """``func``, with ``perturb`` bound where it takes one; ``t`` is internal time."""
+        if self.jump_sides is None:
+            return self.func
+        return functools.partial(self.func, perturb=self.jump_sides.at(self.backend.xp, t))
 
     def flip(self, x):
         """``x`` times the direction. ``sign`` is a Python float when the times are known, a
@@ -51,9 +66,10 @@ class Dynamics:
     def _call_user(self, t, y):
         ty = self.user_time(t)
         yu = self.layout.to_user(self.backend.xp, y)
+        func = self._bound(t)
         if self.params is None:
-            return self.func(ty, yu)
-        return self.func(ty, yu, self.params)
+            return func(ty, yu)
+        return func(ty, yu, self.params)
 
     def __call__(self, t, y):
         out = self.layout.from_user(self.backend.xp, self._call_user(t, y))
@@ -64,7 +80,7 @@ class Dynamics:
         do: a forward solve of one sample kept in its own shape. The loop calls this for
         every stage, so the saved Python calls are a measurable part of a small step."""
         # A traced sign is only ever flat.
-        if self.layout.flat or self.layout.casts or self.sign < 0:
+        if self.layout.flat or self.layout.casts or self.sign < 0 or self.jump_sides:
             return self
         func, params, ops = self.func, self.params, self.ops
         if ops.scalar:
@@ -123,8 +139,11 @@ class Dynamics:
         evaluation serves both the value and its VJP (``Backend.dynamics_linearize``)."""
         xp, lay = self.backend.xp, self.layout
         y_user = lay.to_user(xp, y)
+        # The bound func has no vjp of its own: a backend without autodiff calls the
+        # dynamics' vjp, which takes no perturb.
+        func = self._bound(t) if self.backend.autodiff is not None else self.func
         value, pull = differentiate.linearize(
-            self.backend, self.func, self.params, self.leaves, self.user_time(t), y_user
+            self.backend, func, self.params, self.leaves, self.user_time(t), y_user
         )
         value = lay.from_user(xp, value)
 
@@ -146,4 +165,5 @@ def _cotangent_names(params, count):
 
 
 def _vjp_name(func):
+    func = unwrap(func)
     return f"{type(func).__name__}.vjp" if hasattr(func, "vjp") else "the dynamics' VJP"

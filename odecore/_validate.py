@@ -28,7 +28,8 @@ DEFAULT_METHOD = "dopri5"
 DEFAULT_MAX_NUM_STEPS = 100_000
 
 _COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t"}
-_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size"}
+_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp"}
+INTERPOLATIONS = ("linear", "cubic")
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "first_step",
     "min_step",
@@ -173,6 +174,7 @@ def options(opts: dict | None, rk) -> dict:
             "options['shrink_after_accept'] must be True or False, got "
             f"{out['shrink_after_accept']!r}"
         )
+    _fixed_grid_options(out)
     if "controller" in out and out["controller"] not in ("I", "PI"):
         raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
     if sum(controller_gains(out)) == 0:
@@ -190,6 +192,51 @@ def options(opts: dict | None, rk) -> dict:
     ):
         raise ValueError("options['min_step'] is larger than options['max_step']")
     return out
+
+
+def _fixed_grid_options(out: dict) -> None:
+    """``grid_constructor`` and ``interp``, the fixed-step methods' options from torchdiffeq."""
+    if "interp" in out and (
+        not isinstance(out["interp"], str) or out["interp"] not in INTERPOLATIONS
+    ):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {out['interp']!r}")
+    if "grid_constructor" not in out:
+        return
+    if not callable(out["grid_constructor"]):
+        raise TypeError(
+            f"options['grid_constructor'] must be a function (func, y0, t) -> grid, got "
+            f"{out['grid_constructor']!r}"
+        )
+    if "step_size" in out:
+        raise ValueError(
+            "options['step_size'] and options['grid_constructor'] both set the grid; pass "
+            "one of them"
+        )
+
+
+def grid(bk, constructor, func, y0, t_user, sign):
+    """The steps' grid from ``grid_constructor(func, y0, t)``, in internal time: a 1-D array
+    of times from ``t[0]`` to ``t[-1]``, strictly monotone in ``t``'s direction; and, where
+    the grid is traced (jit), whether it is valid (a 0-d boolean array), else None."""
+    xp = bk.xp
+    need = "a 1-D array of times from t[0] to t[-1]"
+    name = "the grid that options['grid_constructor'] returned"
+    arr = real_numbers(bk, constructor(func, y0, t_user), name, need, convert=time_array)
+    arr = xp.astype(arr, bk.time_dtype)
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(f"{name} must be {need}, got shape {tuple(arr.shape)}")
+    if _fails(bk, (arr[0] == t_user[0]) & (arr[-1] == t_user[-1])):
+        raise ValueError(
+            f"{name} must start at t[0] and end at t[-1] ({float(t_user[0])} and "
+            f"{float(t_user[-1])}), got {float(arr[0])} and {float(arr[-1])}"
+        )
+    internal = arr * sign
+    increasing = xp.all(internal[1:] > internal[:-1])
+    if _fails(bk, increasing):
+        raise ValueError(f"{name} must be strictly monotone in the direction of t")
+    ends = (arr[0] == t_user[0]) & (arr[-1] == t_user[-1])
+    valid = increasing & ends & xp.all(xp.isfinite(arr))
+    return internal, (valid if bk.is_traced(valid) else None)
 
 
 def check_dict(value, name: str) -> None:
@@ -245,22 +292,23 @@ def times(bk, t) -> Any:
     return arr
 
 
-def initial_state(bk, y0, finite: bool = True) -> Any:
+def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     """``y0`` as an array, checked; ``finite=False`` leaves its values to the caller (a batch
-    is checked sample by sample)."""
+    is checked sample by sample). ``name`` is how messages call it (a part of a structured
+    state is named by its path)."""
     xp = bk.xp
-    arr = as_array(bk, y0, "y0", "an array of real floating numbers")
+    arr = as_array(bk, y0, name, "an array of real floating numbers")
     if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
         raise TypeError(
-            f"y0 must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
-            f"y0.astype(float64) or a float literal"
+            f"{name} must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
+            f"{name}.astype(float64) or a float literal"
         )
     if not xp.isdtype(arr.dtype, "real floating"):
-        raise TypeError(f"y0 must have a real floating dtype, got {arr.dtype}")
+        raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
-        raise ValueError(f"y0 is empty (shape {tuple(arr.shape)}); there is nothing to solve")
+        raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); there is nothing to solve")
     if finite and _fails(bk, xp.all(xp.isfinite(arr))):
-        raise ValueError("y0 contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
     return arr
 
 
@@ -345,12 +393,15 @@ def norm(bk, value, lay: Layout):
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
     # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
     # a 16-bit state's dtype would only lose digits.
+    def as_array(n):
+        # An array as it is: torch's asarray of a tensor that requires grad warns.
+        return n if bk.owns(n) else xp.asarray(n)
+
     if not lay.flat:
-        return lambda x: xp.asarray(value(x))
+        return lambda x: as_array(value(x))
 
     def user_norm(x):
-        n = xp.asarray(value(lay.shaped_as_user(xp, x)))
-        return xp.reshape(n, (lay.batch,))
+        return xp.reshape(as_array(value(lay.shaped_as_user(xp, x))), (lay.batch,))
 
     return user_norm
 

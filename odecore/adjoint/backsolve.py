@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import math
 
+from odecore.backend.structured import StructuredFunc
 from odecore.control.norms import largest_part_rms
+from odecore.ode.callbacks import attach_adjoint_callbacks
 from odecore.ode.loop import run_loop, solve_prepared
 from odecore.ode.outputs import unchanged
 from odecore.ode.problem import prepare
@@ -54,7 +56,10 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         # sensitivity), where holding the step after each accepted one ends in a rejection
         # (docs/performance.md has the evaluations this saves).
         options.setdefault("shrink_after_accept", True)
-    parts = [m, m, sum(sizes)]
+    # Each part of a structured state (settings["state_parts"]), and of its adjoint, is
+    # one part of the norm, over every sample.
+    state = (m // lay.size, tuple(settings.get("state_parts", (lay.size,))))
+    parts = [state, state, sum(sizes)]
     if options.get("norm") == "seminorm":
         # The parameter adjoint does not influence the step size, it only accumulates
         # (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE").
@@ -79,13 +84,16 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
     def interval(i, a, a_theta, dt_next):
         """Solve back from ``t_i`` to ``t_{i-1}``."""
         if compiled is not None:
-            # Only for a single sample, which moves on every interval that is solved.
+            # Only for a single sample, which moves on every interval that is solved. A
+            # compiled solve calls no Python callbacks.
             aug, aug_params = compiled
         else:
             moving = None
             if failed.active:
                 moving = failed.per_sample_mask(xp.logical_not(failed.unreached[i]))
             aug = _augmented_dynamics(bk, dyn, shape, m, leaves, sizes, moving)
+            split = functools.partial(_split_state, dyn, shape, m)
+            attach_adjoint_callbacks(bk, aug, dyn.func, split)
             aug_params = None
         z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
         first = options if dt_next is None else {**options, "first_step": dt_next}
@@ -129,6 +137,16 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         leaves_bar.append(xp.reshape(a_theta[start : start + size], leaf.shape))
         start += size
     return a, leaves_bar
+
+
+def _split_state(dyn, shape, m, z):
+    """The backward state ``z`` as ``(y, a, a_params)``, ``y`` and ``a`` as the user's state
+    (in its structure, for a structured one), as the ``_adjoint`` callbacks receive it."""
+    xp = dyn.backend.xp
+    y, a = xp.reshape(z[:m], shape), xp.reshape(z[m : 2 * m], shape)
+    if isinstance(dyn.func, StructuredFunc):
+        y, a = dyn.func.structure.unflatten(y), dyn.func.structure.unflatten(a)
+    return y, a, z[2 * m :]
 
 
 def _finished_steps(bk, dt, failed):

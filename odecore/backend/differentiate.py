@@ -11,13 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from odecore.backend.protocol import Backend
+from odecore.backend.structured import unwrap
 from odecore.backend.tree import leaves as tree_leaves
 
 
 def param_leaves(bk: Backend, func, params) -> list[Any]:
     """The arrays that receive parameter gradients, in order."""
     if bk.autodiff is not None:
-        return bk.autodiff.param_leaves(func, params)
+        # An nn.Module's parameters are found on the user's func, not on a wrapper of it.
+        return bk.autodiff.param_leaves(unwrap(func), params)
     return [leaf for _, leaf in tree_leaves(params)] if params is not None else []
 
 
@@ -64,7 +66,7 @@ def _user_vjp(bk, func, params, leaves, t, y, cot):
     if user_vjp is None:
         raise TypeError(
             f"gradients on the {bk.name!r} backend need the dynamics' own VJP, and "
-            f"{type(func).__name__} has no 'vjp' method: give it "
+            f"{type(unwrap(func)).__name__} has no 'vjp' method: give it "
             f"vjp(t, y, params, cotangent) -> (cot_y, cot_params), where cot_params has "
             f"the structure of params (None when there are no params); or use a backend "
             f"with autodiff (torch, jax)"
@@ -73,7 +75,7 @@ def _user_vjp(bk, func, params, leaves, t, y, cot):
     cot_leaves = [leaf for _, leaf in tree_leaves(cot_params)] if leaves else []
     if len(cot_leaves) != len(leaves):
         raise ValueError(
-            f"{type(func).__name__}.vjp returned {len(cot_leaves)} parameter cotangents "
+            f"{type(unwrap(func)).__name__}.vjp returned {len(cot_leaves)} parameter cotangents "
             f"for {len(leaves)} parameter arrays; return one per array in params, in the "
             f"same structure"
         )

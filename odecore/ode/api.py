@@ -7,6 +7,8 @@ directly (``direct`` mode, or no gradients) or through the solve's rule
 
 from __future__ import annotations
 
+import warnings
+
 from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.adjoint import modes
@@ -15,6 +17,9 @@ from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
+from odecore.backend.structured import StructuredFunc, is_structured, unwrap
+from odecore.ode.callbacks import dynamics_name
+from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
@@ -49,8 +54,91 @@ def solve(
     it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
     the solve did not reach are NaN. Gradients then reach the outputs it did reach as if it
     had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
-    gradient, and the parameter and time gradients, NaN.
+    gradient, and the parameter and time gradients, NaN. For a structured ``y0`` (a tuple,
+    list or dict of arrays), ``ys`` has its structure, each part with a leading time axis.
     """
+    keywords = {
+        "params": params,
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "batch_axis": batch_axis,
+        "backend": backend,
+        "throw": throw,
+        "adjoint": adjoint,
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+    }
+    if not is_structured(y0):
+        return _solve_array(func, y0, t, **keywords)
+    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    compiled = _compiled_structured(bk, func, y0, t, keywords)
+    if compiled is not None:
+        return compiled
+    flat = flat_call(bk, func, y0, keywords)
+    solution = _solve_array(flat.func, flat.y0, t, **flat.keywords)
+    solution.ys = flat.structure.unflatten(solution.ys, lead=1)
+    return solution
+
+
+def _compiled_structured(bk, func, y0, t, keywords):
+    """A structured solve through its backend's compiled solves (``Backend.compiled_solve``),
+    filed under the user's ``func``: the compiled program flattens and unflattens the
+    state itself. None where the backend compiles nothing for this call."""
+    if bk.tracing is None:
+        return None
+    arguments = {k: v for k, v in keywords.items() if k not in ("params", "backend", "throw")}
+    compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
+    if compiled is None:
+        return None
+
+    def check_inputs():
+        flat = flat_call(bk, func, y0, keywords)
+        k = flat.keywords
+        prepare(
+            bk,
+            flat.func,
+            flat.y0,
+            t,
+            k["params"],
+            k["rtol"],
+            k["atol"],
+            k["method"],
+            k["options"],
+            k["batch_axis"],
+            None,
+            k["throw"],
+        )
+
+    return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs)
+
+
+def _solve_array(
+    func,
+    y0,
+    t,
+    *,
+    params,
+    rtol,
+    atol,
+    method,
+    options,
+    batch_axis,
+    backend,
+    throw,
+    adjoint,
+    adjoint_rtol,
+    adjoint_atol,
+    adjoint_method,
+    adjoint_options,
+    adjoint_params,
+) -> Solution:
+    """:func:`solve` of a state that is one array (a structured state arrives flattened,
+    with ``func`` a ``StructuredFunc``)."""
     adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options = modes.as_keywords(
         adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
     )
@@ -76,6 +164,9 @@ def solve(
             adjoint_options,
             mode,
         )
+        if settings is not None and isinstance(func, StructuredFunc):
+            # The backsolve's error control then applies to each part of y and of its adjoint.
+            settings["state_parts"] = func.structure.sizes
         _validate.warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol if settings else None)
         arguments = {
             "rtol": rtol,
@@ -91,7 +182,7 @@ def solve(
             "adjoint_params": adjoint_params,
         }
         compiled = (
-            bk.tracing.compiled_solve(solve, func, y0, t, params, arguments)
+            bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
             if bk.tracing is not None
             else None
         )
@@ -117,6 +208,8 @@ def solve(
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
                 return None, LoopResult(solution, None, None)
+            if bk.kernels.solve is not None and not record:
+                _check_compiled_solve_supports(bk, problem)
             return problem, solve_prepared(problem, options, record, throw)
 
         if mode is None or not bk.has_autodiff:
@@ -158,6 +251,26 @@ def solve(
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(failure_message(solution), solution)
         return solution
+
+
+def _check_compiled_solve_supports(bk, problem) -> None:
+    """Refuse, or warn about, what a whole-solve kernel (``Backend.kernels.solve``) does not
+    do: it interpolates outputs by the method's own interpolant and calls no Python
+    callbacks."""
+    if problem.interp == "linear":
+        raise ValueError(
+            f"options['interp']='linear' is not available on the {bk.name!r} backend, whose "
+            f"compiled solve interpolates outputs by the cubic Hermite interpolant; use "
+            f"interp='cubic' (the default), or the numpy backend"
+        )
+    if problem.callbacks is not None:
+        name = dynamics_name(unwrap(problem.dynamics.user_func))
+        warnings.warn(
+            f"the step callbacks of {name} are not called on the {bk.name!r} backend, whose "
+            f"solve is compiled; use the numpy backend to have them called",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:
@@ -230,15 +343,29 @@ def odeint(
     ----------
     func : callable
         ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning
-        ``dy/dt`` with the shape and dtype of ``y``. With ``batch_axis``, ``t`` is a vector
-        with one time per sample (each sample steps on its own); otherwise a 0-d array.
-        ``t`` is passed in the state's dtype.
-    y0 : array
+        ``dy/dt`` with the shape and dtype of ``y``. As in torchdiffeq, a ``func`` with a
+        ``perturb`` keyword is told which side of a ``jump_t`` it is evaluated on
+        (:class:`~odecore.Perturb`), and its methods ``callback_step(t0, y0, dt)``,
+        ``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint``
+        counterparts, in the backsolve's backward solve, with ``y0 = (y, a, a_params)``) are
+        called around every step of an eager solve of one sample; a batched or traced (JAX)
+        solve does not call them, and warns (``odecore.ode.callbacks``). With
+        ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
+        its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
+    y0 : array, or a tuple, list or dict of arrays (nested as deep as needed)
         Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs
         buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
         ``func`` still receives and returns the 16-bit dtype, and the outputs (and
-        gradients) come back in it.
+        gradients) come back in it. A structured state (``(x, v)``, as in torchdiffeq, or
+        any pytree of arrays) is passed to ``func`` in its structure, and ``func`` returns
+        the same structure, each part in its part's shape and dtype. The solver integrates
+        the parts together in the dtype they promote to (a float32 part beside a float64
+        one is integrated in float64, and rounded to float32 for ``func`` and the outputs);
+        the outputs, and gradients, come back part by part in each part's own dtype. The
+        error norm is the largest RMS of any part (torchdiffeq's, for a tuple), and ``rtol``
+        / ``atol`` may be structured like ``y0`` (one value per part). With
+        ``batch_axis``, every part has its samples along that axis.
     t : 1-D array
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
         time.
@@ -250,10 +377,17 @@ def odeint(
     method : str
         One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
     options : dict
-        ``step_size`` (fixed-step methods), ``first_step``, ``max_num_steps``, ``step_t``
+        ``step_size`` (fixed-step methods), ``grid_constructor`` (fixed-step methods:
+        ``grid_constructor(func, y0, t) -> grid``, the times to step between, from ``t[0]``
+        to ``t[-1]``, as in torchdiffeq; not with ``step_size``), ``interp`` (fixed-step
+        methods: outputs between grid points by ``"cubic"`` Hermite interpolation on ``y``
+        and ``f`` at both ends, the default, or ``"linear"``, torchdiffeq's default),
+        ``first_step``, ``max_num_steps``, ``step_t``
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
-        and ``func`` is evaluated afresh after them), ``min_step``, ``max_step``, ``norm``
-        (``"rms"``, ``"max"`` or a callable), ``safety``, ``ifactor``, ``dfactor``,
+        and ``func`` is evaluated afresh after them; a ``func`` with a ``perturb`` keyword
+        is told the side, :class:`~odecore.Perturb`), ``min_step``, ``max_step``, ``norm``
+        (``"rms"``, ``"max"`` or a callable, which receives the scaled error in the structure
+        of ``y0``), ``safety``, ``ifactor``, ``dfactor``,
         ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``
         (``False``: as in torchdiffeq, an accepted step never shrinks the next one, and the
         two libraries take the same steps; ``True``: it may, as in scipy, which rejects fewer
@@ -283,7 +417,8 @@ def odeint(
 
     Returns
     -------
-    array of shape ``(len(t), *y0.shape)``.
+    array of shape ``(len(t), *y0.shape)``; for a structured ``y0``, its structure with each
+    part of shape ``(len(t), *part.shape)``.
     """
     return solve(
         func,
@@ -320,7 +455,50 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
     of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
     gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
+
+    A structured ``y0`` (a tuple, list or dict of arrays) gives ``ys`` in its structure (each
+    part with a leading time axis); ``vjp`` then receives ``y`` and the cotangent in that
+    structure and returns ``cot_y`` in it, and ``pullback`` takes ``ys_bar`` and returns
+    ``y0_bar`` in it.
     """
+    if not is_structured(y0):
+        return _vjp_odeint_array(func, y0, t, params, adjoint=adjoint, throw=throw, **kwargs)
+    _check_vjp_keywords(kwargs)
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
+    defaults = {"rtol": 1e-7, "atol": 1e-9, "method": None, "options": None, "batch_axis": None}
+    keywords = {**defaults, **kwargs}
+    flat = flat_call(bk, func, y0, keywords)
+    ys, pullback = _vjp_odeint_array(
+        flat.func, flat.y0, t, params, adjoint=adjoint, throw=throw, **flat.keywords
+    )
+    structure = flat.structure
+    flat_ys = ys
+
+    def structured_pullback(ys_bar):
+        ys_bar = structure.flatten_returned(
+            bk,
+            ys_bar,
+            "pullback got",
+            "ys_bar",
+            lead_shape=(flat_ys.shape[0],),
+            exact_dtype=False,
+        )
+        y0_bar, params_bar, t_bar = pullback(ys_bar)
+        return structure.unflatten(y0_bar), params_bar, t_bar
+
+    return structure.unflatten(ys, lead=1), structured_pullback
+
+
+def _check_vjp_keywords(kwargs) -> None:
+    known = {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    known |= {"adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options"}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
+
+
+def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+    """:func:`vjp_odeint` of a state that is one array."""
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
         adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)

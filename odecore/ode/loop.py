@@ -168,6 +168,8 @@ def step(p: Problem, s: LoopState) -> LoopState:
         t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
         cap = capped_at(ops, t_left)
 
+    if p.callbacks is not None:
+        p.callbacks.before(running, t, y, h)
     trial = solver.step(p.evaluate, t, y, s.f, h, hy, p.stage_store, cap)
     y_new = trial.y_new
     if p.controller is not None:
@@ -182,6 +184,8 @@ def step(p: Problem, s: LoopState) -> LoopState:
     # but not t, and every step after it would be the same.
     no_progress = accept & (t_new <= t)
     accept = accept & ops.not_(no_progress)
+    if p.callbacks is not None:
+        p.callbacks.after(running, accept, t, y, h)
     if solver.fsal:
         f_new = trial.stages[-1]
     else:

@@ -20,7 +20,7 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev):
         h_safe = ops.where(h > 0, h, 1.0)
 
         def write(out, out_idx, nfev, interpolating):
-            if interpolating:
+            if interpolating and p.interp != "linear":
                 dense = solver.dense_stages(p.evaluate, t, y, h, hy, trial.stages, f_new)
                 nfev = nfev + solver.nfev_dense_extra
 
@@ -37,7 +37,10 @@ def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev):
                     # hundreds (DOP853), and their weighted sums would lose digits in a
                     # float32 state.
                     theta = (at_time - t) / h_safe
-                    value = p.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
+                    if p.interp == "linear":
+                        value = y + ops.to_state(theta) * (y_new - y)
+                    else:
+                        value = p.interpolate(ops, p.dense_coeffs, theta, y, hy, dense)
                     # The step's end point is known exactly; do not replace it by the
                     # interpolant.
                     value = ops.select_rows(at_time == t_new, y_new, value)

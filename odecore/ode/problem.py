@@ -15,6 +15,7 @@ from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
 from odecore.control.controller import Controller
 from odecore.control.norms import error_ratio
+from odecore.ode.callbacks import step_callbacks
 from odecore.solvers.explicit_rk import ExplicitRK, prepared
 from odecore.solvers.stage_stores import ListStages
 
@@ -52,6 +53,11 @@ class Problem:
     first_step: float | None
     step_size: float | None
     max_num_steps: int
+    # The dynamics' step callbacks (odecore.ode.callbacks), or None.
+    callbacks: Any
+    # Outputs between a fixed-step method's grid points: "cubic" (Hermite on y and f at both
+    # ends, the methods' own dense output) or "linear" (options["interp"]).
+    interp: str
     min_step: float
     max_step: float
     layout: Layout
@@ -106,14 +112,17 @@ def prepare(
     ts = ts_user * sign
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, layout.dtype, layout.user_dtype)
-    fn = Dynamics(bk, ops, func, params, layout, sign, leaves)
-
     step_size = opts.get("step_size")
     stops = [ts[-1:]]
     for key in ("step_t", "jump_t"):
         if opts.get(key) is not None:
             stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
-    if not rk.adaptive and step_size is None:
+    grid_valid = None
+    if opts.get("grid_constructor") is not None:
+        # The steps go from grid point to grid point; outputs between them are interpolated.
+        grid, grid_valid = _validate.grid(bk, opts["grid_constructor"], func, y0, ts_user, sign)
+        stops.append(grid[1:])
+    elif not rk.adaptive and step_size is None:
         stops.append(ts[1:])  # a fixed grid without step_size steps between output times
     # A repeated stop is harmless to the loop; a tracing backend cannot drop it (fixed shapes).
     merge = xp.unique_values if bk.eager else xp.sort
@@ -123,6 +132,8 @@ def prepare(
         if opts.get("jump_t") is not None
         else None
     )
+
+    fn = Dynamics(bk, ops, func, params, layout, sign, leaves, jumps)
 
     controller = None
     if rk.adaptive:
@@ -137,6 +148,7 @@ def prepare(
             shrink_after_accept=opts.get("shrink_after_accept", False),
         )
     valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
+    valid = _combine_validity(valid, grid_valid)
     if valid is not None:
         # An invalid sample is not solved: all its outputs are NaN. NaN, unlike inf, also
         # passes through the first evaluations of f without floating-point warnings.
@@ -167,6 +179,8 @@ def prepare(
         first_step=opts.get("first_step"),
         step_size=step_size,
         max_num_steps=opts.get("max_num_steps", _validate.DEFAULT_MAX_NUM_STEPS),
+        interp=opts.get("interp", "cubic"),
+        callbacks=step_callbacks(bk, ops, func, layout, fn, rk.adaptive),
         min_step=opts.get("min_step", 0.0),
         max_step=opts.get("max_step", math.inf),
         layout=layout,
