@@ -125,10 +125,11 @@ class TorchAutodiff(Autodiff):
         out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
         return out, tangent
 
-    def differentiable_vjp(self, fn, x):
-        # Records a graph of the VJP itself (create_graph) only when the caller records one:
-        # a solve evaluating under no_grad (a rule's forward, evaluation) pays for none.
-        higher = torch.is_grad_enabled()
+    def differentiable_vjp(self, fn, x, differentiable=True):
+        # Records a graph of the VJP itself (create_graph) only when the caller records one
+        # and wants it: a solve evaluating under no_grad (a rule's forward, evaluation) or
+        # one that nothing differentiates pays for none.
+        higher = differentiable and torch.is_grad_enabled()
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)

@@ -56,11 +56,13 @@ class Autodiff:
         """``(fn(*primals), tangent_out)`` by forward mode."""
         raise NotImplementedError
 
-    def differentiable_vjp(self, fn: Callable, x: Any):
+    def differentiable_vjp(self, fn: Callable, x: Any, differentiable: bool = True):
         """``(fn(x), pullback)``, ``pullback(cotangent)`` the cotangent times the Jacobian of
-        ``fn`` at ``x``. Unlike :meth:`vjp`, the result stays differentiable with respect to
-        ``x`` and to every array ``fn`` captures whenever the caller is itself being
-        differentiated: a divergence built from it (``odecore.cnf``) has gradients."""
+        ``fn`` at ``x``. Unlike :meth:`vjp`, with ``differentiable`` the result stays
+        differentiable with respect to ``x`` and to every array ``fn`` captures whenever the
+        caller is itself being differentiated: a divergence built from it (``odecore.cnf``)
+        has gradients. ``differentiable=False`` says that no gradient will be asked for, so
+        that an eager framework need not record one."""
         raise NotImplementedError
 
     def custom_vjp(self, rule) -> Callable:

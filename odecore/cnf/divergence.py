@@ -25,10 +25,13 @@ from odecore.backend import differentiate
 TRACE_METHODS = ("exact", "hutchinson")
 
 
-def pullback(bk, f, t, z, params):
-    """``(f(t, z[, params]), pull)`` with ``pull(u) = u^T df/dz`` for a batch ``z``."""
+def pullback(bk, f, t, z, params, differentiable=True):
+    """``(f(t, z[, params]), pull)`` with ``pull(u) = u^T df/dz`` for a batch ``z``;
+    ``differentiable=False`` promises that no gradient of the result will be asked for."""
     if bk.autodiff is not None:
-        return bk.autodiff.differentiable_vjp(lambda z_: differentiate.call(f, t, z_, params), z)
+        return bk.autodiff.differentiable_vjp(
+            lambda z_: differentiate.call(f, t, z_, params), z, differentiable
+        )
     user_vjp = own_method(bk, f, "vjp", "vjp(t, z, params, u) -> (u^T df/dz, u^T df/dparams)")
     value = differentiate.call(f, t, z, params)
     return value, lambda u: user_vjp(t, z, params, u)[0]

@@ -46,8 +46,13 @@ class AugmentedDynamics:
     and its second-order ``vjp_of_vjp``.
     """
 
-    def __init__(self, f, event_shape, trace: str, eps, regularizers, backend=None):
+    def __init__(
+        self, f, event_shape, trace: str, eps, regularizers, backend=None, differentiable=True
+    ):
         self.f = f
+        # False when nothing the solve depends on wants a gradient: an eager framework then
+        # records no graph of the divergence.
+        self.differentiable = differentiable
         self.backend = backend
         self.event_shape = tuple(int(n) for n in event_shape)
         self.size = math.prod(self.event_shape)
@@ -83,7 +88,7 @@ class AugmentedDynamics:
         xp = bk.xp
         batch = s.shape[0]
         z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
-        value, pull = pullback(bk, self.f, t, z, params)
+        value, pull = pullback(bk, self.f, t, z, params, self.differentiable)
         div, frobenius = trace_terms(xp, pull, z, self.trace, self.eps)
         flat = xp.reshape(value, (batch, self.size))
         columns = [flat, div[:, None]]

@@ -55,13 +55,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 class FlowSolution(NamedTuple):
     """What :func:`solve_log_prob` returns: ``log_prob`` (B,), the latent ``z`` at ``t[1]``
-    (B, *event_shape), the requested ``regularizers`` (name -> (B,)), and the ODE
-    ``solution`` (statistics and status)."""
+    (B, *event_shape), the requested ``regularizers`` (name -> (B,)), the ODE ``solution``
+    (statistics and status), and the Hutchinson ``probes`` it used (None for the exact
+    trace)."""
 
     log_prob: Any
     z: Any
     regularizers: dict
     solution: Any
+    probes: Any
 
 
 def standard_normal_log_prob(xp, z):
@@ -106,7 +108,7 @@ def solve_log_prob(
     solution = solve(aug, s0, t, params=params, options=options, **extra, **solve_kwargs)
     z, delta_logp, regs = aug.split(bk.xp, solution.ys[-1])
     base_log_prob = _base(bk, base)(z)
-    return FlowSolution(base_log_prob + delta_logp, z, regs, solution)
+    return FlowSolution(base_log_prob + delta_logp, z, regs, solution, aug.eps)
 
 
 def log_prob(
@@ -344,11 +346,14 @@ def _setup(
         raise TypeError(f"x must hold real floating-point numbers, got dtype {x.dtype}")
     t = _time_array(bk, t, x)
     eps = _probes(bk, trace, noise, eps, seed, key, generator, x)
-    aug = AugmentedDynamics(f, x.shape[1:], trace, eps, regularizers, bk)
+    wanted = differentiate.requires_grad(
+        bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
+    )
+    aug = AugmentedDynamics(f, x.shape[1:], trace, eps, regularizers, bk, wanted)
     s0 = aug.initial_state(xp, x)
     options = dict(_options(solve_kwargs.pop("options", None)))
     if "norm" not in options:
-        options["norm"] = _norm(xp, aug, x.shape[0], batch_axis, error_control)
+        options["norm"] = _norm(bk, aug, x.shape[0], batch_axis, error_control)
     return bk, aug, s0, t, options, _parameter_arguments(bk, f, params, t, x, solve_kwargs)
 
 
@@ -360,16 +365,19 @@ def _options(options):
     return options
 
 
-def _norm(xp, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str):
+def _norm(bk, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str):
     """The partitioned error norm of the augmented state: the parts ``error_control``
     names, each its own RMS, the largest wins. One solve for the whole batch sees one
     (B, D + 1 + R) state; its parts then span every sample, so the state is transposed to
-    lay each part's values end to end."""
+    lay each part's values end to end. Step sizes are constants to autodiff, so the norm
+    records no gradient."""
+    xp = bk.xp
     parts = aug.parts if error_control == "all" else aug.parts[:1]
     if batch_axis == 0:
-        return largest_part_rms(xp, parts)
+        per_sample = largest_part_rms(xp, parts)
+        return lambda s: per_sample(bk.stop_gradient(s))
     joint = largest_part_rms(xp, [size * batch for size in parts])
-    return lambda s: joint(xp.reshape(xp.matrix_transpose(s), (-1,)))
+    return lambda s: joint(xp.reshape(xp.matrix_transpose(bk.stop_gradient(s)), (-1,)))
 
 
 def _parameter_arguments(bk, f, params, t, x, solve_kwargs) -> dict:
