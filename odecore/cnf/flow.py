@@ -285,6 +285,7 @@ def sample(
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
     bk = resolve_backend(solve_kwargs.get("backend"), {"z": z, "params": params})
+    check_generic_loop(bk)
     xp = bk.xp
     if z is None:
         dtype = dtype if dtype is not None else _parameter_dtype(bk, f, params)
@@ -339,6 +340,7 @@ def _setup(
             f"steps on its own): the samples of x are along its first axis, got {batch_axis!r}"
         )
     bk = resolve_backend(solve_kwargs.get("backend"), {"x": x, "t": t, "params": params})
+    check_generic_loop(bk)
     xp = bk.xp
     x = x if bk.owns(x) else bk.asarray(x)
     check_batch_state(x, "x")
@@ -355,6 +357,17 @@ def _setup(
     if "norm" not in options:
         options["norm"] = _norm(bk, aug, x.shape[0], batch_axis, error_control)
     return bk, aug, s0, t, options, _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+
+
+def check_generic_loop(bk) -> None:
+    """A backend that compiles whole solves (``Kernels.solve``) runs dynamics in a compiler's
+    kernel form, which the augmented dynamics (calling the velocity's VJPs) are not."""
+    if bk.kernels.solve is not None:
+        raise ValueError(
+            f"continuous normalizing flows run on the generic solve loop, and the {bk.name!r} "
+            f"backend compiles whole solves from kernel-form dynamics instead; use "
+            f"backend='numpy' for NumPy arrays (with the velocity's own vjp)"
+        )
 
 
 def _options(options):
