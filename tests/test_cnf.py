@@ -570,3 +570,9 @@ def test_numpy_dynamics_without_the_needed_vjp_get_a_clear_error():
     _, _, pullback = cnf.vjp_log_prob(FirstOrderOnly(), X1, params=np.asarray(0.3))
     with pytest.raises(TypeError, match="vjp_of_vjp"):
         pullback(np.ones(3))
+
+
+@pytest.mark.backend("numba")
+def test_a_backend_that_compiles_whole_solves_is_refused_with_the_remedy():
+    with pytest.raises(ValueError, match="backend='numpy'"):
+        cnf.log_prob(LinearFlow(), X3, params=A3, backend="numba")
