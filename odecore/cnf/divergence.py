@@ -102,7 +102,7 @@ def divergence(f, t, z, params=None, method: str = "exact", eps=None, *, backend
     """
     bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
     z = z if bk.owns(z) else bk.asarray(z)
-    check_batch_state(z, "z")
+    check_batch_state(bk.xp, z, "z")
     check_trace(method, "method")
     if method == "hutchinson":
         if eps is None:
@@ -123,8 +123,11 @@ def check_trace(method, name: str) -> None:
         raise ValueError(f"{name} must be 'exact' or 'hutchinson', got {method!r}")
 
 
-def check_batch_state(z, name: str) -> None:
-    """A state with the samples along its first axis and at least one element each."""
+def check_batch_state(xp, z, name: str) -> None:
+    """A real floating-point state with the samples along its first axis and at least one
+    element each."""
+    if not xp.isdtype(z.dtype, "real floating"):
+        raise TypeError(f"{name} must hold real floating-point numbers, got dtype {z.dtype}")
     if z.ndim < 2:
         raise ValueError(
             f"{name} must have shape (batch, *event_shape), with the samples along the first "

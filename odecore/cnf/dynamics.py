@@ -17,6 +17,7 @@ The extra parts start at zero, so at the end of a solve they hold the integrals 
 from __future__ import annotations
 
 import math
+import numbers
 
 from odecore._config import resolve_backend
 from odecore.backend import differentiate, infer_backend
@@ -173,6 +174,7 @@ def augmented_dynamics(
     """
     check_trace(trace, "trace")
     regularizers = check_regularizers(regularizers)
+    event_shape = check_event_shape(event_shape)
     if trace == "hutchinson" and eps is None:
         raise ValueError("trace='hutchinson' needs eps, the probes: an array (B, *event_shape)")
     if trace == "exact" and eps is not None:
@@ -192,3 +194,17 @@ def check_regularizers(regularizers) -> tuple[str, ...]:
     if len(set(regularizers)) != len(regularizers):
         raise ValueError(f"regularizers lists a name twice: {tuple(regularizers)!r}")
     return tuple(regularizers)
+
+
+def check_event_shape(event_shape) -> tuple[int, ...]:
+    """One sample's shape: a positive int or a tuple of them."""
+    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    if not isinstance(event_shape, (tuple, list)) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in event_shape
+    ):
+        raise ValueError(
+            f"event_shape must be a positive int or a tuple of them (one sample's shape), "
+            f"got {event_shape!r}"
+        )
+    return tuple(int(n) for n in event_shape)

@@ -44,7 +44,7 @@ from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.backend.parameters import refuse_hidden_parameters
 from odecore.cnf.divergence import check_batch_state, check_probes, check_trace
-from odecore.cnf.dynamics import AugmentedDynamics, check_regularizers
+from odecore.cnf.dynamics import AugmentedDynamics, check_event_shape, check_regularizers
 from odecore.control.norms import largest_part_rms
 from odecore.ode.api import solve, vjp_odeint
 
@@ -281,7 +281,7 @@ def sample(
     ``z' = f(t, z[, params])``. ``solve_kwargs`` are :func:`odecore.solve`'s; the backend
     follows ``z`` or ``params``, else name it (``backend="torch"``). ``dtype`` defaults to
     that of ``z``, else of the parameters, else float64."""
-    event_shape = _event_shape(event_shape)
+    event_shape = check_event_shape(event_shape)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
     bk = resolve_backend(solve_kwargs.get("backend"), {"z": z, "params": params})
@@ -343,10 +343,8 @@ def _setup(
     check_generic_loop(bk)
     xp = bk.xp
     x = x if bk.owns(x) else bk.asarray(x)
-    check_batch_state(x, "x")
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"x must hold real floating-point numbers, got dtype {x.dtype}")
-    t = _time_array(bk, t, x)
+    check_batch_state(xp, x, "x")
+    t = _time_array(bk, t)
     eps = _probes(bk, trace, noise, eps, seed, key, generator, x)
     wanted = differentiate.requires_grad(
         bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
@@ -407,7 +405,7 @@ def _parameter_arguments(bk, f, params, t, x, solve_kwargs) -> dict:
     return {"adjoint_params": leaves}
 
 
-def _time_array(bk, t, like):
+def _time_array(bk, t):
     t0, t1 = _time_pair(bk, t)
     return bk.xp.stack([t0, t1])
 
@@ -470,16 +468,3 @@ def _base(bk, base):
 def _parameter_dtype(bk, f, params):
     leaves = differentiate.param_leaves(bk, f, params)
     return leaves[0].dtype if leaves else bk.xp.float64
-
-
-def _event_shape(event_shape):
-    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
-        event_shape = (event_shape,)
-    if not isinstance(event_shape, (tuple, list)) or not all(
-        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in event_shape
-    ):
-        raise ValueError(
-            f"event_shape must be a positive int or a tuple of them (one sample's shape), "
-            f"got {event_shape!r}"
-        )
-    return tuple(int(n) for n in event_shape)
