@@ -8,7 +8,7 @@ which keep the learned dynamics simple and the solves short; gradients come from
 continuous adjoint (``adjoint="backsolve"``). The evaluation uses the exact trace. The
 figure shows the data, the learned density and samples of the flow side by side.
 
-    python examples/cnf_2d.py [--data moons|gaussians] [--iterations 400] [--out cnf_2d.png]
+    python examples/cnf_2d.py [--data moons|gaussians] [--iterations 200] [--out cnf_2d.png]
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def plot(data, density, samples, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(DATA), default="moons")
-    parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rnode", type=float, default=0.01, help="weight of both penalties")
