@@ -90,6 +90,11 @@ class JaxAutodiff(Autodiff):
     def jvp(self, fn, primals, tangents):
         return jax.jvp(fn, tuple(primals), tuple(tangents))
 
+    def differentiable_vjp(self, fn, x, differentiable=True):
+        # Tracing records nothing that is not used: the flag has nothing to save.
+        out, pull = jax.vjp(fn, x)
+        return out, lambda cotangent: pull(cotangent)[0]
+
     def custom_vjp(self, rule):
         """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
         status and statistics, which would otherwise escape the trace of the forward.
@@ -229,6 +234,14 @@ class JaxBackend(Backend):
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
+
+    def random_normal(self, source, shape, dtype, like):
+        if isinstance(source, jax.Array) and (
+            jnp.issubdtype(source.dtype, jax.dtypes.prng_key)
+            or (source.dtype == jnp.uint32 and source.shape == (2,))
+        ):
+            return jax.random.normal(source, shape, dtype)
+        return super().random_normal(source, shape, dtype, like)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

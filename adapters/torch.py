@@ -125,6 +125,27 @@ class TorchAutodiff(Autodiff):
         out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
         return out, tangent
 
+    def differentiable_vjp(self, fn, x, differentiable=True):
+        # Records a graph of the VJP itself (create_graph) only when the caller records one
+        # and wants it: a solve evaluating under no_grad (a rule's forward, evaluation) or
+        # one that nothing differentiates pays for none.
+        higher = differentiable and torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            out = fn(x)
+
+        def pullback(cotangent):
+            if not out.requires_grad:
+                return torch.zeros_like(x)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(
+                    out, x, cotangent, retain_graph=True, create_graph=higher, allow_unused=True
+                )
+            return torch.zeros_like(x) if grad is None else grad
+
+        return (out if higher else out.detach()), pullback
+
     def custom_vjp(self, rule):
         def apply(*primals):
             # The rule's aux values (a solve's status and statistics) have no gradient: they
@@ -199,6 +220,12 @@ class TorchBackend(Backend):
 
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
+
+    def random_normal(self, source, shape, dtype, like):
+        if not isinstance(source, torch.Generator):
+            return super().random_normal(source, shape, dtype, like)
+        device = like.device if isinstance(like, torch.Tensor) else source.device
+        return torch.randn(shape, generator=source, dtype=dtype, device=device)
 
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)

@@ -1,5 +1,6 @@
 """odecore: differentiable ODE solvers written once against the Python array API."""
 
+from odecore import cnf
 from odecore._config import backend_name, set_backend, use_backend
 from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
 from odecore.backend import (
@@ -50,6 +51,7 @@ __all__ = [
     "Status",
     "Tableau",
     "backend_name",
+    "cnf",
     "fixed_point",
     "get_backend",
     "jacobian_frobenius",

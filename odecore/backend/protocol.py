@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
+import numpy as np
 
 
 class Autodiff:
@@ -53,6 +54,15 @@ class Autodiff:
 
     def jvp(self, fn: Callable, primals, tangents):
         """``(fn(*primals), tangent_out)`` by forward mode."""
+        raise NotImplementedError
+
+    def differentiable_vjp(self, fn: Callable, x: Any, differentiable: bool = True):
+        """``(fn(x), pullback)``, ``pullback(cotangent)`` the cotangent times the Jacobian of
+        ``fn`` at ``x``. Unlike :meth:`vjp`, with ``differentiable`` the result stays
+        differentiable with respect to ``x`` and to every array ``fn`` captures whenever the
+        caller is itself being differentiated: a divergence built from it (``odecore.cnf``)
+        has gradients. ``differentiable=False`` says that no gradient will be asked for, so
+        that an eager framework need not record one."""
         raise NotImplementedError
 
     def custom_vjp(self, rule) -> Callable:
@@ -183,6 +193,20 @@ class Backend:
 
     def stop_gradient(self, x: Any) -> Any:
         return x
+
+    def random_normal(self, source: Any, shape: tuple[int, ...], dtype: Any, like: Any) -> Any:
+        """Standard normal draws of ``shape`` and ``dtype``, on ``like``'s device (None: the
+        default one). ``source`` is a ``numpy.random.Generator``, drawn from on the host and
+        converted; a backend with its own random numbers (a ``torch.Generator``, a JAX key)
+        also accepts those."""
+        if not isinstance(source, np.random.Generator):
+            raise TypeError(
+                f"random numbers on the {self.name!r} backend come from a "
+                f"numpy.random.Generator (generator=...) or an int seed (seed=...), got "
+                f"{type(source).__name__}"
+            )
+        draws = source.standard_normal(shape)
+        return self.asarray(draws, dtype=dtype, like=like)
 
     def to_host_float(self, x: Any) -> float:
         return float(x)

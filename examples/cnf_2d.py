@@ -1,0 +1,169 @@
+"""Train a continuous normalizing flow (FFJORD-style) on a 2-D toy density with torch.
+
+The velocity ``f(t, z)`` is a small MLP of ``[z, t]``; ``odecore.cnf.log_prob`` carries each
+data point ``x`` at ``t = 0`` to ``z`` at ``t = 1`` and returns ``log p(x) = log N(z) +
+integral tr(df/dz) dt``. Training uses Hutchinson's trace estimator (one Rademacher probe per
+sample, drawn once per solve) and RNODE's kinetic-energy and Jacobian-Frobenius penalties,
+which keep the learned dynamics simple and the solves short; gradients come from the
+continuous adjoint (``adjoint="backsolve"``). The evaluation uses the exact trace. The
+figure shows the data, the learned density and samples of the flow side by side.
+
+    python examples/cnf_2d.py [--data moons|gaussians] [--iterations 200] [--out cnf_2d.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from odecore import cnf  # noqa: E402
+
+HIDDEN = 64
+TOLERANCES = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def two_moons(n, rng):
+    """Two interleaved half circles with Gaussian noise, scaled to unit-ish variance."""
+    angle = rng.uniform(0.0, math.pi, n)
+    upper = rng.random(n) < 0.5
+    x = np.where(upper, np.cos(angle), 1.0 - np.cos(angle))
+    y = np.where(upper, np.sin(angle), 0.5 - np.sin(angle))
+    points = np.stack([x - 0.5, y - 0.25], axis=1) * 2.0
+    return points + 0.1 * rng.standard_normal((n, 2))
+
+
+def eight_gaussians(n, rng):
+    centres = [(math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)) for k in range(8)]
+    picks = np.asarray(centres)[rng.integers(0, 8, n)] * 2.0
+    return picks + 0.2 * rng.standard_normal((n, 2))
+
+
+DATA = {"moons": two_moons, "gaussians": eight_gaussians}
+
+
+class Velocity(torch.nn.Module):
+    """``f(t, z)``: an MLP of the state and the time. It counts its evaluations, forward
+    and backward alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, HIDDEN),
+            torch.nn.Tanh(),
+            torch.nn.Linear(HIDDEN, HIDDEN),
+            torch.nn.Tanh(),
+            torch.nn.Linear(HIDDEN, 2),
+        )
+        self.evaluations = 0
+
+    def forward(self, t, z):
+        self.evaluations += 1
+        time_column = torch.broadcast_to(torch.as_tensor(t, dtype=z.dtype), (z.shape[0], 1))
+        return self.net(torch.cat([z, time_column], dim=1))
+
+
+def train(model, sample_data, args):
+    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(range(args.iterations), desc="training", unit="it")
+    for _ in bar:
+        x = torch.as_tensor(sample_data(args.batch), dtype=torch.float32)
+        before = model.evaluations
+        result = cnf.solve_log_prob(
+            model,
+            x,
+            trace="hutchinson",
+            generator=generator,
+            regularizers=("kinetic", "jacobian_frobenius"),
+            adjoint="backsolve",
+            **TOLERANCES,
+        )
+        nll = -result.log_prob.mean()
+        penalty = sum(result.regularizers[name].mean() for name in result.regularizers)
+        loss = nll + args.rnode * penalty
+        forward_nfe = model.evaluations - before
+        optimiser.zero_grad()
+        loss.backward()
+        backward_nfe = model.evaluations - before - forward_nfe
+        optimiser.step()
+        bar.set_postfix(nll=f"{nll.item():.3f}", nfe=f"{forward_nfe}+{backward_nfe}")
+
+
+def evaluate(model, data, args):
+    """The exact-trace NLL of held-out data, the density on a grid, and samples."""
+    with torch.no_grad():
+        held_out = torch.as_tensor(data, dtype=torch.float32)
+        nll = -cnf.log_prob(model, held_out, **TOLERANCES).mean().item()
+        grid = np.linspace(-4.0, 4.0, args.grid)
+        xx, yy = np.meshgrid(grid, grid)
+        points = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], axis=1), dtype=torch.float32)
+        density = cnf.log_prob(model, points, **TOLERANCES).exp().reshape(xx.shape).numpy()
+        samples = cnf.sample(
+            model,
+            2000,
+            2,
+            generator=torch.Generator().manual_seed(args.seed),
+            dtype=torch.float32,
+            backend="torch",
+            **TOLERANCES,
+        ).numpy()
+    mass = density.sum() * (grid[1] - grid[0]) ** 2
+    return nll, density, samples, mass
+
+
+def plot(data, density, samples, path):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    extent = (-4.0, 4.0, -4.0, 4.0)
+    axes[0].hist2d(data[:, 0], data[:, 1], bins=100, range=[extent[:2], extent[2:]])
+    axes[0].set_title("data")
+    axes[1].imshow(density, origin="lower", extent=extent)
+    axes[1].set_title("learned density (exact trace)")
+    axes[2].hist2d(samples[:, 0], samples[:, 1], bins=100, range=[extent[:2], extent[2:]])
+    axes[2].set_title("samples of the flow")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=sorted(DATA), default="moons")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--rnode", type=float, default=0.01, help="weight of both penalties")
+    parser.add_argument("--grid", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="cnf_2d.png")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    model = Velocity()
+    start = time.perf_counter()
+    train(model, lambda n: DATA[args.data](n, rng), args)
+    trained = time.perf_counter() - start
+    data = DATA[args.data](5000, rng)
+    nll, density, samples, mass = evaluate(model, data, args)
+    plot(data, density, samples, args.out)
+    print(
+        f"trained {args.iterations} iterations in {trained:.0f} s; held-out NLL {nll:.3f} "
+        f"(exact trace); density mass on the grid {mass:.3f}; figure: {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The divergence ``tr(df/dz)`` of the dynamics, per sample, from vector-Jacobian products.
+
+Every quantity here comes from pullbacks ``u -> u^T J`` of ``f(t, .)`` at ``z``, where
+``J = df/dz`` is the Jacobian of one sample's velocity with respect to that sample's state
+(``f`` must treat the samples of a batch independently):
+
+- exact: ``tr J = sum_i e_i^T J e_i`` over the ``D`` basis vectors, one pullback each. The rows
+  ``e_i^T J`` also give ``||J||_F^2 = sum_i ||e_i^T J||^2`` exactly.
+- Hutchinson (1989): ``tr J = E[eps^T J eps]`` for probes with ``E[eps eps^T] = I``
+  (Rademacher or standard normal), one pullback per probe. The same pullback gives
+  ``||eps^T J||^2``, an unbiased estimate of ``||J||_F^2``, at no extra cost.
+
+With a framework's autodiff the pullbacks come from ``Autodiff.differentiable_vjp``, so the
+divergence can itself be differentiated (a CNF's log-density gradient needs that). Without
+one (NumPy) they come from the dynamics' own ``vjp(t, z, params, u) -> (u^T J, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from odecore._config import resolve_backend
+from odecore.backend import differentiate
+
+TRACE_METHODS = ("exact", "hutchinson")
+
+
+def pullback(bk, f, t, z, params, differentiable=True):
+    """``(f(t, z[, params]), pull)`` with ``pull(u) = u^T df/dz`` for a batch ``z``;
+    ``differentiable=False`` promises that no gradient of the result will be asked for."""
+    if bk.autodiff is not None:
+        return bk.autodiff.differentiable_vjp(
+            lambda z_: differentiate.call(f, t, z_, params), z, differentiable
+        )
+    user_vjp = own_method(bk, f, "vjp", "vjp(t, z, params, u) -> (u^T df/dz, u^T df/dparams)")
+    value = differentiate.call(f, t, z, params)
+    return value, lambda u: user_vjp(t, z, params, u)[0]
+
+
+def own_method(bk, f, name: str, signature: str):
+    """The dynamics' own ``name`` method, which a backend without autodiff needs."""
+    method = getattr(f, name, None)
+    if method is None:
+        raise TypeError(
+            f"a continuous normalizing flow on the {bk.name!r} backend needs the dynamics' "
+            f"own {name!r} method, and {type(f).__name__} has none: give it {signature}; or "
+            f"use a backend with autodiff (torch, jax)"
+        )
+    return method
+
+
+def trace_terms(xp, pull, z, method: str, eps):
+    """``(div, frobenius)``, each of shape (B,): ``tr J`` and ``||J||_F^2`` exactly, or their
+    Hutchinson estimates ``eps^T J eps`` and ``||eps^T J||^2``."""
+    batch = z.shape[0]
+    if method == "hutchinson":
+        row = xp.reshape(pull(eps), (batch, -1))
+        flat_eps = xp.reshape(eps, (batch, -1))
+        return xp.vecdot(row, flat_eps, axis=-1), xp.vecdot(row, row, axis=-1)
+    size = math.prod(z.shape[1:])
+    div = frobenius = xp.zeros((batch,), dtype=z.dtype)
+    for i, e in enumerate(basis(xp, z)):
+        row = xp.reshape(pull(e), (batch, size))
+        div = div + row[:, i]
+        frobenius = frobenius + xp.vecdot(row, row, axis=-1)
+    return div, frobenius
+
+
+def basis(xp, z):
+    """The unit vectors ``e_i`` of one sample's state, each repeated over the batch."""
+    size = math.prod(z.shape[1:])
+    eye = xp.eye(size, dtype=z.dtype)
+    for i in range(size):
+        yield xp.broadcast_to(xp.reshape(eye[i], (1, *z.shape[1:])), z.shape)
+
+
+def divergence(f, t, z, params=None, method: str = "exact", eps=None, *, backend=None):
+    """The divergence ``tr(df/dz)`` of ``f(t, z[, params])`` for each sample of ``z``.
+
+    Parameters
+    ----------
+    f : callable
+        The velocity, ``f(t, z)`` or ``f(t, z, params)``, returning an array shaped like
+        ``z``. Samples must not interact: the Jacobian of one sample's output with respect
+        to another sample's state is taken to be zero. On a backend without autodiff
+        (NumPy), ``f`` brings ``vjp(t, z, params, u) -> (u^T df/dz, u^T df/dparams)``.
+    t : array or float
+        The time ``f`` is evaluated at.
+    z : array of shape (B, *event_shape)
+        The states, samples along the first axis.
+    method : "exact" or "hutchinson"
+        ``"exact"`` takes ``D = prod(event_shape)`` VJPs, one per basis vector;
+        ``"hutchinson"`` takes one, with the probes ``eps``.
+    eps : array shaped like ``z``, for ``"hutchinson"``
+        One probe per sample, with ``E[eps eps^T] = I`` for an unbiased estimate.
+
+    Returns
+    -------
+    (div, frobenius), each of shape (B,)
+        Exact: ``tr J`` and ``||J||_F^2``. Hutchinson: ``eps^T J eps`` and
+        ``||eps^T J||^2``, unbiased estimates of the same two, from one VJP.
+    """
+    bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
+    z = z if bk.owns(z) else bk.asarray(z)
+    check_batch_state(bk.xp, z, "z")
+    check_trace(method, "method")
+    if method == "hutchinson":
+        if eps is None:
+            raise ValueError(
+                "method='hutchinson' needs the probes: pass eps, an array shaped like z "
+                "(Rademacher or standard normal entries)"
+            )
+        eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=z.dtype, like=z)
+        check_probes(eps, z)
+    elif eps is not None:
+        raise ValueError("eps is for method='hutchinson'; the exact trace uses no probes")
+    _, pull = pullback(bk, f, t, z, params)
+    return trace_terms(bk.xp, pull, z, method, eps)
+
+
+def check_trace(method, name: str) -> None:
+    if not isinstance(method, str) or method not in TRACE_METHODS:
+        raise ValueError(f"{name} must be 'exact' or 'hutchinson', got {method!r}")
+
+
+def check_batch_state(xp, z, name: str) -> None:
+    """A real floating-point state with the samples along its first axis and at least one
+    element each."""
+    if not xp.isdtype(z.dtype, "real floating"):
+        raise TypeError(f"{name} must hold real floating-point numbers, got dtype {z.dtype}")
+    if z.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (batch, *event_shape), with the samples along the first "
+            f"axis, got shape {tuple(z.shape)}; for one sample, add an axis: {name}[None]"
+        )
+    if math.prod(z.shape[1:]) == 0 or z.shape[0] == 0:
+        raise ValueError(f"{name} has no elements (shape {tuple(z.shape)})")
+
+
+def check_probes(eps, z) -> None:
+    if tuple(eps.shape) != tuple(z.shape):
+        raise ValueError(
+            f"eps must have the shape of the state, {tuple(z.shape)} (one probe per sample), "
+            f"got {tuple(eps.shape)}"
+        )

@@ -1,0 +1,210 @@
+"""The augmented dynamics of a continuous normalizing flow: the state, its log-density change
+and the RNODE regularisers, as one ODE.
+
+Each sample's augmented state is one flat row ``[z (D values), delta_logp, r_1, ...]``:
+
+- ``z' = f(t, z)``
+- ``delta_logp' = tr(df/dz)`` (exact or Hutchinson, ``odecore.cnf.divergence``)
+- ``kinetic' = ||f(t, z)||^2``: RNODE's kinetic energy (Finlay et al. 2020), summed over the
+  ``D`` components of one sample, not averaged, and not halved;
+- ``jacobian_frobenius' = ||eps^T df/dz||^2``: RNODE's Jacobian regulariser, an unbiased
+  estimate of ``||df/dz||_F^2`` (the exact value with the exact trace), again per sample and
+  not divided by ``D``.
+
+The extra parts start at zero, so at the end of a solve they hold the integrals over time.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from odecore._config import resolve_backend
+from odecore.backend import differentiate, infer_backend
+from odecore.backend.tree import leaves as tree_leaves
+from odecore.backend.tree import unflatten_like
+from odecore.cnf.divergence import (
+    basis,
+    check_trace,
+    own_method,
+    pullback,
+    trace_terms,
+)
+
+REGULARIZERS = ("kinetic", "jacobian_frobenius")
+
+_SECOND_ORDER_SIGNATURE = (
+    "vjp_of_vjp(t, z, params, u, w) -> (z_bar, params_bar), the gradient of "
+    "sum(w * vjp(t, z, params, u)[0]) with respect to z and params (second derivatives of f)"
+)
+
+
+class AugmentedDynamics:
+    """``g(t, s[, params])`` for the augmented state ``s`` of shape (B, D + 1 + R).
+
+    Built by :func:`augmented_dynamics`; solve it with any of odecore's solvers. On a backend
+    without autodiff (NumPy) its own :meth:`vjp` gives gradients, from the velocity's ``vjp``
+    and its second-order ``vjp_of_vjp``.
+    """
+
+    def __init__(
+        self, f, event_shape, trace: str, eps, regularizers, backend=None, differentiable=True
+    ):
+        self.f = f
+        # False when nothing the solve depends on wants a gradient: an eager framework then
+        # records no graph of the divergence.
+        self.differentiable = differentiable
+        self.backend = backend
+        self.event_shape = tuple(int(n) for n in event_shape)
+        self.size = math.prod(self.event_shape)
+        self.trace = trace
+        self.eps = eps
+        self.regularizers = regularizers
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """The sizes of the state's parts, in order: ``z``, ``delta_logp``, each regulariser."""
+        return (self.size, 1, *(1 for _ in self.regularizers))
+
+    def initial_state(self, xp, x):
+        """``[x, 0, 0...]`` per sample, for data ``x`` of shape (B, *event_shape)."""
+        batch = x.shape[0]
+        zeros = xp.zeros((batch, 1 + len(self.regularizers)), dtype=x.dtype)
+        return xp.concat([xp.reshape(x, (batch, self.size)), zeros], axis=1)
+
+    def split(self, xp, s):
+        """``(z, delta_logp, {regulariser: value})`` of an augmented state."""
+        batch = s.shape[0]
+        z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
+        extra = {name: s[:, self.size + 1 + i] for i, name in enumerate(self.regularizers)}
+        return z, s[:, self.size], extra
+
+    def _backend(self, s):
+        if self.backend is None:
+            self.backend = infer_backend(s)
+        return self.backend
+
+    def __call__(self, t, s, params=None):
+        bk = self._backend(s)
+        xp = bk.xp
+        batch = s.shape[0]
+        z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
+        value, pull = pullback(bk, self.f, t, z, params, self.differentiable)
+        div, frobenius = trace_terms(xp, pull, z, self.trace, self.eps)
+        flat = xp.reshape(value, (batch, self.size))
+        columns = [flat, div[:, None]]
+        for name in self.regularizers:
+            rate = xp.vecdot(flat, flat, axis=-1) if name == "kinetic" else frobenius
+            columns.append(rate[:, None])
+        return xp.concat(columns, axis=1)
+
+    def vjp(self, t, s, params, cotangent):
+        """``(s_bar, params_bar)`` from the velocity's own ``vjp`` and ``vjp_of_vjp``
+        (backends without autodiff).
+
+        With ``c = [z_bar, l_bar, k_bar, j_bar]`` the cotangent of ``g``, the gradient of
+        ``z_bar.f + l_bar div + k_bar ||f||^2 + j_bar ||eps^T J||^2`` is one first-order VJP
+        with ``z_bar + 2 k_bar f`` and, since ``div = <eps^T J, eps>`` and ``||eps^T J||^2 =
+        <eps^T J, eps^T J>``, one second-order VJP per probe ``eps`` (or basis vector) with
+        ``w = l_bar eps + 2 j_bar (eps^T J)``."""
+        bk = self._backend(s)
+        xp = bk.xp
+        f = self.f
+        first = own_method(bk, f, "vjp", "vjp(t, z, params, u) -> (u^T df/dz, u^T df/dparams)")
+        second = own_method(bk, f, "vjp_of_vjp", _SECOND_ORDER_SIGNATURE)
+        batch = s.shape[0]
+        z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
+        per_sample = (batch,) + (1,) * len(self.event_shape)
+        cot = {"l": xp.reshape(cotangent[:, self.size], per_sample)}
+        for i, name in enumerate(self.regularizers):
+            cot[name] = xp.reshape(cotangent[:, self.size + 1 + i], per_sample)
+        u = xp.reshape(cotangent[:, : self.size], z.shape)
+        if "kinetic" in cot:
+            u = u + 2.0 * cot["kinetic"] * differentiate.call(f, t, z, params)
+        z_bar, params_bar = first(t, z, params, u)
+        grads = _Sum(z_bar, params_bar)
+        probes = [self.eps] if self.trace == "hutchinson" else list(basis(xp, z))
+        for probe in probes:
+            w = cot["l"] * probe
+            if "jacobian_frobenius" in cot:
+                w = w + 2.0 * cot["jacobian_frobenius"] * first(t, z, params, probe)[0]
+            grads.add(*second(t, z, params, probe, w))
+        s_bar = xp.concat(
+            [
+                xp.reshape(grads.z_bar, (batch, self.size)),
+                xp.zeros((batch, 1 + len(self.regularizers)), dtype=s.dtype),
+            ],
+            axis=1,
+        )
+        return s_bar, grads.params_bar(params)
+
+
+class _Sum:
+    """A running sum of ``(z_bar, params_bar)`` pairs, ``params_bar`` shaped like params."""
+
+    def __init__(self, z_bar, params_bar):
+        self.z_bar = z_bar
+        self.leaves = _leaves(params_bar)
+
+    def add(self, z_bar, params_bar):
+        self.z_bar = self.z_bar + z_bar
+        self.leaves = [a + b for a, b in zip(self.leaves, _leaves(params_bar), strict=True)]
+
+    def params_bar(self, params):
+        return unflatten_like(params, self.leaves)
+
+
+def _leaves(tree):
+    return [] if tree is None else [leaf for _, leaf in tree_leaves(tree)]
+
+
+def augmented_dynamics(
+    f, event_shape, trace: str = "exact", eps=None, regularizers=(), *, backend=None
+) -> AugmentedDynamics:
+    """The augmented dynamics of the flow ``z' = f(t, z[, params])``: the building block of
+    :func:`odecore.cnf.log_prob`, for users who compose their own solve.
+
+    The state is ``(B, D + 1 + R)``: per sample the flattened ``z``, ``delta_logp`` and one
+    column per regulariser in ``regularizers`` (``"kinetic"``, ``"jacobian_frobenius"``),
+    in the order given; see the module's docstring for each rate and its normalisation.
+    ``eps`` (shaped like ``(B, *event_shape)``) holds the Hutchinson probes, one per sample,
+    used at every evaluation. ``initial_state`` and ``split`` convert to and from the
+    augmented state; ``parts`` gives the sizes for a partitioned norm
+    (``odecore.control.norms.largest_part_rms``).
+    """
+    check_trace(trace, "trace")
+    regularizers = check_regularizers(regularizers)
+    event_shape = check_event_shape(event_shape)
+    if trace == "hutchinson" and eps is None:
+        raise ValueError("trace='hutchinson' needs eps, the probes: an array (B, *event_shape)")
+    if trace == "exact" and eps is not None:
+        raise ValueError("eps is for trace='hutchinson'; the exact trace uses no probes")
+    bk = None if backend is None else resolve_backend(backend)
+    return AugmentedDynamics(f, event_shape, trace, eps, regularizers, bk)
+
+
+def check_regularizers(regularizers) -> tuple[str, ...]:
+    if isinstance(regularizers, str) or not isinstance(regularizers, (tuple, list)):
+        raise TypeError(
+            f"regularizers must be a tuple of names from {REGULARIZERS}, got {regularizers!r}"
+        )
+    for name in regularizers:
+        if name not in REGULARIZERS:
+            raise ValueError(f"unknown regularizer {name!r}; choose from {REGULARIZERS}")
+    if len(set(regularizers)) != len(regularizers):
+        raise ValueError(f"regularizers lists a name twice: {tuple(regularizers)!r}")
+    return tuple(regularizers)
+
+
+def check_event_shape(event_shape) -> tuple[int, ...]:
+    """One sample's shape: a positive int or a tuple of them."""
+    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    if not isinstance(event_shape, (tuple, list)) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in event_shape
+    ):
+        raise ValueError(
+            f"event_shape must be a positive int or a tuple of them (one sample's shape), "
+            f"got {event_shape!r}"
+        )
+    return tuple(int(n) for n in event_shape)

@@ -1,0 +1,470 @@
+"""Log-densities and samples of a continuous normalizing flow.
+
+Direction and sign. The velocity ``f`` carries a data point ``x`` at time ``t0 = t[0]`` to a
+latent point ``z = z(t1)`` at ``t1 = t[1]``, where the density is the base density (a standard
+normal by default). Along a trajectory of ``z' = f(t, z)`` the density ``p_t`` of the
+transported distribution obeys the instantaneous change of variables (Chen et al. 2018,
+"Neural Ordinary Differential Equations", theorem 1), which follows from the continuity
+equation ``dp/dt + div(p f) = 0``:
+
+    d/dt log p_t(z(t)) = -tr(df/dz (t, z(t))).
+
+Integrating from ``t0`` to ``t1`` with ``p_t1 = base`` gives
+
+    log p(x) = log p_t0(x) = log base(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt,
+
+which is what :func:`log_prob` returns: the flow solves ``delta_logp' = tr(df/dz)`` from zero
+beside ``z`` (``odecore.cnf.dynamics``). For ``f = A z`` over ``[0, T]`` this is
+``log N(e^{AT} x) + T tr(A)``. :func:`sample` runs the same flow backward, from base samples
+at ``t1`` to data at ``t0``.
+
+Probes. With ``trace="hutchinson"`` the probes are drawn once per solve, one per sample, and
+reused at every evaluation of the dynamics and in the backward solve of the adjoint: the
+solver then integrates one smooth ODE (probes redrawn per evaluation make every step's error
+estimate noise, and adaptive steps collapse). They come from ``seed`` (an int), ``generator``
+(a ``numpy.random.Generator``, or a ``torch.Generator`` on torch), ``key`` (a JAX PRNG key),
+or are given as ``eps``: the same source gives the same probes.
+
+Error control. The log-density and regulariser parts are integrals of the state: nothing in
+the state depends on them, and their error does not grow. By default
+(``error_control="state"``) the step size is controlled on ``z`` alone through a partitioned
+norm (``odecore.control.norms.largest_part_rms``), as RNODE does with tolerances of 1e20 on
+them; ``error_control="all"`` controls every part (the largest RMS of any part).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from odecore._config import resolve_backend
+from odecore.backend import differentiate
+from odecore.backend.parameters import refuse_hidden_parameters
+from odecore.cnf.divergence import check_batch_state, check_probes, check_trace
+from odecore.cnf.dynamics import AugmentedDynamics, check_event_shape, check_regularizers
+from odecore.control.norms import largest_part_rms
+from odecore.ode.api import solve, vjp_odeint
+
+NOISES = ("rademacher", "gaussian")
+ERROR_CONTROLS = ("state", "all")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class FlowSolution(NamedTuple):
+    """What :func:`solve_log_prob` returns: ``log_prob`` (B,), the latent ``z`` at ``t[1]``
+    (B, *event_shape), the requested ``regularizers`` (name -> (B,)), the ODE ``solution``
+    (statistics and status), and the Hutchinson ``probes`` it used (None for the exact
+    trace)."""
+
+    log_prob: Any
+    z: Any
+    regularizers: dict
+    solution: Any
+    probes: Any
+
+
+def standard_normal_log_prob(xp, z):
+    """``log N(z; 0, I)`` per sample: ``-(||z||^2 + D log 2 pi) / 2``."""
+    flat = xp.reshape(z, (z.shape[0], -1))
+    return -0.5 * (xp.vecdot(flat, flat, axis=-1) + flat.shape[1] * _LOG_2PI)
+
+
+def solve_log_prob(
+    f,
+    x,
+    t=(0.0, 1.0),
+    params=None,
+    *,
+    trace="exact",
+    noise="rademacher",
+    eps=None,
+    seed=None,
+    key=None,
+    generator=None,
+    base=None,
+    regularizers=(),
+    error_control="state",
+    **solve_kwargs,
+) -> FlowSolution:
+    """:func:`log_prob` with everything the solve reports (a :class:`FlowSolution`)."""
+    bk, aug, s0, t, options, extra = _setup(
+        f,
+        x,
+        t,
+        params,
+        trace,
+        noise,
+        eps,
+        seed,
+        key,
+        generator,
+        regularizers,
+        error_control,
+        solve_kwargs,
+    )
+    solution = solve(aug, s0, t, params=params, options=options, **extra, **solve_kwargs)
+    z, delta_logp, regs = aug.split(bk.xp, solution.ys[-1])
+    base_log_prob = _base(bk, base)(z)
+    return FlowSolution(base_log_prob + delta_logp, z, regs, solution, aug.eps)
+
+
+def log_prob(
+    f,
+    x,
+    t=(0.0, 1.0),
+    params=None,
+    *,
+    trace="exact",
+    noise="rademacher",
+    eps=None,
+    seed=None,
+    key=None,
+    generator=None,
+    base=None,
+    regularizers=(),
+    error_control="state",
+    **solve_kwargs,
+):
+    """``log p(x)`` under the flow ``z' = f(t, z[, params])``, per sample.
+
+    ``log p(x) = log base(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt`` with ``z(t0) = x`` (see
+    the module's docstring for the derivation and the direction).
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
+        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
+        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
+        see :func:`vjp_log_prob`).
+    x : array of shape (B, *event_shape)
+        Data points, samples along the first axis.
+    t : pair of times
+        ``(t0, t1)``: data at ``t0``, base at ``t1``.
+    trace : "exact" or "hutchinson"
+        Exact: D vector-Jacobian products per evaluation. Hutchinson: one, with one probe
+        per sample, an unbiased estimate.
+    noise : "rademacher" or "gaussian"
+        The probes' distribution. Rademacher has the smaller variance,
+        ``2(||S||_F^2 - sum S_ii^2)`` against ``2 ||S||_F^2`` with ``S = (J + J^T)/2``.
+    eps, seed, key, generator
+        The probes, given, or the source they are drawn from (at most one of these).
+    base : callable, optional
+        ``base(z) -> (B,)`` log-density at ``t1``; the standard normal by default.
+    regularizers : tuple of "kinetic", "jacobian_frobenius"
+        RNODE's regularisers, returned per sample after the log-density:
+        ``integral ||f||^2 dt`` and ``integral ||eps^T df/dz||^2 dt`` (the exact
+        ``||df/dz||_F^2`` with the exact trace), summed over the components of a sample,
+        neither halved nor divided by D.
+    error_control : "state" or "all"
+        Whether the step size is controlled on ``z`` alone (the default) or on every part.
+    **solve_kwargs
+        The arguments of :func:`odecore.solve`: ``rtol``, ``atol``, ``method``, ``options``,
+        ``adjoint``, ``backend``, ``batch_axis`` (None: one solve for the batch; 0: each
+        sample steps on its own), ...
+
+    Returns
+    -------
+    log_prob of shape (B,), or ``(log_prob, {name: (B,)})`` when regularisers are asked for.
+    """
+    result = solve_log_prob(
+        f,
+        x,
+        t,
+        params,
+        trace=trace,
+        noise=noise,
+        eps=eps,
+        seed=seed,
+        key=key,
+        generator=generator,
+        base=base,
+        regularizers=regularizers,
+        error_control=error_control,
+        **solve_kwargs,
+    )
+    return (result.log_prob, result.regularizers) if regularizers else result.log_prob
+
+
+def vjp_log_prob(
+    f,
+    x,
+    t=(0.0, 1.0),
+    params=None,
+    *,
+    trace="exact",
+    noise="rademacher",
+    eps=None,
+    seed=None,
+    generator=None,
+    regularizers=(),
+    error_control="state",
+    adjoint="checkpoint",
+    **solve_kwargs,
+):
+    """:func:`log_prob` with a pullback, for backends without autodiff (NumPy):
+    ``(log_prob, regularizers, pullback)`` with ``pullback(log_prob_bar, regularizers_bar=None)
+    -> (x_bar, params_bar)``, ``regularizers_bar`` a dict like ``regularizers``.
+
+    The base is the standard normal. ``f`` brings ``vjp(t, z, params, u) -> (u^T df/dz,
+    u^T df/dparams)`` and ``vjp_of_vjp(t, z, params, u, w) -> (z_bar, params_bar)``, the
+    gradient of ``sum(w * vjp(t, z, params, u)[0])`` with respect to ``z`` and ``params``
+    (the divergence's own gradient needs second derivatives of ``f``). ``adjoint`` is
+    ``"checkpoint"`` or ``"backsolve"``, as in :func:`odecore.vjp_odeint`."""
+    bk, aug, s0, t, options, extra = _setup(
+        f,
+        x,
+        t,
+        params,
+        trace,
+        noise,
+        eps,
+        seed,
+        None,
+        generator,
+        regularizers,
+        error_control,
+        solve_kwargs,
+    )
+    xp = bk.xp
+    ys, pull = vjp_odeint(aug, s0, t, params, adjoint=adjoint, options=options, **solve_kwargs)
+    z, delta_logp, regs = aug.split(xp, ys[-1])
+    batch, size = s0.shape[0], aug.size
+
+    def pullback(log_prob_bar, regularizers_bar=None):
+        log_prob_bar = bk.asarray(log_prob_bar, dtype=s0.dtype)
+        if tuple(log_prob_bar.shape) != (batch,):
+            raise ValueError(
+                f"log_prob_bar must have shape ({batch},), one value per sample, got "
+                f"{tuple(log_prob_bar.shape)}"
+            )
+        regularizers_bar = dict(regularizers_bar or {})
+        unknown = set(regularizers_bar) - set(aug.regularizers)
+        if unknown:
+            raise ValueError(
+                f"regularizers_bar names {sorted(unknown)}, which this solve did not compute "
+                f"(regularizers={aug.regularizers!r})"
+            )
+        # d log N(z)/dz = -z
+        columns = [-log_prob_bar[:, None] * xp.reshape(z, (batch, size)), log_prob_bar[:, None]]
+        for name in aug.regularizers:
+            value = regularizers_bar.get(name)
+            value = xp.zeros((batch,), dtype=s0.dtype) if value is None else bk.asarray(value)
+            columns.append(xp.reshape(value, (batch, 1)))
+        last = xp.concat(columns, axis=1)
+        ys_bar = xp.stack([xp.zeros_like(last)] * (ys.shape[0] - 1) + [last])
+        s0_bar, params_bar, _ = pull(ys_bar)
+        return xp.reshape(s0_bar[:, :size], (batch, *aug.event_shape)), params_bar
+
+    return standard_normal_log_prob(xp, z) + delta_logp, regs, pullback
+
+
+def sample(
+    f,
+    n,
+    event_shape,
+    t=(0.0, 1.0),
+    params=None,
+    *,
+    z=None,
+    seed=None,
+    key=None,
+    generator=None,
+    dtype=None,
+    **solve_kwargs,
+):
+    """``n`` samples of the flow's data distribution: standard normal draws at ``t[1]``
+    (or the given base points ``z``, (n, *event_shape)), carried back to ``t[0]`` by
+    ``z' = f(t, z[, params])``. ``solve_kwargs`` are :func:`odecore.solve`'s; the backend
+    follows ``z`` or ``params``, else name it (``backend="torch"``). ``dtype`` defaults to
+    that of ``z``, else of the parameters, else float64."""
+    event_shape = check_event_shape(event_shape)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
+    bk = resolve_backend(solve_kwargs.get("backend"), {"z": z, "params": params})
+    check_generic_loop(bk)
+    xp = bk.xp
+    if z is None:
+        dtype = dtype if dtype is not None else _parameter_dtype(bk, f, params)
+        source = _noise_source(seed, key, generator)
+        z = bk.random_normal(source, (int(n), *event_shape), dtype, None)
+    else:
+        if any(v is not None for v in (seed, key, generator)):
+            raise ValueError("z gives the base points; seed, key and generator draw them: pass one")
+        z = z if bk.owns(z) else bk.asarray(z, dtype=dtype)
+        if tuple(z.shape) != (int(n), *event_shape):
+            raise ValueError(
+                f"z must have shape (n, *event_shape) = {(int(n), *event_shape)}, got "
+                f"{tuple(z.shape)}"
+            )
+    t0, t1 = _time_pair(bk, t)
+    reverse = xp.stack([t1, t0])
+    return solve(f, z, reverse, params=params, **solve_kwargs).ys[-1]
+
+
+def _setup(
+    f,
+    x,
+    t,
+    params,
+    trace,
+    noise,
+    eps,
+    seed,
+    key,
+    generator,
+    regularizers,
+    error_control,
+    solve_kwargs,
+):
+    """The checked inputs of a log-density solve: ``(backend, augmented dynamics, initial
+    state, times, options, extra solve arguments)``."""
+    check_trace(trace, "trace")
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+    if not isinstance(error_control, str) or error_control not in ERROR_CONTROLS:
+        raise ValueError(
+            f"error_control must be 'state' (log-density and regularisers left out of the "
+            f"step-size control) or 'all', got {error_control!r}"
+        )
+    regularizers = check_regularizers(regularizers)
+    if not callable(f):
+        raise TypeError(f"f must be a callable f(t, z) or f(t, z, params), got {f!r}")
+    batch_axis = solve_kwargs.get("batch_axis")
+    if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
+        raise ValueError(
+            f"batch_axis must be None (one solve for the whole batch) or 0 (each sample "
+            f"steps on its own): the samples of x are along its first axis, got {batch_axis!r}"
+        )
+    bk = resolve_backend(solve_kwargs.get("backend"), {"x": x, "t": t, "params": params})
+    check_generic_loop(bk)
+    xp = bk.xp
+    x = x if bk.owns(x) else bk.asarray(x)
+    check_batch_state(xp, x, "x")
+    t = _time_array(bk, t)
+    eps = _probes(bk, trace, noise, eps, seed, key, generator, x)
+    wanted = differentiate.requires_grad(
+        bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
+    )
+    aug = AugmentedDynamics(f, x.shape[1:], trace, eps, regularizers, bk, wanted)
+    s0 = aug.initial_state(xp, x)
+    options = dict(_options(solve_kwargs.pop("options", None)))
+    if "norm" not in options:
+        options["norm"] = _norm(bk, aug, x.shape[0], batch_axis, error_control)
+    return bk, aug, s0, t, options, _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+
+
+def check_generic_loop(bk) -> None:
+    """A backend that compiles whole solves (``Kernels.solve``) runs dynamics in a compiler's
+    kernel form, which the augmented dynamics (calling the velocity's VJPs) are not."""
+    if bk.kernels.solve is not None:
+        raise ValueError(
+            f"continuous normalizing flows run on the generic solve loop, and the {bk.name!r} "
+            f"backend compiles whole solves from kernel-form dynamics instead; use "
+            f"backend='numpy' for NumPy arrays (with the velocity's own vjp)"
+        )
+
+
+def _options(options):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {options!r}")
+    return options
+
+
+def _norm(bk, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str):
+    """The partitioned error norm of the augmented state: the parts ``error_control``
+    names, each its own RMS, the largest wins. One solve for the whole batch sees one
+    (B, D + 1 + R) state; its parts then span every sample, so the state is transposed to
+    lay each part's values end to end. Step sizes are constants to autodiff, so the norm
+    records no gradient."""
+    xp = bk.xp
+    parts = aug.parts if error_control == "all" else aug.parts[:1]
+    if batch_axis == 0:
+        per_sample = largest_part_rms(xp, parts)
+        return lambda s: per_sample(bk.stop_gradient(s))
+    joint = largest_part_rms(xp, [size * batch for size in parts])
+    return lambda s: joint(xp.reshape(xp.matrix_transpose(bk.stop_gradient(s)), (-1,)))
+
+
+def _parameter_arguments(bk, f, params, t, x, solve_kwargs) -> dict:
+    """``adjoint_params`` where ``f`` owns parameters that ``params`` does not hold (a torch
+    ``nn.Module``): the augmented dynamics wrap ``f`` and would hide them. The check that
+    ``f`` uses no other array wanting a gradient then runs on ``f`` itself."""
+    if bk.autodiff is None or "adjoint_params" in solve_kwargs:
+        return {}
+    leaves = differentiate.param_leaves(bk, f, params)
+    held = differentiate.param_leaves(bk, None, params)
+    if len(leaves) == len(held):
+        return {}
+    refuse_hidden_parameters(bk, f, params, leaves, t, x, solve_kwargs.get("batch_axis"))
+    return {"adjoint_params": leaves}
+
+
+def _time_array(bk, t):
+    t0, t1 = _time_pair(bk, t)
+    return bk.xp.stack([t0, t1])
+
+
+def _time_pair(bk, t):
+    if isinstance(t, (tuple, list)):
+        if len(t) != 2:
+            raise ValueError(f"t must be a pair (t0, t1), got {len(t)} times")
+        return tuple(v if bk.owns(v) else bk.asarray(v, dtype=bk.time_dtype) for v in t)
+    t = t if bk.owns(t) else bk.asarray(t, dtype=bk.time_dtype)
+    if tuple(t.shape) != (2,):
+        raise ValueError(f"t must be a pair (t0, t1), got an array of shape {tuple(t.shape)}")
+    return t[0], t[1]
+
+
+def _probes(bk, trace, noise, eps, seed, key, generator, x):
+    """The Hutchinson probes, one per sample, drawn once here (None for the exact trace)."""
+    given = [
+        name
+        for name, v in (("eps", eps), ("seed", seed), ("key", key), ("generator", generator))
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of eps, seed, key and generator, got {given}")
+    if trace == "exact":
+        if given:
+            raise ValueError(
+                f"{given[0]} is for trace='hutchinson'; the exact trace draws no probes"
+            )
+        return None
+    if eps is not None:
+        eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=x.dtype, like=x)
+        check_probes(eps, x)
+        return eps
+    draws = bk.random_normal(_noise_source(seed, key, generator), tuple(x.shape), x.dtype, x)
+    if noise == "gaussian":
+        return draws
+    xp = bk.xp
+    return xp.where(draws < 0, xp.asarray(-1.0, dtype=x.dtype), xp.asarray(1.0, dtype=x.dtype))
+
+
+def _noise_source(seed, key, generator):
+    if key is not None:
+        return key
+    if generator is not None:
+        return generator
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def _base(bk, base):
+    if base is None:
+        return lambda z: standard_normal_log_prob(bk.xp, z)
+    if not callable(base):
+        raise TypeError(f"base must be a callable base(z) -> log-density per sample, got {base!r}")
+    return base
+
+
+def _parameter_dtype(bk, f, params):
+    leaves = differentiate.param_leaves(bk, f, params)
+    return leaves[0].dtype if leaves else bk.xp.float64

@@ -1,0 +1,578 @@
+"""``odecore.cnf``: divergences, log-densities, samples and RNODE regularisers.
+
+References: closed forms of linear and time-dependent flows (``scipy.linalg.expm``), the
+moments of Hutchinson's estimator, the normalisation of a density, and central finite
+differences in float64. Tolerances follow from the solve's (rtol 1e-10 unless said): the
+global error of a dopri5 solve is then about 1e-9 relative on these unit-scale problems.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+from cnf_cases import LinearFlow, ScalarFlow, TanhFlow, TimeDecay
+
+import odecore
+from odecore import cnf
+
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+# A non-normal matrix whose symmetric part is not diagonal.
+A3 = np.array([[-0.4, 0.7, 0.1], [-0.3, 0.2, -0.5], [0.6, 0.1, -0.1]])
+X3 = np.array([[0.3, -1.0, 0.5], [1.2, 0.4, -0.2], [0.0, 0.5, 0.9], [-0.8, -0.6, 0.1]])
+
+
+def gaussian_log_prob(z):
+    return -0.5 * np.sum(z * z, axis=1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+def linear_log_prob(A, x, T):
+    """``log N(e^{AT} x) + T tr A``: the flow ``f = A z`` over ``[0, T]``."""
+    z = x @ scipy.linalg.expm(A * T).T
+    return gaussian_log_prob(z) + T * np.trace(A)
+
+
+def values(backend, result):
+    return backend.to_numpy(result)
+
+
+# ---------------------------------------------------------------- values, every backend
+
+
+def test_linear_flow_exact_trace_gives_the_closed_form(backend):
+    T = 0.7
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    got = cnf.solve_log_prob(LinearFlow(), x, (0.0, T), A, **TIGHT)
+    expected = linear_log_prob(A3, X3, T)
+    # Solver error ~1e-9 on O(1) values.
+    np.testing.assert_allclose(values(backend, got.log_prob), expected, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(
+        values(backend, got.z), X3 @ scipy.linalg.expm(A3 * T).T, rtol=0, atol=1e-8
+    )
+
+
+def test_rademacher_hutchinson_is_exact_when_the_symmetric_part_is_diagonal(backend):
+    # eps^T A eps = eps^T S eps = sum_i S_ii eps_i^2 = tr A for eps_i = +-1, whatever K adds.
+    K = np.array([[0.0, 0.8, -0.3], [-0.8, 0.0, 0.5], [0.3, -0.5, 0.0]])
+    A = np.diag([-0.5, 0.2, 0.3]) + K
+    T = 0.6
+    got = cnf.solve_log_prob(
+        LinearFlow(),
+        backend.asarray(X3),
+        (0.0, T),
+        backend.asarray(A),
+        trace="hutchinson",
+        seed=3,
+        **TIGHT,
+    )
+    probes = values(backend, got.probes)
+    assert set(np.unique(probes)) == {-1.0, 1.0}
+    np.testing.assert_allclose(
+        values(backend, got.log_prob), linear_log_prob(A, X3, T), rtol=0, atol=1e-8
+    )
+
+
+def test_time_dependent_flow_changes_the_log_density_by_minus_d_t_squared_over_two(backend):
+    # f = -t z: div f = -d t, so the integral over [0, T] is -d T^2 / 2; z(T) = x e^{-T^2/2}.
+    T = 1.3
+    x = backend.asarray(X3)
+    got = cnf.solve_log_prob(TimeDecay(), x, (0.0, T), **TIGHT)
+    z = X3 * math.exp(-(T**2) / 2)
+    expected = gaussian_log_prob(z) - 3 * T**2 / 2
+    np.testing.assert_allclose(values(backend, got.log_prob), expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.slow_on("jax")
+def test_each_sample_may_step_on_its_own(backend):
+    # batch_axis=0: f sees one time per sample; the closed form is the same.
+    T = 1.3
+    got = cnf.log_prob(TimeDecay(), backend.asarray(X3), (0.0, T), batch_axis=0, **TIGHT)
+    expected = gaussian_log_prob(X3 * math.exp(-(T**2) / 2)) - 3 * T**2 / 2
+    np.testing.assert_allclose(values(backend, got), expected, rtol=0, atol=1e-8)
+
+
+def test_rnode_kinetic_energy_and_exact_frobenius_norm(backend):
+    # Diagonal A: z_i = x_i e^{a_i t}, so int ||A z||^2 dt = sum a_i^2 x_i^2 (e^{2 a_i T} - 1) /
+    # (2 a_i); the exact trace's Frobenius rate is ||A||_F^2 at every time.
+    a = np.array([-0.7, 0.3, 0.5])
+    T = 0.8
+    _, regs = cnf.log_prob(
+        LinearFlow(),
+        backend.asarray(X3),
+        (0.0, T),
+        backend.asarray(np.diag(a)),
+        regularizers=("kinetic", "jacobian_frobenius"),
+        **TIGHT,
+    )
+    kinetic = np.sum(a**2 * X3**2 * np.expm1(2 * a * T) / (2 * a), axis=1)
+    np.testing.assert_allclose(values(backend, regs["kinetic"]), kinetic, rtol=1e-8, atol=0)
+    frobenius = np.full(X3.shape[0], T * np.sum(a**2))
+    np.testing.assert_allclose(
+        values(backend, regs["jacobian_frobenius"]), frobenius, rtol=1e-8, atol=0
+    )
+
+
+# ---------------------------------------------------------------- Hutchinson's statistics
+
+
+def _hutchinson_estimates(noise, n, seed):
+    """``eps^T A eps`` for ``n`` probes drawn by the library: for ``f = A z`` the log-density
+    change is ``T eps^T A eps`` exactly, so the estimate is read off the solve."""
+    T = 1.0
+    x = np.zeros((n, 3))  # the state stays at 0; only the estimate moves
+    got = cnf.solve_log_prob(
+        LinearFlow(), x, (0.0, T), A3, trace="hutchinson", noise=noise, seed=seed, **TIGHT
+    )
+    return (got.log_prob - gaussian_log_prob(np.asarray(got.z))) / T
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_hutchinson_mean_and_variance_match_the_formulas(noise):
+    S = (A3 + A3.T) / 2
+    variance = 2 * np.sum(S * S)
+    if noise == "rademacher":
+        variance -= 2 * np.sum(np.diag(S) ** 2)
+    n = 4000
+    est = _hutchinson_estimates(noise, n, seed=11)
+    # Two-sided 4-sigma bounds: the mean's standard error sqrt(var / n), and the sample
+    # variance's, sqrt((m4 - s^4) / n) with the sample's own fourth central moment.
+    assert abs(est.mean() - np.trace(A3)) < 4 * math.sqrt(variance / n)
+    s2 = est.var()
+    m4 = np.mean((est - est.mean()) ** 4)
+    assert abs(s2 - variance) < 4 * math.sqrt((m4 - s2**2) / n)
+
+
+def test_hutchinson_frobenius_estimate_is_unbiased():
+    # E ||eps^T A||^2 = ||A||_F^2 for Gaussian probes; 4-sigma with the sample's own spread.
+    n, T = 4000, 1.0
+    _, regs = cnf.log_prob(
+        LinearFlow(),
+        np.zeros((n, 3)),
+        (0.0, T),
+        A3,
+        trace="hutchinson",
+        noise="gaussian",
+        seed=5,
+        regularizers=("jacobian_frobenius",),
+        **TIGHT,
+    )
+    est = regs["jacobian_frobenius"] / T
+    assert abs(est.mean() - np.sum(A3 * A3)) < 4 * est.std() / math.sqrt(n)
+
+
+def test_the_same_seed_gives_the_same_probes_and_another_seed_others():
+    run = [
+        cnf.solve_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", seed=s)
+        for s in (1, 1, 2)
+    ]
+    np.testing.assert_array_equal(run[0].probes, run[1].probes)
+    np.testing.assert_array_equal(run[0].log_prob, run[1].log_prob)
+    assert not np.array_equal(run[0].probes, run[2].probes)
+
+
+# ---------------------------------------------------------------- the noise is drawn once
+
+
+class Redrawn:
+    """The augmented dynamics with fresh probes at every evaluation: the torchdiffeq #120
+    mistake, as a negative control for the bound below."""
+
+    def __init__(self, aug, rng):
+        self.aug, self.rng = aug, rng
+
+    def __call__(self, t, s, params):
+        self.aug.eps = self.rng.standard_normal(self.aug.eps.shape)
+        return self.aug(t, s, params)
+
+
+def test_probes_held_fixed_keep_the_adaptive_solve_cheap():
+    # With the log-density under error control (error_control="all"), probes held for the
+    # whole solve give a smooth integrand: the step count stays within a factor 2 of the
+    # exact trace's. Redrawn at every evaluation, the integrand is noise and the steps
+    # collapse.
+    W = np.array([[0.5, -1.0], [1.2, 0.3]])
+    b = np.array([0.1, -0.2])
+    x = np.random.default_rng(0).standard_normal((64, 2))
+    kwargs = {"rtol": 1e-6, "atol": 1e-8, "error_control": "all"}
+    exact = cnf.solve_log_prob(TanhFlow(), x, (0.0, 1.0), (W, b), **kwargs)
+    held = cnf.solve_log_prob(
+        TanhFlow(),
+        x,
+        (0.0, 1.0),
+        (W, b),
+        trace="hutchinson",
+        noise="gaussian",
+        seed=0,
+        **kwargs,
+    )
+    nfe_exact = exact.solution.stats["nfev"]
+    assert held.solution.stats["nfev"] <= 2 * nfe_exact
+
+    aug = cnf.augmented_dynamics(TanhFlow(), (2,), "hutchinson", eps=np.ones((64, 2)))
+    redrawn = odecore.solve(
+        Redrawn(aug, np.random.default_rng(0)),
+        aug.initial_state(np, x),
+        [0.0, 1.0],
+        params=(W, b),
+        rtol=1e-6,
+        atol=1e-8,
+        options={"max_num_steps": 20 * nfe_exact},
+        throw=False,
+    )
+    assert not redrawn.success or redrawn.stats["nfev"] > 5 * nfe_exact
+
+
+# ---------------------------------------------------------------- gradients
+
+
+X1 = np.array([[0.3], [1.2], [-0.7]])
+A1, T1 = 0.4, 0.9
+
+
+def scalar_gradient():
+    """d/da sum_b log p(x_b) for f = a z: log p = log N(x e^{aT}) + aT."""
+    return float(np.sum(T1 - X1[:, 0] ** 2 * T1 * math.exp(2 * A1 * T1)))
+
+
+def numpy_log_prob_sum(a, trace):
+    kwargs = {"seed": 4} if trace == "hutchinson" else {}
+    return float(
+        np.sum(
+            cnf.log_prob(ScalarFlow(), X1, (0.0, T1), np.asarray(a), trace=trace, **kwargs, **TIGHT)
+        )
+    )
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_numpy_gradient_in_one_dimension(adjoint, trace):
+    # In 1-D a Rademacher probe is +-1 and its estimate exact, so both traces have the
+    # closed form.
+    kwargs = {"seed": 4} if trace == "hutchinson" else {}
+    value, _, pullback = cnf.vjp_log_prob(
+        ScalarFlow(),
+        X1,
+        (0.0, T1),
+        np.asarray(A1),
+        trace=trace,
+        adjoint=adjoint,
+        **kwargs,
+        **TIGHT,
+    )
+    x_bar, a_bar = pullback(np.ones(3))
+    # Checkpoint is the discrete solve's exact gradient, backsolve the continuous one at
+    # rtol 1e-10: both within 1e-8 of the closed form.
+    assert float(a_bar) == pytest.approx(scalar_gradient(), rel=1e-8)
+    h = 1e-5  # central differences: truncation h^2 ~ 1e-10, solver noise 1e-11 / h ~ 1e-6
+    fd = (numpy_log_prob_sum(A1 + h, trace) - numpy_log_prob_sum(A1 - h, trace)) / (2 * h)
+    assert float(a_bar) == pytest.approx(fd, rel=1e-5)
+    # d log p / dx = -x e^{2aT}
+    np.testing.assert_allclose(x_bar, -X1 * math.exp(2 * A1 * T1), rtol=1e-8)
+
+
+def test_numpy_gradient_of_a_nonlinear_flow_with_regularisers_matches_finite_differences():
+    W = np.array([[0.5, -1.0], [1.2, 0.3]])
+    b = np.array([0.1, -0.2])
+    x = np.array([[0.4, -0.3], [-1.0, 0.8]])
+    regs = ("kinetic", "jacobian_frobenius")
+
+    def loss(W_, b_):
+        lp, r = cnf.log_prob(
+            TanhFlow(),
+            x,
+            (0.0, 1.0),
+            (W_, b_),
+            trace="hutchinson",
+            noise="gaussian",
+            seed=2,
+            regularizers=regs,
+            **TIGHT,
+        )
+        return float(
+            np.sum(lp) + 0.3 * np.sum(r["kinetic"]) + 0.2 * np.sum(r["jacobian_frobenius"])
+        )
+
+    _, _, pullback = cnf.vjp_log_prob(
+        TanhFlow(),
+        x,
+        (0.0, 1.0),
+        (W, b),
+        trace="hutchinson",
+        noise="gaussian",
+        seed=2,
+        regularizers=regs,
+        **TIGHT,
+    )
+    _, (W_bar, b_bar) = pullback(
+        np.ones(2), {"kinetic": np.full(2, 0.3), "jacobian_frobenius": np.full(2, 0.2)}
+    )
+    h = 1e-5
+    for i, j in [(0, 0), (0, 1), (1, 0)]:
+        E = np.zeros_like(W)
+        E[i, j] = h
+        fd = (loss(W + E, b) - loss(W - E, b)) / (2 * h)
+        assert W_bar[i, j] == pytest.approx(fd, rel=1e-5, abs=1e-7)
+    e = np.array([h, 0.0])
+    assert b_bar[0] == pytest.approx((loss(W, b + e) - loss(W, b - e)) / (2 * h), rel=1e-5)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
+def test_torch_gradient_in_one_dimension(adjoint, trace):
+    import torch
+
+    a = torch.tensor(A1, dtype=torch.float64, requires_grad=True)
+    kwargs = {"seed": 4} if trace == "hutchinson" else {}
+
+    def total(a_):
+        return cnf.log_prob(
+            lambda t, z, p: p * z,
+            torch.as_tensor(X1),
+            (0.0, T1),
+            a_,
+            trace=trace,
+            adjoint=adjoint,
+            **kwargs,
+            **TIGHT,
+        ).sum()
+
+    (grad,) = torch.autograd.grad(total(a), a)
+    assert float(grad) == pytest.approx(scalar_gradient(), rel=1e-8)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (
+            total(torch.tensor(A1 + h, dtype=torch.float64))
+            - total(torch.tensor(A1 - h, dtype=torch.float64))
+        ) / (2 * h)
+    assert float(grad) == pytest.approx(float(fd), rel=1e-5)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_torch_module_parameters_get_gradients(adjoint):
+    # An nn.Module's own parameters are found although the augmented dynamics wrap it.
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
+
+        def forward(self, t, z):
+            return self.a * z
+
+    module = Scale()
+    lp = cnf.log_prob(module, torch.as_tensor(X1), (0.0, T1), adjoint=adjoint, **TIGHT)
+    lp.sum().backward()
+    assert float(module.a.grad) == pytest.approx(scalar_gradient(), rel=1e-8)
+
+
+@pytest.mark.backend("torch")
+def test_torch_backsolve_reuses_the_forward_probes():
+    # For f = A z the Hutchinson log-density is log N(e^{AT} x) + T sum_b eps_b^T A eps_b, so
+    # its A-gradient holds T sum_b eps_b eps_b^T for the forward's probes: a backward solve
+    # with other probes would give another matrix. The rest comes from finite differences
+    # of the closed form.
+    import torch
+
+    T = 0.5
+    A = torch.tensor(A3, requires_grad=True)
+    got = cnf.solve_log_prob(
+        LinearFlow(),
+        torch.as_tensor(X3),
+        (0.0, T),
+        A,
+        trace="hutchinson",
+        noise="gaussian",
+        generator=torch.Generator().manual_seed(0),
+        adjoint="backsolve",
+        **TIGHT,
+    )
+    got.log_prob.sum().backward()
+    eps = got.probes.numpy()
+    h = 1e-6
+    expected = np.empty((3, 3))
+    for i in range(3):
+        for j in range(3):
+            E = np.zeros((3, 3))
+            E[i, j] = h
+            up = gaussian_log_prob(X3 @ scipy.linalg.expm((A3 + E) * T).T).sum()
+            down = gaussian_log_prob(X3 @ scipy.linalg.expm((A3 - E) * T).T).sum()
+            expected[i, j] = (up - down) / (2 * h)
+    expected += T * eps.T @ eps
+    np.testing.assert_allclose(A.grad.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.backend("jax")
+@pytest.mark.parametrize(
+    "adjoint", ["backsolve", pytest.param("checkpoint", marks=pytest.mark.slow)]
+)
+def test_jax_gradient_in_one_dimension_under_jit(adjoint):
+    import jax
+
+    with jax.enable_x64(True):
+        x = jax.numpy.asarray(X1)
+
+        def total(a, key):
+            return cnf.log_prob(
+                lambda t, z, p: p * z,
+                x,
+                (0.0, T1),
+                a,
+                trace="hutchinson",
+                key=key,
+                adjoint=adjoint,
+                **TIGHT,
+            ).sum()
+
+        grad = jax.jit(jax.grad(total))(A1, jax.random.key(0))
+        assert float(grad) == pytest.approx(scalar_gradient(), rel=1e-8)
+
+
+# ---------------------------------------------------------------- flows as maps
+
+
+def test_reversibility_with_the_same_probes_and_not_with_others():
+    W = np.array([[0.5, -1.0], [1.2, 0.3]])
+    b = np.array([0.1, -0.2])
+    x = np.array([[0.4, -0.3], [-1.0, 0.8], [0.2, 1.5]])
+    forward = cnf.solve_log_prob(
+        TanhFlow(),
+        x,
+        (0.0, 1.0),
+        (W, b),
+        trace="hutchinson",
+        noise="gaussian",
+        seed=7,
+        **TIGHT,
+    )
+    back = cnf.sample(TanhFlow(), 3, (2,), (0.0, 1.0), (W, b), z=forward.z, **TIGHT)
+    np.testing.assert_allclose(back, x, rtol=0, atol=1e-8)
+
+    def change_back(probes):
+        aug = cnf.augmented_dynamics(TanhFlow(), (2,), "hutchinson", eps=probes)
+        s = odecore.odeint(
+            aug, aug.initial_state(np, forward.z), [1.0, 0.0], params=(W, b), **TIGHT
+        )[-1]
+        return aug.split(np, s)[1]
+
+    delta = forward.log_prob - gaussian_log_prob(forward.z)
+    # Back along the same path with the same probes: the change cancels to solver error.
+    np.testing.assert_allclose(change_back(forward.probes) + delta, 0.0, atol=1e-8)
+    # With other probes each sample's estimate differs by O(1).
+    other = np.random.default_rng(99).standard_normal(x.shape)
+    assert np.max(np.abs(change_back(other) + delta)) > 1e-2
+
+
+def test_sample_carries_base_draws_back_through_the_flow():
+    # f = A z: x = e^{-AT} z for the seed's standard normal draws.
+    T = 0.6
+    x = cnf.sample(LinearFlow(), 5, 3, (0.0, T), A3, seed=8, **TIGHT)
+    z = np.random.default_rng(8).standard_normal((5, 3))
+    np.testing.assert_allclose(x, z @ scipy.linalg.expm(-A3 * T).T, rtol=0, atol=1e-8)
+
+
+def test_a_two_dimensional_density_integrates_to_one():
+    # A nonlinear 2-D flow; its density on a 121 x 121 grid over [-7, 7]^2. The midpoint sum
+    # of a smooth density that vanishes at the edges converges faster than any power of the
+    # spacing, and the mass outside the box is below 1e-10 (the flow moves points by less
+    # than 1.5 from a standard normal); solver error at rtol 1e-8 is about 1e-7.
+    W = np.array([[0.5, -1.0], [1.2, 0.3]])
+    b = np.array([0.1, -0.2])
+    grid = np.linspace(-7.0, 7.0, 121)
+    spacing = grid[1] - grid[0]
+    xx, yy = np.meshgrid(grid, grid)
+    points = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    lp = cnf.log_prob(TanhFlow(), points, (0.0, 1.0), (W, b), rtol=1e-8, atol=1e-10)
+    assert np.sum(np.exp(lp)) * spacing**2 == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- divergence alone
+
+
+def test_divergence_exact_and_hutchinson_on_a_nonlinear_field(backend):
+    # Reference: the Jacobian tanh'(a) W per sample, written out.
+    W = np.array([[0.5, -1.0], [1.2, 0.3]])
+    b = np.array([0.1, -0.2])
+    z = np.array([[0.4, -0.3], [-1.0, 0.8]])
+    eps = np.array([[1.0, -1.0], [0.5, 2.0]])
+    slope = 1 - np.tanh(z @ W.T + b) ** 2
+    jac = slope[:, :, None] * W[None]
+    params = (backend.asarray(W), backend.asarray(b))
+    div, frob = cnf.divergence(TanhFlow(), 0.0, backend.asarray(z), params)
+    np.testing.assert_allclose(values(backend, div), np.trace(jac, axis1=1, axis2=2), rtol=1e-14)
+    np.testing.assert_allclose(values(backend, frob), np.sum(jac**2, axis=(1, 2)), rtol=1e-14)
+    div, frob = cnf.divergence(
+        TanhFlow(), 0.0, backend.asarray(z), params, "hutchinson", backend.asarray(eps)
+    )
+    rows = np.einsum("bi,bij->bj", eps, jac)
+    np.testing.assert_allclose(values(backend, div), np.sum(rows * eps, axis=1), rtol=1e-14)
+    np.testing.assert_allclose(values(backend, frob), np.sum(rows**2, axis=1), rtol=1e-14)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+class NoVjp:
+    def __call__(self, t, z):
+        return -z
+
+
+class FirstOrderOnly:
+    def __call__(self, t, z, a):
+        return a * z
+
+    def vjp(self, t, z, a, u):
+        return a * u, np.sum(u * z)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"trace": "stochastic"}, ValueError, "trace must be 'exact' or 'hutchinson'"),
+        ({"trace": "hutchinson", "noise": "uniform"}, ValueError, "noise must be"),
+        ({"regularizers": "kinetic"}, TypeError, "regularizers must be a tuple"),
+        ({"regularizers": ("energy",)}, ValueError, "unknown regularizer 'energy'"),
+        ({"regularizers": ("kinetic", "kinetic")}, ValueError, "twice"),
+        ({"error_control": "none"}, ValueError, "error_control must be"),
+        ({"seed": 1}, ValueError, "seed is for trace='hutchinson'"),
+        ({"trace": "hutchinson", "seed": 1, "eps": np.ones((4, 3))}, ValueError, "at most one"),
+        ({"trace": "hutchinson", "seed": 1.5}, TypeError, "seed must be an int"),
+        ({"trace": "hutchinson", "eps": np.ones((4, 2))}, ValueError, "eps must have the shape"),
+        ({"batch_axis": 1}, ValueError, "batch_axis must be None"),
+        ({"t": (0.0, 0.5, 1.0)}, ValueError, "t must be a pair"),
+        ({"base": "normal"}, TypeError, "base must be a callable"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, match):
+    kwargs = {"t": (0.0, 1.0), **kwargs}
+    with pytest.raises(error, match=match):
+        cnf.log_prob(LinearFlow(), X3, params=A3, **kwargs)
+
+
+def test_bad_data_is_refused():
+    with pytest.raises(ValueError, match=r"shape \(batch, \*event_shape\)"):
+        cnf.log_prob(LinearFlow(), X3[0], params=A3)
+    with pytest.raises(TypeError, match="real floating"):
+        cnf.log_prob(LinearFlow(), np.ones((2, 3), dtype=np.int64), params=A3)
+    with pytest.raises(ValueError, match="needs the probes"):
+        cnf.divergence(LinearFlow(), 0.0, X3, A3, "hutchinson")
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        cnf.sample(LinearFlow(), 0, 3, params=A3)
+
+
+def test_numpy_dynamics_without_the_needed_vjp_get_a_clear_error():
+    with pytest.raises(TypeError, match="needs the dynamics' own 'vjp' method"):
+        cnf.log_prob(NoVjp(), X3)
+    _, _, pullback = cnf.vjp_log_prob(FirstOrderOnly(), X1, params=np.asarray(0.3))
+    with pytest.raises(TypeError, match="vjp_of_vjp"):
+        pullback(np.ones(3))
+
+
+@pytest.mark.backend("numba")
+def test_a_backend_that_compiles_whole_solves_is_refused_with_the_remedy():
+    with pytest.raises(ValueError, match="backend='numpy'"):
+        cnf.log_prob(LinearFlow(), X3, params=A3, backend="numba")
