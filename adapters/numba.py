@@ -314,7 +314,7 @@ def adjoint_dynamics(problem):
     dyn = problem.dynamics
     func, params = dyn.user_func, dyn.params
     vjp = getattr(func, "vjp", None)
-    if vjp is None or problem.layout.batched:
+    if vjp is None or problem.layout.batched or not (_compilable(func) and _compilable(vjp)):
         return None
     if params is not None and not isinstance(params, np.ndarray):
         return None
@@ -329,6 +329,12 @@ def adjoint_dynamics(problem):
     flat = _params_array(params, None)
     _probe_vjp(vjp, problem, flat)
     return per_func[key], flat
+
+
+def _compilable(func) -> bool:
+    """A Python function or an ``@numba.njit`` function: what the kernel can compile (an
+    object with a ``__call__`` serves the generic loop only)."""
+    return inspect.isfunction(func) or isinstance(func, numba.core.dispatcher.Dispatcher)
 
 
 def _vjp_in_place(vjp):

@@ -20,7 +20,7 @@ from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
 from odecore.ode.callbacks import dynamics_name
 from odecore.ode.flat_call import flat_call
-from odecore.ode.loop import LoopResult, solve_prepared, trivial_solution, user_f_at
+from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 
@@ -525,7 +525,9 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        return problem, solve_prepared(problem, kwargs.get("options"), record, throw)
+        # The generic loop, for any dynamics with a vjp: a compiling backend compiles the
+        # backsolve's backward intervals where it can (Kernels.adjoint_dynamics).
+        return problem, run_loop(problem, record, throw=throw)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
