@@ -18,15 +18,20 @@ The terminal summary is printed with ``-q`` too, and in CI logs.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 import pytest
 
 # The numba backend keeps compiled kernels on disk (adapters/numba_cache.py); a test run
-# keeps its own, apart from the user's cache and from other runs.
-os.environ.setdefault("ODECORE_CACHE_DIR", tempfile.mkdtemp(prefix="odecore-test-cache-"))
+# keeps its own, apart from the user's cache and from other runs, and removes it at exit. The
+# first conftest to load makes it; a run of tests/ and conformance/ together shares it.
+if "ODECORE_CACHE_DIR" not in os.environ:
+    os.environ["ODECORE_CACHE_DIR"] = tempfile.mkdtemp(prefix="odecore-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ODECORE_CACHE_DIR"], ignore_errors=True)
 
 _CELL_KEY = "odecore_conformance_cell"
 _MEASUREMENTS_KEY = "odecore_measurements"

@@ -23,7 +23,12 @@ _state = threading.local()
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name not in _VALID:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"backend must be a backend's name (a string), not "
+            f"{type(name).__name__} {name!r}; valid names are {', '.join(map(repr, _VALID))}"
+        )
+    if name not in _VALID:
         raise ValueError(
             f"unknown backend {name!r}; valid backends are {', '.join(map(repr, _VALID))}"
         )

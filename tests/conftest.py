@@ -29,8 +29,10 @@ default, where time is float32.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -43,8 +45,11 @@ from backend_params import REQUIRED, SELECTED
 import odecore
 
 # The numba backend keeps compiled kernels on disk (adapters/numba_cache.py); a test run
-# keeps its own, apart from the user's cache and from other runs.
-os.environ.setdefault("ODECORE_CACHE_DIR", tempfile.mkdtemp(prefix="odecore-test-cache-"))
+# keeps its own, apart from the user's cache and from other runs, and removes it at exit. The
+# first conftest to load makes it; a run of tests/ and conformance/ together shares it.
+if "ODECORE_CACHE_DIR" not in os.environ:
+    os.environ["ODECORE_CACHE_DIR"] = tempfile.mkdtemp(prefix="odecore-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ODECORE_CACHE_DIR"], ignore_errors=True)
 
 
 def _load(name: str) -> tuple[odecore.Backend | None, str]:

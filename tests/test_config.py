@@ -121,12 +121,22 @@ def _assert_lists_valid_names(message):
         assert repr(valid) in message
 
 
-@pytest.mark.parametrize("name", ["tensorflow", "NumPy", "", None, 1])
-def test_unknown_backend_names_raise_listing_valid_ones(name):
-    with pytest.raises(ValueError, match="unknown backend") as info:
+@pytest.mark.parametrize(
+    "name, error, match",
+    [
+        ("tensorflow", ValueError, "unknown backend"),
+        ("NumPy", ValueError, "unknown backend"),
+        ("", ValueError, "unknown backend"),
+        # Not a name at all: the wrong type, whatever its value.
+        (None, TypeError, "backend must be a backend's name .a string., not NoneType"),
+        (1, TypeError, "backend must be a backend's name .a string., not int 1"),
+    ],
+)
+def test_unknown_backend_names_raise_listing_valid_ones(name, error, match):
+    with pytest.raises(error, match=match) as info:
         odecore.set_backend(name)
     _assert_lists_valid_names(str(info.value))
-    with pytest.raises(ValueError, match="unknown backend") as info:
+    with pytest.raises(error, match=match) as info:
         with odecore.use_backend(name):
             pass
     _assert_lists_valid_names(str(info.value))

@@ -50,6 +50,10 @@ class DeviceNotAvailableError(BackendNotAvailableError):
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``, importing its adapter (and framework) on first use."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"backend must be a backend's name (a string), not {type(name).__name__} {name!r}"
+        )
     if name not in _ADAPTERS:
         raise ValueError(
             f"unknown backend {name!r}; valid backends are "
