@@ -12,7 +12,11 @@ ample in float64).
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +181,20 @@ def test_ddp_gradients_equal_single_process_ones(ranks, mode):
             np.testing.assert_allclose(
                 got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale, err_msg=f"{mode} {name}"
             )
+
+
+def test_the_ddp_example_trains_on_two_ranks():
+    """examples/ddp_train.py under torchrun (``python -m torch.distributed.run``), two ranks
+    on the loopback address: both finish and report their throughput."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run = subprocess.run(
+        [*launcher, "--nproc_per_node", str(WORLD), str(example), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for rank in range(WORLD):
+        assert re.search(rf"rank {rank}/{WORLD}: [0-9.]+ samples/s", run.stdout), run.stdout
+    assert "test accuracy" in run.stdout
