@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ensemble.py                 # N = 2^18, a few minutes on 2 cores
     python benchmarks/bench_ensemble.py --n 1048576     # the 2^20 sweep
+    python benchmarks/bench_ensemble.py --quick         # a smoke run
     nox -s bench -- benchmarks/bench_ensemble.py --n 65536
 
 The Lorenz rho-sweep of benchmarks/bench_numba.py (sigma 10, beta 8/3, rho evenly in [0, 21],
@@ -133,7 +134,10 @@ def main() -> None:
     )
     parser.add_argument("--numpy-n", type=int, default=2**14, help="trajectories on NumPy")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs after a warm-up")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: N = 16384, once")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.chunk_sizes, args.numpy_n, args.repeat = 16384, [2048, 8192], 1024, 1
     # The NumPy rows travel inside the task graph (so that a lost worker's chunks can be run
     # again); their transfer is part of the overhead measured, and Dask's warning says no more.
     warnings.filterwarnings("ignore", message="Sending large graph")

@@ -87,7 +87,8 @@ def solve(
     batched solve takes: on ``backend="numba"`` one trajectory's kernel form (see
     ``odecore.adapters.numba``), on ``"numpy"`` a function of the (n, D) rows of a chunk.
     ``solve_kwargs`` are those of :func:`odecore.solve` (``rtol``, ``atol``, ``method``,
-    ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets.
+    ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets; they
+    are shared by every chunk (tolerances: scalars, or one per state element).
 
     ``client``: a ``dask.distributed.Client``; each chunk is then one task on its cluster.
     Without it the same chunks run in this process. ``output``: ``"numpy"`` (the default)
