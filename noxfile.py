@@ -46,8 +46,15 @@ CI_BACKENDS = ["numpy", "torch", "jax", "numba"]
 # examples/deq_classifier.py, whose test trains it for two epochs.
 PEERS = {"torch": ["torchdiffeq", "scikit-learn"], "jax": ["diffrax"], "deq": ["torchdeq"]}
 
+# Optional dependencies (pip extras that are not backends) whose tests run in a backend's
+# session: odecore.ensemble's (tests/test_ensemble.py, benchmarks/bench_ensemble.py) run on
+# the numba backend and need Dask.
+# Where a session installs one, its tests must run: ODECORE_REQUIRED_EXTRAS makes them fail,
+# rather than skip, when it does not import.
+TEST_EXTRAS = {"numba": ["dask"]}
+
 # Benchmarks named for a topic rather than a backend, and the backends they run on.
-BENCH_BACKENDS = {"deq": ["torch"]}
+BENCH_BACKENDS = {"deq": ["torch"], "ensemble": ["numba"]}
 
 LINT_PATHS = [
     "odecore",
@@ -61,9 +68,14 @@ LINT_PATHS = [
 
 
 def extras_for(*backends: str, base: str = "test") -> str:
-    """The pip extras string for a set of backends: numpy needs none beyond the base."""
-    extras = [base, *(b for b in backends if b != "numpy")]
+    """The pip extras string for a set of backends: numpy needs none beyond the base; the
+    optional dependencies their tests and benchmarks use come too."""
+    extras = [base, *(b for b in backends if b != "numpy"), *extras_tested_with(*backends)]
     return ",".join(dict.fromkeys(extras))
+
+
+def extras_tested_with(*backends: str) -> list[str]:
+    return [extra for b in backends for extra in TEST_EXTRAS.get(b, [])]
 
 
 def install_project(session: nox.Session, extras: str, peers_of: tuple[str, ...] = ()) -> None:
@@ -115,7 +127,10 @@ def tests(session: nox.Session, backend: str) -> None:
         "pytest",
         "tests",
         *session.posargs,
-        env={"ODECORE_TEST_BACKEND": backend},
+        env={
+            "ODECORE_TEST_BACKEND": backend,
+            "ODECORE_REQUIRED_EXTRAS": ",".join(extras_tested_with(backend)),
+        },
     )
 
 
@@ -219,6 +234,7 @@ def ci(session: nox.Session) -> None:
         env={
             "ODECORE_CONFORMANCE_BACKENDS": ",".join(CI_BACKENDS),
             "ODECORE_REQUIRED_BACKENDS": ",".join(CI_BACKENDS),
+            "ODECORE_REQUIRED_EXTRAS": ",".join(extras_tested_with(*CI_BACKENDS)),
             # Hypothesis picks its built-in "ci" profile (derandomized, no deadline) when CI
             # is set, so a loaded 2-core machine gives no flaky failures.
             "CI": os.environ.get("CI", "true"),

@@ -1,6 +1,6 @@
 """odecore: differentiable ODE solvers written once against the Python array API."""
 
-from odecore import cnf
+from odecore import cnf, ensemble
 from odecore._config import backend_name, set_backend, use_backend
 from odecore.adjoint.modes import Backsolve, Checkpoint, Direct
 from odecore.backend import (
@@ -52,6 +52,7 @@ __all__ = [
     "Tableau",
     "backend_name",
     "cnf",
+    "ensemble",
     "fixed_point",
     "get_backend",
     "jacobian_frobenius",

@@ -79,3 +79,27 @@ def first_only_on_jax(values: Iterable) -> list:
             args = value if isinstance(value, tuple) else (value,)
             params.append(pytest.param(*args, marks=SLOW_ON_JAX))
     return params
+
+
+REQUIRED_EXTRAS = {
+    name.strip()
+    for name in os.environ.get("ODECORE_REQUIRED_EXTRAS", "").split(",")
+    if name.strip()
+}
+
+
+def optional_module(extra: str, module: str) -> ModuleType:
+    """For a test module about an optional dependency (a pip extra of odecore), imported at
+    its top: the module. Skips the test module, saying what to install, where the module is
+    missing; fails its collection instead where ``ODECORE_REQUIRED_EXTRAS`` names the extra
+    (nox's ``ci`` session, which installs it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        why = f'these tests need {module} (pip install "odecore[{extra}]"): {exc}'
+        if extra in REQUIRED_EXTRAS:
+            pytest.fail(
+                f"the {extra!r} extra is required in this run (ODECORE_REQUIRED_EXTRAS) but {why}",
+                pytrace=False,
+            )
+        pytest.skip(why, allow_module_level=True)

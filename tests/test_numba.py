@@ -19,6 +19,7 @@ import re
 import numpy as np
 import pytest
 from backend_params import framework_module
+from kernel_dynamics import lorenz
 
 import odecore
 from odecore.problems import get_problem
@@ -49,10 +50,6 @@ def switched(t, y, p):
     """A rate that jumps from p[0] to p[1] at t = 1."""
     rate = p[0] if t < 1.0 else p[1]
     return np.array([-rate * y[0] + np.sin(t), y[0] - 0.5 * y[1]])
-
-
-def lorenz(t, y, p):
-    return np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
 
 
 def lorenz_in_place(t, y, dy, p):

@@ -1,0 +1,334 @@
+"""Ensembles: many independent trajectories of one system, solved in chunks, in this process or
+on a Dask cluster.
+
+A parameter sweep or an uncertainty study solves the same dynamics from many initial states
+and parameters. :func:`solve` splits the trajectories into chunks of ``chunk_size`` rows and
+solves each chunk with the backend's own batched solve (``odecore.solve`` with
+``batch_axis=0``; on the numba backend, the compiled kernel run in parallel over the
+trajectories). Without a ``client`` the chunks run one after another here; with a
+``dask.distributed.Client`` each chunk is one task on the cluster. Either way a chunk's rows
+are solved independently of the others, so the results are those of one batched solve of all
+the trajectories, bit for bit.
+
+Every chunk is solved with ``throw=False``: a trajectory that fails (too many steps, a state
+that blows up, an invalid initial state) has its :class:`~odecore.Status` in ``status`` and NaN
+outputs after the time it reached, and the other trajectories are unaffected.
+
+The dynamics travel to the workers once per chunk as bytes, but are rebuilt once per process
+(:class:`_Shipped`): the numba backend keeps its compiled kernel per function object, so each
+worker compiles it once (or loads it from the disk cache, for dynamics that can be imported by
+name), however many chunks it runs. A task whose worker dies is run again by Dask on another
+worker; its chunk is one task with one result, so nothing is lost or counted twice.
+
+Dask is needed only with a ``client`` or for ``output="dask"``; ``import odecore`` does not
+import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from odecore.ode.api import solve as solve_batch
+from odecore.ode.solution import Status
+
+#: Rows per chunk when ``chunk_size`` is not given: large enough that a worker spends well
+#: under 5% of a chunk's time on Dask's scheduling (docs/scaling_out.md has the measurement).
+DEFAULT_CHUNK_SIZE = 16384
+
+OUTPUTS = ("numpy", "dask")
+_COUNTS = ("nsteps", "naccept", "nreject")
+# Set by the ensemble itself: a chunk is a batch along axis 0 that never raises.
+_RESERVED = ("batch_axis", "throw")
+
+
+@dataclass
+class EnsembleSolution:
+    """The result of :func:`solve`: ``ys`` (T, N, D), the state of trajectory ``n`` at
+    ``ts[i]`` being ``ys[i, n]``; per trajectory its ``status`` (a :class:`~odecore.Status`
+    code), the time it reached and ``stats`` (``nsteps``, ``naccept``, ``nreject``). NumPy
+    arrays, or Dask arrays chunked like the trajectories (``output="dask"``)."""
+
+    ts: np.ndarray
+    ys: Any
+    status: Any
+    t_reached: Any
+    stats: dict[str, Any]
+    chunk_size: int
+
+    @property
+    def success(self) -> bool:
+        """Whether every trajectory succeeded (computes ``status`` when it is a Dask array)."""
+        return bool(np.all(np.asarray(self.status) == Status.SUCCESS))
+
+
+def solve(
+    func,
+    y0,
+    t,
+    *,
+    params=None,
+    backend="numba",
+    chunk_size=None,
+    client=None,
+    output="numpy",
+    **solve_kwargs,
+) -> EnsembleSolution:
+    """Solve ``dy/dt = func(t, y, params)`` for every row of ``y0`` (N, D), in chunks.
+
+    ``params`` is one row per trajectory (N, P), one row shared by all (P,), or None.
+    ``y0`` and ``params`` may be NumPy or Dask arrays. ``func`` has the form the backend's
+    batched solve takes: on ``backend="numba"`` one trajectory's kernel form (see
+    ``odecore.adapters.numba``), on ``"numpy"`` a function of the (n, D) rows of a chunk.
+    ``solve_kwargs`` are those of :func:`odecore.solve` (``rtol``, ``atol``, ``method``,
+    ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets; they
+    are shared by every chunk (tolerances: scalars, or one per state element).
+
+    ``client``: a ``dask.distributed.Client``; each chunk is then one task on its cluster.
+    Without it the same chunks run in this process. ``output``: ``"numpy"`` (the default)
+    waits for every chunk and returns NumPy arrays; ``"dask"`` returns Dask arrays, computing
+    in the background on the client's cluster (``Client.persist``), or lazily without one.
+    """
+    _check_keywords(solve_kwargs, output)
+    y0, params, count = _inputs(y0, params)
+    size = _chunk_size(chunk_size, count)
+    bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
+    spec = _ChunkSpec(_Shipped(func), np.asarray(t), backend, solve_kwargs)
+    if client is None and output == "numpy":
+        parts = [_solve_chunk(spec, *_rows(y0, params, lo, hi, _materialize)) for lo, hi in bounds]
+        return _assemble_numpy(np.asarray(t), parts, size)
+    return _solve_with_dask(spec, y0, params, bounds, client, output, size)
+
+
+def _check_keywords(solve_kwargs: dict, output) -> None:
+    for name in _RESERVED:
+        if name in solve_kwargs:
+            raise TypeError(
+                f"odecore.ensemble.solve sets {name} itself (a chunk is a batch along axis 0 "
+                f"whose failed trajectories are reported in status); remove {name}="
+                f"{solve_kwargs[name]!r}"
+            )
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+def _inputs(y0, params):
+    """``y0`` and ``params`` checked: NumPy arrays, or Dask arrays with each row in one
+    chunk along the state axis; the number of trajectories."""
+    y0 = y0 if _is_dask(y0) else np.asarray(y0)
+    if y0.ndim != 2 or y0.shape[0] == 0:
+        raise ValueError(
+            f"y0 must be one row per trajectory, shape (N, D) with N >= 1, got shape "
+            f"{y0.shape}; flatten each trajectory's state into its row"
+        )
+    count = y0.shape[0]
+    if params is not None:
+        params = params if _is_dask(params) else np.asarray(params)
+        if params.ndim > 2 or (params.ndim == 2 and params.shape[0] != count):
+            raise ValueError(
+                f"params must be one row per trajectory, shape ({count}, P), or one row shared "
+                f"by all, shape (P,); got shape {params.shape}"
+            )
+    return y0, params, count
+
+
+def _chunk_size(chunk_size, count: int) -> int:
+    if chunk_size is None:
+        return min(DEFAULT_CHUNK_SIZE, count)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise TypeError(
+            f"chunk_size must be a positive integer (trajectories per chunk), got "
+            f"{type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _is_dask(value) -> bool:
+    dask_array = sys.modules.get("dask.array")
+    return dask_array is not None and isinstance(value, dask_array.Array)
+
+
+def _materialize(value):
+    return np.asarray(value)
+
+
+def _rows(y0, params, lo: int, hi: int, convert):
+    """One chunk's ``y0`` and ``params`` rows, each passed through ``convert``."""
+    own = params
+    if params is not None and params.ndim == 2:
+        own = params[lo:hi]
+    return convert(y0[lo:hi]), (None if own is None else convert(own))
+
+
+class _Shipped:
+    """``func`` pickled (with cloudpickle, so a function of a script or a closure travels
+    too) and rebuilt at most once per process: every chunk a worker runs then sees the same
+    function object, under which the numba backend keeps its compiled kernel."""
+
+    def __init__(self, func):
+        self.func = func
+        self._payload: bytes | None = None
+
+    def payload(self) -> bytes:
+        if self._payload is None:
+            import cloudpickle
+
+            self._payload = cloudpickle.dumps(self.func)
+        return self._payload
+
+    def __reduce__(self):
+        payload = self.payload()
+        return _received_dynamics, (hashlib.sha256(payload).hexdigest(), payload)
+
+    def __dask_tokenize__(self):
+        return hashlib.sha256(self.payload()).hexdigest()
+
+
+_received: dict[str, Any] = {}
+_received_lock = threading.Lock()
+
+
+def _received_dynamics(digest: str, payload: bytes) -> _Shipped:
+    with _received_lock:
+        func = _received.get(digest)
+        if func is None:
+            import cloudpickle
+
+            func = _received[digest] = cloudpickle.loads(payload)
+    return _Shipped(func)
+
+
+@dataclass(frozen=True)
+class _ChunkSpec:
+    """What every chunk shares: the dynamics, the output times, the backend, the keywords."""
+
+    dynamics: _Shipped
+    t: np.ndarray
+    backend: Any
+    solve_kwargs: dict
+
+    def __dask_tokenize__(self):
+        from dask.base import tokenize
+
+        return self.dynamics.__dask_tokenize__(), tokenize(self.t, self.backend, self.solve_kwargs)
+
+
+# Numba's workqueue threading layer aborts when two threads run parallel kernels at once (a
+# Dask worker with several threads); the kernel already uses every core of the process.
+_kernel_lock = threading.Lock()
+
+
+def _solve_chunk(spec: _ChunkSpec, y0, params):
+    """``(ys (T, n, D), status (n,), t_reached (n,), counts (n, 3))`` of one chunk."""
+    name = getattr(spec.backend, "name", spec.backend)
+    with _kernel_lock if name == "numba" else contextlib.nullcontext():
+        solution = solve_batch(
+            spec.dynamics.func,
+            y0,
+            spec.t,
+            params=params,
+            batch_axis=0,
+            backend=spec.backend,
+            throw=False,
+            **spec.solve_kwargs,
+        )
+    count = y0.shape[0]
+    counts = np.stack(
+        [np.broadcast_to(np.asarray(solution.stats[name]), (count,)) for name in _COUNTS], axis=1
+    )
+    return (
+        np.asarray(solution.ys),
+        np.asarray(solution.status).reshape(count),
+        np.asarray(solution.t_reached).reshape(count),
+        counts,
+    )
+
+
+def _assemble_numpy(ts, parts, size: int) -> EnsembleSolution:
+    counts = np.concatenate([part[3] for part in parts])
+    return EnsembleSolution(
+        ts=ts,
+        ys=np.concatenate([part[0] for part in parts], axis=1),
+        status=np.concatenate([part[1] for part in parts]),
+        t_reached=np.concatenate([part[2] for part in parts]),
+        stats={name: counts[:, k] for k, name in enumerate(_COUNTS)},
+        chunk_size=size,
+    )
+
+
+def _solve_with_dask(spec, y0, params, bounds, client, output, size) -> EnsembleSolution:
+    try:
+        import dask
+        import dask.array as da
+    except ImportError:
+        raise ImportError(
+            "odecore.ensemble.solve needs Dask with a client or output='dask': "
+            'pip install "odecore[dask]" (dask[distributed])'
+        ) from None
+    _check_client(client)
+    chunk = dask.delayed(_solve_chunk, pure=True)
+    parts = [chunk(spec, *_rows(y0, params, lo, hi, _as_delayed)) for lo, hi in bounds]
+    if output == "numpy":
+        return _assemble_numpy(np.asarray(spec.t), client.gather(client.compute(parts)), size)
+    return _dask_arrays(da, spec, y0, parts, bounds, client, size)
+
+
+def _as_delayed(value):
+    """A chunk's rows as a task argument: a Dask array's rows as one block (computed on the
+    worker), a NumPy array's as themselves."""
+    if _is_dask(value):
+        return value.rechunk(value.shape).to_delayed().reshape(-1)[0]
+    return value
+
+
+def _check_client(client) -> None:
+    if client is None:
+        return
+    from distributed import Client
+
+    if not isinstance(client, Client):
+        raise TypeError(
+            f"client must be a dask.distributed.Client, got {type(client).__name__}; pass "
+            f"client=None to solve the chunks in this process"
+        )
+
+
+def _dask_arrays(da, spec, y0, parts, bounds, client, size) -> EnsembleSolution:
+    steps, width = len(spec.t), y0.shape[1]
+    dtype = y0.dtype
+
+    def column(index, shape_of, kind):
+        blocks = [
+            da.from_delayed(part[index], shape=shape_of(hi - lo), dtype=kind)
+            for part, (lo, hi) in zip(parts, bounds, strict=True)
+        ]
+        return da.concatenate(blocks, axis=1 if index == 0 else 0)
+
+    arrays = [
+        column(0, lambda n: (steps, n, width), dtype),
+        column(1, lambda n: (n,), np.int64),
+        column(2, lambda n: (n,), np.float64),
+        column(3, lambda n: (n, len(_COUNTS)), np.int64),
+    ]
+    if client is not None:
+        arrays = client.persist(arrays)
+    ys, status, t_reached, counts = arrays
+    return EnsembleSolution(
+        ts=np.asarray(spec.t),
+        ys=ys,
+        status=status,
+        t_reached=t_reached,
+        stats={name: counts[:, k] for k, name in enumerate(_COUNTS)},
+        chunk_size=size,
+    )
+
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "OUTPUTS", "EnsembleSolution", "solve"]
