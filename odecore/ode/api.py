@@ -410,7 +410,10 @@ def odeint(
         options=...)``: the backsolve's own tolerances, method and options (default: the
         forward ones, with ``shrink_after_accept=True``); ``adjoint_options={"norm":
         "seminorm"}``, or ``Backsolve(seminorm=True)``, leaves the parameter adjoint out of its
-        error control.
+        error control; a callable ``norm`` there receives the backward state's scaled error
+        as torchdiffeq passes it, the tuple ``(t, *y, *adj_y, *adj_params)`` (``y`` and
+        ``adj_y`` one array, or the parts of a structured state; ``t`` a zero, since time
+        gradients are not integrated).
     adjoint_params : sequence of arrays, optional
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
