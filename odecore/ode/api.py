@@ -13,6 +13,8 @@ from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.adjoint import modes
 from odecore.adjoint.failed import FailedSolvePolicy
+from odecore.adjoint.scipy_solver import METHOD as SCIPY_METHOD
+from odecore.adjoint.scipy_solver import scipy_solve
 from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
@@ -73,6 +75,8 @@ def solve(
         "adjoint_options": adjoint_options,
         "adjoint_params": adjoint_params,
     }
+    if isinstance(method, str) and method == SCIPY_METHOD:
+        return scipy_solve(func, y0, t, keywords)
     if not is_structured(y0):
         return _solve_array(func, y0, t, **keywords)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
@@ -375,7 +379,12 @@ def odeint(
         5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
         gets a :class:`~odecore.PrecisionWarning`; so does such an ``adjoint_rtol``.
     method : str
-        One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
+        One of :data:`odecore.METHODS`; ``"dopri5"`` by default. ``"scipy_solver"`` hands
+        the solve to ``scipy.integrate.solve_ivp`` on the CPU (NumPy and torch, one sample,
+        outputs on the input's device and dtype), with ``options`` ``solver`` (``"RK45"``,
+        ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``, ``"LSODA"``, the default),
+        ``min_step`` and ``max_step``; its gradients come from ``adjoint="backsolve"``,
+        whose backward solve scipy runs too.
     options : dict
         ``step_size`` (fixed-step methods), ``grid_constructor`` (fixed-step methods:
         ``grid_constructor(func, y0, t) -> grid``, the times to step between, from ``t[0]``
