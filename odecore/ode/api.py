@@ -356,7 +356,9 @@ def odeint(
         solve does not call them, and warns (``odecore.ode.callbacks``). With
         ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
         its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
-    y0 : array, or a tuple, list or dict of arrays (nested as deep as needed)
+    y0 : array, or a tuple, list, dict or NamedTuple of arrays (nested as deep as needed);
+    on JAX also any registered pytree type (``jax.tree_util.register_pytree_node``,
+    ``register_dataclass``), whose type the outputs keep
         Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs
         buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
