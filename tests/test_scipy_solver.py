@@ -178,3 +178,17 @@ def test_direct_gradients_are_refused():
     y0 = torch.tensor(Y0, requires_grad=True)
     with pytest.raises(ValueError, match="adjoint='backsolve'"):
         odecore.odeint(field, y0, torch.tensor(TIMES), method="scipy_solver")
+
+
+@pytest.mark.backend("torch")
+def test_tensors_hidden_in_func_are_refused():
+    """scipy's steps carry no autograd record: a tensor func captures that requires grad
+    would silently get no gradient."""
+    torch = pytest.importorskip("torch")
+    layer = torch.nn.Linear(2, 2).double()
+    y0, t = torch.tensor(Y0), torch.tensor(TIMES)
+    with pytest.raises(ValueError, match="require grad but are not among its parameters"):
+        odecore.odeint(lambda t, y: layer(y), y0, t, method="scipy_solver")
+    with torch.no_grad():
+        ys = odecore.odeint(lambda t, y: layer(y), y0, t, method="scipy_solver")
+    assert ys.shape == (len(TIMES), 2)

@@ -112,6 +112,9 @@ def _solve_flat(bk, func, y0, t, keywords, solver, passed_on) -> Solution:
         )
         wanted = {"y0": y0, "t": t, "params": params, "p": leaves}
         if not differentiate.requires_grad(bk, wanted) or t.shape[0] < 2:
+            # Tensors func uses besides those known would get no gradient through scipy.
+            if adjoint_params is None:
+                check_parameters_are_known(bk, func, params, leaves, t, y0, None)
             return rule.solve(y0, t, leaves)
         if mode != "backsolve":
             raise ValueError(
