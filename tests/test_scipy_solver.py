@@ -8,6 +8,8 @@ scipy_solver, and central finite differences of tight float64 solves for the gra
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
@@ -192,3 +194,40 @@ def test_tensors_hidden_in_func_are_refused():
     with torch.no_grad():
         ys = odecore.odeint(lambda t, y: layer(y), y0, t, method="scipy_solver")
     assert ys.shape == (len(TIMES), 2)
+
+
+@pytest.mark.backend("torch")
+def test_backward_solver_and_tolerances_are_its_own():
+    """``adjoint_options`` picks the backward solve's scipy solver; a gradient of ``x(T)``
+    for ``x' = -k x`` is ``d/dk x0 exp(-kT) = -T x0 exp(-kT)`` whichever solves it."""
+    torch = pytest.importorskip("torch")
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0, t = torch.tensor([1.5], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    ys = odecore.odeint_adjoint(
+        lambda t, y, p: -p * y,
+        y0,
+        t,
+        params=k,
+        method="scipy_solver",
+        options={"solver": "DOP853"},
+        rtol=1e-11,
+        atol=1e-13,
+        adjoint_options={"solver": "Radau"},
+        adjoint_rtol=1e-10,
+    )
+    ys[-1, 0].backward()
+    # Radau at rtol 1e-10 on an O(1) adjoint: well inside 1e-8.
+    assert abs(float(k.grad) - (-2.0 * 1.5 * math.exp(-1.4))) < 1e-8
+    with pytest.raises(ValueError, match="adjoint_method must be 'scipy_solver' or None"):
+        odecore.odeint_adjoint(
+            lambda t, y, p: -p * y, y0, t, params=k, method="scipy_solver", adjoint_method="rk4"
+        )
+    with pytest.raises(ValueError, match=r"adjoint_options\['solver'\] must be one of"):
+        odecore.odeint_adjoint(
+            lambda t, y, p: -p * y,
+            y0,
+            t,
+            params=k,
+            method="scipy_solver",
+            adjoint_options={"solver": "Euler"},
+        )

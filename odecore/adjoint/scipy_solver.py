@@ -132,7 +132,9 @@ def _adjoint_settings(keywords, mode, solver, passed_on) -> dict | None:
     """The backward solve's solver, tolerances and solve_ivp keywords: the forward's unless
     given."""
     method = keywords["adjoint_method"]
-    given = [k for k in ("adjoint_rtol", "adjoint_atol", "adjoint_options") if keywords[k]]
+    given = [
+        k for k in ("adjoint_rtol", "adjoint_atol", "adjoint_options") if keywords[k] is not None
+    ]
     if mode != "backsolve":
         if given or method is not None:
             raise ValueError(
@@ -151,8 +153,8 @@ def _adjoint_settings(keywords, mode, solver, passed_on) -> dict | None:
     return {
         "solver": solver,
         "passed_on": passed_on,
-        "rtol": keywords["adjoint_rtol"] or keywords["rtol"],
-        "atol": keywords["adjoint_atol"] or keywords["atol"],
+        "rtol": keywords["rtol" if keywords["adjoint_rtol"] is None else "adjoint_rtol"],
+        "atol": keywords["atol" if keywords["adjoint_atol"] is None else "adjoint_atol"],
     }
 
 
@@ -165,7 +167,11 @@ def _to_host(bk, x):
 
 
 def _host_tolerance(bk, value):
-    return value if isinstance(value, int | float) else _to_host(bk, value).reshape(-1)
+    """A tolerance as solve_ivp takes it: a number, or one value per element of the state."""
+    if isinstance(value, int | float):
+        return value
+    value = _to_host(bk, value).reshape(-1)
+    return float(value[0]) if value.size == 1 else value
 
 
 def _solve_ivp(rate, t_span, z0, t_eval, solver, rtol, atol, passed_on):
@@ -288,7 +294,7 @@ class ScipyRule:
             result = _solve_ivp(
                 rate,
                 (t_user[i], t_user[i - 1]),
-                np_concat(z0, a_theta),
+                _joined(z0, a_theta),
                 None,
                 settings["solver"],
                 _host_tolerance(bk, settings["rtol"]),
@@ -326,7 +332,7 @@ class ScipyRule:
         raise NotImplementedError("method='scipy_solver' does not run under tracing")
 
 
-def np_concat(a, b):
+def _joined(a, b):
     import numpy as np
 
     return np.concatenate([a, b])
