@@ -55,9 +55,10 @@ def test_torch_matches_torchdiffeq_and_keeps_dtype(solver):
     ours = odecore.odeint(field, y0, t, **kwargs)
     theirs = torchdiffeq.odeint(field, y0, t, **kwargs)
     assert ours.dtype == torch.float32 and ours.device == y0.device
-    # Both hand scipy the same float64 state; func sees float32 in both, so the outputs agree
-    # to a few float32 roundings of O(1) values.
-    assert float((ours - theirs).abs().max()) < 4 * 2.0**-23 * 4
+    # Both hand scipy the same float64 state and call func in float32; they may round t or y
+    # to float32 in another order, which moves the result by a few float32 units (2**-24
+    # relative) on these O(1) values.
+    assert float((ours - theirs).abs().max()) < 8 * 2.0**-24
 
 
 @pytest.mark.backend("torch")
