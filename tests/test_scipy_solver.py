@@ -232,3 +232,10 @@ def test_backward_solver_and_tolerances_are_its_own():
             method="scipy_solver",
             adjoint_options={"solver": "Euler"},
         )
+
+
+@pytest.mark.backend("numba")
+def test_numba_is_refused():
+    pytest.importorskip("numba")
+    with pytest.raises(ValueError, match="the 'numba' backend cannot use it"):
+        odecore.odeint(field, Y0, TIMES, method="scipy_solver", backend="numba")
