@@ -152,6 +152,14 @@ class JaxTracing(Tracing):
     def with_leaves(self, params, leaves):
         return _with_leaves(params, leaves)
 
+    def tree_children(self, value):
+        # One level only: the children are treated as leaves, so that the core walks them
+        # itself (a child may be a tuple, a dict or another registered node).
+        children, treedef = jax.tree_util.tree_flatten(value, is_leaf=lambda v: v is not value)
+        if jax.tree_util.treedef_is_leaf(treedef):
+            return None
+        return children, treedef.unflatten
+
     def compiled_solve(self, solve, func, y0, t, params, arguments):
         """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
         configuration (``odecore.adapters._jax_cache``)."""

@@ -677,3 +677,23 @@ def test_the_partitioned_norm_takes_the_generic_steps():
     )
     assert semi.stats == generic_semi.stats
     assert semi.stats["nsteps"] != compiled.stats["nsteps"]
+
+
+@pytest.mark.parametrize(
+    ("func", "dtype", "rtol", "atol"),
+    [(oscillator_f32, np.float32, 1e-5, 1e-7), (oscillator, np.float64, 1e-8, 1e-10)],
+    ids=["float32", "float64"],
+)
+def test_jump_t_on_a_smooth_solve_costs_at_most_one_step_and_the_reevaluation(
+    func, dtype, rtol, atol
+):
+    """The kernel loop as the generic one (tests/test_solve.py): landing on a jump splits one
+    step (six evaluations for tsit5, FSAL) and re-evaluates the right limit once; float32 at
+    an rtol it resolves (its unit roundoff is 6e-8)."""
+    y0, t = OSCILLATOR_Y0.astype(dtype), np.linspace(0.0, 4.0, 5).astype(dtype)
+    kwargs = {"params": OSCILLATOR_P.astype(dtype), "method": "tsit5", "rtol": rtol}
+    kwargs.update(atol=atol, backend="numba")
+    without = odecore.solve(func, y0, t, **kwargs).stats["nfev"]
+    for jump in (0.37, 0.5, 1.9, 3.3):
+        with_jump = odecore.solve(func, y0, t, options={"jump_t": [jump]}, **kwargs)
+        assert with_jump.stats["nfev"] <= without + 6 + 1, jump

@@ -584,6 +584,32 @@ def test_dense_output_before_a_jump_non_fsal(backend, method):
     assert _dense_around_jump(backend, method) < _interpolant_rounding(method)
 
 
+def forced_oscillator(t, y):
+    xp = namespace(y)
+    return xp.stack([y[1], -2.0 * y[0] - 0.3 * y[1] + xp.sin(t)])
+
+
+# float32 at rtol 1e-5 (well above its unit roundoff 6e-8, so the error estimate is not
+# rounding noise), float64 at 1e-8.
+JUMP_TOLERANCES = {"float32": (1e-5, 1e-7), "float64": (1e-8, 1e-10)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_jump_t_on_a_smooth_solve_costs_at_most_one_step_and_the_reevaluation(backend, dtype):
+    """A jump in a smooth field must not make the solve restart small. Landing on it splits
+    one step in two (at most one step more, of six evaluations for tsit5, FSAL) and costs
+    one evaluation of the right limit; the steps after it are those the error allows."""
+    rtol, atol = JUMP_TOLERANCES[dtype]
+    y0 = backend.asarray([1.0, 0.5], dtype=dtype)
+    ts = backend.asarray(np.linspace(0.0, 4.0, 5), dtype=dtype)
+    kwargs = dict(method="tsit5", rtol=rtol, atol=atol)
+    without = backend.stats(odecore.solve(forced_oscillator, y0, ts, **kwargs))["nfev"]
+    for jump in (0.37, 0.5, 1.9, 3.3):
+        options = {"jump_t": [jump]}
+        with_jump = odecore.solve(forced_oscillator, y0, ts, options=options, **kwargs)
+        assert backend.stats(with_jump)["nfev"] <= without + 6 + 1, jump
+
+
 def test_jump_t_reevaluates_func_just_after_the_jump(backend):
     rec = backend.recorder(left_continuous)
     odecore.solve(

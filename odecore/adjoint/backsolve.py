@@ -66,6 +66,8 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
         options["norm"] = largest_part_rms(xp, parts[:2])
     elif "norm" not in options and settings["adaptive"]:
         options["norm"] = largest_part_rms(xp, parts)
+    elif callable(options.get("norm")):
+        options["norm"] = _norm_of_parts(dyn, shape, m, leaves, options["norm"])
     # The backward solve starts with the step the forward solve would have taken next, and
     # each later interval with the one before's: the trajectory is the same, and Hairer's
     # automatic first step misjudges the augmented state, whose parameter adjoint starts at
@@ -147,6 +149,32 @@ def _split_state(dyn, shape, m, z):
     if isinstance(dyn.func, StructuredFunc):
         y, a = dyn.func.structure.unflatten(y), dyn.func.structure.unflatten(a)
     return y, a, z[2 * m :]
+
+
+def _norm_of_parts(dyn, shape, m, leaves, user_norm):
+    """A user's adjoint norm on the backward state's scaled error, called as torchdiffeq
+    calls it: with the tuple ``(t, *y, *a, *a_params)``, ``y`` and ``a`` each one array or
+    the parts of a structured state, and each parameter adjoint in its parameter's shape.
+    The first entry stands for the time adjoint, which torchdiffeq integrates alongside
+    and odecore does not (time gradients come from the flow's identities): it is a zero,
+    the value torchdiffeq's entry has when ``t`` needs no gradient."""
+    xp = dyn.backend.xp
+    structure = dyn.func.structure if isinstance(dyn.func, StructuredFunc) else None
+
+    def state_parts(flat):
+        flat = xp.reshape(flat, shape)
+        return [flat] if structure is None else structure.parts(flat, cast=False)
+
+    def norm(z):
+        params, start = [], 2 * m
+        for leaf in leaves:
+            size = math.prod(leaf.shape)
+            params.append(xp.reshape(z[start : start + size], leaf.shape))
+            start += size
+        t_part = xp.zeros((), dtype=z.dtype)
+        return user_norm((t_part, *state_parts(z[:m]), *state_parts(z[m : 2 * m]), *params))
+
+    return norm
 
 
 def _finished_steps(bk, dt, failed):

@@ -99,6 +99,12 @@ class Tracing:
         solution's status holds any failure; the caller raises."""
         return None
 
+    def tree_children(self, value: Any) -> tuple[list, Callable] | None:
+        """``(children, rebuild)`` when the library registers ``value``'s type as a container
+        of arrays (a JAX pytree node), ``rebuild(children)`` making one like it; None for
+        anything else. Tuples, lists and dicts are the core's own business."""
+        return None
+
 
 @dataclass(frozen=True)
 class Kernels:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any
 
 import array_api_compat
@@ -123,6 +124,38 @@ def library_of(x: Any) -> str | None:
     return None
 
 
+# The frameworks whose users register their own containers of arrays (JAX's pytree nodes).
+_CONTAINER_FRAMEWORKS = ("jax",)
+
+
+def container_children(value: Any):
+    """``(children, rebuild)`` for a value that an imported framework registers as a
+    container (a class registered as a JAX pytree node, a registered dataclass), where
+    ``rebuild(children)`` makes one like it; None for anything else. A framework not imported
+    yet is not imported: a value of its registered type cannot exist before it is."""
+    if isinstance(value, (tuple, list, dict)) or library_of(value) is not None:
+        return None
+    if isinstance(value, (int, float, complex, str, bytes)) or value is None:
+        return None
+    for name in _CONTAINER_FRAMEWORKS:
+        if _FRAMEWORK_MODULE[name] in sys.modules:
+            found = get_backend(name).tracing.tree_children(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _arrays_in(values: Any, path: str = ""):
+    """``(path, leaf)`` of nested containers, registered ones (``container_children``)
+    included."""
+    for where, leaf in leaves(values, path):
+        registered = container_children(leaf)
+        if registered is None:
+            yield where, leaf
+        else:
+            yield from _arrays_in(list(registered[0]), where)
+
+
 def infer_backend(*values: Any) -> Backend:
     """The backend that owns the arrays among ``values`` (nested tuples, lists and dicts are
     searched); NumPy when there are only plain Python values.
@@ -132,7 +165,7 @@ def infer_backend(*values: Any) -> Backend:
     values and NumPy arrays; see ``odecore._config``.)
     """
     found: dict[str, str] = {}
-    for where, leaf in leaves(values):
+    for where, leaf in _arrays_in(values):
         library = library_of(leaf)
         if library is not None and library not in found:
             found[library] = where

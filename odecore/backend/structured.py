@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from odecore.backend.registry import library_of
+from odecore.backend.registry import container_children, library_of
 from odecore.control.norms import largest_part_rms
 
 
@@ -32,10 +32,19 @@ class Node(NamedTuple):
 LEAF = Node(None)
 
 
+class Registered(NamedTuple):
+    """The ``kind`` of a container a framework registers (a JAX pytree node): its type, and
+    how to build one from children (``Backend.tracing.tree_children``)."""
+
+    type: type
+    rebuild: Any
+
+
 def is_structured(y0) -> bool:
-    """Whether ``y0`` is a structure of arrays (a tuple, list or dict holding at least one
-    array) rather than one array. A list of plain numbers stays an array, as it always was."""
-    if not isinstance(y0, (tuple, list, dict)):
+    """Whether ``y0`` is a structure of arrays (a tuple, list or dict, or a container a
+    framework registers, such as a JAX pytree class, holding at least one array) rather than
+    one array. A list of plain numbers stays an array, as it always was."""
+    if not isinstance(y0, (tuple, list, dict)) and container_children(y0) is None:
         return False
     stack = [y0]
     while stack:
@@ -46,6 +55,10 @@ def is_structured(y0) -> bool:
             stack.extend(value)
         elif library_of(value) is not None:
             return True
+        else:
+            registered = container_children(value)
+            if registered is not None:
+                stack.extend(registered[0])
     return False
 
 
@@ -61,6 +74,11 @@ def describe(value, path: str = "y0") -> tuple[Node, list[tuple[str, Any]]]:
             return Node(
                 type(value), (), tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(value))
             )
+        registered = container_children(value)
+        if registered is not None:
+            children, rebuild = registered
+            kind = Registered(type(value), rebuild)
+            return Node(kind, (), tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(children)))
         found.append((path, value))
         return LEAF
 
@@ -81,6 +99,22 @@ def leaves_as(node: Node, value, path: str, who: str) -> list[tuple[str, Any]]:
                     f"{who} {_kind(value)} at {path}, where the state has an array{remedy}"
                 )
             found.append((path, value))
+            return
+        if isinstance(node.kind, Registered):
+            registered = container_children(value)
+            if type(value) is not node.kind.type or registered is None:
+                raise TypeError(
+                    f"{who} {_kind(value)} at {path}, where the state has a "
+                    f"{node.kind.type.__name__}{remedy}"
+                )
+            value = registered[0]
+            if len(value) != len(node.children):
+                raise ValueError(
+                    f"{who} a {node.kind.type.__name__} of {len(value)} parts at {path}, where "
+                    f"the state has {len(node.children)}{remedy}"
+                )
+            for i, (child, v) in enumerate(zip(node.children, value, strict=True)):
+                walk(child, v, f"{path}[{i}]")
             return
         wanted = dict if node.kind is dict else (tuple, list)
         if not isinstance(value, wanted):
@@ -131,6 +165,8 @@ def rebuild(node: Node, leaves: list) -> Any:
         children = [walk(child) for child in node.children]
         if node.kind is dict:
             return dict(zip(node.keys, children, strict=True))
+        if isinstance(node.kind, Registered):
+            return node.kind.rebuild(children)
         if hasattr(node.kind, "_fields"):  # a NamedTuple takes its fields as arguments
             return node.kind(*children)
         return node.kind(children)

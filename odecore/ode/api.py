@@ -13,6 +13,8 @@ from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.adjoint import modes
 from odecore.adjoint.failed import FailedSolvePolicy
+from odecore.adjoint.scipy_solver import METHOD as SCIPY_METHOD
+from odecore.adjoint.scipy_solver import scipy_solve
 from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
@@ -73,6 +75,8 @@ def solve(
         "adjoint_options": adjoint_options,
         "adjoint_params": adjoint_params,
     }
+    if isinstance(method, str) and method == SCIPY_METHOD:
+        return scipy_solve(func, y0, t, keywords)
     if not is_structured(y0):
         return _solve_array(func, y0, t, **keywords)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
@@ -352,7 +356,9 @@ def odeint(
         solve does not call them, and warns (``odecore.ode.callbacks``). With
         ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
         its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
-    y0 : array, or a tuple, list or dict of arrays (nested as deep as needed)
+    y0 : array, or a tuple, list, dict or NamedTuple of arrays (nested as deep as needed);
+    on JAX also any registered pytree type (``jax.tree_util.register_pytree_node``,
+    ``register_dataclass``), whose type the outputs keep
         Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs
         buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
@@ -375,7 +381,12 @@ def odeint(
         5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
         gets a :class:`~odecore.PrecisionWarning`; so does such an ``adjoint_rtol``.
     method : str
-        One of :data:`odecore.METHODS`; ``"dopri5"`` by default.
+        One of :data:`odecore.METHODS`; ``"dopri5"`` by default. ``"scipy_solver"`` hands
+        the solve to ``scipy.integrate.solve_ivp`` on the CPU (NumPy and torch, one sample,
+        outputs on the input's device and dtype), with ``options`` ``solver`` (``"RK45"``,
+        ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``, ``"LSODA"``, the default),
+        ``min_step`` and ``max_step``; its gradients come from ``adjoint="backsolve"``,
+        whose backward solve scipy runs too.
     options : dict
         ``step_size`` (fixed-step methods), ``grid_constructor`` (fixed-step methods:
         ``grid_constructor(func, y0, t) -> grid``, the times to step between, from ``t[0]``
@@ -410,7 +421,10 @@ def odeint(
         options=...)``: the backsolve's own tolerances, method and options (default: the
         forward ones, with ``shrink_after_accept=True``); ``adjoint_options={"norm":
         "seminorm"}``, or ``Backsolve(seminorm=True)``, leaves the parameter adjoint out of its
-        error control.
+        error control; a callable ``norm`` there receives the backward state's scaled error
+        as torchdiffeq passes it, the tuple ``(t, *y, *adj_y, *adj_params)`` (``y`` and
+        ``adj_y`` one array, or the parts of a structured state; ``t`` a zero, since time
+        gradients are not integrated).
     adjoint_params : sequence of arrays, optional
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
