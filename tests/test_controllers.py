@@ -3,6 +3,7 @@ scipy's ``solve_ivp`` implements them, and the PI controller's formula."""
 
 from __future__ import annotations
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -130,3 +131,30 @@ def test_no_growth_after_reject_caps_the_factor_at_one():
 def test_bad_controller_options_raise(error, match, options):
     with pytest.raises(error, match=match):
         odecore.solve(lambda t, y: -y, np.ones(1), np.array([0.0, 1.0]), options=options)
+
+
+def van_der_pol(t, y):
+    xp = array_api_compat.array_namespace(y)
+    x, v = y[..., 0], y[..., 1]
+    return xp.stack([v, 5.0 * (1.0 - x * x) * v - x], axis=-1)
+
+
+def test_hairer_preset_steps_each_sample_as_alone(backend):
+    """A consistency check of the per-sample state the no-growth rule needs: in a batch each
+    sample remembers its own last rejection, so it takes the steps it takes alone. Van der
+    Pol at mu = 5 rejects steps on the way, so the rule is exercised."""
+    y0 = np.array([[2.0, 0.0], [0.5, -1.0]])
+    ts = backend.asarray(np.array([0.0, 6.0]))
+    options = {"controller": "hairer"}
+    batch = odecore.solve(
+        van_der_pol, backend.asarray(y0), ts, rtol=1e-7, atol=1e-9, batch_axis=0, options=options
+    )
+    stats = backend.stats(batch)
+    assert min(stats["nreject"]) > 0
+    for i in range(2):
+        alone = backend.stats(
+            odecore.solve(
+                van_der_pol, backend.asarray(y0[i]), ts, rtol=1e-7, atol=1e-9, options=options
+            )
+        )
+        assert (stats["naccept"][i], stats["nreject"][i]) == (alone["naccept"], alone["nreject"])
