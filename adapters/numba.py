@@ -478,6 +478,7 @@ def _settings(problem, norm_code: float) -> np.ndarray:
         settings[loop.ICOEFF] = controller.icoeff
         settings[loop.PCOEFF] = controller.pcoeff
         settings[loop.SHRINK_AFTER_ACCEPT] = controller.shrink_after_accept
+        settings[loop.NO_GROWTH_AFTER_REJECT] = controller.no_growth_after_reject
     settings[loop.FIRST_STEP] = math.nan if problem.first_step is None else problem.first_step
     settings[loop.STEP_SIZE] = math.inf if problem.step_size is None else problem.step_size
     settings[loop.MIN_STEP] = problem.min_step

@@ -17,6 +17,8 @@ from typing import Any
 from odecore.adjoint.modes import MODES, given_keywords
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
+from odecore.control.controller import CONTROLLERS
+from odecore.control.controller import preset as controller_preset
 from odecore.control.norms import BUILTIN_NORMS
 from odecore.ode.solution import PrecisionWarning
 from odecore.solvers.explicit_rk import prepared
@@ -42,6 +44,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "pcoeff",
     "icoeff",
     "shrink_after_accept",
+    "no_growth_after_reject",
 }
 
 
@@ -169,15 +172,18 @@ def options(opts: dict | None, rk) -> dict:
         raise ValueError(f"options['dfactor'] must be in (0, 1), got {out['dfactor']}")
     if out.get("ifactor", 10.0) <= 1:
         raise ValueError(f"options['ifactor'] must be greater than 1, got {out['ifactor']}")
-    if "shrink_after_accept" in out and not isinstance(out["shrink_after_accept"], bool):
-        raise TypeError(
-            "options['shrink_after_accept'] must be True or False, got "
-            f"{out['shrink_after_accept']!r}"
-        )
+    for key in ("shrink_after_accept", "no_growth_after_reject"):
+        if key in out and not isinstance(out[key], bool):
+            raise TypeError(f"options[{key!r}] must be True or False, got {out[key]!r}")
     _fixed_grid_options(out)
-    if "controller" in out and out["controller"] not in ("I", "PI"):
-        raise ValueError(f"options['controller'] must be 'I' or 'PI', got {out['controller']!r}")
-    if sum(controller_gains(out)) == 0:
+    if "controller" in out and (
+        not isinstance(out["controller"], str) or out["controller"] not in CONTROLLERS
+    ):
+        raise ValueError(
+            f"options['controller'] must be one of {', '.join(map(repr, CONTROLLERS))}, got "
+            f"{out['controller']!r}"
+        )
+    if rk.adaptive and sum(controller_gains(out, rk.name)) == 0:
         raise ValueError(
             "options['icoeff'] and options['pcoeff'] are both 0, so the step size would not "
             "depend on the error estimate; make icoeff positive (1 for the I controller)"
@@ -246,11 +252,10 @@ def check_dict(value, name: str) -> None:
         )
 
 
-def controller_gains(opts: dict) -> tuple[float, float]:
-    """``(icoeff, pcoeff)``: those given, else the I controller's (1, 0) or, with
-    ``controller="PI"``, the PI controller's (0.3, 0.4)."""
-    pi = opts.get("controller", "I") == "PI"
-    return opts.get("icoeff", 0.3 if pi else 1.0), opts.get("pcoeff", 0.4 if pi else 0.0)
+def controller_gains(opts: dict, method: str) -> tuple[float, float]:
+    """``(icoeff, pcoeff)``: those given, else those of the named controller's preset."""
+    settings = controller_preset(opts.get("controller", "I"), method)
+    return opts.get("icoeff", settings["icoeff"]), opts.get("pcoeff", settings["pcoeff"])
 
 
 def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = False) -> float:

@@ -42,6 +42,11 @@ CASES = {
         [5],  # k
         [False, True],  # shrink
     ],
+    "held_after_rejection": [
+        [0.2, 1.0, 3.0, NAN],  # factor
+        [True, False],  # accept
+        [True, False],  # last_rejected
+    ],
     "remembered_ratio": [[0.0, 0.5, 2.0, NAN], [1.0, 0.2], [True, False]],
     "next_step": [
         [0.1],  # h

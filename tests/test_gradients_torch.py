@@ -253,6 +253,7 @@ AGREEMENT_CASES = {
     "step_t": dict(rtol=1e-6, atol=1e-8, options={"step_t": [0.33, 0.77]}),
     "max_step": dict(rtol=1e-6, atol=1e-8, options={"max_step": 0.05}),
     "PI": dict(rtol=1e-6, atol=1e-8, options={"controller": "PI"}),
+    "hairer": dict(rtol=1e-6, atol=1e-8, options={"controller": "hairer"}),
     "max-norm": dict(rtol=1e-6, atol=1e-8, options={"norm": "max"}),
 }
 T_LONG = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.3], dtype=F64)

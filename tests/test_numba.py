@@ -185,7 +185,10 @@ def test_landing_on_stops_and_jumps(method, key):
     assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
 
 
-@pytest.mark.parametrize("options", [{"norm": "max"}, {"controller": "PI"}, {"max_step": 0.05}])
+@pytest.mark.parametrize(
+    "options",
+    [{"norm": "max"}, {"controller": "PI"}, {"controller": "hairer"}, {"max_step": 0.05}],
+)
 def test_controller_options(options):
     kernel, generic = solve_both(
         oscillator,

@@ -699,6 +699,7 @@ def l2_norm(x):
         [
             pytest.param({"controller": "PI"}, id="PI"),
             pytest.param({"controller": "PI", "pcoeff": 0.2, "icoeff": 0.5}, id="PI-coeffs"),
+            pytest.param({"controller": "hairer"}, id="hairer"),
             pytest.param({"norm": "max"}, id="max"),
             pytest.param({"norm": l2_norm}, id="callable"),
             pytest.param({"safety": 0.8, "ifactor": 5.0, "dfactor": 0.3}, id="factors"),

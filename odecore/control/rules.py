@@ -63,16 +63,22 @@ def left_limit(t_new, on_jump):
 def step_factor(ratio, ratio_prev, accept, safety, ifactor, dfactor, icoeff, pcoeff, k, shrink):
     """The factor from this step's size to the next: an I controller (``pcoeff = 0``) or a PI
     controller, ``safety * ratio**(-(icoeff + pcoeff)/k) * ratio_prev**(pcoeff/k)`` clipped to
-    ``[dfactor, ifactor]`` (Gustafsson; Hairer & Wanner II, section IV.2). Without ``shrink``
-    an accepted step never shrinks the next one (torchdiffeq's rule). A zero error ratio would
-    make the power infinite: the clip to ``ifactor`` is the limit, and the floor only avoids
-    the floating-point warning. A non-finite ratio (NaN or inf in the trial state) retries
-    with ``dfactor``."""
+    ``[dfactor, ifactor]``. ``k`` is the error estimate's order plus one. The defaults of the
+    PI controller, ``icoeff = 0.3, pcoeff = 0.4``, are Gustafsson's exponents ``0.7/k`` and
+    ``0.4/k`` (Gustafsson, ACM TOMS 17, 1991; Hairer & Wanner II, section IV.2, eq. (2.43c);
+    Soderlind's PI.3.4, ACM TOMS 29, 2003). The PI form sizes the step after an accepted one
+    only: a rejected step's retry uses the error it just measured, ``ratio**(-(icoeff +
+    pcoeff)/k)``, as Hairer's DOPRI5 and DOP853 do (``hnew = h / min(facc1, fac11 / safe)``),
+    since the remembered ratio belongs to a step the rejection has already overruled.
+    Without ``shrink`` an accepted step never shrinks the next one (torchdiffeq's rule). A
+    zero error ratio would make the power infinite: the clip to ``ifactor`` is the limit, and
+    the floor only avoids the floating-point warning. A non-finite ratio (NaN or inf in the
+    trial state) retries with ``dfactor``."""
     finite = isfinite(ratio)
     safe = where(finite, maximum(ratio, 1e-10), 1.0)
     factor = safety * safe ** (-(icoeff + pcoeff) / k)
     if pcoeff != 0.0:
-        factor = factor * ratio_prev ** (pcoeff / k)
+        factor = factor * where(accept, ratio_prev ** (pcoeff / k), 1.0)
     if shrink:
         factor = minimum(maximum(factor, dfactor), ifactor)
     else:
@@ -80,6 +86,14 @@ def step_factor(ratio, ratio_prev, accept, safety, ifactor, dfactor, icoeff, pco
         # would make an array in the library's default dtype, float32 in torch.
         factor = minimum(where(accept, maximum(factor, 1.0), maximum(factor, dfactor)), ifactor)
     return where(finite, factor, dfactor)
+
+
+def held_after_rejection(factor, accept, last_rejected):
+    """The factor after an accepted step that follows a rejected one, capped at 1: the step
+    that just failed showed the previous factor too large, so the next step may not grow
+    (Hairer's DOPRI5 and DOP853, ``IF (REJECT) HNEW = MIN(ABS(HNEW), ABS(H))``; scipy's
+    ``solve_ivp`` RK45 and DOP853 likewise)."""
+    return where(accept & last_rejected, minimum(factor, 1.0), factor)
 
 
 def remembered_ratio(ratio, ratio_prev, accept):
@@ -170,6 +184,7 @@ RULES: dict[str, Callable] = {
         land_on_stop,
         left_limit,
         step_factor,
+        held_after_rejection,
         remembered_ratio,
         next_step,
         stalled,

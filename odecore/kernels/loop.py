@@ -30,6 +30,7 @@ from odecore.control.rules import (
     combined_error_ratio,
     error_scale,
     failure_status,
+    held_after_rejection,
     initial_step,
     initial_step_guess,
     land_on_stop,
@@ -68,7 +69,8 @@ MAX_STEP = 9
 MAX_NUM_STEPS = 10
 DIRECTION = 11  # +1.0, or -1.0 when the user's times decrease
 NORM = 12  # RMS_NORM or MAX_NORM
-SETTINGS_SIZE = 13
+NO_GROWTH_AFTER_REJECT = 13  # 1.0 or 0.0
+SETTINGS_SIZE = 14
 
 RMS_NORM = 0.0
 MAX_NORM = 1.0
@@ -382,6 +384,7 @@ def solve_trajectory(
     if not valid:
         status = INVALID_INPUT
     ratio_prev = 1.0
+    last_rejected = False
     out_index = 1
     stop_index = 0
     nsteps = 0
@@ -437,6 +440,8 @@ def solve_trajectory(
                 sizes[ERROR_ORDER],
                 settings[SHRINK_AFTER_ACCEPT] != 0.0,
             )
+            if settings[NO_GROWTH_AFTER_REJECT] != 0.0:
+                factor = held_after_rejection(factor, accept, last_rejected)
             dt_wanted = h * factor
             stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
             dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
@@ -458,6 +463,7 @@ def solve_trajectory(
         else:
             nreject += 1
         dt = dt_next
+        last_rejected = rejected
     stats[NFEV] = nfev
     stats[NSTEPS] = nsteps
     stats[NACCEPT] = naccept

@@ -399,10 +399,19 @@ def odeint(
         is told the side, :class:`~odecore.Perturb`), ``min_step``, ``max_step``, ``norm``
         (``"rms"``, ``"max"`` or a callable, which receives the scaled error in the structure
         of ``y0``), ``safety``, ``ifactor``, ``dfactor``,
-        ``controller`` (``"I"`` or ``"PI"``), ``pcoeff``, ``icoeff``, ``shrink_after_accept``
-        (``False``: as in torchdiffeq, an accepted step never shrinks the next one, and the
-        two libraries take the same steps; ``True``: it may, as in scipy, which rejects fewer
-        steps where the error grows along the solution).
+        ``controller``: ``"I"``, the default, torchdiffeq's I controller (safety 0.9, the
+        factor in [0.2, 10], ``err**(-1/k)`` with ``k`` the error estimate's order plus one),
+        so that both libraries take the same steps; ``"PI"``, Gustafsson's PI controller
+        (``icoeff = 0.3, pcoeff = 0.4``: ``err**(-0.7/k) * err_prev**(0.4/k)`` after an
+        accepted step); ``"hairer"``, the rules of Hairer's DOPRI5 (for ``dopri8``: DOP853,
+        which scipy's ``solve_ivp`` also follows), factor in [0.2, 10] with ``beta = 0.04``
+        (DOP853: [0.333, 6], ``beta = 0``), ``shrink_after_accept`` and
+        ``no_growth_after_reject``. ``safety``, ``ifactor``, ``dfactor``, ``pcoeff``,
+        ``icoeff``, ``shrink_after_accept`` (``False``: as in torchdiffeq, an accepted step
+        never shrinks the next one; ``True``: it may, as in scipy, which rejects fewer steps
+        where the error grows along the solution) and ``no_growth_after_reject`` (``True``:
+        the step accepted right after a rejection may not let the next one grow) override
+        the named controller's settings.
     batch_axis : int, optional
         The axis of ``y0`` that indexes independent samples; each sample gets its own steps
         and the result for one sample equals solving it alone.

@@ -39,6 +39,7 @@ class LoopState(NamedTuple):
     f: Any  # f(t, y), the next step's first stage (right limit after a jump)
     dt: Any  # the step the controller proposes next (fixed-step: the step size)
     ratio_prev: Any  # the last accepted step's error ratio, for the PI controller
+    last_rejected: Any  # whether the last attempted step was rejected (bool)
     status: Any  # RUNNING until the sample finishes or fails (odecore.Status codes)
     out: Any  # (T, B, N) the outputs so far; NaN where not reached
     out_idx: Any  # the index of each sample's next output to fill
@@ -139,6 +140,7 @@ def init_state(p: Problem, record: bool) -> LoopState:
         f=f0,
         dt=dt,
         ratio_prev=ops.full(B, 1.0),
+        last_rejected=ops.full(B, 0, "int") != 0,
         status=status,
         out=bk.write(out, 0, p.y0),
         out_idx=ops.full(B, 1, "int"),
@@ -201,7 +203,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
 
     rejected = running & ops.not_(accept)
     if p.controller is not None:
-        dt_wanted = p.controller.next_dt(ops, h, ratio, s.ratio_prev, accept)
+        dt_wanted = p.controller.next_dt(ops, h, ratio, s.ratio_prev, accept, s.last_rejected)
         stalled = rules.stalled(rejected, t, dt_wanted, p.min_step, lands) | norm_failed
         dt_next = rules.next_step(h, s.dt, dt_wanted, accept, lands, p.min_step, p.max_step)
         ratio_prev = rules.remembered_ratio(ratio, s.ratio_prev, accept)
@@ -230,6 +232,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
         ops.select_rows(accept, f_new, s.f),  # f
         ops.where(running, dt_next, s.dt),  # dt
         ratio_prev,
+        rejected,  # last_rejected
         status,
         out,
         out_idx,

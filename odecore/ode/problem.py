@@ -14,6 +14,7 @@ from odecore.backend.layout import Layout, check_batch_axis
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
 from odecore.control.controller import Controller
+from odecore.control.controller import from_options as controller_from_options
 from odecore.control.norms import error_ratio
 from odecore.ode.callbacks import step_callbacks
 from odecore.solvers.explicit_rk import ExplicitRK, prepared
@@ -137,16 +138,7 @@ def prepare(
 
     controller = None
     if rk.adaptive:
-        icoeff, pcoeff = _validate.controller_gains(opts)
-        controller = Controller(
-            safety=opts.get("safety", 0.9),
-            ifactor=opts.get("ifactor", 10.0),
-            dfactor=opts.get("dfactor", 0.2),
-            icoeff=icoeff,
-            pcoeff=pcoeff,
-            k=rk.error_exponent_order,
-            shrink_after_accept=opts.get("shrink_after_accept", False),
-        )
+        controller = controller_from_options(opts, rk.name, rk.error_exponent_order)
     valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
     valid = _combine_validity(valid, grid_valid)
     if valid is not None:
