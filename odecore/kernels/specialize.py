@@ -77,7 +77,7 @@ def _scaled_sum(row) -> str:
 
 
 def _stage_sum(tab: KernelTableau) -> str:
-    lines = ["def stage_sum(work, h, stage, tab_a):", "    n = work.shape[1]"]
+    lines = ["def stage_sum(work, h, stage, tab_a):", "    n = state_size(work)"]
     for stage in range(1, int(tab.sizes[STAGES])):
         keyword = "if" if stage == 1 else "elif"
         lines += [
@@ -93,7 +93,7 @@ def _solution_sum(tab: KernelTableau) -> str:
     count = int(tab.sizes[STAGES])
     return (
         "def solution_sum(work, h, tab_b, count):\n"
-        "    for i in range(work.shape[1]):\n"
+        "    for i in range(state_size(work)):\n"
         f"        work[{loop.Y_NEW}, i] = work[{loop.Y}, i] + ({_scaled_sum(tab.b[B, :count])})\n"
     )
 
@@ -102,7 +102,7 @@ def _error_estimates(tab: KernelTableau) -> str:
     count = int(tab.sizes[STAGES])
     lines = [
         "def error_estimates(work, h, tab_b, count, two):",
-        "    for i in range(work.shape[1]):",
+        "    for i in range(state_size(work)):",
         f"        work[{loop.ERR}, i] = {_scaled_sum(tab.b[B_ERR, :count])}",
     ]
     if tab.sizes[TWO_ESTIMATES]:
@@ -113,7 +113,7 @@ def _error_estimates(tab: KernelTableau) -> str:
 def _dense_stage_sum(tab: KernelTableau) -> str:
     extra = int(tab.sizes[EXTRA_STAGES])
     first_extra = int(tab.sizes[DENSE_STAGES]) - extra
-    lines = ["def dense_stage_sum(work, h, extra, dense_a, count):", "    n = work.shape[1]"]
+    lines = ["def dense_stage_sum(work, h, extra, dense_a, count):", "    n = state_size(work)"]
     if extra == 0:
         lines.append("    return")
     for x in range(extra):
@@ -142,7 +142,7 @@ def _interpolate(tab: KernelTableau) -> str:
             terms.append(f"w{r} * {_k(r)}")
     total = " + ".join(terms) if terms else "0.0"
     lines += [
-        "    for i in range(work.shape[1]):",
+        "    for i in range(state_size(work)):",
         f"        out[out_row, i] = work[{loop.Y}, i] + h * ({total})",
     ]
     return "\n".join(lines) + "\n"
