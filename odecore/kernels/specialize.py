@@ -29,6 +29,7 @@ from odecore.kernels.tableau import (
     B_ERR2,
     DENSE_STAGES,
     EXTRA_STAGES,
+    FSAL,
     STAGES,
     TWO_ESTIMATES,
     B,
@@ -36,7 +37,14 @@ from odecore.kernels.tableau import (
 )
 
 # The loop functions this module writes, in the loop's dependency order.
-NAMES = ("stage_sum", "solution_sum", "error_estimates", "dense_stage_sum", "interpolate")
+NAMES = (
+    "stage_sum",
+    "solution_sum",
+    "error_estimates",
+    "dense_stage_sum",
+    "take_step",
+    "interpolate",
+)
 
 
 def source(tab: KernelTableau) -> str:
@@ -47,6 +55,7 @@ def source(tab: KernelTableau) -> str:
             _solution_sum(tab),
             _error_estimates(tab),
             _dense_stage_sum(tab),
+            _take_step(tab),
             _interpolate(tab),
         )
     )
@@ -125,6 +134,37 @@ def _dense_stage_sum(tab: KernelTableau) -> str:
             f"            work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + h * "
             f"({' + '.join(terms) if terms else '0.0'})",
         ]
+    return "\n".join(lines) + "\n"
+
+
+def _take_step(tab: KernelTableau) -> str:
+    """The stages one after another, without the loop over them and the choice of a stage's
+    sum inside it: each stage's sum and time are written out (the generic ``stage_sum`` and
+    ``t + c_i h``), then the solution's."""
+    count = int(tab.sizes[STAGES])
+    lines = [
+        "def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):",
+        "    direction = settings[DIRECTION]",
+        "    n = state_size(work)",
+    ]
+    for stage in range(1, count):
+        lines += [
+            "    for i in range(n):",
+            f"        work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
+            f"({_scaled_sum(tab.a[stage, :stage])})",
+            f"    t_stage = t + {float(tab.c[stage])!r} * h",
+            "    if clip:",
+            "        t_stage = minimum(t_stage, t_left)",
+            f"    evaluate(t_stage, work, {loop.Y_STAGE}, {loop.FIRST_DENSE_ROW + stage}, params, "
+            "direction)",
+        ]
+    if tab.sizes[FSAL]:
+        lines += [
+            "    for i in range(n):",
+            f"        work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
+        ]
+    else:
+        lines.append(f"    solution_sum(work, h, tab_b, {count})")
     return "\n".join(lines) + "\n"
 
 
