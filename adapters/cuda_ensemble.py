@@ -82,7 +82,6 @@ def _ensemble(
     settings,
     out,
     work,
-    time_buffer,
     weights,
     status,
     t_reached,
@@ -109,7 +108,6 @@ def _ensemble(
         settings,
         out[n],
         work[n],
-        time_buffer[n],
         weights[n],
         stats[n],
     )
@@ -118,9 +116,10 @@ def _ensemble(
     dt_next[n] = dt
 
 
-def _kernel(func, tableau) -> SimpleNamespace:
-    """The global kernel for ``func`` under ``tableau``'s method, compiled once per pair."""
-    key = (func, tableau.name)
+def _kernel(func, tableau, dtype: str) -> SimpleNamespace:
+    """The global kernel for ``func`` under ``tableau``'s method for states of ``dtype``,
+    compiled once per triple."""
+    key = (func, tableau.name, dtype)
     kernel = _kernels.get(key)
     if kernel is None or kernel.tableau is not tableau:
         if _positional_count(func, FORMS) != 4:
@@ -131,7 +130,7 @@ def _kernel(func, tableau) -> SimpleNamespace:
         dynamics = _device(getattr(func, "py_func", func))
         arrays = kernel_tableau(tableau)
         sums = specialized(tableau.name, arrays)
-        functions = compiled_loop(_device, _device_rules(), dynamics, sums)
+        functions = compiled_loop(_device, _device_rules(), dynamics, sums, state_dtype=dtype)
         bound = bind(_ensemble, {"solve_trajectory": functions.solve_trajectory})
         kernel = _kernels[key] = SimpleNamespace(
             tableau=tableau, arrays=arrays, launch=cuda.jit(bound)
@@ -154,14 +153,13 @@ def solve(problem, options) -> LoopResult:
             "batch on the CPU with backend='numba', or run the kernel under numba-cuda's "
             "simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is imported)"
         )
-    kernel = _kernel(problem.dynamics.user_func, problem.solver.tableau)
+    kernel = _kernel(problem.dynamics.user_func, problem.solver.tableau, inputs.y0.dtype.name)
     tab = kernel.arrays
     y0 = inputs.y0
     rows, size = y0.shape
     dtype = y0.dtype
     out = np.full((rows, len(inputs.ts), size), math.nan, dtype=dtype)
     work = np.empty((rows, loop.work_rows(tab.sizes), size), dtype=dtype)
-    time_buffer = np.empty((rows, 1), dtype=dtype)
     weights = np.empty((rows, 1, tab.sizes[DENSE_STAGES]))
     status = np.empty(rows, dtype=np.int64)
     t_reached = np.empty(rows)
@@ -184,7 +182,6 @@ def solve(problem, options) -> LoopResult:
         inputs.settings,
         out,
         work,
-        time_buffer,
         weights,
         status,
         t_reached,

@@ -153,7 +153,6 @@ def _solve_ensemble(
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
     for n in numba.prange(count):
         work = np.empty((rows, size), dtype=y0.dtype)
-        time_buffer = np.empty(1, dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
         own = params[0] if shared else params[n]
         s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
@@ -170,7 +169,6 @@ def _solve_ensemble(
             settings,
             out[n],
             work,
-            time_buffer,
             weights,
             stats[n],
         )
@@ -255,18 +253,31 @@ def _cacheable(func) -> bool:
     )
 
 
-def _kernel(func, form: str, tableau: Tableau) -> SimpleNamespace:
-    """The kernel functions for ``func`` in ``form`` under ``tableau``'s method, compiled once
-    per dynamics and method: the method's sums are written out (``specialize``). Dynamics
-    that can be imported by name get a kernel kept on disk (``numba_cache``); others one
-    compiled in memory, for the life of the process."""
+# States of at most this many elements get a kernel compiled for their size
+# (``loop.STATE_SIZE``): its loops over the elements unroll, which is where a small system's
+# step spends its time. Larger states share one kernel for every size.
+MAX_UNROLLED_SIZE = 16
+
+
+def _kernel(func, form: str, tableau: Tableau, size: int, dtype: str) -> SimpleNamespace:
+    """The kernel functions for ``func`` in ``form`` under ``tableau``'s method for states of
+    ``size`` elements in ``dtype``, compiled once per dynamics, method, dtype and small size:
+    the method's sums are written out (``specialize``). Dynamics that can be imported by name get a kernel
+    kept on disk (``numba_cache``); others one compiled in memory, for the life of the
+    process."""
     per_func = _kernels.setdefault(func, {})
-    key = (form, tableau.name)
+    state_size = size if size <= MAX_UNROLLED_SIZE else 0
+    key = (form, tableau.name, state_size, dtype)
     kernel = per_func.get(key)
     if kernel is None or kernel.tableau is not tableau:
         arrays = kernel_tableau(tableau)
         module = numba_cache.load(
-            func, form, specialize.source(arrays), inspect.getsource(_solve_ensemble)
+            func,
+            form,
+            specialize.source(arrays),
+            inspect.getsource(_solve_ensemble),
+            state_size,
+            dtype,
         )
         if module is not None:
             user = module._user
@@ -274,7 +285,9 @@ def _kernel(func, form: str, tableau: Tableau) -> SimpleNamespace:
         else:
             user, dynamics = _in_place(func, form)
             sums = specialize.specialized(tableau.name, arrays)
-            functions = compiled_loop(_jit_bound, _compiled_rules(), dynamics, sums)
+            functions = compiled_loop(
+                _jit_bound, _compiled_rules(), dynamics, sums, state_size, dtype
+            )
             solve_trajectory = functions.solve_trajectory
             ensemble = bind(_solve_ensemble, {"solve_trajectory": solve_trajectory})
             solve_ensemble = numba.njit(ensemble, parallel=True)
@@ -561,7 +574,9 @@ def solve(problem, options) -> LoopResult:
     inputs = kernel_inputs(problem, options)
     y0, params, ts = inputs.y0, inputs.params, inputs.ts
     rows, size = y0.shape
-    kernel = _kernel(problem.dynamics.user_func, inputs.form, problem.solver.tableau)
+    kernel = _kernel(
+        problem.dynamics.user_func, inputs.form, problem.solver.tableau, size, y0.dtype.name
+    )
     first_params = params[0] if inputs.batched else params
     _probe(kernel, inputs.form, ts[0] * problem.direction, y0[0], first_params, y0.dtype)
     tab = kernel.arrays
@@ -582,7 +597,6 @@ def solve(problem, options) -> LoopResult:
             inputs.settings,
             out[0],
             np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
-            np.empty(1, dtype=y0.dtype),
             np.empty((1, tab.sizes[DENSE_STAGES])),
             stats[0],
         )

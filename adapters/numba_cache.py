@@ -33,6 +33,7 @@ import numba
 import odecore
 from odecore.control import primitives, rules
 from odecore.kernels import loop
+from odecore.kernels.compile import STATE_TIME
 from odecore.kernels.specialize import NAMES as WRITTEN_NAMES
 
 _RETURNING = {
@@ -74,16 +75,19 @@ def importable_name(func) -> tuple[str, str] | None:
     return module_name, qualname
 
 
-def load(func, form: str, sums: str, ensemble_source: str) -> ModuleType | None:
+def load(
+    func, form: str, sums: str, ensemble_source: str, state_size: int, state_dtype: str
+) -> ModuleType | None:
     """The generated module for ``func`` (in ``form``) with the method's written sums
-    ``sums`` (their source, ``odecore.kernels.specialize.source``) and the ensemble's
-    parallel loop ``ensemble_source``, or None where the kernel cannot be cached on disk.
+    ``sums`` (their source, ``odecore.kernels.specialize.source``), the ensemble's parallel
+    loop ``ensemble_source``, the state size it is compiled for (``loop.STATE_SIZE``, 0 for
+    any) and the states' dtype, or None where the kernel cannot be cached on disk.
     Its ``solve_trajectory`` and ``solve_ensemble`` are the kernel."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None:
         return None
-    text = _module_text(name, form, sums, ensemble_source)
+    text = _module_text(name, form, sums, ensemble_source, state_size, state_dtype)
     digest = _digest(text, func)
     module_name = f"odecore_kernel_{digest}"
     if module_name in sys.modules:
@@ -106,7 +110,7 @@ def load(func, form: str, sums: str, ensemble_source: str) -> ModuleType | None:
     return module
 
 
-def _module_text(name, form, sums, ensemble_source) -> str:
+def _module_text(name, form, sums, ensemble_source, state_size, state_dtype) -> str:
     module_name, qualname = name
     head, _, rest = qualname.partition(".")
     lines = [
@@ -120,6 +124,7 @@ def _module_text(name, form, sums, ensemble_source) -> str:
         "from odecore.kernels.tableau import DENSE_STAGES",
         f"from {module_name} import {head} as _user",
         "globals().update(_compiled_rules())",
+        f"STATE_SIZE = {int(state_size)}",
     ]
     if rest:
         lines.append(f"_user = _user.{rest}")
@@ -135,6 +140,9 @@ def _module_text(name, form, sums, ensemble_source) -> str:
         if fn.__name__ not in WRITTEN_NAMES:
             lines += ["", inspect.getsource(fn)]
     lines += ["", sums, "", ensemble_source, ""]
+    if state_dtype != "float64":
+        lines += ["", inspect.getsource(STATE_TIME[state_dtype]), ""]
+        lines.append(f"state_time = {STATE_TIME[state_dtype].__name__}")
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
         if fn_name == "solve_trajectory":
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True)")

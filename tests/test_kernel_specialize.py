@@ -5,10 +5,13 @@ compiled kernel against the generic solve."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 import odecore
+from odecore.control.primitives import bind
 from odecore.kernels import loop
 from odecore.kernels.specialize import specialized
 from odecore.kernels.tableau import (
@@ -81,3 +84,35 @@ def test_the_written_rk4_step_is_rk4():
     # they agree to rounding: a few ulps of the largest term.
     ulps = 1e-14 * (np.abs(k).max() + np.abs(work[loop.Y]).max())
     np.testing.assert_allclose(written[loop.Y_NEW], expected, rtol=0, atol=ulps)
+
+
+@pytest.mark.parametrize("method", odecore.METHODS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_the_written_step_equals_the_generic_one(method, clip):
+    """The written ``take_step`` (every stage's sum, time and evaluation in turn) against the
+    generic loop over the stages, run in Python with the same dynamics: the same stage rows
+    and solution, to the last bit. The dynamics depend on time and nonlinearly on the state,
+    so that a wrong stage time or input shows."""
+    tab = kernel_tableau(TABLEAUS[method])
+    sums = specialized(method, tab)
+
+    def dynamics(t, y, dy, params):
+        for i in range(y.shape[0]):
+            dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
+
+    evaluate = bind(loop.evaluate, {"dynamics": dynamics})
+    generic = bind(loop.take_step, {"evaluate": evaluate})
+    written = bind(sums["take_step"], {"evaluate": evaluate, **sums})
+    settings = np.zeros(loop.SETTINGS_SIZE)
+    settings[loop.DIRECTION] = 1.0
+    params = np.array([0.7])
+    t, h = 0.25, 0.0123456789
+    # With clip, the last stages' times are cut at a left limit inside the step.
+    t_left = t + 0.6 * h if clip else t + h
+    for seed in range(2):
+        work = _work(tab, 4, seed)
+        ours, theirs = work.copy(), work.copy()
+        args = (tab.a, tab.c, tab.b, tab.sizes, settings)
+        generic(t, h, t_left, clip, params, *args, theirs)
+        written(t, h, t_left, clip, params, *args, ours)
+        np.testing.assert_array_equal(ours, theirs)

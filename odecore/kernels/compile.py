@@ -11,8 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import numpy as np
+
 from odecore.control import primitives, rules
 from odecore.kernels import loop
+
+
+def float32_time(t):
+    """``loop.state_time`` for float32 states."""
+    return np.float32(t)
+
+
+# The time cast each state dtype's kernel binds as ``loop.state_time``.
+STATE_TIME = {"float64": loop.state_time, "float32": float32_time}
 
 
 def compiled_rules(jit: Callable) -> dict[str, Callable]:
@@ -28,12 +39,17 @@ def compiled_loop(
     rule_namespace: dict[str, Callable],
     dynamics,
     replacements: dict[str, Callable] | None = None,
+    state_size: int = 0,
+    state_dtype: str = "float64",
 ) -> SimpleNamespace:
     """The kernel loop's functions compiled by ``jit``, calling the compiled rules and
     ``dynamics(t, y, dy, params)``, by name. ``replacements`` stand in for the loop's
-    functions of the same name: one method's sums (``odecore.kernels.specialize``)."""
-    namespace = {**rule_namespace, "dynamics": dynamics}
-    replacements = replacements or {}
+    functions of the same name: one method's sums (``odecore.kernels.specialize``). A
+    positive ``state_size`` compiles them for states of that many elements only
+    (``loop.STATE_SIZE``); ``state_dtype`` (``"float64"`` or ``"float32"``) is the dtype of
+    the states they solve, whose time the dynamics see (``loop.state_time``)."""
+    namespace = {**rule_namespace, "dynamics": dynamics, "STATE_SIZE": state_size}
+    replacements = {"state_time": STATE_TIME[state_dtype], **(replacements or {})}
     for fn in loop.KERNEL_FUNCTIONS:
         source = replacements.get(fn.__name__, fn)
         namespace[fn.__name__] = jit(primitives.bind(source, namespace))

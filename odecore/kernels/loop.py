@@ -91,6 +91,18 @@ NSTEPS = 1
 NACCEPT = 2
 NREJECT = 3
 
+# The number of state elements, when a kernel is compiled for one state size
+# (``compiled_loop(state_size=...)`` binds it); 0: read from the arrays at run time. A
+# constant trip count lets the compiler unroll the loops over a small state's elements,
+# which for a three-element system more than halves the time of a step.
+STATE_SIZE = 0
+
+
+def state_size(work) -> int:
+    """The number of state elements: :data:`STATE_SIZE`, else ``work``'s row length."""
+    return STATE_SIZE if STATE_SIZE > 0 else work.shape[1]
+
+
 # The functions below address rows of 2-D arrays by number rather than taking row views: a
 # view made inside the loop costs a reference count update, more than a stage's arithmetic
 # on a small state.
@@ -107,14 +119,21 @@ def dynamics(t, y, dy, params):
     raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled_loop()")
 
 
-def evaluate(t, work, y_row, dy_row, params, direction, time_buffer):
+def state_time(t):
+    """``t`` in the state's dtype, as the dynamics see it. This one serves float64 states;
+    ``compiled_loop(state_dtype=...)`` binds a cast for float32 ones. A cast, unlike a store
+    into a one-element array of that dtype, tells the compiler that the state rows in its
+    registers are unchanged by the call."""
+    return t
+
+
+def evaluate(t, work, y_row, dy_row, params, direction):
     """``work[dy_row] = f(t, work[y_row])`` in loop time, which always increases: the user's
-    dynamics see ``direction * t`` in the state's dtype (``time_buffer`` holds one number of
-    it), and their rate is turned around with the time."""
-    time_buffer[0] = direction * t
-    dynamics(time_buffer[0], work[y_row], work[dy_row], params)
+    dynamics see ``direction * t`` in the state's dtype (:func:`state_time`), and their rate
+    is turned around with the time."""
+    dynamics(state_time(direction * t), work[y_row], work[dy_row], params)
     if direction < 0:
-        for i in range(work.shape[1]):
+        for i in range(state_size(work)):
             work[dy_row, i] = -work[dy_row, i]
 
 
@@ -125,7 +144,7 @@ def scaled_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, parts):
     (``odecore.control.norms.largest_part_rms``; elements after the last part are not
     measured)."""
     if norm != PARTS_NORM:
-        return part_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, 0, work.shape[1])
+        return part_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, 0, state_size(work))
     largest = 0.0
     start = 0
     for k in range(parts.shape[0]):
@@ -153,7 +172,7 @@ def part_norm(work, x_row, y_row, y_new_row, rtol, atol, norm, start, end):
 
 
 def all_finite(work, row):
-    for i in range(work.shape[1]):
+    for i in range(state_size(work)):
         if not isfinite(work[row, i]):
             return False
     return True
@@ -163,7 +182,7 @@ def combine(target, target_row, work, base_row, h, table, table_row, count):
     """``target[target_row] = work[base_row] + h * sum_j table[table_row, j] K_j`` over the
     first ``count`` stages, skipping zero weights; the sum is scaled by ``h`` once, as the
     generic loop's interpolant and dense stages do."""
-    for i in range(work.shape[1]):
+    for i in range(state_size(work)):
         total = 0.0
         for j in range(count):
             w = table[table_row, j]
@@ -176,7 +195,7 @@ def stage_input(work, target_row, base_row, h, table, table_row, count):
     """``work[target_row] = work[base_row] + sum_j (h table[table_row, j]) K_j``: each
     weight scaled by ``h`` first, as the generic stage store forms a step's stage inputs;
     a ``base_row`` below 0 gives the sum alone (an error estimate)."""
-    for i in range(work.shape[1]):
+    for i in range(state_size(work)):
         total = 0.0
         for j in range(count):
             w = table[table_row, j]
@@ -222,7 +241,7 @@ def is_member(t, values):
     return False
 
 
-def first_step(t, params, rtol, atol, parts, settings, sizes, work, tb):
+def first_step(t, params, rtol, atol, parts, settings, sizes, work):
     """The first step size and the evaluations it took: ``step_size`` for a fixed-step
     method, ``first_step`` when given, else Hairer's rule (``rules.initial_step_guess`` and
     ``rules.initial_step``) from one more evaluation."""
@@ -236,16 +255,16 @@ def first_step(t, params, rtol, atol, parts, settings, sizes, work, tb):
     d0 = scaled_norm(work, Y, Y, Y, rtol, atol, norm, parts)
     d1 = scaled_norm(work, f, Y, Y, rtol, atol, norm, parts)
     h0 = initial_step_guess(d0, d1)
-    for i in range(work.shape[1]):
+    for i in range(state_size(work)):
         work[Y_STAGE, i] = work[Y, i] + h0 * work[f, i]
-    evaluate(t + h0, work, Y_STAGE, Y_NEW, params, settings[DIRECTION], tb)
-    for i in range(work.shape[1]):
+    evaluate(t + h0, work, Y_STAGE, Y_NEW, params, settings[DIRECTION])
+    for i in range(state_size(work)):
         work[ERR, i] = work[Y_NEW, i] - work[f, i]
     d2_times_h0 = scaled_norm(work, ERR, Y, Y, rtol, atol, norm, parts)
     return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
 
 
-def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work, tb):
+def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):
     """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
     and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
     has jumps: a step that ends on one sees its left limit)."""
@@ -256,10 +275,10 @@ def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, 
         t_stage = t + tab_c[i] * h
         if clip:
             t_stage = minimum(t_stage, t_left)
-        evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction, tb)
+        evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction)
     if sizes[FSAL] != 0:
         # The last stage's input is y_new itself (its weights are b).
-        for i in range(work.shape[1]):
+        for i in range(state_size(work)):
             work[Y_NEW, i] = work[Y_STAGE, i]
     else:
         solution_sum(work, h, tab_b, count)
@@ -284,7 +303,7 @@ def error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work):
     return ratio, norm_failed
 
 
-def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings):
+def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, weights, settings):
     """Write every output time in ``(t, t_new]`` from the accepted step: by the interpolant,
     whose extra stages are computed first, or ``y_new`` itself at the step's end. Returns the
     next output index and the evaluations made. ``weights`` is (1, dense stages)."""
@@ -302,7 +321,7 @@ def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights
             row = first_extra + x
             dense_stage_sum(work, h, x, dense_a, row)
             at = t + dense_c[x] * h
-            evaluate(at, work, Y_STAGE, FIRST_DENSE_ROW + row, params, direction, tb)
+            evaluate(at, work, Y_STAGE, FIRST_DENSE_ROW + row, params, direction)
         nfev = sizes[EXTRA_STAGES]
     h_safe = h if h > 0 else 1.0
     while out_index < count and ts[out_index] <= t_new:
@@ -310,7 +329,7 @@ def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, tb, weights
         if interpolating and at_time != t_new:
             interpolate(out, out_index, (at_time - t) / h_safe, h, dense, work, weights)
         else:
-            for i in range(work.shape[1]):
+            for i in range(state_size(work)):
                 out[out_index, i] = work[Y_NEW, i]
         out_index += 1
     return out_index, nfev
@@ -346,7 +365,6 @@ def solve_trajectory(
     settings,
     out,
     work,
-    tb,
     weights,
     stats,
 ):
@@ -357,11 +375,10 @@ def solve_trajectory(
     ``parts`` (int64) holds the part sizes of ``PARTS_NORM`` (empty for another norm). Returns
     ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
 
-    Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``tb`` one
-    number in the state's dtype (the time the dynamics see), ``weights`` (1, dense stages)
-    in float64, ``stats`` four int64."""
+    Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``weights``
+    (1, dense stages) in float64, ``stats`` four int64."""
     (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
-    n = y0.shape[0]
+    n = state_size(work)
     f = FIRST_DENSE_ROW
     # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
     f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
@@ -376,8 +393,8 @@ def solve_trajectory(
     for i in range(n):
         work[Y, i] = y0[i]
         out[0, i] = y0[i]
-    evaluate(t, work, Y, f, params, direction, tb)
-    dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work, tb)
+    evaluate(t, work, Y, f, params, direction)
+    dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work)
     nfev = 1 + extra
     dt = minimum(maximum(dt, min_step), max_step)
     status = RUNNING if all_finite(work, f) else NONFINITE_STATE
@@ -400,7 +417,7 @@ def solve_trajectory(
         t_left = t_new
         if has_jumps:
             t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
-        take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work, tb)
+        take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work)
         ratio = 0.0
         norm_failed = False
         if adaptive:
@@ -414,17 +431,17 @@ def solve_trajectory(
         no_progress = accept and t_new <= t
         accept = accept and not no_progress
         if sizes[FSAL] == 0:
-            evaluate(t_left, work, Y_NEW, f_new, params, direction, tb)
+            evaluate(t_left, work, Y_NEW, f_new, params, direction)
         nfev += sizes[NFEV_PER_STEP]
         if accept:
             out_index, extra = fill_outputs(
-                ts, out, out_index, t, t_new, h, params, tab, work, tb, weights, settings
+                ts, out, out_index, t, t_new, h, params, tab, work, weights, settings
             )
             nfev += extra
             if has_jumps and is_member(t_new, jumps):
                 # Only now, with the step's outputs interpolated from the left limit, does
                 # the next step get the right limit as its first stage.
-                evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction, tb)
+                evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction)
                 nfev += 1
         rejected = not accept
         if adaptive:
@@ -473,6 +490,8 @@ def solve_trajectory(
 
 # In dependency order: each is compiled after the functions it calls.
 KERNEL_FUNCTIONS = (
+    state_size,
+    state_time,
     evaluate,
     part_norm,
     scaled_norm,

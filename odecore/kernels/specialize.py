@@ -29,6 +29,7 @@ from odecore.kernels.tableau import (
     B_ERR2,
     DENSE_STAGES,
     EXTRA_STAGES,
+    FSAL,
     STAGES,
     TWO_ESTIMATES,
     B,
@@ -36,7 +37,14 @@ from odecore.kernels.tableau import (
 )
 
 # The loop functions this module writes, in the loop's dependency order.
-NAMES = ("stage_sum", "solution_sum", "error_estimates", "dense_stage_sum", "interpolate")
+NAMES = (
+    "stage_sum",
+    "solution_sum",
+    "error_estimates",
+    "dense_stage_sum",
+    "take_step",
+    "interpolate",
+)
 
 
 def source(tab: KernelTableau) -> str:
@@ -47,6 +55,7 @@ def source(tab: KernelTableau) -> str:
             _solution_sum(tab),
             _error_estimates(tab),
             _dense_stage_sum(tab),
+            _take_step(tab),
             _interpolate(tab),
         )
     )
@@ -77,7 +86,7 @@ def _scaled_sum(row) -> str:
 
 
 def _stage_sum(tab: KernelTableau) -> str:
-    lines = ["def stage_sum(work, h, stage, tab_a):", "    n = work.shape[1]"]
+    lines = ["def stage_sum(work, h, stage, tab_a):", "    n = state_size(work)"]
     for stage in range(1, int(tab.sizes[STAGES])):
         keyword = "if" if stage == 1 else "elif"
         lines += [
@@ -93,7 +102,7 @@ def _solution_sum(tab: KernelTableau) -> str:
     count = int(tab.sizes[STAGES])
     return (
         "def solution_sum(work, h, tab_b, count):\n"
-        "    for i in range(work.shape[1]):\n"
+        "    for i in range(state_size(work)):\n"
         f"        work[{loop.Y_NEW}, i] = work[{loop.Y}, i] + ({_scaled_sum(tab.b[B, :count])})\n"
     )
 
@@ -102,7 +111,7 @@ def _error_estimates(tab: KernelTableau) -> str:
     count = int(tab.sizes[STAGES])
     lines = [
         "def error_estimates(work, h, tab_b, count, two):",
-        "    for i in range(work.shape[1]):",
+        "    for i in range(state_size(work)):",
         f"        work[{loop.ERR}, i] = {_scaled_sum(tab.b[B_ERR, :count])}",
     ]
     if tab.sizes[TWO_ESTIMATES]:
@@ -113,7 +122,7 @@ def _error_estimates(tab: KernelTableau) -> str:
 def _dense_stage_sum(tab: KernelTableau) -> str:
     extra = int(tab.sizes[EXTRA_STAGES])
     first_extra = int(tab.sizes[DENSE_STAGES]) - extra
-    lines = ["def dense_stage_sum(work, h, extra, dense_a, count):", "    n = work.shape[1]"]
+    lines = ["def dense_stage_sum(work, h, extra, dense_a, count):", "    n = state_size(work)"]
     if extra == 0:
         lines.append("    return")
     for x in range(extra):
@@ -125,6 +134,37 @@ def _dense_stage_sum(tab: KernelTableau) -> str:
             f"            work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + h * "
             f"({' + '.join(terms) if terms else '0.0'})",
         ]
+    return "\n".join(lines) + "\n"
+
+
+def _take_step(tab: KernelTableau) -> str:
+    """The stages one after another, without the loop over them and the choice of a stage's
+    sum inside it: each stage's sum and time are written out (the generic ``stage_sum`` and
+    ``t + c_i h``), then the solution's."""
+    count = int(tab.sizes[STAGES])
+    lines = [
+        "def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):",
+        "    direction = settings[DIRECTION]",
+        "    n = state_size(work)",
+    ]
+    for stage in range(1, count):
+        lines += [
+            "    for i in range(n):",
+            f"        work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
+            f"({_scaled_sum(tab.a[stage, :stage])})",
+            f"    t_stage = t + {float(tab.c[stage])!r} * h",
+            "    if clip:",
+            "        t_stage = minimum(t_stage, t_left)",
+            f"    evaluate(t_stage, work, {loop.Y_STAGE}, {loop.FIRST_DENSE_ROW + stage}, params, "
+            "direction)",
+        ]
+    if tab.sizes[FSAL]:
+        lines += [
+            "    for i in range(n):",
+            f"        work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
+        ]
+    else:
+        lines.append(f"    solution_sum(work, h, tab_b, {count})")
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +182,7 @@ def _interpolate(tab: KernelTableau) -> str:
             terms.append(f"w{r} * {_k(r)}")
     total = " + ".join(terms) if terms else "0.0"
     lines += [
-        "    for i in range(work.shape[1]):",
+        "    for i in range(state_size(work)):",
         f"        out[out_row, i] = work[{loop.Y}, i] + h * ({total})",
     ]
     return "\n".join(lines) + "\n"
