@@ -262,9 +262,9 @@ MAX_UNROLLED_SIZE = 16
 def _kernel(func, form: str, tableau: Tableau, size: int, dtype: str) -> SimpleNamespace:
     """The kernel functions for ``func`` in ``form`` under ``tableau``'s method for states of
     ``size`` elements in ``dtype``, compiled once per dynamics, method, dtype and small size:
-    the method's sums are written out (``specialize``). Dynamics that can be imported by name get a kernel
-    kept on disk (``numba_cache``); others one compiled in memory, for the life of the
-    process."""
+    the method's sums are written out (``specialize``). Dynamics that can be imported by
+    name get a kernel kept on disk (``numba_cache``); others one compiled in memory, for the
+    life of the process."""
     per_func = _kernels.setdefault(func, {})
     state_size = size if size <= MAX_UNROLLED_SIZE else 0
     key = (form, tableau.name, state_size, dtype)
