@@ -28,7 +28,7 @@ from odecore.cnf.checks import (
     check_regularizers,
     check_trace,
 )
-from odecore.cnf.divergence import basis, own_method, velocity_and_trace
+from odecore.cnf.divergence import basis, own_method, row_dot, velocity_and_trace
 
 _SECOND_ORDER_SIGNATURE = (
     "vjp_of_vjp(t, z, params, u, w) -> (z_bar, params_bar), the gradient of "
@@ -92,7 +92,7 @@ class AugmentedDynamics:
         flat = xp.reshape(value, (batch, self.size))
         columns = [flat, div[:, None]]
         for name in self.regularizers:
-            rate = xp.vecdot(flat, flat, axis=-1) if name == "kinetic" else frobenius
+            rate = row_dot(xp, flat, flat) if name == "kinetic" else frobenius
             columns.append(rate[:, None])
         return xp.concat(columns, axis=1)
 

@@ -53,6 +53,7 @@ from odecore.cnf.checks import (
     check_trace,
     random_source,
 )
+from odecore.cnf.divergence import row_dot
 from odecore.cnf.dynamics import AugmentedDynamics
 from odecore.control.norms import largest_part_rms
 from odecore.ode.api import solve, vjp_odeint
@@ -76,7 +77,7 @@ class FlowSolution(NamedTuple):
 def standard_normal_log_prob(xp, z):
     """``log N(z; 0, I)`` per sample: ``-(||z||^2 + D log 2 pi) / 2``."""
     flat = xp.reshape(z, (z.shape[0], -1))
-    return -0.5 * (xp.vecdot(flat, flat, axis=-1) + flat.shape[1] * _LOG_2PI)
+    return -0.5 * (row_dot(xp, flat, flat) + flat.shape[1] * _LOG_2PI)
 
 
 def solve_log_prob(
