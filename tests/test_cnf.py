@@ -432,6 +432,44 @@ def test_jax_gradient_in_one_dimension_under_jit(adjoint):
         assert float(grad) == pytest.approx(scalar_gradient(), rel=1e-8)
 
 
+@pytest.mark.backend("jax")
+def test_jax_eager_calls_reuse_one_compiled_solve_with_their_own_probes():
+    # An eager call runs through a compiled solve kept per dynamics object: the velocity is
+    # traced by the first call only, and later calls still use their own data and probes.
+    # Reference: for f = A z with a diagonal symmetric part every Rademacher probe's
+    # estimate is exact, and the Frobenius integral is T ||eps^T A||^2 for each probe.
+    import jax
+
+    K = np.array([[-0.5, 0.8, -0.3], [-0.8, 0.2, 0.5], [0.3, -0.5, 0.3]])
+    T = 0.6
+    traces = []
+
+    def velocity(t, z, A):
+        traces.append(1)  # Python runs this while tracing, never in the compiled program
+        return z @ A.T
+
+    with jax.enable_x64(True):
+        for i, seed in enumerate((0, 1, 2)):
+            x = X3 + i
+            got = cnf.solve_log_prob(
+                velocity,
+                jax.numpy.asarray(x),
+                (0.0, T),
+                jax.numpy.asarray(K),
+                trace="hutchinson",
+                key=jax.random.key(seed),
+                regularizers=("jacobian_frobenius",),
+                **TIGHT,
+            )
+            if i == 0:
+                first_traces = len(traces)
+            eps = np.asarray(got.probes)
+            np.testing.assert_allclose(got.log_prob, linear_log_prob(K, x, T), rtol=0, atol=1e-8)
+            frobenius = T * np.sum((eps @ K) ** 2, axis=1)
+            np.testing.assert_allclose(got.regularizers["jacobian_frobenius"], frobenius, rtol=1e-9)
+    assert len(traces) == first_traces
+
+
 # ---------------------------------------------------------------- flows as maps
 
 
@@ -535,9 +573,10 @@ class CubicCoupling:
 
 def test_exact_trace_batched_over_the_basis_equals_one_product_per_basis_vector(backend):
     # A consistency check of the exact trace, which frameworks batch over the basis
-    # (Autodiff.basis_products; NumPy loops over the velocity's vjp), against Hutchinson's path with each basis vector as the
-    # probe, one pullback each: sum_i e_i^T J e_i and sum_i ||e_i^T J||^2. Both sum the
-    # same Jacobian entries, in another order: equal to a few roundings. Reference values:
+    # (Autodiff.basis_products; NumPy loops over the velocity's vjp), against Hutchinson's
+    # path with each basis vector as the probe, one pullback each: sum_i e_i^T J e_i and
+    # sum_i ||e_i^T J||^2. Both sum the same Jacobian entries, in another order: equal to a
+    # few roundings. Reference values:
     # the Jacobian tanh'(a) W (1 + t), written out.
     W = np.array(
         [[0.5, -1.0, 0.2, 0.3], [1.2, 0.3, -0.4, 0.1], [0.0, 0.7, 0.9, -0.6], [0.4, 0.2, 0.1, 1.1]]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.backend.parameters import refuse_hidden_parameters
+from odecore.backend.tree import leaves as tree_leaves
 from odecore.cnf.checks import (
     check_batch_state,
     check_error_control,
@@ -99,8 +101,8 @@ def solve_log_prob(
 ) -> FlowSolution:
     """:func:`log_prob` with everything the solve reports (a :class:`FlowSolution`)."""
     settings = _settings(trace, noise, eps, seed, key, generator, regularizers, error_control)
-    bk, aug, s0, t, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
-    solution = solve(aug, s0, t, params=params, options=options, **extra, **solve_kwargs)
+    bk, aug, s0, t, flow, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
+    solution = solve(flow.func, s0, t, params=flow.params, options=options, **extra, **solve_kwargs)
     z, delta_logp, regs = aug.split(bk.xp, solution.ys[-1])
     base_log_prob = _base(bk, base)(z)
     return FlowSolution(base_log_prob + delta_logp, z, regs, solution, aug.eps)
@@ -210,7 +212,7 @@ def vjp_log_prob(
     (the divergence's own gradient needs second derivatives of ``f``). ``adjoint`` is
     ``"checkpoint"`` or ``"backsolve"``, as in :func:`odecore.vjp_odeint`."""
     settings = _settings(trace, noise, eps, seed, None, generator, regularizers, error_control)
-    bk, aug, s0, t, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
+    bk, aug, s0, t, _, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
     xp = bk.xp
     ys, pull = vjp_odeint(aug, s0, t, params, adjoint=adjoint, options=options, **solve_kwargs)
     z, delta_logp, regs = aug.split(xp, ys[-1])
@@ -332,9 +334,79 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
     aug = AugmentedDynamics(f, x.shape[1:], settings.trace, eps, settings.regularizers, bk, wanted)
     s0 = aug.initial_state(xp, x)
     options = dict(_options(solve_kwargs.pop("options", None)))
-    if "norm" not in options:
-        options["norm"] = _norm(bk, aug, x.shape[0], batch_axis, settings.error_control)
-    return bk, aug, s0, t, options, _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+    kept = None
+    if _eager_on_tracing_backend(bk, x, t, params, eps):
+        kept = _kept_flow(bk, f, aug, x.shape[0], batch_axis, settings.error_control)
+    if kept is None:
+        flow = _Solved(aug, params)
+        norm = _norm(bk, aug, x.shape[0], batch_axis, settings.error_control)
+    else:
+        flow, norm = _Solved(kept[0], (params, eps)), kept[1]
+    options.setdefault("norm", norm)
+    extra = _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+    return bk, aug, s0, t, flow, options, extra
+
+
+class _Solved(NamedTuple):
+    """What the solve integrates: the dynamics and the parameters it is called with."""
+
+    func: Any
+    params: Any
+
+
+def _eager_on_tracing_backend(bk, x, t, params, eps) -> bool:
+    """Whether the solve is an eager call on a tracing backend (JAX outside ``jit``), which
+    runs through a compiled program kept per dynamics object (``Tracing.compiled_solve``)."""
+    if bk.tracing is None:
+        return False
+    return not any(bk.is_traced(leaf) for _, leaf in tree_leaves((x, t, params, eps)))
+
+
+class _ProbesAsArgument:
+    """A flow's augmented dynamics called as ``g(t, s, (params, eps))``: the probes are an
+    argument, not a constant, so that one object serves every eager call of a velocity and
+    configuration, and the compiled solve kept for it is reused. It holds the velocity
+    weakly: the cache of these objects must not keep a velocity alive."""
+
+    def __init__(self, f, template: AugmentedDynamics):
+        self.velocity = weakref.ref(f)
+        self.template = template
+
+    def __call__(self, t, s, params):
+        user_params, eps = params
+        aug = self.template
+        return AugmentedDynamics(
+            self.velocity(),
+            aug.event_shape,
+            aug.trace,
+            eps,
+            aug.regularizers,
+            aug.backend,
+            aug.differentiable,
+        )(t, s, user_params)
+
+
+# velocity -> {configuration: (dynamics, norm)}, for eager calls on a tracing backend.
+_KEPT_FLOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kept_flow(bk, f, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str):
+    """``(dynamics, norm)`` kept for ``f`` and the configuration of ``aug``: the compiled
+    solve of an eager call on a tracing backend is kept per dynamics object and static
+    options, the norm among them. None for a velocity that cannot be referenced weakly."""
+    try:
+        kept = _KEPT_FLOWS.setdefault(f, {})
+    except TypeError:
+        return None
+    key = (aug.event_shape, aug.trace, aug.regularizers, aug.differentiable)
+    key += (bk.name, batch, batch_axis, error_control)
+    if key not in kept:
+        template = AugmentedDynamics(
+            None, aug.event_shape, aug.trace, None, aug.regularizers, bk, aug.differentiable
+        )
+        dynamics = _ProbesAsArgument(f, template)
+        kept[key] = (dynamics, _norm(bk, aug, batch, batch_axis, error_control))
+    return kept[key]
 
 
 def _flow_backend(solve_kwargs: dict, inputs: dict):
