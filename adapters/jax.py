@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import warnings
 from typing import Any
@@ -94,6 +95,14 @@ class JaxAutodiff(Autodiff):
         # Tracing records nothing that is not used: the flag has nothing to save.
         out, pull = jax.vjp(fn, x)
         return out, lambda cotangent: pull(cotangent)[0]
+
+    def basis_products(self, fn, x, differentiable=True):
+        # Columns J e_i by forward mode, vmapped over the basis: one evaluation of fn, then
+        # the D tangents together, with no residuals kept for a reverse pass.
+        out, push = jax.linearize(fn, x)
+        size = math.prod(x.shape[1:])
+        basis = jnp.eye(size, dtype=x.dtype).reshape(size, 1, *x.shape[1:])
+        return out, jax.vmap(push)(jnp.broadcast_to(basis, (size, *x.shape)))
 
     def custom_vjp(self, rule):
         """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's

@@ -18,6 +18,10 @@ Ensembles: with ``batch_axis=0`` and ``y0`` of shape (N, D), each trajectory run
 kernel on its own, in parallel over the cores (``numba.prange``); ``f`` sees one
 trajectory's (D,) state and its row of a (N, P) ``params``, or a shared (P,) ``params``.
 
+Continuous normalizing flows (``odecore.cnf``) take NumPy's dynamics (a batch ``f(t, z,
+params)`` with ``vjp`` and ``vjp_of_vjp``) and run NumPy's generic loop
+(``Backend.generic_backend``): their augmented dynamics call the velocity's VJPs from Python.
+
 Gradients (``odecore.vjp_odeint``) use the dynamics' own ``vjp``, as on NumPy. The
 backsolve of a single trajectory is compiled: :func:`adjoint_dynamics` compiles the adjoint
 system from ``f`` and ``f.vjp``, and each backward interval is one kernel solve. The
@@ -37,6 +41,7 @@ import numba
 import numpy as np
 from numba.core.errors import NumbaError
 from odecore.adapters import numba_cache
+from odecore.adapters.numpy import BACKEND as NUMPY_BACKEND
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
 from odecore import _validate
@@ -682,6 +687,11 @@ class NumbaBackend(NumpyBackend):
 
     def generic_form(self, func, params):
         return _generic_form(func, params)
+
+    @property
+    def generic_backend(self):
+        # The same NumPy arrays, solved by the generic loop.
+        return NUMPY_BACKEND
 
     kernels = Kernels(
         stage_store=BufferStages,

@@ -146,6 +146,26 @@ class TorchAutodiff(Autodiff):
 
         return (out if higher else out.detach()), pullback
 
+    def basis_products(self, fn, x, differentiable=True):
+        # One backward pass for the whole basis (autograd's batched gradients, vmap over the
+        # backward graph) instead of one per basis vector.
+        higher = differentiable and torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            out = fn(x)
+        size = math.prod(x.shape[1:])
+        basis = torch.eye(size, dtype=x.dtype, device=x.device)
+        basis = basis.reshape(size, 1, *x.shape[1:]).expand(size, *x.shape)
+        if not out.requires_grad:
+            return out, torch.zeros_like(basis)
+        with torch.enable_grad():
+            (rows,) = torch.autograd.grad(
+                out, x, basis, create_graph=higher, allow_unused=True, is_grads_batched=True
+            )
+        rows = torch.zeros_like(basis) if rows is None else rows
+        return (out if higher else out.detach()), rows
+
     def custom_vjp(self, rule):
         def apply(*primals):
             # The rule's aux values (a solve's status and statistics) have no gradient: they

@@ -4,11 +4,11 @@ continuous normalizing flow, and the RNODE regularisers' effect on the solves.
     python benchmarks/bench_cnf.py            # about five minutes on 2 cores
     python benchmarks/bench_cnf.py --quick    # shorter timings, fewer training iterations
 
-The model and data are those of examples/cnf_2d.py: the velocity is an MLP of ``[z, t]``
-(2 -> 64 -> 64 -> 2, tanh), float32, on batches of 256 points of two moons; dopri5 at
-rtol = atol = 1e-5 on t in [0, 1], gradients by the continuous adjoint, Hutchinson's trace
-with one Rademacher probe per sample drawn once per solve, loss the mean negative
-log-likelihood.
+The model and data are examples/cnf_2d.py's, imported from examples/cnf_model.py: the
+velocity is an MLP of ``[z, t]`` (2 -> 64 -> 64 -> 2, tanh), float32, on batches of 256
+points of two moons; dopri5 at rtol = atol = 1e-5 on t in [0, 1], gradients by the
+continuous adjoint, Hutchinson's trace with one Rademacher probe per sample drawn once per
+solve, loss the mean negative log-likelihood.
 
 The reference is written here the way FFJORD's code is: an ``nn.Module`` whose state is the
 tuple ``(z, delta_logp)``, the divergence by one ``torch.autograd.grad`` per probe with
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
+import sys
 import time
 
 import numpy as np
@@ -40,40 +42,18 @@ import torch
 import torchdiffeq
 from _common import alternating_best_times, environment_lines, fmt_time, print_table
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from cnf_model import TOLERANCES, Velocity  # noqa: E402
+from cnf_model import two_moons as moons_array  # noqa: E402
+
 from odecore import cnf
 
-HIDDEN = 64
 BATCH = 256
-TOL = 1e-5
+TOL = TOLERANCES["rtol"]
 
 
 def two_moons(n, rng):
-    angle = rng.uniform(0.0, math.pi, n)
-    upper = rng.random(n) < 0.5
-    x = np.where(upper, np.cos(angle), 1.0 - np.cos(angle))
-    y = np.where(upper, np.sin(angle), 0.5 - np.sin(angle))
-    points = np.stack([x - 0.5, y - 0.25], axis=1) * 2.0
-    return torch.as_tensor(points + 0.1 * rng.standard_normal((n, 2)), dtype=torch.float32)
-
-
-class Velocity(torch.nn.Module):
-    """``f(t, z)``, counting its evaluations."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(3, HIDDEN),
-            torch.nn.Tanh(),
-            torch.nn.Linear(HIDDEN, HIDDEN),
-            torch.nn.Tanh(),
-            torch.nn.Linear(HIDDEN, 2),
-        )
-        self.evaluations = 0
-
-    def forward(self, t, z):
-        self.evaluations += 1
-        column = torch.broadcast_to(torch.as_tensor(t, dtype=z.dtype), (z.shape[0], 1))
-        return self.net(torch.cat([z, column], dim=1))
+    return torch.as_tensor(moons_array(n, rng), dtype=torch.float32)
 
 
 class FFJORDFunc(torch.nn.Module):

@@ -2,10 +2,10 @@
 gradients, per backend.
 
 The velocities are written against the array API, with the VJPs a backend without autodiff
-needs (``vjp`` and the second-order ``vjp_of_vjp``), so a new backend joins without changes;
-a backend that compiles whole solves from kernel-form dynamics (numba) has no CNF support and
-its cells skip, saying so. The cells appear in their own table at the end of the run
-(``conftest.py``); backends are chosen and required as in ``test_conformance.py``.
+needs (``vjp`` and the second-order ``vjp_of_vjp``), so a new backend joins without changes
+(numba runs them on NumPy's generic loop, ``Backend.generic_backend``). The cells appear in
+their own table at the end of the run (``conftest.py``); backends are chosen and required as
+in ``test_conformance.py``.
 
 Each case is a batch ``x`` pushed through ``z' = f(t, z)`` over ``[0, T]``; its output is the
 (B, 1 + R) array of ``log p(x)`` and the requested regularisers. Hutchinson variants use
@@ -310,14 +310,6 @@ def _outputs(bk, log_prob, regularizers, case):
     return xp.stack([log_prob, *(regularizers[n] for n in case.regularizers)], axis=1)
 
 
-def _skip_without_cnf(bk) -> None:
-    if bk.kernels.solve is not None:
-        pytest.skip(
-            f"the {bk.name} backend runs compiled kernels of kernel-form dynamics and has no "
-            f"continuous-normalizing-flow support"
-        )
-
-
 @cached
 def solve_values(backend_name: str, variant: Variant) -> np.ndarray:
     bk = odecore.get_backend(backend_name)
@@ -425,9 +417,9 @@ def check_cross_gradient(bk, variant, mode) -> list[Measurement]:
 
 def peers(name: str) -> list:
     found = [available_backend(other) for other in odecore.BACKEND_NAMES if other != name]
-    found = [bk for bk in found if bk is not None and bk.kernels.solve is None]
+    found = [bk for bk in found if bk is not None]
     if not found:
-        pytest.skip("no other backend with CNF support in this run to compare with")
+        pytest.skip("no other backend in this run to compare with")
     return found
 
 
@@ -460,5 +452,4 @@ def _cells():
 @pytest.mark.parametrize(("backend_name", "variant", "check"), list(_cells()))
 def test_cnf_conformance(backend_name: str, variant: Variant, check: str, record_property):
     bk = backend_or_skip(backend_name)
-    _skip_without_cnf(bk)
     report(record_property, CHECK_FUNCTIONS[check](bk, variant))

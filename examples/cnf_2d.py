@@ -14,7 +14,6 @@ figure shows the data, the learned density and samples of the flow side by side.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import matplotlib
@@ -23,52 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cnf_model import DATA, TOLERANCES, Velocity  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from odecore import cnf  # noqa: E402
-
-HIDDEN = 64
-TOLERANCES = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def two_moons(n, rng):
-    """Two interleaved half circles with Gaussian noise, scaled to unit-ish variance."""
-    angle = rng.uniform(0.0, math.pi, n)
-    upper = rng.random(n) < 0.5
-    x = np.where(upper, np.cos(angle), 1.0 - np.cos(angle))
-    y = np.where(upper, np.sin(angle), 0.5 - np.sin(angle))
-    points = np.stack([x - 0.5, y - 0.25], axis=1) * 2.0
-    return points + 0.1 * rng.standard_normal((n, 2))
-
-
-def eight_gaussians(n, rng):
-    centres = [(math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)) for k in range(8)]
-    picks = np.asarray(centres)[rng.integers(0, 8, n)] * 2.0
-    return picks + 0.2 * rng.standard_normal((n, 2))
-
-
-DATA = {"moons": two_moons, "gaussians": eight_gaussians}
-
-
-class Velocity(torch.nn.Module):
-    """``f(t, z)``: an MLP of the state and the time. It counts its evaluations, forward
-    and backward alike."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(3, HIDDEN),
-            torch.nn.Tanh(),
-            torch.nn.Linear(HIDDEN, HIDDEN),
-            torch.nn.Tanh(),
-            torch.nn.Linear(HIDDEN, 2),
-        )
-        self.evaluations = 0
-
-    def forward(self, t, z):
-        self.evaluations += 1
-        time_column = torch.broadcast_to(torch.as_tensor(t, dtype=z.dtype), (z.shape[0], 1))
-        return self.net(torch.cat([z, time_column], dim=1))
 
 
 def train(model, sample_data, args):

@@ -17,10 +17,12 @@ for methods:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import array_api_extra as xpx
 import numpy as np
 
@@ -64,6 +66,24 @@ class Autodiff:
         has gradients. ``differentiable=False`` says that no gradient will be asked for, so
         that an eager framework need not record one."""
         raise NotImplementedError
+
+    def basis_products(self, fn: Callable, x: Any, differentiable: bool = True):
+        """``(fn(x), products)`` for a batch ``x`` of shape (B, *event_shape) whose samples
+        ``fn`` treats independently: ``products[i]`` (shaped like ``x``) is each sample's
+        Jacobian times the ``i``-th basis vector of one sample's flattened state, as rows
+        ``e_i^T J`` or as columns ``J e_i``, whichever the framework computes better; shape
+        (D, B, *event_shape). Differentiable as :meth:`differentiable_vjp`. This portable
+        version takes one pullback per basis vector; a framework that can batch them over
+        the basis (``vmap``) does so."""
+        out, pull = self.differentiable_vjp(fn, x, differentiable)
+        xp = array_api_compat.array_namespace(x)
+        size = math.prod(x.shape[1:])
+        eye = xp.eye(size, dtype=x.dtype)
+        rows = [
+            pull(xp.broadcast_to(xp.reshape(eye[i], (1, *x.shape[1:])), x.shape))
+            for i in range(size)
+        ]
+        return out, xp.stack(rows)
 
     def custom_vjp(self, rule) -> Callable:
         """``rule`` (``odecore.adjoint.rule.Rule``) as a function of arrays that the framework
@@ -228,6 +248,14 @@ class Backend:
     def no_grad(self):
         """A context in which the framework records nothing for autodiff."""
         return contextlib.nullcontext()
+
+    @property
+    def generic_backend(self) -> Backend:
+        """The backend whose generic loop solves, on this backend's arrays, what this
+        backend's whole-solve kernel (``Kernels.solve``) cannot: dynamics that call back
+        into Python at every evaluation (``odecore.cnf``'s augmented dynamics). Itself for a
+        backend without one."""
+        return self
 
     def generic_form(self, func: Callable, params: Any) -> Callable:
         """``func`` as the generic loop calls it: ``func(t, y[, params]) -> dy``, with

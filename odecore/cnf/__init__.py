@@ -4,8 +4,9 @@ See :mod:`odecore.cnf.flow` for the direction, the sign convention and the deriv
 log-density, and :mod:`odecore.cnf.dynamics` for the augmented state.
 """
 
+from odecore.cnf.checks import REGULARIZERS
 from odecore.cnf.divergence import divergence
-from odecore.cnf.dynamics import REGULARIZERS, AugmentedDynamics, augmented_dynamics
+from odecore.cnf.dynamics import AugmentedDynamics, augmented_dynamics
 from odecore.cnf.flow import (
     FlowSolution,
     log_prob,

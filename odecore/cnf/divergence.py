@@ -10,9 +10,12 @@ Every quantity here comes from pullbacks ``u -> u^T J`` of ``f(t, .)`` at ``z``,
   (Rademacher or standard normal), one pullback per probe. The same pullback gives
   ``||eps^T J||^2``, an unbiased estimate of ``||J||_F^2``, at no extra cost.
 
-With a framework's autodiff the pullbacks come from ``Autodiff.differentiable_vjp``, so the
-divergence can itself be differentiated (a CNF's log-density gradient needs that). Without
-one (NumPy) they come from the dynamics' own ``vjp(t, z, params, u) -> (u^T J, ...)``.
+With a framework's autodiff the products come from ``Autodiff.differentiable_vjp`` and, for
+the exact trace, ``Autodiff.basis_products`` (the ``D`` products batched over the basis, by
+VJPs or JVPs, whichever the framework does better), so the divergence can itself be
+differentiated (a CNF's log-density gradient needs that). Without autodiff (NumPy, Numba)
+they come from the dynamics' own ``vjp(t, z, params, u) -> (u^T J, ...)``, one call per
+basis vector.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import math
 
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
-
-TRACE_METHODS = ("exact", "hutchinson")
+from odecore.cnf.checks import (
+    check_batch_state,
+    check_probes,
+    check_probes_for_trace,
+    check_trace,
+)
 
 
 def pullback(bk, f, t, z, params, differentiable=True):
@@ -49,21 +56,52 @@ def own_method(bk, f, name: str, signature: str):
     return method
 
 
+def velocity_and_trace(bk, f, t, z, params, method: str, eps, differentiable=True):
+    """``(f(t, z), div, frobenius)``: the velocity and, each of shape (B,), ``tr J`` and
+    ``||J||_F^2`` exactly, or their Hutchinson estimates ``eps^T J eps`` and
+    ``||eps^T J||^2``. ``differentiable=False`` promises that no gradient of the results
+    will be asked for."""
+    if method == "exact" and bk.autodiff is not None:
+        value, products = bk.autodiff.basis_products(
+            lambda z_: differentiate.call(f, t, z_, params), z, differentiable
+        )
+        return (value, *_exact_terms(bk.xp, products, z))
+    value, pull = pullback(bk, f, t, z, params, differentiable)
+    return (value, *trace_terms(bk.xp, pull, z, method, eps))
+
+
+def _exact_terms(xp, products, z):
+    """``(tr J, ||J||_F^2)`` from the products of ``J`` with every basis vector, (D, B,
+    *event_shape): rows ``e_i^T J`` or columns ``J e_i`` alike, since the trace takes their
+    ``i``-th entries and the Frobenius norm every entry."""
+    size = math.prod(z.shape[1:])
+    products = xp.reshape(products, (size, z.shape[0], size))
+    diagonal = xp.eye(size, dtype=products.dtype)[:, None, :]
+    return xp.sum(products * diagonal, axis=(0, 2)), xp.sum(products * products, axis=(0, 2))
+
+
 def trace_terms(xp, pull, z, method: str, eps):
-    """``(div, frobenius)``, each of shape (B,): ``tr J`` and ``||J||_F^2`` exactly, or their
-    Hutchinson estimates ``eps^T J eps`` and ``||eps^T J||^2``."""
+    """``(div, frobenius)`` from the pullback ``pull``: one call for Hutchinson's probes
+    ``eps``, one per basis vector for the exact trace."""
     batch = z.shape[0]
     if method == "hutchinson":
         row = xp.reshape(pull(eps), (batch, -1))
         flat_eps = xp.reshape(eps, (batch, -1))
-        return xp.vecdot(row, flat_eps, axis=-1), xp.vecdot(row, row, axis=-1)
+        return row_dot(xp, row, flat_eps), row_dot(xp, row, row)
     size = math.prod(z.shape[1:])
     div = frobenius = xp.zeros((batch,), dtype=z.dtype)
     for i, e in enumerate(basis(xp, z)):
         row = xp.reshape(pull(e), (batch, size))
         div = div + row[:, i]
-        frobenius = frobenius + xp.vecdot(row, row, axis=-1)
+        frobenius = frobenius + row_dot(xp, row, row)
     return div, frobenius
+
+
+def row_dot(xp, a, b):
+    """The dot products of the rows of two (B, D) arrays. Written as a product and a sum:
+    array-api-compat's ``vecdot`` on torch is a batched matrix product of (1, D) by (D, 1)
+    per row, several times slower on a CNF's short rows."""
+    return xp.sum(a * b, axis=-1)
 
 
 def basis(xp, z):
@@ -104,42 +142,9 @@ def divergence(f, t, z, params=None, method: str = "exact", eps=None, *, backend
     z = z if bk.owns(z) else bk.asarray(z)
     check_batch_state(bk.xp, z, "z")
     check_trace(method, "method")
-    if method == "hutchinson":
-        if eps is None:
-            raise ValueError(
-                "method='hutchinson' needs the probes: pass eps, an array shaped like z "
-                "(Rademacher or standard normal entries)"
-            )
+    check_probes_for_trace(method, eps, "method")
+    if eps is not None:
         eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=z.dtype, like=z)
         check_probes(eps, z)
-    elif eps is not None:
-        raise ValueError("eps is for method='hutchinson'; the exact trace uses no probes")
-    _, pull = pullback(bk, f, t, z, params)
-    return trace_terms(bk.xp, pull, z, method, eps)
-
-
-def check_trace(method, name: str) -> None:
-    if not isinstance(method, str) or method not in TRACE_METHODS:
-        raise ValueError(f"{name} must be 'exact' or 'hutchinson', got {method!r}")
-
-
-def check_batch_state(xp, z, name: str) -> None:
-    """A real floating-point state with the samples along its first axis and at least one
-    element each."""
-    if not xp.isdtype(z.dtype, "real floating"):
-        raise TypeError(f"{name} must hold real floating-point numbers, got dtype {z.dtype}")
-    if z.ndim < 2:
-        raise ValueError(
-            f"{name} must have shape (batch, *event_shape), with the samples along the first "
-            f"axis, got shape {tuple(z.shape)}; for one sample, add an axis: {name}[None]"
-        )
-    if math.prod(z.shape[1:]) == 0 or z.shape[0] == 0:
-        raise ValueError(f"{name} has no elements (shape {tuple(z.shape)})")
-
-
-def check_probes(eps, z) -> None:
-    if tuple(eps.shape) != tuple(z.shape):
-        raise ValueError(
-            f"eps must have the shape of the state, {tuple(z.shape)} (one probe per sample), "
-            f"got {tuple(eps.shape)}"
-        )
+    _, div, frobenius = velocity_and_trace(bk, f, t, z, params, method, eps)
+    return div, frobenius

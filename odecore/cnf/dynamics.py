@@ -17,21 +17,18 @@ The extra parts start at zero, so at the end of a solve they hold the integrals 
 from __future__ import annotations
 
 import math
-import numbers
 
 from odecore._config import resolve_backend
 from odecore.backend import differentiate, infer_backend
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.backend.tree import unflatten_like
-from odecore.cnf.divergence import (
-    basis,
+from odecore.cnf.checks import (
+    check_event_shape,
+    check_probes_for_trace,
+    check_regularizers,
     check_trace,
-    own_method,
-    pullback,
-    trace_terms,
 )
-
-REGULARIZERS = ("kinetic", "jacobian_frobenius")
+from odecore.cnf.divergence import basis, own_method, row_dot, velocity_and_trace
 
 _SECOND_ORDER_SIGNATURE = (
     "vjp_of_vjp(t, z, params, u, w) -> (z_bar, params_bar), the gradient of "
@@ -89,12 +86,13 @@ class AugmentedDynamics:
         xp = bk.xp
         batch = s.shape[0]
         z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
-        value, pull = pullback(bk, self.f, t, z, params, self.differentiable)
-        div, frobenius = trace_terms(xp, pull, z, self.trace, self.eps)
+        value, div, frobenius = velocity_and_trace(
+            bk, self.f, t, z, params, self.trace, self.eps, self.differentiable
+        )
         flat = xp.reshape(value, (batch, self.size))
         columns = [flat, div[:, None]]
         for name in self.regularizers:
-            rate = xp.vecdot(flat, flat, axis=-1) if name == "kinetic" else frobenius
+            rate = row_dot(xp, flat, flat) if name == "kinetic" else frobenius
             columns.append(rate[:, None])
         return xp.concat(columns, axis=1)
 
@@ -175,36 +173,6 @@ def augmented_dynamics(
     check_trace(trace, "trace")
     regularizers = check_regularizers(regularizers)
     event_shape = check_event_shape(event_shape)
-    if trace == "hutchinson" and eps is None:
-        raise ValueError("trace='hutchinson' needs eps, the probes: an array (B, *event_shape)")
-    if trace == "exact" and eps is not None:
-        raise ValueError("eps is for trace='hutchinson'; the exact trace uses no probes")
+    check_probes_for_trace(trace, eps, "trace")
     bk = None if backend is None else resolve_backend(backend)
     return AugmentedDynamics(f, event_shape, trace, eps, regularizers, bk)
-
-
-def check_regularizers(regularizers) -> tuple[str, ...]:
-    if isinstance(regularizers, str) or not isinstance(regularizers, (tuple, list)):
-        raise TypeError(
-            f"regularizers must be a tuple of names from {REGULARIZERS}, got {regularizers!r}"
-        )
-    for name in regularizers:
-        if name not in REGULARIZERS:
-            raise ValueError(f"unknown regularizer {name!r}; choose from {REGULARIZERS}")
-    if len(set(regularizers)) != len(regularizers):
-        raise ValueError(f"regularizers lists a name twice: {tuple(regularizers)!r}")
-    return tuple(regularizers)
-
-
-def check_event_shape(event_shape) -> tuple[int, ...]:
-    """One sample's shape: a positive int or a tuple of them."""
-    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
-        event_shape = (event_shape,)
-    if not isinstance(event_shape, (tuple, list)) or not all(
-        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in event_shape
-    ):
-        raise ValueError(
-            f"event_shape must be a positive int or a tuple of them (one sample's shape), "
-            f"got {event_shape!r}"
-        )
-    return tuple(int(n) for n in event_shape)

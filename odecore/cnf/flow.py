@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,13 +44,22 @@ import numpy as np
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.backend.parameters import refuse_hidden_parameters
-from odecore.cnf.divergence import check_batch_state, check_probes, check_trace
-from odecore.cnf.dynamics import AugmentedDynamics, check_event_shape, check_regularizers
+from odecore.backend.tree import leaves as tree_leaves
+from odecore.cnf.checks import (
+    check_batch_state,
+    check_error_control,
+    check_event_shape,
+    check_noise,
+    check_probes,
+    check_regularizers,
+    check_trace,
+    random_source,
+)
+from odecore.cnf.divergence import row_dot
+from odecore.cnf.dynamics import AugmentedDynamics
 from odecore.control.norms import largest_part_rms
 from odecore.ode.api import solve, vjp_odeint
 
-NOISES = ("rademacher", "gaussian")
-ERROR_CONTROLS = ("state", "all")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -69,7 +79,7 @@ class FlowSolution(NamedTuple):
 def standard_normal_log_prob(xp, z):
     """``log N(z; 0, I)`` per sample: ``-(||z||^2 + D log 2 pi) / 2``."""
     flat = xp.reshape(z, (z.shape[0], -1))
-    return -0.5 * (xp.vecdot(flat, flat, axis=-1) + flat.shape[1] * _LOG_2PI)
+    return -0.5 * (row_dot(xp, flat, flat) + flat.shape[1] * _LOG_2PI)
 
 
 def solve_log_prob(
@@ -90,22 +100,9 @@ def solve_log_prob(
     **solve_kwargs,
 ) -> FlowSolution:
     """:func:`log_prob` with everything the solve reports (a :class:`FlowSolution`)."""
-    bk, aug, s0, t, options, extra = _setup(
-        f,
-        x,
-        t,
-        params,
-        trace,
-        noise,
-        eps,
-        seed,
-        key,
-        generator,
-        regularizers,
-        error_control,
-        solve_kwargs,
-    )
-    solution = solve(aug, s0, t, params=params, options=options, **extra, **solve_kwargs)
+    settings = _settings(trace, noise, eps, seed, key, generator, regularizers, error_control)
+    bk, aug, s0, t, flow, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
+    solution = solve(flow.func, s0, t, params=flow.params, options=options, **extra, **solve_kwargs)
     z, delta_logp, regs = aug.split(bk.xp, solution.ys[-1])
     base_log_prob = _base(bk, base)(z)
     return FlowSolution(base_log_prob + delta_logp, z, regs, solution, aug.eps)
@@ -214,21 +211,8 @@ def vjp_log_prob(
     gradient of ``sum(w * vjp(t, z, params, u)[0])`` with respect to ``z`` and ``params``
     (the divergence's own gradient needs second derivatives of ``f``). ``adjoint`` is
     ``"checkpoint"`` or ``"backsolve"``, as in :func:`odecore.vjp_odeint`."""
-    bk, aug, s0, t, options, extra = _setup(
-        f,
-        x,
-        t,
-        params,
-        trace,
-        noise,
-        eps,
-        seed,
-        None,
-        generator,
-        regularizers,
-        error_control,
-        solve_kwargs,
-    )
+    settings = _settings(trace, noise, eps, seed, None, generator, regularizers, error_control)
+    bk, aug, s0, t, _, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
     xp = bk.xp
     ys, pull = vjp_odeint(aug, s0, t, params, adjoint=adjoint, options=options, **solve_kwargs)
     z, delta_logp, regs = aug.split(xp, ys[-1])
@@ -284,16 +268,12 @@ def sample(
     event_shape = check_event_shape(event_shape)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
-    bk = resolve_backend(solve_kwargs.get("backend"), {"z": z, "params": params})
-    check_generic_loop(bk)
-    xp = bk.xp
-    if z is None:
+    name, source = random_source("base points", z=z, seed=seed, key=key, generator=generator)
+    bk = _flow_backend(solve_kwargs, {"z": z, "params": params})
+    if name != "z":
         dtype = dtype if dtype is not None else _parameter_dtype(bk, f, params)
-        source = _noise_source(seed, key, generator)
-        z = bk.random_normal(source, (int(n), *event_shape), dtype, None)
+        z = bk.random_normal(_random_generator(source), (int(n), *event_shape), dtype, None)
     else:
-        if any(v is not None for v in (seed, key, generator)):
-            raise ValueError("z gives the base points; seed, key and generator draw them: pass one")
         z = z if bk.owns(z) else bk.asarray(z, dtype=dtype)
         if tuple(z.shape) != (int(n), *event_shape):
             raise ValueError(
@@ -301,36 +281,39 @@ def sample(
                 f"{tuple(z.shape)}"
             )
     t0, t1 = _time_pair(bk, t)
-    reverse = xp.stack([t1, t0])
+    reverse = bk.xp.stack([t1, t0])
     return solve(f, z, reverse, params=params, **solve_kwargs).ys[-1]
 
 
-def _setup(
-    f,
-    x,
-    t,
-    params,
-    trace,
-    noise,
-    eps,
-    seed,
-    key,
-    generator,
-    regularizers,
-    error_control,
-    solve_kwargs,
-):
-    """The checked inputs of a log-density solve: ``(backend, augmented dynamics, initial
-    state, times, options, extra solve arguments)``."""
+class _Settings(NamedTuple):
+    """A log-density solve's own arguments, checked: the trace, the probes' distribution,
+    the probes given (``eps``) or where they are drawn from (``source``: a seed, key or
+    generator, or None for a fresh NumPy generator), the regularisers and the error control."""
+
+    trace: str
+    noise: str
+    eps: Any
+    source: Any
+    regularizers: tuple
+    error_control: str
+
+
+def _settings(trace, noise, eps, seed, key, generator, regularizers, error_control) -> _Settings:
     check_trace(trace, "trace")
-    if not isinstance(noise, str) or noise not in NOISES:
-        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
-    if not isinstance(error_control, str) or error_control not in ERROR_CONTROLS:
-        raise ValueError(
-            f"error_control must be 'state' (log-density and regularisers left out of the "
-            f"step-size control) or 'all', got {error_control!r}"
-        )
+    check_noise(noise)
+    check_error_control(error_control)
     regularizers = check_regularizers(regularizers)
+    name, source = random_source("probes", eps=eps, seed=seed, key=key, generator=generator)
+    if trace == "exact" and name is not None:
+        raise ValueError(f"{name} is for trace='hutchinson'; the exact trace draws no probes")
+    source = None if name == "eps" else source
+    return _Settings(trace, noise, eps, source, regularizers, error_control)
+
+
+def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
+    """The checked inputs of a log-density solve: ``(backend, augmented dynamics, initial
+    state, times, options, extra solve arguments)``; ``solve_kwargs`` names the backend the
+    solve runs on."""
     if not callable(f):
         raise TypeError(f"f must be a callable f(t, z) or f(t, z, params), got {f!r}")
     batch_axis = solve_kwargs.get("batch_axis")
@@ -339,33 +322,102 @@ def _setup(
             f"batch_axis must be None (one solve for the whole batch) or 0 (each sample "
             f"steps on its own): the samples of x are along its first axis, got {batch_axis!r}"
         )
-    bk = resolve_backend(solve_kwargs.get("backend"), {"x": x, "t": t, "params": params})
-    check_generic_loop(bk)
+    bk = _flow_backend(solve_kwargs, {"x": x, "t": t, "params": params})
     xp = bk.xp
     x = x if bk.owns(x) else bk.asarray(x)
     check_batch_state(xp, x, "x")
     t = _time_array(bk, t)
-    eps = _probes(bk, trace, noise, eps, seed, key, generator, x)
+    eps = _probes(bk, settings, x)
     wanted = differentiate.requires_grad(
         bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
     )
-    aug = AugmentedDynamics(f, x.shape[1:], trace, eps, regularizers, bk, wanted)
+    aug = AugmentedDynamics(f, x.shape[1:], settings.trace, eps, settings.regularizers, bk, wanted)
     s0 = aug.initial_state(xp, x)
     options = dict(_options(solve_kwargs.pop("options", None)))
-    if "norm" not in options:
-        options["norm"] = _norm(bk, aug, x.shape[0], batch_axis, error_control)
-    return bk, aug, s0, t, options, _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+    kept = None
+    if _eager_on_tracing_backend(bk, x, t, params, eps):
+        kept = _kept_flow(bk, f, aug, x.shape[0], batch_axis, settings.error_control)
+    if kept is None:
+        flow = _Solved(aug, params)
+        norm = _norm(bk, aug, x.shape[0], batch_axis, settings.error_control)
+    else:
+        flow, norm = _Solved(kept[0], (params, eps)), kept[1]
+    options.setdefault("norm", norm)
+    extra = _parameter_arguments(bk, f, params, t, x, solve_kwargs)
+    return bk, aug, s0, t, flow, options, extra
 
 
-def check_generic_loop(bk) -> None:
-    """A backend that compiles whole solves (``Kernels.solve``) runs dynamics in a compiler's
-    kernel form, which the augmented dynamics (calling the velocity's VJPs) are not."""
-    if bk.kernels.solve is not None:
-        raise ValueError(
-            f"continuous normalizing flows run on the generic solve loop, and the {bk.name!r} "
-            f"backend compiles whole solves from kernel-form dynamics instead; use "
-            f"backend='numpy' for NumPy arrays (with the velocity's own vjp)"
+class _Solved(NamedTuple):
+    """What the solve integrates: the dynamics and the parameters it is called with."""
+
+    func: Any
+    params: Any
+
+
+def _eager_on_tracing_backend(bk, x, t, params, eps) -> bool:
+    """Whether the solve is an eager call on a tracing backend (JAX outside ``jit``), which
+    runs through a compiled program kept per dynamics object (``Tracing.compiled_solve``)."""
+    if bk.tracing is None:
+        return False
+    return not any(bk.is_traced(leaf) for _, leaf in tree_leaves((x, t, params, eps)))
+
+
+class _ProbesAsArgument:
+    """A flow's augmented dynamics called as ``g(t, s, (params, eps))``: the probes are an
+    argument, not a constant, so that one object serves every eager call of a velocity and
+    configuration, and the compiled solve kept for it is reused. It holds the velocity
+    weakly: the cache of these objects must not keep a velocity alive."""
+
+    def __init__(self, f, template: AugmentedDynamics):
+        self.velocity = weakref.ref(f)
+        self.template = template
+
+    def __call__(self, t, s, params):
+        user_params, eps = params
+        aug = self.template
+        return AugmentedDynamics(
+            self.velocity(),
+            aug.event_shape,
+            aug.trace,
+            eps,
+            aug.regularizers,
+            aug.backend,
+            aug.differentiable,
+        )(t, s, user_params)
+
+
+# velocity -> {configuration: (dynamics, norm)}, for eager calls on a tracing backend.
+_KEPT_FLOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kept_flow(bk, f, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str):
+    """``(dynamics, norm)`` kept for ``f`` and the configuration of ``aug``: the compiled
+    solve of an eager call on a tracing backend is kept per dynamics object and static
+    options, the norm among them. None for a velocity that cannot be referenced weakly."""
+    try:
+        kept = _KEPT_FLOWS.setdefault(f, {})
+    except TypeError:
+        return None
+    key = (aug.event_shape, aug.trace, aug.regularizers, aug.differentiable)
+    key += (bk.name, batch, batch_axis, error_control)
+    if key not in kept:
+        template = AugmentedDynamics(
+            None, aug.event_shape, aug.trace, None, aug.regularizers, bk, aug.differentiable
         )
+        dynamics = _ProbesAsArgument(f, template)
+        kept[key] = (dynamics, _norm(bk, aug, batch, batch_axis, error_control))
+    return kept[key]
+
+
+def _flow_backend(solve_kwargs: dict, inputs: dict):
+    """The backend a flow's solve runs on, set in ``solve_kwargs`` for the solve: the one
+    asked for or inferred, or the backend whose generic loop serves it
+    (``Backend.generic_backend``) where that one compiles whole solves from kernel-form
+    dynamics, which the augmented dynamics, calling the velocity's VJPs from Python at
+    every evaluation, are not."""
+    bk = resolve_backend(solve_kwargs.get("backend"), inputs).generic_backend
+    solve_kwargs["backend"] = bk
+    return bk
 
 
 def _options(options):
@@ -421,40 +473,29 @@ def _time_pair(bk, t):
     return t[0], t[1]
 
 
-def _probes(bk, trace, noise, eps, seed, key, generator, x):
+def _probes(bk, settings: _Settings, x):
     """The Hutchinson probes, one per sample, drawn once here (None for the exact trace)."""
-    given = [
-        name
-        for name, v in (("eps", eps), ("seed", seed), ("key", key), ("generator", generator))
-        if v is not None
-    ]
-    if len(given) > 1:
-        raise ValueError(f"pass at most one of eps, seed, key and generator, got {given}")
-    if trace == "exact":
-        if given:
-            raise ValueError(
-                f"{given[0]} is for trace='hutchinson'; the exact trace draws no probes"
-            )
+    if settings.trace == "exact":
         return None
+    eps = settings.eps
     if eps is not None:
         eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=x.dtype, like=x)
         check_probes(eps, x)
         return eps
-    draws = bk.random_normal(_noise_source(seed, key, generator), tuple(x.shape), x.dtype, x)
-    if noise == "gaussian":
+    source = _random_generator(settings.source)
+    draws = bk.random_normal(source, tuple(x.shape), x.dtype, x)
+    if settings.noise == "gaussian":
         return draws
     xp = bk.xp
     return xp.where(draws < 0, xp.asarray(-1.0, dtype=x.dtype), xp.asarray(1.0, dtype=x.dtype))
 
 
-def _noise_source(seed, key, generator):
-    if key is not None:
-        return key
-    if generator is not None:
-        return generator
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return np.random.default_rng(seed)
+def _random_generator(source):
+    """What ``Backend.random_normal`` draws from: a key or generator as given, a NumPy
+    generator for a seed or for none."""
+    if source is None or isinstance(source, numbers.Integral):
+        return np.random.default_rng(source)
+    return source
 
 
 def _base(bk, base):

@@ -1,0 +1,108 @@
+"""The argument checks of ``odecore.cnf``, each written once: the divergence, the augmented
+dynamics, the log-density and the sampler share them, so that one mistake gets one message
+wherever it is made."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+TRACE_METHODS = ("exact", "hutchinson")
+NOISES = ("rademacher", "gaussian")
+ERROR_CONTROLS = ("state", "all")
+REGULARIZERS = ("kinetic", "jacobian_frobenius")
+
+
+def check_trace(method, name: str) -> None:
+    if not isinstance(method, str) or method not in TRACE_METHODS:
+        raise ValueError(f"{name} must be 'exact' or 'hutchinson', got {method!r}")
+
+
+def check_noise(noise) -> None:
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+
+
+def check_error_control(error_control) -> None:
+    if not isinstance(error_control, str) or error_control not in ERROR_CONTROLS:
+        raise ValueError(
+            f"error_control must be 'state' (log-density and regularisers left out of the "
+            f"step-size control) or 'all', got {error_control!r}"
+        )
+
+
+def check_regularizers(regularizers) -> tuple[str, ...]:
+    if isinstance(regularizers, str) or not isinstance(regularizers, (tuple, list)):
+        raise TypeError(
+            f"regularizers must be a tuple of names from {REGULARIZERS}, got {regularizers!r}"
+        )
+    for name in regularizers:
+        if name not in REGULARIZERS:
+            raise ValueError(f"unknown regularizer {name!r}; choose from {REGULARIZERS}")
+    if len(set(regularizers)) != len(regularizers):
+        raise ValueError(f"regularizers lists a name twice: {tuple(regularizers)!r}")
+    return tuple(regularizers)
+
+
+def check_event_shape(event_shape) -> tuple[int, ...]:
+    """One sample's shape: a positive int or a tuple of them."""
+    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    if not isinstance(event_shape, (tuple, list)) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in event_shape
+    ):
+        raise ValueError(
+            f"event_shape must be a positive int or a tuple of them (one sample's shape), "
+            f"got {event_shape!r}"
+        )
+    return tuple(int(n) for n in event_shape)
+
+
+def check_batch_state(xp, z, name: str) -> None:
+    """A real floating-point state with the samples along its first axis and at least one
+    element each."""
+    if not xp.isdtype(z.dtype, "real floating"):
+        raise TypeError(f"{name} must hold real floating-point numbers, got dtype {z.dtype}")
+    if z.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (batch, *event_shape), with the samples along the first "
+            f"axis, got shape {tuple(z.shape)}; for one sample, add an axis: {name}[None]"
+        )
+    if math.prod(z.shape[1:]) == 0 or z.shape[0] == 0:
+        raise ValueError(f"{name} has no elements (shape {tuple(z.shape)})")
+
+
+def check_probes_for_trace(trace: str, eps, name: str) -> None:
+    """Hutchinson's trace needs probes; the exact trace takes none. ``name`` is the trace
+    argument's name."""
+    if trace == "hutchinson" and eps is None:
+        raise ValueError(
+            f"{name}='hutchinson' needs the probes: pass eps, an array shaped like the state "
+            f"(B, *event_shape), with Rademacher or standard normal entries"
+        )
+    if trace == "exact" and eps is not None:
+        raise ValueError(f"eps is for {name}='hutchinson'; the exact trace uses no probes")
+
+
+def check_probes(eps, z) -> None:
+    if tuple(eps.shape) != tuple(z.shape):
+        raise ValueError(
+            f"eps must have the shape of the state, {tuple(z.shape)} (one probe per sample), "
+            f"got {tuple(eps.shape)}"
+        )
+
+
+def random_source(what: str, **given):
+    """The one source of random numbers among ``given`` (``seed``, ``key``, ``generator``,
+    or what stands in for the draws, ``eps`` or ``z``) that is not None: ``(name, value)``,
+    or ``(None, None)``. ``what`` names what is drawn, for the message."""
+    named = [(name, value) for name, value in given.items() if value is not None]
+    if len(named) > 1:
+        raise ValueError(
+            f"{' and '.join(name for name, _ in named)} each give the {what}: pass at most "
+            f"one of {', '.join(given)}"
+        )
+    name, value = named[0] if named else (None, None)
+    if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"seed must be an int, got {value!r}")
+    return name, value
