@@ -1,7 +1,7 @@
 """odecore.cnf against an FFJORD reference on torchdiffeq: one training iteration of a 2-D
 continuous normalizing flow, and the RNODE regularisers' effect on the solves.
 
-    python benchmarks/bench_cnf.py            # about five minutes on 2 cores
+    python benchmarks/bench_cnf.py            # tens of minutes on 2 cores (RNODE trains twice)
     python benchmarks/bench_cnf.py --quick    # shorter timings, fewer training iterations
 
 The model and data are examples/cnf_2d.py's, imported from examples/cnf_model.py: the
