@@ -472,3 +472,23 @@ def test_odeint_event_matches_torchdiffeq(interface, reverse_time):
     assert s_ours.shape == (2, 1)
     np.testing.assert_allclose(g_ours, g_theirs, atol=1e-5)
     np.testing.assert_allclose(g_ours, [1 / (K * Y0), -math.log(Y0 / level) / K**2], atol=1e-7)
+
+
+def test_vjp_odeint_event_gradients_of_a_batch():
+    y0s = np.array([[2.0], [1.0], [3.0]])
+    params = (np.array(K), np.array(LEVEL))
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        y0s,
+        np.array([0.0, 3.0]),
+        params,
+        batch_axis=0,
+        event=LevelWithVjp(),
+        **TIGHT,
+    )
+    np.testing.assert_allclose(events.t, np.log(y0s[:, 0] / LEVEL) / K, atol=CLOSE)
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=np.ones(3))
+    # Each sample's own event time depends on its own y0 only; k and c are shared.
+    np.testing.assert_allclose(y0_bar[:, 0], 1 / (K * y0s[:, 0]), atol=GRAD_CLOSE)
+    dk = np.sum(-np.log(y0s[:, 0] / LEVEL) / K**2)
+    np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)

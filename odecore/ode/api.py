@@ -19,7 +19,12 @@ from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
 from odecore.ode.callbacks import dynamics_name
-from odecore.ode.event_gradients import event_gradients
+from odecore.ode.event_gradients import (
+    add_leaves,
+    check_event_vjps,
+    event_gradients,
+    event_pullback,
+)
 from odecore.ode.events import Event, as_events, structured_events
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
@@ -604,7 +609,7 @@ def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
     return odeint(func, y0, t, adjoint=adjoint, **kwargs)
 
 
-def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, event=None, **kwargs):
     """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
     t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
 
@@ -619,9 +624,22 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     part with a leading time axis); ``vjp`` then receives ``y`` and the cotangent in that
     structure and returns ``cot_y`` in it, and ``pullback`` takes ``ys_bar`` and returns
     ``y0_bar`` in it.
+
+    With ``event`` (as in :func:`solve`; each event function brings ``vjp(t, y, params,
+    g_bar) -> (t_bar, y_bar, params_bar)``, the cotangents of ``sum(g_bar * g)``), returns
+    ``(ys, events, pullback)``: ``events`` the :class:`~odecore.EventRecord`, and
+    ``pullback(ys_bar, event_t_bar=None, event_y_bar=None)`` also takes cotangents of the
+    event times and states. Structured states take no events here yet.
     """
     if not is_structured(y0):
-        return _vjp_odeint_array(func, y0, t, params, adjoint=adjoint, throw=throw, **kwargs)
+        return _vjp_odeint_array(
+            func, y0, t, params, adjoint=adjoint, throw=throw, event=event, **kwargs
+        )
+    if event is not None:
+        raise ValueError(
+            "vjp_odeint takes events only for a y0 that is one array; concatenate the parts "
+            "of a structured y0 (and split them in func and the event function)"
+        )
     _check_vjp_keywords(kwargs)
     bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
     defaults = {"rtol": 1e-7, "atol": 1e-9, "method": None, "options": None, "batch_axis": None}
@@ -656,8 +674,12 @@ def _check_vjp_keywords(kwargs) -> None:
         raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
 
 
-def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+def _vjp_odeint_array(
+    func, y0, t, params=None, *, adjoint="checkpoint", throw=True, event=None, **kwargs
+):
     """:func:`vjp_odeint` of a state that is one array."""
+    events = as_events(event)
+    given = {"adjoint": adjoint, **kwargs}
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
         adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)
@@ -681,6 +703,8 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
             kwargs.get("options"),
             kwargs.get("batch_axis"),
             None,
+            throw,
+            events,
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
@@ -706,8 +730,10 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
         bk, params, differentiate.param_leaves(bk, func, params), differentiated_only=False
     )
     _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
+    if events is not None:
+        check_event_vjps(events)
     rule = SolveRule(adjoint, run, settings)
-    ys, _, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
+    ys, report, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
 
     def pullback(ys_bar):
         ys_bar = bk.asarray(ys_bar)
@@ -719,4 +745,23 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
         y0_bar, t_bar, *leaves_bar = rule.backward(residuals, ys_bar)
         return y0_bar, tree.unflatten_like(params, leaves_bar), t_bar
 
-    return ys, pullback
+    if events is None:
+        return ys, pullback
+
+    def vjp_again(times):
+        return _vjp_odeint_array(func, y0, times, params, throw=False, **given)
+
+    t_arr = bk.asarray(t)
+    record = report["events"]
+    events_pullback = event_pullback(
+        bk.xp, func, params, t_arr, kwargs.get("batch_axis"), events, record, vjp_again
+    )
+
+    def pullback_with_events(ys_bar, event_t_bar=None, event_y_bar=None):
+        y0_bar, params_bar, t_bar = pullback(ys_bar)
+        if event_t_bar is None and event_y_bar is None:
+            return y0_bar, params_bar, t_bar
+        y0_more, params_more, t_more = events_pullback(event_t_bar, event_y_bar)
+        return y0_bar + y0_more, add_leaves(params_bar, params_more), t_bar + t_more
+
+    return ys, record, pullback_with_events

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from odecore.backend import differentiate
+from odecore.backend import differentiate, tree
 
 
 def event_gradients(bk, func, params, t, batch_axis, events, record, solve_again, from_loop):
@@ -105,3 +105,86 @@ def _state_at(bk, t, t_stop, batch_axis, solve_again):
     ys = xp.moveaxis(ys, batch_axis + 1, 1)
     picked = ys[1 + rank, xp.arange(batch)]
     return xp.moveaxis(picked, 0, batch_axis)
+
+
+def check_event_vjps(events) -> None:
+    """Without autodiff (NumPy) an event's gradient needs the event function's own VJP."""
+    for i, e in enumerate(events):
+        if getattr(e.fn, "vjp", None) is None:
+            name = "event" if len(events) == 1 else f"event[{i}]"
+            raise TypeError(
+                f"vjp_odeint with {name} needs its VJP: give the event function a method "
+                f"vjp(t, y, params, g_bar) -> (t_bar, y_bar, params_bar), the cotangents of "
+                f"sum(g_bar * g(t, y, params)) (one value of g per sample)"
+            )
+
+
+def event_pullback(xp, func, params, t, batch_axis, events, record, vjp_again):
+    """For a backend without autodiff: ``pullback(t_bar, y_bar) -> (y0_bar, params_leaves_bar,
+    t_bar)`` of the event time and state, by the same identities as ``event_gradients``.
+    ``vjp_again(times)`` is ``vjp_odeint`` of the problem at other output times."""
+    batched = batch_axis is not None
+    stopped = record.index >= 0
+    t_stop = xp.where(stopped, record.t, t[-1])
+    where_stopped = _per_sample(xp, stopped, record.y, batch_axis)
+    y_stop = xp.where(where_stopped, record.y, 0.0)
+    t_call = xp.astype(t_stop, y_stop.dtype)
+    f = differentiate.call(func, t_call, y_stop, params)
+    axes = tuple(i for i in range(y_stop.ndim) if not (batched and i == batch_axis))
+
+    def event_vjp(weights):
+        """``(g_t, g_y, params_bar)`` of the fired events weighted per sample."""
+        g_t, g_y, params_bar = 0.0, xp.zeros_like(y_stop), None
+        for i, e in enumerate(events):
+            g_bar = xp.where(record.index == i, weights, 0.0)
+            e_t, e_y, e_params = e.fn.vjp(t_call, y_stop, params, g_bar)
+            g_t, g_y = g_t + e_t, g_y + e_y
+            params_bar = add_leaves(params_bar, e_params)
+        return g_t, g_y, params_bar
+
+    g_t, g_y, _ = event_vjp(xp.ones_like(t_stop))
+    denominator = xp.where(stopped, g_t + xp.sum(g_y * f, axis=axes), 1.0)
+
+    def pullback(t_bar, y_bar):
+        t_bar = xp.zeros_like(t_stop) if t_bar is None else xp.asarray(t_bar) + 0 * t_stop
+        y_bar = xp.zeros_like(y_stop) if y_bar is None else xp.where(where_stopped, y_bar, 0.0)
+        c = xp.where(stopped, t_bar + xp.sum(y_bar * f, axis=axes), 0.0)
+        _, g_y_w, params_bar = event_vjp(-c / denominator)
+        y_stop_bar = y_bar + g_y_w
+        times, rows = _grid(xp, t, t_stop, batch_axis)
+        ys, pull = vjp_again(times)
+        ys_bar = xp.zeros_like(ys)
+        if batched:
+            ys_bar = xp.moveaxis(ys_bar, batch_axis + 1, 1)
+            ys_bar[rows, xp.arange(rows.shape[0])] = xp.moveaxis(y_stop_bar, batch_axis, 0)
+            ys_bar = xp.moveaxis(ys_bar, 1, batch_axis + 1)
+        else:
+            ys_bar[1] = y_stop_bar
+        y0_bar, params_again, t_again = pull(ys_bar)
+        t_grad = xp.zeros_like(t)
+        t_grad[0] = t_again[0]
+        return y0_bar, add_leaves(params_again, params_bar), t_grad
+
+    return pullback
+
+
+def _grid(xp, t, t_stop, batch_axis):
+    """Output times ``[t[0], each sample's stop time, sorted]`` and each sample's row."""
+    if batch_axis is None:
+        return xp.stack([t[0], xp.astype(t_stop, t.dtype)]), None
+    sign = 1.0 if float(t[-1]) > float(t[0]) else -1.0
+    distance = (t_stop - t[0]) * sign
+    order = xp.argsort(distance)
+    rank = xp.argsort(order)
+    eps = float(xp.finfo(t_stop.dtype).eps)
+    spread = 1.0 + 4 * eps * xp.arange(1, distance.shape[0] + 1)
+    later = t[0] + sign * distance[order] * spread
+    return xp.concat([t[:1], xp.astype(later, t.dtype)]), 1 + rank
+
+
+def add_leaves(a, b):
+    """Leafwise sum of two cotangents shaped like ``params`` (None: nothing yet)."""
+    if a is None or b is None:
+        return b if a is None else a
+    summed = [x + y for (_, x), (_, y) in zip(tree.leaves(a), tree.leaves(b), strict=True)]
+    return tree.unflatten_like(a, summed)
