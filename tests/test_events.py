@@ -492,3 +492,21 @@ def test_vjp_odeint_event_gradients_of_a_batch():
     np.testing.assert_allclose(y0_bar[:, 0], 1 / (K * y0s[:, 0]), atol=GRAD_CLOSE)
     dk = np.sum(-np.log(y0s[:, 0] / LEVEL) / K**2)
     np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
+
+
+@pytest.mark.backend("numba")
+def test_numba_runs_events_through_the_generic_loop():
+    def rate(t, y, dy, params):
+        dy[0] = -params[0][0] * y[0]
+
+    sol = odecore.solve(
+        rate,
+        np.array([Y0]),
+        np.array([0.0, 3.0]),
+        params=(np.array([K]),),
+        backend="numba",
+        event=lambda t, y, params: y[0] - LEVEL,
+        **TIGHT,
+    )
+    assert int(sol.status) == int(odecore.Status.EVENT)
+    assert abs(float(sol.events.t) - T_STAR) < CLOSE
