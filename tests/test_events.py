@@ -562,3 +562,14 @@ def test_batched_event_time_gradients_per_sample(backend, mode):
     assert np.isnan(t[3])
     np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
     np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+def test_odeint_event_on_a_structured_state(backend):
+    # The ball from height H0 at rest: it lands at sqrt(2 H0 / G) with speed -sqrt(2 G H0).
+    state = (backend.asarray([H0]), backend.asarray([0.0]))
+    event_t, (h, v) = odecore.odeint_event(
+        ball, state, backend.asarray(0.0), event_fn=lambda t, y: y[0][0], **TIGHT
+    )
+    assert abs(float(backend.to_numpy(event_t)) - math.sqrt(2 * H0 / G)) < CLOSE
+    np.testing.assert_allclose(backend.to_numpy(h), [[H0], [0.0]], atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(v), [[0.0], [-math.sqrt(2 * G * H0)]], atol=CLOSE)
