@@ -417,13 +417,13 @@ def _cotangent_like(g, primal):
 
 
 def _flatten_solution(sol: Solution):
-    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached)
+    children = (sol.ts, sol.ys, sol.stats, sol.status, sol.t_reached, sol.events)
     return children, sol.method
 
 
 def _unflatten_solution(method, children):
-    ts, ys, stats, status, t_reached = children
-    return Solution(ts, ys, stats, status, t_reached, method)
+    ts, ys, stats, status, t_reached, events = children
+    return Solution(ts, ys, stats, status, t_reached, method, events)
 
 
 # So that a jitted function can return a whole Solution (status and statistics included).

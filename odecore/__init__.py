@@ -20,7 +20,8 @@ from odecore.deq import (
     spectral_radius,
     vjp_fixed_point,
 )
-from odecore.ode.api import odeint, odeint_adjoint, solve, vjp_odeint
+from odecore.ode.api import odeint, odeint_adjoint, odeint_event, solve, vjp_odeint
+from odecore.ode.events import Event, EventRecord
 from odecore.ode.perturb import Perturb
 from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
@@ -39,6 +40,8 @@ __all__ = [
     "Backsolve",
     "Checkpoint",
     "Direct",
+    "Event",
+    "EventRecord",
     "FixedPointError",
     "FixedPointSolution",
     "FixedPointStatus",
@@ -57,6 +60,7 @@ __all__ = [
     "get_backend",
     "jacobian_frobenius",
     "odeint",
+    "odeint_event",
     "odeint_adjoint",
     "set_backend",
     "solve",

@@ -29,7 +29,7 @@ DEFAULT_METHOD = "dopri5"
 # does not meet it. Raise it through options["max_num_steps"].
 DEFAULT_MAX_NUM_STEPS = 100_000
 
-_COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t"}
+_COMMON_OPTIONS = {"max_num_steps", "step_t", "jump_t", "event_tol", "max_events"}
 _FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp"}
 INTERPOLATIONS = ("linear", "cubic")
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
@@ -193,6 +193,16 @@ def options(opts: dict | None, rk) -> dict:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"options['max_num_steps'] must be a positive integer, got {n!r}")
         out["max_num_steps"] = int(n)
+    if "max_events" in out:
+        n = out["max_events"]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(
+                f"options['max_events'] must be a positive integer (how many event crossings "
+                f"a solve keeps), got {n!r}"
+            )
+        out["max_events"] = int(n)
+    if "event_tol" in out:
+        out["event_tol"] = _positive_float(out["event_tol"], "event_tol", finite=True)
     if not runtime & {"min_step", "max_step"} and out.get("min_step", 0.0) > out.get(
         "max_step", math.inf
     ):

@@ -35,6 +35,7 @@ DT_UNDERFLOW = 2
 NONFINITE_STATE = 3
 INVALID_INPUT = 4
 NONFINITE_ERROR = 5
+EVENT = 6
 
 # A step within this fraction of the next stop is stretched onto it: a fixed step that divides
 # the interval then lands exactly instead of leaving a rounding-sized last step.

@@ -21,6 +21,13 @@ from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
 from odecore.ode.callbacks import dynamics_name
+from odecore.ode.event_gradients import (
+    add_leaves,
+    check_event_vjps,
+    event_gradients,
+    event_pullback,
+)
+from odecore.ode.events import Event, as_events, structured_events
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
@@ -46,6 +53,7 @@ def solve(
     adjoint_method=None,
     adjoint_options=None,
     adjoint_params=None,
+    event=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
@@ -58,7 +66,18 @@ def solve(
     had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
     gradient, and the parameter and time gradients, NaN. For a structured ``y0`` (a tuple,
     list or dict of arrays), ``ys`` has its structure, each part with a leading time axis.
+
+    ``event``: a function ``g(t, y)`` (``g(t, y, params)`` with ``params``), an
+    :class:`~odecore.Event`, or a list of them. A plain function is a terminal event in
+    either direction. Each sample stops at its first terminal event (status ``EVENT``, a
+    success; its outputs after the event are NaN); every crossing is recorded.
+    ``Solution.events`` (:class:`~odecore.ode.events.EventRecord`) says which terminal event
+    stopped each sample, when and in which state; the event time and state are
+    differentiable in every gradient mode (by the implicit function theorem). Options:
+    ``event_tol`` (the root's tolerance in time; default a few units in the last place of
+    the time) and ``max_events`` (how many crossings are kept, 64 by default).
     """
+    events = as_events(event)
     keywords = {
         "params": params,
         "rtol": rtol,
@@ -74,6 +93,7 @@ def solve(
         "adjoint_method": adjoint_method,
         "adjoint_options": adjoint_options,
         "adjoint_params": adjoint_params,
+        "event": events,
     }
     if isinstance(method, str) and method == SCIPY_METHOD:
         return scipy_solve(func, y0, t, keywords)
@@ -84,8 +104,11 @@ def solve(
     if compiled is not None:
         return compiled
     flat = flat_call(bk, func, y0, keywords)
+    flat.keywords["event"] = structured_events(events, flat.structure)
     solution = _solve_array(flat.func, flat.y0, t, **flat.keywords)
     solution.ys = flat.structure.unflatten(solution.ys, lead=1)
+    if solution.events is not None:
+        solution.events = solution.events._replace(y=flat.structure.unflatten(solution.events.y))
     return solution
 
 
@@ -116,6 +139,7 @@ def _compiled_structured(bk, func, y0, t, keywords):
             k["batch_axis"],
             None,
             k["throw"],
+            structured_events(k["event"], flat.structure),
         )
 
     return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs)
@@ -140,6 +164,7 @@ def _solve_array(
     adjoint_method,
     adjoint_options,
     adjoint_params,
+    event=None,
 ) -> Solution:
     """:func:`solve` of a state that is one array (a structured state arrives flattened,
     with ``func`` a ``StructuredFunc``)."""
@@ -184,6 +209,7 @@ def _solve_array(
             "adjoint_method": adjoint_method,
             "adjoint_options": adjoint_options,
             "adjoint_params": adjoint_params,
+            "event": event,
         }
         compiled = (
             bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
@@ -194,7 +220,19 @@ def _solve_array(
 
             def check_inputs():
                 prepare(
-                    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, None, throw
+                    bk,
+                    func,
+                    y0,
+                    t,
+                    params,
+                    rtol,
+                    atol,
+                    method,
+                    options,
+                    batch_axis,
+                    None,
+                    throw,
+                    event,
                 )
 
             return _raise_compiled_failures(bk, compiled, throw, check_inputs)
@@ -204,7 +242,19 @@ def _solve_array(
             params_ = params if leaves is None else differentiate.with_leaves(bk, params, leaves)
             leaves = adjoint_params if leaves is None else leaves
             return prepare(
-                bk, func, y0_, t_, params_, rtol, atol, method, options, batch_axis, leaves, throw
+                bk,
+                func,
+                y0_,
+                t_,
+                params_,
+                rtol,
+                atol,
+                method,
+                options,
+                batch_axis,
+                leaves,
+                throw,
+                event,
             )
 
         def run(y0_, t_, record=False, leaves=None):
@@ -237,8 +287,44 @@ def _solve_array(
             return solution
         if not wants_grad or not several_times:
             return run(y0_arr, t_arr)[1].solution
+
+        def differentiable_events(solution):
+            """The solution with its event times and states differentiable (``event``)."""
+            if event is None:
+                return solution
+
+            def solve_again(t_again):
+                return _solve_array(
+                    func,
+                    y0_arr,
+                    t_again,
+                    **{**keywords_again, "throw": False},
+                ).ys
+
+            from_loop = mode == "direct"
+            solution.events = event_gradients(
+                bk, func, params, t_arr, batch_axis, event, solution.events, solve_again, from_loop
+            )
+            return solution
+
+        keywords_again = {
+            "params": params,
+            "rtol": rtol,
+            "atol": atol,
+            "method": method,
+            "options": options,
+            "batch_axis": batch_axis,
+            "backend": backend,
+            "adjoint": adjoint,
+            "adjoint_rtol": adjoint_rtol,
+            "adjoint_atol": adjoint_atol,
+            "adjoint_method": adjoint_method,
+            "adjoint_options": adjoint_options,
+            "adjoint_params": adjoint_params,
+        }
         if mode == "direct":
             solution = _direct_with_time_gradients(bk, run, prepared_problem, y0_arr, t_arr)
+            solution = differentiable_events(solution)
             # A parameter the dynamics never touch gets a zero gradient rather than None, as in
             # the other modes.
             solution.ys = bk.autodiff.attach_zero_gradients(solution.ys, leaves)
@@ -254,7 +340,7 @@ def _solve_array(
         # A backend that traces the rule's forward (JAX) learns the status only here.
         if throw and not bk.is_traced(solution.status) and not solution.success:
             raise SolveError(failure_message(solution), solution)
-        return solution
+        return differentiable_events(solution)
 
 
 def _check_compiled_solve_supports(bk, problem) -> None:
@@ -283,7 +369,9 @@ def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) 
     (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
     solve raises SolveError."""
     status, xp = solution.status, bk.xp
-    if bk.is_traced(status) or bool(xp.all(status == int(Status.SUCCESS))):
+    if bk.is_traced(status) or bool(
+        xp.all((status == int(Status.SUCCESS)) | (status == int(Status.EVENT)))
+    ):
         return solution
     if bool(xp.any(status == int(Status.INVALID_INPUT))):
         check_inputs()
@@ -340,6 +428,7 @@ def odeint(
     adjoint_method=None,
     adjoint_options=None,
     adjoint_params=None,
+    event=None,
 ):
     """Solve an initial value problem and return the state at every time in ``t``.
 
@@ -438,6 +527,10 @@ def odeint(
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
 
+    event : callable, odecore.Event, or a list of them; optional
+        Event functions, as in :func:`solve`: a sample stops at its first terminal event, and
+        its outputs after it are NaN. :func:`solve` also reports when and where.
+
     Returns
     -------
     array of shape ``(len(t), *y0.shape)``; for a structured ``y0``, its structure with each
@@ -460,7 +553,78 @@ def odeint(
         adjoint_method=adjoint_method,
         adjoint_options=adjoint_options,
         adjoint_params=adjoint_params,
+        event=event,
     ).ys
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero, as torchdiffeq's
+    ``odeint_event``: returns ``(event_t, solution)``, ``solution`` the states at
+    ``[t0, event_t]`` (a structured ``y0``: each part stacked alike).
+
+    There is no end time: the solve goes on (forward, or backward with ``reverse_time``)
+    until the event, or fails with :class:`~odecore.SolveError` at ``max_num_steps``.
+    ``event_fn`` returns one value, or several (an event when any of them changes sign from
+    its value at ``t0``). ``event_t`` and the final state are differentiable in every
+    gradient mode, by the implicit function theorem. ``odeint_interface`` is
+    :func:`odeint` (gradients by ``adjoint``, ``direct`` by default) or
+    :func:`odeint_adjoint` (``backsolve``); the other keyword arguments are those of
+    :func:`solve`. Unlike torchdiffeq, ``batch_axis`` gives each sample its own event time.
+    """
+    if odeint_interface is odeint_adjoint:
+        kwargs.setdefault("adjoint", "backsolve")
+    elif odeint_interface is not odeint:
+        raise ValueError(
+            "odeint_interface must be odecore.odeint or odecore.odeint_adjoint; pass "
+            "adjoint=... to choose another gradient mode"
+        )
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be a callable g(t, y), got {type(event_fn).__name__}")
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t0, "params": None})
+    xp = bk.xp
+    like = list(tree.leaves(y0, "y0"))[0][1] if is_structured(y0) else bk.asarray(y0)
+    t0 = bk.asarray(t0, dtype=like.dtype) if not bk.owns(t0) else t0
+    t0 = xp.reshape(t0, ())
+    # No end time: one far enough that only the event, or max_num_steps, ends the solve.
+    horizon = float(xp.finfo(t0.dtype).max) / 4
+    far = bk.stop_gradient(t0) + (-horizon if reverse_time else horizon)
+    t = xp.stack([t0, xp.astype(far, t0.dtype)])
+    solution = solve(func, y0, t, event=_combined_event(bk, event_fn, t0, y0, kwargs), **kwargs)
+    record = solution.events
+    event_t = xp.astype(record.t, t0.dtype)
+
+    def stacked(start, at_event):
+        return xp.stack([start, xp.astype(at_event, start.dtype)])
+
+    if is_structured(y0):
+        leaves = [leaf for _, leaf in tree.leaves(y0, "y0")]
+        at_event = [leaf for _, leaf in tree.leaves(record.y, "y")]
+        node_values = [stacked(a, b) for a, b in zip(leaves, at_event, strict=True)]
+        return event_t, tree.unflatten_like(y0, node_values)
+    return event_t, stacked(bk.asarray(y0), record.y)
+
+
+def _combined_event(bk, event_fn, t0, y0, kwargs):
+    """torchdiffeq's event: several values count as one event when any of them changes sign
+    from its sign at ``t0``; as one function, the least of the values made positive at
+    ``t0``."""
+    params = kwargs.get("params")
+    xp = bk.xp
+    with bk.no_grad():
+        first = event_fn(t0, y0) if params is None else event_fn(t0, y0, params)
+    first = bk.asarray(first)
+    batched = kwargs.get("batch_axis") is not None
+    if first.ndim == (1 if batched else 0):
+        return Event(event_fn, terminal=True, direction=0)
+    signs = bk.stop_gradient(xp.sign(first))
+
+    def least(t, y, *params):
+        values = event_fn(t, y, *params) * signs
+        if batched:
+            return xp.min(xp.reshape(values, (values.shape[0], -1)), axis=1)
+        return xp.min(values)
+
+    return Event(least, terminal=True, direction=0)
 
 
 def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
@@ -468,7 +632,7 @@ def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
     return odeint(func, y0, t, adjoint=adjoint, **kwargs)
 
 
-def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, event=None, **kwargs):
     """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
     t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
 
@@ -483,9 +647,22 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **
     part with a leading time axis); ``vjp`` then receives ``y`` and the cotangent in that
     structure and returns ``cot_y`` in it, and ``pullback`` takes ``ys_bar`` and returns
     ``y0_bar`` in it.
+
+    With ``event`` (as in :func:`solve`; each event function brings ``vjp(t, y, params,
+    g_bar) -> (t_bar, y_bar, params_bar)``, the cotangents of ``sum(g_bar * g)``), returns
+    ``(ys, events, pullback)``: ``events`` the :class:`~odecore.EventRecord`, and
+    ``pullback(ys_bar, event_t_bar=None, event_y_bar=None)`` also takes cotangents of the
+    event times and states. Structured states take no events here yet.
     """
     if not is_structured(y0):
-        return _vjp_odeint_array(func, y0, t, params, adjoint=adjoint, throw=throw, **kwargs)
+        return _vjp_odeint_array(
+            func, y0, t, params, adjoint=adjoint, throw=throw, event=event, **kwargs
+        )
+    if event is not None:
+        raise ValueError(
+            "vjp_odeint takes events only for a y0 that is one array; concatenate the parts "
+            "of a structured y0 (and split them in func and the event function)"
+        )
     _check_vjp_keywords(kwargs)
     bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t, "params": params})
     defaults = {"rtol": 1e-7, "atol": 1e-9, "method": None, "options": None, "batch_axis": None}
@@ -520,8 +697,12 @@ def _check_vjp_keywords(kwargs) -> None:
         raise TypeError(f"vjp_odeint got unexpected keyword arguments {sorted(unknown)}")
 
 
-def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, **kwargs):
+def _vjp_odeint_array(
+    func, y0, t, params=None, *, adjoint="checkpoint", throw=True, event=None, **kwargs
+):
     """:func:`vjp_odeint` of a state that is one array."""
+    events = as_events(event)
+    given = {"adjoint": adjoint, **kwargs}
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
         adjoint, *(kwargs.pop(k, None) for k in adjoint_keys)
@@ -545,6 +726,8 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
             kwargs.get("options"),
             kwargs.get("batch_axis"),
             None,
+            throw,
+            events,
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
@@ -570,8 +753,10 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
         bk, params, differentiate.param_leaves(bk, func, params), differentiated_only=False
     )
     _validate.warn_unresolvable_rtol(bk, y0, kwargs.get("rtol", 1e-7), adjoint_kwargs[0])
+    if events is not None:
+        check_event_vjps(events)
     rule = SolveRule(adjoint, run, settings)
-    ys, _, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
+    ys, report, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
 
     def pullback(ys_bar):
         ys_bar = bk.asarray(ys_bar)
@@ -583,4 +768,23 @@ def _vjp_odeint_array(func, y0, t, params=None, *, adjoint="checkpoint", throw=T
         y0_bar, t_bar, *leaves_bar = rule.backward(residuals, ys_bar)
         return y0_bar, tree.unflatten_like(params, leaves_bar), t_bar
 
-    return ys, pullback
+    if events is None:
+        return ys, pullback
+
+    def vjp_again(times):
+        return _vjp_odeint_array(func, y0, times, params, throw=False, **given)
+
+    t_arr = bk.asarray(t)
+    record = report["events"]
+    events_pullback = event_pullback(
+        bk.xp, func, params, t_arr, kwargs.get("batch_axis"), events, record, vjp_again
+    )
+
+    def pullback_with_events(ys_bar, event_t_bar=None, event_y_bar=None):
+        y0_bar, params_bar, t_bar = pullback(ys_bar)
+        if event_t_bar is None and event_y_bar is None:
+            return y0_bar, params_bar, t_bar
+        y0_more, params_more, t_more = events_pullback(event_t_bar, event_y_bar)
+        return y0_bar + y0_more, add_leaves(params_bar, params_more), t_bar + t_more
+
+    return ys, record, pullback_with_events

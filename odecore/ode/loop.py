@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from odecore import _validate
 from odecore.backend.layout import layout as make_layout
 from odecore.control.initial_step import initial_step
+from odecore.ode import events as ev
 from odecore.ode.outputs import fill_outputs
 from odecore.ode.problem import Problem
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
@@ -27,6 +28,7 @@ from odecore.ode.tape import record_step, tape_buffers
 
 # The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
+EVENT = int(Status.EVENT)
 
 
 class LoopState(NamedTuple):
@@ -50,6 +52,7 @@ class LoopState(NamedTuple):
     # The checkpoint tape (odecore.ode.tape): a list of StepRecord on an eager backend,
     # TapeBuffers on a tracing one; None when the solve records nothing.
     tape: Any
+    events: Any = None  # odecore.ode.events.EventState, or None for a solve without events
 
 
 class LoopResult(NamedTuple):
@@ -68,7 +71,8 @@ def solve_prepared(problem: Problem, options, record: bool, throw: bool) -> Loop
     ``Backend.kernels.solve``) runs it as one call, taking the same steps. Recording the
     checkpoint tape stays with the loop."""
     compiled = problem.backend.kernels.solve
-    if compiled is None or record:
+    # The compiled loop has no event phase: a solve with events runs the generic loop.
+    if compiled is None or record or problem.events is not None:
         return run_loop(problem, record, throw)
     result = compiled(problem, options)
     if throw and not result.solution.success:
@@ -149,6 +153,7 @@ def init_state(p: Problem, record: bool) -> LoopState:
         naccept=ops.full(B, 0, "int"),
         nreject=ops.full(B, 0, "int"),
         tape=tape,
+        events=None if p.events is None else ev.init_events(p, t0, p.y0),
     )
 
 
@@ -195,7 +200,13 @@ def step(p: Problem, s: LoopState) -> LoopState:
     nfev = s.nfev + solver.nfev_per_step
 
     tape = s.tape if s.tape is None else record_step(p, s.tape, t, h, t_new, y, accept)
-    out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev)
+    events, stop, t_end = s.events, None, t_new
+    if p.events is not None:
+        # A terminal event ends the step early for its sample: no output after it is filled.
+        events, stop, t_end, y_stop, nfev = ev.event_phase(
+            p, s.events, accept, t, t_new, h, hy, y, trial, f_new, nfev
+        )
+    out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev, t_end)
     if p.jumps is not None:
         # Only now, with the step's outputs interpolated from the left limit, does the next
         # step get the right limit as its first stage.
@@ -224,11 +235,15 @@ def step(p: Problem, s: LoopState) -> LoopState:
         nsteps,
         p.max_num_steps,
     )
+    t_next, y_next = ops.where(accept, t_new, t), ops.select_rows(accept, y_new, y)
+    if stop is not None:
+        status = ops.where(stop, EVENT, status)
+        t_next, y_next = ops.where(stop, t_end, t_next), ops.select_rows(stop, y_stop, y_next)
     # In field order, not by keyword: keywords make a NamedTuple's constructor several times
     # slower, and this runs once per step.
     return LoopState(
-        ops.where(accept, t_new, t),  # t
-        ops.select_rows(accept, y_new, y),  # y
+        t_next,  # t
+        y_next,  # y
         ops.select_rows(accept, f_new, s.f),  # f
         ops.where(running, dt_next, s.dt),  # dt
         ratio_prev,
@@ -241,6 +256,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
         s.naccept + ops.count(accept),  # naccept
         s.nreject + ops.count(rejected),  # nreject
         tape,
+        events,
     )
 
 
@@ -319,6 +335,7 @@ def finish(p: Problem, s: LoopState) -> Solution:
         status=per_sample(s.status),
         t_reached=t_reached * p.direction,
         method=p.solver.name,
+        events=None if s.events is None else ev.record(p, s.events),
     )
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 
-def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev):
-    """Write every requested output time in (t, t_new] of each accepting sample, by the
+def fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev, t_end=None):
+    """Write every requested output time in (t, t_end] of each accepting sample, by the
     solver's interpolant on the step just taken (``trial``, a StepResult); returns
-    ``(out, out_idx, nfev)``."""
+    ``(out, out_idx, nfev)``. ``t_end`` is the step's end ``t_new`` unless a terminal event
+    stops the sample inside the step."""
+    t_end = t_new if t_end is None else t_end
     bk, ops, solver = p.backend, p.ops, p.solver
     y_new = trial.y_new
     ts, T = p.ts, p.ts_array.shape[0]
 
     def pending(out_idx):
         at_time = ops.take(ts, ops.minimum(out_idx, T - 1))
-        return accept & (out_idx < T) & (at_time <= t_new), at_time
+        return accept & (out_idx < T) & (at_time <= t_end), at_time
 
     def fill(out, out_idx, nfev):
         rows = ops.rows_index(p.layout.batch)

@@ -17,6 +17,7 @@ from odecore.control.controller import Controller
 from odecore.control.controller import from_options as controller_from_options
 from odecore.control.norms import error_ratio
 from odecore.ode.callbacks import step_callbacks
+from odecore.ode.events import DEFAULT_MAX_EVENTS, EventFunctions
 from odecore.solvers.explicit_rk import ExplicitRK, prepared
 from odecore.solvers.stage_stores import ListStages
 
@@ -66,6 +67,8 @@ class Problem:
     # Under jit: whether the inputs the checks could not look at are valid (a 0-d boolean
     # array); None when they were checked before the solve.
     valid: Any = None
+    # The event functions in loop terms (odecore.ode.events.EventFunctions), or None.
+    events: Any = None
 
 
 def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
@@ -79,7 +82,19 @@ def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
 
 
 def prepare(
-    bk, func, y0, t, params, rtol, atol, method, options, batch_axis, leaves=None, throw=True
+    bk,
+    func,
+    y0,
+    t,
+    params,
+    rtol,
+    atol,
+    method,
+    options,
+    batch_axis,
+    leaves=None,
+    throw=True,
+    events=None,
 ):
     """The checked, converted :class:`Problem`, or None for a single output time. A batch
     with samples whose y0 is not finite raises with ``throw``; without, those samples get
@@ -91,8 +106,9 @@ def prepare(
     y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
     # A single sample on an eager backend keeps its control values as Python numbers and its
     # state in its own shape (see odecore._ops): the cheapest bookkeeping per step, unless
-    # the backend keeps them on its device (Backend.host_control_values).
-    scalar = bk.eager and bk.host_control_values and batch_axis is None
+    # the backend keeps them on its device (Backend.host_control_values). The event phase
+    # works on arrays.
+    scalar = bk.eager and bk.host_control_values and batch_axis is None and events is None
     layout = make_layout(xp, y0_arr, batch_axis, flat=not scalar)
     rtol = _validate.tolerance(bk, rtol, "rtol", layout)
     atol = _validate.tolerance(bk, atol, "atol", layout)
@@ -177,6 +193,18 @@ def prepare(
         max_step=opts.get("max_step", math.inf),
         layout=layout,
         direction=sign,
+        events=None
+        if events is None
+        else EventFunctions(
+            bk,
+            ops,
+            events,
+            params,
+            layout,
+            sign,
+            opts.get("event_tol"),
+            opts.get("max_events", DEFAULT_MAX_EVENTS),
+        ),
     )
 
 

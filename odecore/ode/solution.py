@@ -22,6 +22,8 @@ class Status(enum.IntEnum):
     #: what the checks before an eager solve would have raised for.
     INVALID_INPUT = rules.INVALID_INPUT
     NONFINITE_ERROR = rules.NONFINITE_ERROR
+    #: Stopped at a terminal event (``solve(..., event=...)``): a success.
+    EVENT = rules.EVENT
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -30,6 +32,7 @@ class Status(enum.IntEnum):
 _DESCRIPTIONS = {
     Status.RUNNING: "still running",
     Status.SUCCESS: "success",
+    Status.EVENT: "stopped at a terminal event (a success)",
     Status.MAX_STEPS_REACHED: (
         "max_num_steps reached; raise options['max_num_steps'], loosen rtol/atol, or check "
         "whether the problem is stiff (explicit methods need tiny steps on stiff problems)"
@@ -64,7 +67,9 @@ class Solution:
     ``ys[i]`` is the state at ``ts[i]``. ``stats`` counts function evaluations (``nfev``, one per
     call of ``func`` on the whole batch) and, per sample, the steps attempted (``nsteps``),
     accepted (``naccept``) and rejected (``nreject``). ``status`` is a :class:`Status` code,
-    per sample when the solve was batched. Outputs after a failure are NaN.
+    per sample when the solve was batched. Outputs after a failure are NaN, and so are those
+    after a sample's terminal event (status ``EVENT``). ``events`` is an
+    :class:`~odecore.ode.events.EventRecord` for a solve with ``event``, else None.
     """
 
     ts: Any
@@ -73,6 +78,7 @@ class Solution:
     status: Any
     t_reached: Any = None
     method: str = ""
+    events: Any = None
 
     def report(self) -> dict[str, Any]:
         """Everything but the outputs and the method: what a gradient rule hands back
@@ -82,22 +88,27 @@ class Solution:
             "stats": self.stats,
             "status": self.status,
             "t_reached": self.t_reached,
+            "events": self.events,
         }
 
     @property
     def success(self) -> bool:
-        return bool(_all_equal(self.status, Status.SUCCESS))
+        return bool(is_success(self.status))
 
     @property
     def message(self) -> str:
         return describe_status(self.status)
 
 
-def _all_equal(status: Any, value: int) -> bool:
+SUCCESSES = (int(Status.SUCCESS), int(Status.EVENT))
+
+
+def is_success(status: Any) -> bool:
+    """Whether every sample succeeded: reached the end, or stopped at a terminal event."""
     try:
-        return all(int(s) == value for s in status)
+        return all(int(s) in SUCCESSES for s in status)
     except TypeError:
-        return int(status) == value
+        return int(status) in SUCCESSES
 
 
 def describe_status(status: Any) -> str:
@@ -131,7 +142,7 @@ def failure_message(sol: Solution) -> str:
     ``_LISTED_FAILURES``), each with its status and the time it reached."""
     status, t_reached, stats = sol.status, sol.t_reached, sol.stats
     try:
-        failed = [i for i, s in enumerate(status) if int(s) != int(Status.SUCCESS)]
+        failed = [i for i, s in enumerate(status) if int(s) not in SUCCESSES]
     except TypeError:
         failed = None
     if failed is None:

@@ -1,0 +1,575 @@
+"""Events: zero crossings of g(t, y) located during the solve, and their gradients.
+
+References: closed forms (exponential decay crossing a level, a ball bouncing under gravity,
+y = sin t), central finite differences in float64, the same samples solved one at a time, and
+torchdiffeq's odeint_event on the same problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import odecore
+
+K, Y0, LEVEL = 0.7, 2.0, 0.5
+T_STAR = math.log(Y0 / LEVEL) / K
+# Closed-form derivatives of t* = log(y0 / c) / k.
+DT_DY0 = 1 / (K * Y0)
+DT_DK = -math.log(Y0 / LEVEL) / K**2
+DT_DC = -1 / (K * LEVEL)
+# dopri5 at rtol 1e-10 / atol 1e-12 on O(1) states: a global error well under 1e-9; the event
+# time inherits it divided by |dg/dt| = k c = 0.35, and the root is located to a few ulp.
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+CLOSE = 1e-8
+# Gradients: the IFT in exact arithmetic, evaluated on a solve with the error above; the
+# backsolve's backward solve adds an error of the same order as the forward one.
+GRAD_CLOSE = 1e-7
+
+
+def decay(t, y, params):
+    return -params[0] * y
+
+
+def below_level(t, y, params):
+    return y[..., 0] - params[1]
+
+
+def _decay_solution(backend, y0=Y0, k=K, c=LEVEL, times=(0.0, 1.0, 3.0), **kwargs):
+    return odecore.solve(
+        decay,
+        backend.asarray([y0]),
+        backend.asarray(list(times)),
+        params=(backend.asarray(k), backend.asarray(c)),
+        event=below_level,
+        **{**TIGHT, **kwargs},
+    )
+
+
+def test_decay_stops_at_the_closed_form_crossing(backend):
+    sol = _decay_solution(backend)
+    assert int(sol.status) == int(odecore.Status.EVENT)
+    assert sol.success
+    events = sol.events
+    assert int(events.index) == 0
+    assert abs(float(backend.to_numpy(events.t)) - T_STAR) < CLOSE
+    np.testing.assert_allclose(backend.to_numpy(events.y), [LEVEL], rtol=0, atol=CLOSE)
+    ys = backend.to_numpy(sol.ys)[:, 0]
+    # Before the event the outputs are the closed form; the output after it (t = 3 > t*) is
+    # NaN, and the time reached is the event's.
+    np.testing.assert_allclose(ys[:2], Y0 * np.exp(-K * np.array([0.0, 1.0])), atol=CLOSE)
+    assert np.isnan(ys[2])
+    assert abs(float(backend.to_numpy(sol.t_reached)) - T_STAR) < CLOSE
+    assert int(events.count) == 1
+    assert abs(float(backend.to_numpy(events.times)[0]) - T_STAR) < CLOSE
+
+
+def test_throw_does_not_raise_at_a_terminal_event(backend):
+    # throw=True is the default: an event is a success.
+    sol = _decay_solution(backend, throw=True)
+    assert int(sol.status) == int(odecore.Status.EVENT)
+    assert odecore.Status.EVENT.describe().startswith("stopped at a terminal event")
+
+
+def _event_gradients(backend, mode, y0=Y0, k=K, c=LEVEL):
+    """d t*/d(y0, k, c) and d y*/d(y0, k, c) through odecore on ``backend``."""
+    times = [0.0, 3.0]
+    if backend.name == "torch":
+        import torch
+
+        args = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (y0, k, c)]
+        sol = odecore.solve(
+            decay,
+            args[0].reshape(1),
+            torch.tensor(times, dtype=torch.float64),
+            params=(args[1], args[2]),
+            event=below_level,
+            adjoint=mode,
+            **TIGHT,
+        )
+        dt = torch.autograd.grad(sol.events.t, args, retain_graph=True)
+        dy = torch.autograd.grad(sol.events.y.sum(), args)
+        return np.array([float(g) for g in dt]), np.array([float(g) for g in dy])
+    import jax
+    import jax.numpy as jnp
+
+    def event(y0, k, c):
+        sol = odecore.solve(
+            decay,
+            jnp.reshape(y0, (1,)),
+            jnp.asarray(times),
+            params=(k, c),
+            event=below_level,
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t, jnp.sum(sol.events.y)
+
+    args = (jnp.asarray(y0), jnp.asarray(k), jnp.asarray(c))
+    dt = jax.grad(lambda *a: event(*a)[0], argnums=(0, 1, 2))(*args)
+    dy = jax.grad(lambda *a: event(*a)[1], argnums=(0, 1, 2))(*args)
+    return np.array([float(g) for g in dt]), np.array([float(g) for g in dy])
+
+
+def _event_time(backend, y0, k, c):
+    return float(backend.to_numpy(_decay_solution(backend, y0, k, c).events.t))
+
+
+MODES = {"torch": ["direct", "backsolve", "checkpoint"], "jax": ["backsolve", "checkpoint"]}
+
+
+@pytest.mark.parametrize(
+    "mode", ["direct", "backsolve", pytest.param("checkpoint", marks=pytest.mark.slow_on("jax"))]
+)
+def test_event_time_gradients_match_closed_form_and_finite_differences(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    dt, dy = _event_gradients(backend, mode)
+    np.testing.assert_allclose(dt, [DT_DY0, DT_DK, DT_DC], rtol=0, atol=GRAD_CLOSE)
+    # y* = c whatever y0 and k: only c moves it.
+    np.testing.assert_allclose(dy, [0.0, 0.0, 1.0], rtol=0, atol=GRAD_CLOSE)
+    # Central differences of the solved event time: truncation O(h^2) ~ 1e-8, and the
+    # solve's error 1e-10 divided by h.
+    h = 1e-4
+    base = np.array([Y0, K, LEVEL])
+    fd = []
+    for i in range(3):
+        up, down = base.copy(), base.copy()
+        up[i] += h
+        down[i] -= h
+        fd.append((_event_time(backend, *up) - _event_time(backend, *down)) / (2 * h))
+    np.testing.assert_allclose(dt, fd, rtol=0, atol=1e-5)
+
+
+class DecayWithVjp:
+    """NumPy dynamics with their own VJP: ``y' = -k y``, ``params = (k, c)``."""
+
+    def __call__(self, t, y, params):
+        return decay(t, y, params)
+
+    def vjp(self, t, y, params, cot):
+        return -params[0] * cot, (np.array(-np.sum(cot * y)), np.array(0.0))
+
+
+class LevelWithVjp:
+    """``g = y - c`` with its VJP ``(g_t, g_y, g_params)``."""
+
+    def __call__(self, t, y, params):
+        return below_level(t, y, params)
+
+    def vjp(self, t, y, params, g_bar):
+        y_bar = np.zeros_like(y)
+        y_bar[..., 0] = g_bar
+        return np.zeros_like(np.asarray(t, dtype=float)), y_bar, (np.array(0.0), -np.sum(g_bar))
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "backsolve"])
+def test_vjp_odeint_event_gradients_on_numpy(mode):
+    params = (np.array(K), np.array(LEVEL))
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        np.array([Y0]),
+        np.array([0.0, 3.0]),
+        params,
+        adjoint=mode,
+        event=LevelWithVjp(),
+        **TIGHT,
+    )
+    assert abs(float(events.t) - T_STAR) < CLOSE
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=1.0)
+    np.testing.assert_allclose(
+        [y0_bar[0], params_bar[0], params_bar[1]], [DT_DY0, DT_DK, DT_DC], atol=GRAD_CLOSE
+    )
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_y_bar=np.ones(1))
+    np.testing.assert_allclose(
+        [y0_bar[0], params_bar[0], params_bar[1]], [0.0, 0.0, 1.0], atol=GRAD_CLOSE
+    )
+
+
+def test_vjp_odeint_event_without_a_vjp_is_refused():
+    with pytest.raises(TypeError, match="event.*vjp"):
+        odecore.vjp_odeint(
+            DecayWithVjp(),
+            np.array([Y0]),
+            np.array([0.0, 3.0]),
+            (np.array(K), np.array(LEVEL)),
+            event=below_level,
+        )
+
+
+# The bouncing ball: height h, velocity v, h' = v, v' = -G; at h = 0 falling, v -> -E v.
+G, E, H0 = 9.81, 0.8, 1.3
+
+
+def ball(t, y, params=None):
+    return (y[1], -G + 0 * y[0])
+
+
+def bounce_times(h0, e, count):
+    """The closed form: the first impact at sqrt(2 h0 / G) with speed w = sqrt(2 G h0); each
+    flight after an impact lasts 2 w / G and the next impact speed is e w."""
+    w = math.sqrt(2 * G * h0)
+    times = [w / G]
+    for _ in range(count - 1):
+        w *= e
+        times.append(times[-1] + 2 * w / G)
+    return np.array(times)
+
+
+def _bounces(xp, to_tensor, h0, e, count):
+    """The bounce times, each solve restarting from the previous event's state."""
+    state = (to_tensor([h0]), to_tensor([0.0]))
+    t0 = to_tensor(0.0)
+    times = []
+    for _ in range(count):
+        sol = odecore.solve(
+            ball,
+            state,
+            xp.stack([t0, t0 + 10.0]),
+            event=odecore.Event(lambda t, y: y[0][0], direction=-1),
+            **TIGHT,
+        )
+        t0 = sol.events.t
+        h, v = sol.events.y
+        state = (h, -e * v)
+        times.append(t0)
+    return times
+
+
+def test_bouncing_ball_times_match_closed_form(backend):
+    def to_tensor(v):
+        return backend.asarray(v)
+
+    times = _bounces(backend.xp, to_tensor, H0, E, 4)
+    got = np.array([float(backend.to_numpy(t)) for t in times])
+    np.testing.assert_allclose(got, bounce_times(H0, E, 4), rtol=0, atol=1e-8)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_bouncing_ball_gradients_match_finite_differences(mode):
+    import torch
+
+    h0 = torch.tensor(H0, dtype=torch.float64, requires_grad=True)
+    e = torch.tensor(E, dtype=torch.float64, requires_grad=True)
+
+    with odecore.use_backend("torch"):
+        state = (h0.reshape(1), torch.zeros(1, dtype=torch.float64))
+        t0 = torch.tensor(0.0, dtype=torch.float64)
+        for _ in range(3):
+            sol = odecore.solve(
+                ball,
+                state,
+                torch.stack([t0, t0.detach() + 10.0]),
+                event=odecore.Event(lambda t, y: y[0][0], direction=-1),
+                adjoint=mode,
+                **TIGHT,
+            )
+            t0 = sol.events.t
+            h, v = sol.events.y
+            state = (h, -e * v)
+    dh0, de = torch.autograd.grad(t0, (h0, e))
+    # Central differences of the closed form (step 1e-6: truncation ~1e-12, rounding ~1e-10).
+    step = 1e-6
+
+    def third(h, r):
+        return bounce_times(h, r, 3)[-1]
+
+    fd_h = (third(H0 + step, E) - third(H0 - step, E)) / (2 * step)
+    fd_e = (third(H0, E + step) - third(H0, E - step)) / (2 * step)
+    # The IFT gradient on a solve with error ~1e-10 per bounce.
+    assert abs(float(dh0) - fd_h) < 1e-6
+    assert abs(float(de) - fd_e) < 1e-6
+
+
+def _cos(t, y):
+    # y' = cos t from y(0) = 0: y = sin t, which crosses zero at every multiple of pi.
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(y)
+    return xp.cos(t) + 0 * y
+
+
+@pytest.mark.parametrize(
+    "direction, crossings", [(1, [2 * math.pi]), (-1, [math.pi, 3 * math.pi]), (0, [1, 2, 3])]
+)
+def test_direction_and_recorded_crossings(backend, direction, crossings):
+    if direction == 0:
+        crossings = [k * math.pi for k in crossings]
+    sol = odecore.solve(
+        _cos,
+        backend.asarray([0.0]),
+        backend.asarray([0.0, 10.0]),
+        event=odecore.Event(lambda t, y: y[..., 0], terminal=False, direction=direction),
+        **TIGHT,
+    )
+    assert int(sol.status) == int(odecore.Status.SUCCESS)
+    assert int(sol.events.index) == -1
+    assert np.isnan(float(backend.to_numpy(sol.events.t)))
+    count = int(sol.events.count)
+    assert count == len(crossings)
+    times = backend.to_numpy(sol.events.times)
+    np.testing.assert_allclose(times[:count], crossings, rtol=0, atol=CLOSE)
+    assert np.all(np.isnan(times[count:]))
+    assert np.all(backend.to_numpy(sol.events.which)[:count] == 0)
+
+
+def test_first_terminal_event_wins_and_non_terminal_are_recorded(backend):
+    events = [
+        odecore.Event(lambda t, y: y[..., 0] - 0.5, terminal=False),  # at pi/6
+        odecore.Event(lambda t, y: y[..., 0] - 0.9),  # at asin(0.9)
+        odecore.Event(lambda t, y: y[..., 0] - 0.7),  # at asin(0.7), earlier: it wins
+    ]
+    sol = odecore.solve(
+        _cos, backend.asarray([0.0]), backend.asarray([0.0, 3.0]), event=events, **TIGHT
+    )
+    assert int(sol.events.index) == 2
+    assert abs(float(backend.to_numpy(sol.events.t)) - math.asin(0.7)) < CLOSE
+    count = int(sol.events.count)
+    which = list(backend.to_numpy(sol.events.which)[:count])
+    times = backend.to_numpy(sol.events.times)[:count]
+    # The non-terminal crossing, and the terminal one that stopped the sample; the later
+    # terminal event never happens.
+    assert which == [0, 2]
+    np.testing.assert_allclose(times, [math.pi / 6, math.asin(0.7)], atol=CLOSE)
+
+
+def test_batched_samples_stop_at_their_own_events(backend):
+    y0s = [[2.0], [1.0], [0.4]]
+    times = [0.0, 1.0, 2.5]
+    params = (backend.asarray(K), backend.asarray(LEVEL))
+    batch = odecore.solve(
+        decay,
+        backend.asarray(y0s),
+        backend.asarray(times),
+        params=params,
+        event=below_level,
+        batch_axis=0,
+        **TIGHT,
+    )
+    # Sample 2 starts below the level and never crosses it.
+    assert list(backend.to_numpy(batch.status)) == [6, 6, 0]
+    assert list(backend.to_numpy(batch.events.index)) == [0, 0, -1]
+    for i, y0 in enumerate(y0s):
+        alone = odecore.solve(
+            decay,
+            backend.asarray(y0),
+            backend.asarray(times),
+            params=params,
+            event=below_level,
+            **TIGHT,
+        )
+        np.testing.assert_allclose(
+            backend.to_numpy(batch.ys)[:, i], backend.to_numpy(alone.ys), rtol=0, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            backend.to_numpy(batch.events.t)[i], backend.to_numpy(alone.events.t), atol=1e-12
+        )
+    expected = np.log(np.array([2.0, 1.0]) / LEVEL) / K
+    np.testing.assert_allclose(backend.to_numpy(batch.events.t)[:2], expected, atol=CLOSE)
+
+
+@pytest.mark.backend("jax")
+def test_events_under_jit_and_vmap():
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+
+        def event_time(y0):
+            sol = odecore.solve(
+                decay,
+                jnp.reshape(y0, (1,)),
+                jnp.asarray([0.0, 3.0]),
+                params=(jnp.asarray(K), jnp.asarray(LEVEL)),
+                event=below_level,
+                **TIGHT,
+            )
+            return sol.events.t
+
+        y0s = jnp.asarray([2.0, 1.0, 3.0])
+        expected = np.log(np.asarray(y0s) / LEVEL) / K
+        np.testing.assert_allclose(jax.jit(jax.vmap(event_time))(y0s), expected, atol=CLOSE)
+        grads = jax.vmap(jax.grad(event_time))(y0s)
+        np.testing.assert_allclose(grads, 1 / (K * np.asarray(y0s)), atol=GRAD_CLOSE)
+
+
+def test_bad_events_are_refused(backend):
+    def solve(event):
+        return _decay_solution_with(backend, event)
+
+    with pytest.raises(TypeError, match="event must be a callable"):
+        solve(3.0)
+    with pytest.raises(TypeError, match=r"event\[1\] must be a callable"):
+        solve([below_level, "g"])
+    with pytest.raises(ValueError, match="direction must be"):
+        odecore.Event(below_level, direction=2)
+    with pytest.raises(ValueError, match=r"event returned shape \(1,\), expected \(\)"):
+        solve(lambda t, y, p: y - p[1])
+    with pytest.raises(ValueError, match="empty"):
+        solve([])
+    with pytest.raises(ValueError, match="max_events"):
+        _decay_solution_with(backend, below_level, options={"max_events": 0})
+
+
+def _decay_solution_with(backend, event, **kwargs):
+    return odecore.solve(
+        decay,
+        backend.asarray([Y0]),
+        backend.asarray([0.0, 3.0]),
+        params=(backend.asarray(K), backend.asarray(LEVEL)),
+        event=event,
+        **kwargs,
+    )
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+@pytest.mark.parametrize("reverse_time", [False, True])
+def test_odeint_event_matches_torchdiffeq(interface, reverse_time):
+    import torch
+    import torchdiffeq
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(K, dtype=torch.float64))
+
+        def forward(self, t, y):
+            return -self.k * y
+
+    level = LEVEL if not reverse_time else 4.0
+
+    def event_fn(t, y):
+        return y[0] - level
+
+    results = []
+    for library in (odecore, torchdiffeq):
+        func = Decay()
+        y0 = torch.tensor([Y0], dtype=torch.float64, requires_grad=True)
+        t0 = torch.tensor(0.0, dtype=torch.float64)
+        event_t, states = library.odeint_event(
+            func,
+            y0,
+            t0,
+            event_fn=event_fn,
+            reverse_time=reverse_time,
+            odeint_interface=getattr(library, interface),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        grads = torch.autograd.grad(event_t, (y0, func.k))
+        gradients = [float(g) for g in grads]
+        results.append((float(event_t.detach()), states.detach().numpy(), gradients))
+    (t_ours, s_ours, g_ours), (t_theirs, s_theirs, g_theirs) = results
+    expected = math.log(Y0 / level) / K
+    assert abs(t_ours - expected) < CLOSE
+    # torchdiffeq bisects to its own tolerance; both agree with the closed form.
+    assert abs(t_theirs - expected) < 1e-6
+    np.testing.assert_allclose(s_ours, s_theirs, atol=1e-6)
+    assert s_ours.shape == (2, 1)
+    np.testing.assert_allclose(g_ours, g_theirs, atol=1e-5)
+    np.testing.assert_allclose(g_ours, [1 / (K * Y0), -math.log(Y0 / level) / K**2], atol=1e-7)
+
+
+def test_vjp_odeint_event_gradients_of_a_batch():
+    y0s = np.array([[2.0], [1.0], [3.0]])
+    params = (np.array(K), np.array(LEVEL))
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        y0s,
+        np.array([0.0, 3.0]),
+        params,
+        batch_axis=0,
+        event=LevelWithVjp(),
+        **TIGHT,
+    )
+    np.testing.assert_allclose(events.t, np.log(y0s[:, 0] / LEVEL) / K, atol=CLOSE)
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=np.ones(3))
+    # Each sample's own event time depends on its own y0 only; k and c are shared.
+    np.testing.assert_allclose(y0_bar[:, 0], 1 / (K * y0s[:, 0]), atol=GRAD_CLOSE)
+    dk = np.sum(-np.log(y0s[:, 0] / LEVEL) / K**2)
+    np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
+
+
+@pytest.mark.backend("numba")
+def test_numba_runs_events_through_the_generic_loop():
+    def rate(t, y, dy, params):
+        dy[0] = -params[0][0] * y[0]
+
+    sol = odecore.solve(
+        rate,
+        np.array([Y0]),
+        np.array([0.0, 3.0]),
+        params=(np.array([K]),),
+        backend="numba",
+        event=lambda t, y, params: y[0] - LEVEL,
+        **TIGHT,
+    )
+    assert int(sol.status) == int(odecore.Status.EVENT)
+    assert abs(float(sol.events.t) - T_STAR) < CLOSE
+
+
+@pytest.mark.parametrize(
+    "mode", ["direct", "backsolve", pytest.param("checkpoint", marks=pytest.mark.slow_on("jax"))]
+)
+def test_batched_event_time_gradients_per_sample(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    # The last sample starts below the level: no event, NaN time, and no gradient leaking
+    # from it into the others (its cotangent is zero).
+    y0s = np.array([2.0, 1.0, 3.0, 0.4])
+    times = [0.0, 4.0]
+
+    def event_times(y0, k):
+        sol = odecore.solve(
+            decay,
+            y0[:, None],
+            backend.asarray(times),
+            params=(k, backend.asarray(LEVEL)),
+            event=below_level,
+            batch_axis=0,
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t
+
+    if backend.name == "torch":
+        import torch
+
+        y0 = torch.tensor(y0s, requires_grad=True)
+        k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+        t = event_times(y0, k)
+        reached = ~torch.isnan(t)
+        dy0, dk = torch.autograd.grad(torch.where(reached, t, 0.0).sum(), (y0, k))
+        t, dy0, dk = t.detach().numpy(), dy0.numpy(), float(dk)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def total(y0, k):
+            t = event_times(y0, k)
+            return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
+
+        (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            jnp.asarray(y0s), jnp.asarray(K)
+        )
+        t, dy0, dk = np.asarray(t), np.asarray(dy0), float(dk)
+    hit = y0s[:3]
+    np.testing.assert_allclose(t[:3], np.log(hit / LEVEL) / K, atol=CLOSE)
+    assert np.isnan(t[3])
+    np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
+    np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+def test_odeint_event_on_a_structured_state(backend):
+    # The ball from height H0 at rest: it lands at sqrt(2 H0 / G) with speed -sqrt(2 G H0).
+    state = (backend.asarray([H0]), backend.asarray([0.0]))
+    event_t, (h, v) = odecore.odeint_event(
+        ball, state, backend.asarray(0.0), event_fn=lambda t, y: y[0][0], **TIGHT
+    )
+    assert abs(float(backend.to_numpy(event_t)) - math.sqrt(2 * H0 / G)) < CLOSE
+    np.testing.assert_allclose(backend.to_numpy(h), [[H0], [0.0]], atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(v), [[0.0], [-math.sqrt(2 * G * H0)]], atol=CLOSE)
