@@ -82,6 +82,12 @@ class JaxAutodiff(Autodiff):
 
         return out, pullback
 
+    def linearize_reusable(self, func, params, leaves, t, y):
+        # A JAX pullback is a function of the residuals it holds: it may be called again.
+        # Under jit the cotangents nobody reads (the leaves', from pull_y) are dead code.
+        out, pullback = self.linearize(func, params, leaves, t, y)
+        return out, lambda cot: pullback(cot)[0], pullback
+
     def vjp(self, fn, *primals):
         # Jitted: the forward and the backward each compile to one program, instead of
         # dispatching every operation (and compiling every loop) on its own.
