@@ -128,7 +128,7 @@ def _split(backend, y0, t, params, arguments):
     arrays = [x for x in leaves if _is_array(x)]
     # Which inputs this call differentiates (JAX's JVP tracers, seen before the jit); the
     # compiled solve's backward then leaves the others' cotangents out.
-    differentiated = tuple(_differentiated(x) for x in jax.tree_util.tree_leaves((y0, t, arrays)))
+    flags = tuple(differentiated(x) for x in jax.tree_util.tree_leaves((y0, t, arrays)))
     # A structured y0 (a tuple or dict of arrays) is a pytree of the jitted function's
     # arguments like any other.
     values = (jax.tree_util.tree_map(_as_array, y0), _as_array(t), arrays, *tolerances, runtime)
@@ -145,10 +145,10 @@ def _split(backend, y0, t, params, arguments):
         "static_leaves": tuple(None if _is_array(x) else x for x in leaves),
         "options": static_options,
         "settings": settings,
-        "differentiated": differentiated,
+        "differentiated": flags,
     }
     key = (
-        differentiated,
+        flags,
         treedef,
         _typed(config["static_leaves"]),
         _typed(static_options),
@@ -236,7 +236,7 @@ def is_constant(x) -> bool:
     return id(x) in getattr(_held, "ids", frozenset())
 
 
-def _differentiated(x) -> bool:
+def differentiated(x) -> bool:
     """A tracer of forward or reverse mode (JVP and linearize tracers carry a primal and a
     tangent)."""
     return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")

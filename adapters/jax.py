@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
-from odecore.adapters._jax_cache import CompiledSolves, is_constant
+from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_constant
 
 from odecore.backend import Autodiff, Backend, Tracing
 from odecore.ode.solution import PrecisionWarning, Solution
@@ -124,7 +124,7 @@ class JaxAutodiff(Autodiff):
                 return (out, aux), rule.residual_arrays(residuals)
 
             forward_arrays, forward_consts = _closure_convert(forward, *primals)
-            if any(_differentiated(c) for c in forward_consts):
+            if any(differentiated(c) for c in forward_consts):
                 raise ValueError(_CAPTURED_MESSAGE)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
 
@@ -380,12 +380,6 @@ def _unit_batched(pull):
     return batched
 
 
-def _differentiated(x) -> bool:
-    """A tracer of forward or reverse mode (JAX's JVP and linearize tracers carry a primal and
-    a tangent; the tracers of jit and vmap do not)."""
-    return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
-
-
 def _closure_convert(fn, *args):
     """``(converted, hoisted)``: ``fn`` as a function of ``args`` and of every tracer it
     captures, ``converted(*args, *hoisted) == fn(*args)``; captured concrete arrays stay
@@ -437,7 +431,7 @@ def _is_float_array(x) -> bool:
 
 
 def _primal(x):
-    while _differentiated(x):
+    while differentiated(x):
         x = x.primal
     return x
 
