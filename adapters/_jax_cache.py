@@ -23,6 +23,7 @@ differentiate.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import numbers
 import threading
@@ -125,6 +126,9 @@ def _split(backend, y0, t, params, arguments):
     if not all(_is_value(tol) for tol in tolerances):
         return None
     arrays = [x for x in leaves if _is_array(x)]
+    # Which inputs this call differentiates (JAX's JVP tracers, seen before the jit); the
+    # compiled solve's backward then leaves the others' cotangents out.
+    flags = tuple(differentiated(x) for x in jax.tree_util.tree_leaves((y0, t, arrays)))
     # A structured y0 (a tuple or dict of arrays) is a pytree of the jitted function's
     # arguments like any other.
     values = (jax.tree_util.tree_map(_as_array, y0), _as_array(t), arrays, *tolerances, runtime)
@@ -141,8 +145,10 @@ def _split(backend, y0, t, params, arguments):
         "static_leaves": tuple(None if _is_array(x) else x for x in leaves),
         "options": static_options,
         "settings": settings,
+        "differentiated": flags,
     }
     key = (
+        flags,
         treedef,
         _typed(config["static_leaves"]),
         _typed(static_options),
@@ -192,20 +198,48 @@ def _compile(backend, solve: Callable, func_ref: weakref.ref, config: dict):
     options = config["options"]
 
     def run(y0, t, arrays, rtol, atol, runtime):
-        return solve(
-            func_ref(),
-            y0,
-            t,
-            params=_params(config, arrays),
-            rtol=rtol,
-            atol=atol,
-            options=None if options is None else {**options, **runtime},
-            backend=backend,
-            throw=False,
-            **config["settings"],
-        )
+        inputs = jax.tree_util.tree_leaves((y0, t, arrays))
+        constant = {id(x) for x, d in zip(inputs, config["differentiated"], strict=True) if not d}
+        with _constants(constant):
+            return solve(
+                func_ref(),
+                y0,
+                t,
+                params=_params(config, arrays),
+                rtol=rtol,
+                atol=atol,
+                options=None if options is None else {**options, **runtime},
+                backend=backend,
+                throw=False,
+                **config["settings"],
+            )
 
     return jax.jit(run)
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def _constants(ids):
+    before = getattr(_held, "ids", frozenset())
+    _held.ids = frozenset(ids)
+    try:
+        yield
+    finally:
+        _held.ids = before
+
+
+def is_constant(x) -> bool:
+    """Whether ``x`` is an argument of the compiled solve being traced that its caller does
+    not differentiate: no cotangent of it is ever asked for."""
+    return id(x) in getattr(_held, "ids", frozenset())
+
+
+def differentiated(x) -> bool:
+    """A tracer of forward or reverse mode (JVP and linearize tracers carry a primal and a
+    tangent)."""
+    return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
 
 
 def _params(config, arrays):

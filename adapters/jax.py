@@ -33,7 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from odecore.adapters._jax_cache import CompiledSolves
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_constant
 
 from odecore.backend import Autodiff, Backend, Tracing
 from odecore.ode.solution import PrecisionWarning, Solution
@@ -66,8 +67,10 @@ class JaxAutodiff(Autodiff):
         return _recording()
 
     def linearize(self, func, params, leaves, t, y):
-        if params is None:
-            out, pull = jax.vjp(lambda y_: func(t, y_), y)
+        if not leaves:  # params, if any, held constant: no cotangent to compute for them
+            out, pull = jax.vjp(
+                lambda y_: func(t, y_) if params is None else func(t, y_, params), y
+            )
             pull = _unit_batched(pull)
             return out, lambda cot: (pull(cot)[0], [])
 
@@ -82,6 +85,12 @@ class JaxAutodiff(Autodiff):
             return cot_y, cot_leaves
 
         return out, pullback
+
+    def linearize_reusable(self, func, params, leaves, t, y):
+        # A JAX pullback is a function of the residuals it holds: it may be called again.
+        # Under jit the cotangents nobody reads (the leaves', from pull_y) are dead code.
+        out, pullback = self.linearize(func, params, leaves, t, y)
+        return out, lambda cot: pullback(cot)[0], pullback
 
     def vjp(self, fn, *primals):
         # Jitted: the forward and the backward each compile to one program, instead of
@@ -124,25 +133,31 @@ class JaxAutodiff(Autodiff):
                 return (out, aux), rule.residual_arrays(residuals)
 
             forward_arrays, forward_consts = _closure_convert(forward, *primals)
-            if any(_differentiated(c) for c in forward_consts):
+            if any(differentiated(c) for c in forward_consts):
                 raise ValueError(_CAPTURED_MESSAGE)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
 
-            def backward(primals, arrays, out_bar):
+            def backward(primals, arrays, out_bar, needs=None):
                 with _no_grad():
-                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar)
+                    grads = rule.backward(rule.from_arrays(primals, arrays), out_bar, needs)
                 return tuple(_cotangent_like(g, p) for g, p in zip(grads, primals, strict=True))
 
             if forward_consts or _captures_tracers(rule.captured()):
-                backward_arrays, backward_consts = _closure_convert(
-                    backward,
+                # Traced here, while what it captures is alive, before JAX says which primals
+                # it differentiates: for every cotangent but those of a compiled eager
+                # solve's arguments that its caller does not differentiate.
+                needs = tuple(not is_constant(p) for p in primals)
+                converted, backward_consts = _closure_convert(
+                    functools.partial(backward, needs=needs),
                     primals,
                     _zeros_like_shapes(arrays_shape),
                     _zeros_like_shapes(out_shape),
                 )
+                backward_arrays = _ignoring_needs(converted)
             else:
                 # Nothing traced is captured (the backward calls the same func with the same
-                # settings as the forward), so it is traced only if it is ever needed.
+                # settings as the forward), so it is traced only if it is ever needed, and
+                # then for the cotangents asked for.
                 backward_arrays, backward_consts = backward, []
             out, aux = _apply(
                 forward_arrays, backward_arrays, primals, forward_consts, backward_consts
@@ -266,21 +281,47 @@ def _apply(forward, backward, primals, forward_consts, backward_consts):
     return forward(*primals, *forward_consts)[0]
 
 
+@jax.tree_util.register_static
+class _Perturbed(tuple):
+    """Which of the primals are differentiated (``CustomVJPPrimal.perturbed``): static data,
+    carried among the residuals from the forward rule to the backward."""
+
+
 def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
-    # A failed solve's gradients follow the rule's own policy
-    # (odecore.adjoint.failed.FailedOutputs).
+    # With symbolic_zeros every argument arrives as a CustomVJPPrimal: its value, and
+    # whether it is differentiated at all. A failed solve's gradients follow the rule's own
+    # policy (odecore.adjoint.failed.FailedOutputs).
+    needs = tuple(any(p.perturbed for p in jax.tree_util.tree_leaves(x)) for x in primals)
+    consts = jax.tree_util.tree_leaves((forward_consts, backward_consts))
+    perturbed = _Perturbed((*needs, *(c.perturbed for c in consts)))
+    primals, forward_consts, backward_consts = custom_vjp_primal_tree_values(
+        (primals, forward_consts, backward_consts)
+    )
     outputs, arrays = forward(*primals, *forward_consts)
-    return outputs, (primals, arrays, forward_consts, backward_consts)
+    return outputs, ((primals, arrays, forward_consts, backward_consts), perturbed)
 
 
-def _apply_bwd(forward, backward, residuals, cotangents):
-    primals, arrays, forward_consts, backward_consts = residuals
-    grads = backward(primals, arrays, cotangents[0], *backward_consts)
+def _apply_bwd(forward, backward, saved, cotangents):
+    (primals, arrays, forward_consts, backward_consts), perturbed = saved
+    needs = perturbed[: len(primals)]
+    out_bar = cotangents[0]
+    if isinstance(out_bar, SymbolicZero) or not any(needs):
+        # Only the status or statistics reached the loss, or nothing asks for a cotangent.
+        grads = tuple(_cotangent_like(None, p) for p in primals)
+    else:
+        grads = backward(primals, arrays, out_bar, needs, *backward_consts)
     # The rule has no gradient for what func captures or the options hold: NaN, so that
     # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
-    # Cotangents of values nothing differentiates are dropped by JAX; integer and boolean
-    # values have none.
-    unknown = jax.tree_util.tree_map(_unknown_cotangent, (forward_consts, backward_consts))
+    # Values nothing differentiates get a symbolic zero (None); integer and boolean values
+    # have none.
+    consts = jax.tree_util.tree_leaves((forward_consts, backward_consts))
+    unknown = [
+        _unknown_cotangent(c) if p else None
+        for c, p in zip(consts, perturbed[len(primals) :], strict=True)
+    ]
+    unknown = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure((forward_consts, backward_consts)), unknown
+    )
     return (grads, *unknown)
 
 
@@ -290,7 +331,19 @@ def _unknown_cotangent(value):
     return jnp.full_like(value, jnp.nan)
 
 
-_apply.defvjp(_apply_fwd, _apply_bwd)
+def _ignoring_needs(backward):
+    """A backward converted for every cotangent, called as one that is told which are
+    needed: ``backward(primals, arrays, out_bar, needs, *consts)``."""
+
+    def call(primals, arrays, out_bar, needs, *consts):
+        return backward(primals, arrays, out_bar, *consts)
+
+    return call
+
+
+# symbolic_zeros: the forward rule learns which primals are differentiated, and the backward
+# skips the cotangents nobody asked for (a time gradient's evaluations, a parameter adjoint).
+_apply.defvjp(_apply_fwd, _apply_bwd, symbolic_zeros=True)
 
 
 _COMPILED_SOLVES = CompiledSolves()
@@ -344,12 +397,6 @@ def _unit_batched(pull):
     return batched
 
 
-def _differentiated(x) -> bool:
-    """A tracer of forward or reverse mode (JAX's JVP and linearize tracers carry a primal and
-    a tangent; the tracers of jit and vmap do not)."""
-    return isinstance(x, jax.core.Tracer) and hasattr(x, "primal") and hasattr(x, "tangent")
-
-
 def _closure_convert(fn, *args):
     """``(converted, hoisted)``: ``fn`` as a function of ``args`` and of every tracer it
     captures, ``converted(*args, *hoisted) == fn(*args)``; captured concrete arrays stay
@@ -401,7 +448,7 @@ def _is_float_array(x) -> bool:
 
 
 def _primal(x):
-    while _differentiated(x):
+    while differentiated(x):
         x = x.primal
     return x
 

@@ -90,6 +90,31 @@ class TorchAutodiff(Autodiff):
 
         return out.detach(), pullback
 
+    def linearize_reusable(self, func, params, leaves, t, y):
+        with torch.enable_grad():
+            out, inputs = self._differentiable_call(func, params, leaves, t, y)
+        wanted = [x for x in inputs if x.requires_grad]
+
+        def pull(cot, wrt):
+            # The graph is kept (retain_graph) for the next cotangent; autograd computes
+            # only the paths that reach ``wrt``, so pull_y skips the parameters' products.
+            found = [None] * len(wrt)
+            if out.requires_grad and wrt:
+                found = torch.autograd.grad(out, wrt, cot, allow_unused=True, retain_graph=True)
+            return [
+                torch.zeros_like(x) if g is None else g for g, x in zip(found, wrt, strict=True)
+            ]
+
+        def pull_y(cot):
+            return pull(cot, [inputs[0]])[0]
+
+        def pull_all(cot):
+            found = iter(pull(cot, wanted))
+            grads = [next(found) if x.requires_grad else torch.zeros_like(x) for x in inputs]
+            return grads[0], grads[1:]
+
+        return out.detach(), pull_y, pull_all
+
     def attach_zero_gradients(self, out, leaves):
         leaves = [x for x in leaves if x.requires_grad]
         return _ZeroGradient.apply(out, *leaves) if leaves else out

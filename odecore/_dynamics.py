@@ -11,6 +11,7 @@ and gives the vector-Jacobian products the gradient modes need through the backe
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from odecore import _validate
@@ -46,6 +47,13 @@ class Dynamics:
         self.jump_sides = None
         if jumps is not None and bk.eager and accepts_perturb(unwrap(func)):
             self.jump_sides = JumpSides(jumps, sign)
+
+    def with_constant_params(self):
+        """These dynamics with ``params`` held constant: their VJPs give no parameter
+        cotangents and do none of the parameters' work (for a gradient that wants none)."""
+        held = copy.copy(self)
+        held.leaves = []
+        return held
 
     def _bound(self, t):
         """``func``, with ``perturb`` bound where it takes one; ``t`` is internal time."""

@@ -218,3 +218,45 @@ def test_captured_differentiated_value_raises(x64):
 def test_map_returning_a_list_is_named(x64):
     with pytest.raises(TypeError, match="f must return a jax array.*it returned a list"):
         solve(lambda z, b: [z, b], jnp.zeros((2, 1)), jnp.ones((2, 1)))
+
+
+@pytest.mark.parametrize("backward_solver", ["anderson", "gmres"])
+def test_linearize_once_traces_f_once_in_the_backward(x64, backward_solver):
+    z0, w = jnp.zeros(BIAS.shape), jnp.asarray(W)
+    calls = {"counting": False, "n": 0}
+
+    def counted_affine(z, params):
+        calls["n"] += calls["counting"]
+        return affine(z, params)
+
+    grads, backward_calls = {}, {}
+    for linearization in ("once", "per_iteration"):
+        z, pullback = jax.vjp(
+            lambda b, lin=linearization: (
+                solve(
+                    counted_affine,
+                    z0,
+                    (w, b),
+                    backward_solver=backward_solver,
+                    backward_linearization=lin,
+                ).z
+            ),
+            jnp.asarray(BIAS),
+        )
+        calls["counting"], calls["n"] = True, 0
+        (grads[linearization],) = pullback(2 * z)
+        calls["counting"] = False
+        backward_calls[linearization] = calls["n"]
+    # JAX calls f while tracing: "once" traces it one time, outside the backward's loop,
+    # so it runs once; re-evaluating traces it inside the loop's body as well.
+    assert backward_calls["once"] == 1
+    assert backward_calls["per_iteration"] >= 2
+    # The gradient of sum(z*^2) for the affine map: 2 z*^T (I - W)^{-1}, per sample; the
+    # backward solve converges to 1e-12, far inside the tolerance below.
+    z_star = np.linalg.solve(np.eye(3) - W, BIAS.T).T
+    expected = np.linalg.solve((np.eye(3) - W).T, 2 * z_star.T).T
+    for g in grads.values():
+        np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(
+        np.asarray(grads["once"]), np.asarray(grads["per_iteration"]), rtol=1e-12, atol=1e-14
+    )

@@ -405,3 +405,54 @@ def test_classifier_learns_through_the_fixed_point_alone(deq_example, reproducib
     deq_example.train(model, X_train, y_train, epochs=2, show_progress=False)
     _, after, _ = deq_example.evaluate(model, X_train, y_train)
     assert after < 0.9 * before
+
+
+class CountingTanh:
+    """``tanh_map`` that counts its calls while ``counting`` is set."""
+
+    def __init__(self):
+        self.calls, self.counting = 0, False
+
+    def __call__(self, z, params):
+        self.calls += self.counting
+        return tanh_map(z, params)
+
+
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+def test_linearize_once_evaluates_f_once_and_matches_per_iteration(backward_solver):
+    grads, backward_calls = {}, {}
+    for linearization in ("once", "per_iteration"):
+        f = CountingTanh()
+        params = [t64(p, True) for p in tanh_params()]
+        sol = odecore.solve_fixed_point(
+            f,
+            t64(Z0),
+            tuple(params),
+            batch_axis=0,
+            backward_solver=backward_solver,
+            backward_linearization=linearization,
+            **TIGHT,
+        )
+        f.counting = True
+        (sol.z * t64(tanh_loss_weights())).sum().backward()
+        grads[linearization] = [p.grad.numpy() for p in params]
+        backward_calls[linearization] = f.calls
+        iterations = int(sol.stats["backward_iterations"].max())
+    # One evaluation at z* serves every iteration and the parameter cotangent.
+    assert backward_calls["once"] == 1
+    # Re-evaluating costs at least one evaluation per backward iteration.
+    assert backward_calls["per_iteration"] >= iterations > 1
+    pairs = zip(grads["once"], grads["per_iteration"], implicit_fd_gradient(), strict=True)
+    for once, again, ref in pairs:
+        # Consistency: the same products u J_f(z*) from the same recorded operations, so the
+        # two backward solves take the same iterates, to far below the backward tolerance
+        # (1e-12). Both are held to the finite differences as the other tests are.
+        np.testing.assert_allclose(once, again, rtol=1e-12, atol=1e-14)
+        assert relative_error(once, ref) < 1e-7
+
+
+def test_backward_linearization_is_checked():
+    with pytest.raises(ValueError, match="backward_linearization"):
+        odecore.fixed_point(lambda z: torch.cos(z), t64([0.0]), backward_linearization="twice")
+    with pytest.raises(TypeError, match="backward_linearization"):
+        odecore.fixed_point(lambda z: torch.cos(z), t64([0.0]), backward_linearization=1)

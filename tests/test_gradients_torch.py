@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from backend_params import framework_module
 
@@ -892,3 +893,33 @@ def test_checkpoint_with_jump_times_in_a_batch():
     _, direct = solve_grads(field_rhs, Y0_BATCH, T_LONG, "direct", params=params, **kw)
     _, got = solve_grads(field_rhs, Y0_BATCH, T_LONG, "checkpoint", params=params, **kw)
     assert_close(got, direct, 1e-12, "jump_t batch")
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_time_gradient_reuses_the_forward_rate_at_the_end(mode):
+    """``dL/dt_end = c . f(t_end, y_end)`` takes the rate the forward solve ended with: the
+    time gradient costs one evaluation per output time but the last. The values are the
+    closed form of a linear ODE."""
+    A = torch.tensor(A_LINEAR, dtype=F64)
+    times = [0.0, 0.4, 0.9, 1.5]
+    cotangents = np.random.default_rng(3).standard_normal((len(times), len(Y0_LINEAR)))
+    calls = {"n": 0}
+
+    def linear(t, y):
+        calls["n"] += 1
+        return A @ y
+
+    backward_calls = {}
+    for with_t in (False, True):
+        t = torch.tensor(times, dtype=F64, requires_grad=with_t)
+        y0 = torch.tensor(Y0_LINEAR, dtype=F64, requires_grad=True)
+        ys = odecore.odeint(linear, y0, t, adjoint=mode, **TIGHT)
+        calls["n"] = 0
+        (ys * torch.tensor(cotangents)).sum().backward()
+        backward_calls[with_t] = calls["n"]
+    # One evaluation for each output time but the last (t_0's included).
+    assert backward_calls[True] - backward_calls[False] == len(times) - 1
+    _, y0_bar, _, t_bar = linear_gradients(A_LINEAR, Y0_LINEAR, times, cotangents)
+    # The solve's tolerance (rtol 1e-10) bounds the error of the rates and the adjoint.
+    np.testing.assert_allclose(t.grad.numpy(), t_bar, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(y0.grad.numpy(), y0_bar, rtol=1e-7, atol=1e-9)

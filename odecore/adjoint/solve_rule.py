@@ -4,6 +4,8 @@ backsolve or the checkpoint replay, wrapped in the failed-solve policy.
 
 from __future__ import annotations
 
+import dataclasses
+
 from odecore.adjoint.backsolve import backsolve_backward
 from odecore.adjoint.checkpoint import checkpoint_backward
 from odecore.adjoint.failed import FailedOutputs
@@ -36,7 +38,9 @@ class SolveRule:
         # The residuals hold the outputs through a stop_gradient alias: the framework's
         # record of this operation keeps the residuals, and a reference back to its own
         # output would be a cycle that keeps the tape alive until the cyclic GC runs.
-        residuals = (problem, problem.backend.stop_gradient(ys), result.tape, result.dt_next)
+        stop = problem.backend.stop_gradient
+        f_end = None if result.f_end is None else stop(result.f_end)
+        residuals = (problem, stop(ys), result.tape, result.dt_next, f_end)
         return ys, result.solution.report(), residuals
 
     def captured(self):
@@ -47,23 +51,31 @@ class SolveRule:
         """The arrays among ``forward``'s residuals. A framework that traces the forward and
         the backward separately (JAX) can keep only arrays between them; ``from_arrays``
         rebuilds the rest from the primals. ``arrays=None`` only checks the primals."""
-        _, ys, tape, dt_next = residuals
-        return ys, (tape if isinstance(tape, TapeBuffers) else None), dt_next
+        _, ys, tape, dt_next, f_end = residuals
+        return ys, (tape if isinstance(tape, TapeBuffers) else None), dt_next, f_end
 
     def from_arrays(self, primals, arrays):
         y0, t, *leaves = primals
         problem = self.prepare(y0, t, list(leaves))
         if arrays is None:
             return None
-        ys, tape, dt_next = arrays
-        return problem, ys, tape, dt_next
+        ys, tape, dt_next, f_end = arrays
+        return problem, ys, tape, dt_next, f_end
 
     def backward(self, residuals, ys_bar, needs=None):
         """One cotangent per primal of ``forward``: ``(y0_bar, t_bar, *leaves_bar)``.
-        ``needs`` (one flag per primal, from the framework) says which are wanted; the
-        time gradient costs one evaluation of the dynamics per output time, so it is
-        skipped (None) when the times need none."""
-        problem, ys, tape, dt_next = residuals
+        ``needs`` (one flag per primal, from the framework) says which are wanted, and the
+        others are None: the time gradient costs one evaluation of the dynamics per output
+        time; without parameter cotangents the adjoint solve carries no parameter adjoint
+        and its VJPs differentiate with respect to the state only."""
+        problem, ys, tape, dt_next, f_end = residuals
+        n_leaves = len(problem.dynamics.leaves)
+        want = [True] * (2 + n_leaves) if needs is None else [bool(n) for n in needs]
+        want_leaves = any(want[2:])
+        if not any(want):
+            return (None,) * (2 + n_leaves)
+        if not want_leaves:
+            problem = dataclasses.replace(problem, dynamics=problem.dynamics.with_constant_params())
         failed = FailedOutputs(problem.backend, problem.layout, ys)
         ys_bar, poisoned = failed.drop_cotangents(ys_bar)
         if self.mode == "checkpoint":
@@ -72,9 +84,10 @@ class SolveRule:
             a0, leaves_bar = backsolve_backward(
                 problem, ys, ys_bar, self.backsolve_settings, failed, dt_next
             )
-        want_t = needs is None or bool(needs[1])
         y0_bar, t_bar, leaves_bar = finish_gradients(
-            problem, ys, ys_bar, a0, leaves_bar, want_t, failed
+            problem, ys, ys_bar, a0, leaves_bar, want[1], failed, f_end
         )
         y0_bar, t_bar, leaves_bar = failed.poison(poisoned, y0_bar, t_bar, leaves_bar)
-        return (y0_bar, t_bar, *leaves_bar)
+        if not want_leaves:
+            leaves_bar = [None] * n_leaves
+        return (y0_bar if want[0] else None, t_bar, *leaves_bar)

@@ -45,6 +45,21 @@ def linearize(bk: Backend, func, params, leaves, t, y):
     return value, pullback
 
 
+def linearize_reusable(bk: Backend, func, params, leaves, t, y):
+    """``(func(t, y[, params]), pull_y, pull_all)``: pullbacks that may be called many times,
+    ``pull_y(cot) -> cot_y`` and ``pull_all(cot) -> (cot_y, cot_leaves)``. With autodiff one
+    evaluation serves every call (``Autodiff.linearize_reusable``); the dynamics' own ``vjp``
+    is called once per pullback."""
+    if bk.autodiff is not None:
+        return bk.autodiff.linearize_reusable(func, params, leaves, t, y)
+    value = call(func, t, y, params)
+
+    def pull_all(cot):
+        return _user_vjp(bk, func, params, leaves, t, y, cot)
+
+    return value, lambda cot: pull_all(cot)[0], pull_all
+
+
 def vjp(bk: Backend, func, params, leaves, t, y, cot, want_value=False):
     """``(value, cot_y, cot_leaves)``: ``cot`` times the Jacobians of ``func`` with respect to
     ``y`` and each of ``leaves``; ``value`` is ``func(t, y[, params])`` when ``want_value``,

@@ -49,6 +49,14 @@ class Autodiff:
         each array of ``leaves``."""
         raise NotImplementedError
 
+    def linearize_reusable(self, func, params, leaves, t, y):
+        """``(func(t, y[, params]), pull_y, pull_all)`` from one evaluation, for a caller that
+        pulls many cotangents back through the same point (a fixed point's implicit
+        backward): ``pull_y(cot) -> cot_y`` and ``pull_all(cot) -> (cot_y, [cot_leaf, ...])``
+        may each be called any number of times. What the evaluation recorded is kept until
+        both are dropped; ``pull_y`` does none of the parameters' work."""
+        raise NotImplementedError
+
     def vjp(self, fn: Callable, *primals: Any):
         """``(fn(*primals), pullback)``, ``pullback(cotangent)`` giving one cotangent per
         primal."""

@@ -51,6 +51,12 @@ def solve_fixed_point(
         default), ``"broyden"``, with the forward's ``m`` and ``lam``; or ``"gmres"``,
         restarted every ``min(4 m, 20)`` vectors) to ``backward_tol`` within
         ``backward_max_iter`` (default: the forward ``tol`` and ``max_iter``).
+        ``backward_linearization`` (default ``"once"``) says how the iterations get the
+        products ``u J_f(z*)``: ``"once"`` evaluates ``f`` at ``z*`` once and pulls every
+        iteration's ``u`` back through what the framework recorded (torch's graph, JAX's
+        residuals), kept for the whole backward; ``"per_iteration"`` evaluates ``f`` again
+        in each iteration and frees that record after the product, for when memory is
+        tight, at the cost of one evaluation of ``f`` per iteration.
         ``"one_step"``: the gradient of one step ``f(z*)`` from the detached ``z*``.
         ``"unrolled"``: backpropagation through ``unroll_steps`` (default 5) steps
         ``z <- (1 - unroll_damping) z + unroll_damping f(z)`` (default 1) from the detached

@@ -9,8 +9,8 @@ from odecore.deq.options import describe
 class Map:
     """``f`` with its parameters bound, on internal arrays; and its VJP.
 
-    The VJP goes through ``Backend.dynamics_vjp`` (torch autograd, or ``f.vjp`` on NumPy),
-    with ``f`` seen as dynamics that ignore time."""
+    The VJPs go through ``odecore.backend.differentiate`` (the framework's autodiff, or
+    ``f.vjp`` on NumPy), with ``f`` seen as dynamics that ignore time."""
 
     def __init__(self, bk, f, params, leaves, layout):
         self.bk, self.f, self.params, self.leaves, self.layout = bk, f, params, leaves, layout
@@ -50,6 +50,24 @@ class Map:
             lay.to_user(xp, cot),
         )
         return lay.to_internal(xp, cot_z), cot_leaves
+
+    def linearized(self, z):
+        """``(pull_z, pull_all)`` at internal ``z`` from one evaluation of ``f``, each callable
+        many times on internal cotangents: ``pull_z(cot) -> cot J_z`` and ``pull_all(cot) ->
+        (cot J_z, [cot J_leaf, ...])``."""
+        xp, lay = self.bk.xp, self.layout
+        _, pull_y, pull_all = differentiate.linearize_reusable(
+            self.bk, self.as_dynamics, self.params, self.leaves, None, lay.to_user(xp, z)
+        )
+
+        def pull_z(cot):
+            return lay.to_internal(xp, pull_y(lay.to_user(xp, cot)))
+
+        def pull_both(cot):
+            cot_z, cot_leaves = pull_all(lay.to_user(xp, cot))
+            return lay.to_internal(xp, cot_z), cot_leaves
+
+        return pull_z, pull_both
 
 
 def check_output(bk, out, layout):

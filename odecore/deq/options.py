@@ -10,6 +10,7 @@ from dataclasses import dataclass
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
 BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
+BACKWARD_LINEARIZATIONS = ("once", "per_iteration")
 STOP_MODES = ("abs", "rel")
 
 
@@ -42,6 +43,11 @@ class FixedPointOptions:
     backward: str = "implicit"
     # The solver of the implicit backward's linear system, one of BACKWARD_SOLVERS.
     backward_solver: str = "anderson"
+    # How the implicit backward gets f's Jacobian products at z*, one of
+    # BACKWARD_LINEARIZATIONS: "once" evaluates f once and keeps what the framework recorded
+    # for every iteration; "per_iteration" evaluates f again in each and frees its record
+    # after the product (less memory held between iterations, one evaluation more each).
+    backward_linearization: str = "once"
     # The implicit backward's tolerance; None: the forward tol.
     backward_tol: float | None = None
     # The implicit backward's iteration limit; None: the forward max_iter.
@@ -72,6 +78,7 @@ class FixedPointOptions:
         choice("stop_mode", self.stop_mode, STOP_MODES)
         choice("backward", self.backward, BACKWARD_MODES)
         choice("backward_solver", self.backward_solver, BACKWARD_SOLVERS)
+        choice("backward_linearization", self.backward_linearization, BACKWARD_LINEARIZATIONS)
         resolve = self._resolve
         resolve("tol", number("tol", self.tol, 0.0, math.inf, low_open=True))
         resolve("max_iter", integer("max_iter", self.max_iter))

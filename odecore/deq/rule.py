@@ -93,8 +93,9 @@ class FixedPointRule:
         w = self.layout.to_internal(xp, z_bar)
         with self.bk.no_grad():
             if opts.backward == "implicit":
-                u = self._implicit_cotangent(z_star, w)
-                _, leaves_bar = self.fmap.vjp(z_star, u)
+                pull_z, pull_all = self._pullbacks(z_star)
+                u = self._implicit_cotangent(pull_z, w)
+                _, leaves_bar = pull_all(u)
             else:
                 leaves_bar = self._unrolled(z_star, w)
         # A number among the params (NumPy keeps it as a leaf) takes its cotangent as f.vjp
@@ -105,12 +106,21 @@ class FixedPointRule:
         ]
         return (None, *leaves_bar)
 
-    def _implicit_cotangent(self, z_star, w):
-        """``u`` with ``u = w + u J_f(z*)``."""
-        bk, xp, opts = self.bk, self.bk.xp, self.opts
+    def _pullbacks(self, z_star):
+        """``(pull_z, pull_all)``: ``u -> u J_f(z*)`` and ``u -> (u J_f(z*), u df/dparams)``,
+        from one evaluation of ``f`` kept for every call, or (``backward_linearization=
+        "per_iteration"``) from a new evaluation in each call."""
+        if self.opts.backward_linearization == "once":
+            return self.fmap.linearized(z_star)
 
-        def vjp_z(u):
-            return self.fmap.vjp(z_star, u)[0]
+        def pull_all(u):
+            return self.fmap.vjp(z_star, u)
+
+        return (lambda u: pull_all(u)[0]), pull_all
+
+    def _implicit_cotangent(self, vjp_z, w):
+        """``u`` with ``u = w + u J_f(z*)``, ``vjp_z(u) = u J_f(z*)``."""
+        bk, xp, opts = self.bk, self.bk.xp, self.opts
 
         if opts.backward_solver == "gmres":
             u, iterations, status = gmres(

@@ -58,11 +58,13 @@ class LoopState(NamedTuple):
 class LoopResult(NamedTuple):
     """What a solve found, besides its Solution: the tape, for the checkpoint gradient; and
     each sample's next proposed step (control values), with which the backsolve starts its
-    backward solve."""
+    backward solve; and ``f`` at each sample's final state (internal layout), which the time
+    gradient of the last output reuses (None where the solve does not keep it)."""
 
     solution: Solution
     tape: Any
     dt_next: Any
+    f_end: Any = None
 
 
 def solve_prepared(problem: Problem, options, record: bool, throw: bool) -> LoopResult:
@@ -94,7 +96,7 @@ def run_loop(problem: Problem, record: bool, throw: bool) -> LoopResult:
     # outputs the solve did not reach are NaN.
     if throw and not bk.is_traced(solution.status) and not solution.success:
         raise SolveError(failure_message(solution), solution)
-    return LoopResult(solution, state.tape, state.dt)
+    return LoopResult(solution, state.tape, state.dt, state.f)
 
 
 def user_f_at(problem, t_user, y):
