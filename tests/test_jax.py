@@ -769,6 +769,8 @@ def test_pytree_state_of_another_type_returned_is_refused(x64):
             Registered(jnp.ones(1), jnp.zeros(1)),
             jnp.asarray([0.0, 1.0]),
         )
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients skip the cotangents nobody asks for
 
