@@ -239,3 +239,8 @@ def test_numba_is_refused():
     pytest.importorskip("numba")
     with pytest.raises(ValueError, match="the 'numba' backend cannot use it"):
         odecore.odeint(field, Y0, TIMES, method="scipy_solver", backend="numba")
+
+
+def test_events_are_refused_not_ignored():
+    with pytest.raises(ValueError, match="does not locate odecore events.*'dopri5'"):
+        odecore.solve(field, Y0, TIMES, method="scipy_solver", event=lambda t, y: y[0] - 0.5)

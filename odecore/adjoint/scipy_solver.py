@@ -47,6 +47,11 @@ def scipy_solve(func, y0, t, keywords: dict) -> Solution:
             "method='scipy_solver' solves one sample at a time; drop batch_axis and call it "
             "per sample, or use one of odecore's methods, which solve batches"
         )
+    if keywords["event"]:
+        raise ValueError(
+            "method='scipy_solver' does not locate odecore events (event=...); use one of "
+            "odecore's methods (odecore.METHODS, e.g. 'dopri5'), which do, with gradients"
+        )
     solver, passed_on = scipy_options(keywords["options"], "options")
     structure = None
     if is_structured(y0):
