@@ -114,6 +114,12 @@ def _check_keywords(solve_kwargs: dict, output) -> None:
                 f"whose failed trajectories are reported in status); remove {name}="
                 f"{solve_kwargs[name]!r}"
             )
+    if solve_kwargs.get("event") is not None:
+        raise ValueError(
+            "odecore.ensemble.solve does not return event records; solve the rows with "
+            "odecore.solve(..., batch_axis=0, event=...), whose Solution.events has each "
+            "trajectory's event"
+        )
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 

@@ -227,6 +227,7 @@ def test_dynamics_are_unpickled_once_per_worker(client):
         ({"batch_axis": 0}, TypeError, "sets batch_axis itself"),
         ({"throw": True}, TypeError, "sets throw itself"),
         ({"output": "xarray"}, ValueError, "output must be one of"),
+        ({"event": lambda t, y, p: y[0]}, ValueError, "does not return event records"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive integer"),
         ({"chunk_size": 2.5}, TypeError, "chunk_size must be a positive integer"),
         ({"params": np.ones((3, 3))}, ValueError, r"params must be one row per trajectory"),
