@@ -126,12 +126,13 @@ def _split(backend, y0, t, params, arguments):
     if not all(_is_value(tol) for tol in tolerances):
         return None
     arrays = [x for x in leaves if _is_array(x)]
-    # Which inputs this call differentiates (JAX's JVP tracers, seen before the jit); the
-    # compiled solve's backward then leaves the others' cotangents out.
-    flags = tuple(differentiated(x) for x in jax.tree_util.tree_leaves((y0, t, arrays)))
     # A structured y0 (a tuple or dict of arrays) is a pytree of the jitted function's
     # arguments like any other.
     values = (jax.tree_util.tree_map(_as_array, y0), _as_array(t), arrays, *tolerances, runtime)
+    # Which inputs this call differentiates (JAX's JVP tracers, seen before the jit); the
+    # compiled solve's backward then leaves the others' cotangents out. Counted on the
+    # converted inputs, which the jitted function receives: a list y0 or t is one array there.
+    flags = tuple(differentiated(x) for x in jax.tree_util.tree_leaves(values[:3]))
     if any(backend.is_traced(x) for x in jax.tree_util.tree_leaves(values)):
         return None
     if values[1].ndim != 1 or values[1].shape[0] < 2:
