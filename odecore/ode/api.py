@@ -216,26 +216,6 @@ def _solve_array(
             if bk.tracing is not None
             else None
         )
-        if compiled is not None:
-
-            def check_inputs():
-                prepare(
-                    bk,
-                    func,
-                    y0,
-                    t,
-                    params,
-                    rtol,
-                    atol,
-                    method,
-                    options,
-                    batch_axis,
-                    None,
-                    throw,
-                    event,
-                )
-
-            return _raise_compiled_failures(bk, compiled, throw, check_inputs)
 
         def prepared_problem(y0_, t_, leaves=None):
             # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
@@ -256,6 +236,11 @@ def _solve_array(
                 throw,
                 event,
             )
+
+        if compiled is not None:
+            # A compiled solve has no adjoint_params (the cache refuses them), so the inputs
+            # are checked as the eager solve prepares them.
+            return _raise_compiled_failures(bk, compiled, throw, lambda: prepared_problem(y0, t))
 
         def run(y0_, t_, record=False, leaves=None):
             problem = prepared_problem(y0_, t_, leaves)
