@@ -5,6 +5,7 @@
     nox -s "tests(backend='torch')"    unit tests of one backend, with its extra installed
     nox -s conformance                 the cross-backend suite and its summary table
     nox -s lint                        ruff check + ruff format --check
+    nox -s docs                        the documentation site, mkdocs build --strict (into site/)
     nox -s gpu                         the cupy rows of tests and conformance (needs a GPU)
     nox -s bench                       benchmarks/bench_numpy.py
     nox -s bench -- benchmarks/bench_numpy.py --repeat 3   scripts and their arguments
@@ -182,6 +183,24 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with ``mkdocs build --strict``: a broken link,
+    a page missing from the nav or an API reference that does not resolve fails it. Pass
+    ``serve`` to preview it instead (`nox -s docs -- serve`)."""
+    install_project(session, "docs")
+    build_docs(session, serve="serve" in session.posargs)
+
+
+def build_docs(session: nox.Session, serve: bool = False, site_dir: str = "site") -> None:
+    # mkdocs-material prints an advertisement for its successor on every build.
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    if serve:
+        session.run("mkdocs", "serve", env=env)
+    else:
+        session.run("mkdocs", "build", "--strict", "--site-dir", site_dir, env=env)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Run benchmark scripts: `nox -s bench -- [benchmarks/bench_X.py ...] [script args]`.
 
@@ -214,12 +233,17 @@ def _bench_scripts() -> list[str]:
 
 @nox.session
 def ci(session: nox.Session) -> None:
-    """The CI entry point: tests and conformance (not slow) with every CI backend installed.
+    """The CI entry point: the documentation site, then tests and conformance (not slow) with
+    every CI backend installed; the examples run in their --quick form (tests/test_examples.py).
 
     One virtualenv and one pytest run, so the 2-core CI machine installs each dependency once;
     the conformance suite compares the CI backends with each other in that run.
     """
-    install_project(session, extras_for(*CI_BACKENDS), peers_of=tuple(CI_BACKENDS))
+    install_project(
+        session, extras_for(*CI_BACKENDS) + ",examples,docs", peers_of=tuple(CI_BACKENDS)
+    )
+    # The site first: it takes seconds, and a broken reference should not wait for the tests.
+    build_docs(session, site_dir=session.create_tmp() + "/site")
     # A fresh clone has no empty directories: pass pytest only the suites that exist.
     suites = [d for d in ("tests", "conformance") if (ROOT / d).is_dir()]
     junit_xml = Path(session.create_tmp()) / "junit.xml"
@@ -234,7 +258,7 @@ def ci(session: nox.Session) -> None:
         env={
             "ODECORE_CONFORMANCE_BACKENDS": ",".join(CI_BACKENDS),
             "ODECORE_REQUIRED_BACKENDS": ",".join(CI_BACKENDS),
-            "ODECORE_REQUIRED_EXTRAS": ",".join(extras_tested_with(*CI_BACKENDS)),
+            "ODECORE_REQUIRED_EXTRAS": ",".join([*extras_tested_with(*CI_BACKENDS), "examples"]),
             # Hypothesis picks its built-in "ci" profile (derandomized, no deadline) when CI
             # is set, so a loaded 2-core machine gives no flaky failures.
             "CI": os.environ.get("CI", "true"),
