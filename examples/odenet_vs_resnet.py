@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -235,6 +236,9 @@ def plot(histories, out):
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend()
     ax.set_title("digits: test error per epoch")
     fig.tight_layout()
@@ -248,6 +252,8 @@ def plot(histories, out):
     ax.plot(epochs, ode["nfe_backward"], marker="s", label="backward solve (adjoint)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("NFE per batch (mean)")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend()
     ax.set_title("ODE-Net: function evaluations per epoch")
     fig.tight_layout()
@@ -296,9 +302,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run of seconds")
     parser.add_argument("--epochs", type=int, default=None, help="default 20 (3 with --quick)")
-    parser.add_argument("--width", type=int, default=None, help="channels; default 32 (8 with --quick)")
+    parser.add_argument(
+        "--width", type=int, default=None, help="channels; default 32 (8 with --quick)"
+    )
     parser.add_argument("--depth", type=int, default=6, help="the ResNet's residual blocks, K")
-    parser.add_argument("--tol", type=float, default=1e-4, help="dopri5's rtol and atol")
+    parser.add_argument("--tol", type=float, default=1e-5, help="dopri5's rtol and atol")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the batches")
