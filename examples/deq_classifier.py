@@ -185,7 +185,9 @@ def plot(history, sol, predictions, labels, out):
         strict=True,
     ):
         if count:
-            ax.text(col, row, count, ha="center", va="center", fontsize=7)
+            on_dark = count > confusion.max().item() / 2
+            colour = "white" if on_dark else "black"
+            ax.text(col, row, count, ha="center", va="center", fontsize=7, color=colour)
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.set_xlabel("predicted digit")
