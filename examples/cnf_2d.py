@@ -130,7 +130,7 @@ def main(argv=None):
     parser.add_argument("--rnode", type=float, default=0.01, help="weight of both penalties")
     parser.add_argument("--grid", type=int, default=None, help="default 120 (30 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
     args = parser.parse_args(argv)
     args.iterations = args.iterations or (10 if args.quick else 200)
