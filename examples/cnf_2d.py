@@ -133,9 +133,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
     args = parser.parse_args(argv)
-    args.iterations = args.iterations or (10 if args.quick else 200)
-    args.batch = args.batch or (64 if args.quick else 256)
-    args.grid = args.grid or (30 if args.quick else 120)
+    for name, full, quick in (("iterations", 200, 10), ("batch", 256, 64), ("grid", 120, 30)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if min(args.iterations, args.batch, args.grid) < 1:
         parser.error("--iterations, --batch and --grid must be positive")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -211,9 +211,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (2 if args.quick else 8)
-    if epochs < 1:
-        parser.error("--epochs must be positive")
+    epochs = (2 if args.quick else 8) if args.epochs is None else args.epochs
+    if min(epochs, args.batch_size) < 1:
+        parser.error("--epochs and --batch-size must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
 
     # The matrices are small: splitting them across threads costs more than it saves, and

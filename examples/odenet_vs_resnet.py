@@ -154,7 +154,7 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def test_error(model, X, y):
+def error_rate(model, X, y):
     with torch.no_grad():
         return (model(X).argmax(dim=1) != y).double().mean().item()
 
@@ -189,7 +189,7 @@ def train(name, model, data, *, epochs, batch_size, lr):
             batches += 1
             batch_bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
-        history["error"].append(test_error(model, X_test, y_test))
+        history["error"].append(error_rate(model, X_test, y_test))
         history["nfe_forward"].append(forward_nfe / batches)
         history["nfe_backward"].append(backward_nfe / batches)
     return history
@@ -199,6 +199,7 @@ def saved_bytes(model, images, labels):
     """Bytes of the tensors autograd saves for the backward pass in one forward pass of
     ``model`` and its loss: what the backward keeps alive from the forward."""
     total = 0
+    model.train()
 
     def pack(tensor):
         nonlocal total
@@ -222,10 +223,6 @@ def memory_of_the_backward(odenet, resnet, images, labels):
         result[mode] = saved_bytes(odenet, images, labels)
     odenet.features.adjoint = trained_mode
     return result
-
-
-def block_parameters(model):
-    return count_parameters(model.features)
 
 
 def plot(histories, out):
@@ -313,10 +310,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else 20)
-    width = args.width or (8 if args.quick else 32)
-    if epochs < 1 or width < 1 or args.depth < 1:
-        parser.error("--epochs, --width and --depth must be positive")
+    epochs = (3 if args.quick else 20) if args.epochs is None else args.epochs
+    width = (8 if args.quick else 32) if args.width is None else args.width
+    if min(epochs, width, args.depth, args.batch_size) < 1 or not args.tol > 0:
+        parser.error("--epochs, --width, --depth, --batch-size and --tol must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
 
     torch.set_num_threads(args.threads)
@@ -334,7 +331,7 @@ def main(argv=None):
             name, model, data, epochs=epochs, batch_size=args.batch_size, lr=args.lr
         )
         seconds[name] = time.perf_counter() - start
-        parameters[name] = (count_parameters(model), block_parameters(model))
+        parameters[name] = (count_parameters(model), count_parameters(model.features))
         models[name] = model
 
     X_train, y_train = data[0], data[1]
