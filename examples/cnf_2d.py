@@ -6,15 +6,17 @@ integral tr(df/dz) dt``. Training uses Hutchinson's trace estimator (one Rademac
 sample, drawn once per solve) and RNODE's kinetic-energy and Jacobian-Frobenius penalties,
 which keep the learned dynamics simple and the solves short; gradients come from the
 continuous adjoint (``adjoint="backsolve"``). The evaluation uses the exact trace. The
-figure shows the data, the learned density and samples of the flow side by side.
+figures (in ``--out``) show the data, the learned density and samples of the flow side by
+side, and the training loss and the velocity's evaluations per iteration.
 
-    python examples/cnf_2d.py [--data moons|gaussians] [--iterations 200] [--out cnf_2d.png]
+    python examples/cnf_2d.py [--quick] [--data moons|gaussians] [--iterations 200] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -29,6 +31,10 @@ from odecore import cnf  # noqa: E402
 
 
 def train(model, sample_data, args):
+    """Adam on the NLL plus the RNODE penalties. Returns the history per iteration: the
+    training batch's NLL (Hutchinson's estimate) and the velocity's evaluations in the
+    forward and the backward solve."""
+    history = {"nll": [], "nfe_forward": [], "nfe_backward": []}
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     bar = tqdm(range(args.iterations), desc="training", unit="it")
@@ -53,6 +59,10 @@ def train(model, sample_data, args):
         backward_nfe = model.evaluations - before - forward_nfe
         optimiser.step()
         bar.set_postfix(nll=f"{nll.item():.3f}", nfe=f"{forward_nfe}+{backward_nfe}")
+        history["nll"].append(nll.item())
+        history["nfe_forward"].append(forward_nfe)
+        history["nfe_backward"].append(backward_nfe)
+    return history
 
 
 def evaluate(model, data, args):
@@ -91,35 +101,70 @@ def plot(data, density, samples, path):
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def main():
+def plot_training(history, path):
+    iterations = range(1, len(history["nll"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(iterations, history["nll"])
+    axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel("training NLL (nats, Hutchinson)")
+    axes[1].plot(iterations, history["nfe_forward"], label="forward solve")
+    axes[1].plot(iterations, history["nfe_backward"], label="backward solve (adjoint)")
+    axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("velocity evaluations")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run of seconds")
     parser.add_argument("--data", choices=sorted(DATA), default="moons")
-    parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=None, help="default 200 (10 quick)")
+    parser.add_argument("--batch", type=int, default=None, help="default 256 (64 with --quick)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rnode", type=float, default=0.01, help="weight of both penalties")
-    parser.add_argument("--grid", type=int, default=120)
+    parser.add_argument("--grid", type=int, default=None, help="default 120 (30 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="cnf_2d.png")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
+    args = parser.parse_args(argv)
+    for name, full, quick in (("iterations", 200, 10), ("batch", 256, 64), ("grid", 120, 30)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if min(args.iterations, args.batch, args.grid) < 1:
+        parser.error("--iterations, --batch and --grid must be positive")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     model = Velocity()
     start = time.perf_counter()
-    train(model, lambda n: DATA[args.data](n, rng), args)
+    history = train(model, lambda n: DATA[args.data](n, rng), args)
     trained = time.perf_counter() - start
     data = DATA[args.data](5000, rng)
     nll, density, samples, mass = evaluate(model, data, args)
-    plot(data, density, samples, args.out)
+    figures = args.out / "cnf_2d.png", args.out / "cnf_2d_training.png"
+    plot(data, density, samples, figures[0])
+    plot_training(history, figures[1])
+    first, last = slice(0, 10), slice(-10, None)
     print(
         f"trained {args.iterations} iterations in {trained:.0f} s; held-out NLL {nll:.3f} "
-        f"(exact trace); density mass on the grid {mass:.3f}; figure: {args.out}"
+        f"(exact trace); density mass on the grid {mass:.3f}"
     )
+    for name, part in (("first", first), ("last", last)):
+        forward, backward = history["nfe_forward"][part], history["nfe_backward"][part]
+        mean_forward, mean_backward = sum(forward) / len(forward), sum(backward) / len(backward)
+        print(
+            f"{name} {len(forward)} iterations: mean NFE forward {mean_forward:.1f}, "
+            f"backward {mean_backward:.1f}"
+        )
+    print("figures:", ", ".join(str(path) for path in figures))
 
 
 if __name__ == "__main__":

@@ -353,7 +353,8 @@ def test_singular_mixing_system_does_not_raise(solver):
 
 @pytest.fixture
 def deq_example():
-    pytest.importorskip("sklearn")
+    for module in ("sklearn", "matplotlib", "tqdm"):
+        pytest.importorskip(module)
     path = Path(__file__).resolve().parents[1] / "examples" / "deq_classifier.py"
     spec = importlib.util.spec_from_file_location("deq_classifier", path)
     example = importlib.util.module_from_spec(spec)
@@ -384,14 +385,16 @@ def reproducible_torch():
         torch.set_rng_state(states[2])
 
 
-def test_classifier_example_learns(deq_example, reproducible_torch, capsys):
-    accuracy = deq_example.main(["--epochs", "2"])
+def test_classifier_example_learns(deq_example, reproducible_torch, capsys, tmp_path):
+    accuracy = deq_example.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     # Ten classes: chance is 0.1. With the penalty and the clipping the two epochs train
     # steadily, well above this bound for any seed; the margin is for another machine's
     # rounding, which changes the trajectory as a new seed would.
     assert accuracy > 0.6
     assert "test accuracy" in out and "forward" in out and "backward" in out
+    for figure in ("deq_classifier_training.png", "deq_classifier_confusion.png"):
+        assert (tmp_path / figure).stat().st_size > 0
 
 
 def test_classifier_learns_through_the_fixed_point_alone(deq_example, reproducible_torch):
