@@ -120,7 +120,8 @@ def plot(model, t, observed, truth, predicted, path):
     axes[0].set_xlabel("t")
     axes[0].set_title("trajectories")
     axes[0].legend(loc="lower right", fontsize=8)
-    axes[1].plot(observed[:, 0], observed[:, 1], ".", color="0.7", markersize=2, label="data")
+    if not torch.equal(observed, truth):
+        axes[1].plot(observed[:, 0], observed[:, 1], ".", color="0.7", markersize=2, label="data")
     axes[1].plot(truth[:, 0], truth[:, 1], "g-", label="true")
     axes[1].plot(predicted[:, 0], predicted[:, 1], "b--", label="learned")
     axes[1].set_title("phase portrait")
