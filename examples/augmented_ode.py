@@ -157,7 +157,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     print(f"trained {args.iterations} iterations per model ({args.adjoint}) in {elapsed:.0f} s")
     print(f"least loss of any 1-D flow (variance of the inputs): {floor:.4f}")
-    print(f"final loss: plain {losses['plain']:.4f}, augmented {losses['augmented']:.4f}")
+    print(f"final loss: plain {losses['plain']:.4f}, augmented {losses['augmented']:.2e}")
     print(f"figures: {args.out / 'augmented_ode_plain.png'}, ", end="")
     print(args.out / "augmented_ode_augmented.png")
     assert losses["augmented"] < REQUIRED_RATIO * losses["plain"], (

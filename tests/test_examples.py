@@ -24,7 +24,7 @@ optional_module("examples", "matplotlib")
 optional_module("examples", "tqdm")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-NUMBER = r"(-?[0-9.]+)"
+NUMBER = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?)"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
