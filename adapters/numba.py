@@ -508,6 +508,8 @@ def _settings(problem, norm_code: float) -> np.ndarray:
 
 
 def _per_element(tol, shape) -> np.ndarray:
+    if isinstance(tol, float):  # the usual case, and a broadcast costs more than the fill
+        return np.full(shape, tol)
     return np.ascontiguousarray(np.broadcast_to(np.asarray(tol, dtype=np.float64), shape))
 
 

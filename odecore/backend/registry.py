@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from odecore.backend.protocol import Backend
 from odecore.backend.tree import leaves
@@ -107,12 +108,18 @@ def is_traced(x: Any) -> bool:
     return library is not None and library in _loaded and _loaded[library].is_traced(x)
 
 
+_PLAIN_TYPES = {np.ndarray: "numpy", float: None, int: None, bool: None, type(None): None}
+
+
 def library_of(x: Any) -> str | None:
     """The backend name that owns array ``x``, or None for plain Python values.
 
     Checked without importing any framework: array-api-compat only looks at types of modules
     already imported.
     """
+    # Every solve asks this of each input; the common answers need no module lookups.
+    if type(x) in _PLAIN_TYPES:
+        return _PLAIN_TYPES[type(x)]
     if array_api_compat.is_torch_array(x):
         return "torch"
     if array_api_compat.is_jax_array(x):

@@ -217,7 +217,7 @@ def _solve_array(
             else None
         )
 
-        def prepared_problem(y0_, t_, leaves=None):
+        def prepared_problem(y0_, t_, leaves=None, for_kernel=False):
             # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
             params_ = params if leaves is None else differentiate.with_leaves(bk, params, leaves)
             leaves = adjoint_params if leaves is None else leaves
@@ -235,6 +235,7 @@ def _solve_array(
                 leaves,
                 throw,
                 event,
+                for_kernel,
             )
 
         if compiled is not None:
@@ -243,11 +244,15 @@ def _solve_array(
             return _raise_compiled_failures(bk, compiled, throw, lambda: prepared_problem(y0, t))
 
         def run(y0_, t_, record=False, leaves=None):
-            problem = prepared_problem(y0_, t_, leaves)
+            compiled_backend = bk.kernels.solve is not None and not record
+            # A recorded solve (a gradient's forward) and one with events run the generic loop
+            # (solve_prepared): it keeps the tape and has the event phase.
+            for_kernel = compiled_backend and event is None
+            problem = prepared_problem(y0_, t_, leaves, for_kernel)
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
                 return None, LoopResult(solution, None, None)
-            if bk.kernels.solve is not None and not record:
+            if compiled_backend:
                 _check_compiled_solve_supports(bk, problem)
             return problem, solve_prepared(problem, options, record, throw)
 

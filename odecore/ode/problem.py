@@ -95,10 +95,16 @@ def prepare(
     leaves=None,
     throw=True,
     events=None,
+    for_kernel=False,
 ):
     """The checked, converted :class:`Problem`, or None for a single output time. A batch
     with samples whose y0 is not finite raises with ``throw``; without, those samples get
-    status INVALID_INPUT and the others are solved."""
+    status INVALID_INPUT and the others are solved.
+
+    ``for_kernel``: the problem goes to the backend's whole-solve kernel
+    (``Kernels.solve``), which reads the times as arrays and keeps its own stages, so the
+    generic loop's stage store and per-step time lists are not built. Every check is made
+    all the same."""
     xp = bk.xp
     rk = prepared(_validate.tableau(method))
     opts = _validate.options(options, rk)
@@ -167,7 +173,7 @@ def prepare(
         dynamics=fn,
         evaluate=fn.fast_path(),
         error_ratio=_error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout),
-        stage_store=_stage_store(bk, rk, y0_int),
+        stage_store=None if for_kernel else _stage_store(bk, rk, y0_int),
         interpolate=rk.interpolate
         if bk.kernels.dense_output is None
         else bk.kernels.dense_output(rk),
@@ -175,10 +181,10 @@ def prepare(
         ops=ops,
         solver=rk,
         y0=y0_int,
-        ts=ops.times(ts),
+        ts=ts if for_kernel else ops.times(ts),
         ts_array=ts,
-        stops=ops.times(stops),
-        jumps=None if jumps is None else ops.times(jumps),
+        stops=stops if for_kernel else ops.times(stops),
+        jumps=jumps if for_kernel or jumps is None else ops.times(jumps),
         dense_coeffs=xp.asarray(rk.dense, dtype=time_dtype),
         rtol=rtol,
         atol=atol,
