@@ -147,7 +147,10 @@ class TorchAutodiff(Autodiff):
 
     def jvp(self, fn, primals, tangents):
         """``(fn(*primals), tangent of the output)``, by forward-mode autodiff."""
-        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+        # Forward mode writes a tangent into each primal's storage: an expanded tensor (one
+        # row seen many times) would alias its elements, which torch refuses.
+        primals = tuple(p.contiguous() for p in primals)
+        out, tangent = torch.func.jvp(fn, primals, tuple(tangents))
         return out, tangent
 
     def differentiable_vjp(self, fn, x, differentiable=True):

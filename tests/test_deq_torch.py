@@ -268,6 +268,23 @@ def test_z0_that_is_not_an_array_is_refused():
         odecore.fixed_point(torch.cos, None, backend="torch")
 
 
+def test_jacobian_frobenius_of_a_broadcast_z():
+    """A ``z`` made by ``expand`` (one row seen B times, a common way to start a batch) gets
+    the closed form ``|diag(1 - tanh^2(W z)) W probe|^2`` per sample, like a copied one."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    row = torch.randn(1, 3, dtype=torch.float64, generator=gen)
+    probe = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+
+    def f(z, p):
+        return torch.tanh(z @ p.T)
+
+    est = odecore.jacobian_frobenius(f, row.expand(4, 3), W, probe=probe, batch_axis=0)
+    slope = 1.0 - torch.tanh(row @ W.T) ** 2
+    exact = ((slope * (probe @ W.T)) ** 2).sum(dim=1)
+    torch.testing.assert_close(est, exact, rtol=1e-12, atol=0.0)
+
+
 def test_jacobian_frobenius_arguments_are_checked():
     z = torch.zeros(3, dtype=torch.float64)
     probe = torch.ones(3, dtype=torch.float64)
