@@ -171,7 +171,7 @@ class Solution:
 
     @property
     def message(self) -> str:
-        """What ``status`` means, in words (the descriptions of its distinct codes, ``"; "``-joined)."""
+        """What ``status`` means in words: the descriptions of its codes, ``"; "``-joined."""
         return describe_status(self.status)
 
 
