@@ -52,9 +52,12 @@ def solve_fixed_point(
         f(z)``); Anderson mixing with memory ``m`` (default 5), regularisation ``lam``
         (default 1e-4, relative to the stored residuals' size) and mixing ``beta`` (default
         1); or Broyden's method with at most ``m`` low-rank terms in the inverse Jacobian.
-    tol, stop_mode : float, {"abs", "rel"}, default 1e-6, "abs"
-        A sample has converged once ``||f(z) - z||`` (``"abs"``) or
-        ``||f(z) - z|| / ||f(z)||`` (``"rel"``) is at most ``tol``; norms are per sample.
+    tol : float, default 1e-6
+        A sample has converged once its residual, measured as ``stop_mode`` says, is at
+        most ``tol``.
+    stop_mode : {"abs", "rel"}, default "abs"
+        The residual: ``||f(z) - z||`` (``"abs"``) or ``||f(z) - z|| / ||f(z)||``
+        (``"rel"``); norms are per sample.
     max_iter : int, default 50
         At most this many iterations; samples still running then get status
         ``MAX_ITER_REACHED``.
