@@ -27,6 +27,7 @@ from odecore.ode.solution import PrecisionWarning, Solution, SolveError, Status
 from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
 
 METHODS: tuple[str, ...] = FIXED_STEP_METHODS + ADAPTIVE_METHODS
+"""Every method's name, as ``method=`` takes it: the fixed-step methods, then the adaptive ones."""
 
 __version__ = "0.1.0"
 

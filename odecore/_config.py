@@ -45,14 +45,79 @@ _global_choice: str | None = None
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every later solve in this process ("auto" restores the default)."""
+    """Choose the backend for every later solve in this process.
+
+    Parameters
+    ----------
+    name : {"auto", "numpy", "torch", "jax", "numba", "cupy"}
+        The backend's name; ``"auto"`` restores the default, which follows the type of the
+        arrays passed in. A named backend converts plain inputs (lists, floats, NumPy arrays)
+        to its own arrays.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    TypeError
+        ``name`` is not a string.
+    ValueError
+        ``name`` is not a backend's name.
+
+    See Also
+    --------
+    use_backend : the same for one ``with`` block, in one thread.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> odecore.set_backend("numpy")
+    >>> odecore.backend_name()
+    'numpy'
+    >>> odecore.set_backend("auto")
+    >>> odecore.set_backend("tensorflow")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown backend 'tensorflow'; valid backends are 'auto', 'numpy', ...
+    """
     global _global_choice
     _global_choice = _check_name(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Choose the backend for the solves inside a ``with`` block, in this thread only."""
+    """Choose the backend for the solves inside a ``with`` block, in this thread only.
+
+    Blocks nest: the innermost wins, and the choice before the block is restored when it ends,
+    also by an exception.
+
+    Parameters
+    ----------
+    name : {"auto", "numpy", "torch", "jax", "numba", "cupy"}
+        The backend's name.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        A context manager that yields None.
+
+    Raises
+    ------
+    TypeError
+        ``name`` is not a string.
+    ValueError
+        ``name`` is not a backend's name.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> with odecore.use_backend("numpy"):
+    ...     print(odecore.backend_name())
+    numpy
+    >>> odecore.backend_name()
+    'auto'
+    """
     _stack().append(_check_name(name))
     try:
         yield
@@ -61,8 +126,28 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def backend_name() -> str:
-    """The configured backend name: the innermost ``use_backend``, else ``set_backend``, else
-    the ``ODECORE_BACKEND`` environment variable, else "auto"."""
+    """The configured backend's name.
+
+    The innermost [`use_backend`][odecore.use_backend], else [`set_backend`][odecore.set_backend],
+    else the ``ODECORE_BACKEND`` environment variable, else ``"auto"``. A ``backend=`` argument
+    of a solve overrides all of them for that call.
+
+    Returns
+    -------
+    str
+        ``"auto"`` or one of [`BACKEND_NAMES`][odecore.BACKEND_NAMES].
+
+    Raises
+    ------
+    ValueError
+        ``ODECORE_BACKEND`` names no backend.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> odecore.backend_name()
+    'auto'
+    """
     if _stack():
         return _stack()[-1]
     if _global_choice is not None:

@@ -30,8 +30,9 @@ import contextlib
 import hashlib
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,10 +51,37 @@ _RESERVED = ("batch_axis", "throw")
 
 @dataclass
 class EnsembleSolution:
-    """The result of :func:`solve`: ``ys`` (T, N, D), the state of trajectory ``n`` at
-    ``ts[i]`` being ``ys[i, n]``; per trajectory its ``status`` (a :class:`~odecore.Status`
-    code), the time it reached and ``stats`` (``nsteps``, ``naccept``, ``nreject``). NumPy
-    arrays, or Dask arrays chunked like the trajectories (``output="dask"``)."""
+    """The result of [`odecore.ensemble.solve`][odecore.ensemble.solve].
+
+    NumPy arrays, or Dask arrays chunked like the trajectories (``output="dask"``).
+
+    Attributes
+    ----------
+    ts : ndarray
+        The output times, shape (T,).
+    ys : array
+        Shape (T, N, D): the state of trajectory ``n`` at ``ts[i]`` is ``ys[i, n]``.
+    status : array of int
+        Per trajectory, a [`Status`][odecore.Status] code.
+    t_reached : array
+        Per trajectory, the time it reached.
+    stats : dict
+        Per trajectory, ``nsteps``, ``naccept`` and ``nreject``.
+    chunk_size : int
+        The rows per chunk the solve used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import ensemble
+    >>> def decay(t, y, rate):  # a chunk's rows: y (n, 1), rate (n, 1)
+    ...     return -rate * y
+    >>> rates = np.linspace(0.0, 1.0, 5)[:, None]
+    >>> result = ensemble.solve(decay, np.ones((5, 1)), np.array([0.0, 1.0]), params=rates,
+    ...                         backend="numpy", chunk_size=2, rtol=1e-10, atol=1e-12)
+    >>> result.ys.shape, result.status.tolist(), result.success, result.chunk_size
+    ((2, 5, 1), [0, 0, 0, 0, 0], True, 2)
+    """
 
     ts: np.ndarray
     ys: Any
@@ -69,31 +97,85 @@ class EnsembleSolution:
 
 
 def solve(
-    func,
-    y0,
-    t,
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
     *,
-    params=None,
-    backend="numba",
-    chunk_size=None,
-    client=None,
-    output="numpy",
-    **solve_kwargs,
+    params: Any = None,
+    backend: str = "numba",
+    chunk_size: int | None = None,
+    client: Any = None,
+    output: Literal["numpy", "dask"] = "numpy",
+    **solve_kwargs: Any,
 ) -> EnsembleSolution:
     """Solve ``dy/dt = func(t, y, params)`` for every row of ``y0`` (N, D), in chunks.
 
-    ``params`` is one row per trajectory (N, P), one row shared by all (P,), or None.
-    ``y0`` and ``params`` may be NumPy or Dask arrays. ``func`` has the form the backend's
-    batched solve takes: on ``backend="numba"`` one trajectory's kernel form (see
-    ``odecore.adapters.numba``), on ``"numpy"`` a function of the (n, D) rows of a chunk.
-    ``solve_kwargs`` are those of :func:`odecore.solve` (``rtol``, ``atol``, ``method``,
-    ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets; they
-    are shared by every chunk (tolerances: scalars, or one per state element).
+    The trajectories are split into chunks of ``chunk_size`` rows, each solved with the
+    backend's own batched solve ([`odecore.solve`][odecore.solve] with ``batch_axis=0``; on the
+    numba backend, the compiled kernel run in parallel over the trajectories). A chunk's rows are
+    solved independently of the others, so the results are those of one batched solve of all
+    the trajectories, bit for bit. Every chunk is solved with ``throw=False``: a trajectory that
+    fails has its status in ``status`` and NaN outputs after the time it reached, and the other
+    trajectories are unaffected.
 
-    ``client``: a ``dask.distributed.Client``; each chunk is then one task on its cluster.
-    Without it the same chunks run in this process. ``output``: ``"numpy"`` (the default)
-    waits for every chunk and returns NumPy arrays; ``"dask"`` returns Dask arrays, computing
-    in the background on the client's cluster (``Client.persist``), or lazily without one.
+    Parameters
+    ----------
+    func : callable
+        The dynamics, in the form the backend's batched solve takes: on ``backend="numba"`` one
+        trajectory's kernel form (``f(t, y, params) -> dy`` or ``f(t, y, dy, params)``, in
+        Numba's nopython subset), on ``"numpy"`` a function of the (n, D) rows of a chunk.
+    y0 : array of shape (N, D)
+        One row per trajectory; a NumPy or Dask array.
+    t : 1-D array
+        The output times, shared by every trajectory.
+    params : array, optional
+        One row per trajectory (N, P), one row shared by all (P,), or None; NumPy or Dask.
+    backend : str, default "numba"
+        The backend each chunk is solved on.
+    chunk_size : int, optional
+        Rows per chunk; by default ``min(16384, N)``.
+    client : dask.distributed.Client, optional
+        With a client each chunk is one task on its cluster; without one the same chunks run
+        in this process.
+    output : {"numpy", "dask"}, default "numpy"
+        ``"numpy"`` waits for every chunk and returns NumPy arrays; ``"dask"`` returns Dask
+        arrays, computing in the background on the client's cluster (``Client.persist``), or
+        lazily without one.
+    **solve_kwargs
+        The arguments of [`odecore.solve`][odecore.solve] (``rtol``, ``atol``, ``method``,
+        ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets, and
+        ``event``; shared by every chunk (tolerances: scalars, or one per state element).
+
+    Returns
+    -------
+    EnsembleSolution
+        ``ys`` (T, N, D), and per trajectory ``status``, ``t_reached`` and ``stats``.
+
+    Raises
+    ------
+    TypeError
+        ``solve_kwargs`` names ``batch_axis`` or ``throw``, or ``chunk_size`` is not an
+        integer.
+    ValueError
+        ``y0`` is not of shape (N, D) with N >= 1, ``params`` is not (N, P) or (P,),
+        ``chunk_size`` is below 1, ``output`` is unknown, or ``event`` is given (use
+        [`odecore.solve`][odecore.solve] with ``batch_axis=0`` for events).
+
+    Examples
+    --------
+    ``dy/dt = -rate y`` for five rates, in chunks of two trajectories:
+
+    >>> import numpy as np
+    >>> from odecore import ensemble
+    >>> def decay(t, y, rate):  # a chunk's rows: y (n, 1), rate (n, 1)
+    ...     return -rate * y
+    >>> rates = np.linspace(0.0, 1.0, 5)[:, None]
+    >>> result = ensemble.solve(decay, np.ones((5, 1)), np.array([0.0, 1.0]), params=rates,
+    ...                         backend="numpy", chunk_size=2, rtol=1e-10, atol=1e-12)
+    >>> result.success, result.ys.shape
+    (True, (2, 5, 1))
+    >>> bool(np.allclose(result.ys[-1, :, 0], np.exp(-rates[:, 0])))
+    True
     """
     _check_keywords(solve_kwargs, output)
     y0, params, count = _inputs(y0, params)

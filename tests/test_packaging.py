@@ -136,6 +136,9 @@ def test_wheel_contains_the_package_and_nothing_else(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "odecore/__init__.py" in names
     assert "odecore/adapters/numpy.py" in names, "adapters/ must be installed as odecore.adapters"
+    assert "odecore/py.typed" in names, (
+        "the PEP 561 marker must ship, or type checkers ignore odecore"
+    )
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"odecore"}, f"unexpected top-level entries in the wheel: {top_level}"
 

@@ -160,9 +160,51 @@ class Kernels:
 
 
 class Backend:
-    """One array library as the core sees it. Adapters subclass it, fill in ``name``, ``xp``,
-    :meth:`owns` and :meth:`asarray`, and override what their library does differently; the
-    defaults are those of an eager library."""
+    """One array library as the core sees it: what [`get_backend`][odecore.get_backend] returns.
+
+    Adapters (``odecore.adapters``) subclass it, fill in ``name``, ``xp``, ``owns`` and
+    ``asarray``, and override what their library does differently; the defaults are those of an
+    eager library. The solver loop, the tableaus and the gradient rules are written against this
+    protocol only. Its optional parts are objects, None where a backend lacks them:
+    ``autodiff`` (the framework differentiates), ``tracing`` (the solve may run on traced
+    values, as JAX's under ``jit``) and ``kernels`` (fast paths, each defaulting to the portable
+    array-API version).
+
+    Attributes
+    ----------
+    name : str
+        The backend's name, as ``backend=`` takes it.
+    xp : module
+        The array-API namespace (from array-api-compat, or the library's own).
+    eager : bool
+        True when Python control flow on array values is allowed (no tracing).
+    inplace_ok : bool
+        Whether the core may write into arrays it allocated itself.
+    host_control_values : bool
+        Whether a single eager sample keeps its time, step size and counters as Python
+        numbers; False keeps them as arrays on the state's device.
+    autodiff : Autodiff or None
+        The framework's automatic differentiation, None without one.
+    tracing : Tracing or None
+        What a tracing library supplies, None for an eager one.
+    kernels : Kernels
+        The backend's fast paths.
+
+    Raises
+    ------
+    NotImplementedError
+        ``owns`` and ``asarray`` of the base class itself: an adapter must define them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> backend = odecore.get_backend("numpy")
+    >>> isinstance(backend, odecore.Backend), backend.eager, backend.has_autodiff
+    (True, True, False)
+    >>> backend.owns(np.zeros(2)), backend.owns([0.0, 1.0])
+    (True, False)
+    """
 
     name: str = "base"
     #: The array-API namespace (from array-api-compat, or the library's own).
@@ -181,6 +223,7 @@ class Backend:
 
     @property
     def has_autodiff(self) -> bool:
+        """Whether the framework differentiates (``autodiff`` is not None)."""
         return self.autodiff is not None
 
     def owns(self, x: Any) -> bool:

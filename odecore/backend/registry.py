@@ -37,21 +37,82 @@ _FRAMEWORK_MODULE = {
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_ADAPTERS)
+"""The names of the backends, as ``backend=``, [`set_backend`][odecore.set_backend] and
+[`get_backend`][odecore.get_backend] take them (``"auto"`` aside)."""
 
 _loaded: dict[str, Backend] = {}
 
 
 class BackendNotAvailableError(ImportError):
-    """The requested backend cannot be used in this environment."""
+    """The requested backend cannot be used in this environment.
+
+    Raised when its library is not installed or fails to import (the message names the pip
+    extra that installs it), or when its adapter is not part of this release. An
+    ``ImportError``.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> issubclass(odecore.BackendNotAvailableError, ImportError)
+    True
+    >>> try:
+    ...     backend = odecore.get_backend("numpy")
+    ... except odecore.BackendNotAvailableError as error:
+    ...     print("unavailable:", error)
+    ... else:
+    ...     print("available")
+    available
+    """
 
 
 class DeviceNotAvailableError(BackendNotAvailableError):
-    """The backend's library is installed but the device it computes on is not there (CuPy
-    without a CUDA device)."""
+    """The backend's library is installed but the device it computes on is not there.
+
+    CuPy without a CUDA device raises it when the backend is chosen. A
+    [`BackendNotAvailableError`][odecore.BackendNotAvailableError], so one ``except`` catches
+    both.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> issubclass(odecore.DeviceNotAvailableError, odecore.BackendNotAvailableError)
+    True
+    """
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``, importing its adapter (and framework) on first use."""
+    """The backend called ``name``, importing its adapter (and framework) on first use.
+
+    Parameters
+    ----------
+    name : {"numpy", "torch", "jax", "numba", "cupy"}
+        The backend's name, one of [`BACKEND_NAMES`][odecore.BACKEND_NAMES].
+
+    Returns
+    -------
+    Backend
+        The one [`Backend`][odecore.Backend] object of that name (the same object on every
+        call).
+
+    Raises
+    ------
+    TypeError
+        ``name`` is not a string.
+    ValueError
+        ``name`` is not a backend's name.
+    BackendNotAvailableError
+        The backend's library is not installed, fails to import, or its adapter is not part of
+        this release.
+    DeviceNotAvailableError
+        The library is installed but its device is not there (CuPy without a CUDA device).
+
+    Examples
+    --------
+    >>> import odecore
+    >>> backend = odecore.get_backend("numpy")
+    >>> backend.name, backend.has_autodiff, backend is odecore.get_backend("numpy")
+    ('numpy', False, True)
+    """
     if not isinstance(name, str):
         raise TypeError(
             f"backend must be a backend's name (a string), not {type(name).__name__} {name!r}"

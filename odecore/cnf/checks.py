@@ -11,6 +11,8 @@ TRACE_METHODS = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 ERROR_CONTROLS = ("state", "all")
 REGULARIZERS = ("kinetic", "jacobian_frobenius")
+"""The names of RNODE's regularisers, as ``regularizers=`` of [`log_prob`][odecore.cnf.log_prob]
+and [`augmented_dynamics`][odecore.cnf.augmented_dynamics] take them."""
 
 
 def check_trace(method, name: str) -> None:

@@ -21,6 +21,8 @@ basis vector.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, Literal
 
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
@@ -112,7 +114,16 @@ def basis(xp, z):
         yield xp.broadcast_to(xp.reshape(eye[i], (1, *z.shape[1:])), z.shape)
 
 
-def divergence(f, t, z, params=None, method: str = "exact", eps=None, *, backend=None):
+def divergence(
+    f: Callable[..., Any],
+    t: Any,
+    z: Any,
+    params: Any = None,
+    method: Literal["exact", "hutchinson"] = "exact",
+    eps: Any = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Any, Any]:
     """The divergence ``tr(df/dz)`` of ``f(t, z[, params])`` for each sample of ``z``.
 
     Parameters
@@ -126,17 +137,48 @@ def divergence(f, t, z, params=None, method: str = "exact", eps=None, *, backend
         The time ``f`` is evaluated at.
     z : array of shape (B, *event_shape)
         The states, samples along the first axis.
-    method : "exact" or "hutchinson"
+    params : pytree of arrays, optional
+        The velocity's parameters, passed as its third argument.
+    method : {"exact", "hutchinson"}, default "exact"
         ``"exact"`` takes ``D = prod(event_shape)`` VJPs, one per basis vector;
         ``"hutchinson"`` takes one, with the probes ``eps``.
-    eps : array shaped like ``z``, for ``"hutchinson"``
-        One probe per sample, with ``E[eps eps^T] = I`` for an unbiased estimate.
+    eps : array shaped like z, optional
+        For ``"hutchinson"``: one probe per sample, with ``E[eps eps^T] = I`` for an unbiased
+        estimate.
+    backend : str, optional
+        Overrides the configured backend.
 
     Returns
     -------
-    (div, frobenius), each of shape (B,)
-        Exact: ``tr J`` and ``||J||_F^2``. Hutchinson: ``eps^T J eps`` and
-        ``||eps^T J||^2``, unbiased estimates of the same two, from one VJP.
+    div : array of shape (B,)
+        Exact: ``tr J``. Hutchinson: ``eps^T J eps``, an unbiased estimate of it.
+    frobenius : array of shape (B,)
+        Exact: ``||J||_F^2``. Hutchinson: ``||eps^T J||^2``, an unbiased estimate of it, from
+        the same VJP.
+
+    Raises
+    ------
+    TypeError
+        ``f`` has no ``vjp`` on a backend without autodiff.
+    ValueError
+        ``method`` is unknown, ``z`` is not a real floating array with samples along its first
+        axis, ``eps`` is missing for ``"hutchinson"`` (or given for ``"exact"``), or ``eps`` is
+        not shaped like ``z``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJP NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> div, frobenius = cnf.divergence(LinearFlow(), 0.0, x, M)
+    >>> div.tolist(), bool(np.allclose(frobenius, np.sum(M**2)))  # tr M = -0.4
+    ([-0.4, -0.4], True)
     """
     bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
     z = z if bk.owns(z) else bk.asarray(z)

@@ -17,6 +17,8 @@ The extra parts start at zero, so at the end of a solve they hold the integrals 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, Literal
 
 from odecore._config import resolve_backend
 from odecore.backend import differentiate, infer_backend
@@ -39,9 +41,46 @@ _SECOND_ORDER_SIGNATURE = (
 class AugmentedDynamics:
     """``g(t, s[, params])`` for the augmented state ``s`` of shape (B, D + 1 + R).
 
-    Built by :func:`augmented_dynamics`; solve it with any of odecore's solvers. On a backend
-    without autodiff (NumPy) its own :meth:`vjp` gives gradients, from the velocity's ``vjp``
-    and its second-order ``vjp_of_vjp``.
+    Built by [`augmented_dynamics`][odecore.cnf.augmented_dynamics], which checks its
+    arguments; solve it with any of odecore's solvers. On a backend without autodiff (NumPy) its
+    own ``vjp`` gives gradients, from the velocity's ``vjp`` and its second-order
+    ``vjp_of_vjp``.
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``.
+    event_shape : tuple of int
+        One sample's shape.
+    trace : {"exact", "hutchinson"}
+        How the divergence is computed.
+    eps : array or None
+        The Hutchinson probes, one per sample.
+    regularizers : tuple of str
+        The regularisers' names, in the order of their columns.
+    backend : Backend, optional
+        The backend; by default the one of the first state it is called with.
+    differentiable : bool, default True
+        False when nothing the solve depends on wants a gradient: an eager framework then
+        records no graph of the divergence.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJP NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> flow = cnf.augmented_dynamics(LinearFlow(), 2, regularizers=("kinetic",))
+    >>> isinstance(flow, cnf.AugmentedDynamics), flow.parts
+    (True, (2, 1, 1))
+    >>> rates = flow(0.0, flow.initial_state(np, x), M)
+    >>> bool(np.allclose(rates[:, 3], np.sum((x @ M.T) ** 2, axis=1)))  # the kinetic rate
+    True
     """
 
     def __init__(
@@ -157,18 +196,74 @@ def _leaves(tree):
 
 
 def augmented_dynamics(
-    f, event_shape, trace: str = "exact", eps=None, regularizers=(), *, backend=None
+    f: Callable[..., Any],
+    event_shape: int | tuple[int, ...],
+    trace: Literal["exact", "hutchinson"] = "exact",
+    eps: Any = None,
+    regularizers: tuple[str, ...] = (),
+    *,
+    backend: str | None = None,
 ) -> AugmentedDynamics:
-    """The augmented dynamics of the flow ``z' = f(t, z[, params])``: the building block of
-    :func:`odecore.cnf.log_prob`, for users who compose their own solve.
+    """The augmented dynamics of the flow ``z' = f(t, z[, params])``, to compose a solve.
 
-    The state is ``(B, D + 1 + R)``: per sample the flattened ``z``, ``delta_logp`` and one
-    column per regulariser in ``regularizers`` (``"kinetic"``, ``"jacobian_frobenius"``),
-    in the order given; see the module's docstring for each rate and its normalisation.
-    ``eps`` (shaped like ``(B, *event_shape)``) holds the Hutchinson probes, one per sample,
-    used at every evaluation. ``initial_state`` and ``split`` convert to and from the
-    augmented state; ``parts`` gives the sizes for a partitioned norm
+    The building block of [`log_prob`][odecore.cnf.log_prob]. The state is ``(B, D + 1 + R)``:
+    per sample the flattened ``z``, ``delta_logp`` (whose rate is ``tr(df/dz)``) and one column
+    per regulariser in ``regularizers``, in the order given. Solve it with any of odecore's
+    solvers; ``initial_state`` and ``split`` convert to and from the augmented state, and
+    ``parts`` gives the sizes for a partitioned norm
     (``odecore.control.norms.largest_part_rms``).
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``, as for
+        [`divergence`][odecore.cnf.divergence].
+    event_shape : int or tuple of int
+        One sample's shape.
+    trace : {"exact", "hutchinson"}, default "exact"
+        How the divergence is computed.
+    eps : array of shape (B, *event_shape), optional
+        The Hutchinson probes, one per sample, used at every evaluation.
+    regularizers : tuple of {"kinetic", "jacobian_frobenius"}, default ()
+        RNODE's regularisers: the rates ``||f||^2`` and ``||eps^T df/dz||^2`` (the exact
+        ``||df/dz||_F^2`` with the exact trace).
+    backend : str, optional
+        The backend; by default the one of the first state it is called with.
+
+    Returns
+    -------
+    AugmentedDynamics
+        ``g(t, s[, params])``, with ``vjp`` on backends without autodiff.
+
+    Raises
+    ------
+    TypeError
+        ``regularizers`` is not a tuple of names.
+    ValueError
+        ``trace`` or a regulariser's name is unknown or repeated, ``event_shape`` is not a
+        positive int or tuple of them, or the probes are missing for ``"hutchinson"`` (or given
+        for ``"exact"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJP NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> import odecore
+    >>> flow = cnf.augmented_dynamics(LinearFlow(), 2)
+    >>> s0 = flow.initial_state(np, x)
+    >>> s0.shape, flow.parts
+    ((2, 3), (2, 1))
+    >>> ys = odecore.odeint(flow, s0, np.array([0.0, 1.0]), params=M, rtol=1e-10, atol=1e-12)
+    >>> z, delta_logp, regularizers = flow.split(np, ys[-1])
+    >>> np.round(delta_logp, 8).tolist()  # the integral of tr M over [0, 1]
+    [-0.4, -0.4]
     """
     check_trace(trace, "trace")
     regularizers = check_regularizers(regularizers)

@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -64,10 +65,38 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 class FlowSolution(NamedTuple):
-    """What :func:`solve_log_prob` returns: ``log_prob`` (B,), the latent ``z`` at ``t[1]``
-    (B, *event_shape), the requested ``regularizers`` (name -> (B,)), the ODE ``solution``
-    (statistics and status), and the Hutchinson ``probes`` it used (None for the exact
-    trace)."""
+    """What [`solve_log_prob`][odecore.cnf.solve_log_prob] returns.
+
+    Attributes
+    ----------
+    log_prob : array of shape (B,)
+        ``log p(x)`` per sample.
+    z : array of shape (B, *event_shape)
+        The latent points at ``t[1]``.
+    regularizers : dict
+        The requested regularisers, name -> (B,).
+    solution : Solution
+        The ODE solve's [`Solution`][odecore.Solution] (statistics and status).
+    probes : array or None
+        The Hutchinson probes it used; None for the exact trace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJPs NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    ...     def vjp_of_vjp(self, t, z, M, u, w):
+    ...         return np.zeros_like(z), u.T @ w
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> result = cnf.solve_log_prob(LinearFlow(), x, (0.0, 1.0), M)
+    >>> result.log_prob.shape, result.solution.success
+    ((2,), True)
+    """
 
     log_prob: Any
     z: Any
@@ -76,30 +105,121 @@ class FlowSolution(NamedTuple):
     probes: Any
 
 
-def standard_normal_log_prob(xp, z):
-    """``log N(z; 0, I)`` per sample: ``-(||z||^2 + D log 2 pi) / 2``."""
+def standard_normal_log_prob(xp: Any, z: Any) -> Any:
+    """``log N(z; 0, I)`` per sample: ``-(||z||^2 + D log 2 pi) / 2``.
+
+    The default base density of [`log_prob`][odecore.cnf.log_prob].
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace of ``z`` (``numpy``, or ``odecore.get_backend(name).xp``).
+    z : array of shape (B, *event_shape)
+        The points, samples along the first axis.
+
+    Returns
+    -------
+    array of shape (B,)
+        The log-density of each sample.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> log_p = cnf.standard_normal_log_prob(np, np.zeros((1, 2)))
+    >>> bool(np.isclose(log_p[0], -np.log(2 * np.pi)))
+    True
+    """
     flat = xp.reshape(z, (z.shape[0], -1))
     return -0.5 * (row_dot(xp, flat, flat) + flat.shape[1] * _LOG_2PI)
 
 
 def solve_log_prob(
-    f,
-    x,
-    t=(0.0, 1.0),
-    params=None,
+    f: Callable[..., Any],
+    x: Any,
+    t: Any = (0.0, 1.0),
+    params: Any = None,
     *,
-    trace="exact",
-    noise="rademacher",
-    eps=None,
-    seed=None,
-    key=None,
-    generator=None,
-    base=None,
-    regularizers=(),
-    error_control="state",
-    **solve_kwargs,
+    trace: Literal["exact", "hutchinson"] = "exact",
+    noise: Literal["rademacher", "gaussian"] = "rademacher",
+    eps: Any = None,
+    seed: int | None = None,
+    key: Any = None,
+    generator: Any = None,
+    base: Callable[[Any], Any] | None = None,
+    regularizers: tuple[str, ...] = (),
+    error_control: Literal["state", "all"] = "state",
+    **solve_kwargs: Any,
 ) -> FlowSolution:
-    """:func:`log_prob` with everything the solve reports (a :class:`FlowSolution`)."""
+    """[`log_prob`][odecore.cnf.log_prob] with everything the solve reports.
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
+        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
+        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
+        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
+    x : array of shape (B, *event_shape)
+        Data points, samples along the first axis.
+    t : pair of times, default (0.0, 1.0)
+        ``(t0, t1)``: data at ``t0``, base at ``t1``.
+    params : pytree of arrays, optional
+        The velocity's parameters, passed as its third argument; gradients reach them.
+    trace : {"exact", "hutchinson"}, default "exact"
+        Exact: D vector-Jacobian products per evaluation. Hutchinson: one, with one probe
+        per sample, an unbiased estimate.
+    noise : {"rademacher", "gaussian"}, default "rademacher"
+        The probes' distribution. Rademacher has the smaller variance,
+        ``2(||S||_F^2 - sum S_ii^2)`` against ``2 ||S||_F^2`` with ``S = (J + J^T)/2``.
+    eps, seed, key, generator : optional
+        The probes, given, or the source they are drawn from (at most one), as for
+        [`log_prob`][odecore.cnf.log_prob].
+    base : callable, optional
+        ``base(z) -> (B,)`` log-density at ``t1``; the standard normal by default.
+    regularizers : tuple of {"kinetic", "jacobian_frobenius"}, default ()
+        RNODE's regularisers, as for [`log_prob`][odecore.cnf.log_prob].
+    error_control : {"state", "all"}, default "state"
+        Whether the step size is controlled on ``z`` alone or on every part.
+    **solve_kwargs
+        The arguments of [`odecore.solve`][odecore.solve].
+
+    Returns
+    -------
+    FlowSolution
+        ``log_prob``, the latent ``z``, the ``regularizers``, the ODE ``solution`` and the
+        ``probes``.
+
+    Raises
+    ------
+    TypeError
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, or an argument of the
+        solve has the wrong type.
+    ValueError
+        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
+        not a real floating array with samples along its first axis, the probes are missing
+        for ``"hutchinson"`` (or given for ``"exact"``) or not shaped like ``x``, more than one
+        source of probes is given, or an argument of the solve has a wrong value.
+    SolveError
+        The solve failed (with the default ``throw=True``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJPs NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    ...     def vjp_of_vjp(self, t, z, M, u, w):
+    ...         return np.zeros_like(z), u.T @ w
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> result = cnf.solve_log_prob(LinearFlow(), x, (0.0, 1.0), M, regularizers=("kinetic",))
+    >>> result.solution.success, result.z.shape, sorted(result.regularizers), result.probes
+    (True, (2, 2), ['kinetic'], None)
+    """
     settings = _settings(trace, noise, eps, seed, key, generator, regularizers, error_control)
     bk, aug, s0, t, flow, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
     solution = solve(flow.func, s0, t, params=flow.params, options=options, **extra, **solve_kwargs)
@@ -109,26 +229,30 @@ def solve_log_prob(
 
 
 def log_prob(
-    f,
-    x,
-    t=(0.0, 1.0),
-    params=None,
+    f: Callable[..., Any],
+    x: Any,
+    t: Any = (0.0, 1.0),
+    params: Any = None,
     *,
-    trace="exact",
-    noise="rademacher",
-    eps=None,
-    seed=None,
-    key=None,
-    generator=None,
-    base=None,
-    regularizers=(),
-    error_control="state",
-    **solve_kwargs,
-):
+    trace: Literal["exact", "hutchinson"] = "exact",
+    noise: Literal["rademacher", "gaussian"] = "rademacher",
+    eps: Any = None,
+    seed: int | None = None,
+    key: Any = None,
+    generator: Any = None,
+    base: Callable[[Any], Any] | None = None,
+    regularizers: tuple[str, ...] = (),
+    error_control: Literal["state", "all"] = "state",
+    **solve_kwargs: Any,
+) -> Any:
     """``log p(x)`` under the flow ``z' = f(t, z[, params])``, per sample.
 
-    ``log p(x) = log base(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt`` with ``z(t0) = x`` (see
-    the module's docstring for the derivation and the direction).
+    ``log p(x) = log base(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt`` with ``z(t0) = x``: the
+    instantaneous change of variables (Chen et al. 2018), integrated beside ``z``. With
+    ``trace="hutchinson"`` the probes are drawn once per solve, one per sample, and reused at
+    every evaluation and in the backward solve, so the solver integrates one smooth ODE. The
+    log-density and regulariser parts are left out of the step-size control unless
+    ``error_control="all"``.
 
     Parameters
     ----------
@@ -136,36 +260,78 @@ def log_prob(
         The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
         samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
         ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
-        see :func:`vjp_log_prob`).
+        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
     x : array of shape (B, *event_shape)
         Data points, samples along the first axis.
-    t : pair of times
+    t : pair of times, default (0.0, 1.0)
         ``(t0, t1)``: data at ``t0``, base at ``t1``.
-    trace : "exact" or "hutchinson"
+    params : pytree of arrays, optional
+        The velocity's parameters, passed as its third argument; gradients reach them.
+    trace : {"exact", "hutchinson"}, default "exact"
         Exact: D vector-Jacobian products per evaluation. Hutchinson: one, with one probe
         per sample, an unbiased estimate.
-    noise : "rademacher" or "gaussian"
+    noise : {"rademacher", "gaussian"}, default "rademacher"
         The probes' distribution. Rademacher has the smaller variance,
         ``2(||S||_F^2 - sum S_ii^2)`` against ``2 ||S||_F^2`` with ``S = (J + J^T)/2``.
-    eps, seed, key, generator
-        The probes, given, or the source they are drawn from (at most one of these).
+    eps : array shaped like x, optional
+        The Hutchinson probes, given.
+    seed, key, generator : optional
+        Where the probes are drawn from: an int seed, a JAX PRNG key, or a
+        ``numpy.random.Generator`` (a ``torch.Generator`` on torch). At most one of ``eps``,
+        ``seed``, ``key`` and ``generator``; the same source gives the same probes.
     base : callable, optional
         ``base(z) -> (B,)`` log-density at ``t1``; the standard normal by default.
-    regularizers : tuple of "kinetic", "jacobian_frobenius"
+    regularizers : tuple of {"kinetic", "jacobian_frobenius"}, default ()
         RNODE's regularisers, returned per sample after the log-density:
         ``integral ||f||^2 dt`` and ``integral ||eps^T df/dz||^2 dt`` (the exact
         ``||df/dz||_F^2`` with the exact trace), summed over the components of a sample,
         neither halved nor divided by D.
-    error_control : "state" or "all"
-        Whether the step size is controlled on ``z`` alone (the default) or on every part.
+    error_control : {"state", "all"}, default "state"
+        Whether the step size is controlled on ``z`` alone or on every part.
     **solve_kwargs
-        The arguments of :func:`odecore.solve`: ``rtol``, ``atol``, ``method``, ``options``,
-        ``adjoint``, ``backend``, ``batch_axis`` (None: one solve for the batch; 0: each
-        sample steps on its own), ...
+        The arguments of [`odecore.solve`][odecore.solve]: ``rtol``, ``atol``, ``method``,
+        ``options``, ``adjoint``, ``backend``, ``batch_axis`` (None: one solve for the batch;
+        0: each sample steps on its own), ...
 
     Returns
     -------
-    log_prob of shape (B,), or ``(log_prob, {name: (B,)})`` when regularisers are asked for.
+    log_prob : array of shape (B,)
+        ``log p(x)`` per sample.
+    regularizers : dict
+        Only when regularisers are asked for (then a pair is returned): name -> (B,).
+
+    Raises
+    ------
+    TypeError
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, or an argument of the
+        solve has the wrong type.
+    ValueError
+        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
+        not a real floating array with samples along its first axis, the probes are missing
+        for ``"hutchinson"`` (or given for ``"exact"``) or not shaped like ``x``, more than one
+        source of probes is given, or an argument of the solve has a wrong value.
+    SolveError
+        The solve failed (with the default ``throw=True``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJPs NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    ...     def vjp_of_vjp(self, t, z, M, u, w):
+    ...         return np.zeros_like(z), u.T @ w
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> log_p = cnf.log_prob(LinearFlow(), x, (0.0, 1.0), M, rtol=1e-10, atol=1e-12)
+    >>> import scipy.linalg
+    >>> z = x @ scipy.linalg.expm(M).T  # log p(x) = log N(e^M x) + tr M
+    >>> reference = -0.5 * (z**2).sum(1) - np.log(2 * np.pi) + np.trace(M)
+    >>> bool(np.allclose(log_p, reference, atol=1e-8))
+    True
     """
     result = solve_log_prob(
         f,
@@ -187,30 +353,110 @@ def log_prob(
 
 
 def vjp_log_prob(
-    f,
-    x,
-    t=(0.0, 1.0),
-    params=None,
+    f: Callable[..., Any],
+    x: Any,
+    t: Any = (0.0, 1.0),
+    params: Any = None,
     *,
-    trace="exact",
-    noise="rademacher",
-    eps=None,
-    seed=None,
-    generator=None,
-    regularizers=(),
-    error_control="state",
-    adjoint="checkpoint",
-    **solve_kwargs,
-):
-    """:func:`log_prob` with a pullback, for backends without autodiff (NumPy):
-    ``(log_prob, regularizers, pullback)`` with ``pullback(log_prob_bar, regularizers_bar=None)
-    -> (x_bar, params_bar)``, ``regularizers_bar`` a dict like ``regularizers``.
+    trace: Literal["exact", "hutchinson"] = "exact",
+    noise: Literal["rademacher", "gaussian"] = "rademacher",
+    eps: Any = None,
+    seed: int | None = None,
+    generator: Any = None,
+    regularizers: tuple[str, ...] = (),
+    error_control: Literal["state", "all"] = "state",
+    adjoint: Any = "checkpoint",
+    **solve_kwargs: Any,
+) -> tuple[Any, dict[str, Any], Callable[..., Any]]:
+    """[`log_prob`][odecore.cnf.log_prob] with a pullback, for backends without autodiff (NumPy).
 
     The base is the standard normal. ``f`` brings ``vjp(t, z, params, u) -> (u^T df/dz,
     u^T df/dparams)`` and ``vjp_of_vjp(t, z, params, u, w) -> (z_bar, params_bar)``, the
-    gradient of ``sum(w * vjp(t, z, params, u)[0])`` with respect to ``z`` and ``params``
-    (the divergence's own gradient needs second derivatives of ``f``). ``adjoint`` is
-    ``"checkpoint"`` or ``"backsolve"``, as in :func:`odecore.vjp_odeint`."""
+    gradient of ``sum(w * vjp(t, z, params, u)[0])`` with respect to ``z`` and ``params`` (the
+    divergence's own gradient needs second derivatives of ``f``).
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
+        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
+        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
+        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
+    x : array of shape (B, *event_shape)
+        Data points, samples along the first axis.
+    t : pair of times, default (0.0, 1.0)
+        ``(t0, t1)``: data at ``t0``, base at ``t1``.
+    params : pytree of arrays, optional
+        The velocity's parameters, passed as its third argument; gradients reach them.
+    trace : {"exact", "hutchinson"}, default "exact"
+        Exact: D vector-Jacobian products per evaluation. Hutchinson: one, with one probe
+        per sample, an unbiased estimate.
+    noise : {"rademacher", "gaussian"}, default "rademacher"
+        The probes' distribution. Rademacher has the smaller variance,
+        ``2(||S||_F^2 - sum S_ii^2)`` against ``2 ||S||_F^2`` with ``S = (J + J^T)/2``.
+    eps : array shaped like x, optional
+        The Hutchinson probes, given.
+    seed, generator : optional
+        An int seed or a ``numpy.random.Generator`` to draw the probes from (at most one of
+        ``eps``, ``seed`` and ``generator``).
+    regularizers : tuple of {"kinetic", "jacobian_frobenius"}, default ()
+        RNODE's regularisers, as for [`log_prob`][odecore.cnf.log_prob].
+    error_control : {"state", "all"}, default "state"
+        Whether the step size is controlled on ``z`` alone or on every part.
+    adjoint : {"checkpoint", "backsolve"}, default "checkpoint"
+        As in [`odecore.vjp_odeint`][odecore.vjp_odeint].
+    **solve_kwargs
+        ``rtol``, ``atol``, ``method``, ``options``, ``batch_axis``, ``backend``, as for
+        [`odecore.vjp_odeint`][odecore.vjp_odeint].
+
+    Returns
+    -------
+    log_prob : array of shape (B,)
+        ``log p(x)`` per sample.
+    regularizers : dict
+        name -> (B,), for the regularisers asked for.
+    pullback : callable
+        ``pullback(log_prob_bar, regularizers_bar=None) -> (x_bar, params_bar)``,
+        ``regularizers_bar`` a dict like ``regularizers``. It raises ``ValueError`` for a
+        ``log_prob_bar`` not of shape (B,) or a regulariser the solve did not compute.
+
+    Raises
+    ------
+    TypeError
+        ``f`` has no ``vjp`` or ``vjp_of_vjp`` method, ``regularizers`` is not a tuple of
+        names, ``seed`` is not an int, or an argument of the solve has the wrong type.
+    ValueError
+        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
+        not a real floating array with samples along its first axis, the probes are missing
+        for ``"hutchinson"`` (or given for ``"exact"``) or not shaped like ``x``, more than one
+        source of probes is given, or an argument of the solve has a wrong value.
+    SolveError
+        The solve failed (with the default ``throw=True``).
+
+    Examples
+    --------
+    ``d log p(x) / dx = -(e^M)^T e^M x`` for the linear flow:
+
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJPs NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    ...     def vjp_of_vjp(self, t, z, M, u, w):
+    ...         return np.zeros_like(z), u.T @ w
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> log_p, regs, pullback = cnf.vjp_log_prob(LinearFlow(), x, (0.0, 1.0), M,
+    ...                                          rtol=1e-10, atol=1e-12)
+    >>> x_bar, M_bar = pullback(np.ones(2))
+    >>> import scipy.linalg
+    >>> z = x @ scipy.linalg.expm(M).T  # log p(x) = log N(e^M x) + tr M
+    >>> reference = -0.5 * (z**2).sum(1) - np.log(2 * np.pi) + np.trace(M)
+    >>> bool(np.allclose(x_bar, -z @ scipy.linalg.expm(M), atol=1e-7))
+    True
+    """
     settings = _settings(trace, noise, eps, seed, None, generator, regularizers, error_control)
     bk, aug, s0, t, _, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
     xp = bk.xp
@@ -247,24 +493,83 @@ def vjp_log_prob(
 
 
 def sample(
-    f,
-    n,
-    event_shape,
-    t=(0.0, 1.0),
-    params=None,
+    f: Callable[..., Any],
+    n: int,
+    event_shape: int | tuple[int, ...],
+    t: Any = (0.0, 1.0),
+    params: Any = None,
     *,
-    z=None,
-    seed=None,
-    key=None,
-    generator=None,
-    dtype=None,
-    **solve_kwargs,
-):
-    """``n`` samples of the flow's data distribution: standard normal draws at ``t[1]``
-    (or the given base points ``z``, (n, *event_shape)), carried back to ``t[0]`` by
-    ``z' = f(t, z[, params])``. ``solve_kwargs`` are :func:`odecore.solve`'s; the backend
-    follows ``z`` or ``params``, else name it (``backend="torch"``). ``dtype`` defaults to
-    that of ``z``, else of the parameters, else float64."""
+    z: Any = None,
+    seed: int | None = None,
+    key: Any = None,
+    generator: Any = None,
+    dtype: Any = None,
+    **solve_kwargs: Any,
+) -> Any:
+    """``n`` samples of the flow's data distribution.
+
+    Standard normal draws at ``t[1]`` (or the given base points ``z``) are carried back to
+    ``t[0]`` by ``z' = f(t, z[, params])``.
+
+    Parameters
+    ----------
+    f : callable
+        The velocity ``f(t, z)`` or ``f(t, z, params)``.
+    n : int
+        How many samples.
+    event_shape : int or tuple of int
+        One sample's shape.
+    t : pair of times, default (0.0, 1.0)
+        ``(t0, t1)``: data at ``t0``, base at ``t1``.
+    params : pytree of arrays, optional
+        The velocity's parameters.
+    z : array of shape (n, *event_shape), optional
+        The base points, instead of random draws.
+    seed, key, generator : optional
+        Where the draws come from: an int seed, a JAX PRNG key, or a ``numpy.random.Generator``
+        (a ``torch.Generator`` on torch); at most one of ``z``, ``seed``, ``key``,
+        ``generator``.
+    dtype : optional
+        The draws' dtype; by default that of ``z``, else of the parameters, else float64.
+    **solve_kwargs
+        The arguments of [`odecore.solve`][odecore.solve]; the backend follows ``z`` or
+        ``params``, else name it (``backend="torch"``).
+
+    Returns
+    -------
+    array of shape (n, *event_shape)
+        The samples at ``t[0]``.
+
+    Raises
+    ------
+    TypeError
+        ``seed`` is not an int, or an argument of the solve has the wrong type.
+    ValueError
+        ``n`` is not a positive int, ``event_shape`` is not a positive int or tuple of them,
+        ``z`` is not of shape (n, *event_shape), more than one source of draws is given, or an
+        argument of the solve has a wrong value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from odecore import cnf
+    >>> class LinearFlow:  # f = M z, with the VJPs NumPy needs
+    ...     def __call__(self, t, z, M):
+    ...         return z @ M.T
+    ...     def vjp(self, t, z, M, u):
+    ...         return u @ M, u.T @ z
+    ...     def vjp_of_vjp(self, t, z, M, u, w):
+    ...         return np.zeros_like(z), u.T @ w
+    >>> M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+    >>> x = np.array([[0.3, -1.0], [1.2, 0.4]])
+    >>> cnf.sample(LinearFlow(), 3, 2, params=M, seed=0).shape
+    (3, 2)
+    >>> base = np.array([[1.0, 0.0]])
+    >>> data = cnf.sample(LinearFlow(), 1, 2, params=M, z=base, rtol=1e-10, atol=1e-12)
+    >>> import scipy.linalg
+    >>> bool(np.allclose(data, base @ scipy.linalg.expm(-M).T))  # the flow run backward
+    True
+    """
     event_shape = check_event_shape(event_shape)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")

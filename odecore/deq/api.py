@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from odecore._config import resolve_backend
 from odecore.backend import differentiate, tree
 from odecore.deq.arguments import check_callable, check_params, float_array, layout
@@ -12,7 +15,13 @@ from odecore.deq.solution import FixedPointError, FixedPointSolution, failure_me
 
 
 def solve_fixed_point(
-    f, z0, params=None, *, batch_axis=None, backend=None, **options
+    f: Callable[..., Any],
+    z0: Any,
+    params: Any = None,
+    *,
+    batch_axis: int | None = None,
+    backend: str | None = None,
+    **options: Any,
 ) -> FixedPointSolution:
     """Find ``z* = f(z*, params)`` and report how it went, per sample.
 
@@ -22,26 +31,33 @@ def solve_fixed_point(
         ``f(z, params)``, or ``f(z)`` when ``params`` is None (an ``nn.Module`` carries its
         own parameters), returning an array shaped like ``z``. Inputs such as ``x`` travel
         in ``params``. With ``batch_axis=0`` it is called on the whole batch, and must treat
-        samples independently.
+        samples independently. On NumPy, [`vjp_fixed_point`][odecore.vjp_fixed_point] needs its
+        method ``vjp(z, params, cotangent) -> (cot_z, cot_params)``.
     z0 : array
         The starting iterate, real floating dtype.
     params : pytree of arrays, optional
         Everything ``f`` depends on that should get a gradient.
-    batch_axis : None or 0
+    batch_axis : None or 0, optional
         With 0, the first axis indexes independent samples, each converging on its own.
     backend : str, optional
         Overrides the configured backend.
     **options
-        The fields of :class:`~odecore.deq.options.FixedPointOptions`, with these defaults:
+        The solver's and the gradient's options, below (the fields of
+        ``odecore.deq.FixedPointOptions``).
 
+    Other Parameters
+    ----------------
     solver : {"picard", "anderson", "broyden"}, default "anderson"
         Plain iteration (with ``damping``, default 1: ``z <- (1 - damping) z + damping
         f(z)``); Anderson mixing with memory ``m`` (default 5), regularisation ``lam``
         (default 1e-4, relative to the stored residuals' size) and mixing ``beta`` (default
         1); or Broyden's method with at most ``m`` low-rank terms in the inverse Jacobian.
-    tol, stop_mode : float, {"abs", "rel"}, default 1e-6, "abs"
-        A sample has converged once ``||f(z) - z||`` (``"abs"``) or
-        ``||f(z) - z|| / ||f(z)||`` (``"rel"``) is at most ``tol``; norms are per sample.
+    tol : float, default 1e-6
+        A sample has converged once its residual, measured as ``stop_mode`` says, is at
+        most ``tol``.
+    stop_mode : {"abs", "rel"}, default "abs"
+        The residual: ``||f(z) - z||`` (``"abs"``) or ``||f(z) - z|| / ||f(z)||``
+        (``"rel"``); norms are per sample.
     max_iter : int, default 50
         At most this many iterations; samples still running then get status
         ``MAX_ITER_REACHED``.
@@ -62,14 +78,64 @@ def solve_fixed_point(
         ``z <- (1 - unroll_damping) z + unroll_damping f(z)`` (default 1) from the detached
         ``z*``.
     throw : bool, default True
-        With True, a sample that did not converge raises :class:`~odecore.FixedPointError`
-        (on a tracing backend, only where the status is known: under ``jax.jit`` it is
-        reported in ``status`` only). With False, the solution holds each sample's best
-        iterate and its ``status``.
+        With True, a sample that did not converge raises
+        [`FixedPointError`][odecore.FixedPointError] (on a tracing backend, only where the
+        status is known: under ``jax.jit`` it is reported in ``status`` only). With False,
+        the solution holds each sample's best iterate and its ``status``.
+    m : int, default 5
+        The memory of Anderson (stored pairs) and Broyden (low-rank terms).
+    lam, beta, damping : float
+        Anderson's regularisation (default 1e-4) and mixing (default 1); Picard's damping
+        (default 1).
+    backward_solver, backward_linearization, backward_tol, backward_max_iter : optional
+        The implicit gradient's solver and its settings, described under ``backward``.
+    unroll_steps, unroll_damping : optional
+        The steps of ``backward="unrolled"`` (default 5) and their damping (default 1).
 
+    Returns
+    -------
+    FixedPointSolution
+        ``z`` (each sample's best iterate, differentiable on frameworks with autodiff), and per
+        sample ``iterations``, residuals and ``status``; see
+        [`FixedPointSolution`][odecore.FixedPointSolution].
+
+    Raises
+    ------
+    TypeError
+        ``f`` is not callable, ``z0`` is not a real floating array, an option is unknown or of
+        the wrong type, ``f`` returns something not shaped like ``z``, or ``f`` is a module
+        with its own parameters and ``params`` is given too.
+    ValueError
+        An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...),
+        ``batch_axis`` is not None or 0, or, on torch, ``f`` uses a tensor that requires grad
+        outside ``params``.
+    FixedPointError
+        With ``throw=True``, a sample did not converge within ``max_iter`` iterations, or ``f``
+        returned NaN or inf.
+
+    Notes
+    -----
     On torch, ``f`` must not use a tensor that requires grad other than through ``params``
     (or, for an ``nn.Module`` called without params, its own parameters): the gradient
     reaches only those, so such a tensor raises ``ValueError`` while grad mode is on.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Affine:  # f(z) = A z + b, with the VJP NumPy needs for gradients
+    ...     def __call__(self, z, params):
+    ...         A, b = params
+    ...         return A @ z + b
+    ...     def vjp(self, z, params, u):
+    ...         A, b = params
+    ...         return A.T @ u, (np.outer(u, z), u)
+    >>> A, b = np.array([[0.5, 0.1], [0.0, 0.3]]), np.array([1.0, 2.0])
+    >>> sol = odecore.solve_fixed_point(Affine(), np.zeros(2), (A, b), tol=1e-10)
+    >>> sol.success, sol.solver, sol.status.tolist()
+    (True, 'anderson', [0])
+    >>> bool(np.allclose(sol.z, np.linalg.solve(np.eye(2) - A, b)))
+    True
     """
     opts = FixedPointOptions.from_keywords("solve_fixed_point", options)
     bk, z0, lay, leaves, fmap = _setup(f, z0, params, backend, batch_axis, opts)
@@ -88,20 +154,141 @@ def solve_fixed_point(
     return solution
 
 
-def fixed_point(f, z0, params=None, **kwargs):
-    """``z* = f(z*, params)``: :func:`solve_fixed_point`'s ``z``, differentiable on
-    frameworks with autodiff. Keyword arguments are those of :func:`solve_fixed_point`; a
-    solve that does not converge raises :class:`~odecore.FixedPointError` unless
-    ``throw=False``."""
+def fixed_point(f: Callable[..., Any], z0: Any, params: Any = None, **kwargs: Any) -> Any:
+    """The fixed point ``z* = f(z*, params)``, differentiable on frameworks with autodiff.
+
+    [`solve_fixed_point`][odecore.solve_fixed_point]'s ``z``. On torch and JAX its gradient with
+    respect to ``params`` comes from the implicit function theorem by default
+    (``backward="implicit"``): the linear system ``u = w + u J_f(z*)`` is solved in the
+    backward pass, so memory does not grow with the forward iterations. ``backward="one_step"``
+    and ``backward="unrolled"`` differentiate one or a few steps from the detached ``z*``
+    instead. On NumPy, [`vjp_fixed_point`][odecore.vjp_fixed_point] returns the same gradient
+    as a pullback.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(z, params)``, or ``f(z)`` when ``params`` is None, returning an array shaped like
+        ``z``.
+    z0 : array
+        The starting iterate, real floating dtype.
+    params : pytree of arrays, optional
+        Everything ``f`` depends on that should get a gradient.
+    **kwargs
+        ``batch_axis``, ``backend`` and the options of
+        [`solve_fixed_point`][odecore.solve_fixed_point] (``solver``, ``tol``, ``stop_mode``,
+        ``max_iter``, ``backward``, ``throw``, ...).
+
+    Returns
+    -------
+    array
+        Each sample's best iterate, shaped like ``z0``.
+
+    Raises
+    ------
+    TypeError
+        ``f`` is not callable, ``z0`` is not a real floating array, or an option is unknown or
+        of the wrong type.
+    ValueError
+        An option has a wrong value, or, on torch, ``f`` uses a tensor that requires grad
+        outside ``params``.
+    FixedPointError
+        A sample did not converge, unless ``throw=False``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Affine:  # f(z) = A z + b, with the VJP NumPy needs for gradients
+    ...     def __call__(self, z, params):
+    ...         A, b = params
+    ...         return A @ z + b
+    ...     def vjp(self, z, params, u):
+    ...         A, b = params
+    ...         return A.T @ u, (np.outer(u, z), u)
+    >>> A, b = np.array([[0.5, 0.1], [0.0, 0.3]]), np.array([1.0, 2.0])
+    >>> z = odecore.fixed_point(Affine(), np.zeros(2), (A, b), tol=1e-10)
+    >>> np.round(z, 6)
+    array([2.571429, 2.857143])
+
+    With torch the gradient flows through the fixed point (here ``z* = b / (1 - a)``):
+
+    >>> import torch
+    >>> a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    >>> z = odecore.fixed_point(lambda z, a: a * z + 1.0, torch.zeros(1, dtype=torch.float64), a,
+    ...                         tol=1e-12)
+    >>> z.sum().backward()
+    >>> round(z.item(), 6), round(a.grad.item(), 6)  # dz*/da = 1 / (1 - a)**2
+    (2.0, 4.0)
+    """
     return solve_fixed_point(f, z0, params, **kwargs).z
 
 
-def vjp_fixed_point(f, z0, params=None, *, batch_axis=None, backend=None, **options):
-    """Solve, and return ``(solution, pullback)`` with ``pullback(z_bar) -> params_bar`` (the
-    structure of ``params``): gradients for backends without autodiff (NumPy).
+def vjp_fixed_point(
+    f: Callable[..., Any],
+    z0: Any,
+    params: Any = None,
+    *,
+    batch_axis: int | None = None,
+    backend: str | None = None,
+    **options: Any,
+) -> tuple[FixedPointSolution, Callable[[Any], Any]]:
+    """Solve, and return ``(solution, pullback)``: gradients for backends without autodiff.
 
-    ``f`` supplies ``vjp(z, params, cotangent) -> (cot_z, cot_params)``. Keyword arguments
-    are those of :func:`solve_fixed_point`."""
+    The implicit gradient of [`solve_fixed_point`][odecore.solve_fixed_point], from ``f``'s own
+    VJP (NumPy, Numba, CuPy).
+
+    Parameters
+    ----------
+    f : callable
+        ``f(z, params)`` with a method ``vjp(z, params, cotangent) -> (cot_z, cot_params)``,
+        ``cot_params`` shaped like ``params``.
+    z0 : array
+        The starting iterate, real floating dtype.
+    params : pytree of arrays, optional
+        The parameters the pullback differentiates.
+    batch_axis : None or 0, optional
+        With 0, the first axis indexes independent samples.
+    backend : str, optional
+        Overrides the configured backend.
+    **options
+        The options of [`solve_fixed_point`][odecore.solve_fixed_point].
+
+    Returns
+    -------
+    solution : FixedPointSolution
+        As [`solve_fixed_point`][odecore.solve_fixed_point] returns it.
+    pullback : callable
+        ``pullback(z_bar) -> params_bar``, the gradient of ``sum(z_bar * z*)`` in the structure
+        of ``params``; it raises ``ValueError`` for a ``z_bar`` not shaped like ``z``.
+
+    Raises
+    ------
+    TypeError
+        ``f`` has no ``vjp`` method on a backend without autodiff, is not callable, or an
+        option is unknown or of the wrong type.
+    ValueError
+        An option has a wrong value.
+    FixedPointError
+        A sample did not converge, unless ``throw=False``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Affine:  # f(z) = A z + b, with the VJP NumPy needs for gradients
+    ...     def __call__(self, z, params):
+    ...         A, b = params
+    ...         return A @ z + b
+    ...     def vjp(self, z, params, u):
+    ...         A, b = params
+    ...         return A.T @ u, (np.outer(u, z), u)
+    >>> A, b = np.array([[0.5, 0.1], [0.0, 0.3]]), np.array([1.0, 2.0])
+    >>> sol, pullback = odecore.vjp_fixed_point(Affine(), np.zeros(2), (A, b), tol=1e-12)
+    >>> A_bar, b_bar = pullback(np.array([1.0, 0.0]))
+    >>> bool(np.allclose(b_bar, np.linalg.solve((np.eye(2) - A).T, [1.0, 0.0])))
+    True
+    """
 
     opts = FixedPointOptions.from_keywords("vjp_fixed_point", options)
     bk, z0, lay, leaves, fmap = _setup(f, z0, params, backend, batch_axis, opts)

@@ -11,7 +11,27 @@ from odecore.ode.solution import SolveError
 
 
 class FixedPointStatus(enum.IntEnum):
-    """Per-sample outcome of a fixed-point solve. ``RUNNING`` only appears inside the loop."""
+    """Per-sample outcome of a fixed-point solve: the codes of ``FixedPointSolution.status``.
+
+    Attributes
+    ----------
+    RUNNING
+        -1: still running; only appears inside the loop.
+    CONVERGED
+        0: the residual fell to ``tol``.
+    MAX_ITER_REACHED
+        1: ``max_iter`` iterations without converging.
+    NONFINITE
+        3: ``f`` returned NaN or inf; the best finite iterate is kept.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> odecore.FixedPointStatus(1).name
+    'MAX_ITER_REACHED'
+    >>> odecore.FixedPointStatus.NONFINITE.describe()
+    'non-finite residual: f returned NaN or inf; the best finite iterate is kept'
+    """
 
     RUNNING = -1
     CONVERGED = 0
@@ -19,6 +39,19 @@ class FixedPointStatus(enum.IntEnum):
     NONFINITE = 3
 
     def describe(self) -> str:
+        """What the status means and, for a failure, what to try.
+
+        Returns
+        -------
+        str
+            One sentence.
+
+        Examples
+        --------
+        >>> import odecore
+        >>> odecore.FixedPointStatus.CONVERGED.describe()
+        'converged'
+        """
         return {
             FixedPointStatus.RUNNING: "still running",
             FixedPointStatus.CONVERGED: "converged",
@@ -41,16 +74,49 @@ NONFINITE = int(FixedPointStatus.NONFINITE)
 
 @dataclass
 class FixedPointSolution:
-    """The result of :func:`solve_fixed_point`.
+    """The result of [`solve_fixed_point`][odecore.solve_fixed_point].
 
-    ``z`` is each sample's best iterate (the one with the lowest residual in the stopping
-    mode), in the shape of ``z0``. Per sample (arrays of shape ``(B,)``; ``(1,)`` without
-    ``batch_axis``): ``iterations``, the final ``abs_residual`` ``||f(z) - z||`` and
-    ``rel_residual`` ``||f(z) - z|| / ||f(z)||`` of ``z``, and ``status`` (a
-    :class:`FixedPointStatus` code). ``trace[k]`` is the stopping-mode residual after
-    iteration ``k`` (row 0 is ``z0``'s), NaN once a sample has stopped. ``stats`` holds
-    ``nfev`` (calls of ``f`` on the whole batch) and, after a backward pass through the
-    implicit rule, ``backward_iterations`` and ``backward_status``.
+    Per-sample fields are arrays of shape ``(B,)``, and ``(1,)`` without ``batch_axis``.
+
+    Parameters
+    ----------
+    z : array
+        Each sample's best iterate (the one with the lowest residual in the stopping mode), in
+        the shape of ``z0``.
+    iterations : array of int
+        Per sample, the iterations it took.
+    abs_residual : array
+        Per sample, ``||f(z) - z||`` of ``z``.
+    rel_residual : array
+        Per sample, ``||f(z) - z|| / ||f(z)||`` of ``z``.
+    status : array of int
+        Per sample, a [`FixedPointStatus`][odecore.FixedPointStatus] code.
+    trace : array
+        ``trace[k]`` is the stopping-mode residual after iteration ``k`` (row 0 is ``z0``'s),
+        NaN once a sample has stopped.
+    solver : str
+        The forward solver's name.
+    stats : dict
+        ``nfev`` (calls of ``f`` on the whole batch) and, after a backward pass through the
+        implicit rule, ``backward_iterations`` and ``backward_status``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Affine:  # f(z) = A z + b, with its VJP
+    ...     def __call__(self, z, params):
+    ...         A, b = params
+    ...         return A @ z + b
+    ...     def vjp(self, z, params, u):
+    ...         A, b = params
+    ...         return A.T @ u, (np.outer(u, z), u)
+    >>> A, b = np.array([[0.5, 0.1], [0.0, 0.3]]), np.array([1.0, 2.0])
+    >>> sol = odecore.solve_fixed_point(Affine(), np.zeros(2), (A, b), tol=1e-10)
+    >>> sol.success, sol.message, sol.status.tolist()
+    (True, 'converged', [0])
+    >>> bool(sol.abs_residual[0] <= 1e-10), sol.trace.shape[1]
+    (True, 1)
     """
 
     z: Any
@@ -64,10 +130,12 @@ class FixedPointSolution:
 
     @property
     def success(self) -> bool:
+        """Whether every sample converged."""
         return all(int(s) == CONVERGED for s in _to_list(self.status))
 
     @property
     def message(self) -> str:
+        """What ``status`` means in words: the descriptions of its codes."""
         codes = sorted({int(s) for s in _to_list(self.status)})
         return "; ".join(FixedPointStatus(c).describe() for c in codes)
 
@@ -77,11 +145,36 @@ def _to_list(x):
 
 
 class FixedPointError(SolveError):
-    """A fixed-point solve did not converge: ``max_iter`` was reached, or ``f`` returned
-    NaN or inf. The message names the failed samples, the residual and the iterations;
-    ``solution`` holds the :class:`FixedPointSolution`, with each sample's best iterate and
-    status. A :class:`~odecore.SolveError`, so that one ``except`` catches every failed
-    solve of the library."""
+    """A fixed-point solve did not converge: ``max_iter`` was reached, or ``f`` returned NaN or inf.
+
+    The message names the failed samples, the residual and the iterations; ``solution`` holds the
+    [`FixedPointSolution`][odecore.FixedPointSolution], with each sample's best iterate and
+    status. A [`SolveError`][odecore.SolveError], so that one ``except`` catches every failed
+    solve of the library.
+
+    Attributes
+    ----------
+    solution : FixedPointSolution
+        Each sample's best iterate and its status.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Affine:  # f(z) = A z + b, with its VJP
+    ...     def __call__(self, z, params):
+    ...         A, b = params
+    ...         return A @ z + b
+    ...     def vjp(self, z, params, u):
+    ...         A, b = params
+    ...         return A.T @ u, (np.outer(u, z), u)
+    >>> A, b = np.array([[0.5, 0.1], [0.0, 0.3]]), np.array([1.0, 2.0])
+    >>> try:
+    ...     odecore.solve_fixed_point(Affine(), np.zeros(2), (A, b), max_iter=2)
+    ... except odecore.FixedPointError as error:
+    ...     print(error.solution.status.tolist(), "did not converge" in str(error))
+    [1] True
+    """
 
 
 def failure_message(

@@ -8,6 +8,8 @@ directly (``direct`` mode, or no gradients) or through the solve's rule
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 from odecore import _validate
 from odecore._config import resolve_backend
@@ -33,49 +35,142 @@ from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solut
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 
+#: What ``adjoint=`` takes: a gradient mode, or its name.
+AdjointMode = (
+    modes.Direct | modes.Backsolve | modes.Checkpoint | Literal["direct", "backsolve", "checkpoint"]
+)
+
 
 def solve(
-    func,
-    y0,
-    t,
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
     *,
-    params=None,
-    rtol=1e-7,
-    atol=1e-9,
-    method=None,
-    options=None,
-    batch_axis=None,
-    backend=None,
-    throw=True,
-    adjoint=None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_options=None,
-    adjoint_params=None,
-    event=None,
+    params: Any = None,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    batch_axis: int | None = None,
+    backend: str | None = None,
+    throw: bool = True,
+    adjoint: AdjointMode | None = None,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: Mapping[str, Any] | None = None,
+    adjoint_params: Sequence[Any] | None = None,
+    event: Any = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
-    Arguments are those of :func:`odeint`. Returns a :class:`~odecore.Solution` with the
-    outputs ``ys`` at the requested times ``ts``, statistics and a per-sample status. With
-    ``throw=True`` (the default) a failed solve raises :class:`~odecore.SolveError` on eager
-    backends (a batch's message lists the failed samples, each with its status and the time
-    it reached); with ``throw=False`` the failure is reported in ``status`` and the outputs
-    the solve did not reach are NaN. Gradients then reach the outputs it did reach as if it
-    had stopped there; a nonzero cotangent on an unreached output makes that sample's ``y0``
-    gradient, and the parameter and time gradients, NaN. For a structured ``y0`` (a tuple,
-    list or dict of arrays), ``ys`` has its structure, each part with a leading time axis.
+    The arguments are those of [`odeint`][odecore.odeint], plus ``throw``. Returns a
+    [`Solution`][odecore.Solution] with the outputs ``ys`` at the requested times ``ts``,
+    statistics and a per-sample status. With ``throw=True`` (the default) a failed solve raises
+    [`SolveError`][odecore.SolveError] on eager backends (a batch's message lists the failed
+    samples, each with its status and the time it reached); with ``throw=False`` the failure is
+    reported in ``status`` and the outputs the solve did not reach are NaN. Gradients then reach
+    the outputs it did reach as if it had stopped there; a nonzero cotangent on an unreached
+    output makes that sample's ``y0`` gradient, and the parameter and time gradients, NaN. For a
+    structured ``y0`` (a tuple, list or dict of arrays), ``ys`` has its structure, each part with
+    a leading time axis.
 
-    ``event``: a function ``g(t, y)`` (``g(t, y, params)`` with ``params``), an
-    :class:`~odecore.Event`, or a list of them. A plain function is a terminal event in
-    either direction. Each sample stops at its first terminal event (status ``EVENT``, a
-    success; its outputs after the event are NaN); every crossing is recorded.
-    ``Solution.events`` (:class:`~odecore.ode.events.EventRecord`) says which terminal event
-    stopped each sample, when and in which state; the event time and state are
-    differentiable in every gradient mode (by the implicit function theorem). Options:
-    ``event_tol`` (the root's tolerance in time; default a few units in the last place of
-    the time) and ``max_events`` (how many crossings are kept, 64 by default).
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning ``dy/dt``
+        shaped like ``y`` (see [`odeint`][odecore.odeint]).
+    y0 : array or pytree of arrays
+        Initial state, real floating dtype; a structured state (a tuple, list, dict or
+        NamedTuple of arrays) is passed to ``func`` in its structure.
+    t : 1-D array
+        Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial time.
+    params : pytree of arrays, optional
+        Passed to ``func`` as its third argument; gradients reach its arrays.
+    rtol, atol : float or array, default 1e-7 and 1e-9
+        Relative and absolute tolerances of the adaptive methods.
+    method : str, optional
+        One of [`METHODS`][odecore.METHODS] (``"dopri5"`` by default), or ``"scipy_solver"``.
+    options : dict, optional
+        Solver options (``step_size``, ``max_num_steps``, ``step_t``, ``jump_t``, the
+        controller's settings, ...), listed under [`odeint`][odecore.odeint]; with ``event``,
+        also ``event_tol`` and ``max_events``.
+    batch_axis : int, optional
+        The axis of ``y0`` that indexes independent samples, each with its own steps and
+        status.
+    backend : str, optional
+        Overrides the configured backend for this call (see
+        [`set_backend`][odecore.set_backend]).
+    throw : bool, default True
+        Raise [`SolveError`][odecore.SolveError] when the solve fails; with False, report the
+        failure in ``Solution.status`` and return NaN for the unreached outputs.
+    adjoint : Direct, Backsolve, Checkpoint or {"direct", "backsolve", "checkpoint"}, optional
+        How gradients are computed (see [`odeint`][odecore.odeint] and the gradient modes).
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options : optional
+        torchdiffeq's spelling of ``Backsolve(rtol=..., atol=..., method=..., options=...)``:
+        the settings of the backsolve's backward solve.
+    adjoint_params : sequence of arrays, optional
+        The arrays to compute parameter gradients for, instead of those found in ``params`` or
+        on an ``nn.Module`` func.
+    event : callable, Event, or a list of them, optional
+        A function ``g(t, y)`` (``g(t, y, params)`` with ``params``), an
+        [`Event`][odecore.Event], or a list of them. A plain function is a terminal event in
+        either direction. Each sample stops at its first terminal event (status ``EVENT``, a
+        success; its outputs after the event are NaN); every crossing is recorded.
+        ``Solution.events`` (an [`EventRecord`][odecore.EventRecord]) says which terminal event
+        stopped each sample, when and in which state; the event time and state are
+        differentiable in every gradient mode (by the implicit function theorem). Options:
+        ``event_tol`` (the root's tolerance in time; default a few units in the last place of
+        the time) and ``max_events`` (how many crossings are kept, 64 by default).
+
+    Returns
+    -------
+    Solution
+        ``ys`` (shaped as [`odeint`][odecore.odeint] returns it), ``ts``, ``stats``,
+        ``status`` (one [`Status`][odecore.Status] code, or one per sample with
+        ``batch_axis``), ``t_reached``, ``method`` and, with ``event``, ``events``.
+
+    Raises
+    ------
+    TypeError
+        An argument has the wrong type (a ``func`` or event function that is not callable, a
+        ``y0`` that is not of a real floating dtype, an array of another library than the
+        configured backend's).
+    ValueError
+        An argument has a wrong value (a tolerance or step size that is not positive and
+        finite, an unknown method, option or ``adjoint`` mode, ``t`` not strictly monotonic, a
+        ``y0`` that is not finite with ``throw=True``, an empty ``event`` list).
+    SolveError
+        With ``throw=True``, on an eager backend, the solve failed: ``max_num_steps`` reached,
+        step-size underflow, or a non-finite state. Its ``solution`` holds the partial result.
+    BackendNotAvailableError
+        The backend asked for is not installed, or its device is missing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.linspace(0.0, 1.0, 3))
+    >>> odecore.Status(int(sol.status)).name, sol.method, sol.success
+    ('SUCCESS', 'dopri5', True)
+    >>> bool(np.allclose(sol.ys[:, 0], np.exp(-sol.ts), rtol=1e-6))
+    True
+
+    A failure with ``throw=False`` is reported in ``status``:
+
+    >>> sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.linspace(0.0, 1.0, 3),
+    ...                     options={"max_num_steps": 2}, throw=False)
+    >>> odecore.Status(int(sol.status)).name, bool(np.isnan(sol.ys[-1, 0]))
+    ('MAX_STEPS_REACHED', True)
+
+    A terminal event stops the solve where ``g`` crosses zero:
+
+    >>> def ball(t, y):
+    ...     return np.array([y[1], -9.81])
+    >>> ground = odecore.Event(lambda t, y: y[0], direction=-1)
+    >>> sol = odecore.solve(ball, np.array([1.0, 0.0]), np.linspace(0.0, 1.0, 5), event=ground)
+    >>> odecore.Status(int(sol.status)).name, round(float(sol.events.t), 6)
+    ('EVENT', 0.451524)
     """
     events = as_events(event)
     keywords = {
@@ -401,25 +496,25 @@ def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
 
 
 def odeint(
-    func,
-    y0,
-    t,
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
     *,
-    params=None,
-    rtol=1e-7,
-    atol=1e-9,
-    method=None,
-    options=None,
-    batch_axis=None,
-    backend=None,
-    adjoint=None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_options=None,
-    adjoint_params=None,
-    event=None,
-):
+    params: Any = None,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    batch_axis: int | None = None,
+    backend: str | None = None,
+    adjoint: AdjointMode | None = None,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: Mapping[str, Any] | None = None,
+    adjoint_params: Sequence[Any] | None = None,
+    event: Any = None,
+) -> Any:
     """Solve an initial value problem and return the state at every time in ``t``.
 
     Parameters
@@ -428,17 +523,18 @@ def odeint(
         ``func(t, y)``, or ``func(t, y, params)`` when ``params`` is given, returning
         ``dy/dt`` with the shape and dtype of ``y``. As in torchdiffeq, a ``func`` with a
         ``perturb`` keyword is told which side of a ``jump_t`` it is evaluated on
-        (:class:`~odecore.Perturb`), and its methods ``callback_step(t0, y0, dt)``,
+        ([`Perturb`][odecore.Perturb]), and its methods ``callback_step(t0, y0, dt)``,
         ``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint``
         counterparts, in the backsolve's backward solve, with ``y0 = (y, a, a_params)``) are
         called around every step of an eager solve of one sample; a batched or traced (JAX)
         solve does not call them, and warns (``odecore.ode.callbacks``). With
         ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
         its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
-    y0 : array, or a tuple, list, dict or NamedTuple of arrays (nested as deep as needed);
-    on JAX also any registered pytree type (``jax.tree_util.register_pytree_node``,
-    ``register_dataclass``), whose type the outputs keep
-        Initial state, any shape, real floating dtype. A float16 or bfloat16 state is
+    y0 : array or pytree of arrays
+        Initial state, any shape, real floating dtype: an array, or a tuple, list, dict or
+        NamedTuple of arrays (nested as deep as needed); on JAX also any registered pytree
+        type (``jax.tree_util.register_pytree_node``, ``register_dataclass``), whose type the
+        outputs keep. A float16 or bfloat16 state is
         solved in float32 (the state, the stage sums, the error estimate and the outputs
         buffer), since a 16-bit ``y + h * dy/dt`` rounds back to ``y`` for small steps;
         ``func`` still receives and returns the 16-bit dtype, and the outputs (and
@@ -454,19 +550,23 @@ def odeint(
     t : 1-D array
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial
         time.
-    rtol, atol : float or array
+    params : pytree of arrays, optional
+        Passed to ``func`` as its third argument; gradients reach its arrays (torch tensors
+        that require grad, JAX arrays under ``jax.grad``). Any nesting of tuples, lists and
+        dicts.
+    rtol, atol : float or array, default 1e-7 and 1e-9
         Relative and absolute tolerances (positive; arrays broadcast against ``y0``). An
         ``rtol`` below the unit roundoff of ``y0``'s dtype (half its machine epsilon:
         5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
-        gets a :class:`~odecore.PrecisionWarning`; so does such an ``adjoint_rtol``.
-    method : str
-        One of :data:`odecore.METHODS`; ``"dopri5"`` by default. ``"scipy_solver"`` hands
-        the solve to ``scipy.integrate.solve_ivp`` on the CPU (NumPy and torch, one sample,
-        outputs on the input's device and dtype), with ``options`` ``solver`` (``"RK45"``,
-        ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``, ``"LSODA"``, the default),
-        ``min_step`` and ``max_step``; its gradients come from ``adjoint="backsolve"``,
-        whose backward solve scipy runs too.
-    options : dict
+        gets a [`PrecisionWarning`][odecore.PrecisionWarning]; so does such an ``adjoint_rtol``.
+    method : str, optional
+        One of [`odecore.METHODS`][odecore.METHODS]; ``"dopri5"`` by default.
+        ``"scipy_solver"`` hands the solve to ``scipy.integrate.solve_ivp`` on the CPU
+        (NumPy and torch, one sample, outputs on the input's device and dtype), with
+        ``options`` ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,
+        ``"LSODA"``, the default), ``min_step`` and ``max_step``; its gradients come from
+        ``adjoint="backsolve"``, whose backward solve scipy runs too.
+    options : dict, optional
         ``step_size`` (fixed-step methods), ``grid_constructor`` (fixed-step methods:
         ``grid_constructor(func, y0, t) -> grid``, the times to step between, from ``t[0]``
         to ``t[-1]``, as in torchdiffeq; not with ``step_size``), ``interp`` (fixed-step
@@ -475,7 +575,7 @@ def odeint(
         ``first_step``, ``max_num_steps``, ``step_t``
         (times every step must land on), ``jump_t`` (discontinuities of ``func``: landed on,
         and ``func`` is evaluated afresh after them; a ``func`` with a ``perturb`` keyword
-        is told the side, :class:`~odecore.Perturb`), ``min_step``, ``max_step``, ``norm``
+        is told the side, [`Perturb`][odecore.Perturb]), ``min_step``, ``max_step``, ``norm``
         (``"rms"``, ``"max"`` or a callable, which receives the scaled error in the structure
         of ``y0``), ``safety``, ``ifactor``, ``dfactor``,
         ``controller``: ``"I"``, the default, torchdiffeq's I controller (safety 0.9, the
@@ -496,15 +596,16 @@ def odeint(
         and the result for one sample equals solving it alone.
     backend : str, optional
         Overrides the configured backend for this call.
-    adjoint : odecore.Direct(), odecore.Backsolve(...), odecore.Checkpoint(), or their names
-    "direct", "backsolve", "checkpoint"; optional
-        How the framework's autodiff gets gradients of the result with respect to ``y0``,
-        ``t`` and the parameters (``params``, or the parameters of an ``nn.Module`` func).
+    adjoint : Direct, Backsolve, Checkpoint or {"direct", "backsolve", "checkpoint"}, optional
+        A gradient mode: [`Direct()`][odecore.Direct], [`Backsolve(...)`][odecore.Backsolve],
+        [`Checkpoint()`][odecore.Checkpoint], or their names. How the framework's autodiff
+        gets gradients of the result with respect to ``y0``, ``t`` and the parameters
+        (``params``, or the parameters of an ``nn.Module`` func).
         ``"direct"`` (the default on frameworks with autodiff) differentiates through the
         solver's operations; ``"backsolve"`` solves the continuous adjoint backward in time,
         in memory independent of the number of steps; ``"checkpoint"`` stores the accepted
         steps and replays each backward for the exact gradient of the discrete solve.
-    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options : optional
         torchdiffeq's spelling of ``odecore.Backsolve(rtol=..., atol=..., method=...,
         options=...)``: the backsolve's own tolerances, method and options (default: the
         forward ones, with ``shrink_after_accept=True``); ``adjoint_options={"norm":
@@ -516,15 +617,51 @@ def odeint(
     adjoint_params : sequence of arrays, optional
         The arrays to compute parameter gradients for, instead of those found in ``params``
         or on an ``nn.Module`` func.
-
-    event : callable, odecore.Event, or a list of them; optional
-        Event functions, as in :func:`solve`: a sample stops at its first terminal event, and
-        its outputs after it are NaN. :func:`solve` also reports when and where.
+    event : callable, Event, or a list of them, optional
+        Event functions, as in [`solve`][odecore.solve]: a sample stops at its first
+        terminal event, and its outputs after it are NaN. [`solve`][odecore.solve] also
+        reports when and where.
 
     Returns
     -------
-    array of shape ``(len(t), *y0.shape)``; for a structured ``y0``, its structure with each
-    part of shape ``(len(t), *part.shape)``.
+    ys : array or pytree of arrays
+        The states at the times ``t``, shape ``(len(t), *y0.shape)``; for a structured ``y0``,
+        its structure with each part of shape ``(len(t), *part.shape)``. Arrays of ``y0``'s
+        library, dtype and device.
+
+    Raises
+    ------
+    TypeError
+        An argument has the wrong type: ``func`` or an event function is not callable,
+        ``y0`` is not of a real floating dtype, ``backend`` is not a name, or an array of
+        another library is passed to a configured backend.
+    ValueError
+        An argument has a wrong value: a tolerance or step size that is not positive and
+        finite, an unknown ``method``, option or ``adjoint`` mode, ``t`` not strictly
+        monotonic, a ``y0`` that is not finite, or ``adjoint_*`` settings with a mode that
+        takes none.
+    SolveError
+        The solve failed (``max_num_steps`` reached, step-size underflow, a non-finite state)
+        on an eager backend; the message says where and why.
+    BackendNotAvailableError
+        The backend asked for is not installed, or its device is missing.
+
+    See Also
+    --------
+    solve : the same solve, returning a [`Solution`][odecore.Solution] with statistics.
+
+    Examples
+    --------
+    Exponential decay, against its closed form:
+
+    >>> import numpy as np
+    >>> import odecore
+    >>> t = np.linspace(0.0, 1.0, 5)
+    >>> ys = odecore.odeint(lambda t, y: -0.5 * y, np.array([1.0, 2.0]), t, rtol=1e-10, atol=1e-12)
+    >>> ys.shape
+    (5, 2)
+    >>> bool(np.allclose(ys[-1], np.exp(-0.5) * np.array([1.0, 2.0]), rtol=1e-8))
+    True
     """
     return solve(
         func,
@@ -547,19 +684,76 @@ def odeint(
     ).ys
 
 
-def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
-    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero, as torchdiffeq's
-    ``odeint_event``: returns ``(event_t, solution)``, ``solution`` the states at
-    ``[t0, event_t]`` (a structured ``y0``: each part stacked alike).
+def odeint_event(
+    func: Callable[..., Any],
+    y0: Any,
+    t0: Any,
+    *,
+    event_fn: Callable[..., Any],
+    reverse_time: bool = False,
+    odeint_interface: Callable[..., Any] = odeint,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero, as torchdiffeq's ``odeint_event``.
 
-    There is no end time: the solve goes on (forward, or backward with ``reverse_time``)
-    until the event, or fails with :class:`~odecore.SolveError` at ``max_num_steps``.
-    ``event_fn`` returns one value, or several (an event when any of them changes sign from
-    its value at ``t0``). ``event_t`` and the final state are differentiable in every
-    gradient mode, by the implicit function theorem. ``odeint_interface`` is
-    :func:`odeint` (gradients by ``adjoint``, ``direct`` by default) or
-    :func:`odeint_adjoint` (``backsolve``); the other keyword arguments are those of
-    :func:`solve`. Unlike torchdiffeq, ``batch_axis`` gives each sample its own event time.
+    There is no end time: the solve goes on (forward, or backward with ``reverse_time``) until
+    the event, or fails with [`SolveError`][odecore.SolveError] at ``max_num_steps``.
+    ``event_t`` and the final state are differentiable in every gradient mode, by the implicit
+    function theorem. Unlike torchdiffeq, ``batch_axis`` gives each sample its own event time.
+
+    Parameters
+    ----------
+    func : callable
+        The dynamics, as for [`odeint`][odecore.odeint].
+    y0 : array or pytree of arrays
+        The state at ``t0``.
+    t0 : float or 0-d array
+        The initial time.
+    event_fn : callable
+        ``event_fn(t, y)`` (``event_fn(t, y, params)`` with ``params``), returning one value,
+        or several (an event when any of them changes sign from its value at ``t0``).
+    reverse_time : bool, default False
+        Solve backward in time from ``t0``.
+    odeint_interface : callable, default odeint
+        [`odeint`][odecore.odeint] (gradients by ``adjoint``, ``"direct"`` by default) or
+        [`odeint_adjoint`][odecore.odeint_adjoint] (``"backsolve"``).
+    **kwargs
+        The other keyword arguments of [`solve`][odecore.solve] (``rtol``, ``atol``,
+        ``method``, ``options``, ``params``, ``batch_axis``, ``adjoint``, ...).
+
+    Returns
+    -------
+    event_t : array
+        The time of the event (one per sample with ``batch_axis``).
+    solution : array or pytree of arrays
+        The states at ``[t0, event_t]``, stacked along a new first axis (a structured ``y0``:
+        each part stacked alike).
+
+    Raises
+    ------
+    TypeError
+        ``event_fn`` is not callable, or an argument of the solve has the wrong type.
+    ValueError
+        ``odeint_interface`` is neither [`odeint`][odecore.odeint] nor
+        [`odeint_adjoint`][odecore.odeint_adjoint], or an argument of the solve has a wrong
+        value.
+    SolveError
+        No event before ``options["max_num_steps"]`` steps, or the solve failed otherwise.
+
+    Examples
+    --------
+    A ball dropped from a height of 1 hits the ground at ``sqrt(2 / 9.81)``:
+
+    >>> import numpy as np
+    >>> import odecore
+    >>> def ball(t, y):
+    ...     return np.array([y[1], -9.81])
+    >>> event_t, ys = odecore.odeint_event(ball, np.array([1.0, 0.0]), 0.0,
+    ...                                    event_fn=lambda t, y: y[0])
+    >>> round(float(event_t), 6), round(float(np.sqrt(2 / 9.81)), 6)
+    (0.451524, 0.451524)
+    >>> ys.shape
+    (2, 2)
     """
     if odeint_interface is odeint_adjoint:
         kwargs.setdefault("adjoint", "backsolve")
@@ -617,32 +811,149 @@ def _combined_event(bk, event_fn, t0, y0, kwargs):
     return Event(least, terminal=True, direction=0)
 
 
-def odeint_adjoint(func, y0, t, *, adjoint="backsolve", **kwargs):
-    """:func:`odeint` with the continuous adjoint by default, under torchdiffeq's name."""
+def odeint_adjoint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
+    *,
+    adjoint: modes.Backsolve | str = "backsolve",
+    **kwargs: Any,
+) -> Any:
+    """[`odeint`][odecore.odeint] with the continuous adjoint by default, under torchdiffeq's name.
+
+    Parameters
+    ----------
+    func : callable
+        The dynamics, as for [`odeint`][odecore.odeint].
+    y0 : array or pytree of arrays
+        Initial state.
+    t : 1-D array
+        Output times; ``t[0]`` is the initial time.
+    adjoint : Backsolve or str, default "backsolve"
+        The gradient mode; torchdiffeq's ``adjoint_rtol``, ``adjoint_atol``,
+        ``adjoint_method``, ``adjoint_options`` and ``adjoint_params`` configure it.
+    **kwargs
+        The other keyword arguments of [`odeint`][odecore.odeint].
+
+    Returns
+    -------
+    ys : array or pytree of arrays
+        The states at the times ``t``, as [`odeint`][odecore.odeint] returns them.
+
+    Raises
+    ------
+    TypeError, ValueError, SolveError
+        As [`odeint`][odecore.odeint] raises them.
+
+    Examples
+    --------
+    The gradient of ``y(1) = y0 exp(a)`` with respect to ``a`` is ``y0 exp(a)``:
+
+    >>> import torch
+    >>> import odecore
+    >>> a = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    >>> ys = odecore.odeint_adjoint(lambda t, y, a: a * y, torch.tensor([2.0], dtype=torch.float64),
+    ...                             torch.tensor([0.0, 1.0], dtype=torch.float64), params=a,
+    ...                             rtol=1e-10, atol=1e-12)
+    >>> ys[-1, 0].backward()
+    >>> round(a.grad.item(), 6), round(2.0 * torch.exp(torch.tensor(-0.5)).item(), 6)
+    (1.213061, 1.213061)
+    """
     return odeint(func, y0, t, adjoint=adjoint, **kwargs)
 
 
-def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, event=None, **kwargs):
-    """Solve, and return ``(ys, pullback)`` with ``pullback(ys_bar) -> (y0_bar, params_bar,
-    t_bar)``: gradients for backends without autodiff (NumPy), from the dynamics' own VJP.
+def vjp_odeint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
+    params: Any = None,
+    *,
+    adjoint: AdjointMode = "checkpoint",
+    throw: bool = True,
+    event: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """Solve, and return ``(ys, pullback)``: gradients for backends without autodiff (NumPy).
 
-    ``func`` supplies ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)``. ``adjoint``
-    is ``"checkpoint"`` (exact for the discrete solve) or ``"backsolve"``; the other keyword
-    arguments are those of :func:`odeint`. ``params_bar`` has the structure of ``params``.
-    With ``throw=False`` a failed solve returns NaN for the outputs it did not reach instead
-    of raising :class:`~odecore.SolveError`; the pullback then gives the reached outputs'
-    gradients, and NaN for whatever a nonzero cotangent on an unreached output depends on.
+    ``pullback(ys_bar) -> (y0_bar, params_bar, t_bar)`` gives the gradients of
+    ``sum(ys_bar * ys)``, from the dynamics' own VJP. ``params_bar`` has the structure of
+    ``params``. With ``throw=False`` a failed solve returns NaN for the outputs it did not reach
+    instead of raising [`SolveError`][odecore.SolveError]; the pullback then gives the reached
+    outputs' gradients, and NaN for whatever a nonzero cotangent on an unreached output depends
+    on.
 
     A structured ``y0`` (a tuple, list or dict of arrays) gives ``ys`` in its structure (each
     part with a leading time axis); ``vjp`` then receives ``y`` and the cotangent in that
     structure and returns ``cot_y`` in it, and ``pullback`` takes ``ys_bar`` and returns
     ``y0_bar`` in it.
 
-    With ``event`` (as in :func:`solve`; each event function brings ``vjp(t, y, params,
-    g_bar) -> (t_bar, y_bar, params_bar)``, the cotangents of ``sum(g_bar * g)``), returns
-    ``(ys, events, pullback)``: ``events`` the :class:`~odecore.EventRecord`, and
-    ``pullback(ys_bar, event_t_bar=None, event_y_bar=None)`` also takes cotangents of the
-    event times and states. Structured states take no events here yet.
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y, params)`` (or ``func(t, y)``) with a method ``vjp(t, y, params,
+        cotangent) -> (cot_y, cot_params)``, the cotangents of ``sum(cotangent * func(t, y,
+        params))``.
+    y0 : array or pytree of arrays
+        Initial state.
+    t : 1-D array
+        Output times, at least two; ``t[0]`` is the initial time.
+    params : pytree of arrays, optional
+        The parameters ``func`` and its ``vjp`` receive.
+    adjoint : {"checkpoint", "backsolve"}, Checkpoint or Backsolve, default "checkpoint"
+        ``"checkpoint"``: the exact gradient of the discrete solve; ``"backsolve"``: the
+        continuous adjoint.
+    throw : bool, default True
+        Raise [`SolveError`][odecore.SolveError] when the solve fails.
+    event : callable, Event, or a list of them, optional
+        Events as in [`solve`][odecore.solve]; each event function brings ``vjp(t, y, params,
+        g_bar) -> (t_bar, y_bar, params_bar)``, the cotangents of ``sum(g_bar * g)``.
+        Structured states take no events here yet.
+    **kwargs
+        ``rtol``, ``atol``, ``method``, ``options``, ``batch_axis``, ``backend``, and the
+        backsolve's ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method`` and
+        ``adjoint_options``, as for [`odeint`][odecore.odeint].
+
+    Returns
+    -------
+    ys : array or pytree of arrays
+        The states at the times ``t``.
+    events : EventRecord
+        Only with ``event``: the [`EventRecord`][odecore.EventRecord] of the solve.
+    pullback : callable
+        ``pullback(ys_bar) -> (y0_bar, params_bar, t_bar)``; with ``event``,
+        ``pullback(ys_bar, event_t_bar=None, event_y_bar=None)``, which also takes cotangents
+        of the event times and states.
+
+    Raises
+    ------
+    TypeError
+        An unknown keyword argument, or an argument of the wrong type.
+    ValueError
+        ``adjoint`` is not ``"checkpoint"`` or ``"backsolve"``, ``t`` has fewer than two
+        times, ``func`` (or an event function) has no ``vjp``, a structured ``y0`` comes with
+        ``event``, or an argument has a wrong value. ``pullback`` raises it for a cotangent not
+        shaped like ``ys``.
+    SolveError
+        With ``throw=True``, the solve failed.
+
+    Examples
+    --------
+    ``dy/dt = a y`` has ``y(1) = y0 exp(a)``, whose gradients are ``exp(a)`` for ``y0`` and
+    ``y0 exp(a)`` for ``a``:
+
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Decay:
+    ...     def __call__(self, t, y, a):
+    ...         return a * y
+    ...     def vjp(self, t, y, a, cotangent):
+    ...         return a * cotangent, np.sum(cotangent * y)
+    >>> a, y0 = np.array(-0.5), np.array([2.0])
+    >>> ys, pullback = odecore.vjp_odeint(Decay(), y0, np.array([0.0, 1.0]), a,
+    ...                                   rtol=1e-10, atol=1e-12)
+    >>> y0_bar, a_bar, t_bar = pullback(np.array([[0.0], [1.0]]))
+    >>> bool(np.isclose(y0_bar[0], np.exp(-0.5))), bool(np.isclose(a_bar, 2.0 * np.exp(-0.5)))
+    (True, True)
     """
     if not is_structured(y0):
         return _vjp_odeint_array(

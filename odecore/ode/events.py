@@ -31,14 +31,40 @@ DEFAULT_MAX_EVENTS = 64
 
 @dataclass(frozen=True)
 class Event:
-    """An event function and how its zero crossings count.
+    """An event function and how its zero crossings count, for ``solve(..., event=...)``.
 
-    ``fn(t, y)``, or ``fn(t, y, params)`` when the solve has ``params``, returns one value per
-    sample (0-d for an unbatched solve, shape ``(B,)`` with ``batch_axis``); ``y`` is passed as
-    ``func`` gets it (a structured state in its structure). ``terminal``: the sample stops at
-    the first crossing. ``direction``: ``+1`` counts crossings from negative to non-negative
-    (rising), ``-1`` from positive to non-positive (falling), ``0`` both; "rising" follows the
-    direction of integration.
+    Parameters
+    ----------
+    fn : callable
+        ``fn(t, y)``, or ``fn(t, y, params)`` when the solve has ``params``, returning one value
+        per sample (0-d for an unbatched solve, shape ``(B,)`` with ``batch_axis``); ``y`` is
+        passed as ``func`` gets it (a structured state in its structure).
+    terminal : bool, default True
+        The sample stops at the first crossing. A non-terminal event is only recorded.
+    direction : {0, 1, -1}, default 0
+        ``+1`` counts crossings from negative to non-negative (rising), ``-1`` from positive to
+        non-positive (falling), ``0`` both; "rising" follows the direction of integration.
+
+    Raises
+    ------
+    TypeError
+        ``fn`` is not callable, or ``terminal`` is not a bool.
+    ValueError
+        ``direction`` is not -1, 0 or +1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> falling = odecore.Event(lambda t, y: y[0] - 0.5, direction=-1)
+    >>> sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.linspace(0.0, 2.0, 3),
+    ...                     event=falling)
+    >>> round(float(sol.events.t), 6), round(float(np.log(2.0)), 6)
+    (0.693147, 0.693147)
+    >>> odecore.Event(lambda t, y: y[0], direction=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: Event direction must be +1 (rising), -1 (falling) or 0 (either), got 2
     """
 
     fn: Any
@@ -113,15 +139,43 @@ class EventState(NamedTuple):
 
 
 class EventRecord(NamedTuple):
-    """The events a solve found, in :attr:`Solution.events`, per sample (batched: arrays of
-    shape ``(B, ...)``).
+    """The events a solve found, in ``Solution.events``, per sample.
 
-    ``index``: which terminal event stopped the sample (its position in ``event``), -1 where
-    none did. ``t``: when (NaN where none). ``y``: the state there (NaN where none), in the
-    structure of ``y0``. ``times`` and ``which`` (shape ``(K,)``, batched ``(K, B)``): the
-    first ``K = options["max_events"]`` crossings of any event, terminal or not, in order of
-    steps (within one step, in the order of ``event``), NaN and -1 beyond. ``count``: how
-    many crossings there were; more than ``K`` means some were not kept.
+    Unbatched, each field is one value (a 0-d array); batched, its first axis is the sample
+    (``times`` and ``which``: the second).
+
+    Attributes
+    ----------
+    index : array of int
+        Which terminal event stopped the sample (its position in ``event``), -1 where none did.
+    t : array
+        When (NaN where none).
+    y : array or pytree of arrays
+        The state there (NaN where none), in the structure of ``y0``.
+    times : array
+        Shape ``(K,)``, batched ``(K, B)``: the first ``K = options["max_events"]`` crossings
+        of any event, terminal or not, in order of steps (within one step, in the order of
+        ``event``), NaN beyond.
+    which : array of int
+        Shape as ``times``: which event each crossing was, -1 beyond.
+    count : array of int
+        How many crossings there were; more than ``K`` means some were not kept.
+
+    Examples
+    --------
+    A non-terminal event records the crossings of ``cos(t)`` and lets the solve go on:
+
+    >>> import numpy as np
+    >>> import odecore
+    >>> def oscillator(t, y):
+    ...     return np.array([y[1], -y[0]])
+    >>> crossing = odecore.Event(lambda t, y: y[0], terminal=False)
+    >>> sol = odecore.solve(oscillator, np.array([1.0, 0.0]), np.linspace(0.0, 5.0, 3),
+    ...                     event=crossing, rtol=1e-10, atol=1e-12)
+    >>> int(sol.events.count), int(sol.events.index)
+    (2, -1)
+    >>> np.round(sol.events.times[:2] / np.pi, 6)
+    array([0.5, 1.5])
     """
 
     index: Any

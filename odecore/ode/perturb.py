@@ -8,20 +8,48 @@ import math
 
 
 class Perturb(enum.Enum):
-    """Passed as ``func(t, y, perturb=...)`` to a ``func`` that has a ``perturb`` keyword.
+    """Which side of a discontinuity an evaluation of ``func`` is meant for.
 
-    At a time listed in ``options["jump_t"]`` the solver evaluates ``func`` on both sides of
-    the jump: ``PREV`` for the left limit (the value just before the jump, in the direction
-    of the user's time), ``NEXT`` for the right limit (just after it), and ``NONE`` for every
-    other evaluation. The time passed is already the nearest representable time on that
-    side, so a ``func`` that compares ``t`` with the jump time needs no keyword; the keyword
-    is for one whose discontinuity is not visible from ``t`` alone.
+    Passed as ``func(t, y, perturb=...)`` to a ``func`` that has a ``perturb`` keyword. At a time
+    listed in ``options["jump_t"]`` the solver evaluates ``func`` on both sides of the jump:
+    ``PREV`` for the left limit (the value just before the jump, in the direction of the user's
+    time), ``NEXT`` for the right limit (just after it), and ``NONE`` for every other
+    evaluation. The time passed is already the nearest representable time on that side, so a
+    ``func`` that compares ``t`` with the jump time needs no keyword; the keyword is for one
+    whose discontinuity is not visible from ``t`` alone.
 
-    The side is read off concrete times, on eager backends (NumPy, torch); a traced solve
-    (JAX) always passes ``NONE``. In a batch, a side is passed only when every sample is
-    evaluated on it (``func`` gets one keyword for the batch). The checkpoint replay passes
-    the same keywords as the forward solve; the backsolve's backward solve, and the
-    dynamics' own ``vjp`` (NumPy), are called without it.
+    The side is read off concrete times, on eager backends (NumPy, torch); a traced solve (JAX)
+    always passes ``NONE``. In a batch, a side is passed only when every sample is evaluated on
+    it (``func`` gets one keyword for the batch). The checkpoint replay passes the same keywords
+    as the forward solve; the backsolve's backward solve, and the dynamics' own ``vjp``
+    (NumPy), are called without it.
+
+    Attributes
+    ----------
+    NONE
+        An evaluation away from any jump.
+    NEXT
+        The right limit: just after the jump.
+    PREV
+        The left limit: just before the jump.
+
+    Examples
+    --------
+    A rate that switches from 1 to -1 at ``t = 0.5``, told by the keyword rather than by ``t``:
+
+    >>> import numpy as np
+    >>> import odecore
+    >>> class Switch:
+    ...     def __init__(self):
+    ...         self.after = False
+    ...     def __call__(self, t, y, perturb=odecore.Perturb.NONE):
+    ...         if perturb is odecore.Perturb.NEXT:
+    ...             self.after = True
+    ...         return np.array([-1.0 if self.after else 1.0])
+    >>> ys = odecore.odeint(Switch(), np.array([0.0]), np.array([0.0, 1.0]),
+    ...                     options={"jump_t": [0.5]})
+    >>> round(float(ys[-1, 0]), 9)
+    0.0
     """
 
     NONE = 0

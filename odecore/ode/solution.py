@@ -10,7 +10,41 @@ from odecore.control import rules
 
 
 class Status(enum.IntEnum):
-    """Per-sample outcome of a solve. ``RUNNING`` only appears inside the loop."""
+    """Per-sample outcome of a solve: the codes of ``Solution.status``.
+
+    An ``IntEnum``: ``Solution.status`` holds its integer codes (an array of them for a batch),
+    and ``Status(code)`` names one. ``SUCCESS`` and ``EVENT`` are successes; the others say why a
+    sample stopped early.
+
+    Attributes
+    ----------
+    RUNNING
+        -1: still running; only appears inside the loop.
+    SUCCESS
+        0: reached the last output time.
+    MAX_STEPS_REACHED
+        1: ``options["max_num_steps"]`` steps were taken before the end.
+    DT_UNDERFLOW
+        2: the step size became too small to advance time, or fell below
+        ``options["min_step"]``.
+    NONFINITE_STATE
+        3: the dynamics returned NaN or inf and no smaller step avoided it.
+    INVALID_INPUT
+        4: a sample of a batch solved with ``throw=False`` whose ``y0`` is not finite; under
+        ``jit``, also what the checks before an eager solve would have raised for.
+    NONFINITE_ERROR
+        5: the error estimate is not finite although the state is (check ``options["norm"]``).
+    EVENT
+        6: stopped at a terminal event (``solve(..., event=...)``): a success.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> odecore.Status(0).name, int(odecore.Status.EVENT)
+    ('SUCCESS', 6)
+    >>> odecore.Status.MAX_STEPS_REACHED.describe()
+    "max_num_steps reached; raise options['max_num_steps'], ..."
+    """
 
     # The values are the pure rules' (odecore.control.rules), which compiled loops use.
     RUNNING = rules.RUNNING
@@ -26,6 +60,19 @@ class Status(enum.IntEnum):
     EVENT = rules.EVENT
 
     def describe(self) -> str:
+        """What the status means and, for a failure, what to try: the text of error messages.
+
+        Returns
+        -------
+        str
+            One sentence.
+
+        Examples
+        --------
+        >>> import odecore
+        >>> odecore.Status.SUCCESS.describe()
+        'success'
+        """
         return _DESCRIPTIONS[self]
 
 
@@ -62,14 +109,40 @@ _DESCRIPTIONS = {
 
 @dataclass
 class Solution:
-    """The result of :func:`odecore.solve`.
+    """The result of [`solve`][odecore.solve].
 
-    ``ys[i]`` is the state at ``ts[i]``. ``stats`` counts function evaluations (``nfev``, one per
-    call of ``func`` on the whole batch) and, per sample, the steps attempted (``nsteps``),
-    accepted (``naccept``) and rejected (``nreject``). ``status`` is a :class:`Status` code,
-    per sample when the solve was batched. Outputs after a failure are NaN, and so are those
-    after a sample's terminal event (status ``EVENT``). ``events`` is an
-    :class:`~odecore.ode.events.EventRecord` for a solve with ``event``, else None.
+    ``ys[i]`` is the state at ``ts[i]``. Outputs after a failure are NaN, and so are those after
+    a sample's terminal event (status ``EVENT``).
+
+    Parameters
+    ----------
+    ts : array
+        The output times (the ``t`` of the call).
+    ys : array or pytree of arrays
+        The states at ``ts``, shape ``(len(ts), *y0.shape)`` (a structured ``y0``: its
+        structure, each part with a leading time axis).
+    stats : dict
+        ``nfev``: function evaluations (one per call of ``func`` on the whole batch); per
+        sample, the steps attempted (``nsteps``), accepted (``naccept``) and rejected
+        (``nreject``).
+    status : int or array of int
+        A [`Status`][odecore.Status] code, one per sample when the solve was batched.
+    t_reached : float or array, optional
+        The time each sample reached: the last output time, or where it stopped.
+    method : str, optional
+        The method's name (``"dopri5"``, ...).
+    events : EventRecord, optional
+        The [`EventRecord`][odecore.EventRecord] of a solve with ``event``, else None.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> sol = odecore.solve(lambda t, y: -y, np.array([1.0, 2.0]), np.linspace(0.0, 1.0, 3))
+    >>> sol.ys.shape, sol.ts.shape, sorted(sol.stats)
+    ((3, 2), (3,), ['naccept', 'nfev', 'nreject', 'nsteps'])
+    >>> sol.success, sol.message, float(sol.t_reached)
+    (True, 'success', 1.0)
     """
 
     ts: Any
@@ -93,10 +166,12 @@ class Solution:
 
     @property
     def success(self) -> bool:
+        """Whether every sample succeeded: reached the end, or stopped at a terminal event."""
         return bool(is_success(self.status))
 
     @property
     def message(self) -> str:
+        """What ``status`` means in words: the descriptions of its codes, ``"; "``-joined."""
         return describe_status(self.status)
 
 
@@ -122,8 +197,33 @@ def describe_status(status: Any) -> str:
 class SolveError(RuntimeError):
     """A solve failed: max steps reached, step-size underflow, or a non-finite state.
 
-    The message says where (time reached) and with what statistics; ``solution`` holds the
-    partial result (outputs past the failure are NaN).
+    The message says where (the time reached; for a batch, the failed samples) and with what
+    statistics. Fixed-point solves raise its subclass [`FixedPointError`][odecore.FixedPointError],
+    so one ``except SolveError`` catches every failed solve of the library.
+
+    Parameters
+    ----------
+    message : str
+        What failed, where and why.
+    solution : Solution, optional
+        The partial result.
+
+    Attributes
+    ----------
+    solution : Solution or None
+        The partial result: outputs past the failure are NaN; ``status`` says why each sample
+        stopped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import odecore
+    >>> try:
+    ...     odecore.solve(lambda t, y: -y, np.array([1.0]), np.linspace(0.0, 1.0, 3),
+    ...                   options={"max_num_steps": 2})
+    ... except odecore.SolveError as error:
+    ...     print(odecore.Status(int(error.solution.status)).name)
+    MAX_STEPS_REACHED
     """
 
     def __init__(self, message: str, solution: Solution | None = None):
@@ -132,9 +232,24 @@ class SolveError(RuntimeError):
 
 
 class PrecisionWarning(UserWarning):
-    """A solve cannot give the precision it was asked for: a tolerance below what the state's
-    dtype resolves (the solve may report success with a larger error than the tolerance
-    promises), or float64 inputs that JAX without its x64 mode turns into float32."""
+    """A solve cannot give the precision it was asked for.
+
+    Warned for a tolerance below what the state's dtype resolves (the solve may report success
+    with a larger error than the tolerance promises), or for float64 inputs that JAX without its
+    x64 mode turns into float32. A ``UserWarning``, so the ``warnings`` filters apply.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> import odecore
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = odecore.odeint(lambda t, y: -y, np.array([1.0], dtype=np.float32),
+    ...                        np.array([0.0, 1.0], dtype=np.float32), rtol=1e-9)
+    >>> any(issubclass(w.category, odecore.PrecisionWarning) for w in caught)
+    True
+    """
 
 
 def failure_message(sol: Solution) -> str:

@@ -28,6 +28,55 @@ from fractions import Fraction
 
 @dataclass(frozen=True)
 class Tableau:
+    """The Butcher tableau of one explicit Runge-Kutta method, with its error estimate and dense
+    output: the data the solver reads (it never branches on a method's name).
+
+    Parameters
+    ----------
+    name : str
+        The method's name, as ``method=`` takes it.
+    order : int
+        The order of the solution ``b``.
+    c : tuple of float
+        The stages' nodes.
+    a : tuple of tuple of float
+        Strictly lower triangular, ragged: row ``i`` has exactly ``i`` entries, the weights of
+        stages ``0 .. i-1`` that build stage ``i``.
+    b : tuple of float
+        The solution's weights.
+    b_err : tuple of float, optional
+        ``b - b_hat``: the local error estimate of a step of size ``h`` is
+        ``h * sum_i b_err[i] * k_i``. None for a fixed-step method.
+    error_order : int, optional
+        The order ``q`` of the error estimate (``O(h**(q + 1))``); the controller's exponent is
+        ``1/(q + 1)``.
+    b_err2 : tuple of float, optional
+        A second, lower-order error estimate, combined with the first as in Hairer's DOP853
+        (``n1**2 / sqrt(n1**2 + 0.01 * n2**2)``).
+    fsal : bool, default False
+        "First same as last": ``c[-1] == 1`` and ``a[-1] == b``, so the last stage is the next
+        step's first.
+    dense : tuple of tuple of float, optional
+        The interpolant's coefficients: ``y(t + theta h) = y + h sum_i b_i(theta) K_i`` with
+        ``b_i(theta) = sum_m dense[i][m] theta**(m + 1)``, over the main stages, then
+        ``f(t + h, y_new)`` when not FSAL, then the extra dense stages. None: cubic Hermite
+        interpolation.
+    dense_c, dense_a : tuple
+        The extra stages of the dense output (row ``j`` of ``dense_a`` weights every dense
+        stage before it).
+    dense_order : int, optional
+        The order of the interpolant.
+
+    Examples
+    --------
+    >>> import odecore
+    >>> tableau = odecore.TABLEAUS["dopri5"]
+    >>> tableau.order, tableau.stages, tableau.fsal, tableau.adaptive
+    (5, 7, True, True)
+    >>> abs(sum(tableau.b) - 1.0) < 1e-15
+    True
+    """
+
     name: str
     order: int
     c: tuple[float, ...]
@@ -51,10 +100,12 @@ class Tableau:
 
     @property
     def stages(self) -> int:
+        """The number of stages of a step."""
         return len(self.c)
 
     @property
     def adaptive(self) -> bool:
+        """Whether the method has an error estimate (``b_err``), for step-size control."""
         return self.b_err is not None
 
 
@@ -658,6 +709,9 @@ DOPRI8 = _dop853()
 # --------------------------------------------------------------------------------------------
 
 FIXED_STEP_METHODS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4")
+"""The fixed-step methods' names: they need ``options={"step_size": ...}`` (or
+``grid_constructor``)."""
+
 ADAPTIVE_METHODS: tuple[str, ...] = (
     "adaptive_heun",
     "fehlberg2",
@@ -666,6 +720,9 @@ ADAPTIVE_METHODS: tuple[str, ...] = (
     "tsit5",
     "dopri8",
 )
+"""The adaptive methods' names: embedded error estimates, step size chosen by ``rtol`` and
+``atol``. ``"dopri5"`` is the default method."""
+
 TABLEAUS: dict[str, Tableau] = {
     tab.name: tab
     for tab in (
@@ -682,3 +739,4 @@ TABLEAUS: dict[str, Tableau] = {
         DOPRI8,
     )
 }
+"""Every method's [`Tableau`][odecore.Tableau], by name."""
