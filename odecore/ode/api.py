@@ -20,6 +20,7 @@ from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
+from odecore.ode import progress as progress_reports
 from odecore.ode.callbacks import dynamics_name
 from odecore.ode.event_gradients import (
     add_leaves,
@@ -54,6 +55,7 @@ def solve(
     adjoint_options=None,
     adjoint_params=None,
     event=None,
+    progress=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
@@ -76,7 +78,13 @@ def solve(
     differentiable in every gradient mode (by the implicit function theorem). Options:
     ``event_tol`` (the root's tolerance in time; default a few units in the last place of
     the time) and ``max_events`` (how many crossings are kept, 64 by default).
+
+    ``progress``: ``True`` shows the time reached and the steps taken while the solve runs
+    (a tqdm bar, or without tqdm a line on stderr); a tqdm bar, or an object with
+    ``update(t, accepted, rejected, note)`` and ``close()``
+    (:class:`~odecore.ode.progress.ProgressTarget`), is told them instead. docs/progress.md.
     """
+    progress_reports.check(progress)
     events = as_events(event)
     keywords = {
         "params": params,
@@ -94,8 +102,15 @@ def solve(
         "adjoint_options": adjoint_options,
         "adjoint_params": adjoint_params,
         "event": events,
+        "progress": progress,
     }
     if isinstance(method, str) and method == SCIPY_METHOD:
+        if progress not in (None, False):
+            raise ValueError(
+                "progress= is not available with method='scipy_solver', which hands the "
+                "whole solve to scipy; use an odecore method to watch the progress"
+            )
+        keywords.pop("progress")
         return scipy_solve(func, y0, t, keywords)
     if not is_structured(y0):
         return _solve_array(func, y0, t, **keywords)
@@ -119,7 +134,10 @@ def _compiled_structured(bk, func, y0, t, keywords):
     if bk.tracing is None:
         return None
     arguments = {k: v for k, v in keywords.items() if k not in ("params", "backend", "throw")}
-    compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
+    reporting = progress_reports.reporter(keywords["progress"])
+    arguments["progress"] = progress_reports.static(reporting)
+    with progress_reports.active(reporting):
+        compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
     if compiled is None:
         return None
 
@@ -165,6 +183,7 @@ def _solve_array(
     adjoint_options,
     adjoint_params,
     event=None,
+    progress=None,
 ) -> Solution:
     """:func:`solve` of a state that is one array (a structured state arrives flattened,
     with ``func`` a ``StructuredFunc``)."""
@@ -211,11 +230,14 @@ def _solve_array(
             "adjoint_params": adjoint_params,
             "event": event,
         }
-        compiled = (
-            bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
-            if bk.tracing is not None
-            else None
-        )
+        reporting = progress_reports.reporter(progress)
+        arguments["progress"] = progress_reports.static(reporting)
+        with progress_reports.active(reporting):
+            compiled = (
+                bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
+                if bk.tracing is not None
+                else None
+            )
 
         def prepared_problem(y0_, t_, leaves=None):
             # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
@@ -249,7 +271,7 @@ def _solve_array(
                 return None, LoopResult(solution, None, None)
             if bk.kernels.solve is not None and not record:
                 _check_compiled_solve_supports(bk, problem)
-            return problem, solve_prepared(problem, options, record, throw)
+            return problem, solve_prepared(problem, options, record, throw, reporting)
 
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1].solution
@@ -414,6 +436,7 @@ def odeint(
     adjoint_options=None,
     adjoint_params=None,
     event=None,
+    progress=None,
 ):
     """Solve an initial value problem and return the state at every time in ``t``.
 
@@ -515,6 +538,9 @@ def odeint(
     event : callable, odecore.Event, or a list of them; optional
         Event functions, as in :func:`solve`: a sample stops at its first terminal event, and
         its outputs after it are NaN. :func:`solve` also reports when and where.
+    progress : bool, tqdm bar or ProgressTarget, optional
+        Shows the time reached and the steps taken while the solve runs, as in
+        :func:`solve`.
 
     Returns
     -------
@@ -539,6 +565,7 @@ def odeint(
         adjoint_options=adjoint_options,
         adjoint_params=adjoint_params,
         event=event,
+        progress=progress,
     ).ys
 
 
