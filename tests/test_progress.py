@@ -103,8 +103,9 @@ def test_torch_batch_with_gradients(every_step):
     t = torch.linspace(0.0, 3.0, 4, dtype=torch.float64)
     recorder = Recorder()
     for adjoint in ("direct", "backsolve"):
-        watched = odecore.odeint(oscillator(torch), y0, t, batch_axis=0, adjoint=adjoint,
-                                 progress=recorder)
+        watched = odecore.odeint(
+            oscillator(torch), y0, t, batch_axis=0, adjoint=adjoint, progress=recorder
+        )
         plain = odecore.odeint(oscillator(torch), y0, t, batch_axis=0, adjoint=adjoint)
         assert torch.equal(watched, plain)
         (g_watched,) = torch.autograd.grad(watched.sum(), y0)
@@ -219,8 +220,9 @@ def test_numba_refuses_progress():
         return -y
 
     with pytest.raises(ValueError, match="not supported yet on the 'numba' backend"):
-        odecore.solve(f, np.ones(2), np.array([0.0, 1.0]), params=np.zeros(1),
-                      backend="numba", progress=True)
+        odecore.solve(
+            f, np.ones(2), np.array([0.0, 1.0]), params=np.zeros(1), backend="numba", progress=True
+        )
 
 
 def test_tqdm_bar_shows_the_counts():
@@ -240,6 +242,5 @@ def test_without_tqdm_a_line_goes_to_stderr(monkeypatch, capsys):
     sol = odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 2.0]), progress=True)
     err = capsys.readouterr().err
     assert err == (
-        f"odecore: t=2 (100%), accepted={sol.stats['naccept']}, "
-        f"rejected={sol.stats['nreject']}\n"
+        f"odecore: t=2 (100%), accepted={sol.stats['naccept']}, rejected={sol.stats['nreject']}\n"
     )
