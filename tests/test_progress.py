@@ -244,3 +244,25 @@ def test_without_tqdm_a_line_goes_to_stderr(monkeypatch, capsys):
     assert err == (
         f"odecore: t=2 (100%), accepted={sol.stats['naccept']}, rejected={sol.stats['nreject']}\n"
     )
+
+
+class LinearWithVjp:
+    def __call__(self, t, y, params):
+        return -params[0] * y
+
+    def vjp(self, t, y, params, cotangent):
+        return -params[0] * cotangent, (-np.sum(y * cotangent, keepdims=True),)
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_vjp_odeint_reports_its_forward_solve(every_step, adjoint):
+    func, y0, t, params = LinearWithVjp(), np.ones(2), np.linspace(0.0, 2.0, 3), (np.ones(1),)
+    recorder = Recorder()
+    ys, pullback = odecore.vjp_odeint(func, y0, t, params, adjoint=adjoint, progress=recorder)
+    plain, plain_pullback = odecore.vjp_odeint(func, y0, t, params, adjoint=adjoint)
+    assert np.array_equal(ys, plain)
+    cotangent = np.ones_like(ys)
+    for got, expected in zip(pullback(cotangent), plain_pullback(cotangent), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    reference = odecore.solve(func, y0, t, params=params)
+    check_reports(recorder, 0.0, 2.0, reference.stats["naccept"], reference.stats["nreject"])

@@ -665,6 +665,8 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, ev
     ``(ys, events, pullback)``: ``events`` the :class:`~odecore.EventRecord`, and
     ``pullback(ys_bar, event_t_bar=None, event_y_bar=None)`` also takes cotangents of the
     event times and states. Structured states take no events here yet.
+
+    ``progress`` (as in :func:`solve`) reports the forward solve.
     """
     if not is_structured(y0):
         return _vjp_odeint_array(
@@ -702,7 +704,7 @@ def vjp_odeint(func, y0, t, params=None, *, adjoint="checkpoint", throw=True, ev
 
 
 def _check_vjp_keywords(kwargs) -> None:
-    known = {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    known = {"rtol", "atol", "method", "options", "batch_axis", "backend", "progress"}
     known |= {"adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options"}
     unknown = set(kwargs) - known
     if unknown:
@@ -714,6 +716,7 @@ def _vjp_odeint_array(
 ):
     """:func:`vjp_odeint` of a state that is one array."""
     events = as_events(event)
+    reporting = progress_reports.reporter(kwargs.pop("progress", None))
     given = {"adjoint": adjoint, **kwargs}
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
@@ -745,7 +748,7 @@ def _vjp_odeint_array(
             raise ValueError("vjp_odeint needs at least two output times in t")
         # The generic loop, for any dynamics with a vjp: a compiling backend compiles the
         # backsolve's backward intervals where it can (Kernels.adjoint_dynamics).
-        return problem, run_loop(problem, record, throw=throw)
+        return problem, run_loop(problem, record, throw=throw, progress=reporting)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:
