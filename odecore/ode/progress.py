@@ -117,6 +117,8 @@ class Reporter:
         """Pass on the state (internal time; counts over the whole solve so far)."""
         accepted, rejected = int(accepted), int(rejected)
         with self._lock:
+            if self._closed:  # under vmap JAX ends each sample in turn: the first closes
+                return
             if accepted == self.accepted:
                 self.rejection_run += rejected - self.rejected
             else:
