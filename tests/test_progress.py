@@ -266,3 +266,20 @@ def test_vjp_odeint_reports_its_forward_solve(every_step, adjoint):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     reference = odecore.solve(func, y0, t, params=params)
     check_reports(recorder, 0.0, 2.0, reference.stats["naccept"], reference.stats["nreject"])
+
+
+def test_structured_state_reports(every_step, jax_x64):
+    """A tuple state, on NumPy's loop and through JAX's compiled structured solve."""
+    for xp in (np, jax_x64.numpy):
+
+        def f(t, y):
+            return (y[1], -y[0])
+
+        y0, t = (xp.ones(1), xp.zeros(1)), xp.linspace(0.0, 3.0, 3)
+        recorder = Recorder()
+        watched = odecore.solve(f, y0, t, progress=recorder)
+        plain = odecore.solve(f, y0, t)
+        for part, part_plain in zip(watched.ys, plain.ys, strict=True):
+            assert np.array_equal(np.asarray(part), np.asarray(part_plain))
+        stats = {k: int(v) for k, v in plain.stats.items()}
+        check_reports(recorder, 0.0, 3.0, stats["naccept"], stats["nreject"])
