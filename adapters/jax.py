@@ -184,6 +184,11 @@ class JaxTracing(Tracing):
             return None
         return children, treedef.unflatten
 
+    def host_callback(self, function, *args):
+        """Call ``function`` on the host with the values of ``args`` while the traced
+        program runs (progress reports; nothing is returned to the program)."""
+        jax.debug.callback(function, *args)
+
     def compiled_solve(self, solve, func, y0, t, params, arguments):
         """An eager call's solve through the ``jax.jit`` kept for its ``func`` and static
         configuration (``odecore.adapters._jax_cache``)."""
@@ -194,6 +199,10 @@ class JaxTracing(Tracing):
             # (under grad), not the tracers that carry them.
             for name in ("stats", "status", "t_reached", "ts"):
                 setattr(solution, name, jax.tree_util.tree_map(_primal, getattr(solution, name)))
+            if arguments.get("progress") is not None:
+                # The solve reports through host callbacks as it runs; they must all have
+                # run before the caller's reporter stops being the active one.
+                jax.block_until_ready(solution.status)
         return solution
 
 

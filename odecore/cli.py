@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="odecore", description="Classic ODE problems solved with odecore.")
+    parser.add_argument("--version", action="version", version=f"odecore {odecore.__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     listing = commands.add_parser("problems", help="list the problems and their references")
@@ -70,15 +71,27 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Solve PROBLEM from t0 to t1 and report the error against its reference.",
     )
     solving.add_argument("problem", metavar="PROBLEM", help="a name from 'odecore problems'")
-    solving.add_argument("--method", default="dopri5", help="default: dopri5")
+    solving.add_argument(
+        "--method",
+        default="dopri5",
+        help=f"one of: {', '.join(odecore.METHODS)} (fixed step: "
+        f"{', '.join(odecore.FIXED_STEP_METHODS)}); default: dopri5",
+    )
     solving.add_argument("--rtol", type=float, default=1e-7, help="default: 1e-7")
     solving.add_argument("--atol", type=float, default=1e-9, help="default: 1e-9")
     solving.add_argument(
-        "--backend", default=None, help="default: the configured one (ODECORE_BACKEND, else numpy)"
+        "--backend",
+        default=None,
+        help=f"one of: auto, {', '.join(odecore.BACKEND_NAMES)}; default: the configured one "
+        f"(ODECORE_BACKEND, else numpy)",
     )
     solving.add_argument("--max-steps", type=int, default=None, help="options['max_num_steps']")
     solving.add_argument(
-        "--step-size", type=float, default=None, help="the step of a fixed-step method (required)"
+        "--step-size",
+        type=float,
+        default=None,
+        help="the step of a fixed-step method; without it, as odecore.solve without "
+        "options['step_size'], the method takes one step from t0 to t1",
     )
     solving.set_defaults(run=_run_solve)
     return parser
@@ -205,11 +218,6 @@ def _checked_options(args) -> dict:
                 f"odecore solve: error: --step-size must be positive, got {args.step_size!r}"
             )
         options["step_size"] = args.step_size
-    elif fixed_step:
-        # Without a step size a fixed-step method would take one step from t0 to t1.
-        raise _UsageError(
-            f"odecore solve: error: {args.method!r} is a fixed-step method; give --step-size"
-        )
     return options
 
 
@@ -221,7 +229,7 @@ def _report(problem, args, backend, solution, final, elapsed) -> None:
         ("problem", f"{problem.name}: {problem.description}"),
         ("interval", f"[{problem.t0!r}, {problem.t1!r}], dimension {problem.dim}"),
         ("method", args.method),
-        ("tolerances", f"rtol={args.rtol:g}, atol={args.atol:g}"),
+        _step_row(args),
         ("backend", backend),
         ("final state", _vector(final)),
     ]
@@ -247,6 +255,16 @@ def _report(problem, args, backend, solution, final, elapsed) -> None:
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
         print(f"{label + ':':<{width}} {value}")
+
+
+def _step_row(args) -> tuple[str, str]:
+    if args.method not in odecore.FIXED_STEP_METHODS:
+        return ("tolerances", f"rtol={args.rtol:g}, atol={args.atol:g}")
+    if args.step_size is None:
+        # odecore.solve steps a fixed-step method without step_size from each output time
+        # to the next; the command's only output times are t0 and t1.
+        return ("step size", "none given: one step from t0 to t1 (see --step-size)")
+    return ("step size", f"{args.step_size:g}")
 
 
 def _vector(values) -> str:

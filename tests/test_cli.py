@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import odecore
@@ -70,10 +71,25 @@ def test_fixed_step_method_with_step_size(capsys):
     assert reported(out, "max abs error") < 1e-6
 
 
-def test_fixed_step_method_needs_step_size(capsys):
-    code, _, err = run(capsys, "solve", "harmonic", "--method", "rk4")
-    assert code == 2
-    assert_one_line_error(err, "--step-size")
+def test_fixed_step_method_without_step_size_is_the_library_solve(capsys):
+    """Without --step-size the command does what odecore.solve does without
+    options['step_size']: one step from each output time to the next, here t0 to t1."""
+    problem = PROBLEMS["harmonic"]
+    code, out, err = run(capsys, "solve", "harmonic", "--method", "rk4")
+    assert code == 0, err
+    library = odecore.solve(
+        problem.func,
+        np.asarray(problem.y0, dtype=np.float64),
+        np.array([problem.t0, problem.t1]),
+        params=problem.params,
+        method="rk4",
+    )
+    final = re.search(r"^final state:\s+\[(.*)\]$", out, flags=re.MULTILINE).group(1)
+    # The report prints 16 significant digits: equal to within one unit in the 16th.
+    np.testing.assert_allclose([float(v) for v in final.split(", ")], library.ys[-1], rtol=1e-15)
+    assert library.stats["nsteps"] == 1
+    assert "steps=1, accepted=1, rejected=0" in out
+    assert re.search(r"^step size:\s+none given: one step from t0 to t1", out, re.MULTILINE)
 
 
 def test_step_size_is_refused_for_adaptive_methods(capsys):
@@ -157,3 +173,17 @@ def test_help_exits_0(capsys):
     code, out, _ = run(capsys, "solve", "--help")
     assert code == 0
     assert "--max-steps" in out
+
+
+def test_solve_help_lists_the_methods_and_backends(capsys):
+    code, out, _ = run(capsys, "solve", "--help")
+    assert code == 0
+    listed = set(re.findall(r"[a-z0-9_]+", out))
+    assert set(odecore.METHODS) <= listed
+    assert set(odecore.BACKEND_NAMES) <= listed
+
+
+def test_version(capsys):
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out == f"odecore {odecore.__version__}\n"

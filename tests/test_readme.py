@@ -97,3 +97,20 @@ def test_coming_from_torchdiffeq_example_gives_the_gradient():
     # Both solve at rtol 1e-8: the gradient's error is of that order times the O(1) state.
     for name in ("k_grad_torchdiffeq", "k_grad_odecore"):
         assert abs(float(namespace[name]) - exact) < 1e-6, name
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_each_readme_example_runs_alone(index):
+    """A reader copies one block, not the page: each runs in a fresh namespace, with the
+    imports it needs."""
+    block = _python_blocks()[index]
+    if "import torch" in block:
+        pytest.importorskip("torch", reason="this README example uses torch")
+    if "import jax" in block:
+        pytest.importorskip("jax", reason="this README example uses jax")
+    if 'backend="numba"' in block:
+        pytest.importorskip("numba", reason="this README example uses numba")
+    import odecore
+
+    with odecore.use_backend("auto"):  # not what an earlier block chose globally
+        exec(compile(block, f"{README}, python block {index + 1}", "exec"), {})

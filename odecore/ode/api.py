@@ -22,6 +22,7 @@ from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
+from odecore.ode import progress as progress_reports
 from odecore.ode.callbacks import dynamics_name
 from odecore.ode.event_gradients import (
     add_leaves,
@@ -61,6 +62,7 @@ def solve(
     adjoint_options: Mapping[str, Any] | None = None,
     adjoint_params: Sequence[Any] | None = None,
     event: Any = None,
+    progress: Any = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` (or ``func(t, y, params)``) and report how it went.
 
@@ -122,6 +124,12 @@ def solve(
         differentiable in every gradient mode (by the implicit function theorem). Options:
         ``event_tol`` (the root's tolerance in time; default a few units in the last place of
         the time) and ``max_events`` (how many crossings are kept, 64 by default).
+    progress : bool, tqdm bar or ProgressTarget, optional
+        ``True`` shows the time reached and the steps taken while the solve runs (a tqdm
+        bar, or without tqdm a line on stderr every few seconds); a tqdm bar, or an object
+        with ``update(t, accepted, rejected, note)`` and ``close()``
+        (``odecore.ode.progress.ProgressTarget``), is told them instead. Not available on
+        the numba backend's compiled solve yet. See the progress page of the documentation.
 
     Returns
     -------
@@ -172,6 +180,7 @@ def solve(
     >>> odecore.Status(int(sol.status)).name, round(float(sol.events.t), 6)
     ('EVENT', 0.451524)
     """
+    progress_reports.check(progress)
     events = as_events(event)
     keywords = {
         "params": params,
@@ -189,8 +198,15 @@ def solve(
         "adjoint_options": adjoint_options,
         "adjoint_params": adjoint_params,
         "event": events,
+        "progress": progress,
     }
     if isinstance(method, str) and method == SCIPY_METHOD:
+        if progress not in (None, False):
+            raise ValueError(
+                "progress= is not available with method='scipy_solver', which hands the "
+                "whole solve to scipy; use an odecore method to watch the progress"
+            )
+        keywords.pop("progress")
         return scipy_solve(func, y0, t, keywords)
     if not is_structured(y0):
         return _solve_array(func, y0, t, **keywords)
@@ -214,7 +230,10 @@ def _compiled_structured(bk, func, y0, t, keywords):
     if bk.tracing is None:
         return None
     arguments = {k: v for k, v in keywords.items() if k not in ("params", "backend", "throw")}
-    compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
+    reporting = progress_reports.reporter(keywords["progress"])
+    arguments["progress"] = progress_reports.static(reporting)
+    with progress_reports.active(reporting):
+        compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
     if compiled is None:
         return None
 
@@ -260,6 +279,7 @@ def _solve_array(
     adjoint_options,
     adjoint_params,
     event=None,
+    progress=None,
 ) -> Solution:
     """:func:`solve` of a state that is one array (a structured state arrives flattened,
     with ``func`` a ``StructuredFunc``)."""
@@ -306,11 +326,14 @@ def _solve_array(
             "adjoint_params": adjoint_params,
             "event": event,
         }
-        compiled = (
-            bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
-            if bk.tracing is not None
-            else None
-        )
+        reporting = progress_reports.reporter(progress)
+        arguments["progress"] = progress_reports.static(reporting)
+        with progress_reports.active(reporting):
+            compiled = (
+                bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
+                if bk.tracing is not None
+                else None
+            )
 
         def prepared_problem(y0_, t_, leaves=None, for_kernel=False):
             # A rule's forward passes its own primals as ``leaves`` (see Backend.with_leaves).
@@ -349,7 +372,7 @@ def _solve_array(
                 return None, LoopResult(solution, None, None)
             if compiled_backend:
                 _check_compiled_solve_supports(bk, problem)
-            return problem, solve_prepared(problem, options, record, throw)
+            return problem, solve_prepared(problem, options, record, throw, reporting)
 
         if mode is None or not bk.has_autodiff:
             return run(y0, t)[1].solution
@@ -514,6 +537,7 @@ def odeint(
     adjoint_options: Mapping[str, Any] | None = None,
     adjoint_params: Sequence[Any] | None = None,
     event: Any = None,
+    progress: Any = None,
 ) -> Any:
     """Solve an initial value problem and return the state at every time in ``t``.
 
@@ -621,6 +645,9 @@ def odeint(
         Event functions, as in [`solve`][odecore.solve]: a sample stops at its first
         terminal event, and its outputs after it are NaN. [`solve`][odecore.solve] also
         reports when and where.
+    progress : bool, tqdm bar or ProgressTarget, optional
+        Shows the time reached and the steps taken while the solve runs, as in
+        [`solve`][odecore.solve].
 
     Returns
     -------
@@ -681,6 +708,7 @@ def odeint(
         adjoint_options=adjoint_options,
         adjoint_params=adjoint_params,
         event=event,
+        progress=progress,
     ).ys
 
 
@@ -911,7 +939,8 @@ def vjp_odeint(
     **kwargs
         ``rtol``, ``atol``, ``method``, ``options``, ``batch_axis``, ``backend``, and the
         backsolve's ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method`` and
-        ``adjoint_options``, as for [`odeint`][odecore.odeint].
+        ``adjoint_options``, as for [`odeint`][odecore.odeint]; ``progress`` reports the
+        forward solve, as in [`solve`][odecore.solve].
 
     Returns
     -------
@@ -991,7 +1020,7 @@ def vjp_odeint(
 
 
 def _check_vjp_keywords(kwargs) -> None:
-    known = {"rtol", "atol", "method", "options", "batch_axis", "backend"}
+    known = {"rtol", "atol", "method", "options", "batch_axis", "backend", "progress"}
     known |= {"adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options"}
     unknown = set(kwargs) - known
     if unknown:
@@ -1003,6 +1032,7 @@ def _vjp_odeint_array(
 ):
     """:func:`vjp_odeint` of a state that is one array."""
     events = as_events(event)
+    reporting = progress_reports.reporter(kwargs.pop("progress", None))
     given = {"adjoint": adjoint, **kwargs}
     adjoint_keys = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
     adjoint, *adjoint_kwargs = modes.as_keywords(
@@ -1034,7 +1064,7 @@ def _vjp_odeint_array(
             raise ValueError("vjp_odeint needs at least two output times in t")
         # The generic loop, for any dynamics with a vjp: a compiling backend compiles the
         # backsolve's backward intervals where it can (Kernels.adjoint_dynamics).
-        return problem, run_loop(problem, record, throw=throw)
+        return problem, run_loop(problem, record, throw=throw, progress=reporting)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}
     if unknown:

@@ -23,6 +23,7 @@ from odecore.control.initial_step import initial_step
 from odecore.ode import events as ev
 from odecore.ode.outputs import fill_outputs
 from odecore.ode.problem import Problem
+from odecore.ode.progress import run_reported
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 from odecore.ode.tape import record_step, tape_buffers
 
@@ -67,30 +68,46 @@ class LoopResult(NamedTuple):
     f_end: Any = None
 
 
-def solve_prepared(problem: Problem, options, record: bool, throw: bool) -> LoopResult:
+def solve_prepared(
+    problem: Problem, options, record: bool, throw: bool, progress=None
+) -> LoopResult:
     """Solve a prepared problem (``options``: the user's, as ``prepare`` got them). The one
     place a solve leaves the generic loop: a backend that compiles whole solves (Numba,
     ``Backend.kernels.solve``) runs it as one call, taking the same steps. Recording the
-    checkpoint tape stays with the loop."""
+    checkpoint tape stays with the loop. ``progress``: a
+    :class:`~odecore.ode.progress.Reporter`, or None."""
     compiled = problem.backend.kernels.solve
     # The compiled loop has no event phase: a solve with events runs the generic loop.
     if compiled is None or record or problem.events is not None:
-        return run_loop(problem, record, throw)
+        return run_loop(problem, record, throw, progress)
+    if progress is not None:
+        raise ValueError(
+            f"progress= is not supported yet on the {problem.backend.name!r} backend, whose "
+            f"solve is one compiled call; use the numpy backend to watch a solve's progress"
+        )
     result = compiled(problem, options)
     if throw and not result.solution.success:
         raise SolveError(failure_message(result.solution), result.solution)
     return result
 
 
-def run_loop(problem: Problem, record: bool, throw: bool) -> LoopResult:
+def run_loop(problem: Problem, record: bool, throw: bool, progress=None) -> LoopResult:
     """Run the loop over a prepared problem, recording the accepted steps in the result's
-    tape when ``record`` (for the checkpoint gradient)."""
+    tape when ``record`` (for the checkpoint gradient), and reporting to ``progress`` (a
+    :class:`~odecore.ode.progress.Reporter`) after every step when it is given."""
     bk = problem.backend
-    state = bk.while_loop(
-        lambda s: problem.ops.any(s.status == RUNNING),
-        lambda s: step(problem, s),
-        init_state(problem, record),
-    )
+    state = init_state(problem, record)
+
+    def running(s):
+        return problem.ops.any(s.status == RUNNING)
+
+    def body(s):
+        return step(problem, s)
+
+    if progress is None:
+        state = bk.while_loop(running, body, state)
+    else:
+        state = run_reported(problem, running, body, state, progress)
     solution = finish(problem, state)
     # Under jit the status is not known until run time: it stays in the Solution, and the
     # outputs the solve did not reach are NaN.

@@ -1,0 +1,338 @@
+"""Progress reports of a running solve: ``solve(..., progress=...)``.
+
+The loop hands its state to a :class:`Reporter` after every step (on the host: directly on
+an eager backend, through the backend's host callback under tracing). The reporter looks at
+the wall clock and only every ``REPORT_INTERVAL`` seconds reads the state (the least time
+reached over the samples, the accepted and rejected steps summed over them, the least
+proposed step) and passes it on to the target: a tqdm bar, a plain-text line on stderr, or
+the user's object with the :class:`ProgressTarget` protocol. A solve without progress runs
+the loop without any of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+# Seconds of wall time between two reports: the bar moves smoothly, and a step of a few
+# microseconds pays one clock reading, not a conversion of the state.
+REPORT_INTERVAL = 0.1
+# Rejected steps with no accepted one between them after which a report says so.
+REJECTION_RUN = 20
+# The plain-text line is written at most this often (seconds), for logs.
+TEXT_INTERVAL = 2.0
+
+
+@runtime_checkable
+class ProgressTarget(Protocol):
+    """What ``progress=`` accepts besides ``True`` and a tqdm bar.
+
+    ``update(t, accepted, rejected, note)`` is called a few times a second while the solve
+    runs, and once at its end: ``t`` the time reached (a float, in the user's direction of
+    time; for a batch the least over the samples), ``accepted`` and ``rejected`` the steps
+    so far (ints; for a batch summed over the samples), ``note`` an empty string or, after
+    ``REJECTION_RUN`` rejected steps in a row, ``"rejecting steps at t=...: dt=..."``.
+    ``close()`` is called once when the solve ends, also when it raises.
+    """
+
+    def update(self, t: float, accepted: int, rejected: int, note: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+PROTOCOL = "an object with update(t, accepted, rejected, note) and close()"
+
+
+def check(progress) -> None:
+    """Refuse a ``progress=`` value that is neither None, a bool, a tqdm bar nor a
+    :class:`ProgressTarget`."""
+    if progress is None or isinstance(progress, bool) or _is_tqdm(progress):
+        return
+    if progress is ACTIVE:
+        return
+    if isinstance(progress, ProgressTarget):
+        return
+    raise TypeError(
+        f"progress must be True, False, None, a tqdm bar or {PROTOCOL} "
+        f"(odecore.ode.progress.ProgressTarget), got {type(progress).__name__}"
+    )
+
+
+def reporter(progress) -> Reporter | None:
+    """The reporter of one solve for a checked ``progress=`` value; None when it is off."""
+    check(progress)
+    if progress is None or progress is False:
+        return None
+    if progress is ACTIVE:
+        return ACTIVE
+    if progress is True:
+        return Reporter(_default_display())
+    if _is_tqdm(progress):
+        return Reporter(_TqdmDisplay(progress))
+    return Reporter(progress)
+
+
+def _is_tqdm(obj) -> bool:
+    tqdm = sys.modules.get("tqdm")
+    return tqdm is not None and isinstance(obj, tqdm.tqdm)
+
+
+def _default_display():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextLine(sys.stderr)
+    return _TqdmDisplay(None, tqdm)
+
+
+class Reporter:
+    """One solve's progress: the throttle, the run of rejected steps, the target."""
+
+    def __init__(self, target):
+        self.target = target
+        self._lock = threading.Lock()
+        self._closed = False
+        self.t0, self.direction = 0.0, 1.0
+        self.accepted = self.rejected = self.rejection_run = 0
+        self._next = time.monotonic() + REPORT_INTERVAL
+
+    def begin(self, t0: float, t1: float, direction: float) -> None:
+        """A solve from ``t0`` to ``t1`` in internal (increasing) time starts."""
+        self.t0, self.direction = float(t0), float(direction)
+        self.accepted = self.rejected = self.rejection_run = 0
+        self._next = time.monotonic() + REPORT_INTERVAL
+        self._closed = False
+        if isinstance(self.target, _Display):
+            self.target.begin(self.t0 * self.direction, float(t1) * self.direction)
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def report(self, t, accepted, rejected, dt) -> None:
+        """Pass on the state (internal time; counts over the whole solve so far)."""
+        accepted, rejected = int(accepted), int(rejected)
+        with self._lock:
+            if self._closed:  # under vmap JAX ends each sample in turn: the first closes
+                return
+            if accepted == self.accepted:
+                self.rejection_run += rejected - self.rejected
+            else:
+                self.rejection_run = 0
+            self.accepted, self.rejected = accepted, rejected
+            t_user = float(t) * self.direction
+            note = ""
+            if self.rejection_run >= REJECTION_RUN:
+                note = f"rejecting steps at t={t_user:.6g}: dt={float(dt):.3g}"
+            self.target.update(t_user, accepted, rejected, note)
+            self._next = time.monotonic() + REPORT_INTERVAL
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.target.close()
+
+    def report_when_due(self, t, accepted, rejected, dt) -> None:
+        if time.monotonic() >= self._next:
+            self.report(t, accepted, rejected, dt)
+
+    def end(self, t, accepted, rejected, dt) -> None:
+        self.report(t, accepted, rejected, dt)
+        self.close()
+
+
+class _Active:
+    """``progress=ACTIVE``: report to the reporter made active (:func:`active`) when the
+    compiled solve runs. A compiled eager solve is kept for all its calls, each with its
+    own bar, so the bar cannot be a constant of the compiled program."""
+
+    def __repr__(self):
+        return "odecore.ode.progress.ACTIVE"
+
+    def begin(self, *args):
+        if _current is not None:
+            _current.begin(*args)
+
+    def report_when_due(self, *args):
+        if _current is not None:
+            _current.report_when_due(*args)
+
+    def end(self, *args):
+        if _current is not None:
+            _current.end(*args)
+
+    def close(self):
+        if _current is not None:
+            _current.close()
+
+
+ACTIVE = _Active()
+_current: Reporter | None = None
+
+
+@contextlib.contextmanager
+def active(reporting: Reporter | None):
+    """Make ``reporting`` the one ``ACTIVE`` reports to while a compiled solve runs."""
+    global _current
+    before, _current = _current, reporting
+    try:
+        yield
+    finally:
+        _current = before
+
+
+def static(reporting) -> _Active | None:
+    """What a compiled solve's key and program hold of ``reporting``: whether there is one."""
+    return None if reporting is None else ACTIVE
+
+
+# The loop's side -----------------------------------------------------------------------------
+
+
+def run_reported(problem, cond, body, state, reporting):
+    """``problem.backend.while_loop(cond, body, state)``, reporting progress to
+    ``reporting`` after every step: directly on an eager backend, through the backend's
+    host callback (``Tracing.host_callback``) under tracing."""
+    bk = problem.backend
+    ts, direction = problem.ts, problem.direction
+    if bk.eager:
+        reporting.begin(float(ts[0]), float(ts[-1]), float(direction))
+        try:
+            state = bk.while_loop(cond, _eager_body(problem, body, reporting), state)
+            reporting.end(*summary(problem, state))
+        finally:
+            reporting.close()
+        return state
+    host = bk.tracing.host_callback
+    host(_host_begin(reporting), ts[0], ts[-1], direction)
+
+    def reported(state):
+        state = body(state)
+        host(_host(reporting.report_when_due), *summary(problem, state))
+        return state
+
+    state = bk.while_loop(cond, reported, state)
+    host(_host(reporting.end), *summary(problem, state))
+    return state
+
+
+def _eager_body(problem, body, reporting):
+    def reported(state):
+        state = body(state)
+        if time.monotonic() >= reporting._next:
+            reporting.report(*summary(problem, state))
+        return state
+
+    return reported
+
+
+def _host_begin(reporting):
+    """``reporting.begin`` for a host callback (arguments arrive as arrays; batched ones
+    under ``vmap``)."""
+
+    def call(t0, t1, direction):
+        return reporting.begin(np.min(t0), np.max(t1), np.ravel(direction)[0])
+
+    return call
+
+
+def _host(method):
+    """``method(t, accepted, rejected, dt)`` for a host callback: under ``vmap`` the
+    arguments are batched, and the least time and the summed counts are reported."""
+
+    def call(t, accepted, rejected, dt):
+        return method(np.min(t), np.sum(accepted), np.sum(rejected), np.min(dt))
+
+    return call
+
+
+def summary(problem, state):
+    """The least time reached, the accepted and rejected steps of all samples, and the
+    least proposed step: host numbers on an eager backend, 0-d arrays under tracing."""
+    if problem.ops.scalar:
+        return state.t, state.naccept, state.nreject, state.dt
+    xp = problem.backend.xp
+    return xp.min(state.t), xp.sum(state.naccept), xp.sum(state.nreject), xp.min(state.dt)
+
+
+# Targets ---------------------------------------------------------------------------------
+
+
+class _Display:
+    """A target odecore makes or adapts, told the solve's time span when it starts."""
+
+    def begin(self, t0: float, t1: float) -> None:
+        raise NotImplementedError
+
+
+class _TqdmDisplay(_Display):
+    """A tqdm bar whose total is ``|t1 - t0|`` and whose position is the time travelled."""
+
+    FORMAT = "{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, bar, make_bar=None):
+        # progress=True: the bar is made when a solve starts (and anew for each run of a
+        # jitted solve), so that a call that fails its checks draws none.
+        self.bar, self.make_bar = bar, make_bar
+
+    def begin(self, t0, t1):
+        self.t0 = t0
+        if self.make_bar is not None:
+            self.bar = self.make_bar(total=abs(t1 - t0), bar_format=self.FORMAT)
+        else:
+            self.bar.reset(total=abs(t1 - t0))
+            self.bar.bar_format = self.FORMAT
+
+    def update(self, t, accepted, rejected, note):
+        postfix = f"t={t:.6g}, accepted={accepted}, rejected={rejected}"
+        self.bar.set_postfix_str(f"{postfix}, {note}" if note else postfix, refresh=False)
+        self.bar.update(abs(t - self.t0) - self.bar.n)
+
+    def close(self):
+        self.bar.close()
+        if self.make_bar is not None:
+            self.bar = None
+
+
+class _TextLine(_Display):
+    """Without tqdm: one line on ``stream`` every ``TEXT_INTERVAL`` seconds and at the end,
+    rewritten in place on a terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last: str | None = None
+        self.pending = False
+        self._written = 0.0
+
+    def begin(self, t0, t1):
+        self.t0, self.span = t0, abs(t1 - t0)
+
+    def update(self, t, accepted, rejected, note):
+        done = abs(t - self.t0) / self.span if self.span else 1.0
+        self.last = f"odecore: t={t:.6g} ({done:.0%}), accepted={accepted}, rejected={rejected}"
+        if note:
+            self.last += f", {note}"
+        self.pending = True
+        if time.monotonic() - self._written >= TEXT_INTERVAL:
+            self._write(self.last)
+
+    def close(self):
+        if self.pending:
+            self._write(self.last)
+        if self._interactive():
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def _write(self, line: str) -> None:
+        self._written, self.pending = time.monotonic(), False
+        self.stream.write(f"\r{line}" if self._interactive() else f"{line}\n")
+        self.stream.flush()
+
+    def _interactive(self) -> bool:
+        isatty: Any = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())

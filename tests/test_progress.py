@@ -1,0 +1,285 @@
+"""``solve(..., progress=...)``: what the loop reports while it runs, on every backend."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+
+import odecore
+from odecore.ode import progress as progress_reports
+
+
+class Recorder:
+    """A progress target that keeps every report."""
+
+    def __init__(self):
+        self.reports = []
+        self.closed = 0
+
+    def update(self, t, accepted, rejected, note):
+        self.reports.append((t, accepted, rejected, note))
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.fixture
+def every_step(monkeypatch):
+    """Report after every step, so that each report can be checked against that step."""
+    monkeypatch.setattr(progress_reports, "REPORT_INTERVAL", 0.0)
+
+
+def oscillator(xp):
+    def f(t, y):
+        return xp.stack([y[1], -y[0]])
+
+    return f
+
+
+def check_reports(recorder, t0, t1, naccept, nreject):
+    """The times move monotonically from t0 towards t1 and end there; one report per step
+    (each step adds one accepted or one rejected step) and a final one with the solve's
+    counts."""
+    times = np.array([r[0] for r in recorder.reports])
+    counts = np.array([(r[1], r[2]) for r in recorder.reports])
+    direction = np.sign(t1 - t0)
+    assert np.all(np.diff(times) * direction >= 0)
+    assert np.all((times - t0) * direction >= 0)
+    assert times[-1] == t1
+    steps = counts.sum(axis=1)
+    assert list(steps[:-1]) == list(range(1, naccept + nreject + 1))
+    assert tuple(counts[-1]) == (naccept, nreject)
+    assert np.all(np.diff(counts, axis=0) >= 0)
+    assert recorder.closed == 1
+
+
+@pytest.mark.parametrize("t1", [20.0, -20.0])
+def test_numpy_reports_every_step_and_changes_nothing(every_step, t1):
+    f, y0, t = oscillator(np), np.array([1.0, 0.0]), np.linspace(0.0, t1, 5)
+    recorder = Recorder()
+    watched = odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12, progress=recorder)
+    plain = odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12)
+    assert np.array_equal(watched.ys, plain.ys)
+    assert watched.stats == plain.stats
+    check_reports(recorder, 0.0, t1, plain.stats["naccept"], plain.stats["nreject"])
+
+
+def test_batch_reports_the_least_time_and_summed_counts(every_step):
+    # The second sample is ten times faster, so it takes more steps; the least time over
+    # the batch is the first sample's, which is what a report shows.
+    def f(t, y):
+        return y[:, ::-1] * np.array([1.0, -1.0]) * np.array([[1.0], [10.0]])
+
+    y0, t = np.array([[1.0, 0.0], [1.0, 0.0]]), np.linspace(0.0, 5.0, 3)
+    recorder = Recorder()
+    sol = odecore.solve(f, y0, t, batch_axis=0, progress=recorder)
+    plain = odecore.solve(f, y0, t, batch_axis=0)
+    assert np.array_equal(sol.ys, plain.ys)
+    final = recorder.reports[-1]
+    assert final[0] == 5.0
+    assert final[1:3] == (int(plain.stats["naccept"].sum()), int(plain.stats["nreject"].sum()))
+    times = [r[0] for r in recorder.reports]
+    assert times == sorted(times)
+
+
+def test_torch_reports_and_changes_nothing(every_step):
+    torch = pytest.importorskip("torch")
+    f = oscillator(torch)
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0.0, 20.0, 5, dtype=torch.float64)
+    recorder = Recorder()
+    watched = odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12, progress=recorder)
+    plain = odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12)
+    assert torch.equal(watched.ys, plain.ys)
+    check_reports(recorder, 0.0, 20.0, plain.stats["naccept"], plain.stats["nreject"])
+
+
+def test_torch_batch_with_gradients(every_step):
+    torch = pytest.importorskip("torch")
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 3.0, 4, dtype=torch.float64)
+    recorder = Recorder()
+    for adjoint in ("direct", "backsolve"):
+        watched = odecore.odeint(
+            oscillator(torch), y0, t, batch_axis=0, adjoint=adjoint, progress=recorder
+        )
+        plain = odecore.odeint(oscillator(torch), y0, t, batch_axis=0, adjoint=adjoint)
+        assert torch.equal(watched, plain)
+        (g_watched,) = torch.autograd.grad(watched.sum(), y0)
+        (g_plain,) = torch.autograd.grad(plain.sum(), y0)
+        assert torch.equal(g_watched, g_plain)
+        assert recorder.reports[-1][0] == 3.0 and recorder.closed >= 1
+
+
+@pytest.fixture
+def jax_x64():
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        yield jax
+
+
+def test_jax_under_jit_reports_and_changes_nothing(every_step, jax_x64):
+    jax, jnp = jax_x64, jax_x64.numpy
+    f, y0 = oscillator(jnp), jnp.array([1.0, 0.0])
+    recorder = Recorder()
+
+    @jax.jit
+    def watched(y0, t):
+        return odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12, progress=recorder)
+
+    @jax.jit
+    def plain(y0, t):
+        return odecore.solve(f, y0, t, rtol=1e-9, atol=1e-12)
+
+    for t1 in (20.0, -20.0):
+        recorder.reports, recorder.closed = [], 0
+        t = jnp.linspace(0.0, t1, 5)
+        sol, ref = watched(y0, t), plain(y0, t)
+        jax.block_until_ready(sol.ys)
+        assert np.array_equal(np.asarray(sol.ys), np.asarray(ref.ys))
+        stats = {k: int(v) for k, v in ref.stats.items()}
+        check_reports(recorder, 0.0, t1, stats["naccept"], stats["nreject"])
+
+
+def test_jax_eager_compiled_solve_reports_to_each_call(every_step, jax_x64):
+    jnp = jax_x64.numpy
+    f, y0, t = oscillator(jnp), jnp.array([1.0, 0.0]), jnp.linspace(0.0, 10.0, 3)
+    plain = odecore.solve(f, y0, t)
+    stats = {k: int(v) for k, v in plain.stats.items()}
+    for _ in range(2):  # the second call reuses the compiled solve, with its own recorder
+        recorder = Recorder()
+        sol = odecore.solve(f, y0, t, progress=recorder)
+        assert np.array_equal(np.asarray(sol.ys), np.asarray(plain.ys))
+        check_reports(recorder, 0.0, 10.0, stats["naccept"], stats["nreject"])
+
+
+class Switched:
+    """A rate that jumps from 0 to 1e3 at t = 0.5 (no jump_t given): the controller rejects
+    steps over the jump until they are small enough. The step callbacks record, as an
+    independent witness, whether each step was accepted."""
+
+    def __init__(self):
+        self.accepted = []
+
+    def __call__(self, t, y):
+        return np.full_like(y, 1e3 if t > 0.5 else 0.0)
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted.append(True)
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.accepted.append(False)
+
+
+def test_rejecting_steps_is_reported(every_step, monkeypatch):
+    monkeypatch.setattr(progress_reports, "REJECTION_RUN", 3)
+    func, recorder = Switched(), Recorder()
+    odecore.solve(func, np.zeros(1), np.array([0.0, 1.0]), progress=recorder)
+    run, expected = 0, []
+    for accepted in func.accepted:
+        run = 0 if accepted else run + 1
+        expected.append(run >= 3)
+    notes = [r[3] for r in recorder.reports[:-1]]
+    assert any(expected)
+    assert [bool(n) for n in notes] == expected
+    for (t, *_), note in zip(recorder.reports, notes, strict=False):
+        if note:
+            assert note.startswith(f"rejecting steps at t={t:.6g}: dt=")
+            assert 0.0 < t <= 0.5  # stuck before the jump
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, object()])
+def test_invalid_values_raise(bad):
+    with pytest.raises(TypeError, match=r"update\(t, accepted, rejected, note\) and close\(\)"):
+        odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 1.0]), progress=bad)
+
+
+def test_an_object_without_close_is_refused():
+    class UpdateOnly:
+        def update(self, t, accepted, rejected, note):
+            pass
+
+    with pytest.raises(TypeError, match="close"):
+        odecore.odeint(oscillator(np), np.ones(2), np.array([0.0, 1.0]), progress=UpdateOnly())
+
+
+def test_scipy_solver_refuses_progress():
+    with pytest.raises(ValueError, match="scipy_solver"):
+        odecore.solve(
+            oscillator(np), np.ones(2), np.array([0.0, 1.0]), method="scipy_solver", progress=True
+        )
+
+
+def test_numba_refuses_progress():
+    pytest.importorskip("numba")
+
+    def f(t, y, p):
+        return -y
+
+    with pytest.raises(ValueError, match="not supported yet on the 'numba' backend"):
+        odecore.solve(
+            f, np.ones(2), np.array([0.0, 1.0]), params=np.zeros(1), backend="numba", progress=True
+        )
+
+
+def test_tqdm_bar_shows_the_counts():
+    tqdm = pytest.importorskip("tqdm")
+    out = io.StringIO()
+    bar = tqdm.tqdm(file=out)
+    sol = odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 2.0]), progress=bar)
+    assert bar.total == 2.0 and bar.n == 2.0
+    assert f"t=2, accepted={sol.stats['naccept']}, rejected={sol.stats['nreject']}" in (
+        out.getvalue()
+    )
+
+
+def test_without_tqdm_a_line_goes_to_stderr(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    sol = odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 2.0]), progress=True)
+    err = capsys.readouterr().err
+    assert err == (
+        f"odecore: t=2 (100%), accepted={sol.stats['naccept']}, rejected={sol.stats['nreject']}\n"
+    )
+
+
+class LinearWithVjp:
+    def __call__(self, t, y, params):
+        return -params[0] * y
+
+    def vjp(self, t, y, params, cotangent):
+        return -params[0] * cotangent, (-np.sum(y * cotangent, keepdims=True),)
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_vjp_odeint_reports_its_forward_solve(every_step, adjoint):
+    func, y0, t, params = LinearWithVjp(), np.ones(2), np.linspace(0.0, 2.0, 3), (np.ones(1),)
+    recorder = Recorder()
+    ys, pullback = odecore.vjp_odeint(func, y0, t, params, adjoint=adjoint, progress=recorder)
+    plain, plain_pullback = odecore.vjp_odeint(func, y0, t, params, adjoint=adjoint)
+    assert np.array_equal(ys, plain)
+    cotangent = np.ones_like(ys)
+    for got, expected in zip(pullback(cotangent), plain_pullback(cotangent), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    reference = odecore.solve(func, y0, t, params=params)
+    check_reports(recorder, 0.0, 2.0, reference.stats["naccept"], reference.stats["nreject"])
+
+
+def test_structured_state_reports(every_step, jax_x64):
+    """A tuple state, on NumPy's loop and through JAX's compiled structured solve."""
+    for xp in (np, jax_x64.numpy):
+
+        def f(t, y):
+            return (y[1], -y[0])
+
+        y0, t = (xp.ones(1), xp.zeros(1)), xp.linspace(0.0, 3.0, 3)
+        recorder = Recorder()
+        watched = odecore.solve(f, y0, t, progress=recorder)
+        plain = odecore.solve(f, y0, t)
+        for part, part_plain in zip(watched.ys, plain.ys, strict=True):
+            assert np.array_equal(np.asarray(part), np.asarray(part_plain))
+        stats = {k: int(v) for k, v in plain.stats.items()}
+        check_reports(recorder, 0.0, 3.0, stats["naccept"], stats["nreject"])
