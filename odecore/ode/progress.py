@@ -138,7 +138,7 @@ class Reporter:
                 self.target.close()
 
     def report_when_due(self, t, accepted, rejected, dt) -> None:
-        if time.monotonic() >= self._next:
+        if self.due():
             self.report(t, accepted, rejected, dt)
 
     def end(self, t, accepted, rejected, dt) -> None:
@@ -224,7 +224,8 @@ def run_reported(problem, cond, body, state, reporting):
 def _eager_body(problem, body, reporting):
     def reported(state):
         state = body(state)
-        if time.monotonic() >= reporting._next:
+        # Asked before the summary is made: most steps report nothing.
+        if reporting.due():
             reporting.report(*summary(problem, state))
         return state
 
