@@ -230,9 +230,7 @@ def _compiled_structured(bk, func, y0, t, keywords):
     if bk.tracing is None:
         return None
     arguments = {k: v for k, v in keywords.items() if k not in ("params", "backend", "throw")}
-    reporting = progress_reports.reporter(keywords["progress"])
-    arguments["progress"] = progress_reports.static(reporting)
-    with progress_reports.active(reporting):
+    with progress_reports.compiled_reporting(keywords["progress"], arguments):
         compiled = bk.tracing.compiled_solve(solve, func, y0, t, keywords["params"], arguments)
     if compiled is None:
         return None
@@ -326,9 +324,7 @@ def _solve_array(
             "adjoint_params": adjoint_params,
             "event": event,
         }
-        reporting = progress_reports.reporter(progress)
-        arguments["progress"] = progress_reports.static(reporting)
-        with progress_reports.active(reporting):
+        with progress_reports.compiled_reporting(progress, arguments) as reporting:
             compiled = (
                 bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
                 if bk.tracing is not None

@@ -191,6 +191,17 @@ def static(reporting) -> _Active | None:
     return None if reporting is None else ACTIVE
 
 
+@contextlib.contextmanager
+def compiled_reporting(progress, arguments: dict):
+    """The reporter of a solve that may run compiled, for ``progress=``: ``arguments`` (the
+    compiled solve's static configuration) records whether there is one, and it is the
+    active one while the block runs the compiled solve."""
+    reporting = reporter(progress)
+    arguments["progress"] = static(reporting)
+    with active(reporting):
+        yield reporting
+
+
 # The loop's side -----------------------------------------------------------------------------
 
 
