@@ -87,6 +87,7 @@ def _ensemble(
     t_reached,
     dt_next,
     stats,
+    watch,
 ):
     """One trajectory per thread; the arrays are :func:`solve`'s."""
     n = cuda.grid(1)
@@ -110,6 +111,7 @@ def _ensemble(
         work[n],
         weights[n],
         stats[n],
+        watch[n],
     )
     status[n] = s
     t_reached[n] = t
@@ -165,6 +167,8 @@ def solve(problem, options) -> LoopResult:
     t_reached = np.empty(rows)
     dt_next = np.empty(rows)
     stats = np.zeros((rows, len(_STATS)), dtype=np.int64)
+    # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these rows.
+    watch = np.empty((rows, 1))
     shared = inputs.params.shape[0] == 1 and rows > 1
     blocks = (rows + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     kernel.launch[blocks, THREADS_PER_BLOCK](
@@ -187,14 +191,22 @@ def solve(problem, options) -> LoopResult:
         t_reached,
         dt_next,
         stats,
+        watch,
     )
     return ensemble_result(problem, out, status, t_reached, dt_next, stats)
 
 
-def _solve(problem, options) -> LoopResult:
-    if problem.layout.batched:
-        return solve(problem, options)
-    return numba_solve(problem, options)
+def _solve(problem, options, progress=None) -> LoopResult:
+    if not problem.layout.batched:
+        return numba_solve(problem, options, progress)
+    if progress is not None:
+        # The launch returns when every thread has finished; nothing comes back before.
+        raise ValueError(
+            "progress= is not available for a batch on the 'numba-cuda' backend, whose GPU "
+            "kernel reports nothing until every trajectory ends; solve the batch with "
+            "backend='numba' to watch it on the CPU"
+        )
+    return solve(problem, options)
 
 
 class CudaEnsembleBackend(NumbaBackend):

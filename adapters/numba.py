@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
-from odecore.adapters import numba_cache
+from odecore.adapters import numba_cache, numba_watch
 from odecore.adapters.numpy import BACKEND as NUMPY_BACKEND
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
@@ -79,15 +79,20 @@ def _jit(fn):
     return numba.njit(fn, cache=True)
 
 
-def _jit_bound(fn):
+def _jit_bound(fn, nogil: bool = False):
     # A function bound to one dynamics shares its code, file and name with every other
     # binding: a disk cache would hand one dynamics' machine code to another. The loop's
     # helpers are inlined, so that the compiler can drop the reference counting of the rows
     # they pass on; the whole solve stays one function, which a single trajectory and the
-    # ensemble's parallel loop both call.
+    # ensemble's parallel loop both call. A watched solve runs in a thread of its own
+    # without the interpreter's lock (``nogil``), while the caller reads its progress.
     if fn.__name__ == "solve_trajectory":
-        return numba.njit(fn)
+        return numba.njit(fn, nogil=nogil)
     return numba.njit(fn, inline="always")
+
+
+def _jit_watched(fn):
+    return _jit_bound(fn, nogil=True)
 
 
 def _compiled_rules() -> dict:
@@ -148,9 +153,11 @@ def _solve_ensemble(
     t_reached,
     dt_next,
     stats,
+    watch,
 ):
     """Every trajectory of a batch by the kernel loop, in parallel: ``out`` (N, T, D),
-    ``status``, ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results."""
+    ``status``, ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results;
+    ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel."""
     count, size = y0.shape
     # No arithmetic on n: prange's index is unsigned, and mixed with a signed integer it
     # becomes a float.
@@ -176,6 +183,7 @@ def _solve_ensemble(
             work,
             weights,
             stats[n],
+            watch[n],
         )
         status[n] = s
         t_reached[n] = t
@@ -264,15 +272,18 @@ def _cacheable(func) -> bool:
 MAX_UNROLLED_SIZE = 16
 
 
-def _kernel(func, form: str, tableau: Tableau, size: int, dtype: str) -> SimpleNamespace:
+def _kernel(
+    func, form: str, tableau: Tableau, size: int, dtype: str, watched: bool = False
+) -> SimpleNamespace:
     """The kernel functions for ``func`` in ``form`` under ``tableau``'s method for states of
     ``size`` elements in ``dtype``, compiled once per dynamics, method, dtype and small size:
     the method's sums are written out (``specialize``). Dynamics that can be imported by
     name get a kernel kept on disk (``numba_cache``); others one compiled in memory, for the
-    life of the process."""
+    life of the process. ``watched``: the kernel that publishes its progress
+    (``numba_watch``), compiled apart, only for a solve that reports it."""
     per_func = _kernels.setdefault(func, {})
     state_size = size if size <= MAX_UNROLLED_SIZE else 0
-    key = (form, tableau.name, state_size, dtype)
+    key = (form, tableau.name, state_size, dtype, watched)
     kernel = per_func.get(key)
     if kernel is None or kernel.tableau is not tableau:
         arrays = kernel_tableau(tableau)
@@ -283,6 +294,7 @@ def _kernel(func, form: str, tableau: Tableau, size: int, dtype: str) -> SimpleN
             inspect.getsource(_solve_ensemble),
             state_size,
             dtype,
+            watched,
         )
         if module is not None:
             user = module._user
@@ -290,12 +302,20 @@ def _kernel(func, form: str, tableau: Tableau, size: int, dtype: str) -> SimpleN
         else:
             user, dynamics = _in_place(func, form)
             sums = specialize.specialized(tableau.name, arrays)
+            if watched:
+                sums = {**sums, **numba_watch.REPLACEMENTS}
             functions = compiled_loop(
-                _jit_bound, _compiled_rules(), dynamics, sums, state_size, dtype
+                _jit_watched if watched else _jit_bound,
+                _compiled_rules(),
+                dynamics,
+                sums,
+                state_size,
+                dtype,
+                watched,
             )
             solve_trajectory = functions.solve_trajectory
             ensemble = bind(_solve_ensemble, {"solve_trajectory": solve_trajectory})
-            solve_ensemble = numba.njit(ensemble, parallel=True)
+            solve_ensemble = numba.njit(ensemble, parallel=True, nogil=watched)
         kernel = per_func[key] = SimpleNamespace(
             tableau=tableau,
             arrays=arrays,
@@ -576,37 +596,51 @@ def ensemble_result(problem, out, status, t_reached, dt_next, stats) -> LoopResu
     return LoopResult(solution, None, dt_next)
 
 
-def solve(problem, options) -> LoopResult:
-    """``Kernels.solve``: the prepared problem solved by the compiled kernel loop."""
+def solve(problem, options, progress=None) -> LoopResult:
+    """``Kernels.solve``: the prepared problem solved by the compiled kernel loop, reporting
+    to ``progress`` (a ``odecore.ode.progress.Reporter``, or None) while it runs."""
     inputs = kernel_inputs(problem, options)
     y0, params, ts = inputs.y0, inputs.params, inputs.ts
     rows, size = y0.shape
+    watched = progress is not None
     kernel = _kernel(
-        problem.dynamics.user_func, inputs.form, problem.solver.tableau, size, y0.dtype.name
+        problem.dynamics.user_func,
+        inputs.form,
+        problem.solver.tableau,
+        size,
+        y0.dtype.name,
+        watched,
     )
     first_params = params[0] if inputs.batched else params
     _probe(kernel, inputs.form, ts[0] * problem.direction, y0[0], first_params, y0.dtype)
     tab = kernel.arrays
     out = np.full((rows, len(ts), size), math.nan, dtype=y0.dtype)
     stats = np.zeros((rows, 4), dtype=np.int64)
+    # An unwatched kernel never touches its watch rows.
+    watch = numba_watch.watch_rows(rows, ts[0]) if watched else np.empty((rows, 1))
     if not inputs.batched:
-        status, t_reached, dt_next = kernel.solve_trajectory(
-            y0[0],
-            params,
-            ts,
-            inputs.stops,
-            inputs.jumps,
-            inputs.rtol[0],
-            inputs.atol[0],
-            inputs.parts,
-            bool(inputs.valid[0]),
-            tab,
-            inputs.settings,
-            out[0],
-            np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
-            np.empty((1, tab.sizes[DENSE_STAGES])),
-            stats[0],
-        )
+
+        def call():
+            return kernel.solve_trajectory(
+                y0[0],
+                params,
+                ts,
+                inputs.stops,
+                inputs.jumps,
+                inputs.rtol[0],
+                inputs.atol[0],
+                inputs.parts,
+                bool(inputs.valid[0]),
+                tab,
+                inputs.settings,
+                out[0],
+                np.empty((loop.work_rows(tab.sizes), size), dtype=y0.dtype),
+                np.empty((1, tab.sizes[DENSE_STAGES])),
+                stats[0],
+                watch[0],
+            )
+
+        status, t_reached, dt_next = _run(call, problem, ts, watch, progress)
         solution = Solution(
             ts=problem.ts_array * problem.direction,
             ys=out[0].reshape(len(ts), *problem.layout.shape),
@@ -621,8 +655,18 @@ def solve(problem, options) -> LoopResult:
     dt_next = np.empty(rows)
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
-    kernel.solve_ensemble(*arrays, out, status, t_reached, dt_next, stats)
+    outputs = (out, status, t_reached, dt_next, stats, watch)
+    _run(lambda: kernel.solve_ensemble(*arrays, *outputs), problem, ts, watch, progress)
     return ensemble_result(problem, out, status, t_reached, dt_next, stats)
+
+
+def _run(call, problem, ts, watch, progress):
+    """``call()``: directly, or watched in a thread of its own when progress is reported."""
+    if progress is None:
+        return call()
+    return numba_watch.run_watched(
+        call, watch, progress, float(ts[0]), float(ts[-1]), float(problem.direction)
+    )
 
 
 _STATS = ("nfev", "nsteps", "naccept", "nreject")

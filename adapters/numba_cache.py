@@ -7,8 +7,9 @@ name with every other binding, so it cannot be cached as it is. Instead, for dyn
 can be imported by name, :func:`load` writes one module per dynamics, form and method: the
 kernel loop's source, the method's written-out sums and an import of the dynamics, each
 function compiled with ``cache=True``. The module's name is a digest of everything its code
-depends on (its text, the rules' and primitives' sources, the dynamics' code, the odecore
-and Numba versions), so a change to any of them writes a new module rather than reusing
+depends on (its text, the sources of the rules, the primitives and the atomic accesses of
+``numba_watch``, the dynamics' code, the odecore and Numba versions), so a change to any
+of them writes a new module rather than reusing
 stale machine code. A helper function the dynamics call is not part of the digest: edit it
 and Numba's cache of the dynamics serves the old one, as Numba's own caching does.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numba
+from odecore.adapters import numba_watch
 
 import odecore
 from odecore.control import primitives, rules
@@ -76,18 +78,25 @@ def importable_name(func) -> tuple[str, str] | None:
 
 
 def load(
-    func, form: str, sums: str, ensemble_source: str, state_size: int, state_dtype: str
+    func,
+    form: str,
+    sums: str,
+    ensemble_source: str,
+    state_size: int,
+    state_dtype: str,
+    watched: bool = False,
 ) -> ModuleType | None:
     """The generated module for ``func`` (in ``form``) with the method's written sums
     ``sums`` (their source, ``odecore.kernels.specialize.source``), the ensemble's parallel
     loop ``ensemble_source``, the state size it is compiled for (``loop.STATE_SIZE``, 0 for
-    any) and the states' dtype, or None where the kernel cannot be cached on disk.
+    any), the states' dtype and whether it publishes its progress (``loop.WATCHED``), or
+    None where the kernel cannot be cached on disk.
     Its ``solve_trajectory`` and ``solve_ensemble`` are the kernel."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None:
         return None
-    text = _module_text(name, form, sums, ensemble_source, state_size, state_dtype)
+    text = _module_text(name, form, sums, ensemble_source, state_size, state_dtype, watched)
     digest = _digest(text, func)
     module_name = f"odecore_kernel_{digest}"
     if module_name in sys.modules:
@@ -110,7 +119,7 @@ def load(
     return module
 
 
-def _module_text(name, form, sums, ensemble_source, state_size, state_dtype) -> str:
+def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, watched) -> str:
     module_name, qualname = name
     head, _, rest = qualname.partition(".")
     lines = [
@@ -125,6 +134,7 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype) -> 
         f"from {module_name} import {head} as _user",
         "globals().update(_compiled_rules())",
         f"STATE_SIZE = {int(state_size)}",
+        f"WATCHED = {int(watched)}",
     ]
     if rest:
         lines.append(f"_user = _user.{rest}")
@@ -143,12 +153,17 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype) -> 
     if state_dtype != "float64":
         lines += ["", inspect.getsource(STATE_TIME[state_dtype]), ""]
         lines.append(f"state_time = {STATE_TIME[state_dtype].__name__}")
+    if watched:
+        # The atomic accesses of a watched kernel, in place of the loop's plain ones.
+        lines.append("from odecore.adapters.numba_watch import publish, watched_value")
+    # A watched solve runs in a thread of its own, without the interpreter's lock.
+    nogil = ", nogil=True" if watched else ""
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
         if fn_name == "solve_trajectory":
-            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True)")
+            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil})")
         else:
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True, inline='always')")
-    lines.append("solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True)")
+    lines.append(f"solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True{nogil})")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +174,7 @@ def _digest(text: str, func) -> str:
         text,
         inspect.getsource(rules),
         inspect.getsource(primitives),
+        inspect.getsource(numba_watch),  # imported by a watched kernel, not written out
         odecore.__version__,
         numba.__version__,
         repr((code.co_code, code.co_consts, code.co_names)),

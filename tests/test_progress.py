@@ -213,15 +213,132 @@ def test_scipy_solver_refuses_progress():
         )
 
 
-def test_numba_refuses_progress():
+def lorenz_in_place(t, y, dy, p):
+    dy[0] = p[0] * (y[1] - y[0])
+    dy[1] = y[0] * (p[1] - y[2]) - y[1]
+    dy[2] = y[0] * y[1] - p[2] * y[2]
+
+
+LORENZ = np.array([10.0, 28.0, 8.0 / 3.0])
+
+
+def test_numba_reports_while_the_compiled_solve_runs(monkeypatch):
+    # rk4 with a fixed step: the kernel publishes t after every step, so each report read
+    # mid-solve must show t = accepted * dt. The reader copies the row (two vector loads)
+    # while the kernel steps (~10 ns a step), so the time and the count may come from
+    # neighbouring steps: one step apart, allowed two.
     pytest.importorskip("numba")
+    monkeypatch.setattr(progress_reports, "REPORT_INTERVAL", 0.002)
+    dt, t1 = 1e-5, 30.0
+    y0, t = np.array([1.0, 0.0, 0.0]), np.linspace(0.0, t1, 4)
+    kwargs = dict(
+        params=LORENZ,
+        backend="numba",
+        method="rk4",
+        options={"step_size": dt, "max_num_steps": 10**7},
+    )
+    recorder = Recorder()
+    watched = odecore.solve(lorenz_in_place, y0, t, progress=recorder, **kwargs)
+    plain = odecore.solve(lorenz_in_place, y0, t, **kwargs)
+    assert np.array_equal(watched.ys, plain.ys)
+    assert watched.stats == plain.stats
+    times = np.array([r[0] for r in recorder.reports])
+    accepted = np.array([r[1] for r in recorder.reports])
+    assert np.all(np.diff(times) >= 0) and np.all(np.diff(accepted) >= 0)
+    assert recorder.reports[-1] == (t1, plain.stats["naccept"], 0, "")
+    assert recorder.closed == 1
+    moving = (times > 0.0) & (times < t1)
+    assert moving.sum() >= 3, "the reader saw no step of the running kernel"
+    assert np.all(np.abs(times[moving] - accepted[moving] * dt) <= 2 * dt)
 
-    def f(t, y, p):
-        return -y
 
-    with pytest.raises(ValueError, match="not supported yet on the 'numba' backend"):
+def test_numba_ensemble_reports_the_least_time_and_summed_counts(every_step):
+    pytest.importorskip("numba")
+    count = 16
+    y0 = np.tile([1.0, 0.0, 0.0], (count, 1))
+    params = np.tile(LORENZ, (count, 1))
+    params[:, 1] = np.linspace(0.0, 28.0, count)
+    t = np.linspace(0.0, 5.0, 6)
+    # rk4 as above: each kernel compiled costs seconds, and these tests share theirs.
+    kwargs = dict(params=params, backend="numba", batch_axis=0, method="rk4")
+    kwargs["options"] = {"step_size": 1e-3}
+    recorder = Recorder()
+    watched = odecore.solve(lorenz_in_place, y0, t, progress=recorder, **kwargs)
+    plain = odecore.solve(lorenz_in_place, y0, t, **kwargs)
+    assert np.array_equal(watched.ys, plain.ys)
+    final = recorder.reports[-1]
+    assert final == (5.0, int(plain.stats["naccept"].sum()), int(plain.stats["nreject"].sum()), "")
+    times = [r[0] for r in recorder.reports]
+    assert times == sorted(times)
+    assert recorder.closed == 1
+
+
+def test_numba_backward_time_reports_in_the_users_direction(every_step):
+    pytest.importorskip("numba")
+    recorder = Recorder()
+    t = np.array([0.0, -0.5])
+    sol = odecore.solve(
+        lorenz_in_place,
+        np.ones(3),
+        t,
+        params=LORENZ,
+        backend="numba",
+        method="rk4",
+        options={"step_size": 1e-3},
+        progress=recorder,
+    )
+    assert recorder.reports[-1][:3] == (-0.5, sol.stats["naccept"], sol.stats["nreject"])
+    assert all(r[0] <= 0.0 for r in recorder.reports)
+
+
+def test_numba_solve_is_stopped_by_ctrl_c():
+    # Ctrl-C while a watched kernel runs stops the kernel after its current step: the call
+    # raises KeyboardInterrupt long before the solve could end, and later solves run.
+    pytest.importorskip("numba")
+    import _thread
+    import threading
+    import time
+
+    recorder = Recorder()
+    kwargs = dict(params=LORENZ, backend="numba", method="rk4")
+    # Compiled first, so that the interrupt lands while the kernel steps.
+    odecore.solve(lorenz_in_place, np.ones(3), np.array([0.0, 1.0]), progress=Recorder(), **kwargs)
+    # 1e10 steps of ~20 ns: minutes, were it not stopped.
+    options = {"step_size": 1e-8, "max_num_steps": 10**11}
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
         odecore.solve(
-            f, np.ones(2), np.array([0.0, 1.0]), params=np.zeros(1), backend="numba", progress=True
+            lorenz_in_place,
+            np.ones(3),
+            np.array([0.0, 100.0]),
+            options=options,
+            progress=recorder,
+            **kwargs,
+        )
+    elapsed = time.monotonic() - start
+    timer.join()
+    assert elapsed < 30.0
+    assert recorder.closed == 1
+    sol = odecore.solve(lorenz_in_place, np.ones(3), np.array([0.0, 1.0]), **kwargs)
+    assert sol.success
+
+
+def test_numba_cuda_batch_refuses_progress():
+    pytest.importorskip("numba")
+    from odecore.adapters import cuda_ensemble
+
+    y0 = np.ones((2, 3))
+    with pytest.raises(ValueError, match="backend='numba'"):
+        odecore.solve(
+            lorenz_in_place,
+            y0,
+            np.array([0.0, 1.0]),
+            params=LORENZ,
+            batch_axis=0,
+            backend=cuda_ensemble.BACKEND,
+            progress=Recorder(),
         )
 
 

@@ -141,16 +141,17 @@ class Kernels:
     ``stage_store(method, y0) -> start``: where the Runge-Kutta steps of one solve keep their
     stages, called once per solve (``odecore.solvers.stage_stores``). ``rms_error_ratio(err,
     y, y_new, rtol, atol, axis)``: the scaled RMS error of one estimate, per sample, as
-    control values (``odecore.control.norms``). ``solve(problem, options) -> LoopResult``:
-    the whole solve of a prepared problem (``odecore.ode.problem.Problem``, with the user's
-    ``options``) as one compiled call, taking the generic loop's steps
-    (``odecore.kernels.loop``); the caller raises on failure. The generic loop still serves
-    what it does not cover (recording the checkpoint tape). ``adjoint_dynamics(problem) ->
-    (func, params) | None``: the backsolve's augmented dynamics for ``problem`` in a form
-    ``solve`` compiles, or None where the backsolve's portable dynamics must serve.
-    ``dense_output(method) -> interpolate``: the dense output of one solve's steps, with the
-    signature of ``ExplicitRK.interpolate`` (``odecore.solvers.explicit_rk``), called once per
-    solve."""
+    control values (``odecore.control.norms``). ``solve(problem, options, progress) ->
+    LoopResult``: the whole solve of a prepared problem (``odecore.ode.problem.Problem``,
+    with the user's ``options``) as one compiled call, taking the generic loop's steps
+    (``odecore.kernels.loop``) and reporting to ``progress`` (an
+    ``odecore.ode.progress.Reporter``, or None); the caller raises on failure. The generic
+    loop still serves what it does not cover (recording the checkpoint tape).
+    ``adjoint_dynamics(problem) -> (func, params) | None``: the backsolve's augmented
+    dynamics for ``problem`` in a form ``solve`` compiles, or None where the backsolve's
+    portable dynamics must serve. ``dense_output(method) -> interpolate``: the dense output
+    of one solve's steps, with the signature of ``ExplicitRK.interpolate``
+    (``odecore.solvers.explicit_rk``), called once per solve."""
 
     stage_store: Callable | None = None
     rms_error_ratio: Callable | None = None

@@ -41,14 +41,22 @@ def compiled_loop(
     replacements: dict[str, Callable] | None = None,
     state_size: int = 0,
     state_dtype: str = "float64",
+    watched: bool = False,
 ) -> SimpleNamespace:
     """The kernel loop's functions compiled by ``jit``, calling the compiled rules and
     ``dynamics(t, y, dy, params)``, by name. ``replacements`` stand in for the loop's
     functions of the same name: one method's sums (``odecore.kernels.specialize``). A
     positive ``state_size`` compiles them for states of that many elements only
     (``loop.STATE_SIZE``); ``state_dtype`` (``"float64"`` or ``"float32"``) is the dtype of
-    the states they solve, whose time the dynamics see (``loop.state_time``)."""
-    namespace = {**rule_namespace, "dynamics": dynamics, "STATE_SIZE": state_size}
+    the states they solve, whose time the dynamics see (``loop.state_time``). ``watched``
+    compiles the loop that publishes its progress (``loop.WATCHED``); the compiler's
+    ``publish`` and ``watched_value`` then come in ``replacements``."""
+    namespace = {
+        **rule_namespace,
+        "dynamics": dynamics,
+        "STATE_SIZE": state_size,
+        "WATCHED": int(watched),
+    }
     replacements = {"state_time": STATE_TIME[state_dtype], **(replacements or {})}
     for fn in loop.KERNEL_FUNCTIONS:
         source = replacements.get(fn.__name__, fn)

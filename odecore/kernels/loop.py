@@ -91,6 +91,21 @@ NSTEPS = 1
 NACCEPT = 2
 NREJECT = 3
 
+# A watched kernel (``compiled_loop(watched=True)`` binds 1) publishes its progress in the
+# ``watch`` row after every step, for a thread of the caller to read while the solve runs,
+# and stops when that thread sets its ``WATCH_STOP`` entry. A kernel compiled unwatched
+# (0) has neither: the branches go at compile time, and the row is not touched.
+WATCHED = 0
+# Entries of the watch row (float64; counts are exact up to 2**53).
+WATCH_T = 0  # the time reached (loop time)
+WATCH_DT = 1  # the next proposed step
+WATCH_ACCEPTED = 2
+WATCH_REJECTED = 3
+WATCH_STOP = 4  # set nonzero by the reader: the loop ends after its current step
+# Entries per trajectory: one 64-byte cache line, so that the threads of an ensemble write
+# to lines of their own.
+WATCH_STRIDE = 8
+
 # The number of state elements, when a kernel is compiled for one state size
 # (``compiled_loop(state_size=...)`` binds it); 0: read from the arrays at run time. A
 # constant trip count lets the compiler unroll the loops over a small state's elements,
@@ -117,6 +132,18 @@ def work_rows(sizes) -> int:
 def dynamics(t, y, dy, params):
     """The user's dynamics, in place; ``odecore.kernels.compile.compiled_loop`` binds it."""
     raise NotImplementedError("the kernel loop runs with the dynamics bound by compiled_loop()")
+
+
+def publish(watch, index, value):
+    """``watch[index] = value`` for a reader in another thread. A compiler binds a store it
+    may not defer to the end of the loop (an atomic one), where its plain store could be."""
+    watch[index] = value
+
+
+def watched_value(watch, index):
+    """``watch[index]`` as written by another thread: a load the compiler may not hoist out
+    of the loop, once bound as :func:`publish` is."""
+    return watch[index]
 
 
 def state_time(t):
@@ -367,6 +394,7 @@ def solve_trajectory(
     work,
     weights,
     stats,
+    watch,
 ):
     """Solve one trajectory from ``y0`` at ``ts[0]`` (loop time), writing ``out[k]`` at each
     ``ts[k]`` it reaches (the rows it does not reach are left as they are). ``stops``: the
@@ -376,7 +404,10 @@ def solve_trajectory(
     ``(status, time reached, last proposed step)``; ``stats`` receives the counts.
 
     Buffers: ``work`` (``work_rows(sizes)``, state size) in the state's dtype, ``weights``
-    (1, dense stages) in float64, ``stats`` four int64."""
+    (1, dense stages) in float64, ``stats`` four int64. ``watch``: ``WATCH_STRIDE`` float64,
+    the row a watched kernel (:data:`WATCHED`) publishes its progress in; an unwatched one
+    leaves it alone. A watched solve asked to stop returns after its current step, its
+    status still ``RUNNING``."""
     (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
     n = state_size(work)
     f = FIRST_DENSE_ROW
@@ -481,6 +512,13 @@ def solve_trajectory(
             nreject += 1
         dt = dt_next
         last_rejected = rejected
+        if WATCHED:
+            publish(watch, WATCH_T, t)
+            publish(watch, WATCH_DT, dt)
+            publish(watch, WATCH_ACCEPTED, naccept)
+            publish(watch, WATCH_REJECTED, nreject)
+            if watched_value(watch, WATCH_STOP) != 0.0:
+                break
     stats[NFEV] = nfev
     stats[NSTEPS] = nsteps
     stats[NACCEPT] = naccept
@@ -508,5 +546,7 @@ KERNEL_FUNCTIONS = (
     error_ratio,
     interpolate,
     fill_outputs,
+    publish,
+    watched_value,
     solve_trajectory,
 )

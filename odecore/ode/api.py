@@ -128,8 +128,9 @@ def solve(
         ``True`` shows the time reached and the steps taken while the solve runs (a tqdm
         bar, or without tqdm a line on stderr every few seconds); a tqdm bar, or an object
         with ``update(t, accepted, rejected, note)`` and ``close()``
-        (``odecore.ode.progress.ProgressTarget``), is told them instead. Not available on
-        the numba backend's compiled solve yet. See the progress page of the documentation.
+        (``odecore.ode.progress.ProgressTarget``), is told them instead. On the numba
+        backend the compiled solve publishes them from a thread of its own, and Ctrl-C
+        stops it. See the progress page of the documentation.
 
     Returns
     -------

@@ -80,12 +80,7 @@ def solve_prepared(
     # The compiled loop has no event phase: a solve with events runs the generic loop.
     if compiled is None or record or problem.events is not None:
         return run_loop(problem, record, throw, progress)
-    if progress is not None:
-        raise ValueError(
-            f"progress= is not supported yet on the {problem.backend.name!r} backend, whose "
-            f"solve is one compiled call; use the numpy backend to watch a solve's progress"
-        )
-    result = compiled(problem, options)
+    result = compiled(problem, options, progress)
     if throw and not result.solution.success:
         raise SolveError(failure_message(result.solution), result.solution)
     return result

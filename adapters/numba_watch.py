@@ -1,0 +1,136 @@
+"""A compiled solve watched from Python while it runs: the numba backend's ``progress=``.
+
+The kernel loop compiled watched (``odecore.kernels.loop.WATCHED``) publishes, after every
+step, the time reached, the next step and its counts in a row of a float64 array, and stops
+when the row's ``WATCH_STOP`` entry is set. :func:`run_watched` calls the kernel in a worker
+thread (the kernel is compiled ``nogil``, so it runs while the calling thread holds the
+interpreter) and reads the rows a few times a second for the reporter. A ``KeyboardInterrupt``
+while it waits sets ``WATCH_STOP``, so that Ctrl-C ends a long compiled solve.
+
+The kernel's stores and the stop flag's load are atomic (monotonic, i.e. relaxed, ordering):
+a plain store the compiler may keep in a register until the loop ends, and a plain load it
+may hoist out of the loop, both legally, since nothing in one thread's code says that
+another thread looks. Relaxed ordering costs what a plain access does on the CPUs Numba
+targets.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from odecore.kernels import loop
+from odecore.ode import progress as progress_reports
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    ary = context.make_array(array_type)(context, builder, array)
+    return cgutils.get_item_pointer(context, builder, array_type, ary, [index], wraparound=False)
+
+
+@intrinsic
+def relaxed_store(typingctx, array, index, value):
+    """``array[index] = value`` as an atomic store with relaxed ordering (1-D float64)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float64):
+        return None
+    sig = types.void(array, types.intp, types.float64)
+
+    def codegen(context, builder, signature, args):
+        value = context.cast(builder, args[2], signature.args[2], types.float64)
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(value, ptr, "monotonic", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def relaxed_load(typingctx, array, index):
+    """``array[index]`` as an atomic load with relaxed ordering (1-D float64)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float64):
+        return None
+    sig = types.float64(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "monotonic", 8)
+
+    return sig, codegen
+
+
+def publish(watch, index, value):
+    """``loop.publish`` of a watched kernel."""
+    relaxed_store(watch, index, float(value))
+
+
+def watched_value(watch, index):
+    """``loop.watched_value`` of a watched kernel."""
+    return relaxed_load(watch, index)
+
+
+# What a watched kernel binds in place of the loop's plain accesses.
+REPLACEMENTS = {"publish": publish, "watched_value": watched_value}
+
+
+def watch_rows(count: int, t0: float) -> np.ndarray:
+    """The watch rows of ``count`` trajectories before they start: at ``t0``, no steps."""
+    watch = np.zeros((count, loop.WATCH_STRIDE))
+    watch[:, loop.WATCH_T] = t0
+    watch[:, loop.WATCH_DT] = np.nan
+    return watch
+
+
+def summary(watch: np.ndarray) -> tuple[float, int, int, float]:
+    """What the reporter takes from the rows: the least time reached, the summed counts and
+    the least proposed step (NaN before any step)."""
+    # Copied whole first: the kernel keeps stepping while they are read, and one copy of a
+    # row sees its time and its counts at most a step apart, where reading the columns one
+    # reduction after another saw them hundreds of steps apart.
+    watch = watch.copy()
+    dt = watch[:, loop.WATCH_DT]
+    finite = dt[np.isfinite(dt)]
+    return (
+        float(watch[:, loop.WATCH_T].min()),
+        int(watch[:, loop.WATCH_ACCEPTED].sum()),
+        int(watch[:, loop.WATCH_REJECTED].sum()),
+        float(finite.min()) if finite.size else float("nan"),
+    )
+
+
+def run_watched(call, watch: np.ndarray, reporting, t0: float, t1: float, direction: float):
+    """``call()`` (a watched kernel writing ``watch``) run in a worker thread while this one
+    reports its rows to ``reporting`` every ``REPORT_INTERVAL`` seconds; returns what the
+    call returns. The reporter is told the end from the final rows and closed, also when
+    the call raises. Ctrl-C stops the kernel after its current step and is raised here."""
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="odecore-numba-solve", daemon=True)
+    reporting.begin(t0, t1, direction)
+    try:
+        worker.start()
+        try:
+            while True:
+                worker.join(progress_reports.REPORT_INTERVAL)
+                if not worker.is_alive():
+                    break
+                reporting.report(*summary(watch))
+        except KeyboardInterrupt:
+            watch[:, loop.WATCH_STOP] = 1.0
+            worker.join()
+            raise
+        if "error" in outcome:
+            raise outcome["error"]
+        reporting.report(*summary(watch))
+    finally:
+        reporting.close()
+    return outcome["value"]
