@@ -252,3 +252,76 @@ def central_differences(f, x, h=1e-6):
         down[index] -= h
         grad[index] = (f(up) - f(down)) / (2 * h)
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# A batch step rejected because it overflowed, in a solve that succeeds
+#
+# ``y' = -a y^3`` from y0 = 30 with a first trial step of 0.9: the trial's stages overflow
+# (f ~ 1e13 after one stage, inf after two) and the step is rejected, while the other sample
+# accepts it. The batch steps together, so the rejected trial is part of the recorded step.
+# Zero times the infinite partial derivatives of its stages is NaN, which the shared
+# parameter ``a`` collected before odecore replayed (checkpoint) or re-ran (direct) such
+# samples with a zero step. Reference: ``y = y0 / sqrt(1 + 2 a y0^2 t)``.
+
+CUBIC_Y0 = np.array([[1.0], [30.0]])
+CUBIC_T = np.array([0.0, 1.0])
+
+
+class Cubic:
+    """``y' = -a y^3`` with ``params = (a,)``, and its VJP for NumPy."""
+
+    def __call__(self, t, y, params):
+        (a,) = params
+        return -a * y * y * y
+
+    def vjp(self, t, y, params, cotangent):
+        (a,) = params
+        return -3 * a * y * y * cotangent, (np.asarray(-np.sum(cotangent * y * y * y)),)
+
+
+def _cubic(t, y, params):
+    return -params[0] * y * y * y
+
+
+# The overflow of the rejected trial is expected: NumPy warns of it in the dynamics.
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@pytest.mark.parametrize("backend, mode, jit", CASES, ids=IDS)
+def test_an_overflowing_rejected_step_leaves_the_gradients_finite(backend, mode, jit):
+    cot = np.zeros((2, *CUBIC_Y0.shape))
+    cot[1] = 1.0
+    func = Cubic() if backend == "numpy" else _cubic
+    ys, y0_bar, (a_bar,), _ = gradients(
+        backend,
+        mode,
+        jit,
+        CUBIC_Y0,
+        CUBIC_T,
+        cot,
+        func=func,
+        batch_axis=0,
+        options={"first_step": 0.9},
+    )
+    y0, t, a = CUBIC_Y0, CUBIC_T[1], A
+    growth = 1.0 + 2.0 * a * y0**2 * t
+    assert relative_error(ys[1], y0 / np.sqrt(growth)) < CLOSED_FORM_TOL
+    assert relative_error(y0_bar, growth**-1.5) < CLOSED_FORM_TOL
+    assert relative_error(a_bar, np.sum(-(y0**3) * t * growth**-1.5)) < CLOSED_FORM_TOL
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_the_cubic_batch_does_reject_an_overflowing_step():
+    # What the test above relies on: the first trial of the second sample overflows (its
+    # stages by dopri5's coefficients), and the solve rejects it and goes on to succeed.
+    tableau = odecore.TABLEAUS["dopri5"]
+    y0, h = CUBIC_Y0[1, 0], 0.9
+    stages = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for row in tableau.a:
+            y_stage = y0 + h * sum(float(c) * k for c, k in zip(row, stages, strict=False))
+            stages.append(-(y_stage**3))
+    assert not np.all(np.isfinite(stages))
+    sol = odecore.solve(
+        _cubic, CUBIC_Y0, CUBIC_T, params=(A,), batch_axis=0, options={"first_step": 0.9}
+    )
+    assert sol.stats["nreject"][1] >= 1 and np.all(sol.status == 0)

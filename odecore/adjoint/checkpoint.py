@@ -8,7 +8,7 @@ from odecore.ode.loop import capped_at
 from odecore.ode.tape import TapeBuffers, checkpoint_rows
 
 
-def checkpoint_backward(problem, tape, ys_bar, failed):
+def checkpoint_backward(problem, tape, ys_bar):
     """Replay every recorded step backward with local VJPs of the dynamics.
 
     Each record holds a step's start ``(t, y)``, its size and whether it was accepted. The
@@ -17,27 +17,27 @@ def checkpoint_backward(problem, tape, ys_bar, failed):
     the interpolated outputs inside the step. Step sizes are treated as constants, as the
     error control is not differentiable.
 
-    A failed sample's rejected steps are replayed with size zero: what they send back is
-    zero either way, and the stages of the steps that made it fail may not be finite.
+    A batch records a step for every sample, also for those that rejected it: those are
+    replayed with size zero. What they send back is zero either way, but the stages of the
+    rejected trial may have overflowed, and zero times their infinite partial derivatives
+    is NaN, which a parameter shared by the batch would sum.
     """
     bk, lay = problem.backend, problem.layout
     xp = bk.xp
     out_bar = lay.outputs_to_internal(xp, ys_bar)
     a = xp.zeros(lay.internal_shape, dtype=lay.dtype)
     leaves_bar = [xp.zeros(leaf.shape, dtype=lay.dtype) for leaf in problem.dynamics.leaves]
-    # A single eager sample records accepted steps only.
-    finished = failed.reached_end() if failed.active and not problem.ops.scalar else None
     if isinstance(tape, TapeBuffers):
-        a, leaves_bar = _replay_buffers(problem, tape, a, leaves_bar, out_bar, finished)
+        a, leaves_bar = _replay_buffers(problem, tape, a, leaves_bar, out_bar)
         return lay.to_user(xp, a), leaves_bar
     for record in reversed(tape):
-        a, grads = _replay_step(problem, record, a, out_bar, finished)
+        a, grads = _replay_step(problem, record, a, out_bar)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
     # NumPy turns 0-d arithmetic into scalars; hand back arrays like the other mode does.
     return lay.to_user(xp, a), [xp.asarray(g) for g in leaves_bar]
 
 
-def _replay_buffers(problem, tape, a, leaves_bar, out_bar, finished):
+def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
     """Replay a tracing backend's tape (``odecore.ode.tape.TapeBuffers``) in loops: its
     steps fall into runs of ``stride`` steps, of which only the first state was kept.
     For each run, last to first, the other states are recomputed forward into a buffer,
@@ -64,7 +64,7 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar, finished):
 
     def replay(c):
         k, start, states, a, leaves_bar = c
-        a, grads = _replay_step(problem, tape.record(start + k, states[k]), a, out_bar, finished)
+        a, grads = _replay_step(problem, tape.record(start + k, states[k]), a, out_bar)
         leaves_bar = [g + xp.astype(d, g.dtype) for g, d in zip(leaves_bar, grads, strict=True)]
         return k - 1, start, states, a, leaves_bar
 
@@ -93,12 +93,13 @@ def _left_limit(problem, t_new):
     return capped_at(ops, ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps)))
 
 
-def _replay_step(problem, record, a, out_bar, finished=None):
+def _replay_step(problem, record, a, out_bar):
     bk, ops, solver, dyn = problem.backend, problem.ops, problem.solver, problem.dynamics
     xp = bk.xp
     t, h, t_new, y, accept = record
-    if finished is not None:
-        h = ops.where(accept | finished, h, 0.0)
+    # A single eager sample records accepted steps only.
+    if not ops.scalar:
+        h = ops.where(accept, h, 0.0)
         record = record._replace(h=h)
     hy = ops.to_state(h)
     a_in = ops.select_rows(accept, a, a * 0.0)

@@ -79,7 +79,7 @@ class SolveRule:
         failed = FailedOutputs(problem.backend, problem.layout, ys)
         ys_bar, poisoned = failed.drop_cotangents(ys_bar)
         if self.mode == "checkpoint":
-            a0, leaves_bar = checkpoint_backward(problem, tape, ys_bar, failed)
+            a0, leaves_bar = checkpoint_backward(problem, tape, ys_bar)
         else:
             a0, leaves_bar = backsolve_backward(
                 problem, ys, ys_bar, self.backsolve_settings, failed, dt_next

@@ -207,11 +207,16 @@ def step(p: Problem, s: LoopState) -> LoopState:
     accept = accept & ops.not_(no_progress)
     if p.callbacks is not None:
         p.callbacks.after(running, accept, t, y, h)
+    if _records_graph(p, y_new):
+        trial, nfev_redo = _unpoison_rejected(p, s, running, accept, finite, t, y, h, cap, trial)
+        y_new = trial.y_new
+    else:
+        nfev_redo = 0
     if solver.fsal:
         f_new = trial.stages[-1]
     else:
         f_new = p.evaluate(t_new if t_left is None else t_left, y_new)
-    nfev = s.nfev + solver.nfev_per_step
+    nfev = s.nfev + solver.nfev_per_step + nfev_redo
 
     tape = s.tape if s.tape is None else record_step(p, s.tape, t, h, t_new, y, accept)
     events, stop, t_end = s.events, None, t_new
@@ -272,6 +277,37 @@ def step(p: Problem, s: LoopState) -> LoopState:
         tape,
         events,
     )
+
+
+def _records_graph(p, y_new) -> bool:
+    """Whether this step of a batch is being recorded by an eager framework's autodiff (a
+    direct-mode gradient through a batched torch solve)."""
+    bk = p.backend
+    return (
+        bk.eager
+        and bk.autodiff is not None
+        and not p.ops.scalar
+        and (bk.autodiff.requires_grad(y_new))
+    )
+
+
+def _unpoison_rejected(p, s, running, accept, finite, t, y, h, cap, trial):
+    """The trial again, with a zero step for the samples it rejected with non-finite values,
+    when there are any; and the evaluations that cost (else the trial itself, and 0).
+
+    A recorded batch step keeps every sample's stages in the graph, the rejected ones too:
+    ``select_rows`` then sends them a zero cotangent, but zero times an infinite partial
+    derivative of their overflowed stages is NaN, and a parameter shared by the batch gets
+    NaN from one sample's rejected step. A zero step evaluates those samples at their
+    current, finite state instead; the other samples' values are those of the first trial.
+    It is rare (a trial step that overflows), so the first trial is not made safe up front."""
+    ops, solver = p.ops, p.solver
+    poisoned = running & ops.not_(accept) & ops.not_(finite)
+    if not ops.any(poisoned):
+        return trial, 0
+    h_safe = ops.where(poisoned, 0.0, h)
+    trial = solver.step(p.evaluate, t, y, s.f, h_safe, ops.to_state(h_safe), p.stage_store, cap)
+    return trial, solver.nfev_per_step
 
 
 def capped_at(ops, t_left):
