@@ -54,6 +54,30 @@ def _fails(bk, check) -> bool:
     return not bk.is_traced(check) and not bool(check)
 
 
+_KINDS = ("real floating", "integral", "complex floating", "bool")
+_kinds: dict = {}
+
+
+def dtype_kind(xp, dtype) -> str | None:
+    """``"real floating"``, ``"integral"``, ``"complex floating"``, ``"bool"`` or None:
+    ``xp.isdtype``'s answer, remembered per namespace and dtype. The checks of every solve
+    ask it several times, and each asking costs more than a small solve's step."""
+    key = (xp, dtype)
+    try:
+        return _kinds[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable dtype object: ask every time
+        return next((k for k in _KINDS if xp.isdtype(dtype, k)), None)
+    kind = _kinds[key] = next((k for k in _KINDS if xp.isdtype(dtype, k)), None)
+    return kind
+
+
+def is_real(xp, dtype) -> bool:
+    """A real floating or integral dtype."""
+    return dtype_kind(xp, dtype) in ("real floating", "integral")
+
+
 def call_arguments(func, throw, adjoint_params) -> None:
     """The arguments of a solve that are not arrays or options: checked before anything
     calls or iterates over them."""
@@ -80,7 +104,7 @@ def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
     known yet (traced) is not looked at; a bad one is left to the checks that name it."""
     xp = bk.xp
     y0_arr = as_array(bk, y0, "y0", "an array of real floating numbers")
-    if not xp.isdtype(y0_arr.dtype, "real floating"):
+    if dtype_kind(xp, y0_arr.dtype) != "real floating":
         return
     dtype = y0_arr.dtype
     roundoff = float(xp.finfo(dtype).eps) / 2
@@ -288,19 +312,21 @@ TIMES_NEED = "a 1-D array of output times"
 def times(bk, t) -> Any:
     xp = bk.xp
     arr = time_array(bk, t, "t", TIMES_NEED)
-    if not (xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")):
+    kind = dtype_kind(xp, arr.dtype)
+    if kind not in ("real floating", "integral"):
         raise TypeError(f"t must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"t must be a 1-D array of output times, got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError("t is empty; it needs at least the initial time")
-    if xp.isdtype(arr.dtype, "integral"):
+    if kind == "integral":
         arr = xp.astype(arr, bk.time_dtype)
     if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("t contains NaN or infinite values")
     if arr.shape[0] > 1:
         diffs = arr[1:] - arr[:-1]
-        if _fails(bk, xp.all(diffs > 0) | xp.all(diffs < 0)):
+        # Decreasing times are asked about only when the times do not increase.
+        if _fails(bk, xp.all(diffs > 0)) and _fails(bk, xp.all(diffs < 0)):
             raise ValueError(
                 "t must be strictly increasing or strictly decreasing (no repeated times)"
             )
@@ -313,12 +339,13 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     state is named by its path)."""
     xp = bk.xp
     arr = as_array(bk, y0, name, "an array of real floating numbers")
-    if xp.isdtype(arr.dtype, "integral") or arr.dtype == xp.bool:
+    kind = dtype_kind(xp, arr.dtype)
+    if kind in ("integral", "bool"):
         raise TypeError(
             f"{name} must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
             f"{name}.astype(float64) or a float literal"
         )
-    if not xp.isdtype(arr.dtype, "real floating"):
+    if kind != "real floating":
         raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
     if math.prod(arr.shape) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); there is nothing to solve")
@@ -358,9 +385,7 @@ def real_numbers(bk, value, name: str, what: str, convert=None):
     need = f"{what} or an array of them"
     convert = as_array if convert is None else convert
     arr = None if isinstance(value, (str, bytes, bool)) else convert(bk, value, name, need)
-    if arr is None or not (
-        xp.isdtype(arr.dtype, "real floating") or xp.isdtype(arr.dtype, "integral")
-    ):
+    if arr is None or not is_real(xp, arr.dtype):
         raise TypeError(f"{name} must be {need}, got {_shown(value)}")
     return arr
 
@@ -383,7 +408,7 @@ def time_array(bk, value, name: str, need: str, like=None):
     float (torch's float32) they would be rounded before reaching float64 time. Arrays keep
     their dtype, and so do values that are not real floating (the caller refuses those)."""
     arr = as_array(bk, value, name, need, like=like)
-    if hasattr(value, "dtype") or not bk.xp.isdtype(arr.dtype, "real floating"):
+    if hasattr(value, "dtype") or dtype_kind(bk.xp, arr.dtype) != "real floating":
         return arr
     return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
 

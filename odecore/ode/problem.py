@@ -185,7 +185,8 @@ def prepare(
         ts_array=ts,
         stops=stops if for_kernel else ops.times(stops),
         jumps=jumps if for_kernel or jumps is None else ops.times(jumps),
-        dense_coeffs=xp.asarray(rk.dense, dtype=time_dtype),
+        # The kernel interpolates with its own tableau arrays.
+        dense_coeffs=None if for_kernel else xp.asarray(rk.dense, dtype=time_dtype),
         rtol=rtol,
         atol=atol,
         norm=norm,
