@@ -56,6 +56,7 @@ def _fails(bk, check) -> bool:
 
 _KINDS = ("real floating", "integral", "complex floating", "bool")
 _kinds: dict = {}
+_UNKNOWN = object()
 
 
 def dtype_kind(xp, dtype) -> str | None:
@@ -63,13 +64,9 @@ def dtype_kind(xp, dtype) -> str | None:
     ``xp.isdtype``'s answer, remembered per namespace and dtype. The checks of every solve
     ask it several times, and each asking costs more than a small solve's step."""
     key = (xp, dtype)
-    try:
-        return _kinds[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable dtype object: ask every time
-        return next((k for k in _KINDS if xp.isdtype(dtype, k)), None)
-    kind = _kinds[key] = next((k for k in _KINDS if xp.isdtype(dtype, k)), None)
+    kind = _kinds.get(key, _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _kinds[key] = next((k for k in _KINDS if xp.isdtype(dtype, k)), None)
     return kind
 
 
