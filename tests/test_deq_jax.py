@@ -260,3 +260,15 @@ def test_linearize_once_traces_f_once_in_the_backward(x64, backward_solver):
     np.testing.assert_allclose(
         np.asarray(grads["once"]), np.asarray(grads["per_iteration"]), rtol=1e-12, atol=1e-14
     )
+
+
+def test_spectral_radius_under_jit(x64):
+    # W's dominant eigenvalues are a complex pair; the estimate is their modulus under jit.
+    estimate = jax.jit(
+        lambda w: odecore.spectral_radius(
+            lambda z, p: z @ p.T, jnp.zeros(3), w, iterations=60, backend="jax"
+        )
+    )(jnp.asarray(W))
+    eigenvalues = np.linalg.eigvals(W)
+    assert np.iscomplexobj(eigenvalues[np.argmax(np.abs(eigenvalues))])
+    assert abs(float(estimate) - np.max(np.abs(eigenvalues))) < 1e-9

@@ -397,6 +397,31 @@ def test_spectral_radius_of_a_symmetric_map():
     assert abs(rho - 0.9) < 1e-8
 
 
+# The dominant eigenvalues a complex pair, 0.3 +- 0.225i (modulus 0.375), the third real
+# (0.2): the power iteration turns in the pair's plane and its growth does not settle.
+ROTATING = np.array([[0.2, -0.3, 0.1], [0.25, 0.35, 0.0], [0.05, 0.1, -0.2]])
+
+
+@pytest.mark.parametrize("iterations", [20, 40])
+def test_spectral_radius_of_a_complex_dominant_pair(iterations):
+    moduli = np.sort(np.abs(np.linalg.eigvals(ROTATING)))
+    rho = odecore.spectral_radius(
+        Affine(), np.zeros(3), (ROTATING, np.zeros(3)), iterations=iterations
+    )
+    # What is left of the third eigenvector shrinks as (0.2 / 0.375)^k: 3e-6 at k = 20.
+    assert abs(rho - moduli[-1]) < 50 * (moduli[0] / moduli[-1]) ** iterations
+
+
+def test_spectral_radius_of_a_real_dominant_eigenvalue_beside_a_complex_pair():
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((5, 5))
+    blocks = np.diag([0.9, 0.5, 0.5, 0.2, 0.1])
+    blocks[1, 2], blocks[2, 1] = 0.2, -0.2  # the pair 0.5 +- 0.2i
+    jac = basis @ blocks @ np.linalg.inv(basis)
+    rho = odecore.spectral_radius(Affine(), np.zeros(5), (jac, np.zeros(5)), iterations=100)
+    assert abs(rho - 0.9) < 1e-9
+
+
 def test_jacobian_frobenius_needs_autodiff_on_numpy():
     with pytest.raises(TypeError, match="needs autodiff"):
         odecore.jacobian_frobenius(Affine(), np.zeros(4), (W, B_VEC), probe=np.ones(4))

@@ -357,6 +357,22 @@ def test_spectral_radius_on_torch():
     np.testing.assert_allclose(rho.numpy(), [0.9, 0.9], atol=1e-8)
 
 
+def test_spectral_radius_of_a_complex_dominant_pair_on_torch():
+    # Eigenvalues 0.3 +- 0.225i and 0.2; two samples from different starts.
+    jac = np.array([[0.2, -0.3, 0.1], [0.25, 0.35, 0.0], [0.05, 0.1, -0.2]])
+    start = t64(np.array([[1.0, 0.0, 0.0], [0.3, -1.0, 2.0]]))
+    rho = odecore.spectral_radius(
+        lambda z, p: z @ p.T,
+        t64(np.zeros((2, 3))),
+        t64(jac),
+        iterations=40,
+        start=start,
+        batch_axis=0,
+    )
+    modulus = np.max(np.abs(np.linalg.eigvals(jac)))
+    np.testing.assert_allclose(rho.numpy(), [modulus, modulus], atol=1e-9)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_singular_mixing_system_does_not_raise(solver):
     # A constant map: after one step every residual is exactly zero, and with lam=0 the

@@ -105,9 +105,12 @@ def spectral_radius(
 ) -> Any:
     """An estimate of the spectral radius of ``J_f(z)`` per sample, by power iteration with VJPs.
 
-    ``u <- u J / |u J|``: below one near ``z*`` means the plain iteration contracts there. The
-    estimate is the growth of the dominant singular direction under repeated application, exact
-    for a dominant real eigenvalue.
+    ``u <- u J / |u J|``: below one near ``z*`` means the plain iteration contracts there.
+    The last two products also give the quadratic ``lambda^2 = a lambda + b`` that best
+    relates them (least squares in the plane of ``u``, ``u J``): where its roots are a
+    complex pair, the estimate is their modulus ``sqrt(-b)``, since a dominant complex pair
+    makes the iterates turn in that plane without settling; elsewhere it is the growth
+    ``|u J^2| / |u J|``, which converges to a dominant real eigenvalue's magnitude.
 
     Parameters
     ----------
@@ -119,7 +122,9 @@ def spectral_radius(
     params : pytree of arrays, optional
         The parameters of ``f``.
     iterations : int, default 20
-        Power iterations.
+        Products with the Jacobian (VJPs); the error shrinks as ``(|lambda_3| /
+        |lambda_1|)^iterations`` when the two largest are a complex pair, and as
+        ``(|lambda_2| / |lambda_1|)^iterations`` otherwise.
     start : array, optional
         The first vector, shaped like ``z``; ones by default.
     batch_axis : None or 0, optional
@@ -180,9 +185,42 @@ def spectral_radius(
                 "start must be nonzero in every sample: power iteration from zero stays at zero"
             )
         u = u / (start_norm + tiny)[:, None]
-        estimate = xp.zeros((lay.batch,), dtype=z_int.dtype)
-        for _ in range(iterations):
+        # The loop and the two products after it make ``iterations`` VJPs in all.
+        for _ in range(max(iterations - 2, 0)):
             v = fmap.vjp(z_int, u)[0]
-            estimate = norm(xp, v)
-            u = v / (estimate + tiny)[:, None]
+            u = v / (norm(xp, v) + tiny)[:, None]
+        v = fmap.vjp(z_int, u)[0]
+        growth = norm(xp, v)
+        if iterations == 1:
+            estimate = growth
+        else:
+            y = v / (growth + tiny)[:, None]
+            w = fmap.vjp(z_int, y)[0]
+            estimate = _radius_in_plane(xp, u, y, growth, w)
     return estimate if lay.batched else estimate[0]
+
+
+def _radius_in_plane(xp, x, y, c, w):
+    """Per sample, from unit ``x``, ``y = x J / c`` with ``c = |x J|``, and ``w = y J``:
+    the modulus of the complex pair of ``lambda^2 = alpha lambda + beta`` where the
+    quadratic's roots are complex and the plane of ``x`` and ``y`` is well determined,
+    else ``|w|``, the power iteration's growth.
+
+    In a plane that ``J`` maps to itself, ``x J^2 = alpha x J + beta x``, i.e. ``w = alpha y
+    + (beta / c) x``; ``alpha`` and ``beta / c`` are fitted by least squares. Nearly parallel
+    ``x`` and ``y`` (a converged real eigenvector) determine no plane: the fit would divide
+    by the vanishing determinant of their Gram matrix."""
+
+    def dot(p, q):
+        return xp.sum(p * q, axis=1)
+
+    xx, yy, xy, wx, wy = dot(x, x), dot(y, y), dot(x, y), dot(w, x), dot(w, y)
+    det = xx * yy - xy * xy
+    # Below sqrt(eps) of the dtype, the determinant's cancellation leaves too few digits.
+    eps = xp.finfo(x.dtype).eps
+    planar = det > (eps**0.5) * xx * yy
+    det = xp.where(planar, det, xp.ones_like(det))
+    alpha = (wy * xx - wx * xy) / det
+    beta = c * (yy * wx - xy * wy) / det
+    pair = planar & (alpha * alpha + 4 * beta < 0)
+    return xp.where(pair, xp.sqrt(xp.abs(beta)), norm(xp, w))
