@@ -640,7 +640,8 @@ def solve(problem, options, progress=None) -> LoopResult:
                 watch[0],
             )
 
-        status, t_reached, dt_next = _run(call, problem, ts, watch, progress)
+        compiles = not kernel.solve_trajectory.signatures
+        status, t_reached, dt_next = _run(call, problem, ts, watch, progress, compiles)
         solution = Solution(
             ts=problem.ts_array * problem.direction,
             ys=out[0].reshape(len(ts), *problem.layout.shape),
@@ -656,16 +657,20 @@ def solve(problem, options, progress=None) -> LoopResult:
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     outputs = (out, status, t_reached, dt_next, stats, watch)
-    _run(lambda: kernel.solve_ensemble(*arrays, *outputs), problem, ts, watch, progress)
+    compiles = not kernel.solve_ensemble.signatures
+    call = lambda: kernel.solve_ensemble(*arrays, *outputs)  # noqa: E731
+    _run(call, problem, ts, watch, progress, compiles)
     return ensemble_result(problem, out, status, t_reached, dt_next, stats)
 
 
-def _run(call, problem, ts, watch, progress):
-    """``call()``: directly, or watched in a thread of its own when progress is reported."""
+def _run(call, problem, ts, watch, progress, compiles):
+    """``call()``: directly, or watched in a thread of its own when progress is reported
+    (``compiles``: the call compiles the kernel first)."""
     if progress is None:
         return call()
+    t0, t1 = float(ts[0]), float(ts[-1])
     return numba_watch.run_watched(
-        call, watch, progress, float(ts[0]), float(ts[-1]), float(problem.direction)
+        call, watch, progress, t0, t1, float(problem.direction), compiles
     )
 
 

@@ -101,11 +101,24 @@ def summary(watch: np.ndarray) -> tuple[float, int, int, float]:
     )
 
 
-def run_watched(call, watch: np.ndarray, reporting, t0: float, t1: float, direction: float):
+COMPILING = "compiling the kernel (or loading it from the disk cache)"
+
+
+def run_watched(
+    call,
+    watch: np.ndarray,
+    reporting,
+    t0: float,
+    t1: float,
+    direction: float,
+    compiles: bool = False,
+):
     """``call()`` (a watched kernel writing ``watch``) run in a worker thread while this one
     reports its rows to ``reporting`` every ``REPORT_INTERVAL`` seconds; returns what the
-    call returns. The reporter is told the end from the final rows and closed, also when
-    the call raises. Ctrl-C stops the kernel after its current step and is raised here."""
+    call returns. ``compiles``: the call compiles the kernel first (seconds to a minute),
+    and the reports say so until the first step is published. The reporter is told the end
+    from the final rows and closed, also when the call raises. Ctrl-C stops the kernel
+    after its current step and is raised here."""
     outcome: dict = {}
 
     def work():
@@ -123,7 +136,10 @@ def run_watched(call, watch: np.ndarray, reporting, t0: float, t1: float, direct
                 worker.join(progress_reports.REPORT_INTERVAL)
                 if not worker.is_alive():
                     break
-                reporting.report(*summary(watch))
+                state = summary(watch)
+                # No step published yet (every proposed step still NaN): still compiling.
+                compiling = compiles and not np.isfinite(state[3])
+                reporting.report(*state, note=COMPILING if compiling else "")
         except KeyboardInterrupt:
             watch[:, loop.WATCH_STOP] = 1.0
             worker.join()

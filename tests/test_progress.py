@@ -325,6 +325,43 @@ def test_numba_solve_is_stopped_by_ctrl_c():
     assert sol.success
 
 
+def test_a_watched_call_that_compiles_says_so_until_its_first_step(monkeypatch):
+    # run_watched with a stand-in for the kernel: it "compiles" (publishes nothing) for a
+    # while, then takes steps. Reports before the first step carry the note, later ones not.
+    pytest.importorskip("numba")
+    import threading
+
+    from odecore.adapters import numba_watch
+
+    from odecore.kernels import loop
+
+    monkeypatch.setattr(progress_reports, "REPORT_INTERVAL", 0.001)
+    watch = numba_watch.watch_rows(1, 0.0)
+    compiled, stepped = threading.Event(), threading.Event()
+
+    def call():
+        compiled.wait(5.0)
+        for k in range(1, 4):
+            watch[0, loop.WATCH_T], watch[0, loop.WATCH_DT] = 0.25 * k, 0.25
+            watch[0, loop.WATCH_ACCEPTED] = k
+        stepped.wait(5.0)
+        return "done"
+
+    recorder = Recorder()
+    reporting = progress_reports.Reporter(recorder)
+    timer = threading.Timer(0.3, compiled.set)
+    release = threading.Timer(0.4, stepped.set)
+    timer.start()
+    release.start()
+    assert numba_watch.run_watched(call, watch, reporting, 0.0, 1.0, 1.0, True) == "done"
+    timer.join()
+    release.join()
+    notes = {r[1]: r[3] for r in recorder.reports}
+    assert notes.get(0) == numba_watch.COMPILING
+    assert notes[3] == ""
+    assert recorder.reports[-1] == (0.75, 3, 0, "")
+
+
 def test_numba_cuda_batch_refuses_progress():
     pytest.importorskip("numba")
     from odecore.adapters import cuda_ensemble

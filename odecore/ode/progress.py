@@ -36,7 +36,8 @@ class ProgressTarget(Protocol):
     runs, and once at its end: ``t`` the time reached (a float, in the user's direction of
     time; for a batch the least over the samples), ``accepted`` and ``rejected`` the steps
     so far (ints; for a batch summed over the samples), ``note`` an empty string or, after
-    ``REJECTION_RUN`` rejected steps in a row, ``"rejecting steps at t=...: dt=..."``.
+    ``REJECTION_RUN`` rejected steps in a row, ``"rejecting steps at t=...: dt=..."``
+    (on the numba backend, ``"compiling the kernel ..."`` while its first call compiles).
     ``close()`` is called once when the solve ends, also when it raises.
     """
 
@@ -113,8 +114,9 @@ class Reporter:
     def due(self) -> bool:
         return time.monotonic() >= self._next
 
-    def report(self, t, accepted, rejected, dt) -> None:
-        """Pass on the state (internal time; counts over the whole solve so far)."""
+    def report(self, t, accepted, rejected, dt, note: str = "") -> None:
+        """Pass on the state (internal time; counts over the whole solve so far), with
+        ``note`` where the solve is not rejecting steps."""
         accepted, rejected = int(accepted), int(rejected)
         with self._lock:
             if self._closed:  # under vmap JAX ends each sample in turn: the first closes
@@ -125,7 +127,6 @@ class Reporter:
                 self.rejection_run = 0
             self.accepted, self.rejected = accepted, rejected
             t_user = float(t) * self.direction
-            note = ""
             if self.rejection_run >= REJECTION_RUN:
                 note = f"rejecting steps at t={t_user:.6g}: dt={float(dt):.3g}"
             self.target.update(t_user, accepted, rejected, note)
