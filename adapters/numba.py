@@ -88,6 +88,8 @@ def _jit_bound(fn, nogil: bool = False):
     # without the interpreter's lock (``nogil``), while the caller reads its progress.
     if fn.__name__ == "solve_trajectory":
         return numba.njit(fn, nogil=nogil)
+    if fn.__name__ in loop.OUT_OF_LINE:
+        return numba.njit(fn)
     return numba.njit(fn, inline="always")
 
 

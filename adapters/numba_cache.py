@@ -161,6 +161,8 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, wat
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
         if fn_name == "solve_trajectory":
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil})")
+        elif fn_name in loop.OUT_OF_LINE:
+            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True)")
         else:
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True, inline='always')")
     lines.append(f"solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True{nogil})")
