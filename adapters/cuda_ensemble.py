@@ -88,6 +88,8 @@ def _ensemble(
     dt_next,
     stats,
     watch,
+    tape_times,
+    tape_y,
 ):
     """One trajectory per thread; the arrays are :func:`solve`'s."""
     n = cuda.grid(1)
@@ -112,6 +114,8 @@ def _ensemble(
         weights[n],
         stats[n],
         watch[n],
+        tape_times,
+        tape_y,
     )
     status[n] = s
     t_reached[n] = t
@@ -169,6 +173,9 @@ def solve(problem, options) -> LoopResult:
     stats = np.zeros((rows, len(_STATS)), dtype=np.int64)
     # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these rows.
     watch = np.empty((rows, 1))
+    # Nor does it keep a tape: it has no rows (the checkpoint gradient runs on the CPU).
+    tape_times = np.empty((0, loop.TAPE_COLUMNS))
+    tape_y = np.empty((0, size), dtype=dtype)
     shared = inputs.params.shape[0] == 1 and rows > 1
     blocks = (rows + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     kernel.launch[blocks, THREADS_PER_BLOCK](
@@ -192,6 +199,8 @@ def solve(problem, options) -> LoopResult:
         dt_next,
         stats,
         watch,
+        tape_times,
+        tape_y,
     )
     return ensemble_result(problem, out, status, t_reached, dt_next, stats)
 

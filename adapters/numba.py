@@ -50,10 +50,12 @@ from odecore.backend.layout import layout as make_layout
 from odecore.control.norms import LargestPartRMS
 from odecore.control.primitives import bind
 from odecore.kernels import loop, specialize
-from odecore.kernels.compile import compiled_loop, compiled_rules
+from odecore.kernels.compile import compiled_loop, compiled_replay, compiled_rules
+from odecore.kernels.replay import ADJOINT, COTANGENT_ROWS
 from odecore.kernels.tableau import DENSE_STAGES, kernel_tableau
 from odecore.ode.loop import LoopResult
 from odecore.ode.solution import Solution
+from odecore.ode.tape import KernelTape
 from odecore.tableaus import Tableau
 
 FORMS = (
@@ -156,10 +158,14 @@ def _solve_ensemble(
     dt_next,
     stats,
     watch,
+    tape_times,
+    tape_y,
 ):
     """Every trajectory of a batch by the kernel loop, in parallel: ``out`` (N, T, D),
     ``status``, ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results;
-    ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel."""
+    ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
+    (N, K, ``loop.TAPE_COLUMNS``) and ``tape_y`` (N, K, D) the first K accepted steps of
+    each, for the checkpoint gradient (K = 0: none)."""
     count, size = y0.shape
     # No arithmetic on n: prange's index is unsigned, and mixed with a signed integer it
     # becomes a float.
@@ -186,6 +192,8 @@ def _solve_ensemble(
             weights,
             stats[n],
             watch[n],
+            tape_times[n],
+            tape_y[n],
         )
         status[n] = s
         t_reached[n] = t
@@ -301,21 +309,24 @@ def _kernel(
         if module is not None:
             user = module._user
             solve_trajectory, solve_ensemble = module.solve_trajectory, module.solve_ensemble
+            functions = {fn.__name__: getattr(module, fn.__name__) for fn in loop.KERNEL_FUNCTIONS}
         else:
             user, dynamics = _in_place(func, form)
             sums = specialize.specialized(tableau.name, arrays)
             if watched:
                 sums = {**sums, **numba_watch.REPLACEMENTS}
-            functions = compiled_loop(
-                _jit_watched if watched else _jit_bound,
-                _compiled_rules(),
-                dynamics,
-                sums,
-                state_size,
-                dtype,
-                watched,
+            functions = vars(
+                compiled_loop(
+                    _jit_watched if watched else _jit_bound,
+                    _compiled_rules(),
+                    dynamics,
+                    sums,
+                    state_size,
+                    dtype,
+                    watched,
+                )
             )
-            solve_trajectory = functions.solve_trajectory
+            solve_trajectory = functions["solve_trajectory"]
             ensemble = bind(_solve_ensemble, {"solve_trajectory": solve_trajectory})
             solve_ensemble = numba.njit(ensemble, parallel=True, nogil=watched)
         kernel = per_func[key] = SimpleNamespace(
@@ -324,6 +335,9 @@ def _kernel(
             user=user,
             solve_trajectory=solve_trajectory,
             solve_ensemble=solve_ensemble,
+            functions=functions,
+            state_size=state_size,
+            replays={},
             probed=set(),
         )
     return kernel
@@ -367,7 +381,7 @@ def adjoint_dynamics(problem):
         bound = bind(_adjoint, {"dynamics_in_place": dynamics, "vjp_in_place": vjp_in_place})
         per_func[key] = numba.njit(bound)
     flat = _params_array(params, None)
-    _probe_vjp(vjp, problem, flat)
+    _probe_vjp(vjp, problem, np.asarray(problem.y0).reshape(-1), flat)
     return per_func[key], flat
 
 
@@ -391,10 +405,11 @@ def _vjp_in_place(vjp):
     )
 
 
-def _probe_vjp(vjp, problem, params) -> None:
-    """Compile the user's VJP alone and check the shapes it returns, before the compiled
-    backward solve copies them (out of bounds, a wrong shape would read garbage)."""
-    y = np.ascontiguousarray(np.asarray(problem.y0).reshape(-1))
+def _probe_vjp(vjp, problem, y, params) -> None:
+    """Compile the user's VJP alone and check the shapes it returns for one trajectory's
+    state ``y`` (1-D) and ``params``, before a compiled backward pass copies them (out of
+    bounds, a wrong shape would read garbage)."""
+    y = np.ascontiguousarray(y)
     t = y.dtype.type(problem.ts_array[0] * problem.direction)
     user = _user_dispatcher(vjp, VJP_FORMS)
     in_place = _positional_count(vjp, VJP_FORMS) == 6
@@ -598,9 +613,11 @@ def ensemble_result(problem, out, status, t_reached, dt_next, stats) -> LoopResu
     return LoopResult(solution, None, dt_next)
 
 
-def solve(problem, options, progress=None) -> LoopResult:
+def solve(problem, options, progress=None, record=False) -> LoopResult:
     """``Kernels.solve``: the prepared problem solved by the compiled kernel loop, reporting
-    to ``progress`` (a ``odecore.ode.progress.Reporter``, or None) while it runs."""
+    to ``progress`` (a ``odecore.ode.progress.Reporter``, or None) while it runs; with
+    ``record``, keeping the checkpoint tape (a :class:`~odecore.ode.tape.KernelTape`) in the
+    result."""
     inputs = kernel_inputs(problem, options)
     y0, params, ts = inputs.y0, inputs.params, inputs.ts
     rows, size = y0.shape
@@ -615,10 +632,62 @@ def solve(problem, options, progress=None) -> LoopResult:
     )
     first_params = params[0] if inputs.batched else params
     _probe(kernel, inputs.form, ts[0] * problem.direction, y0[0], first_params, y0.dtype)
+    capacity = _tape_capacity(problem, rows, size) if record else 0
+    outputs = _run_kernel(kernel, problem, inputs, progress, capacity)
+    out, status, t_reached, dt_next, stats, tape_times, tape_y = outputs
+    tape = None
+    if record:
+        steps = stats[:, loop.NACCEPT].copy()
+        if steps.max() > capacity:
+            # The kernel takes the same steps again: now the tape holds all of them.
+            outputs = _run_kernel(kernel, problem, inputs, progress, int(steps.max()))
+            out, status, t_reached, dt_next, stats, tape_times, tape_y = outputs
+        tape = KernelTape(tape_times, tape_y, steps)
+    if inputs.batched:
+        result = ensemble_result(problem, out, status, t_reached, dt_next, stats)
+        return result._replace(tape=tape)
+    solution = Solution(
+        ts=problem.ts_array * problem.direction,
+        ys=out[0].reshape(len(ts), *problem.layout.shape),
+        stats={name: int(stats[0, k]) for k, name in enumerate(_STATS)},
+        status=int(status[0]),
+        t_reached=float(t_reached[0]) * problem.direction,
+        method=problem.solver.name,
+    )
+    return LoopResult(solution, tape, float(dt_next[0]))
+
+
+# The bytes a gradient's forward may set aside for its tape at once (untouched pages cost
+# nothing); a solve that needs more is run again with a tape of its exact length.
+TAPE_BYTES = 1 << 30
+# Steps on the tape of such a first run.
+FIRST_TAPE_STEPS = 4096
+
+
+def _tape_capacity(problem, rows: int, size: int) -> int:
+    """How many accepted steps a recording solve keeps per trajectory: all it may take
+    (``max_num_steps``), unless that needs more than :data:`TAPE_BYTES`."""
+    per_step = rows * (size + loop.TAPE_COLUMNS) * 8
+    if problem.max_num_steps * per_step <= TAPE_BYTES:
+        return problem.max_num_steps
+    return min(problem.max_num_steps, FIRST_TAPE_STEPS)
+
+
+def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
+    """The compiled solve of ``inputs``: ``(out, status, t_reached, dt_next, stats,
+    tape_times, tape_y)``, one row per trajectory, keeping ``capacity`` steps of each."""
+    y0, params, ts = inputs.y0, inputs.params, inputs.ts
+    rows, size = y0.shape
     tab = kernel.arrays
     out = np.full((rows, len(ts), size), math.nan, dtype=y0.dtype)
     stats = np.zeros((rows, 4), dtype=np.int64)
+    status = np.empty(rows, dtype=np.int64)
+    t_reached = np.empty(rows)
+    dt_next = np.empty(rows)
+    tape_times = np.empty((rows, capacity, loop.TAPE_COLUMNS))
+    tape_y = np.empty((rows, capacity, size), dtype=y0.dtype)
     # An unwatched kernel never touches its watch rows.
+    watched = progress is not None
     watch = numba_watch.watch_rows(rows, ts[0]) if watched else np.empty((rows, 1))
     if not inputs.batched:
 
@@ -640,29 +709,20 @@ def solve(problem, options, progress=None) -> LoopResult:
                 np.empty((1, tab.sizes[DENSE_STAGES])),
                 stats[0],
                 watch[0],
+                tape_times[0],
+                tape_y[0],
             )
 
         compiles = not kernel.solve_trajectory.signatures
-        status, t_reached, dt_next = _run(call, problem, ts, watch, progress, compiles)
-        solution = Solution(
-            ts=problem.ts_array * problem.direction,
-            ys=out[0].reshape(len(ts), *problem.layout.shape),
-            stats={name: int(stats[0, k]) for k, name in enumerate(_STATS)},
-            status=int(status),
-            t_reached=float(t_reached) * problem.direction,
-            method=problem.solver.name,
-        )
-        return LoopResult(solution, None, float(dt_next))
-    status = np.empty(rows, dtype=np.int64)
-    t_reached = np.empty(rows)
-    dt_next = np.empty(rows)
+        status[0], t_reached[0], dt_next[0] = _run(call, problem, ts, watch, progress, compiles)
+        return out, status, t_reached, dt_next, stats, tape_times, tape_y
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
-    outputs = (out, status, t_reached, dt_next, stats, watch)
+    results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
     compiles = not kernel.solve_ensemble.signatures
-    call = lambda: kernel.solve_ensemble(*arrays, *outputs)  # noqa: E731
+    call = lambda: kernel.solve_ensemble(*arrays, *results)  # noqa: E731
     _run(call, problem, ts, watch, progress, compiles)
-    return ensemble_result(problem, out, status, t_reached, dt_next, stats)
+    return out, status, t_reached, dt_next, stats, tape_times, tape_y
 
 
 def _run(call, problem, ts, watch, progress, compiles):
@@ -677,6 +737,134 @@ def _run(call, problem, ts, watch, progress, compiles):
 
 
 _STATS = ("nfev", "nsteps", "naccept", "nreject")
+
+
+def compiles(problem, options, record: bool) -> bool:
+    """``Kernels.compiles``: whether a gradient's forward solve of ``problem`` (``record``:
+    the checkpoint's, which keeps a tape) runs compiled. It does for the dynamics and
+    inputs ``odeint`` compiles, and for the checkpoint when ``func.vjp`` compiles too; other
+    dynamics with a ``vjp`` (an object with ``__call__``, say, or ``params`` that are not
+    one array) take the generic loop, as on NumPy."""
+    dyn = problem.dynamics
+    func, params = dyn.user_func, dyn.params
+    lay = problem.layout
+    if not _compilable(func) or lay.casts or problem.callbacks is not None:
+        return False
+    if problem.interp == "linear" or problem.events is not None:
+        return False
+    if lay.batched and (len(lay.shape) != 2 or lay.batch_axis != 0):
+        return False
+    if params is not None and not (
+        isinstance(params, np.ndarray) and np.issubdtype(params.dtype, np.number)
+    ):
+        return False
+    norm = (options or {}).get("norm", "rms")
+    if not isinstance(norm, str) and not (isinstance(norm, LargestPartRMS) and norm.sizes):
+        return False
+    try:
+        _form(func, params is not None)
+        if record:
+            vjp = getattr(func, "vjp", None)
+            return _compilable(vjp) and _positional_count(vjp, VJP_FORMS) in (4, 6)
+    except TypeError:
+        return False
+    return True
+
+
+def _replay_ensemble(
+    tape_times, tape_y, steps, params, ts, jumps, out_bar, tab, settings, a, params_bar
+):
+    """The checkpoint gradient of every trajectory of a compiled solve, in parallel, from
+    its tape (``odecore.kernels.replay``): ``a`` (N, D) receives the cotangents of the
+    ``y0`` rows, ``params_bar`` (N, P) those of each trajectory's parameters. ``out_bar``
+    (N, T, D) holds the outputs' cotangents."""
+    count, size = a.shape
+    shared = params.shape[0] == 1 and count > 1
+    nodes = tab.sizes[DENSE_STAGES]
+    for n in numba.prange(count):
+        own = params[0] if shared else params[n]
+        cot = np.empty((COTANGENT_ROWS, size), dtype=a.dtype)
+        scratch = (
+            np.empty((loop.FIRST_DENSE_ROW + nodes, size), dtype=a.dtype),
+            np.empty((nodes, size), dtype=a.dtype),
+            np.empty(nodes),
+            np.empty((nodes, size), dtype=a.dtype),
+            cot,
+            np.empty_like(own),
+            np.empty((1, nodes)),
+        )
+        replay_trajectory(  # noqa: F821  (bound per dynamics and VJP)
+            tape_times[n], tape_y[n], steps[n], own, ts, jumps, out_bar[n], tab, settings,
+            scratch, params_bar[n],
+        )  # fmt: skip
+        for i in range(size):
+            a[n, i] = cot[ADJOINT, i]
+
+
+def _jit_replay(fn):
+    # The small helpers go inline; a step's replay is called once per step.
+    if fn.__name__ in ("pull", "spread"):
+        return numba.njit(fn, inline="always")
+    return numba.njit(fn)
+
+
+def _replay_kernel(kernel, vjp):
+    """The compiled replay of ``kernel``'s tapes with ``vjp``, compiled once per kernel and
+    VJP (in memory: its loop functions may come from the disk cache, the replay does not)."""
+    compiled = kernel.replays.get(vjp)
+    if compiled is None:
+        functions = compiled_replay(
+            _jit_replay,
+            _compiled_rules(),
+            kernel.functions,
+            _vjp_in_place(vjp),
+            kernel.state_size,
+        )
+        bound = bind(_replay_ensemble, {"replay_trajectory": functions.replay_trajectory})
+        compiled = kernel.replays[vjp] = numba.njit(bound, parallel=True)
+    return compiled
+
+
+def replay(problem, tape, ys_bar):
+    """``Kernels.replay``: the checkpoint gradient from a compiled solve's tape, ``(y0_bar,
+    leaves_bar)``, as ``odecore.adjoint.checkpoint.checkpoint_backward`` returns it."""
+    dyn = problem.dynamics
+    func = dyn.user_func
+    inputs = kernel_inputs(problem, None)
+    y0, params = inputs.y0, inputs.params
+    rows, size = y0.shape
+    kernel = _kernel(func, inputs.form, problem.solver.tableau, size, y0.dtype.name)
+    first_params = params[0] if inputs.batched else params
+    _probe_vjp(func.vjp, problem, y0[0], first_params)
+    compiled = _replay_kernel(kernel, func.vjp)
+    lay = problem.layout
+    out_bar = np.asarray(lay.outputs_to_internal(np, ys_bar), dtype=y0.dtype)
+    out_bar = np.ascontiguousarray(out_bar.reshape(len(inputs.ts), rows, size).transpose(1, 0, 2))
+    params_rows = params if inputs.batched else params.reshape(1, -1)
+    a = np.empty((rows, size), dtype=y0.dtype)
+    params_bar = np.zeros((rows, params_rows.shape[1]), dtype=params_rows.dtype)
+    compiled(
+        tape.times,
+        tape.y,
+        tape.steps,
+        params_rows,
+        inputs.ts,
+        inputs.jumps,
+        out_bar,
+        kernel.arrays,
+        inputs.settings,
+        a,
+        params_bar,
+    )
+    a0 = lay.to_user(np, a.reshape(lay.internal_shape))
+    # One array of parameters (Kernels.compiles): a row per trajectory, or one row that
+    # every trajectory shares, whose cotangent is their sum.
+    if params_rows.shape[0] == 1:
+        params_bar = params_bar.sum(axis=0)
+    leaves_bar = [
+        params_bar.reshape(np.shape(leaf)).astype(leaf.dtype, copy=False) for leaf in dyn.leaves
+    ]
+    return a0, leaves_bar
 
 
 class _GenericForm:
@@ -717,10 +905,51 @@ _NO_PARAMS = np.zeros(0)
 _generic_forms: dict = {}
 
 
-def _generic_form(func, params):
-    """``Backend.generic_form`` for the numba backend: see :class:`_GenericForm`."""
+class _Rows:
+    """A batch's dynamics, written for one trajectory as the kernel calls them (its (D,)
+    state and its row of ``params``), in the batched form the generic loop calls, one call
+    per row. On a numba batch the generic loop serves the time gradients, the backsolve and
+    events; without this it would hand ``f`` the whole (N, D) batch."""
+
+    def __init__(self, single):
+        self.single = single
+        self.__name__ = getattr(single, "__name__", type(single).__name__)
+        if getattr(single, "vjp", None) is not None:
+            self.vjp = self._vjp
+
+    def __call__(self, t, y, params=None):
+        times = np.broadcast_to(np.asarray(t), y.shape[:1])
+        if params is None:
+            return np.stack([self.single(times[n], y[n]) for n in range(y.shape[0])])
+        return np.stack([self.single(times[n], y[n], _row(params, n)) for n in range(y.shape[0])])
+
+    def _vjp(self, t, y, params, cotangent):
+        times = np.broadcast_to(np.asarray(t), y.shape[:1])
+        pairs = [
+            self.single.vjp(times[n], y[n], _row(params, n), cotangent[n])
+            for n in range(y.shape[0])
+        ]
+        y_bar = np.stack([np.asarray(pair[0]) for pair in pairs])
+        if params is None:
+            return y_bar, None
+        rows = [np.asarray(pair[1]) for pair in pairs]
+        # A shared row's cotangent is the sum of what every trajectory sends it.
+        return y_bar, (np.stack(rows) if np.ndim(params) == 2 else np.sum(rows, axis=0))
+
+    def __repr__(self) -> str:
+        return repr(self.single)
+
+
+def _row(params, n):
+    """Trajectory ``n``'s parameters: its row of a (N, P) ``params``, or a shared (P,)."""
+    return params[n] if params is not None and np.ndim(params) == 2 else params
+
+
+def _generic_form(func, params, batched=False):
+    """``Backend.generic_form`` for the numba backend: see :class:`_GenericForm` and, for a
+    batch, :class:`_Rows`."""
     in_place = _form(func, params is not None) == "in place"
-    key = (func, params is not None)
+    key = (func, params is not None, batched)
     wrapped = _generic_forms.get(key)
     if wrapped is None:
         vjp = getattr(func, "vjp", None)
@@ -728,6 +957,8 @@ def _generic_form(func, params):
         wrapped = func
         if in_place or vjp_in_place:
             wrapped = _GenericForm(func, in_place, vjp, vjp_in_place)
+        if batched:
+            wrapped = _Rows(wrapped)
         _generic_forms[key] = wrapped
     return wrapped
 
@@ -738,8 +969,8 @@ class NumbaBackend(NumpyBackend):
 
     name = "numba"
 
-    def generic_form(self, func, params):
-        return _generic_form(func, params)
+    def generic_form(self, func, params, batched=False):
+        return _generic_form(func, params, batched)
 
     @property
     def generic_backend(self):
@@ -750,6 +981,8 @@ class NumbaBackend(NumpyBackend):
         stage_store=BufferStages,
         rms_error_ratio=_rms_error_ratio,
         solve=solve,
+        replay=replay,
+        compiles=compiles,
         adjoint_dynamics=adjoint_dynamics,
     )
 

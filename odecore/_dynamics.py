@@ -34,7 +34,7 @@ class Dynamics:
         # What the user passed (a backend that compiles whole solves compiles this one), and
         # how the generic loop calls it (Backend.generic_form).
         self.user_func = func
-        self.func = bk.generic_form(func, params)
+        self.func = bk.generic_form(func, params, layout.batched)
         self.params = params
         self.layout = layout
         self.sign = sign

@@ -492,10 +492,10 @@ def test_a_callable_norm_is_refused():
 
 
 # --------------------------------------------------------------------------------------------
-# Gradients: vjp_odeint with the dynamics' own VJP. The backsolve is compiled: its forward
-# solve and every backward interval are kernel solves, with the augmented dynamics compiled
-# from func and func.vjp. The checkpoint records its tape in the generic loop on the
-# backend's NumPy arrays, as on NumPy.
+# Gradients: vjp_odeint with the dynamics' own VJP. Both modes are compiled: the forward
+# solve is a kernel solve (the checkpoint's keeps its tape), every backward interval of the
+# backsolve is a kernel solve of the augmented dynamics compiled from func and func.vjp,
+# and the checkpoint's replay is compiled from the same kernel and func.vjp.
 
 
 def damped(t, y, p):
@@ -524,7 +524,9 @@ def test_vjp_odeint_against_finite_differences(adjoint):
         damped, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint=adjoint, backend="numpy", **tight
     )
     if adjoint == "checkpoint":
-        np.testing.assert_array_equal(p_bar, numpy_pullback(weights)[1])
+        # The same steps, replayed in another summation order (and sin compiled): rounding,
+        # about eps times stages times steps (7 x ~60 here), not the tolerance.
+        np.testing.assert_allclose(p_bar, numpy_pullback(weights)[1], rtol=1e-11, atol=0)
     else:
         # The same steps and arithmetic, but compiled: sin and the norm's sums may round
         # differently, and the difference grows at most like the solve's own error.
@@ -556,7 +558,128 @@ def damped_vjp_in_place(t, y, p, cotangent, y_bar, p_bar):
 damped_in_place.vjp = damped_vjp_in_place
 
 
-def test_compiled_backsolve_in_place_forms_against_the_closed_form():
+def damped_batch(t, y, p):
+    """``damped`` on a NumPy batch (N, 2), with per-sample ``t`` and ``p`` (N, 2) or (2,)."""
+    p = np.broadcast_to(p, y.shape)
+    return np.stack([y[:, 1], -p[:, 0] * y[:, 0] - p[:, 1] * y[:, 1] + np.sin(t)], axis=1)
+
+
+def damped_batch_vjp(t, y, p, cotangent):
+    shared = np.ndim(p) == 1
+    p = np.broadcast_to(p, y.shape)
+    cot_y = np.stack([-p[:, 0] * cotangent[:, 1], cotangent[:, 0] - p[:, 1] * cotangent[:, 1]], 1)
+    cot_p = np.stack([-y[:, 0] * cotangent[:, 1], -y[:, 1] * cotangent[:, 1]], axis=1)
+    return cot_y, (cot_p.sum(axis=0) if shared else cot_p)
+
+
+damped_batch.vjp = damped_batch_vjp
+
+
+@pytest.fixture
+def generic_loop_forbidden(monkeypatch):
+    """Fail if a gradient's forward solve or its checkpoint replay runs the generic loop."""
+    import odecore.adjoint.checkpoint as checkpoint
+    import odecore.ode.api as api
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the generic loop ran where the compiled one should")
+
+    monkeypatch.setattr(api, "run_loop", forbidden)
+    monkeypatch.setattr(checkpoint, "_replay_step", forbidden)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "dopri5",  # FSAL, its own interpolant
+        "dopri8",  # f(t_new, y_new) and three extra stages for the interpolant, two estimates
+        pytest.param("rk4", marks=pytest.mark.slow),  # fixed steps, the Hermite interpolant
+    ],
+)
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_compiled_checkpoint_equals_the_generic_replay(generic_loop_forbidden, method, direction):
+    """The kernel's tape replayed compiled against NumPy's generic checkpoint on the same
+    problem: the same steps, so the gradients of y0, params and t agree to rounding. Outputs
+    fall inside steps and, at jump_t (jumps of a smooth f), on them; t runs both ways."""
+    t = direction * np.array([0.0, 0.35, 0.7, 1.1, 1.6, 2.0])
+    weights = np.linspace(0.5, 1.5, 12).reshape(6, 2)
+    kwargs = {"rtol": 1e-9, "atol": 1e-9, "method": method}
+    kwargs["options"] = {"jump_t": [0.7 * direction]}
+    if method == "rk4":
+        kwargs["options"]["step_size"] = 0.05
+    ys, pullback = odecore.vjp_odeint(
+        damped, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint="checkpoint", backend="numba", **kwargs
+    )
+    compiled = pullback(weights)
+    generic_loop_forbidden.undo()
+    generic_ys, generic_pullback = _numpy_checkpoint(damped, t, OSCILLATOR_P, kwargs)
+    generic = generic_pullback(weights)
+    # The same steps in another summation order: rounding, eps times stages times the
+    # steps (at most 13 x 200), with room for the growth of the state's perturbations.
+    np.testing.assert_allclose(ys, generic_ys, rtol=1e-11, atol=1e-13)
+    for ours, theirs in zip(compiled, generic, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-11, atol=1e-12)
+
+
+def _numpy_checkpoint(func, t, params, kwargs, y0=OSCILLATOR_Y0):
+    return odecore.vjp_odeint(func, y0, t, params, adjoint="checkpoint", backend="numpy", **kwargs)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_checkpoint_of_a_batch_equals_solo_gradients(generic_loop_forbidden, shared):
+    """A batch's compiled checkpoint, f seeing one trajectory: each row's gradients equal
+    its solo solve's, and a shared params row gets the sum of theirs."""
+    scales = np.array([1.0, 0.5, 2.0])
+    y0 = OSCILLATOR_Y0 * scales[:, None] + np.array([0.0, 0.3])
+    params = OSCILLATOR_P if shared else OSCILLATOR_P * np.array([[1.0], [1.2], [0.8]])
+    t = np.linspace(0.0, 2.0, 5)
+    weights = np.linspace(0.5, 1.5, 30).reshape(5, 3, 2)
+    tight = {"rtol": 1e-9, "atol": 1e-9}
+    ys, pullback = odecore.vjp_odeint(
+        damped, y0, t, params, adjoint="checkpoint", backend="numba", batch_axis=0, **tight
+    )
+    y0_bar, p_bar, t_bar = pullback(weights)
+    solo_t_bar = np.zeros_like(t)
+    solo_p_bar = np.zeros(2)
+    for n in range(3):
+        own = params if shared else params[n]
+        solo_ys, solo = odecore.vjp_odeint(
+            damped, y0[n], t, own, adjoint="checkpoint", backend="numba", **tight
+        )
+        g_y0, g_p, g_t = solo(weights[:, n])
+        # Each trajectory takes its own steps in the kernel, alone or in a batch: the same
+        # arithmetic, so the same numbers.
+        np.testing.assert_array_equal(ys[:, n], solo_ys)
+        np.testing.assert_array_equal(y0_bar[n], g_y0)
+        if not shared:
+            np.testing.assert_array_equal(p_bar[n], g_p)
+        solo_p_bar = solo_p_bar + g_p
+        solo_t_bar = solo_t_bar + g_t
+    if shared:
+        np.testing.assert_allclose(p_bar, solo_p_bar, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(t_bar, solo_t_bar, rtol=1e-14, atol=1e-14)
+
+
+def test_compiled_checkpoint_of_a_batch_equals_the_numpy_batch():
+    """Against NumPy's generic batch replay of the same batch (f vectorized there): the
+    batch steps together on NumPy, one trajectory at a time in the kernel, and each
+    trajectory's accepted steps are the same."""
+    y0 = np.array([[1.0, 0.0], [0.5, 0.3], [2.0, -0.4]])
+    params = OSCILLATOR_P * np.array([[1.0], [1.2], [0.8]])
+    t = np.linspace(0.0, 2.0, 5)
+    weights = np.linspace(0.5, 1.5, 30).reshape(5, 3, 2)
+    kwargs = {"rtol": 1e-9, "atol": 1e-9, "batch_axis": 0}
+    _, pullback = odecore.vjp_odeint(
+        damped, y0, t, params, adjoint="checkpoint", backend="numba", **kwargs
+    )
+    _, numpy_pullback = _numpy_checkpoint(damped_batch, t, params, kwargs, y0=y0)
+    for ours, theirs in zip(pullback(weights), numpy_pullback(weights), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_compiled_gradients_of_in_place_forms_against_the_closed_form(adjoint):
     """y' = -k y, loss sum_i y(t_i): dL/dk = -sum_i t_i y0 e^{-k t_i}, dL/dy0 = sum_i
     e^{-k t_i}; both forms of f and of the VJP written in place."""
 
@@ -575,13 +698,13 @@ def test_compiled_backsolve_in_place_forms_against_the_closed_form():
         np.array([y0]),
         t,
         np.array([k]),
-        adjoint="backsolve",
+        adjoint=adjoint,
         backend="numba",
         rtol=1e-11,
         atol=1e-12,
     )
     y0_bar, p_bar, _ = pullback(np.ones_like(ys))
-    # The backsolve integrates to the tolerance: relative errors of a few 1e-10 at most.
+    # Both are the solve's gradient to about its tolerance: relative errors of a few 1e-10.
     np.testing.assert_allclose(ys[:, 0], y0 * np.exp(-k * t), rtol=1e-9)
     np.testing.assert_allclose(y0_bar, [np.sum(np.exp(-k * t))], rtol=1e-9)
     np.testing.assert_allclose(p_bar, [-np.sum(t * y0 * np.exp(-k * t))], rtol=1e-9)
@@ -601,7 +724,8 @@ def test_compiled_backsolve_with_an_in_place_vjp_matches_the_returning_one():
         np.testing.assert_array_equal(in_place, returning)
 
 
-def test_a_vjp_numba_cannot_compile_is_refused_clearly():
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_a_vjp_numba_cannot_compile_is_refused_clearly(adjoint):
     def rate(t, y, p):
         return -p[0] * y
 
@@ -611,7 +735,7 @@ def test_a_vjp_numba_cannot_compile_is_refused_clearly():
     rate.vjp = vjp
     with pytest.raises(TypeError, match=r"(?s)func.vjp.*vjp\(t, y, params, cotangent\).*said"):
         odecore.vjp_odeint(
-            rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint="backsolve", backend="numba"
+            rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint=adjoint, backend="numba"
         )[1](np.ones((2, 2)))
 
 

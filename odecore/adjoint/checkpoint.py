@@ -5,7 +5,7 @@ backward with local vector-Jacobian products.
 from __future__ import annotations
 
 from odecore.ode.loop import capped_at
-from odecore.ode.tape import TapeBuffers, checkpoint_rows
+from odecore.ode.tape import KernelTape, TapeBuffers, checkpoint_rows
 
 
 def checkpoint_backward(problem, tape, ys_bar):
@@ -23,6 +23,8 @@ def checkpoint_backward(problem, tape, ys_bar):
     is NaN, which a parameter shared by the batch would sum.
     """
     bk, lay = problem.backend, problem.layout
+    if isinstance(tape, KernelTape):  # a compiled solve's: replayed compiled, the same way
+        return bk.kernels.replay(problem, tape, ys_bar)
     xp = bk.xp
     out_bar = lay.outputs_to_internal(xp, ys_bar)
     a = xp.zeros(lay.internal_shape, dtype=lay.dtype)

@@ -145,8 +145,12 @@ class Kernels:
     LoopResult``: the whole solve of a prepared problem (``odecore.ode.problem.Problem``,
     with the user's ``options``) as one compiled call, taking the generic loop's steps
     (``odecore.kernels.loop``) and reporting to ``progress`` (an
-    ``odecore.ode.progress.Reporter``, or None); the caller raises on failure. The generic
-    loop still serves what it does not cover (recording the checkpoint tape).
+    ``odecore.ode.progress.Reporter``, or None); the caller raises on failure. Called
+    as ``solve(problem, options, progress, record=True)``, it also keeps the checkpoint
+    tape (``odecore.ode.tape.KernelTape``), which ``replay(problem, tape, ys_bar) ->
+    (y0_bar, leaves_bar)`` turns into the checkpoint gradient. ``compiles(problem, options,
+    record) -> bool``: whether ``solve`` takes a gradient's forward solve of ``problem``;
+    where it does not, the generic loop serves.
     ``adjoint_dynamics(problem) -> (func, params) | None``: the backsolve's augmented
     dynamics for ``problem`` in a form ``solve`` compiles, or None where the backsolve's
     portable dynamics must serve. ``dense_output(method) -> interpolate``: the dense output
@@ -156,6 +160,8 @@ class Kernels:
     stage_store: Callable | None = None
     rms_error_ratio: Callable | None = None
     solve: Callable | None = None
+    replay: Callable | None = None
+    compiles: Callable | None = None
     adjoint_dynamics: Callable | None = None
     dense_output: Callable | None = None
 
@@ -309,12 +315,13 @@ class Backend:
         backend without one."""
         return self
 
-    def generic_form(self, func: Callable, params: Any) -> Callable:
+    def generic_form(self, func: Callable, params: Any, batched: bool = False) -> Callable:
         """``func`` as the generic loop calls it: ``func(t, y[, params]) -> dy``, with
-        ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)`` where it has one. A backend
-        whose users may write dynamics another way (Numba's in place ``f(t, y, dy,
-        params)``) wraps them here; :class:`odecore._dynamics.Dynamics` keeps the user's own
-        as ``user_func``."""
+        ``vjp(t, y, params, cotangent) -> (cot_y, cot_params)`` where it has one, on the
+        whole batch when ``batched``. A backend whose users may write dynamics another way
+        (Numba's in place ``f(t, y, dy, params)``, for one trajectory of a batch) wraps
+        them here; :class:`odecore._dynamics.Dynamics` keeps the user's own as
+        ``user_func``."""
         return func
 
     def __repr__(self) -> str:

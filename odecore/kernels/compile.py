@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from odecore.control import primitives, rules
-from odecore.kernels import loop
+from odecore.kernels import loop, replay
 
 
 def float32_time(t):
@@ -62,3 +62,22 @@ def compiled_loop(
         source = replacements.get(fn.__name__, fn)
         namespace[fn.__name__] = jit(primitives.bind(source, namespace))
     return SimpleNamespace(**{fn.__name__: namespace[fn.__name__] for fn in loop.KERNEL_FUNCTIONS})
+
+
+def compiled_replay(
+    jit: Callable,
+    rule_namespace: dict[str, Callable],
+    loop_functions: dict[str, Callable],
+    vjp,
+    state_size: int = 0,
+) -> SimpleNamespace:
+    """The checkpoint replay's functions (``odecore.kernels.replay``) compiled by ``jit``,
+    calling the compiled rules, one kernel's compiled loop functions (``loop_functions``,
+    by name: the sums and dynamics of the solve whose tape it replays) and ``vjp(t, y,
+    params, cotangent, y_bar, params_bar)``, by name. ``state_size`` is the kernel's
+    ``loop.STATE_SIZE``."""
+    namespace = {**rule_namespace, **loop_functions, "vjp": vjp, "STATE_SIZE": state_size}
+    for fn in replay.REPLAY_FUNCTIONS:
+        namespace[fn.__name__] = jit(primitives.bind(fn, namespace))
+    names = [fn.__name__ for fn in replay.REPLAY_FUNCTIONS]
+    return SimpleNamespace(**{name: namespace[name] for name in names})

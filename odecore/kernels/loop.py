@@ -106,6 +106,13 @@ WATCH_STOP = 4  # set nonzero by the reader: the loop ends after its current ste
 # to lines of their own.
 WATCH_STRIDE = 8
 
+# Columns of the tape's times (``solve_trajectory``'s ``tape_times``, float64): an accepted
+# step's start, size and end (the stop it landed on, exactly, where it landed).
+TAPE_T = 0
+TAPE_H = 1
+TAPE_T_NEW = 2
+TAPE_COLUMNS = 3
+
 # The number of state elements, when a kernel is compiled for one state size
 # (``compiled_loop(state_size=...)`` binds it); 0: read from the arrays at run time. A
 # constant trip count lets the compiler unroll the loops over a small state's elements,
@@ -291,6 +298,14 @@ def first_step(t, params, rtol, atol, parts, settings, sizes, work):
     return initial_step(h0, d1, d2_times_h0, sizes[ERROR_ORDER] - 1), 1
 
 
+def time_of_stage(t, h, c, clip, t_left):
+    """The time of the stage at ``t + c h``, clipped to ``t_left`` when ``clip``."""
+    t_stage = t + c * h
+    if clip:
+        t_stage = minimum(t_stage, t_left)
+    return t_stage
+
+
 def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):
     """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
     and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
@@ -299,9 +314,7 @@ def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, 
     count = sizes[STAGES]
     for i in range(1, count):
         stage_sum(work, h, i, tab_a)
-        t_stage = t + tab_c[i] * h
-        if clip:
-            t_stage = minimum(t_stage, t_left)
+        t_stage = time_of_stage(t, h, tab_c[i], clip, t_left)
         evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction)
     if sizes[FSAL] != 0:
         # The last stage's input is y_new itself (its weights are b).
@@ -361,11 +374,18 @@ def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, weights, se
     return out_index, nfev
 
 
-def interpolate(out, out_row, theta, h, dense, work, weights):
-    """``out[out_row] = y + h sum_i b_i(theta) K_i``, ``b_i(theta) = sum_m dense[i, m]
-    theta**(m + 1)``; ``weights[0]`` receives the ``b_i``."""
-    rows = dense.shape[0]
-    for r in range(rows):
+def record_step(tape_times, tape_y, k, t, h, t_new, work):
+    """Keep accepted step ``k`` on the tape: its times and its start state."""
+    tape_times[k, TAPE_T] = t
+    tape_times[k, TAPE_H] = h
+    tape_times[k, TAPE_T_NEW] = t_new
+    for i in range(state_size(work)):
+        tape_y[k, i] = work[Y, i]
+
+
+def interpolant_weights(theta, dense, weights):
+    """``weights[0, i] = b_i(theta) = sum_m dense[i, m] theta**(m + 1)``."""
+    for r in range(dense.shape[0]):
         # Powers by products, as the generic loop's batched interpolant forms them: a
         # power function per coefficient would cost more than the rest of the output.
         w = 0.0
@@ -374,7 +394,13 @@ def interpolate(out, out_row, theta, h, dense, work, weights):
             w += dense[r, m] * power
             power *= theta
         weights[0, r] = w
-    combine(out, out_row, work, Y, h, weights, 0, rows)
+
+
+def interpolate(out, out_row, theta, h, dense, work, weights):
+    """``out[out_row] = y + h sum_i b_i(theta) K_i``; ``weights[0]`` receives the
+    ``b_i(theta)`` (:func:`interpolant_weights`)."""
+    interpolant_weights(theta, dense, weights)
+    combine(out, out_row, work, Y, h, weights, 0, dense.shape[0])
 
 
 def solve_trajectory(
@@ -394,6 +420,8 @@ def solve_trajectory(
     weights,
     stats,
     watch,
+    tape_times,
+    tape_y,
 ):
     """Solve one trajectory from ``y0`` at ``ts[0]`` (loop time), writing ``out[k]`` at each
     ``ts[k]`` it reaches (the rows it does not reach are left as they are). ``stops``: the
@@ -406,7 +434,12 @@ def solve_trajectory(
     (1, dense stages) in float64, ``stats`` four int64. ``watch``: ``WATCH_STRIDE`` float64,
     the row a watched kernel (:data:`WATCHED`) publishes its progress in; an unwatched one
     leaves it alone. A watched solve asked to stop returns after its current step, its
-    status still ``RUNNING``."""
+    status still ``RUNNING``.
+
+    The tape, for the checkpoint gradient (``odecore.kernels.replay``): accepted step ``k``
+    is kept as ``tape_times[k] = (t, h, t_new)`` and its start state ``tape_y[k]``, for as
+    many steps as ``tape_y`` has rows (none, for a solve that keeps no tape); the count of
+    accepted steps says whether they all fit."""
     (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
     n = state_size(work)
     f = FIRST_DENSE_ROW
@@ -507,6 +540,8 @@ def solve_trajectory(
             status, accept, t_new, t_end, stall or no_progress, failure, nsteps, max_num_steps
         )
         if accept:
+            if naccept < tape_y.shape[0]:
+                record_step(tape_times, tape_y, naccept, t, h, t_new, work)
             t = t_new
             for i in range(n):
                 work[Y, i] = work[Y_NEW, i]
@@ -532,7 +567,7 @@ def solve_trajectory(
 
 # Functions a compiler should call rather than inline into the loop: code the loop runs on
 # few of its steps, which inlined would cost every step its registers.
-OUT_OF_LINE = ("fill_outputs",)
+OUT_OF_LINE = ("fill_outputs", "record_step")
 
 # In dependency order: each is compiled after the functions it calls.
 KERNEL_FUNCTIONS = (
@@ -550,10 +585,13 @@ KERNEL_FUNCTIONS = (
     dense_stage_sum,
     is_member,
     first_step,
+    time_of_stage,
     take_step,
     error_ratio,
+    interpolant_weights,
     interpolate,
     fill_outputs,
+    record_step,
     publish,
     watched_value,
     solve_trajectory,

@@ -1059,8 +1059,13 @@ def _vjp_odeint_array(
         )
         if problem is None:
             raise ValueError("vjp_odeint needs at least two output times in t")
-        # The generic loop, for any dynamics with a vjp: a compiling backend compiles the
-        # backsolve's backward intervals where it can (Kernels.adjoint_dynamics).
+        # A compiling backend solves forward in one call where it can compile the dynamics
+        # (and for the checkpoint, their vjp), and the backsolve's backward intervals too
+        # (Kernels.adjoint_dynamics); the generic loop serves any other dynamics with a vjp.
+        options = kwargs.get("options")
+        compiles = bk.kernels.compiles
+        if compiles is not None and compiles(problem, options, record):
+            return problem, solve_prepared(problem, options, record, throw, reporting)
         return problem, run_loop(problem, record, throw=throw, progress=reporting)
 
     unknown = set(kwargs) - {"rtol", "atol", "method", "options", "batch_axis", "backend"}

@@ -73,14 +73,17 @@ def solve_prepared(
 ) -> LoopResult:
     """Solve a prepared problem (``options``: the user's, as ``prepare`` got them). The one
     place a solve leaves the generic loop: a backend that compiles whole solves (Numba,
-    ``Backend.kernels.solve``) runs it as one call, taking the same steps. Recording the
-    checkpoint tape stays with the loop. ``progress``: a
-    :class:`~odecore.ode.progress.Reporter`, or None."""
-    compiled = problem.backend.kernels.solve
+    ``Backend.kernels.solve``) runs it as one call, taking the same steps, and records the
+    checkpoint tape where the backend replays it (``Backend.kernels.replay``). ``progress``:
+    a :class:`~odecore.ode.progress.Reporter`, or None."""
+    kernels = problem.backend.kernels
     # The compiled loop has no event phase: a solve with events runs the generic loop.
-    if compiled is None or record or problem.events is not None:
+    if kernels.solve is None or (record and kernels.replay is None) or problem.events is not None:
         return run_loop(problem, record, throw, progress)
-    result = compiled(problem, options, progress)
+    if record:
+        result = kernels.solve(problem, options, progress, record=True)
+    else:
+        result = kernels.solve(problem, options, progress)
     if throw and not result.solution.success:
         raise SolveError(failure_message(result.solution), result.solution)
     return result

@@ -36,6 +36,17 @@ class TapeBuffers(NamedTuple):
         return StepRecord(self.t[i], self.h[i], self.t_new[i], y, self.accept[i])
 
 
+class KernelTape(NamedTuple):
+    """The tape of a whole-solve kernel (``Backend.kernels.solve`` with ``record``): for each
+    of N trajectories, its accepted steps' times (N, K, 3: start, size, end) and start states
+    (N, K, state size), and how many steps it took (N,), all of them on the tape. The
+    backend replays it (``Backend.kernels.replay``)."""
+
+    times: Any
+    y: Any
+    steps: Any
+
+
 def tape_buffers(p: Problem) -> TapeBuffers:
     """An empty tape for a tracing backend."""
     xp, lay, K = p.backend.xp, p.layout, p.max_num_steps
