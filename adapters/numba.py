@@ -51,7 +51,7 @@ from odecore.control.norms import LargestPartRMS
 from odecore.control.primitives import bind
 from odecore.kernels import loop, specialize
 from odecore.kernels.compile import compiled_loop, compiled_replay, compiled_rules
-from odecore.kernels.replay import ADJOINT, COTANGENT_ROWS
+from odecore.kernels.replay import ADJOINT, COTANGENT_ROWS, INLINE
 from odecore.kernels.tableau import DENSE_STAGES, kernel_tableau
 from odecore.ode.loop import LoopResult
 from odecore.ode.solution import Solution
@@ -336,6 +336,7 @@ def _kernel(
             solve_trajectory=solve_trajectory,
             solve_ensemble=solve_ensemble,
             functions=functions,
+            module=module,
             state_size=state_size,
             replays={},
             probed=set(),
@@ -802,26 +803,34 @@ def _replay_ensemble(
 
 
 def _jit_replay(fn):
-    # The small helpers go inline; a step's replay is called once per step.
-    if fn.__name__ in ("pull", "spread"):
+    if fn.__name__ in INLINE:
         return numba.njit(fn, inline="always")
     return numba.njit(fn)
 
 
-def _replay_kernel(kernel, vjp):
-    """The compiled replay of ``kernel``'s tapes with ``vjp``, compiled once per kernel and
-    VJP (in memory: its loop functions may come from the disk cache, the replay does not)."""
+def _replay_kernel(kernel, func):
+    """The compiled replay of ``kernel``'s tapes with ``func.vjp``, once per kernel and VJP:
+    kept on disk beside a kernel kept there (``numba_cache.load_replay``), else compiled in
+    memory."""
+    vjp = func.vjp
     compiled = kernel.replays.get(vjp)
     if compiled is None:
-        functions = compiled_replay(
-            _jit_replay,
-            _compiled_rules(),
-            kernel.functions,
-            _vjp_in_place(vjp),
-            kernel.state_size,
-        )
-        bound = bind(_replay_ensemble, {"replay_trajectory": functions.replay_trajectory})
-        compiled = kernel.replays[vjp] = numba.njit(bound, parallel=True)
+        vjp_form = "in place" if _positional_count(vjp, VJP_FORMS) == 6 else "returning"
+        source = inspect.getsource(_replay_ensemble)
+        module = numba_cache.load_replay(kernel.module, func, vjp_form, source)
+        if module is not None:
+            compiled = module.replay_ensemble
+        else:
+            functions = compiled_replay(
+                _jit_replay,
+                _compiled_rules(),
+                kernel.functions,
+                _vjp_in_place(vjp),
+                kernel.state_size,
+            )
+            bound = bind(_replay_ensemble, {"replay_trajectory": functions.replay_trajectory})
+            compiled = numba.njit(bound, parallel=True)
+        kernel.replays[vjp] = compiled
     return compiled
 
 
@@ -836,7 +845,7 @@ def replay(problem, tape, ys_bar):
     kernel = _kernel(func, inputs.form, problem.solver.tableau, size, y0.dtype.name)
     first_params = params[0] if inputs.batched else params
     _probe_vjp(func.vjp, problem, y0[0], first_params)
-    compiled = _replay_kernel(kernel, func.vjp)
+    compiled = _replay_kernel(kernel, func)
     lay = problem.layout
     out_bar = np.asarray(lay.outputs_to_internal(np, ys_bar), dtype=y0.dtype)
     out_bar = np.ascontiguousarray(out_bar.reshape(len(inputs.ts), rows, size).transpose(1, 0, 2))

@@ -12,6 +12,8 @@ depends on (its text, the sources of the rules, the primitives and the atomic ac
 of them writes a new module rather than reusing
 stale machine code. A helper function the dynamics call is not part of the digest: edit it
 and Numba's cache of the dynamics serves the old one, as Numba's own caching does.
+:func:`load_replay` writes the checkpoint replay of such a kernel the same way, one module
+per kernel and ``func.vjp``, taking the loop's functions from the kernel's module.
 
 The directory is ``$ODECORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecore``, else
 ``~/.cache/odecore``, with a ``numba`` folder inside; set ``ODECORE_CACHE_DIR`` to an empty
@@ -34,7 +36,7 @@ from odecore.adapters import numba_watch
 
 import odecore
 from odecore.control import primitives, rules
-from odecore.kernels import loop
+from odecore.kernels import loop, replay
 from odecore.kernels.compile import STATE_TIME
 from odecore.kernels.specialize import NAMES as WRITTEN_NAMES
 
@@ -97,8 +99,73 @@ def load(
     if folder is None or name is None:
         return None
     text = _module_text(name, form, sums, ensemble_source, state_size, state_dtype, watched)
-    digest = _digest(text, func)
-    module_name = f"odecore_kernel_{digest}"
+    return _written(folder, f"odecore_kernel_{_digest(text, func)}", text)
+
+
+_VJP_FORMS = {
+    "in place": "    _vjp_user(t, y, params, cotangent, y_bar, params_bar)\n",
+    "returning": "    cot_y, cot_params = _vjp_user(t, y, params, cotangent)\n"
+    "    for i in range(y_bar.shape[0]):\n"
+    "        y_bar[i] = cot_y[i]\n"
+    "    for i in range(params_bar.shape[0]):\n"
+    "        params_bar[i] = cot_params[i]\n",
+}
+
+
+def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType | None:
+    """The generated module of the checkpoint replay (``odecore.kernels.replay``) of the
+    tapes of ``kernel``, a module :func:`load` gave for ``func``, with ``func.vjp`` in
+    ``vjp_form`` (``"in place"`` or ``"returning"``) and the parallel loop over
+    trajectories ``ensemble_source``; None where it cannot be kept on disk. It takes the
+    loop's functions from ``kernel``, so the steps it replays are the kernel's. Its
+    ``replay_ensemble`` is the replay."""
+    folder = directory()
+    name = importable_name(func)
+    if folder is None or name is None or kernel is None:
+        return None
+    module_name, qualname = name
+    lines = [
+        '"""A checkpoint replay of odecore\'s numba backend, written by '
+        'odecore.adapters.numba_cache."""',
+        "import sys",
+        "import numba",
+        "import numpy as np",
+        "from odecore.adapters.numba import _compiled_rules",
+        "from odecore.kernels import loop",
+        "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
+        "from odecore.kernels.replay import *  # noqa: F403  (the constants)",
+        "from odecore.kernels.tableau import *  # noqa: F403  (the constants)",
+        "globals().update(_compiled_rules())",
+        # The kernel whose tapes this replays: its compiled loop functions, by name.
+        f"_kernel = sys.modules[{kernel.__name__!r}]",
+        "STATE_SIZE = _kernel.STATE_SIZE",
+        f"for _name in {[fn.__name__ for fn in loop.KERNEL_FUNCTIONS]!r}:",
+        "    globals()[_name] = getattr(_kernel, _name)",
+        f"import {module_name} as _owner",
+        f"_vjp_user = _owner.{qualname}.vjp",
+        "if not isinstance(_vjp_user, numba.core.dispatcher.Dispatcher):",
+        "    _vjp_user = numba.njit(_vjp_user, cache=True)",
+        "",
+        "",
+        "def vjp(t, y, params, cotangent, y_bar, params_bar):",
+        _VJP_FORMS[vjp_form],
+        "vjp = numba.njit(vjp, cache=True, inline='always')",
+    ]
+    for fn in replay.REPLAY_FUNCTIONS:
+        lines += ["", inspect.getsource(fn)]
+    lines += ["", ensemble_source, ""]
+    for fn in replay.REPLAY_FUNCTIONS:
+        inline = ", inline='always'" if fn.__name__ in replay.INLINE else ""
+        lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{inline})")
+    lines.append("replay_ensemble = numba.njit(_replay_ensemble, parallel=True, cache=True)")
+    text = "\n".join(lines) + "\n"
+    vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
+    digest = _digest(text, func, inspect.getsource(replay), vjp_code)
+    return _written(folder, f"odecore_replay_{digest}", text)
+
+
+def _written(folder: Path, module_name: str, text: str) -> ModuleType | None:
+    """The module ``module_name`` with ``text``, written into ``folder`` once and imported."""
     if module_name in sys.modules:
         return sys.modules[module_name]
     path = folder / f"{module_name}.py"
@@ -169,9 +236,10 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, wat
     return "\n".join(lines) + "\n"
 
 
-def _digest(text: str, func) -> str:
+def _digest(text: str, func, *more) -> str:
+    """A name for the module ``text``: a digest of it, of what it imports, and of ``func``'s
+    code; ``more`` adds sources (str) and code objects."""
     py_func = getattr(func, "py_func", func)
-    code = py_func.__code__
     parts = [
         text,
         inspect.getsource(rules),
@@ -179,6 +247,12 @@ def _digest(text: str, func) -> str:
         inspect.getsource(numba_watch),  # imported by a watched kernel, not written out
         odecore.__version__,
         numba.__version__,
-        repr((code.co_code, code.co_consts, code.co_names)),
+        *(_code_text(part) for part in (py_func.__code__, *more)),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _code_text(part) -> str:
+    if isinstance(part, str):
+        return part
+    return repr((part.co_code, part.co_consts, part.co_names))

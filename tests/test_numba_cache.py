@@ -44,10 +44,10 @@ def rate(t, y, dy, p):
 """
 
 
-def _run(module_dir, cache_dir):
+def _run(module_dir, cache_dir, script=RUN):
     env = {**os.environ, "ODECORE_CACHE_DIR": str(cache_dir)}
     done = subprocess.run(
-        [sys.executable, "-c", RUN, str(module_dir)],
+        [sys.executable, "-c", script, str(module_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -75,6 +75,63 @@ def test_a_second_process_loads_the_kernel_instead_of_compiling(tmp_path):
     assert "solve_trajectory" in changed["compiled"]
     np.testing.assert_allclose(changed["y1"], np.exp(0.5) * np.array([1.0, 2.0]), rtol=1e-8)
     assert len(list((cache / "numba").glob("odecore_kernel_*.py"))) == 2
+
+
+RUN_GRADIENT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    from numba.core.event import install_recorder
+    import odecore
+    import decay
+
+    with install_recorder("numba:compile") as recorder:
+        ys, pullback = odecore.vjp_odeint(
+            decay.rate, np.array([1.0, 2.0]), [0.0, 1.0], np.array([0.5]), backend="numba",
+            adjoint="checkpoint", method="tsit5", rtol=1e-10, atol=1e-12)
+        y0_bar, p_bar, _ = pullback(np.array([[0.0, 0.0], [1.0, 1.0]]))
+    compiled = [e.data["dispatcher"].py_func.__name__ for _, e in recorder.buffer if e.is_start]
+    print(json.dumps({"compiled": compiled, "p_bar": p_bar.tolist()}))
+    """
+)
+
+DECAY_WITH_VJP = """
+def rate(t, y, dy, p):
+    for i in range(y.shape[0]):
+        dy[i] = -p[0] * y[i]
+
+
+def rate_vjp(t, y, p, cotangent, y_bar, p_bar):
+    p_bar[0] = 0.0
+    for i in range(y.shape[0]):
+        y_bar[i] = -p[0] * cotangent[i]
+        p_bar[0] -= {scale}y[i] * cotangent[i]
+
+
+rate.vjp = rate_vjp
+"""
+
+
+def test_a_second_process_loads_the_checkpoint_replay_instead_of_compiling(tmp_path):
+    """The compiled checkpoint's replay is kept on disk beside its kernel; a changed VJP
+    gets a replay of its own (and the kernel it replays is still the cached one)."""
+    (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale=""))
+    cache = tmp_path / "cache"
+    runs = [_run(tmp_path, cache, RUN_GRADIENT) for _ in range(2)]
+    first, second = runs
+    assert {"solve_trajectory", "replay_trajectory"} <= set(first["compiled"])
+    assert not {"solve_trajectory", "replay_trajectory"} & set(second["compiled"])
+    # d/dp sum_i y0_i e^{-p} = -3 e^{-0.5}, to the solve's tolerance.
+    np.testing.assert_allclose(second["p_bar"], [-3.0 * np.exp(-0.5)], rtol=1e-8)
+    np.testing.assert_array_equal(second["p_bar"], first["p_bar"])
+
+    (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale="2.0 * "))
+    changed = _run(tmp_path, cache, RUN_GRADIENT)
+    assert "replay_trajectory" in changed["compiled"]
+    assert "solve_trajectory" not in changed["compiled"]
+    np.testing.assert_allclose(changed["p_bar"], [-6.0 * np.exp(-0.5)], rtol=1e-8)
+    assert len(list((cache / "numba").glob("odecore_replay_*.py"))) == 2
 
 
 def test_dynamics_that_cannot_be_imported_by_name_stay_in_memory(tmp_path, monkeypatch):

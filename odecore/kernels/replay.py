@@ -279,6 +279,9 @@ def replay_trajectory(
         )  # fmt: skip
 
 
+# The small helpers a compiler should inline; a step's replay is called once per step.
+INLINE = ("pull", "spread")
+
 # In dependency order, after the loop's functions (compile.compiled_replay).
 REPLAY_FUNCTIONS = (
     pull,
