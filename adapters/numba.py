@@ -714,24 +714,25 @@ def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
                 tape_y[0],
             )
 
-        compiles = not kernel.solve_trajectory.signatures
-        status[0], t_reached[0], dt_next[0] = _run(call, problem, ts, watch, progress, compiles)
+        dispatcher = kernel.solve_trajectory
+        status[0], t_reached[0], dt_next[0] = _run(call, problem, ts, watch, progress, dispatcher)
         return out, status, t_reached, dt_next, stats, tape_times, tape_y
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
-    compiles = not kernel.solve_ensemble.signatures
     call = lambda: kernel.solve_ensemble(*arrays, *results)  # noqa: E731
-    _run(call, problem, ts, watch, progress, compiles)
+    _run(call, problem, ts, watch, progress, kernel.solve_ensemble)
     return out, status, t_reached, dt_next, stats, tape_times, tape_y
 
 
-def _run(call, problem, ts, watch, progress, compiles):
+def _run(call, problem, ts, watch, progress, dispatcher):
     """``call()``: directly, or watched in a thread of its own when progress is reported
-    (``compiles``: the call compiles the kernel first)."""
+    (``dispatcher``: the kernel function it calls, which says whether it compiles first)."""
     if progress is None:
         return call()
     t0, t1 = float(ts[0]), float(ts[-1])
+    # Asked only here: a dispatcher's signatures cost more than a short solve's kernel call.
+    compiles = not dispatcher.signatures
     return numba_watch.run_watched(
         call, watch, progress, t0, t1, float(problem.direction), compiles
     )
@@ -808,18 +809,20 @@ def _jit_replay(fn):
     return numba.njit(fn)
 
 
-def _replay_kernel(kernel, func):
-    """The compiled replay of ``kernel``'s tapes with ``func.vjp``, once per kernel and VJP:
-    kept on disk beside a kernel kept there (``numba_cache.load_replay``), else compiled in
-    memory."""
+def _replay_kernel(kernel, func, parallel: bool):
+    """The compiled replay of ``kernel``'s tapes with ``func.vjp``, once per kernel, VJP and
+    ``parallel`` (over the trajectories of a batch; a single one is replayed without
+    threads, whose compilation costs a few seconds more): kept on disk beside a kernel kept
+    there (``numba_cache.load_replay``), else compiled in memory."""
     vjp = func.vjp
-    compiled = kernel.replays.get(vjp)
+    key = (vjp, parallel)
+    compiled = kernel.replays.get(key)
     if compiled is None:
         vjp_form = "in place" if _positional_count(vjp, VJP_FORMS) == 6 else "returning"
         source = inspect.getsource(_replay_ensemble)
         module = numba_cache.load_replay(kernel.module, func, vjp_form, source)
         if module is not None:
-            compiled = module.replay_ensemble
+            compiled = module.replay_ensemble if parallel else module.replay_serial
         else:
             functions = compiled_replay(
                 _jit_replay,
@@ -829,8 +832,8 @@ def _replay_kernel(kernel, func):
                 kernel.state_size,
             )
             bound = bind(_replay_ensemble, {"replay_trajectory": functions.replay_trajectory})
-            compiled = numba.njit(bound, parallel=True)
-        kernel.replays[vjp] = compiled
+            compiled = numba.njit(bound, parallel=parallel)
+        kernel.replays[key] = compiled
     return compiled
 
 
@@ -845,7 +848,7 @@ def replay(problem, tape, ys_bar):
     kernel = _kernel(func, inputs.form, problem.solver.tableau, size, y0.dtype.name)
     first_params = params[0] if inputs.batched else params
     _probe_vjp(func.vjp, problem, y0[0], first_params)
-    compiled = _replay_kernel(kernel, func)
+    compiled = _replay_kernel(kernel, func, parallel=rows > 1)
     lay = problem.layout
     out_bar = np.asarray(lay.outputs_to_internal(np, ys_bar), dtype=y0.dtype)
     out_bar = np.ascontiguousarray(out_bar.reshape(len(inputs.ts), rows, size).transpose(1, 0, 2))

@@ -118,7 +118,8 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
     ``vjp_form`` (``"in place"`` or ``"returning"``) and the parallel loop over
     trajectories ``ensemble_source``; None where it cannot be kept on disk. It takes the
     loop's functions from ``kernel``, so the steps it replays are the kernel's. Its
-    ``replay_ensemble`` is the replay."""
+    ``replay_ensemble`` is the replay, and ``replay_serial`` the same compiled without
+    threads, for a single trajectory."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None or kernel is None:
@@ -158,6 +159,7 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
         inline = ", inline='always'" if fn.__name__ in replay.INLINE else ""
         lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{inline})")
     lines.append("replay_ensemble = numba.njit(_replay_ensemble, parallel=True, cache=True)")
+    lines.append("replay_serial = numba.njit(_replay_ensemble, cache=True)")
     text = "\n".join(lines) + "\n"
     vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
     digest = _digest(text, func, inspect.getsource(replay), vjp_code)

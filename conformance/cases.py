@@ -117,7 +117,8 @@ class Case:
     linear: LinearForm | None = None
     # The same dynamics for backends that compile them into the solve (numba): in Numba's
     # subset, in place, ``kernel(t, y, dy, p)`` over the flattened state and the parameters
-    # flattened into one array (one row per sample for a batch, see ``kernel_params``).
+    # flattened into one array (one row per sample for a batch, see ``kernel_params``),
+    # with its VJP in place as ``kernel.vjp(t, y, p, cotangent, y_bar, p_bar)``.
     kernel: Callable | None = None
 
     @property
@@ -140,6 +141,19 @@ class Case:
             return np.concatenate([np.ravel(p) for p in self.params])
         batch = self.y0.shape[self.batch_axis]
         return np.concatenate([np.reshape(p, (batch, -1)) for p in self.params], axis=1)
+
+    def split_kernel_params(self, flat: np.ndarray) -> tuple[np.ndarray, ...]:
+        """A cotangent of :meth:`kernel_params` as one array per parameter, shaped like it."""
+        pieces, start = [], 0
+        for p in self.params:
+            if self.batch_axis is None:
+                size = int(np.size(p))
+                pieces.append(np.reshape(flat[start : start + size], np.shape(p)))
+            else:
+                size = int(np.size(p)) // flat.shape[0]
+                pieces.append(np.reshape(flat[:, start : start + size], np.shape(p)))
+            start += size
+        return tuple(pieces)
 
     def time_argument(self, t: float, xp=np, dtype=None):
         """``t`` as the solver passes it to ``func``: 0-d, or one value per sample when the
@@ -564,6 +578,16 @@ def _decay_kernel(t, y, dy, p):
         dy[i] = -p[0] * y[i]
 
 
+def _decay_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    p_bar[0] = 0.0
+    for i in range(y.shape[0]):
+        y_bar[i] = -p[0] * cotangent[i]
+        p_bar[0] -= cotangent[i] * y[i]
+
+
+_decay_kernel.vjp = _decay_kernel_vjp
+
+
 def _decay_case() -> Case:
     y0 = np.array([1.0, 2.0, -0.5])
     k = 0.7
@@ -619,6 +643,22 @@ def _matrix_kernel(t, y, dy, p):
         for j in range(n):
             total += p[i * n + j] * y[j]
         dy[i] = total + (t * p[n * n + i] if p.shape[0] > n * n else 0.0)
+
+
+def _matrix_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    n = y.shape[0]
+    for j in range(n):
+        total = 0.0
+        for i in range(n):
+            total += p[i * n + j] * cotangent[i]
+            p_bar[i * n + j] = cotangent[i] * y[j]
+        y_bar[j] = total
+    if p.shape[0] > n * n:
+        for i in range(n):
+            p_bar[n * n + i] = t * cotangent[i]
+
+
+_matrix_kernel.vjp = _matrix_kernel_vjp
 
 
 def _linear3_case() -> Case:
@@ -688,6 +728,15 @@ def _harmonic_kernel(t, y, dy, p):
     dy[1] = -(p[0] * p[0]) * y[0]
 
 
+def _harmonic_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    y_bar[0] = -(p[0] * p[0]) * cotangent[1]
+    y_bar[1] = cotangent[0]
+    p_bar[0] = -2.0 * p[0] * y[0] * cotangent[1]
+
+
+_harmonic_kernel.vjp = _harmonic_kernel_vjp
+
+
 def _harmonic_case(dtype: str = "float64") -> Case:
     y0 = np.array([1.0, 0.5])
     omega = 2.0
@@ -746,6 +795,14 @@ def _forced_vjp(t, y, params, cotangent):
 
 def _forced_kernel(t, y, dy, p):
     dy[0] = -p[0] * y[0] + math.sin(t)
+
+
+def _forced_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    y_bar[0] = -p[0] * cotangent[0]
+    p_bar[0] = -y[0] * cotangent[0]
+
+
+_forced_kernel.vjp = _forced_kernel_vjp
 
 
 def _forced_case() -> Case:
@@ -808,6 +865,20 @@ def _lotka_volterra_kernel(t, y, dy, p):
     prey, predator = y[0], y[1]
     dy[0] = p[0] * prey - p[1] * prey * predator
     dy[1] = -p[2] * predator + p[3] * prey * predator
+
+
+def _lotka_volterra_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    u, v = y[0], y[1]
+    g_u, g_v = cotangent[0], cotangent[1]
+    y_bar[0] = g_u * (p[0] - p[1] * v) + g_v * p[3] * v
+    y_bar[1] = -g_u * p[1] * u + g_v * (p[3] * u - p[2])
+    p_bar[0] = g_u * u
+    p_bar[1] = -g_u * u * v
+    p_bar[2] = -g_v * v
+    p_bar[3] = g_v * u * v
+
+
+_lotka_volterra_kernel.vjp = _lotka_volterra_kernel_vjp
 
 
 def _lotka_volterra_case() -> Case:
@@ -1006,6 +1077,24 @@ def _jump_kernel(t, y, dy, p):
     source = p[2] if before else p[3]
     for i in range(y.shape[0]):
         dy[i] = -rate * y[i] + source
+
+
+def _jump_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
+    before = t < JUMP_TIME
+    rate = p[0] if before else p[1]
+    cot_rate = 0.0
+    cot_source = 0.0
+    for i in range(y.shape[0]):
+        y_bar[i] = -rate * cotangent[i]
+        cot_rate -= cotangent[i] * y[i]
+        cot_source += cotangent[i]
+    for k in range(4):
+        p_bar[k] = 0.0
+    p_bar[0 if before else 1] = cot_rate
+    p_bar[2 if before else 3] = cot_source
+
+
+_jump_kernel.vjp = _jump_kernel_vjp
 
 
 def _jump_case() -> Case:

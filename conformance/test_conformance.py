@@ -302,7 +302,14 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
         kwargs = solver_kwargs(variant, bk)
         if mode == "backsolve":
             kwargs["adjoint_options"] = variant.adjoint_options
-        if not bk.has_autodiff:
+        if bk.kernels.solve is not None:
+            # A backend that compiles the dynamics gets them, and their VJP, in the
+            # compiler's subset: its forward solve and replay are then compiled too.
+            flat = bk.asarray(case.kernel_params(), dtype=_dtype(bk, case.dtype))
+            ys, pullback = odecore.vjp_odeint(case.kernel, y0, t, flat, adjoint=mode, **kwargs)
+            y0_bar, flat_bar, t_bar = pullback(loss_cotangent(ys, weights))
+            params_bar = case.split_kernel_params(to_numpy(bk, flat_bar))
+        elif not bk.has_autodiff:
             ys, pullback = odecore.vjp_odeint(case.dynamics, y0, t, params, adjoint=mode, **kwargs)
             y0_bar, params_bar, t_bar = pullback(loss_cotangent(ys, weights))
         else:

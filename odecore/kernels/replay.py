@@ -279,8 +279,9 @@ def replay_trajectory(
         )  # fmt: skip
 
 
-# The small helpers a compiler should inline; a step's replay is called once per step.
-INLINE = ("pull", "spread")
+# Functions a compiler should inline. Not pull: each of its calls is one call of the VJP,
+# and inlined at its six sites it made a replay take twice as long to compile.
+INLINE = ("spread",)
 
 # In dependency order, after the loop's functions (compile.compiled_replay).
 REPLAY_FUNCTIONS = (
