@@ -4,7 +4,7 @@
     python benchmarks/bench_numba.py --max-log2 16    # the issue's full sweep
     nox -s bench -- benchmarks/bench_numba.py
 
-Two tables, side by side in one run, ratios odecore / peer (below 1: odecore is faster):
+Three tables, side by side in one run, ratios odecore / peer (below 1: odecore is faster):
 
 1. The Lorenz system (sigma 10, rho 28, beta 8/3) from (1, 0, 0) on t in [0, 100], rtol =
    atol = 1e-8, 1001 output times: odecore dopri8 and dopri5 on numba (the in-place form,
@@ -15,7 +15,12 @@ Two tables, side by side in one run, ratios odecore / peer (below 1: odecore is 
    beside each is against scipy's DOP853 at rtol = atol = 1e-13 over t in [0, 20] only: the
    system is chaotic, and by t = 100 any two solutions at 1e-8 have parted by the size of
    the attractor.
-2. The ensemble: Lorenz with rho evenly in [0, 21] (DiffEqGPU's benchmark), N trajectories
+2. Gradients: d sum(ys) / d (sigma, rho, beta) on t in [0, 5] by ``odecore.vjp_odeint``
+   with the VJP written in place (``lorenz.vjp``): numba's compiled checkpoint and
+   backsolve against NumPy's generic checkpoint of the same steps and diffrax's
+   ``jit(grad)`` (Dopri5 and Dopri8, recursive checkpointing), each with its difference
+   from NumPy's checkpoint.
+3. The ensemble: Lorenz with rho evenly in [0, 21] (DiffEqGPU's benchmark), N trajectories
    on t in [0, 1], the final state only: fixed steps of 1e-3 (odecore rk4, float32 and
    float64) and adaptive steps at rtol = atol = 1e-8 (odecore tsit5, and dopri8, the method
    of numbalsoda's ``dop853``), against numbalsoda's ``dop853`` called in a ``numba.prange``
@@ -56,6 +61,34 @@ def lorenz(t, y, dy, p):
     dy[0] = p[0] * (y[1] - y[0])
     dy[1] = y[0] * (p[1] - y[2]) - y[1]
     dy[2] = y[0] * y[1] - p[2] * y[2]
+
+
+def lorenz_vjp(t, y, p, cotangent, y_bar, p_bar):
+    """``cotangent`` times the Jacobians of ``lorenz`` in y and p, written in place."""
+    c0, c1, c2 = cotangent[0], cotangent[1], cotangent[2]
+    y_bar[0] = -p[0] * c0 + (p[1] - y[2]) * c1 + y[1] * c2
+    y_bar[1] = p[0] * c0 - c1 + y[0] * c2
+    y_bar[2] = -y[0] * c1 - p[2] * c2
+    p_bar[0] = (y[1] - y[0]) * c0
+    p_bar[1] = y[0] * c1
+    p_bar[2] = -y[2] * c2
+
+
+lorenz.vjp = lorenz_vjp
+
+
+class LorenzNumpy:
+    """``lorenz`` and its VJP in the returning form of NumPy's generic loop."""
+
+    def __call__(self, t, y, p):
+        dy = np.empty(3)
+        lorenz(t, y, dy, p)
+        return dy
+
+    def vjp(self, t, y, p, cotangent):
+        y_bar, p_bar = np.empty(3), np.empty(3)
+        lorenz_vjp(t, y, p, cotangent, y_bar, p_bar)
+        return y_bar, p_bar
 
 
 def lorenz_returning(t, y, p):
@@ -168,6 +201,104 @@ def single(args, peer):
         for peer_name in ("numbalsoda dop853", "numbalsoda lsoda", "scipy DOP853", "scipy RK45"):
             if peer_name in times:
                 print(f"  {name} / {peer_name}: {times[name] / times[peer_name]:.3g}x")
+
+
+GRADIENT_TIMES = np.linspace(0.0, 5.0, 51)
+
+
+def gradients(args):
+    """The gradient of sum(ys) in the parameters, t in [0, 5] (Lorenz's sensitivities grow
+    like e^{0.9 t}: by t = 5 about 100-fold), on numba against NumPy's generic loop and
+    diffrax (jit(grad) through its recursive checkpointing) on the CPU."""
+    weights = np.ones((len(GRADIENT_TIMES), 3))
+    print(
+        "\nGradient of sum(ys) in (sigma, rho, beta): Lorenz, t in [0, 5], 51 outputs, "
+        "rtol = atol = 1e-8"
+    )
+    diffrax_grad, why = diffrax_gradient()
+    if diffrax_grad is None:
+        print(f"  diffrax skipped: {why}")
+    print(f"{'method':<8}{'gradient':<42}{'time':>12}{'first call':>12}{'vs numpy checkpoint':>22}")
+    for method in ("dopri5", "dopri8"):
+        rows = {}
+        for label, func, backend, adjoint in (
+            ("odecore numba checkpoint", lorenz, "numba", "checkpoint"),
+            ("odecore numba backsolve", lorenz, "numba", "backsolve"),
+            ("odecore numpy checkpoint", LorenzNumpy(), "numpy", "checkpoint"),
+        ):
+
+            def run(func=func, backend=backend, adjoint=adjoint, method=method):
+                _, pullback = odecore.vjp_odeint(
+                    func, Y0, GRADIENT_TIMES, LORENZ_P, adjoint=adjoint, backend=backend,
+                    method=method, rtol=TOL, atol=TOL,
+                )  # fmt: skip
+                return pullback(weights)[1]
+
+            start = time.perf_counter()
+            run()
+            rows[label] = (run, time.perf_counter() - start)
+        if diffrax_grad is not None:
+            rows["diffrax checkpoint (jit(grad))"] = (
+                lambda method=method: diffrax_grad(method),
+                None,
+            )
+        reference = rows["odecore numpy checkpoint"][0]()
+        seconds = alternating_best_times(
+            [fn for fn, _ in rows.values()], min_time=args.min_time, min_repeats=3
+        )
+        for (label, (fn, first)), t in zip(rows.items(), seconds, strict=True):
+            difference = np.max(np.abs(fn() - reference)) / np.max(np.abs(reference))
+            first_text = f"{first:.2f} s" if first is not None else ""
+            print(f"{method:<8}{label:<42}{t * 1e3:>9.3f} ms{first_text:>12}{difference:>22.1e}")
+        times = dict(zip(rows, seconds, strict=True))
+        for label in ("odecore numpy checkpoint", "diffrax checkpoint (jit(grad))"):
+            if label in times:
+                ratio = times["odecore numba checkpoint"] / times[label]
+                print(f"  odecore numba checkpoint / {label}: {ratio:.3g}x")
+
+
+def diffrax_gradient():
+    """``(grad(method) -> d sum(ys) / d params as NumPy, reason)``: diffrax's Dopri5 or
+    Dopri8 with its default adjoint (recursive checkpointing), compiled once per method."""
+    try:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import diffrax
+        import jax.numpy as jnp
+    except Exception as exc:
+        return None, f"diffrax is not importable ({type(exc).__name__}: {exc})"
+
+    def vector_field(t, y, p):
+        return jnp.stack(
+            [p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]]
+        )
+
+    solvers = {"dopri5": diffrax.Dopri5(), "dopri8": diffrax.Dopri8()}
+    compiled = {}
+
+    def grad(method):
+        if method not in compiled:
+
+            def loss(p):
+                sol = diffrax.diffeqsolve(
+                    diffrax.ODETerm(vector_field),
+                    solvers[method],
+                    0.0,
+                    float(GRADIENT_TIMES[-1]),
+                    None,
+                    jnp.asarray(Y0),
+                    args=p,
+                    saveat=diffrax.SaveAt(ts=jnp.asarray(GRADIENT_TIMES)),
+                    stepsize_controller=diffrax.PIDController(rtol=TOL, atol=TOL),
+                    max_steps=100_000,
+                )
+                return jnp.sum(sol.ys)
+
+            compiled[method] = jax.jit(jax.grad(loss))
+        return np.asarray(compiled[method](jnp.asarray(LORENZ_P)).block_until_ready())
+
+    return grad, ""
 
 
 def sweep_params(n):
@@ -345,6 +476,7 @@ def main():
         f"odecore numba dopri8, first call of a new process with the kernel cached on disk "
         f"(imports included): {cached_first_call():.2f} s"
     )
+    gradients(args)
     ensemble(args, peer)
 
 
