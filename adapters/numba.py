@@ -425,6 +425,15 @@ def _probe_vjp(vjp, problem, y, params) -> None:
             f"expects {VJP_FORMS}. Numba said:\n{exc}"
         ) from None
     for name, value, size in (("y", cot_y, y.shape[0]), ("params", cot_params, params.shape[0])):
+        if value is None:
+            # NumPy's generic loop takes None for "no parameters"; a compiled VJP always
+            # receives params as an array (empty when there are none) and copies it back.
+            raise ValueError(
+                f"func.vjp returned None for the cotangent of {name}; the numba backend "
+                f"passes params as an array (empty, shape (0,), when the solve has none) "
+                f"and expects an array of shape ({size},) back: return np.zeros({size}) "
+                f"where there is nothing to return"
+            )
         shape = np.shape(value)
         if shape != (size,):
             raise ValueError(

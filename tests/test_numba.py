@@ -754,6 +754,22 @@ def test_a_vjp_of_the_wrong_shape_is_refused_before_the_compiled_solve():
         pullback(np.ones((2, 2)))
 
 
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_a_vjp_returning_none_for_absent_params_is_told_what_to_return(adjoint):
+    def rate(t, y):
+        return -0.5 * y
+
+    def vjp(t, y, params, cotangent):
+        return -0.5 * cotangent, None
+
+    rate.vjp = vjp
+    _, pullback = odecore.vjp_odeint(
+        rate, np.ones(2), [0.0, 1.0], None, adjoint=adjoint, backend="numba"
+    )
+    with pytest.raises(ValueError, match=r"returned None for the cotangent of params.*zeros\(0\)"):
+        pullback(np.ones((2, 2)))
+
+
 def test_the_partitioned_norm_takes_the_generic_steps():
     """largest_part_rms compiled into the kernel: the same accepted and rejected steps as
     the generic loop, on a state whose small part would be diluted by one RMS over all."""
