@@ -154,9 +154,11 @@ def watched_value(watch, index):
 
 
 def state_time(t):
-    """``t`` in the state's dtype, as the dynamics see it. This one serves float64 states;
-    ``compiled_loop(state_dtype=...)`` binds a cast for float32 ones. A cast, unlike a store
-    into a one-element array of that dtype, tells the compiler that the state rows in its
+    """``t`` in the state's dtype: a time as the dynamics see it, or a factor of the stage
+    sums. This one serves float64 states; ``compiled_loop(state_dtype=...)`` binds a cast
+    for float32 ones, whose stage sums are then float32 arithmetic, as the generic loop's
+    are, rather than float64 converted at every term. A cast, unlike a store into a
+    one-element array of that dtype, tells the compiler that the state rows in its
     registers are unchanged by the call."""
     return t
 
@@ -217,12 +219,12 @@ def combine(target, target_row, work, base_row, h, table, table_row, count):
     first ``count`` stages, skipping zero weights; the sum is scaled by ``h`` once, as the
     generic loop's interpolant and dense stages do."""
     for i in range(state_size(work)):
-        total = 0.0
+        total = state_time(0.0)
         for j in range(count):
             w = table[table_row, j]
             if w != 0.0:
-                total += w * work[FIRST_DENSE_ROW + j, i]
-        target[target_row, i] = work[base_row, i] + h * total
+                total += state_time(w) * work[FIRST_DENSE_ROW + j, i]
+        target[target_row, i] = work[base_row, i] + state_time(h) * total
 
 
 def stage_input(work, target_row, base_row, h, table, table_row, count):
@@ -230,11 +232,11 @@ def stage_input(work, target_row, base_row, h, table, table_row, count):
     weight scaled by ``h`` first, as the generic stage store forms a step's stage inputs;
     a ``base_row`` below 0 gives the sum alone (an error estimate)."""
     for i in range(state_size(work)):
-        total = 0.0
+        total = state_time(0.0)
         for j in range(count):
             w = table[table_row, j]
             if w != 0.0:
-                total += (h * w) * work[FIRST_DENSE_ROW + j, i]
+                total += state_time(h * w) * work[FIRST_DENSE_ROW + j, i]
         work[target_row, i] = total if base_row < 0 else work[base_row, i] + total
 
 

@@ -9,7 +9,8 @@ the Lorenz system under DOP853 this halves the time of a compiled solve.
 
 Each written function does the arithmetic of the one it replaces term for term, in the same
 order and with the same roundings: ``(h * a_ij) * K_j`` summed left to right and then added
-to ``y``; zero coefficients are left out, as the generic functions skip them. So the
+to ``y``, each factor cast to the state's dtype (``loop.state_time``) as the generic
+functions cast it; zero coefficients are left out, as the generic functions skip them. So the
 specialised kernel takes the same steps and produces the same numbers (only the sign of an
 exact zero can differ: a generic sum starts at ``0.0``). tests/test_kernel_specialize.py
 checks this against the generic functions.
@@ -79,9 +80,9 @@ def _k(j: int) -> str:
 
 
 def _scaled_sum(row) -> str:
-    """``(h * w_0) * K_0 + (h * w_1) * K_1 + ...`` over the nonzero weights of ``row``, or
-    ``0.0`` when all are zero."""
-    terms = [f"(h * {float(w)!r}) * {_k(j)}" for j, w in enumerate(row) if w != 0.0]
+    """``(h * w_0) * K_0 + (h * w_1) * K_1 + ...`` over the nonzero weights of ``row``, each
+    factor in the state's dtype (``loop.state_time``), or ``0.0`` when all are zero."""
+    terms = [f"state_time(h * {float(w)!r}) * {_k(j)}" for j, w in enumerate(row) if w != 0.0]
     return " + ".join(terms) if terms else "0.0"
 
 
@@ -127,12 +128,12 @@ def _dense_stage_sum(tab: KernelTableau) -> str:
         lines.append("    return")
     for x in range(extra):
         row = tab.dense_a[x, : first_extra + x]
-        terms = [f"{float(w)!r} * {_k(j)}" for j, w in enumerate(row) if w != 0.0]
+        terms = [f"state_time({float(w)!r}) * {_k(j)}" for j, w in enumerate(row) if w != 0.0]
         lines += [
             f"    {'if' if x == 0 else 'elif'} extra == {x}:",
             "        for i in range(n):",
-            f"            work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + h * "
-            f"({' + '.join(terms) if terms else '0.0'})",
+            f"            work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + state_time(h) * "
+            f"({' + '.join(terms) if terms else 'state_time(0.0)'})",
         ]
     return "\n".join(lines) + "\n"
 
@@ -178,11 +179,11 @@ def _interpolate(tab: KernelTableau) -> str:
     for r in range(dense.shape[0]):
         coefficient_terms = [f"{float(c)!r} * p{m + 1}" for m, c in enumerate(dense[r]) if c != 0.0]
         if coefficient_terms:
-            lines.append(f"    w{r} = {' + '.join(coefficient_terms)}")
+            lines.append(f"    w{r} = state_time({' + '.join(coefficient_terms)})")
             terms.append(f"w{r} * {_k(r)}")
-    total = " + ".join(terms) if terms else "0.0"
+    total = " + ".join(terms) if terms else "state_time(0.0)"
     lines += [
         "    for i in range(state_size(work)):",
-        f"        out[out_row, i] = work[{loop.Y}, i] + h * ({total})",
+        f"        out[out_row, i] = work[{loop.Y}, i] + state_time(h) * ({total})",
     ]
     return "\n".join(lines) + "\n"
