@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 from numba import cuda
 from odecore.adapters.numba import (
@@ -46,6 +48,13 @@ from odecore.ode.loop import LoopResult
 
 THREADS_PER_BLOCK = 64
 
+# Where each thread keeps its work rows (the state, the stages, the error). "local": arrays
+# of the thread's own (cuda.local.array), sized when the kernel is compiled for one state
+# size; the hardware interleaves them across a warp's threads, and small ones can live in
+# registers. "global": one device array for all threads, row n for thread n, as the CPU
+# kernel keeps them; a warp's accesses are then a row apart.
+SCRATCH = ("local", "global")
+
 _rules: dict | None = None
 _kernels: dict = {}
 
@@ -59,6 +68,14 @@ def _device_rules() -> dict:
     if _rules is None:
         _rules = compiled_rules(_device)
     return _rules
+
+
+def _start(n, out):
+    """Thread ``n``'s output rows, NaN until reached: a row the solve does not reach says so,
+    without a host array of NaNs copied to the device first."""
+    for k in range(out.shape[1]):
+        for i in range(out.shape[2]):
+            out[n, k, i] = math.nan
 
 
 def _ensemble(
@@ -91,10 +108,12 @@ def _ensemble(
     tape_times,
     tape_y,
 ):
-    """One trajectory per thread; the arrays are :func:`solve`'s."""
+    """One trajectory per thread, its work rows in ``work[n]``; the arrays are
+    :func:`launch`'s."""
     n = cuda.grid(1)
     if n >= y0.shape[0]:
         return
+    _start(n, out)  # noqa: F821  (bound)
     own = params[0] if shared else params[n]
     tab = (a, c, b, dense, dense_a, dense_c, sizes)
     s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
@@ -122,10 +141,76 @@ def _ensemble(
     dt_next[n] = dt
 
 
-def _kernel(func, tableau, dtype: str) -> SimpleNamespace:
-    """The global kernel for ``func`` under ``tableau``'s method for states of ``dtype``,
-    compiled once per triple."""
-    key = (func, tableau.name, dtype)
+def _ensemble_local(
+    y0,
+    params,
+    shared,
+    ts,
+    stops,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    valid,
+    a,
+    c,
+    b,
+    dense,
+    dense_a,
+    dense_c,
+    sizes,
+    settings,
+    out,
+    work,
+    weights,
+    status,
+    t_reached,
+    dt_next,
+    stats,
+    watch,
+    tape_times,
+    tape_y,
+):
+    """:func:`_ensemble` with the thread's work rows in arrays of its own; ``work`` and
+    ``weights`` are unused (no rows)."""
+    n = cuda.grid(1)
+    if n >= y0.shape[0]:
+        return
+    _start(n, out)  # noqa: F821  (bound)
+    own_work = cuda.local.array(WORK_SHAPE, STATE_DTYPE)  # noqa: F821  (bound per kernel)
+    own_weights = cuda.local.array(WEIGHTS_SHAPE, float64)  # noqa: F821
+    own = params[0] if shared else params[n]
+    tab = (a, c, b, dense, dense_a, dense_c, sizes)
+    s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
+        y0[n],
+        own,
+        ts,
+        stops,
+        jumps,
+        rtol[n],
+        atol[n],
+        parts,
+        valid[n],
+        tab,
+        settings,
+        out[n],
+        own_work,
+        own_weights,
+        stats[n],
+        watch[n],
+        tape_times,
+        tape_y,
+    )
+    status[n] = s
+    t_reached[n] = t
+    dt_next[n] = dt
+
+
+def _kernel(func, tableau, dtype: str, size: int, scratch: str) -> SimpleNamespace:
+    """The global kernel for ``func`` under ``tableau``'s method for states of ``size``
+    elements in ``dtype``, keeping its work rows as ``scratch`` says; compiled once per
+    configuration."""
+    key = (func, tableau.name, dtype, size, scratch)
     kernel = _kernels.get(key)
     if kernel is None or kernel.tableau is not tableau:
         if _positional_count(func, FORMS) != 4:
@@ -136,78 +221,121 @@ def _kernel(func, tableau, dtype: str) -> SimpleNamespace:
         dynamics = _device(getattr(func, "py_func", func))
         arrays = kernel_tableau(tableau)
         sums = specialized(tableau.name, arrays)
-        functions = compiled_loop(_device, _device_rules(), dynamics, sums, state_dtype=dtype)
-        bound = bind(_ensemble, {"solve_trajectory": functions.solve_trajectory})
+        # The state size is fixed per kernel, as on the CPU: loops over elements unroll, and
+        # a thread's own arrays have a size the compiler knows.
+        functions = compiled_loop(
+            _device, _device_rules(), dynamics, sums, state_size=size, state_dtype=dtype
+        )
+        names = {"solve_trajectory": functions.solve_trajectory, "_start": _device(_start)}
+        if scratch == "local":
+            names["WORK_SHAPE"] = (loop.work_rows(arrays.sizes), size)
+            names["WEIGHTS_SHAPE"] = (1, int(arrays.sizes[DENSE_STAGES]))
+            names["STATE_DTYPE"] = numba.from_dtype(np.dtype(dtype))
+            names["float64"] = numba.float64
+            source = _ensemble_local
+        else:
+            source = _ensemble
         kernel = _kernels[key] = SimpleNamespace(
-            tableau=tableau, arrays=arrays, launch=cuda.jit(bound)
+            tableau=tableau, arrays=arrays, launch=cuda.jit(bind(source, names))
         )
     return kernel
 
 
-def solve(problem, options) -> LoopResult:
+class Launch:
+    """One ensemble's kernel launch, its arrays on the device: :meth:`run` solves (again),
+    :meth:`result` copies the solution back. :func:`solve` is ``prepare`` then both; a
+    benchmark times ``run`` alone, as the solve of arrays that already live on the device."""
+
+    def __init__(self, problem, options, scratch: str = "local"):
+        if scratch not in SCRATCH:
+            raise ValueError(f"scratch must be one of {SCRATCH}, not {scratch!r}")
+        inputs = kernel_inputs(problem, options)
+        if not inputs.batched:
+            raise ValueError(
+                "the GPU ensemble solves a batch: y0 of shape (N, D) with batch_axis=0; solve "
+                "a single trajectory on the CPU (backend='numba')"
+            )
+        if not cuda.is_available():
+            raise RuntimeError(
+                "the GPU ensemble needs a CUDA device, and numba-cuda finds none here; solve "
+                "the batch on the CPU with backend='numba', or run the kernel under "
+                "numba-cuda's simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is imported)"
+            )
+        y0 = inputs.y0
+        rows, size = y0.shape
+        dtype = y0.dtype
+        kernel = _kernel(
+            problem.dynamics.user_func, problem.solver.tableau, dtype.name, size, scratch
+        )
+        tab = kernel.arrays
+        if scratch == "local":
+            work = cuda.device_array((rows, 0, size), dtype=dtype)
+            weights = cuda.device_array((rows, 0, 0))
+        else:
+            # Scratch lives and dies on the device: nothing is copied either way.
+            work = cuda.device_array((rows, loop.work_rows(tab.sizes), size), dtype=dtype)
+            weights = cuda.device_array((rows, 1, tab.sizes[DENSE_STAGES]))
+        self.problem = problem
+        self.kernel = kernel
+        self.blocks = (rows + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+        self.outputs = SimpleNamespace(
+            out=cuda.device_array((rows, len(inputs.ts), size), dtype=dtype),
+            status=cuda.device_array(rows, dtype=np.int64),
+            t_reached=cuda.device_array(rows),
+            dt_next=cuda.device_array(rows),
+            stats=cuda.device_array((rows, len(_STATS)), dtype=np.int64),
+        )
+        to_device = cuda.to_device
+        self.arguments = (
+            to_device(y0),
+            to_device(inputs.params),
+            inputs.params.shape[0] == 1 and rows > 1,
+            to_device(inputs.ts),
+            to_device(inputs.stops),
+            to_device(inputs.jumps),
+            to_device(inputs.rtol),
+            to_device(inputs.atol),
+            to_device(inputs.parts),
+            to_device(inputs.valid),
+            *(to_device(np.ascontiguousarray(array)) for array in tab),
+            to_device(inputs.settings),
+            self.outputs.out,
+            work,
+            weights,
+            self.outputs.status,
+            self.outputs.t_reached,
+            self.outputs.dt_next,
+            self.outputs.stats,
+            # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these
+            # rows; nor does it keep a tape (the checkpoint gradient runs on the CPU).
+            cuda.device_array((rows, 1)),
+            cuda.device_array((0, loop.TAPE_COLUMNS)),
+            cuda.device_array((0, size), dtype=dtype),
+        )
+
+    def run(self) -> None:
+        """Launch the kernel; it runs on while the host goes on (numba-cuda's default
+        stream), until :meth:`result` or a synchronisation waits for it."""
+        self.kernel.launch[self.blocks, THREADS_PER_BLOCK](*self.arguments)
+
+    def result(self) -> LoopResult:
+        host = {name: array.copy_to_host() for name, array in vars(self.outputs).items()}
+        return ensemble_result(self.problem, **host)
+
+
+def solve(problem, options, scratch: str = "local") -> LoopResult:
     """A batch (``batch_axis=0``, ``y0`` of shape (N, D)) solved one trajectory per GPU
     thread; the result is the CPU kernel's."""
-    inputs = kernel_inputs(problem, options)
-    if not inputs.batched:
-        raise ValueError(
-            "the GPU ensemble solves a batch: y0 of shape (N, D) with batch_axis=0; solve a "
-            "single trajectory on the CPU (backend='numba')"
-        )
-    if not cuda.is_available():
-        raise RuntimeError(
-            "the GPU ensemble needs a CUDA device, and numba-cuda finds none here; solve the "
-            "batch on the CPU with backend='numba', or run the kernel under numba-cuda's "
-            "simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is imported)"
-        )
-    kernel = _kernel(problem.dynamics.user_func, problem.solver.tableau, inputs.y0.dtype.name)
-    tab = kernel.arrays
-    y0 = inputs.y0
-    rows, size = y0.shape
-    dtype = y0.dtype
-    out = np.full((rows, len(inputs.ts), size), math.nan, dtype=dtype)
-    work = np.empty((rows, loop.work_rows(tab.sizes), size), dtype=dtype)
-    weights = np.empty((rows, 1, tab.sizes[DENSE_STAGES]))
-    status = np.empty(rows, dtype=np.int64)
-    t_reached = np.empty(rows)
-    dt_next = np.empty(rows)
-    stats = np.zeros((rows, len(_STATS)), dtype=np.int64)
-    # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these rows.
-    watch = np.empty((rows, 1))
-    # Nor does it keep a tape: it has no rows (the checkpoint gradient runs on the CPU).
-    tape_times = np.empty((0, loop.TAPE_COLUMNS))
-    tape_y = np.empty((0, size), dtype=dtype)
-    shared = inputs.params.shape[0] == 1 and rows > 1
-    blocks = (rows + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-    kernel.launch[blocks, THREADS_PER_BLOCK](
-        y0,
-        inputs.params,
-        shared,
-        inputs.ts,
-        inputs.stops,
-        inputs.jumps,
-        inputs.rtol,
-        inputs.atol,
-        inputs.parts,
-        inputs.valid,
-        *tab,
-        inputs.settings,
-        out,
-        work,
-        weights,
-        status,
-        t_reached,
-        dt_next,
-        stats,
-        watch,
-        tape_times,
-        tape_y,
-    )
-    return ensemble_result(problem, out, status, t_reached, dt_next, stats)
+    launch = Launch(problem, options, scratch)
+    launch.run()
+    return launch.result()
 
 
-def _solve(problem, options, progress=None) -> LoopResult:
-    if not problem.layout.batched:
-        return numba_solve(problem, options, progress)
+def _solve(problem, options, progress=None, record=False, scratch="local") -> LoopResult:
+    if record or not problem.layout.batched:
+        # A single trajectory has one thread's work: the CPU kernel does it sooner. A
+        # gradient's forward keeps the checkpoint tape, which the CPU kernel replays.
+        return numba_solve(problem, options, progress, record)
     if progress is not None:
         # The launch returns when every thread has finished; nothing comes back before.
         raise ValueError(
@@ -215,16 +343,22 @@ def _solve(problem, options, progress=None) -> LoopResult:
             "kernel reports nothing until every trajectory ends; solve the batch with "
             "backend='numba' to watch it on the CPU"
         )
-    return solve(problem, options)
+    return solve(problem, options, scratch)
 
 
 class CudaEnsembleBackend(NumbaBackend):
     """The numba backend with batches solved on the GPU, one trajectory per thread (a single
     trajectory stays on the CPU kernel). Pass ``backend=BACKEND`` to ``odecore.solve`` or
-    ``odecore.odeint``."""
+    ``odecore.odeint``; ``CudaEnsembleBackend(scratch="global")`` keeps the threads' work
+    rows in one device array instead of their own (:data:`SCRATCH`)."""
 
     name = "numba-cuda"
-    kernels = replace(NumbaBackend.kernels, solve=_solve)
+
+    def __init__(self, scratch: str = "local"):
+        if scratch not in SCRATCH:
+            raise ValueError(f"scratch must be one of {SCRATCH}, not {scratch!r}")
+        self.scratch = scratch
+        self.kernels = replace(NumbaBackend.kernels, solve=partial(_solve, scratch=scratch))
 
 
 BACKEND = CudaEnsembleBackend()

@@ -6,15 +6,19 @@
 # downloads into .whl/ (ignored by git) the pure-Python wheels odecore needs that a GPU image
 # may lack. Then, on the GPU machine, with .whl/ beside the checkout (carried there):
 #     benchmarks/gpu_check.sh
-# installs those wheels and odecore (editable, no network), and runs
-#   1. tests/test_cupy.py and tests/test_torch_cuda.py (the device rows; cupy required, so
+# installs those wheels and odecore (editable, no network), and runs, most telling first:
+#   1. bench_gpu.py's ensemble part (the GPU ensemble kernel, N up to 2^23);
+#   2. tests/test_cupy.py and tests/test_torch_cuda.py (the device rows; cupy required, so
 #      a missing device fails instead of skipping);
-#   2. the unit tests that take the backend fixture, on cupy (ODECORE_TEST_BACKEND=cupy);
-#   3. the conformance suite on numpy and cupy (not slow);
-#   4. benchmarks/bench_gpu.py (CuPy against torchdiffeq on torch CUDA).
+#   3. tests/test_cuda_ensemble.py, whose device rows compare the kernel on the device with
+#      the CPU kernel;
+#   4. bench_gpu.py's peers (torchdiffeq on torch CUDA, odecore's generic CuPy solve) and its
+#      neural ODE;
+#   5. the conformance suite's cupy rows (not slow);
+#   6. the unit tests that take the backend fixture, on cupy (ODECORE_TEST_BACKEND=cupy).
 # Each part has its own time limit (seconds, overridable: PART_TIMEOUT_TESTS, ...); a part
 # that fails or times out does not stop the others. Logs and summary.txt go to $OUT (default
-# gpu_check_out/). PYTHON names the interpreter (default python3).
+# gpu_check_out/): eight files at most. PYTHON names the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -41,7 +45,9 @@ fi
 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e . >>"$OUT/install.log" 2>&1 \
     || { note "editable install of odecore failed (see install.log)"; exit 1; }
 note "$(nvidia-smi -L 2>&1 | head -n 2)"
-note "$("$PY" -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())' 2>&1)"
+note "$("$PY" -c 'import cupy, torch, numba, numpy; from numba import cuda; print("cupy", cupy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available(), "numba", numba.__version__, "numba cuda", cuda.is_available(), "numpy", numpy.__version__)' 2>&1 | tail -n 3)"
+# JAX, where a test imports it, must not take most of the device's memory up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 seconds=$2
@@ -55,12 +61,19 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider)
-part device_tests "${PART_TIMEOUT_TESTS:-120}" \
+part bench_ensemble "${PART_TIMEOUT_ENSEMBLE:-110}" \
+    "$PY" benchmarks/bench_gpu.py --parts ensemble --sizes 10 14 18 20 22 23 --repeat 10
+part device_tests "${PART_TIMEOUT_TESTS:-80}" \
     env ODECORE_REQUIRED_BACKENDS=cupy "${PYTEST[@]}" tests/test_cupy.py tests/test_torch_cuda.py
-part fixture_tests "${PART_TIMEOUT_FIXTURE:-150}" \
-    env ODECORE_TEST_BACKEND=cupy "${PYTEST[@]}" tests -m "not slow" --maxfail=25
-part conformance "${PART_TIMEOUT_CONFORMANCE:-150}" \
+part ensemble_tests "${PART_TIMEOUT_ENSEMBLE_TESTS:-70}" \
+    "${PYTEST[@]}" tests/test_cuda_ensemble.py
+part bench_peers "${PART_TIMEOUT_PEERS:-80}" \
+    "$PY" benchmarks/bench_gpu.py --parts peers node --peer-sizes 10 14 18 20 23
+part conformance "${PART_TIMEOUT_CONFORMANCE:-45}" \
     env ODECORE_CONFORMANCE_BACKENDS=numpy,cupy ODECORE_REQUIRED_BACKENDS=cupy \
-    "${PYTEST[@]}" conformance -m "not slow"
-part bench "${PART_TIMEOUT_BENCH:-120}" "$PY" benchmarks/bench_gpu.py --sizes 10 14 18 20 --repeat 3
-cat "$OUT/bench.log" >>"$summary"
+    "${PYTEST[@]}" conformance -m "not slow" -k cupy
+part fixture_tests "${PART_TIMEOUT_FIXTURE:-45}" \
+    env ODECORE_TEST_BACKEND=cupy "${PYTEST[@]}" tests -m "not slow" -k cupy --maxfail=25
+for name in bench_ensemble bench_peers; do
+    cat "$OUT/$name.log" >>"$summary"
+done

@@ -1,13 +1,15 @@
 """Run by tests/test_cuda_ensemble.py in a process of its own, with numba-cuda's simulator
-switched on before Numba is imported: the GPU ensemble kernel and the CPU kernel solve the
-same batches, and the results are saved for the test to compare."""
+switched on before Numba is imported (or, with ``--device``, on a real CUDA device): the GPU
+ensemble kernel, with either place for its work rows, and the CPU kernel solve the same
+batches, and the results are saved for the test to compare."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+if "--device" not in sys.argv:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 import numpy as np  # noqa: E402
 from odecore.adapters import cuda_ensemble  # noqa: E402
@@ -38,7 +40,11 @@ def main(path: str) -> None:
     saved = {}
     for name, kwargs in runs.items():
         dtype = kwargs.pop("dtype")
-        for label, backend in (("gpu", cuda_ensemble.BACKEND), ("cpu", "numba")):
+        backends = {
+            f"gpu-{scratch}": cuda_ensemble.CudaEnsembleBackend(scratch)
+            for scratch in cuda_ensemble.SCRATCH
+        }
+        for label, backend in {**backends, "cpu": "numba"}.items():
             sol = odecore.solve(
                 lorenz,
                 y0.astype(dtype),
