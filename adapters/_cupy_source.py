@@ -102,14 +102,22 @@ def stage_combination(weights: Sequence[float], with_y: bool = True) -> Source:
     )
 
 
-def rms_error_ratio() -> Source:
+def rms_error_ratio(rtol_type: str = "R", atol_type: str = "A") -> Source:
     """The reduction ``sqrt(sum(s * s) / n)`` of ``s = err / (atol + rtol * max(|y|,
     |y_new|))`` over the reduced axis, in double, with ``n`` the number of elements reduced
-    per output. ``rtol`` and ``atol`` are scalars or arrays that broadcast to the state."""
+    per output. ``rtol`` and ``atol`` are arrays that broadcast to the state, their types
+    read from the arguments (``R``, ``A``), or ``"float64"`` for a Python number: CuPy reads
+    no type placeholder from a Python number, so a kernel whose placeholder only such a
+    number fills cannot be called."""
+    if rtol_type not in ("R", "float64") or atol_type not in ("A", "float64"):
+        raise ValueError(
+            f"rtol_type must be 'R' or 'float64' and atol_type 'A' or 'float64', got "
+            f"{rtol_type!r} and {atol_type!r}"
+        )
     scale = "(double)atol + (double)rtol * fmax(fabs((double)y), fabs((double)y_new))"
     return Source(
         name="odecore_rms_error_ratio",
-        in_params="T err, T y, T y_new, R rtol, R atol",
+        in_params=f"T err, T y, T y_new, {rtol_type} rtol, {atol_type} atol",
         out_params="float64 out",
         map_expr=f"odecore_square((double)err / ({scale}))",
         reduce_expr="a + b",
@@ -126,6 +134,15 @@ def _horner(coefficients: tuple[float, ...]) -> str:
     for c in reversed(coefficients[:-1]):
         inner = f"{c!r} + theta * ({inner})"
     return f"theta * ({inner})"
+
+
+def tolerance_types(rtol, atol) -> tuple[str, str]:
+    """The :func:`rms_error_ratio` parameter types for these tolerances: a device array's
+    own (a placeholder), double for a host number."""
+    return tuple(
+        placeholder if hasattr(value, "__cuda_array_interface__") else "float64"
+        for value, placeholder in ((rtol, "R"), (atol, "A"))
+    )
 
 
 def dense_output(dense: Sequence[Sequence[float]]) -> Source:

@@ -112,7 +112,8 @@ class _FusedStep:
 def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
     """``Kernels.rms_error_ratio`` as one reduction kernel: a (B,) float64 array for a batch
     (``axis=1``); a Python float for a single sample kept on the host (``axis=None``)."""
-    ratio = _reduction(_cupy_source.rms_error_ratio())(err, y, y_new, rtol, atol, axis=axis)
+    source = _cupy_source.rms_error_ratio(*_cupy_source.tolerance_types(rtol, atol))
+    ratio = _reduction(source)(err, y, y_new, rtol, atol, axis=axis)
     return float(ratio) if axis is None else ratio
 
 

@@ -146,6 +146,35 @@ def test_rms_error_ratio_against_its_definition():
     np.testing.assert_allclose(out, expected, rtol=16 * EPS64, atol=0)
 
 
+class _DeviceArray:
+    """Stands for a device array: what CuPy reads a kernel argument's type from."""
+
+    __cuda_array_interface__ = {"shape": (1,), "typestr": "<f8", "data": (0, False)}
+
+
+@pytest.mark.parametrize("atol", [1e-9, _DeviceArray()], ids=["atol-number", "atol-array"])
+@pytest.mark.parametrize("rtol", [1e-6, _DeviceArray()], ids=["rtol-number", "rtol-array"])
+def test_error_ratio_types_every_parameter_its_argument_can_fill(rtol, atol):
+    # CuPy fills a type placeholder from array arguments only; one left to Python numbers
+    # alone cannot be resolved, and the call fails (KeyError) before the kernel compiles.
+    source = _cupy_source.rms_error_ratio(*_cupy_source.tolerance_types(rtol, atol))
+    params = dict(reversed(p.split()) for p in source.in_params.split(", "))
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, float):
+            assert params[name] == "float64"
+        else:
+            assert params[name] in ("R", "A")
+    placeholders = {t for t in params.values() if len(t) == 1}
+    filled = {params[name] for name in ("err", "y", "y_new")}
+    filled |= {params[n] for n, v in (("rtol", rtol), ("atol", atol)) if not isinstance(v, float)}
+    assert placeholders <= filled
+
+
+def test_error_ratio_types_are_checked():
+    with pytest.raises(ValueError, match="rtol_type must be"):
+        _cupy_source.rms_error_ratio("T", "A")
+
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_dense_output_against_the_interpolant_polynomials(method):
     rk = prepared(odecore.TABLEAUS[method])
