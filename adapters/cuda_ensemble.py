@@ -48,12 +48,19 @@ from odecore.ode.loop import LoopResult
 
 THREADS_PER_BLOCK = 64
 
-# Where each thread keeps its work rows (the state, the stages, the error). "local": arrays
-# of the thread's own (cuda.local.array), sized when the kernel is compiled for one state
-# size; the hardware interleaves them across a warp's threads, and small ones can live in
-# registers. "global": one device array for all threads, row n for thread n, as the CPU
-# kernel keeps them; a warp's accesses are then a row apart.
-SCRATCH = ("local", "global")
+# Where each thread keeps its work rows (the state, the stages, the error):
+# - "global": one device array, row n for thread n, as the CPU kernel keeps them. A warp's
+#   accesses are a row apart, one memory transaction per thread, and the kernel is bound by
+#   memory: on an H200, 1.46e9 trajectory-steps per second for tsit5 on Lorenz.
+# - "interleaved": one device array with the trajectory last, so that a warp's 32 threads
+#   touch 32 neighbouring elements at once.
+# - "local": arrays of the thread's own (cuda.local.array), sized when the kernel is
+#   compiled for one state size; the hardware interleaves them as above, caches them, and
+#   small ones can live in registers.
+# "global" is the default: it is the one measured on a device so far (benchmarks/bench_gpu.py
+# times all three).
+SCRATCH = ("global", "interleaved", "local")
+DEFAULT_SCRATCH = "global"
 
 _rules: dict | None = None
 _kernels: dict = {}
@@ -141,6 +148,69 @@ def _ensemble(
     dt_next[n] = dt
 
 
+def _ensemble_interleaved(
+    y0,
+    params,
+    shared,
+    ts,
+    stops,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    valid,
+    a,
+    c,
+    b,
+    dense,
+    dense_a,
+    dense_c,
+    sizes,
+    settings,
+    out,
+    work,
+    weights,
+    status,
+    t_reached,
+    dt_next,
+    stats,
+    watch,
+    tape_times,
+    tape_y,
+):
+    """:func:`_ensemble` with the threads' work rows interleaved: element ``(row, i)`` of
+    thread ``n`` is ``work[row, i, n]``, so a warp reads and writes 32 neighbours at once."""
+    n = cuda.grid(1)
+    if n >= y0.shape[0]:
+        return
+    _start(n, out)  # noqa: F821  (bound)
+    own = params[0] if shared else params[n]
+    tab = (a, c, b, dense, dense_a, dense_c, sizes)
+    s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
+        y0[n],
+        own,
+        ts,
+        stops,
+        jumps,
+        rtol[n],
+        atol[n],
+        parts,
+        valid[n],
+        tab,
+        settings,
+        out[n],
+        work[:, :, n],
+        weights[:, :, n],
+        stats[n],
+        watch[n],
+        tape_times,
+        tape_y,
+    )
+    status[n] = s
+    t_reached[n] = t
+    dt_next[n] = dt
+
+
 def _ensemble_local(
     y0,
     params,
@@ -177,8 +247,10 @@ def _ensemble_local(
     if n >= y0.shape[0]:
         return
     _start(n, out)  # noqa: F821  (bound)
-    own_work = cuda.local.array(WORK_SHAPE, STATE_DTYPE)  # noqa: F821  (bound per kernel)
-    own_weights = cuda.local.array(WEIGHTS_SHAPE, float64)  # noqa: F821
+    # numba-cuda sizes these arrays from integer literals only: the bound names are ints,
+    # written out here as a tuple (a bound tuple is typed as a plain tuple of int64).
+    own_work = cuda.local.array((WORK_ROWS, STATE_SIZE), STATE_DTYPE)  # noqa: F821  (bound)
+    own_weights = cuda.local.array((1, DENSE_STAGE_COUNT), float64)  # noqa: F821
     own = params[0] if shared else params[n]
     tab = (a, c, b, dense, dense_a, dense_c, sizes)
     s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
@@ -227,91 +299,105 @@ def _kernel(func, tableau, dtype: str, size: int, scratch: str) -> SimpleNamespa
             _device, _device_rules(), dynamics, sums, state_size=size, state_dtype=dtype
         )
         names = {"solve_trajectory": functions.solve_trajectory, "_start": _device(_start)}
+        source = {"global": _ensemble, "interleaved": _ensemble_interleaved}.get(scratch)
         if scratch == "local":
-            names["WORK_SHAPE"] = (loop.work_rows(arrays.sizes), size)
-            names["WEIGHTS_SHAPE"] = (1, int(arrays.sizes[DENSE_STAGES]))
+            names["WORK_ROWS"] = int(loop.work_rows(arrays.sizes))
+            names["STATE_SIZE"] = int(size)
+            names["DENSE_STAGE_COUNT"] = int(arrays.sizes[DENSE_STAGES])
             names["STATE_DTYPE"] = numba.from_dtype(np.dtype(dtype))
             names["float64"] = numba.float64
             source = _ensemble_local
-        else:
-            source = _ensemble
         kernel = _kernels[key] = SimpleNamespace(
             tableau=tableau, arrays=arrays, launch=cuda.jit(bind(source, names))
         )
     return kernel
 
 
+def _arguments(problem, options, scratch: str, empty, send):
+    """The kernel for ``problem`` and its arguments: the inputs passed through ``send``, the
+    outputs and scratch made by ``empty(shape, dtype)``. Returns ``(kernel, arguments,
+    outputs)``, the outputs by name as :func:`ensemble_result` takes them."""
+    if scratch not in SCRATCH:
+        raise ValueError(f"scratch must be one of {SCRATCH}, not {scratch!r}")
+    inputs = kernel_inputs(problem, options)
+    if not inputs.batched:
+        raise ValueError(
+            "the GPU ensemble solves a batch: y0 of shape (N, D) with batch_axis=0; solve a "
+            "single trajectory on the CPU (backend='numba')"
+        )
+    y0 = inputs.y0
+    rows, size = y0.shape
+    dtype = y0.dtype
+    kernel = _kernel(problem.dynamics.user_func, problem.solver.tableau, dtype.name, size, scratch)
+    tab = kernel.arrays
+    if scratch == "local":
+        # Unused: the kernel keeps its rows in arrays of each thread's own.
+        work, weights = empty((1, 1, size), dtype), empty((1, 1, 1), np.float64)
+    elif scratch == "interleaved":
+        work = empty((loop.work_rows(tab.sizes), size, rows), dtype)
+        weights = empty((1, tab.sizes[DENSE_STAGES], rows), np.float64)
+    else:
+        # Scratch lives and dies on the device: nothing is copied either way.
+        work = empty((rows, loop.work_rows(tab.sizes), size), dtype)
+        weights = empty((rows, 1, tab.sizes[DENSE_STAGES]), np.float64)
+    outputs = {
+        "out": empty((rows, len(inputs.ts), size), dtype),
+        "status": empty(rows, np.int64),
+        "t_reached": empty(rows, np.float64),
+        "dt_next": empty(rows, np.float64),
+        "stats": empty((rows, len(_STATS)), np.int64),
+    }
+    arguments = (
+        send(y0),
+        send(inputs.params),
+        inputs.params.shape[0] == 1 and rows > 1,
+        send(inputs.ts),
+        send(inputs.stops),
+        send(inputs.jumps),
+        send(inputs.rtol),
+        send(inputs.atol),
+        send(inputs.parts),
+        send(inputs.valid),
+        *(send(np.ascontiguousarray(array)) for array in tab),
+        send(inputs.settings),
+        outputs["out"],
+        work,
+        weights,
+        outputs["status"],
+        outputs["t_reached"],
+        outputs["dt_next"],
+        outputs["stats"],
+        # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these rows;
+        # nor does it keep a tape (the checkpoint gradient runs on the CPU).
+        empty((rows, 1), np.float64),
+        empty((0, loop.TAPE_COLUMNS), np.float64),
+        empty((0, size), dtype),
+    )
+    return kernel, arguments, outputs
+
+
 class Launch:
     """One ensemble's kernel launch, its arrays on the device: :meth:`run` solves (again),
-    :meth:`result` copies the solution back. :func:`solve` is ``prepare`` then both; a
+    :meth:`result` copies the solution back. :func:`solve` is ``Launch`` then both; a
     benchmark times ``run`` alone, as the solve of arrays that already live on the device."""
 
-    def __init__(self, problem, options, scratch: str = "local"):
-        if scratch not in SCRATCH:
-            raise ValueError(f"scratch must be one of {SCRATCH}, not {scratch!r}")
-        inputs = kernel_inputs(problem, options)
-        if not inputs.batched:
-            raise ValueError(
-                "the GPU ensemble solves a batch: y0 of shape (N, D) with batch_axis=0; solve "
-                "a single trajectory on the CPU (backend='numba')"
-            )
+    def __init__(self, problem, options, scratch: str = DEFAULT_SCRATCH):
         if not cuda.is_available():
             raise RuntimeError(
                 "the GPU ensemble needs a CUDA device, and numba-cuda finds none here; solve "
                 "the batch on the CPU with backend='numba', or run the kernel under "
                 "numba-cuda's simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is imported)"
             )
-        y0 = inputs.y0
-        rows, size = y0.shape
-        dtype = y0.dtype
-        kernel = _kernel(
-            problem.dynamics.user_func, problem.solver.tableau, dtype.name, size, scratch
-        )
-        tab = kernel.arrays
-        if scratch == "local":
-            work = cuda.device_array((rows, 0, size), dtype=dtype)
-            weights = cuda.device_array((rows, 0, 0))
-        else:
-            # Scratch lives and dies on the device: nothing is copied either way.
-            work = cuda.device_array((rows, loop.work_rows(tab.sizes), size), dtype=dtype)
-            weights = cuda.device_array((rows, 1, tab.sizes[DENSE_STAGES]))
         self.problem = problem
-        self.kernel = kernel
+        self.kernel, self.arguments, self.outputs = _arguments(
+            problem,
+            options,
+            scratch,
+            lambda shape, dtype: cuda.device_array(shape, dtype=dtype),
+            cuda.to_device,
+        )
+        rows = self.outputs["status"].shape[0]
         self.blocks = (rows + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-        self.outputs = SimpleNamespace(
-            out=cuda.device_array((rows, len(inputs.ts), size), dtype=dtype),
-            status=cuda.device_array(rows, dtype=np.int64),
-            t_reached=cuda.device_array(rows),
-            dt_next=cuda.device_array(rows),
-            stats=cuda.device_array((rows, len(_STATS)), dtype=np.int64),
-        )
-        to_device = cuda.to_device
-        self.arguments = (
-            to_device(y0),
-            to_device(inputs.params),
-            inputs.params.shape[0] == 1 and rows > 1,
-            to_device(inputs.ts),
-            to_device(inputs.stops),
-            to_device(inputs.jumps),
-            to_device(inputs.rtol),
-            to_device(inputs.atol),
-            to_device(inputs.parts),
-            to_device(inputs.valid),
-            *(to_device(np.ascontiguousarray(array)) for array in tab),
-            to_device(inputs.settings),
-            self.outputs.out,
-            work,
-            weights,
-            self.outputs.status,
-            self.outputs.t_reached,
-            self.outputs.dt_next,
-            self.outputs.stats,
-            # The kernel is compiled unwatched (loop.WATCHED = 0): it never touches these
-            # rows; nor does it keep a tape (the checkpoint gradient runs on the CPU).
-            cuda.device_array((rows, 1)),
-            cuda.device_array((0, loop.TAPE_COLUMNS)),
-            cuda.device_array((0, size), dtype=dtype),
-        )
 
     def run(self) -> None:
         """Launch the kernel; it runs on while the host goes on (numba-cuda's default
@@ -319,11 +405,11 @@ class Launch:
         self.kernel.launch[self.blocks, THREADS_PER_BLOCK](*self.arguments)
 
     def result(self) -> LoopResult:
-        host = {name: array.copy_to_host() for name, array in vars(self.outputs).items()}
+        host = {name: array.copy_to_host() for name, array in self.outputs.items()}
         return ensemble_result(self.problem, **host)
 
 
-def solve(problem, options, scratch: str = "local") -> LoopResult:
+def solve(problem, options, scratch: str = DEFAULT_SCRATCH) -> LoopResult:
     """A batch (``batch_axis=0``, ``y0`` of shape (N, D)) solved one trajectory per GPU
     thread; the result is the CPU kernel's."""
     launch = Launch(problem, options, scratch)
@@ -331,7 +417,7 @@ def solve(problem, options, scratch: str = "local") -> LoopResult:
     return launch.result()
 
 
-def _solve(problem, options, progress=None, record=False, scratch="local") -> LoopResult:
+def _solve(problem, options, progress=None, record=False, scratch=DEFAULT_SCRATCH) -> LoopResult:
     if record or not problem.layout.batched:
         # A single trajectory has one thread's work: the CPU kernel does it sooner. A
         # gradient's forward keeps the checkpoint tape, which the CPU kernel replays.
@@ -354,7 +440,7 @@ class CudaEnsembleBackend(NumbaBackend):
 
     name = "numba-cuda"
 
-    def __init__(self, scratch: str = "local"):
+    def __init__(self, scratch: str = DEFAULT_SCRATCH):
         if scratch not in SCRATCH:
             raise ValueError(f"scratch must be one of {SCRATCH}, not {scratch!r}")
         self.scratch = scratch

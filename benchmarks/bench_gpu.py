@@ -6,10 +6,10 @@ against torchdiffeq on torch CUDA on the same device.
    end state only; tsit5 fixed (dt = 1e-3, 1000 steps: the step capped at dt, every step
    accepted) and adaptive (rtol = atol = 1e-8).
    odecore's GPU ensemble kernel (``odecore.adapters.cuda_ensemble``: one thread per
-   trajectory, each taking its own steps) with its work rows in each thread's own arrays
-   ("local") or in one device array ("global"). ``kernel`` times the launch on arrays that
-   already live on the device (the DiffEqGPU setting); ``end-to-end`` times
-   ``odecore.solve`` from NumPy arrays to NumPy arrays. Printed beside them: trajectory-steps
+   trajectory, each taking its own steps) with each place for its work rows
+   (``cuda_ensemble.SCRATCH``: "global", "interleaved", "local"). ``kernel`` times the
+   launch on arrays that already live on the device (the DiffEqGPU setting); ``end-to-end``
+   times ``odecore.solve`` from NumPy arrays to NumPy arrays. Printed beside them: trajectory-steps
    per second, the published V100 figures at N = 2^23 and the difference to the CPU kernel
    (backend="numba") on the first 2^12 trajectories.
 2. **peers**: torchdiffeq's rk4 (fixed, dt = 1e-3) and dopri5 (adaptive) on one batched
@@ -21,8 +21,9 @@ against torchdiffeq on torch CUDA on the same device.
    to y0 and the weights; odecore on CuPy (the dynamics' own VJP) against torchdiffeq's
    ``odeint_adjoint`` on torch CUDA. Evaluations are printed beside the times.
 
-Times are the best of ``--repeat`` runs, each ending with a device synchronisation, after a
-warm-up run (compilation). A part whose requirements are missing says which and is skipped.
+Times are the best of ``--repeat`` runs (fewer once a case has taken 3 s), each ending with
+a device synchronisation, after a warm-up run (compilation). A part whose requirements are
+missing says which and is skipped.
 
     python benchmarks/bench_gpu.py                               every part, sizes 2^10 ... 2^23
     python benchmarks/bench_gpu.py --parts ensemble --sizes 10 23 --repeat 10
@@ -53,21 +54,21 @@ PUBLISHED_V100 = {
 CPU_CHECK_ROWS = 2**12
 
 
-def best_time(run, sync, repeat: int) -> tuple[float, object]:
-    result = run()  # warm-up: kernel compilation, allocator
+def best_time(run, sync, repeat: int, budget: float = 3.0) -> tuple[float, object]:
+    """The best of ``repeat`` timed runs after a warm-up (compilation, allocator), stopping
+    early once the timed runs have taken ``budget`` seconds: a slow case gets fewer runs."""
+    result = run()
     sync()
-    best = float("inf")
+    best, spent = float("inf"), 0.0
     for _ in range(repeat):
         start = time.perf_counter()
         result = run()
         sync()
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        best, spent = min(best, seconds), spent + seconds
+        if spent > budget:
+            break
     return best, result
-
-
-def repeats_for(n: int, repeat: int, limit: int = 2**20) -> int:
-    """Fewer runs for the largest batches of the slow peers: one is seconds there."""
-    return repeat if n < limit else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def run_ensemble(sizes, repeat: int, t1: float) -> None:
     from odecore.adapters import cuda_ensemble
 
     print(
-        f"{'case':<9} {'scratch':<7} {'N':>9} {'kernel':>10} {'end-to-end':>11} "
+        f"{'case':<9} {'scratch':<11} {'N':>9} {'kernel':>10} {'end-to-end':>11} "
         f"{'traj-steps/s':>13} {'steps':>6} {'vs CPU kernel':>13}"
     )
     t = np.array([0.0, t1], dtype=np.float32)
@@ -144,13 +145,13 @@ def run_ensemble(sizes, repeat: int, t1: float) -> None:
                     kernel_s, _ = best_time(launch.run, cuda.synchronize, repeat)
                     sol = launch.result().solution
                 except Exception as exc:  # report the case and go on with the others
-                    print(f"{case:<9} {scratch:<7} {n:>9} failed: {type(exc).__name__}: {exc}")
+                    print(f"{case:<9} {scratch:<11} {n:>9} failed: {type(exc).__name__}: {exc}")
                     continue
                 steps = int(np.max(sol.stats["naccept"]))
                 rate = float(np.sum(sol.stats["naccept"])) / kernel_s
                 check = cpu_difference(sol, y0, t, params, settings)
                 print(
-                    f"{case:<9} {scratch:<7} {n:>9} {kernel_s * 1e3:>8.2f}ms "
+                    f"{case:<9} {scratch:<11} {n:>9} {kernel_s * 1e3:>8.2f}ms "
                     f"{end_to_end * 1e3:>9.1f}ms {rate:>13.3e} {steps:>6} {check:>13}"
                 )
                 sys.stdout.flush()
@@ -249,7 +250,7 @@ def solve_cupy(n: int, adaptive: bool, repeat: int, t1: float):
     def run():
         return odecore.solve(f, y0, t, batch_axis=0, **settings)
 
-    seconds, sol = best_time(run, cupy.cuda.Device().synchronize, repeats_for(n, repeat))
+    seconds, sol = best_time(run, cupy.cuda.Device().synchronize, repeat)
     return seconds, cupy.asnumpy(sol.ys[-1])
 
 
@@ -269,7 +270,7 @@ def solve_torch(n: int, adaptive: bool, repeat: int, t1: float, device="cuda"):
         with torch.no_grad():
             return torchdiffeq.odeint(f, y0, t, **settings)
 
-    seconds, ys = best_time(run, sync, repeats_for(n, repeat))
+    seconds, ys = best_time(run, sync, repeat)
     return seconds, ys[-1].cpu().numpy()
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("numba", reason="the GPU ensemble kernel is compiled by numb
 
 SCRIPT = Path(__file__).with_name("cuda_simulator_run.py")
 RUNS = ["tsit5", "rk4-float32"]
-GPU_LABELS = ["gpu-local", "gpu-global"]
+GPU_LABELS = ["gpu-global", "gpu-interleaved", "gpu-local"]
 
 
 def run_script(path, *flags):

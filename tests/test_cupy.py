@@ -231,8 +231,8 @@ def _nvrtc():
 
 def _translation_unit(source: _cupy_source.Source, state_type: str) -> str:
     """The kernel's source as one CUDA function taking each parameter from an array: the
-    parameters and the expressions exactly as the kernel gets them, with ``T`` (and the
-    tolerances' ``R``) the given type, as CuPy's typedefs make them."""
+    parameters and the expressions exactly as the kernel gets them, with ``T`` the given type
+    and the tolerances' ``R`` and ``A`` double, as CuPy's typedefs make them."""
     params = [p.split() for p in source.in_params.split(", ")]
     loads = []
     for i, (kind, name) in enumerate(params):
@@ -248,6 +248,7 @@ def _translation_unit(source: _cupy_source.Source, state_type: str) -> str:
     return f"""
 typedef {state_type} T;
 typedef double R;
+typedef double A;
 struct Indexer {{ __device__ long size() const {{ return 4; }} }};
 {source.preamble}
 extern "C" __global__ void odecore_check(const double* in_, double* out_) {{
@@ -263,7 +264,11 @@ extern "C" __global__ void odecore_check(const double* in_, double* out_) {{
 def test_generated_kernels_compile(method, state_type):
     nvrtc = _nvrtc()
     rk = prepared(odecore.TABLEAUS[method])
-    sources = [_cupy_source.rms_error_ratio(), _cupy_source.dense_output(rk.dense)]
+    sources = [
+        _cupy_source.rms_error_ratio(),
+        _cupy_source.rms_error_ratio("float64", "float64"),
+        _cupy_source.dense_output(rk.dense),
+    ]
     for row in rk.step_rows:
         sources += [_cupy_source.stage_combination(row.dense, with_y=w) for w in (True, False)]
     for source in sources:
