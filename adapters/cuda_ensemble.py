@@ -282,7 +282,7 @@ def _kernel(func, tableau, dtype: str, size: int, scratch: str) -> SimpleNamespa
     """The global kernel for ``func`` under ``tableau``'s method for states of ``size``
     elements in ``dtype``, keeping its work rows as ``scratch`` says; compiled once per
     configuration."""
-    key = (func, tableau.name, dtype, size, scratch)
+    key = (func, tableau.name, tableau.adaptive, dtype, size, scratch)
     kernel = _kernels.get(key)
     if kernel is None or kernel.tableau is not tableau:
         if _positional_count(func, FORMS) != 4:

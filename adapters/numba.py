@@ -293,7 +293,7 @@ def _kernel(
     (``numba_watch``), compiled apart, only for a solve that reports it."""
     per_func = _kernels.setdefault(func, {})
     state_size = size if size <= MAX_UNROLLED_SIZE else 0
-    key = (form, tableau.name, state_size, dtype, watched)
+    key = (form, tableau.name, tableau.adaptive, state_size, dtype, watched)
     kernel = per_func.get(key)
     if kernel is None or kernel.tableau is not tableau:
         arrays = kernel_tableau(tableau)

@@ -22,7 +22,13 @@ from odecore.control.controller import preset as controller_preset
 from odecore.control.norms import BUILTIN_NORMS
 from odecore.ode.solution import PrecisionWarning
 from odecore.solvers.explicit_rk import prepared
-from odecore.solvers.tableaus import ADAPTIVE_METHODS, FIXED_STEP_METHODS, TABLEAUS, Tableau
+from odecore.solvers.tableaus import (
+    ADAPTIVE_METHODS,
+    FIXED_STEP_METHODS,
+    TABLEAUS,
+    Tableau,
+    fixed_step,
+)
 
 DEFAULT_METHOD = "dopri5"
 # Finite so that a solve can never hang; large enough that a well-posed non-stiff problem
@@ -146,14 +152,24 @@ def _stacklevel_outside_odecore() -> int:
     return level
 
 
-def tableau(method: str | None) -> Tableau:
+def tableau(method: str | None, opts: dict | None = None) -> Tableau:
+    """The method's tableau; an adaptive method given a fixed grid in ``opts``
+    (``step_size`` or ``grid_constructor``) comes without its error estimate, and steps on
+    that grid."""
     name = DEFAULT_METHOD if method is None else method
     if not isinstance(name, str) or name not in TABLEAUS:
         raise ValueError(
             f"unknown method {method!r}; valid methods are: fixed-step "
             f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}"
         )
-    return TABLEAUS[name]
+    tab = TABLEAUS[name]
+    if isinstance(opts, dict) and tab.adaptive and _fixed_grid(opts):
+        return fixed_step(tab)
+    return tab
+
+
+def _fixed_grid(opts: dict) -> bool:
+    return opts.get("step_size") is not None or opts.get("grid_constructor") is not None
 
 
 def options(opts: dict | None, rk) -> dict:
@@ -166,7 +182,12 @@ def options(opts: dict | None, rk) -> dict:
         other = _FIXED_OPTIONS if rk.adaptive else _ADAPTIVE_OPTIONS
         hint = ""
         misplaced = [k for k in unknown if k in other]
-        if misplaced:
+        if misplaced and not rk.adaptive and TABLEAUS[rk.name].adaptive:
+            hint = (
+                f" ({', '.join(map(repr, misplaced))} only applies to adaptive steps, and "
+                f"options['step_size'] or options['grid_constructor'] fixes the grid)"
+            )
+        elif misplaced:
             kind = "fixed-step" if rk.adaptive else "adaptive"
             hint = f" ({', '.join(map(repr, misplaced))} only applies to {kind} methods)"
         raise ValueError(
@@ -535,7 +556,6 @@ def adjoint_settings(
         smallest = xp.min(arr)
         return smallest if bk.is_traced(smallest) else float(smallest)
 
-    tab = tableau(adj_method if adj_method is not None else method)
     if fwd_options is not None:
         check_dict(fwd_options, "options")
     fwd_options = fwd_options or {}
@@ -543,6 +563,7 @@ def adjoint_settings(
         # The forward norm is written for y's shape, not for the augmented backward state.
         adj_options = {k: v for k, v in fwd_options.items() if k != "norm"}
     check_dict(adj_options, "adjoint_options")
+    tab = tableau(adj_method if adj_method is not None else method, adj_options)
     # The backward solve crosses the forward's stops and discontinuities too: it lands on
     # them unless the user's adjoint_options name their own.
     landing = {

@@ -90,8 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--step-size",
         type=float,
         default=None,
-        help="the step of a fixed-step method; without it, as odecore.solve without "
-        "options['step_size'], the method takes one step from t0 to t1",
+        help="the step: a fixed-step method's (without it, as odecore.solve without "
+        "options['step_size'], the method takes one step from t0 to t1), or the fixed step "
+        "an adaptive method then takes instead of adapting",
     )
     solving.set_defaults(run=_run_solve)
     return parser
@@ -206,13 +207,7 @@ def _checked_options(args) -> dict:
                 f"got {args.max_steps}"
             )
         options["max_num_steps"] = args.max_steps
-    fixed_step = args.method in odecore.FIXED_STEP_METHODS
     if args.step_size is not None:
-        if not fixed_step:
-            raise _UsageError(
-                f"odecore solve: error: --step-size is for the fixed-step methods "
-                f"({', '.join(odecore.FIXED_STEP_METHODS)}); {args.method!r} adapts its steps"
-            )
         if not (math.isfinite(args.step_size) and args.step_size > 0):
             raise _UsageError(
                 f"odecore solve: error: --step-size must be positive, got {args.step_size!r}"
@@ -258,6 +253,8 @@ def _report(problem, args, backend, solution, final, elapsed) -> None:
 
 
 def _step_row(args) -> tuple[str, str]:
+    if args.step_size is not None:
+        return ("step size", f"{args.step_size:g}")
     if args.method not in odecore.FIXED_STEP_METHODS:
         return ("tolerances", f"rtol={args.rtol:g}, atol={args.atol:g}")
     if args.step_size is None:

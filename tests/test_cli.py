@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -92,10 +93,15 @@ def test_fixed_step_method_without_step_size_is_the_library_solve(capsys):
     assert re.search(r"^step size:\s+none given: one step from t0 to t1", out, re.MULTILINE)
 
 
-def test_step_size_is_refused_for_adaptive_methods(capsys):
-    code, _, err = run(capsys, "solve", "harmonic", "--step-size", "0.01")
-    assert code == 2
-    assert_one_line_error(err, "--step-size", "dopri5")
+def test_adaptive_method_with_step_size_takes_that_fixed_step(capsys):
+    code, out, err = run(capsys, "solve", "harmonic", "--method", "tsit5", "--step-size", "0.01")
+    assert code == 0, err
+    assert re.search(r"^step size:\s+0.01$", out, re.MULTILINE)
+    problem = PROBLEMS["harmonic"]
+    steps = math.ceil((problem.t1 - problem.t0) / 0.01 - 1e-9)
+    assert f"steps={steps}, accepted={steps}, rejected=0" in out
+    # tsit5's global error at h = 0.01 is about h**5 times the solution's scale.
+    assert reported(out, "max abs error") < 1e-8
 
 
 def test_unknown_problem_lists_the_names(capsys):

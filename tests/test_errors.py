@@ -215,9 +215,12 @@ def test_options_must_be_a_dict(backend):
 
 
 @pytest.mark.parametrize("method", odecore.ADAPTIVE_METHODS)
-def test_step_size_is_for_fixed_step_methods(backend, method):
-    with pytest.raises(ValueError, match="'step_size' only applies to fixed-step methods"):
-        solve(backend, method=method, options={"step_size": 0.1})
+def test_step_size_options_are_refused_at_a_fixed_step(backend, method):
+    # step_size runs an adaptive method at a fixed step (tests/test_solve.py), where the
+    # controller's options have nothing to act on.
+    match = r"'first_step' only applies to adaptive steps, and options\['step_size'\]"
+    with pytest.raises(ValueError, match=match):
+        solve(backend, method=method, options={"step_size": 0.1, "first_step": 0.01})
 
 
 @pytest.mark.parametrize("key", ["first_step", "max_step", "min_step", "norm", "controller"])

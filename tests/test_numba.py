@@ -158,6 +158,24 @@ def test_every_method_takes_the_generic_steps(method, t):
     assert_same_steps(kernel, generic, FIXED_STEP_RTOL if fixed else ADAPTIVE_RTOL)
 
 
+# FSAL with its interpolant; extra dense stages and two estimates; Hermite outputs.
+@pytest.mark.parametrize("method", ["tsit5", "dopri8", "adaptive_heun"])
+def test_adaptive_methods_at_a_fixed_step_take_the_generic_steps(method):
+    """options['step_size'] runs an adaptive method's weights on a fixed grid: the kernel
+    reads the tableau without its error estimate, as the generic loop does; outputs inside
+    steps come from the method's interpolant."""
+    t = np.linspace(0.0, 4.0, 9)
+    kernel, generic = solve_both(
+        oscillator, OSCILLATOR_Y0, t, params=OSCILLATOR_P, method=method,
+        options={"step_size": 0.03},
+    )  # fmt: skip
+    assert generic.success and generic.stats["nreject"] == 0
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL)
+    # The same method, adaptive, in the same process: its own kernel, not the fixed one.
+    adaptive, _ = solve_both(oscillator, OSCILLATOR_Y0, t, params=OSCILLATOR_P, method=method)
+    assert adaptive.stats["nsteps"] != kernel.stats["nsteps"]
+
+
 @pytest.mark.parametrize("method", ["rk4", "dopri5", "dopri8"])
 def test_fixed_grid_and_first_step(method):
     """A fixed-step method without step_size steps from output to output; an adaptive one

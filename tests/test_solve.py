@@ -153,6 +153,107 @@ def test_step_size_outputs_are_interpolated_accurately(backend, method):
 
 
 # ---------------------------------------------------------------------------------------------
+# Adaptive methods at a fixed step (options["step_size"]): the steps of the method's weights
+# b, no error estimate, outputs from the method's own interpolant
+# ---------------------------------------------------------------------------------------------
+
+
+def stability_function(method, z):
+    """``R(z) = 1 + z b^T (I - z A)^-1 1``: one step of the method on y' = lambda y with
+    h lambda = z multiplies y by R(z). From the tableau's numbers, not from a solve."""
+    tab = odecore.TABLEAUS[method]
+    s = tab.stages
+    a = np.zeros((s, s))
+    for i, row in enumerate(tab.a):
+        a[i, : len(row)] = row
+    return 1.0 + z * np.asarray(tab.b) @ np.linalg.solve(np.eye(s) - z * a, np.ones(s))
+
+
+def interpolant_on_decay(method, y, h, theta):
+    """The method's dense output at ``t + theta h`` for y' = -y from ``y`` at ``t``, from
+    the tableau: every dense stage (the main ones, f(t + h, y_new) unless FSAL, the extra
+    ones), then ``y + h sum_i b_i(theta) K_i``."""
+    tab = odecore.TABLEAUS[method]
+    ks = []
+    for row in tab.a + ((tuple(tab.b),) if not tab.fsal else ()):
+        ks.append(-(y + h * sum(w * k for w, k in zip(row, ks, strict=False))))
+    if not tab.fsal:
+        ks = ks[: tab.stages] + [ks[tab.stages]]  # the stages, then f(t + h, y_new)
+    for row in tab.dense_a:
+        ks.append(-(y + h * sum(w * k for w, k in zip(row, ks, strict=False))))
+    weights = [sum(c * theta ** (m + 1) for m, c in enumerate(row)) for row in tab.dense]
+    return y + h * sum(w * k for w, k in zip(weights, ks, strict=True))
+
+
+@pytest.mark.parametrize("method", first_only_on_jax(odecore.ADAPTIVE_METHODS))
+def test_adaptive_method_at_a_fixed_step_takes_the_steps_of_its_weights(backend, method):
+    h, n = 0.125, 8  # exact in binary: the grid is 0, h, ..., 1 without rounding
+    sol = odecore.solve(
+        decay,
+        backend.asarray([1.0]),
+        backend.asarray([0.0, 0.5, 1.0]),
+        method=method,
+        options={"step_size": h},
+    )
+    stats = backend.stats(sol)
+    assert stats["nsteps"] == stats["naccept"] == n and stats["nreject"] == 0
+    # No error estimate, no rejected step; an FSAL method reuses its last stage.
+    fsal = odecore.TABLEAUS[method].fsal
+    assert stats["nfev"] == 1 + (stages(method) - fsal) * n
+    expected = stability_function(method, -h) ** np.array([0, 4, 8])
+    # Eight steps of a few dozen operations each, on values below 1.
+    np.testing.assert_allclose(backend.to_numpy(sol.ys)[:, 0], expected, rtol=1e-13, atol=0)
+    assert sol.method == method
+
+
+WITH_INTERPOLANT = [m for m in odecore.ADAPTIVE_METHODS if odecore.TABLEAUS[m].dense is not None]
+
+
+@pytest.mark.parametrize("method", first_only_on_jax(WITH_INTERPOLANT))
+def test_adaptive_method_at_a_fixed_step_interpolates_with_its_own_dense_output(backend, method):
+    h, theta = 0.25, 0.375
+    sol = odecore.solve(
+        decay,
+        backend.asarray([1.0]),
+        backend.asarray([0.0, h + theta * h, 1.0]),
+        method=method,
+        options={"step_size": h},
+    )
+    y1 = stability_function(method, -h)  # the state after the first step
+    expected = interpolant_on_decay(method, y1, h, theta)
+    np.testing.assert_allclose(backend.to_numpy(sol.ys)[1, 0], expected, rtol=1e-13, atol=0)
+    assert backend.stats(sol)["naccept"] == 4
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_adaptive_method_at_a_fixed_step_gradient(adjoint):
+    # y' = -a y: on the grid y(1) = R(-a h)^8 y0, so d y(1) / d y0 = R^8 and d y(1) / d a =
+    # 8 R^7 R'(-a h) (-h) y0, with R' by a complex step (R is a rational function). The
+    # backsolve's adjoint takes the same fixed steps backwards: its own discretisation error,
+    # of order h^5, stands between it and these discrete derivatives.
+    h, a, y0 = 0.125, 1.0, 2.0
+
+    class Decay:
+        def __call__(self, t, y, rate):
+            return -rate * y
+
+        def vjp(self, t, y, rate, cotangent):
+            return -rate * cotangent, -(cotangent * y).sum(keepdims=True)
+
+    ys, pullback = odecore.vjp_odeint(
+        Decay(), np.array([y0]), np.array([0.0, 1.0]), np.array([a]), method="tsit5",
+        options={"step_size": h}, adjoint=adjoint,
+    )  # fmt: skip
+    y0_bar, a_bar, _ = pullback(np.array([[0.0], [1.0]]))
+    r = stability_function("tsit5", -a * h)
+    r_prime = stability_function("tsit5", complex(-a * h, 1e-20)).imag / 1e-20
+    np.testing.assert_allclose(ys[-1, 0], y0 * r**8, rtol=1e-14)
+    rtol = 1e-13 if adjoint == "checkpoint" else 1e-6
+    np.testing.assert_allclose(y0_bar[0], r**8, rtol=rtol)
+    np.testing.assert_allclose(a_bar[0], 8 * r**7 * r_prime * (-h) * y0, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-sample stepping
 # ---------------------------------------------------------------------------------------------
 

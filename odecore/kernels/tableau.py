@@ -49,12 +49,13 @@ class KernelTableau(NamedTuple):
     sizes: np.ndarray  # int64, indexed by the constants above
 
 
-_TABLEAUS: dict[str, tuple[Tableau, KernelTableau]] = {}
+_TABLEAUS: dict[tuple[str, bool], tuple[Tableau, KernelTableau]] = {}
 
 
 def kernel_tableau(tab: Tableau) -> KernelTableau:
     """The arrays of ``tab``, built once per method."""
-    kept = _TABLEAUS.get(tab.name)
+    key = (tab.name, tab.adaptive)  # a method at a fixed step keeps its name
+    kept = _TABLEAUS.get(key)
     if kept is not None and kept[0] is tab:
         return kept[1]
     rk = prepared(tab)
@@ -88,7 +89,7 @@ def kernel_tableau(tab: Tableau) -> KernelTableau:
         dense_c=np.asarray(tab.dense_c, dtype=np.float64).reshape(extra),
         sizes=sizes,
     )
-    _TABLEAUS[tab.name] = (tab, arrays)
+    _TABLEAUS[key] = (tab, arrays)
     return arrays
 
 

@@ -51,7 +51,7 @@ def _per_part_norm(wrapped, method, options):
     """The options with the error norm of a structured state: the largest RMS of its parts
     for "rms" (the default), a user norm called with the structure; "max" is the same on
     the flat state. Fixed-step methods have no norm."""
-    if not _validate.tableau(method).adaptive:
+    if not _validate.tableau(method, options).adaptive:
         return options
     _validate.check_dict(options or {}, "options")
     options = dict(options or {})

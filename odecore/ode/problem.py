@@ -106,7 +106,7 @@ def prepare(
     generic loop's stage store and per-step time lists are not built. Every check is made
     all the same."""
     xp = bk.xp
-    rk = prepared(_validate.tableau(method))
+    rk = prepared(_validate.tableau(method, options))
     opts = _validate.options(options, rk)
     ts_user = _validate.times(bk, t)
     y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)

@@ -223,12 +223,14 @@ def _hermite_dense(tab: Tableau) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(r) for r in rows)
 
 
-_PREPARED: dict[str, ExplicitRK] = {}
+# By name and adaptivity: a method at a fixed step (tableaus.fixed_step) keeps its name.
+_PREPARED: dict[tuple[str, bool], ExplicitRK] = {}
 
 
 def prepared(tab: Tableau) -> ExplicitRK:
-    """The :class:`ExplicitRK` of a tableau, built once per method name."""
-    rk = _PREPARED.get(tab.name)
+    """The :class:`ExplicitRK` of a tableau, built once per method name and adaptivity."""
+    key = (tab.name, tab.adaptive)
+    rk = _PREPARED.get(key)
     if rk is None or rk.tableau is not tab:
-        rk = _PREPARED[tab.name] = ExplicitRK(tab)
+        rk = _PREPARED[key] = ExplicitRK(tab)
     return rk

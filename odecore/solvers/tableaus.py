@@ -22,7 +22,7 @@ Conventions, shared by every record:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 
@@ -120,6 +120,23 @@ class Tableau:
 
 _Number = int | str | Fraction
 _Poly = list[Fraction]  # coefficients, lowest power first
+
+
+_FIXED_STEP: dict[str, tuple[Tableau, Tableau]] = {}
+
+
+def fixed_step(tab: Tableau) -> Tableau:
+    """``tab`` without its error estimate: the method at a fixed step (``options["step_size"]``
+    or ``options["grid_constructor"]``), as diffrax's ``ConstantStepSize`` runs an embedded
+    pair. Its steps, stages and dense output are ``tab``'s; it keeps ``tab``'s name. Built
+    once per method, so that the solver's and the kernels' caches see one object."""
+    if not tab.adaptive:
+        return tab
+    kept = _FIXED_STEP.get(tab.name)
+    if kept is None or kept[0] is not tab:
+        fixed = replace(tab, b_err=None, b_err2=None, error_order=None)
+        kept = _FIXED_STEP[tab.name] = (tab, fixed)
+    return kept[1]
 
 
 def _q(x: _Number) -> Fraction:
