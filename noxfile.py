@@ -174,6 +174,23 @@ def gpu(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
+def cuda_compile(session: nox.Session) -> None:
+    """The GPU ensemble kernels compiled to PTX for a Hopper GPU by numba-cuda, without a
+    device (tests/cuda_ptx_run.py): what the device compiler refuses, the simulator cannot
+    show. NVVM and NVRTC come from NVIDIA's wheels."""
+    install_project(session, extras_for("numba"))
+    session.install("numba-cuda", "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-nvcc-cu12")
+    session.run(
+        "pytest",
+        "tests/test_cuda_ensemble.py",
+        "-k",
+        "compiles_for_a_device",
+        "-rs",
+        *session.posargs,
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check; pass --fix etc. through posargs to ruff check."""
     session.install(*CONSTRAINTS, "ruff")

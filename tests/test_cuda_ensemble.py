@@ -90,6 +90,33 @@ def test_gpu_ensemble_on_a_device_takes_the_cpu_kernels_steps(device_results, ru
     np.testing.assert_allclose(ys, reference, rtol=0, atol=DEVICE_RTOL[run] * scale)
 
 
+def test_every_ensemble_kernel_compiles_for_a_device_without_one():
+    # numba-cuda (not the CUDA target Numba itself once carried) with NVVM and NVRTC: then
+    # the kernels compile to PTX here as they would on a device (tests/cuda_ptx_run.py).
+    script = Path(__file__).with_name("cuda_ptx_run.py")
+    # A function calling into CUDA's math library needs NVVM and NVRTC both.
+    probe = "\n".join(
+        [
+            "import math, numba_cuda",
+            "from numba import cuda, float64",
+            "def k(x):",
+            "    x[0] = math.nextafter(x[0], 0.0)",
+            "cuda.compile_ptx(k, (float64[:],), cc=(9, 0))",
+        ]
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.skip(
+            "numba-cuda with NVVM and NVRTC is not installed here (pip install numba-cuda "
+            "nvidia-cuda-nvrtc-cu12): the kernels' device compile is checked on a device: "
+            + found.stderr.strip().splitlines()[-1]
+        )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
 def test_without_a_device_the_ensemble_says_what_to_do():
     from numba import cuda
 
