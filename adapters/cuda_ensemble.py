@@ -115,142 +115,24 @@ def _ensemble(
     tape_times,
     tape_y,
 ):
-    """One trajectory per thread, its work rows in ``work[n]``; the arrays are
-    :func:`launch`'s."""
+    """One trajectory per thread; the arrays are :func:`_arguments`'. Where the thread keeps
+    its work rows is decided when the kernel is compiled (bound constants, so that the
+    compiler drops the branches not taken): ``work[n]`` ("global"), ``work[:, :, n]``
+    ("interleaved"), or arrays of its own ("local", ``work`` and ``weights`` unused)."""
     n = cuda.grid(1)
     if n >= y0.shape[0]:
         return
     _start(n, out)  # noqa: F821  (bound)
-    own = params[0] if shared else params[n]
-    tab = (a, c, b, dense, dense_a, dense_c, sizes)
-    s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
-        y0[n],
-        own,
-        ts,
-        stops,
-        jumps,
-        rtol[n],
-        atol[n],
-        parts,
-        valid[n],
-        tab,
-        settings,
-        out[n],
-        work[n],
-        weights[n],
-        stats[n],
-        watch[n],
-        tape_times,
-        tape_y,
-    )
-    status[n] = s
-    t_reached[n] = t
-    dt_next[n] = dt
-
-
-def _ensemble_interleaved(
-    y0,
-    params,
-    shared,
-    ts,
-    stops,
-    jumps,
-    rtol,
-    atol,
-    parts,
-    valid,
-    a,
-    c,
-    b,
-    dense,
-    dense_a,
-    dense_c,
-    sizes,
-    settings,
-    out,
-    work,
-    weights,
-    status,
-    t_reached,
-    dt_next,
-    stats,
-    watch,
-    tape_times,
-    tape_y,
-):
-    """:func:`_ensemble` with the threads' work rows interleaved: element ``(row, i)`` of
-    thread ``n`` is ``work[row, i, n]``, so a warp reads and writes 32 neighbours at once."""
-    n = cuda.grid(1)
-    if n >= y0.shape[0]:
-        return
-    _start(n, out)  # noqa: F821  (bound)
-    own = params[0] if shared else params[n]
-    tab = (a, c, b, dense, dense_a, dense_c, sizes)
-    s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
-        y0[n],
-        own,
-        ts,
-        stops,
-        jumps,
-        rtol[n],
-        atol[n],
-        parts,
-        valid[n],
-        tab,
-        settings,
-        out[n],
-        work[:, :, n],
-        weights[:, :, n],
-        stats[n],
-        watch[n],
-        tape_times,
-        tape_y,
-    )
-    status[n] = s
-    t_reached[n] = t
-    dt_next[n] = dt
-
-
-def _ensemble_local(
-    y0,
-    params,
-    shared,
-    ts,
-    stops,
-    jumps,
-    rtol,
-    atol,
-    parts,
-    valid,
-    a,
-    c,
-    b,
-    dense,
-    dense_a,
-    dense_c,
-    sizes,
-    settings,
-    out,
-    work,
-    weights,
-    status,
-    t_reached,
-    dt_next,
-    stats,
-    watch,
-    tape_times,
-    tape_y,
-):
-    """:func:`_ensemble` with the thread's work rows in arrays of its own; ``work`` and
-    ``weights`` are unused (no rows)."""
-    n = cuda.grid(1)
-    if n >= y0.shape[0]:
-        return
-    _start(n, out)  # noqa: F821  (bound)
-    # numba-cuda sizes these arrays from integer literals only: the bound names are ints,
-    # written out here as a tuple (a bound tuple is typed as a plain tuple of int64).
-    own_work = cuda.local.array((WORK_ROWS, STATE_SIZE), STATE_DTYPE)  # noqa: F821  (bound)
-    own_weights = cuda.local.array((1, DENSE_STAGE_COUNT), float64)  # noqa: F821
+    if OWN_ARRAYS:  # noqa: F821  (bound per kernel, like the names below)
+        # numba-cuda sizes these from integer literals only: the bound names are Python ints.
+        own_work = cuda.local.array((WORK_ROWS, STATE_SIZE), STATE_DTYPE)  # noqa: F821
+        own_weights = cuda.local.array((1, DENSE_STAGE_COUNT), float64)  # noqa: F821
+    elif INTERLEAVED:  # noqa: F821
+        own_work = work[:, :, n]
+        own_weights = weights[:, :, n]
+    else:
+        own_work = work[n]
+        own_weights = weights[n]
     own = params[0] if shared else params[n]
     tab = (a, c, b, dense, dense_a, dense_c, sizes)
     s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
@@ -298,17 +180,20 @@ def _kernel(func, tableau, dtype: str, size: int, scratch: str) -> SimpleNamespa
         functions = compiled_loop(
             _device, _device_rules(), dynamics, sums, state_size=size, state_dtype=dtype
         )
-        names = {"solve_trajectory": functions.solve_trajectory, "_start": _device(_start)}
-        source = {"global": _ensemble, "interleaved": _ensemble_interleaved}.get(scratch)
-        if scratch == "local":
-            names["WORK_ROWS"] = int(loop.work_rows(arrays.sizes))
-            names["STATE_SIZE"] = int(size)
-            names["DENSE_STAGE_COUNT"] = int(arrays.sizes[DENSE_STAGES])
-            names["STATE_DTYPE"] = numba.from_dtype(np.dtype(dtype))
-            names["float64"] = numba.float64
-            source = _ensemble_local
+        names = {
+            "solve_trajectory": functions.solve_trajectory,
+            "_start": _device(_start),
+            "OWN_ARRAYS": scratch == "local",
+            "INTERLEAVED": scratch == "interleaved",
+            # Python ints: numba-cuda reads NumPy integers as variables, not literals.
+            "WORK_ROWS": int(loop.work_rows(arrays.sizes)),
+            "STATE_SIZE": int(size),
+            "DENSE_STAGE_COUNT": int(arrays.sizes[DENSE_STAGES]),
+            "STATE_DTYPE": numba.from_dtype(np.dtype(dtype)),
+            "float64": numba.float64,
+        }
         kernel = _kernels[key] = SimpleNamespace(
-            tableau=tableau, arrays=arrays, launch=cuda.jit(bind(source, names))
+            tableau=tableau, arrays=arrays, launch=cuda.jit(bind(_ensemble, names))
         )
     return kernel
 

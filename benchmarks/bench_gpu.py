@@ -351,6 +351,27 @@ class CupyMLP:
         return pre_bar @ w1.T, self.xp.concatenate([q.ravel() for q in parts])
 
 
+def measure_node(forward, gradient, sync, repeat: int, counter, to_numpy) -> dict:
+    """Times of ``forward() -> ys`` and ``gradient() -> (ys, y0_bar, w1_bar)``, the
+    evaluations of one call of each (``counter.nfev``), and the results as NumPy arrays."""
+    forward_s, ys = best_time(forward, sync, repeat)
+    counter.nfev = 0
+    forward()
+    forward_nfev = counter.nfev
+    gradient_s, (_, y0_bar, w1_bar) = best_time(gradient, sync, repeat)
+    counter.nfev = 0
+    gradient()
+    return {
+        "forward": forward_s,
+        "forward nfev": forward_nfev,
+        "gradient": gradient_s,
+        "gradient nfev": counter.nfev,
+        "end": to_numpy(ys[-1]),
+        "y0_bar": to_numpy(y0_bar),
+        "w1_bar": to_numpy(w1_bar),
+    }
+
+
 def node_cupy(weights, repeat: int):
     import cupy
 
@@ -369,24 +390,9 @@ def node_cupy(weights, repeat: int):
         cotangent = cupy.zeros_like(ys)
         cotangent[-1] = 2 * ys[-1]
         y0_bar, p_bar, _ = pullback(cotangent)
-        return ys, y0_bar, p_bar
+        return ys, y0_bar, f.unpack(p_bar)[0]
 
-    forward_s, ys = best_time(forward, sync, repeat)
-    f.nfev = 0
-    forward()
-    forward_nfev = f.nfev
-    gradient_s, (_, y0_bar, p_bar) = best_time(gradient, sync, repeat)
-    f.nfev = 0
-    gradient()
-    return {
-        "forward": forward_s,
-        "forward nfev": forward_nfev,
-        "gradient": gradient_s,
-        "gradient nfev": f.nfev,
-        "end": cupy.asnumpy(ys[-1]),
-        "y0_bar": cupy.asnumpy(y0_bar),
-        "w1_bar": cupy.asnumpy(f.unpack(p_bar)[0]),
-    }
+    return measure_node(forward, gradient, sync, repeat, f, cupy.asnumpy)
 
 
 def node_torch(weights, repeat: int, device="cuda"):
@@ -423,22 +429,7 @@ def node_torch(weights, repeat: int, device="cuda"):
         (ys[-1] ** 2).sum().backward()
         return ys, y0_leaf.grad, f.w1.grad
 
-    forward_s, ys = best_time(forward, sync, repeat)
-    f.nfev = 0
-    forward()
-    forward_nfev = f.nfev
-    gradient_s, (_, y0_bar, w1_bar) = best_time(gradient, sync, repeat)
-    f.nfev = 0
-    gradient()
-    return {
-        "forward": forward_s,
-        "forward nfev": forward_nfev,
-        "gradient": gradient_s,
-        "gradient nfev": f.nfev,
-        "end": ys[-1].cpu().numpy(),
-        "y0_bar": y0_bar.cpu().numpy(),
-        "w1_bar": w1_bar.cpu().numpy(),
-    }
+    return measure_node(forward, gradient, sync, repeat, f, lambda x: x.detach().cpu().numpy())
 
 
 def run_node(repeat: int) -> None:
