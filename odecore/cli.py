@@ -18,10 +18,10 @@ import sys
 import time
 from contextlib import nullcontext
 
-import array_api_compat
 import numpy as np
 
 import odecore
+from odecore.backend.host import host_array
 from odecore.problems import PROBLEMS, Problem
 
 
@@ -270,11 +270,7 @@ def _vector(values) -> str:
 
 def _to_numpy(x):
     """A float64 NumPy copy of an array of any backend (GPU and autodiff arrays included)."""
-    if array_api_compat.is_torch_array(x):
-        x = x.detach().cpu()
-    elif array_api_compat.is_cupy_array(x):
-        x = x.get()
-    return np.asarray(x, dtype=np.float64)
+    return host_array(x).astype(np.float64)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from odecore.backend.host import host_array
 from odecore.deq.options import FixedPointOptions
 from odecore.ode.solution import SolveError
 
@@ -131,17 +134,13 @@ class FixedPointSolution:
     @property
     def success(self) -> bool:
         """Whether every sample converged."""
-        return all(int(s) == CONVERGED for s in _to_list(self.status))
+        return bool(np.all(host_array(self.status) == CONVERGED))
 
     @property
     def message(self) -> str:
         """What ``status`` means in words: the descriptions of its codes."""
-        codes = sorted({int(s) for s in _to_list(self.status)})
+        codes = np.unique(host_array(self.status)).tolist()
         return "; ".join(FixedPointStatus(c).describe() for c in codes)
-
-
-def _to_list(x):
-    return [x[i] for i in range(x.shape[0])]
 
 
 class FixedPointError(SolveError):
@@ -180,7 +179,7 @@ class FixedPointError(SolveError):
 def failure_message(
     bk, solution: FixedPointSolution, opts: FixedPointOptions, batched: bool
 ) -> str:
-    status = [int(s) for s in _to_list(solution.status)]
+    status = host_array(solution.status).tolist()
     failed = [i for i, s in enumerate(status) if s != CONVERGED]
     first = failed[0]
     residuals = solution.abs_residual if opts.stop_mode == "abs" else solution.rel_residual

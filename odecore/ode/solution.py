@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from odecore.backend.host import host_array
 from odecore.control import rules
 
 
@@ -180,17 +183,11 @@ SUCCESSES = (int(Status.SUCCESS), int(Status.EVENT))
 
 def is_success(status: Any) -> bool:
     """Whether every sample succeeded: reached the end, or stopped at a terminal event."""
-    try:
-        return all(int(s) in SUCCESSES for s in status)
-    except TypeError:
-        return int(status) in SUCCESSES
+    return bool(np.all(np.isin(host_array(status), SUCCESSES)))
 
 
 def describe_status(status: Any) -> str:
-    try:
-        codes = sorted({int(s) for s in status})
-    except TypeError:
-        codes = [int(status)]
+    codes = np.unique(host_array(status)).tolist()
     return "; ".join(Status(c).describe() for c in codes)
 
 
@@ -255,11 +252,10 @@ class PrecisionWarning(UserWarning):
 def failure_message(sol: Solution) -> str:
     """Where and why the solve failed. A batch lists its failed samples (the first
     ``_LISTED_FAILURES``), each with its status and the time it reached."""
-    status, t_reached, stats = sol.status, sol.t_reached, sol.stats
-    try:
-        failed = [i for i, s in enumerate(status) if int(s) not in SUCCESSES]
-    except TypeError:
-        failed = None
+    # On the host once: a failed batch on a GPU is not read one sample at a time.
+    status, t_reached = host_array(sol.status), host_array(sol.t_reached)
+    stats = sol.stats
+    failed = None if status.ndim == 0 else np.flatnonzero(~np.isin(status, SUCCESSES)).tolist()
     if failed is None:
         where = f"at t={float(t_reached):.17g}"
         counts = (
