@@ -5,6 +5,7 @@ imported, so the solves run in a process of their own (tests/cuda_simulator_run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,27 @@ def test_without_a_device_the_ensemble_says_what_to_do():
             batch_axis=0,
             backend=cuda_ensemble.BACKEND,
         )
+
+
+def test_the_gpu_benchmark_runs_its_ensemble_part_in_the_simulator():
+    # benchmarks/bench_gpu.py runs where device time is short: a script that breaks there
+    # wastes it. Its ensemble part runs here in the simulator (every layout, fixed and
+    # adaptive), and its other parts say why they skip.
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
+    args = ["--sizes", "3", "--t1", "0.01", "--repeat", "1"]
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fixed", "adap"))]
+    assert "failed" not in done.stdout and "steps differ" not in done.stdout, done.stdout
+    assert len(rows) == 6  # three layouts, fixed and adaptive
+    for case, scratch, n, *_, steps, difference in rows:
+        assert int(n) == 8
+        # The simulator runs the CPU kernel's operations: the same steps, the same numbers.
+        assert difference == "0.0e+00", (case, scratch)
+        # t1 = 0.01 at dt = 1e-3; the adaptive solve takes steps of its own.
+        assert int(steps) == 10 if case == "fixed" else int(steps) >= 1
+    if "torch sees no CUDA device" in done.stdout or "cupy not installed" in done.stdout:
+        assert "peers: skipped" in done.stdout and "node: skipped" in done.stdout
