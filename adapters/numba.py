@@ -181,8 +181,8 @@ def _solve_ensemble(
             ts,
             stops,
             jumps,
-            rtol[n],
-            atol[n],
+            rtol[0] if rtol.shape[0] == 1 else rtol[n],
+            atol[0] if atol.shape[0] == 1 else atol[n],
             parts,
             valid[n],
             tab,
@@ -554,9 +554,13 @@ def _settings(problem, norm_code: float) -> np.ndarray:
     return settings
 
 
-def _per_element(tol, shape) -> np.ndarray:
-    if isinstance(tol, float):  # the usual case, and a broadcast costs more than the fill
-        return np.full(shape, tol)
+def _per_element(tol, rows: int, size: int) -> np.ndarray:
+    """The tolerance per element, a row per trajectory; one row for them all where it is one
+    number (the usual case): the kernels read row 0 then. Per-row copies of one number cost
+    a 2^23-trajectory GPU ensemble 200 MB each, sent to the device at every solve."""
+    if isinstance(tol, float):
+        return np.full((1, size), tol)
+    shape = (rows, size)
     return np.ascontiguousarray(np.broadcast_to(np.asarray(tol, dtype=np.float64), shape))
 
 
@@ -567,7 +571,8 @@ def _times(values) -> np.ndarray:
 class KernelInputs(NamedTuple):
     """A prepared problem as the kernel loop's arguments (``odecore.kernels.loop``), one row
     per trajectory: ``y0`` (N, D), ``params`` (N, P) or one shared row (1, P) (a single
-    trajectory: (P,)), ``rtol``/``atol`` (N, D), ``valid`` (N,)."""
+    trajectory: (P,)), ``rtol``/``atol`` (N, D) or one row for all (1, D), ``valid``
+    (N,)."""
 
     y0: np.ndarray
     params: np.ndarray
@@ -599,8 +604,8 @@ def kernel_inputs(problem, options) -> KernelInputs:
         ts=_times(problem.ts_array),
         stops=_times(problem.stops),
         jumps=_times(problem.jumps if problem.jumps is not None else []),
-        rtol=_per_element(problem.rtol, (rows, size)),
-        atol=_per_element(problem.atol, (rows, size)),
+        rtol=_per_element(problem.rtol, rows, size),
+        atol=_per_element(problem.atol, rows, size),
         parts=parts,
         valid=valid,
         settings=_settings(problem, norm_code),

@@ -380,6 +380,26 @@ def test_ensemble_shares_a_1d_params():
         np.testing.assert_array_equal(batch.ys[:, n], solo.ys)
 
 
+def test_ensemble_tolerances_per_trajectory_or_shared():
+    """One rtol for all and one per trajectory (mixed with a shared atol): each trajectory
+    is the solve of its own row with its own tolerance."""
+    y0 = np.tile([1.0, 0.0, 0.0], (4, 1))
+    t = np.linspace(0.0, 1.0, 5)
+    params = LORENZ_PARAMS[[2, 6, 10, 14]]
+    rtols = np.array([1e-4, 1e-6, 1e-8, 1e-10])
+    per_row = odecore.solve(
+        lorenz, y0, t, params=params, batch_axis=0, backend="numba",
+        rtol=rtols[:, None], atol=1e-10,
+    )  # fmt: skip
+    for n in range(4):
+        solo = odecore.solve(
+            lorenz, y0[n], t, params=params[n], backend="numba", rtol=rtols[n], atol=1e-10
+        )
+        np.testing.assert_array_equal(per_row.ys[:, n], solo.ys)
+    # Tighter tolerances take more steps: the rows were not given one another's.
+    assert np.all(np.diff(per_row.stats["naccept"]) > 0)
+
+
 def test_one_failing_trajectory_does_not_disturb_the_others():
     params = np.array([[10.0], [0.3], [10.0], [10.0]])  # sample 1 turns NaN at t = 0.3
     y0 = np.ones((4, 2))
