@@ -32,6 +32,7 @@ from numba import cuda
 from odecore.adapters.numba import (
     _STATS,
     FORMS,
+    MAX_UNROLLED_SIZE,
     NumbaBackend,
     _positional_count,
     ensemble_result,
@@ -175,10 +176,11 @@ def _kernel(func, tableau, dtype: str, size: int, scratch: str) -> SimpleNamespa
         dynamics = _device(getattr(func, "py_func", func))
         arrays = kernel_tableau(tableau)
         sums = specialized(tableau.name, arrays)
-        # The state size is fixed per kernel, as on the CPU: loops over elements unroll, and
-        # a thread's own arrays have a size the compiler knows.
+        # Small states have their size fixed per kernel, as on the CPU, so that loops over
+        # elements unroll; a thread's own arrays (below) have their size fixed for any state.
+        unrolled = size if size <= MAX_UNROLLED_SIZE else 0
         functions = compiled_loop(
-            _device, _device_rules(), dynamics, sums, state_size=size, state_dtype=dtype
+            _device, _device_rules(), dynamics, sums, state_size=unrolled, state_dtype=dtype
         )
         names = {
             "solve_trajectory": functions.solve_trajectory,

@@ -34,20 +34,30 @@ def lorenz(t, y, dy, p):
     dy[2] = y[0] * y[1] - p[2] * y[2]
 
 
+def chain(t, y, dy, p):
+    """More elements (20) than the kernels unroll: the loops keep their run-time bounds."""
+    dy[0] = -p[0] * y[0]
+    for i in range(1, y.shape[0]):
+        dy[i] = p[0] * (y[i - 1] - y[i])
+
+
 class _Prepared(Exception):
     pass
 
 
-def prepared(backend, dtype, settings):
+def prepared(backend, dtype, settings, func=lorenz):
     def capture(problem, options, *args, **kwargs):
         raise _Prepared(problem, options)
 
     backend.kernels = replace(backend.kernels, solve=capture)
-    y0 = np.tile(np.array([1.0, 0.0, 0.0], dtype=dtype), (4, 1))
-    params = np.tile(np.array([10.0, 28.0, 8.0 / 3.0], dtype=dtype), (4, 1))
+    if func is chain:
+        y0, params = np.ones((4, 20), dtype=dtype), np.ones((4, 1), dtype=dtype)
+    else:
+        y0 = np.tile(np.array([1.0, 0.0, 0.0], dtype=dtype), (4, 1))
+        params = np.tile(np.array([10.0, 28.0, 8.0 / 3.0], dtype=dtype), (4, 1))
     t = np.array([0.0, 0.5, 1.0], dtype=dtype)
     try:
-        odecore.solve(lorenz, y0, t, params=params, batch_axis=0, backend=backend, **settings)
+        odecore.solve(func, y0, t, params=params, batch_axis=0, backend=backend, **settings)
     except _Prepared as prepared:
         return prepared.args
     raise AssertionError("the solve did not reach the kernel")
@@ -59,12 +69,15 @@ def main() -> int:
         "tsit5": {"method": "tsit5", "rtol": 1e-6, "atol": 1e-6},
         "tsit5-fixed": {"method": "tsit5", "options": {"step_size": 1e-3}},
         "dopri8": {"method": "dopri8", "rtol": 1e-6, "atol": 1e-6},
+        "chain20": {"method": "tsit5", "rtol": 1e-6, "atol": 1e-6, "func": chain},
     }
     for scratch in cuda_ensemble.SCRATCH:
         for dtype in (np.float32, np.float64):
             for name, settings in runs.items():
                 backend = cuda_ensemble.CudaEnsembleBackend(scratch)
-                problem, options = prepared(backend, dtype, settings)
+                settings = dict(settings)
+                func = settings.pop("func", lorenz)
+                problem, options = prepared(backend, dtype, settings, func)
                 kernel, arguments, _ = cuda_ensemble._arguments(
                     problem, options, scratch, np.empty, np.asarray
                 )

@@ -23,6 +23,14 @@ def lorenz(t, y, dy, p):
     dy[2] = y[0] * y[1] - p[2] * y[2]
 
 
+def chain(t, y, dy, p):
+    """A chain of 20 decays, each feeding the next: more elements than the kernels unroll
+    (adapters.numba.MAX_UNROLLED_SIZE)."""
+    dy[0] = -p[0] * y[0]
+    for i in range(1, y.shape[0]):
+        dy[i] = p[0] * (y[i - 1] - y[i])
+
+
 def main(path: str) -> None:
     n = 5
     rho = np.linspace(0.0, 21.0, n)
@@ -36,20 +44,27 @@ def main(path: str) -> None:
             method="tsit5", rtol=1e-6, atol=1e-8, options={"step_t": [0.21]}, dtype=np.float64
         ),
         "rk4-float32": dict(method="rk4", options={"step_size": 0.01}, dtype=np.float32),
+        "chain20": dict(method="tsit5", rtol=1e-6, atol=1e-9, dtype=np.float64, func=chain),
     }
     saved = {}
     for name, kwargs in runs.items():
         dtype = kwargs.pop("dtype")
+        func = kwargs.pop("func", lorenz)
+        y0_run, params_run = y0, params
+        if func is chain:
+            y0_run = np.zeros((n, 20))
+            y0_run[:, 0] = np.arange(1.0, n + 1.0)
+            params_run = np.linspace(0.5, 2.0, n)[:, None]
         backends = {
             f"gpu-{scratch}": cuda_ensemble.CudaEnsembleBackend(scratch)
             for scratch in cuda_ensemble.SCRATCH
         }
         for label, backend in {**backends, "cpu": "numba"}.items():
             sol = odecore.solve(
-                lorenz,
-                y0.astype(dtype),
+                func,
+                y0_run.astype(dtype),
                 t,
-                params=params.astype(dtype),
+                params=params_run.astype(dtype),
                 batch_axis=0,
                 backend=backend,
                 throw=False,
