@@ -257,11 +257,9 @@ def _step_row(args) -> tuple[str, str]:
         return ("step size", f"{args.step_size:g}")
     if args.method not in odecore.FIXED_STEP_METHODS:
         return ("tolerances", f"rtol={args.rtol:g}, atol={args.atol:g}")
-    if args.step_size is None:
-        # odecore.solve steps a fixed-step method without step_size from each output time
-        # to the next; the command's only output times are t0 and t1.
-        return ("step size", "none given: one step from t0 to t1 (see --step-size)")
-    return ("step size", f"{args.step_size:g}")
+    # odecore.solve steps a fixed-step method without step_size from each output time to
+    # the next; the command's only output times are t0 and t1.
+    return ("step size", "none given: one step from t0 to t1 (see --step-size)")
 
 
 def _vector(values) -> str:
