@@ -54,10 +54,31 @@ def test_t_must_be_strictly_monotonic(backend, t):
         solve(backend, t=np.array(t))
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_t_must_be_finite(backend, bad):
+@pytest.mark.parametrize(
+    "t",
+    [
+        [0.0, math.nan, 2.0],
+        [0.0, math.inf, 2.0],
+        [0.0, -math.inf, 2.0],
+        # Infinite ends keep the times increasing: the check must still see them.
+        [0.0, 1.0, math.inf],
+        [-math.inf, 0.0, 1.0],
+        [2.0, 1.0, -math.inf],
+        [0.0, math.nan],
+    ],
+    ids=["nan", "inf", "-inf", "inf-end", "-inf-start", "-inf-end-decreasing", "nan-end"],
+)
+def test_t_must_be_finite(backend, t):
     with pytest.raises(ValueError, match="t contains NaN"):
-        solve(backend, t=np.array([0.0, bad, 2.0]))
+        solve(backend, t=np.array(t))
+
+
+def test_t_whose_differences_overflow_is_accepted():
+    # Finite, increasing times whose difference is not a finite float64.
+    bk = odecore.get_backend("numpy")
+    t = np.array([-1e308, 1e308])
+    assert np.all(np.isinf(np.diff(t)))
+    np.testing.assert_array_equal(odecore._validate.times(bk, t), t)
 
 
 def test_t_must_not_be_empty(backend):

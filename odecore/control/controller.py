@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -79,6 +80,18 @@ def preset(name: str, method: str) -> dict:
 def from_options(opts: dict, method: str, k: int) -> Controller:
     """The controller of an adaptive method's validated options: the preset named by
     ``opts["controller"]`` (default "I", torchdiffeq's), overridden by any setting given."""
-    settings = preset(opts.get("controller", "I"), method)
-    settings.update({key: opts[key] for key in settings if key in opts})
-    return Controller(k=k, **settings)
+    overrides = tuple((key, opts[key]) for key in _SETTINGS if key in opts)
+    try:
+        return _cached(opts.get("controller", "I"), method, k, overrides)
+    except TypeError:  # a setting given as an array, which cannot be a cache key
+        return _build(opts.get("controller", "I"), method, k, overrides)
+
+
+def _build(name: str, method: str, k: int, overrides: tuple) -> Controller:
+    return Controller(k=k, **{**preset(name, method), **dict(overrides)})
+
+
+# A controller is frozen, so one object serves every solve with the same settings: building
+# it is a few microseconds of a short solve's fixed cost.
+_cached = functools.lru_cache(maxsize=256)(_build)
+_SETTINGS = tuple(preset("I", ""))
