@@ -6,6 +6,7 @@ of results for the test to check."""
 from __future__ import annotations
 
 import _thread
+import signal
 import sys
 import threading
 import time
@@ -35,6 +36,11 @@ class Recorder:
 
 
 def main() -> int:
+    # A shell starts a background command (`cmd &`, as a CI runner may) with SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: the simulated SIGINT would be
+    # dropped before odecore could see it. The interactive disposition is restored, since
+    # what is tested is odecore's answer to a KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     kwargs = dict(params=LORENZ, backend="numba", method="rk4")
     # Compiled first, so that the interrupt lands while the kernel steps.
     odecore.solve(lorenz_in_place, np.ones(3), np.array([0.0, 1.0]), progress=Recorder(), **kwargs)

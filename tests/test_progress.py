@@ -294,10 +294,9 @@ def test_numba_backward_time_reports_in_the_users_direction(every_step):
 def test_numba_solve_is_stopped_by_ctrl_c():
     # Ctrl-C while a watched kernel runs stops the kernel after its current step: the call
     # raises KeyboardInterrupt long before the solve could end, and later solves run. In a
-    # process of its own (tests/ctrl_c_run.py): after the whole suite had run in the same
-    # process, the simulated SIGINT no longer reached the solve (it ran its 1e10 steps to
-    # the end), while the same test passed in a process of its own, or after test_numba.py;
-    # what in the suite changes the delivery is not yet found.
+    # process of its own (tests/ctrl_c_run.py), which sets Python's own SIGINT handler: a
+    # suite started in the background by a shell inherits SIGINT ignored, and the simulated
+    # SIGINT then never became a KeyboardInterrupt.
     pytest.importorskip("numba")
     import subprocess
     import sys
