@@ -22,11 +22,12 @@ Continuous normalizing flows (``odecore.cnf``) take NumPy's dynamics (a batch ``
 params)`` with ``vjp`` and ``vjp_of_vjp``) and run NumPy's generic loop
 (``Backend.generic_backend``): their augmented dynamics call the velocity's VJPs from Python.
 
-Gradients (``odecore.vjp_odeint``) use the dynamics' own ``vjp``, as on NumPy. The
-backsolve of a single trajectory is compiled: :func:`adjoint_dynamics` compiles the adjoint
-system from ``f`` and ``f.vjp``, and each backward interval is one kernel solve. The
-checkpoint replay, and the backsolve of a batch, run the generic loop on NumPy arrays;
-:class:`_GenericForm` lets it call dynamics written in place.
+Gradients (``odecore.vjp_odeint``) use the dynamics' own ``vjp``, as on NumPy, and are
+compiled: :func:`adjoint_dynamics` compiles the backsolve's adjoint system from ``f`` and
+``f.vjp`` (a batch's joint one row by row), and each backward interval is one kernel solve;
+the checkpoint's tape is replayed by ``odecore.kernels.replay`` compiled. What the kernels do
+not cover (parameter trees, objects with ``__call__``, events) runs the generic loop on NumPy
+arrays; :class:`_GenericForm` lets it call dynamics written in place.
 """
 
 from __future__ import annotations
@@ -129,6 +130,40 @@ def _adjoint(t, z, dz, params):
     # The VJP is linear in its cotangent, so negating its results equals the generic
     # backsolve's VJP with -a, to the bit.
     for i in range(size, z.shape[0]):
+        dz[i] = -dz[i]
+
+
+def _adjoint_rows(t, z, dz, params):
+    """:func:`_adjoint` of a batch of N trajectories, as the generic backsolve lays its
+    joint state out: ``z = [y (N, SIZE), a (N, SIZE), a_params]``, each block row by row.
+    With ``PER_ROW`` the params are (N, P) flattened and so is their adjoint; otherwise one
+    shared row, whose adjoint sums the trajectories'. ``SIZE`` and ``PER_ROW`` are bound;
+    N follows from the lengths, so one compiled function serves every batch size."""
+    size = SIZE  # noqa: F821  (bound: one trajectory's state size)
+    m = (z.shape[0] - params.shape[0]) // 2
+    rows = m // size
+    if PER_ROW:  # noqa: F821  (bound: one params row per trajectory)
+        width = params.shape[0] // rows if rows > 0 else 0
+    else:
+        width = params.shape[0]
+        own = np.empty(width, dtype=dz.dtype)
+        for k in range(width):
+            dz[2 * m + k] = 0.0
+    for r in range(rows):
+        lo, hi = r * size, (r + 1) * size
+        y = z[lo:hi]
+        p = params[r * width : (r + 1) * width] if PER_ROW else params  # noqa: F821
+        dynamics_in_place(t, y, dz[lo:hi], p)  # noqa: F821  (bound per dynamics)
+        a, a_bar = z[m + lo : m + hi], dz[m + lo : m + hi]
+        if PER_ROW:  # noqa: F821
+            p_bar = dz[2 * m + r * width : 2 * m + (r + 1) * width]
+            vjp_in_place(t, y, p, a, a_bar, p_bar)  # noqa: F821  (bound per VJP)
+        else:
+            vjp_in_place(t, y, p, a, a_bar, own)  # noqa: F821
+            for k in range(width):
+                dz[2 * m + k] += own[k]
+    # As in _adjoint: the VJP with a, negated, is the VJP with -a.
+    for i in range(m, z.shape[0]):
         dz[i] = -dz[i]
 
 
@@ -374,26 +409,34 @@ def adjoint_dynamics(problem):
     """``Kernels.adjoint_dynamics``: the backsolve's augmented dynamics compiled in place
     (with the user's ``func`` and ``func.vjp`` bound in) and the parameters it takes, so that
     each backward interval is one compiled solve; None where the generic backsolve serves
-    instead: a batch (its backward solve is one joint system), no ``vjp``, or ``params``
-    that are not one array."""
-    dyn = problem.dynamics
+    instead: no ``vjp``, ``params`` that are not one array, or a batch whose samples are
+    not rows. A batch's backward solve is one joint system, as in the generic backsolve:
+    its augmented dynamics (:func:`_adjoint_rows`) call ``f`` and ``f.vjp`` row by row."""
+    dyn, lay = problem.dynamics, problem.layout
     func, params = dyn.user_func, dyn.params
     vjp = getattr(func, "vjp", None)
-    if vjp is None or problem.layout.batched or not (_compilable(func) and _compilable(vjp)):
+    if vjp is None or not (_compilable(func) and _compilable(vjp)):
         return None
     if params is not None and not isinstance(params, np.ndarray):
         return None
+    if lay.batched and (len(lay.shape) != 2 or lay.batch_axis != 0):
+        return None
     form = _form(func, params is not None)
-    key = ("adjoint", form)
+    rows = _params_array(params, lay.batch if lay.batched else None)
+    per_row = lay.batched and rows.ndim == 2 and rows.shape[0] > 1
+    key = ("adjoint", form, lay.size if lay.batched else None, per_row)
     per_func = _kernels.setdefault(func, {})
     if key not in per_func:
         _, dynamics = _in_place(func, form)
-        vjp_in_place = _vjp_in_place(vjp)
-        bound = bind(_adjoint, {"dynamics_in_place": dynamics, "vjp_in_place": vjp_in_place})
+        names = {"dynamics_in_place": dynamics, "vjp_in_place": _vjp_in_place(vjp)}
+        if lay.batched:
+            bound = bind(_adjoint_rows, {**names, "SIZE": lay.size, "PER_ROW": per_row})
+        else:
+            bound = bind(_adjoint, names)
         per_func[key] = numba.njit(bound)
-    flat = _params_array(params, None)
-    _probe_vjp(vjp, problem, np.asarray(problem.y0).reshape(-1), flat)
-    return per_func[key], flat
+    first_row = rows[0] if rows.ndim == 2 else rows
+    _probe_vjp(vjp, problem, np.asarray(problem.y0).reshape(lay.batch, -1)[0], first_row)
+    return per_func[key], np.ascontiguousarray(rows.reshape(-1))
 
 
 def _compilable(func) -> bool:

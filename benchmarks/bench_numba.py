@@ -97,6 +97,25 @@ def lorenz_returning(t, y, p):
     return np.stack([p[:, 0] * (v - x), x * (p[:, 1] - z) - v, x * v - p[:, 2] * z], axis=1)
 
 
+class LorenzBatchNumpy:
+    """The batched NumPy path's Lorenz (y and p (N, 3)) with its VJP, for a batch's
+    gradient on NumPy's generic loop."""
+
+    def __call__(self, t, y, p):
+        return lorenz_returning(t, y, p)
+
+    def vjp(self, t, y, p, cotangent):
+        x, v, z = y[:, 0], y[:, 1], y[:, 2]
+        c0, c1, c2 = cotangent[:, 0], cotangent[:, 1], cotangent[:, 2]
+        y_bar = np.stack(
+            [-p[:, 0] * c0 + (p[:, 1] - z) * c1 + v * c2, p[:, 0] * c0 - c1 + x * c2,
+             -x * c1 - p[:, 2] * c2],
+            axis=1,
+        )  # fmt: skip
+        p_bar = np.stack([(v - x) * c0, x * c1, -z * c2], axis=1)
+        return y_bar, p_bar
+
+
 def lorenz_scipy(t, y):
     return [SIGMA * (y[1] - y[0]), y[0] * (RHO - y[2]) - y[1], y[0] * y[1] - BETA * y[2]]
 
@@ -255,6 +274,45 @@ def gradients(args):
             if label in times:
                 ratio = times["odecore numba checkpoint"] / times[label]
                 print(f"  odecore numba checkpoint / {label}: {ratio:.3g}x")
+
+
+def batch_gradients(args):
+    """The gradient of sum(ys) in every trajectory's parameters for the rho-sweep, t in
+    [0, 1]: a batch's backsolve (one joint backward solve) and checkpoint on numba, against
+    NumPy's generic batch backsolve."""
+    times = np.linspace(0.0, 1.0, 11)
+    print("\nGradient of a batch: the Lorenz rho-sweep, t in [0, 1], 11 outputs, dopri5, 1e-8")
+    print(f"{'N':>6}  {'gradient':<34}{'time':>12}{'first call':>12}{'vs numpy':>12}")
+    for n in (64, 256, 1024):
+        y0, params = np.tile(Y0, (n, 1)), sweep_params(n)
+        weights = np.ones((len(times), n, 3))
+        rows = {}
+        for label, func, backend, adjoint in (
+            ("odecore numba backsolve", lorenz, "numba", "backsolve"),
+            ("odecore numba checkpoint", lorenz, "numba", "checkpoint"),
+            ("odecore numpy backsolve", LorenzBatchNumpy(), "numpy", "backsolve"),
+        ):
+
+            def run(func=func, backend=backend, adjoint=adjoint, y0=y0, p=params, w=weights):
+                _, pullback = odecore.vjp_odeint(
+                    func, y0, times, p, adjoint=adjoint, backend=backend, batch_axis=0,
+                    method="dopri5", rtol=TOL, atol=TOL,
+                )  # fmt: skip
+                return pullback(w)[1]
+
+            start = time.perf_counter()
+            run()
+            rows[label] = (run, time.perf_counter() - start)
+        reference = rows["odecore numpy backsolve"][0]()
+        seconds = alternating_best_times(
+            [fn for fn, _ in rows.values()], min_time=args.min_time, min_repeats=3
+        )
+        for (label, (fn, first)), t in zip(rows.items(), seconds, strict=True):
+            difference = np.max(np.abs(fn() - reference)) / np.max(np.abs(reference))
+            print(f"{n:>6}  {label:<34}{t * 1e3:>9.2f} ms{first:>10.2f} s{difference:>12.1e}")
+        times_by = dict(zip(rows, seconds, strict=True))
+        ratio = times_by["odecore numba backsolve"] / times_by["odecore numpy backsolve"]
+        print(f"        odecore numba backsolve / odecore numpy backsolve: {ratio:.3g}x")
 
 
 def diffrax_gradient():
@@ -477,6 +535,7 @@ def main():
         f"(imports included): {cached_first_call():.2f} s"
     )
     gradients(args)
+    batch_gradients(args)
     ensemble(args, peer)
 
 

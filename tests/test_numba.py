@@ -616,6 +616,7 @@ damped_batch.vjp = damped_batch_vjp
 @pytest.fixture
 def generic_loop_forbidden(monkeypatch):
     """Fail if a gradient's forward solve or its checkpoint replay runs the generic loop."""
+    import odecore.adjoint.backsolve as backsolve
     import odecore.adjoint.checkpoint as checkpoint
     import odecore.ode.api as api
 
@@ -624,6 +625,7 @@ def generic_loop_forbidden(monkeypatch):
 
     monkeypatch.setattr(api, "run_loop", forbidden)
     monkeypatch.setattr(checkpoint, "_replay_step", forbidden)
+    monkeypatch.setattr(backsolve, "run_loop", forbidden)
     return monkeypatch
 
 
@@ -714,6 +716,81 @@ def test_compiled_checkpoint_of_a_batch_equals_the_numpy_batch():
     _, numpy_pullback = _numpy_checkpoint(damped_batch, t, params, kwargs, y0=y0)
     for ours, theirs in zip(pullback(weights), numpy_pullback(weights), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("form", ["returning", "in place"])
+def test_compiled_backsolve_of_a_batch_equals_the_numpy_batch(generic_loop_forbidden, shared, form):
+    """A batch's backsolve is one joint backward solve of every trajectory's y and adjoint
+    and the parameter adjoint, as on NumPy; compiled, its augmented dynamics call f and
+    f.vjp row by row. The same joint system under the same norm takes the same steps, so
+    the gradients agree to rounding: per-row params get their rows, a shared row the sum."""
+    func = damped if form == "returning" else damped_in_place
+    y0 = np.array([[1.0, 0.0], [0.5, 0.3], [2.0, -0.4]])
+    params = OSCILLATOR_P if shared else OSCILLATOR_P * np.array([[1.0], [1.2], [0.8]])
+    t = np.linspace(0.0, 2.0, 5)
+    weights = np.linspace(0.5, 1.5, 30).reshape(5, 3, 2)
+    kwargs = {"rtol": 1e-9, "atol": 1e-9, "batch_axis": 0, "adjoint": "backsolve"}
+    _, pullback = odecore.vjp_odeint(func, y0, t, params, backend="numba", **kwargs)
+    compiled = pullback(weights)
+    generic_loop_forbidden.undo()
+    _, numpy_pullback = odecore.vjp_odeint(damped_batch, y0, t, params, backend="numpy", **kwargs)
+    for ours, theirs in zip(compiled, numpy_pullback(weights), strict=True):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-11, atol=1e-12)
+
+
+def blowing_up(t, y, p):
+    """``y0' = p y0^2`` (it reaches infinity at ``t = 1 / (p y0(0))``) and ``y1' = -y1``."""
+    return np.array([p[0] * y[0] * y[0], -y[1]])
+
+
+def blowing_up_vjp(t, y, p, cotangent):
+    return (
+        np.array([2.0 * p[0] * y[0] * cotangent[0], -cotangent[1]]),
+        np.array([y[0] * y[0] * cotangent[0]]),
+    )
+
+
+blowing_up.vjp = blowing_up_vjp
+
+
+def blowing_up_batch(t, y, p):
+    return np.stack([p[0] * y[:, 0] ** 2, -y[:, 1]], axis=1)
+
+
+def blowing_up_batch_vjp(t, y, p, cotangent):
+    cot_y = np.stack([2.0 * p[0] * y[:, 0] * cotangent[:, 0], -cotangent[:, 1]], axis=1)
+    return cot_y, np.array([np.sum(y[:, 0] ** 2 * cotangent[:, 0])])
+
+
+blowing_up_batch.vjp = blowing_up_batch_vjp
+
+
+def test_backsolve_of_a_batch_with_a_failed_sample_freezes_it_as_numpy_does():
+    """Trajectory 1 blows up at t = 1 and stops there (throw=False); the others reach the
+    end. The backward solve must hold the failed one still over the outputs it did not
+    reach, which the row-by-row compiled dynamics do not do: such a batch takes the generic
+    backsolve, and its gradients equal NumPy's."""
+    y0 = np.array([[0.5, 1.0], [1.0, 1.0], [0.2, 1.0]])
+    params = np.array([1.0])
+    # Trajectory 1's last output, at 0.99, is 100. Moved backward from there rather than
+    # held, it would fall to about 4.5 over the first interval, and the joint solve would
+    # take other steps.
+    t = np.array([0.0, 0.3, 0.99, 1.2, 1.5])
+    weights = np.ones((5, 3, 2))
+    weights[3:, 1] = 0.0  # no cotangent on the outputs trajectory 1 does not reach
+    kwargs = {"rtol": 1e-9, "atol": 1e-9, "batch_axis": 0, "adjoint": "backsolve"}
+    kwargs["throw"] = False
+    ys, pullback = odecore.vjp_odeint(blowing_up, y0, t, params, backend="numba", **kwargs)
+    assert np.isnan(ys[3:, 1]).all() and np.isfinite(ys[:, [0, 2]]).all()
+    ours = pullback(weights)
+    _, numpy_pullback = odecore.vjp_odeint(
+        blowing_up_batch, y0, t, params, backend="numpy", **kwargs
+    )
+    for mine, theirs in zip(ours, numpy_pullback(weights), strict=True):
+        assert np.isfinite(mine).all()
+        np.testing.assert_allclose(mine, theirs, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])

@@ -80,14 +80,17 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
     t_user = problem.ts_array * dyn.sign
     # A backend that compiles whole solves may compile the augmented dynamics too: each
     # interval is then one compiled call (Backend.kernels.adjoint_dynamics).
+    # A batch with samples that a failed solve left behind needs them frozen (``moving``),
+    # which only the generic augmented dynamics do.
     compiled = bk.kernels.adjoint_dynamics
-    compiled = compiled(problem) if compiled is not None else None
+    frozen = failed.active and lay.batched
+    compiled = compiled(problem) if compiled is not None and not frozen else None
 
     def interval(i, a, a_theta, dt_next):
         """Solve back from ``t_i`` to ``t_{i-1}``."""
         if compiled is not None:
-            # Only for a single sample, which moves on every interval that is solved. A
-            # compiled solve calls no Python callbacks.
+            # Every sample moves on every interval that is solved. A compiled solve calls no
+            # Python callbacks.
             aug, aug_params = compiled
         else:
             moving = None
