@@ -315,9 +315,9 @@ def batch_gradients(args):
         print(f"        odecore numba backsolve / odecore numpy backsolve: {ratio:.3g}x")
 
 
-def diffrax_gradient():
-    """``(grad(method) -> d sum(ys) / d params as NumPy, reason)``: diffrax's Dopri5 or
-    Dopri8 with its default adjoint (recursive checkpointing), compiled once per method."""
+def _diffrax_lorenz():
+    """``(jax, diffrax, Lorenz's vector field for diffrax, "")`` with x64 enabled, or
+    ``(None, None, None, the reason diffrax cannot be used)``."""
     try:
         import jax
 
@@ -325,12 +325,23 @@ def diffrax_gradient():
         import diffrax
         import jax.numpy as jnp
     except Exception as exc:
-        return None, f"diffrax is not importable ({type(exc).__name__}: {exc})"
+        return None, None, None, f"diffrax is not importable ({type(exc).__name__}: {exc})"
 
     def vector_field(t, y, p):
         return jnp.stack(
             [p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]]
         )
+
+    return jax, diffrax, vector_field, ""
+
+
+def diffrax_gradient():
+    """``(grad(method) -> d sum(ys) / d params as NumPy, reason)``: diffrax's Dopri5 or
+    Dopri8 with its default adjoint (recursive checkpointing), compiled once per method."""
+    jax, diffrax, vector_field, why = _diffrax_lorenz()
+    if jax is None:
+        return None, why
+    jnp = jax.numpy
 
     solvers = {"dopri5": diffrax.Dopri5(), "dopri8": diffrax.Dopri8()}
     compiled = {}
@@ -382,19 +393,10 @@ def numbalsoda_sweep(peer):
 
 def diffrax_sweep():
     """``(run(y0, params, fixed) -> final states, reason)``."""
-    try:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-        import diffrax
-        import jax.numpy as jnp
-    except Exception as exc:
-        return None, f"diffrax is not importable ({type(exc).__name__}: {exc})"
-
-    def vector_field(t, y, p):
-        return jnp.stack(
-            [p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]]
-        )
+    jax, diffrax, vector_field, why = _diffrax_lorenz()
+    if jax is None:
+        return None, why
+    jnp = jax.numpy
 
     compiled = {}
 

@@ -12,16 +12,11 @@ import threading
 import time
 
 import numpy as np
+from kernel_dynamics import lorenz_in_place
 
 import odecore
 
 LORENZ = np.array([10.0, 28.0, 8.0 / 3.0])
-
-
-def lorenz_in_place(t, y, dy, p):
-    dy[0] = p[0] * (y[1] - y[0])
-    dy[1] = y[0] * (p[1] - y[2]) - y[1]
-    dy[2] = y[0] * y[1] - p[2] * y[2]
 
 
 class Recorder:

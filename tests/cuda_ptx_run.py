@@ -25,20 +25,9 @@ import odecore
 CC = (9, 0)
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=CC)
 
+from kernel_dynamics import chain  # noqa: E402
+from kernel_dynamics import lorenz_in_place as lorenz  # noqa: E402
 from odecore.adapters import cuda_ensemble  # noqa: E402
-
-
-def lorenz(t, y, dy, p):
-    dy[0] = p[0] * (y[1] - y[0])
-    dy[1] = y[0] * (p[1] - y[2]) - y[1]
-    dy[2] = y[0] * y[1] - p[2] * y[2]
-
-
-def chain(t, y, dy, p):
-    """More elements (20) than the kernels unroll: the loops keep their run-time bounds."""
-    dy[0] = -p[0] * y[0]
-    for i in range(1, y.shape[0]):
-        dy[i] = p[0] * (y[i - 1] - y[i])
 
 
 class _Prepared(Exception):

@@ -12,23 +12,11 @@ if "--device" not in sys.argv:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 import numpy as np  # noqa: E402
+from kernel_dynamics import chain  # noqa: E402
+from kernel_dynamics import lorenz_in_place as lorenz  # noqa: E402
 from odecore.adapters import cuda_ensemble  # noqa: E402
 
 import odecore  # noqa: E402
-
-
-def lorenz(t, y, dy, p):
-    dy[0] = p[0] * (y[1] - y[0])
-    dy[1] = y[0] * (p[1] - y[2]) - y[1]
-    dy[2] = y[0] * y[1] - p[2] * y[2]
-
-
-def chain(t, y, dy, p):
-    """A chain of 20 decays, each feeding the next: more elements than the kernels unroll
-    (adapters.numba.MAX_UNROLLED_SIZE)."""
-    dy[0] = -p[0] * y[0]
-    for i in range(1, y.shape[0]):
-        dy[i] = p[0] * (y[i - 1] - y[i])
 
 
 def main(path: str) -> None:
