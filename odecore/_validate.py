@@ -110,7 +110,9 @@ def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
     if dtype_kind(xp, y0_arr.dtype) != "real floating":
         return
     dtype = y0_arr.dtype
-    roundoff = float(xp.finfo(dtype).eps) / 2
+    roundoff = _roundoffs.get(dtype)
+    if roundoff is None:  # finfo costs a microsecond a call, and every solve asks
+        roundoff = _roundoffs[dtype] = float(xp.finfo(dtype).eps) / 2
     for name, value in (("rtol", rtol), ("adjoint_rtol", adjoint_rtol)):
         smallest = _smallest_tolerance(bk, value, name)
         if smallest is None or not 0 < smallest < roundoff:
@@ -129,6 +131,9 @@ def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
             PrecisionWarning,
             stacklevel=_stacklevel_outside_odecore(),
         )
+
+
+_roundoffs: dict = {}
 
 
 def _smallest_tolerance(bk, value, name) -> float | None:
@@ -383,7 +388,8 @@ def tolerance(bk, value, name: str, lay: Layout):
     """A positive float, or a per-element array in the loop's dtype, broadcast to its (B, N)
     layout."""
     xp = bk.xp
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    # type() first: the ABC check costs a microsecond, and a float is the usual tolerance.
+    if type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)

@@ -299,8 +299,11 @@ def test_torch_array_with_the_numpy_backend():
     import torch
 
     y0 = torch.ones(2, dtype=torch.float64)
-    with pytest.raises(TypeError, match="backend is 'numpy' but .* is a torch array"):
+    with pytest.raises(TypeError, match="backend is 'numpy' but y0 is a torch array"):
         odecore.solve(decay, y0, TS, backend="numpy")
+    # A parameter inside a container is named by its path.
+    with pytest.raises(TypeError, match=re.escape("but params[1] is a torch array")):
+        odecore.solve(decay, Y0, TS, params=(1.0, y0), backend="numpy")
 
 
 @pytest.mark.backend("torch")
