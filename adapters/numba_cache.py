@@ -70,6 +70,11 @@ def importable_name(func) -> tuple[str, str] | None:
     # from its own __main__. A notebook's do not (its __main__ has no file).
     if not module_name or "<" in qualname:
         return None
+    # Numba's disk cache finds a function by its code's file: code made by exec() or
+    # compile() ("<string>") has none, even in a module that has one.
+    code = getattr(py_func, "__code__", None)
+    if code is None or code.co_filename.startswith("<"):
+        return None
     module = sys.modules.get(module_name)
     target = module
     for part in qualname.split("."):

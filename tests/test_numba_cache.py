@@ -147,6 +147,20 @@ def test_dynamics_that_cannot_be_imported_by_name_stay_in_memory(tmp_path, monke
     assert not (tmp_path / "numba").exists()
 
 
+def test_a_function_made_by_exec_in_a_module_with_a_file_stays_in_memory(tmp_path, monkeypatch):
+    # exec() gives the function a module that has a file and a name to import it by, but
+    # its code has no file, which Numba's disk cache needs: caching it raised RuntimeError.
+    monkeypatch.setenv("ODECORE_CACHE_DIR", str(tmp_path))
+    namespace = {"__name__": __name__}
+    exec("def made(t, y, dy, p):\n    dy[0] = -p[0] * y[0]\n", namespace)
+    made = namespace["made"]
+    monkeypatch.setattr(sys.modules[__name__], "made", made, raising=False)
+    assert numba_cache.importable_name(made) is None
+    sol = odecore.solve(made, np.array([1.0]), [0.0, 1.0], params=np.array([0.5]), backend="numba")
+    np.testing.assert_allclose(sol.ys[-1], [np.exp(-0.5)], rtol=1e-6)
+    assert not (tmp_path / "numba").exists()
+
+
 def test_an_empty_cache_dir_switches_disk_caching_off(monkeypatch):
     monkeypatch.setenv("ODECORE_CACHE_DIR", "")
     assert numba_cache.directory() is None
