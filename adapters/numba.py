@@ -32,6 +32,7 @@ arrays; :class:`_GenericForm` lets it call dynamics written in place.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -82,22 +83,19 @@ def _jit(fn):
     return numba.njit(fn, cache=True)
 
 
-def _jit_bound(fn, nogil: bool = False):
+def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
     # A function bound to one dynamics shares its code, file and name with every other
     # binding: a disk cache would hand one dynamics' machine code to another. The loop's
     # helpers are inlined, so that the compiler can drop the reference counting of the rows
     # they pass on; the whole solve stays one function, which a single trajectory and the
     # ensemble's parallel loop both call. A watched solve runs in a thread of its own
     # without the interpreter's lock (``nogil``), while the caller reads its progress.
+    # ``out_of_line``: the options of the functions not inlined (numba_cache).
     if fn.__name__ == "solve_trajectory":
         return numba.njit(fn, nogil=nogil)
     if fn.__name__ in loop.OUT_OF_LINE:
-        return numba.njit(fn)
+        return numba.njit(fn, **(out_of_line or {}))
     return numba.njit(fn, inline="always")
-
-
-def _jit_watched(fn):
-    return _jit_bound(fn, nogil=True)
 
 
 def _compiled_rules() -> dict:
@@ -362,7 +360,11 @@ def _kernel(
                 sums = {**sums, **numba_watch.REPLACEMENTS}
             functions = vars(
                 compiled_loop(
-                    _jit_watched if watched else _jit_bound,
+                    functools.partial(
+                        _jit_bound,
+                        nogil=watched,
+                        out_of_line=numba_cache.out_of_line_options(func, form),
+                    ),
                     _compiled_rules(),
                     dynamics,
                     sums,

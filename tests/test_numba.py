@@ -258,6 +258,47 @@ def test_in_place_form_gives_the_returning_forms_result():
     np.testing.assert_array_equal(returning.ys, in_place.ys)
 
 
+def _lorenz_allocating_in_place(t, y, dy, p):
+    rate = np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
+    for i in range(3):
+        dy[i] = rate[i]
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        lorenz,  # returning: its wrapper receives a new array at every evaluation
+        lorenz_in_place,
+        numba.njit(_lorenz_allocating_in_place, inline="always"),  # inlined by Numba
+        numba.njit(_lorenz_allocating_in_place),
+    ],
+    ids=["returning", "in place", "in place inlined, allocating", "in place, allocating"],
+)
+def test_kernels_free_what_they_allocate(func):
+    """The loop's out-of-line functions run without reference counting only where nothing
+    in them allocates. Outputs inside steps make dopri8 evaluate f there three times per
+    output step: any array allocated in them and not freed shows in the runtime's counts."""
+    # Numba counts its allocations only when asked (NUMBA_NRT_STATS at import, or this).
+    from numba.core.runtime import _nrt_python, rtsys
+
+    t = np.linspace(0.0, 10.0, 201)
+    p, y0 = np.array([10.0, 28.0, 8.0 / 3.0]), np.array([1.0, 0.0, 0.0])
+    kwargs = {"params": p, "backend": "numba", "method": "dopri8"}
+    odecore.solve(func, y0, t, **kwargs)  # compiled
+    counting = _nrt_python.memsys_stats_enabled()
+    _nrt_python.memsys_enable_stats()
+    try:
+        before = rtsys.get_allocation_stats()
+        solution = odecore.solve(func, y0, t, **kwargs)
+        after = rtsys.get_allocation_stats()
+    finally:
+        if not counting:
+            _nrt_python.memsys_disable_stats()
+    assert solution.success
+    allocated = after.alloc - before.alloc
+    assert allocated == after.free - before.free
+
+
 def test_an_njit_function_is_used_as_it_is():
     compiled = numba.njit(oscillator_in_place)
     t = np.linspace(0.0, 1.0, 3)
