@@ -187,8 +187,12 @@ def is_success(status: Any) -> bool:
         # A single sample solved eagerly: checked at the end of every call, where np.isin
         # alone would cost a short compiled solve a tenth of its time.
         return status in SUCCESSES
-    codes = host_array(status)
-    return bool(np.all((codes == SUCCESSES[0]) | (codes == SUCCESSES[1])))
+    return bool(np.all(_succeeded(host_array(status))))
+
+
+def _succeeded(codes: np.ndarray) -> np.ndarray:
+    """Per sample, whether its status code is a success (np.isin costs more)."""
+    return (codes == SUCCESSES[0]) | (codes == SUCCESSES[1])
 
 
 def describe_status(status: Any) -> str:
@@ -260,7 +264,7 @@ def failure_message(sol: Solution) -> str:
     # On the host once: a failed batch on a GPU is not read one sample at a time.
     status, t_reached = host_array(sol.status), host_array(sol.t_reached)
     stats = sol.stats
-    failed = None if status.ndim == 0 else np.flatnonzero(~np.isin(status, SUCCESSES)).tolist()
+    failed = None if status.ndim == 0 else np.flatnonzero(~_succeeded(status)).tolist()
     if failed is None:
         where = f"at t={float(t_reached):.17g}"
         counts = (
