@@ -193,18 +193,19 @@ def _solve_ensemble(
     watch,
     tape_times,
     tape_y,
+    order,
 ):
-    """Every trajectory of a batch by the kernel loop, in parallel: ``out`` (N, T, D),
-    ``status``, ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results;
+    """Every trajectory of a batch by the kernel loop, in parallel, taken in ``order``
+    (``_visit_order``): ``out`` (N, T, D), ``status``, ``t_reached``, ``dt_next`` (N,) and
+    ``stats`` (N, 4) receive the results;
     ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
     (N, K, ``loop.TAPE_COLUMNS``) and ``tape_y`` (N, K, D) the first K accepted steps of
     each, for the checkpoint gradient (K = 0: none)."""
     count, size = y0.shape
-    # No arithmetic on n: prange's index is unsigned, and mixed with a signed integer it
-    # becomes a float.
     shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
-    for n in numba.prange(count):
+    for i in numba.prange(count):
+        n = order[i]
         work = np.empty((rows, size), dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
         own = params[0] if shared else params[n]
@@ -231,6 +232,29 @@ def _solve_ensemble(
         status[n] = s
         t_reached[n] = t
         dt_next[n] = dt
+
+
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@functools.lru_cache(maxsize=256)
+def _visit_stride(count: int) -> int:
+    stride = max(1, round(count * _GOLDEN))
+    while math.gcd(stride, count) != 1:
+        stride += 1
+    return stride
+
+
+def _visit_order(count: int) -> np.ndarray:
+    """The order in which a batch's parallel loops take its ``count`` trajectories.
+    Numba gives each thread a contiguous block of the loop's indices, and the trajectories
+    of a sweep often take more steps as the swept parameter grows: visited in their own
+    order, one thread gets the easy block and then waits for the others (the Lorenz
+    rho-sweep ran 30% slower on two threads). Index ``i`` takes trajectory ``i * s mod
+    count``, with ``s`` near ``count`` over the golden ratio and coprime to ``count``: a
+    permutation under which every contiguous block of indices samples the whole batch
+    evenly (a Weyl sequence)."""
+    return np.arange(count, dtype=np.int64) * _visit_stride(count) % count
 
 
 def _form(func, has_params: bool) -> str:
@@ -788,7 +812,8 @@ def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
-    call = lambda: kernel.solve_ensemble(*arrays, *results)  # noqa: E731
+    order = _visit_order(len(y0))
+    call = lambda: kernel.solve_ensemble(*arrays, *results, order)  # noqa: E731
     _run(call, problem, ts, watch, progress, kernel.solve_ensemble)
     return out, status, t_reached, dt_next, stats, tape_times, tape_y
 
@@ -842,16 +867,17 @@ def compiles(problem, options, record: bool) -> bool:
 
 
 def _replay_ensemble(
-    tape_times, tape_y, steps, params, ts, jumps, out_bar, tab, settings, a, params_bar
+    tape_times, tape_y, steps, params, ts, jumps, out_bar, tab, settings, a, params_bar, order
 ):
-    """The checkpoint gradient of every trajectory of a compiled solve, in parallel, from
-    its tape (``odecore.kernels.replay``): ``a`` (N, D) receives the cotangents of the
-    ``y0`` rows, ``params_bar`` (N, P) those of each trajectory's parameters. ``out_bar``
-    (N, T, D) holds the outputs' cotangents."""
+    """The checkpoint gradient of every trajectory of a compiled solve, in parallel and in
+    ``order`` (``_visit_order``), from its tape (``odecore.kernels.replay``): ``a`` (N, D)
+    receives the cotangents of the ``y0`` rows, ``params_bar`` (N, P) those of each
+    trajectory's parameters. ``out_bar`` (N, T, D) holds the outputs' cotangents."""
     count, size = a.shape
     shared = params.shape[0] == 1 and count > 1
     nodes = tab.sizes[DENSE_STAGES]
-    for n in numba.prange(count):
+    for i in numba.prange(count):
+        n = order[i]
         own = params[0] if shared else params[n]
         cot = np.empty((COTANGENT_ROWS, size), dtype=a.dtype)
         scratch = (
@@ -935,6 +961,7 @@ def replay(problem, tape, ys_bar):
         inputs.settings,
         a,
         params_bar,
+        _visit_order(rows),
     )
     a0 = lay.to_user(np, a.reshape(lay.internal_shape))
     # One array of parameters (Kernels.compiles): a row per trajectory, or one row that
