@@ -204,8 +204,8 @@ def _solve_ensemble(
     count, size = y0.shape
     shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
-    for i in numba.prange(count):
-        n = order[i]
+    for k in numba.prange(count):
+        n = order[k]
         work = np.empty((rows, size), dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
         own = params[0] if shared else params[n]
@@ -598,8 +598,7 @@ def _check_layout(lay) -> None:
 
 def _norm(options) -> tuple[float, np.ndarray]:
     """The kernel's norm code and part sizes for ``options['norm']``."""
-    norm = (options or {}).get("norm", "rms")
-    parts = np.zeros(0, dtype=np.int64)
+    norm = "rms" if options is None else options.get("norm", "rms")
     if isinstance(norm, LargestPartRMS) and norm.sizes is not None:
         return loop.PARTS_NORM, np.asarray(norm.sizes, dtype=np.int64)
     if not isinstance(norm, str):
@@ -608,7 +607,16 @@ def _norm(options) -> tuple[float, np.ndarray]:
             "be 'rms', 'max' or odecore.control.norms.largest_part_rms(np, sizes); use another "
             "backend for a norm of your own"
         )
-    return (loop.MAX_NORM if norm == "max" else loop.RMS_NORM), parts
+    return (loop.MAX_NORM if norm == "max" else loop.RMS_NORM), _NO_PARTS
+
+
+# Empty inputs every call would otherwise allocate anew: the kernels only read them, and a
+# short solve's Python costs as much as its compiled steps. (Writable, as the non-empty
+# arrays in their place are: Numba types read-only arrays apart and would compile again.)
+_NO_PARTS = np.zeros(0, dtype=np.int64)
+_NO_TIMES = np.zeros(0)
+# A single trajectory's kernel is passed valid[0] as a bool.
+_ONE_VALID = np.ones(1, dtype=np.bool_)
 
 
 def _settings(problem, norm_code: float) -> np.ndarray:
@@ -675,13 +683,16 @@ def kernel_inputs(problem, options) -> KernelInputs:
     batch = lay.batch if lay.batched else None
     y0 = np.ascontiguousarray(np.asarray(problem.y0).reshape(lay.batch, -1))
     rows, size = y0.shape
-    valid = np.ones(rows, dtype=np.bool_) if problem.valid is None else np.asarray(problem.valid)
+    if problem.valid is not None:
+        valid = np.asarray(problem.valid)
+    else:
+        valid = _ONE_VALID if batch is None else np.ones(rows, dtype=np.bool_)
     return KernelInputs(
         y0=y0,
         params=_params_array(problem.dynamics.params, batch),
         ts=_times(problem.ts_array),
         stops=_times(problem.stops),
-        jumps=_times(problem.jumps if problem.jumps is not None else []),
+        jumps=_NO_TIMES if problem.jumps is None else _times(problem.jumps),
         rtol=_per_element(problem.rtol, rows, size),
         atol=_per_element(problem.atol, rows, size),
         parts=parts,
@@ -742,7 +753,7 @@ def solve(problem, options, progress=None, record=False) -> LoopResult:
     solution = Solution(
         ts=problem.ts_array * problem.direction,
         ys=out[0].reshape(len(ts), *problem.layout.shape),
-        stats={name: int(stats[0, k]) for k, name in enumerate(_STATS)},
+        stats=dict(zip(_STATS, stats[0].tolist(), strict=True)),
         status=int(status[0]),
         t_reached=float(t_reached[0]) * problem.direction,
         method=problem.solver.name,
@@ -876,8 +887,8 @@ def _replay_ensemble(
     count, size = a.shape
     shared = params.shape[0] == 1 and count > 1
     nodes = tab.sizes[DENSE_STAGES]
-    for i in numba.prange(count):
-        n = order[i]
+    for k in numba.prange(count):
+        n = order[k]
         own = params[0] if shared else params[n]
         cot = np.empty((COTANGENT_ROWS, size), dtype=a.dtype)
         scratch = (
