@@ -299,6 +299,31 @@ def test_kernels_free_what_they_allocate(func):
     assert allocated == after.free - before.free
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_large_tape_is_fresh_pages_the_kernel_types_as_an_empty_array(dtype):
+    """A tape of 4 MiB or more is an anonymous mapping (no huge pages, each zeroed whole on
+    first touch), and the kernels see it as the array np.empty would give: the same Numba
+    type, so the same compiled kernel, writable."""
+    import mmap
+
+    from odecore.adapters.numba import _HUGE_PAGES_FROM, _untouched
+
+    for shape in ((2, 3, 3), (64, 100_000, 3)):
+        tape = _untouched(shape, dtype)
+        assert tape.shape == shape
+        assert tape.dtype == dtype
+        assert tape.flags.writeable
+        assert numba.typeof(tape) == numba.typeof(np.empty(shape, dtype=dtype))
+        base = tape
+        while isinstance(base, np.ndarray):
+            base = base.base
+        base = base.obj if isinstance(base, memoryview) else base
+        large = tape.nbytes >= _HUGE_PAGES_FROM
+        assert isinstance(base, mmap.mmap) == large
+        if large:
+            assert not tape[::7919].any()  # fresh pages read as zeros
+
+
 def test_an_njit_function_is_used_as_it_is():
     compiled = numba.njit(oscillator_in_place)
     t = np.linspace(0.0, 1.0, 3)
