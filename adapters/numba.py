@@ -206,6 +206,8 @@ def _solve_ensemble(
     shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
     for k in numba.prange(count):
+        # Only indexing with k: prange's index is unsigned, and arithmetic mixing it with a
+        # signed integer gives a float. That is why the order arrives as an array.
         n = order[k]
         work = np.empty((rows, size), dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
@@ -251,7 +253,7 @@ def _visit_order(count: int) -> np.ndarray:
     Numba gives each thread a contiguous block of the loop's indices, and the trajectories
     of a sweep often take more steps as the swept parameter grows: visited in their own
     order, one thread gets the easy block and then waits for the others (the Lorenz
-    rho-sweep ran 30% slower on two threads). Index ``i`` takes trajectory ``i * s mod
+    rho-sweep took 25% longer on two threads). Index ``i`` takes trajectory ``i * s mod
     count``, with ``s`` near ``count`` over the golden ratio and coprime to ``count``: a
     permutation under which every contiguous block of indices samples the whole batch
     evenly (a Weyl sequence)."""
