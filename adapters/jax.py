@@ -37,6 +37,7 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_constant
 
 from odecore.backend import Autodiff, Backend, Tracing
+from odecore.deq.solution import FixedPointSolution
 from odecore.ode.solution import PrecisionWarning, Solution
 
 # The backward pass runs solves of its own (backsolve); they must not attach another
@@ -482,7 +483,19 @@ def _unflatten_solution(method, children):
     return Solution(ts, ys, stats, status, t_reached, method, events)
 
 
-# So that a jitted function can return a whole Solution (status and statistics included).
+def _flatten_fixed_point(sol: FixedPointSolution):
+    children = (sol.z, sol.iterations, sol.abs_residual, sol.rel_residual, sol.status, sol.trace)
+    return (*children, sol.stats), sol.solver
+
+
+def _unflatten_fixed_point(solver, children):
+    *arrays, stats = children
+    return FixedPointSolution(*arrays, solver=solver, stats=stats)
+
+
+# So that a jitted function can return a whole Solution or FixedPointSolution (status and
+# statistics included).
 jax.tree_util.register_pytree_node(Solution, _flatten_solution, _unflatten_solution)
+jax.tree_util.register_pytree_node(FixedPointSolution, _flatten_fixed_point, _unflatten_fixed_point)
 
 BACKEND = JaxBackend()

@@ -1,7 +1,8 @@
 """One invalid sample in a batch, on every backend: the sample gets status INVALID_INPUT and NaN
 outputs, and every other sample is solved as if it were alone; with ``throw=True`` the solve
 raises ValueError naming the sample. Eagerly on every backend, and under the backend's
-compiler where it has one (``jax.jit``).
+compiler where it has one (``jax.jit``). The same for a fixed point whose start is not
+finite in one sample: that sample stops with status NONFINITE, the others iterate as alone.
 
 Backends are chosen as in ``test_conformance.py`` (``ODECORE_CONFORMANCE_BACKENDS``,
 ``odecore.get_backend``). References: the closed form of a damped rotation, and each valid
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -104,3 +106,76 @@ def test_invalid_sample_raises_with_throw(backend_name: str) -> None:
         # A single sample has no others to solve: it raises whatever throw says.
         with pytest.raises(ValueError, match="y0 contains NaN or infinite values"):
             _solve(bk, y0[INVALID], t, a, throw=False)
+
+
+# z -> tanh(z W^T + x), a contraction (|W|_2 = 0.6, |tanh'| <= 1) with one input row per
+# sample; the start of sample NONFINITE_START is NaN.
+FP_ROWS, FP_SIZE = 4, 5
+NONFINITE_START = 2
+FP_TOL = 1e-11
+
+
+def tanh_layer(z, params):
+    w, x = params
+    xp = array_api_compat.array_namespace(z)
+    return xp.tanh(z @ xp.matrix_transpose(w) + x)
+
+
+def _fixed_point_inputs():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((FP_SIZE, FP_SIZE))
+    w *= 0.6 / np.linalg.norm(w, ord=2)
+    x = rng.standard_normal((FP_ROWS, FP_SIZE))
+    z0 = rng.standard_normal((FP_ROWS, FP_SIZE))
+    z0[NONFINITE_START] = np.nan
+    return w, x, z0
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
+def test_non_finite_start_does_not_disturb_the_other_samples(
+    backend_name: str, compiled: bool, solver: str
+) -> None:
+    bk = backend_or_skip(backend_name)
+    with bk.float64():
+        w_np, x_np, z0_np = _fixed_point_inputs()
+        w, x, z0 = (bk.asarray(a, dtype=bk.xp.float64) for a in (w_np, x_np, z0_np))
+
+        def solve(z0, w, x):
+            return odecore.solve_fixed_point(
+                tanh_layer,
+                z0,
+                (w, x),
+                solver=solver,
+                tol=FP_TOL,
+                batch_axis=0,
+                throw=False,
+                backend=bk.name,
+            )
+
+        batched = solve
+        if compiled:
+            if bk.name not in COMPILERS:
+                pytest.skip(f"the {bk.name!r} backend has no compiler for a whole solve")
+            batched = COMPILERS[bk.name]()(solve)
+        sol = batched(z0, w, x)
+        status = [int(s) for s in to_numpy(bk, sol.status)]
+        z = to_numpy(bk, sol.z)
+        iterations = to_numpy(bk, sol.iterations)
+
+        expected_status = [int(odecore.FixedPointStatus.CONVERGED)] * FP_ROWS
+        expected_status[NONFINITE_START] = int(odecore.FixedPointStatus.NONFINITE)
+        assert status == expected_status
+        assert iterations[NONFINITE_START] == 0
+        for i in range(FP_ROWS):
+            if i == NONFINITE_START:
+                continue
+            alone = solve(z0[i : i + 1], w, x[i : i + 1])
+            # Every sample mixes only its own memory: the batch takes each one's own
+            # iterations, and differs from it by the rounding of batched products at most.
+            assert iterations[i] == int(to_numpy(bk, alone.iterations)[0])
+            np.testing.assert_allclose(z[i], to_numpy(bk, alone.z)[0], rtol=0, atol=1e-13)
+            # A residual below tol puts z within tol / (1 - 0.6) of the fixed point.
+            residual = np.tanh(w_np @ z[i] + x_np[i]) - z[i]
+            assert np.linalg.norm(residual) <= FP_TOL * (1 + 1e-6)
