@@ -403,3 +403,50 @@ def _cells():
 def test_deq_conformance(backend_name: str, variant: Variant, check: str, record_property):
     bk = backend_or_skip(backend_name)
     report(record_property, CHECK_FUNCTIONS[check](bk, variant))
+
+
+def _affine_rows(z, params):
+    w, b = params
+    xp = array_api_compat.array_namespace(z)
+    return z @ xp.matrix_transpose(w) + b
+
+
+@pytest.mark.parametrize("n", [4, 7])
+@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
+def test_anderson_solves_an_affine_map_in_n_plus_one_iterations(backend_name: str, n: int):
+    """Unregularised Anderson mixing with a memory beyond the dimension ``n`` is GMRES on an
+    affine map ``z -> W z + b`` (Walker and Ni, SIAM J. Numer. Anal. 49(4), 2011): after the
+    first plain step, ``n`` mixing steps leave a residual at the level of rounding. A wrong
+    entry in the mixing's normal equations costs it this: it then needs well over a hundred
+    iterations on the same map.
+
+    On these maps the residual after iteration ``n`` is still 0.1 to 1, and after ``n + 1``
+    1e-14 to 1e-10 (the normal equations square the residuals' conditioning): the tolerance
+    sits between the two with a margin of 100 on the side of rounding."""
+    bk = backend_or_skip(backend_name)
+    rng = np.random.default_rng(n)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    # Slow for Picard: eigenvalues out to 0.95 (and -0.9), made non-normal.
+    w = q @ np.diag(np.linspace(0.95, -0.9, n)) @ q.T + 0.05 * rng.standard_normal((n, n))
+    b = rng.standard_normal((1, n))
+    tol = 1e-8
+    with bk.float64():
+        f64 = bk.xp.float64
+        sol = odecore.solve_fixed_point(
+            _affine_rows,
+            bk.asarray(np.zeros((1, n)), dtype=f64),
+            (bk.asarray(w, dtype=f64), bk.asarray(b, dtype=f64)),
+            solver="anderson",
+            m=n + 1,
+            lam=0.0,
+            tol=tol,
+            max_iter=200,
+            batch_axis=0,
+            backend=bk.name,
+        )
+        z = to_numpy(bk, sol.z)[0]
+    assert int(to_numpy(bk, sol.iterations)[0]) == n + 1
+    # z* - z = (I - W)^-1 (W z + b - z), and that residual is below tol.
+    inverse = np.linalg.inv(np.eye(n) - w)
+    exact = inverse @ b[0]
+    assert np.linalg.norm(z - exact) <= np.linalg.norm(inverse, ord=2) * tol

@@ -1,10 +1,22 @@
 """Anderson mixing, one step of the fixed-point loop (:mod:`odecore.deq.iteration`).
 
-The loop state's ``mem_a`` holds the stored iterates ``z_i`` and ``mem_b`` their residuals
-``g(z_i) - z_i``, ``m`` of each per sample, written round-robin.
+The loop state holds, per sample and ``m`` pairs written round-robin: ``mem_b``, the residuals
+``r_i = g(z_i) - z_i``; ``mem_a``, the points ``z_i + beta r_i`` that the mixing combines; and
+``gram``, the inner products ``r_i . r_j``, bordered by a row and column for the mixing's
+system.
 """
 
 from __future__ import annotations
+
+
+def anderson_memory(xp, B, m, N, dtype):
+    """The empty memory of ``B`` samples of size ``N``: unfilled slots hold zeros."""
+    return {
+        "mem_a": xp.zeros((B, m, N), dtype=dtype),
+        "mem_b": xp.zeros((B, m, N), dtype=dtype),
+        # Bordered by a zero row and column, for the mixing's system (anderson_proposal).
+        "gram": xp.zeros((B, m + 1, m + 1), dtype=dtype),
+    }
 
 
 def anderson_proposal(bk, s, m, lam, beta):
@@ -22,36 +34,43 @@ def anderson_proposal(bk, s, m, lam, beta):
     B = z.shape[0]
     k = s["k"]
     slot = k % m
-    # A non-finite residual in memory would poison the batched solve; such a sample has
-    # stopped already, so a zero only keeps the others' arithmetic finite.
+    # Finite in every sample: the loop never lets a non-finite pair into its state.
     residual = s["gz"] - z
-    residual = xp.where(xp.isfinite(residual), residual, 0.0)
-    X = bk.write(s["mem_a"], (slice(None), slot), z)
+    # Storing z + beta r rather than z makes the proposal one product with the weights
+    # instead of two and a sum.
+    F = bk.write(s["mem_a"], (slice(None), slot), z + beta * residual)
     G = bk.write(s["mem_b"], (slice(None), slot), residual)
-    s["mem_a"], s["mem_b"] = X, G
-    slots = xp.arange(m, dtype=k.dtype)
-    filled = slots <= k  # (m,): unfilled slots hold zeros
-    GG = G @ xp.matrix_transpose(G)  # (B, m, m)
-    eye = xp.eye(m, dtype=G.dtype)
-    diag = xp.sum(GG * eye, axis=-1)
+    # Only the new residual's inner products change the Gram matrix, one row and its
+    # column: (B, m) dot products instead of the (B, m, m) of recomputing all of it.
+    row = (G @ residual[:, :, None])[..., 0]
+    gram = bk.write(s["gram"], (slice(None), slot + 1, slice(1, None)), row)
+    gram = bk.write(gram, (slice(None), slice(1, None), slot + 1), row)
+    s["mem_a"], s["mem_b"], s["gram"] = F, G, gram
+    # The weights minimise alpha^T H alpha subject to sum(alpha) = 1, H the regularised
+    # Gram matrix: the bordered system [[0, 1^T], [1, H]] [mu, alpha] = [1, 0]. Index 0 of
+    # the (m + 1) square is the border, index 1 + i is slot i; an unfilled slot gets an
+    # identity row and no border, so weight zero. (H^-1 1 scaled to sum to one is the same
+    # in exact arithmetic, but H is singular when the residuals are linearly dependent, as
+    # when an unregularised mixing reaches the solution, and the bordered system is not.)
+    index = xp.arange(m + 1, dtype=k.dtype)
+    filled = (index >= 1) & (index <= k + 1)
+    border = index == 0
+    eye = xp.eye(m + 1, dtype=G.dtype)
     # Regularisation relative to the residuals' size keeps the mixing scale-invariant;
     # the floor keeps the system regular once the residuals reach zero.
     floor = xp.finfo(G.dtype).smallest_normal ** 0.5
-    scale = lam * xp.sum(diag, axis=-1) / m + floor  # (B,)
+    scale = lam * xp.sum(xp.linalg.diagonal(gram), axis=-1) / m + floor  # (B,)
     both = filled[:, None] & filled[None, :]
-    H = xp.where(both, GG + scale[:, None, None] * eye, eye)
-    ones = xp.broadcast_to(xp.astype(filled, G.dtype), (B, m))
-    top = xp.concat([xp.zeros((B, 1), dtype=G.dtype), ones], axis=1)[:, None, :]
-    body = xp.concat([ones[:, :, None], H], axis=2)
-    A = xp.concat([top, body], axis=1)  # (B, m + 1, m + 1)
-    rhs = xp.concat([xp.ones((B, 1), dtype=G.dtype), xp.zeros((B, m), dtype=G.dtype)], axis=1)
-    alpha = xp.linalg.solve(A, rhs[:, :, None])[:, 1:, 0]
+    edge = (border[:, None] & filled[None, :]) | (filled[:, None] & border[None, :])
+    unfilled = ~filled & ~border
+    frame = edge | ((eye > 0) & unfilled[:, None])
+    A = xp.where(both, gram + scale[:, None, None] * eye, xp.astype(frame, G.dtype))
+    rhs = xp.broadcast_to(xp.astype(border, G.dtype)[:, None], (B, m + 1, 1))
+    alpha = xp.linalg.solve(A, rhs)[:, 1:, 0]
     # Guard: should the system still be singular in floating point, that sample takes a
-    # plain step from its newest pair instead.
-    ok = xp.all(xp.isfinite(alpha), axis=-1)
-    newest = xp.astype(slots == slot, G.dtype)
+    # plain step from its newest pair instead. (A non-finite weight makes the sum
+    # non-finite: one test per sample rather than per weight.)
+    ok = xp.isfinite(xp.sum(alpha, axis=-1))
+    newest = xp.astype(index[1:] == slot + 1, G.dtype)
     alpha = xp.where(ok[:, None], alpha, newest[None, :])
-    weights = alpha[:, None, :]
-    mixed_x = (weights @ X)[:, 0, :]
-    mixed_g = (weights @ G)[:, 0, :]
-    return mixed_x + beta * mixed_g
+    return (alpha[:, None, :] @ F)[:, 0, :]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from odecore.deq.anderson import anderson_proposal
+from odecore.deq.anderson import anderson_memory, anderson_proposal
 from odecore.deq.broyden import broyden_proposal, broyden_update
 from odecore.deq.residual import residuals
 from odecore.deq.solution import CONVERGED, MAX_ITER_REACHED, NONFINITE, RUNNING
@@ -43,9 +43,13 @@ class Loop:
         status = xp.astype(status, bk.int_dtype)
         trace = xp.full((self.max_iter + 1, B), math.nan, dtype=z0.dtype)
         trace = bk.write(trace, 0, res)
+        # The body keeps a sample's last finite pair whenever an evaluation is not finite,
+        # so only the start can hold a non-finite one. Zeroed here, once, it cannot reach
+        # the solvers' memory; the sample has stopped, and reports its start as best_z.
+        pair_finite = finite[:, None]
         state = {
-            "z": z0,
-            "gz": gz,
+            "z": xp.where(pair_finite, z0, 0.0),
+            "gz": xp.where(pair_finite, gz, 0.0),
             "best_z": z0,
             "best_res": xp.where(finite, res, math.inf),
             "best_abs": abs_res,
@@ -55,9 +59,10 @@ class Loop:
             "status": status,
             "trace": trace,
         }
+        if self.solver == "anderson":
+            state.update(anderson_memory(xp, B, self.m, N, z0.dtype))
         if self.solver == "broyden":
             state["n_updates"] = xp.zeros((B,), dtype=bk.int_dtype)
-        if self.solver in ("anderson", "broyden"):
             state["mem_a"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
             state["mem_b"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
         return state
