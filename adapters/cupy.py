@@ -160,6 +160,9 @@ class CupyBackend(Backend):
     def device_scope(self, x: Any):
         return x.device if isinstance(x, cupy.ndarray) else contextlib.nullcontext()
 
+    def reads_cheaply(self, x: Any) -> bool:
+        return not isinstance(x, cupy.ndarray)
+
     def write(self, out, where, value):
         # The loop owns the output buffer, so it is written in place.
         out[where] = value

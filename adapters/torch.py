@@ -278,6 +278,9 @@ class TorchBackend(Backend):
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
+    def reads_cheaply(self, x: Any) -> bool:
+        return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
 
 class _RuleFunction(torch.autograd.Function):
     """One rule (a solve, a fixed point) as one autograd node; the rule holds the

@@ -63,3 +63,43 @@ def test_the_status_is_read_once():
     assert not odecore.ode.solution.is_success(status)
     assert odecore.ode.solution.is_success(np.array([0, 0]))
     assert odecore.ode.solution.is_success(0)
+
+
+def fixed_point_reads(monkeypatch, cheap: bool):
+    """A batched Anderson solve on CPU tensors, its host reads counted, with the backend
+    saying that reads are cheap (as on a CPU) or not (as on a device)."""
+    if not cheap:
+        monkeypatch.setattr(type(odecore.get_backend("torch")), "reads_cheaply", lambda *_: False)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    w *= 0.9 / torch.linalg.matrix_norm(w, ord=2)
+    x = torch.randn(16, 6, generator=generator, dtype=torch.float64)
+    counts: collections.Counter = collections.Counter()
+    original = torch.Tensor.__bool__
+
+    def counted(self):
+        counts["__bool__"] += 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: torch.tanh(z @ p[0].T + p[1]),
+        torch.zeros_like(x),
+        (w, x),
+        batch_axis=0,
+        tol=1e-10,
+    )
+    monkeypatch.undo()
+    return counts, sol
+
+
+def test_a_fixed_point_branches_on_its_masks_only_where_reads_are_cheap(monkeypatch):
+    # On host memory the loop reads whether every sample still runs and stayed finite, to
+    # skip selects that would change nothing; on a device that read would wait for the
+    # queue each iteration. The two paths compute the same thing.
+    cheap, fast = fixed_point_reads(monkeypatch, cheap=True)
+    dear, masked = fixed_point_reads(monkeypatch, cheap=False)
+    assert cheap["__bool__"] > dear["__bool__"]
+    assert torch.equal(fast.z, masked.z)
+    assert torch.equal(fast.iterations, masked.iterations)
+    assert fast.success and int(fast.iterations.max()) > 5

@@ -299,6 +299,13 @@ class Backend:
         """True when ``x`` has no value yet (a tracer under ``jit``)."""
         return False
 
+    def reads_cheaply(self, x: Any) -> bool:
+        """Whether reading values of arrays like ``x`` on the host (``bool`` of a
+        reduction) costs no more than the call: an eager array in host memory. On a device
+        the host would wait for the device's queue, so the core branches on array values
+        only where this holds, and only to skip work whose result it knows."""
+        return self.eager
+
     def float64(self):
         """A context in which float64 arrays are float64 (only JAX without x64 needs one)."""
         return contextlib.nullcontext()
