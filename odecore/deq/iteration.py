@@ -52,10 +52,12 @@ class Loop:
         # The body keeps a sample's last finite pair whenever an evaluation is not finite,
         # so only the start can hold a non-finite one. Zeroed here, once, it cannot reach
         # the solvers' memory; the sample has stopped, and reports its start as best_z.
-        pair_finite = finite[:, None]
+        z_kept, gz_kept = z0, gz
+        if not (self.skip_identity_selects and bool(xp.all(finite))):
+            z_kept, gz_kept = (xp.where(finite[:, None], a, 0.0) for a in (z0, gz))
         state = {
-            "z": xp.where(pair_finite, z0, 0.0),
-            "gz": xp.where(pair_finite, gz, 0.0),
+            "z": z_kept,
+            "gz": gz_kept,
             "best_z": z0,
             "best_res": xp.where(finite, res, math.inf),
             "best_abs": abs_res,
