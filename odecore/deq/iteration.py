@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from odecore.deq.anderson import anderson_memory, anderson_proposal
-from odecore.deq.broyden import broyden_proposal, broyden_update
+from odecore.deq.broyden import broyden_memory, broyden_proposal, broyden_update
 from odecore.deq.residual import residuals
 from odecore.deq.solution import CONVERGED, MAX_ITER_REACHED, NONFINITE, RUNNING
 
@@ -70,9 +70,7 @@ class Loop:
         if self.solver == "anderson":
             state.update(anderson_memory(xp, B, self.m, N, z0.dtype))
         if self.solver == "broyden":
-            state["n_updates"] = xp.zeros((B,), dtype=bk.int_dtype)
-            state["mem_a"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
-            state["mem_b"] = xp.zeros((B, self.m, N), dtype=z0.dtype)
+            state.update(broyden_memory(xp, B, self.m, N, z0.dtype))
         return state
 
     def cond(self, s):
@@ -89,7 +87,7 @@ class Loop:
         elif self.solver == "anderson":
             proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta)
         else:
-            proposal = broyden_proposal(xp, s)
+            proposal = broyden_proposal(bk, s, self.m)
         every_active = self.skip_identity_selects and bool(xp.all(active))
         z_new = proposal if every_active else xp.where(active[:, None], proposal, z)
         gz_new = self.g(z_new)
@@ -97,7 +95,7 @@ class Loop:
         res = abs_res if self.stop_mode == "abs" else rel_res
         finite = xp.isfinite(res)
         if self.solver == "broyden":
-            broyden_update(xp, s, self.m, active & finite, z, gz, z_new, gz_new)
+            broyden_update(bk, s, self.m, active & finite, z, gz, z_new, gz_new)
         better = active & finite & (res < s["best_res"])
         s["best_z"] = xp.where(better[:, None], z_new, s["best_z"])
         s["best_res"] = xp.where(better, res, s["best_res"])
