@@ -14,6 +14,9 @@ faster or needs fewer iterations): the forward solve without autograd, and the f
 implicit backward of ``sum(z * c)``, each the best of as many calls as fill --min-time
 seconds, the two libraries' calls alternating; the error of each result against the
 reference; the iterations each reports; and a summary table of the ratios with the errors.
+The summary also has both libraries' Broyden forward at tol 1e-4 with a memory of 6 terms
+(torchdeq's ``broyden_solver`` with ``LBFGS_thres=6`` overwrites its oldest term, odecore's
+restarts from -I when its terms are used up).
 
 The same tolerance does not give the same error: the libraries stop on different iterates
 (torchdeq keeps each sample's best), so the run repeats both at the tolerances 1e-3 to 1e-6
@@ -48,7 +51,7 @@ import odecore
 
 try:
     from torchdeq import get_deq
-    from torchdeq.solver import anderson_solver
+    from torchdeq.solver import anderson_solver, broyden_solver
 except ImportError:  # pragma: no cover - depends on the environment
     sys.exit("bench_deq.py compares with torchdeq: pip install torchdeq")
 
@@ -119,6 +122,27 @@ def torchdeq_forward(W, x, tol):
             stop_mode="abs",
             m=MEMORY,
             lam=LAM,
+        )
+
+
+def odecore_broyden_forward(W, x, tol):
+    with torch.no_grad():
+        settings = {**odecore_settings(tol), "solver": "broyden"}
+        del settings["lam"]
+        return odecore.solve_fixed_point(layer, torch.zeros_like(x), (W, x), **settings)
+
+
+def torchdeq_broyden_forward(W, x, tol):
+    # LBFGS_thres: torchdeq's memory of low-rank terms (it overwrites the oldest; odecore
+    # restarts from -I when its m terms are used up).
+    with torch.no_grad():
+        return broyden_solver(
+            lambda z: layer(z, (W, x)),
+            torch.zeros_like(x),
+            max_iter=MAX_ITER,
+            tol=tol,
+            stop_mode="abs",
+            LBFGS_thres=MEMORY,
         )
 
 
@@ -243,6 +267,21 @@ def measure(tol, W, x, c, reference_values, min_time, repeats) -> Measurement:
             "converged": int((sol.status == 0).sum()),
         },
     )
+
+
+def measure_broyden(W, x, z_ref, min_time, repeats):
+    """Both libraries' Broyden forward at :data:`TOL`: ``(seconds, errors, iterations)``,
+    each an (odecore, torchdeq) pair."""
+    sol = odecore_broyden_forward(W, x, TOL)
+    z_peer, _, info = torchdeq_broyden_forward(W, x, TOL)
+    times = alternating_best_times(
+        [lambda: odecore_broyden_forward(W, x, TOL), lambda: torchdeq_broyden_forward(W, x, TOL)],
+        min_time,
+        repeats,
+    )
+    errors = (error([sol.z], [z_ref]), error([z_peer], [z_ref]))
+    iterations = (float(sol.iterations.double().mean()), float(info["nstep"].double().mean()))
+    return tuple(times), errors, iterations
 
 
 def equal_error(curve) -> list[tuple[float, float]]:
@@ -370,6 +409,16 @@ def main(argv=None) -> int:
         (f"forward + implicit backward, tol {TOL:g}", headline.gradient[0])
         + (headline.gradient_error[0], headline.gradient[1], headline.gradient_error[1], ""),
     ]
+    b_times, b_errors, b_iterations = measure_broyden(W, x, reference_values[0], min_time, repeats)
+    print(
+        f"Broyden forward at tol {TOL:g}, memory {MEMORY}: odecore {b_times[0] * 1e3:.2f} ms "
+        f"(error {b_errors[0]:.1e}, {b_iterations[0]:.1f} iterations), torchdeq "
+        f"{b_times[1] * 1e3:.2f} ms (error {b_errors[1]:.1e}, {b_iterations[1]:.1f} iterations)"
+    )
+    print()
+    rows.append(
+        (f"Broyden forward, tol {TOL:g}", b_times[0], b_errors[0], b_times[1], b_errors[1], "")
+    )
     print_summary("torchdeq", rows)
     for name, matched in (("forward", forward_matched), ("forward + backward", gradient_matched)):
         print(f"at equal error, {name}: {describe(matched)}")

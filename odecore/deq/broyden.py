@@ -65,6 +65,5 @@ def _apply_inverse(xp, s, x, in_use, transposed=False):
     of use hold finite values of an earlier cycle (or zeros), so masking their coefficients
     leaves them out."""
     a, b = (s["mem_b"], s["mem_a"]) if transposed else (s["mem_a"], s["mem_b"])
-    coeff = (b @ x[:, :, None])[..., 0]  # (B, m)
-    coeff = xp.where(in_use, coeff, 0.0)
-    return -x + (coeff[:, None, :] @ a)[:, 0, :]
+    coeff = xp.where(in_use, (b @ x[:, :, None])[..., 0], 0.0)  # (B, m)
+    return (coeff[:, None, :] @ a)[:, 0, :] - x
