@@ -411,75 +411,59 @@ def _affine_rows(z, params):
     return z @ xp.matrix_transpose(w) + b
 
 
-@pytest.mark.parametrize("n", [4, 7])
-@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
-def test_anderson_solves_an_affine_map_in_n_plus_one_iterations(backend_name: str, n: int):
-    """Unregularised Anderson mixing with a memory beyond the dimension ``n`` is GMRES on an
-    affine map ``z -> W z + b`` (Walker and Ni, SIAM J. Numer. Anal. 49(4), 2011): after the
-    first plain step, ``n`` mixing steps leave a residual at the level of rounding. A wrong
-    entry in the mixing's normal equations costs it this: it then needs well over a hundred
-    iterations on the same map.
+# The tolerance of the termination tests below, between the residuals just before the
+# termination (0.1 to 1 for Anderson, 3e-4 to 0.4 for Broyden, on these maps) and just after
+# it (at most 1e-10).
+TERMINATION_TOL = 1e-8
 
-    On these maps the residual after iteration ``n`` is still 0.1 to 1, and after ``n + 1``
-    1e-14 to 1e-10 (the normal equations square the residuals' conditioning): the tolerance
-    sits between the two with a margin of 100 on the side of rounding."""
+
+def _solve_affine_map(backend_name: str, n: int, **options) -> int:
+    """Iterations of the solve from 0 of an ``n``-dimensional affine map ``z -> W z + b``,
+    slow for Picard (eigenvalues out to 0.95 and -0.9, made non-normal), on the backend in
+    float64, to :data:`TERMINATION_TOL`; its ``z`` is checked against the exact solution."""
     bk = backend_or_skip(backend_name)
     rng = np.random.default_rng(n)
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    # Slow for Picard: eigenvalues out to 0.95 (and -0.9), made non-normal.
     w = q @ np.diag(np.linspace(0.95, -0.9, n)) @ q.T + 0.05 * rng.standard_normal((n, n))
     b = rng.standard_normal((1, n))
-    tol = 1e-8
     with bk.float64():
         f64 = bk.xp.float64
         sol = odecore.solve_fixed_point(
             _affine_rows,
             bk.asarray(np.zeros((1, n)), dtype=f64),
             (bk.asarray(w, dtype=f64), bk.asarray(b, dtype=f64)),
-            solver="anderson",
-            m=n + 1,
-            lam=0.0,
-            tol=tol,
+            tol=TERMINATION_TOL,
             max_iter=200,
             batch_axis=0,
             backend=bk.name,
+            **options,
         )
         z = to_numpy(bk, sol.z)[0]
-    assert int(to_numpy(bk, sol.iterations)[0]) == n + 1
-    # z* - z = (I - W)^-1 (W z + b - z), and that residual is below tol.
+    # z* - z = (I - W)^-1 (W z + b - z), and that residual is below the tolerance.
     inverse = np.linalg.inv(np.eye(n) - w)
-    exact = inverse @ b[0]
-    assert np.linalg.norm(z - exact) <= np.linalg.norm(inverse, ord=2) * tol
+    error = np.linalg.norm(z - inverse @ b[0])
+    assert error <= np.linalg.norm(inverse, ord=2) * TERMINATION_TOL
+    return int(to_numpy(bk, sol.iterations)[0])
+
+
+@pytest.mark.parametrize("n", [4, 7])
+@pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
+def test_anderson_solves_an_affine_map_in_n_plus_one_iterations(backend_name: str, n: int):
+    """Unregularised Anderson mixing with a memory beyond the dimension ``n`` is GMRES on an
+    affine map ``z -> W z + b`` (Walker and Ni, SIAM J. Numer. Anal. 49(4), 2011): after the
+    first plain step, ``n`` mixing steps leave a residual at the level of rounding (1e-14 to
+    1e-10 here: the normal equations square the residuals' conditioning). A wrong entry in
+    the mixing's normal equations costs it this: it then needs well over a hundred
+    iterations on the same map."""
+    iterations = _solve_affine_map(backend_name, n, solver="anderson", m=n + 1, lam=0.0)
+    assert iterations == n + 1
 
 
 @pytest.mark.parametrize("n", [3, 4, 7])
 @pytest.mark.parametrize("backend_name", odecore.BACKEND_NAMES)
 def test_broyden_solves_an_affine_map_in_2n_iterations(backend_name: str, n: int):
     """Broyden's good method on a linear system terminates in at most ``2 n`` steps (Gay,
-    SIAM J. Numer. Anal. 16(4), 1979), given the memory never to restart (``m >= 2 n``). On
-    these maps the residual after iteration ``2 n - 1`` is still 3e-4 to 0.4, and after
-    ``2 n`` at most 1e-12: the tolerance sits between the two. A memory that loses a term
-    (the newest one left unread, say) no longer terminates."""
-    bk = backend_or_skip(backend_name)
-    rng = np.random.default_rng(n)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    w = q @ np.diag(np.linspace(0.95, -0.9, n)) @ q.T + 0.05 * rng.standard_normal((n, n))
-    b = rng.standard_normal((1, n))
-    tol = 1e-8
-    with bk.float64():
-        f64 = bk.xp.float64
-        sol = odecore.solve_fixed_point(
-            _affine_rows,
-            bk.asarray(np.zeros((1, n)), dtype=f64),
-            (bk.asarray(w, dtype=f64), bk.asarray(b, dtype=f64)),
-            solver="broyden",
-            m=2 * n,
-            tol=tol,
-            max_iter=200,
-            batch_axis=0,
-            backend=bk.name,
-        )
-        z = to_numpy(bk, sol.z)[0]
-    assert int(to_numpy(bk, sol.iterations)[0]) == 2 * n
-    inverse = np.linalg.inv(np.eye(n) - w)
-    assert np.linalg.norm(z - inverse @ b[0]) <= np.linalg.norm(inverse, ord=2) * tol
+    SIAM J. Numer. Anal. 16(4), 1979), given the memory never to restart (``m >= 2 n``); on
+    these maps it takes all ``2 n``. A memory that loses a term (the newest one left unread,
+    say) no longer terminates."""
+    assert _solve_affine_map(backend_name, n, solver="broyden", m=2 * n) == 2 * n
