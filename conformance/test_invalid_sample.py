@@ -31,6 +31,13 @@ TOLERANCES = {"rtol": 1e-10, "atol": 1e-12}
 COMPILERS = {"jax": lambda: importlib.import_module("jax").jit}
 
 
+def compiled_or_skip(bk, fn):
+    """``fn`` under the backend's compiler; skips where the backend has none."""
+    if bk.name not in COMPILERS:
+        pytest.skip(f"the {bk.name!r} backend has no compiler for a whole solve")
+    return COMPILERS[bk.name]()(fn)
+
+
 def rotation(t, y, params):
     (a,) = params
     return y @ a.T
@@ -70,9 +77,7 @@ def test_invalid_sample_does_not_stop_the_others(backend_name: str, compiled: bo
             return _solve(bk, y0, t, a, batch_axis=0, throw=False)
 
         if compiled:
-            if bk.name not in COMPILERS:
-                pytest.skip(f"the {bk.name!r} backend has no compiler for a whole solve")
-            batched = COMPILERS[bk.name]()(batched)
+            batched = compiled_or_skip(bk, batched)
         sol = batched(y0, t, a)
         status = [int(s) for s in to_numpy(bk, sol.status)]
         ys = to_numpy(bk, sol.ys)
@@ -154,11 +159,7 @@ def test_non_finite_start_does_not_disturb_the_other_samples(
                 backend=bk.name,
             )
 
-        batched = solve
-        if compiled:
-            if bk.name not in COMPILERS:
-                pytest.skip(f"the {bk.name!r} backend has no compiler for a whole solve")
-            batched = COMPILERS[bk.name]()(solve)
+        batched = compiled_or_skip(bk, solve) if compiled else solve
         sol = batched(z0, w, x)
         status = [int(s) for s in to_numpy(bk, sol.status)]
         z = to_numpy(bk, sol.z)
