@@ -91,9 +91,10 @@ def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
     # they pass on; the whole solve stays one function, which a single trajectory and the
     # ensemble's parallel loop both call. A watched solve runs in a thread of its own
     # without the interpreter's lock (``nogil``), while the caller reads its progress.
-    # ``out_of_line``: the options of the functions not inlined (numba_cache).
+    # ``out_of_line``: the options of the functions not inlined, solve_trajectory among
+    # them (numba_cache.out_of_line_options: no reference counting where nothing allocates).
     if fn.__name__ == "solve_trajectory":
-        return numba.njit(fn, nogil=nogil)
+        return numba.njit(fn, nogil=nogil, **(out_of_line or {}))
     if fn.__name__ in loop.OUT_OF_LINE:
         return numba.njit(fn, **(out_of_line or {}))
     return numba.njit(fn, inline="always")
@@ -411,6 +412,7 @@ def _kernel(
             solve_ensemble=solve_ensemble,
             functions=functions,
             module=module,
+            form=form,
             state_size=state_size,
             replays={},
             probed=set(),
@@ -930,10 +932,10 @@ def _replay_ensemble(
             a[n, i] = cot[ADJOINT, i]
 
 
-def _jit_replay(fn):
+def _jit_replay(fn, options: dict):
     if fn.__name__ in INLINE:
         return numba.njit(fn, inline="always")
-    return numba.njit(fn)
+    return numba.njit(fn, **options)
 
 
 def _replay_kernel(kernel, func, parallel: bool):
@@ -947,12 +949,13 @@ def _replay_kernel(kernel, func, parallel: bool):
     if compiled is None:
         vjp_form = "in place" if _positional_count(vjp, VJP_FORMS) == 6 else "returning"
         source = inspect.getsource(_replay_ensemble)
-        module = numba_cache.load_replay(kernel.module, func, vjp_form, source)
+        options = numba_cache.replay_options(func, kernel.form, vjp_form)
+        module = numba_cache.load_replay(kernel.module, func, vjp_form, source, options)
         if module is not None:
             compiled = module.replay_ensemble if parallel else module.replay_serial
         else:
             functions = compiled_replay(
-                _jit_replay,
+                functools.partial(_jit_replay, options=options),
                 _compiled_rules(),
                 kernel.functions,
                 _vjp_in_place(vjp),

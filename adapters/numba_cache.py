@@ -120,14 +120,17 @@ _VJP_FORMS = {
 }
 
 
-def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType | None:
+def load_replay(
+    kernel, func, vjp_form: str, ensemble_source: str, options: dict
+) -> ModuleType | None:
     """The generated module of the checkpoint replay (``odecore.kernels.replay``) of the
     tapes of ``kernel``, a module :func:`load` gave for ``func``, with ``func.vjp`` in
     ``vjp_form`` (``"in place"`` or ``"returning"``) and the parallel loop over
     trajectories ``ensemble_source``; None where it cannot be kept on disk. It takes the
     loop's functions from ``kernel``, so the steps it replays are the kernel's. Its
     ``replay_ensemble`` is the replay, and ``replay_serial`` the same compiled without
-    threads, for a single trajectory."""
+    threads, for a single trajectory. ``options``: Numba's options for the replay's
+    functions that are not inlined (:func:`replay_options`)."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None or kernel is None:
@@ -163,9 +166,10 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
     for fn in replay.REPLAY_FUNCTIONS:
         lines += ["", inspect.getsource(fn)]
     lines += ["", ensemble_source, ""]
+    apart = "".join(f", {k}={v!r}" for k, v in options.items())
     for fn in replay.REPLAY_FUNCTIONS:
-        inline = ", inline='always'" if fn.__name__ in replay.INLINE else ""
-        lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{inline})")
+        extra = ", inline='always'" if fn.__name__ in replay.INLINE else apart
+        lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{extra})")
     lines.append("replay_ensemble = numba.njit(_replay_ensemble, parallel=True, cache=True)")
     lines.append("replay_serial = numba.njit(_replay_ensemble, cache=True)")
     text = "\n".join(lines) + "\n"
@@ -196,19 +200,34 @@ def _written(folder: Path, module_name: str, text: str) -> ModuleType | None:
     return module
 
 
-def out_of_line_options(func, form: str) -> dict:
-    """Numba's options for the kernel loop's out-of-line functions (``loop.OUT_OF_LINE``)
-    for dynamics ``func`` in ``form``. Those functions allocate nothing, and where the
-    dynamics write in place and are not inlined there, nothing they run allocates: they are
-    compiled without reference counting (``_nrt=False``). The counts of the rows they pass
-    to ``f`` were about 20 calls of NRT_incref/NRT_decref per output step, a third of the
-    cost of dopri8's dense output on Lorenz; the numbers are the same. A returning ``f``'s
-    wrapper, or an ``f`` that Numba inlines (``inline='always'``), may allocate there, and
-    only counting frees what they allocate."""
-    inlined = isinstance(func, numba.core.dispatcher.Dispatcher) and (
+def _inlined(func) -> bool:
+    """Whether Numba inlines ``func`` into its callers (``inline='always'``)."""
+    return isinstance(func, numba.core.dispatcher.Dispatcher) and (
         func.targetoptions.get("inline", "never") != "never"
     )
-    return {"_nrt": False} if form == "in place" and not inlined else {}
+
+
+def out_of_line_options(func, form: str) -> dict:
+    """Numba's options for the kernel functions compiled on their own rather than inlined
+    (``solve_trajectory`` and ``loop.OUT_OF_LINE``), for dynamics ``func`` in ``form``.
+    Those functions allocate nothing, and where the dynamics write in place and are not
+    inlined there, nothing they run allocates: they are compiled without reference
+    counting (``_nrt=False``). Every row they pass to ``f`` is a view, and each view cost a
+    call of NRT_incref and one of NRT_decref, atomic operations the compiler could not
+    remove across the call: a fifth of the time of a tsit5 ensemble step on Lorenz, and a
+    third of dopri8's dense output. The numbers are the same. A returning ``f``'s wrapper,
+    or an ``f`` that Numba inlines (``inline='always'``), may allocate there, and only
+    counting frees what they allocate."""
+    return {"_nrt": False} if form == "in place" and not _inlined(func) else {}
+
+
+def replay_options(func, form: str, vjp_form: str) -> dict:
+    """:func:`out_of_line_options` for the checkpoint replay's functions
+    (``odecore.kernels.replay``), which call ``func`` and ``func.vjp``: without reference
+    counting only where both write in place and neither is inlined."""
+    if vjp_form != "in place" or _inlined(func.vjp):
+        return {}
+    return out_of_line_options(func, form)
 
 
 def _module_text(
@@ -254,7 +273,8 @@ def _module_text(
     nogil = ", nogil=True" if watched else ""
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
         if fn_name == "solve_trajectory":
-            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil})")
+            options = "".join(f", {k}={v!r}" for k, v in out_of_line.items())
+            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil}{options})")
         elif fn_name in loop.OUT_OF_LINE:
             options = "".join(f", {k}={v!r}" for k, v in out_of_line.items())
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{options})")

@@ -275,28 +275,34 @@ def _lorenz_allocating_in_place(t, y, dy, p):
     ids=["returning", "in place", "in place inlined, allocating", "in place, allocating"],
 )
 def test_kernels_free_what_they_allocate(func):
-    """The loop's out-of-line functions run without reference counting only where nothing
-    in them allocates. Outputs inside steps make dopri8 evaluate f there three times per
-    output step: any array allocated in them and not freed shows in the runtime's counts."""
-    # Numba counts its allocations only when asked (NUMBA_NRT_STATS at import, or this).
-    from numba.core.runtime import _nrt_python, rtsys
-
+    """The loop's functions compiled on their own (the solve itself, and its dense output)
+    run without reference counting only where nothing in them allocates. Outputs inside
+    steps make dopri8 evaluate f there three times per output step: any array allocated in
+    them and not freed shows in the runtime's counts."""
     t = np.linspace(0.0, 10.0, 201)
     p, y0 = np.array([10.0, 28.0, 8.0 / 3.0]), np.array([1.0, 0.0, 0.0])
     kwargs = {"params": p, "backend": "numba", "method": "dopri8"}
     odecore.solve(func, y0, t, **kwargs)  # compiled
+    solution, allocated, freed = _counting_allocations(lambda: odecore.solve(func, y0, t, **kwargs))
+    assert solution.success
+    assert allocated == freed
+
+
+def _counting_allocations(call):
+    """``(call(), arrays Numba's runtime allocated during it, arrays it freed)``."""
+    # Numba counts its allocations only when asked (NUMBA_NRT_STATS at import, or this).
+    from numba.core.runtime import _nrt_python, rtsys
+
     counting = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
     try:
         before = rtsys.get_allocation_stats()
-        solution = odecore.solve(func, y0, t, **kwargs)
+        result = call()
         after = rtsys.get_allocation_stats()
     finally:
         if not counting:
             _nrt_python.memsys_disable_stats()
-    assert solution.success
-    allocated = after.alloc - before.alloc
-    assert allocated == after.free - before.free
+    return result, after.alloc - before.alloc, after.free - before.free
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -925,6 +931,57 @@ def test_compiled_backsolve_with_an_in_place_vjp_matches_the_returning_one():
     # One compiled arithmetic, two ways of writing it: the same numbers.
     for returning, in_place in zip(*grads, strict=True):
         np.testing.assert_array_equal(in_place, returning)
+
+
+def _damped_vjp_allocating(t, y, p, cotangent, y_bar, p_bar):
+    rows = np.array(
+        [[-p[0] * cotangent[1], cotangent[0] - p[1] * cotangent[1]],
+         [-y[0] * cotangent[1], -y[1] * cotangent[1]]]
+    )  # fmt: skip
+    for i in range(2):
+        y_bar[i] = rows[0, i]
+        p_bar[i] = rows[1, i]
+
+
+# damped_in_place, callable from compiled code.
+_damped_rate = numba.njit(damped_in_place)
+
+
+def damped_vjp_allocates(t, y, dy, p):
+    _damped_rate(t, y, dy, p)
+
+
+def damped_inlined_vjp_allocates(t, y, dy, p):
+    _damped_rate(t, y, dy, p)
+
+
+damped_vjp_allocates.vjp = numba.njit(_damped_vjp_allocating)
+damped_inlined_vjp_allocates.vjp = numba.njit(_damped_vjp_allocating, inline="always")
+
+
+@pytest.mark.parametrize(
+    "func", [damped_vjp_allocates, damped_inlined_vjp_allocates], ids=["vjp", "inlined vjp"]
+)
+def test_the_checkpoint_replay_frees_what_its_vjp_allocates(func):
+    """The replay's functions run without reference counting where f and its VJP write in
+    place and Numba does not inline them: a VJP called apart counts and frees its own
+    arrays, one inlined into them needs theirs. The gradient is that of a VJP that
+    allocates nothing: the same arithmetic."""
+    t = np.linspace(0.0, 2.0, 5)
+    weights = np.linspace(0.5, 1.5, 10).reshape(5, 2)
+
+    def gradient(func):
+        _, pullback = odecore.vjp_odeint(
+            func, OSCILLATOR_Y0, t, OSCILLATOR_P, adjoint="checkpoint", backend="numba"
+        )
+        return pullback(weights)[:2]
+
+    gradient(func)  # compiled
+    grads, allocated, freed = _counting_allocations(lambda: gradient(func))
+    assert allocated == freed
+    assert allocated > 0  # the VJP's arrays were made, one per call
+    for got, want in zip(grads, gradient(damped_in_place), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
