@@ -458,13 +458,17 @@ def adjoint_dynamics(problem):
     key = ("adjoint", form, lay.size if lay.batched else None, per_row)
     per_func = _kernels.setdefault(func, {})
     if key not in per_func:
-        _, dynamics = _in_place(func, form)
-        names = {"dynamics_in_place": dynamics, "vjp_in_place": _vjp_in_place(vjp)}
-        if lay.batched:
-            bound = bind(_adjoint_rows, {**names, "SIZE": lay.size, "PER_ROW": per_row})
-        else:
-            bound = bind(_adjoint, names)
-        per_func[key] = numba.njit(bound)
+        augmented = _adjoint_rows if lay.batched else _adjoint
+        constants = {"SIZE": lay.size, "PER_ROW": per_row} if lay.batched else {}
+        vjp_form = _vjp_form(vjp)
+        # Kept on disk where func can be imported by name, and with it the kernel solving
+        # it: a new process then loads the backsolve instead of compiling it again.
+        compiled = numba_cache.load_adjoint(func, form, vjp_form, augmented, constants)
+        if compiled is None:
+            _, dynamics = _in_place(func, form)
+            names = {"dynamics_in_place": dynamics, "vjp_in_place": _vjp_in_place(vjp)}
+            compiled = numba.njit(bind(augmented, {**names, **constants}))
+        per_func[key] = compiled
     first_row = rows[0] if rows.ndim == 2 else rows
     _probe_vjp(vjp, problem, np.asarray(problem.y0).reshape(lay.batch, -1)[0], first_row)
     return per_func[key], np.ascontiguousarray(rows.reshape(-1))
@@ -476,18 +480,23 @@ def _compilable(func) -> bool:
     return inspect.isfunction(func) or isinstance(func, numba.core.dispatcher.Dispatcher)
 
 
+def _vjp_form(vjp) -> str:
+    """``"in place"`` or ``"returning"``, by the number of ``vjp``'s positional arguments."""
+    count = _positional_count(vjp, VJP_FORMS)
+    if count not in (4, 6):
+        raise TypeError(
+            f"func.vjp takes {count} positional arguments; the numba backend expects {VJP_FORMS}"
+        )
+    return "in place" if count == 6 else "returning"
+
+
 def _vjp_in_place(vjp):
     """The user's VJP as ``vjp(t, y, params, cotangent, y_bar, params_bar)``, writing its
     results: as it is when it has that form, else its returning form wrapped."""
     user = _user_dispatcher(vjp, VJP_FORMS)
-    count = _positional_count(vjp, VJP_FORMS)
-    if count == 6:
+    if _vjp_form(vjp) == "in place":
         return user
-    if count == 4:
-        return _jit_bound(bind(_vjp_returning, {"user_vjp": user}))
-    raise TypeError(
-        f"func.vjp takes {count} positional arguments; the numba backend expects {VJP_FORMS}"
-    )
+    return _jit_bound(bind(_vjp_returning, {"user_vjp": user}))
 
 
 def _probe_vjp(vjp, problem, y, params) -> None:
@@ -947,7 +956,7 @@ def _replay_kernel(kernel, func, parallel: bool):
     key = (vjp, parallel)
     compiled = kernel.replays.get(key)
     if compiled is None:
-        vjp_form = "in place" if _positional_count(vjp, VJP_FORMS) == 6 else "returning"
+        vjp_form = _vjp_form(vjp)
         source = inspect.getsource(_replay_ensemble)
         options = numba_cache.replay_options(func, kernel.form, vjp_form)
         module = numba_cache.load_replay(kernel.module, func, vjp_form, source, options)

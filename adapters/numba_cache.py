@@ -13,7 +13,10 @@ of them writes a new module rather than reusing
 stale machine code. A helper function the dynamics call is not part of the digest: edit it
 and Numba's cache of the dynamics serves the old one, as Numba's own caching does.
 :func:`load_replay` writes the checkpoint replay of such a kernel the same way, one module
-per kernel and ``func.vjp``, taking the loop's functions from the kernel's module.
+per kernel and ``func.vjp``, taking the loop's functions from the kernel's module, and
+:func:`load_adjoint` the backsolve's augmented dynamics, one module per dynamics and VJP,
+whose compiled function can itself be imported by name: its kernel is then kept on disk by
+:func:`load`.
 
 The directory is ``$ODECORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecore``, else
 ``~/.cache/odecore``, with a ``numba`` folder inside; set ``ODECORE_CACHE_DIR`` to an empty
@@ -176,6 +179,55 @@ def load_replay(
     vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
     digest = _digest(text, func, inspect.getsource(replay), vjp_code)
     return _written(folder, f"odecore_replay_{digest}", text)
+
+
+def load_adjoint(func, form: str, vjp_form: str, augmented, constants: dict):
+    """The backsolve's augmented dynamics of ``func`` (in ``form``) and ``func.vjp`` (in
+    ``vjp_form``) kept on disk: ``augmented``'s source (``adapters.numba._adjoint`` or
+    ``_adjoint_rows``) in a module of its own, with the module constants ``constants`` and
+    the dynamics and VJP imported by name, compiled with ``cache=True``. Returns its compiled
+    function, which is itself importable by name, so that the kernel solving it is kept on
+    disk too (:func:`load`); None where ``func`` cannot be imported by name."""
+    folder = directory()
+    name = importable_name(func)
+    if folder is None or name is None:
+        return None
+    module_name, qualname = name
+    head, _, rest = qualname.partition(".")
+    lines = [
+        '"""The backsolve\'s augmented dynamics of odecore\'s numba backend, written by '
+        'odecore.adapters.numba_cache."""',
+        "import numba",
+        "import numpy as np",
+        f"from {module_name} import {head} as _user",
+    ]
+    if rest:
+        lines.append(f"_user = _user.{rest}")
+    lines += [
+        "_vjp_user = _user.vjp",
+        "if not isinstance(_user, numba.core.dispatcher.Dispatcher):",
+        "    _user = numba.njit(_user, cache=True)",
+        "if not isinstance(_vjp_user, numba.core.dispatcher.Dispatcher):",
+        "    _vjp_user = numba.njit(_vjp_user, cache=True)",
+        *(f"{key} = {value!r}" for key, value in constants.items()),
+        "",
+        "",
+        "def dynamics_in_place(t, y, dy, params):",
+        _RETURNING[form],
+        "",
+        "def vjp_in_place(t, y, params, cotangent, y_bar, params_bar):",
+        _VJP_FORMS[vjp_form],
+        "",
+        inspect.getsource(augmented),
+        "dynamics_in_place = numba.njit(dynamics_in_place, cache=True, inline='always')",
+        "vjp_in_place = numba.njit(vjp_in_place, cache=True, inline='always')",
+        # Bound to its own name, so that importable_name finds the compiled function there.
+        f"{augmented.__name__} = numba.njit({augmented.__name__}, cache=True)",
+    ]
+    text = "\n".join(lines) + "\n"
+    vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
+    module = _written(folder, f"odecore_adjoint_{_digest(text, func, vjp_code)}", text)
+    return None if module is None else getattr(module, augmented.__name__)
 
 
 def _written(folder: Path, module_name: str, text: str) -> ModuleType | None:

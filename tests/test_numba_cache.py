@@ -44,10 +44,10 @@ def rate(t, y, dy, p):
 """
 
 
-def _run(module_dir, cache_dir, script=RUN):
+def _run(module_dir, cache_dir, script=RUN, *arguments):
     env = {**os.environ, "ODECORE_CACHE_DIR": str(cache_dir)}
     done = subprocess.run(
-        [sys.executable, "-c", script, str(module_dir)],
+        [sys.executable, "-c", script, str(module_dir), *arguments],
         capture_output=True,
         text=True,
         env=env,
@@ -89,7 +89,7 @@ RUN_GRADIENT = textwrap.dedent(
     with install_recorder("numba:compile") as recorder:
         ys, pullback = odecore.vjp_odeint(
             decay.rate, np.array([1.0, 2.0]), [0.0, 1.0], np.array([0.5]), backend="numba",
-            adjoint="checkpoint", method="tsit5", rtol=1e-10, atol=1e-12)
+            adjoint=sys.argv[2], method="tsit5", rtol=1e-10, atol=1e-12)
         y0_bar, p_bar, _ = pullback(np.array([[0.0, 0.0], [1.0, 1.0]]))
     compiled = [e.data["dispatcher"].py_func.__name__ for _, e in recorder.buffer if e.is_start]
     print(json.dumps({"compiled": compiled, "p_bar": p_bar.tolist()}))
@@ -118,7 +118,7 @@ def test_a_second_process_loads_the_checkpoint_replay_instead_of_compiling(tmp_p
     gets a replay of its own (and the kernel it replays is still the cached one)."""
     (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale=""))
     cache = tmp_path / "cache"
-    runs = [_run(tmp_path, cache, RUN_GRADIENT) for _ in range(2)]
+    runs = [_run(tmp_path, cache, RUN_GRADIENT, "checkpoint") for _ in range(2)]
     first, second = runs
     assert {"solve_trajectory", "replay_trajectory"} <= set(first["compiled"])
     assert not {"solve_trajectory", "replay_trajectory"} & set(second["compiled"])
@@ -127,11 +127,33 @@ def test_a_second_process_loads_the_checkpoint_replay_instead_of_compiling(tmp_p
     np.testing.assert_array_equal(second["p_bar"], first["p_bar"])
 
     (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale="2.0 * "))
-    changed = _run(tmp_path, cache, RUN_GRADIENT)
+    changed = _run(tmp_path, cache, RUN_GRADIENT, "checkpoint")
     assert "replay_trajectory" in changed["compiled"]
     assert "solve_trajectory" not in changed["compiled"]
     np.testing.assert_allclose(changed["p_bar"], [-6.0 * np.exp(-0.5)], rtol=1e-8)
     assert len(list((cache / "numba").glob("odecore_replay_*.py"))) == 2
+
+
+def test_a_second_process_loads_the_backsolve_instead_of_compiling(tmp_path):
+    """The compiled backsolve's augmented dynamics, and the kernel solving them, are kept on
+    disk; a changed VJP gets augmented dynamics and a kernel of their own, while the forward
+    kernel stays the cached one."""
+    (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale=""))
+    cache = tmp_path / "cache"
+    first, second = [_run(tmp_path, cache, RUN_GRADIENT, "backsolve") for _ in range(2)]
+    # Two kernels: the forward solve's and the backward one's.
+    assert first["compiled"].count("solve_trajectory") == 2
+    assert "_adjoint" in first["compiled"]
+    assert not {"solve_trajectory", "_adjoint"} & set(second["compiled"])
+    # d/dp sum_i y0_i e^{-p} = -3 e^{-0.5}, to the solves' tolerance.
+    np.testing.assert_allclose(second["p_bar"], [-3.0 * np.exp(-0.5)], rtol=1e-8)
+    np.testing.assert_array_equal(second["p_bar"], first["p_bar"])
+
+    (tmp_path / "decay.py").write_text(DECAY_WITH_VJP.format(scale="2.0 * "))
+    changed = _run(tmp_path, cache, RUN_GRADIENT, "backsolve")
+    assert changed["compiled"].count("solve_trajectory") == 1
+    np.testing.assert_allclose(changed["p_bar"], [-6.0 * np.exp(-0.5)], rtol=1e-8)
+    assert len(list((cache / "numba").glob("odecore_adjoint_*.py"))) == 2
 
 
 def test_dynamics_that_cannot_be_imported_by_name_stay_in_memory(tmp_path, monkeypatch):
