@@ -138,7 +138,6 @@ def load_replay(
     name = importable_name(func)
     if folder is None or name is None or kernel is None:
         return None
-    module_name, qualname = name
     lines = [
         '"""A checkpoint replay of odecore\'s numba backend, written by '
         'odecore.adapters.numba_cache."""',
@@ -156,10 +155,7 @@ def load_replay(
         "STATE_SIZE = _kernel.STATE_SIZE",
         f"for _name in {[fn.__name__ for fn in loop.KERNEL_FUNCTIONS]!r}:",
         "    globals()[_name] = getattr(_kernel, _name)",
-        f"import {module_name} as _owner",
-        f"_vjp_user = _owner.{qualname}.vjp",
-        "if not isinstance(_vjp_user, numba.core.dispatcher.Dispatcher):",
-        "    _vjp_user = numba.njit(_vjp_user, cache=True)",
+        *_vjp_import(name),
         "",
         "",
         "def vjp(t, y, params, cotangent, y_bar, params_bar):",
@@ -169,7 +165,7 @@ def load_replay(
     for fn in replay.REPLAY_FUNCTIONS:
         lines += ["", inspect.getsource(fn)]
     lines += ["", ensemble_source, ""]
-    apart = "".join(f", {k}={v!r}" for k, v in options.items())
+    apart = _options_text(options)
     for fn in replay.REPLAY_FUNCTIONS:
         extra = ", inline='always'" if fn.__name__ in replay.INLINE else apart
         lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{extra})")
@@ -192,23 +188,13 @@ def load_adjoint(func, form: str, vjp_form: str, augmented, constants: dict):
     name = importable_name(func)
     if folder is None or name is None:
         return None
-    module_name, qualname = name
-    head, _, rest = qualname.partition(".")
     lines = [
         '"""The backsolve\'s augmented dynamics of odecore\'s numba backend, written by '
         'odecore.adapters.numba_cache."""',
         "import numba",
         "import numpy as np",
-        f"from {module_name} import {head} as _user",
-    ]
-    if rest:
-        lines.append(f"_user = _user.{rest}")
-    lines += [
-        "_vjp_user = _user.vjp",
-        "if not isinstance(_user, numba.core.dispatcher.Dispatcher):",
-        "    _user = numba.njit(_user, cache=True)",
-        "if not isinstance(_vjp_user, numba.core.dispatcher.Dispatcher):",
-        "    _vjp_user = numba.njit(_vjp_user, cache=True)",
+        *_user_import(name),
+        *_vjp_import(name),
         *(f"{key} = {value!r}" for key, value in constants.items()),
         "",
         "",
@@ -285,8 +271,6 @@ def replay_options(func, form: str, vjp_form: str) -> dict:
 def _module_text(
     name, form, sums, ensemble_source, state_size, state_dtype, watched, out_of_line
 ) -> str:
-    module_name, qualname = name
-    head, _, rest = qualname.partition(".")
     lines = [
         '"""A kernel of odecore\'s numba backend, written by odecore.adapters.numba_cache."""',
         "import math",
@@ -296,16 +280,10 @@ def _module_text(
         "from odecore.kernels import loop",
         "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
         "from odecore.kernels.tableau import DENSE_STAGES",
-        f"from {module_name} import {head} as _user",
+        *_user_import(name),
         "globals().update(_compiled_rules())",
         f"STATE_SIZE = {int(state_size)}",
         f"WATCHED = {int(watched)}",
-    ]
-    if rest:
-        lines.append(f"_user = _user.{rest}")
-    lines += [
-        "if not isinstance(_user, numba.core.dispatcher.Dispatcher):",
-        "    _user = numba.njit(_user, cache=True)",
         "",
         "",
         "def dynamics(t, y, dy, params):",
@@ -323,17 +301,48 @@ def _module_text(
         lines.append("from odecore.adapters.numba_watch import publish, watched_value")
     # A watched solve runs in a thread of its own, without the interpreter's lock.
     nogil = ", nogil=True" if watched else ""
+    options = _options_text(out_of_line)
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
         if fn_name == "solve_trajectory":
-            options = "".join(f", {k}={v!r}" for k, v in out_of_line.items())
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil}{options})")
         elif fn_name in loop.OUT_OF_LINE:
-            options = "".join(f", {k}={v!r}" for k, v in out_of_line.items())
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{options})")
         else:
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True, inline='always')")
     lines.append(f"solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True{nogil})")
     return "\n".join(lines) + "\n"
+
+
+def _user_import(name) -> list[str]:
+    """Lines binding ``_user`` to the dynamics importable as ``name`` (module, qualified
+    name), compiled with ``cache=True`` unless they are a Numba function already."""
+    module_name, qualname = name
+    head, _, rest = qualname.partition(".")
+    lines = [f"from {module_name} import {head} as _user"]
+    if rest:
+        lines.append(f"_user = _user.{rest}")
+    return lines + [
+        "if not isinstance(_user, numba.core.dispatcher.Dispatcher):",
+        "    _user = numba.njit(_user, cache=True)",
+    ]
+
+
+def _vjp_import(name) -> list[str]:
+    """Lines binding ``_vjp_user`` to the ``vjp`` of the dynamics importable as ``name``,
+    compiled like them. It is read from the dynamics as imported: a plain function's
+    attributes are not its compiled dispatcher's."""
+    module_name, qualname = name
+    return [
+        f"import {module_name} as _owner",
+        f"_vjp_user = _owner.{qualname}.vjp",
+        "if not isinstance(_vjp_user, numba.core.dispatcher.Dispatcher):",
+        "    _vjp_user = numba.njit(_vjp_user, cache=True)",
+    ]
+
+
+def _options_text(options: dict) -> str:
+    """Numba options as the keyword arguments of a call written into a module."""
+    return "".join(f", {key}={value!r}" for key, value in options.items())
 
 
 def _digest(text: str, func, *more) -> str:
