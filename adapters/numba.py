@@ -506,7 +506,7 @@ def _probe_vjp(vjp, problem, y, params) -> None:
     y = np.ascontiguousarray(y)
     t = y.dtype.type(problem.ts_array[0] * problem.direction)
     user = _user_dispatcher(vjp, VJP_FORMS)
-    in_place = _positional_count(vjp, VJP_FORMS) == 6
+    in_place = _vjp_form(vjp) == "in place"
     try:
         if in_place:
             user(t, y.copy(), params, np.ones_like(y), np.zeros_like(y), np.zeros_like(params))
@@ -904,7 +904,8 @@ def compiles(problem, options, record: bool) -> bool:
         _form(func, params is not None)
         if record:
             vjp = getattr(func, "vjp", None)
-            return _compilable(vjp) and _positional_count(vjp, VJP_FORMS) in (4, 6)
+            # _vjp_form raises TypeError, caught below, for a VJP of neither form.
+            return _compilable(vjp) and _vjp_form(vjp) in ("in place", "returning")
     except TypeError:
         return False
     return True
