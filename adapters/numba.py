@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
-from odecore.adapters import numba_cache, numba_watch
+from odecore.adapters import numba_cache, numba_primitives, numba_watch
 from odecore.adapters.numpy import BACKEND as NUMPY_BACKEND
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
@@ -103,7 +103,7 @@ def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
 def _compiled_rules() -> dict:
     global _rules
     if _rules is None:
-        _rules = compiled_rules(_jit)
+        _rules = compiled_rules(_jit, numba_primitives.REPLACEMENTS)
     return _rules
 
 

@@ -7,11 +7,12 @@ name with every other binding, so it cannot be cached as it is. Instead, for dyn
 can be imported by name, :func:`load` writes one module per dynamics, form and method: the
 kernel loop's source, the method's written-out sums and an import of the dynamics, each
 function compiled with ``cache=True``. The module's name is a digest of everything its code
-depends on (its text, the sources of the rules, the primitives and the atomic accesses of
-``numba_watch``, the dynamics' code, the odecore and Numba versions), so a change to any
-of them writes a new module rather than reusing
-stale machine code. A helper function the dynamics call is not part of the digest: edit it
-and Numba's cache of the dynamics serves the old one, as Numba's own caching does.
+depends on (its text, the sources of the rules, the primitives, the numba backend's own
+primitives (``numba_primitives``) and the atomic accesses of ``numba_watch``, the dynamics'
+code, the odecore and Numba versions), so a change to any of them writes a new module
+rather than reusing stale machine code. A helper function the dynamics call is not part of
+the digest: edit it and Numba's cache of the dynamics serves the old one, as Numba's own
+caching does.
 :func:`load_replay` writes the checkpoint replay of such a kernel the same way, one module
 per kernel and ``func.vjp``, taking the loop's functions from the kernel's module, and
 :func:`load_adjoint` the backsolve's augmented dynamics, one module per dynamics and VJP,
@@ -35,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numba
-from odecore.adapters import numba_watch
+from odecore.adapters import numba_primitives, numba_watch
 
 import odecore
 from odecore.control import primitives, rules
@@ -354,6 +355,7 @@ def _digest(text: str, func, *more) -> str:
         inspect.getsource(rules),
         inspect.getsource(primitives),
         inspect.getsource(numba_watch),  # imported by a watched kernel, not written out
+        inspect.getsource(numba_primitives),  # compiled into every rule, not written out
         odecore.__version__,
         numba.__version__,
         *(_code_text(part) for part in (py_func.__code__, *more)),

@@ -149,9 +149,15 @@ def test_array_rules_match_the_scalar_rules(backend_name, name):
                 assert _same(out[k], expected[k][j]), (arguments[k], out[k], expected[k][j])
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=["plain", "numba backend"])
+def compiled(request):
+    """The rules compiled from the scalar primitives as they are, and as the numba backend
+    compiles them (with its own primitives, ``adapters.numba_primitives``)."""
     numba = pytest.importorskip("numba", reason="numba is not installed")
+    if request.param == "numba backend":
+        from odecore.adapters.numba import _compiled_rules
+
+        return _compiled_rules()
     jitted = {name: numba.njit(fn) for name, fn in primitives.SCALAR.items()}
     return {name: numba.njit(primitives.bind(fn, jitted)) for name, fn in rules.RULES.items()}
 
@@ -167,3 +173,56 @@ def test_numba_compiles_the_same_source(compiled, name):
 def test_status_codes_are_the_rules():
     for status in odecore.Status:
         assert getattr(rules, status.name) == int(status)
+
+
+def _ulps_around(x, count):
+    """``count`` floats on each side of ``x``, and ``x``."""
+    below, above, values = x, x, [x]
+    for _ in range(count):
+        below, above = math.nextafter(below, -INF), math.nextafter(above, INF)
+        values += [below, above]
+    return sorted(values)
+
+
+@pytest.mark.parametrize("icoeff, k", [(1.0, 5), (1.0, 8), (0.7, 5), (1.0, 4)])
+def test_step_factor_skips_only_powers_the_clip_removes(compiled, icoeff, k):
+    """An accepted step of the I controller without shrinking skips the power from
+    ``safety**(k/icoeff)`` on. The factor is the clipped power's everywhere, on Python
+    numbers and compiled, except at the bound itself, where the rounded power may leave the
+    unclipped factor one ulp above 1 and the skip gives 1."""
+    step_factor = rules.bound(None).step_factor
+    for safety in (0.9, 0.8711127819548872, 0.95):
+        bound = safety ** (k / icoeff)
+        ratios = [*_ulps_around(bound, 40), *np.geomspace(1e-9, 1.0, 400)]
+        for ratio in ratios:
+            args = (ratio, 1.0, True, safety, 10.0, 0.2, icoeff, 0.0, k, False)
+            unskipped = min(max(safety * ratio ** (-icoeff / k), 1.0), 10.0)
+            for got in (step_factor(*args), compiled["step_factor"](*args)):
+                if abs(ratio - bound) <= 4 * math.ulp(bound):
+                    assert abs(got - unskipped) <= math.ulp(1.0), (safety, ratio, got)
+                else:
+                    assert got == unskipped, (safety, ratio, got, unskipped)
+
+
+def test_step_factor_skips_from_the_bound_on():
+    """The bound the rule hands ``power_unless_kept`` is ``safety**(k/icoeff)`` for the I
+    controller without shrinking, and infinite (nothing skipped) for a PI controller or with
+    shrinking, whose factor the power still decides there."""
+    bounds = []
+
+    def recording(x, exponent, accept, keep_from):
+        bounds.append(keep_from)
+        return primitives.power_unless_kept(x, exponent, accept, keep_from)
+
+    step_factor = primitives.bind(
+        rules.step_factor, {**primitives.SCALAR, "power_unless_kept": recording}
+    )
+    for pcoeff, shrink in ((0.0, False), (0.2, False), (0.0, True)):
+        bounds.clear()
+        step_factor(0.7, 1.0, True, 0.9, 10.0, 0.2, 1.0, pcoeff, 5, shrink)
+        expected = 0.9**5.0 if (pcoeff, shrink) == (0.0, False) else INF
+        assert bounds == [pytest.approx(expected, rel=4e-16)]
+    # A skipped power is not computed: 0.0 ** -0.2 would raise in Python.
+    assert primitives.power_unless_kept(0.0, -0.2, True, 0.0) == 1.0
+    with pytest.raises(ZeroDivisionError):
+        primitives.power_unless_kept(0.0, -0.2, False, 0.0)

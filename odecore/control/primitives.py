@@ -1,9 +1,9 @@
 """The few operations the pure rules (``odecore.control.rules``) are written against.
 
 A rule is an ordinary Python function of numbers. It calls ``where``, ``minimum``,
-``maximum``, ``isfinite``, ``isnan``, ``logical_not``, ``next_below`` and ``next_above`` as
-module globals, and :func:`bind` re-creates it with other globals, so one source serves
-three kinds of values:
+``maximum``, ``isfinite``, ``power_unless_kept``, ``isnan``, ``logical_not``, ``next_below``
+and ``next_above`` as module globals, and :func:`bind` re-creates it with other globals, so
+one source serves three kinds of values:
 
 - Python numbers (the functions below): one sample on an eager backend, where a NumPy call on
   a one-element array would cost more than the whole rule;
@@ -37,6 +37,13 @@ def isfinite(x):
     return math.isfinite(x)
 
 
+def power_unless_kept(x, exponent, accept, keep_from):
+    """``x ** exponent``, except 1.0 for an accepted step with ``x >= keep_from``: where a
+    rule (``rules.step_factor``) knows the power would be clipped to the same factor. One
+    sample skips the power there; the array version computes every element's."""
+    return 1.0 if (accept and x >= keep_from) else x**exponent
+
+
 def isnan(x):
     return x != x
 
@@ -60,6 +67,7 @@ SCALAR: dict[str, Callable] = {
     "minimum": minimum,
     "maximum": maximum,
     "isfinite": isfinite,
+    "power_unless_kept": power_unless_kept,
     "isnan": isnan,
     "logical_not": logical_not,
     "next_below": next_below,
@@ -76,11 +84,16 @@ def array_primitives(xp) -> dict[str, Callable]:
     def next_above_array(x):
         return xp.nextafter(x, xp.asarray(math.inf, dtype=x.dtype))
 
+    def power_unless_kept_array(x, exponent, accept, keep_from):
+        # Choosing per element would add operations, where one sample's skip saves one.
+        return x**exponent
+
     return {
         "where": xp.where,
         "minimum": xp.minimum,
         "maximum": xp.maximum,
         "isfinite": xp.isfinite,
+        "power_unless_kept": power_unless_kept_array,
         "isnan": xp.isnan,
         "logical_not": xp.logical_not,
         "next_below": next_below_array,

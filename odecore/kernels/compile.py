@@ -26,9 +26,14 @@ def float32_time(t):
 STATE_TIME = {"float64": loop.state_time, "float32": float32_time}
 
 
-def compiled_rules(jit: Callable) -> dict[str, Callable]:
-    """The scalar primitives and every pure rule, compiled by ``jit``, by name."""
-    namespace = {name: jit(fn) for name, fn in primitives.SCALAR.items()}
+def compiled_rules(
+    jit: Callable, replacements: dict[str, Callable] | None = None
+) -> dict[str, Callable]:
+    """The scalar primitives and every pure rule, compiled by ``jit``, by name.
+    ``replacements`` stand in for primitives of the same name: a compiler's own version of
+    one, with the same results."""
+    sources = {**primitives.SCALAR, **(replacements or {})}
+    namespace = {name: jit(fn) for name, fn in sources.items()}
     for name, fn in rules.RULES.items():
         namespace[name] = jit(primitives.bind(fn, namespace))
     return namespace

@@ -452,6 +452,14 @@ def solve_trajectory(
     max_num_steps = int(settings[MAX_NUM_STEPS])
     adaptive = sizes[ADAPTIVE] != 0
     has_jumps = jumps.shape[0] > 0
+    # The controller's settings, read once: values the loop does not store to, so that the
+    # compiler may compute what the rules derive from them (step_factor's bound) before the
+    # loop. Read inside it, any store to a work row might have changed them.
+    safety, ifactor, dfactor = settings[SAFETY], settings[IFACTOR], settings[DFACTOR]
+    icoeff, pcoeff = settings[ICOEFF], settings[PCOEFF]
+    error_order = sizes[ERROR_ORDER]
+    shrink = settings[SHRINK_AFTER_ACCEPT] != 0.0
+    no_growth_after_reject = settings[NO_GROWTH_AFTER_REJECT] != 0.0
     t_end = ts[ts.shape[0] - 1]
 
     t = ts[0]
@@ -519,15 +527,15 @@ def solve_trajectory(
                 ratio,
                 ratio_prev,
                 accept,
-                settings[SAFETY],
-                settings[IFACTOR],
-                settings[DFACTOR],
-                settings[ICOEFF],
-                settings[PCOEFF],
-                sizes[ERROR_ORDER],
-                settings[SHRINK_AFTER_ACCEPT] != 0.0,
+                safety,
+                ifactor,
+                dfactor,
+                icoeff,
+                pcoeff,
+                error_order,
+                shrink,
             )
-            if settings[NO_GROWTH_AFTER_REJECT] != 0.0:
+            if no_growth_after_reject:
                 factor = held_after_rejection(factor, accept, last_rejected)
             dt_wanted = h * factor
             stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
