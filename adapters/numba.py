@@ -33,6 +33,7 @@ arrays; :class:`_GenericForm` lets it call dynamics written in place.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
 import mmap
@@ -50,6 +51,7 @@ from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 from odecore import _validate
 from odecore.backend import Kernels
 from odecore.backend.layout import layout as make_layout
+from odecore.control import primitives
 from odecore.control.norms import LargestPartRMS
 from odecore.control.primitives import bind
 from odecore.kernels import loop, specialize
@@ -80,8 +82,20 @@ _forms: dict = {}
 _dispatchers: dict = {}
 
 
+# Numba's disk cache knows a function by its file, name and the file's time stamp, not by
+# the functions it calls: a rule cached while the primitives read one way would be served
+# after they changed, with the old primitives compiled into it. The rules and primitives
+# are therefore compiled under names that carry a digest of the primitives' sources.
+_PRIMITIVES_DIGEST = hashlib.sha256(
+    (inspect.getsource(primitives) + inspect.getsource(numba_primitives)).encode()
+).hexdigest()[:16]
+
+
 def _jit(fn):
-    return numba.njit(fn, cache=True)
+    """A primitive or rule compiled and kept on disk, under its name and the digest."""
+    renamed = bind(fn, {})
+    renamed.__qualname__ = f"{fn.__qualname__}_{_PRIMITIVES_DIGEST}"
+    return numba.njit(renamed, cache=True)
 
 
 def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):

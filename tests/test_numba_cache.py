@@ -186,3 +186,28 @@ def test_a_function_made_by_exec_in_a_module_with_a_file_stays_in_memory(tmp_pat
 def test_an_empty_cache_dir_switches_disk_caching_off(monkeypatch):
     monkeypatch.setenv("ODECORE_CACHE_DIR", "")
     assert numba_cache.directory() is None
+
+
+def test_the_rules_are_kept_under_a_digest_of_the_primitives():
+    """Numba's disk cache knows a compiled rule by its file, name and the file's time stamp,
+    not by the primitives compiled into it: after an edit to the primitives alone, it would
+    serve the rule with the old ones inside (seen: an edited primitive whose kernels kept
+    running the code it replaced). The rules and primitives are compiled under names that
+    carry a digest of both primitive modules' sources, so such an edit compiles them anew."""
+    import hashlib
+    import inspect
+
+    from odecore.adapters import numba as numba_adapter
+    from odecore.adapters import numba_primitives
+
+    from odecore.control import primitives, rules
+
+    sources = inspect.getsource(primitives) + inspect.getsource(numba_primitives)
+    digest = hashlib.sha256(sources.encode()).hexdigest()[:16]
+    compiled = numba_adapter._compiled_rules()
+    for name in (*rules.RULES, *primitives.SCALAR):
+        assert compiled[name].py_func.__qualname__ == f"{name}_{digest}", name
+    # The numba backend's own power is the one compiled in.
+    assert compiled["power_unless_kept"].py_func.__code__ is (
+        numba_primitives.power_unless_kept.__code__
+    )
