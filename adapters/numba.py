@@ -14,9 +14,10 @@ its shape), ``params`` a 1-D array. Everything else is the generic core's:
 (``odecore.kernels.loop``), compiled with the dynamics bound in, runs the whole solve, so
 Python does nothing per step.
 
-Ensembles: with ``batch_axis=0`` and ``y0`` of shape (N, D), each trajectory runs the
-kernel on its own, in parallel over the cores (``numba.prange``); ``f`` sees one
-trajectory's (D,) state and its row of a (N, P) ``params``, or a shared (P,) ``params``.
+Ensembles: with ``batch_axis=0`` and ``y0`` of shape (N, D), each trajectory takes its own
+steps, in parallel over the cores (``numba.prange``), each core stepping a few trajectories
+together (``loop.solve_lanes``); ``f`` sees one trajectory's (D,) state and its row of a
+(N, P) ``params``, or a shared (P,) ``params``.
 
 Continuous normalizing flows (``odecore.cnf``) take NumPy's dynamics (a batch ``f(t, z,
 params)`` with ``vjp`` and ``vjp_of_vjp``) and run NumPy's generic loop
@@ -107,7 +108,7 @@ def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
     # without the interpreter's lock (``nogil``), while the caller reads its progress.
     # ``out_of_line``: the options of the functions not inlined, solve_trajectory among
     # them (numba_cache.out_of_line_options: no reference counting where nothing allocates).
-    if fn.__name__ == "solve_trajectory":
+    if fn.__name__ in loop.ENTRY_POINTS:
         return numba.njit(fn, nogil=nogil, **(out_of_line or {}))
     if fn.__name__ in loop.OUT_OF_LINE:
         return numba.njit(fn, **(out_of_line or {}))
@@ -210,49 +211,65 @@ def _solve_ensemble(
     tape_times,
     tape_y,
     order,
+    groups,
 ):
     """Every trajectory of a batch by the kernel loop, in parallel, taken in ``order``
-    (``_visit_order``): ``out`` (N, T, D), ``status``, ``t_reached``, ``dt_next`` (N,) and
+    (``_visit_order``) by groups (``_lane_groups``), the lanes of a thread
+    (``loop.solve_lanes``): ``out`` (N, T, D), ``status``, ``t_reached``, ``dt_next`` (N,) and
     ``stats`` (N, 4) receive the results;
     ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
     (N, K, ``loop.TAPE_COLUMNS``) and ``tape_y`` (N, K, D) the first K accepted steps of
     each, for the checkpoint gradient (K = 0: none)."""
     count, size = y0.shape
-    shared = params.shape[0] == 1 and count > 1
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
-    for k in numba.prange(count):
-        # Only indexing with k: prange's index is unsigned, and arithmetic mixing it with a
-        # signed integer gives a float. That is why the order arrives as an array.
-        n = order[k]
-        work = np.empty((rows, size), dtype=y0.dtype)
+    results = (status, t_reached, dt_next)
+    for g in numba.prange(groups.shape[0]):
+        works = np.empty((loop.LANES, rows, size), dtype=y0.dtype)
         weights = np.empty((1, tab.sizes[DENSE_STAGES]))
-        own = params[0] if shared else params[n]
-        s, t, dt = solve_trajectory(  # noqa: F821  (bound per dynamics)
-            y0[n],
-            own,
+        lane_t = np.empty((loop.LANES, loop.LANE_FLOATS))
+        lane_n = np.empty((loop.LANES, loop.LANE_INTS), dtype=np.int64)
+        solve_lanes(  # noqa: F821  (bound per dynamics)
+            order,
+            groups[g, 0],
+            groups[g, 1],
+            y0,
+            params,
             ts,
             stops,
             jumps,
-            rtol[0] if rtol.shape[0] == 1 else rtol[n],
-            atol[0] if atol.shape[0] == 1 else atol[n],
+            rtol,
+            atol,
             parts,
-            valid[n],
+            valid,
             tab,
             settings,
-            out[n],
-            work,
+            out,
+            results,
+            stats,
+            watch,
+            tape_times,
+            tape_y,
+            works,
             weights,
-            stats[n],
-            watch[n],
-            tape_times[n],
-            tape_y[n],
+            lane_t,
+            lane_n,
         )
-        status[n] = s
-        t_reached[n] = t
-        dt_next[n] = dt
 
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@functools.lru_cache(maxsize=256)
+def _lane_groups(count: int, threads: int) -> np.ndarray:
+    """The groups of a batch's parallel loop, rows ``(first, last)`` into its visiting
+    order: each thread takes groups, and steps a group's trajectories ``loop.LANES`` at a
+    time (``loop.solve_lanes``). A few groups per thread leave the threads room to even out
+    their work; a group's last trajectories run with lanes idle, so not many more."""
+    groups = max(1, min(-(-count // loop.LANES), 4 * threads))
+    bounds = np.arange(groups + 1, dtype=np.int64) * count // groups
+    groups_array = np.stack([bounds[:-1], bounds[1:]], axis=1)
+    groups_array.flags.writeable = False
+    return groups_array
 
 
 @functools.lru_cache(maxsize=256)
@@ -416,7 +433,7 @@ def _kernel(
                 )
             )
             solve_trajectory = functions["solve_trajectory"]
-            ensemble = bind(_solve_ensemble, {"solve_trajectory": solve_trajectory})
+            ensemble = bind(_solve_ensemble, {"solve_lanes": functions["solve_lanes"]})
             solve_ensemble = numba.njit(ensemble, parallel=True, nogil=watched)
         kernel = per_func[key] = SimpleNamespace(
             tableau=tableau,
@@ -870,8 +887,8 @@ def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
-    order = _visit_order(len(y0))
-    call = lambda: kernel.solve_ensemble(*arrays, *results, order)  # noqa: E731
+    order, groups = _visit_order(len(y0)), _lane_groups(len(y0), numba.get_num_threads())
+    call = lambda: kernel.solve_ensemble(*arrays, *results, order, groups)  # noqa: E731
     _run(call, problem, ts, watch, progress, kernel.solve_ensemble)
     return out, status, t_reached, dt_next, stats, tape_times, tape_y
 

@@ -248,7 +248,7 @@ def _inlined(func) -> bool:
 
 def out_of_line_options(func, form: str) -> dict:
     """Numba's options for the kernel functions compiled on their own rather than inlined
-    (``solve_trajectory`` and ``loop.OUT_OF_LINE``), for dynamics ``func`` in ``form``.
+    (``loop.ENTRY_POINTS`` and ``loop.OUT_OF_LINE``), for dynamics ``func`` in ``form``.
     Those functions allocate nothing, and where the dynamics write in place and are not
     inlined there, nothing they run allocates: they are compiled without reference
     counting (``_nrt=False``). Every row they pass to ``f`` is a view, and each view cost a
@@ -304,7 +304,7 @@ def _module_text(
     nogil = ", nogil=True" if watched else ""
     options = _options_text(out_of_line)
     for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
-        if fn_name == "solve_trajectory":
+        if fn_name in loop.ENTRY_POINTS:
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil}{options})")
         elif fn_name in loop.OUT_OF_LINE:
             lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{options})")

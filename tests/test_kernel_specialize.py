@@ -101,7 +101,8 @@ def test_the_written_step_equals_the_generic_one(method, clip):
             dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
 
     evaluate = bind(loop.evaluate, {"dynamics": dynamics})
-    generic = bind(loop.take_step, {"evaluate": evaluate})
+    take_stage = bind(loop.take_stage, {"evaluate": evaluate})
+    generic = bind(loop.take_step, {"take_stage": take_stage})
     written = bind(sums["take_step"], {"evaluate": evaluate, **sums})
     settings = np.zeros(loop.SETTINGS_SIZE)
     settings[loop.DIRECTION] = 1.0
@@ -116,3 +117,47 @@ def test_the_written_step_equals_the_generic_one(method, clip):
         generic(t, h, t_left, clip, params, *args, theirs)
         written(t, h, t_left, clip, params, *args, ours)
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("method", odecore.METHODS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_lane_steps_equal_one_step_per_lane(method, clip):
+    """``take_lane_steps``, generic and written, against ``take_step`` for each lane on its
+    own: every busy lane gets the step of its own time, size, left limit and parameter row,
+    to the last bit, and an idle lane's rows are not touched."""
+    tab = kernel_tableau(TABLEAUS[method])
+    sums = specialized(method, tab)
+
+    def dynamics(t, y, dy, params):
+        for i in range(y.shape[0]):
+            dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
+
+    evaluate = bind(loop.evaluate, {"dynamics": dynamics})
+    take_stage = bind(loop.take_stage, {"evaluate": evaluate})
+    one_step = bind(loop.take_step, {"take_stage": take_stage})
+    generic = bind(loop.take_lane_steps, {"take_stage": take_stage})
+    written = bind(sums["take_lane_steps"], {"evaluate": evaluate, **sums})
+    settings = np.zeros(loop.SETTINGS_SIZE)
+    settings[loop.DIRECTION] = 1.0
+    params = np.array([[0.7], [0.2], [1.3], [0.9], [0.5]])
+    lane_t = np.zeros((loop.LANES, loop.LANE_FLOATS))
+    lane_n = np.zeros((loop.LANES, loop.LANE_INTS), dtype=np.int64)
+    for lane in range(loop.LANES):
+        t, h = 0.25 + 0.1 * lane, 0.0123456789 * (1 + lane)
+        lane_t[lane, loop.LANE_T], lane_t[lane, loop.LANE_H] = t, h
+        lane_t[lane, loop.LANE_T_LEFT] = t + (0.6 if clip else 1.0) * h
+        # The second lane is idle; the others solve trajectories out of order.
+        lane_n[lane, loop.LANE_TRAJECTORY] = -1 if lane == 1 else (3 * lane + 1) % 5
+    works = np.stack([_work(tab, 4, seed) for seed in range(loop.LANES)])
+    expected = works.copy()
+    for lane in range(loop.LANES):
+        n = lane_n[lane, loop.LANE_TRAJECTORY]
+        if n >= 0:
+            t, h, t_left = lane_t[lane, [loop.LANE_T, loop.LANE_H, loop.LANE_T_LEFT]]
+            args = (tab.a, tab.c, tab.b, tab.sizes, settings)
+            one_step(t, h, t_left, clip, params[n], *args, expected[lane])
+    assert not np.array_equal(expected[0], works[0])
+    for take_lane_steps in (generic, written):
+        got = works.copy()
+        take_lane_steps(clip, params, tuple(tab), settings, got, lane_t, lane_n)
+        np.testing.assert_array_equal(got, expected)

@@ -464,6 +464,61 @@ def test_ensemble_visit_order_spreads_every_thread_block_over_the_batch():
             assert np.all(np.abs(blocks.mean(axis=1) - 0.5) <= bound), (count, threads)
 
 
+@pytest.mark.parametrize("count", [1, 3, 5, 29])
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("tsit5", {"rtol": 1e-8, "atol": 1e-8}),
+        ("dopri8", {"rtol": 1e-7, "atol": 1e-9, "options": {"jump_t": [0.35], "step_t": [0.6]}}),
+        ("rk4", {"options": {"step_size": 0.01}}),
+    ],
+)
+def test_lanes_give_every_trajectory_its_solo_solve(count, method, kwargs):
+    """A thread steps a batch's trajectories several at a time, in lanes
+    (``loop.solve_lanes``), each lane taking the next trajectory when its own ends: with
+    fewer trajectories than lanes or more, with trajectories that fail at their first
+    evaluation among them, FSAL or not, adaptive or fixed, with stops and jumps, every
+    trajectory is still the solve of its own row, to the last bit."""
+    from odecore.kernels import loop
+
+    assert loop.LANES > 1
+    rho = np.linspace(0.0, 21.0, count)
+    params = np.stack([np.full(count, 10.0), rho, np.full(count, 8.0 / 3.0)], axis=1)
+    y0 = np.tile([1.0, 0.0, 0.0], (count, 1)) + 0.01 * np.arange(count)[:, None]
+    if count > 3:
+        y0[[1, count - 2], 0] = np.nan
+    t = np.linspace(0.0, 1.0, 6)
+    common = {"backend": "numba", "method": method, "throw": False, **kwargs}
+    batch = odecore.solve(lorenz, y0, t, params=params, batch_axis=0, **common)
+    failing = np.isnan(y0[:, 0])
+    np.testing.assert_array_equal(batch.status != 0, failing)
+    # (A single solve refuses a non-finite y0 outright.)
+    for n in np.flatnonzero(~failing):
+        solo = odecore.solve(lorenz, y0[n], t, params=params[n], **common)
+        np.testing.assert_array_equal(batch.ys[:, n], solo.ys)
+        assert batch.status[n] == solo.status
+        for name in ("nfev", "naccept", "nreject"):
+            assert batch.stats[name][n] == solo.stats[name], name
+
+
+def test_lane_groups_cover_the_batch_once():
+    """The parallel loop's groups (``_lane_groups``): consecutive, nonempty ranges of the
+    visiting order that together hold every position once, at most four per thread and no
+    more than the lanes need."""
+    from odecore.adapters.numba import _lane_groups
+
+    from odecore.kernels import loop
+
+    for count in (1, 2, 7, 64, 1000, 65536):
+        for threads in (1, 2, 3, 16):
+            groups = _lane_groups(count, threads)
+            assert groups.dtype == np.int64
+            assert groups[0, 0] == 0 and groups[-1, 1] == count
+            np.testing.assert_array_equal(groups[1:, 0], groups[:-1, 1])
+            assert np.all(groups[:, 1] > groups[:, 0])
+            assert len(groups) <= min(4 * threads, -(-count // loop.LANES))
+
+
 def test_ensemble_shares_a_1d_params():
     y0 = np.tile([1.0, 0.0, 0.0], (4, 1)) * np.arange(1, 5)[:, None]
     t = np.linspace(0.0, 0.5, 3)

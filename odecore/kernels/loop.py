@@ -119,6 +119,29 @@ TAPE_COLUMNS = 3
 # which for a three-element system more than halves the time of a step.
 STATE_SIZE = 0
 
+# Trajectories one thread steps together in a batch (solve_lanes), and each lane's loop
+# state between its steps: times in lane_t (LANES, LANE_FLOATS) float64, counts and flags
+# in lane_n (LANES, LANE_INTS) int64.
+LANES = 4
+LANE_T = 0
+LANE_DT = 1
+LANE_RATIO_PREV = 2
+LANE_H = 3
+LANE_T_NEW = 4
+LANE_T_LEFT = 5
+LANE_FLOATS = 6
+LANE_TRAJECTORY = 0  # the trajectory the lane solves; -1: idle
+LANE_STATUS = 1
+LANE_OUT_INDEX = 2
+LANE_STOP_INDEX = 3
+LANE_NFEV = 4
+LANE_NSTEPS = 5
+LANE_NACCEPT = 6
+LANE_NREJECT = 7
+LANE_LAST_REJECTED = 8
+LANE_LANDS = 9
+LANE_INTS = 10
+
 
 def state_size(work) -> int:
     """The number of state elements: :data:`STATE_SIZE`, else ``work``'s row length."""
@@ -308,22 +331,59 @@ def time_of_stage(t, h, c, clip, t_left):
     return t_stage
 
 
-def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):
-    """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
-    and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
-    has jumps: a step that ends on one sees its left limit)."""
-    direction = settings[DIRECTION]
-    count = sizes[STAGES]
-    for i in range(1, count):
-        stage_sum(work, h, i, tab_a)
-        t_stage = time_of_stage(t, h, tab_c[i], clip, t_left)
-        evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + i, params, direction)
+def take_stage(stage, t, h, t_left, clip, params, tab_a, tab_c, direction, work):
+    """Stage ``stage`` (1 or later) of a step from ``work[Y]``: its input, its time and its
+    evaluation into its row."""
+    stage_sum(work, h, stage, tab_a)
+    t_stage = time_of_stage(t, h, tab_c[stage], clip, t_left)
+    evaluate(t_stage, work, Y_STAGE, FIRST_DENSE_ROW + stage, params, direction)
+
+
+def finish_stages(h, tab_b, sizes, work):
+    """``work[Y_NEW]`` from a step's stages."""
     if sizes[FSAL] != 0:
         # The last stage's input is y_new itself (its weights are b).
         for i in range(state_size(work)):
             work[Y_NEW, i] = work[Y_STAGE, i]
     else:
-        solution_sum(work, h, tab_b, count)
+        solution_sum(work, h, tab_b, sizes[STAGES])
+
+
+def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):
+    """The stages of one step from ``work[Y]`` with ``K_0 = f(t, y)``, into ``work[Y_NEW]``
+    and the stage rows; stage times are clipped to ``t_left`` (``clip``, whenever the solve
+    has jumps: a step that ends on one sees its left limit)."""
+    direction = settings[DIRECTION]
+    for i in range(1, sizes[STAGES]):
+        take_stage(i, t, h, t_left, clip, params, tab_a, tab_c, direction, work)
+    finish_stages(h, tab_b, sizes, work)
+
+
+def take_lane_steps(clip, params, tab, settings, works, lane_t, lane_n):
+    """One step of every busy lane (:func:`solve_lanes`), stage by stage across the lanes:
+    each lane's stages wait for one another, and the next lane's stage, independent of
+    them, fills the wait. Lane ``l`` steps from ``works[l, Y]`` by ``lane_t[l, LANE_H]``."""
+    (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
+    direction = settings[DIRECTION]
+    for i in range(1, sizes[STAGES]):
+        for lane in range(LANES):
+            n = lane_n[lane, LANE_TRAJECTORY]
+            if n >= 0:
+                take_stage(
+                    i,
+                    lane_t[lane, LANE_T],
+                    lane_t[lane, LANE_H],
+                    lane_t[lane, LANE_T_LEFT],
+                    clip,
+                    row_of(params, n),
+                    tab_a,
+                    tab_c,
+                    direction,
+                    works[lane],
+                )
+    for lane in range(LANES):
+        if lane_n[lane, LANE_TRAJECTORY] >= 0:
+            finish_stages(lane_t[lane, LANE_H], tab_b, sizes, works[lane])
 
 
 def error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work):
@@ -405,6 +465,205 @@ def interpolate(out, out_row, theta, h, dense, work, weights):
     combine(out, out_row, work, Y, h, weights, 0, dense.shape[0])
 
 
+def row_of(a, n):
+    """Trajectory ``n``'s row of a batch's ``a``, or its one row, shared by all."""
+    return a[0] if a.shape[0] == 1 else a[n]
+
+
+def loop_constants(ts, jumps, tab, settings):
+    """What every step reads of the settings, the method and the times, read once: values
+    the loop does not store to, so that the compiler may compute what the rules derive
+    from them (step_factor's bound) before the loop. Read inside it, any store to a work
+    row might have changed them."""
+    sizes = tab[6]
+    return (
+        settings[DIRECTION],
+        settings[MIN_STEP],
+        settings[MAX_STEP],
+        int(settings[MAX_NUM_STEPS]),
+        sizes[ADAPTIVE] != 0,
+        jumps.shape[0] > 0,
+        settings[SAFETY],
+        settings[IFACTOR],
+        settings[DFACTOR],
+        settings[ICOEFF],
+        settings[PCOEFF],
+        sizes[ERROR_ORDER],
+        settings[SHRINK_AFTER_ACCEPT] != 0.0,
+        settings[NO_GROWTH_AFTER_REJECT] != 0.0,
+        ts[ts.shape[0] - 1],
+    )
+
+
+def begin(y0, params, ts, rtol, atol, parts, valid, tab, settings, out, work):
+    """A solve up to its first step: ``y0`` into ``work[Y]`` and ``out[0]``, ``f(t0, y0)``
+    and the first step size. Returns ``(status, step, evaluations)``."""
+    sizes = tab[6]
+    direction = settings[DIRECTION]
+    t = ts[0]
+    for i in range(state_size(work)):
+        work[Y, i] = y0[i]
+        out[0, i] = y0[i]
+    evaluate(t, work, Y, FIRST_DENSE_ROW, params, direction)
+    dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work)
+    dt = minimum(maximum(dt, settings[MIN_STEP]), settings[MAX_STEP])
+    status = RUNNING if all_finite(work, FIRST_DENSE_ROW) else NONFINITE_STATE
+    if not valid:
+        status = INVALID_INPUT
+    return status, dt, 1 + extra
+
+
+def plan_step(t, dt, stop_index, stops, jumps, consts):
+    """Where the next step from ``t`` goes: ``(stop_index, h, t_new, lands, t_left)``.
+    ``stop_index`` moves to the first stop strictly after ``t``, which the step lands on
+    rather than overshoot; a step that ends on a discontinuity evaluates its last stages at
+    its left limit ``t_left``."""
+    max_step, has_jumps = consts[2], consts[5]
+    while stop_index < stops.shape[0] - 1 and stops[stop_index] <= t:
+        stop_index += 1
+    next_stop = stops[stop_index]
+    h, t_new, lands = land_on_stop(t, dt, next_stop, max_step, True)
+    t_left = t_new
+    if has_jumps:
+        t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
+    return stop_index, h, t_new, lands, t_left
+
+
+def conclude_step(
+    t,
+    h,
+    t_new,
+    t_left,
+    lands,
+    dt,
+    ratio_prev,
+    last_rejected,
+    status,
+    out_index,
+    nfev,
+    nsteps,
+    naccept,
+    nreject,
+    params,
+    ts,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    tab,
+    settings,
+    consts,
+    out,
+    work,
+    weights,
+    tape_times,
+    tape_y,
+):
+    """Everything after a step's stages: its error, acceptance, outputs, the tape, the
+    next step's size and the status. Returns the loop's state after it, ``(t, dt,
+    ratio_prev, last_rejected, status, out_index, nfev, nsteps, naccept, nreject)``."""
+    (_, _, tab_b, _, _, _, sizes) = tab
+    (
+        direction,
+        min_step,
+        max_step,
+        max_num_steps,
+        adaptive,
+        has_jumps,
+        safety,
+        ifactor,
+        dfactor,
+        icoeff,
+        pcoeff,
+        error_order,
+        shrink,
+        no_growth_after_reject,
+        t_end,
+    ) = consts
+    f = FIRST_DENSE_ROW
+    # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
+    f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
+    ratio = 0.0
+    norm_failed = False
+    if adaptive:
+        ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
+        finite = isfinite(ratio)
+        accept = ratio <= 1.0
+    else:
+        finite = all_finite(work, Y_NEW)
+        accept = finite
+    # A step too short to move time is not taken: it would change y but not t.
+    no_progress = accept and t_new <= t
+    accept = accept and not no_progress
+    if sizes[FSAL] == 0:
+        evaluate(t_left, work, Y_NEW, f_new, params, direction)
+    nfev += sizes[NFEV_PER_STEP]
+    if accept:
+        # Most steps hold no output time: the test is made here, and fill_outputs is
+        # called (not inlined: OUT_OF_LINE) only for the steps that do. Inlined into
+        # the loop, its interpolant and extra stages made every step slower, outputs or
+        # none (rk4 on Lorenz: 77 against 47 ns a step).
+        if out_index < ts.shape[0] and ts[out_index] <= t_new:
+            out_index, extra = fill_outputs(
+                ts, out, out_index, t, t_new, h, params, tab, work, weights, settings
+            )
+            nfev += extra
+        if has_jumps and is_member(t_new, jumps):
+            # Only now, with the step's outputs interpolated from the left limit, does
+            # the next step get the right limit as its first stage.
+            evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction)
+            nfev += 1
+    rejected = not accept
+    if adaptive:
+        factor = step_factor(
+            ratio,
+            ratio_prev,
+            accept,
+            safety,
+            ifactor,
+            dfactor,
+            icoeff,
+            pcoeff,
+            error_order,
+            shrink,
+        )
+        if no_growth_after_reject:
+            factor = held_after_rejection(factor, accept, last_rejected)
+        dt_wanted = h * factor
+        stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
+        dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
+        ratio_prev = remembered_ratio(ratio, ratio_prev, accept)
+    else:
+        dt_next = dt
+        stall = rejected
+    failure = failure_status(finite, norm_failed)
+    nsteps += 1
+    status = status_after_step(
+        status, accept, t_new, t_end, stall or no_progress, failure, nsteps, max_num_steps
+    )
+    if accept:
+        if naccept < tape_y.shape[0]:
+            record_step(tape_times, tape_y, naccept, t, h, t_new, work)
+        t = t_new
+        for i in range(state_size(work)):
+            work[Y, i] = work[Y_NEW, i]
+            work[f, i] = work[f_new, i]
+        naccept += 1
+    else:
+        nreject += 1
+    return t, dt_next, ratio_prev, rejected, status, out_index, nfev, nsteps, naccept, nreject
+
+
+def publish_progress(watch, t, dt, naccept, nreject):
+    """A watched kernel's progress after a step, for the thread that reads it; whether that
+    thread asks the solve to stop."""
+    publish(watch, WATCH_T, t)
+    publish(watch, WATCH_DT, dt)
+    publish(watch, WATCH_ACCEPTED, naccept)
+    publish(watch, WATCH_REJECTED, nreject)
+    return watched_value(watch, WATCH_STOP) != 0.0
+
+
 def solve_trajectory(
     y0,
     params,
@@ -443,36 +702,10 @@ def solve_trajectory(
     many steps as ``tape_y`` has rows (none, for a solve that keeps no tape); the count of
     accepted steps says whether they all fit."""
     (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
-    n = state_size(work)
-    f = FIRST_DENSE_ROW
-    # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
-    f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
-    direction = settings[DIRECTION]
-    min_step, max_step = settings[MIN_STEP], settings[MAX_STEP]
-    max_num_steps = int(settings[MAX_NUM_STEPS])
-    adaptive = sizes[ADAPTIVE] != 0
-    has_jumps = jumps.shape[0] > 0
-    # The controller's settings, read once: values the loop does not store to, so that the
-    # compiler may compute what the rules derive from them (step_factor's bound) before the
-    # loop. Read inside it, any store to a work row might have changed them.
-    safety, ifactor, dfactor = settings[SAFETY], settings[IFACTOR], settings[DFACTOR]
-    icoeff, pcoeff = settings[ICOEFF], settings[PCOEFF]
-    error_order = sizes[ERROR_ORDER]
-    shrink = settings[SHRINK_AFTER_ACCEPT] != 0.0
-    no_growth_after_reject = settings[NO_GROWTH_AFTER_REJECT] != 0.0
-    t_end = ts[ts.shape[0] - 1]
-
+    consts = loop_constants(ts, jumps, tab, settings)
+    has_jumps = consts[5]
+    status, dt, nfev = begin(y0, params, ts, rtol, atol, parts, valid, tab, settings, out, work)
     t = ts[0]
-    for i in range(n):
-        work[Y, i] = y0[i]
-        out[0, i] = y0[i]
-    evaluate(t, work, Y, f, params, direction)
-    dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work)
-    nfev = 1 + extra
-    dt = minimum(maximum(dt, min_step), max_step)
-    status = RUNNING if all_finite(work, f) else NONFINITE_STATE
-    if not valid:
-        status = INVALID_INPUT
     ratio_prev = 1.0
     last_rejected = False
     out_index = 1
@@ -481,93 +714,17 @@ def solve_trajectory(
     naccept = 0
     nreject = 0
     while status == RUNNING:
-        # The first stop strictly after t: every step lands on it rather than overshoot.
-        while stop_index < stops.shape[0] - 1 and stops[stop_index] <= t:
-            stop_index += 1
-        next_stop = stops[stop_index]
-        h, t_new, lands = land_on_stop(t, dt, next_stop, max_step, True)
-        # A step that ends on a discontinuity evaluates its last stages at the left limit.
-        t_left = t_new
-        if has_jumps:
-            t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
+        stop_index, h, t_new, lands, t_left = plan_step(t, dt, stop_index, stops, jumps, consts)
         take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work)
-        ratio = 0.0
-        norm_failed = False
-        if adaptive:
-            ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
-            finite = isfinite(ratio)
-            accept = ratio <= 1.0
-        else:
-            finite = all_finite(work, Y_NEW)
-            accept = finite
-        # A step too short to move time is not taken: it would change y but not t.
-        no_progress = accept and t_new <= t
-        accept = accept and not no_progress
-        if sizes[FSAL] == 0:
-            evaluate(t_left, work, Y_NEW, f_new, params, direction)
-        nfev += sizes[NFEV_PER_STEP]
-        if accept:
-            # Most steps hold no output time: the test is made here, and fill_outputs is
-            # called (not inlined: OUT_OF_LINE) only for the steps that do. Inlined into
-            # the loop, its interpolant and extra stages made every step slower, outputs or
-            # none (rk4 on Lorenz: 77 against 47 ns a step).
-            if out_index < ts.shape[0] and ts[out_index] <= t_new:
-                out_index, extra = fill_outputs(
-                    ts, out, out_index, t, t_new, h, params, tab, work, weights, settings
-                )
-                nfev += extra
-            if has_jumps and is_member(t_new, jumps):
-                # Only now, with the step's outputs interpolated from the left limit, does
-                # the next step get the right limit as its first stage.
-                evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction)
-                nfev += 1
-        rejected = not accept
-        if adaptive:
-            factor = step_factor(
-                ratio,
-                ratio_prev,
-                accept,
-                safety,
-                ifactor,
-                dfactor,
-                icoeff,
-                pcoeff,
-                error_order,
-                shrink,
+        (t, dt, ratio_prev, last_rejected, status, out_index, nfev, nsteps, naccept, nreject) = (
+            conclude_step(
+                t, h, t_new, t_left, lands, dt, ratio_prev, last_rejected, status, out_index,
+                nfev, nsteps, naccept, nreject, params, ts, jumps, rtol, atol, parts, tab,
+                settings, consts, out, work, weights, tape_times, tape_y,
             )
-            if no_growth_after_reject:
-                factor = held_after_rejection(factor, accept, last_rejected)
-            dt_wanted = h * factor
-            stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
-            dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
-            ratio_prev = remembered_ratio(ratio, ratio_prev, accept)
-        else:
-            dt_next = dt
-            stall = rejected
-        failure = failure_status(finite, norm_failed)
-        nsteps += 1
-        status = status_after_step(
-            status, accept, t_new, t_end, stall or no_progress, failure, nsteps, max_num_steps
-        )
-        if accept:
-            if naccept < tape_y.shape[0]:
-                record_step(tape_times, tape_y, naccept, t, h, t_new, work)
-            t = t_new
-            for i in range(n):
-                work[Y, i] = work[Y_NEW, i]
-                work[f, i] = work[f_new, i]
-            naccept += 1
-        else:
-            nreject += 1
-        dt = dt_next
-        last_rejected = rejected
-        if WATCHED:
-            publish(watch, WATCH_T, t)
-            publish(watch, WATCH_DT, dt)
-            publish(watch, WATCH_ACCEPTED, naccept)
-            publish(watch, WATCH_REJECTED, nreject)
-            if watched_value(watch, WATCH_STOP) != 0.0:
-                break
+        )  # fmt: skip
+        if WATCHED and publish_progress(watch, t, dt, naccept, nreject):
+            break
     stats[NFEV] = nfev
     stats[NSTEPS] = nsteps
     stats[NACCEPT] = naccept
@@ -575,9 +732,170 @@ def solve_trajectory(
     return status, t, dt
 
 
+def finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats):
+    """Trajectory ``n``'s results: ``results`` is ``(status, t_reached, dt_next)``, three
+    arrays with one entry per trajectory."""
+    (status_out, t_reached, dt_next) = results
+    status_out[n] = status
+    t_reached[n] = t
+    dt_next[n] = dt
+    stats[n, NFEV] = nfev
+    stats[n, NSTEPS] = nsteps
+    stats[n, NACCEPT] = naccept
+    stats[n, NREJECT] = nreject
+
+
+def start_lane(
+    lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab, settings,
+    out, works, lane_t, lane_n, results, stats,
+):  # fmt: skip
+    """Give ``lane`` the next trajectory of ``order[next_index:last]`` that has a step to
+    take (one whose start fails is finished at once); the lane goes idle (trajectory -1)
+    when none is left. Returns the new ``next_index``."""
+    while next_index < last:
+        n = order[next_index]
+        next_index += 1
+        status, dt, nfev = begin(
+            y0[n], row_of(params, n), ts, row_of(rtol, n), row_of(atol, n), parts, valid[n],
+            tab, settings, out[n], works[lane],
+        )  # fmt: skip
+        if status != RUNNING:
+            finish_trajectory(n, status, ts[0], dt, nfev, 0, 0, 0, results, stats)
+            continue
+        lane_n[lane, LANE_TRAJECTORY] = n
+        lane_n[lane, LANE_STATUS] = status
+        lane_n[lane, LANE_OUT_INDEX] = 1
+        lane_n[lane, LANE_STOP_INDEX] = 0
+        lane_n[lane, LANE_NFEV] = nfev
+        lane_n[lane, LANE_NSTEPS] = 0
+        lane_n[lane, LANE_NACCEPT] = 0
+        lane_n[lane, LANE_NREJECT] = 0
+        lane_n[lane, LANE_LAST_REJECTED] = 0
+        lane_t[lane, LANE_T] = ts[0]
+        lane_t[lane, LANE_DT] = dt
+        lane_t[lane, LANE_RATIO_PREV] = 1.0
+        return next_index
+    lane_n[lane, LANE_TRAJECTORY] = -1
+    return next_index
+
+
+def solve_lanes(
+    order,
+    first,
+    last,
+    y0,
+    params,
+    ts,
+    stops,
+    jumps,
+    rtol,
+    atol,
+    parts,
+    valid,
+    tab,
+    settings,
+    out,
+    results,
+    stats,
+    watch,
+    tape_times,
+    tape_y,
+    works,
+    weights,
+    lane_t,
+    lane_n,
+):
+    """Solve trajectories ``order[first:last]`` of a batch, :data:`LANES` at a time: each
+    lane holds one trajectory, all busy lanes take a step together (their stages
+    interleaved, :func:`take_lane_steps`), and a lane whose trajectory ends takes the next.
+    Each trajectory takes the steps and gets the numbers :func:`solve_trajectory` gives it
+    alone; the lanes only let the processor overlap one trajectory's chain of dependent
+    operations (each stage waits for the last, the next step for the controller) with
+    another's. On the Lorenz rho-sweep (one thread of an AMD EPYC, 4096 trajectories) a
+    tsit5 step went from 113 to 87 ns, dopri8's from 206 to 176, rk4's from 38 to 31;
+    two lanes gave tsit5 93 ns, eight no more than four.
+
+    The batch's arrays have one row per trajectory (``params``, ``rtol`` and ``atol`` may
+    have one row for all); ``results`` is ``(status, t_reached, dt_next)`` (one entry per
+    trajectory), ``stats`` (N, 4); the tape's and the watch's rows are as for
+    :func:`solve_trajectory`. Buffers: ``works`` (``LANES``, work rows, state size),
+    ``weights`` as for :func:`solve_trajectory`, ``lane_t`` (``LANES``, ``LANE_FLOATS``)
+    float64 and ``lane_n`` (``LANES``, ``LANE_INTS``) int64: each lane's loop state."""
+    consts = loop_constants(ts, jumps, tab, settings)
+    has_jumps = consts[5]
+    next_index = first
+    busy = 0
+    for lane in range(LANES):
+        next_index = start_lane(
+            lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
+            settings, out, works, lane_t, lane_n, results, stats,
+        )  # fmt: skip
+        if lane_n[lane, LANE_TRAJECTORY] >= 0:
+            busy += 1
+    while busy > 0:
+        for lane in range(LANES):
+            if lane_n[lane, LANE_TRAJECTORY] >= 0:
+                stop_index, h, t_new, lands, t_left = plan_step(
+                    lane_t[lane, LANE_T],
+                    lane_t[lane, LANE_DT],
+                    lane_n[lane, LANE_STOP_INDEX],
+                    stops,
+                    jumps,
+                    consts,
+                )
+                lane_n[lane, LANE_STOP_INDEX] = stop_index
+                lane_n[lane, LANE_LANDS] = lands
+                lane_t[lane, LANE_H] = h
+                lane_t[lane, LANE_T_NEW] = t_new
+                lane_t[lane, LANE_T_LEFT] = t_left
+        take_lane_steps(has_jumps, params, tab, settings, works, lane_t, lane_n)
+        for lane in range(LANES):
+            n = lane_n[lane, LANE_TRAJECTORY]
+            if n < 0:
+                continue
+            (t, dt, ratio_prev, last_rejected, status, out_index, nfev, nsteps, naccept,
+             nreject) = conclude_step(
+                lane_t[lane, LANE_T], lane_t[lane, LANE_H], lane_t[lane, LANE_T_NEW],
+                lane_t[lane, LANE_T_LEFT], lane_n[lane, LANE_LANDS] != 0,
+                lane_t[lane, LANE_DT], lane_t[lane, LANE_RATIO_PREV],
+                lane_n[lane, LANE_LAST_REJECTED] != 0, lane_n[lane, LANE_STATUS],
+                lane_n[lane, LANE_OUT_INDEX], lane_n[lane, LANE_NFEV],
+                lane_n[lane, LANE_NSTEPS], lane_n[lane, LANE_NACCEPT],
+                lane_n[lane, LANE_NREJECT], row_of(params, n), ts, jumps, row_of(rtol, n),
+                row_of(atol, n), parts, tab, settings, consts, out[n], works[lane], weights,
+                tape_times[n], tape_y[n],
+            )  # fmt: skip
+            asked_to_stop = False
+            if WATCHED:
+                asked_to_stop = publish_progress(watch[n], t, dt, naccept, nreject)
+            if status == RUNNING and not asked_to_stop:
+                lane_t[lane, LANE_T] = t
+                lane_t[lane, LANE_DT] = dt
+                lane_t[lane, LANE_RATIO_PREV] = ratio_prev
+                lane_n[lane, LANE_LAST_REJECTED] = last_rejected
+                lane_n[lane, LANE_STATUS] = status
+                lane_n[lane, LANE_OUT_INDEX] = out_index
+                lane_n[lane, LANE_NFEV] = nfev
+                lane_n[lane, LANE_NSTEPS] = nsteps
+                lane_n[lane, LANE_NACCEPT] = naccept
+                lane_n[lane, LANE_NREJECT] = nreject
+                continue
+            finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats)
+            next_index = start_lane(
+                lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
+                settings, out, works, lane_t, lane_n, results, stats,
+            )  # fmt: skip
+            if lane_n[lane, LANE_TRAJECTORY] < 0:
+                busy -= 1
+
+
 # Functions a compiler should call rather than inline into the loop: code the loop runs on
-# few of its steps, which inlined would cost every step its registers.
-OUT_OF_LINE = ("fill_outputs", "record_step")
+# few of its steps, which inlined would cost every step its registers (and, for
+# start_lane, called from two places, the compiler its time twice).
+OUT_OF_LINE = ("fill_outputs", "record_step", "start_lane")
+
+# The entry points, each compiled on its own: one trajectory, and lanes of a batch.
+ENTRY_POINTS = ("solve_trajectory", "solve_lanes")
 
 # In dependency order: each is compiled after the functions it calls.
 KERNEL_FUNCTIONS = (
@@ -596,7 +914,11 @@ KERNEL_FUNCTIONS = (
     is_member,
     first_step,
     time_of_stage,
+    row_of,
+    take_stage,
+    finish_stages,
     take_step,
+    take_lane_steps,
     error_ratio,
     interpolant_weights,
     interpolate,
@@ -604,5 +926,13 @@ KERNEL_FUNCTIONS = (
     record_step,
     publish,
     watched_value,
+    loop_constants,
+    begin,
+    plan_step,
+    conclude_step,
+    publish_progress,
     solve_trajectory,
+    finish_trajectory,
+    start_lane,
+    solve_lanes,
 )

@@ -44,6 +44,7 @@ NAMES = (
     "error_estimates",
     "dense_stage_sum",
     "take_step",
+    "take_lane_steps",
     "interpolate",
 )
 
@@ -57,6 +58,7 @@ def source(tab: KernelTableau) -> str:
             _error_estimates(tab),
             _dense_stage_sum(tab),
             _take_step(tab),
+            _take_lane_steps(tab),
             _interpolate(tab),
         )
     )
@@ -166,6 +168,47 @@ def _take_step(tab: KernelTableau) -> str:
         ]
     else:
         lines.append(f"    solution_sum(work, h, tab_b, {count})")
+    return "\n".join(lines) + "\n"
+
+
+def _take_lane_steps(tab: KernelTableau) -> str:
+    """``loop.take_lane_steps`` with each stage written out as in :func:`_take_step`, for
+    one lane after another: a stage of every busy lane, then the next stage."""
+    count = int(tab.sizes[STAGES])
+    lines = [
+        "def take_lane_steps(clip, params, tab, settings, works, lane_t, lane_n):",
+        "    direction = settings[DIRECTION]",
+        "    n = state_size(works[0])",
+    ]
+    for stage in range(1, count):
+        lines += [
+            "    for lane in range(LANES):",
+            "        trajectory = lane_n[lane, LANE_TRAJECTORY]",
+            "        if trajectory >= 0:",
+            "            work = works[lane]",
+            "            t = lane_t[lane, LANE_T]",
+            "            h = lane_t[lane, LANE_H]",
+            "            for i in range(n):",
+            f"                work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
+            f"({_scaled_sum(tab.a[stage, :stage])})",
+            f"            t_stage = t + {float(tab.c[stage])!r} * h",
+            "            if clip:",
+            "                t_stage = minimum(t_stage, lane_t[lane, LANE_T_LEFT])",
+            f"            evaluate(t_stage, work, {loop.Y_STAGE}, "
+            f"{loop.FIRST_DENSE_ROW + stage}, row_of(params, trajectory), direction)",
+        ]
+    lines += [
+        "    for lane in range(LANES):",
+        "        if lane_n[lane, LANE_TRAJECTORY] >= 0:",
+        "            work = works[lane]",
+    ]
+    if tab.sizes[FSAL]:
+        lines += [
+            "            for i in range(n):",
+            f"                work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
+        ]
+    else:
+        lines.append(f"            solution_sum(work, lane_t[lane, LANE_H], tab[2], {count})")
     return "\n".join(lines) + "\n"
 
 
