@@ -86,6 +86,18 @@ def test_the_written_rk4_step_is_rk4():
     np.testing.assert_allclose(written[loop.Y_NEW], expected, rtol=0, atol=ulps)
 
 
+def _bound_to_dynamics():
+    """``loop.evaluate`` and ``loop.take_stage`` calling dynamics that depend on time and
+    nonlinearly on the state, so that a wrong stage time or input shows."""
+
+    def dynamics(t, y, dy, params):
+        for i in range(y.shape[0]):
+            dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
+
+    evaluate = bind(loop.evaluate, {"dynamics": dynamics})
+    return evaluate, bind(loop.take_stage, {"evaluate": evaluate})
+
+
 @pytest.mark.parametrize("method", odecore.METHODS)
 @pytest.mark.parametrize("clip", [False, True])
 def test_the_written_step_equals_the_generic_one(method, clip):
@@ -96,12 +108,7 @@ def test_the_written_step_equals_the_generic_one(method, clip):
     tab = kernel_tableau(TABLEAUS[method])
     sums = specialized(method, tab)
 
-    def dynamics(t, y, dy, params):
-        for i in range(y.shape[0]):
-            dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
-
-    evaluate = bind(loop.evaluate, {"dynamics": dynamics})
-    take_stage = bind(loop.take_stage, {"evaluate": evaluate})
+    evaluate, take_stage = _bound_to_dynamics()
     generic = bind(loop.take_step, {"take_stage": take_stage})
     written = bind(sums["take_step"], {"evaluate": evaluate, **sums})
     settings = np.zeros(loop.SETTINGS_SIZE)
@@ -128,12 +135,7 @@ def test_lane_steps_equal_one_step_per_lane(method, clip):
     tab = kernel_tableau(TABLEAUS[method])
     sums = specialized(method, tab)
 
-    def dynamics(t, y, dy, params):
-        for i in range(y.shape[0]):
-            dy[i] = math.sin(t * (i + 1)) - params[0] * y[i] * abs(y[i])
-
-    evaluate = bind(loop.evaluate, {"dynamics": dynamics})
-    take_stage = bind(loop.take_stage, {"evaluate": evaluate})
+    evaluate, take_stage = _bound_to_dynamics()
     one_step = bind(loop.take_step, {"take_stage": take_stage})
     generic = bind(loop.take_lane_steps, {"take_stage": take_stage})
     written = bind(sums["take_lane_steps"], {"evaluate": evaluate, **sums})

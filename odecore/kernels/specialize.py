@@ -144,72 +144,71 @@ def _take_step(tab: KernelTableau) -> str:
     """The stages one after another, without the loop over them and the choice of a stage's
     sum inside it: each stage's sum and time are written out (the generic ``stage_sum`` and
     ``t + c_i h``), then the solution's."""
-    count = int(tab.sizes[STAGES])
     lines = [
         "def take_step(t, h, t_left, clip, params, tab_a, tab_c, tab_b, sizes, settings, work):",
         "    direction = settings[DIRECTION]",
         "    n = state_size(work)",
     ]
-    for stage in range(1, count):
-        lines += [
-            "    for i in range(n):",
-            f"        work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
-            f"({_scaled_sum(tab.a[stage, :stage])})",
-            f"    t_stage = t + {float(tab.c[stage])!r} * h",
-            "    if clip:",
-            "        t_stage = minimum(t_stage, t_left)",
-            f"    evaluate(t_stage, work, {loop.Y_STAGE}, {loop.FIRST_DENSE_ROW + stage}, params, "
-            "direction)",
-        ]
-    if tab.sizes[FSAL]:
-        lines += [
-            "    for i in range(n):",
-            f"        work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
-        ]
-    else:
-        lines.append(f"    solution_sum(work, h, tab_b, {count})")
+    for stage in range(1, int(tab.sizes[STAGES])):
+        lines += _written_stage(tab, stage, "    ", "t_left", "params")
+    lines += _written_solution(tab, "    ", "h", "tab_b")
     return "\n".join(lines) + "\n"
 
 
 def _take_lane_steps(tab: KernelTableau) -> str:
     """``loop.take_lane_steps`` with each stage written out as in :func:`_take_step`, for
     one lane after another: a stage of every busy lane, then the next stage."""
-    count = int(tab.sizes[STAGES])
     lines = [
         "def take_lane_steps(clip, params, tab, settings, works, lane_t, lane_n):",
         "    direction = settings[DIRECTION]",
         "    n = state_size(works[0])",
     ]
-    for stage in range(1, count):
+    lane = "            "
+    for stage in range(1, int(tab.sizes[STAGES])):
         lines += [
             "    for lane in range(LANES):",
             "        trajectory = lane_n[lane, LANE_TRAJECTORY]",
             "        if trajectory >= 0:",
-            "            work = works[lane]",
-            "            t = lane_t[lane, LANE_T]",
-            "            h = lane_t[lane, LANE_H]",
-            "            for i in range(n):",
-            f"                work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
-            f"({_scaled_sum(tab.a[stage, :stage])})",
-            f"            t_stage = t + {float(tab.c[stage])!r} * h",
-            "            if clip:",
-            "                t_stage = minimum(t_stage, lane_t[lane, LANE_T_LEFT])",
-            f"            evaluate(t_stage, work, {loop.Y_STAGE}, "
-            f"{loop.FIRST_DENSE_ROW + stage}, row_of(params, trajectory), direction)",
+            f"{lane}work = works[lane]",
+            f"{lane}t = lane_t[lane, LANE_T]",
+            f"{lane}h = lane_t[lane, LANE_H]",
+            *_written_stage(
+                tab, stage, lane, "lane_t[lane, LANE_T_LEFT]", "row_of(params, trajectory)"
+            ),
         ]
     lines += [
         "    for lane in range(LANES):",
         "        if lane_n[lane, LANE_TRAJECTORY] >= 0:",
-        "            work = works[lane]",
+        f"{lane}work = works[lane]",
+        *_written_solution(tab, lane, "lane_t[lane, LANE_H]", "tab[2]"),
     ]
-    if tab.sizes[FSAL]:
-        lines += [
-            "            for i in range(n):",
-            f"                work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
-        ]
-    else:
-        lines.append(f"            solution_sum(work, lane_t[lane, LANE_H], tab[2], {count})")
     return "\n".join(lines) + "\n"
+
+
+def _written_stage(tab: KernelTableau, stage: int, indent: str, t_left: str, params: str):
+    """The lines of one stage of a step from ``work``, at ``t`` by ``h``: its input, its
+    time (clipped to the expression ``t_left``) and its evaluation with ``params``."""
+    return [
+        f"{indent}for i in range(n):",
+        f"{indent}    work[{loop.Y_STAGE}, i] = work[{loop.Y}, i] + "
+        f"({_scaled_sum(tab.a[stage, :stage])})",
+        f"{indent}t_stage = t + {float(tab.c[stage])!r} * h",
+        f"{indent}if clip:",
+        f"{indent}    t_stage = minimum(t_stage, {t_left})",
+        f"{indent}evaluate(t_stage, work, {loop.Y_STAGE}, {loop.FIRST_DENSE_ROW + stage}, "
+        f"{params}, direction)",
+    ]
+
+
+def _written_solution(tab: KernelTableau, indent: str, h: str, tab_b: str):
+    """The lines that form ``y_new`` from a step's stages: the last stage's input of an
+    FSAL method, else the solution's sum."""
+    if tab.sizes[FSAL]:
+        return [
+            f"{indent}for i in range(n):",
+            f"{indent}    work[{loop.Y_NEW}, i] = work[{loop.Y_STAGE}, i]",
+        ]
+    return [f"{indent}solution_sum(work, {h}, {tab_b}, {int(tab.sizes[STAGES])})"]
 
 
 def _interpolate(tab: KernelTableau) -> str:
