@@ -106,7 +106,7 @@ def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
     # they pass on; the whole solve stays one function, which a single trajectory and the
     # ensemble's parallel loop both call. A watched solve runs in a thread of its own
     # without the interpreter's lock (``nogil``), while the caller reads its progress.
-    # ``out_of_line``: the options of the functions not inlined, solve_trajectory among
+    # ``out_of_line``: the options of the functions not inlined, the entry points among
     # them (numba_cache.out_of_line_options: no reference counting where nothing allocates).
     if fn.__name__ in loop.ENTRY_POINTS:
         return numba.njit(fn, nogil=nogil, **(out_of_line or {}))
@@ -220,7 +220,7 @@ def _solve_ensemble(
     ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
     (N, K, ``loop.TAPE_COLUMNS``) and ``tape_y`` (N, K, D) the first K accepted steps of
     each, for the checkpoint gradient (K = 0: none)."""
-    count, size = y0.shape
+    size = y0.shape[1]
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
     results = (status, t_reached, dt_next)
     for g in numba.prange(groups.shape[0]):

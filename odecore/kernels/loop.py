@@ -725,11 +725,16 @@ def solve_trajectory(
         )  # fmt: skip
         if WATCHED and publish_progress(watch, t, dt, naccept, nreject):
             break
+    record_counts(stats, nfev, nsteps, naccept, nreject)
+    return status, t, dt
+
+
+def record_counts(stats, nfev, nsteps, naccept, nreject):
+    """A trajectory's counts into its statistics row (four int64)."""
     stats[NFEV] = nfev
     stats[NSTEPS] = nsteps
     stats[NACCEPT] = naccept
     stats[NREJECT] = nreject
-    return status, t, dt
 
 
 def finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats):
@@ -739,10 +744,25 @@ def finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results,
     status_out[n] = status
     t_reached[n] = t
     dt_next[n] = dt
-    stats[n, NFEV] = nfev
-    stats[n, NSTEPS] = nsteps
-    stats[n, NACCEPT] = naccept
-    stats[n, NREJECT] = nreject
+    record_counts(stats[n], nfev, nsteps, naccept, nreject)
+
+
+def keep_lane_state(
+    lane_t, lane_n, lane, t, dt, ratio_prev, last_rejected, status, out_index, nfev, nsteps,
+    naccept, nreject,
+):  # fmt: skip
+    """A lane's loop state between its steps, as ``conclude_step`` returns it, into its
+    rows of ``lane_t`` and ``lane_n``."""
+    lane_t[lane, LANE_T] = t
+    lane_t[lane, LANE_DT] = dt
+    lane_t[lane, LANE_RATIO_PREV] = ratio_prev
+    lane_n[lane, LANE_LAST_REJECTED] = last_rejected
+    lane_n[lane, LANE_STATUS] = status
+    lane_n[lane, LANE_OUT_INDEX] = out_index
+    lane_n[lane, LANE_NFEV] = nfev
+    lane_n[lane, LANE_NSTEPS] = nsteps
+    lane_n[lane, LANE_NACCEPT] = naccept
+    lane_n[lane, LANE_NREJECT] = nreject
 
 
 def start_lane(
@@ -762,18 +782,10 @@ def start_lane(
         if status != RUNNING:
             finish_trajectory(n, status, ts[0], dt, nfev, 0, 0, 0, results, stats)
             continue
+        # The state solve_trajectory starts its loop with.
         lane_n[lane, LANE_TRAJECTORY] = n
-        lane_n[lane, LANE_STATUS] = status
-        lane_n[lane, LANE_OUT_INDEX] = 1
         lane_n[lane, LANE_STOP_INDEX] = 0
-        lane_n[lane, LANE_NFEV] = nfev
-        lane_n[lane, LANE_NSTEPS] = 0
-        lane_n[lane, LANE_NACCEPT] = 0
-        lane_n[lane, LANE_NREJECT] = 0
-        lane_n[lane, LANE_LAST_REJECTED] = 0
-        lane_t[lane, LANE_T] = ts[0]
-        lane_t[lane, LANE_DT] = dt
-        lane_t[lane, LANE_RATIO_PREV] = 1.0
+        keep_lane_state(lane_t, lane_n, lane, ts[0], dt, 1.0, False, status, 1, nfev, 0, 0, 0)
         return next_index
     lane_n[lane, LANE_TRAJECTORY] = -1
     return next_index
@@ -869,16 +881,10 @@ def solve_lanes(
             if WATCHED:
                 asked_to_stop = publish_progress(watch[n], t, dt, naccept, nreject)
             if status == RUNNING and not asked_to_stop:
-                lane_t[lane, LANE_T] = t
-                lane_t[lane, LANE_DT] = dt
-                lane_t[lane, LANE_RATIO_PREV] = ratio_prev
-                lane_n[lane, LANE_LAST_REJECTED] = last_rejected
-                lane_n[lane, LANE_STATUS] = status
-                lane_n[lane, LANE_OUT_INDEX] = out_index
-                lane_n[lane, LANE_NFEV] = nfev
-                lane_n[lane, LANE_NSTEPS] = nsteps
-                lane_n[lane, LANE_NACCEPT] = naccept
-                lane_n[lane, LANE_NREJECT] = nreject
+                keep_lane_state(
+                    lane_t, lane_n, lane, t, dt, ratio_prev, last_rejected, status, out_index,
+                    nfev, nsteps, naccept, nreject,
+                )  # fmt: skip
                 continue
             finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats)
             next_index = start_lane(
@@ -931,8 +937,10 @@ KERNEL_FUNCTIONS = (
     plan_step,
     conclude_step,
     publish_progress,
+    record_counts,
     solve_trajectory,
     finish_trajectory,
+    keep_lane_state,
     start_lane,
     solve_lanes,
 )
