@@ -45,7 +45,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
-from odecore.adapters import numba_cache, numba_primitives, numba_watch
+from odecore.adapters import numba_cache, numba_options, numba_primitives, numba_watch
+from odecore.adapters.numba_options import one_copy_per_type
 from odecore.adapters.numpy import BACKEND as NUMPY_BACKEND
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
@@ -57,7 +58,7 @@ from odecore.control.norms import LargestPartRMS
 from odecore.control.primitives import bind
 from odecore.kernels import loop, specialize
 from odecore.kernels.compile import compiled_loop, compiled_replay, compiled_rules
-from odecore.kernels.replay import ADJOINT, COTANGENT_ROWS, INLINE
+from odecore.kernels.replay import ADJOINT, COTANGENT_ROWS
 from odecore.kernels.tableau import DENSE_STAGES, kernel_tableau
 from odecore.ode.loop import LoopResult
 from odecore.ode.solution import Solution
@@ -96,23 +97,21 @@ def _jit(fn):
     """A primitive or rule compiled and kept on disk, under its name and the digest."""
     renamed = bind(fn, {})
     renamed.__qualname__ = f"{fn.__qualname__}_{_PRIMITIVES_DIGEST}"
-    return numba.njit(renamed, cache=True)
+    return one_copy_per_type(numba.njit(renamed, cache=True))
 
 
-def _jit_bound(fn, nogil: bool = False, out_of_line: dict | None = None):
+def _jit_bound(fn, nogil: bool = False):
     # A function bound to one dynamics shares its code, file and name with every other
-    # binding: a disk cache would hand one dynamics' machine code to another. The loop's
-    # helpers are inlined, so that the compiler can drop the reference counting of the rows
-    # they pass on; the whole solve stays one function, which a single trajectory and the
-    # ensemble's parallel loop both call. A watched solve runs in a thread of its own
-    # without the interpreter's lock (``nogil``), while the caller reads its progress.
-    # ``out_of_line``: the options of the functions not inlined, the entry points among
-    # them (numba_cache.out_of_line_options: no reference counting where nothing allocates).
-    if fn.__name__ in loop.ENTRY_POINTS:
-        return numba.njit(fn, nogil=nogil, **(out_of_line or {}))
-    if fn.__name__ in loop.OUT_OF_LINE:
-        return numba.njit(fn, **(out_of_line or {}))
-    return numba.njit(fn, inline="always")
+    # binding: a disk cache would hand one dynamics' machine code to another. A watched
+    # solve runs in a thread of its own without the interpreter's lock (``nogil``), while
+    # the caller reads its progress.
+    return one_copy_per_type(numba.njit(fn, **numba_options.loop_options(fn.__name__, nogil)))
+
+
+def _wrapped(wrapper, name: str, user):
+    """``wrapper`` calling the user's compiled ``user`` as ``name``, compiled to count
+    references and free what the user's code allocates (``numba_options.USER_CODE``)."""
+    return numba.njit(bind(wrapper, {name: user}), **numba_options.USER_CODE)
 
 
 def _compiled_rules() -> dict:
@@ -122,7 +121,11 @@ def _compiled_rules() -> dict:
     return _rules
 
 
-# The returning form, seen by the kernel as the in-place one.
+# The user's f as the kernel calls it, in place; the returning forms write their rate.
+def _forwarding(t, y, dy, params):
+    user_dynamics(t, y, dy, params)  # noqa: F821  (bound per dynamics)
+
+
 def _returning(t, y, dy, params):
     rate = user_dynamics(t, y, params)  # noqa: F821  (bound per dynamics)
     for i in range(dy.shape[0]):
@@ -180,6 +183,10 @@ def _adjoint_rows(t, z, dz, params):
     # As in _adjoint: the VJP with a, negated, is the VJP with -a.
     for i in range(m, z.shape[0]):
         dz[i] = -dz[i]
+
+
+def _vjp_forwarding(t, y, params, cotangent, y_bar, params_bar):
+    user_vjp(t, y, params, cotangent, y_bar, params_bar)  # noqa: F821  (bound per VJP)
 
 
 def _vjp_returning(t, y, params, cotangent, y_bar, params_bar):
@@ -419,11 +426,7 @@ def _kernel(
                 sums = {**sums, **numba_watch.REPLACEMENTS}
             functions = vars(
                 compiled_loop(
-                    functools.partial(
-                        _jit_bound,
-                        nogil=watched,
-                        out_of_line=numba_cache.out_of_line_options(func, form),
-                    ),
+                    functools.partial(_jit_bound, nogil=watched),
                     _compiled_rules(),
                     dynamics,
                     sums,
@@ -458,11 +461,12 @@ def _in_place(func, form: str):
     per_func = _kernels.setdefault(func, {})
     if key not in per_func:
         user = _user_dispatcher(func)
-        if form == "in place":
-            dynamics = user
-        else:
-            wrapper = _returning if form == "returning" else _returning_without_params
-            dynamics = _jit_bound(bind(wrapper, {"user_dynamics": user}))
+        wrapper = {
+            "in place": _forwarding,
+            "returning": _returning,
+            "returning without params": _returning_without_params,
+        }[form]
+        dynamics = _wrapped(wrapper, "user_dynamics", user)
         per_func[key] = (user, dynamics)
     return per_func[key]
 
@@ -525,9 +529,8 @@ def _vjp_in_place(vjp):
     """The user's VJP as ``vjp(t, y, params, cotangent, y_bar, params_bar)``, writing its
     results: as it is when it has that form, else its returning form wrapped."""
     user = _user_dispatcher(vjp, VJP_FORMS)
-    if _vjp_form(vjp) == "in place":
-        return user
-    return _jit_bound(bind(_vjp_returning, {"user_vjp": user}))
+    wrapper = _vjp_forwarding if _vjp_form(vjp) == "in place" else _vjp_returning
+    return _wrapped(wrapper, "user_vjp", user)
 
 
 def _probe_vjp(vjp, problem, y, params) -> None:
@@ -973,10 +976,8 @@ def _replay_ensemble(
             a[n, i] = cot[ADJOINT, i]
 
 
-def _jit_replay(fn, options: dict):
-    if fn.__name__ in INLINE:
-        return numba.njit(fn, inline="always")
-    return numba.njit(fn, **options)
+def _jit_replay(fn):
+    return one_copy_per_type(numba.njit(fn, **numba_options.replay_options(fn.__name__)))
 
 
 def _replay_kernel(kernel, func, parallel: bool):
@@ -990,13 +991,12 @@ def _replay_kernel(kernel, func, parallel: bool):
     if compiled is None:
         vjp_form = _vjp_form(vjp)
         source = inspect.getsource(_replay_ensemble)
-        options = numba_cache.replay_options(func, kernel.form, vjp_form)
-        module = numba_cache.load_replay(kernel.module, func, vjp_form, source, options)
+        module = numba_cache.load_replay(kernel.module, func, vjp_form, source)
         if module is not None:
             compiled = module.replay_ensemble if parallel else module.replay_serial
         else:
             functions = compiled_replay(
-                functools.partial(_jit_replay, options=options),
+                _jit_replay,
                 _compiled_rules(),
                 kernel.functions,
                 _vjp_in_place(vjp),

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numba
-from odecore.adapters import numba_primitives, numba_watch
+from odecore.adapters import numba_options, numba_primitives, numba_watch
 
 import odecore
 from odecore.control import primitives, rules
@@ -107,10 +107,7 @@ def load(
     name = importable_name(func)
     if folder is None or name is None:
         return None
-    options = out_of_line_options(func, form)
-    text = _module_text(
-        name, form, sums, ensemble_source, state_size, state_dtype, watched, options
-    )
+    text = _module_text(name, form, sums, ensemble_source, state_size, state_dtype, watched)
     return _written(folder, f"odecore_kernel_{_digest(text, func)}", text)
 
 
@@ -124,17 +121,14 @@ _VJP_FORMS = {
 }
 
 
-def load_replay(
-    kernel, func, vjp_form: str, ensemble_source: str, options: dict
-) -> ModuleType | None:
+def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType | None:
     """The generated module of the checkpoint replay (``odecore.kernels.replay``) of the
     tapes of ``kernel``, a module :func:`load` gave for ``func``, with ``func.vjp`` in
     ``vjp_form`` (``"in place"`` or ``"returning"``) and the parallel loop over
     trajectories ``ensemble_source``; None where it cannot be kept on disk. It takes the
     loop's functions from ``kernel``, so the steps it replays are the kernel's. Its
     ``replay_ensemble`` is the replay, and ``replay_serial`` the same compiled without
-    threads, for a single trajectory. ``options``: Numba's options for the replay's
-    functions that are not inlined (:func:`replay_options`)."""
+    threads, for a single trajectory."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None or kernel is None:
@@ -146,6 +140,7 @@ def load_replay(
         "import numba",
         "import numpy as np",
         "from odecore.adapters.numba import _compiled_rules",
+        "from odecore.adapters.numba_options import one_copy_per_type",
         "from odecore.kernels import loop",
         "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
         "from odecore.kernels.replay import *  # noqa: F403  (the constants)",
@@ -161,15 +156,13 @@ def load_replay(
         "",
         "def vjp(t, y, params, cotangent, y_bar, params_bar):",
         _VJP_FORMS[vjp_form],
-        "vjp = numba.njit(vjp, cache=True, inline='always')",
+        f"vjp = numba.njit(vjp, cache=True{_options_text(numba_options.USER_CODE)})",
     ]
     for fn in replay.REPLAY_FUNCTIONS:
         lines += ["", inspect.getsource(fn)]
     lines += ["", ensemble_source, ""]
-    apart = _options_text(options)
     for fn in replay.REPLAY_FUNCTIONS:
-        extra = ", inline='always'" if fn.__name__ in replay.INLINE else apart
-        lines.append(f"{fn.__name__} = numba.njit({fn.__name__}, cache=True{extra})")
+        lines.append(_compiled_text(fn.__name__, numba_options.replay_options(fn.__name__)))
     lines.append("replay_ensemble = numba.njit(_replay_ensemble, parallel=True, cache=True)")
     lines.append("replay_serial = numba.njit(_replay_ensemble, cache=True)")
     text = "\n".join(lines) + "\n"
@@ -239,45 +232,14 @@ def _written(folder: Path, module_name: str, text: str) -> ModuleType | None:
     return module
 
 
-def _inlined(func) -> bool:
-    """Whether Numba inlines ``func`` into its callers (``inline='always'``)."""
-    return isinstance(func, numba.core.dispatcher.Dispatcher) and (
-        func.targetoptions.get("inline", "never") != "never"
-    )
-
-
-def out_of_line_options(func, form: str) -> dict:
-    """Numba's options for the kernel functions compiled on their own rather than inlined
-    (``loop.ENTRY_POINTS`` and ``loop.OUT_OF_LINE``), for dynamics ``func`` in ``form``.
-    Those functions allocate nothing, and where the dynamics write in place and are not
-    inlined there, nothing they run allocates: they are compiled without reference
-    counting (``_nrt=False``). Every row they pass to ``f`` is a view, and each view cost a
-    call of NRT_incref and one of NRT_decref, atomic operations the compiler could not
-    remove across the call: a fifth of the time of a tsit5 ensemble step on Lorenz, and a
-    third of dopri8's dense output. The numbers are the same. A returning ``f``'s wrapper,
-    or an ``f`` that Numba inlines (``inline='always'``), may allocate there, and only
-    counting frees what they allocate."""
-    return {"_nrt": False} if form == "in place" and not _inlined(func) else {}
-
-
-def replay_options(func, form: str, vjp_form: str) -> dict:
-    """:func:`out_of_line_options` for the checkpoint replay's functions
-    (``odecore.kernels.replay``), which call ``func`` and ``func.vjp``: without reference
-    counting only where both write in place and neither is inlined."""
-    if vjp_form != "in place" or _inlined(func.vjp):
-        return {}
-    return out_of_line_options(func, form)
-
-
-def _module_text(
-    name, form, sums, ensemble_source, state_size, state_dtype, watched, out_of_line
-) -> str:
+def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, watched) -> str:
     lines = [
         '"""A kernel of odecore\'s numba backend, written by odecore.adapters.numba_cache."""',
         "import math",
         "import numba",
         "import numpy as np",
         "from odecore.adapters.numba import _compiled_rules",
+        "from odecore.adapters.numba_options import one_copy_per_type",
         "from odecore.kernels import loop",
         "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
         "from odecore.kernels.tableau import DENSE_STAGES",
@@ -300,16 +262,12 @@ def _module_text(
     if watched:
         # The atomic accesses of a watched kernel, in place of the loop's plain ones.
         lines.append("from odecore.adapters.numba_watch import publish, watched_value")
+    user_code = _options_text(numba_options.USER_CODE)
+    lines.append(f"dynamics = numba.njit(dynamics, cache=True{user_code})")
+    for fn in loop.KERNEL_FUNCTIONS:
+        lines.append(_compiled_text(fn.__name__, numba_options.loop_options(fn.__name__, watched)))
     # A watched solve runs in a thread of its own, without the interpreter's lock.
     nogil = ", nogil=True" if watched else ""
-    options = _options_text(out_of_line)
-    for fn_name in ("dynamics", *(fn.__name__ for fn in loop.KERNEL_FUNCTIONS)):
-        if fn_name in loop.ENTRY_POINTS:
-            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{nogil}{options})")
-        elif fn_name in loop.OUT_OF_LINE:
-            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True{options})")
-        else:
-            lines.append(f"{fn_name} = numba.njit({fn_name}, cache=True, inline='always')")
     lines.append(f"solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True{nogil})")
     return "\n".join(lines) + "\n"
 
@@ -341,6 +299,12 @@ def _vjp_import(name) -> list[str]:
     ]
 
 
+def _compiled_text(name: str, options: dict) -> str:
+    """The line compiling the module's function ``name`` with Numba's ``options``
+    (``numba_options``)."""
+    return f"{name} = one_copy_per_type(numba.njit({name}, cache=True{_options_text(options)}))"
+
+
 def _options_text(options: dict) -> str:
     """Numba options as the keyword arguments of a call written into a module."""
     return "".join(f", {key}={value!r}" for key, value in options.items())
@@ -356,6 +320,7 @@ def _digest(text: str, func, *more) -> str:
         inspect.getsource(primitives),
         inspect.getsource(numba_watch),  # imported by a watched kernel, not written out
         inspect.getsource(numba_primitives),  # compiled into every rule, not written out
+        inspect.getsource(numba_options),  # how each function is typed, not written out
         odecore.__version__,
         numba.__version__,
         *(_code_text(part) for part in (py_func.__code__, *more)),

@@ -275,10 +275,11 @@ def _lorenz_allocating_in_place(t, y, dy, p):
     ids=["returning", "in place", "in place inlined, allocating", "in place, allocating"],
 )
 def test_kernels_free_what_they_allocate(func):
-    """The loop's functions compiled on their own (the solve itself, and its dense output)
-    run without reference counting only where nothing in them allocates. Outputs inside
-    steps make dopri8 evaluate f there three times per output step: any array allocated in
-    them and not freed shows in the runtime's counts."""
+    """The kernel runs without reference counting and calls f through a wrapper that
+    counts, in every form: what f allocates (a returning f's rate, an in-place f's scratch
+    array, inlined by Numba or not) is freed inside the wrapper. Outputs inside steps make
+    dopri8 evaluate f there three times per output step: any array allocated in them and
+    not freed shows in the runtime's counts."""
     t = np.linspace(0.0, 10.0, 201)
     p, y0 = np.array([10.0, 28.0, 8.0 / 3.0]), np.array([1.0, 0.0, 0.0])
     kwargs = {"params": p, "backend": "numba", "method": "dopri8"}
@@ -286,6 +287,44 @@ def test_kernels_free_what_they_allocate(func):
     solution, allocated, freed = _counting_allocations(lambda: odecore.solve(func, y0, t, **kwargs))
     assert solution.success
     assert allocated == freed
+
+
+def _lorenz_defined_inside():
+    """Lorenz in place, as a function that cannot be imported by name: its kernel is
+    compiled in memory."""
+
+    def flow(t, y, dy, p):
+        dy[0] = p[0] * (y[1] - y[0])
+        dy[1] = y[0] * (p[1] - y[2]) - y[1]
+        dy[2] = y[0] * y[1] - p[2] * y[2]
+
+    return flow
+
+
+@pytest.mark.parametrize("where", ["on disk", "in memory"])
+def test_kernel_functions_compile_once_per_type_not_per_constant(where):
+    """Numba compiles a function called from compiled code once per literal argument
+    unless told otherwise: part_norm(work, 0, ...) and part_norm(work, 5, ...) would be
+    two compilations (fifteen of part_norm in one dopri5 kernel, and its first call took
+    twice as long). Every function of the kernel and every rule is typed by plain types."""
+    from odecore.adapters import numba as adapter
+
+    func = lorenz_in_place if where == "on disk" else _lorenz_defined_inside()
+    t = np.linspace(0.0, 1.0, 5)
+    p, y0 = np.array([10.0, 28.0, 8.0 / 3.0]), np.array([1.0, 0.0, 0.0])
+    assert odecore.solve(func, y0, t, params=p, backend="numba", method="dopri5").success
+    kernels = [k for k in adapter._kernels[func].values() if hasattr(k, "functions")]
+    dispatchers = [fn for k in kernels for fn in k.functions.values()]
+    dispatchers += list(adapter._compiled_rules().values())
+    compiled = [d for d in dispatchers if d.signatures]
+    assert "solve_trajectory" in {d.py_func.__name__ for d in compiled}
+    literal = [
+        (d.py_func.__name__, signature)
+        for d in compiled
+        for signature in d.signatures
+        if any(isinstance(a, numba.types.Literal) for a in signature)
+    ]
+    assert literal == []
 
 
 def _counting_allocations(call):

@@ -900,6 +900,11 @@ def solve_lanes(
 # start_lane, called from two places, the compiler its time twice).
 OUT_OF_LINE = ("fill_outputs", "record_step", "start_lane")
 
+# Functions that return a view of an argument: compiled on their own without reference
+# counting, the view could not be returned (Numba refuses), so they are always inlined
+# where they are called.
+VIEWS = ("row_of",)
+
 # The entry points, each compiled on its own: one trajectory, and lanes of a batch.
 ENTRY_POINTS = ("solve_trajectory", "solve_lanes")
 
