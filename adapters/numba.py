@@ -455,8 +455,10 @@ def _kernel(
 
 
 def _in_place(func, form: str):
-    """``(the user's dispatcher, the dynamics in place)``: ``func`` compiled, and for a
-    returning form wrapped to write its rate, once per function and form."""
+    """``(the user's dispatcher, the dynamics in place)``: ``func`` compiled, and wrapped
+    (writing its rate, for a returning form) in the function the kernel calls, which
+    frees what ``func`` allocates (``numba_options.USER_CODE``); once per function and
+    form."""
     key = ("in place", form)
     per_func = _kernels.setdefault(func, {})
     if key not in per_func:
@@ -527,7 +529,7 @@ def _vjp_form(vjp) -> str:
 
 def _vjp_in_place(vjp):
     """The user's VJP as ``vjp(t, y, params, cotangent, y_bar, params_bar)``, writing its
-    results: as it is when it has that form, else its returning form wrapped."""
+    results, in the wrapper the replay calls (``numba_options.USER_CODE``)."""
     user = _user_dispatcher(vjp, VJP_FORMS)
     wrapper = _vjp_forwarding if _vjp_form(vjp) == "in place" else _vjp_returning
     return _wrapped(wrapper, "user_vjp", user)
