@@ -11,6 +11,13 @@ other, so dropping only the oldest would leave an inconsistent rest. The terms i
 then those up to the one just written, the same for every sample: a slice write and a mask
 of ``m`` coefficients, where per-sample term counts would need masked updates of the whole
 (B, m, N) memory at every iteration.
+
+An iteration applies the inverse twice: ``H r`` at the new iterate and ``H^T dz``. The
+update needs ``H dr = H r_new - H r_old``, whose second part the proposal computed, and the
+next proposal needs ``H' r_new``, which the rank-one update gives from ``H r_new`` (state
+``h_r``). Written as three applications (``H r`` for the proposal, ``H dr`` and ``H^T dz``
+for the update, as the textbook form has it), each a pair of batched products over the
+(B, m, N) memory, the third cost a fifth of a torch forward's time on a (256, 128) batch.
 """
 
 from __future__ import annotations
@@ -18,30 +25,36 @@ from __future__ import annotations
 from odecore.deq.residual import norm
 
 
-def broyden_memory(xp, B, m, N, dtype):
-    """The empty memory of ``B`` samples of size ``N``: no terms in use."""
+def broyden_memory(xp, m, z, gz):
+    """The empty memory of the samples ``z`` (B, N) with ``g(z) = gz``: no terms in use, so
+    ``H = -I`` and ``H r = z - gz``."""
+    B, N = z.shape
     return {
-        "mem_a": xp.zeros((B, m, N), dtype=dtype),
-        "mem_b": xp.zeros((B, m, N), dtype=dtype),
+        "mem_a": xp.zeros((B, m, N), dtype=z.dtype),
+        "mem_b": xp.zeros((B, m, N), dtype=z.dtype),
+        "h_r": z - gz,
     }
 
 
 def broyden_proposal(bk, s, m):
     """The quasi-Newton step ``z - H r(z)`` of each sample."""
-    r = s["gz"] - s["z"]
-    return s["z"] - _apply_inverse(bk.xp, s, r, _in_use(bk.xp, s["k"], m))
+    return s["z"] - s["h_r"]
 
 
 def broyden_update(bk, s, m, update, z, gz, z_new, gz_new):
     """The 'good' Broyden update of the inverse, where ``update``: it maps the new residual
-    difference onto the step just taken. Updates ``s`` in place."""
+    difference onto the step just taken; and ``H r`` for the next proposal, at ``z_new``
+    where ``update``, else at ``z`` (the iterate the loop keeps). Updates ``s`` in place."""
     xp = bk.xp
     in_use = _in_use(xp, s["k"], m)
     dz = z_new - z
-    dr = (gz_new - z_new) - (gz - z)
-    h_dr = _apply_inverse(xp, s, dr, in_use)
+    r_new = gz_new - z_new
+    dr = r_new - (gz - z)
+    h_r_new = _apply_inverse(xp, s, r_new, in_use)
+    h_dr = h_r_new - s["h_r"]
     v = _apply_inverse(xp, s, dz, in_use, transposed=True)
     denom = xp.sum(v * dr, axis=-1)
+    keep = update
     eps = xp.finfo(z.dtype).eps
     scale = norm(xp, dz) * norm(xp, dr) + xp.finfo(z.dtype).tiny
     # Skip the update where it would divide by (nearly) zero: a zero term.
@@ -52,6 +65,14 @@ def broyden_update(bk, s, m, update, z, gz, z_new, gz_new):
     slot = s["k"] % m
     s["mem_a"] = bk.write(s["mem_a"], (slice(None), slot), u)
     s["mem_b"] = bk.write(s["mem_b"], (slice(None), slot), v)
+    # The next iteration's inverse is this one plus the term just written, or, where the
+    # memory restarts (the term written into slot 0 after the first cycle), -I plus it:
+    # H' x = base + u (v . x), with u = 0 where the update was skipped.
+    restart = (slot == 0) & (s["k"] > 0)
+    base_new = xp.where(restart, -r_new, h_r_new)
+    h_r_next = base_new + u * xp.sum(v * r_new, axis=-1)[:, None]
+    base_old = xp.where(restart, z - gz, s["h_r"])
+    s["h_r"] = xp.where(keep[:, None], h_r_next, base_old)
 
 
 def _in_use(xp, k, m):

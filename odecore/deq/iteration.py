@@ -70,7 +70,7 @@ class Loop:
         if self.solver == "anderson":
             state.update(anderson_memory(xp, B, self.m, N, z0.dtype))
         if self.solver == "broyden":
-            state.update(broyden_memory(xp, B, self.m, N, z0.dtype))
+            state.update(broyden_memory(xp, self.m, z_kept, gz_kept))
         return state
 
     def cond(self, s):
