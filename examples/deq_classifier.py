@@ -97,6 +97,8 @@ def train(
     ``test_data = (X_test, y_test)``, the test accuracy after the epoch."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    steps = epochs * -(-len(y) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history = {"forward_iterations": [], "backward_iterations": [], "test_accuracy": []}
     for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not show_progress):
         order = torch.randperm(len(y))
@@ -123,6 +125,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
             optimizer.step()
+            schedule.step()
             forward_iters.append(sol.iterations.double().mean().item())
             backward_iters.append(sol.stats["backward_iterations"].double().mean().item())
             epoch_loss += loss.item() * len(batch)
