@@ -263,6 +263,21 @@ class TorchBackend(Backend):
         out[where] = value
         return out
 
+    # On a CPU, torch's batched products of a (B, m, N) stack with (B, N, 1) vectors take
+    # 4 to 7 times as long as a product and a sum over the same elements (one thread,
+    # float32 (256, 6, 128): 215 against 43 us), and of (B, 1, m) weights with the stack up
+    # to 5 times (1024 samples of (5, 64)). The DEQ solvers take two or four such products
+    # an iteration.
+    def row_products(self, rows, x):
+        if rows.device.type != "cpu":
+            return super().row_products(rows, x)
+        return (rows * x[:, None, :]).sum(-1)
+
+    def weighted_rows(self, weights, rows):
+        if rows.device.type != "cpu":
+            return super().weighted_rows(weights, rows)
+        return (weights[:, :, None] * rows).sum(1)
+
     def no_grad(self):
         return torch.no_grad()
 

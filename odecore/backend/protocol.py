@@ -270,6 +270,17 @@ class Backend:
         a new array."""
         return xpx.at(out, where).set(value, copy=not self.inplace_ok)
 
+    def row_products(self, rows: Any, x: Any) -> Any:
+        """``(B, m)``: each sample's ``m`` rows (``rows``, ``(B, m, N)``) dotted with its
+        ``x`` (``(B, N)``). The fixed-point solvers' memories take these products at every
+        iteration, and the fastest form depends on the library."""
+        return (rows @ x[:, :, None])[..., 0]
+
+    def weighted_rows(self, weights: Any, rows: Any) -> Any:
+        """``(B, N)``: each sample's rows (``(B, m, N)``) summed with its ``weights``
+        (``(B, m)``)."""
+        return (weights[:, None, :] @ rows)[:, 0, :]
+
     def device_scope(self, x: Any):
         """A context in which arrays the core creates without a template land on ``x``'s
         device."""

@@ -42,7 +42,7 @@ def anderson_proposal(bk, s, m, lam, beta):
     G = bk.write(s["mem_b"], (slice(None), slot), residual)
     # Only the new residual's inner products change the Gram matrix, one row and its
     # column: (B, m) dot products instead of the (B, m, m) of recomputing all of it.
-    row = (G @ residual[:, :, None])[..., 0]
+    row = bk.row_products(G, residual)
     gram = bk.write(s["gram"], (slice(None), slot + 1, slice(1, None)), row)
     gram = bk.write(gram, (slice(None), slice(1, None), slot + 1), row)
     s["mem_a"], s["mem_b"], s["gram"] = F, G, gram
@@ -73,4 +73,4 @@ def anderson_proposal(bk, s, m, lam, beta):
     ok = xp.isfinite(xp.sum(alpha, axis=-1))
     newest = xp.astype(index[1:] == slot + 1, G.dtype)
     alpha = xp.where(ok[:, None], alpha, newest[None, :])
-    return (alpha[:, None, :] @ F)[:, 0, :]
+    return bk.weighted_rows(alpha, F)

@@ -50,9 +50,9 @@ def broyden_update(bk, s, m, update, z, gz, z_new, gz_new):
     dz = z_new - z
     r_new = gz_new - z_new
     dr = r_new - (gz - z)
-    h_r_new = _apply_inverse(xp, s, r_new, in_use)
+    h_r_new = _apply_inverse(bk, s, r_new, in_use)
     h_dr = h_r_new - s["h_r"]
-    v = _apply_inverse(xp, s, dz, in_use, transposed=True)
+    v = _apply_inverse(bk, s, dz, in_use, transposed=True)
     denom = xp.sum(v * dr, axis=-1)
     keep = update
     eps = xp.finfo(z.dtype).eps
@@ -81,10 +81,10 @@ def _in_use(xp, k, m):
     return (xp.arange(m, dtype=k.dtype) <= (k - 1) % m) & (k > 0)
 
 
-def _apply_inverse(xp, s, x, in_use, transposed=False):
+def _apply_inverse(bk, s, x, in_use, transposed=False):
     """``H x`` (or ``H^T x``), ``H = -I + sum_i u_i v_i^T`` over the terms in use. Terms out
     of use hold finite values of an earlier cycle (or zeros), so masking their coefficients
     leaves them out."""
     a, b = (s["mem_b"], s["mem_a"]) if transposed else (s["mem_a"], s["mem_b"])
-    coeff = xp.where(in_use, (b @ x[:, :, None])[..., 0], 0.0)  # (B, m)
-    return (coeff[:, None, :] @ a)[:, 0, :] - x
+    coeff = bk.xp.where(in_use, bk.row_products(b, x), 0.0)  # (B, m)
+    return bk.weighted_rows(coeff, a) - x
