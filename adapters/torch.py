@@ -252,10 +252,10 @@ class TorchBackend(Backend):
         # context's function mode costs time on every operation.
         return _device_scope(x)
 
-    def scalar(self, value: float, dtype: Any) -> Any:
+    def scalar_maker(self, dtype: Any):
         # Much cheaper than torch.asarray through array-api-compat, and called once per
         # function evaluation (docs/performance.md).
-        return torch.scalar_tensor(value, dtype=dtype)
+        return functools.partial(torch.scalar_tensor, dtype=dtype)
 
     def write(self, out, where, value):
         # The loop owns the output buffer, so it is written in place: a plain item

@@ -93,10 +93,10 @@ class Dynamics:
         func, params, ops = self.func, self.params, self.ops
         if ops.scalar:
             # ScalarOps.user_time, inlined: one Python call less per evaluation.
-            scalar, dtype = self.backend.scalar, ops.user_dtype
+            scalar = ops.make_user_time
             if params is None:
-                return lambda t, y: func(scalar(t, dtype), y)
-            return lambda t, y: func(scalar(t, dtype), y, params)
+                return lambda t, y: func(scalar(t), y)
+            return lambda t, y: func(scalar(t), y, params)
         user_time = ops.user_time
         if params is None:
             return lambda t, y: func(user_time(t, False), y)

@@ -121,7 +121,8 @@ class ScalarOps:
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
         self.from_norm = backend.to_host_float
-        self.time_scalar = backend.scalar
+        # The time as func receives it, from a Python float (Backend.scalar_maker).
+        self.make_user_time = backend.scalar_maker(self.user_dtype)
         self.rules = rules.bound(None)
         self.state_rules = rules.bound(self.xp)
 
@@ -190,4 +191,4 @@ class ScalarOps:
         return slot
 
     def user_time(self, t, batched):
-        return self.time_scalar(t, self.user_dtype)
+        return self.make_user_time(t)

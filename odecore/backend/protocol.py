@@ -252,10 +252,12 @@ class Backend:
         """The dtype of counters and indices inside the loop."""
         return self.xp.int64
 
-    def scalar(self, value: float, dtype: Any) -> Any:
-        """A 0-d array holding ``value``: the time a single-sample ``func`` receives at every
-        evaluation, so an adapter may give a cheaper constructor."""
-        return self.xp.asarray(value, dtype=dtype)
+    def scalar_maker(self, dtype: Any) -> Callable[[float], Any]:
+        """A function of one float giving a 0-d array of ``dtype`` holding it: what makes
+        the time a single-sample ``func`` receives at every evaluation, so an adapter may
+        give a cheaper constructor."""
+        xp = self.xp
+        return lambda value: xp.asarray(value, dtype=dtype)
 
     def while_loop(self, cond: Callable, body: Callable, state: Any) -> Any:
         while bool(cond(state)):

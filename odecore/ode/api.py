@@ -550,7 +550,9 @@ def odeint(
         called around every step of an eager solve of one sample; a batched or traced (JAX)
         solve does not call them, and warns (``odecore.ode.callbacks``). With
         ``batch_axis``, ``t`` is a vector with one time per sample (each sample steps on
-        its own); otherwise a 0-d array. ``t`` is passed in the state's dtype.
+        its own); otherwise a 0-d array (on NumPy a NumPy scalar, ``np.float64`` say,
+        which has the 0-d array's ``shape``, ``dtype`` and array-API namespace). ``t`` is
+        passed in the state's dtype.
     y0 : array or pytree of arrays
         Initial state, any shape, real floating dtype: an array, or a tuple, list, dict or
         NamedTuple of arrays (nested as deep as needed); on JAX also any registered pytree
