@@ -15,7 +15,7 @@ its shape), ``params`` a 1-D array. Everything else is the generic core's:
 Python does nothing per step.
 
 Ensembles: with ``batch_axis=0`` and ``y0`` of shape (N, D), each trajectory takes its own
-steps, in parallel over the cores (``numba.prange``), each core stepping a few trajectories
+steps, in parallel over the cores (``numba_threads``), each core stepping a few trajectories
 together (``loop.solve_lanes``); ``f`` sees one trajectory's (D,) state and its row of a
 (N, P) ``params``, or a shared (P,) ``params``.
 
@@ -45,8 +45,15 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba.core.errors import NumbaError
-from odecore.adapters import numba_cache, numba_options, numba_primitives, numba_watch
+from odecore.adapters import (
+    numba_cache,
+    numba_options,
+    numba_primitives,
+    numba_threads,
+    numba_watch,
+)
 from odecore.adapters.numba_options import one_copy_per_type
+from odecore.adapters.numba_threads import range_done, take_range
 from odecore.adapters.numpy import BACKEND as NUMPY_BACKEND
 from odecore.adapters.numpy import BufferStages, NumpyBackend, _rms_error_ratio
 
@@ -219,22 +226,25 @@ def _solve_ensemble(
     tape_y,
     order,
     groups,
+    shared,
 ):
-    """Every trajectory of a batch by the kernel loop, in parallel, taken in ``order``
-    (``_visit_order``) by groups (``_lane_groups``), the lanes of a thread
-    (``loop.solve_lanes``): ``out`` (N, T, D), ``status``, ``t_reached``, ``dt_next`` (N,) and
-    ``stats`` (N, 4) receive the results;
-    ``watch`` (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
+    """The trajectories of a batch in ``order`` (``_visit_order``), by the kernel loop,
+    taken in ranges, rows of ``groups`` (``_lane_groups``), from the counter ``shared``
+    until none is left (``numba_threads``: every thread runs this), and stepped a few at a
+    time in the thread's lanes (``loop.solve_lanes``). ``out`` (N, T, D), ``status``,
+    ``t_reached``, ``dt_next`` (N,) and ``stats`` (N, 4) receive the results; ``watch``
+    (N, ``loop.WATCH_STRIDE``) the progress of a watched kernel; ``tape_times``
     (N, K, ``loop.TAPE_COLUMNS``) and ``tape_y`` (N, K, D) the first K accepted steps of
     each, for the checkpoint gradient (K = 0: none)."""
     size = y0.shape[1]
     rows = loop.FIRST_DENSE_ROW + tab.sizes[DENSE_STAGES]
+    works = np.empty((loop.LANES, rows, size), dtype=y0.dtype)
+    weights = np.empty((1, tab.sizes[DENSE_STAGES]))
+    lane_t = np.empty((loop.LANES, loop.LANE_FLOATS))
+    lane_n = np.empty((loop.LANES, loop.LANE_INTS), dtype=np.int64)
     results = (status, t_reached, dt_next)
-    for g in numba.prange(groups.shape[0]):
-        works = np.empty((loop.LANES, rows, size), dtype=y0.dtype)
-        weights = np.empty((1, tab.sizes[DENSE_STAGES]))
-        lane_t = np.empty((loop.LANES, loop.LANE_FLOATS))
-        lane_n = np.empty((loop.LANES, loop.LANE_INTS), dtype=np.int64)
+    g = take_range(shared)
+    while g < groups.shape[0]:
         solve_lanes(  # noqa: F821  (bound per dynamics)
             order,
             groups[g, 0],
@@ -261,6 +271,8 @@ def _solve_ensemble(
             lane_t,
             lane_n,
         )
+        range_done(shared)
+        g = take_range(shared)
 
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -268,13 +280,24 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 @functools.lru_cache(maxsize=256)
 def _lane_groups(count: int, threads: int) -> np.ndarray:
-    """The groups of a batch's parallel loop, rows ``(first, last)`` into its visiting
-    order: each thread takes groups, and steps a group's trajectories ``loop.LANES`` at a
-    time (``loop.solve_lanes``). A few groups per thread leave the threads room to even out
-    their work; a group's last trajectories run with lanes idle, so not many more."""
-    groups = max(1, min(-(-count // loop.LANES), 4 * threads))
-    bounds = np.arange(groups + 1, dtype=np.int64) * count // groups
-    groups_array = np.stack([bounds[:-1], bounds[1:]], axis=1)
+    """The ranges a batch's threads take, rows ``(first, last)`` into its visiting order,
+    one at a time, each to whichever thread is free (``numba_threads``); a thread steps a
+    range's trajectories ``loop.LANES`` at a time (``loop.solve_lanes``). Each range is a
+    share of what is left, ``1 / (2 threads)`` of it, so the ranges shrink as the batch
+    nears its end: a thread that starts late (a pool thread takes 50 to 100 us to wake) or
+    draws costly trajectories is waited for by at most a small last range. Equal ranges,
+    four per thread, made two threads wait for each other 100 to 150 us on the Lorenz
+    sweep at N = 64 to 256, half the gain of the second thread. Ranges are whole lanes
+    (a range's last lanes run idle otherwise), so not fewer than ``loop.LANES``
+    trajectories."""
+    bounds = [0]
+    while bounds[-1] < count:
+        left = count - bounds[-1]
+        share = -(-left // (2 * threads)) if threads > 1 else left
+        size = -(-share // loop.LANES) * loop.LANES
+        bounds.append(min(count, bounds[-1] + size))
+    bounds_array = np.array(bounds, dtype=np.int64)
+    groups_array = np.stack([bounds_array[:-1], bounds_array[1:]], axis=1)
     groups_array.flags.writeable = False
     return groups_array
 
@@ -288,11 +311,12 @@ def _visit_stride(count: int) -> int:
 
 
 def _visit_order(count: int) -> np.ndarray:
-    """The order in which a batch's parallel loops take its ``count`` trajectories.
-    Numba gives each thread a contiguous block of the loop's indices, and the trajectories
-    of a sweep often take more steps as the swept parameter grows: visited in their own
-    order, one thread gets the easy block and then waits for the others (the Lorenz
-    rho-sweep took 25% longer on two threads). Index ``i`` takes trajectory ``i * s mod
+    """The order in which a batch's threads take its ``count`` trajectories. Each takes
+    contiguous ranges of it (``_lane_groups``), and the trajectories of a sweep often take
+    more steps as the swept parameter grows: visited in their own order, the last ranges
+    hold the costliest trajectories, and one thread still works on them while the others
+    wait (Numba's parallel loop, which gave each thread one block, took 25% longer on the
+    Lorenz rho-sweep on two threads). Index ``i`` takes trajectory ``i * s mod
     count``, with ``s`` near ``count`` over the golden ratio and coprime to ``count``: a
     permutation under which every contiguous block of indices samples the whole batch
     evenly (a Weyl sequence)."""
@@ -437,7 +461,7 @@ def _kernel(
             )
             solve_trajectory = functions["solve_trajectory"]
             ensemble = bind(_solve_ensemble, {"solve_lanes": functions["solve_lanes"]})
-            solve_ensemble = numba.njit(ensemble, parallel=True, nogil=watched)
+            solve_ensemble = numba.njit(ensemble, nogil=True)
         kernel = per_func[key] = SimpleNamespace(
             tableau=tableau,
             arrays=arrays,
@@ -892,8 +916,10 @@ def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
-    order, groups = _visit_order(len(y0)), _lane_groups(len(y0), numba.get_num_threads())
-    call = lambda: kernel.solve_ensemble(*arrays, *results, order, groups)  # noqa: E731
+    order, count = _visit_order(len(y0)), numba_threads.threads()
+    groups, shared = _lane_groups(len(y0), count), numba_threads.counter()
+    solve = functools.partial(kernel.solve_ensemble, *arrays, *results, order, groups, shared)
+    call = functools.partial(numba_threads.run, solve, len(groups), shared, count)
     _run(call, problem, ts, watch, progress, kernel.solve_ensemble)
     return out, status, t_reached, dt_next, stats, tape_times, tape_y
 
@@ -948,54 +974,59 @@ def compiles(problem, options, record: bool) -> bool:
 
 
 def _replay_ensemble(
-    tape_times, tape_y, steps, params, ts, jumps, out_bar, tab, settings, a, params_bar, order
-):
-    """The checkpoint gradient of every trajectory of a compiled solve, in parallel and in
-    ``order`` (``_visit_order``), from its tape (``odecore.kernels.replay``): ``a`` (N, D)
-    receives the cotangents of the ``y0`` rows, ``params_bar`` (N, P) those of each
-    trajectory's parameters. ``out_bar`` (N, T, D) holds the outputs' cotangents."""
+    tape_times, tape_y, steps, params, ts, jumps, out_bar, tab, settings, a, params_bar, order,
+    groups, shared,
+):  # fmt: skip
+    """The checkpoint gradient of every trajectory of a compiled solve, in ``order``
+    (``_visit_order``), taken in ranges, rows of ``groups``, from the counter ``shared``
+    until none is left (``numba_threads``: every thread runs this), from their tapes
+    (``odecore.kernels.replay``): ``a`` (N, D) receives the cotangents of the ``y0`` rows,
+    ``params_bar`` (N, P) those of each trajectory's parameters. ``out_bar`` (N, T, D) holds
+    the outputs' cotangents."""
     count, size = a.shape
-    shared = params.shape[0] == 1 and count > 1
+    shared_params = params.shape[0] == 1 and count > 1
     nodes = tab.sizes[DENSE_STAGES]
-    for k in numba.prange(count):
-        n = order[k]
-        own = params[0] if shared else params[n]
-        cot = np.empty((COTANGENT_ROWS, size), dtype=a.dtype)
-        scratch = (
-            np.empty((loop.FIRST_DENSE_ROW + nodes, size), dtype=a.dtype),
-            np.empty((nodes, size), dtype=a.dtype),
-            np.empty(nodes),
-            np.empty((nodes, size), dtype=a.dtype),
-            cot,
-            np.empty_like(own),
-            np.empty((1, nodes)),
-        )
-        replay_trajectory(  # noqa: F821  (bound per dynamics and VJP)
-            tape_times[n], tape_y[n], steps[n], own, ts, jumps, out_bar[n], tab, settings,
-            scratch, params_bar[n],
-        )  # fmt: skip
-        for i in range(size):
-            a[n, i] = cot[ADJOINT, i]
+    g = take_range(shared)
+    while g < groups.shape[0]:
+        for k in range(groups[g, 0], groups[g, 1]):
+            n = order[k]
+            own = params[0] if shared_params else params[n]
+            cot = np.empty((COTANGENT_ROWS, size), dtype=a.dtype)
+            scratch = (
+                np.empty((loop.FIRST_DENSE_ROW + nodes, size), dtype=a.dtype),
+                np.empty((nodes, size), dtype=a.dtype),
+                np.empty(nodes),
+                np.empty((nodes, size), dtype=a.dtype),
+                cot,
+                np.empty_like(own),
+                np.empty((1, nodes)),
+            )
+            replay_trajectory(  # noqa: F821  (bound per dynamics and VJP)
+                tape_times[n], tape_y[n], steps[n], own, ts, jumps, out_bar[n], tab, settings,
+                scratch, params_bar[n],
+            )  # fmt: skip
+            for i in range(size):
+                a[n, i] = cot[ADJOINT, i]
+        range_done(shared)
+        g = take_range(shared)
 
 
 def _jit_replay(fn):
     return one_copy_per_type(numba.njit(fn, **numba_options.replay_options(fn.__name__)))
 
 
-def _replay_kernel(kernel, func, parallel: bool):
-    """The compiled replay of ``kernel``'s tapes with ``func.vjp``, once per kernel, VJP and
-    ``parallel`` (over the trajectories of a batch; a single one is replayed without
-    threads, whose compilation costs a few seconds more): kept on disk beside a kernel kept
-    there (``numba_cache.load_replay``), else compiled in memory."""
+def _replay_kernel(kernel, func):
+    """The compiled replay of ``kernel``'s tapes with ``func.vjp``, once per kernel and VJP:
+    kept on disk beside a kernel kept there (``numba_cache.load_replay``), else compiled in
+    memory."""
     vjp = func.vjp
-    key = (vjp, parallel)
-    compiled = kernel.replays.get(key)
+    compiled = kernel.replays.get(vjp)
     if compiled is None:
         vjp_form = _vjp_form(vjp)
         source = inspect.getsource(_replay_ensemble)
         module = numba_cache.load_replay(kernel.module, func, vjp_form, source)
         if module is not None:
-            compiled = module.replay_ensemble if parallel else module.replay_serial
+            compiled = module.replay_ensemble
         else:
             functions = compiled_replay(
                 _jit_replay,
@@ -1005,8 +1036,8 @@ def _replay_kernel(kernel, func, parallel: bool):
                 kernel.state_size,
             )
             bound = bind(_replay_ensemble, {"replay_trajectory": functions.replay_trajectory})
-            compiled = numba.njit(bound, parallel=parallel)
-        kernel.replays[key] = compiled
+            compiled = numba.njit(bound, nogil=True)
+        kernel.replays[vjp] = compiled
     return compiled
 
 
@@ -1021,27 +1052,19 @@ def replay(problem, tape, ys_bar):
     kernel = _kernel(func, inputs.form, problem.solver.tableau, size, _dtype_name(y0.dtype))
     first_params = params[0] if inputs.batched else params
     _probe_vjp(func.vjp, problem, y0[0], first_params)
-    compiled = _replay_kernel(kernel, func, parallel=rows > 1)
+    compiled = _replay_kernel(kernel, func)
     lay = problem.layout
     out_bar = np.asarray(lay.outputs_to_internal(np, ys_bar), dtype=y0.dtype)
     out_bar = np.ascontiguousarray(out_bar.reshape(len(inputs.ts), rows, size).transpose(1, 0, 2))
     params_rows = params if inputs.batched else params.reshape(1, -1)
     a = np.empty((rows, size), dtype=y0.dtype)
     params_bar = np.zeros((rows, params_rows.shape[1]), dtype=params_rows.dtype)
-    compiled(
-        tape.times,
-        tape.y,
-        tape.steps,
-        params_rows,
-        inputs.ts,
-        inputs.jumps,
-        out_bar,
-        kernel.arrays,
-        inputs.settings,
-        a,
-        params_bar,
-        _visit_order(rows),
-    )
+    arrays = (tape.times, tape.y, tape.steps, params_rows, inputs.ts, inputs.jumps, out_bar)
+    arrays += (kernel.arrays, inputs.settings, a, params_bar, _visit_order(rows))
+    count = numba_threads.threads()
+    groups, shared = _lane_groups(rows, count), numba_threads.counter()
+    replay_all = functools.partial(compiled, *arrays, groups, shared)
+    numba_threads.run(replay_all, len(groups), shared, count)
     a0 = lay.to_user(np, a.reshape(lay.internal_shape))
     # One array of parameters (Kernels.compiles): a row per trajectory, or one row that
     # every trajectory shares, whose cotangent is their sum.

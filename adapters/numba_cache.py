@@ -36,7 +36,13 @@ from pathlib import Path
 from types import ModuleType
 
 import numba
-from odecore.adapters import numba_options, numba_primitives, numba_watch
+from odecore.adapters import (
+    numba_atomics,
+    numba_options,
+    numba_primitives,
+    numba_threads,
+    numba_watch,
+)
 
 import odecore
 from odecore.control import primitives, rules
@@ -98,10 +104,10 @@ def load(
     watched: bool = False,
 ) -> ModuleType | None:
     """The generated module for ``func`` (in ``form``) with the method's written sums
-    ``sums`` (their source, ``odecore.kernels.specialize.source``), the ensemble's parallel
-    loop ``ensemble_source``, the state size it is compiled for (``loop.STATE_SIZE``, 0 for
-    any), the states' dtype and whether it publishes its progress (``loop.WATCHED``), or
-    None where the kernel cannot be cached on disk.
+    ``sums`` (their source, ``odecore.kernels.specialize.source``), the ensemble's loop
+    over a range of trajectories ``ensemble_source``, the state size it is compiled for
+    (``loop.STATE_SIZE``, 0 for any), the states' dtype and whether it publishes its
+    progress (``loop.WATCHED``), or None where the kernel cannot be cached on disk.
     Its ``solve_trajectory`` and ``solve_ensemble`` are the kernel."""
     folder = directory()
     name = importable_name(func)
@@ -124,11 +130,10 @@ _VJP_FORMS = {
 def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType | None:
     """The generated module of the checkpoint replay (``odecore.kernels.replay``) of the
     tapes of ``kernel``, a module :func:`load` gave for ``func``, with ``func.vjp`` in
-    ``vjp_form`` (``"in place"`` or ``"returning"``) and the parallel loop over
+    ``vjp_form`` (``"in place"`` or ``"returning"``) and the loop over a range of
     trajectories ``ensemble_source``; None where it cannot be kept on disk. It takes the
     loop's functions from ``kernel``, so the steps it replays are the kernel's. Its
-    ``replay_ensemble`` is the replay, and ``replay_serial`` the same compiled without
-    threads, for a single trajectory."""
+    ``replay_ensemble`` is the replay."""
     folder = directory()
     name = importable_name(func)
     if folder is None or name is None or kernel is None:
@@ -141,6 +146,7 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
         "import numpy as np",
         "from odecore.adapters.numba import _compiled_rules",
         "from odecore.adapters.numba_options import one_copy_per_type",
+        "from odecore.adapters.numba_threads import range_done, take_range",
         "from odecore.kernels import loop",
         "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
         "from odecore.kernels.replay import *  # noqa: F403  (the constants)",
@@ -163,8 +169,7 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
     lines += ["", ensemble_source, ""]
     for fn in replay.REPLAY_FUNCTIONS:
         lines.append(_compiled_text(fn.__name__, numba_options.replay_options(fn.__name__)))
-    lines.append("replay_ensemble = numba.njit(_replay_ensemble, parallel=True, cache=True)")
-    lines.append("replay_serial = numba.njit(_replay_ensemble, cache=True)")
+    lines.append("replay_ensemble = numba.njit(_replay_ensemble, cache=True, nogil=True)")
     text = "\n".join(lines) + "\n"
     vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
     digest = _digest(text, func, inspect.getsource(replay), vjp_code)
@@ -240,6 +245,7 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, wat
         "import numpy as np",
         "from odecore.adapters.numba import _compiled_rules",
         "from odecore.adapters.numba_options import one_copy_per_type",
+        "from odecore.adapters.numba_threads import range_done, take_range",
         "from odecore.kernels import loop",
         "from odecore.kernels.loop import *  # noqa: F403  (the constants)",
         "from odecore.kernels.tableau import DENSE_STAGES",
@@ -266,9 +272,8 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, wat
     lines.append(f"dynamics = numba.njit(dynamics, cache=True{user_code})")
     for fn in loop.KERNEL_FUNCTIONS:
         lines.append(_compiled_text(fn.__name__, numba_options.loop_options(fn.__name__, watched)))
-    # A watched solve runs in a thread of its own, without the interpreter's lock.
-    nogil = ", nogil=True" if watched else ""
-    lines.append(f"solve_ensemble = numba.njit(_solve_ensemble, parallel=True, cache=True{nogil})")
+    # A batch runs on threads of odecore's (numba_threads), without the interpreter's lock.
+    lines.append("solve_ensemble = numba.njit(_solve_ensemble, cache=True, nogil=True)")
     return "\n".join(lines) + "\n"
 
 
@@ -321,6 +326,8 @@ def _digest(text: str, func, *more) -> str:
         inspect.getsource(numba_watch),  # imported by a watched kernel, not written out
         inspect.getsource(numba_primitives),  # compiled into every rule, not written out
         inspect.getsource(numba_options),  # how each function is typed, not written out
+        inspect.getsource(numba_threads),  # the ensembles' counter, not written out
+        inspect.getsource(numba_atomics),  # compiled into the counter and the watch
         odecore.__version__,
         numba.__version__,
         *(_code_text(part) for part in (py_func.__code__, *more)),

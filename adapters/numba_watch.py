@@ -7,11 +7,8 @@ thread (the kernel is compiled ``nogil``, so it runs while the calling thread ho
 interpreter) and reads the rows a few times a second for the reporter. A ``KeyboardInterrupt``
 while it waits sets ``WATCH_STOP``, so that Ctrl-C ends a long compiled solve.
 
-The kernel's stores and the stop flag's load are atomic (monotonic, i.e. relaxed, ordering):
-a plain store the compiler may keep in a register until the loop ends, and a plain load it
-may hoist out of the loop, both legally, since nothing in one thread's code says that
-another thread looks. Relaxed ordering costs what a plain access does on the CPUs Numba
-targets.
+The kernel's stores and the stop flag's load are atomic, with relaxed ordering
+(``numba_atomics``): plain ones the compiler may keep in registers for the whole loop.
 """
 
 from __future__ import annotations
@@ -19,47 +16,10 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from odecore.adapters.numba_atomics import relaxed_load, relaxed_store
 
 from odecore.kernels import loop
 from odecore.ode import progress as progress_reports
-
-
-def _element_pointer(context, builder, array_type, array, index):
-    ary = context.make_array(array_type)(context, builder, array)
-    return cgutils.get_item_pointer(context, builder, array_type, ary, [index], wraparound=False)
-
-
-@intrinsic
-def relaxed_store(typingctx, array, index, value):
-    """``array[index] = value`` as an atomic store with relaxed ordering (1-D float64)."""
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float64):
-        return None
-    sig = types.void(array, types.intp, types.float64)
-
-    def codegen(context, builder, signature, args):
-        value = context.cast(builder, args[2], signature.args[2], types.float64)
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
-        builder.store_atomic(value, ptr, "monotonic", 8)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def relaxed_load(typingctx, array, index):
-    """``array[index]`` as an atomic load with relaxed ordering (1-D float64)."""
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float64):
-        return None
-    sig = types.float64(array, types.intp)
-
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.load_atomic(ptr, "monotonic", 8)
-
-    return sig, codegen
 
 
 def publish(watch, index, value):

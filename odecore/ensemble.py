@@ -309,8 +309,8 @@ class _ChunkSpec:
         return self.dynamics.__dask_tokenize__(), tokenize(self.t, self.backend, self.solve_kwargs)
 
 
-# Numba's workqueue threading layer aborts when two threads run parallel kernels at once (a
-# Dask worker with several threads); the kernel already uses every core of the process.
+# A batch's kernel already runs on every core of the process (adapters/numba_threads.py): two
+# chunks at once in a Dask worker with several threads would only compete for them.
 _kernel_lock = threading.Lock()
 
 

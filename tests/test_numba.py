@@ -13,8 +13,10 @@ once per form for the whole module (a compile takes seconds).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -483,9 +485,9 @@ def test_ensemble_trajectories_equal_solo_solves():
 
 
 def test_ensemble_visit_order_spreads_every_thread_block_over_the_batch():
-    """The parallel loop hands each thread a contiguous block of indices. The order is a
-    permutation under which each block's trajectories sample the whole batch: the mean
-    position in a block of L indices is within the discrepancy of a golden-ratio Kronecker
+    """The threads take contiguous ranges of indices. The order is a permutation under
+    which each range's trajectories sample the whole batch: the mean position in a block of
+    L indices is within the discrepancy of a golden-ratio Kronecker
     sequence, O(log L / L), of the batch's middle (in the natural order a sweep's first half
     block sits 1/4 away, and its thread gets the cheap half of the work)."""
     from odecore.adapters.numba import _visit_order
@@ -540,10 +542,146 @@ def test_lanes_give_every_trajectory_its_solo_solve(count, method, kwargs):
             assert batch.stats[name][n] == solo.stats[name], name
 
 
+def test_ranges_are_each_solved_once_whichever_thread_takes_them():
+    """``numba_threads.run``: the threads, the calling one among them, take the ranges from
+    the shared counter, each range once, also when the helper threads are all busy
+    elsewhere (the calling thread then takes every range) and with Numba set to one
+    thread; an error in a range is raised whichever thread met it."""
+    import threading
+
+    from odecore.adapters import numba_threads
+
+    @numba.njit(nogil=True)
+    def count_ranges(hits, shared):
+        g = numba_threads.take_range(shared)
+        while g < hits.shape[0]:
+            hits[g] += 1
+            numba_threads.range_done(shared)
+            g = numba_threads.take_range(shared)
+
+    for threads in (1, 2, 3):
+        hits, shared = np.zeros(2000, dtype=np.int64), numba_threads.counter()
+        call = functools.partial(count_ranges, hits, shared)
+        numba_threads.run(call, len(hits), shared, threads)
+        np.testing.assert_array_equal(hits, 1)
+        assert shared[numba_threads.DONE] == len(hits)
+
+    busy = numba_threads._free_helpers(numba.config.NUMBA_NUM_THREADS)
+    try:
+        hits, shared = np.zeros(500, dtype=np.int64), numba_threads.counter()
+        numba_threads.run(functools.partial(count_ranges, hits, shared), len(hits), shared, 2)
+        np.testing.assert_array_equal(hits, 1)
+    finally:
+        for helper in busy:
+            helper.busy.release()
+
+    @numba.njit(nogil=True)
+    def fail_in_range_five(shared):
+        g = numba_threads.take_range(shared)
+        while g < 40:
+            if g == 5:
+                raise ValueError("range 5")
+            numba_threads.range_done(shared)
+            g = numba_threads.take_range(shared)
+
+    # Whichever thread takes range 5, the calling one or a helper (the other one waits
+    # before it starts), its error is raised, never a batch with a range left unsolved.
+    caller = threading.get_ident()
+    for helper_fails in (True, False):
+        shared = numba_threads.counter()
+
+        def call(shared=shared, helper_fails=helper_fails):
+            if (threading.get_ident() == caller) == helper_fails:
+                time.sleep(0.05)
+            fail_in_range_five(shared)
+
+        with pytest.raises(ValueError, match="range 5"):
+            numba_threads.run(call, 40, shared, 2)
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        callers = []
+        hits, shared = np.zeros(50, dtype=np.int64), numba_threads.counter()
+
+        def call():
+            callers.append(threading.get_ident())
+            count_ranges(hits, shared)
+
+        numba_threads.run(call, len(hits), shared)
+    finally:
+        numba.set_num_threads(threads)
+    assert callers == [threading.get_ident()]
+    np.testing.assert_array_equal(hits, 1)
+
+
+def test_batches_solve_at_once_from_two_threads():
+    """Two threads solving batches at the same time each get their own results, equal to
+    the same batches solved one after the other (with Numba's ``workqueue`` threading
+    layer, two parallel kernels at once aborted the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = 64
+    rho = np.linspace(0.0, 21.0, count)
+    params = np.stack([np.full(count, 10.0), rho, np.full(count, 8.0 / 3.0)], axis=1)
+    y0s = [np.tile([1.0, 0.0, 0.0], (count, 1)), np.tile([0.5, 1.0, 2.0], (count, 1))]
+    t = np.linspace(0.0, 2.0, 5)
+
+    def solve(y0):
+        return odecore.odeint(
+            lorenz_in_place, y0, t, params=params, batch_axis=0, backend="numba",
+            method="tsit5", rtol=1e-8, atol=1e-8,
+        )  # fmt: skip
+
+    alone = [solve(y0) for y0 in y0s]
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(solve, y0s))
+        for a, b in zip(alone, together, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def _batch_in_child(queue):
+    count = 16
+    params = np.stack([np.full(count, 10.0), np.linspace(0, 21, count), np.full(count, 8 / 3)], 1)
+    ys = odecore.odeint(
+        lorenz_in_place, np.tile([1.0, 0.0, 0.0], (count, 1)), np.linspace(0.0, 1.0, 3),
+        params=params, batch_axis=0, backend="numba", method="tsit5", rtol=1e-8, atol=1e-8,
+    )  # fmt: skip
+    queue.put(ys)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_solves_batches_after_its_parent():
+    """A child forked after its parent solved a batch inherits the parent's thread pool
+    object but none of its threads; it solves batches on threads of its own, with the
+    parent's results."""
+    import multiprocessing
+
+    expected = odecore.odeint(
+        lorenz_in_place, np.tile([1.0, 0.0, 0.0], (16, 1)), np.linspace(0.0, 1.0, 3),
+        params=np.stack([np.full(16, 10.0), np.linspace(0, 21, 16), np.full(16, 8 / 3)], 1),
+        batch_axis=0, backend="numba", method="tsit5", rtol=1e-8, atol=1e-8,
+    )  # fmt: skip
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_batch_in_child, args=(queue,))
+    child.start()
+    try:
+        ys = queue.get(timeout=120)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(ys, expected)
+
+
 def test_lane_groups_cover_the_batch_once():
-    """The parallel loop's groups (``_lane_groups``): consecutive, nonempty ranges of the
-    visiting order that together hold every position once, at most four per thread and no
-    more than the lanes need."""
+    """The batch's ranges (``_lane_groups``): consecutive, nonempty ranges of the visiting
+    order that together hold every position once; whole lanes but the last; shrinking
+    (each a share of what is left), so that the last ones are short; one range on one
+    thread."""
     from odecore.adapters.numba import _lane_groups
 
     from odecore.kernels import loop
@@ -554,8 +692,15 @@ def test_lane_groups_cover_the_batch_once():
             assert groups.dtype == np.int64
             assert groups[0, 0] == 0 and groups[-1, 1] == count
             np.testing.assert_array_equal(groups[1:, 0], groups[:-1, 1])
-            assert np.all(groups[:, 1] > groups[:, 0])
-            assert len(groups) <= min(4 * threads, -(-count // loop.LANES))
+            sizes = groups[:, 1] - groups[:, 0]
+            assert np.all(sizes > 0)
+            assert np.all(sizes[:-1] % loop.LANES == 0)
+            assert np.all(np.diff(sizes) <= 0)
+            if threads == 1:
+                assert len(groups) == 1
+            else:
+                assert sizes[0] <= max(loop.LANES, count / (2 * threads) + loop.LANES)
+                assert sizes[-1] <= loop.LANES
 
 
 def test_ensemble_shares_a_1d_params():
