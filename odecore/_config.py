@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from odecore.backend import BACKEND_NAMES, Backend, get_backend, infer_backend, library_of
-from odecore.backend.registry import _PLAIN_TYPES
+from odecore.backend.registry import PLAIN_TYPES
 from odecore.backend.tree import leaves
 
 _ENV_VAR = "ODECORE_BACKEND"
@@ -180,7 +180,7 @@ def _check_inputs_belong(backend: Backend, inputs: tuple) -> None:
     if len(inputs) == 1 and isinstance(inputs[0], dict):
         # The usual inputs, NumPy arrays and numbers: nothing to report, and no paths to
         # spell for the messages (a few microseconds of a short solve).
-        if all(type(value) in _PLAIN_TYPES for value in inputs[0].values()):
+        if all(type(value) in PLAIN_TYPES for value in inputs[0].values()):
             return
         # Named as the caller names them ("y0", "params[1]"), not as "[0]['y0']".
         inputs = inputs[0]

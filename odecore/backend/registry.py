@@ -169,7 +169,9 @@ def is_traced(x: Any) -> bool:
     return library is not None and library in _loaded and _loaded[library].is_traced(x)
 
 
-_PLAIN_TYPES = {np.ndarray: "numpy", float: None, int: None, bool: None, type(None): None}
+# The types of most inputs, by exact type, with the backend that owns them (None: plain
+# Python values, which any backend converts).
+PLAIN_TYPES = {np.ndarray: "numpy", float: None, int: None, bool: None, type(None): None}
 
 
 def library_of(x: Any) -> str | None:
@@ -179,8 +181,8 @@ def library_of(x: Any) -> str | None:
     already imported.
     """
     # Every solve asks this of each input; the common answers need no module lookups.
-    if type(x) in _PLAIN_TYPES:
-        return _PLAIN_TYPES[type(x)]
+    if type(x) in PLAIN_TYPES:
+        return PLAIN_TYPES[type(x)]
     if array_api_compat.is_torch_array(x):
         return "torch"
     if array_api_compat.is_jax_array(x):
