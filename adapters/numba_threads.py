@@ -2,8 +2,8 @@
 compiled ``nogil`` that takes ranges of the batch from a shared counter until none is left.
 
 Numba's own parallel loop (``parallel=True`` with ``prange``) would do the same, at a cost:
-its loop is lowered into a generated function, which took about 3 of the 10 seconds a
-batch's kernel took to compile, on top of the single solve's kernel that it calls anyway.
+its loop is lowered into a generated function, which took 2 to 3 of the 11 to 13 seconds
+a batch's kernel took to compile, on top of the lanes' loop that it calls anyway.
 Its threading layers have sharp edges too: with the ``workqueue`` layer (the one every
 Numba install has) two threads running parallel kernels at once abort the process, and
 with the OpenMP layer a child forked after a parallel kernel ran is killed
@@ -51,10 +51,11 @@ def run(call, ranges: int, shared: np.ndarray, count: int | None = None) -> None
     """``call()`` on up to ``count`` threads (default :func:`threads`), the calling thread
     among them, where ``call`` runs a kernel compiled ``nogil`` that takes ranges (out of
     ``ranges``) with :func:`take_range` on the counter ``shared`` and counts each it
-    finishes with :func:`range_done`. Returns once every range is done; an exception of
-    the calling thread's call is raised once the others are back, so that none still
-    writes the results. Helper threads that are busy (with another thread's batch) are not
-    waited for: the calling thread takes the ranges they would have taken."""
+    finishes with :func:`range_done`. Returns once every range is done; an exception
+    raised in a range, by any of the threads, is raised here once the others are back, so
+    that none still writes the results. Helper threads that are busy (with another
+    thread's batch) are not waited for: the calling thread takes the ranges they would
+    have taken."""
     count = min(threads() if count is None else count, ranges)
     helpers = _free_helpers(count - 1) if count > 1 else []
     for helper in helpers:

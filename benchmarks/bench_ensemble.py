@@ -8,8 +8,8 @@
 The Lorenz rho-sweep of benchmarks/bench_numba.py (sigma 10, beta 8/3, rho evenly in [0, 21],
 from (1, 0, 0) on t in [0, 1], tsit5 at rtol = atol = 1e-8, the final state), N trajectories:
 
-1. the numba kernel in this process (``odecore.solve(..., batch_axis=0, backend="numba")``:
-   ``prange`` over every core);
+1. the numba kernel in this process (``odecore.solve(..., batch_axis=0, backend="numba")``,
+   on every core);
 2. ``odecore.ensemble.solve`` on a ``LocalCluster`` of 2 worker processes, one thread each
    (and one Numba thread each, so the cluster uses the cores the local kernel does), for
    several chunk sizes;
