@@ -284,12 +284,10 @@ def _lane_groups(count: int, threads: int) -> np.ndarray:
     one at a time, each to whichever thread is free (``numba_threads``); a thread steps a
     range's trajectories ``loop.LANES`` at a time (``loop.solve_lanes``). Each range is a
     share of what is left, ``1 / (2 threads)`` of it, so the ranges shrink as the batch
-    nears its end: a thread that starts late (a pool thread takes 50 to 100 us to wake) or
-    draws costly trajectories is waited for by at most a small last range. Equal ranges,
-    four per thread, made two threads wait for each other 100 to 150 us on the Lorenz
-    sweep at N = 64 to 256, half the gain of the second thread. Ranges are whole lanes
-    (a range's last lanes run idle otherwise), so not fewer than ``loop.LANES``
-    trajectories."""
+    nears its end: a thread that starts late (a helper thread takes 20 to 40 us to wake)
+    or draws costly trajectories keeps the others waiting for at most a small last range.
+    Ranges are whole lanes (a range's last lanes run idle otherwise), so not fewer than
+    ``loop.LANES`` trajectories."""
     bounds = [0]
     while bounds[-1] < count:
         left = count - bounds[-1]
@@ -311,15 +309,15 @@ def _visit_stride(count: int) -> int:
 
 
 def _visit_order(count: int) -> np.ndarray:
-    """The order in which a batch's threads take its ``count`` trajectories. Each takes
-    contiguous ranges of it (``_lane_groups``), and the trajectories of a sweep often take
-    more steps as the swept parameter grows: visited in their own order, the last ranges
-    hold the costliest trajectories, and one thread still works on them while the others
-    wait (Numba's parallel loop, which gave each thread one block, took 25% longer on the
-    Lorenz rho-sweep on two threads). Index ``i`` takes trajectory ``i * s mod
-    count``, with ``s`` near ``count`` over the golden ratio and coprime to ``count``: a
-    permutation under which every contiguous block of indices samples the whole batch
-    evenly (a Weyl sequence)."""
+    """The order in which a batch's threads take its ``count`` trajectories. They take
+    contiguous ranges of it (``_lane_groups``), sized so that the threads finish together
+    if a range's cost follows its size; but the trajectories of a sweep often take more
+    steps as the swept parameter grows, and visited in their own order the last, small
+    ranges would hold the costliest (Numba's parallel loop, which gave each thread one
+    block, took 25% longer on the Lorenz rho-sweep on two threads). Index ``i`` takes
+    trajectory ``i * s mod count``, with ``s`` near ``count`` over the golden ratio and
+    coprime to ``count``: a permutation under which every contiguous block of indices
+    samples the whole batch evenly (a Weyl sequence)."""
     return np.arange(count, dtype=np.int64) * _visit_stride(count) % count
 
 
