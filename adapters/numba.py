@@ -914,12 +914,20 @@ def _run_kernel(kernel, problem, inputs, progress, capacity: int) -> tuple:
     arrays = (y0, params, ts, inputs.stops, inputs.jumps, inputs.rtol, inputs.atol)
     arrays += (inputs.parts, inputs.valid, tab, inputs.settings)
     results = (out, status, t_reached, dt_next, stats, watch, tape_times, tape_y)
-    order, count = _visit_order(len(y0)), numba_threads.threads()
-    groups, shared = _lane_groups(len(y0), count), numba_threads.counter()
-    solve = functools.partial(kernel.solve_ensemble, *arrays, *results, order, groups, shared)
-    call = functools.partial(numba_threads.run, solve, len(groups), shared, count)
+    arguments = (*arrays, *results, _visit_order(rows))
+    call = functools.partial(_in_ranges, kernel.solve_ensemble, arguments, rows)
     _run(call, problem, ts, watch, progress, kernel.solve_ensemble)
     return out, status, t_reached, dt_next, stats, tape_times, tape_y
+
+
+def _in_ranges(compiled, arguments: tuple, rows: int) -> None:
+    """``compiled(*arguments, groups, shared)`` on odecore's threads, each taking ranges of
+    the ``rows`` trajectories (``_lane_groups``) from the counter ``shared`` until none is
+    left: the batch kernels' shared way of running."""
+    count = numba_threads.threads()
+    groups, shared = _lane_groups(rows, count), numba_threads.counter()
+    call = functools.partial(compiled, *arguments, groups, shared)
+    numba_threads.run(call, len(groups), shared, count)
 
 
 def _run(call, problem, ts, watch, progress, dispatcher):
@@ -1059,10 +1067,7 @@ def replay(problem, tape, ys_bar):
     params_bar = np.zeros((rows, params_rows.shape[1]), dtype=params_rows.dtype)
     arrays = (tape.times, tape.y, tape.steps, params_rows, inputs.ts, inputs.jumps, out_bar)
     arrays += (kernel.arrays, inputs.settings, a, params_bar, _visit_order(rows))
-    count = numba_threads.threads()
-    groups, shared = _lane_groups(rows, count), numba_threads.counter()
-    replay_all = functools.partial(compiled, *arrays, groups, shared)
-    numba_threads.run(replay_all, len(groups), shared, count)
+    _in_ranges(compiled, arrays, rows)
     a0 = lay.to_user(np, a.reshape(lay.internal_shape))
     # One array of parameters (Kernels.compiles): a row per trajectory, or one row that
     # every trajectory shares, whose cotangent is their sum.
