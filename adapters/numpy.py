@@ -29,15 +29,18 @@ class BufferStages:
         self.shape = y0.shape
         self.flat = y0.ndim == 1
         self.buffer = np.empty((method.stages, y0.size), dtype=dtype)
-        matrix = method.native.get(dtype)
-        if matrix is None:
-            # Cast once, so that a float32 state stays float32.
-            matrix = method.native[dtype] = np.asarray(method.step_matrix, dtype=dtype)
+        weights = method.native.get(dtype)
+        if weights is None:
+            # Cast once per method and dtype, so that a float32 state stays float32.
+            matrix = np.asarray(method.step_matrix, dtype=dtype)
+            matrix.flags.writeable = False  # shared by every solve of the method
+            sizes = [len(row.dense) for row in method.step_rows]
+            rows = [matrix[slot, :m] for slot, m in enumerate(sizes)]
+            weights = method.native[dtype] = (matrix, sizes, rows)
+        matrix, sizes, self.rows = weights
         self.scaled = np.empty_like(matrix)
         # Indexed by Weights.slot, as views: each row's weights (as given, and scaled by h)
         # and the leading stages they combine.
-        sizes = [len(row.dense) for row in method.step_rows]
-        self.rows = [matrix[slot, :m] for slot, m in enumerate(sizes)]
         self.scaled_rows = [self.scaled[slot, :m] for slot, m in enumerate(sizes)]
         self.stages = [self.buffer[:m] for m in sizes]
         self.matrix = matrix
