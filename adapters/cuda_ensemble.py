@@ -34,7 +34,9 @@ from odecore.adapters.numba import (
     FORMS,
     MAX_UNROLLED_SIZE,
     NumbaBackend,
+    _check_bounds,
     _positional_count,
+    _user_dispatcher,
     ensemble_result,
     kernel_inputs,
 )
@@ -309,6 +311,7 @@ def _solve(problem, options, progress=None, record=False, scratch=DEFAULT_SCRATC
         # A single trajectory has one thread's work: the CPU kernel does it sooner. A
         # gradient's forward keeps the checkpoint tape, which the CPU kernel replays.
         return numba_solve(problem, options, progress, record)
+    _check_bounds_on_the_cpu(problem, options)
     if progress is not None:
         # The launch returns when every thread has finished; nothing comes back before.
         raise ValueError(
@@ -317,6 +320,35 @@ def _solve(problem, options, progress=None, record=False, scratch=DEFAULT_SCRATC
             "backend='numba' to watch it on the CPU"
         )
     return solve(problem, options, scratch)
+
+
+# (func, state size, parameters per trajectory, dtype) already checked.
+_checked: set = set()
+
+
+def _check_bounds_on_the_cpu(problem, options) -> None:
+    """A GPU thread does not check indices either: a ``func`` that reads ``params`` past
+    their end would solve on with garbage. The CPU kernel's check of its reads and writes
+    (``numba._check_bounds``), on the CPU compilation of ``func``, once per function and
+    sizes, before any device is needed. A function the CPU does not compile or that fails
+    at ``y0`` on the CPU is left to the GPU kernel."""
+    inputs = kernel_inputs(problem, options)
+    if not inputs.batched:
+        return
+    func = problem.dynamics.user_func
+    y, params = inputs.y0[0], inputs.params[0]
+    key = (func, y.shape[0], params.shape[0], y.dtype)
+    if key in _checked:
+        return
+    t = y.dtype.type(inputs.ts[0] * problem.direction)
+    try:
+        user = _user_dispatcher(func)
+        user(t, y.copy(), np.empty_like(y), params)
+    except Exception:
+        _checked.add(key)
+        return
+    _check_bounds(user, "in place", t, y, params)
+    _checked.add(key)
 
 
 class CudaEnsembleBackend(NumbaBackend):

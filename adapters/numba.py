@@ -595,8 +595,9 @@ def _probe_vjp(vjp, problem, y, params) -> None:
 
 def _probe(kernel, form, t, y, params, dtype) -> None:
     """Compile the user's function alone, on the arguments the kernel gives it, and check
-    its output: its own errors then name it, not the kernel around it."""
-    key = (dtype, params.ndim, params.dtype)
+    its output: its own errors then name it, not the kernel around it. Then check that it
+    keeps to its arrays (:func:`_check_bounds`)."""
+    key = (dtype, y.shape[0], params.shape[-1], params.dtype)
     if key in kernel.probed:
         return
     time = dtype.type(t)
@@ -615,7 +616,94 @@ def _probe(kernel, form, t, y, params, dtype) -> None:
         ) from None
     if out is not None:
         _validate.dynamics_output(BACKEND, out, make_layout(np, y, None))
+    _check_bounds(kernel.user, form, time, y, params)
     kernel.probed.add(key)
+
+
+# Elements after the end of each array that _check_bounds passes: an index a little out of
+# range lands in them rather than in whatever memory follows the array.
+_PADDING = 64
+# Two fills of that padding. Compiled code does not check indices: reading y[3] of a state
+# of 3 elements reads the memory after it, and a solve goes on with garbage.
+_FILLS = (1.5, -2.5)
+
+
+def _check_bounds(user, form: str, t, y, params) -> None:
+    """Raise where ``user`` (compiled, in ``form``) reads ``y`` or ``params`` past their
+    ends, writes ``dy`` past its end, or leaves an element of ``dy`` unwritten: each array
+    is passed with padding after it, filled once with one value and once with another, and
+    an output that changes with the fill has read it. Checked at ``y`` and at a state near
+    it with no zero element, where a read past the end multiplied by a zero element of
+    ``y`` would not show (Lorenz's ``beta * z`` at z = 0); a function that fails there is
+    checked at ``y`` alone. A function whose output changes between two calls on the same
+    inputs (one that draws random numbers, say) is not checked. Indices further out than
+    the padding, and branches the two states do not take, are not seen."""
+    near = (y + (1.0 + np.abs(y)) * 1e-3).astype(y.dtype)
+    for state, exact in ((y, True), (near, False)):
+        try:
+            message = _out_of_bounds(user, form, t, state, params)
+        except Exception:
+            if exact:
+                raise
+            message = None
+        if message is not None:
+            raise ValueError(message)
+
+
+def _out_of_bounds(user, form: str, t, y, params) -> str | None:
+    """What :func:`_check_bounds` finds at the state ``y``: a message, or None."""
+    names = {"in place": ("y", "params", "dy"), "returning": ("y", "params")}.get(form, ("y",))
+
+    def call(fills):
+        arrays = {"y": y, "params": params, "dy": np.empty_like(y)}
+        buffers = {}
+        for name in names:
+            size = arrays[name].shape[0]
+            buffer = np.full(size + _PADDING, fills[name], dtype=arrays[name].dtype)
+            if name != "dy":  # dy's own elements keep the fill: unwritten ones show it
+                buffer[:size] = arrays[name]
+            buffers[name] = buffer
+        views = {name: buffer[: arrays[name].shape[0]] for name, buffer in buffers.items()}
+        if form == "in place":
+            user(t, views["y"], views["dy"], views["params"])
+            out = views["dy"].copy()
+        elif form == "returning":
+            out = np.asarray(user(t, views["y"], views["params"]))
+        else:
+            out = np.asarray(user(t, views["y"]))
+        return out, buffers
+
+    first, second = _FILLS
+    base = dict.fromkeys(names, first)
+    out, buffers = call(base)
+    again, _ = call(base)
+    if not np.array_equal(out, again, equal_nan=True):
+        return None
+    size = y.shape[0]
+    if "dy" in buffers and np.any(buffers["dy"][size:] != first):
+        return (
+            f"func wrote dy past its {size} elements, evaluated at y0 or near it; dy has "
+            f"as many elements as y0 ({size}): check y0's size, or the indices func writes"
+        )
+    for name in names:
+        other, _ = call({**base, name: second})
+        if np.array_equal(out, other, equal_nan=True):
+            continue
+        if name == "dy":
+            unwritten = ", ".join(str(i) for i in np.flatnonzero(out != other))
+            return (
+                f"func left dy[{unwritten}] unwritten, evaluated at y0 or near it; the "
+                f"in-place form f(t, y, dy, params) must set every element of dy (it holds "
+                f"stale values otherwise)"
+            )
+        count = (y if name == "y" else params).shape[0]
+        what = "y0" if name == "y" else "params (a batch: each row)"
+        return (
+            f"func read {name} past its {count} elements: evaluated at y0 or near it, its "
+            f"output changed with the memory after the end of {name}; pass {what} with as "
+            f"many elements as func reads, or check the indices func uses"
+        )
+    return None
 
 
 def _params_array(params, batch: int | None) -> np.ndarray:

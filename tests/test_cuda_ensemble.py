@@ -140,6 +140,23 @@ def test_without_a_device_the_ensemble_says_what_to_do():
         )
 
 
+def test_a_function_reading_params_past_their_end_is_refused_before_any_device():
+    # A GPU thread does not check indices: with two parameters Lorenz would read its third
+    # from the next trajectory's row, or past the array. The CPU check comes first.
+    from kernel_dynamics import lorenz_in_place
+    from odecore.adapters import cuda_ensemble
+
+    with pytest.raises(ValueError, match="func read params past its 2 elements"):
+        odecore.solve(
+            lorenz_in_place,
+            np.tile([1.0, 0.0, 0.0], (3, 1)),
+            [0.0, 1.0],
+            params=np.tile([10.0, 28.0], (3, 1)),
+            batch_axis=0,
+            backend=cuda_ensemble.BACKEND,
+        )
+
+
 def test_the_gpu_benchmark_runs_its_ensemble_part_in_the_simulator():
     # benchmarks/bench_gpu.py runs where device time is short: a script that breaks there
     # wastes it. Its ensemble part runs here in the simulator (every layout, fixed and

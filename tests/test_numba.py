@@ -850,6 +850,70 @@ def test_wrong_rate_shape_is_reported_by_name():
         odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
 
 
+def lorenz_returning(t, y, p):
+    return np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
+
+
+def first_rate_only(t, y, dy, p):
+    dy[0] = -p[0] * y[0]
+
+
+def reads_past_y(t, y, p):
+    # Returns the state's shape, but reads a third element of a state of two.
+    return np.array([y[1], -y[0] - y[2]])
+
+
+LORENZ_Y0 = np.array([1.0, 0.0, 0.0])
+TWO_PARAMS = np.array([10.0, 28.0])
+
+
+@pytest.mark.parametrize("func", [lorenz_in_place, lorenz_returning])
+def test_a_function_reading_params_past_their_end_is_refused(func):
+    # Lorenz reads p[2]; compiled code does not check indices, so two parameters would
+    # solve on with whatever memory follows them. At y0 = (1, 0, 0) the read is multiplied
+    # by z = 0: only the check near y0 sees it.
+    with pytest.raises(ValueError, match="func read params past its 2 elements"):
+        odecore.odeint(func, LORENZ_Y0, [0.0, 1.0], params=TWO_PARAMS, backend="numba")
+    with pytest.raises(ValueError, match="func read params past its 2 elements"):
+        odecore.odeint(
+            func,
+            np.tile(LORENZ_Y0, (4, 1)),
+            [0.0, 1.0],
+            params=np.tile(TWO_PARAMS, (4, 1)),
+            batch_axis=0,
+            backend="numba",
+        )
+
+
+def test_a_function_writing_past_the_state_or_leaving_rates_unwritten_is_refused():
+    with pytest.raises(ValueError, match="func wrote dy past its 2 elements"):
+        odecore.odeint(lorenz_in_place, np.ones(2), [0.0, 1.0], params=np.ones(3), backend="numba")
+    with pytest.raises(ValueError, match=r"func left dy\[1, 2\] unwritten"):
+        odecore.odeint(first_rate_only, np.ones(3), [0.0, 1.0], params=np.ones(1), backend="numba")
+    with pytest.raises(ValueError, match="func read y past its 2 elements"):
+        odecore.odeint(reads_past_y, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+
+def noisy_decay(t, y, dy, p):
+    # Numba's nopython mode draws from NumPy's legacy functions, not from a Generator.
+    dy[0] = -p[0] * y[0] + 1e-3 * np.random.random()  # noqa: NPY002
+
+
+def test_a_function_with_noise_is_left_unchecked_not_refused():
+    # The check compares two calls on equal inputs first; these differ.
+    ys = odecore.odeint(
+        noisy_decay,
+        np.ones(1),
+        [0.0, 1.0],
+        params=np.ones(1),
+        method="rk4",
+        options={"step_size": 0.01},
+        backend="numba",
+    )
+    # The noise adds between 0 and 1e-3 * (1 - 1/e) to exp(-1); rk4's own error is ~1e-10.
+    assert 0.0 <= ys[-1, 0] - math.exp(-1.0) <= 1e-3 * (1 - math.exp(-1.0)) + 1e-9
+
+
 def test_a_callable_norm_is_refused():
     with pytest.raises(ValueError, match="options\\['norm'\\] must be 'rms', 'max' or"):
         odecore.odeint(
