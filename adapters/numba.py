@@ -151,6 +151,9 @@ def _adjoint(t, z, dz, params):
     size = (z.shape[0] - params.shape[0]) // 2
     y = z[:size]
     dynamics_in_place(t, y, dz[:size], params)  # noqa: F821  (bound per dynamics)
+    # Zeroed as the replay zeroes them: a VJP may leave its zero entries unwritten.
+    for i in range(size, z.shape[0]):
+        dz[i] = 0.0
     vjp_in_place(t, y, params, z[size : 2 * size], dz[size : 2 * size], dz[2 * size :])  # noqa: F821
     # The VJP is linear in its cotangent, so negating its results equals the generic
     # backsolve's VJP with -a, to the bit.
@@ -174,6 +177,12 @@ def _adjoint_rows(t, z, dz, params):
         own = np.empty(width, dtype=dz.dtype)
         for k in range(width):
             dz[2 * m + k] = 0.0
+    # Zeroed as the replay zeroes them: a VJP may leave its zero entries unwritten.
+    for i in range(m, 2 * m):
+        dz[i] = 0.0
+    if PER_ROW:  # noqa: F821
+        for i in range(2 * m, z.shape[0]):
+            dz[i] = 0.0
     for r in range(rows):
         lo, hi = r * size, (r + 1) * size
         y = z[lo:hi]
@@ -184,6 +193,8 @@ def _adjoint_rows(t, z, dz, params):
             p_bar = dz[2 * m + r * width : 2 * m + (r + 1) * width]
             vjp_in_place(t, y, p, a, a_bar, p_bar)  # noqa: F821  (bound per VJP)
         else:
+            for k in range(width):
+                own[k] = 0.0
             vjp_in_place(t, y, p, a, a_bar, own)  # noqa: F821
             for k in range(width):
                 dz[2 * m + k] += own[k]
@@ -568,13 +579,19 @@ def _probe_vjp(vjp, problem, y, params) -> None:
     try:
         if in_place:
             user(t, y.copy(), params, np.ones_like(y), np.zeros_like(y), np.zeros_like(params))
-            return
-        cot_y, cot_params = user(t, y.copy(), params, np.ones_like(y))
+        else:
+            cot_y, cot_params = user(t, y.copy(), params, np.ones_like(y))
     except NumbaError as exc:
         raise TypeError(
             f"Numba could not compile func.vjp for the numba backend's backsolve, which "
             f"expects {VJP_FORMS}. Numba said:\n{exc}"
         ) from None
+    if not in_place:
+        _check_cotangent_shapes(cot_y, cot_params, y, params)
+    _check_vjp_bounds(user, in_place, t, y, params)
+
+
+def _check_cotangent_shapes(cot_y, cot_params, y, params) -> None:
     for name, value, size in (("y", cot_y, y.shape[0]), ("params", cot_params, params.shape[0])):
         if value is None:
             # NumPy's generic loop takes None for "no parameters"; a compiled VJP always
@@ -591,6 +608,32 @@ def _probe_vjp(vjp, problem, y, params) -> None:
                 f"func.vjp returned a cotangent for {name} of shape {shape}; the numba "
                 f"backend expects shape ({size},), like the flattened {name}"
             )
+
+
+# (the VJP's dispatcher, state size, parameters, dtypes) already checked.
+_vjps_checked: set = set()
+
+
+def _check_vjp_bounds(user, in_place: bool, t, y, params) -> None:
+    """Raise where the user's compiled VJP reads ``y``, ``params`` or the cotangent past
+    their ends, or (in place) writes ``y_bar`` or ``params_bar`` past theirs
+    (:func:`_past_the_ends`); once per VJP and sizes. Its outputs may be written in part:
+    the replay zeroes them before each call."""
+    key = (user, y.shape[0], params.shape[0], y.dtype, params.dtype)
+    if key in _vjps_checked:
+        return
+
+    def call(views):
+        arguments = (t, views["y"], views["params"], views["cotangent"])
+        if in_place:
+            user(*arguments, views["y_bar"], views["params_bar"])
+            return views["y_bar"], views["params_bar"]
+        return user(*arguments)
+
+    inputs = {"y": y, "params": params, "cotangent": np.ones_like(y)}
+    outputs = {"y_bar": np.zeros_like(y), "params_bar": np.zeros_like(params)}
+    _past_the_ends("func.vjp", call, inputs, outputs if in_place else {}, must_write=False)
+    _vjps_checked.add(key)
 
 
 def _probe(kernel, form, t, y, params, dtype) -> None:
@@ -629,80 +672,92 @@ _FILLS = (1.5, -2.5)
 
 
 def _check_bounds(user, form: str, t, y, params) -> None:
-    """Raise where ``user`` (compiled, in ``form``) reads ``y`` or ``params`` past their
-    ends, writes ``dy`` past its end, or leaves an element of ``dy`` unwritten: each array
-    is passed with padding after it, filled once with one value and once with another, and
-    an output that changes with the fill has read it. Checked at ``y`` and at a state near
-    it with no zero element, where a read past the end multiplied by a zero element of
-    ``y`` would not show (Lorenz's ``beta * z`` at z = 0); a function that fails there is
-    checked at ``y`` alone. A function whose output changes between two calls on the same
-    inputs (one that draws random numbers, say) is not checked. Indices further out than
-    the padding, and branches the two states do not take, are not seen."""
-    near = (y + (1.0 + np.abs(y)) * 1e-3).astype(y.dtype)
-    for state, exact in ((y, True), (near, False)):
+    """Raise where ``user`` (the dynamics, compiled, in ``form``) reads ``y`` or ``params``
+    past their ends, writes ``dy`` past its end, or leaves an element of ``dy`` unwritten
+    (:func:`_past_the_ends`)."""
+
+    def call(views):
+        if form == "in place":
+            user(t, views["y"], views["dy"], views["params"])
+            return (views["dy"],)
+        if form == "returning":
+            return (user(t, views["y"], views["params"]),)
+        return (user(t, views["y"]),)
+
+    inputs = {"y": y} if form == "returning without params" else {"y": y, "params": params}
+    outputs = {"dy": np.empty_like(y)} if form == "in place" else {}
+    _past_the_ends("func", call, inputs, outputs, must_write=True)
+
+
+def _past_the_ends(label: str, call, inputs: dict, outputs: dict, must_write: bool) -> None:
+    """Raise a ValueError where ``call(views)``, a call of the user's compiled ``label``
+    returning its outputs, reads one of ``inputs`` past its end, writes one of ``outputs``
+    past its end, or (with ``must_write``) leaves an element of an output unwritten. Each
+    array (1-D) is passed with padding after it, filled once with one value and once with
+    another: an output that changes with the fill has read it. Checked at the inputs and
+    with ``y`` moved to a state near it with no zero element, where a read past the end
+    multiplied by a zero element of ``y`` would not show (Lorenz's ``beta * z`` at z = 0);
+    a function that fails there is checked at ``y`` alone. A function whose outputs
+    change between two calls on the same inputs (one that draws random numbers, say) is not
+    checked. Indices further out than the padding, and branches neither state takes, are
+    not seen."""
+    y = inputs["y"]
+    near = {**inputs, "y": (y + (1.0 + np.abs(y)) * 1e-3).astype(y.dtype)}
+    for arrays, exact in ((inputs, True), (near, False)):
         try:
-            message = _out_of_bounds(user, form, t, state, params)
+            message = _out_of_bounds(call, arrays, outputs, must_write)
         except Exception:
             if exact:
                 raise
             message = None
         if message is not None:
-            raise ValueError(message)
+            raise ValueError(
+                f"{label} {message}, evaluated at y0 or near it; y0 and params (each row, in "
+                f"a batch) must have the elements {label} reads and writes: check their "
+                f"sizes, or the indices {label} uses"
+            )
 
 
-def _out_of_bounds(user, form: str, t, y, params) -> str | None:
-    """What :func:`_check_bounds` finds at the state ``y``: a message, or None."""
-    names = {"in place": ("y", "params", "dy"), "returning": ("y", "params")}.get(form, ("y",))
+def _out_of_bounds(call, inputs: dict, outputs: dict, must_write: bool) -> str | None:
+    """What :func:`_past_the_ends` finds at ``inputs``: the start of a message, or None."""
 
-    def call(fills):
-        arrays = {"y": y, "params": params, "dy": np.empty_like(y)}
-        buffers = {}
-        for name in names:
-            size = arrays[name].shape[0]
-            buffer = np.full(size + _PADDING, fills[name], dtype=arrays[name].dtype)
-            if name != "dy":  # dy's own elements keep the fill: unwritten ones show it
-                buffer[:size] = arrays[name]
-            buffers[name] = buffer
-        views = {name: buffer[: arrays[name].shape[0]] for name, buffer in buffers.items()}
-        if form == "in place":
-            user(t, views["y"], views["dy"], views["params"])
-            out = views["dy"].copy()
-        elif form == "returning":
-            out = np.asarray(user(t, views["y"], views["params"]))
-        else:
-            out = np.asarray(user(t, views["y"]))
-        return out, buffers
+    def run(fills):
+        buffers, views = {}, {}
+        for name, array in {**inputs, **outputs}.items():
+            size = array.shape[0]
+            buffer = np.full(size + _PADDING, fills[name], dtype=array.dtype)
+            if name in inputs:  # an output's own elements keep the fill: unwritten ones show it
+                buffer[:size] = array
+            buffers[name], views[name] = buffer, buffer[:size]
+        results = [np.array(result, dtype=float).ravel() for result in call(views)]
+        return np.concatenate(results) if results else np.zeros(0), buffers
 
     first, second = _FILLS
-    base = dict.fromkeys(names, first)
-    out, buffers = call(base)
-    again, _ = call(base)
+    base = dict.fromkeys({**inputs, **outputs}, first)
+    out, buffers = run(base)
+    again, _ = run(base)
     if not np.array_equal(out, again, equal_nan=True):
         return None
-    size = y.shape[0]
-    if "dy" in buffers and np.any(buffers["dy"][size:] != first):
-        return (
-            f"func wrote dy past its {size} elements, evaluated at y0 or near it; dy has "
-            f"as many elements as y0 ({size}): check y0's size, or the indices func writes"
-        )
-    for name in names:
-        other, _ = call({**base, name: second})
+    for name, array in outputs.items():
+        if np.any(buffers[name][array.shape[0] :] != first):
+            return f"wrote {name} past its {array.shape[0]} elements"
+    for name, array in {**inputs, **outputs}.items():
+        other, other_buffers = run({**base, name: second})
         if np.array_equal(out, other, equal_nan=True):
             continue
-        if name == "dy":
-            unwritten = ", ".join(str(i) for i in np.flatnonzero(out != other))
+        if name in inputs:
             return (
-                f"func left dy[{unwritten}] unwritten, evaluated at y0 or near it; the "
-                f"in-place form f(t, y, dy, params) must set every element of dy (it holds "
-                f"stale values otherwise)"
+                f"read {name} past its {array.shape[0]} elements (its output changed with "
+                f"the memory after the end of {name})"
             )
-        count = (y if name == "y" else params).shape[0]
-        what = "y0" if name == "y" else "params (a batch: each row)"
-        return (
-            f"func read {name} past its {count} elements: evaluated at y0 or near it, its "
-            f"output changed with the memory after the end of {name}; pass {what} with as "
-            f"many elements as func reads, or check the indices func uses"
-        )
+        if must_write:
+            size = array.shape[0]
+            kept = other_buffers[name][:size] != buffers[name][:size]
+            unwritten = ", ".join(str(i) for i in np.flatnonzero(kept))
+            return (
+                f"left {name}[{unwritten}] unwritten (the in-place form must set every "
+                f"element of {name}; it holds stale values otherwise)"
+            )
     return None
 
 

@@ -1222,6 +1222,78 @@ def test_compiled_gradients_of_in_place_forms_against_the_closed_form(adjoint):
     np.testing.assert_allclose(p_bar, [-np.sum(t * y0 * np.exp(-k * t))], rtol=1e-9)
 
 
+def feeding(t, y, dy, p):
+    dy[0] = -p[0] * y[0]
+    dy[1] = y[0]
+
+
+def feeding_vjp_in_part(t, y, p, cotangent, y_bar, p_bar):
+    # y_bar[1] is zero (f does not read y[1]) and left unwritten.
+    y_bar[0] = -p[0] * cotangent[0] + cotangent[1]
+    p_bar[0] = -y[0] * cotangent[0]
+
+
+feeding.vjp = feeding_vjp_in_part
+
+
+@pytest.mark.parametrize(
+    ("adjoint", "batched"), [("backsolve", False), ("checkpoint", False), ("backsolve", True)]
+)
+def test_an_in_place_vjp_may_leave_its_zero_entries_unwritten(adjoint, batched):
+    """y0' = -k y0, y1' = y0, loss y1(T) = v + u (1 - e^{-kT}) / k for y(0) = (u, v):
+    dL/du = (1 - e^{-kT}) / k, dL/dv = 1, dL/dk = u (T e^{-kT} / k - (1 - e^{-kT}) / k^2).
+    The backsolve's adjoint system had used whatever its buffer held for y_bar[1]."""
+    k = np.array([0.7, 1.9]) if batched else np.array([0.7])
+    u, v, T = np.array([1.3, 0.4]), 0.5, 2.0
+    y0 = np.stack([u, np.full(2, v)], axis=1) if batched else np.array([u[0], v])
+    params = k[:, None] if batched else k
+    ys, pullback = odecore.vjp_odeint(
+        feeding,
+        y0,
+        np.array([0.0, T]),
+        params,
+        adjoint=adjoint,
+        backend="numba",
+        rtol=1e-11,
+        atol=1e-12,
+        batch_axis=0 if batched else None,
+    )
+    cotangent = np.zeros_like(ys)
+    cotangent[-1, ..., 1] = 1.0
+    y0_bar, k_bar, _ = pullback(cotangent)
+    uu = u if batched else u[:1]
+    decayed = np.exp(-k * T)
+    expected_y0 = np.stack([(1 - decayed) / k, np.ones_like(k)], axis=-1)
+    expected_k = uu * (T * decayed / k - (1 - decayed) / k**2)
+    # The gradients of a solve at rtol 1e-11: relative errors near 1e-10.
+    np.testing.assert_allclose(y0_bar, expected_y0.reshape(np.shape(y0)), rtol=1e-8)
+    np.testing.assert_allclose(k_bar, expected_k.reshape(np.shape(params)), rtol=1e-8)
+
+
+def feeding_vjp_reads_p1(t, y, p, cotangent, y_bar, p_bar):
+    y_bar[0] = -p[0] * cotangent[0] + p[1] * cotangent[1]
+    y_bar[1] = 0.0
+    p_bar[0] = -y[0] * cotangent[0]
+
+
+def test_a_vjp_reading_params_past_their_end_is_refused():
+    def feeding_again(t, y, dy, p):
+        dy[0] = -p[0] * y[0]
+        dy[1] = y[0]
+
+    feeding_again.vjp = feeding_vjp_reads_p1
+    ys, pullback = odecore.vjp_odeint(
+        feeding_again,
+        np.array([1.3, 0.5]),
+        np.array([0.0, 1.0]),
+        np.array([0.7]),
+        adjoint="backsolve",
+        backend="numba",
+    )
+    with pytest.raises(ValueError, match="func.vjp read params past its 1 elements"):
+        pullback(np.ones_like(ys))
+
+
 def test_compiled_backsolve_with_an_in_place_vjp_matches_the_returning_one():
     t = np.linspace(0.0, 2.0, 5)
     weights = np.linspace(0.5, 1.5, 10).reshape(5, 2)
