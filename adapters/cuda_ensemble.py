@@ -332,14 +332,14 @@ def _check_bounds_on_the_cpu(problem, options) -> None:
     (``numba._check_bounds``), on the CPU compilation of ``func``, once per function and
     sizes, before any device is needed. A function the CPU does not compile or that fails
     at ``y0`` on the CPU is left to the GPU kernel."""
-    inputs = kernel_inputs(problem, options)
-    if not inputs.batched:
-        return
-    func = problem.dynamics.user_func
-    y, params = inputs.y0[0], inputs.params[0]
-    key = (func, y.shape[0], params.shape[0], y.dtype)
+    func, lay = problem.dynamics.user_func, problem.layout
+    # Keyed before kernel_inputs, which the launch makes again: a large batch's per-element
+    # tolerances are hundreds of megabytes.
+    key = (func, lay.size, np.shape(problem.dynamics.params)[-1:], lay.dtype)
     if key in _checked:
         return
+    inputs = kernel_inputs(problem, options)
+    y, params = inputs.y0[0], inputs.params[0]
     t = y.dtype.type(inputs.ts[0] * problem.direction)
     try:
         user = _user_dispatcher(func)
