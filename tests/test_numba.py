@@ -1222,9 +1222,16 @@ def test_compiled_gradients_of_in_place_forms_against_the_closed_form(adjoint):
     np.testing.assert_allclose(p_bar, [-np.sum(t * y0 * np.exp(-k * t))], rtol=1e-9)
 
 
-def feeding(t, y, dy, p):
-    dy[0] = -p[0] * y[0]
-    dy[1] = y[0]
+def feeding_with(vjp):
+    """y0' = -k y0, y1' = y0 with ``vjp`` as its VJP: a function object of its own, since
+    the kernels are kept per function."""
+
+    def feeding(t, y, dy, p):
+        dy[0] = -p[0] * y[0]
+        dy[1] = y[0]
+
+    feeding.vjp = vjp
+    return feeding
 
 
 def feeding_vjp_in_part(t, y, p, cotangent, y_bar, p_bar):
@@ -1233,7 +1240,7 @@ def feeding_vjp_in_part(t, y, p, cotangent, y_bar, p_bar):
     p_bar[0] = -y[0] * cotangent[0]
 
 
-feeding.vjp = feeding_vjp_in_part
+feeding = feeding_with(feeding_vjp_in_part)
 
 
 @pytest.mark.parametrize(
@@ -1277,13 +1284,8 @@ def feeding_vjp_reads_p1(t, y, p, cotangent, y_bar, p_bar):
 
 
 def test_a_vjp_reading_params_past_their_end_is_refused():
-    def feeding_again(t, y, dy, p):
-        dy[0] = -p[0] * y[0]
-        dy[1] = y[0]
-
-    feeding_again.vjp = feeding_vjp_reads_p1
     ys, pullback = odecore.vjp_odeint(
-        feeding_again,
+        feeding_with(feeding_vjp_reads_p1),
         np.array([1.3, 0.5]),
         np.array([0.0, 1.0]),
         np.array([0.7]),
