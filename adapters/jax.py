@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_constant
+from odecore.adapters._jax_indices import check_indices
 
 from odecore.backend import Autodiff, Backend, Tracing
 from odecore.deq.solution import FixedPointSolution
@@ -176,6 +177,9 @@ class JaxTracing(Tracing):
 
     def with_leaves(self, params, leaves):
         return _with_leaves(params, leaves)
+
+    def check_indices(self, call, args, name):
+        check_indices(call, args, name)
 
     def tree_children(self, value):
         # One level only: the children are treated as leaves, so that the core walks them

@@ -104,9 +104,12 @@ class Dynamics:
 
     def first_call(self, t, y):
         """The first evaluation, checked: a wrong shape or dtype is reported at once, by name,
-        instead of surfacing as a broadcasting error deep inside a step."""
+        instead of surfacing as a broadcasting error deep inside a step; so is an index past
+        an array's end where the library would clamp it (``Tracing.check_indices``)."""
         out = self._call_user(t, y)
         _validate.dynamics_output(self.backend, out, self.layout)
+        if self.backend.tracing is not None:
+            self.backend.tracing.check_indices(self._call_user, (t, y), "func")
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)
 

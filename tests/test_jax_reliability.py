@@ -445,3 +445,95 @@ def test_eager_call_under_disable_jit(x64):
         ys = odecore.odeint(field, *_jax(Y0, FIELD_TIMES), params=tuple(_jax(W, B)), rtol=1e-6)
     ref = odecore.odeint(_field, Y0, FIELD_TIMES, params=(W, B), backend="numpy", rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# An index past an array's end raises, as on NumPy, instead of being clamped
+
+
+def _lorenz(xp):
+    """Lorenz with its three parameters read from ``p``, on the last axis of ``y``."""
+
+    def f(t, y, p):
+        x, v, z = y[..., 0], y[..., 1], y[..., 2]
+        return xp.stack([p[0] * (v - x), x * (p[1] - z) - v, x * v - p[2] * z], axis=-1)
+
+    return f
+
+
+_LORENZ_Y0 = [[1.0, 0.0, 0.0], [2.0, 1.0, 0.0]]
+
+
+def _lorenz_solve(how, params, backend="jax"):
+    xp = jnp if backend == "jax" else np
+    f, t = _lorenz(xp), xp.asarray([0.0, 0.1, 0.2])
+    y0 = xp.asarray(_LORENZ_Y0)
+    if how == "batch":
+        return odecore.odeint(f, y0, t, params=params, batch_axis=0)
+    if how == "eager":
+        return odecore.odeint(f, y0[0], t, params=params)
+    if how == "jit":
+        return jax.jit(lambda p: odecore.odeint(f, y0[0], t, params=p))(params)
+    loss = lambda p: jnp.sum(odecore.odeint(f, y0[0], t, params=p, adjoint=how))  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("how", ["eager", "jit", "backsolve", "checkpoint", "batch"])
+def test_an_index_past_the_parameters_end_raises_as_on_numpy(x64, how):
+    """JAX reads ``p[2]`` of two parameters as ``p[1]``: the solve would run with beta = rho.
+    NumPy raises IndexError from func's own line; the JAX backend raises before it solves."""
+    with pytest.raises(IndexError, match="index 2 is out of bounds for axis 0 with size 2"):
+        _lorenz_solve("eager", np.asarray([10.0, 28.0]), backend="numpy")
+    with pytest.raises(IndexError, match=r"func indexes past the end of an array.*size 2"):
+        _lorenz_solve(how, jnp.asarray([10.0, 28.0]))
+    # With its third parameter the same func solves, and as NumPy does.
+    p = [10.0, 28.0, 8.0 / 3.0]
+    if how in ("eager", "batch"):
+        ref = _lorenz_solve(how, np.asarray(p), backend="numpy")
+        got = _lorenz_solve(how, jnp.asarray(p))
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
+    else:
+        assert np.all(np.isfinite(np.asarray(_lorenz_solve(how, jnp.asarray(p)))))
+
+
+def test_an_index_computed_from_traced_values_is_not_refused(x64):
+    """``p[argmax(p)]`` is in range for every ``p``, but the check cannot know which element
+    it reads before the values exist: it is left to run, and gives exp(-max(p) t)."""
+
+    def decay(t, y, p):
+        return -p[jnp.argmax(p)] * y
+
+    t = jnp.asarray([0.0, 0.5, 1.0])
+    exact = np.exp(-1.7 * np.asarray(t))[:, None] * np.ones(2)
+
+    def solve(p):
+        return odecore.odeint(decay, jnp.ones(2), t, params=p, rtol=1e-10, atol=1e-12)
+
+    p = jnp.asarray([0.3, 1.7, 0.9])
+    np.testing.assert_allclose(np.asarray(solve(p)), exact, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(jax.jit(solve)(p)), exact, rtol=1e-8)
+    # Without jit the values are known, and the index is checked at them.
+    with jax.disable_jit():
+        np.testing.assert_allclose(np.asarray(solve(p)), exact, rtol=1e-8)
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_a_fixed_point_map_indexing_past_its_parameters_raises(x64, jitted):
+    """A fixed-point map that reads ``p[3]`` of three parameters: IndexError, as on NumPy;
+    with four, the fixed point of z = 0.5 tanh(0.3 z) + 0.1, found by iterating in float64."""
+
+    def fmap(xp):
+        return lambda z, p: 0.5 * xp.tanh(z * p[3]) + p[0]
+
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
+        odecore.fixed_point(fmap(np), np.zeros(4), params=np.asarray([0.1, 1.0, 2.0]))
+    solve = lambda p: odecore.fixed_point(fmap(jnp), jnp.zeros(4), params=p, tol=1e-12)  # noqa: E731
+    if jitted:
+        solve = jax.jit(solve)
+    with pytest.raises(IndexError, match=r"f indexes past the end of an array.*size 3"):
+        solve(jnp.asarray([0.1, 1.0, 2.0]))
+    z = 0.0
+    for _ in range(200):
+        z = 0.5 * np.tanh(0.3 * z) + 0.1
+    got = solve(jnp.asarray([0.1, 1.0, 2.0, 0.3]))
+    np.testing.assert_allclose(np.asarray(got), np.full(4, z), rtol=1e-8)

@@ -127,6 +127,12 @@ class Tracing:
         solution's status holds any failure; the caller raises."""
         return None
 
+    def check_indices(self, call: Callable, args: tuple, name: str) -> None:
+        """Raise IndexError where ``call(*args)`` indexes past the end of an array, for a
+        library whose indexing clamps instead of raising (JAX). ``name`` is what the error
+        calls the user's function."""
+        return None
+
     def tree_children(self, value: Any) -> tuple[list, Callable] | None:
         """``(children, rebuild)`` when the library registers ``value``'s type as a container
         of arrays (a JAX pytree node), ``rebuild(children)`` making one like it; None for

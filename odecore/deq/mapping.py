@@ -15,6 +15,7 @@ class Map:
     def __init__(self, bk, f, params, leaves, layout):
         self.bk, self.f, self.params, self.leaves, self.layout = bk, f, params, leaves, layout
         self.as_dynamics = _AsDynamics(f)
+        self._indices_checked = False
 
     def rebuilt(self, leaves):
         """This map calling ``f`` with ``leaves`` in place of its params' arrays: a traced
@@ -33,8 +34,13 @@ class Map:
 
     def __call__(self, z):
         xp = self.bk.xp
-        out = self.user(self.layout.to_user(xp, z))
+        z_user = self.layout.to_user(xp, z)
+        out = self.user(z_user)
         check_output(self.bk, out, self.layout)
+        if not self._indices_checked and self.bk.tracing is not None:
+            # Once per map: a loop calls it at every iteration, and traces it once anyway.
+            self._indices_checked = True
+            self.bk.tracing.check_indices(self.user, (z_user,), "f")
         return self.layout.to_internal(xp, out)
 
     def vjp(self, z, cot):
