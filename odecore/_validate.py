@@ -464,15 +464,27 @@ def norm(bk, value, lay: Layout):
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
     # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
     # a 16-bit state's dtype would only lose digits.
-    def as_array(n):
+    expected = f"shape ({lay.batch},) for a batch of {lay.batch}" if lay.batched else "a scalar"
+
+    def checked(n):
         # An array as it is: torch's asarray of a tensor that requires grad warns.
-        return n if bk.owns(n) else xp.asarray(n)
+        n = n if bk.owns(n) else xp.asarray(n)
+        if math.prod(n.shape) != lay.batch:
+            raise ValueError(
+                f"options['norm'] must return one number per sample ({expected}), and it "
+                f"returned an array of shape {tuple(n.shape)}: reduce over the state, e.g. "
+                f"the root mean square of x"
+            )
+        # A negative value would accept every step, however large its error: it counts as
+        # a failed norm, as NaN does (Status.NONFINITE_ERROR), on every backend and under
+        # jit, without reading the value on the host.
+        return xp.where(n >= 0, n, xp.nan)
 
     if not lay.flat:
-        return lambda x: as_array(value(x))
+        return lambda x: checked(value(x))
 
     def user_norm(x):
-        return xp.reshape(as_array(value(lay.shaped_as_user(xp, x))), (lay.batch,))
+        return xp.reshape(checked(value(lay.shaped_as_user(xp, x))), (lay.batch,))
 
     return user_norm
 

@@ -402,6 +402,42 @@ def test_norm_returning_nan_for_one_sample(backend):
     assert np.isnan(ys[-1, 1, 0])
 
 
+def test_norm_returning_a_negative_value_fails_at_once(backend):
+    """A negative error norm would accept every step however large its error: with the
+    negated root mean square the solve used to finish with an error a thousand times rtol.
+    It fails as a NaN norm does, in its first step."""
+
+    def negated_rms(x):
+        xp = namespace(x)
+        return -xp.sqrt(xp.mean(x * x))
+
+    y0, t = backend.asarray([1.0, 2.0]), backend.asarray([0.0, 1.0])
+    with pytest.raises(SolveError, match="a norm that returns NaN or a negative value") as info:
+        odecore.solve(decay, y0, t, options={"norm": negated_rms})
+    assert backend.status(info.value.solution) == Status.NONFINITE_ERROR
+    assert backend.stats(info.value.solution)["nsteps"] == 1
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_norm_returning_one_value_per_element_raises(backend, batch_axis):
+    """The norm must reduce the state to one number per sample; one returned per element
+    used to fail later with an error about converting arrays to scalars, or a reshape."""
+    y0 = backend.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    expected = "shape \\(3,\\) for a batch of 3" if batch_axis == 0 else "a scalar"
+    with pytest.raises(
+        ValueError,
+        match=rf"options\['norm'\] must return one number per "
+        rf"sample \({expected}\), and it returned an array of shape \(3, 2\)",
+    ):
+        odecore.solve(
+            decay,
+            y0,
+            backend.asarray([0.0, 1.0]),
+            batch_axis=batch_axis,
+            options={"norm": lambda x: namespace(x).abs(x)},
+        )
+
+
 def test_dynamics_non_finite_right_after_the_start(backend):
     # f is NaN for every t > 0. The automatic first step, whose probe sees the NaN, used to
     # be NaN itself and every later step too, until max_num_steps. Now the steps shrink from

@@ -99,8 +99,8 @@ _DESCRIPTIONS = {
     ),
     Status.NONFINITE_ERROR: (
         "the error estimate is not finite although the state is: check options['norm'] (a "
-        "norm that returns NaN rejects every step) and the tolerances; no smaller step can "
-        "help"
+        "norm that returns NaN or a negative value rejects every step) and the tolerances; "
+        "no smaller step can help"
     ),
     Status.INVALID_INPUT: (
         "invalid input: y0 is not finite, or, found under jit, t is not strictly monotonic or "
