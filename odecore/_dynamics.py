@@ -104,12 +104,17 @@ class Dynamics:
 
     def first_call(self, t, y):
         """The first evaluation, checked: a wrong shape or dtype is reported at once, by name,
-        instead of surfacing as a broadcasting error deep inside a step; so is an index past
-        an array's end where the library would clamp it (``Tracing.check_indices``)."""
+        instead of surfacing as a broadcasting error deep inside a step; so is a func that
+        writes into its ``y``, and an index past an array's end where the library would
+        clamp it (``Tracing.check_indices``)."""
+        bk = self.backend
+        before = _validate.snapshot(bk, y) if bk.eager else None
         out = self._call_user(t, y)
-        _validate.dynamics_output(self.backend, out, self.layout)
-        if self.backend.tracing is not None:
-            self.backend.tracing.check_indices(self._call_user, (t, y), "func")
+        if before is not None:
+            _validate.input_kept(bk, before, y, "func", "y")
+        _validate.dynamics_output(bk, out, self.layout)
+        if bk.tracing is not None:
+            bk.tracing.check_indices(self._call_user, (t, y), "func")
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)
 

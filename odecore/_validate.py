@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from odecore.adjoint.modes import MODES, given_keywords
 from odecore.backend import is_traced
 from odecore.backend.layout import Layout
@@ -522,6 +524,35 @@ def dynamics_output(bk, out, lay: Layout) -> None:
         raise TypeError(
             f"func returned dtype {out.dtype} but the state y has dtype {lay.user_dtype}; return "
             f"dy/dt in y's dtype (a float64 constant or t can promote it)"
+        )
+
+
+def snapshot(bk, x):
+    """What ``input_kept`` compares ``x`` with after a call: a copy that shares neither its
+    memory nor its autograd history; for a NumPy array its bytes, the cheapest copy (a
+    short solve's fixed cost is a few microseconds a step)."""
+    if isinstance(x, np.ndarray):
+        return x.tobytes()
+    return bk.xp.asarray(bk.stop_gradient(x), copy=True)
+
+
+def input_kept(bk, before, after, name: str, arg: str) -> None:
+    """``after`` (the array the user's function was given) must still equal ``before``, its
+    ``snapshot`` from before the call. The loop hands its own state to ``func``, so writing
+    into it (``y *= 0.5``) changes the solution under the solver's feet, silently. Checked
+    on the first call only, on eager backends (JAX arrays cannot be written). NaN where
+    there was NaN (an invalid sample of a batch) counts as unchanged."""
+    if isinstance(before, bytes):
+        changed = after.tobytes() != before
+    else:
+        xp = bk.xp
+        changed = bool(xp.any((after != before) & ~(xp.isnan(after) & xp.isnan(before))))
+    if changed:
+        raise ValueError(
+            f"{name} modified its argument {arg} in place; {arg} is the solver's own state, "
+            f"and changing it corrupts the solution. Compute into a new array instead "
+            f"({arg} * 0.5 rather than {arg} *= 0.5, or a copy of {arg} before writing "
+            f"into it)"
         )
 
 

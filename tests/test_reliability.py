@@ -438,6 +438,59 @@ def test_norm_returning_one_value_per_element_raises(backend, batch_axis):
         )
 
 
+def _eager_only(backend):
+    if not backend.backend.eager:
+        pytest.skip(f"{backend.name} arrays cannot be written in place")
+
+
+def halving_in_place(t, y):
+    y *= 0.5  # writes into the solver's state
+    return -y
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_func_writing_into_its_state_raises(backend, batch_axis):
+    """The loop gives func its own state: ``y *= 0.5`` inside func used to halve the solution
+    at every evaluation, and the solve ended near 1e-8 instead of exp(-1)."""
+    _eager_only(backend)
+    y0 = backend.asarray([[1.0, 2.0], [3.0, 4.0]] if batch_axis == 0 else [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"func modified its argument y in place.*y \*= 0\.5"):
+        odecore.odeint(halving_in_place, y0, backend.asarray([0.0, 1.0]), batch_axis=batch_axis)
+
+
+def test_fixed_point_map_writing_into_its_iterate_raises(backend):
+    _eager_only(backend)
+
+    def halving(z):
+        z *= 0.5
+        return z + 1.0
+
+    with pytest.raises(ValueError, match="f modified its argument z in place"):
+        odecore.fixed_point(halving, backend.asarray([1.0, 2.0]))
+
+
+def test_func_returning_its_state_or_meeting_a_nan_sample_is_not_refused(backend):
+    """Returning ``y`` itself (dy/dt = y) writes nothing, and a batch's invalid sample (NaN
+    in y0) is NaN before and after the call: neither is a write. The valid samples grow as
+    exp(t), the NaN sample is reported invalid."""
+    _eager_only(backend)
+    y0 = backend.asarray([[1.0], [math.nan], [2.0]])
+    sol = odecore.solve(
+        lambda t, y: y,
+        y0,
+        backend.asarray([0.0, 1.0]),
+        batch_axis=0,
+        rtol=1e-10,
+        atol=1e-12,
+        throw=False,
+    )
+    np.testing.assert_array_equal(
+        backend.status(sol), [Status.SUCCESS, Status.INVALID_INPUT, Status.SUCCESS]
+    )
+    ys = backend.to_numpy(sol.ys)
+    np.testing.assert_allclose(ys[-1, [0, 2], 0], [math.e, 2 * math.e], rtol=1e-9)
+
+
 def test_dynamics_non_finite_right_after_the_start(backend):
     # f is NaN for every t > 0. The automatic first step, whose probe sees the NaN, used to
     # be NaN itself and every later step too, until max_num_steps. Now the steps shrink from

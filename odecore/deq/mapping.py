@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from odecore import _validate
 from odecore.backend import differentiate
 from odecore.deq.options import describe
 
@@ -15,7 +16,7 @@ class Map:
     def __init__(self, bk, f, params, leaves, layout):
         self.bk, self.f, self.params, self.leaves, self.layout = bk, f, params, leaves, layout
         self.as_dynamics = _AsDynamics(f)
-        self._indices_checked = False
+        self._checked = False
 
     def rebuilt(self, leaves):
         """This map calling ``f`` with ``leaves`` in place of its params' arrays: a traced
@@ -35,11 +36,15 @@ class Map:
     def __call__(self, z):
         xp = self.bk.xp
         z_user = self.layout.to_user(xp, z)
+        # The first call is checked further; a loop calls the map at every iteration (and a
+        # tracing one traces it once anyway).
+        first, self._checked = not self._checked, True
+        before = _validate.snapshot(self.bk, z) if first and self.bk.eager else None
         out = self.user(z_user)
+        if before is not None:
+            _validate.input_kept(self.bk, before, z, "f", "z")
         check_output(self.bk, out, self.layout)
-        if not self._indices_checked and self.bk.tracing is not None:
-            # Once per map: a loop calls it at every iteration, and traces it once anyway.
-            self._indices_checked = True
+        if first and self.bk.tracing is not None:
             self.bk.tracing.check_indices(self.user, (z_user,), "f")
         return self.layout.to_internal(xp, out)
 
