@@ -645,11 +645,12 @@ def _probe(kernel, form, t, y, params, dtype) -> None:
         return
     time = dtype.type(t)
     try:
+        # On copies: the bounds check below must see a write into y or params.
         if form == "in place":
-            kernel.user(time, y.copy(), np.full_like(y, math.nan), params)
+            kernel.user(time, y.copy(), np.full_like(y, math.nan), params.copy())
             out = None
         elif form == "returning":
-            out = kernel.user(time, y.copy(), params)
+            out = kernel.user(time, y.copy(), params.copy())
         else:
             out = kernel.user(time, y.copy())
     except NumbaError as exc:
@@ -692,7 +693,8 @@ def _check_bounds(user, form: str, t, y, params) -> None:
 def _past_the_ends(label: str, call, inputs: dict, outputs: dict, must_write: bool) -> None:
     """Raise a ValueError where ``call(views)``, a call of the user's compiled ``label``
     returning its outputs, reads one of ``inputs`` past its end, writes one of ``outputs``
-    past its end, or (with ``must_write``) leaves an element of an output unwritten. Each
+    past its end, (with ``must_write``) leaves an element of an output unwritten, or writes
+    into one of ``inputs`` (the kernel's own state, which it would corrupt). Each
     array (1-D) is passed with padding after it, filled once with one value and once with
     another: an output that changes with the fill has read it. Checked at the inputs and
     with ``y`` moved to a state near it with no zero element, where a read past the end
@@ -710,6 +712,12 @@ def _past_the_ends(label: str, call, inputs: dict, outputs: dict, must_write: bo
             if exact:
                 raise
             message = None
+        if message is not None and message.startswith("wrote into"):
+            raise ValueError(
+                f"{label} {message}, evaluated at y0 or near it; the kernel passes its own "
+                f"arrays, and a write changes the solve under it: compute into "
+                f"{'a new array' if not outputs else ' or '.join(outputs)} instead"
+            )
         if message is not None:
             raise ValueError(
                 f"{label} {message}, evaluated at y0 or near it; y0 and params (each row, in "
@@ -738,6 +746,12 @@ def _out_of_bounds(call, inputs: dict, outputs: dict, must_write: bool) -> str |
     again, _ = run(base)
     if not np.array_equal(out, again, equal_nan=True):
         return None
+    for name, array in inputs.items():
+        # The padding written counts as well: the kernel's rows lie one after another.
+        if not np.array_equal(buffers[name][: array.shape[0]], array, equal_nan=True) or np.any(
+            buffers[name][array.shape[0] :] != first
+        ):
+            return f"wrote into its argument {name}"
     for name, array in outputs.items():
         if np.any(buffers[name][array.shape[0] :] != first):
             return f"wrote {name} past its {array.shape[0]} elements"

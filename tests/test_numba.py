@@ -894,6 +894,43 @@ def test_a_function_writing_past_the_state_or_leaving_rates_unwritten_is_refused
         odecore.odeint(reads_past_y, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
 
 
+def halves_its_state(t, y, dy, p):
+    y[0] *= 0.5  # the kernel's own state
+    dy[0] = -p[0] * y[0]
+
+
+def sets_its_rate(t, y, p):
+    p[0] = 2.0  # the kernel's (and the caller's) parameters
+    return -p[0] * y
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_a_function_writing_into_its_state_or_params_is_refused(batch_axis):
+    """Writes into ``y`` corrupted the solve, writes into ``params`` changed the caller's
+    array: both are refused before the solve, and the caller's params are left as given."""
+    shape = (3, 1) if batch_axis == 0 else (1,)
+    with pytest.raises(ValueError, match="func wrote into its argument y.*compute into dy"):
+        odecore.odeint(
+            halves_its_state,
+            np.ones(shape),
+            [0.0, 1.0],
+            params=np.ones(1),
+            batch_axis=batch_axis,
+            backend="numba",
+        )
+    params = np.ones(shape)
+    with pytest.raises(ValueError, match="func wrote into its argument params"):
+        odecore.odeint(
+            sets_its_rate,
+            np.ones(shape),
+            [0.0, 1.0],
+            params=params,
+            batch_axis=batch_axis,
+            backend="numba",
+        )
+    np.testing.assert_array_equal(params, np.ones(shape))
+
+
 def noisy_decay(t, y, dy, p):
     # Numba's nopython mode draws from NumPy's legacy functions, not from a Generator.
     dy[0] = -p[0] * y[0] + 1e-3 * np.random.random()  # noqa: NPY002
