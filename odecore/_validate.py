@@ -101,6 +101,26 @@ def call_arguments(func, throw, adjoint_params) -> None:
         )
 
 
+def adjoint_params(bk, values) -> None:
+    """``adjoint_params``, once the backend is known: arrays of that backend, on a backend
+    that differentiates. Each is checked, since one that is not an array would otherwise
+    be passed over without a word and get no gradient."""
+    if values is None:
+        return
+    if not bk.has_autodiff:
+        raise ValueError(
+            f"adjoint_params names the arrays that receive gradients, and the {bk.name!r} "
+            f"backend has no autodiff; drop it, and for gradients on {bk.name!r} use "
+            f"odecore.vjp_odeint, which differentiates params"
+        )
+    for i, value in enumerate(values):
+        if not bk.owns(value):
+            raise TypeError(
+                f"adjoint_params[{i}] must be a {bk.name} array (a parameter to "
+                f"differentiate), got {_shown(value)}"
+            )
+
+
 def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
     """Warn (:class:`~odecore.PrecisionWarning`) when ``rtol``, or the backsolve's
     ``adjoint_rtol``, is below the unit roundoff of ``y0``'s dtype (half its machine

@@ -491,6 +491,20 @@ def test_func_returning_its_state_or_meeting_a_nan_sample_is_not_refused(backend
     np.testing.assert_allclose(ys[-1, [0, 2], 0], [math.e, 2 * math.e], rtol=1e-9)
 
 
+def test_adjoint_params_that_are_not_arrays_of_the_backend_raise(backend):
+    """An entry of adjoint_params that is not one of the backend's arrays (a float, a NumPy
+    array on torch) used to be passed over and get no gradient; on a backend without
+    autodiff, adjoint_params as a whole was ignored."""
+    y0, t = backend.asarray([1.0, 2.0]), backend.asarray([0.0, 1.0])
+    given = [backend.asarray([0.5]), 1.0]
+    if not backend.backend.has_autodiff:
+        with pytest.raises(ValueError, match="'numpy' backend has no autodiff.*vjp_odeint"):
+            odecore.odeint(decay, y0, t, adjoint_params=given[:1])
+        return
+    with pytest.raises(TypeError, match=rf"adjoint_params\[1\] must be a {backend.name} array"):
+        odecore.odeint(decay, y0, t, adjoint_params=given)
+
+
 def test_dynamics_non_finite_right_after_the_start(backend):
     # f is NaN for every t > 0. The automatic first step, whose probe sees the NaN, used to
     # be NaN itself and every later step too, until max_num_steps. Now the steps shrink from

@@ -293,6 +293,7 @@ def _solve_array(
         if bk.owns(y0):
             t = _validate.time_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
+        _validate.adjoint_params(bk, adjoint_params)
         # Checked on every call, not only when a gradient is asked for: a bad setting must fail
         # where it is written, not later in training.
         settings = _validate.adjoint_settings(
