@@ -38,6 +38,7 @@ from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_const
 from odecore.adapters._jax_indices import check_indices
 
 from odecore.backend import Autodiff, Backend, Tracing
+from odecore.backend.host import available_memory
 from odecore.deq.solution import FixedPointSolution
 from odecore.ode.solution import PrecisionWarning, Solution
 
@@ -277,6 +278,12 @@ class JaxBackend(Backend):
 
     def no_grad(self):
         return _no_grad()
+
+    def allocation_limit(self):
+        # On the CPU, XLA's buffers are host memory that Linux overcommits: an allocation
+        # too large succeeds and the process is killed when it is written. A GPU's
+        # allocator raises RESOURCE_EXHAUSTED instead.
+        return available_memory() if jax.default_backend() == "cpu" else None
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)

@@ -6,6 +6,7 @@ References: closed forms, odecore's NumPy backend, and central finite difference
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -537,3 +538,43 @@ def test_a_fixed_point_map_indexing_past_its_parameters_raises(x64, jitted):
         z = 0.5 * np.tanh(0.3 * z) + 0.1
     got = solve(jnp.asarray([0.1, 1.0, 2.0, 0.3]))
     np.testing.assert_allclose(np.asarray(got), np.full(4, z), rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint tape larger than the memory left is refused before it is allocated
+
+
+def _decay_gradient(max_num_steps):
+    t = jnp.asarray([0.0, 0.5, 1.0])
+
+    def loss(y0):
+        ys = odecore.odeint(
+            lambda t, y: -y,
+            y0,
+            t,
+            adjoint="checkpoint",
+            rtol=1e-10,
+            atol=1e-12,
+            options={"max_num_steps": max_num_steps},
+        )
+        return jnp.sum(ys)
+
+    return jax.jit(jax.grad(loss))(jnp.ones(2))
+
+
+def test_a_checkpoint_tape_larger_than_the_memory_left_is_refused(x64, monkeypatch):
+    """The JAX tape holds the times of max_num_steps steps, allocated before the solve. On
+    the CPU a tape larger than memory was not an error: the process was killed when it was
+    written (max_num_steps = 1e9 needs 23 GiB). 1e13 steps need 227 TiB, more than any
+    machine has."""
+    with pytest.raises(ValueError, match=r"max_num_steps'\] = 10000000000000.*GiB of memory left"):
+        _decay_gradient(10**13)
+    # 1e5 steps need 2.4 MiB: refused under a limit of 1 MiB, solved under 10 MiB, with
+    # the gradient of sum(y0 exp(-t)) over t = 0, 0.5, 1.
+    backend_type = type(odecore.get_backend("jax"))
+    monkeypatch.setattr(backend_type, "allocation_limit", lambda self: 2**20)
+    with pytest.raises(ValueError, match="use adjoint='backsolve'"):
+        _decay_gradient(10**5)
+    monkeypatch.setattr(backend_type, "allocation_limit", lambda self: 10 * 2**20)
+    exact = 1.0 + math.exp(-0.5) + math.exp(-1.0)
+    np.testing.assert_allclose(np.asarray(_decay_gradient(10**5)), [exact, exact], rtol=1e-8)

@@ -314,6 +314,13 @@ class Backend:
     def to_host_float(self, x: Any) -> float:
         return float(x)
 
+    def allocation_limit(self) -> int | None:
+        """Bytes beyond which a new array should be refused before it is allocated: where
+        the library's own failure is not a clean error (a CPU process killed by the
+        operating system when the pages are touched). None where the library reports an
+        allocation it cannot make, or arrays grow as they are written."""
+        return None
+
     def is_traced(self, x: Any) -> bool:
         """True when ``x`` has no value yet (a tracer under ``jit``)."""
         return False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from odecore.ode.problem import Problem
 
 
@@ -50,8 +52,9 @@ class KernelTape(NamedTuple):
 def tape_buffers(p: Problem) -> TapeBuffers:
     """An empty tape for a tracing backend."""
     xp, lay, K = p.backend.xp, p.layout, p.max_num_steps
+    kept, run = checkpoint_rows(K)
+    _check_tape_fits(p.backend, K, kept + run, lay)
     time = xp.zeros((K, lay.batch), dtype=p.backend.time_dtype)
-    kept, _ = checkpoint_rows(K)
     count = xp.asarray(0, dtype=p.backend.int_dtype)
     return TapeBuffers(
         t=time,
@@ -62,6 +65,28 @@ def tape_buffers(p: Problem) -> TapeBuffers:
         n=count,
         stride=count + 1,
     )
+
+
+def _check_tape_fits(bk, max_num_steps: int, states: int, lay) -> None:
+    """A tracing backend's tape is allocated whole, for ``max_num_steps`` steps, before the
+    solve runs. Where an allocation larger than the memory left does not fail cleanly (JAX
+    on the CPU: the operating system kills the process as the pages are touched), it is
+    refused here, with what to change."""
+    limit = bk.allocation_limit()
+    if limit is None:
+        return
+    time_bytes = np.dtype(bk.time_dtype).itemsize
+    state_bytes = np.dtype(lay.dtype).itemsize * math.prod(lay.internal_shape)
+    needed = max_num_steps * lay.batch * (3 * time_bytes + 1) + states * state_bytes
+    if needed > limit:
+        raise ValueError(
+            f"adjoint='checkpoint' keeps the times of every step the solve may take, "
+            f"options['max_num_steps'] = {max_num_steps}, and {states} states: "
+            f"{needed / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB of memory "
+            f"left. Lower max_num_steps to what the solve needs (too few fails with "
+            f"Status.MAX_STEPS_REACHED, not silently), or use adjoint='backsolve', whose "
+            f"memory does not grow with the number of steps"
+        )
 
 
 def checkpoint_rows(max_num_steps: int) -> tuple[int, int]:
