@@ -28,7 +28,9 @@ class Dynamics:
     ``dy/ds = -f(-s, y)``.
     """
 
-    def __init__(self, bk, ops, func, params, layout, sign: float, leaves=None, jumps=None):
+    def __init__(
+        self, bk, ops, func, params, layout, sign: float, leaves=None, jumps=None, checked=True
+    ):
         self.backend = bk
         self.ops = ops
         # What the user passed (a backend that compiles whole solves compiles this one), and
@@ -42,6 +44,10 @@ class Dynamics:
             differentiate.param_leaves(bk, func, params) if leaves is None else list(leaves)
         )
         self._vjp_checked = False
+        # Whether the first call checks for a func that writes into y or indexes past an
+        # array's end: the user's func, not odecore's own (a backsolve's adjoint system,
+        # traced anew for every interval between output times).
+        self._checks_func = checked
         # A func with a ``perturb`` keyword is told which side of a jump it is evaluated on
         # (eager backends: the side is read off concrete times).
         self.jump_sides = None
@@ -107,13 +113,13 @@ class Dynamics:
         instead of surfacing as a broadcasting error deep inside a step; so is a func that
         writes into its ``y``, and an index past an array's end where the library would
         clamp it (``Tracing.check_indices``)."""
-        bk = self.backend
-        before = _validate.snapshot(bk, y) if bk.eager else None
+        bk, checks = self.backend, self._checks_func
+        before = _validate.snapshot(bk, y) if checks and bk.eager else None
         out = self._call_user(t, y)
         if before is not None:
             _validate.input_kept(bk, before, y, "func", "y")
         _validate.dynamics_output(bk, out, self.layout)
-        if bk.tracing is not None:
+        if checks and bk.tracing is not None:
             bk.tracing.check_indices(self._call_user, (t, y), "func")
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)

@@ -114,6 +114,7 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
             first,
             None,
             None,
+            user_func=False,
         )
         if compiled is not None:
             result = solve_prepared(backward, first, record=False, throw=True)

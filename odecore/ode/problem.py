@@ -96,6 +96,7 @@ def prepare(
     throw=True,
     events=None,
     for_kernel=False,
+    user_func=True,
 ):
     """The checked, converted :class:`Problem`, or None for a single output time. A batch
     with samples whose y0 is not finite raises with ``throw``; without, those samples get
@@ -104,7 +105,10 @@ def prepare(
     ``for_kernel``: the problem goes to the backend's whole-solve kernel
     (``Kernels.solve``), which reads the times as arrays and keeps its own stages, so the
     generic loop's stage store and per-step time lists are not built. Every check is made
-    all the same."""
+    all the same.
+
+    ``user_func``: False for odecore's own dynamics (the backsolve's adjoint system), whose
+    first call need not be checked for what users' functions get wrong (``Dynamics``)."""
     xp = bk.xp
     rk = prepared(_validate.tableau(method, options))
     opts = _validate.options(options, rk)
@@ -156,7 +160,7 @@ def prepare(
         else None
     )
 
-    fn = Dynamics(bk, ops, func, params, layout, sign, leaves, jumps)
+    fn = Dynamics(bk, ops, func, params, layout, sign, leaves, jumps, checked=user_func)
 
     controller = None
     if rk.adaptive:
