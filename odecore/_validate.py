@@ -163,6 +163,7 @@ def _smallest_tolerance(bk, value, name) -> float | None:
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
+    _not_differentiated(bk, value, name)
     smallest = bk.xp.min(real_numbers(bk, value, name, "a positive number"))
     return None if bk.is_traced(smallest) else float(smallest)
 
@@ -415,6 +416,7 @@ def tolerance(bk, value, name: str, lay: Layout):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return float(value)
+    _not_differentiated(bk, value, name)
     arr = xp.asarray(real_numbers(bk, value, name, "a positive number"), dtype=lay.dtype)
     if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
         raise ValueError(f"every element of {name} must be positive and finite")
@@ -427,6 +429,18 @@ def tolerance(bk, value, name: str, lay: Layout):
             f"{name} of shape {tuple(arr.shape)} does not broadcast to y0's shape {lay.shape}"
         ) from None
     return lay.to_internal(xp, full)
+
+
+def _not_differentiated(bk, value, name: str) -> None:
+    """A tolerance that asks an eager framework for its gradient (a torch tensor that
+    requires grad) would get none: the solve is not differentiated with respect to its
+    tolerances. JAX refuses a differentiated tolerance in its gradient rule."""
+    if bk.eager and bk.has_autodiff and bk.autodiff.requires_grad(value):
+        raise TypeError(
+            f"{name} requires grad, and odecore does not differentiate a solve with respect "
+            f"to its tolerances (the gradient would stay empty); pass {name}.detach() or a "
+            f"number"
+        )
 
 
 def real_numbers(bk, value, name: str, what: str, convert=None):

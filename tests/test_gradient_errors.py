@@ -296,3 +296,27 @@ def test_second_order_through_backward_names_direct_mode(mode):
     y_end.backward(create_graph=True)
     with pytest.raises(NotImplementedError, match="adjoint='direct'"):
         (a.grad**2).backward()
+
+
+# --------------------------------------------------------------------------------------------
+# A tolerance that requires grad
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+@pytest.mark.backend("torch")
+def test_a_tolerance_that_requires_grad_is_refused(name):
+    """The solve is not differentiated with respect to its tolerances: a tolerance tensor
+    that requires grad used to solve, with two torch warnings and a gradient left empty.
+    Detached, the same tensor solves y' = -k y to its closed form."""
+    import torch
+
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    tolerance = torch.tensor(TIGHT[name], dtype=torch.float64, requires_grad=True)
+    kwargs = {**TIGHT, name: tolerance}
+    with pytest.raises(TypeError, match=rf"{name} requires grad.*{name}\.detach\(\)"):
+        odecore.odeint(lambda t, y: -K * y, y0, t, **kwargs)
+    kwargs[name] = tolerance.detach()
+    ys = odecore.odeint(lambda t, y: -K * y, y0, t, **kwargs)
+    exact = y0.detach().numpy() * math.exp(-K * T_END)
+    np.testing.assert_allclose(ys[-1].detach().numpy(), exact, rtol=CLOSED_FORM_TOL)
