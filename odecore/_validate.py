@@ -172,6 +172,28 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1].strip("'>")
 
 
+def warn_if_events_dropped(bk, events) -> None:
+    """Warn where a sample crossed more events than ``Solution.events`` (an ``EventRecord``,
+    or None) keeps, ``options["max_events"]``: the record holds the first ones and says how
+    many there were, but a caller reading ``times`` alone would not know that it is cut
+    short. Under ``jit`` the count is not known yet, and nothing is said."""
+    if events is None or bk.is_traced(events.count):
+        return
+    kept = events.times.shape[0]
+    # Under grad outside jit the count is known but carries a (zero) tangent.
+    most = int(bk.to_host_float(bk.xp.max(bk.stop_gradient(events.count))))
+    if most > kept:
+        batched = events.times.ndim > 1
+        warnings.warn(
+            f"{'a sample of the solve' if batched else 'the solve'} crossed {most} events, "
+            f"and Solution.events keeps the first {kept} (options['max_events']): its times "
+            f"and which stop there, its count says {most}; raise max_events to keep them "
+            f"all",
+            UserWarning,
+            stacklevel=_stacklevel_outside_odecore(),
+        )
+
+
 def _stacklevel_outside_odecore() -> int:
     """The ``stacklevel`` that makes a warning point at the first caller outside odecore."""
     frame, level = sys._getframe(1), 1

@@ -8,6 +8,7 @@ torchdiffeq's odeint_event on the same problem.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -314,6 +315,34 @@ def test_direction_and_recorded_crossings(backend, direction, crossings):
     np.testing.assert_allclose(times[:count], crossings, rtol=0, atol=CLOSE)
     assert np.all(np.isnan(times[count:]))
     assert np.all(backend.to_numpy(sol.events.which)[:count] == 0)
+
+
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_crossings_beyond_max_events_warn_and_the_first_are_kept(backend, batch_axis):
+    """sin t crosses zero three times on (0, 10]; a record of two keeps pi and 2 pi and
+    counts 3, and the solve says so: a caller reading times alone would miss the third."""
+    y0 = backend.asarray([[0.0]] if batch_axis == 0 else [0.0])
+
+    def solve(max_events):
+        return odecore.solve(
+            _cos,
+            y0,
+            backend.asarray([0.0, 10.0]),
+            batch_axis=batch_axis,
+            event=odecore.Event(lambda t, y: y[..., 0], terminal=False),
+            options={"max_events": max_events},
+            **TIGHT,
+        )
+
+    with pytest.warns(UserWarning, match=r"crossed 3 events.*keeps the first 2") as caught:
+        sol = solve(2)
+    assert caught[0].filename == __file__  # it points at the caller's line
+    times = backend.to_numpy(sol.events.times).reshape(-1)
+    np.testing.assert_allclose(times, [math.pi, 2 * math.pi], rtol=0, atol=CLOSE)
+    assert int(backend.to_numpy(sol.events.count).reshape(-1)[0]) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solve(3)
 
 
 def test_first_terminal_event_wins_and_non_terminal_are_recorded(backend):

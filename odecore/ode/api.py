@@ -209,14 +209,22 @@ def solve(
             )
         keywords.pop("progress")
         return scipy_solve(func, y0, t, keywords)
+    solution = _solve_any_state(func, y0, t, keywords)
+    if solution.events is not None:
+        bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+        _validate.warn_if_events_dropped(bk, solution.events)
+    return solution
+
+
+def _solve_any_state(func, y0, t, keywords) -> Solution:
     if not is_structured(y0):
         return _solve_array(func, y0, t, **keywords)
-    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    bk = resolve_backend(keywords["backend"], {"y0": y0, "t": t, "params": keywords["params"]})
     compiled = _compiled_structured(bk, func, y0, t, keywords)
     if compiled is not None:
         return compiled
     flat = flat_call(bk, func, y0, keywords)
-    flat.keywords["event"] = structured_events(events, flat.structure)
+    flat.keywords["event"] = structured_events(keywords["event"], flat.structure)
     solution = _solve_array(flat.func, flat.y0, t, **flat.keywords)
     solution.ys = flat.structure.unflatten(solution.ys, lead=1)
     if solution.events is not None:
