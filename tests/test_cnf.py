@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+from array_api_compat import array_namespace
 from cnf_cases import LinearFlow, ScalarFlow, TanhFlow, TimeDecay
 
 import odecore
@@ -51,6 +52,40 @@ def test_linear_flow_exact_trace_gives_the_closed_form(backend):
     np.testing.assert_allclose(
         values(backend, got.z), X3 @ scipy.linalg.expm(A3 * T).T, rtol=0, atol=1e-8
     )
+
+
+class CenteredFlow:
+    """``f = A (z - mean over the batch)``: each sample's velocity depends on every other."""
+
+    def __call__(self, t, z, A):
+        xp = array_namespace(z)
+        return (z - xp.mean(z, axis=0)) @ A.T
+
+
+class JitteredFlow(LinearFlow):
+    """``f = A z`` plus noise of 1e-13, new at every call, as dropout would be; its VJPs are
+    those of ``A z``."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, t, z, A):
+        noise = self.rng.standard_normal(tuple(z.shape)) * 1e-13
+        return z @ A.T + array_namespace(z).asarray(noise, dtype=z.dtype)
+
+
+def test_a_velocity_that_mixes_samples_is_refused(backend):
+    """The log-density takes each sample's own trace: with the batch mean subtracted, the
+    trace of each sample's block is (1 - 1/B) tr A, not the tr A of the whole system's
+    Jacobian, and the log-densities were silently wrong. A velocity whose calls differ by
+    noise is left unchecked, and solves to the closed form within the noise."""
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    with pytest.raises(ValueError, match=r"f mixes samples: moving x\[0\] changed .* x\[1\]"):
+        cnf.log_prob(CenteredFlow(), x, (0.0, 0.7), A, **TIGHT)
+    if backend.name == "jax":
+        return  # NumPy noise cannot enter a traced JAX function
+    got = cnf.log_prob(JitteredFlow(), x, (0.0, 0.7), A, **TIGHT)
+    np.testing.assert_allclose(values(backend, got), linear_log_prob(A3, X3, 0.7), atol=1e-8)
 
 
 def test_rademacher_hutchinson_is_exact_when_the_symmetric_part_is_diagonal(backend):
@@ -633,6 +668,7 @@ class FirstOrderOnly:
         ({"batch_axis": 1}, ValueError, "batch_axis must be None"),
         ({"t": (0.0, 0.5, 1.0)}, ValueError, "t must be a pair"),
         ({"base": "normal"}, TypeError, "base must be a callable"),
+        ({"base": lambda z: z}, ValueError, r"base must return one log-density per sample.*"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
+
+import numpy as np
+
+from odecore.backend.host import host_array
 
 TRACE_METHODS = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -108,3 +113,66 @@ def random_source(what: str, **given):
     if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {value!r}")
     return name, value
+
+
+# velocity -> the (shape, dtype) of x it was found not to mix samples at. A velocity's
+# architecture, not its weights, decides whether it mixes them: checked once per shape.
+_SEPARATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
+    """Raise where the velocity ``f`` mixes samples: the log-density takes the trace of each
+    sample's own Jacobian block, so a velocity that makes one sample's rate depend on
+    another's state (statistics over the batch, a batch norm in training mode, attention
+    across it) gives every sample a wrong log-density, without a word. ``f`` is called at
+    ``x`` twice and with its first sample moved; the other samples' velocities must not
+    change. A velocity whose two calls at ``x`` differ (dropout) is not checked, nor are
+    values not known yet (under ``jit``), nor one that fails on these calls (the solve
+    reports that itself)."""
+    if x.shape[0] < 2 or any(bk.is_traced(v) for v in (x, t)):
+        return
+    key = (tuple(x.shape), str(x.dtype))
+    try:
+        if key in _SEPARATE.get(f, ()):
+            return
+    except TypeError:  # a velocity that cannot be referenced weakly is checked every time
+        pass
+    xp = bk.xp
+    t0 = xp.broadcast_to(t[0], (x.shape[0],)) if per_sample_time else t[0]
+    moved = xp.concat([x[:1] * 0.5 + 1.0, x[1:]])
+
+    def call(z):
+        return f(t0, z) if params is None else f(t0, z, params)
+
+    try:
+        with bk.no_grad():
+            # On copies: the caller's x must not change whatever f does with its argument.
+            first, again = call(xp.asarray(x, copy=True)), call(xp.asarray(x, copy=True))
+            other = call(moved)
+        if not tuple(first.shape) == tuple(x.shape) == tuple(other.shape):
+            return
+        if _differ(xp, first, again) is not None:
+            return
+        changed = _differ(xp, first[1:], other[1:])
+    except Exception:  # noqa: BLE001 - the solve calls f itself and reports what it raises
+        return
+    if changed is not None:
+        raise ValueError(
+            f"f mixes samples: moving x[0] changed the velocity of x[{changed + 1}]. The "
+            f"log-density takes each sample's own trace of df/dz, so each "
+            f"sample's velocity must depend on that sample alone: no statistics over the "
+            f"batch (a batch norm must be in eval mode), no attention across it"
+        )
+    try:
+        _SEPARATE.setdefault(f, set()).add(key)
+    except TypeError:
+        pass
+
+
+def _differ(xp, a, b) -> int | None:
+    """The first sample (along the first axis) where ``a`` and ``b`` differ, NaN equal to NaN;
+    None where none does."""
+    different = (a != b) & ~(xp.isnan(a) & xp.isnan(b))
+    rows = xp.reshape(different, (different.shape[0], -1))
+    found = np.flatnonzero(host_array(xp.any(rows, axis=1)))
+    return int(found[0]) if found.size else None

@@ -53,6 +53,7 @@ from odecore.cnf.checks import (
     check_noise,
     check_probes,
     check_regularizers,
+    check_samples_separate,
     check_trace,
     random_source,
 )
@@ -157,9 +158,10 @@ def solve_log_prob(
     ----------
     f : callable
         The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
-        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
-        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
-        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
+        samples must not interact (checked: a velocity that mixes them raises). ``t`` is a
+        0-d array, or one time per sample (B,) with ``batch_axis=0``. On NumPy ``f`` brings
+        ``vjp`` (and ``vjp_of_vjp`` for gradients, see
+        [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
     x : array of shape (B, *event_shape)
         Data points, samples along the first axis.
     t : pair of times, default (0.0, 1.0)
@@ -222,9 +224,10 @@ def solve_log_prob(
     """
     settings = _settings(trace, noise, eps, seed, key, generator, regularizers, error_control)
     bk, aug, s0, t, flow, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
+    base_log_prob_of = _base(bk, base)
     solution = solve(flow.func, s0, t, params=flow.params, options=options, **extra, **solve_kwargs)
     z, delta_logp, regs = aug.split(bk.xp, solution.ys[-1])
-    base_log_prob = _base(bk, base)(z)
+    base_log_prob = base_log_prob_of(z)
     return FlowSolution(base_log_prob + delta_logp, z, regs, solution, aug.eps)
 
 
@@ -258,9 +261,10 @@ def log_prob(
     ----------
     f : callable
         The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
-        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
-        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
-        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
+        samples must not interact (checked: a velocity that mixes them raises). ``t`` is a
+        0-d array, or one time per sample (B,) with ``batch_axis=0``. On NumPy ``f`` brings
+        ``vjp`` (and ``vjp_of_vjp`` for gradients, see
+        [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
     x : array of shape (B, *event_shape)
         Data points, samples along the first axis.
     t : pair of times, default (0.0, 1.0)
@@ -379,9 +383,10 @@ def vjp_log_prob(
     ----------
     f : callable
         The velocity ``f(t, z)`` or ``f(t, z, params)``, ``z`` of shape (B, *event_shape);
-        samples must not interact. ``t`` is a 0-d array, or one time per sample (B,) with
-        ``batch_axis=0``. On NumPy ``f`` brings ``vjp`` (and ``vjp_of_vjp`` for gradients,
-        see [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
+        samples must not interact (checked: a velocity that mixes them raises). ``t`` is a
+        0-d array, or one time per sample (B,) with ``batch_axis=0``. On NumPy ``f`` brings
+        ``vjp`` (and ``vjp_of_vjp`` for gradients, see
+        [`vjp_log_prob`][odecore.cnf.vjp_log_prob]).
     x : array of shape (B, *event_shape)
         Data points, samples along the first axis.
     t : pair of times, default (0.0, 1.0)
@@ -632,6 +637,7 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
     x = x if bk.owns(x) else bk.asarray(x)
     check_batch_state(xp, x, "x")
     t = _time_array(bk, t)
+    check_samples_separate(bk, f, t, x, params, per_sample_time=batch_axis == 0)
     eps = _probes(bk, settings, x)
     wanted = differentiate.requires_grad(
         bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
@@ -808,7 +814,23 @@ def _base(bk, base):
         return lambda z: standard_normal_log_prob(bk.xp, z)
     if not callable(base):
         raise TypeError(f"base must be a callable base(z) -> log-density per sample, got {base!r}")
-    return base
+
+    def checked(z):
+        out = base(z)
+        # One value per sample: a (B, D) density would broadcast against the (B,) change
+        # of log-density into an error about tensor sizes, or, at B = D, into a (B, B)
+        # "log-density".
+        shape = tuple(out.shape) if bk.owns(out) else None
+        if shape != (z.shape[0],):
+            got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+            raise ValueError(
+                f"base must return one log-density per sample, a {bk.name} array of shape "
+                f"({z.shape[0]},), for z of shape {tuple(z.shape)}; it returned {got}: sum "
+                f"over the event axes"
+            )
+        return out
+
+    return checked
 
 
 def _parameter_dtype(bk, f, params):
