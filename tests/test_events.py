@@ -189,6 +189,44 @@ def test_vjp_odeint_event_gradients_on_numpy(mode):
     )
 
 
+class ScaledCosWithVjp:
+    """``y' = a cos t`` with its VJP, ``params = (a,)``."""
+
+    def __call__(self, t, y, params):
+        return params[0] * np.cos(t) + 0 * y
+
+    def vjp(self, t, y, params, cot):
+        return np.zeros_like(cot), (np.array(np.sum(cot * np.cos(t))),)
+
+
+class FirstElementWithVjp:
+    """``g = y[0]`` with its VJP."""
+
+    def __call__(self, t, y, params):
+        return y[..., 0]
+
+    def vjp(self, t, y, params, g_bar):
+        y_bar = np.zeros_like(y)
+        y_bar[..., 0] = g_bar
+        return np.zeros_like(np.asarray(t, dtype=float)), y_bar, (np.array(0.0),)
+
+
+def test_vjp_odeint_warns_when_crossings_exceed_max_events():
+    """sin t crosses zero three times on (0, 10]: a record of two keeps pi and 2 pi, and
+    vjp_odeint warns as solve does."""
+    with pytest.warns(UserWarning, match=r"crossed 3 events.*keeps the first 2"):
+        _, events, _ = odecore.vjp_odeint(
+            ScaledCosWithVjp(),
+            np.array([0.0]),
+            np.array([0.0, 10.0]),
+            (np.array(1.0),),
+            event=odecore.Event(FirstElementWithVjp(), terminal=False),
+            options={"max_events": 2},
+            **TIGHT,
+        )
+    np.testing.assert_allclose(events.times, [math.pi, 2 * math.pi], rtol=0, atol=CLOSE)
+
+
 def test_vjp_odeint_event_without_a_vjp_is_refused():
     with pytest.raises(TypeError, match="event.*vjp"):
         odecore.vjp_odeint(

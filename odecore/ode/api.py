@@ -1120,6 +1120,7 @@ def _vjp_odeint_array(
 
     t_arr = bk.asarray(t)
     record = report["events"]
+    _validate.warn_if_events_dropped(bk, record)
     events_pullback = event_pullback(
         bk.xp, func, params, t_arr, kwargs.get("batch_axis"), events, record, vjp_again
     )
