@@ -294,6 +294,10 @@ def _solve_array(
         adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
     )
     _validate.call_arguments(func, throw, adjoint_params)
+    if adjoint_params is not None:
+        # Once: a generator (module.parameters()) is read by the checks and again for the
+        # rule's leaves.
+        adjoint_params = tuple(adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
