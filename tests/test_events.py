@@ -640,3 +640,40 @@ def test_odeint_event_on_a_structured_state(backend):
     assert abs(float(backend.to_numpy(event_t)) - math.sqrt(2 * H0 / G)) < CLOSE
     np.testing.assert_allclose(backend.to_numpy(h), [[H0], [0.0]], atol=CLOSE)
     np.testing.assert_allclose(backend.to_numpy(v), [[0.0], [-math.sqrt(2 * G * H0)]], atol=CLOSE)
+
+
+def test_odeint_event_without_a_crossing_raises(backend):
+    # dy/dt = v from y = 1: the samples with v < 0 cross y = 0 at t = 1 / |v|; with v > 0
+    # they never do, and their steps grow until they reach odeint_event's far horizon, with
+    # NaN for an event time.
+    def rise(t, y, v):
+        return v[:, None] + 0 * y
+
+    v = backend.asarray([-1.0, 2.0, -4.0, 3.0])
+    missing = r"never crossed zero for 2 of 4 samples: 1 .*, 3 "
+    with pytest.raises(odecore.SolveError, match=missing):
+        odecore.odeint_event(
+            rise,
+            backend.asarray([[1.0]] * 4),
+            0.0,
+            params=v,
+            batch_axis=0,
+            event_fn=lambda t, y, v: y[:, 0],
+        )
+    event_t, _ = odecore.odeint_event(
+        rise, backend.asarray([[1.0], [1.0]]), 0.0, params=v[::2], batch_axis=0,
+        event_fn=lambda t, y, v: y[:, 0], **TIGHT,
+    )  # fmt: skip
+    np.testing.assert_allclose(backend.to_numpy(event_t), [1.0, 0.25], rtol=CLOSE)
+    with pytest.raises(odecore.SolveError, match="never crossed zero before the solve reached"):
+        odecore.odeint_event(
+            lambda t, y: 1 + 0 * y, backend.asarray([1.0]), 0.0, event_fn=lambda t, y: y[0]
+        )
+
+
+def test_odeint_event_refuses_several_initial_times(backend):
+    with pytest.raises(ValueError, match=r"t0 must be one time .* shape \(2,\)"):
+        odecore.odeint_event(
+            lambda t, y: -y, backend.asarray([1.0]), backend.asarray([0.0, 1.0]),
+            event_fn=lambda t, y: y[0] - 0.5,
+        )  # fmt: skip

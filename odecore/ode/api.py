@@ -7,6 +7,7 @@ directly (``direct`` mode, or no gradients) or through the solve's rule
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -775,10 +776,15 @@ def odeint_event(
         ``event_fn`` is not callable, or an argument of the solve has the wrong type.
     ValueError
         ``odeint_interface`` is neither [`odeint`][odecore.odeint] nor
-        [`odeint_adjoint`][odecore.odeint_adjoint], or an argument of the solve has a wrong
+        [`odeint_adjoint`][odecore.odeint_adjoint], ``t0`` holds more than one time, or an
+        argument of the solve has a wrong
         value.
     SolveError
-        No event before ``options["max_num_steps"]`` steps, or the solve failed otherwise.
+        No event before ``options["max_num_steps"]`` steps, no event at all (the steps grew
+        until the solve reached a quarter of the dtype's largest value; with ``batch_axis``,
+        for any sample), or the solve failed otherwise. Under JAX's
+        ``jit`` the outcome is not known until run time: a missing event's time and state
+        are NaN there.
 
     Examples
     --------
@@ -808,6 +814,11 @@ def odeint_event(
     xp = bk.xp
     like = list(tree.leaves(y0, "y0"))[0][1] if is_structured(y0) else bk.asarray(y0)
     t0 = bk.asarray(t0, dtype=like.dtype) if not bk.owns(t0) else t0
+    if math.prod(t0.shape) != 1:
+        raise ValueError(
+            f"t0 must be one time (a float, or an array of one element), got shape "
+            f"{tuple(t0.shape)}; odeint_event has no end time, the event ends the solve"
+        )
     t0 = xp.reshape(t0, ())
     # No end time: one far enough that only the event, or max_num_steps, ends the solve.
     horizon = float(xp.finfo(t0.dtype).max) / 4
@@ -815,6 +826,7 @@ def odeint_event(
     t = xp.stack([t0, xp.astype(far, t0.dtype)])
     solution = solve(func, y0, t, event=_combined_event(bk, event_fn, t0, y0, kwargs), **kwargs)
     record = solution.events
+    _check_event_found(bk, record, solution)
     event_t = xp.astype(record.t, t0.dtype)
 
     def stacked(start, at_event):
@@ -826,6 +838,37 @@ def odeint_event(
         node_values = [stacked(a, b) for a, b in zip(leaves, at_event, strict=True)]
         return event_t, tree.unflatten_like(y0, node_values)
     return event_t, stacked(bk.asarray(y0), record.y)
+
+
+def _check_event_found(bk, record, solution):
+    """Refuse a solve that ended without its event. The horizon is finite, and a solve
+    whose steps grow without bound (``dy/dt = 1``: the event ``y = 0`` lies behind it)
+    reaches it in a few hundred steps, successfully, with NaN for the event's time and
+    state. Under ``jit`` the index is not known until run time, and they stay NaN."""
+    if bk.is_traced(record.index):
+        return
+    xp = bk.xp
+    # Reduced on the backend and read as one number: under grad outside jit the index is
+    # known but carries a (zero) tangent, and cannot become a NumPy array.
+    missing = xp.reshape(bk.stop_gradient(record.index) < 0, (-1,))
+    count = int(bk.to_host_float(xp.sum(xp.astype(missing, xp.int64))))
+    if count == 0:
+        return
+    reached = xp.reshape(bk.stop_gradient(solution.t_reached), (-1,))
+    if record.index.ndim == 0:
+        where = f"before the solve reached t={bk.to_host_float(reached[0]):.6g}"
+    else:
+        first = [int(bk.to_host_float(i)) for i in xp.nonzero(missing)[0][:5]]
+        listed = ", ".join(f"{i} (t={bk.to_host_float(reached[i]):.6g})" for i in first)
+        more = f" and {count - len(first)} more" if count > len(first) else ""
+        where = f"for {count} of {missing.shape[0]} samples: {listed}{more}"
+    raise SolveError(
+        f"odeint_event: event_fn never crossed zero {where}, so there is no event time "
+        f"to return. Check event_fn's sign at t0 and that the dynamics lead to its zero "
+        f"(reverse_time=True solves backward), or solve to an end time with "
+        f"odecore.solve(..., event=odecore.Event(event_fn)).",
+        solution,
+    )
 
 
 def _combined_event(bk, event_fn, t0, y0, kwargs):
