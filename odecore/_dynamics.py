@@ -81,9 +81,11 @@ class Dynamics:
         ty = self.user_time(t)
         yu = self.layout.to_user(self.backend.xp, y)
         func = self._bound(t)
-        if self.params is None:
-            return func(ty, yu)
-        return func(ty, yu, self.params)
+        try:
+            return func(ty, yu) if self.params is None else func(ty, yu, self.params)
+        except TypeError as error:
+            self._explain_call(error)
+            raise
 
     def __call__(self, t, y):
         out = self.layout.from_user(self.backend.xp, self._call_user(t, y))
@@ -123,6 +125,10 @@ class Dynamics:
             bk.tracing.check_indices(self._call_user, (t, y), "func")
         out = self.layout.from_user(self.backend.xp, out)
         return self.flip(out)
+
+    def _explain_call(self, error):
+        keywords = ("perturb",) if self.jump_sides is not None else ()
+        explain_call(self.func, self.params is not None, error, keywords)
 
     def checked_vjp(self, t, y, cot, want_value=False):
         """``Backend.dynamics_vjp`` of ``func`` at the user's ``(t, y)``: ``(value, cot_y,
@@ -189,3 +195,24 @@ def _cotangent_names(params, count):
 def _vjp_name(func):
     func = unwrap(func)
     return f"{type(func).__name__}.vjp" if hasattr(func, "vjp") else "the dynamics' VJP"
+
+
+def explain_call(
+    func, has_params: bool, error: TypeError, keywords=(), name="func", state="y"
+) -> None:
+    """A ``func`` whose signature does not fit odecore's call gets a TypeError saying which
+    call that is and what to write (``_validate.explain_signature``). ``name`` and ``state``:
+    what the documentation calls the function and its state (a flow's ``f(t, x)``)."""
+    if has_params:
+        call = f"{name}(t, {state}, params) when params are given"
+        hint = f"Take params as {name}'s third argument, or leave params out."
+    else:
+        call = f"{name}(t, {state}) when no params are given"
+        hint = (
+            f"Write {name}(t, {state}), or pass what its third argument reads as params=... "
+            f"({name}(t, {state}, params))."
+        )
+    count = 3 if has_params else 2
+    _validate.explain_signature(
+        func, count, call, hint, error, keywords=keywords, in_place=name == "func"
+    )

@@ -688,6 +688,14 @@ def test_bad_data_is_refused():
         cnf.sample(LinearFlow(), 0, 3, params=A3)
 
 
+def test_a_velocity_whose_signature_does_not_fit_gets_a_clear_error(backend):
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    with pytest.raises(TypeError, match=r"calls f\(t, x\) when no params .* \(t, z, A\)"):
+        cnf.log_prob(LinearFlow(), x)
+    with pytest.raises(TypeError, match=r"calls f\(t, x, params\) .* \(t, z\) cannot"):
+        cnf.log_prob(lambda t, z: -z, x, params=A)
+
+
 def test_numpy_dynamics_without_the_needed_vjp_get_a_clear_error():
     with pytest.raises(TypeError, match="needs the dynamics' own 'vjp' method"):
         cnf.log_prob(NoVjp(), X3)

@@ -187,6 +187,45 @@ def test_func_returns_a_non_array(backend):
         solve(backend, func=returns_a_list)
 
 
+def decay_in_place(t, y, dy, params):
+    dy[:] = -params[0] * y
+
+
+@pytest.mark.parametrize(
+    "func, params, match",
+    [
+        (decay, np.array([1.0]), r"calls func\(t, y, params\) .* signature \(t, y\) cannot"),
+        (lambda t, y, k: -k * y, None, r"calls func\(t, y\) .* \(t, y, k\) cannot"),
+        (lambda y: -y, None, r"calls func\(t, y\) .* \(y\) cannot"),
+        (decay_in_place, np.array([1.0]), r"in-place form .* only backend='numba'"),
+    ],
+)
+def test_func_whose_signature_does_not_fit_the_call(backend, func, params, match):
+    # Python's message would name neither odecore's call nor the fix; Numba's ("not enough
+    # arguments: expected 4, got 3") not even the function.
+    params = None if params is None else backend.asarray(params)
+    with pytest.raises(TypeError, match=match):
+        solve(backend, func=func, params=params)
+
+
+def test_type_error_inside_func_is_left_as_it_is(backend):
+    def broken(t, y):
+        return len(3)
+
+    with pytest.raises(TypeError, match="has no len"):
+        solve(backend, func=broken)
+
+
+def test_event_and_fixed_point_map_whose_signature_does_not_fit(backend):
+    k = backend.asarray([1.0])
+    with pytest.raises(TypeError, match=r"calls event\(t, y, params\) .* \(t, y\) cannot"):
+        solve(backend, func=lambda t, y, k: -k * y, params=k, event=lambda t, y: y[0] - 0.5)
+    with pytest.raises(TypeError, match=r"calls f\(z\) .* \(z, w\) cannot"):
+        odecore.fixed_point(lambda z, w: 0.5 * z, backend.asarray([1.0]))
+    with pytest.raises(TypeError, match=r"calls f\(z, params\) .* \(z\) cannot"):
+        odecore.fixed_point(lambda z: 0.5 * z, backend.asarray([1.0]), k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Method, tolerances, options
 # ---------------------------------------------------------------------------------------------

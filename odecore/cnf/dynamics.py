@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from odecore._config import resolve_backend
+from odecore._dynamics import explain_call
 from odecore.backend import differentiate, infer_backend
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.backend.tree import unflatten_like
@@ -125,9 +126,13 @@ class AugmentedDynamics:
         xp = bk.xp
         batch = s.shape[0]
         z = xp.reshape(s[:, : self.size], (batch, *self.event_shape))
-        value, div, frobenius = velocity_and_trace(
-            bk, self.f, t, z, params, self.trace, self.eps, self.differentiable
-        )
+        try:
+            value, div, frobenius = velocity_and_trace(
+                bk, self.f, t, z, params, self.trace, self.eps, self.differentiable
+            )
+        except TypeError as error:
+            explain_call(self.f, params is not None, error, name="f", state="x")
+            raise
         flat = xp.reshape(value, (batch, self.size))
         columns = [flat, div[:, None]]
         for name in self.regularizers:

@@ -31,7 +31,26 @@ class Map:
         )
 
     def user(self, z_user):
-        return self.f(z_user) if self.params is None else self.f(z_user, self.params)
+        try:
+            return self.f(z_user) if self.params is None else self.f(z_user, self.params)
+        except TypeError as error:
+            _validate.explain_signature(self.f, *self._call, error)
+            raise
+
+    @property
+    def _call(self):
+        """How ``f`` is called, and what to write when its signature does not fit that."""
+        if self.params is None:
+            return (
+                1,
+                "f(z) when no params are given",
+                "Write f(z), or pass what its second argument reads as params=...",
+            )
+        return (
+            2,
+            "f(z, params) when params are given",
+            "Take params as f's second argument, or leave params out.",
+        )
 
     def __call__(self, z):
         xp = self.bk.xp

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from odecore import _validate
+
 DIRECTIONS = (-1, 0, 1)
 # The Illinois iteration stops at the tolerance, or after this many steps (it converges
 # superlinearly, so this is reached only by an event function that is not continuous).
@@ -210,12 +212,27 @@ class EventFunctions:
         y_user = lay.to_user(xp, y)
         values = []
         for i, e in enumerate(self.events):
-            g = self.call_user(e.fn, t_user, y_user)
+            try:
+                g = self.call_user(e.fn, t_user, y_user)
+            except TypeError as error:
+                if check:
+                    self._explain_call(e.fn, i, error)
+                raise
             if check:
                 g = check_event_value(bk, g, lay, i, len(self.events))
             g = xp.reshape(xp.astype(bk.asarray(g), bk.time_dtype), (lay.batch,))
             values.append(bk.stop_gradient(g))
         return xp.stack(values, axis=1)
+
+    def _explain_call(self, fn, i, error):
+        name = "event" if len(self.events) == 1 else f"event[{i}]"
+        if self.params is None:
+            call = f"{name}(t, y) when no params are given"
+            hint = f"Write {name}(t, y), or pass what its third argument reads as params=..."
+        else:
+            call = f"{name}(t, y, params) when params are given, as func's"
+            hint = "Take params as its third argument, as func does."
+        _validate.explain_signature(fn, 2 if self.params is None else 3, call, hint, error)
 
 
 def _flip(xp, sign, t):

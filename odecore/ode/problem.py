@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from odecore import _validate
-from odecore._dynamics import Dynamics
+from odecore._dynamics import Dynamics, explain_call
 from odecore._ops import ArrayOps, ScalarOps
 from odecore.backend import Backend
 from odecore.backend.layout import Layout, check_batch_axis
@@ -78,7 +78,11 @@ def check_parameters_are_known(bk, func, params, leaves, t, y0, batch_axis):
     # The probe evaluation needs a valid batch_axis: its errors come first, as in a solve.
     check_batch_axis(tuple(int(n) for n in y0.shape), batch_axis)
     check_params_tree(bk, params, leaves)
-    refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
+    try:
+        refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis)
+    except TypeError as error:  # this is func's first call
+        explain_call(func, params is not None, error)
+        raise
 
 
 def prepare(
