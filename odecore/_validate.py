@@ -430,19 +430,48 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     return arr
 
 
+def tolerance_ok(xp, tol, name: str):
+    """Whether each element of a tolerance is valid: finite, and positive, except that a
+    relative tolerance may be 0 (the error is then measured against ``atol`` alone, as
+    torchdiffeq, diffrax and scipy allow). ``atol`` must stay positive: with ``atol = 0``
+    a state element at zero has no error scale, and its error ratio is 0/0."""
+    return xp.isfinite(tol) & ((tol >= 0) if name.endswith("rtol") else (tol > 0))
+
+
+def _tolerance_rule(name: str) -> str:
+    if name.endswith("rtol"):
+        return "non-negative and finite (0 measures the error against atol alone)"
+    return (
+        "positive and finite (with atol 0 a state element at zero would have no error "
+        "scale; for a relative error alone, give atol far below the state's size)"
+    )
+
+
+def _scalar_tolerance(value, name: str) -> float:
+    if not (math.isfinite(value) and (value >= 0 if name.endswith("rtol") else value > 0)):
+        raise ValueError(f"{name} must be {_tolerance_rule(name)}, got {value!r}")
+    return float(value)
+
+
+def _tolerance_array(bk, value, name: str, dtype=None):
+    xp = bk.xp
+    arr = real_numbers(bk, value, name, "a positive number")
+    if dtype is not None:
+        arr = xp.asarray(arr, dtype=dtype)
+    if _fails(bk, xp.all(tolerance_ok(xp, arr, name))):
+        raise ValueError(f"every element of {name} must be {_tolerance_rule(name)}")
+    return arr
+
+
 def tolerance(bk, value, name: str, lay: Layout):
-    """A positive float, or a per-element array in the loop's dtype, broadcast to its (B, N)
-    layout."""
+    """A valid float (``tolerance_ok``), or a per-element array in the loop's dtype,
+    broadcast to its (B, N) layout."""
     xp = bk.xp
     # type() first: the ABC check costs a microsecond, and a float is the usual tolerance.
     if type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be positive and finite, got {value!r}")
-        return float(value)
+        return _scalar_tolerance(value, name)
     _not_differentiated(bk, value, name)
-    arr = xp.asarray(real_numbers(bk, value, name, "a positive number"), dtype=lay.dtype)
-    if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
-        raise ValueError(f"every element of {name} must be positive and finite")
+    arr = _tolerance_array(bk, value, name, dtype=lay.dtype)
     if arr.ndim == 0:
         return arr
     try:
@@ -695,13 +724,8 @@ def adjoint_settings(
 
     def scalar_tol(value, name):
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be positive and finite, got {value!r}")
-            return float(value)
-        arr = real_numbers(bk, value, name, "a positive number")
-        if _fails(bk, xp.all(xp.isfinite(arr) & (arr > 0))):
-            raise ValueError(f"every element of {name} must be positive and finite")
-        smallest = xp.min(arr)
+            return _scalar_tolerance(value, name)
+        smallest = xp.min(_tolerance_array(bk, value, name))
         return smallest if bk.is_traced(smallest) else float(smallest)
 
     if fwd_options is not None:

@@ -1094,5 +1094,48 @@ def test_batched_jump_t_and_step_t_match_single_solves(backend, method):
 
 
 def test_single_time_still_checks_the_tolerances(backend):
-    with pytest.raises(ValueError, match="^rtol must be positive"):
+    with pytest.raises(ValueError, match="^rtol must be non-negative"):
         odecore.solve(decay, backend.asarray([1.0]), backend.asarray([0.0]), rtol=-1.0)
+
+
+def test_zero_rtol_controls_the_error_by_atol_alone(backend):
+    # y0 e^{-t} from y0 = 1000: with rtol = 0 the accepted error is atol's, absolute, and the
+    # global error stays within a small multiple of it (the decay damps what each step
+    # leaves). Any relative share would allow 1000 * rtol: with the default rtol, 1e-4.
+    t = np.linspace(0.0, 2.0, 3)
+    y0 = np.array([1000.0, 1.0])
+    atol = 1e-9
+    sol = odecore.solve(decay, backend.asarray(y0), backend.asarray(t), rtol=0, atol=atol)
+    assert sol.success
+    error = np.abs(backend.to_numpy(sol.ys) - y0 * np.exp(-t[:, None]))
+    assert error.max() < 100 * atol
+    # Per element, and per sample of a batch: a zero element is valid.
+    rtol = backend.asarray(np.array([[0.0, 1e-6], [0.0, 0.0]]))
+    batch = odecore.solve(
+        decay, backend.asarray(np.stack([y0, y0])), backend.asarray(t), rtol=rtol, atol=atol,
+        batch_axis=0,
+    )  # fmt: skip
+    batch_error = np.abs(backend.to_numpy(batch.ys)[:, 1] - y0 * np.exp(-t[:, None]))
+    assert batch_error.max() < 100 * atol
+
+
+@pytest.mark.backend("jax")
+def test_zero_rtol_under_jit_is_valid():
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        t = jnp.linspace(0.0, 2.0, 3)
+        y0 = jnp.asarray([1000.0, 1.0])
+
+        @jax.jit
+        def run(rtol):
+            sol = odecore.solve(decay, y0, t, rtol=rtol, atol=1e-9, throw=False)
+            return sol.status, sol.ys
+
+        status, ys = run(jnp.asarray(0.0))
+        assert int(status) == int(odecore.Status.SUCCESS)
+        error = np.abs(np.asarray(ys) - np.asarray(y0) * np.exp(-np.asarray(t)[:, None]))
+        assert error.max() < 1e-7
+        status, _ = run(jnp.asarray(-1e-6))
+        assert int(status) == int(odecore.Status.INVALID_INPUT)

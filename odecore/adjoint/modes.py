@@ -87,8 +87,9 @@ def _tolerance(value, name):
         if value is not None and not hasattr(value, "shape"):
             raise TypeError(f"Backsolve({name}=...) must be a positive number, got {value!r}")
         return
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Backsolve({name}=...) must be positive and finite, got {value!r}")
+    if not (math.isfinite(value) and (value >= 0 if name == "rtol" else value > 0)):
+        need = "non-negative and finite" if name == "rtol" else "positive and finite"
+        raise ValueError(f"Backsolve({name}=...) must be {need}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ class Backsolve:
         A tolerance is neither a number nor an array, ``options`` is not a mapping, or
         ``seminorm`` is not a bool.
     ValueError
-        A tolerance is not positive and finite, ``method`` is unknown, or ``seminorm=True``
-        comes with a ``norm`` in ``options``.
+        ``rtol`` is negative, ``atol`` is not positive, a tolerance is not finite,
+        ``method`` is unknown, or ``seminorm=True`` comes with a ``norm`` in ``options``.
 
     Examples
     --------
@@ -138,7 +139,7 @@ class Backsolve:
     >>> odecore.Backsolve(rtol=-1.0)
     Traceback (most recent call last):
     ...
-    ValueError: Backsolve(rtol=...) must be positive and finite, got -1.0
+    ValueError: Backsolve(rtol=...) must be non-negative and finite, got -1.0
     """
 
     rtol: Any = None

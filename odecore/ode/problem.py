@@ -263,9 +263,9 @@ def _sample_validity(bk, y0, rtol, atol, lay, throw):
         return None
     xp = bk.xp
     valid = xp.all(xp.isfinite(y0), axis=1)
-    for tol in (rtol, atol):
+    for tol, name in ((rtol, "rtol"), (atol, "atol")):
         if not isinstance(tol, float) and tol.ndim == 2:  # per element, in (B, N) layout
-            valid = valid & xp.all(xp.isfinite(tol) & (tol > 0), axis=1)
+            valid = valid & xp.all(_validate.tolerance_ok(xp, tol, name), axis=1)
     if bk.is_traced(valid):
         return valid
     if bool(xp.all(valid)):
@@ -293,9 +293,9 @@ def _traced_shared_validity(bk, ts, rtol, atol, opts):
         return None
     xp = bk.xp
     checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1])]
-    for tol in (rtol, atol):
+    for tol, name in ((rtol, "rtol"), (atol, "atol")):
         if not isinstance(tol, float) and tol.ndim == 0:
-            checks.append(xp.isfinite(tol) & (tol > 0))
+            checks.append(_validate.tolerance_ok(xp, tol, name))
     for key in ("step_t", "jump_t"):
         if opts.get(key) is not None:
             stops = xp.astype(bk.asarray(opts[key]), bk.time_dtype)

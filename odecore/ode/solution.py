@@ -104,8 +104,9 @@ _DESCRIPTIONS = {
     ),
     Status.INVALID_INPUT: (
         "invalid input: y0 is not finite, or, found under jit, t is not strictly monotonic or "
-        "not finite, a tolerance or step size is not positive and finite, or step_t or jump_t "
-        "is not finite; the same call outside jit with throw=True names the problem"
+        "not finite, rtol is negative, atol or a step size is not positive, a tolerance is "
+        "not finite, or step_t or jump_t is not finite; the same call outside jit with "
+        "throw=True names the problem"
     ),
 }
 
