@@ -418,8 +418,8 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     kind = dtype_kind(xp, arr.dtype)
     if kind in ("integral", "bool"):
         raise TypeError(
-            f"{name} must have a real floating dtype, got {arr.dtype}; convert it, e.g. "
-            f"{name}.astype(float64) or a float literal"
+            f"{name} must have a real floating dtype, got {arr.dtype}; convert it to float64 "
+            f"or float32 first ({_conversion(bk, name)}), or write its values as floats"
         )
     if kind != "real floating":
         raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
@@ -428,6 +428,11 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
     if finite and _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr
+
+
+def _conversion(bk, name: str) -> str:
+    """How the array library converts an array ``name`` to float64, as its users write it."""
+    return f"{name}.double()" if bk.name == "torch" else f"{name}.astype(float64)"
 
 
 def tolerance_ok(xp, tol, name: str):

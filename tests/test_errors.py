@@ -118,8 +118,12 @@ def test_y0_must_be_floating(backend, values, dtype):
         y0 = backend.asarray(values, dtype=dtype)
         got, kwargs = str(y0.dtype), {}
     match = f"y0 must have a real floating dtype, got {re.escape(got)}"
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises(TypeError, match=match) as info:
         solve(backend, y0=y0, **kwargs)
+    # The conversion the message suggests works on the array the user holds.
+    suggested = re.search(r"\((y0\.[a-z]+\([a-z0-9]*\))\)", str(info.value)).group(1)
+    converted = eval(suggested, {"y0": backend.asarray(values), "float64": np.float64})
+    assert "float64" in str(converted.dtype)
 
 
 def test_y0_complex_is_refused(backend):
