@@ -116,6 +116,9 @@ class JaxAutodiff(Autodiff):
         basis = jnp.eye(size, dtype=x.dtype).reshape(size, 1, *x.shape[1:])
         return out, jax.vmap(push)(jnp.broadcast_to(basis, (size, *x.shape)))
 
+    def first_order_only(self, x, message):
+        return _first_order_only(x, message)
+
     def custom_vjp(self, rule):
         """The rule as a ``jax.custom_vjp`` function. Its forward also returns the solution's
         status and statistics, which would otherwise escape the trace of the forward.
@@ -171,6 +174,36 @@ class JaxAutodiff(Autodiff):
             return out, jax.tree_util.tree_map(_primal, aux)
 
         return call
+
+
+def _first_order_only(x, message):
+    """``x``, through a ``custom_vjp`` whose backward raises when it is differentiated in
+    turn. That happens at trace time, and inside a ``jit`` the values are tracers without
+    tangents: the backward's derivative is found where JAX takes it, by an op with a JVP rule
+    that raises (``_underived``), applied to the residual ``x``, whose tangent a second
+    derivative makes nonzero. Its value enters the cotangent times zero (NaN masked first,
+    a sample without an event), so a first derivative is unchanged."""
+
+    @jax.custom_vjp
+    def identity(x):
+        return x
+
+    def backward(x, cotangent):
+        mark = _underived(x, message)
+        return (cotangent + jnp.where(jnp.isnan(mark), 0.0, mark) * 0.0,)
+
+    identity.defvjp(lambda x: (x, x), backward)
+    return identity(x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _underived(x, message):
+    return x
+
+
+@_underived.defjvp
+def _underived_jvp(message, primals, tangents):
+    raise NotImplementedError(message)
 
 
 class JaxTracing(Tracing):

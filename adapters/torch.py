@@ -115,6 +115,12 @@ class TorchAutodiff(Autodiff):
 
         return out.detach(), pull_y, pull_all
 
+    def residual(self, x):
+        return x.detach()
+
+    def first_order_only(self, x, message):
+        return _FirstOrderIdentity.apply(x, message) if x.requires_grad else x
+
     def attach_zero_gradients(self, out, leaves):
         leaves = [x for x in leaves if x.requires_grad]
         return _ZeroGradient.apply(out, *leaves) if leaves else out
@@ -354,6 +360,25 @@ class _FirstOrderOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise NotImplementedError(ctx.message)
+
+
+class _FirstOrderIdentity(torch.autograd.Function):
+    """The identity, whose gradient may be taken once: under ``create_graph`` the gradient
+    it passes on is marked (``_FirstOrderOnly``), so that differentiating that gradient
+    raises NotImplementedError with ``message``."""
+
+    @staticmethod
+    def forward(ctx, x, message):
+        ctx.message = message
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            (x,) = ctx.saved_tensors
+            (grad,) = _FirstOrderOnly.apply(ctx.message, 1, grad, x)
+        return grad, None
 
 
 def _device_scope(x):

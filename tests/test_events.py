@@ -677,3 +677,24 @@ def test_odeint_event_refuses_several_initial_times(backend):
             lambda t, y: -y, backend.asarray([1.0]), backend.asarray([0.0, 1.0]),
             event_fn=lambda t, y: y[0] - 0.5,
         )  # fmt: skip
+
+
+@pytest.mark.backend("torch")
+def test_second_derivative_of_an_event_time_raises_on_torch():
+    # torch's 'direct' mode takes second derivatives of the states, but the event time's
+    # gradient is the implicit function theorem's to first order: its Hessian came out
+    # 20-70% off. The first derivative, with create_graph, is unchanged.
+    import torch
+
+    k = torch.tensor([K, 0.3], dtype=torch.float64, requires_grad=True)
+    event_t, _ = odecore.odeint_event(
+        lambda t, y, k: -k[0] * y * (1.0 + k[1] * t),
+        torch.tensor([Y0], dtype=torch.float64), 0.0, params=k,
+        event_fn=lambda t, y, k: y[0] - LEVEL, **TIGHT,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(event_t, k, create_graph=True)
+    # t* solves log(y0 / c) = k0 (t + k1 t^2 / 2); d t*/d k0 = -(t + k1 t^2 / 2) / (k0 (1 + k1 t)).
+    t = event_t.item()
+    assert abs(float(grad[0]) + (t + 0.3 * t**2 / 2) / (K * (1 + 0.3 * t))) < GRAD_CLOSE
+    with pytest.raises(NotImplementedError, match="second-order derivatives of an event"):
+        torch.autograd.grad(grad[0], k)

@@ -35,12 +35,12 @@ class SolveRule:
         record = self.mode == "checkpoint"
         problem, result = self.run(y0, t, record=record, leaves=list(leaves))
         ys = result.solution.ys
-        # The residuals hold the outputs through a stop_gradient alias: the framework's
-        # record of this operation keeps the residuals, and a reference back to its own
-        # output would be a cycle that keeps the tape alive until the cyclic GC runs.
-        stop = problem.backend.stop_gradient
-        f_end = None if result.f_end is None else stop(result.f_end)
-        residuals = (problem, stop(ys), result.tape, result.dt_next, f_end)
+        # The residuals hold the outputs as the framework keeps them for a backward
+        # (``Autodiff.residual``: detached on torch, with their tangents on JAX).
+        bk = problem.backend
+        keep = bk.autodiff.residual if bk.autodiff is not None else bk.stop_gradient
+        f_end = None if result.f_end is None else keep(result.f_end)
+        residuals = (problem, keep(ys), result.tape, result.dt_next, f_end)
         return ys, result.solution.report(), residuals
 
     def captured(self):

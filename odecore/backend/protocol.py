@@ -109,6 +109,24 @@ class Autodiff:
         ``leaves``: rules that differentiate only ``leaves`` would give them none."""
         return []
 
+    def first_order_only(self, x: Any, message: str) -> Any:
+        """``x`` unchanged, for a value whose gradient the core builds correctly to first
+        order only (an event time from the implicit function theorem, with its second-order
+        terms left out): a second derivative through it raises NotImplementedError with
+        ``message`` instead of coming out wrong. Unchanged by default, for a framework that
+        takes no second derivatives."""
+        return x
+
+    def residual(self, x: Any) -> Any:
+        """What a rule keeps of its own output ``x`` for its backward. Unchanged by default:
+        a framework that differentiates the backward itself by forward mode (JAX's
+        ``hessian``, forward over reverse) needs the residual to carry the output's tangent,
+        or the second derivative misses how the outputs move with the inputs. An eager
+        framework that records the rule with its residuals, and whose backward is never
+        differentiated, detaches it (a residual referring back to the output would make a
+        cycle that keeps the record alive until the cyclic collector runs)."""
+        return x
+
 
 class Tracing:
     """A library that traces: the solve may run on values not known yet (JAX under ``jit``).

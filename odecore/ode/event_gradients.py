@@ -63,10 +63,25 @@ def event_gradients(bk, func, params, t, batch_axis, events, record, solve_again
     moved = xp.astype(t_star - sg(t_star), y_stop.dtype)
     y_star = y_stop + _per_sample(xp, moved, y_stop, batch_axis) * f
     nan = math.nan
+    first_order = bk.autodiff.first_order_only
     return record._replace(
-        t=xp.where(stopped, t_star, nan),
-        y=xp.where(_per_sample(xp, stopped, y_stop, batch_axis), y_star, nan),
+        t=first_order(xp.where(stopped, t_star, nan), SECOND_ORDER_MESSAGE),
+        y=first_order(
+            xp.where(_per_sample(xp, stopped, y_stop, batch_axis), y_star, nan),
+            SECOND_ORDER_MESSAGE,
+        ),
     )
+
+
+# The corrections above are exact to first order: their stop-gradients drop the terms that a
+# second derivative needs (the curvature of g along the trajectory, the motion of f with the
+# event time), which would come out wrong rather than fail.
+SECOND_ORDER_MESSAGE = (
+    "second-order derivatives of an event's time or state (create_graph=True, "
+    "jax.hessian) are not available: their gradients come from the implicit function "
+    "theorem to first order. Differentiate them once; the states at output times before "
+    "the event have second derivatives (in torch's 'direct' mode, and on JAX)"
+)
 
 
 def _value(xp, fn, t, y, params):
