@@ -229,6 +229,15 @@ def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
         return torch.linalg.vector_norm(scaled, dim=axis).mul_(1.0 / math.sqrt(n))
 
 
+_FUNCTORCH_MESSAGE = (
+    "odecore cannot run under torch.func's transforms (grad, vmap, jacrev, jacfwd, "
+    "hessian): its solves branch on tensor values and its gradient rules are "
+    "autograd.Functions. Use torch.autograd.grad or .backward() for gradients, batch_axis= "
+    "for a batch of samples (each with its own steps), and adjoint='direct' with "
+    "create_graph=True for second derivatives; torch.func.functional_call works"
+)
+
+
 class TorchBackend(Backend):
     name = "torch"
     xp = xp_torch
@@ -295,6 +304,13 @@ class TorchBackend(Backend):
             return super().random_normal(source, shape, dtype, like)
         device = like.device if isinstance(like, torch.Tensor) else source.device
         return torch.randn(shape, generator=source, dtype=dtype, device=device)
+
+    def check_context(self) -> None:
+        # Under torch.func's transforms the solve fails deep inside (functorch refuses the
+        # rules' autograd.Function, a batching rule is missing), each time with a message
+        # about torch's internals.
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(_FUNCTORCH_MESSAGE)
 
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)

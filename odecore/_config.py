@@ -165,12 +165,15 @@ def backend_name() -> str:
 def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
     """The backend a call runs on: ``requested`` (an argument) wins over the configuration."""
     if isinstance(requested, Backend):
-        return requested
-    name = _check_name(requested) if requested is not None else backend_name()
-    if name == "auto":
-        return infer_backend(*inputs)
-    backend = get_backend(name)
-    _check_inputs_belong(backend, inputs)
+        backend = requested
+    else:
+        name = _check_name(requested) if requested is not None else backend_name()
+        if name == "auto":
+            backend = infer_backend(*inputs)
+        else:
+            backend = get_backend(name)
+            _check_inputs_belong(backend, inputs)
+    backend.check_context()
     return backend
 
 

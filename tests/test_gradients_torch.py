@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 from backend_params import framework_module
 
 pytestmark = pytest.mark.backend("torch")
@@ -923,3 +924,31 @@ def test_time_gradient_reuses_the_forward_rate_at_the_end(mode):
     # The solve's tolerance (rtol 1e-10) bounds the error of the rates and the adjoint.
     np.testing.assert_allclose(t.grad.numpy(), t_bar, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(y0.grad.numpy(), y0_bar, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev", "hessian"])
+def test_torch_func_transforms_are_refused_naming_what_to_use(transform):
+    # Each failed deep inside with a message about torch's internals (functorch refusing
+    # an autograd.Function without setup_context, a missing batching rule for moveaxis).
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def loss(k):
+        return odecore.odeint(lambda t, y, k: -k * y, y0, t, params=k)[-1].sum()
+
+    k = torch.tensor([1.0, 2.0] if transform == "vmap" else 1.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"torch\.func's transforms.*torch\.autograd\.grad"):
+        getattr(torch.func, transform)(loss)(k)
+    # torch.func.functional_call is no transform, and the solve runs under it.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 2).double()
+    params = {name: p.detach() * 0.5 for name, p in layer.named_parameters()}
+    ys = odecore.odeint(
+        lambda t, y: torch.func.functional_call(layer, params, (y,)), y0, t, rtol=1e-10,
+        atol=1e-12,
+    )  # fmt: skip
+    W, b = params["weight"].numpy(), params["bias"].numpy()
+    # y' = W y + b: y(1) = e^W y0 + W^-1 (e^W - I) b.
+    expm = scipy.linalg.expm(W)
+    exact = expm @ y0.numpy() + np.linalg.solve(W, (expm - np.eye(2)) @ b)
+    np.testing.assert_allclose(ys[-1].numpy(), exact, rtol=0, atol=1e-8)

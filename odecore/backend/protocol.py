@@ -332,6 +332,11 @@ class Backend:
     def to_host_float(self, x: Any) -> float:
         return float(x)
 
+    def check_context(self) -> None:
+        """Raise where the caller's context cannot run a call of odecore (torch.func's
+        transforms), naming what to use instead; called once per call, so it must be cheap."""
+        return None
+
     def allocation_limit(self) -> int | None:
         """Bytes beyond which a new array should be refused before it is allocated: where
         the library's own failure is not a clean error (a CPU process killed by the
