@@ -777,14 +777,12 @@ def odeint_event(
     ValueError
         ``odeint_interface`` is neither [`odeint`][odecore.odeint] nor
         [`odeint_adjoint`][odecore.odeint_adjoint], ``t0`` holds more than one time, or an
-        argument of the solve has a wrong
-        value.
+        argument of the solve has a wrong value.
     SolveError
         No event before ``options["max_num_steps"]`` steps, no event at all (the steps grew
         until the solve reached a quarter of the dtype's largest value; with ``batch_axis``,
-        for any sample), or the solve failed otherwise. Under JAX's
-        ``jit`` the outcome is not known until run time: a missing event's time and state
-        are NaN there.
+        for any sample), or the solve failed otherwise. Under JAX's ``jit`` the outcome is
+        not known until run time: a missing event's time and state are NaN there.
 
     Examples
     --------

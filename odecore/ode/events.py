@@ -230,7 +230,7 @@ class EventFunctions:
             call = f"{name}(t, y) when no params are given"
             hint = f"Write {name}(t, y), or pass what its third argument reads as params=..."
         else:
-            call = f"{name}(t, y, params) when params are given, as func's"
+            call = f"{name}(t, y, params) when params are given (as it calls func)"
             hint = "Take params as its third argument, as func does."
         _validate.explain_signature(fn, 2 if self.params is None else 3, call, hint, error)
 

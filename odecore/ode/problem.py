@@ -252,9 +252,10 @@ def _error_ratio_fn(bk, ops, opts, norm, rtol, atol, layout):
 
 
 def _sample_validity(bk, y0, rtol, atol, lay, throw):
-    """Whether each sample's y0 is finite and its per-element tolerances are positive and
-    finite, as a (B,) boolean array for the loop's initial status; None when every sample is
-    known to be valid (the state of a single eager sample, which ``_validate`` checked whole).
+    """Whether each sample's y0 is finite and its per-element tolerances are valid
+    (``_validate.tolerance_ok``), as a (B,) boolean array for the loop's initial status; None
+    when every sample is known to be valid (the state of a single eager sample, which
+    ``_validate`` checked whole).
 
     Known values are checked now: a batch whose y0 has non-finite samples raises, naming them,
     with ``throw``, and otherwise solves the others. Under jit the flags are traced, and each
