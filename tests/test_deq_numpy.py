@@ -243,6 +243,21 @@ def test_unconverged_solve_raises_with_residual_and_iterations(entry):
     assert solution.status.tolist() == [odecore.FixedPointStatus.MAX_ITER_REACHED]
 
 
+@pytest.mark.parametrize(
+    ("solver", "suggested"),
+    [("picard", "'anderson' or 'broyden'"), ("anderson", "'broyden'"), ("broyden", "'anderson'")],
+)
+def test_unconverged_solve_suggests_the_other_solvers(solver, suggested):
+    # A map with no fixed point near z0 that any of them finds in three iterations.
+    def wild(z):
+        return 3.0 * np.sin(z) + 5.0 * np.cos(7.0 * z) + 1.0
+
+    with pytest.raises(odecore.FixedPointError) as info:
+        odecore.fixed_point(wild, np.ones(2), solver=solver, max_iter=3)
+    assert f"({solver}) did not converge" in str(info.value)
+    assert f"try solver={suggested}, or check" in str(info.value)
+
+
 def test_unconverged_batch_names_the_failed_samples():
     # z -> a z + 1 per sample: a = 0.5 contracts to 1 / (1 - a) = 2, a = 2 runs away from 0.
     a = np.array([[0.5], [2.0], [0.5], [2.0]])

@@ -41,8 +41,13 @@ class FixedPointStatus(enum.IntEnum):
     MAX_ITER_REACHED = 1
     NONFINITE = 3
 
-    def describe(self) -> str:
+    def describe(self, solver: str | None = None) -> str:
         """What the status means and, for a failure, what to try.
+
+        Parameters
+        ----------
+        solver : str, optional
+            The solver that failed, left out of the ones suggested instead.
 
         Returns
         -------
@@ -55,13 +60,14 @@ class FixedPointStatus(enum.IntEnum):
         >>> odecore.FixedPointStatus.CONVERGED.describe()
         'converged'
         """
+        others = " or ".join(f"'{s}'" for s in ("anderson", "broyden") if s != solver)
         return {
             FixedPointStatus.RUNNING: "still running",
             FixedPointStatus.CONVERGED: "converged",
             FixedPointStatus.MAX_ITER_REACHED: (
-                "max_iter reached before the residual fell below tol; raise max_iter, loosen "
-                "tol, try solver='anderson' or 'broyden', or check that f is a contraction "
-                "(odecore.spectral_radius)"
+                f"max_iter reached before the residual fell below tol; raise max_iter, loosen "
+                f"tol, try solver={others}, or check that f is a contraction "
+                f"(odecore.spectral_radius)"
             ),
             FixedPointStatus.NONFINITE: (
                 "non-finite residual: f returned NaN or inf; the best finite iterate is kept"
@@ -185,7 +191,9 @@ def failure_message(
     residuals = solution.abs_residual if opts.stop_mode == "abs" else solution.rel_residual
     residual = bk.to_host_float(residuals[first])
     measure = "||f(z) - z||" if opts.stop_mode == "abs" else "||f(z) - z|| / ||f(z)||"
-    reasons = "; ".join(FixedPointStatus(c).describe() for c in sorted({status[i] for i in failed}))
+    reasons = "; ".join(
+        FixedPointStatus(c).describe(solution.solver) for c in sorted({status[i] for i in failed})
+    )
     if batched:
         shown = ", ".join(str(i) for i in failed[:10]) + (", ..." if len(failed) > 10 else "")
         where = (
