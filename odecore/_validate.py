@@ -662,6 +662,12 @@ def snapshot(bk, x):
     return bk.xp.asarray(bk.stop_gradient(x), copy=True)
 
 
+def differing(xp, a, b):
+    """Where ``a`` and ``b`` differ, elementwise, NaN counting as equal to NaN (a sample's
+    NaN, an invalid sample of a batch, is not a change)."""
+    return (a != b) & ~(xp.isnan(a) & xp.isnan(b))
+
+
 def input_kept(bk, before, after, name: str, arg: str) -> None:
     """``after`` (the array the user's function was given) must still equal ``before``, its
     ``snapshot`` from before the call. The loop hands its own state to ``func``, so writing
@@ -671,8 +677,7 @@ def input_kept(bk, before, after, name: str, arg: str) -> None:
     if isinstance(before, bytes):
         changed = after.tobytes() != before
     else:
-        xp = bk.xp
-        changed = bool(xp.any((after != before) & ~(xp.isnan(after) & xp.isnan(before))))
+        changed = bool(bk.xp.any(differing(bk.xp, after, before)))
     if changed:
         raise ValueError(
             f"{name} modified its argument {arg} in place; {arg} is the solver's own state, "

@@ -10,6 +10,7 @@ import weakref
 
 import numpy as np
 
+from odecore._validate import differing
 from odecore.backend.host import host_array
 
 TRACE_METHODS = ("exact", "hutchinson")
@@ -172,7 +173,7 @@ def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
 def _differ(xp, a, b) -> int | None:
     """The first sample (along the first axis) where ``a`` and ``b`` differ, NaN equal to NaN;
     None where none does."""
-    different = (a != b) & ~(xp.isnan(a) & xp.isnan(b))
+    different = differing(xp, a, b)
     rows = xp.reshape(different, (different.shape[0], -1))
     found = np.flatnonzero(host_array(xp.any(rows, axis=1)))
     return int(found[0]) if found.size else None
