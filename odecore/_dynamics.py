@@ -16,6 +16,7 @@ import functools
 
 from odecore import _validate
 from odecore.backend import differentiate
+from odecore.backend.signature import explain_signature
 from odecore.backend.structured import unwrap
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.ode.perturb import JumpSides, accepts_perturb
@@ -201,8 +202,9 @@ def explain_call(
     func, has_params: bool, error: TypeError, keywords=(), name="func", state="y"
 ) -> None:
     """A ``func`` whose signature does not fit odecore's call gets a TypeError saying which
-    call that is and what to write (``_validate.explain_signature``). ``name`` and ``state``:
-    what the documentation calls the function and its state (a flow's ``f(t, x)``)."""
+    call that is and what to write (``backend.signature.explain_signature``). ``name`` and
+    ``state``: what the documentation calls the function and its state (a flow's
+    ``f(t, x)``)."""
     if has_params:
         call = f"{name}(t, {state}, params) when params are given"
         hint = f"Take params as {name}'s third argument, or leave params out."
@@ -213,6 +215,4 @@ def explain_call(
             f"({name}(t, {state}, params))."
         )
     count = 3 if has_params else 2
-    _validate.explain_signature(
-        func, count, call, hint, error, keywords=keywords, in_place=name == "func"
-    )
+    explain_signature(func, count, call, hint, error, keywords=keywords, in_place=name == "func")

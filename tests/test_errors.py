@@ -230,6 +230,21 @@ def test_event_and_fixed_point_map_whose_signature_does_not_fit(backend):
         odecore.fixed_point(lambda z: 0.5 * z, backend.asarray([1.0]), k)
 
 
+def test_a_vjp_whose_signature_does_not_fit_the_call():
+    # NumPy calls the dynamics' own vjp(t, y, params, cotangent).
+    class Decay:
+        def __call__(self, t, y, k):
+            return -k[0] * y
+
+        def vjp(self, t, y, cotangent):
+            return -cotangent, None
+
+    _, pullback = odecore.vjp_odeint(Decay(), Y0, TS, np.array([1.0]))
+    with pytest.raises(TypeError, match=r"calls Decay\.vjp\(t, y, params, cotangent\), .*"
+                       r"\(t, y, cotangent\) cannot"):  # fmt: skip
+        pullback(np.ones((2, 2)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Method, tolerances, options
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from odecore.backend.protocol import Backend
+from odecore.backend.signature import explain_signature
 from odecore.backend.structured import unwrap
 from odecore.backend.tree import leaves as tree_leaves
 
@@ -86,7 +87,19 @@ def _user_vjp(bk, func, params, leaves, t, y, cot):
             f"the structure of params (None when there are no params); or use a backend "
             f"with autodiff (torch, jax)"
         )
-    cot_y, cot_params = user_vjp(t, y, params, cot)
+    try:
+        cot_y, cot_params = user_vjp(t, y, params, cot)
+    except TypeError as error:
+        name = f"{type(unwrap(func)).__name__}.vjp"
+        explain_signature(
+            user_vjp,
+            4,
+            f"{name}(t, y, params, cotangent)",
+            "Write vjp(t, y, params, cotangent) -> (cot_y, cot_params); params is None where "
+            "the solve has none.",
+            error,
+        )
+        raise
     cot_leaves = [leaf for _, leaf in tree_leaves(cot_params)] if leaves else []
     if len(cot_leaves) != len(leaves):
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from odecore import _validate
 from odecore.backend import differentiate
+from odecore.backend.signature import explain_signature
 from odecore.deq.options import describe
 
 
@@ -34,7 +35,7 @@ class Map:
         try:
             return self.f(z_user) if self.params is None else self.f(z_user, self.params)
         except TypeError as error:
-            _validate.explain_signature(self.f, *self._call, error)
+            explain_signature(self.f, *self._call, error)
             raise
 
     @property

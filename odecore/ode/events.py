@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from odecore import _validate
+from odecore.backend.signature import explain_signature
 
 DIRECTIONS = (-1, 0, 1)
 # The Illinois iteration stops at the tolerance, or after this many steps (it converges
@@ -232,7 +232,7 @@ class EventFunctions:
         else:
             call = f"{name}(t, y, params) when params are given (as it calls func)"
             hint = "Take params as its third argument, as func does."
-        _validate.explain_signature(fn, 2 if self.params is None else 3, call, hint, error)
+        explain_signature(fn, 2 if self.params is None else 3, call, hint, error)
 
 
 def _flip(xp, sign, t):
