@@ -625,6 +625,33 @@ def test_adjoint_callbacks_see_the_backward_state():
     assert all(entry[1] > 0 for entry in backward[1:])
 
 
+def test_a_callback_that_cannot_take_the_call_is_refused_before_the_solve(backend):
+    # torchdiffeq calls callback_step(t0, y0, dt); a callback without dt failed at the first
+    # step with Python's message, and an _adjoint one only in the backward pass.
+    class Decay:
+        def __call__(self, t, y):
+            return -y
+
+    class NoStepSize(Decay):
+        def callback_step(self, t0, y0):
+            pass
+
+    class AdjointNoStepSize(Decay):
+        def callback_accept_step_adjoint(self, t0, state):
+            pass
+
+    y0, t = backend.asarray([1.0]), backend.asarray([0.0, 1.0])
+    with pytest.raises(TypeError, match=r"calls NoStepSize\.callback_step\(t0, y0, dt\)"):
+        odecore.odeint(NoStepSize(), y0, t)
+    if backend.name != "torch":
+        return
+    # The backward solve's callbacks are read when it starts, before its first step.
+    ys = odecore.odeint(AdjointNoStepSize(), y0.requires_grad_(True), t, adjoint="backsolve")
+    match = r"callback_accept_step_adjoint\(t0, \(y, a, a_params\), dt\)"
+    with pytest.raises(TypeError, match=match):
+        ys.sum().backward()
+
+
 @pytest.mark.backend("jax")
 def test_callbacks_are_not_called_under_jax_and_say_so():
     import jax

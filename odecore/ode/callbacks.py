@@ -15,6 +15,7 @@ there they are not called, and the solve warns that they are not.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ def step_callbacks(bk, ops, func, layout, dynamics, adaptive: bool) -> StepCallb
     found = {name: getattr(owner, name, None) for name in NAMES}
     if not any(callable(c) for c in found.values()):
         return None
+    _check_signatures(owner, found)
     if not ops.scalar:
         _warn_not_called(owner, found)
         return None
@@ -74,6 +76,28 @@ def dynamics_name(owner) -> str:
     return getattr(owner, "__name__", None) or type(owner).__name__
 
 
+def _check_signatures(owner, found: dict) -> None:
+    """Refuse, before the solve, a callback that cannot take torchdiffeq's three arguments:
+    it would fail at the first step with Python's message, which names neither the call
+    nor the callback's owner."""
+    for name, callback in found.items():
+        if not callable(callback):
+            continue
+        try:
+            signature = inspect.signature(callback)
+        except (TypeError, ValueError):  # no signature to read
+            continue
+        try:
+            signature.bind(0, 0, 0)
+        except TypeError as mismatch:
+            state = "(y, a, a_params)" if name.endswith("_adjoint") else "y0"
+            raise TypeError(
+                f"odecore calls {dynamics_name(owner)}.{name}(t0, {state}, dt), as "
+                f"torchdiffeq does, and its signature {signature} cannot take that "
+                f"({mismatch}): the step's start time, the state there and the step size"
+            ) from None
+
+
 def _warn_not_called(owner, found: dict) -> None:
     names = ", ".join(n for n, c in found.items() if callable(c))
     warnings.warn(
@@ -93,6 +117,7 @@ def attach_adjoint_callbacks(bk, augmented, func, split) -> None:
     found = {f"{name}_adjoint": getattr(owner, f"{name}_adjoint", None) for name in NAMES}
     if not any(callable(c) for c in found.values()):
         return
+    _check_signatures(owner, found)
     if not bk.eager:
         _warn_not_called(owner, found)
         return
