@@ -85,12 +85,14 @@ def describe(value, path: str = "y0") -> tuple[Node, list[tuple[str, Any]]]:
     return walk(value, path), found
 
 
-def leaves_as(node: Node, value, path: str, who: str) -> list[tuple[str, Any]]:
+def leaves_as(
+    node: Node, value, path: str, who: str, remedy: str = "; return the same structure as y0"
+) -> list[tuple[str, Any]]:
     """The leaves of ``value``, read in the order of ``node``. Where ``value`` is not built
-    like ``node``, an error naming ``who`` (what gave ``value``: "func returned"): a
-    TypeError for another kind of container, a ValueError for other lengths or keys."""
+    like ``node``, an error naming ``who`` (what gave ``value``: "func returned") and ending
+    with ``remedy``: a TypeError for another kind of container, a ValueError for other
+    lengths or keys."""
     found: list[tuple[str, Any]] = []
-    remedy = "; return the same structure as y0"
 
     def walk(node, value, path):
         if node.kind is None:
@@ -295,7 +297,13 @@ class StateStructure:
         one array broadcasting to its part, per part) as one array like the state."""
         if not isinstance(value, (tuple, list, dict)):
             return value
-        found = leaves_as(self.node, value, name, f"{name} (structured like y0) has")
+        found = leaves_as(
+            self.node,
+            value,
+            name,
+            f"{name} (structured like y0) has",
+            f"; give {name} the structure of y0, or one number for every part",
+        )
         xp = self.xp
         arrays = []
         for (where, tol), shape in zip(found, self.shapes, strict=True):
