@@ -6,15 +6,16 @@ import inspect
 
 
 def explain_signature(
-    func, count: int, call: str, hint: str, error: TypeError, keywords=(), in_place=False
+    func, count: int, call: str, hint: str, error: TypeError | None, keywords=(), in_place=False
 ) -> None:
     """After calling ``func`` with ``count`` positional arguments (and the ``keywords``)
-    raised ``error``: when ``func``'s signature cannot take those arguments (rather than a
-    TypeError raised inside it), raise one that says how odecore calls it (``call``) and
-    what to write (``hint``). Python's own message says neither, and Numba's (``not enough
-    arguments: expected 4, got 3``) does not name the function. ``in_place``: ``func`` is an
-    ODE's rate, which the numba backend also takes in numbalsoda's in-place form. Only on
-    the error path: reading a signature costs more than a short solve's evaluation."""
+    raised ``error`` (None: before any call, to refuse early): when ``func``'s signature
+    cannot take those arguments (rather than a TypeError raised inside it), raise one that
+    says how odecore calls it (``call``) and what to write (``hint``). Python's own message
+    says neither, and Numba's (``not enough arguments: expected 4, got 3``) does not name the
+    function. ``in_place``: ``func`` is an ODE's rate, which the numba backend also takes in
+    numbalsoda's in-place form. Call it on the error path where there is one: reading a
+    signature costs more than a short solve's evaluation."""
     target = getattr(func, "py_func", func)  # a Numba dispatcher's Python function
     try:
         signature = inspect.signature(target)

@@ -15,10 +15,10 @@ there they are not called, and the solve warns that they are not.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, NamedTuple
 
+from odecore.backend.signature import explain_signature
 from odecore.backend.structured import StructuredFunc, unwrap
 
 NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -81,21 +81,15 @@ def _check_signatures(owner, found: dict) -> None:
     it would fail at the first step with Python's message, which names neither the call
     nor the callback's owner."""
     for name, callback in found.items():
-        if not callable(callback):
-            continue
-        try:
-            signature = inspect.signature(callback)
-        except (TypeError, ValueError):  # no signature to read
-            continue
-        try:
-            signature.bind(0, 0, 0)
-        except TypeError as mismatch:
+        if callable(callback):
             state = "(y, a, a_params)" if name.endswith("_adjoint") else "y0"
-            raise TypeError(
-                f"odecore calls {dynamics_name(owner)}.{name}(t0, {state}, dt), as "
-                f"torchdiffeq does, and its signature {signature} cannot take that "
-                f"({mismatch}): the step's start time, the state there and the step size"
-            ) from None
+            explain_signature(
+                callback,
+                3,
+                f"{dynamics_name(owner)}.{name}(t0, {state}, dt), as torchdiffeq does",
+                "It receives the step's start time, the state there and the step size.",
+                None,
+            )
 
 
 def _warn_not_called(owner, found: dict) -> None:
