@@ -199,7 +199,7 @@ def _vjp_name(func):
 
 
 def explain_call(
-    func, has_params: bool, error: TypeError, keywords=(), name="func", state="y"
+    func, has_params: bool, error: TypeError | None, keywords=(), name="func", state="y"
 ) -> None:
     """A ``func`` whose signature does not fit odecore's call gets a TypeError saying which
     call that is and what to write (``backend.signature.explain_signature``). ``name`` and

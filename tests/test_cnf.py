@@ -694,6 +694,11 @@ def test_a_velocity_whose_signature_does_not_fit_gets_a_clear_error(backend):
         cnf.log_prob(LinearFlow(), x)
     with pytest.raises(TypeError, match=r"calls f\(t, x, params\) .* \(t, z\) cannot"):
         cnf.log_prob(lambda t, z: -z, x, params=A)
+    # Sampling solves the velocity as the ODE's func, whose message named func(t, y).
+    with pytest.raises(TypeError, match=r"calls f\(t, x\) when no params .* \(t, z, A\)"):
+        cnf.sample(LinearFlow(), 2, 3, seed=0, backend=backend.name)
+    with pytest.raises(TypeError, match=r"calls f\(t, x, params\) .* \(t, z\) cannot"):
+        cnf.sample(lambda t, z: -z, 2, 3, params=A, seed=0)
 
 
 def test_numpy_dynamics_without_the_needed_vjp_get_a_clear_error():

@@ -43,6 +43,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from odecore._config import resolve_backend
+from odecore._dynamics import explain_call
 from odecore.backend import differentiate
 from odecore.backend.parameters import refuse_hidden_parameters
 from odecore.backend.tree import leaves as tree_leaves
@@ -592,6 +593,8 @@ def sample(
             )
     t0, t1 = _time_pair(bk, t)
     reverse = bk.xp.stack([t1, t0])
+    # The solve would call f its func(t, y); the flow's documentation calls it f(t, x).
+    explain_call(f, params is not None, None, name="f", state="x")
     return solve(f, z, reverse, params=params, **solve_kwargs).ys[-1]
 
 
