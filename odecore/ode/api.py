@@ -819,7 +819,10 @@ def odeint_event(
         )
     t0 = xp.reshape(t0, ())
     # No end time: one far enough that only the event, or max_num_steps, ends the solve.
-    horizon = float(xp.finfo(t0.dtype).max) / 4
+    # Not near the largest float: steps grow toward the horizon when the event lies behind
+    # the solution, and the controller's h * factor would overflow (a RuntimeWarning on NumPy)
+    # before the solve reached it. From the square root, no factor below it overflows.
+    horizon = math.sqrt(float(xp.finfo(t0.dtype).max))
     far = bk.stop_gradient(t0) + (-horizon if reverse_time else horizon)
     t = xp.stack([t0, xp.astype(far, t0.dtype)])
     solution = solve(func, y0, t, event=_combined_event(bk, event_fn, t0, y0, kwargs), **kwargs)
