@@ -463,6 +463,29 @@ def test_events_under_jit_and_vmap():
         np.testing.assert_allclose(grads, 1 / (K * np.asarray(y0s)), atol=GRAD_CLOSE)
 
 
+@pytest.mark.backend("jax")
+def test_an_event_not_finite_at_t0_under_jit_gives_invalid_input():
+    # Under jit the values are not known before the solve runs: the status says it.
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+
+        def status(y0):
+            sol = odecore.solve(
+                decay,
+                jnp.reshape(y0, (1,)),
+                jnp.asarray([0.0, 3.0]),
+                params=(jnp.asarray(K), jnp.asarray(LEVEL)),
+                event=lambda t, y, p: jnp.log(y[0] - 1.0),
+                throw=False,
+            )
+            return sol.status
+
+        got = jax.jit(jax.vmap(status))(jnp.asarray([3.0, 1.0]))
+    assert got.tolist() == [int(odecore.Status.EVENT), int(odecore.Status.INVALID_INPUT)]
+
+
 def test_bad_events_are_refused(backend):
     def solve(event):
         return _decay_solution_with(backend, event)
@@ -479,6 +502,47 @@ def test_bad_events_are_refused(backend):
         solve([])
     with pytest.raises(ValueError, match="max_events"):
         _decay_solution_with(backend, below_level, options={"max_events": 0})
+
+
+def test_an_event_not_finite_at_t0_is_refused(backend):
+    # A NaN compares false both ways: the event was never found, and the solve ended
+    # without it, silently (odeint_event then said the event "never crossed zero").
+    xp = backend.xp
+
+    def log_gap(t, y, params):  # log(y - y0) is -inf at t0
+        return xp.log(y[..., 0] - Y0)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        with pytest.raises(ValueError, match=r"event is -inf at t0; an event function must"):
+            _decay_solution_with(backend, log_gap)
+        with pytest.raises(ValueError, match=r"event\[1\] is nan at t0 for sample 1;"):
+            odecore.solve(
+                decay,
+                backend.asarray([[Y0], [1.0], [3.0]]),
+                backend.asarray([0.0, 3.0]),
+                params=(backend.asarray(K), backend.asarray(LEVEL)),
+                batch_axis=0,
+                event=[below_level, lambda t, y, p: xp.sqrt(y[:, 0] - 1.5)],
+            )
+    # With throw=False a batch's sample whose event is not finite at t0 (y0 = 0.5) is not
+    # solved (INVALID_INPUT), as one whose y0 is not finite, which is not asked about its
+    # event. The other finds its event: y = 1 at t = log(2) / k.
+    with np.errstate(invalid="ignore"):
+        solution = odecore.solve(
+            decay,
+            backend.asarray([[math.nan], [Y0], [0.5]]),
+            backend.asarray([0.0, 3.0]),
+            params=(backend.asarray(K), backend.asarray(LEVEL)),
+            batch_axis=0,
+            throw=False,
+            event=lambda t, y, p: xp.sqrt(y[:, 0] - 0.75) - 0.5,
+            **TIGHT,
+        )
+    invalid, event = int(odecore.Status.INVALID_INPUT), int(odecore.Status.EVENT)
+    assert backend.to_numpy(solution.status).tolist() == [invalid, event, invalid]
+    t_event = backend.to_numpy(solution.events.t)
+    assert math.isnan(t_event[0]) and math.isnan(t_event[2])
+    np.testing.assert_allclose(t_event[1], math.log(2.0) / K, rtol=CLOSE)
 
 
 def _decay_solution_with(backend, event, **kwargs):

@@ -31,7 +31,7 @@ from odecore.ode.event_gradients import (
     event_gradients,
     event_pullback,
 )
-from odecore.ode.events import Event, as_events, structured_events
+from odecore.ode.events import Event, as_events, events_at_start, structured_events
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
@@ -248,7 +248,7 @@ def _compiled_structured(bk, func, y0, t, keywords):
     def check_inputs():
         flat = flat_call(bk, func, y0, keywords)
         k = flat.keywords
-        prepare(
+        problem = prepare(
             bk,
             flat.func,
             flat.y0,
@@ -263,8 +263,18 @@ def _compiled_structured(bk, func, y0, t, keywords):
             k["throw"],
             structured_events(k["event"], flat.structure),
         )
+        _check_events_at_start(problem, k["throw"])
 
     return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs)
+
+
+def _check_events_at_start(problem, throw) -> None:
+    """The check of the event values at ``t0`` that the loop makes (``events_at_start``), on
+    the concrete inputs of a compiled solve that reported INVALID_INPUT."""
+    if problem is None or problem.events is None:
+        return
+    t0 = problem.ops.full(problem.layout.batch, problem.ts[0])
+    events_at_start(problem, t0, problem.y0, throw)
 
 
 def _solve_array(
@@ -370,7 +380,9 @@ def _solve_array(
         if compiled is not None:
             # A compiled solve has no adjoint_params (the cache refuses them), so the inputs
             # are checked as the eager solve prepares them.
-            return _raise_compiled_failures(bk, compiled, throw, lambda: prepared_problem(y0, t))
+            return _raise_compiled_failures(
+                bk, compiled, throw, lambda: _check_events_at_start(prepared_problem(y0, t), throw)
+            )
 
         def run(y0_, t_, record=False, leaves=None):
             compiled_backend = bk.kernels.solve is not None and not record

@@ -259,13 +259,14 @@ def check_event_value(bk, g, lay, i, count):
     return g
 
 
-def init_events(p, t0, y0):
-    """The event state before the first step."""
+def init_events(p, t0, y0, g0):
+    """The event state before the first step; ``g0``: the event values there
+    (``events_at_start``)."""
     ev, xp = p.events, p.backend.xp
     B, K = p.layout.batch, ev.capacity
     nan_t = xp.full((B,), math.nan, dtype=p.backend.time_dtype)
     return EventState(
-        g=ev(t0, y0, check=True),
+        g=g0,
         index=xp.full((B,), -1, dtype=p.backend.int_dtype),
         t=nan_t,
         y=xp.full(y0.shape, math.nan, dtype=y0.dtype),
@@ -273,6 +274,38 @@ def init_events(p, t0, y0):
         which=xp.full((K, B), -1, dtype=p.backend.int_dtype),
         count=xp.zeros((B,), dtype=p.backend.int_dtype),
     )
+
+
+def events_at_start(p, t0, y0, throw):
+    """The event values at ``t0`` (B, E), checked, and per sample whether they are finite (a
+    (B,) boolean array), or None when all are known to be.
+
+    A NaN compares false both ways, so its event would never be found and the solve would
+    end without it, silently; from an infinite value the root search brackets nothing. A
+    known non-finite value raises ValueError, naming the event and the sample, unless the
+    batch is solved with ``throw=False``: that sample then gets status INVALID_INPUT, as a
+    non-finite ``y0`` does (whose samples are left out here). Under jit the flags are traced
+    and decide the status alone."""
+    bk, xp = p.backend, p.backend.xp
+    g = p.events(t0, y0, check=True)
+    finite = xp.isfinite(g) | xp.logical_not(xp.all(xp.isfinite(y0), axis=1))[:, None]
+    valid = xp.all(finite, axis=1)
+    if bk.is_traced(valid):
+        return g, valid
+    if bool(xp.all(valid)):
+        return g, None
+    if throw or not p.layout.batched:
+        rows, columns = xp.nonzero(xp.logical_not(finite))
+        i, sample = int(columns[0]), int(rows[0])
+        name = "event" if len(p.events.events) == 1 else f"event[{i}]"
+        where = f" for sample {sample}" if p.layout.batched else ""
+        raise ValueError(
+            f"{name} is {float(g[sample, i])} at t0{where}; an event function must be "
+            f"finite where the solve starts, or its sign change cannot be found. Check it at "
+            f"t0 and y0 (a log or a division that is undefined there)"
+            + ("; throw=False solves the other samples" if p.layout.batched else "")
+        )
+    return g, valid
 
 
 def crossed(direction, g_old, g_new):

@@ -94,7 +94,7 @@ def run_loop(problem: Problem, record: bool, throw: bool, progress=None) -> Loop
     tape when ``record`` (for the checkpoint gradient), and reporting to ``progress`` (a
     :class:`~odecore.ode.progress.Reporter`) after every step when it is given."""
     bk = problem.backend
-    state = init_state(problem, record)
+    state = init_state(problem, record, throw)
 
     def running(s):
         return problem.ops.any(s.status == RUNNING)
@@ -128,7 +128,7 @@ def user_f_at(problem, t_user, y):
         return lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y))) * dyn.sign
 
 
-def init_state(p: Problem, record: bool) -> LoopState:
+def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
     bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
     B, T = lay.batch, p.ts_array.shape[0]
     t0 = ops.full(B, p.ts[0])
@@ -151,6 +151,12 @@ def init_state(p: Problem, record: bool) -> LoopState:
     )
     if p.valid is not None:
         status = ops.where(p.valid, status, int(Status.INVALID_INPUT))
+    events = None
+    if p.events is not None:
+        g0, events_valid = ev.events_at_start(p, t0, p.y0, throw)
+        if events_valid is not None:
+            status = ops.where(events_valid, status, int(Status.INVALID_INPUT))
+        events = ev.init_events(p, t0, p.y0, g0)
     out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
     tape = None
     if record:
@@ -170,7 +176,7 @@ def init_state(p: Problem, record: bool) -> LoopState:
         naccept=ops.full(B, 0, "int"),
         nreject=ops.full(B, 0, "int"),
         tape=tape,
-        events=None if p.events is None else ev.init_events(p, t0, p.y0),
+        events=events,
     )
 
 

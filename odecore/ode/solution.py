@@ -33,8 +33,9 @@ class Status(enum.IntEnum):
     NONFINITE_STATE
         3: the dynamics returned NaN or inf and no smaller step avoided it.
     INVALID_INPUT
-        4: a sample of a batch solved with ``throw=False`` whose ``y0`` is not finite; under
-        ``jit``, also what the checks before an eager solve would have raised for.
+        4: a sample of a batch solved with ``throw=False`` whose ``y0``, or an event
+        function's value at ``t0``, is not finite; under ``jit``, also what the checks before
+        an eager solve would have raised for.
     NONFINITE_ERROR
         5: the error estimate is not finite although the state is (check ``options["norm"]``).
     EVENT
@@ -103,10 +104,10 @@ _DESCRIPTIONS = {
         "no smaller step can help"
     ),
     Status.INVALID_INPUT: (
-        "invalid input: y0 is not finite, or, found under jit, t is not strictly monotonic or "
-        "not finite, rtol is negative, atol or a step size is not positive, a tolerance is "
-        "not finite, or step_t or jump_t is not finite; the same call outside jit with "
-        "throw=True names the problem"
+        "invalid input: y0 is not finite, or an event function is not finite at t0, or, "
+        "found under jit, t is not strictly monotonic or not finite, rtol is negative, atol "
+        "or a step size is not positive, a tolerance is not finite, or step_t or jump_t is "
+        "not finite; the same call outside jit with throw=True names the problem"
     ),
 }
 
