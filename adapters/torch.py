@@ -163,10 +163,10 @@ class TorchAutodiff(Autodiff):
         # Records a graph of the VJP itself (create_graph) only when the caller records one
         # and wants it: a solve evaluating under no_grad (a rule's forward, evaluation) or
         # one that nothing differentiates pays for none.
-        higher = differentiable and torch.is_grad_enabled()
+        recording = torch.is_grad_enabled()
+        higher = differentiable and recording
         with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
+            x = _differentiable_input(x, recording)
             out = fn(x)
 
         def pullback(cotangent):
@@ -183,10 +183,10 @@ class TorchAutodiff(Autodiff):
     def basis_products(self, fn, x, differentiable=True):
         # One backward pass for the whole basis (autograd's batched gradients, vmap over the
         # backward graph) instead of one per basis vector.
-        higher = differentiable and torch.is_grad_enabled()
+        recording = torch.is_grad_enabled()
+        higher = differentiable and recording
         with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
+            x = _differentiable_input(x, recording)
             out = fn(x)
         size = math.prod(x.shape[1:])
         basis = torch.eye(size, dtype=x.dtype, device=x.device)
@@ -209,6 +209,17 @@ class TorchAutodiff(Autodiff):
             return out, aux[0]
 
         return apply
+
+
+def _differentiable_input(x, recording):
+    """``x`` to differentiate ``fn`` at: itself where the caller records a graph through it
+    (its derivatives then reach what ``x`` came from), else a fresh leaf. Under no_grad a
+    view of a tensor that requires grad (a rule's forward slicing its input) still says
+    ``requires_grad``, though nothing recorded how it was made: differentiating from it gave
+    a Jacobian of zeros, and a flow's log-density without its trace."""
+    if recording and x.requires_grad:
+        return x
+    return x.detach().requires_grad_(True)
 
 
 def _stacked_stages(method, y0):
