@@ -1034,7 +1034,9 @@ def _reversed_case() -> Case:
 # there, and every parameter's sensitivity switches on or off. The jump in f is modest, so
 # a backward solve that crosses it without landing, with the parameter adjoint left out of
 # its error control (seminorm), takes a step long enough for the switch's quadrature error
-# to exceed the tolerance a thousandfold.
+# to exceed the tolerance a thousandfold. At t = 0.75 itself f takes the value before the
+# jump (``t <= JUMP_TIME``): a step that starts on the jump must evaluate just after it, and
+# one that evaluated at the jump itself would take the wrong piece.
 
 JUMP_TIME = 0.75
 
@@ -1042,14 +1044,14 @@ JUMP_TIME = 0.75
 def _jump_func(t, y, params):
     xp = array_api_compat.array_namespace(y)
     k1, k2, b1, b2 = params
-    before = t < JUMP_TIME
+    before = t <= JUMP_TIME
     return -xp.where(before, k1, k2) * y + xp.where(before, b1, b2)
 
 
 def _jump_vjp(t, y, params, cotangent):
     xp = array_api_compat.array_namespace(y)
     k1, k2, b1, b2 = params
-    before = t < JUMP_TIME
+    before = t <= JUMP_TIME
     zero = xp.zeros_like(k1)
     cot_rate, cot_source = -xp.sum(cotangent * y), xp.sum(cotangent)
     cot_params = (
@@ -1072,7 +1074,7 @@ def _jump_matrix(params, piece):
 
 
 def _jump_kernel(t, y, dy, p):
-    before = t < JUMP_TIME
+    before = t <= JUMP_TIME
     rate = p[0] if before else p[1]
     source = p[2] if before else p[3]
     for i in range(y.shape[0]):
@@ -1080,7 +1082,7 @@ def _jump_kernel(t, y, dy, p):
 
 
 def _jump_kernel_vjp(t, y, p, cotangent, y_bar, p_bar):
-    before = t < JUMP_TIME
+    before = t <= JUMP_TIME
     rate = p[0] if before else p[1]
     cot_rate = 0.0
     cot_source = 0.0

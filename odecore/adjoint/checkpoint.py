@@ -4,7 +4,6 @@ backward with local vector-Jacobian products.
 
 from __future__ import annotations
 
-from odecore.ode.loop import capped_at
 from odecore.ode.tape import KernelTape, TapeBuffers, checkpoint_rows
 
 
@@ -59,7 +58,7 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
         t, h, t_new, y, accept = tape.record(start + k - 1, states[k - 1])
         hy = ops.to_state(h)
         stages, _ = solver.linearized(
-            evaluate, t, y, h, hy, solver.new_node, cap=_left_limit(problem, t_new)
+            evaluate, t, y, h, hy, solver.new_node, cap=_replayed_times(problem, t, t_new)
         )
         y_new = solver.node_input(solver.new_node, y, hy, stages)
         return k + 1, start, bk.write(states, k, ops.select_rows(accept, y_new, y))
@@ -85,14 +84,21 @@ def _replay_buffers(problem, tape, a, leaves_bar, out_bar):
     return a, leaves_bar
 
 
-def _left_limit(problem, t_new):
-    """The bound on a replayed step's evaluation times, or None: a step that ended on a jump
-    evaluated its stages at c = 1 just before it (see odecore.ode.loop.step), and its replay
-    must see the same left limit."""
+def _replayed_times(problem, t, t_new):
+    """The bound on a replayed step's evaluation times, or None, so that the replay
+    evaluates where the forward step did (see odecore.ode.loop.step): a step that ended on
+    a jump evaluated its stages at c = 1 just before it (the left limit), and a step that
+    starts on one took as its first stage f just after it (the right limit)."""
     if problem.jumps is None:
         return None
     ops = problem.ops
-    return capped_at(ops, ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps)))
+    t_left = ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps))
+    start = ops.where(ops.is_member(t, problem.jumps), ops.nextafter_up(t), t)
+
+    def cap(t_stage):
+        return ops.maximum(ops.minimum(t_stage, t_left), start)
+
+    return cap
 
 
 def _replay_step(problem, record, a, out_bar):
@@ -112,7 +118,7 @@ def _replay_step(problem, record, a, out_bar):
     # Recompute the stages of the step before y_new, keeping each evaluation's pullback: the
     # VJPs below reuse these evaluations instead of repeating them. The stages from y_new's
     # on serve only the interpolant (see _interpolated_cotangents).
-    cap = _left_limit(problem, t_new)
+    cap = _replayed_times(problem, t, t_new)
     stages = solver.linearized(dyn.linearize, t, y, h, hy, new_node, cap=cap)
 
     k_bar = [None] * (new_node + 1)
