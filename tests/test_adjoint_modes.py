@@ -122,3 +122,40 @@ def test_mode_objects_are_values():
     assert odecore.Checkpoint() == odecore.Checkpoint()
     with pytest.raises(AttributeError):
         odecore.Backsolve().rtol = 1.0
+
+
+class _Decay:
+    def __call__(self, t, y, a):
+        return -a * y
+
+    def vjp(self, t, y, a, cotangent):
+        return -a * cotangent, -(cotangent * y).sum()
+
+
+def test_linear_outputs_between_fixed_steps_get_their_own_gradient(backend):
+    # rk4 at h = 0.4 with an output at t = 0.25, inside the first step, interpolated
+    # linearly: y(0.25) = y0 (1 - theta + theta R(-a h)), theta = 0.25 / h, with R the
+    # stability polynomial of any four-stage fourth-order method. checkpoint sent the
+    # output's cotangent through the cubic interpolant instead (24% off in a).
+    a, h, theta = 1.3, 0.4, 0.625
+    z = -a * h
+    R = 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24
+    dR = 1 + z + z**2 / 2 + z**3 / 6  # dR/dz
+    ys, pullback = odecore.vjp_odeint(
+        _Decay(),
+        backend.asarray(Y0),
+        backend.asarray([0.0, 0.25, 0.8]),
+        params=backend.asarray(a),
+        method="rk4",
+        options={"step_size": h, "interp": "linear"},
+        adjoint="checkpoint",
+    )
+    out = 1 - theta + theta * R
+    np.testing.assert_allclose(backend.to_numpy(ys[1]), Y0 * out, rtol=1e-14)
+    cotangent = np.zeros((3, 2))
+    cotangent[1] = 1.0
+    y0_bar, a_bar, t_bar = (backend.to_numpy(g) for g in pullback(backend.asarray(cotangent)))
+    np.testing.assert_allclose(y0_bar, [out, out], rtol=1e-14)
+    np.testing.assert_allclose(a_bar, Y0.sum() * theta * dR * -h, rtol=1e-13)
+    # An output time's gradient is f there (the flow's, not the discrete step's).
+    np.testing.assert_allclose(t_bar[1], -a * Y0.sum() * out, rtol=1e-13)

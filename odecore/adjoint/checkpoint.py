@@ -131,6 +131,16 @@ def _replay_step(problem, record, a, out_bar):
         if exact:  # the forward pass wrote y_new itself, not the interpolant
             cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
             input_bar[new_node] = input_bar[new_node] + cot
+    if interpolated and problem.interp == "linear":
+        # The output was y + theta (y_new - y) (odecore.ode.outputs): its cotangent splits
+        # between y and y_new, and no stage is evaluated.
+        h_safe = ops.where(h > 0, h, 1.0)
+        for index, mask, _ in interpolated:
+            cot = ops.select_rows(mask, out_bar[ops.out_index(index, rows)], a_in * 0.0)
+            theta_cot = ops.to_state((problem.ts[index] - t) / h_safe) * cot
+            input_bar[new_node] = input_bar[new_node] + theta_cot
+            y_bar = y_bar + (cot - theta_cot)
+        interpolated = []
     if interpolated:
         # A tracing backend does not know which steps hold an interpolated output (most do
         # not): the interpolant's cotangents, with the evaluation of f(t_new, y_new) and any
