@@ -709,16 +709,42 @@ def test_vjp_fixed_point_rejects_unknown_options():
         odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), tolerance=1e-3)
 
 
-def test_unconverged_backward_reports_its_status():
-    sol, pullback = odecore.vjp_fixed_point(
-        Tanh(),
-        Z0,
-        tanh_params(),
-        backward_solver="picard",
-        backward_max_iter=2,
-        batch_axis=0,
-        **TIGHT,
-    )
+def test_unconverged_backward_raises_or_with_throw_false_reports_its_status():
+    # Two Picard iterations do not solve the backward; its best iterate would give a wrong
+    # gradient, and that was returned without a word.
+    kwargs = {"backward_solver": "picard", "backward_max_iter": 2, "batch_axis": 0, **TIGHT}
+    sol, pullback = odecore.vjp_fixed_point(Tanh(), Z0, tanh_params(), **kwargs)
+    failed = rf"backward_solver='picard'\) did not converge for {Z0.shape[0]} of {Z0.shape[0]} "
+    with pytest.raises(odecore.FixedPointError, match=failed):
+        pullback(tanh_loss_weights())
+    assert (sol.stats["backward_status"] == odecore.FixedPointStatus.MAX_ITER_REACHED).all()
+    sol, pullback = odecore.vjp_fixed_point(Tanh(), Z0, tanh_params(), throw=False, **kwargs)
     pullback(tanh_loss_weights())
     assert (sol.stats["backward_status"] == odecore.FixedPointStatus.MAX_ITER_REACHED).all()
     assert (sol.stats["backward_iterations"] == 2).all()
+
+
+class _Scaled:
+    """f(z) = c z + p: z* = p / (1 - c), dz*/dp = 1 / (1 - c); J_f = c I."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def __call__(self, z, p):
+        return self.c * z + p
+
+    def vjp(self, z, p, u):
+        return self.c * u, u
+
+
+@pytest.mark.parametrize("c", [0.5, -1.5])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_gmres_backward_when_the_krylov_space_is_invariant(c, n):
+    # J_f = c I: GMRES's second basis vector is rounding. It was scaled up to a direction
+    # of noise and the small least-squares system was singular (NumPy's LinAlgError).
+    # -1.5 is no contraction, so the forward takes Anderson.
+    sol, pullback = odecore.vjp_fixed_point(
+        _Scaled(c), np.zeros(n), np.ones(n), solver="anderson", backward_solver="gmres", **TIGHT
+    )
+    np.testing.assert_allclose(sol.z, np.full(n, 1 / (1 - c)), rtol=1e-10)
+    np.testing.assert_allclose(pullback(np.ones(n)), np.full(n, 1 / (1 - c)), rtol=1e-10)

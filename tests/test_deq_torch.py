@@ -494,3 +494,39 @@ def test_backward_linearization_is_checked():
         odecore.fixed_point(lambda z: torch.cos(z), t64([0.0]), backward_linearization="twice")
     with pytest.raises(TypeError, match="backward_linearization"):
         odecore.fixed_point(lambda z: torch.cos(z), t64([0.0]), backward_linearization=1)
+
+
+def test_a_backward_that_does_not_converge_raises_instead_of_a_wrong_gradient():
+    # f = c z + p: dz*/dp = 1 / (1 - c). A Picard backward on c = -1.5 diverges and left the
+    # gradient at its start, 0 (for 0.4); at c = 0.99, 20 iterations gave 1 - 0.99^20 over
+    # 1 - 0.99, 18.2 (for 100).
+    picard = {"backward_solver": "picard"}
+    for c, options in ((-1.5, picard), (0.99, {**picard, "backward_max_iter": 20})):
+        p = t64(np.ones(2), grad=True)
+        z = odecore.fixed_point(
+            lambda z, p, c=c: c * z + p, t64(np.zeros(2)), p, solver="anderson", **options, **TIGHT
+        )
+        np.testing.assert_allclose(z.detach().numpy(), 1 / (1 - c), rtol=1e-10)
+        with pytest.raises(odecore.FixedPointError, match="implicit backward .* did not converge"):
+            z.sum().backward()
+    # The same with throw=False: the best iterate's gradient, and the status says it.
+    p = t64(np.ones(2), grad=True)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: 0.99 * z + p, t64(np.zeros(2)), p, **picard, backward_max_iter=20,
+        throw=False, **TIGHT,
+    )  # fmt: skip
+    sol.z.sum().backward()
+    assert int(sol.stats["backward_status"][0]) == odecore.FixedPointStatus.MAX_ITER_REACHED
+    np.testing.assert_allclose(p.grad.numpy(), (1 - 0.99**20) / (1 - 0.99), rtol=1e-10)
+
+
+@pytest.mark.parametrize("c", [0.5, -1.5])
+def test_gmres_backward_when_the_krylov_space_is_invariant(c):
+    # J_f = c I: torch.linalg.solve refused the singular least-squares system.
+    p = t64(np.ones(5), grad=True)
+    z = odecore.fixed_point(
+        lambda z, p: c * z + p, t64(np.zeros(5)), p, solver="anderson", backward_solver="gmres",
+        **TIGHT,
+    )  # fmt: skip
+    z.sum().backward()
+    np.testing.assert_allclose(p.grad.numpy(), 1 / (1 - c), rtol=1e-10)

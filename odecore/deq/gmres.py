@@ -18,6 +18,7 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
     B, N = w.shape
     restart = max(1, min(restart, N))
     tiny = xp.finfo(w.dtype).tiny
+    eps = xp.finfo(w.dtype).eps
     # "rel" measures the linear residual against the right-hand side, per sample.
     tol = tol * norm(xp, w) if stop_mode == "rel" else tol
 
@@ -45,19 +46,33 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
         h_cols = []
         for j in range(restart):
             v = apply_op(basis[j])
+            scale = norm(xp, v)
             col = []
             for i in range(j + 1):  # modified Gram-Schmidt
                 hij = xp.sum(v * basis[i], axis=-1)
                 v = v - hij[:, None] * basis[i]
                 col.append(hij)
             hnext = norm(xp, v)
+            # A breakdown: the Krylov space is invariant (J_f a multiple of the identity, or
+            # fewer directions than restart), and what is left of v is rounding. Scaled up,
+            # it would be a new direction of noise; the basis ends there instead (zero
+            # vectors, whose columns of H are zero and whose coefficients the solve below
+            # sets to zero), and the solution lies in the space built so far.
+            ended = hnext <= 16 * eps * scale
+            hnext = xp.where(ended, xp.zeros_like(hnext), hnext)
             col.append(hnext)
             col += [xp.zeros_like(hnext)] * (restart - j - 1)
             h_cols.append(xp.stack(col, axis=-1))  # (B, restart + 1)
-            basis.append(v / (hnext + tiny)[:, None])
+            basis.append(xp.where(ended[:, None], xp.zeros_like(v), v / (hnext + tiny)[:, None]))
         H = xp.stack(h_cols, axis=-1)  # (B, restart + 1, restart)
         Ht = xp.matrix_transpose(H)
-        normal = Ht @ H + tiny**0.5 * xp.eye(restart, dtype=w.dtype)
+        normal = Ht @ H
+        # The least-squares problem by its normal equations, regularised relative to their
+        # scale: zero columns (a basis that ended early) then get zero coefficients, where
+        # an absolute regularisation below rounding left the matrix singular.
+        size = xp.max(xp.abs(normal), axis=(-2, -1))
+        lam = eps * xp.where(size > 0, size, xp.ones_like(size))
+        normal = normal + lam[:, None, None] * xp.eye(restart, dtype=w.dtype)
         rhs = Ht[:, :, 0] * beta[:, None]
         y = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
         V = xp.stack(basis[:restart], axis=1)  # (B, restart, N)

@@ -7,9 +7,11 @@ parameter gradient is then ``u df/dparams``.
 
 from __future__ import annotations
 
+import math
+
 from odecore.deq.gmres import gmres
 from odecore.deq.iteration import Loop
-from odecore.deq.solution import FixedPointSolution
+from odecore.deq.solution import CONVERGED, FixedPointError, FixedPointSolution, FixedPointStatus
 
 
 class FixedPointRule:
@@ -152,7 +154,41 @@ class FixedPointRule:
             # must not leak into the solution the caller holds.
             self.solution.stats["backward_iterations"] = iterations
             self.solution.stats["backward_status"] = status
-        return u
+        return self._checked_cotangent(u, iterations, status)
+
+    def _checked_cotangent(self, u, iterations, status):
+        """``u``, where the backward converged for every sample. Where it did not, its best
+        iterate would give a gradient that is wrong by any amount (a diverging Picard
+        backward leaves u = 0), so with ``throw`` a known failure raises FixedPointError, as
+        the forward does, and under jit, where nothing can be raised, the gradient is NaN,
+        as a failed ODE solve's is. ``throw=False`` keeps the best iterate, its status in
+        the solution's ``stats["backward_status"]``."""
+        bk, xp, opts = self.bk, self.bk.xp, self.opts
+        if not opts.throw:
+            return u
+        converged = xp.all(status == CONVERGED)
+        if bk.is_traced(converged):
+            return xp.where(converged, u, xp.full_like(u, math.nan))
+        if bool(converged):
+            return u
+        codes = [int(c) for c in xp.reshape(status, (-1,))]
+        failed = [i for i, c in enumerate(codes) if c != CONVERGED]
+        first = failed[0]
+        reason = FixedPointStatus(codes[first]).name
+        where = (
+            f" for {len(failed)} of {len(codes)} samples (first: sample {first}, {reason})"
+            if self.layout.batched
+            else f" ({reason})"
+        )
+        raise FixedPointError(
+            f"odecore: the implicit backward of the fixed point (backward_solver="
+            f"'{opts.backward_solver}') did not converge{where} after "
+            f"{int(xp.reshape(iterations, (-1,))[first])} iterations, so its gradient would be "
+            f"wrong. Raise backward_max_iter, loosen backward_tol, try backward_solver="
+            f"'gmres' or 'anderson', or take backward='one_step' for an approximate gradient; "
+            f"throw=False keeps the best iterate's gradient, with stats['backward_status']",
+            self.solution,
+        )
 
     def _unrolled(self, z_star, w):
         """Backpropagate through ``k`` steps ``z <- (1 - d) z + d f(z)`` from the detached
