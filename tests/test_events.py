@@ -545,6 +545,40 @@ def test_an_event_not_finite_at_t0_is_refused(backend):
     np.testing.assert_allclose(t_event[1], math.log(2.0) / K, rtol=CLOSE)
 
 
+def test_scipy_event_attributes_are_honoured():
+    # scipy's solve_ivp reads `terminal` and `direction` off its event functions; odecore
+    # passed over them, and a terminal, falling event written for scipy stopped at the
+    # rising crossing. A ball thrown up from h = -1: h = -1 + v0 t - g t^2 / 2 is 0 rising
+    # at t- and falling at t+ = (v0 + sqrt(v0^2 - 2 g)) / g.
+    from scipy.integrate import solve_ivp
+
+    g, v0 = 9.81, 5.0
+
+    def ball(t, y):
+        return np.array([y[1], -g])
+
+    def ground(t, y):
+        return y[0]
+
+    ground.terminal, ground.direction = True, -1.0
+    t_fall = (v0 + math.sqrt(v0**2 - 2 * g)) / g
+    t_rise = (v0 - math.sqrt(v0**2 - 2 * g)) / g
+    y0, ts = np.array([-1.0, v0]), np.array([0.0, 2.0])
+    sol = odecore.solve(ball, y0, ts, event=ground, **TIGHT)
+    assert sol.status == odecore.Status.EVENT
+    np.testing.assert_allclose(float(sol.events.t), t_fall, rtol=CLOSE)
+    scipy_sol = solve_ivp(ball, (0.0, 2.0), y0, events=ground, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(sol.events.t), scipy_sol.t_events[0][0], rtol=CLOSE)
+    # terminal = False: both crossings recorded, the solve goes on to the end.
+    ground.terminal, ground.direction = False, 0
+    sol = odecore.solve(ball, y0, ts, event=[ground], **TIGHT)
+    assert sol.status == odecore.Status.SUCCESS
+    np.testing.assert_allclose(sol.events.times[:2], [t_rise, t_fall], rtol=CLOSE)
+    ground.terminal = 2  # scipy: stop at the second crossing
+    with pytest.raises(ValueError, match=r"event\[0\].terminal = 2: scipy stops after"):
+        odecore.solve(ball, y0, ts, event=[ground])
+
+
 def _decay_solution_with(backend, event, **kwargs):
     return odecore.solve(
         decay,

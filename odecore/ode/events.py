@@ -19,6 +19,7 @@ gives it the implicit function theorem's: from ``g(t*, y(t*; theta), theta) = 0`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -100,13 +101,41 @@ def as_events(event) -> tuple[Event, ...] | None:
         if isinstance(e, Event):
             events.append(e)
         elif callable(e):
-            events.append(Event(e))
+            events.append(
+                _with_scipy_attributes(e, i if isinstance(event, (list, tuple)) else None)
+            )
         else:
             where = "event" if not isinstance(event, (list, tuple)) else f"event[{i}]"
             raise TypeError(
                 f"{where} must be a callable g(t, y) or an odecore.Event, got {type(e).__name__}"
             )
     return tuple(events)
+
+
+def _with_scipy_attributes(fn, i) -> Event:
+    """A plain function as an :class:`Event`, with the ``terminal`` and ``direction``
+    attributes scipy's ``solve_ivp`` reads from its event functions, where it has them: a
+    function written for scipy keeps its meaning (they were passed over, and its terminal,
+    falling event stopped at the first rising crossing). Without them, odecore's defaults:
+    terminal, either direction."""
+    name = "event" if i is None else f"event[{i}]"
+    terminal = getattr(fn, "terminal", True)
+    if isinstance(terminal, numbers.Integral) and not isinstance(terminal, bool):
+        if terminal not in (0, 1):
+            raise ValueError(
+                f"{name}.terminal = {terminal}: scipy stops after that many crossings; odecore "
+                f"stops at the first (terminal = True). Set terminal = False to record every "
+                f"crossing (Solution.events.times), or stop at the first"
+            )
+        terminal = bool(terminal)
+    if not isinstance(terminal, bool):
+        raise TypeError(f"{name}.terminal must be True or False, got {terminal!r}")
+    direction = getattr(fn, "direction", 0)
+    if isinstance(direction, bool) or not isinstance(direction, numbers.Real):
+        raise TypeError(f"{name}.direction must be a number (its sign is used), got {direction!r}")
+    if math.isnan(direction):
+        raise ValueError(f"{name}.direction is NaN; use +1 (rising), -1 (falling) or 0 (either)")
+    return Event(fn, terminal=terminal, direction=(direction > 0) - (direction < 0))
 
 
 def structured_events(events, structure):
