@@ -208,14 +208,35 @@ def tableau(method: str | None, opts: dict | None = None) -> Tableau:
     that grid."""
     name = DEFAULT_METHOD if method is None else method
     if not isinstance(name, str) or name not in TABLEAUS:
+        hint = _OTHER_NAMES.get(name, "") if isinstance(name, str) else ""
         raise ValueError(
             f"unknown method {method!r}; valid methods are: fixed-step "
-            f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}"
+            f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}; and "
+            f"'scipy_solver' (options={{'solver': ...}}: any of scipy's solve_ivp methods, "
+            f"LSODA and BDF for stiff problems){hint}"
         )
     tab = TABLEAUS[name]
     if isinstance(opts, dict) and tab.adaptive and _fixed_grid(opts):
         return fixed_step(tab)
     return tab
+
+
+# The names other libraries give their methods, and odecore's for the same or the nearest.
+_SCIPY_STIFF = ", or 'scipy_solver' with options={'solver': 'LSODA'} for stiff problems"
+_OTHER_NAMES = {
+    "RK45": ". scipy's RK45 is 'dopri5' (the same stages)",
+    "DOP853": ". scipy's DOP853 is 'dopri8' (the same stages and error estimate)",
+    "RK23": ". scipy's RK23 is 'bosh3' (the same stages)",
+    **{
+        m: f". {m} runs through method='scipy_solver', options={{'solver': '{m}'}}"
+        for m in ("LSODA", "BDF", "Radau")
+    },
+    **{
+        m: f". torchdiffeq's {m} has no counterpart here: take an adaptive Runge-Kutta method "
+        f"(dopri5){_SCIPY_STIFF}"
+        for m in ("explicit_adams", "implicit_adams", "fixed_adams")
+    },
+}
 
 
 def _fixed_grid(opts: dict) -> bool:

@@ -256,6 +256,24 @@ def test_unknown_method_lists_valid_ones(backend, method):
         solve(backend, method=method)
     for name in odecore.METHODS:
         assert name in str(info.value)
+    assert "'scipy_solver'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "pointer"),
+    [
+        ("RK45", r"scipy's RK45 is 'dopri5'"),
+        ("DOP853", r"scipy's DOP853 is 'dopri8'"),
+        ("RK23", r"scipy's RK23 is 'bosh3'"),
+        ("LSODA", r"method='scipy_solver', options=\{'solver': 'LSODA'\}"),
+        ("implicit_adams", r"torchdiffeq's implicit_adams has no counterpart .* 'LSODA'"),
+    ],
+)
+def test_another_librarys_method_name_points_to_odecores(method, pointer):
+    # scipy's and torchdiffeq's names got the list of odecore's alone, without
+    # 'scipy_solver', which runs scipy's LSODA, BDF and Radau.
+    with pytest.raises(ValueError, match=pointer):
+        odecore.odeint(lambda t, y: -y, np.ones(1), np.linspace(0.0, 1.0, 3), method=method)
 
 
 # rtol may be 0 (the error is then measured against atol alone, as torchdiffeq, diffrax
