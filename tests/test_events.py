@@ -639,6 +639,34 @@ def test_odeint_event_matches_torchdiffeq(interface, reverse_time):
     np.testing.assert_allclose(g_ours, [1 / (K * Y0), -math.log(Y0 / level) / K**2], atol=1e-7)
 
 
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+@pytest.mark.parametrize("reverse_time", [False, True])
+def test_odeint_takes_torchdiffeqs_event_fn(interface, reverse_time):
+    # torchdiffeq's odeint(func, y0, [t0, t1], event_fn=...) solves from t0 in the direction
+    # of t1 until the event; odecore's odeint refused the keyword. The event time and its
+    # gradients against the closed form t* = log(y0 / c) / k (backward: from y0 up to c).
+    import torch
+
+    k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([Y0], dtype=torch.float64, requires_grad=True)
+    level = LEVEL if not reverse_time else 4.0
+    t = torch.tensor([0.0, -1.0 if reverse_time else 1.0], dtype=torch.float64)
+    event_t, states = getattr(odecore, interface)(
+        lambda t, y, k: -k * y, y0, t, params=k, event_fn=lambda t, y, k: y[0] - level,
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    expected = math.log(Y0 / level) / K
+    assert abs(float(event_t.detach()) - expected) < CLOSE
+    np.testing.assert_allclose(states.detach().numpy(), [[Y0], [level]], atol=1e-8)
+    grads = [float(g) for g in torch.autograd.grad(event_t, (y0, k))]
+    np.testing.assert_allclose(grads, [1 / (K * Y0), -math.log(Y0 / level) / K**2], atol=1e-7)
+    with pytest.raises(ValueError, match=r"t must be \[t0, t1\] .* got shape \(3,\)"):
+        odecore.odeint(lambda t, y: -y, y0, torch.zeros(3), event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match="both event= and event_fn="):
+        odecore.odeint(lambda t, y: -y, y0, t, event_fn=lambda t, y: y[0], event=lambda t, y: y[0])
+
+
 def test_vjp_odeint_event_gradients_of_a_batch():
     y0s = np.array([[2.0], [1.0], [3.0]])
     params = (np.array(K), np.array(LEVEL))

@@ -561,6 +561,7 @@ def odeint(
     adjoint_params: Sequence[Any] | None = None,
     event: Any = None,
     progress: Any = None,
+    event_fn: Callable[..., Any] | None = None,
 ) -> Any:
     """Solve an initial value problem and return the state at every time in ``t``.
 
@@ -673,13 +674,17 @@ def odeint(
     progress : bool, tqdm bar or ProgressTarget, optional
         Shows the time reached and the steps taken while the solve runs, as in
         [`solve`][odecore.solve].
+    event_fn : callable, optional
+        torchdiffeq's event mode: ``t`` is ``[t0, t1]``, only its direction counts, and the
+        solve runs from ``t0`` until ``event_fn(t, y)`` crosses zero; returns ``(event_t,
+        states)`` as [`odeint_event`][odecore.odeint_event] does, which it calls.
 
     Returns
     -------
     ys : array or pytree of arrays
         The states at the times ``t``, shape ``(len(t), *y0.shape)``; for a structured ``y0``,
         its structure with each part of shape ``(len(t), *part.shape)``. Arrays of ``y0``'s
-        library, dtype and device.
+        library, dtype and device. With ``event_fn``: ``(event_t, states)``.
 
     Raises
     ------
@@ -715,6 +720,24 @@ def odeint(
     >>> bool(np.allclose(ys[-1], np.exp(-0.5) * np.array([1.0, 2.0]), rtol=1e-8))
     True
     """
+    keywords = {
+        "params": params,
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "batch_axis": batch_axis,
+        "backend": backend,
+        "adjoint": adjoint,
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+        "progress": progress,
+    }
+    if event_fn is not None:
+        return _odeint_until_event(func, y0, t, event_fn, event, keywords)
     return solve(
         func,
         y0,
@@ -735,6 +758,33 @@ def odeint(
         event=event,
         progress=progress,
     ).ys
+
+
+def _odeint_until_event(func, y0, t, event_fn, event, keywords):
+    """torchdiffeq's ``odeint(..., event_fn=...)``: ``t = [t0, t1]`` gives the start and the
+    direction, and the solve runs until the event (:func:`odeint_event`)."""
+    if event is not None:
+        raise ValueError(
+            "odeint got both event= and event_fn=; event_fn (torchdiffeq's) solves until its "
+            "event and returns (event_t, states), event= records events on the way to t[-1]: "
+            "pass one"
+        )
+    bk = resolve_backend(keywords["backend"], {"y0": y0, "t": t, "params": keywords["params"]})
+    t_arr = bk.asarray(t) if not bk.owns(t) else t
+    if t_arr.ndim != 1 or t_arr.shape[0] != 2:
+        raise ValueError(
+            f"with event_fn, t must be [t0, t1] (two times: the start, and a time that gives "
+            f"the direction), as torchdiffeq requires; got shape {tuple(t_arr.shape)}"
+        )
+    backward = t_arr[1] < t_arr[0]
+    if bk.is_traced(backward):
+        raise ValueError(
+            "with event_fn, odeint reads the direction off t, which is traced here; call "
+            "odecore.odeint_event(func, y0, t0, event_fn=..., reverse_time=...) instead"
+        )
+    return odeint_event(
+        func, y0, t_arr[0], event_fn=event_fn, reverse_time=bool(backward), **keywords
+    )
 
 
 def odeint_event(
