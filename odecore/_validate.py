@@ -382,7 +382,8 @@ def controller_gains(opts: dict, method: str) -> tuple[float, float]:
 
 
 def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = False) -> float:
-    if isinstance(value, bool):
+    # float() would read a string ("0.1") as a number, where every other argument refuses it.
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"options[{name!r}] must be a number, got {value!r}")
     try:
         x = float(value)

@@ -352,9 +352,16 @@ def test_invalid_step_size(backend, value):
         solve(backend, method="rk4", options={"step_size": value})
 
 
-def test_non_numeric_option(backend):
-    with pytest.raises(TypeError, match="first_step'] must be a number"):
-        solve(backend, options={"first_step": "small"})
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [("dopri5", "first_step"), ("dopri5", "max_step"), ("dopri5", "safety"), ("rk4", "step_size")],
+)
+def test_non_numeric_option(backend, method, key):
+    # A string that reads as a number ("0.1") was taken as one, where the tolerances and
+    # max_num_steps refuse strings.
+    for value in ("small", "0.1"):
+        with pytest.raises(TypeError, match=rf"{key}'\] must be a number, got '{value}'"):
+            solve(backend, method=method, options={key: value})
 
 
 def test_non_finite_stop_times(backend):
