@@ -427,6 +427,26 @@ def test_single_time_batched(backend):
     np.testing.assert_array_equal(backend.to_numpy(sol.ys)[0], Y0_BATCH)
     assert backend.stats(sol)["nfev"] == 0
     assert sol.success
+    # t_reached is the last output time, as in any successful solve (it was None).
+    np.testing.assert_array_equal(backend.to_numpy(sol.t_reached), [1.0] * len(Y0_BATCH))
+    single = odecore.solve(decay, backend.asarray(Y0_BATCH[0]), backend.asarray([1.0]))
+    assert float(backend.to_numpy(single.t_reached)) == 1.0
+
+
+def test_single_time_batch_with_throw_false_marks_the_invalid_sample(backend):
+    # As with several output times: the sample whose y0 is not finite gets INVALID_INPUT and
+    # NaN outputs, the others y0. With one time the check raised whatever throw said.
+    y0 = np.array(Y0_BATCH, dtype=float)
+    y0[1, 0] = math.inf
+    sol = odecore.solve(
+        decay, backend.asarray(y0), backend.asarray([1.0]), batch_axis=0, throw=False
+    )
+    status = backend.to_numpy(sol.status).tolist()
+    assert status[1] == odecore.Status.INVALID_INPUT
+    assert status[:1] + status[2:] == [odecore.Status.SUCCESS] * (len(y0) - 1)
+    ys = backend.to_numpy(sol.ys)[0]
+    assert np.isnan(ys[1]).all()
+    np.testing.assert_array_equal(np.delete(ys, 1, axis=0), np.delete(y0, 1, axis=0))
 
 
 @pytest.mark.parametrize("method", first_only_on_jax(["dopri5", "dopri8", "bosh3", "rk4"]))

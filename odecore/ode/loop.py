@@ -399,17 +399,32 @@ def finish(p: Problem, s: LoopState) -> Solution:
 
 
 def trivial_solution(bk, y0, t, method, batch_axis) -> Solution:
+    """The solution of a solve with a single output time, ``t[0]``: ``y0``, reached with no
+    work. As in a solve, a sample of a batch whose ``y0`` is not finite (``prepare`` has
+    refused it unless ``throw=False``) has status INVALID_INPUT and NaN outputs."""
     xp = bk.xp
-    y0_arr = _validate.initial_state(bk, y0)
+    y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
     layout = make_layout(xp, y0_arr, batch_axis)
-    zero = 0 if not layout.batched else xp.zeros((layout.batch,), dtype=bk.int_dtype)
-    status = int(Status.SUCCESS) if not layout.batched else zero
+    t0 = xp.astype(bk.asarray(t)[0], bk.time_dtype)
+    if not layout.batched:
+        # As a solve's: a Python number where the loop keeps its times on the host.
+        t_reached = float(t0) if bk.eager and bk.host_control_values else t0
+        zero = 0
+        status = int(Status.SUCCESS)
+        ys = y0_arr[None, ...]
+    else:
+        y = layout.to_internal(xp, y0_arr)
+        valid = xp.all(xp.isfinite(y), axis=1)
+        zero = xp.zeros((layout.batch,), dtype=bk.int_dtype)
+        status = xp.where(valid, zero + int(Status.SUCCESS), zero + int(Status.INVALID_INPUT))
+        ys = layout.to_user(xp, xp.where(valid[:, None], y, math.nan))[None, ...]
+        t_reached = xp.full((layout.batch,), t0, dtype=bk.time_dtype)
     stats = {"nfev": 0, "nsteps": zero, "naccept": zero, "nreject": zero}
     return Solution(
         ts=t,
-        ys=y0_arr[None, ...],
+        ys=ys,
         stats=stats,
         status=status,
-        t_reached=None,
+        t_reached=t_reached,
         method=method or "dopri5",
     )
