@@ -127,9 +127,10 @@ class Solution:
         The states at ``ts``, shape ``(len(ts), *y0.shape)`` (a structured ``y0``: its
         structure, each part with a leading time axis).
     stats : dict
-        ``nfev``: function evaluations (one per call of ``func`` on the whole batch); per
-        sample, the steps attempted (``nsteps``), accepted (``naccept``) and rejected
-        (``nreject``).
+        ``nfev``: function evaluations (one per call of ``func`` on the whole batch; per
+        trajectory in the numba backend's ensembles, whose trajectories call it on their
+        own); per sample, the steps attempted (``nsteps``), accepted (``naccept``) and
+        rejected (``nreject``).
     status : int or array of int
         A [`Status`][odecore.Status] code, one per sample when the solve was batched.
     t_reached : float or array, optional
