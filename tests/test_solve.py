@@ -484,6 +484,18 @@ def test_lists_and_floats_as_inputs(backend):
     assert nested.shape == (2, 2, 1)
 
 
+def test_a_list_of_numpy_scalars_is_a_state_not_a_structure():
+    # list(a) of a float64 array holds np.float64 scalars, numbers as much as Python's floats;
+    # they were read as 0-d arrays, the state as a structure of two parts, and func got a
+    # list it could not negate.
+    a = np.array([1.0, 2.0])
+    ys = odecore.odeint(decay, list(a), [0.0, 1.0], rtol=1e-10, atol=1e-12)
+    assert isinstance(ys, np.ndarray) and ys.shape == (2, 2)
+    np.testing.assert_allclose(ys[-1], a * math.exp(-1.0), rtol=1e-8)
+    ys = odecore.odeint(decay, [np.float32(1.0), np.float32(2.0)], [0.0, 1.0])
+    assert isinstance(ys, np.ndarray) and ys.shape == (2, 2)
+
+
 def test_plain_float_times_are_exact_in_float64(backend):
     # A Python float is a float64; read through torch's default float32 first, 0.1 would
     # become 0.10000000149 and the solve would end, and evaluate func, off the asked time.

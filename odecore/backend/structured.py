@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from odecore.backend.registry import container_children, library_of
 from odecore.control.norms import largest_part_rms
 
@@ -43,7 +45,8 @@ class Registered(NamedTuple):
 def is_structured(y0) -> bool:
     """Whether ``y0`` is a structure of arrays (a tuple, list or dict, or a container a
     framework registers, such as a JAX pytree class, holding at least one array) rather than
-    one array. A list of plain numbers stays an array, as it always was."""
+    one array. A list of plain numbers stays an array, as it always was, and so does one of
+    NumPy's scalars (``list(a)`` of a float64 array), which are numbers, not arrays."""
     if not isinstance(y0, (tuple, list, dict)) and container_children(y0) is None:
         return False
     stack = [y0]
@@ -53,7 +56,7 @@ def is_structured(y0) -> bool:
             stack.extend(value.values())
         elif isinstance(value, (tuple, list)):
             stack.extend(value)
-        elif library_of(value) is not None:
+        elif library_of(value) is not None and not isinstance(value, np.generic):
             return True
         else:
             registered = container_children(value)
