@@ -239,6 +239,8 @@ def infer_backend(*values: Any) -> Backend:
         # (several microseconds of a short solve).
         if all(type(value) in PLAIN_TYPES for value in values[0].values()):
             return get_backend("numpy")
+        # Named as the caller names them ("y0", "params[1]"), not as "[0]['y0']".
+        values = values[0]
     found: dict[str, str] = {}
     for where, leaf in _arrays_in(values):
         library = library_of(leaf)
