@@ -324,6 +324,10 @@ def test_structured_tolerance_must_match_y0(backend):
     match = r"atol \(structured like y0\) has a tuple of 3 parts.*; give atol the structure of y0"
     with pytest.raises(ValueError, match=match):
         _solve_tuple(backend, oscillator, atol=(1e-6, 1e-6, 1e-6))
+    # One array over all the parts was read in odecore's flattened order, undocumented.
+    match = r"rtol of shape \(2,\) for a structured y0; give rtol the structure of y0"
+    with pytest.raises(ValueError, match=match):
+        _solve_tuple(backend, oscillator, rtol=backend.asarray([1e-6, 1e-8]))
 
 
 def test_vjp_returning_another_structure_is_refused():

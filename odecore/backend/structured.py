@@ -299,6 +299,14 @@ class StateStructure:
         """A tolerance: a number or 0-d array as it is; a structure like ``y0`` (one value, or
         one array broadcasting to its part, per part) as one array like the state."""
         if not isinstance(value, (tuple, list, dict)):
+            shape = tuple(getattr(value, "shape", ()))
+            if shape:
+                # An array over the parts would be read in the flattened order, which is
+                # odecore's own and undocumented.
+                raise ValueError(
+                    f"{name} of shape {shape} for a structured y0; give {name} the structure "
+                    f"of y0 (a number or an array per part), or one number for every part"
+                )
             return value
         found = leaves_as(
             self.node,
