@@ -24,6 +24,10 @@ import odecore
 from odecore.backend.host import host_array
 from odecore.problems import PROBLEMS, Problem
 
+# The backends that run the problems' dynamics, array-API functions; the numba backend
+# compiles its dynamics and cannot compile those.
+CLI_BACKENDS = tuple(name for name in odecore.BACKEND_NAMES if name != "numba")
+
 
 class _UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
@@ -82,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     solving.add_argument(
         "--backend",
         default=None,
-        help=f"one of: auto, {', '.join(odecore.BACKEND_NAMES)}; default: the configured one "
+        help=f"one of: auto, {', '.join(CLI_BACKENDS)}; default: the configured one "
         f"(ODECORE_BACKEND, else numpy)",
     )
     solving.add_argument("--max-steps", type=int, default=None, help="options['max_num_steps']")
@@ -167,8 +171,8 @@ def _checked_problem(name: str) -> Problem:
 
 
 def _checked_backend(name: str | None) -> str:
-    valid = ("auto", *odecore.BACKEND_NAMES)
-    if name is not None and name not in valid:
+    valid = ("auto", *CLI_BACKENDS)
+    if name is not None and name not in valid and name not in odecore.BACKEND_NAMES:
         raise _UsageError(
             f"odecore solve: error: unknown backend {name!r}; valid backends are: "
             f"{', '.join(valid)}"
@@ -177,6 +181,12 @@ def _checked_backend(name: str | None) -> str:
         name = name or odecore.backend_name()
     except ValueError as exc:  # a bad ODECORE_BACKEND
         raise _UsageError(f"odecore solve: error: {exc}") from None
+    if name not in valid:
+        raise _UsageError(
+            f"odecore solve: error: the {name!r} backend compiles the dynamics it solves, and "
+            f"the problems' are written against the array API, which it cannot compile; "
+            f"valid backends here are: {', '.join(valid)}"
+        )
     if name != "auto":
         # Load it now, so that a missing or broken framework install (an ImportError, or an
         # OSError from a shared library) is reported as such, not as a failed solve.
@@ -196,9 +206,11 @@ def _checked_options(args) -> dict:
             f"odecore solve: error: unknown method {args.method!r}; "
             f"valid methods are: {', '.join(odecore.METHODS)}"
         )
-    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
-        if not (math.isfinite(value) and value > 0):
-            raise _UsageError(f"odecore solve: error: {flag} must be positive, got {value!r}")
+    # rtol may be 0, as in the library (the error against atol alone); atol may not.
+    if not (math.isfinite(args.rtol) and args.rtol >= 0):
+        raise _UsageError(f"odecore solve: error: --rtol must be non-negative, got {args.rtol!r}")
+    if not (math.isfinite(args.atol) and args.atol > 0):
+        raise _UsageError(f"odecore solve: error: --atol must be positive, got {args.atol!r}")
     options = {}
     if args.max_steps is not None:
         if args.max_steps < 1:
