@@ -36,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numba
+import numpy as np
 from odecore.adapters import (
     numba_atomics,
     numba_options,
@@ -171,8 +172,7 @@ def load_replay(kernel, func, vjp_form: str, ensemble_source: str) -> ModuleType
         lines.append(_compiled_text(fn.__name__, numba_options.replay_options(fn.__name__)))
     lines.append("replay_ensemble = numba.njit(_replay_ensemble, cache=True, nogil=True)")
     text = "\n".join(lines) + "\n"
-    vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
-    digest = _digest(text, func, inspect.getsource(replay), vjp_code)
+    digest = _digest(text, func, inspect.getsource(replay), func.vjp)
     return _written(folder, f"odecore_replay_{digest}", text)
 
 
@@ -210,8 +210,7 @@ def load_adjoint(func, form: str, vjp_form: str, augmented, constants: dict):
         f"{augmented.__name__} = numba.njit({augmented.__name__}, cache=True)",
     ]
     text = "\n".join(lines) + "\n"
-    vjp_code = getattr(func.vjp, "py_func", func.vjp).__code__
-    module = _written(folder, f"odecore_adjoint_{_digest(text, func, vjp_code)}", text)
+    module = _written(folder, f"odecore_adjoint_{_digest(text, func, func.vjp)}", text)
     return None if module is None else getattr(module, augmented.__name__)
 
 
@@ -317,8 +316,7 @@ def _options_text(options: dict) -> str:
 
 def _digest(text: str, func, *more) -> str:
     """A name for the module ``text``: a digest of it, of what it imports, and of ``func``'s
-    code; ``more`` adds sources (str) and code objects."""
-    py_func = getattr(func, "py_func", func)
+    code (``_code_text``); ``more`` adds sources (str) and functions."""
     parts = [
         text,
         inspect.getsource(rules),
@@ -330,12 +328,53 @@ def _digest(text: str, func, *more) -> str:
         inspect.getsource(numba_atomics),  # compiled into the counter and the watch
         odecore.__version__,
         numba.__version__,
-        *(_code_text(part) for part in (py_func.__code__, *more)),
+        *(_code_text(part) for part in (func, *more)),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
 def _code_text(part) -> str:
+    """A source (str) as it is; a function (or Numba dispatcher) as what its compiled code
+    depends on: its bytecode and constants, its nested functions' (a comprehension, a
+    lambda), and the module-level values it reads, which Numba freezes into the code as
+    constants, with the code of the functions it calls. Editing a module-level constant
+    then changes the digest, where the cached kernel went on with the old value; and
+    nothing in it varies between processes (a nested code object's repr holds its
+    address)."""
     if isinstance(part, str):
         return part
-    return repr((part.co_code, part.co_consts, part.co_names))
+    func = getattr(part, "py_func", part)
+    return _code_of(func.__code__, getattr(func, "__globals__", {}), set())
+
+
+def _code_of(code, scope: dict, seen: set) -> str:
+    if id(code) in seen:  # a recursive helper, or one called twice
+        return "<above>"
+    seen.add(id(code))
+    consts = tuple(
+        _code_of(c, scope, seen) if inspect.iscode(c) else repr(c) for c in code.co_consts
+    )
+    read = []
+    for name in code.co_names:
+        if name in scope:
+            value = _frozen_value(scope[name], seen)
+            if value is not None:
+                read.append((name, value))
+    return repr((code.co_code, consts, code.co_names, read))
+
+
+def _frozen_value(value, seen: set) -> str | None:
+    """What of a module-level value the compiled code keeps: a number, string or tuple of
+    them, an array's contents, a called function's code; None for what Numba resolves by
+    name (a module such as ``np`` or ``math``)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, tuple):
+        parts = [_frozen_value(v, seen) for v in value]
+        return None if None in parts else repr(parts)
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype}{value.shape}{hashlib.sha256(value.tobytes()).hexdigest()}"
+    func = getattr(value, "py_func", value)
+    if inspect.isfunction(func):
+        return _code_of(func.__code__, func.__globals__, seen)
+    return None

@@ -211,3 +211,50 @@ def test_the_rules_are_kept_under_a_digest_of_the_primitives():
     assert compiled["power_unless_kept"].py_func.__code__ is (
         numba_primitives.power_unless_kept.__code__
     )
+
+
+def _function_from(source: str, **module_values):
+    """The function ``f`` of ``source`` run in a namespace of its own, as a module would be
+    imported in a new process: its code objects are new ones, at new addresses."""
+    namespace = {"np": np, **module_values}
+    exec(compile(source, "<dynamics>", "exec"), namespace)
+    return namespace["f"]
+
+
+COMPREHENSION = """
+def f(t, y, p):
+    return np.array([-p[0] * y[i] for i in range(y.shape[0])])
+"""
+
+CONSTANT_AND_HELPER = """
+def helper(x):
+    return SCALE * x
+
+
+def f(t, y, dy, p):
+    dy[0] = -K * helper(p[0]) * y[0]
+"""
+
+
+def test_the_digest_of_a_function_is_the_same_in_every_process():
+    # A comprehension (or lambda) is a nested code object, whose repr holds its address:
+    # each process named the kernel anew and compiled it again (8 s), the cache growing.
+    first, second = _function_from(COMPREHENSION), _function_from(COMPREHENSION)
+    assert repr(first.__code__.co_consts) != repr(second.__code__.co_consts)  # addresses
+    assert numba_cache._code_text(first) == numba_cache._code_text(second)
+
+
+def test_the_digest_follows_the_module_values_that_numba_freezes():
+    # Numba compiles module-level numbers and arrays into the kernel as constants, and the
+    # helpers' code with them: an edit of K = 2.0 to 4.0 kept loading the kernel of 2.0,
+    # and solved with it, silently.
+    values = {"K": 2.0, "SCALE": 1.0}
+    base = numba_cache._code_text(_function_from(CONSTANT_AND_HELPER, **values))
+    same = numba_cache._code_text(_function_from(CONSTANT_AND_HELPER, **values))
+    assert base == same
+    for edited in ({"K": 4.0}, {"SCALE": 3.0}, {"K": np.array([2.0])}):
+        text = numba_cache._code_text(_function_from(CONSTANT_AND_HELPER, **{**values, **edited}))
+        assert text != base, edited
+    arrays = [{**values, "K": np.array([2.0, v])} for v in (1.0, 5.0)]
+    texts = [numba_cache._code_text(_function_from(CONSTANT_AND_HELPER, **a)) for a in arrays]
+    assert texts[0] != texts[1]
