@@ -8,7 +8,8 @@ solves each chunk with the backend's own batched solve (``odecore.solve`` with
 trajectories). Without a ``client`` the chunks run one after another here; with a
 ``dask.distributed.Client`` each chunk is one task on the cluster. Either way a chunk's rows
 are solved independently of the others, so the results are those of one batched solve of all
-the trajectories, bit for bit.
+the trajectories: bit for bit on the numba backend; on the generic batched solve, with the
+same steps, to rounding (BLAS sums a batch's stages in an order that depends on its shape).
 
 Every chunk is solved with ``throw=False``: a trajectory that fails (too many steps, a state
 that blows up, an invalid initial state) has its :class:`~odecore.Status` in ``status`` and NaN
@@ -114,7 +115,8 @@ def solve(
     backend's own batched solve ([`odecore.solve`][odecore.solve] with ``batch_axis=0``; on the
     numba backend, the compiled kernel run in parallel over the trajectories). A chunk's rows are
     solved independently of the others, so the results are those of one batched solve of all
-    the trajectories, bit for bit. Every chunk is solved with ``throw=False``: a trajectory that
+    the trajectories: bit for bit on the numba backend, to rounding on the generic batched
+    solve (BLAS sums a batch's stages in an order that depends on its shape). Every chunk is solved with ``throw=False``: a trajectory that
     fails has its status in ``status`` and NaN outputs after the time it reached, and the other
     trajectories are unaffected.
 
