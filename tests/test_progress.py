@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 
 import numpy as np
@@ -83,6 +84,34 @@ def test_batch_reports_the_least_time_and_summed_counts(every_step):
     assert final[1:3] == (int(plain.stats["naccept"].sum()), int(plain.stats["nreject"].sum()))
     times = [r[0] for r in recorder.reports]
     assert times == sorted(times)
+
+
+def test_a_stopped_sample_does_not_hold_the_reported_time(every_step):
+    # The least time over the batch counts the samples still running: a sample that never
+    # ran (a NaN y0 with throw=False) held the bar at t0, 0%, to the end; one that failed
+    # held it at its failure. Sample 1 is invalid, sample 2 blows up at t = 1 (y' = y^2).
+    def f(t, y):
+        return y * y * np.array([[0.0], [0.0], [1.0], [0.0]]) - y * np.array(
+            [[1.0], [0.0], [0.0], [1.0]]
+        )
+
+    y0 = np.array([[1.0], [math.nan], [1.0], [2.0]])
+    recorder = Recorder()
+    sol = odecore.solve(f, y0, np.array([0.0, 2.0]), batch_axis=0, throw=False, progress=recorder)
+    assert sol.status.tolist() == [0, 4, 2, 0]
+    assert recorder.reports[-1][0] == 2.0
+    # While the others run on past t = 1, the reports move on past the failed sample.
+    assert max(r[0] for r in recorder.reports) == 2.0
+    assert any(1.0 < r[0] < 2.0 for r in recorder.reports)
+    assert recorder.closed == 1
+
+
+def test_a_single_output_time_closes_the_target():
+    # The solve returns y0 with no steps: nothing to report, but close() is called once, as
+    # for every solve (a tqdm bar was left open).
+    recorder = Recorder()
+    sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.array([0.3]), progress=recorder)
+    assert sol.success and recorder.reports == [] and recorder.closed == 1
 
 
 def test_torch_reports_and_changes_nothing(every_step):

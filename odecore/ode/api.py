@@ -392,6 +392,8 @@ def _solve_array(
             problem = prepared_problem(y0_, t_, leaves, for_kernel)
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
+                if reporting is not None:  # nothing to report, but a bar to close
+                    reporting.close()
                 return None, LoopResult(solution, None, None)
             if compiled_backend:
                 _check_compiled_solve_supports(bk, problem)

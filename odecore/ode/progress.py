@@ -12,12 +12,15 @@ the loop without any of this.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from odecore.control.rules import RUNNING
 
 # Seconds of wall time between two reports: the bar moves smoothly, and a step of a few
 # microseconds pays one clock reading, not a conversion of the state.
@@ -277,12 +280,17 @@ def _host(method):
 
 
 def summary(problem, state):
-    """The least time reached, the accepted and rejected steps of all samples, and the
-    least proposed step: host numbers on an eager backend, 0-d arrays under tracing."""
+    """The least time reached by the samples still running (once none is, the furthest
+    reached), the accepted and rejected steps of all samples, and the least proposed step:
+    host numbers on an eager backend, 0-d arrays under tracing. A sample that has stopped (a
+    failure, a terminal event, an invalid input that never ran) does not hold the bar at
+    its time: a finished batch with one invalid sample read 0%."""
     if problem.ops.scalar:
         return state.t, state.naccept, state.nreject, state.dt
     xp = problem.backend.xp
-    return xp.min(state.t), xp.sum(state.naccept), xp.sum(state.nreject), xp.min(state.dt)
+    running = state.status == RUNNING
+    t = xp.where(xp.any(running), xp.min(xp.where(running, state.t, math.inf)), xp.max(state.t))
+    return t, xp.sum(state.naccept), xp.sum(state.nreject), xp.min(state.dt)
 
 
 # Targets ---------------------------------------------------------------------------------
