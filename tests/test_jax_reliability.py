@@ -497,6 +497,25 @@ def test_an_index_past_the_parameters_end_raises_as_on_numpy(x64, how):
         assert np.all(np.isfinite(np.asarray(_lorenz_solve(how, jnp.asarray(p)))))
 
 
+@pytest.mark.parametrize("jitted", [False, True])
+def test_an_event_indexing_past_its_parameters_raises(x64, jitted):
+    """An event reading ``p[3]`` of two parameters watched ``p[1]`` instead (JAX clamps the
+    index) and fired where that one is crossed; NumPy raises, and so does the JAX backend.
+    With the index in range, the crossing of y = e^{-k t} through c = p[1]: log(1/c) / k."""
+
+    def solve(p, index):
+        return odecore.solve(
+            lambda t, y, p: -p[0] * y, jnp.asarray([1.0]), jnp.asarray([0.0, 2.0]), params=p,
+            event=[lambda t, y, p: y[0] - p[index]], rtol=1e-10, atol=1e-12,
+        ).events.t  # fmt: skip
+
+    run = jax.jit(solve, static_argnums=1) if jitted else solve
+    p = jnp.asarray([0.5, 0.7])
+    with pytest.raises(IndexError, match=r"event indexes past the end of an array.*size 2"):
+        run(p, 3)
+    np.testing.assert_allclose(float(run(p, 1)), np.log(1 / 0.7) / 0.5, rtol=1e-8)
+
+
 def test_an_index_computed_from_traced_values_is_not_refused(x64):
     """``p[argmax(p)]`` is in range for every ``p``, but the check cannot know which element
     it reads before the values exist: it is left to run, and gives exp(-max(p) t)."""

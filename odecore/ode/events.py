@@ -249,6 +249,14 @@ class EventFunctions:
                 raise
             if check:
                 g = check_event_value(bk, g, lay, i, len(self.events))
+                if bk.tracing is not None:
+                    # JAX clamps an index past an array's end, where NumPy raises: the
+                    # event would silently watch another value (Tracing.check_indices).
+                    bk.tracing.check_indices(
+                        lambda t_u, y_u, fn=e.fn: self.call_user(fn, t_u, y_u),
+                        (t_user, y_user),
+                        "event" if len(self.events) == 1 else f"event[{i}]",
+                    )
             g = xp.reshape(xp.astype(bk.asarray(g), bk.time_dtype), (lay.batch,))
             values.append(bk.stop_gradient(g))
         return xp.stack(values, axis=1)
