@@ -108,6 +108,14 @@ def _is_value(x) -> bool:
     return _is_array(x) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
+def _is_parameter_value(x) -> bool:
+    """A leaf of ``params`` the compiled solve takes as an argument: an array, or a Python
+    float. A float in the key compiled the solve anew for every value of a parameter sweep
+    (a second each); as an argument it is a weakly typed 0-d array, promoting as the float
+    did. Ints and bools stay in the key: they may size or steer f's Python code."""
+    return _is_array(x) or type(x) is float
+
+
 def _split(backend, y0, t, params, arguments):
     """``(key, values, config)``: the static key, the jitted function's arguments, and the
     static configuration it is built from; None when an input is traced, or the
@@ -125,7 +133,7 @@ def _split(backend, y0, t, params, arguments):
     tolerances = [arguments[k] for k in ("rtol", "atol")]
     if not all(_is_value(tol) for tol in tolerances):
         return None
-    arrays = [x for x in leaves if _is_array(x)]
+    arrays = [_as_array(x) for x in leaves if _is_parameter_value(x)]
     # A structured y0 (a tuple or dict of arrays) is a pytree of the jitted function's
     # arguments like any other.
     values = (jax.tree_util.tree_map(_as_array, y0), _as_array(t), arrays, *tolerances, runtime)
@@ -143,7 +151,7 @@ def _split(backend, y0, t, params, arguments):
         static_options = {k: v for k, v in options.items() if k not in runtime}
     config = {
         "treedef": treedef,
-        "static_leaves": tuple(None if _is_array(x) else x for x in leaves),
+        "static_leaves": tuple(None if _is_parameter_value(x) else x for x in leaves),
         "options": static_options,
         "settings": settings,
         "differentiated": flags,

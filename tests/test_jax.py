@@ -141,6 +141,31 @@ def test_changing_step_size_does_not_recompile(x64):
     assert len(traces) == 1
 
 
+def test_a_python_float_parameter_does_not_recompile_the_eager_solve(x64):
+    # Outside jit, odecore compiles the solve and reuses it for new values of the arrays; a
+    # Python float in params was part of the compiled program's key, and each value of a
+    # sweep compiled it again (a second each).
+    traces = []
+
+    def decay(t, y, p):
+        if isinstance(y, jax.core.Tracer):
+            traces.append(1)
+        return -p["k"] * y
+
+    t = jnp.linspace(0.0, 1.0, 5)
+    y0 = jnp.asarray([1.0, 2.0])
+    for i, k in enumerate((0.5, 0.6, 0.7, 0.8)):
+        ys = odecore.odeint(decay, y0, t, params={"k": k}, rtol=1e-10, atol=1e-12)
+        expected = np.exp(-k * np.asarray(t))[:, None] * np.asarray(y0)
+        np.testing.assert_allclose(np.asarray(ys), expected, rtol=1e-8)
+        if i == 0:
+            traced_once = len(traces)
+    assert traced_once > 0 and len(traces) == traced_once
+    # A float32 state stays float32: the float promotes as Python's floats do.
+    ys = odecore.odeint(decay, jnp.asarray([1.0], jnp.float32), t, params={"k": 0.9})
+    assert ys.dtype == jnp.float32
+
+
 def test_float32_without_x64():
     assert not jax.config.jax_enable_x64
     k = 0.7
