@@ -301,6 +301,13 @@ def options(opts: dict | None, rk) -> dict:
             "options['icoeff'] and options['pcoeff'] are both 0, so the step size would not "
             "depend on the error estimate; make icoeff positive (1 for the I controller)"
         )
+    for key in ("max_num_steps", "max_events"):
+        if is_traced(out.get(key)):
+            raise TypeError(
+                f"options[{key!r}] is traced here; it must be a Python int, known when the "
+                f"solve is traced, since it sizes the solve's buffers (make it a static "
+                f"argument of jax.jit, or a constant)"
+            )
     if "max_num_steps" in out:
         n = out["max_num_steps"]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

@@ -597,3 +597,19 @@ def test_a_checkpoint_tape_larger_than_the_memory_left_is_refused(x64, monkeypat
     monkeypatch.setattr(backend_type, "allocation_limit", lambda self: 10 * 2**20)
     exact = 1.0 + math.exp(-0.5) + math.exp(-1.0)
     np.testing.assert_allclose(np.asarray(_decay_gradient(10**5)), [exact, exact], rtol=1e-8)
+
+
+@pytest.mark.parametrize("key", ["max_num_steps", "max_events"])
+def test_a_traced_buffer_size_is_refused_naming_what_it_must_be(x64, key):
+    # It sizes the solve's buffers, so it must be known when the solve is traced; the
+    # message said "must be a positive integer, got JitTracer(~int64[])" of a positive int.
+    def solve(n):
+        return odecore.odeint(
+            lambda t, y: -y, jnp.ones(1), jnp.linspace(0.0, 1.0, 3), options={key: n},
+            event=(lambda t, y: y[0] - 0.5) if key == "max_events" else None,
+        )  # fmt: skip
+
+    with pytest.raises(TypeError, match=rf"options\['{key}'\] is traced here; .* Python int"):
+        jax.jit(solve)(10)
+    got = jax.jit(solve, static_argnums=0)(10)
+    assert np.isfinite(np.asarray(got)[1]).all()
