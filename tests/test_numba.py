@@ -205,6 +205,24 @@ def test_landing_on_stops_and_jumps(method, key):
     assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
 
 
+def _unit_rate(t, y, p):
+    return np.ones_like(y) * p[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("rk4", {"step_size": 0.1}), ("dopri5", {"max_step": 0.1})]
+)
+def test_far_from_t_zero_the_kernel_advances_the_state_by_the_time_the_clock_moves(method, options):
+    # As tests/test_solve.py's test of the generic loop: y' = 1 from t = 1e8 for 10 gives
+    # exactly 10 but for the state's own rounding (100 additions below 10); the kernel's
+    # steps moved the state by 0.1 and the clock by fl(t + 0.1) - t, 6e-7 apart at the end.
+    t = np.array([1e8, 1e8 + 10.0])
+    kwargs = {"params": np.array([1.0]), "method": method, "options": options}
+    kernel, generic = solve_both(_unit_rate, np.array([0.0]), t, **kwargs)
+    assert abs(kernel.ys[-1, 0] - 10.0) <= 100 * 8.9e-16
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
+
+
 @pytest.mark.parametrize(
     "options",
     [{"norm": "max"}, {"controller": "PI"}, {"controller": "hairer"}, {"max_step": 0.05}],
@@ -402,7 +420,12 @@ def test_catalogue_problems_reach_the_generic_accuracy(name, method):
     assert kernel.stats["naccept"] == generic.stats["naccept"]
     assert kernel.stats["nreject"] == generic.stats["nreject"]
     scale = np.max(np.abs(reference))
-    assert kernel_error <= generic_error + ADAPTIVE_RTOL * scale
+    # The same steps make the same truncation error; what differs is rounding (catalogue's
+    # f sums in another order than problem.func), amplified by the problem: on Arenstorf's
+    # orbit one unit in the last place of y0 moves y(T) by up to 6e-10 at rtol 1e-10, about
+    # 1e-4 of the error against the reference (5e-6). Hence 1% of the generic error, on top
+    # of ADAPTIVE_RTOL * scale for problems whose error is near rounding itself.
+    assert kernel_error <= 1.01 * generic_error + ADAPTIVE_RTOL * scale
 
 
 # --------------------------------------------------------------------------------------------

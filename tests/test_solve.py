@@ -648,6 +648,38 @@ KINK_TIMES = np.linspace(0.0, 1.0, 11)
 
 
 @pytest.mark.parametrize(
+    ("method", "options"), [("rk4", {"step_size": 0.1}), ("dopri5", {"max_step": 0.1})]
+)
+def test_far_from_t_zero_the_state_advances_by_the_time_the_clock_moves(backend, method, options):
+    # y' = 1 is integrated exactly by every method, so y(t1) - y(t0) = t1 - t0 = 10. At
+    # t = 1e8 a step of 0.1 moves the clock by fl(t + 0.1) - t, up to half a unit in the last
+    # place of t (7.5e-9) from 0.1; the state advanced by 0.1 regardless and drifted from its
+    # clock by 6e-7 over the 100 steps. Now only the state's own rounding is left: 100
+    # additions of about 0.1 to values below 10, each within half a unit in the last place
+    # of 10 (8.9e-16).
+    ys = odecore.odeint(
+        lambda t, y: 1.0 + 0.0 * y,
+        backend.asarray([0.0]),
+        backend.asarray([1e8, 1e8 + 10.0]),
+        method=method,
+        options=options,
+    )
+    assert abs(backend.to_numpy(ys)[-1, 0] - 10.0) <= 100 * 8.9e-16
+
+
+def test_a_fast_decay_far_from_t_zero_keeps_the_tolerance(backend):
+    # y' = -1e9 y on [1, 1 + 1e-9]: the clock moves in units of 2.2e-16 at t = 1, and each
+    # step's rounding showed in the state as a relative error in its step size; the solve
+    # ended 2.7e-7 from the closed form at rtol 1e-10. From t = 0 it reached 3e-11.
+    ts = 1.0 + np.linspace(0.0, 1e-9, 11)
+    ys = odecore.odeint(
+        lambda t, y: -1e9 * y, backend.asarray([1.0]), backend.asarray(ts), rtol=1e-10, atol=1e-12
+    )
+    exact = np.exp(-1e9 * (ts - 1.0))
+    assert np.max(np.abs(backend.to_numpy(ys)[:, 0] - exact) / exact) < 1e-9
+
+
+@pytest.mark.parametrize(
     "method", first_only_on_jax(["dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2"])
 )
 def test_jump_t_integrates_a_discontinuity_cheaply(backend, method):
