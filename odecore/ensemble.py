@@ -116,9 +116,9 @@ def solve(
     numba backend, the compiled kernel run in parallel over the trajectories). A chunk's rows are
     solved independently of the others, so the results are those of one batched solve of all
     the trajectories: bit for bit on the numba backend, to rounding on the generic batched
-    solve (BLAS sums a batch's stages in an order that depends on its shape). Every chunk is solved with ``throw=False``: a trajectory that
-    fails has its status in ``status`` and NaN outputs after the time it reached, and the other
-    trajectories are unaffected.
+    solve (BLAS sums a batch's stages in an order that depends on its shape). Every chunk is
+    solved with ``throw=False``: a trajectory that fails has its status in ``status`` and NaN
+    outputs after the time it reached, and the other trajectories are unaffected.
 
     Parameters
     ----------
