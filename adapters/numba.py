@@ -540,7 +540,8 @@ def adjoint_dynamics(problem):
             compiled = numba.njit(bind(augmented, {**names, **constants}))
         per_func[key] = compiled
     first_row = rows[0] if rows.ndim == 2 else rows
-    _probe_vjp(vjp, problem, np.asarray(problem.y0).reshape(lay.batch, -1)[0], first_row)
+    y0_row = np.asarray(problem.y0).reshape(lay.batch, -1)[0]
+    _probe_vjp(vjp, problem, y0_row, first_row, "backsolve")
     return per_func[key], np.ascontiguousarray(rows.reshape(-1))
 
 
@@ -568,7 +569,7 @@ def _vjp_in_place(vjp):
     return _wrapped(wrapper, "user_vjp", user)
 
 
-def _probe_vjp(vjp, problem, y, params) -> None:
+def _probe_vjp(vjp, problem, y, params, mode) -> None:
     """Compile the user's VJP alone and check the shapes it returns for one trajectory's
     state ``y`` (1-D) and ``params``, before a compiled backward pass copies them (out of
     bounds, a wrong shape would read garbage)."""
@@ -583,7 +584,7 @@ def _probe_vjp(vjp, problem, y, params) -> None:
             cot_y, cot_params = user(t, y.copy(), params, np.ones_like(y))
     except NumbaError as exc:
         raise TypeError(
-            f"Numba could not compile func.vjp for the numba backend's backsolve, which "
+            f"Numba could not compile func.vjp for the numba backend's {mode}, which "
             f"expects {VJP_FORMS}. Numba said:\n{exc}"
         ) from None
     if not in_place:
@@ -687,7 +688,18 @@ def _check_bounds(user, form: str, t, y, params) -> None:
 
     inputs = {"y": y} if form == "returning without params" else {"y": y, "params": params}
     outputs = {"dy": np.empty_like(y)} if form == "in place" else {}
-    _past_the_ends("func", call, inputs, outputs, must_write=True)
+    try:
+        _past_the_ends("func", call, inputs, outputs, must_write=True)
+    except ValueError as error:
+        if form == "returning" and params.size == 0 and "into its argument params" in str(error):
+            # f(t, y, dy) without params reads as the returning form f(t, y, params).
+            raise ValueError(
+                "func wrote into its third argument, which odecore passes as params: with "
+                "three arguments func reads as f(t, y, params) -> dy/dt. The in-place form "
+                "takes four, f(t, y, dy, params): add params (and pass params=...), or "
+                "return dy/dt"
+            ) from None
+        raise
 
 
 def _past_the_ends(label: str, call, inputs: dict, outputs: dict, must_write: bool) -> None:
@@ -789,9 +801,14 @@ def _params_array(params, batch: int | None) -> np.ndarray:
             array = None
         # dtype kinds: floating, signed and unsigned integers (np.issubdtype costs more).
         if array is None or array.dtype.kind not in "fiu":
+            got = type(params).__name__
+            if array is not None and isinstance(params, np.ndarray):
+                got = f"an array of dtype {array.dtype}"
+            elif array is not None and not isinstance(params, np.ndarray):
+                got = f"a {got} read as an array of dtype {array.dtype}"
             raise TypeError(
-                f"params must be a NumPy array of numbers on the numba backend (f receives "
-                f"it as one array), got {type(params).__name__}"
+                f"params must be a NumPy array of real numbers on the numba backend (f "
+                f"receives it as one array), got {got}"
             )
         if array.dtype.kind != "f":
             array = array.astype(np.float64)
@@ -805,10 +822,15 @@ def _params_array(params, batch: int | None) -> np.ndarray:
     if array.ndim <= 1:
         return np.ascontiguousarray(array.reshape(1, -1))
     if array.ndim != 2 or array.shape[0] != batch:
+        given = (
+            f"a {type(params).__name__} read as an array of shape {array.shape}"
+            if not isinstance(params, np.ndarray)
+            else f"shape {array.shape}"
+        )
         raise ValueError(
-            f"params for a batch of {batch} trajectories on the numba backend must be one row "
-            f"per trajectory, shape ({batch}, P), or one shared row (P,); got shape "
-            f"{array.shape}"
+            f"params for a batch of {batch} trajectories on the numba backend must be one "
+            f"array, one row per trajectory, shape ({batch}, P), or one shared row (P,); "
+            f"got {given}"
         )
     return np.ascontiguousarray(array)
 
@@ -1129,12 +1151,15 @@ def compiles(problem, options, record: bool) -> bool:
         return False
     try:
         _form(func, params is not None)
-        if record:
-            vjp = getattr(func, "vjp", None)
-            # _vjp_form raises TypeError, caught below, for a VJP of neither form.
-            return _compilable(vjp) and _vjp_form(vjp) in ("in place", "returning")
     except TypeError:
         return False
+    if record:
+        vjp = getattr(func, "vjp", None)
+        if not _compilable(vjp):
+            return False
+        # A VJP of neither form is refused here, naming both, as the backsolve refuses it;
+        # on the generic loop its message named odecore's wrapper and the returning form only.
+        _vjp_form(vjp)
     return True
 
 
@@ -1216,7 +1241,7 @@ def replay(problem, tape, ys_bar):
     rows, size = y0.shape
     kernel = _kernel(func, inputs.form, problem.solver.tableau, size, _dtype_name(y0.dtype))
     first_params = params[0] if inputs.batched else params
-    _probe_vjp(func.vjp, problem, y0[0], first_params)
+    _probe_vjp(func.vjp, problem, y0[0], first_params, "checkpoint")
     compiled = _replay_kernel(kernel, func)
     lay = problem.layout
     out_bar = np.asarray(lay.outputs_to_internal(np, ys_bar), dtype=y0.dtype)

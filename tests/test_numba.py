@@ -845,6 +845,9 @@ def test_wrong_arity_and_callables_are_refused():
         (np.ones((3, 2)), np.ones((2, 1)), 0, ValueError, r"shape \(3, P\)"),
         (np.ones(2), np.ones((2, 2)), None, ValueError, "1-D array for a single"),
         (np.ones(2), "fast", None, TypeError, "params must be a NumPy array"),
+        # Said "got ndarray" of a complex array, and "got shape (1, 1)" of a tuple.
+        (np.ones(2), np.ones(1) + 0j, None, TypeError, "got an array of dtype complex128"),
+        (np.ones((3, 2)), (np.ones(1),), 0, ValueError, r"got a tuple read as an array of"),
         pytest.param(
             np.ones(2, dtype=np.float16),
             np.ones(1),
@@ -952,6 +955,17 @@ def test_a_function_writing_into_its_state_or_params_is_refused(batch_axis):
             backend="numba",
         )
     np.testing.assert_array_equal(params, np.ones(shape))
+
+
+def decays_in_place_without_params(t, y, dy):
+    dy[0] = -y[0]
+
+
+def test_an_in_place_function_without_params_is_told_the_form():
+    # f(t, y, dy) reads as f(t, y, params) -> dy/dt; it was told it wrote into params,
+    # which the user never passed.
+    with pytest.raises(ValueError, match=r"third argument.* in-place form takes four"):
+        odecore.odeint(decays_in_place_without_params, np.ones(1), [0.0, 1.0], backend="numba")
 
 
 def noisy_decay(t, y, dy, p):
@@ -1430,7 +1444,27 @@ def test_a_vjp_numba_cannot_compile_is_refused_clearly(adjoint):
         return SETTINGS.rate * cotangent, np.zeros(1)
 
     rate.vjp = vjp
-    with pytest.raises(TypeError, match=r"(?s)func.vjp.*vjp\(t, y, params, cotangent\).*said"):
+    # The message names the mode that compiles it (checkpoint's said "backsolve").
+    match = rf"(?s)func.vjp for the numba backend's {adjoint}.*vjp\(t, y, params, cotangent\).*said"
+    with pytest.raises(TypeError, match=match):
+        odecore.vjp_odeint(
+            rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint=adjoint, backend="numba"
+        )[1](np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_a_vjp_of_neither_form_is_told_both(adjoint):
+    # Five arguments are neither vjp(t, y, params, cotangent) nor the in-place six. The
+    # checkpoint ran on the generic loop, whose message named an internal wrapper
+    # (_GenericForm.vjp) and the returning form only.
+    def rate(t, y, p):
+        return -p[0] * y
+
+    def vjp(t, y, p, cotangent, y_bar):
+        y_bar[:] = -p[0] * cotangent
+
+    rate.vjp = vjp
+    with pytest.raises(TypeError, match=r"func.vjp takes 5 positional arguments; .* writing them"):
         odecore.vjp_odeint(
             rate, np.ones(2), [0.0, 1.0], np.ones(1), adjoint=adjoint, backend="numba"
         )[1](np.ones((2, 2)))
