@@ -740,26 +740,7 @@ def odeint(
     }
     if event_fn is not None:
         return _odeint_until_event(func, y0, t, event_fn, event, keywords)
-    return solve(
-        func,
-        y0,
-        t,
-        params=params,
-        rtol=rtol,
-        atol=atol,
-        method=method,
-        options=options,
-        batch_axis=batch_axis,
-        backend=backend,
-        adjoint=adjoint,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method,
-        adjoint_options=adjoint_options,
-        adjoint_params=adjoint_params,
-        event=event,
-        progress=progress,
-    ).ys
+    return solve(func, y0, t, event=event, **keywords).ys
 
 
 def _odeint_until_event(func, y0, t, event_fn, event, keywords):
