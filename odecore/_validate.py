@@ -302,7 +302,7 @@ def options(opts: dict | None, rk) -> dict:
             "depend on the error estimate; make icoeff positive (1 for the I controller)"
         )
     for key in ("max_num_steps", "max_events"):
-        if is_traced(out.get(key)):
+        if key in out and is_traced(out[key]):
             raise TypeError(
                 f"options[{key!r}] is traced here; it must be a Python int, known when the "
                 f"solve is traced, since it sizes the solve's buffers (make it a static "
