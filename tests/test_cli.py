@@ -149,6 +149,9 @@ def test_the_numba_backend_is_refused_with_the_reason(capsys, monkeypatch, how):
     if how == "flag":
         code, out, err = run(capsys, "solve", "decay", "--backend", "numba")
     else:
+        # The environment applies where no set_backend choice is made (the API doctests
+        # leave set_backend("auto"), which overrides it).
+        monkeypatch.setattr(odecore._config, "_global_choice", None)
         monkeypatch.setenv("ODECORE_BACKEND", "numba")
         code, out, err = run(capsys, "solve", "decay")
     assert code == 2 and out == ""
