@@ -429,6 +429,7 @@ def test_max_num_steps_exceeded(backend):
         solve(backend, t=np.array([0.0, 10.0]), options={"max_num_steps": 5})
     message = str(info.value)
     assert "t=" in message and "nfev=" in message and "steps=5" in message
+    assert "loosen rtol/atol" in message  # the error control chose the steps
     sol = info.value.solution
     assert backend.status(sol) == Status.MAX_STEPS_REACHED
     assert not sol.success
@@ -438,11 +439,17 @@ def test_max_num_steps_exceeded(backend):
     assert isinstance(info.value, RuntimeError)
 
 
-def test_max_num_steps_with_a_fixed_grid(backend):
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_max_num_steps_with_a_fixed_grid(backend, method):
     with pytest.raises(SolveError, match="max_num_steps reached") as info:
-        solve(backend, method="rk4", options={"step_size": 0.01, "max_num_steps": 50})
+        solve(backend, method=method, options={"step_size": 0.01, "max_num_steps": 50})
     assert backend.status(info.value.solution) == Status.MAX_STEPS_REACHED
     assert float(info.value.solution.t_reached) == pytest.approx(0.5)
+    # Tolerances do not size fixed steps (an adaptive method given step_size takes them too):
+    # the remedy is the step's size, not rtol/atol.
+    message = str(info.value)
+    assert "take larger steps" in message and "step_size" in message
+    assert "rtol" not in message
 
 
 def blow_up(t, y):

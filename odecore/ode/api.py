@@ -265,7 +265,8 @@ def _compiled_structured(bk, func, y0, t, keywords):
         )
         _check_events_at_start(problem, k["throw"])
 
-    return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs)
+    adaptive = _validate.tableau(keywords["method"], keywords["options"]).adaptive
+    return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs, adaptive)
 
 
 def _check_events_at_start(problem, throw) -> None:
@@ -381,7 +382,11 @@ def _solve_array(
             # A compiled solve has no adjoint_params (the cache refuses them), so the inputs
             # are checked as the eager solve prepares them.
             return _raise_compiled_failures(
-                bk, compiled, throw, lambda: _check_events_at_start(prepared_problem(y0, t), throw)
+                bk,
+                compiled,
+                throw,
+                lambda: _check_events_at_start(prepared_problem(y0, t), throw),
+                _validate.tableau(method, options).adaptive,
             )
 
         def run(y0_, t_, record=False, leaves=None):
@@ -469,10 +474,11 @@ def _solve_array(
             check_parameters_are_known(bk, func, params, leaves, t_arr, y0_arr, batch_axis)
         rule = SolveRule(mode, run, settings, prepared_problem)
         ys, report = bk.autodiff.custom_vjp(rule)(y0_arr, t_arr, *leaves)
-        solution = Solution(ys=ys, method=_validate.tableau(method).name, **report)
+        solved_by = _validate.tableau(method, options)
+        solution = Solution(ys=ys, method=solved_by.name, **report)
         # A backend that traces the rule's forward (JAX) learns the status only here.
         if throw and not bk.is_traced(solution.status) and not solution.success:
-            raise SolveError(failure_message(solution), solution)
+            raise SolveError(failure_message(solution, solved_by.adaptive), solution)
         return differentiable_events(solution)
 
 
@@ -496,11 +502,13 @@ def _check_compiled_solve_supports(bk, problem) -> None:
         )
 
 
-def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) -> Solution:
+def _raise_compiled_failures(
+    bk, solution: Solution, throw: bool, check_inputs, adaptive: bool
+) -> Solution:
     """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
     that status is known, an invalid input raises what an eager solve raises for it
     (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
-    solve raises SolveError."""
+    solve raises SolveError (``adaptive``: whether the error control chose the steps)."""
     status, xp = solution.status, bk.xp
     if bk.is_traced(status) or bool(
         xp.all((status == int(Status.SUCCESS)) | (status == int(Status.EVENT)))
@@ -509,7 +517,7 @@ def _raise_compiled_failures(bk, solution: Solution, throw: bool, check_inputs) 
     if bool(xp.any(status == int(Status.INVALID_INPUT))):
         check_inputs()
     if throw:
-        raise SolveError(failure_message(solution), solution)
+        raise SolveError(failure_message(solution, adaptive), solution)
     return solution
 
 

@@ -85,7 +85,7 @@ def solve_prepared(
     else:
         result = kernels.solve(problem, options, progress)
     if throw and not result.solution.success:
-        raise SolveError(failure_message(result.solution), result.solution)
+        raise SolveError(failure_message(result.solution, problem.solver.adaptive), result.solution)
     return result
 
 
@@ -110,7 +110,7 @@ def run_loop(problem: Problem, record: bool, throw: bool, progress=None) -> Loop
     # Under jit the status is not known until run time: it stays in the Solution, and the
     # outputs the solve did not reach are NaN.
     if throw and not bk.is_traced(solution.status) and not solution.success:
-        raise SolveError(failure_message(solution), solution)
+        raise SolveError(failure_message(solution, problem.solver.adaptive), solution)
     return LoopResult(solution, state.tape, state.dt, state.f)
 
 

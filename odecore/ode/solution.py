@@ -261,9 +261,10 @@ class PrecisionWarning(UserWarning):
     """
 
 
-def failure_message(sol: Solution) -> str:
+def failure_message(sol: Solution, adaptive: bool = True) -> str:
     """Where and why the solve failed. A batch lists its failed samples (the first
-    ``_LISTED_FAILURES``), each with its status and the time it reached."""
+    ``_LISTED_FAILURES``), each with its status and the time it reached. ``adaptive``: whether
+    the steps were the error control's; a fixed-step solve is told other remedies."""
     # On the host once: a failed batch on a GPU is not read one sample at a time.
     status, t_reached = host_array(sol.status), host_array(sol.t_reached)
     stats = sol.stats
@@ -289,11 +290,25 @@ def failure_message(sol: Solution) -> str:
             f"(accepted {int(stats['naccept'][i])}, rejected {int(stats['nreject'][i])})"
         )
         codes = {int(status[i]) for i in failed}
+
+    def describe(code):
+        if code == Status.MAX_STEPS_REACHED and not adaptive:
+            # Tolerances and stiffness do not choose fixed steps: only their size does.
+            return _FIXED_MAX_STEPS
+        return Status(code).describe()
+
     if len(codes) == 1:
-        why = Status(codes.pop()).describe()
+        why = describe(codes.pop())
     else:
-        why = "; ".join(f"{Status(c).name}: {Status(c).describe()}" for c in sorted(codes))
+        why = "; ".join(f"{Status(c).name}: {describe(c)}" for c in sorted(codes))
     return f"odecore: the {sol.method} solve failed {where}: {why}. Statistics: {counts}."
+
+
+_FIXED_MAX_STEPS = (
+    "max_num_steps reached; the fixed steps (options['step_size'], options['grid_constructor'] "
+    "or the output times) are more than that: raise options['max_num_steps'], or take larger "
+    "steps"
+)
 
 
 _LISTED_FAILURES = 10
