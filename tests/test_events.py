@@ -545,6 +545,63 @@ def test_an_event_not_finite_at_t0_is_refused(backend):
     np.testing.assert_allclose(t_event[1], math.log(2.0) / K, rtol=CLOSE)
 
 
+def drain(t, y, params=None):  # y = y0 - t
+    return y * 0.0 - 1.0
+
+
+def _drained(backend, event, y0=(1.0,), **kwargs):
+    """A drain from ``y0`` over [0, 2] watched by ``event`` (a batch when ``y0`` has rows)."""
+    batched = isinstance(y0[0], tuple)
+    with np.errstate(invalid="ignore"):
+        return odecore.solve(
+            drain,
+            backend.asarray(list(y0) if not batched else [list(row) for row in y0]),
+            backend.asarray([0.0, 2.0]),
+            event=event,
+            batch_axis=0 if batched else None,
+            **kwargs,
+        )
+
+
+def test_an_event_past_a_step_that_leaves_its_domain_is_found(backend):
+    # g = sqrt(y) - 1/2 on y = 1 - t crosses at t = 3/4 and is NaN past t = 1. The error
+    # estimate of this linear drain is zero, so the first step is as long as the heuristic
+    # makes it and lands past t = 1; a NaN compares false with zero both ways, so the crossing
+    # was missed and the solve went on to t = 2, silently. Such a step is now retried shorter.
+    xp = backend.xp
+    solution = _drained(backend, lambda t, y: xp.sqrt(y[..., 0]) - 0.5)
+    assert int(solution.status) == odecore.Status.EVENT
+    # dopri5's interpolant is exact on a linear state: the root is located to a few ulp.
+    np.testing.assert_allclose(float(solution.events.t), 0.75, rtol=CLOSE)
+
+
+def test_an_event_that_stays_nan_fails_the_solve(backend):
+    # g = sqrt(y) + 1 never crosses zero but is NaN past t = 1, where its crossings cannot be
+    # watched: no shorter step gets past, and the solve says why instead of succeeding.
+    xp = backend.xp
+
+    def never(t, y):
+        return xp.sqrt(y[..., 0]) + 1.0
+
+    with pytest.raises(odecore.SolveError, match="an event function returned NaN") as info:
+        _drained(backend, never)
+    solution = info.value.solution
+    assert int(solution.status) == odecore.Status.NONFINITE_EVENT
+    # The state reaches 0 at t = 1 to the rounding of the steps' sums (a few ulp per step).
+    assert abs(float(solution.t_reached) - 1.0) < 1e-12
+    # A fixed step cannot be shortened: the step from 0.9 to 1.2 fails, and the message says
+    # that a fixed step was tried once.
+    with pytest.raises(odecore.SolveError, match="with fixed steps") as info:
+        _drained(backend, never, method="rk4", options={"step_size": 0.3})
+    assert int(info.value.solution.status) == odecore.Status.NONFINITE_EVENT
+    np.testing.assert_allclose(float(info.value.solution.t_reached), 0.9, rtol=1e-12)
+    # In a batch with throw=False the other samples are solved: y0 = 5 stays positive.
+    batch = _drained(backend, never, y0=((1.0,), (5.0,)), throw=False)
+    codes = [int(odecore.Status.NONFINITE_EVENT), int(odecore.Status.SUCCESS)]
+    assert backend.to_numpy(batch.status).tolist() == codes
+    np.testing.assert_allclose(backend.to_numpy(batch.ys)[-1, 1, 0], 3.0, rtol=1e-12)
+
+
 def test_scipy_event_attributes_are_honoured():
     # scipy's solve_ivp reads `terminal` and `direction` off its event functions; odecore
     # passed over them, and a terminal, falling event written for scipy stopped at the

@@ -38,6 +38,7 @@ NONFINITE_STATE = 3
 INVALID_INPUT = 4
 NONFINITE_ERROR = 5
 EVENT = 6
+NONFINITE_EVENT = 7
 
 # A step within this fraction of the next stop is stretched onto it: a fixed step that divides
 # the interval then lands exactly instead of leaving a rounding-sized last step.

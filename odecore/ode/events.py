@@ -354,11 +354,18 @@ def crossed(direction, g_old, g_new):
 
 def event_phase(p, s_events, accept, t, t_new, h, hy, y, trial, f_new, nfev):
     """After the step from ``t`` (size ``h``): the new event state, and per sample whether a
-    terminal event stops it (``stop``), where (``t_stop``, ``y_stop``). ``nfev`` counts the
-    dense output's extra evaluations when some event crossed."""
+    terminal event stops it (``stop``), where (``t_stop``, ``y_stop``), and whether an event
+    value at the step's end is NaN (``lost``: the step is rejected, as one to a
+    non-finite state is). ``nfev`` counts the dense output's extra evaluations when some
+    event crossed."""
     ev, bk, xp, ops = p.events, p.backend, p.backend.xp, p.ops
     y_new = trial.y_new
     g_new = ev(t_new, y_new)
+    # A NaN compares false with zero both ways: past it no crossing can be found, and the
+    # solve would go on as if there were none. (An infinite value at a step's end has a sign,
+    # and the root search brackets the crossing by bisection.)
+    lost = accept & xp.any(xp.isnan(g_new), axis=1)
+    accept = accept & xp.logical_not(lost)
     hits = xp.stack(
         [accept & crossed(d, s_events.g[:, i], g_new[:, i]) for i, d in enumerate(ev.directions)],
         axis=1,
@@ -382,7 +389,7 @@ def event_phase(p, s_events, accept, t, t_new, h, hy, y, trial, f_new, nfev):
         ]
         return _update(p, s_events, hits, g_new, accept, thetas, t, t_new, h, y_at, nfev)
 
-    return bk.cond(ops.any(hits), located, none, s_events, nfev)
+    return (*bk.cond(ops.any(hits), located, none, s_events, nfev), lost)
 
 
 def _root(p, y_at, i, t, h, g_lo, g_hi, active):

@@ -30,6 +30,8 @@ from odecore.ode.tape import record_step, tape_buffers
 # The codes as plain ints: the loop body writes them every step.
 RUNNING = int(Status.RUNNING)
 EVENT = int(Status.EVENT)
+NONFINITE_EVENT = int(Status.NONFINITE_EVENT)
+DT_UNDERFLOW = int(Status.DT_UNDERFLOW)
 
 
 class LoopState(NamedTuple):
@@ -227,13 +229,19 @@ def step(p: Problem, s: LoopState) -> LoopState:
         f_new = p.evaluate(t_new if t_left is None else t_left, y_new)
     nfev = s.nfev + solver.nfev_per_step + nfev_redo
 
-    tape = s.tape if s.tape is None else record_step(p, s.tape, t, h, t_new, y, accept)
-    events, stop, t_end = s.events, None, t_new
+    events, stop, t_end, lost = s.events, None, t_new, None
     if p.events is not None:
         # A terminal event ends the step early for its sample: no output after it is filled.
-        events, stop, t_end, y_stop, nfev = ev.event_phase(
+        events, stop, t_end, y_stop, nfev, lost = ev.event_phase(
             p, s.events, accept, t, t_new, h, hy, y, trial, f_new, nfev
         )
+        # A step that leaves an event value NaN is rejected and retried shorter, as
+        # one to a non-finite state is: a long first step may leave the event's domain (a log
+        # of a state that turns negative) where shorter steps stay in it.
+        accept = accept & ops.not_(lost)
+        if p.controller is not None:
+            ratio = ops.where(lost, math.inf, ratio)
+    tape = s.tape if s.tape is None else record_step(p, s.tape, t, h, t_new, y, accept)
     out, out_idx, nfev = fill_outputs(p, s, accept, t, t_new, h, hy, y, trial, f_new, nfev, t_end)
     if p.jumps is not None:
         # Only now, with the step's outputs interpolated from the left limit, does the next
@@ -265,7 +273,9 @@ def step(p: Problem, s: LoopState) -> LoopState:
     )
     t_next, y_next = ops.where(accept, t_new, t), ops.select_rows(accept, y_new, y)
     if stop is not None:
-        status = ops.where(stop, EVENT, status)
+        # No shorter step kept the event finite: the failure is the event's.
+        lost_for_good = lost & (status == DT_UNDERFLOW)
+        status = ops.where(stop, EVENT, ops.where(lost_for_good, NONFINITE_EVENT, status))
         t_next, y_next = ops.where(stop, t_end, t_next), ops.select_rows(stop, y_stop, y_next)
     # In field order, not by keyword: keywords make a NamedTuple's constructor several times
     # slower, and this runs once per step.

@@ -40,6 +40,9 @@ class Status(enum.IntEnum):
         5: the error estimate is not finite although the state is (check ``options["norm"]``).
     EVENT
         6: stopped at a terminal event (``solve(..., event=...)``): a success.
+    NONFINITE_EVENT
+        7: an event function returned NaN after ``t0``, where its sign change cannot
+        be found, at the end of every step tried, down to the shortest.
 
     Examples
     --------
@@ -62,6 +65,7 @@ class Status(enum.IntEnum):
     NONFINITE_ERROR = rules.NONFINITE_ERROR
     #: Stopped at a terminal event (``solve(..., event=...)``): a success.
     EVENT = rules.EVENT
+    NONFINITE_EVENT = rules.NONFINITE_EVENT
 
     def describe(self) -> str:
         """What the status means and, for a failure, what to try: the text of error messages.
@@ -102,6 +106,12 @@ _DESCRIPTIONS = {
         "the error estimate is not finite although the state is: check options['norm'] (a "
         "norm that returns NaN or a negative value rejects every step) and the tolerances; "
         "no smaller step can help"
+    ),
+    Status.NONFINITE_EVENT: (
+        "an event function returned NaN at the end of every step tried from here, down "
+        "to the shortest (with fixed steps: at the end of the next step), where its crossing "
+        "of zero cannot be found; check where the event function is defined (a log, a square "
+        "root or a division of the state)"
     ),
     Status.INVALID_INPUT: (
         "invalid input: y0 is not finite, or an event function is not finite at t0, or, "
