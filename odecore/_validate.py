@@ -121,34 +121,35 @@ def adjoint_params(bk, values) -> None:
             )
 
 
-def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None) -> None:
+def warn_unresolvable_rtol(bk, y0, rtol, adjoint_rtol=None, name: str = "y0") -> None:
     """Warn (:class:`~odecore.PrecisionWarning`) when ``rtol``, or the backsolve's
     ``adjoint_rtol``, is below the unit roundoff of ``y0``'s dtype (half its machine
     epsilon): no solve in that dtype resolves a smaller relative error, so such a tolerance
     cannot be met, and a solve may report success with an error far above it. A value not
-    known yet (traced) is not looked at; a bad one is left to the checks that name it."""
+    known yet (traced) is not looked at; a bad one is left to the checks that name it.
+    ``name``: what messages call ``y0`` (a part of a structured state, by its path)."""
     xp = bk.xp
-    y0_arr = as_array(bk, y0, "y0", "an array of real floating numbers")
+    y0_arr = as_array(bk, y0, name, "an array of real floating numbers")
     if dtype_kind(xp, y0_arr.dtype) != "real floating":
         return
     dtype = y0_arr.dtype
     roundoff = _roundoffs.get(dtype)
     if roundoff is None:  # finfo costs a microsecond a call, and every solve asks
         roundoff = _roundoffs[dtype] = float(xp.finfo(dtype).eps) / 2
-    for name, value in (("rtol", rtol), ("adjoint_rtol", adjoint_rtol)):
-        smallest = _smallest_tolerance(bk, value, name)
+    for which, value in (("rtol", rtol), ("adjoint_rtol", adjoint_rtol)):
+        smallest = _smallest_tolerance(bk, value, which)
         if smallest is None or not 0 < smallest < roundoff:
             continue
         if isinstance(value, numbers.Real):
-            what = f"{name}={smallest:.3g}"
+            what = f"{which}={smallest:.3g}"
         else:
-            what = f"the smallest element of {name}, {smallest:.3g},"
+            what = f"the smallest element of {which}, {smallest:.3g},"
         bits = xp.finfo(dtype).bits
-        wider = {16: ", or give y0 a wider dtype (float32 or float64)", 32: ", or use float64"}
+        wider = {16: f", or give {name} a wider dtype (float32 or float64)", 32: ", or use float64"}
         warnings.warn(
-            f"{what} is below the unit roundoff of y0's dtype {_dtype_name(dtype)} "
+            f"{what} is below the unit roundoff of {name}'s dtype {_dtype_name(dtype)} "
             f"({roundoff:.3g}), the smallest relative error it resolves: the solve cannot "
-            f"meet it, and its error may be far larger than {name} asks. Loosen {name} to "
+            f"meet it, and its error may be far larger than {which} asks. Loosen {which} to "
             f"at least {roundoff:.3g}{wider.get(bits, '')}",
             PrecisionWarning,
             stacklevel=_stacklevel_outside_odecore(),
@@ -437,10 +438,11 @@ def times(bk, t) -> Any:
     return arr
 
 
-def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
+def initial_state(bk, y0, finite: bool = True, name: str = "y0", empty: bool = False) -> Any:
     """``y0`` as an array, checked; ``finite=False`` leaves its values to the caller (a batch
     is checked sample by sample). ``name`` is how messages call it (a part of a structured
-    state is named by its path)."""
+    state is named by its path); ``empty``: whether it may have no elements (a part of a
+    structured state, whose other parts are solved)."""
     xp = bk.xp
     arr = as_array(bk, y0, name, "an array of real floating numbers")
     kind = dtype_kind(xp, arr.dtype)
@@ -451,7 +453,7 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0") -> Any:
         )
     if kind != "real floating":
         raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
-    if math.prod(arr.shape) == 0:
+    if not empty and math.prod(arr.shape) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); there is nothing to solve")
     if finite and _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -478,6 +480,13 @@ def _tolerance_rule(name: str) -> str:
         "positive and finite (with atol 0 a state element at zero would have no error "
         "scale; for a relative error alone, give atol far below the state's size)"
     )
+
+
+def tolerance_part(bk, arr, name: str, path: str) -> None:
+    """Refuse a part of a structured tolerance ``name`` ("rtol", "atol") that is not valid,
+    naming it by ``path`` (``atol[1]['s']``)."""
+    if _fails(bk, bk.xp.all(tolerance_ok(bk.xp, arr, name))):
+        raise ValueError(f"every element of {path} must be {_tolerance_rule(name)}")
 
 
 def _scalar_tolerance(value, name: str) -> float:

@@ -8,6 +8,7 @@ finite differences of the closed form.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -191,7 +192,10 @@ def test_mixed_dtypes_keep_their_own_dtype_and_solve_in_the_wider():
         seen.add((x.dtype, v.dtype))
         return (v.to(x.dtype), -x.to(v.dtype))
 
-    ys = odecore.odeint(field, (x0, v0), torch.tensor(TIMES), **TIGHT)
+    # rtol 1e-10 is below float32's roundoff: the float32 part cannot hold it (see below),
+    # and is named, although the parts are solved in float64.
+    with pytest.warns(odecore.PrecisionWarning, match=r"roundoff of y0\[0\]'s dtype float32"):
+        ys = odecore.odeint(field, (x0, v0), torch.tensor(TIMES), **TIGHT)
     assert seen == {(torch.float32, torch.float64)}
     assert ys[0].dtype == torch.float32 and ys[1].dtype == torch.float64
     x, v = oscillator_exact(X0, V0, 1.0, TIMES)
@@ -201,6 +205,10 @@ def test_mixed_dtypes_keep_their_own_dtype_and_solve_in_the_wider():
     np.testing.assert_allclose(ys[1].detach().numpy(), v, rtol=0, atol=1e-6)
     (ys[0][-1].sum() + ys[1][-1].sum()).backward()
     assert x0.grad.dtype == torch.float32 and v0.grad.dtype == torch.float64
+    # A tolerance float32 resolves gets no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", odecore.PrecisionWarning)
+        odecore.odeint(field, (x0, v0), torch.tensor(TIMES), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.backend("torch")
@@ -319,6 +327,63 @@ def test_bad_parts_of_y0_are_named(backend):
         odecore.odeint(oscillator, y0, t, batch_axis=1)
 
 
+def test_an_ordered_dict_state_stays_one(backend):
+    # JAX keeps an OrderedDict as its own pytree type; it had reached func, and come back,
+    # as a plain dict.
+    from collections import OrderedDict
+
+    seen = []
+
+    def field(t, y):
+        seen.append(type(y))
+        return OrderedDict(pos=y["vel"], vel=-y["pos"])
+
+    y0 = OrderedDict(pos=backend.asarray(X0), vel=backend.asarray(V0))
+    ys = odecore.odeint(field, y0, backend.asarray(TIMES), **TIGHT)
+    assert type(ys) is OrderedDict and list(ys) == ["pos", "vel"]
+    assert set(seen) == {OrderedDict}
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    np.testing.assert_allclose(backend.to_numpy(ys["pos"]), x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(ys["vel"]), v, rtol=0, atol=CLOSE)
+
+
+def _with_empty(t, y, params=None):
+    x, v, e = y
+    return (*oscillator(t, (x, v), params), e * 0.0)
+
+
+def test_an_empty_part_is_solved_as_nothing_beside_the_others(backend):
+    # torchdiffeq solves a tuple state with a part of size 0; it was refused as "nothing to
+    # solve" although the other parts were not empty.
+    empty = backend.asarray(np.zeros((0,)))
+    y0 = (backend.asarray(X0), backend.asarray(V0), empty)
+    xs, vs, es = odecore.odeint(_with_empty, y0, backend.asarray(TIMES), **TIGHT)
+    x, v = oscillator_exact(X0, V0, 1.0, TIMES)
+    np.testing.assert_allclose(backend.to_numpy(xs), x, rtol=0, atol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(vs), v, rtol=0, atol=CLOSE)
+    assert tuple(es.shape) == (3, 0)
+    with pytest.raises(ValueError, match=r"every part of y0 is empty \(y0\[0\]: \(0,\), "):
+        odecore.odeint(lambda t, y: y, (empty, empty), backend.asarray(TIMES))
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_gradients_beside_an_empty_part(mode):
+    import torch
+
+    x0, v0, k = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (X0, V0, [K]))
+    e0 = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    ys = odecore.odeint(_with_empty, (x0, v0, e0), t, params=(k,), adjoint=mode, **TIGHT)
+    loss = (ys[0][-1] * torch.tensor(WX)).sum() + (ys[1][-1] * torch.tensor(WV)).sum()
+    loss.backward()
+    rx, rv, rk = _reference_gradients(WX, WV)
+    np.testing.assert_allclose(x0.grad.numpy(), rx, rtol=0, atol=GRAD_CLOSE)
+    np.testing.assert_allclose(v0.grad.numpy(), rv, rtol=0, atol=GRAD_CLOSE)
+    assert abs(float(k.grad[0]) - rk) < GRAD_CLOSE
+    assert e0.grad is not None and tuple(e0.grad.shape) == (0,)
+
+
 def test_structured_tolerance_must_match_y0(backend):
     # The remedy speaks of what the user gives, not of what func returns.
     match = r"atol \(structured like y0\) has a tuple of 3 parts.*; give atol the structure of y0"
@@ -330,6 +395,14 @@ def test_structured_tolerance_must_match_y0(backend):
         _solve_tuple(backend, oscillator, rtol=backend.asarray([1e-6, 1e-8]))
 
 
+def test_a_bad_part_of_a_structured_tolerance_is_named(backend):
+    # It was refused as "every element of atol", without saying which part holds it.
+    with pytest.raises(ValueError, match=r"every element of atol\[1\] must be positive"):
+        _solve_tuple(backend, oscillator, atol=(1e-6, -1.0))
+    with pytest.raises(ValueError, match=r"every element of rtol\[0\] must be non-negative"):
+        _solve_tuple(backend, oscillator, rtol=(math.nan, 1e-6))
+
+
 def test_vjp_returning_another_structure_is_refused():
     class Bad(OscillatorWithVjp):
         def vjp(self, t, y, params, cot):
@@ -338,6 +411,20 @@ def test_vjp_returning_another_structure_is_refused():
     with pytest.raises(TypeError, match=r"Bad.vjp returned a ndarray at cot_y, where the state"):
         ys, pullback = odecore.vjp_odeint(Bad(), (X0, V0), TIMES, (np.array([K]),))
         pullback((np.ones((3, 2)), np.ones((3, 2))))
+
+
+def test_a_pullbacks_cotangent_is_asked_for_in_the_structure_of_ys():
+    # ys_bar is what the caller passes, shaped like ys (a time axis on every part); the
+    # messages spoke of what func returns, and of the state's shape without that axis.
+    ys, pullback = odecore.vjp_odeint(OscillatorWithVjp(), (X0, V0), TIMES, (np.array([K]),))
+    with pytest.raises(TypeError, match=r"at ys_bar, .*; give ys_bar the structure of ys$"):
+        pullback(np.zeros((3, 4)))
+    shape = r"shape \(2,\) at ys_bar\[1\] but that part of ys has shape \(3, 2\); give each"
+    with pytest.raises(ValueError, match=shape):
+        pullback((np.zeros((3, 2)), np.zeros(2)))
+    # Built like ys, the cotangent is taken: the gradient of sum(x(t)) at t = 0 is ones.
+    y0_bar, _, _ = pullback((np.stack([np.ones(2), np.zeros(2), np.zeros(2)]), np.zeros((3, 2))))
+    np.testing.assert_allclose(y0_bar[0], np.ones(2), rtol=0, atol=1e-12)
 
 
 @pytest.mark.backend("numba")

@@ -14,6 +14,7 @@ a large one's, as in torchdiffeq.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -72,7 +73,9 @@ def describe(value, path: str = "y0") -> tuple[Node, list[tuple[str, Any]]]:
     def walk(value, path):
         if isinstance(value, dict):
             keys = tuple(value)
-            return Node(dict, keys, tuple(walk(value[k], f"{path}[{k!r}]") for k in keys))
+            # An OrderedDict comes back as one, as JAX keeps it; other dicts as a dict.
+            kind = OrderedDict if isinstance(value, OrderedDict) else dict
+            return Node(kind, keys, tuple(walk(value[k], f"{path}[{k!r}]") for k in keys))
         if isinstance(value, (tuple, list)):
             return Node(
                 type(value), (), tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(value))
@@ -121,13 +124,13 @@ def leaves_as(
             for i, (child, v) in enumerate(zip(node.children, value, strict=True)):
                 walk(child, v, f"{path}[{i}]")
             return
-        wanted = dict if node.kind is dict else (tuple, list)
+        wanted = dict if node.kind in _DICTS else (tuple, list)
         if not isinstance(value, wanted):
-            shown = "dict" if node.kind is dict else node.kind.__name__
+            shown = "dict" if node.kind in _DICTS else node.kind.__name__
             raise TypeError(
                 f"{who} {_kind(value)} at {path}, where the state has a {shown}{remedy}"
             )
-        if node.kind is dict:
+        if node.kind in _DICTS:
             if set(value) != set(node.keys):
                 raise ValueError(
                     f"{who} a dict with keys {_keys(value)} at {path}, where the state has "
@@ -146,6 +149,9 @@ def leaves_as(
 
     walk(node, value, path)
     return found
+
+
+_DICTS = (dict, OrderedDict)
 
 
 def _keys(keys) -> str:
@@ -168,8 +174,8 @@ def rebuild(node: Node, leaves: list) -> Any:
         if node.kind is None:
             return next(it)
         children = [walk(child) for child in node.children]
-        if node.kind is dict:
-            return dict(zip(node.keys, children, strict=True))
+        if node.kind in _DICTS:
+            return node.kind(zip(node.keys, children, strict=True))
         if isinstance(node.kind, Registered):
             return node.kind.rebuild(children)
         if hasattr(node.kind, "_fields"):  # a NamedTuple takes its fields as arguments
@@ -272,21 +278,29 @@ class StateStructure:
     def flatten_returned(
         self, bk, value, who: str, path: str = "dy/dt", lead_shape=(), exact_dtype=True
     ):
-        """What ``who`` returned for the state (a derivative, a cotangent; with
-        ``lead_shape``, one per output time), checked part by part against the state, as
-        one array. ``exact_dtype=False`` accepts any real floating dtype."""
-        found = leaves_as(self.node, value, path, who)
+        """What ``who`` returned for the state (a derivative, a cotangent), checked part by
+        part against the state, as one array. ``exact_dtype=False`` accepts any real floating
+        dtype. With ``lead_shape`` (one per output time) ``value`` is a cotangent of the
+        outputs ``ys`` that the caller passes, and messages say so."""
+        if lead_shape:
+            like, remedy = "ys", f"; give {path} the structure of ys"
+            fix = f"give each part of {path} the shape of its part of ys, (len(t), *part shape)"
+            verb = "pass"
+        else:
+            like, remedy, verb = "the state", "; return the same structure as y0", "return"
+            fix = "each part must have the shape of its state part"
+        found = leaves_as(self.node, value, path, who, remedy)
         for (where, leaf), shape, dtype in zip(found, self.shapes, self.dtypes, strict=True):
             shape = (*lead_shape, *shape)
             if not bk.owns(leaf):
                 raise TypeError(
-                    f"{who} a {type(leaf).__name__} at {where}; return a {bk.name} "
-                    f"array shaped like that part of the state, {shape}"
+                    f"{who} a {type(leaf).__name__} at {where}; {verb} a {bk.name} "
+                    f"array shaped like that part of {like}, {shape}"
                 )
             if tuple(leaf.shape) != shape:
                 raise ValueError(
-                    f"{who} shape {tuple(leaf.shape)} at {where} but that part of the "
-                    f"state has shape {shape}; each part must have the shape of its state part"
+                    f"{who} shape {tuple(leaf.shape)} at {where} but that part of {like} "
+                    f"has shape {shape}; {fix}"
                 )
             if exact_dtype and leaf.dtype != dtype:
                 raise TypeError(
@@ -295,9 +309,10 @@ class StateStructure:
                 )
         return self.flatten([leaf for _, leaf in found], lead=len(lead_shape))
 
-    def tolerance(self, bk, value, name: str):
+    def tolerance(self, bk, value, name: str, check=None):
         """A tolerance: a number or 0-d array as it is; a structure like ``y0`` (one value, or
-        one array broadcasting to its part, per part) as one array like the state."""
+        one array broadcasting to its part, per part) as one array like the state.
+        ``check(arr, path)`` is called on each part's value, to name the part it refuses."""
         if not isinstance(value, (tuple, list, dict)):
             shape = tuple(getattr(value, "shape", ()))
             if shape:
@@ -319,6 +334,8 @@ class StateStructure:
         arrays = []
         for (where, tol), shape in zip(found, self.shapes, strict=True):
             arr = bk.asarray(tol, dtype=self.dtype)
+            if check is not None:
+                check(arr, where)
             try:
                 arrays.append(xp.broadcast_to(arr, shape))
             except (ValueError, RuntimeError):

@@ -8,6 +8,7 @@ unflattens the outputs with the returned structure.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from odecore import _validate
@@ -31,20 +32,45 @@ def flat_call(bk, func, y0, keywords: dict) -> FlatCall:
         )
     batch_axis = keywords["batch_axis"]
     node, found = describe(y0)
+    # An empty part is solved as torchdiffeq solves it, as nothing, beside the others.
     parts = [
-        (path, _validate.initial_state(bk, leaf, finite=batch_axis is None, name=path))
+        (path, _validate.initial_state(bk, leaf, finite=batch_axis is None, name=path, empty=True))
         for path, leaf in found
     ]
+    if all(math.prod(leaf.shape) == 0 for _, leaf in parts):
+        shapes = ", ".join(f"{path}: {tuple(leaf.shape)}" for path, leaf in parts)
+        raise ValueError(f"every part of y0 is empty ({shapes}); there is nothing to solve")
     structure = StateStructure(bk.xp, node, parts, batch_axis)
     wrapped = StructuredFunc(bk, func, structure)
     flat = dict(keywords)
     flat["batch_axis"] = None if batch_axis is None else 0
-    flat["rtol"] = structure.tolerance(bk, keywords["rtol"], "rtol")
-    flat["atol"] = structure.tolerance(bk, keywords["atol"], "atol")
+    for name in ("rtol", "atol"):
+        flat[name] = structure.tolerance(bk, keywords[name], name, _part_check(bk, name))
+    _warn_unresolvable_in_parts(bk, structure, parts, flat["rtol"])
     options = _per_part_norm(wrapped, keywords["method"], keywords["options"])
     flat["options"] = _structured_grid(options, func, y0)
     y0_flat = structure.flatten([leaf for _, leaf in parts])
     return FlatCall(wrapped, y0_flat, flat, structure)
+
+
+def _warn_unresolvable_in_parts(bk, structure, parts, rtol) -> None:
+    """The solve checks rtol against the dtype the parts promote to; a narrower part (float32
+    beside float64) cannot hold a tighter tolerance either: its outputs come back in its
+    own dtype, and func computes it there."""
+    for (path, leaf), (lo, hi) in zip(parts, structure.bounds, strict=True):
+        if leaf.dtype == structure.dtype or hi == lo:
+            continue
+        own = rtol[..., lo:hi] if getattr(rtol, "ndim", 0) else rtol
+        _validate.warn_unresolvable_rtol(bk, leaf, own, name=path)
+
+
+def _part_check(bk, name):
+    """The check of one part of a structured tolerance ``name``, naming that part."""
+
+    def check(arr, path):
+        _validate.tolerance_part(bk, arr, name, path)
+
+    return check
 
 
 def _per_part_norm(wrapped, method, options):
