@@ -857,6 +857,64 @@ def test_odeint_event_without_a_crossing_raises(backend):
             )
 
 
+def test_odeint_event_with_a_value_zero_at_t0_finds_the_others_crossing(backend):
+    # u' = -u from 1 and s' = 1 from 0, with event_fn = (u - 1/2, s): u crosses 1/2 at
+    # t = log 2. The values were combined as the least of value times its sign at t0, which
+    # for s (sign 0) stayed 0 for good: the crossing was never found, and the solve ground on
+    # to max_num_steps. A value zero at t0 counts once it has left zero, as a single one does.
+    xp = backend.xp
+
+    def field(t, y):
+        return xp.stack([-y[0], y[1] * 0.0 + 1.0])
+
+    def levels(t, y):
+        return xp.stack([y[0] - 0.5, y[1]])
+
+    event_t, ys = odecore.odeint_event(
+        field, backend.asarray([1.0, 0.0]), 0.0, event_fn=levels, **TIGHT
+    )
+    np.testing.assert_allclose(float(event_t), math.log(2.0), rtol=CLOSE)
+    np.testing.assert_allclose(backend.to_numpy(ys)[-1], [0.5, math.log(2.0)], rtol=CLOSE)
+
+    # A value that leaves zero and comes back is the event: v' = 1 - 2t from 0 gives
+    # v = t - t^2, back at zero at t = 1, before u = exp(-t) reaches 1/4 at t = log 4.
+    def field_back(t, y):
+        return xp.stack([-y[0], y[1] * 0.0 + 1.0 - 2.0 * t])
+
+    def levels_back(t, y):
+        return xp.stack([y[0] - 0.25, y[1]])
+
+    event_t, _ = odecore.odeint_event(
+        field_back, backend.asarray([1.0, 0.0]), 0.0, event_fn=levels_back, **TIGHT
+    )
+    np.testing.assert_allclose(float(event_t), 1.0, rtol=CLOSE)
+
+
+def test_odeint_event_out_of_steps_says_no_event_was_found(backend):
+    # A decay keeps an explicit method's steps bounded by its stability, so an event that
+    # never comes ends the solve at max_num_steps, not at the horizon: the message says that
+    # no event was found and what to check.
+    with pytest.raises(odecore.SolveError, match=r"max_num_steps reached.*no event had been"):
+        odecore.odeint_event(
+            lambda t, y: -y,
+            backend.asarray([1.0]),
+            0.0,
+            event_fn=lambda t, y: y[0] + 1.0,
+            options={"max_num_steps": 200},
+        )
+
+
+def test_odeint_event_names_how_it_calls_event_fn(backend):
+    with pytest.raises(TypeError, match=r"calls event_fn\(t, y, params\) when params are"):
+        odecore.odeint_event(
+            lambda t, y, k: -k * y,
+            backend.asarray([1.0]),
+            0.0,
+            params=backend.asarray(1.0),
+            event_fn=lambda t, y: y[0] - 0.5,
+        )
+
+
 def test_odeint_event_refuses_several_initial_times(backend):
     with pytest.raises(ValueError, match=r"t0 must be one time .* shape \(2,\)"):
         odecore.odeint_event(

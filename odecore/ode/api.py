@@ -21,6 +21,7 @@ from odecore.adjoint.scipy_solver import scipy_solve
 from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
 from odecore.backend.layout import layout as make_layout
+from odecore.backend.host import host_array
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
 from odecore.ode import progress as progress_reports
@@ -31,7 +32,13 @@ from odecore.ode.event_gradients import (
     event_gradients,
     event_pullback,
 )
-from odecore.ode.events import Event, as_events, events_at_start, structured_events
+from odecore.ode.events import (
+    Event,
+    as_events,
+    events_at_start,
+    explain_event_call,
+    structured_events,
+)
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
 from odecore.ode.problem import check_parameters_are_known, prepare
@@ -805,7 +812,9 @@ def odeint_event(
         The initial time.
     event_fn : callable
         ``event_fn(t, y)`` (``event_fn(t, y, params)`` with ``params``), returning one value,
-        or several (an event when any of them changes sign from its value at ``t0``).
+        or several (an event when any of them crosses zero; each is called for, so
+        ``event_fn`` runs once per value). A value that is zero at ``t0`` counts once it has
+        left zero and comes back.
     reverse_time : bool, default False
         Solve backward in time from ``t0``.
     odeint_interface : callable, default odeint
@@ -833,7 +842,7 @@ def odeint_event(
         argument of the solve has a wrong value.
     SolveError
         No event before ``options["max_num_steps"]`` steps, no event at all (the steps grew
-        until the solve reached a quarter of the dtype's largest value; with ``batch_axis``,
+        until the solve reached the square root of the dtype's largest value; with ``batch_axis``,
         for any sample), or the solve failed otherwise. Under JAX's ``jit`` the outcome is
         not known until run time: a missing event's time and state are NaN there.
 
@@ -878,7 +887,17 @@ def odeint_event(
     horizon = math.sqrt(float(xp.finfo(t0.dtype).max))
     far = bk.stop_gradient(t0) + (-horizon if reverse_time else horizon)
     t = xp.stack([t0, xp.astype(far, t0.dtype)])
-    solution = solve(func, y0, t, event=_combined_event(bk, event_fn, t0, y0, kwargs), **kwargs)
+    event = _combined_event(bk, event_fn, t0, y0, kwargs)
+    try:
+        solution = solve(func, y0, t, event=event, **kwargs)
+    except SolveError as error:
+        # A decaying solution keeps an explicit method's steps bounded by its stability:
+        # without an event the solve ends at max_num_steps, not at the horizon.
+        if error.solution is None or not _stopped_at_max_steps(error.solution):
+            raise
+        raise SolveError(
+            f"{error} odeint_event: no event had been found. {_NO_EVENT_HINT}", error.solution
+        ) from None
     record = solution.events
     _check_event_found(bk, record, solution)
     event_t = xp.astype(record.t, t0.dtype)
@@ -918,34 +937,55 @@ def _check_event_found(bk, record, solution):
         where = f"for {count} of {missing.shape[0]} samples: {listed}{more}"
     raise SolveError(
         f"odeint_event: event_fn never crossed zero {where}, so there is no event time "
-        f"to return. Check event_fn's sign at t0 and that the dynamics lead to its zero "
-        f"(reverse_time=True solves backward), or solve to an end time with "
-        f"odecore.solve(..., event=odecore.Event(event_fn)).",
+        f"to return. {_NO_EVENT_HINT}",
         solution,
     )
 
 
+_NO_EVENT_HINT = (
+    "Check event_fn's sign at t0 (a value that is 0 there counts once it has left zero and "
+    "comes back) and that the dynamics lead to its zero (reverse_time=True solves "
+    "backward), or solve to an end time with odecore.solve(..., event=odecore.Event(event_fn))."
+)
+
+
+def _stopped_at_max_steps(solution) -> bool:
+    return bool((host_array(solution.status) == int(Status.MAX_STEPS_REACHED)).any())
+
+
 def _combined_event(bk, event_fn, t0, y0, kwargs):
-    """torchdiffeq's event: several values count as one event when any of them changes sign
-    from its sign at ``t0``; as one function, the least of the values made positive at
-    ``t0``."""
+    """torchdiffeq's event: several values count as one event when any of them crosses zero.
+    Each value is a terminal event of the solve, the first crossing ending it, so that each
+    is watched as a single value is: one that is zero at ``t0`` from where it leaves zero.
+    (One function of them all, the least value times its sign at ``t0``, stayed at zero for
+    good when a value started there, and hid the other values' crossings.)"""
     params = kwargs.get("params")
-    xp = bk.xp
     with bk.no_grad():
-        first = event_fn(t0, y0) if params is None else event_fn(t0, y0, params)
+        try:
+            first = event_fn(t0, y0) if params is None else event_fn(t0, y0, params)
+        except TypeError as error:
+            explain_event_call(event_fn, "event_fn", params is not None, error)
+            raise
     first = bk.asarray(first)
     batched = kwargs.get("batch_axis") is not None
     if first.ndim == (1 if batched else 0):
         return Event(event_fn, terminal=True, direction=0)
-    signs = bk.stop_gradient(xp.sign(first))
+    count = math.prod(first.shape[1:] if batched else first.shape)
+    if count == 0:
+        raise ValueError(
+            f"event_fn returned no values (shape {tuple(first.shape)}); return one value, or "
+            f"several, whose crossing of zero ends the solve"
+        )
 
-    def least(t, y, *params):
-        values = event_fn(t, y, *params) * signs
-        if batched:
-            return xp.min(xp.reshape(values, (values.shape[0], -1)), axis=1)
-        return xp.min(values)
+    def value(i):
+        def g(t, y, *params):
+            values = event_fn(t, y, *params)
+            rows = bk.xp.reshape(values, (values.shape[0], -1) if batched else (-1,))
+            return rows[..., i]
 
-    return Event(least, terminal=True, direction=0)
+        return g
+
+    return [Event(value(i), terminal=True, direction=0) for i in range(count)]
 
 
 def odeint_adjoint(

@@ -263,13 +263,19 @@ class EventFunctions:
 
     def _explain_call(self, fn, i, error):
         name = "event" if len(self.events) == 1 else f"event[{i}]"
-        if self.params is None:
-            call = f"{name}(t, y) when no params are given"
-            hint = f"Write {name}(t, y), or pass what its third argument reads as params=..."
-        else:
-            call = f"{name}(t, y, params) when params are given (as it calls func)"
-            hint = "Take params as its third argument, as func does."
-        explain_signature(fn, 2 if self.params is None else 3, call, hint, error)
+        explain_event_call(fn, name, self.params is not None, error)
+
+
+def explain_event_call(fn, name: str, with_params: bool, error: TypeError) -> None:
+    """After the event function ``fn`` (called ``name`` in messages) raised ``error`` on its
+    first call: when its signature cannot take the call, say how odecore calls it."""
+    if with_params:
+        call = f"{name}(t, y, params) when params are given (as it calls func)"
+        hint = "Take params as its third argument, as func does."
+    else:
+        call = f"{name}(t, y) when no params are given"
+        hint = f"Write {name}(t, y), or pass what its third argument reads as params=..."
+    explain_signature(fn, 3 if with_params else 2, call, hint, error)
 
 
 def _flip(xp, sign, t):
