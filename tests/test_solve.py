@@ -763,17 +763,23 @@ JUMP_TOLERANCES = {"float32": (1e-5, 1e-7), "float64": (1e-8, 1e-10)}
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_jump_t_on_a_smooth_solve_costs_at_most_one_step_and_the_reevaluation(backend, dtype):
     """A jump in a smooth field must not make the solve restart small. Landing on it splits
-    one step in two (at most one step more, of six evaluations for tsit5, FSAL) and costs
-    one evaluation of the right limit; the steps after it are those the error allows."""
+    one step in two and costs one evaluation of the right limit; the steps after it are
+    those the error allows, from the step proposed before it. A restart from a small first
+    step would take several accepted steps more to grow back; the grid after the jump is
+    another, which may take one more by chance (or one more rejection: seen in float32 on
+    NumPy 2.4, 3 rejections for 2 at jump 0.5), hence at most two accepted steps more. Every
+    evaluation beyond the attempted steps' six (tsit5, FSAL) is the one reevaluation."""
     rtol, atol = JUMP_TOLERANCES[dtype]
     y0 = backend.asarray([1.0, 0.5], dtype=dtype)
     ts = backend.asarray(np.linspace(0.0, 4.0, 5), dtype=dtype)
     kwargs = dict(method="tsit5", rtol=rtol, atol=atol)
-    without = backend.stats(odecore.solve(forced_oscillator, y0, ts, **kwargs))["nfev"]
+    without = backend.stats(odecore.solve(forced_oscillator, y0, ts, **kwargs))
     for jump in (0.37, 0.5, 1.9, 3.3):
         options = {"jump_t": [jump]}
-        with_jump = odecore.solve(forced_oscillator, y0, ts, options=options, **kwargs)
-        assert backend.stats(with_jump)["nfev"] <= without + 6 + 1, jump
+        stats = backend.stats(odecore.solve(forced_oscillator, y0, ts, options=options, **kwargs))
+        assert stats["naccept"] <= without["naccept"] + 2, jump
+        extra_steps = stats["nsteps"] - without["nsteps"]
+        assert stats["nfev"] == without["nfev"] + 6 * extra_steps + 1, jump
 
 
 def test_jump_t_reevaluates_func_just_after_the_jump(backend):
