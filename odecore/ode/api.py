@@ -20,8 +20,8 @@ from odecore.adjoint.scipy_solver import METHOD as SCIPY_METHOD
 from odecore.adjoint.scipy_solver import scipy_solve
 from odecore.adjoint.solve_rule import SolveRule
 from odecore.backend import differentiate, tree
-from odecore.backend.layout import layout as make_layout
 from odecore.backend.host import host_array
+from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree
 from odecore.backend.structured import StructuredFunc, is_structured, unwrap
 from odecore.ode import progress as progress_reports
@@ -272,8 +272,9 @@ def _compiled_structured(bk, func, y0, t, keywords):
         )
         _check_events_at_start(problem, k["throw"])
 
-    adaptive = _validate.tableau(keywords["method"], keywords["options"]).adaptive
-    return _raise_compiled_failures(bk, compiled, keywords["throw"], check_inputs, adaptive)
+    return _raise_compiled_failures(
+        bk, compiled, keywords["throw"], check_inputs, keywords["method"], keywords["options"]
+    )
 
 
 def _check_events_at_start(problem, throw) -> None:
@@ -393,7 +394,8 @@ def _solve_array(
                 compiled,
                 throw,
                 lambda: _check_events_at_start(prepared_problem(y0, t), throw),
-                _validate.tableau(method, options).adaptive,
+                method,
+                options,
             )
 
         def run(y0_, t_, record=False, leaves=None):
@@ -510,12 +512,13 @@ def _check_compiled_solve_supports(bk, problem) -> None:
 
 
 def _raise_compiled_failures(
-    bk, solution: Solution, throw: bool, check_inputs, adaptive: bool
+    bk, solution: Solution, throw: bool, check_inputs, method, options
 ) -> Solution:
     """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
     that status is known, an invalid input raises what an eager solve raises for it
     (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
-    solve raises SolveError (``adaptive``: whether the error control chose the steps)."""
+    solve raises SolveError, whose remedies depend on whether ``method`` with ``options``
+    stepped adaptively."""
     status, xp = solution.status, bk.xp
     if bk.is_traced(status) or bool(
         xp.all((status == int(Status.SUCCESS)) | (status == int(Status.EVENT)))
@@ -524,6 +527,7 @@ def _raise_compiled_failures(
     if bool(xp.any(status == int(Status.INVALID_INPUT))):
         check_inputs()
     if throw:
+        adaptive = _validate.tableau(method, options).adaptive
         raise SolveError(failure_message(solution, adaptive), solution)
     return solution
 
@@ -812,9 +816,9 @@ def odeint_event(
         The initial time.
     event_fn : callable
         ``event_fn(t, y)`` (``event_fn(t, y, params)`` with ``params``), returning one value,
-        or several (an event when any of them crosses zero; each is called for, so
-        ``event_fn`` runs once per value). A value that is zero at ``t0`` counts once it has
-        left zero and comes back.
+        or several (an event when any of them crosses zero; ``event_fn`` is then called once
+        per value). A value that is zero at ``t0`` counts once it has left zero and comes
+        back.
     reverse_time : bool, default False
         Solve backward in time from ``t0``.
     odeint_interface : callable, default odeint
@@ -842,9 +846,10 @@ def odeint_event(
         argument of the solve has a wrong value.
     SolveError
         No event before ``options["max_num_steps"]`` steps, no event at all (the steps grew
-        until the solve reached the square root of the dtype's largest value; with ``batch_axis``,
-        for any sample), or the solve failed otherwise. Under JAX's ``jit`` the outcome is
-        not known until run time: a missing event's time and state are NaN there.
+        until the solve reached the square root of the dtype's largest value; with
+        ``batch_axis``, for any sample), or the solve failed otherwise. Under JAX's ``jit``
+        the outcome is not known until run time: a missing event's time and state are NaN
+        there.
 
     Examples
     --------
@@ -957,8 +962,8 @@ def _combined_event(bk, event_fn, t0, y0, kwargs):
     """torchdiffeq's event: several values count as one event when any of them crosses zero.
     Each value is a terminal event of the solve, the first crossing ending it, so that each
     is watched as a single value is: one that is zero at ``t0`` from where it leaves zero.
-    (One function of them all, the least value times its sign at ``t0``, stayed at zero for
-    good when a value started there, and hid the other values' crossings.)"""
+    No single function of them all can do that: a value at zero has no sign at ``t0`` to
+    compare with."""
     params = kwargs.get("params")
     with bk.no_grad():
         try:
