@@ -79,6 +79,30 @@ def test_max_iter_is_reported_under_jit_without_raising(x64):
     assert np.asarray(iterations).tolist() == [3, 3]
 
 
+def test_a_failed_fixed_point_under_jit_and_vmap_is_nan(x64):
+    # z = a z + 1 has z* = 1 / (1 - a); five Picard steps from 0 reach it for no a here. Under
+    # jit the last iterate (4.1 for a = 0.9) was returned as the fixed point, silently: with
+    # throw=True a failed sample is NaN, value and gradient, as a failed ODE solve is.
+    def zstar(a, **kw):
+        return odecore.fixed_point(
+            lambda z, a: a * z + 1.0, jnp.zeros(2), a, solver="picard", max_iter=5, **kw
+        )
+
+    assert np.isnan(np.asarray(jax.jit(zstar)(0.9))).all()
+    assert np.isnan(np.asarray(jax.vmap(zstar)(jnp.asarray([0.5, 0.9])))).all()
+    assert np.isnan(float(jax.jit(jax.grad(lambda a: zstar(a).sum()))(0.9)))
+    # A converged sample keeps its value beside a failed one (per-sample status).
+    sol = jax.jit(lambda b: solve(lambda z, b: 0.5 * z + b, jnp.zeros((2, 1)), b, max_iter=60))(
+        jnp.asarray([[1.0], [jnp.inf]])
+    )
+    np.testing.assert_allclose(np.asarray(sol.z)[0], [2.0], rtol=1e-11)
+    assert np.isnan(np.asarray(sol.z)[1]).all()
+    # throw=False keeps the last iterate: sum_{k<5} 0.9^k.
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda a: zstar(a, throw=False))(0.9)), (1 - 0.9**5) / 0.1, rtol=1e-12
+    )
+
+
 def test_implicit_gradient_of_cos_map_closed_form(x64):
     z0, b = jnp.zeros((3, 1)), jnp.zeros((3, 1))
     for backward_solver in ("picard", "anderson"):

@@ -91,8 +91,8 @@ def test_anderson_and_broyden_beat_picard_on_a_slow_contraction():
 def _dense_broyden_trace(g, z, m, iterations):
     """The residual norms of 'good' Broyden on one sample, with its inverse Jacobian kept
     as a dense matrix: H = -I, then H + u v^T per iteration with v = H^T dz and
-    u = (dz - H dr) / (v . dr); after m updates the memory restarts, H = -I + u v^T of the
-    update just computed (odecore.deq.broyden's rule)."""
+    u = (dz - H dr) / (v . dr), which makes H' dr = dz; after m updates the memory restarts:
+    H = -I, and the update is computed on it, so that the secant condition holds there too."""
     n = z.shape[0]
     H = -np.eye(n)
     gz = g(z)
@@ -101,9 +101,11 @@ def _dense_broyden_trace(g, z, m, iterations):
         z_new = z - H @ (gz - z)
         gz_new = g(z_new)
         dz, dr = z_new - z, (gz_new - z_new) - (gz - z)
+        if k % m == 0 and k > 0:
+            H = -np.eye(n)
         v = H.T @ dz
         u = (dz - H @ dr) / (v @ dr)
-        H = (-np.eye(n) if (k % m == 0 and k > 0) else H) + np.outer(u, v)
+        H = H + np.outer(u, v)
         z, gz = z_new, gz_new
         trace.append(np.linalg.norm(gz - z))
     return np.array(trace)
@@ -131,6 +133,25 @@ def test_broyden_takes_the_textbook_steps_through_restarts():
         compared = expected > 1e-8
         assert compared.sum() >= 8  # several restarts (every 3 iterations) are compared
         np.testing.assert_allclose(got[compared], expected[compared], rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_broyden_with_a_short_memory_converges_on_a_contraction(m):
+    # At a restart the new term had been built on the inverse it replaced and added to -I,
+    # which broke the secant condition: with m = 1 (a restart every iteration) Broyden
+    # diverged to inf on this contraction of spectral radius 0.9, and blamed f.
+    rng = np.random.default_rng(0)
+    n = 6
+    A = rng.standard_normal((n, n))
+    A *= 0.9 / max(abs(np.linalg.eigvals(A)))
+    b = rng.standard_normal(n)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: p[0] @ z + p[1], np.zeros(n), (A, b), solver="broyden", m=m, tol=1e-10,
+        max_iter=500,
+    )  # fmt: skip
+    # The residual bound 1e-10 leaves at most ||(I - A)^-1|| 1e-10 of error.
+    bound = 1e-10 * np.linalg.norm(np.linalg.inv(np.eye(n) - A), 2)
+    assert np.abs(sol.z - np.linalg.solve(np.eye(n) - A, b)).max() <= bound
 
 
 def test_damped_picard_is_the_damped_iteration():
@@ -284,6 +305,13 @@ def test_unconverged_batch_lists_the_first_ten_failed_indices():
 
 
 def test_non_finite_map_raises_naming_the_cause():
+    # A map that grows its iterates until they overflow is named, beside one returning NaN.
+    # 1.5^n overflows at n = 1751.
+    with pytest.raises(odecore.FixedPointError, match=r"or the iterates grew until they over"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            odecore.fixed_point(
+                lambda z: 1.5 * z + 1.0, np.array([1.0]), solver="picard", max_iter=2000
+            )
     with np.errstate(over="ignore", invalid="ignore"):
         with pytest.raises(odecore.FixedPointError, match="non-finite residual") as info:
             odecore.fixed_point(lambda z: z * z + 1.0, np.array([2.0]), solver="picard")
@@ -722,6 +750,39 @@ def test_unconverged_backward_raises_or_with_throw_false_reports_its_status():
     pullback(tanh_loss_weights())
     assert (sol.stats["backward_status"] == odecore.FixedPointStatus.MAX_ITER_REACHED).all()
     assert (sol.stats["backward_iterations"] == 2).all()
+
+
+class _Linear:
+    """f(z) = A z + b, with its VJP: z* = (I - A)^-1 b, and b's cotangent (I - A)^-T w."""
+
+    def __call__(self, z, p):
+        return p[0] @ z + p[1]
+
+    def vjp(self, z, p, u):
+        return p[0].T @ u, (np.outer(u, z), u)
+
+
+def test_gmres_backward_max_iter_bounds_its_products():
+    # backward_max_iter counted GMRES's restart cycles, each of restart + 2 products
+    # u J_f: the reported iterations went past it, up to 22 times over.
+    rng = np.random.default_rng(0)
+    n = 50
+    A = rng.standard_normal((n, n))
+    A *= 0.95 / max(abs(np.linalg.eigvals(A)))
+    b, w = rng.standard_normal(n), rng.standard_normal(n)
+    options = {"backward_solver": "gmres", "tol": 1e-10, "max_iter": 1000}
+    for budget in (3, 30, 100):
+        sol, pullback = odecore.vjp_fixed_point(
+            _Linear(), np.zeros(n), (A, b), backward_max_iter=budget, throw=False, **options
+        )
+        pullback(w)
+        assert int(sol.stats["backward_iterations"][0]) <= budget
+    sol, pullback = odecore.vjp_fixed_point(
+        _Linear(), np.zeros(n), (A, b), backward_max_iter=2000, **options
+    )
+    _, b_bar = pullback(w)
+    expected = np.linalg.solve((np.eye(n) - A).T, w)
+    assert np.abs(b_bar - expected).max() <= 1e-8 * np.abs(expected).max()
 
 
 class _Scaled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,12 @@ from odecore.deq.arguments import check_callable, check_params, float_array, lay
 from odecore.deq.mapping import Map, check_output, require_vjp
 from odecore.deq.options import FixedPointOptions
 from odecore.deq.rule import FixedPointRule
-from odecore.deq.solution import FixedPointError, FixedPointSolution, failure_message
+from odecore.deq.solution import (
+    CONVERGED,
+    FixedPointError,
+    FixedPointSolution,
+    failure_message,
+)
 
 
 def solve_fixed_point(
@@ -328,8 +334,24 @@ def _setup(f, z0, params, backend, batch_axis, opts):
 
 
 def _raise_if_failed(bk, solution, opts, lay):
-    # Under jit the status has no value yet: it stays in the solution.
-    if opts.throw and not bk.is_traced(solution.status) and not solution.success:
+    """With ``throw``, a failed solve raises. Under jit (or vmap) the status has no value
+    yet and nothing can raise: it stays in the solution, and a failed sample's ``z`` is NaN,
+    and so is its gradient, as a failed ODE solve's outputs are. Its last iterate is not the
+    fixed point, and ``fixed_point``, which returns ``z`` alone, would pass it on as one."""
+    if not opts.throw:
+        return
+    if bk.is_traced(solution.status):
+        xp = bk.xp
+        z = solution.z
+        converged = solution.status == CONVERGED
+        if lay.batched:
+            converged = xp.reshape(converged, (converged.shape[0],) + (1,) * (z.ndim - 1))
+        else:
+            converged = xp.all(converged)
+        # A factor rather than a choice: the gradient of a failed sample is NaN too, where
+        # xp.where would give it a zero one.
+        solution.z = z * xp.where(converged, xp.ones_like(z), xp.full_like(z, math.nan))
+    elif not solution.success:
         raise FixedPointError(failure_message(bk, solution, opts, lay.batched), solution)
 
 

@@ -46,12 +46,19 @@ def broyden_update(bk, s, m, update, z, gz, z_new, gz_new):
     difference onto the step just taken; and ``H r`` for the next proposal, at ``z_new``
     where ``update``, else at ``z`` (the iterate the loop keeps). Updates ``s`` in place."""
     xp = bk.xp
-    in_use = _in_use(xp, s["k"], m)
+    slot = s["k"] % m
+    # With the memory full, the term written now (into slot 0) starts a new cycle: the
+    # inverse after it is -I plus it alone, so it must satisfy the secant condition on -I,
+    # not on the inverse it replaces (H' dr = dz fails otherwise, and with m = 1 the
+    # iteration diverged on a plain contraction).
+    restart = (slot == 0) & (s["k"] > 0)
+    in_use = _in_use(xp, s["k"], m) & xp.logical_not(restart)
     dz = z_new - z
     r_new = gz_new - z_new
     dr = r_new - (gz - z)
     h_r_new = _apply_inverse(bk, s, r_new, in_use)
-    h_dr = h_r_new - s["h_r"]
+    h_r_old = xp.where(restart, z - gz, s["h_r"])
+    h_dr = h_r_new - h_r_old
     v = _apply_inverse(bk, s, dz, in_use, transposed=True)
     denom = xp.sum(v * dr, axis=-1)
     eps = xp.finfo(z.dtype).eps
@@ -61,17 +68,12 @@ def broyden_update(bk, s, m, update, z, gz, z_new, gz_new):
     safe = xp.where(term, denom, 1.0)
     u = xp.where(term[:, None], (dz - h_dr) / safe[:, None], 0.0)
     v = xp.where(term[:, None], v, 0.0)
-    slot = s["k"] % m
     s["mem_a"] = bk.write(s["mem_a"], (slice(None), slot), u)
     s["mem_b"] = bk.write(s["mem_b"], (slice(None), slot), v)
-    # The next iteration's inverse is this one plus the term just written, or, where the
-    # memory restarts (the term written into slot 0 after the first cycle), -I plus it:
-    # H' x = base + u (v . x), with u = 0 where the update was skipped.
-    restart = (slot == 0) & (s["k"] > 0)
-    base_new = xp.where(restart, -r_new, h_r_new)
-    h_r_next = base_new + u * xp.sum(v * r_new, axis=-1)[:, None]
-    base_old = xp.where(restart, z - gz, s["h_r"])
-    s["h_r"] = xp.where(update[:, None], h_r_next, base_old)
+    # The next iteration's inverse is the one the term was built on plus the term:
+    # H' x = H x + u (v . x), with u = 0 where the update was skipped.
+    h_r_next = h_r_new + u * xp.sum(v * r_new, axis=-1)[:, None]
+    s["h_r"] = xp.where(update[:, None], h_r_next, h_r_old)
 
 
 def _in_use(xp, k, m):

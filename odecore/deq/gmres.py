@@ -10,13 +10,18 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
     """Restarted GMRES, per sample, for ``apply_op(u) = w`` on ``(B, N)`` arrays. Each cycle
     builds a Krylov basis of ``restart`` vectors and solves its small least-squares problem;
     converged samples stop changing. Returns ``(u, iterations, status)``, with iterations
-    counting operator applications.
+    counting operator applications, of which ``max_iter`` bounds the total: a cycle costs
+    ``restart + 2``, so the cycles are as many as fit (at least one, of at least one basis
+    vector: three applications).
 
     Like the forward loop, it is one masked ``while_loop`` whose cycle has a fixed number of
     steps: it runs under a tracing framework's ``jit`` as it runs eagerly."""
     xp = bk.xp
     B, N = w.shape
-    restart = max(1, min(restart, N))
+    # As the other backward solvers' iterations, max_iter bounds the operator applications,
+    # the cost: a smaller budget takes shorter cycles before fewer of them.
+    restart = max(1, min(restart, N, max_iter - 2))
+    cycles = max(1, max_iter // (restart + 2))
     tiny = xp.finfo(w.dtype).tiny
     eps = xp.finfo(w.dtype).eps
     # "rel" measures the linear residual against the right-hand side, per sample.
@@ -36,7 +41,7 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
         }
 
     def cond(s):
-        return xp.any(s["status"] == RUNNING) & (s["k"] < max_iter)
+        return xp.any(s["status"] == RUNNING) & (s["k"] < cycles)
 
     def body(s):
         active = s["status"] == RUNNING

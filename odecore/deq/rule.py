@@ -180,12 +180,15 @@ class FixedPointRule:
             if self.layout.batched
             else f" ({reason})"
         )
+        others = " or ".join(
+            f"'{name}'" for name in ("gmres", "anderson") if name != opts.backward_solver
+        )
         raise FixedPointError(
             f"odecore: the implicit backward of the fixed point (backward_solver="
             f"'{opts.backward_solver}') did not converge{where} after "
             f"{int(xp.reshape(iterations, (-1,))[first])} iterations, so its gradient would be "
             f"wrong. Raise backward_max_iter, loosen backward_tol, try backward_solver="
-            f"'gmres' or 'anderson', or take backward='one_step' for an approximate gradient; "
+            f"{others}, or take backward='one_step' for an approximate gradient; "
             f"throw=False keeps the best iterate's gradient, with stats['backward_status']",
             self.solution,
         )

@@ -70,7 +70,10 @@ class FixedPointStatus(enum.IntEnum):
                 f"(odecore.spectral_radius)"
             ),
             FixedPointStatus.NONFINITE: (
-                "non-finite residual: f returned NaN or inf; the best finite iterate is kept"
+                f"non-finite residual: f returned NaN or inf, or the iterates grew until they "
+                f"overflowed (f is not a contraction there: check odecore.spectral_radius, "
+                f"take damping below 1, or try solver={others}); the best finite iterate is "
+                f"kept"
             ),
         }[self]
 
