@@ -54,6 +54,22 @@ def test_linear_flow_exact_trace_gives_the_closed_form(backend):
     )
 
 
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_fixed_steps_give_the_closed_form(backend, method):
+    # FFJORD's --solver rk4 --step_size: the flow added an error norm to the options, which
+    # a fixed-step solve refuses ("unknown option(s) 'norm'"), naming what the user never
+    # passed. An adaptive method given step_size steps on the same grid.
+    T = 0.7
+    got = cnf.log_prob(
+        LinearFlow(), backend.asarray(X3), (0.0, T), backend.asarray(A3), method=method,
+        options={"step_size": 0.01},
+    )  # fmt: skip
+    # Global error C h^4 (rk4) or C h^5 (dopri5's solution weights) at h = 0.01, with C of
+    # order the 5th power of ||A|| ~ 1: well under 1e-7.
+    expected = linear_log_prob(A3, X3, T)
+    np.testing.assert_allclose(values(backend, got), expected, rtol=0, atol=1e-7)
+
+
 class CenteredFlow:
     """``f = A (z - mean over the batch)``: each sample's velocity depends on every other."""
 
@@ -80,8 +96,20 @@ def test_a_velocity_that_mixes_samples_is_refused(backend):
     Jacobian, and the log-densities were silently wrong. A velocity whose calls differ by
     noise is left unchecked, and solves to the closed form within the noise."""
     A, x = backend.asarray(A3), backend.asarray(X3)
-    with pytest.raises(ValueError, match=r"f mixes samples: moving x\[0\] changed .* x\[1\]"):
+    with pytest.raises(ValueError, match=r"f mixes samples: moving another .* of x\[1\]"):
         cnf.log_prob(CenteredFlow(), x, (0.0, 0.7), A, **TIGHT)
+    # Sample 0's rate reads sample 1: moving sample 0 changes no other rate, moving the last
+    # changes sample 0's (that move was missing, and the log-densities were wrong).
+    xp = backend.xp
+
+    def reads_the_next(t, z):
+        return -z + 0.5 * xp.concat([z[1:2], xp.zeros_like(z[1:])])
+
+    with pytest.raises(ValueError, match=r"f mixes samples: moving another .* of x\[0\]"):
+        cnf.log_prob(reads_the_next, x[:2], (0.0, 0.7), **TIGHT)
+    # A velocity not shaped like x is named before the solve's reshapes fail inside it.
+    with pytest.raises(ValueError, match=r"f returned shape \(4,\) for x of shape \(4, 3\)"):
+        cnf.log_prob(lambda t, z: z[:, 0], x, (0.0, 0.7), **TIGHT)
     if backend.name == "jax":
         return  # NumPy noise cannot enter a traced JAX function
     got = cnf.log_prob(JitteredFlow(), x, (0.0, 0.7), A, **TIGHT)
@@ -681,6 +709,11 @@ class FirstOrderOnly:
         return a * u, np.sum(u * z)
 
 
+def test_vjp_log_prob_names_the_probe_sources_it_takes():
+    with pytest.raises(TypeError, match=r"key is a JAX random key.*seed= \(an int\)"):
+        cnf.vjp_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", key=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -691,6 +724,7 @@ class FirstOrderOnly:
         ({"regularizers": ("kinetic", "kinetic")}, ValueError, "twice"),
         ({"error_control": "none"}, ValueError, "error_control must be"),
         ({"seed": 1}, ValueError, "seed is for trace='hutchinson'"),
+        ({"noise": "gaussian"}, ValueError, "noise='gaussian' is for trace='hutchinson'"),
         ({"trace": "hutchinson", "seed": 1, "eps": np.ones((4, 3))}, ValueError, "at most one"),
         ({"trace": "hutchinson", "seed": 1.5}, TypeError, "seed must be an int"),
         ({"trace": "hutchinson", "eps": np.ones((4, 2))}, ValueError, "eps must have the shape"),

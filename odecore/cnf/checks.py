@@ -126,10 +126,11 @@ def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
     sample's own Jacobian block, so a velocity that makes one sample's rate depend on
     another's state (statistics over the batch, a batch norm in training mode, attention
     across it) gives every sample a wrong log-density, without a word. ``f`` is called at
-    ``x`` twice and with its first sample moved; the other samples' velocities must not
-    change. A velocity whose two calls at ``x`` differ (dropout) is not checked, nor are
-    values not known yet (under ``jit``), nor one that fails on these calls (the solve
-    reports that itself)."""
+    ``x`` twice, and with its first and its last sample moved; the other samples'
+    velocities must not change. A velocity not shaped like ``x`` is refused here too. A
+    velocity whose two calls at ``x`` differ (dropout) is not checked, nor are values not
+    known yet (under ``jit``), nor one that fails on these calls (the solve reports that
+    itself)."""
     if x.shape[0] < 2 or any(bk.is_traced(v) for v in (x, t)):
         return
     key = (tuple(x.shape), str(x.dtype))
@@ -140,7 +141,10 @@ def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
         pass
     xp = bk.xp
     t0 = xp.broadcast_to(t[0], (x.shape[0],)) if per_sample_time else t[0]
-    moved = xp.concat([x[:1] * 0.5 + 1.0, x[1:]])
+    # The first sample moved, and the last: a rate that reads a neighbour is seen from one
+    # side or the other (sample 0 reading sample 1 is seen only by moving the last).
+    first_moved = xp.concat([x[:1] * 0.5 + 1.0, x[1:]])
+    last_moved = xp.concat([x[:-1], x[-1:] * 0.5 + 1.0])
 
     def call(z):
         return f(t0, z) if params is None else f(t0, z, params)
@@ -149,18 +153,27 @@ def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
         with bk.no_grad():
             # On copies: the caller's x must not change whatever f does with its argument.
             first, again = call(xp.asarray(x, copy=True)), call(xp.asarray(x, copy=True))
-            other = call(moved)
-        if not tuple(first.shape) == tuple(x.shape) == tuple(other.shape):
-            return
-        if _differ(xp, first, again) is not None:
-            return
-        changed = _differ(xp, first[1:], other[1:])
+            shape = tuple(getattr(first, "shape", ()))
+            if shape != tuple(x.shape):
+                changed = None
+            elif _differ(xp, first, again) is not None:
+                return
+            else:
+                changed = _differ(xp, first[1:], call(first_moved)[1:])
+                changed = None if changed is None else changed + 1
+                if changed is None:
+                    changed = _differ(xp, first[:-1], call(last_moved)[:-1])
     except Exception:  # noqa: BLE001 - the solve calls f itself and reports what it raises
         return
+    if shape != tuple(x.shape):
+        raise ValueError(
+            f"f returned shape {shape} for x of shape {tuple(x.shape)}; return the velocity "
+            f"dz/dt shaped like z: one rate per element of each sample"
+        )
     if changed is not None:
         raise ValueError(
-            f"f mixes samples: moving x[0] changed the velocity of x[{changed + 1}]. The "
-            f"log-density takes each sample's own trace of df/dz, so each "
+            f"f mixes samples: moving another sample changed the velocity of x[{changed}]. "
+            f"The log-density takes each sample's own trace of df/dz, so each "
             f"sample's velocity must depend on that sample alone: no statistics over the "
             f"batch (a batch norm must be in eval mode), no attention across it"
         )

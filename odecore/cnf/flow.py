@@ -42,6 +42,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from odecore import _validate
 from odecore._config import resolve_backend
 from odecore._dynamics import explain_call
 from odecore.backend import differentiate
@@ -463,6 +464,11 @@ def vjp_log_prob(
     >>> bool(np.allclose(x_bar, -z @ scipy.linalg.expm(M), atol=1e-7))
     True
     """
+    if "key" in solve_kwargs:
+        raise TypeError(
+            "key is a JAX random key, and vjp_log_prob serves NumPy and Numba: give the probes "
+            "by seed= (an int), generator= (a numpy.random.Generator) or eps="
+        )
     settings = _settings(trace, noise, eps, seed, None, generator, regularizers, error_control)
     bk, aug, s0, t, _, options, extra = _setup(f, x, t, params, settings, solve_kwargs)
     xp = bk.xp
@@ -619,6 +625,11 @@ def _settings(trace, noise, eps, seed, key, generator, regularizers, error_contr
     name, source = random_source("probes", eps=eps, seed=seed, key=key, generator=generator)
     if trace == "exact" and name is not None:
         raise ValueError(f"{name} is for trace='hutchinson'; the exact trace draws no probes")
+    if trace == "exact" and noise != "rademacher":
+        # The default is no choice of the caller's; another noise asked for would be ignored.
+        raise ValueError(
+            f"noise={noise!r} is for trace='hutchinson'; the exact trace draws no probes"
+        )
     source = None if name == "eps" else source
     return _Settings(trace, noise, eps, source, regularizers, error_control)
 
@@ -656,9 +667,20 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
         norm = _norm(bk, aug, x.shape[0], batch_axis, settings.error_control)
     else:
         flow, norm = _Solved(kept[0], (params, eps)), kept[1]
-    options.setdefault("norm", norm)
+    if _adaptive(solve_kwargs.get("method"), options):
+        # A fixed-step method has no error norm, and refuses the option.
+        options.setdefault("norm", norm)
     extra = _parameter_arguments(bk, f, params, t, x, solve_kwargs)
     return bk, aug, s0, t, flow, options, extra
+
+
+def _adaptive(method, options) -> bool:
+    """Whether ``method`` with ``options`` steps adaptively; an unknown method is left to the
+    solve, whose error names the valid ones."""
+    try:
+        return _validate.tableau(method, options).adaptive
+    except ValueError:
+        return True
 
 
 class _Solved(NamedTuple):
