@@ -321,6 +321,10 @@ class JaxBackend(Backend):
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 
+    random_sources = (
+        "a JAX key (key=...), a numpy.random.Generator (generator=...), or an int seed (seed=...)"
+    )
+
     def random_normal(self, source, shape, dtype, like):
         if isinstance(source, jax.Array) and (
             jnp.issubdtype(source.dtype, jax.dtypes.prng_key)

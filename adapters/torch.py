@@ -310,6 +310,10 @@ class TorchBackend(Backend):
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 
+    random_sources = (
+        "a torch.Generator or a numpy.random.Generator (generator=...), or an int seed (seed=...)"
+    )
+
     def random_normal(self, source, shape, dtype, like):
         if not isinstance(source, torch.Generator):
             return super().random_normal(source, shape, dtype, like)

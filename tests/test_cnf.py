@@ -709,6 +709,16 @@ class FirstOrderOnly:
         return a * u, np.sum(u * z)
 
 
+@pytest.mark.backend("torch")
+def test_a_source_of_another_library_is_refused_naming_torchs():
+    import torch
+
+    x = torch.tensor(X3)
+    with pytest.raises(TypeError, match=r"come from a torch.Generator or a numpy.random.Gen"):
+        cnf.log_prob(LinearFlow(), x, (0.0, 1.0), torch.tensor(A3), trace="hutchinson",
+                     generator=object())  # fmt: skip
+
+
 def test_vjp_log_prob_names_the_probe_sources_it_takes():
     with pytest.raises(TypeError, match=r"key is a JAX random key.*seed= \(an int\)"):
         cnf.vjp_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", key=0)

@@ -315,6 +315,9 @@ class Backend:
     def stop_gradient(self, x: Any) -> Any:
         return x
 
+    #: What ``random_normal`` takes, in the words of its error message.
+    random_sources = "a numpy.random.Generator (generator=...) or an int seed (seed=...)"
+
     def random_normal(self, source: Any, shape: tuple[int, ...], dtype: Any, like: Any) -> Any:
         """Standard normal draws of ``shape`` and ``dtype``, on ``like``'s device (None: the
         default one). ``source`` is a ``numpy.random.Generator``, drawn from on the host and
@@ -322,9 +325,8 @@ class Backend:
         also accepts those."""
         if not isinstance(source, np.random.Generator):
             raise TypeError(
-                f"random numbers on the {self.name!r} backend come from a "
-                f"numpy.random.Generator (generator=...) or an int seed (seed=...), got "
-                f"{type(source).__name__}"
+                f"random numbers on the {self.name!r} backend come from "
+                f"{self.random_sources}, got {type(source).__name__}"
             )
         draws = source.standard_normal(shape)
         return self.asarray(draws, dtype=dtype, like=like)
