@@ -25,15 +25,16 @@ class FixedPointStatus(enum.IntEnum):
     MAX_ITER_REACHED
         1: ``max_iter`` iterations without converging.
     NONFINITE
-        3: ``f`` returned NaN or inf; the best finite iterate is kept.
+        3: ``f`` returned NaN or inf, or the iterates overflowed; the best finite iterate
+        is kept.
 
     Examples
     --------
     >>> import odecore
     >>> odecore.FixedPointStatus(1).name
     'MAX_ITER_REACHED'
-    >>> odecore.FixedPointStatus.NONFINITE.describe()
-    'non-finite residual: f returned NaN or inf; the best finite iterate is kept'
+    >>> odecore.FixedPointStatus.NONFINITE.describe().split(":")[0]
+    'non-finite residual'
     """
 
     RUNNING = -1
