@@ -14,11 +14,7 @@ program:
   own configuration (x64) are ``jax.jit``'s part of the key.
 
 ``func`` is traced once per entry: what it captures is a constant of the compiled program,
-and a new ``func`` object (a lambda or a bound method made at every call) compiles anew. So
-does a ``func`` whose closure or object attributes hold other arrays than at its last call
-(``flow.A = 0.5 * flow.A``): their identities are part of the key, which would otherwise
-serve the old program with the old values, silently. Module globals and NumPy arrays changed
-in place are not seen, as ``jax.jit`` does not see them. A
+and a new ``func`` object (a lambda or a bound method made at every call) compiles anew. A
 ``func`` that captures traced values is never kept: it is made anew for every call anyway,
 and the solve that traces everything (the uncached path) reports what it cannot
 differentiate.
@@ -29,10 +25,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import inspect
 import numbers
 import threading
-import types
 import weakref
 from collections.abc import Callable
 
@@ -65,10 +59,6 @@ class CompiledSolves:
         if call is None:
             return None
         key, values, config = call
-        captured = _captured(func)
-        if captured is None:
-            return None
-        key = (key, captured)
         found = self._entries(func, values, config)
         if found is None:
             return None
@@ -107,80 +97,6 @@ class CompiledSolves:
         found = self._by_func.get(func_id)
         if found is not None and found[0] is ref:
             del self._by_func[func_id]
-
-
-class _Same:
-    """An array in a key by its identity, kept alive by the key (so its id is not reused)."""
-
-    __slots__ = ("x",)
-
-    def __init__(self, x):
-        self.x = x
-
-    def __hash__(self):
-        return id(self.x)
-
-    def __eq__(self, other):
-        return isinstance(other, _Same) and other.x is self.x
-
-
-def _captured(func) -> tuple | None:
-    """The arrays ``func`` reads through its closure and the attributes of its object, and
-    of what those hold in turn (a velocity wrapped by ``odecore.cnf``, a list of weights), by
-    identity; None where there are too many places to look at every call."""
-    found = []
-    seen = set()
-    budget = [_CAPTURE_BUDGET]
-
-    def visit(x, depth):
-        if id(x) in seen or depth > _CAPTURE_DEPTH:
-            return
-        seen.add(id(x))
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _TooMany
-        if _is_array(x):
-            found.append(x)
-        elif x is None or isinstance(x, (str, bytes, numbers.Number, type, types.ModuleType)):
-            return
-        elif isinstance(x, (list, tuple)):
-            for item in x:
-                visit(item, depth + 1)
-        elif isinstance(x, dict):
-            for item in x.values():
-                visit(item, depth + 1)
-        elif isinstance(x, weakref.ref):  # odecore.cnf holds the velocity weakly
-            visit(x(), depth + 1)
-        elif inspect.ismethod(x):
-            visit(x.__self__, depth + 1)
-            visit(x.__func__, depth)
-        elif inspect.isfunction(x):
-            for cell in x.__closure__ or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # a cell not yet filled
-                    continue
-        else:
-            attributes = getattr(x, "__dict__", None)
-            if isinstance(attributes, dict):
-                visit(attributes, depth)
-
-    try:
-        visit(func, 0)
-    except _TooMany:
-        return None
-    return tuple(_Same(x) for x in found)
-
-
-class _TooMany(Exception):
-    pass
-
-
-# How deep and how widely the captured arrays are looked for: a wrapper around a module whose
-# attributes hold lists of weights is 4 deep; thousands of places would cost every call more
-# than a compile saves.
-_CAPTURE_DEPTH = 6
-_CAPTURE_BUDGET = 2000
 
 
 def _is_array(x) -> bool:

@@ -166,52 +166,6 @@ def test_a_python_float_parameter_does_not_recompile_the_eager_solve(x64):
     assert ys.dtype == jnp.float32
 
 
-def test_an_eager_solve_sees_weights_replaced_in_its_dynamics(x64):
-    # Outside jit odecore compiles the solve once per dynamics object; what the dynamics
-    # read from attributes and closures became constants of that program. Replacing them
-    # (a training loop's new weights) kept the old ones, silently, in odeint and in
-    # cnf.log_prob, whose wrapper holds the velocity weakly.
-    from odecore import cnf
-
-    traces = []
-
-    class Decay:
-        def __init__(self, k):
-            self.k = jnp.asarray(k)
-
-        def __call__(self, t, y):
-            if isinstance(y, jax.core.Tracer):
-                traces.append(1)
-            return -self.k * y
-
-    t = jnp.linspace(0.0, 1.0, 3)
-    y0 = jnp.asarray([1.0, 2.0])
-    flow = Decay(0.5)
-    for k in (0.5, 0.5, 0.9):
-        flow.k = flow.k if k == 0.5 else jnp.asarray(k)
-        ys = odecore.odeint(flow, y0, t, rtol=1e-10, atol=1e-12)
-        expected = np.exp(-k * np.asarray(t))[:, None] * np.asarray(y0)
-        np.testing.assert_allclose(np.asarray(ys), expected, rtol=1e-8)
-        if len(traces) and k == 0.5:
-            traced_once = len(traces)
-    # The same weights compile nothing anew; new ones do.
-    assert 0 < traced_once < len(traces)
-    # A closure's rebound variable: z' = k z, so log p(x) = log N(exp(k) x) + k (one dim).
-    k = jnp.asarray(0.3)
-
-    def velocity(t, z):
-        return k * z
-
-    x = jnp.asarray([[0.4], [-1.1]])
-    for value in (0.3, -0.2):
-        k = jnp.asarray(value)
-        got = cnf.log_prob(velocity, x, (0.0, 1.0), rtol=1e-10, atol=1e-12)
-        z = np.exp(value) * np.asarray(x)[:, 0]
-        np.testing.assert_allclose(
-            np.asarray(got), -0.5 * z**2 - 0.5 * np.log(2 * np.pi) + value, rtol=1e-8
-        )
-
-
 def test_float32_without_x64():
     assert not jax.config.jax_enable_x64
     k = 0.7
