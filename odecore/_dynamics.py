@@ -92,6 +92,22 @@ class Dynamics:
         out = self.layout.from_user(self.backend.xp, self._call_user(t, y))
         return self.flip(out)
 
+    def at_user_time(self, t_user, y_user):
+        """``func(t, y)`` with the user's time, a 0-d array, and state, in the user's terms.
+        Unlike the loop's calls, whose times are control values (Python floats for a
+        single sample), ``t_user`` reaches ``func`` as an array, so a gradient it carries
+        goes through ``func``'s dependence on time."""
+        xp, lay = self.backend.xp, self.layout
+        held = self.backend.stop_gradient(xp.astype(t_user, self.backend.time_dtype))
+        t_loop = held * self.sign
+        t_loop = float(t_loop) if self.ops.scalar else self.ops.full(lay.batch, 0.0) + t_loop
+        t = xp.astype(t_user, self.backend.time_dtype)
+        if lay.batched:
+            t = self.ops.full(lay.batch, 0.0) + t
+        t = xp.astype(t, lay.user_dtype)
+        func = self._bound(t_loop)
+        return func(t, y_user) if self.params is None else func(t, y_user, self.params)
+
     def fast_path(self):
         """``self.__call__`` without the layout and sign bookkeeping, when there is none to
         do: a forward solve of one sample kept in its own shape. The loop calls this for

@@ -40,7 +40,7 @@ from odecore.ode.events import (
     structured_events,
 )
 from odecore.ode.flat_call import flat_call
-from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution, user_f_at
+from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution
 from odecore.ode.problem import check_parameters_are_known, prepare
 from odecore.ode.solution import Solution, SolveError, Status, failure_message
 
@@ -534,10 +534,12 @@ def _raise_compiled_failures(
 
 def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
     """``direct`` mode: the framework differentiates through the loop for ``y0`` and the
-    parameters. Time gradients come from the flow's identities instead of from the step
-    arithmetic (whose step sizes are not differentiable): each output gets
-    ``(t_i - stop_gradient(t_i)) * f(t_i, y_i)``, zero in value with gradient ``f``, and the
-    start ``y0 - (t_0 - stop_gradient(t_0)) * f(t_0, y0)`` gives ``-a(t_0) . f(t_0, y_0)``."""
+    parameters. Time gradients come from the flow instead of from the step arithmetic
+    (whose step sizes are not differentiable). With ``d_i = t_i - stop_gradient(t_i)``, zero
+    in value, each output becomes ``y_i`` moved along the flow by ``d_i``, and the solve
+    starts from ``y0`` moved back by ``d_0``. The move is one midpoint step: its first and
+    second derivatives in ``d`` are the flow's, so a gradient is ``f(t_i, y_i)``, and second
+    derivatives (``d/dt_i`` of ``f``, mixed with ``y0`` or the parameters) hold as well."""
     xp = bk.xp
     sg = bk.stop_gradient
     if not differentiate.requires_grad(bk, {"t": t}):
@@ -545,21 +547,34 @@ def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
     t_const = sg(t)
     with bk.no_grad():
         problem = prepared_problem(sg(y0), t_const)
-    f0 = sg(user_f_at(problem, t_const[0], y0))
-    shift = xp.astype(t[0] - t_const[0], y0.dtype)
-    solution = run(y0 - shift * f0, t_const)[1].solution
+    f = problem.dynamics.at_user_time
+    solution = run(y0 + _flow_increment(xp, f, t[0], y0, t_const[0] - t[0]), t_const)[1].solution
     ys = solution.ys
-    rates = [sg(user_f_at(problem, t_const[i], ys[i])) for i in range(1, ys.shape[0])]
-    if not solution.success:
-        # An output the solve did not reach has no rate: its time gradient is left to
-        # FailedSolvePolicy.
-        unreached = xp.isnan(sg(ys[1:]))
-        rates = [xp.where(unreached[i], xp.zeros_like(r), r) for i, r in enumerate(rates)]
-    moved = [
-        ys[i] + xp.astype(t[i] - t_const[i], ys.dtype) * rates[i - 1] for i in range(1, ys.shape[0])
-    ]
+    moved = []
+    for i in range(1, ys.shape[0]):
+        y = ys[i]
+        unreached = None if solution.success else xp.isnan(sg(y))
+        if unreached is not None:
+            # An output the solve did not reach has no rate: its time gradient is left to
+            # FailedSolvePolicy. f is evaluated at a finite stand-in, whose graph then
+            # carries no NaN into the reached outputs' gradients.
+            y = xp.where(unreached, xp.zeros_like(y), y)
+        step = _flow_increment(xp, f, t_const[i], y, t[i] - t_const[i])
+        if unreached is not None:
+            step = xp.where(unreached, xp.zeros_like(step), step)
+        moved.append(ys[i] + step)
     solution.ys = xp.stack([y0, *moved])
     return solution
+
+
+def _flow_increment(xp, f, t, y, h):
+    """How far the flow moves ``y`` from time ``t`` in time ``h``, by the midpoint rule: exact
+    in value at ``h = 0``, and in its first and second derivatives with respect to ``h``
+    (the method's order is 2), which is what time gradients and their derivatives read."""
+    h_state = xp.astype(h, y.dtype)
+    k1 = f(t, y)
+    k2 = f(t + h / 2, y + (h_state / 2) * k1)
+    return h_state * k2
 
 
 def odeint(

@@ -116,20 +116,6 @@ def run_loop(problem: Problem, record: bool, throw: bool, progress=None) -> Loop
     return LoopResult(solution, state.tape, state.dt, state.f)
 
 
-def user_f_at(problem, t_user, y):
-    """``f(t, y)`` in the user's terms, for ``t`` an output time (a 0-d array)."""
-    dyn = problem.dynamics
-    t_ctl = problem.backend.xp.astype(t_user, problem.backend.time_dtype) * dyn.sign
-    with problem.backend.no_grad():
-        t_ctl = (
-            float(t_ctl)
-            if problem.ops.scalar
-            else problem.ops.full(problem.layout.batch, 0.0) + t_ctl
-        )
-        lay, xp = problem.layout, problem.backend.xp
-        return lay.to_user(xp, dyn(t_ctl, lay.to_internal(xp, y))) * dyn.sign
-
-
 def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
     bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
     B, T = lay.batch, p.ts_array.shape[0]
