@@ -342,6 +342,26 @@ def test_step_too_small_to_advance_time_is_underflow_at_once(backend, batch_axis
     assert "step_size" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_an_error_norm_that_overflows_is_a_step_size_underflow(backend, batch_axis):
+    """With rtol = 0 and atol = 1e-200 the scaled error of any step overflows in the norm's
+    squares (error / 1e-200 > 1e154), though f and the state stay finite: shorter steps
+    shrink it until the step underflows. That is DT_UNDERFLOW, whose message names the
+    tolerances, not NONFINITE_STATE, which blamed func."""
+    y0 = backend.asarray(np.ones((2, 1)) if batch_axis == 0 else np.ones(1))
+    # From t0 = 1 a step stalls once t + h == t (h below 1.1e-16). From t0 = 0 no step is
+    # too short to move time, and the steps would shrink past 1e-170 before the rounding
+    # noise in their error estimates stopped overflowing.
+    t = backend.asarray([1.0, 2.0])
+    with pytest.raises(SolveError, match="tolerances may be too tight") as info:
+        odecore.solve(decay, y0, t, rtol=0.0, atol=1e-200, batch_axis=batch_axis)
+    sol = info.value.solution
+    assert np.all(backend.status(sol) == Status.DT_UNDERFLOW)
+    reached = backend.to_numpy(sol.t_reached)
+    assert np.all((reached >= 1) & (reached < 2))
+
+
 @pytest.mark.backend("jax")
 def test_step_too_small_to_advance_time_under_jit():
     import jax

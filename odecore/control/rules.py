@@ -144,10 +144,11 @@ def stalled(rejected, t, dt_wanted, min_step, lands):
 
 
 def failure_status(finite, norm_failed):
-    """Why a stalled sample stopped: the step size underflowed although the error was finite;
-    the error norm failed on a finite state (a norm that returns NaN, say), which no step can
-    mend; or the state went non-finite."""
-    return where(finite, DT_UNDERFLOW, where(norm_failed, NONFINITE_ERROR, NONFINITE_STATE))
+    """Why a stalled sample stopped: the error norm failed on a finite state (a norm that
+    returns NaN, say), which no step can mend; the step size underflowed although the trial
+    state and the error estimates were finite (``finite``), also where their scaled norm
+    overflowed; or the state went non-finite."""
+    return where(norm_failed, NONFINITE_ERROR, where(finite, DT_UNDERFLOW, NONFINITE_STATE))
 
 
 def status_after_step(status, accept, t_new, t_end, stall, failure, nsteps, max_num_steps):

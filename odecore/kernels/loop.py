@@ -388,8 +388,9 @@ def take_lane_steps(clip, params, tab, settings, works, lane_t, lane_n):
 
 def error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work):
     """The scaled error of the step just taken: one estimate, or two combined
-    (``rules.combined_error_ratio``); and whether the norm alone failed (NaN from finite
-    estimates and a finite trial state)."""
+    (``rules.combined_error_ratio``); whether the norm alone failed (NaN from finite
+    estimates and a finite trial state); and whether the trial state and the estimates are
+    finite."""
     norm = settings[NORM]
     two = sizes[TWO_ESTIMATES] != 0
     error_estimates(work, h, tab_b, sizes[STAGES], two)
@@ -399,10 +400,14 @@ def error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work):
             ratio, scaled_norm(work, ERR2, Y, Y_NEW, rtol, atol, norm, parts)
         )
     norm_failed = False
-    if isnan(ratio):
-        finite = all_finite(work, Y_NEW) and all_finite(work, ERR)
-        norm_failed = finite and (not two or all_finite(work, ERR2))
-    return ratio, norm_failed
+    estimates_finite = True
+    if not isfinite(ratio):
+        # As ode/loop.py's _ratio_blame: NaN from finite estimates is the norm's failure,
+        # +inf from finite estimates the scaled error's overflow, which shorter steps shrink.
+        estimates_finite = all_finite(work, Y_NEW) and all_finite(work, ERR)
+        estimates_finite = estimates_finite and (not two or all_finite(work, ERR2))
+        norm_failed = estimates_finite and isnan(ratio)
+    return ratio, norm_failed, estimates_finite
 
 
 def fill_outputs(ts, out, out_index, t, t_new, h, params, tab, work, weights, settings):
@@ -586,8 +591,7 @@ def conclude_step(
     ratio = 0.0
     norm_failed = False
     if adaptive:
-        ratio, norm_failed = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
-        finite = isfinite(ratio)
+        ratio, norm_failed, finite = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
         accept = ratio <= 1.0
     else:
         finite = all_finite(work, Y_NEW)

@@ -194,9 +194,10 @@ def step(p: Problem, s: LoopState) -> LoopState:
         ratio = p.error_ratio(trial.error, trial.error2, y, y_new)
         finite = ops.isfinite(ratio)
         accept = running & (ratio <= 1.0)
-        norm_failed = running & _norm_failed(p, ratio, trial, y_new)
+        norm_failed, estimates_finite = _ratio_blame(p, ratio, trial, y_new)
+        norm_failed = running & norm_failed
     else:
-        finite = ops.all_rows(p.backend.xp.isfinite(y_new))
+        finite = estimates_finite = ops.all_rows(p.backend.xp.isfinite(y_new))
         accept = running & finite
     # A step too short to move time (t + h == t, or h == 0) is not taken: it would change y
     # but not t, and every step after it would be the same.
@@ -245,7 +246,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
         stalled = rejected
         # A fixed-step solve has no error norm to fail.
         norm_failed = rejected & ops.not_(rejected)
-    failure = rules.failure_status(finite, norm_failed)
+    failure = rules.failure_status(estimates_finite, norm_failed)
     nsteps = s.nsteps + ops.count(running)
     status = rules.status_after_step(
         s.status,
@@ -324,29 +325,31 @@ def capped_at(ops, t_left):
     return cap
 
 
-def _norm_failed(p, ratio, trial, y_new):
-    """Per sample: the error ratio is NaN although the error estimates and the trial state
-    are finite. The dynamics are then not to blame but the norm (a user norm returning NaN,
-    say), and no smaller step can help. The finiteness of the state is looked at only when
-    some ratio is NaN."""
+def _ratio_blame(p, ratio, trial, y_new):
+    """Per sample, who is to blame for an error ratio that is not finite: ``(norm_failed,
+    estimates_finite)``. NaN from a finite trial state and finite error estimates is the
+    norm's failure (a user norm returning NaN, say), which no smaller step can mend. +inf
+    from finite estimates is the scaled error overflowing (an ``atol`` of 1e-200 with ``y``
+    near zero): shorter steps shrink it, and a solve that still stalls has asked for more
+    than the dtype resolves, not met a non-finite ``f``. The estimates are looked at only when
+    some ratio is not finite."""
     ops, xp = p.ops, p.backend.xp
-    nan = ops.isnan(ratio)
+    finite = ops.isfinite(ratio)
 
-    def estimates_finite(nan, *estimates):
-        finite = xp.isfinite(estimates[0])
+    def blame(finite, *estimates):
+        estimates_finite = xp.isfinite(estimates[0])
         for e in estimates[1:]:
-            finite = finite & xp.isfinite(e)
-        return nan & ops.all_rows(finite)
+            estimates_finite = estimates_finite & xp.isfinite(e)
+        estimates_finite = finite | ops.all_rows(estimates_finite)
+        return estimates_finite & ops.isnan(ratio), estimates_finite
+
+    def none_to_blame(finite, *estimates):
+        return ops.not_(finite), finite
 
     estimates = (y_new, trial.error)
     if trial.error2 is not None:
         estimates += (trial.error2,)
-    # Where no ratio is NaN, ``nan`` is the all-false answer.
-    return p.backend.cond(ops.any(nan), estimates_finite, _first, nan, *estimates)
-
-
-def _first(first, *rest):
-    return first
+    return p.backend.cond(ops.any(ops.not_(finite)), blame, none_to_blame, finite, *estimates)
 
 
 def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
