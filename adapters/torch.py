@@ -15,6 +15,7 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 from odecore.backend import Autodiff, Backend, Kernels
 from odecore.backend.tree import leaves as tree_leaves
@@ -265,6 +266,16 @@ _FUNCTORCH_MESSAGE = (
 )
 
 
+_FORWARD_AD_MESSAGE = (
+    "odecore does not support forward-mode autodiff (torch.autograd.forward_ad dual "
+    "tensors): its solves branch on tensor values and its gradient rules are reverse-mode "
+    "autograd.Functions. Use reverse mode (torch.autograd.grad or .backward()); for a "
+    "Jacobian, torch.autograd.functional.jacobian (reverse mode, its default); for a "
+    "Jacobian-vector product, torch.autograd.functional.jvp with adjoint='direct' (it "
+    "differentiates a reverse pass)"
+)
+
+
 class TorchBackend(Backend):
     name = "torch"
     xp = xp_torch
@@ -336,12 +347,20 @@ class TorchBackend(Backend):
         device = like.device if isinstance(like, torch.Tensor) else source.device
         return torch.randn(shape, generator=source, dtype=dtype, device=device)
 
-    def check_context(self) -> None:
+    def check_context(self, inputs: Any = ()) -> None:
         # Under torch.func's transforms the solve fails deep inside (functorch refuses the
         # rules' autograd.Function, a batching rule is missing), each time with a message
         # about torch's internals.
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(_FUNCTORCH_MESSAGE)
+        # A dual tensor failed in the step-size control's out= kernels, with torch's words.
+        # Dual tensors exist only inside a dual level, so outside one (every other call)
+        # the inputs are not looked at.
+        if forward_ad._current_level >= 0 and any(
+            isinstance(x, torch.Tensor) and forward_ad.unpack_dual(x).tangent is not None
+            for _, x in tree_leaves(inputs)
+        ):
+            raise RuntimeError(_FORWARD_AD_MESSAGE)
 
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)

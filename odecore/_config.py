@@ -173,7 +173,7 @@ def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
         else:
             backend = get_backend(name)
             _check_inputs_belong(backend, inputs)
-    backend.check_context()
+    backend.check_context(inputs)
     return backend
 
 

@@ -927,6 +927,31 @@ def test_time_gradient_reuses_the_forward_rate_at_the_end(mode):
     np.testing.assert_allclose(y0.grad.numpy(), y0_bar, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("dual", ["y0", "t", "params"])
+def test_forward_mode_dual_tensors_are_refused_naming_reverse_mode(dual):
+    # A dual tensor failed in the step-size control's out= kernels, with torch's words.
+    import torch.autograd.forward_ad as fwAD
+
+    y0 = torch.tensor([1.0, 2.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    k = torch.tensor(0.5, dtype=F64)
+    with fwAD.dual_level():
+        inputs = {"y0": y0, "t": t, "params": k}
+        inputs[dual] = fwAD.make_dual(inputs[dual], torch.ones_like(inputs[dual]))
+        with pytest.raises(RuntimeError, match="forward-mode autodiff.*Use reverse mode"):
+            odecore.odeint(
+                lambda t, y, k: -k * y, inputs["y0"], inputs["t"], params=inputs["params"]
+            )
+        # Plain tensors inside a dual level are solved.
+        ys = odecore.odeint(lambda t, y, k: -k * y, y0, t, params=k, **TIGHT)
+    np.testing.assert_allclose(ys[-1].numpy(), y0.numpy() * math.exp(-0.5), rtol=1e-8)
+    # The Jacobian the message names, against y(1) = e^{-k} y0.
+    jac = torch.autograd.functional.jacobian(
+        lambda y: odecore.odeint(lambda t, y, k: -k * y, y, t, params=k, **TIGHT)[-1], y0
+    )
+    np.testing.assert_allclose(jac.numpy(), math.exp(-0.5) * np.eye(2), rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev", "hessian"])
 def test_torch_func_transforms_are_refused_naming_what_to_use(transform):
     # Each failed deep inside with a message about torch's internals (functorch refusing

@@ -334,9 +334,11 @@ class Backend:
     def to_host_float(self, x: Any) -> float:
         return float(x)
 
-    def check_context(self) -> None:
-        """Raise where the caller's context cannot run a call of odecore (torch.func's
-        transforms), naming what to use instead; called once per call, so it must be cheap."""
+    def check_context(self, inputs: Any = ()) -> None:
+        """Raise where the caller's context, or the kind of its ``inputs`` (a tree of the
+        call's arrays), cannot run a call of odecore (torch.func's transforms, forward-mode
+        dual tensors), naming what to use instead; called once per call, so it must be
+        cheap."""
         return None
 
     def allocation_limit(self) -> int | None:
