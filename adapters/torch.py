@@ -303,6 +303,13 @@ class TorchBackend(Backend):
         # torch creates tensors on the CPU unless told otherwise; a device used as a context
         # sets the default for every factory call inside. The CPU needs none, and the
         # context's function mode costs time on every operation.
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            # The first check that reads a value failed with torch's words about .item().
+            raise ValueError(
+                "y0 is a meta tensor (device 'meta'): meta tensors have a shape and a dtype "
+                "but hold no values, and a solve computes with y0's values. Create y0 on a "
+                "real device ('cpu' or 'cuda')"
+            )
         return _device_scope(x)
 
     def scalar_maker(self, dtype: Any):

@@ -132,6 +132,16 @@ def test_y0_complex_is_refused(backend):
         solve(backend, y0=y0)
 
 
+@pytest.mark.backend("torch")
+def test_y0_on_the_meta_device_is_refused():
+    # The first check that read a value failed with torch's words about .item().
+    import torch
+
+    y0 = torch.ones(2, device="meta")
+    with pytest.raises(ValueError, match=r"meta tensor.*hold no values.*real device"):
+        odecore.odeint(decay, y0, torch.tensor([0.0, 1.0]))
+
+
 def test_y0_must_be_finite(backend):
     with pytest.raises(ValueError, match="y0 contains NaN"):
         solve(backend, y0=np.array([1.0, math.nan]))
