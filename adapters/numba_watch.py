@@ -18,6 +18,7 @@ import threading
 import numpy as np
 from odecore.adapters.numba_atomics import relaxed_load, relaxed_store
 
+from odecore.control.rules import RUNNING
 from odecore.kernels import loop
 from odecore.ode import progress as progress_reports
 
@@ -37,16 +38,19 @@ REPLACEMENTS = {"publish": publish, "watched_value": watched_value}
 
 
 def watch_rows(count: int, t0: float) -> np.ndarray:
-    """The watch rows of ``count`` trajectories before they start: at ``t0``, no steps."""
+    """The watch rows of ``count`` trajectories before they start: running, at ``t0``, no
+    steps."""
     watch = np.zeros((count, loop.WATCH_STRIDE))
     watch[:, loop.WATCH_T] = t0
     watch[:, loop.WATCH_DT] = np.nan
+    watch[:, loop.WATCH_STATUS] = RUNNING
     return watch
 
 
 def summary(watch: np.ndarray) -> tuple[float, int, int, float]:
-    """What the reporter takes from the rows: the least time reached, the summed counts and
-    the least proposed step (NaN before any step)."""
+    """What the reporter takes from the rows: the time reached (``progress.time_reached``,
+    the rule of every backend: the least over the trajectories still running), the summed
+    counts and the least proposed step (NaN before any step)."""
     # Copied whole first: the kernel keeps stepping while they are read, and one copy of a
     # row sees its time and its counts at most a step apart, where reading the columns one
     # reduction after another saw them hundreds of steps apart.
@@ -54,7 +58,9 @@ def summary(watch: np.ndarray) -> tuple[float, int, int, float]:
     dt = watch[:, loop.WATCH_DT]
     finite = dt[np.isfinite(dt)]
     return (
-        float(watch[:, loop.WATCH_T].min()),
+        float(
+            progress_reports.time_reached(np, watch[:, loop.WATCH_STATUS], watch[:, loop.WATCH_T])
+        ),
         int(watch[:, loop.WATCH_ACCEPTED].sum()),
         int(watch[:, loop.WATCH_REJECTED].sum()),
         float(finite.min()) if finite.size else float("nan"),

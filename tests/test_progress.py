@@ -302,6 +302,50 @@ def test_numba_ensemble_reports_the_least_time_and_summed_counts(every_step):
     assert recorder.closed == 1
 
 
+def lorenz_batch(t, y, p):
+    return np.stack(
+        [
+            p[:, 0] * (y[:, 1] - y[:, 0]),
+            y[:, 0] * (p[:, 1] - y[:, 2]) - y[:, 1],
+            y[:, 0] * y[:, 1] - p[:, 2] * y[:, 2],
+        ],
+        axis=1,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid:RuntimeWarning")
+def test_numba_stopped_samples_do_not_hold_the_reported_time(every_step):
+    # Sample 1 never runs (a NaN y0 with throw=False); sample 2, at sigma = 1e5, blows up in
+    # a few steps of rk4. The watched kernel's reports read the least time over all rows,
+    # so a finished batch read t = 0. The reference is the NumPy backend's report, which
+    # counts only the samples still running.
+    pytest.importorskip("numba")
+    y0 = np.tile([1.0, 0.0, 0.0], (3, 1))
+    y0[1, 0] = math.nan
+    params = np.tile(LORENZ, (3, 1))
+    params[2, 0] = 1e5
+    t = np.linspace(0.0, 5.0, 6)
+    kwargs = dict(params=params, batch_axis=0, method="rk4", throw=False)
+    kwargs["options"] = {"step_size": 1e-3}
+    recorders = {"numpy": Recorder(), "numba": Recorder()}
+    numpy_sol = odecore.solve(lorenz_batch, y0, t, progress=recorders["numpy"], **kwargs)
+    numba_sol = odecore.solve(
+        lorenz_in_place, y0, t, backend="numba", progress=recorders["numba"], **kwargs
+    )
+    assert numba_sol.status.tolist() == numpy_sol.status.tolist()
+    statuses = numba_sol.status.tolist()
+    assert statuses[0] == 0 and statuses[1] != 0 and statuses[2] != 0
+    assert recorders["numba"].reports[-1] == recorders["numpy"].reports[-1]
+    assert recorders["numba"].reports[-1][:3] == (
+        t[-1],
+        int(numba_sol.stats["naccept"].sum()),
+        int(numba_sol.stats["nreject"].sum()),
+    )
+    times = [r[0] for r in recorders["numba"].reports]
+    assert times == sorted(times)
+    assert recorders["numba"].closed == 1
+
+
 def test_numba_backward_time_reports_in_the_users_direction(every_step):
     pytest.importorskip("numba")
     recorder = Recorder()

@@ -102,6 +102,9 @@ WATCH_DT = 1  # the next proposed step
 WATCH_ACCEPTED = 2
 WATCH_REJECTED = 3
 WATCH_STOP = 4  # set nonzero by the reader: the loop ends after its current step
+# The trajectory's status: a stopped one (a failure, an event, an invalid start) no longer
+# holds the batch's progress at the time it stopped at.
+WATCH_STATUS = 5
 # Entries per trajectory: one 64-byte cache line, so that the threads of an ensemble write
 # to lines of their own.
 WATCH_STRIDE = 8
@@ -658,9 +661,10 @@ def conclude_step(
     return t, dt_next, ratio_prev, rejected, status, out_index, nfev, nsteps, naccept, nreject
 
 
-def publish_progress(watch, t, dt, naccept, nreject):
+def publish_progress(watch, t, dt, naccept, nreject, status):
     """A watched kernel's progress after a step, for the thread that reads it; whether that
     thread asks the solve to stop."""
+    publish(watch, WATCH_STATUS, status)
     publish(watch, WATCH_T, t)
     publish(watch, WATCH_DT, dt)
     publish(watch, WATCH_ACCEPTED, naccept)
@@ -727,7 +731,7 @@ def solve_trajectory(
                 settings, consts, out, work, weights, tape_times, tape_y,
             )
         )  # fmt: skip
-        if WATCHED and publish_progress(watch, t, dt, naccept, nreject):
+        if WATCHED and publish_progress(watch, t, dt, naccept, nreject, status):
             break
     record_counts(stats, nfev, nsteps, naccept, nreject)
     return status, t, dt
@@ -771,7 +775,7 @@ def keep_lane_state(
 
 def start_lane(
     lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab, settings,
-    out, works, lane_t, lane_n, results, stats,
+    out, works, lane_t, lane_n, results, stats, watch,
 ):  # fmt: skip
     """Give ``lane`` the next trajectory of ``order[next_index:last]`` that has a step to
     take (one whose start fails is finished at once); the lane goes idle (trajectory -1)
@@ -785,6 +789,8 @@ def start_lane(
         )  # fmt: skip
         if status != RUNNING:
             finish_trajectory(n, status, ts[0], dt, nfev, 0, 0, 0, results, stats)
+            if WATCHED:
+                publish(watch[n], WATCH_STATUS, status)
             continue
         # The state solve_trajectory starts its loop with.
         lane_n[lane, LANE_TRAJECTORY] = n
@@ -844,7 +850,7 @@ def solve_lanes(
     for lane in range(LANES):
         next_index = start_lane(
             lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
-            settings, out, works, lane_t, lane_n, results, stats,
+            settings, out, works, lane_t, lane_n, results, stats, watch,
         )  # fmt: skip
         if lane_n[lane, LANE_TRAJECTORY] >= 0:
             busy += 1
@@ -883,7 +889,7 @@ def solve_lanes(
             )  # fmt: skip
             asked_to_stop = False
             if WATCHED:
-                asked_to_stop = publish_progress(watch[n], t, dt, naccept, nreject)
+                asked_to_stop = publish_progress(watch[n], t, dt, naccept, nreject, status)
             if status == RUNNING and not asked_to_stop:
                 keep_lane_state(
                     lane_t, lane_n, lane, t, dt, ratio_prev, last_rejected, status, out_index,
@@ -893,7 +899,7 @@ def solve_lanes(
             finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats)
             next_index = start_lane(
                 lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
-                settings, out, works, lane_t, lane_n, results, stats,
+                settings, out, works, lane_t, lane_n, results, stats, watch,
             )  # fmt: skip
             if lane_n[lane, LANE_TRAJECTORY] < 0:
                 busy -= 1

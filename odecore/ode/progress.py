@@ -37,10 +37,11 @@ class ProgressTarget(Protocol):
 
     ``update(t, accepted, rejected, note)`` is called a few times a second while the solve
     runs, and once at its end: ``t`` the time reached (a float, in the user's direction of
-    time; for a batch the least over the samples), ``accepted`` and ``rejected`` the steps
-    so far (ints; for a batch summed over the samples), ``note`` an empty string or, after
-    ``REJECTION_RUN`` rejected steps in a row, ``"rejecting steps at t=...: dt=..."``
-    (on the numba backend, ``"compiling the kernel ..."`` while its first call compiles).
+    time; for a batch the least over the samples still running, :func:`time_reached`),
+    ``accepted`` and ``rejected`` the steps so far (ints; for a batch summed over the
+    samples), ``note`` an empty string or, after ``REJECTION_RUN`` rejected steps in a row,
+    ``"rejecting steps at t=...: dt=..."`` (on the numba backend, ``"compiling the kernel
+    ..."`` while its first call compiles).
     ``close()`` is called once when the solve ends, also when it raises.
     """
 
@@ -288,9 +289,17 @@ def summary(problem, state):
     if problem.ops.scalar:
         return state.t, state.naccept, state.nreject, state.dt
     xp = problem.backend.xp
-    running = state.status == RUNNING
-    t = xp.where(xp.any(running), xp.min(xp.where(running, state.t, math.inf)), xp.max(state.t))
+    t = time_reached(xp, state.status, state.t)
     return t, xp.sum(state.naccept), xp.sum(state.nreject), xp.min(state.dt)
+
+
+def time_reached(xp, status, t):
+    """The time a batch has reached, from its samples' ``status`` and (internal, increasing)
+    times ``t``: the least over the samples still running, or once none is, the furthest
+    reached. Every backend's report of a batch takes its time from here, the numba
+    backend's watched kernel (``adapters/numba_watch``) included."""
+    running = status == RUNNING
+    return xp.where(xp.any(running), xp.min(xp.where(running, t, math.inf)), xp.max(t))
 
 
 # Targets ---------------------------------------------------------------------------------
