@@ -226,6 +226,15 @@ def test_invalid_values_raise(bad):
         odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 1.0]), progress=bad)
 
 
+@pytest.mark.parametrize("make", ["tqdm", "Recorder"])
+def test_a_class_is_refused_with_a_call_to_pass_an_instance(make):
+    # A class has update and close as attributes, so the protocol check took it, and the
+    # solve failed at its end calling close() unbound.
+    target = pytest.importorskip("tqdm").tqdm if make == "tqdm" else Recorder
+    with pytest.raises(TypeError, match=rf"class {make}, not an instance.*progress={make}\(\)"):
+        odecore.solve(oscillator(np), np.array([1.0, 0.0]), np.array([0.0, 1.0]), progress=target)
+
+
 def test_an_object_without_close_is_refused():
     class UpdateOnly:
         def update(self, t, accepted, rejected, note):

@@ -56,6 +56,13 @@ PROTOCOL = "an object with update(t, accepted, rejected, note) and close()"
 def check(progress) -> None:
     """Refuse a ``progress=`` value that is neither None, a bool, a tqdm bar nor a
     :class:`ProgressTarget`."""
+    if isinstance(progress, type):
+        # A class has the protocol's methods as attributes, so the protocol check takes it
+        # (``progress=tqdm.tqdm``), and the solve failed only when it called them unbound.
+        raise TypeError(
+            f"progress got the class {progress.__name__}, not an instance: pass one, e.g. "
+            f"progress={progress.__name__}() (the solve sets a tqdm bar's total), or True"
+        )
     if progress is None or isinstance(progress, bool) or _is_tqdm(progress):
         return
     if progress is ACTIVE:
