@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import sys
 import threading
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from odecore._config import resolve_backend
+from odecore.ode import progress as progress_reports
 from odecore.ode.api import solve as solve_batch
 from odecore.ode.solution import Status
 
@@ -48,6 +51,8 @@ OUTPUTS = ("numpy", "dask")
 _COUNTS = ("nsteps", "naccept", "nreject")
 # Set by the ensemble itself: a chunk is a batch along axis 0 that never raises.
 _RESERVED = ("batch_axis", "throw")
+# Keywords of odecore.solve that may hold one row per trajectory, split like y0.
+_TOLERANCES = ("rtol", "atol")
 
 
 @dataclass
@@ -135,7 +140,8 @@ def solve(
     backend : str, default "numba"
         The backend each chunk is solved on.
     chunk_size : int, optional
-        Rows per chunk; by default ``min(16384, N)``.
+        Rows per chunk; by default ``min(16384, N)``, and at most N
+        (``EnsembleSolution.chunk_size`` is the number used).
     client : dask.distributed.Client, optional
         With a client each chunk is one task on its cluster; without one the same chunks run
         in this process.
@@ -146,7 +152,11 @@ def solve(
     **solve_kwargs
         The arguments of [`odecore.solve`][odecore.solve] (``rtol``, ``atol``, ``method``,
         ``options``, ...), except ``batch_axis`` and ``throw``, which the ensemble sets, and
-        ``event``; shared by every chunk (tolerances: scalars, or one per state element).
+        ``event``; shared by every chunk, except tolerances of one row per trajectory ((N, 1)
+        or (N, D), as ``odecore.solve`` takes them with ``batch_axis=0``), which are split
+        with the rows. ``progress`` reports the chunks as one solve (the steps summed over
+        them; the time ``t[0]`` until the last chunk runs, since the rows still to run have
+        not left it), only without a ``client`` and with ``output="numpy"``.
 
     Returns
     -------
@@ -160,8 +170,10 @@ def solve(
         integer.
     ValueError
         ``y0`` is not of shape (N, D) with N >= 1, ``params`` is not (N, P) or (P,),
-        ``chunk_size`` is below 1, ``output`` is unknown, or ``event`` is given (use
-        [`odecore.solve`][odecore.solve] with ``batch_axis=0`` for events).
+        ``chunk_size`` is below 1, ``output`` is unknown, ``event`` is given (use
+        [`odecore.solve`][odecore.solve] with ``batch_axis=0`` for events), ``progress`` is
+        given with a ``client`` or ``output="dask"``, or a Dask ``y0`` or ``params`` has an
+        unknown number of rows (call its ``compute_chunk_sizes()`` first).
 
     Examples
     --------
@@ -180,14 +192,16 @@ def solve(
     True
     """
     _check_keywords(solve_kwargs, output)
+    progress = solve_kwargs.pop("progress", None)
+    _check_progress(progress, client, output)
     y0, params, count = _inputs(y0, params)
     size = _chunk_size(chunk_size, count)
     bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
-    spec = _ChunkSpec(_Shipped(func), np.asarray(t), backend, solve_kwargs)
+    rows, shared = _split_rows(y0, params, solve_kwargs, count)
+    spec = _ChunkSpec(_Shipped(func), np.asarray(t), backend, shared)
     if client is None and output == "numpy":
-        parts = [_solve_chunk(spec, *_rows(y0, params, lo, hi, _materialize)) for lo, hi in bounds]
-        return _assemble_numpy(np.asarray(t), parts, size)
-    return _solve_with_dask(spec, y0, params, bounds, client, output, size)
+        return _solve_here(spec, rows, bounds, progress, size)
+    return _solve_with_dask(spec, rows, bounds, client, output, size)
 
 
 def _check_keywords(solve_kwargs: dict, output) -> None:
@@ -208,6 +222,21 @@ def _check_keywords(solve_kwargs: dict, output) -> None:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
 
+def _check_progress(progress, client, output) -> None:
+    progress_reports.check(progress)
+    if progress is None or progress is False or (client is None and output == "numpy"):
+        return
+    # Dask tasks run on a cluster's workers, or, for output="dask", whenever and in whatever
+    # order the arrays are computed: a target here could neither follow them nor be closed
+    # when the last one ends.
+    raise ValueError(
+        "odecore.ensemble.solve reports progress= only for chunks run in this process "
+        "(client=None, output='numpy'); with a client or output='dask' the chunks are Dask "
+        "tasks: follow them with Dask's own tools (the dashboard at client.dashboard_link, "
+        "dask.distributed.progress, or dask.diagnostics.ProgressBar without a client)"
+    )
+
+
 def _inputs(y0, params):
     """``y0`` and ``params`` checked: NumPy arrays, or Dask arrays with each row in one
     chunk along the state axis; the number of trajectories."""
@@ -217,9 +246,12 @@ def _inputs(y0, params):
             f"y0 must be one row per trajectory, shape (N, D) with N >= 1, got shape "
             f"{y0.shape}; flatten each trajectory's state into its row"
         )
+    _check_rows_known("y0", y0)
     count = y0.shape[0]
     if params is not None:
         params = params if _is_dask(params) else np.asarray(params)
+        if params.ndim == 2:
+            _check_rows_known("params", params)
         if params.ndim > 2 or (params.ndim == 2 and params.shape[0] != count):
             raise ValueError(
                 f"params must be one row per trajectory, shape ({count}, P), or one row shared "
@@ -228,7 +260,18 @@ def _inputs(y0, params):
     return y0, params, count
 
 
+def _check_rows_known(name: str, value) -> None:
+    rows = value.shape[0]
+    if isinstance(rows, float) and math.isnan(rows):
+        raise ValueError(
+            f"{name} has an unknown number of rows (a Dask array of shape {value.shape}, as "
+            f"boolean indexing makes), so it cannot be split into chunks; call "
+            f"{name} = {name}.compute_chunk_sizes() first"
+        )
+
+
 def _chunk_size(chunk_size, count: int) -> int:
+    """The rows per chunk: the ``chunk_size`` asked for, or fewer when there are fewer rows."""
     if chunk_size is None:
         return min(DEFAULT_CHUNK_SIZE, count)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
@@ -238,7 +281,7 @@ def _chunk_size(chunk_size, count: int) -> int:
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    return int(chunk_size)
+    return min(int(chunk_size), count)
 
 
 def _is_dask(value) -> bool:
@@ -250,12 +293,27 @@ def _materialize(value):
     return np.asarray(value)
 
 
-def _rows(y0, params, lo: int, hi: int, convert):
-    """One chunk's ``y0`` and ``params`` rows, each passed through ``convert``."""
-    own = params
+def _split_rows(y0, params, solve_kwargs: dict, count: int) -> tuple[dict, dict]:
+    """The arguments with one row per trajectory, of which each chunk takes its rows (``y0``,
+    and ``params`` and tolerances of N rows), and the arguments every chunk shares."""
+    rows, shared = {"y0": y0}, dict(solve_kwargs)
     if params is not None and params.ndim == 2:
-        own = params[lo:hi]
-    return convert(y0[lo:hi]), (None if own is None else convert(own))
+        rows["params"] = params
+    else:
+        shared["params"] = params
+    for name in _TOLERANCES:
+        value = shared.get(name)
+        # (N, 1) or (N, D), as odecore.solve(batch_axis=0) takes per-trajectory tolerances;
+        # a (D,) tolerance is one per state element, shared by every row.
+        if np.ndim(value) == 2 and np.shape(value)[0] == count:
+            value = shared.pop(name)
+            rows[name] = value if hasattr(value, "shape") else np.asarray(value)
+    return rows, shared
+
+
+def _chunk_rows(rows: dict, lo: int, hi: int, convert) -> dict:
+    """One chunk's rows of each per-trajectory argument, passed through ``convert``."""
+    return {name: convert(value[lo:hi]) for name, value in rows.items()}
 
 
 class _Shipped:
@@ -316,19 +374,39 @@ class _ChunkSpec:
 _kernel_lock = threading.Lock()
 
 
-def _solve_chunk(spec: _ChunkSpec, y0, params):
-    """``(ys (T, n, D), status (n,), t_reached (n,), counts (n, 3))`` of one chunk."""
+def _solve_here(spec: _ChunkSpec, rows: dict, bounds, progress, size: int) -> EnsembleSolution:
+    """The chunks one after another in this process, reported to ``progress`` as one solve."""
+    if progress is None or progress is False:
+        parts = [_solve_chunk(spec, _chunk_rows(rows, lo, hi, _materialize)) for lo, hi in bounds]
+        return _assemble_numpy(spec.t, parts, size)
+    reporting = progress_reports.Consecutive(progress, spec.t[0], spec.t[-1], len(bounds))
+    try:
+        parts = [
+            _solve_chunk(spec, _chunk_rows(rows, lo, hi, _materialize), reporting)
+            for lo, hi in bounds
+        ]
+    finally:
+        reporting.close_all()
+    return _assemble_numpy(spec.t, parts, size)
+
+
+def _solve_chunk(spec: _ChunkSpec, rows: dict, progress=None):
+    """``(ys (T, n, D), status (n,), t_reached (n,), counts (n, 3))`` of one chunk, whose
+    per-trajectory arguments are ``rows``."""
+    rows = dict(rows)
+    y0 = rows.pop("y0")
     name = getattr(spec.backend, "name", spec.backend)
     with _kernel_lock if name == "numba" else contextlib.nullcontext():
         solution = solve_batch(
             spec.dynamics.func,
             y0,
             spec.t,
-            params=params,
             batch_axis=0,
             backend=spec.backend,
             throw=False,
+            progress=progress,
             **spec.solve_kwargs,
+            **rows,
         )
     count = y0.shape[0]
     counts = np.stack(
@@ -354,7 +432,7 @@ def _assemble_numpy(ts, parts, size: int) -> EnsembleSolution:
     )
 
 
-def _solve_with_dask(spec, y0, params, bounds, client, output, size) -> EnsembleSolution:
+def _solve_with_dask(spec, rows, bounds, client, output, size) -> EnsembleSolution:
     try:
         import dask
         import dask.array as da
@@ -365,10 +443,10 @@ def _solve_with_dask(spec, y0, params, bounds, client, output, size) -> Ensemble
         ) from None
     _check_client(client)
     chunk = dask.delayed(_solve_chunk, pure=True)
-    parts = [chunk(spec, *_rows(y0, params, lo, hi, _as_delayed)) for lo, hi in bounds]
+    parts = [chunk(spec, _chunk_rows(rows, lo, hi, _as_delayed)) for lo, hi in bounds]
     if output == "numpy":
         return _assemble_numpy(np.asarray(spec.t), client.gather(client.compute(parts)), size)
-    return _dask_arrays(da, spec, y0, parts, bounds, client, size)
+    return _dask_arrays(da, spec, rows["y0"], parts, bounds, client, size)
 
 
 def _as_delayed(value):
@@ -393,7 +471,7 @@ def _check_client(client) -> None:
 
 def _dask_arrays(da, spec, y0, parts, bounds, client, size) -> EnsembleSolution:
     steps, width = len(spec.t), y0.shape[1]
-    dtype = y0.dtype
+    state, integer, time = _output_dtypes(spec.backend, y0.dtype)
 
     def column(index, shape_of, kind):
         blocks = [
@@ -403,10 +481,10 @@ def _dask_arrays(da, spec, y0, parts, bounds, client, size) -> EnsembleSolution:
         return da.concatenate(blocks, axis=1 if index == 0 else 0)
 
     arrays = [
-        column(0, lambda n: (steps, n, width), dtype),
-        column(1, lambda n: (n,), np.int64),
-        column(2, lambda n: (n,), np.float64),
-        column(3, lambda n: (n, len(_COUNTS)), np.int64),
+        column(0, lambda n: (steps, n, width), state),
+        column(1, lambda n: (n,), integer),
+        column(2, lambda n: (n,), time),
+        column(3, lambda n: (n, len(_COUNTS)), integer),
     ]
     if client is not None:
         arrays = client.persist(arrays)
@@ -418,6 +496,23 @@ def _dask_arrays(da, spec, y0, parts, bounds, client, size) -> EnsembleSolution:
         t_reached=t_reached,
         stats={name: counts[:, k] for k, name in enumerate(_COUNTS)},
         chunk_size=size,
+    )
+
+
+def _output_dtypes(backend, dtype) -> tuple[np.dtype, np.dtype, np.dtype]:
+    """The dtypes of a chunk's outputs on ``backend`` for a state of ``dtype``: the state as
+    the backend holds it (JAX without x64 holds float64 in float32), its counters (``status``
+    and the step counts) and its time (``t_reached``), as :func:`_solve_chunk` returns them."""
+    bk = resolve_backend(backend, np.zeros(0, dtype))
+    xp = bk.xp
+
+    def host(array) -> np.dtype:
+        return np.asarray(array).dtype
+
+    return (
+        host(xp.asarray(np.zeros(0, dtype))),
+        host(xp.zeros(0, dtype=bk.int_dtype)),
+        host(xp.zeros(0, dtype=bk.time_dtype)),
     )
 
 

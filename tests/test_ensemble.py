@@ -13,9 +13,11 @@ instead of compiling it again (tens of seconds each).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -243,3 +245,121 @@ def test_bad_arguments_are_refused(keywords, error, match):
 def test_y0_must_be_rows(shape):
     with pytest.raises(ValueError, match=r"y0 must be one row per trajectory"):
         ensemble.solve(lorenz, np.ones(shape), T, params=np.ones(3))
+
+
+# Rows 1 and 3 at 1e-12, rows 0 and 2 at 1e-3: tolerances that differ by row change the steps,
+# so a chunk solved with another row's tolerances shows in nsteps as well as in ys.
+ROW_TOLERANCE = np.array([[1e-3], [1e-12], [1e-3], [1e-12]])
+
+
+@pytest.mark.parametrize(("chunk_size", "output"), [(2, "numpy"), (1, "numpy"), (3, "dask")])
+def test_per_trajectory_tolerances_travel_with_their_rows(chunk_size, output):
+    y0, params = sweep()
+    y0, params = y0[-4:], params[-4:]
+    tolerances = {"rtol": ROW_TOLERANCE, "atol": ROW_TOLERANCE}
+    reference = odecore.solve(
+        lorenz, y0, T, params=params, batch_axis=0, backend="numba", throw=False, **tolerances
+    )
+    solution = ensemble.solve(
+        lorenz, y0, T, params=params, chunk_size=chunk_size, output=output, **tolerances
+    )
+    assert len(set(reference.stats["nsteps"].tolist())) > 1, "the tolerances change no steps"
+    assert_equals_reference(solution, reference)
+
+
+class ProgressRecorder:
+    def __init__(self):
+        self.reports = []
+        self.closes = 0
+
+    def update(self, t, accepted, rejected, note):
+        self.reports.append((t, accepted, rejected))
+
+    def close(self):
+        self.closes += 1
+
+
+def test_progress_reports_the_chunks_as_one_solve():
+    y0, params = sweep()
+    y0, params = y0[-6:], params[-6:]
+    reference = odecore.solve(
+        lorenz, y0, T, params=params, batch_axis=0, backend="numba", throw=False, **TOLERANCES
+    )
+    recorder = ProgressRecorder()
+    ensemble.solve(lorenz, y0, T, params=params, chunk_size=2, progress=recorder, **TOLERANCES)
+    assert recorder.closes == 1
+    # The last report holds the whole ensemble's steps, as the batched solve counts them.
+    accepted, rejected = reference.stats["naccept"].sum(), reference.stats["nreject"].sum()
+    assert recorder.reports[-1] == (T[-1], accepted, rejected)
+    # Times and counts of one solve only grow: a chunk's own counts, or the least time over
+    # rows of which some have not started, would fall back at the start of the next chunk.
+    for earlier, later in zip(recorder.reports, recorder.reports[1:], strict=False):
+        assert all(b >= a for a, b in zip(earlier, later, strict=True)), (earlier, later)
+
+
+def test_progress_is_refused_where_the_chunks_are_dask_tasks():
+    y0, params = sweep()
+    with pytest.raises(ValueError, match=r"progress= only for chunks run in this process"):
+        ensemble.solve(lorenz, y0[:4], T, params=params[:4], output="dask", progress=True)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as in_process,
+        pytest.raises(ValueError, match=r"with a client or output='dask'.*dashboard"),
+    ):
+        ensemble.solve(
+            lorenz, y0[:4], T, params=params[:4], client=in_process, progress=ProgressRecorder()
+        )
+
+
+def decay(t, y, rate):
+    return -rate * y
+
+
+@pytest.mark.parametrize("case", ["numpy float32", "jax float64 without x64"])
+def test_dask_output_declares_the_dtypes_the_backend_computes(case):
+    backend, dtype = case.split()[:2]
+    precision = contextlib.nullcontext()
+    if backend == "jax":
+        jax = pytest.importorskip("jax")
+        precision = jax.enable_x64(False)
+    y0 = np.ones((5, 1), dtype=dtype)
+    rates = np.linspace(0.5, 2.5, 5, dtype=dtype)[:, None]
+    with warnings.catch_warnings(), precision:
+        warnings.simplefilter("ignore")  # JAX's notice that float64 becomes float32
+        reference = odecore.solve(
+            decay, y0, T, params=rates, batch_axis=0, backend=backend, rtol=1e-5, atol=1e-6
+        )
+        solution = ensemble.solve(
+            decay, y0, T, params=rates, backend=backend, chunk_size=2, output="dask", rtol=1e-5
+        )
+        declared = [solution.ys, solution.status, solution.t_reached, solution.stats["nsteps"]]
+        computed = da.compute(*declared)
+    expected = [reference.ys, reference.status, reference.t_reached, reference.stats["nsteps"]]
+    for lazy, value, direct in zip(declared, computed, expected, strict=True):
+        assert lazy.dtype == value.dtype == np.asarray(direct).dtype
+    # rtol 1e-5 per step over a few dozen steps, in float32: well inside 1e-3 of exp(-rate t).
+    np.testing.assert_allclose(computed[0][:, :, 0], np.exp(-rates[:, 0] * T[:, None]), rtol=1e-3)
+
+
+def test_dask_rows_of_unknown_number_are_refused():
+    y0 = da.from_array(np.ones((4, 3)), chunks=2)
+    y0 = y0[y0[:, 0] > 0]  # boolean indexing: Dask does not know the rows until it computes
+    with pytest.raises(ValueError, match=r"unknown number of rows.*y0\.compute_chunk_sizes\(\)"):
+        ensemble.solve(lorenz, y0, T, params=np.ones(3))
+
+
+@pytest.mark.parametrize(("count", "chunk_size", "used"), [(7, 100, 7), (7, None, 7), (7, 3, 3)])
+def test_chunk_size_reports_the_rows_per_chunk_used(count, chunk_size, used):
+    y0, params = sweep()
+    y0, params = y0[-count:], params[-count:]
+    reference = odecore.solve(
+        lorenz, y0, T, params=params, batch_axis=0, backend="numba", throw=False, **TOLERANCES
+    )
+    solution = ensemble.solve(
+        lorenz, y0, T, params=params, chunk_size=chunk_size, output="dask", **TOLERANCES
+    )
+    assert solution.chunk_size == used
+    assert solution.ys.chunks[1][0] == used
+    assert_equals_reference(solution, reference)

@@ -158,6 +158,55 @@ class Reporter:
         self.close()
 
 
+class Consecutive:
+    """One solve's reports, to the target of ``progress=``, from solves of parts of a batch
+    that run one after another (an ensemble's chunks). Each part's solve reports to this
+    object as its :class:`ProgressTarget`; the target is told what a batch solve of all the
+    parts would tell it. The steps are summed over the parts so far. The least time over the
+    samples is ``t0`` while a part is still to run (its samples have not left ``t0``), then
+    that of the last part; once that has ended, the furthest any part reached. The target is
+    closed once, by :meth:`close_all`."""
+
+    def __init__(self, progress, t0, t1, parts: int):
+        self.target = reporter(progress).target
+        self.t0 = float(t0)
+        if isinstance(self.target, _Display):
+            self.target.begin(self.t0, float(t1))
+        self._left = parts
+        self._done = (0, 0)  # steps accepted and rejected in the parts that have ended
+        self._part = (self.t0, 0, 0)  # the running part's last report
+        self._furthest = self._shown = self.t0
+        self._closed = False
+
+    def update(self, t: float, accepted: int, rejected: int, note: str) -> None:
+        self._part = (t, accepted, rejected)
+        self._shown = t if self._left == 1 else self.t0
+        self.target.update(self._shown, *self._steps(accepted, rejected), note)
+
+    def close(self) -> None:
+        """A part's solve has ended."""
+        t, accepted, rejected = self._part
+        self._done = self._steps(accepted, rejected)
+        if abs(t - self.t0) > abs(self._furthest - self.t0):
+            self._furthest = t
+        self._part = (self.t0, 0, 0)
+        self._left -= 1
+
+    def close_all(self) -> None:
+        """Every part has ended, or one has raised: the target's last report and its close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._left == 0 and self._shown != self._furthest:
+                self.target.update(self._furthest, *self._done, "")
+        finally:
+            self.target.close()
+
+    def _steps(self, accepted: int, rejected: int) -> tuple[int, int]:
+        return self._done[0] + accepted, self._done[1] + rejected
+
+
 class _Active:
     """``progress=ACTIVE``: report to the reporter made active (:func:`active`) when the
     compiled solve runs. A compiled eager solve is kept for all its calls, each with its
