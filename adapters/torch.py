@@ -363,7 +363,7 @@ class TorchBackend(Backend):
         # A dual tensor failed in the step-size control's out= kernels, with torch's words.
         # Dual tensors exist only inside a dual level, so outside one (every other call)
         # the inputs are not looked at.
-        if forward_ad._current_level >= 0 and any(
+        if getattr(forward_ad, "_current_level", -1) >= 0 and any(
             isinstance(x, torch.Tensor) and forward_ad.unpack_dual(x).tangent is not None
             for _, x in tree_leaves(inputs)
         ):
