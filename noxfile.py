@@ -253,8 +253,9 @@ def ci(session: nox.Session) -> None:
     """The CI entry point: the documentation site, then tests and conformance (not slow) with
     every CI backend installed; the examples run in their --quick form (tests/test_examples.py).
 
-    One virtualenv and one pytest run, so the 2-core CI machine installs each dependency once;
-    the conformance suite compares the CI backends with each other in that run.
+    One virtualenv and one pytest run (its files spread over the cores), so the 2-core CI
+    machine installs each dependency once; the conformance suite compares the CI backends with
+    each other in that run.
     """
     install_project(
         session, extras_for(*CI_BACKENDS) + ",examples,docs", peers_of=tuple(CI_BACKENDS)
@@ -269,6 +270,14 @@ def ci(session: nox.Session) -> None:
         *suites,
         "-m",
         "not slow",
+        # One pytest process per core (pytest-xdist). Each takes whole files, so a file's
+        # tests run in order and share what its module keeps (the conformance suite's solves
+        # of each backend, compiled kernels), as in one process. Most of the run's time is
+        # single-threaded (numba's compiles; the JAX, torch and NumPy loops in Python), so
+        # the 2-core CI machine runs it in about half the time.
+        "--numprocesses=auto",
+        "--maxprocesses=4",
+        "--dist=loadfile",
         "--durations=15",
         f"--junitxml={junit_xml}",
         *session.posargs,
