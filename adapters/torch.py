@@ -37,8 +37,6 @@ class TorchAutodiff(Autodiff):
         if isinstance(func, torch.nn.Module):
             seen = {id(x) for x in leaves}
             leaves += [p for p in func.parameters() if p.requires_grad and id(p) not in seen]
-        if torch.is_grad_enabled():
-            _refuse_inference_leaves(leaves)
         return leaves
 
     def requires_grad(self, values: Any) -> bool:
@@ -46,22 +44,20 @@ class TorchAutodiff(Autodiff):
             isinstance(x, torch.Tensor) and x.requires_grad for _, x in tree_leaves(values)
         )
 
-    def _differentiable_call(self, func, params, leaves, t, y, track=True):
+    def _differentiable_call(self, func, params, leaves, t, y):
         """``func(t, y[, params])`` recorded for autograd, and the tensors to differentiate
         with respect to: ``y``, then one per entry of ``leaves``. Tensors of ``params`` are
         replaced by detached copies that require grad, so that a plain tensor gets a
         gradient too and nothing accumulates on the user's own graph; other leaves (a
-        Module's parameters, tensors named in adjoint_params) are used as they are.
-        ``track=False``: the copies and ``y`` do not require grad, and the graph holds only
-        what reaches tensors that already did."""
-        y = _fresh_leaf(y, track)
+        Module's parameters, tensors named in adjoint_params) are used as they are."""
+        y = y.detach().requires_grad_(True)
         inputs = list(leaves)
         if params is not None:
             copies = {}
 
             def copy(x):
                 if id(x) not in copies:
-                    copies[id(x)] = _fresh_leaf(x, track)
+                    copies[id(x)] = x.detach().requires_grad_(True)
                 return copies[id(x)]
 
             explicit = [x for _, x in tree_leaves(params)]
@@ -133,21 +129,16 @@ class TorchAutodiff(Autodiff):
     def hidden_parameters(self, func, params, leaves, t0, y0):
         # One evaluation recorded for autograd with y and t detached: every tensor the graph
         # reaches that requires grad must be a listed leaf (or its stand-in copy). Without
-        # grad mode nothing gets a gradient, and nothing is missed. y and the copies of
-        # params need not require grad for that, and do not: an operation on them alone
-        # records nothing, so a frozen model built under inference_mode, whose weights
-        # cannot be saved for a backward, is evaluated as in the solve itself.
+        # grad mode nothing gets a gradient, and nothing is missed.
         if not torch.is_grad_enabled():
             return []
         with torch.enable_grad():
-            out, inputs = self._differentiable_call(
-                func, params, leaves, t0.detach(), y0.detach(), track=False
-            )
+            out, inputs = self._differentiable_call(func, params, leaves, t0.detach(), y0.detach())
         return _graph_leaves(out, {id(x) for x in inputs})
 
     def vjp(self, fn, *primals):
         """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> tuple of cotangents``."""
-        primals = [_fresh_leaf(p) for p in primals]
+        primals = [p.detach().requires_grad_(True) for p in primals]
         with torch.enable_grad():
             out = fn(*primals)
 
@@ -229,14 +220,7 @@ def _differentiable_input(x, recording):
     a Jacobian of zeros, and a flow's log-density without its trace."""
     if recording and x.requires_grad:
         return x
-    return _fresh_leaf(x)
-
-
-def _fresh_leaf(x, requires_grad=True):
-    """A new leaf tensor with ``x``'s values. A tensor made under torch.inference_mode()
-    (data prepared for evaluation) cannot require grad outside it, nor be saved for a
-    backward; its clone is an ordinary tensor."""
-    return (x.clone() if x.is_inference() else x.detach()).requires_grad_(requires_grad)
+    return x.detach().requires_grad_(True)
 
 
 def _stacked_stages(method, y0):
@@ -472,24 +456,6 @@ class _ZeroGradient(torch.autograd.Function):
     def backward(ctx, out_bar):
         zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.leaves]
         return (out_bar, *zeros)
-
-
-def _refuse_inference_leaves(leaves) -> None:
-    """Refuse parameters made under torch.inference_mode() that require grad (a model built
-    there), where a gradient may be taken: torch cannot give them one outside
-    inference_mode. Some operations fail with torch's words about saved tensors; others
-    (a product with a 0-d parameter) record nothing, and the gradient came out zero."""
-    made = [x for x in leaves if x.requires_grad and x.is_inference()]
-    if made:
-        shapes = ", ".join(str(tuple(x.shape)) for x in made[:5])
-        raise RuntimeError(
-            f"{len(made)} parameter(s) that require grad were created under "
-            f"torch.inference_mode() (shapes {shapes}); such tensors cannot take part in "
-            f"autograd outside it, so they can get no gradient. Build the model (or create "
-            f"the tensors) outside inference_mode, or replace each with a clone made outside "
-            f"it (torch.nn.Parameter(p.clone())); if they need no gradient, freeze them "
-            f"(requires_grad_(False)) or run the solve under torch.no_grad()"
-        )
 
 
 def _float_tensors(values):
