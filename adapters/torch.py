@@ -284,9 +284,6 @@ class TorchBackend(Backend):
         return torch.as_tensor(x, dtype=dtype, device=device)
 
     def device_scope(self, x: Any):
-        # torch creates tensors on the CPU unless told otherwise; a device used as a context
-        # sets the default for every factory call inside. The CPU needs none, and the
-        # context's function mode costs time on every operation.
         if isinstance(x, torch.Tensor) and x.device.type == "meta":
             # The first check that reads a value failed with torch's words about .item().
             raise ValueError(
@@ -294,6 +291,9 @@ class TorchBackend(Backend):
                 "but hold no values, and a solve computes with y0's values. Create y0 on a "
                 "real device ('cpu' or 'cuda')"
             )
+        # torch creates tensors on the CPU unless told otherwise; a device used as a context
+        # sets the default for every factory call inside. The CPU needs none, and the
+        # context's function mode costs time on every operation.
         return _device_scope(x)
 
     def scalar_maker(self, dtype: Any):
