@@ -193,8 +193,10 @@ def prepare(
         ts_array=ts,
         stops=stops if for_kernel else ops.times(stops),
         jumps=jumps if for_kernel or jumps is None else ops.times(jumps),
-        # The kernel interpolates with its own tableau arrays.
-        dense_coeffs=None if for_kernel else xp.asarray(rk.dense, dtype=time_dtype),
+        # The kernel interpolates with its own tableau arrays, and a single eager sample sums
+        # the interpolant's weights in Python from the tableau (ExplicitRK.interpolate):
+        # neither reads an array of them, which costs a short solve microseconds to make.
+        dense_coeffs=None if for_kernel or scalar else xp.asarray(rk.dense, dtype=time_dtype),
         rtol=rtol,
         atol=atol,
         norm=norm,
