@@ -21,6 +21,7 @@ faster):
 - time at equal error: each library's log(time) is interpolated along its log(error) curve
   (over the tolerances) at every error the other library reached (never extrapolated), and
   the ratio taken there; this includes the number of steps each controller takes.
+Last, the fixed cost of a solve: a Lorenz solve so short that both take the same two steps.
 
 The problems and their references come from odecore.problems: a closed form, or mpmath's
 Taylor-series solution at 45 digits (Arenstorf's orbit is periodic, so y(T) = y0). The run
@@ -290,6 +291,32 @@ def print_summary(summaries: list[PairSummary]) -> None:
     )
 
 
+def print_fixed_cost(args) -> None:
+    """The cost of a solve apart from its steps: a Lorenz solve over so short a span that
+    both libraries take the same two steps (14 evaluations each), so the difference in time
+    is what each library does around its steps (checks, set-up, the first-step heuristic,
+    the result), which decides the loose-tolerance cells."""
+    f = lorenz(10.0, 28.0, 8.0 / 3.0)
+    y0, span = np.array([1.0, 0.0, 0.0]), (0.0, 1e-3)
+    t = np.array(span)
+
+    def sp():
+        return solve_ivp(f, span, y0, rtol=1e-2, atol=1e-4)
+
+    def od():
+        return odecore.solve(f, y0, t, rtol=1e-2, atol=1e-4)
+
+    nfev_sp, nfev_od = sp().nfev, int(od().stats["nfev"])
+    if nfev_sp != nfev_od:
+        print(f"fixed cost: skipped, the solves differ in evaluations ({nfev_sp}, {nfev_od})")
+        return
+    sp_s, od_s = alternating_best_times([sp, od], max(args.min_time, 0.2), 200)
+    print(
+        f"fixed cost, a two-step Lorenz solve ({nfev_od} evaluations each): scipy RK45 "
+        f"{1e6 * sp_s:.1f} us, odecore dopri5 {1e6 * od_s:.1f} us, ratio {od_s / sp_s:.2f}"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
@@ -371,6 +398,8 @@ def main(argv=None) -> int:
         print(line)
     print()
     print_summary(summaries)
+    print()
+    print_fixed_cost(args)
     return 0
 
 
