@@ -8,8 +8,9 @@ solves each chunk with the backend's own batched solve (``odecore.solve`` with
 trajectories). Without a ``client`` the chunks run one after another here; with a
 ``dask.distributed.Client`` each chunk is one task on the cluster. Either way a chunk's rows
 are solved independently of the others, so the results are those of one batched solve of all
-the trajectories: bit for bit on the numba backend; on the generic batched solve, with the
-same steps, to rounding (BLAS sums a batch's stages in an order that depends on its shape).
+the trajectories: bit for bit on the numba backend; on the generic batched solve, to
+rounding (BLAS sums a batch's stages in an order that depends on its shape), which in float32
+can tip a step's acceptance, so that a row takes a step more or fewer.
 
 Every chunk is solved with ``throw=False``: a trajectory that fails (too many steps, a state
 that blows up, an invalid initial state) has its :class:`~odecore.Status` in ``status`` and NaN
@@ -121,7 +122,8 @@ def solve(
     numba backend, the compiled kernel run in parallel over the trajectories). A chunk's rows are
     solved independently of the others, so the results are those of one batched solve of all
     the trajectories: bit for bit on the numba backend, to rounding on the generic batched
-    solve (BLAS sums a batch's stages in an order that depends on its shape). Every chunk is
+    solve (BLAS sums a batch's stages in an order that depends on its shape; in float32 that
+    can tip a step's acceptance, a step more or fewer for a row). Every chunk is
     solved with ``throw=False``: a trajectory that fails has its status in ``status`` and NaN
     outputs after the time it reached, and the other trajectories are unaffected.
 
@@ -130,7 +132,8 @@ def solve(
     func : callable
         The dynamics, in the form the backend's batched solve takes: on ``backend="numba"`` one
         trajectory's kernel form (``f(t, y, params) -> dy`` or ``f(t, y, dy, params)``, in
-        Numba's nopython subset), on ``"numpy"`` a function of the (n, D) rows of a chunk.
+        Numba's nopython subset), on ``"numpy"``, ``"torch"`` or ``"jax"`` a function of the
+        (n, D) rows of a chunk, whose ``params`` it receives as that backend's arrays, as ``y``.
     y0 : array of shape (N, D)
         One row per trajectory; a NumPy or Dask array.
     t : 1-D array
@@ -395,6 +398,14 @@ def _solve_chunk(spec: _ChunkSpec, rows: dict, progress=None):
     per-trajectory arguments are ``rows``."""
     rows = dict(rows)
     y0 = rows.pop("y0")
+    shared = dict(spec.solve_kwargs)
+    # The solve converts y0 to the backend's arrays, but params are the user's to read:
+    # func computes with both, and on torch a NumPy row of params times a tensor of states
+    # fails. A chunk's params are therefore the backend's arrays too.
+    owner = rows if "params" in rows else shared
+    if owner.get("params") is not None:
+        bk = resolve_backend(spec.backend, {"y0": y0})
+        owner["params"] = bk.asarray(owner["params"])
     name = getattr(spec.backend, "name", spec.backend)
     with _kernel_lock if name == "numba" else contextlib.nullcontext():
         solution = solve_batch(
@@ -405,7 +416,7 @@ def _solve_chunk(spec: _ChunkSpec, rows: dict, progress=None):
             backend=spec.backend,
             throw=False,
             progress=progress,
-            **spec.solve_kwargs,
+            **shared,
             **rows,
         )
     count = y0.shape[0]

@@ -343,6 +343,26 @@ def test_dask_output_declares_the_dtypes_the_backend_computes(case):
     np.testing.assert_allclose(computed[0][:, :, 0], np.exp(-rates[:, 0] * T[:, None]), rtol=1e-3)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["rows", "shared"])
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_params_reach_func_as_the_backends_arrays(backend, shared):
+    # func computes with y and params together: on torch a NumPy params times a tensor of
+    # states fails, so each chunk's params must be converted as its y0 is.
+    framework = pytest.importorskip(backend)
+    precision = framework.enable_x64(True) if backend == "jax" else contextlib.nullcontext()
+    y0 = np.ones((5, 2))
+    rates = np.array([0.7]) if shared else np.linspace(0.5, 2.5, 5)[:, None]
+    with precision:
+        solution = ensemble.solve(
+            decay, y0, T, params=rates, backend=backend, chunk_size=2, rtol=1e-10, atol=1e-12
+        )
+    assert solution.success
+    # rtol 1e-10 per step over a few dozen steps: well inside 1e-8 of exp(-rate t).
+    expected = np.exp(-np.broadcast_to(rates.reshape(-1, 1), (5, 1)) * T)  # (5, T)
+    np.testing.assert_allclose(solution.ys[:, :, 0], expected.T, rtol=1e-8)
+    np.testing.assert_allclose(solution.ys[:, :, 1], expected.T, rtol=1e-8)
+
+
 def test_dask_rows_of_unknown_number_are_refused():
     y0 = da.from_array(np.ones((4, 3)), chunks=2)
     y0 = y0[y0[:, 0] > 0]  # boolean indexing: Dask does not know the rows until it computes
