@@ -44,20 +44,21 @@ class TorchAutodiff(Autodiff):
             isinstance(x, torch.Tensor) and x.requires_grad for _, x in tree_leaves(values)
         )
 
-    def _differentiable_call(self, func, params, leaves, t, y):
+    def _differentiable_call(self, func, params, leaves, t, y, track=True):
         """``func(t, y[, params])`` recorded for autograd, and the tensors to differentiate
         with respect to: ``y``, then one per entry of ``leaves``. Tensors of ``params`` are
         replaced by detached copies that require grad, so that a plain tensor gets a
         gradient too and nothing accumulates on the user's own graph; other leaves (a
-        Module's parameters, tensors named in adjoint_params) are used as they are."""
-        y = y.detach().requires_grad_(True)
+        Module's parameters, tensors named in adjoint_params) are used as they are.
+        ``track=False``: ``y`` and the copies do not require grad."""
+        y = _fresh_leaf(y, track)
         inputs = list(leaves)
         if params is not None:
             copies = {}
 
             def copy(x):
                 if id(x) not in copies:
-                    copies[id(x)] = x.detach().requires_grad_(True)
+                    copies[id(x)] = _fresh_leaf(x, track)
                 return copies[id(x)]
 
             explicit = [x for _, x in tree_leaves(params)]
@@ -127,18 +128,47 @@ class TorchAutodiff(Autodiff):
         return _ZeroGradient.apply(out, *leaves) if leaves else out
 
     def hidden_parameters(self, func, params, leaves, t0, y0):
-        # One evaluation recorded for autograd with y and t detached: every tensor the graph
+        # An evaluation recorded for autograd from copies of y and t: every tensor the graph
         # reaches that requires grad must be a listed leaf (or its stand-in copy). Without
         # grad mode nothing gets a gradient, and nothing is missed.
         if not torch.is_grad_enabled():
             return []
+        # A copy of t0 that records nothing, and is an ordinary tensor where t0 was made
+        # under inference_mode: func may save it for a gradient.
+        time = _fresh_leaf(t0, requires_grad=False)
+        try:
+            # y and the copies of params require grad, as in a backward's evaluations:
+            # dynamics that differentiate themselves (a flow's divergence) differentiate
+            # with respect to y itself then, and otherwise make a leaf of their own, which
+            # would look hidden.
+            return self._unlisted_leaves(func, params, leaves, time, y0, track=True)
+        except RuntimeError as error:
+            if _INFERENCE_SAVED not in str(error):
+                raise
+            # func saves a tensor made under inference_mode (a weight of a frozen model
+            # built there) for the gradient with respect to y or a parameter. Every
+            # evaluation of a backward is made as the probe's, and would fail alike.
+            if any(x.requires_grad for x in (t0, y0, *leaves)):
+                raise RuntimeError(_INFERENCE_WEIGHTS_MESSAGE) from error
+        # Nothing asks for a gradient, so no backward evaluates func, and the solve
+        # evaluates it with nothing requiring grad but what func captures: so does the
+        # probe now. Its graph holds only what reaches a tensor that already requires
+        # grad; where that path needs an inference tensor, torch's error is the solve's
+        # own. What looks hidden and is not: a leaf func makes for itself from the
+        # untracked y, as dynamics that differentiate themselves do. A flow's divergence
+        # differentiates the model with respect to y, and fails on its inference weights in
+        # the solve itself; only dynamics that differentiate themselves around an inference
+        # tensor they use elsewhere would be refused wrongly.
+        return self._unlisted_leaves(func, params, leaves, time, y0, track=False)
+
+    def _unlisted_leaves(self, func, params, leaves, t, y, track):
         with torch.enable_grad():
-            out, inputs = self._differentiable_call(func, params, leaves, t0.detach(), y0.detach())
+            out, inputs = self._differentiable_call(func, params, leaves, t, y, track)
         return _graph_leaves(out, {id(x) for x in inputs})
 
     def vjp(self, fn, *primals):
         """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> tuple of cotangents``."""
-        primals = [p.detach().requires_grad_(True) for p in primals]
+        primals = [_fresh_leaf(p) for p in primals]
         with torch.enable_grad():
             out = fn(*primals)
 
@@ -220,7 +250,14 @@ def _differentiable_input(x, recording):
     a Jacobian of zeros, and a flow's log-density without its trace."""
     if recording and x.requires_grad:
         return x
-    return x.detach().requires_grad_(True)
+    return _fresh_leaf(x)
+
+
+def _fresh_leaf(x, requires_grad=True):
+    """A new leaf tensor with ``x``'s values. A tensor made under torch.inference_mode()
+    (data prepared for evaluation) cannot require grad outside it, nor be saved for a
+    backward; its clone is an ordinary tensor."""
+    return (x.clone() if x.is_inference() else x.detach()).requires_grad_(requires_grad)
 
 
 def _stacked_stages(method, y0):
@@ -277,6 +314,11 @@ class TorchBackend(Backend):
     def asarray(self, x: Any, dtype: Any = None, like: Any = None) -> Any:
         device = like.device if isinstance(like, torch.Tensor) else None
         if isinstance(x, torch.Tensor):
+            if x.is_inference() and not torch.is_inference_mode_enabled():
+                # Data prepared under inference_mode cannot be saved for a backward outside
+                # it, and a solve recorded for autograd (direct mode) saves y0 and the times
+                # where func's gradient needs them; a clone of it is an ordinary tensor.
+                x = x.clone()
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
         if isinstance(x, np.ndarray) and any(stride < 0 for stride in x.strides):
             # torch refuses to share memory with a reversed view (``t[::-1]``).
@@ -456,6 +498,20 @@ class _ZeroGradient(torch.autograd.Function):
     def backward(ctx, out_bar):
         zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.leaves]
         return (out_bar, *zeros)
+
+
+# The start of torch's message for an inference tensor saved for a backward. torch checks
+# before any saved-tensor hook runs, so its message is the only sign of that failure.
+_INFERENCE_SAVED = "Inference tensors cannot be saved for backward"
+
+_INFERENCE_WEIGHTS_MESSAGE = (
+    "func uses a tensor created under torch.inference_mode() (the weights of a model built "
+    "there, say) where func's gradient with respect to y or a parameter needs that tensor, and "
+    "torch cannot keep such a tensor for a backward, so this solve can give no gradient. "
+    "Build the model outside inference_mode (or load its state_dict into one built "
+    "outside), or clone the tensor outside it; if no gradient is wanted, run the solve "
+    "under torch.no_grad()"
+)
 
 
 def _float_tensors(values):

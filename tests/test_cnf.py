@@ -463,6 +463,29 @@ def test_torch_module_parameters_get_gradients(adjoint):
 
 
 @pytest.mark.backend("torch")
+@pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
+def test_torch_data_made_under_inference_mode_leaves_the_module_its_gradient(adjoint):
+    # The divergence differentiates f with respect to a leaf made from the data, and
+    # torch refuses requires_grad on an inference tensor: the leaf is a clone.
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
+
+        def forward(self, t, z):
+            return self.a * z
+
+    module = Scale()
+    with torch.inference_mode():
+        x = torch.as_tensor(X1).clone()
+    lp = cnf.log_prob(module, x, (0.0, T1), adjoint=adjoint, **TIGHT)
+    lp.sum().backward()
+    assert float(module.a.grad) == pytest.approx(scalar_gradient(), rel=1e-8)
+
+
+@pytest.mark.backend("torch")
 def test_torch_backsolve_reuses_the_forward_probes():
     # For f = A z the Hutchinson log-density is log N(e^{AT} x) + T sum_b eps_b^T A eps_b, so
     # its A-gradient holds T sum_b eps_b eps_b^T for the forward's probes: a backward solve

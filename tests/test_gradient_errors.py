@@ -2,12 +2,14 @@
 
 - A tensor ``func`` captures, or hides in a ``params`` object the rules cannot see into,
   would get no gradient from ``backsolve`` or ``checkpoint``: refused.
+- Tensors made under ``torch.inference_mode()``: data prepared there is solved, and a
+  gradient that would need such a tensor saved is refused.
 - A NumPy dynamics' ``vjp`` that returns the wrong shape would be broadcast into a wrong
   gradient: refused on its first call, naming the output.
 - Second-order gradients exist in ``direct`` mode only; the other modes say so.
 
-References for the values checked along the way: closed forms of ``y' = -k y`` and
-``y' = a y``.
+References for the values checked along the way: closed forms of ``y' = -k y``,
+``y' = a y``, ``y' = -k t y`` and ``y' = t A y``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,155 @@ def test_a_captured_tensor_gets_its_gradient_in_direct_mode():
     # d/dk of sum(y0) e^{-k T} = -T sum(y0) e^{-k T}
     expected = -T_END * float(y0.sum()) * math.exp(-K * T_END)
     assert abs(float(k.grad) - expected) < CLOSED_FORM_TOL * abs(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors made under torch.inference_mode() (torch)
+#
+# Such a tensor cannot require grad outside inference_mode, nor be saved for a backward.
+# Data prepared there is solved in every mode; a gradient that would need such a tensor
+# saved is refused. The dynamics are y' = t A y with
+# A = [[-K, OMEGA], [-OMEGA, -K]] = -K I + OMEGA J, J^2 = -I, so that, with s = T^2 / 2,
+# y(T) = exp(A s) y0 = e^{-K s} [[cos OMEGA s, sin OMEGA s], [-sin OMEGA s, cos OMEGA s]] y0.
+
+OMEGA = 0.9
+Y0 = [1.0, -2.0]
+
+
+def _flow_matrix():
+    """exp(A T_END^2 / 2), the closed form above."""
+    s = T_END**2 / 2
+    c, r = math.cos(OMEGA * s), math.sin(OMEGA * s)
+    return math.exp(-K * s) * np.array([[c, r], [-r, c]])
+
+
+def _rotation(torch):
+    """``t A y`` as a model whose weight, like a linear layer's, is saved for the gradient
+    with respect to y, and a time that is saved for the gradient through the layer."""
+
+    class Rotation(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            weight = torch.tensor([[-K, OMEGA], [-OMEGA, -K]], dtype=torch.float64)
+            self.weight = torch.nn.Parameter(weight)
+
+        def forward(self, t, y):
+            return t * torch.nn.functional.linear(y, self.weight)
+
+    return Rotation()
+
+
+def _frozen_rotation(torch, built_in_inference_mode):
+    if not built_in_inference_mode:
+        return _rotation(torch).requires_grad_(False)
+    with torch.inference_mode():
+        return _rotation(torch).requires_grad_(False)
+
+
+def _inference_data(torch):
+    with torch.inference_mode():
+        y0 = torch.tensor(Y0, dtype=torch.float64)
+        t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    return y0, t
+
+
+def _solve(mode, func, y0, t, **kwargs):
+    if mode == "odeint_adjoint":  # torchdiffeq's name for backsolve
+        return odecore.odeint_adjoint(func, y0, t, **TIGHT, **kwargs)
+    return odecore.odeint(func, y0, t, adjoint=mode, **TIGHT, **kwargs)
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+@pytest.mark.parametrize("mode", ["direct", *RULE_MODES, "odeint_adjoint"])
+@pytest.mark.backend("torch")
+def test_a_frozen_model_solves_data_made_under_inference_mode(mode, built_in_inference_mode):
+    # Nothing asks for a gradient. The check for tensors func uses without declaring them
+    # set requires_grad on y0's copy, which torch refuses for an inference tensor; and a
+    # model built under inference_mode, whose weight cannot be saved for a backward, must
+    # be evaluated there as in the solve itself.
+    import torch
+
+    field = _frozen_rotation(torch, built_in_inference_mode)
+    y0, t = _inference_data(torch)
+    ys = _solve(mode, field, y0, t)
+    np.testing.assert_allclose(ys[-1].numpy(), _flow_matrix() @ Y0, rtol=CLOSED_FORM_TOL)
+
+
+@pytest.mark.parametrize("mode", ["direct", *RULE_MODES])
+@pytest.mark.backend("torch")
+def test_the_gradient_for_y0_cloned_from_inference_data(mode):
+    # y0 is cloned to be differentiated, t stays as prepared, and the check for hidden
+    # tensors still evaluates func with y requiring grad. d sum(y(T)) / d y0 =
+    # exp(A T^2 / 2)^T 1.
+    import torch
+
+    field = _frozen_rotation(torch, built_in_inference_mode=False)
+    data, t = _inference_data(torch)
+    y0 = data.clone().requires_grad_(True)
+    _solve(mode, field, y0, t)[-1].sum().backward()
+    np.testing.assert_allclose(y0.grad.numpy(), _flow_matrix().T @ np.ones(2), rtol=CLOSED_FORM_TOL)
+
+
+def _decay(torch, requires_grad):
+    """``y' = -k t y``, k a 0-d parameter: y(T) = y0 exp(-k T^2 / 2)."""
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(K, dtype=torch.float64))
+
+        def forward(self, t, y):
+            return -self.k * t * y
+
+    return Decay().requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("mode", ["direct", *RULE_MODES])
+@pytest.mark.backend("torch")
+def test_data_made_under_inference_mode_leaves_the_parameters_their_gradient(mode):
+    import torch
+
+    field = _decay(torch, requires_grad=True)
+    y0, t = _inference_data(torch)
+    _solve(mode, field, y0, t)[-1].sum().backward()
+    # d/dk of sum(y0) exp(-k s) = -s sum(y0) exp(-k s), s = T^2 / 2
+    s = T_END**2 / 2
+    expected = -s * sum(Y0) * math.exp(-K * s)
+    np.testing.assert_allclose(float(field.k.grad), expected, rtol=CLOSED_FORM_TOL)
+
+
+@pytest.mark.parametrize("wrt", ["y0", "t"])
+@pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
+def test_a_gradient_through_weights_made_under_inference_mode_is_refused(mode, wrt):
+    # The backward's evaluations of func save its weight for the gradient with respect to
+    # y, which torch refuses: said before the solve, with what to do.
+    import torch
+
+    field = _frozen_rotation(torch, built_in_inference_mode=True)
+    y0, t = _inference_data(torch)
+    y0, t = (y0.clone().requires_grad_(True), t) if wrt == "y0" else (y0, t.clone())
+    t.requires_grad_(wrt == "t")
+    with pytest.raises(RuntimeError, match=r"created under torch\.inference_mode\(\)") as info:
+        _solve(mode, field, y0, t)
+    assert "Build the model outside inference_mode" in str(info.value)
+    assert "torch.no_grad()" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", RULE_MODES)
+@pytest.mark.backend("torch")
+def test_a_captured_tensor_is_refused_beside_weights_made_under_inference_mode(mode):
+    # The check cannot evaluate func with y requiring grad, as the weight would be saved
+    # for that gradient; it still finds the tensor func captures. scipy_solver checks
+    # before it solves: odeint's own solve, whose y comes to require grad through that
+    # tensor, meets torch's refusal to save the weight first.
+    import torch
+
+    field = _frozen_rotation(torch, built_in_inference_mode=True)
+    shift = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    y0, t = _inference_data(torch)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odecore.odeint(lambda t, y: field(t, y) + shift, y0, t, method="scipy_solver", adjoint=mode)
 
 
 @dataclasses.dataclass

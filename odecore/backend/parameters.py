@@ -49,7 +49,9 @@ def refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis):
     if bk.autodiff is None:
         return
     xp = bk.xp
-    t0 = xp.astype(bk.stop_gradient(t[0]), y0.dtype)
+    # t0 keeps its gradient, as y0 does: the probe detaches both, and reads from them
+    # whether the solve may be differentiated.
+    t0 = xp.astype(t[0], y0.dtype)
     if batch_axis is not None:
         t0 = xp.broadcast_to(t0, (y0.shape[batch_axis],))
     hidden = bk.autodiff.hidden_parameters(func, params, leaves, t0, y0)

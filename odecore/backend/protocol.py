@@ -106,7 +106,8 @@ class Autodiff:
 
     def hidden_parameters(self, func, params, leaves, t0, y0) -> list[Any]:
         """The arrays ``func(t0, y0[, params])`` uses that want a gradient but are not among
-        ``leaves``: rules that differentiate only ``leaves`` would give them none."""
+        ``leaves``: rules that differentiate only ``leaves`` would give them none. ``t0`` and
+        ``y0`` come as the solve has them, wanting a gradient where it may be taken."""
         return []
 
     def first_order_only(self, x: Any, message: str) -> Any:
