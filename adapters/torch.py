@@ -37,6 +37,8 @@ class TorchAutodiff(Autodiff):
         if isinstance(func, torch.nn.Module):
             seen = {id(x) for x in leaves}
             leaves += [p for p in func.parameters() if p.requires_grad and id(p) not in seen]
+        if torch.is_grad_enabled():
+            _refuse_inference_leaves(leaves)
         return leaves
 
     def requires_grad(self, values: Any) -> bool:
@@ -124,6 +126,8 @@ class TorchAutodiff(Autodiff):
         return _FirstOrderIdentity.apply(x, message) if x.requires_grad else x
 
     def attach_zero_gradients(self, out, leaves):
+        if torch.is_grad_enabled():  # the leaves of adjoint_params in direct mode
+            _refuse_inference_leaves(leaves)
         leaves = [x for x in leaves if x.requires_grad]
         return _ZeroGradient.apply(out, *leaves) if leaves else out
 
@@ -235,6 +239,8 @@ class TorchAutodiff(Autodiff):
         def apply(*primals):
             # The rule's aux values (a solve's status and statistics) have no gradient: they
             # leave the Function beside it rather than as outputs autograd would track.
+            if torch.is_grad_enabled():  # the leaves of adjoint_params in the rules' modes
+                _refuse_inference_leaves(primals)
             aux = []
             out = _RuleFunction.apply(rule, aux, *primals)
             return out, aux[0]
@@ -498,6 +504,24 @@ class _ZeroGradient(torch.autograd.Function):
     def backward(ctx, out_bar):
         zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.leaves]
         return (out_bar, *zeros)
+
+
+def _refuse_inference_leaves(leaves) -> None:
+    """Refuse parameters made under torch.inference_mode() that require grad (a model built
+    there), where a gradient may be taken: torch cannot give them one outside
+    inference_mode. Some operations fail with torch's words about saved tensors; others
+    (a product with a 0-d parameter) record nothing, and the gradient came out zero."""
+    made = [x for x in leaves if x.requires_grad and x.is_inference()]
+    if made:
+        shapes = ", ".join(str(tuple(x.shape)) for x in made[:5])
+        raise RuntimeError(
+            f"{len(made)} parameter(s) that require grad were created under "
+            f"torch.inference_mode() (shapes {shapes}); such tensors cannot take part in "
+            f"autograd outside it, so they can get no gradient. Build the model (or create "
+            f"the tensors) outside inference_mode, or replace each with a clone made outside "
+            f"it (torch.nn.Parameter(p.clone())); if they need no gradient, freeze them "
+            f"(requires_grad_(False)) or run the solve under torch.no_grad()"
+        )
 
 
 # The start of torch's message for an inference tensor saved for a backward. torch checks

@@ -2,8 +2,9 @@
 
 - A tensor ``func`` captures, or hides in a ``params`` object the rules cannot see into,
   would get no gradient from ``backsolve`` or ``checkpoint``: refused.
-- Tensors made under ``torch.inference_mode()``: data prepared there is solved, and a
-  gradient that would need such a tensor saved is refused.
+- Tensors made under ``torch.inference_mode()``: data prepared there is solved; a
+  gradient that would need such a tensor saved is refused, and so are parameters made
+  there that require grad, which can get no gradient.
 - A NumPy dynamics' ``vjp`` that returns the wrong shape would be broadcast into a wrong
   gradient: refused on its first call, naming the output.
 - Second-order gradients exist in ``direct`` mode only; the other modes say so.
@@ -81,7 +82,8 @@ def test_a_captured_tensor_gets_its_gradient_in_direct_mode():
 #
 # Such a tensor cannot require grad outside inference_mode, nor be saved for a backward.
 # Data prepared there is solved in every mode; a gradient that would need such a tensor
-# saved is refused. The dynamics are y' = t A y with
+# saved is refused, and so are parameters made there that require grad, which can get no
+# gradient. The dynamics are y' = t A y with
 # A = [[-K, OMEGA], [-OMEGA, -K]] = -K I + OMEGA J, J^2 = -I, so that, with s = T^2 / 2,
 # y(T) = exp(A s) y0 = e^{-K s} [[cos OMEGA s, sin OMEGA s], [-sin OMEGA s, cos OMEGA s]] y0.
 
@@ -223,6 +225,32 @@ def test_a_captured_tensor_is_refused_beside_weights_made_under_inference_mode(m
     y0, t = _inference_data(torch)
     with pytest.raises(ValueError, match="adjoint_params"):
         odecore.odeint(lambda t, y: field(t, y) + shift, y0, t, method="scipy_solver", adjoint=mode)
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["found", "adjoint_params"])
+@pytest.mark.parametrize("mode", ["direct", *RULE_MODES])
+@pytest.mark.backend("torch")
+def test_parameters_made_under_inference_mode_are_refused(mode, named):
+    # They require grad but take part in no autograd outside inference_mode: k's gradient
+    # came out zero.
+    import torch
+
+    with torch.inference_mode():
+        field = _decay(torch, requires_grad=True)
+    y0 = torch.tensor(Y0, dtype=torch.float64)
+    t = torch.tensor([0.0, T_END], dtype=torch.float64)
+    kwargs = {"adjoint_params": tuple(field.parameters())} if named else {}
+    with pytest.raises(RuntimeError, match=r"1 parameter\(s\) that require grad") as info:
+        _solve(mode, field, y0, t, **kwargs)
+    message = str(info.value)
+    assert "created under torch.inference_mode()" in message
+    assert "torch.nn.Parameter(p.clone())" in message
+    assert "requires_grad_(False)" in message
+    # Where nothing is differentiated they ask for nothing, and the solve runs.
+    with torch.no_grad():
+        ys = _solve(mode, field, y0, t, **kwargs)
+    expected = np.array(Y0) * math.exp(-K * T_END**2 / 2)
+    np.testing.assert_allclose(ys[-1].numpy(), expected, rtol=CLOSED_FORM_TOL)
 
 
 @dataclasses.dataclass
