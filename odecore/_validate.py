@@ -619,8 +619,10 @@ def norm(bk, value, lay: Layout):
     return user_norm
 
 
-def stop_times(bk, values, name: str, ts, sign: float):
-    """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval."""
+def stop_times(bk, values, name: str, ts, sign: float, ends: bool = False):
+    """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval,
+    or with ``ends`` those on its ends too: a jump at ``t[0]`` decides which side ``f`` is
+    first evaluated on, and one at ``t[-1]`` which side the last step sees."""
     xp = bk.xp
     arr = real_numbers(bk, values, f"options[{name!r}]", "a time", convert=time_array)
     arr = xp.astype(arr, bk.time_dtype)
@@ -629,7 +631,7 @@ def stop_times(bk, values, name: str, ts, sign: float):
     if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"options[{name!r}] contains NaN or infinite values")
     arr = arr * sign
-    inside = (arr > ts[0]) & (arr < ts[-1])
+    inside = ((arr >= ts[0]) & (arr <= ts[-1])) if ends else ((arr > ts[0]) & (arr < ts[-1]))
     if not bk.eager:
         # A tracing backend needs a fixed shape: a time outside the interval becomes the end
         # time, a stop the loop lands on anyway.

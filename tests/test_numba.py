@@ -205,6 +205,39 @@ def test_landing_on_stops_and_jumps(method, key):
     assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
 
 
+def _kink_left(t, y, p):
+    """y' = 1 up to and including t = 0.5, -1 after."""
+    return np.ones_like(y) if t <= 0.5 else -np.ones_like(y)
+
+
+def _kink_right(t, y, p):
+    """y' = 1 before t = 0.5, -1 from t = 0.5 on."""
+    return np.ones_like(y) if t < 0.5 else -np.ones_like(y)
+
+
+@pytest.mark.parametrize(
+    ("func", "ends"),
+    [
+        (_kink_left, (0.5, 1.0)),
+        (_kink_right, (0.5, 0.0)),
+        (_kink_right, (0.0, 0.5)),
+        (_kink_left, (1.0, 0.5)),
+    ],
+    ids=["starts-on-it", "starts-on-it-backward", "ends-on-it", "ends-on-it-backward"],
+)
+@pytest.mark.parametrize(("method", "options"), [("rk4", {"step_size": 0.1}), ("dopri5", {})])
+def test_jump_t_at_an_end_of_the_interval_takes_the_side_inside_it(func, ends, method, options):
+    """As tests/test_solve.py's test of the generic loop: f's value at the jump is the side
+    outside the interval, and f is constant inside it, so the solve is exact to rounding
+    when it starts from the right limit and ends on the left one."""
+    ts = np.linspace(*ends, 6)
+    exact = np.where(ts < 0.5, ts, 1.0 - ts)
+    kwargs = {"params": np.zeros(1), "method": method, "options": {"jump_t": [0.5], **options}}
+    kernel, generic = solve_both(func, exact[:1], ts, **kwargs)
+    assert np.max(np.abs(kernel.ys[:, 0] - exact)) < 1e-14
+    assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
+
+
 def _unit_rate(t, y, p):
     return np.ones_like(y) * p[0]
 

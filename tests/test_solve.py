@@ -713,6 +713,41 @@ def test_jump_t_does_not_depend_on_the_value_at_the_jump(backend, func, ts):
     assert abs(backend.to_numpy(with_jump.ys)[-1, 0] - float(kink_exact(ts[-1]))) < 1e-14
 
 
+@pytest.mark.parametrize(
+    ("func", "ends"),
+    [
+        (left_continuous, (0.5, 1.0)),
+        (right_continuous, (0.5, 0.0)),
+        (right_continuous, (0.0, 0.5)),
+        (left_continuous, (1.0, 0.5)),
+    ],
+    ids=["starts-on-it", "starts-on-it-backward", "ends-on-it", "ends-on-it-backward"],
+)
+@pytest.mark.parametrize(
+    ("method", "options"), first_only_on_jax([("rk4", {"step_size": 0.1}), ("dopri5", {})])
+)
+def test_jump_t_at_an_end_of_the_interval_takes_the_side_inside_it(
+    backend, func, ends, method, options
+):
+    # Each func's value at the jump is the side outside the interval: a solve that starts
+    # there must begin from the right limit, one that ends there must end on the left
+    # limit. f is constant on the interval, so every method is exact up to rounding (rk4's
+    # first stage from the wrong side was off by h/6 * 2 = 0.03). No evaluation may fall
+    # outside the interval either.
+    ts = np.linspace(*ends, 6)
+    rec = backend.recorder(func)
+    sol = odecore.solve(
+        rec,
+        backend.asarray([float(kink_exact(ts[0]))]),
+        backend.asarray(ts),
+        method=method,
+        options={"jump_t": [0.5], **options},
+    )
+    assert np.max(np.abs(backend.to_numpy(sol.ys)[:, 0] - kink_exact(ts))) < 1e-14
+    times = recorded_times(rec)
+    assert np.all((times >= min(ends)) & (times <= max(ends)))
+
+
 NON_FSAL = [m for m in odecore.METHODS if not odecore.TABLEAUS[m].fsal]
 FSAL = [m for m in odecore.METHODS if odecore.TABLEAUS[m].fsal]
 

@@ -503,16 +503,18 @@ def loop_constants(ts, jumps, tab, settings):
     )
 
 
-def begin(y0, params, ts, rtol, atol, parts, valid, tab, settings, out, work):
+def begin(y0, params, ts, jumps, rtol, atol, parts, valid, tab, settings, out, work):
     """A solve up to its first step: ``y0`` into ``work[Y]`` and ``out[0]``, ``f(t0, y0)``
-    and the first step size. Returns ``(status, step, evaluations)``."""
+    (its right limit where ``t0`` is a jump) and the first step size. Returns ``(status,
+    step, evaluations)``."""
     sizes = tab[6]
     direction = settings[DIRECTION]
     t = ts[0]
     for i in range(state_size(work)):
         work[Y, i] = y0[i]
         out[0, i] = y0[i]
-    evaluate(t, work, Y, FIRST_DENSE_ROW, params, direction)
+    t_first = next_above(t) if jumps.shape[0] > 0 and is_member(t, jumps) else t
+    evaluate(t_first, work, Y, FIRST_DENSE_ROW, params, direction)
     dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work)
     dt = minimum(maximum(dt, settings[MIN_STEP]), settings[MAX_STEP])
     status = RUNNING if all_finite(work, FIRST_DENSE_ROW) else NONFINITE_STATE
@@ -615,9 +617,10 @@ def conclude_step(
                 ts, out, out_index, t, t_new, h, params, tab, work, weights, settings
             )
             nfev += extra
-        if has_jumps and is_member(t_new, jumps):
+        if has_jumps and t_new < t_end and is_member(t_new, jumps):
             # Only now, with the step's outputs interpolated from the left limit, does
-            # the next step get the right limit as its first stage.
+            # the next step get the right limit as its first stage (a jump at the end
+            # has no next step).
             evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction)
             nfev += 1
     rejected = not accept
@@ -712,7 +715,9 @@ def solve_trajectory(
     (tab_a, tab_c, tab_b, _, _, _, sizes) = tab
     consts = loop_constants(ts, jumps, tab, settings)
     has_jumps = consts[5]
-    status, dt, nfev = begin(y0, params, ts, rtol, atol, parts, valid, tab, settings, out, work)
+    status, dt, nfev = begin(
+        y0, params, ts, jumps, rtol, atol, parts, valid, tab, settings, out, work
+    )
     t = ts[0]
     ratio_prev = 1.0
     last_rejected = False
@@ -774,8 +779,8 @@ def keep_lane_state(
 
 
 def start_lane(
-    lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab, settings,
-    out, works, lane_t, lane_n, results, stats, watch,
+    lane, next_index, last, order, y0, params, ts, jumps, rtol, atol, parts, valid, tab,
+    settings, out, works, lane_t, lane_n, results, stats, watch,
 ):  # fmt: skip
     """Give ``lane`` the next trajectory of ``order[next_index:last]`` that has a step to
     take (one whose start fails is finished at once); the lane goes idle (trajectory -1)
@@ -784,8 +789,8 @@ def start_lane(
         n = order[next_index]
         next_index += 1
         status, dt, nfev = begin(
-            y0[n], row_of(params, n), ts, row_of(rtol, n), row_of(atol, n), parts, valid[n],
-            tab, settings, out[n], works[lane],
+            y0[n], row_of(params, n), ts, jumps, row_of(rtol, n), row_of(atol, n), parts,
+            valid[n], tab, settings, out[n], works[lane],
         )  # fmt: skip
         if status != RUNNING:
             finish_trajectory(n, status, ts[0], dt, nfev, 0, 0, 0, results, stats)
@@ -849,8 +854,8 @@ def solve_lanes(
     busy = 0
     for lane in range(LANES):
         next_index = start_lane(
-            lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
-            settings, out, works, lane_t, lane_n, results, stats, watch,
+            lane, next_index, last, order, y0, params, ts, jumps, rtol, atol, parts, valid,
+            tab, settings, out, works, lane_t, lane_n, results, stats, watch,
         )  # fmt: skip
         if lane_n[lane, LANE_TRAJECTORY] >= 0:
             busy += 1
@@ -898,8 +903,8 @@ def solve_lanes(
                 continue
             finish_trajectory(n, status, t, dt, nfev, nsteps, naccept, nreject, results, stats)
             next_index = start_lane(
-                lane, next_index, last, order, y0, params, ts, rtol, atol, parts, valid, tab,
-                settings, out, works, lane_t, lane_n, results, stats, watch,
+                lane, next_index, last, order, y0, params, ts, jumps, rtol, atol, parts,
+                valid, tab, settings, out, works, lane_t, lane_n, results, stats, watch,
             )  # fmt: skip
             if lane_n[lane, LANE_TRAJECTORY] < 0:
                 busy -= 1

@@ -120,7 +120,11 @@ def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
     bk, xp, ops, lay = p.backend, p.backend.xp, p.ops, p.layout
     B, T = lay.batch, p.ts_array.shape[0]
     t0 = ops.full(B, p.ts[0])
-    f0 = p.solver.init(p.dynamics.first_call, t0, p.y0)
+    t_first = t0
+    if p.jumps is not None:
+        # A solve that starts on a jump starts on its far side: its right limit.
+        t_first = ops.where(ops.is_member(t0, p.jumps), ops.nextafter_up(t0), t0)
+    f0 = p.solver.init(p.dynamics.first_call, t_first, p.y0)
     nfev = 1
     if p.controller is None:
         dt = ops.full(B, p.step_size if p.step_size is not None else math.inf)
@@ -354,9 +358,10 @@ def _ratio_blame(p, ratio, trial, y_new):
 
 def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
     """After landing on a discontinuity, the carried-over f(t_new, y_new) is the left limit;
-    the next step needs the right one, evaluated just after the jump."""
+    the next step needs the right one, evaluated just after the jump. A jump at the end
+    time has no next step, and ``func`` is not called past the end."""
     ops = p.ops
-    on_jump = accept & ops.is_member(t_new, p.jumps)
+    on_jump = accept & ops.is_member(t_new, p.jumps) & (t_new < p.ts[-1])
 
     def fresh(f_new, nfev):
         f_after = p.evaluate(ops.nextafter_up(t_new), y_new)

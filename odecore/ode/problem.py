@@ -159,7 +159,7 @@ def prepare(
     merge = xp.unique_values if bk.eager else xp.sort
     stops = merge(xp.concat(stops)) if len(stops) > 1 else stops[0]
     jumps = (
-        _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign)
+        _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign, ends=True)
         if opts.get("jump_t") is not None
         else None
     )
