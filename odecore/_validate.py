@@ -331,6 +331,29 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
+EVENT_OPTIONS = ("event_tol", "max_events")
+
+
+def event_options(opts: dict | None, where: str = "options") -> None:
+    """Refuse ``event_tol`` and ``max_events`` in the options of a solve without events,
+    which has no root to locate and no crossing to keep: given there, they would be
+    ignored, and an event the caller meant to pass would go unnoticed."""
+    given = [k for k in EVENT_OPTIONS if isinstance(opts, dict) and opts.get(k) is not None]
+    if given:
+        raise ValueError(
+            f"{where}[{given[0]!r}] configures the events of a solve, and this solve has "
+            f"none; pass the events (event=...) or drop {', '.join(map(repr, given))}"
+        )
+
+
+def without_event_options(opts):
+    """``opts`` for a solve of the same problem without its events (the re-solve that
+    differentiates an event's time, a backward solve)."""
+    if not isinstance(opts, dict) or not any(k in opts for k in EVENT_OPTIONS):
+        return opts
+    return {k: v for k, v in opts.items() if k not in EVENT_OPTIONS}
+
+
 def _fixed_grid_options(out: dict) -> None:
     """``grid_constructor`` and ``interp``, the fixed-step methods' options from torchdiffeq."""
     if "interp" in out and (
@@ -746,9 +769,11 @@ def adjoint_settings(
         check_dict(fwd_options, "options")
     fwd_options = fwd_options or {}
     if adj_options is None:
-        # The forward norm is written for y's shape, not for the augmented backward state.
-        adj_options = {k: v for k, v in fwd_options.items() if k != "norm"}
+        # The forward norm is written for y's shape, not for the augmented backward state,
+        # and the backward solve has no events.
+        adj_options = {k: v for k, v in without_event_options(fwd_options).items() if k != "norm"}
     check_dict(adj_options, "adjoint_options")
+    event_options(adj_options, "adjoint_options")
     tab = tableau(adj_method if adj_method is not None else method, adj_options)
     # The backward solve crosses the forward's stops and discontinuities too: it lands on
     # them unless the user's adjoint_options name their own.

@@ -350,6 +350,17 @@ def test_adaptive_options_are_refused_by_fixed_step_methods(backend, key):
         solve(backend, method="rk4", options={key: value})
 
 
+@pytest.mark.parametrize(("key", "value"), [("event_tol", 1e-6), ("max_events", 3)])
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_event_options_are_refused_without_events(backend, key, value, method):
+    # A solve without events has no root to locate and no crossing to keep: the option was
+    # ignored, and an event the caller meant to pass went unnoticed.
+    options = {key: value, **({"step_size": 0.1} if method == "rk4" else {})}
+    match = rf"options\['{key}'\] configures the events of a solve, and this solve has none"
+    with pytest.raises(ValueError, match=match):
+        solve(backend, method=method, options=options)
+
+
 @pytest.mark.parametrize("value", [0, -5, 1.5, True, "10"])
 def test_invalid_max_num_steps(backend, value):
     with pytest.raises(ValueError, match="max_num_steps'] must be a positive integer"):

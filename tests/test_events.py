@@ -189,6 +189,26 @@ def test_vjp_odeint_event_gradients_on_numpy(mode):
     )
 
 
+def test_backsolve_leaves_the_event_options_to_the_forward_solve():
+    # The backward solve has no events: it takes the forward options without event_tol and
+    # max_events, which a solve without events refuses.
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        np.array([Y0]),
+        np.array([0.0, 3.0]),
+        (np.array(K), np.array(LEVEL)),
+        adjoint="backsolve",
+        event=LevelWithVjp(),
+        options={"event_tol": 1e-12, "max_events": 4},
+        **TIGHT,
+    )
+    assert abs(float(events.t) - T_STAR) < CLOSE
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=1.0)
+    np.testing.assert_allclose(
+        [y0_bar[0], params_bar[0], params_bar[1]], [DT_DY0, DT_DK, DT_DC], atol=GRAD_CLOSE
+    )
+
+
 class ScaledCosWithVjp:
     """``y' = a cos t`` with its VJP, ``params = (a,)``."""
 

@@ -459,7 +459,8 @@ def _solve_array(
             "rtol": rtol,
             "atol": atol,
             "method": method,
-            "options": options,
+            # The solve again is one without events.
+            "options": _validate.without_event_options(options),
             "batch_axis": batch_axis,
             "backend": backend,
             "adjoint": adjoint,
@@ -1277,7 +1278,9 @@ def _vjp_odeint_array(
         return ys, pullback
 
     def vjp_again(times):
-        return _vjp_odeint_array(func, y0, times, params, throw=False, **given)
+        # A solve to the event times, without the events.
+        again = {**given, "options": _validate.without_event_options(given.get("options"))}
+        return _vjp_odeint_array(func, y0, times, params, throw=False, **again)
 
     t_arr = bk.asarray(t)
     record = report["events"]

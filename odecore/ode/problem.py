@@ -116,6 +116,8 @@ def prepare(
     xp = bk.xp
     rk = prepared(_validate.tableau(method, options))
     opts = _validate.options(options, rk)
+    if events is None:
+        _validate.event_options(opts)
     ts_user = _validate.times(bk, t)
     y0_arr = _validate.initial_state(bk, y0, finite=batch_axis is None)
     # A single sample on an eager backend keeps its control values as Python numbers and its
