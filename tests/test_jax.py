@@ -540,6 +540,25 @@ def test_grad_of_vmap_equals_sum_of_grads(x64, mode):
     np.testing.assert_allclose(np.asarray(g_b), sum(np.asarray(p[1][1]) for p in parts), rtol=1e-11)
 
 
+def test_jit_of_backsolve_grad_with_per_element_tolerances(x64):
+    # The backsolve takes the strictest of per-element tolerances, an array traced under
+    # jit: asking whether it was given raised TracerBoolConversionError. y' = -k y has
+    # y(T) = y0 exp(-k T); rtol 1e-10 bounds the gradients' error near 1e-9.
+    rtol, atol = jnp.array([1e-10, 1e-11]), jnp.array([1e-12, 1e-13])
+    y0 = jnp.array([2.0, 0.5])
+
+    def loss(k, t):
+        ys = odecore.odeint(
+            lambda t, y, k: -k * y, y0, t, params=k, rtol=rtol, atol=atol, adjoint="backsolve"
+        )
+        return jnp.sum(ys[-1])
+
+    k_bar, t_bar = jax.jit(jax.grad(loss, argnums=(0, 1)))(0.7, jnp.array([0.0, 1.5]))
+    y_end = 2.5 * math.exp(-0.7 * 1.5)
+    np.testing.assert_allclose(float(k_bar), -1.5 * y_end, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(t_bar), [0.7 * y_end, -0.7 * y_end], rtol=1e-8)
+
+
 def test_jit_of_grad_equals_grad(x64):
     # checkpoint: its backward outside jit is one loop; backsolve's is one solve per output.
     loss = _loss_fn("dopri5", "checkpoint")

@@ -44,7 +44,10 @@ class SolveRule:
         return ys, result.solution.report(), residuals
 
     def captured(self):
-        return [v for v in (self.backsolve_settings.get(k) for k in ("rtol", "atol")) if v]
+        # ``is not None``: a per-element tolerance's strictest value is an array, traced
+        # under jit, whose truth value cannot be asked.
+        settings = self.backsolve_settings
+        return [v for v in (settings.get(k) for k in ("rtol", "atol")) if v is not None]
 
     @staticmethod
     def residual_arrays(residuals):
