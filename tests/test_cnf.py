@@ -443,30 +443,12 @@ def test_torch_data_that_requires_grad_keeps_the_log_density_right(adjoint):
 
 
 @pytest.mark.backend("torch")
-@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
-def test_torch_module_parameters_get_gradients(adjoint):
-    # An nn.Module's own parameters are found although the augmented dynamics wrap it.
-    import torch
-
-    class Scale(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
-
-        def forward(self, t, z):
-            return self.a * z
-
-    module = Scale()
-    lp = cnf.log_prob(module, torch.as_tensor(X1), (0.0, T1), adjoint=adjoint, **TIGHT)
-    lp.sum().backward()
-    assert float(module.a.grad) == pytest.approx(scalar_gradient(), rel=1e-8)
-
-
-@pytest.mark.backend("torch")
+@pytest.mark.parametrize("data", ["plain", "inference_mode"])
 @pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
-def test_torch_data_made_under_inference_mode_leaves_the_module_its_gradient(adjoint):
-    # The divergence differentiates f with respect to a leaf made from the data, and
-    # torch refuses requires_grad on an inference tensor: the leaf is a clone.
+def test_torch_module_parameters_get_gradients(adjoint, data):
+    # An nn.Module's own parameters are found although the augmented dynamics wrap it. The
+    # divergence differentiates f with respect to a leaf made from the data, and torch
+    # refuses requires_grad on a tensor made under inference_mode: the leaf is a clone.
     import torch
 
     class Scale(torch.nn.Module):
@@ -478,8 +460,10 @@ def test_torch_data_made_under_inference_mode_leaves_the_module_its_gradient(adj
             return self.a * z
 
     module = Scale()
-    with torch.inference_mode():
-        x = torch.as_tensor(X1).clone()
+    x = torch.as_tensor(X1)
+    if data == "inference_mode":
+        with torch.inference_mode():
+            x = x.clone()
     lp = cnf.log_prob(module, x, (0.0, T1), adjoint=adjoint, **TIGHT)
     lp.sum().backward()
     assert float(module.a.grad) == pytest.approx(scalar_gradient(), rel=1e-8)
