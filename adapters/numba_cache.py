@@ -48,7 +48,7 @@ from odecore.adapters import (
 import odecore
 from odecore.control import primitives, rules
 from odecore.kernels import loop, replay
-from odecore.kernels.compile import STATE_TIME
+from odecore.kernels.compile import BY_STATE_DTYPE
 from odecore.kernels.specialize import NAMES as WRITTEN_NAMES
 
 _RETURNING = {
@@ -261,9 +261,9 @@ def _module_text(name, form, sums, ensemble_source, state_size, state_dtype, wat
         if fn.__name__ not in WRITTEN_NAMES:
             lines += ["", inspect.getsource(fn)]
     lines += ["", sums, "", ensemble_source, ""]
-    if state_dtype != "float64":
-        lines += ["", inspect.getsource(STATE_TIME[state_dtype]), ""]
-        lines.append(f"state_time = {STATE_TIME[state_dtype].__name__}")
+    for loop_name, fn in BY_STATE_DTYPE[state_dtype].items():
+        lines += ["", inspect.getsource(fn), ""]
+        lines.append(f"{loop_name} = {fn.__name__}")
     if watched:
         # The atomic accesses of a watched kernel, in place of the loop's plain ones.
         lines.append("from odecore.adapters.numba_watch import publish, watched_value")

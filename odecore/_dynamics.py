@@ -15,6 +15,7 @@ import copy
 import functools
 
 from odecore import _validate
+from odecore._ops import float_limit
 from odecore.backend import differentiate
 from odecore.backend.signature import explain_signature
 from odecore.backend.structured import unwrap
@@ -53,7 +54,8 @@ class Dynamics:
         # (eager backends: the side is read off concrete times).
         self.jump_sides = None
         if jumps is not None and bk.eager and accepts_perturb(unwrap(func)):
-            self.jump_sides = JumpSides(jumps, sign)
+            limit = functools.partial(float_limit, bk.xp, ops.limit_dtype)
+            self.jump_sides = JumpSides(jumps, sign, limit)
 
     def with_constant_params(self):
         """These dynamics with ``params`` held constant: their VJPs give no parameter

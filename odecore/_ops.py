@@ -16,6 +16,34 @@ from odecore.control import rules
 from odecore.control.primitives import SCALAR, array_primitives
 
 
+def coarse_time_dtype(xp, user_dtype, time_dtype):
+    """The dtype ``func`` reads its time in (the user's state's), where it is coarser than
+    the loop's time dtype; None where it is not.
+
+    The loop evaluates ``func`` just below and just above a jump (``jump_t``). Those limits,
+    taken in float64, round back onto the jump when ``func`` gets its time in float32: a
+    ``t <= 0.5`` test there then sees the jump's own time on both sides. They are taken in
+    this dtype instead."""
+    try:
+        if not xp.isdtype(user_dtype, "real floating"):
+            return None
+        coarser = xp.finfo(user_dtype).eps > xp.finfo(time_dtype).eps
+    except (TypeError, ValueError):
+        return None
+    return user_dtype if coarser else None
+
+
+def float_limit(xp, dtype, t: float, toward: float) -> float:
+    """The number next to ``t`` toward ``toward`` in ``dtype`` (``coarse_time_dtype``; None
+    for the time's own precision), as a Python float. Rounding ``t`` to ``dtype`` first
+    keeps the limit on the right side of ``t`` in both precisions: the nearest ``dtype``
+    number to ``t`` has its neighbours on either side of ``t``."""
+    if dtype is None:
+        return math.nextafter(t, toward)
+    near = xp.asarray(t, dtype=dtype)
+    return float(xp.nextafter(near, xp.asarray(toward, dtype=dtype)))
+
+
 class ArrayOps:
     """Control values as arrays of shape (B,); state arrays are (B, N)."""
 
@@ -27,6 +55,7 @@ class ArrayOps:
         self.state_dtype = state_dtype  # the loop's
         # The dtype ``func`` gets its time in: the user's state's (see Layout.user_dtype).
         self.user_dtype = state_dtype if user_dtype is None else user_dtype
+        self.limit_dtype = coarse_time_dtype(self.xp, self.user_dtype, self.time_dtype)
         self.int_dtype = backend.int_dtype
         self.stop_gradient = backend.stop_gradient
         # The loop's decisions on control values, and the element-wise ones on states.
@@ -86,8 +115,21 @@ class ArrayOps:
     def is_member(self, t, values):
         return self.xp.any(values[None, :] == t[:, None], axis=1)
 
-    def nextafter_up(self, t):
-        return self.xp.nextafter(t, self.xp.asarray(math.inf, dtype=t.dtype))
+    def _limit(self, t, toward):
+        xp, dtype = self.xp, self.limit_dtype
+        if dtype is None:
+            return xp.nextafter(t, xp.asarray(toward, dtype=t.dtype))
+        near = xp.nextafter(xp.astype(t, dtype), xp.asarray(toward, dtype=dtype))
+        return xp.astype(near, t.dtype)
+
+    def jump_above(self, t):
+        """The time just after ``t`` as ``func`` reads it: a jump's right limit."""
+        return self._limit(t, math.inf)
+
+    def left_limit(self, t_new, on_jump):
+        """The time a step that ends on a jump evaluates its last stages at: just before
+        it, as ``func`` reads time, so that it sees the left limit and never the far side."""
+        return self.xp.where(on_jump, self._limit(t_new, -math.inf), t_new)
 
     def rows_index(self, batch):
         return self.xp.arange(batch)
@@ -117,6 +159,7 @@ class ScalarOps:
         self.time_dtype = backend.time_dtype
         self.state_dtype = state_dtype
         self.user_dtype = state_dtype if user_dtype is None else user_dtype
+        self.limit_dtype = coarse_time_dtype(self.xp, self.user_dtype, self.time_dtype)
         self.int_dtype = backend.int_dtype
         # Reading a value to the host must not drag autodiff along (the step-size control is
         # not differentiated), so the backend supplies the conversion.
@@ -177,9 +220,11 @@ class ScalarOps:
     def is_member(t, values):
         return t in values
 
-    @staticmethod
-    def nextafter_up(t):
-        return math.nextafter(t, math.inf)
+    def jump_above(self, t):
+        return float_limit(self.xp, self.limit_dtype, t, math.inf)
+
+    def left_limit(self, t_new, on_jump):
+        return float_limit(self.xp, self.limit_dtype, t_new, -math.inf) if on_jump else t_new
 
     @staticmethod
     def rows_index(batch):

@@ -29,7 +29,6 @@ CASES = {
         [0.25, INF],  # max_step
         [True, False],  # running
     ],
-    "left_limit": [[1.0, 0.3, -2.0, 1e-300], [True, False]],
     "step_factor": [
         [0.0, 1e-12, 0.5, 1.0, 3.0, 1e6, NAN, INF],  # ratio
         [1.0, 0.3],  # ratio_prev

@@ -238,6 +238,25 @@ def test_jump_t_at_an_end_of_the_interval_takes_the_side_inside_it(func, ends, m
     assert_same_steps(kernel, generic, FIXED_STEP_RTOL if method == "rk4" else ADAPTIVE_RTOL)
 
 
+@pytest.mark.parametrize("func", [_kink_left, _kink_right])
+@pytest.mark.parametrize("ends", [(0.0, 1.0), (1.0, 0.0)], ids=["forward", "backward"])
+@pytest.mark.parametrize(("method", "options"), [("rk4", {"step_size": 0.1}), ("dopri5", {})])
+def test_float32_jump_t_limits_are_taken_in_float32(func, ends, method, options):
+    """The dynamics of a float32 kernel get their time in float32, where float64's
+    neighbours of a jump round back onto it: the kernel takes them in float32, as the
+    generic loop does (tests/test_solve.py). f is constant on each side, so the solve is
+    exact to the rounding of a dozen float32 steps."""
+    ts = np.linspace(*ends, 5)
+    exact = np.where(ts < 0.5, ts, 1.0 - ts)
+    kwargs = {"params": np.zeros(1, dtype=np.float32), "method": method, "rtol": 1e-3}
+    kwargs["options"] = {"jump_t": [0.5], **options}
+    kernel, generic = solve_both(func, exact[:1].astype(np.float32), ts, **kwargs)
+    assert kernel.ys.dtype == np.float32
+    assert np.max(np.abs(kernel.ys[:, 0] - exact)) < 24 * np.finfo(np.float32).eps
+    # The same steps as the generic loop; their float32 sums round in another order.
+    assert kernel.stats == generic.stats
+
+
 def _unit_rate(t, y, p):
     return np.ones_like(y) * p[0]
 

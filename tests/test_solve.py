@@ -748,6 +748,36 @@ def test_jump_t_at_an_end_of_the_interval_takes_the_side_inside_it(
     assert np.all((times >= min(ends)) & (times <= max(ends)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("func", [left_continuous, right_continuous])
+@pytest.mark.parametrize("ends", [(0.0, 1.0), (1.0, 0.0)], ids=["forward", "backward"])
+@pytest.mark.parametrize(
+    ("method", "options"), first_only_on_jax([("rk4", {"step_size": 0.1}), ("dopri5", {})])
+)
+def test_jump_t_limits_are_taken_in_the_precision_func_reads_time_in(
+    backend, dtype, func, ends, method, options
+):
+    # func gets its time in the state's dtype. The limits of a jump taken in float64 round
+    # back onto it in float32 and float16, and there `t <= 0.5` and `t < 0.5` see the jump
+    # itself: one side is then evaluated on the far side (rk4 at step 0.1 ended 0.025 off,
+    # dopri5 0.055). f is constant on each side, so every method is exact up to the
+    # rounding of a dozen steps' additions of O(1) numbers in the state's dtype.
+    ts = np.linspace(*ends, 5)
+    y0 = backend.asarray([float(kink_exact(ts[0]))], dtype=dtype)
+    ys = odecore.odeint(
+        func,
+        y0,
+        backend.asarray(ts),
+        method=method,
+        rtol=1e-3,
+        atol=1e-3,
+        options={"jump_t": [0.5], **options},
+    )
+    assert backend.dtype_name(ys) == dtype
+    error = np.max(np.abs(backend.to_numpy(ys).astype(np.float64)[:, 0] - kink_exact(ts)))
+    assert error < 24 * float(np.finfo(dtype).eps)
+
+
 NON_FSAL = [m for m in odecore.METHODS if not odecore.TABLEAUS[m].fsal]
 FSAL = [m for m in odecore.METHODS if odecore.TABLEAUS[m].fsal]
 

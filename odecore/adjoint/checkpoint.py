@@ -92,8 +92,8 @@ def _replayed_times(problem, t, t_new):
     if problem.jumps is None:
         return None
     ops = problem.ops
-    t_left = ops.rules.left_limit(t_new, ops.is_member(t_new, problem.jumps))
-    start = ops.where(ops.is_member(t, problem.jumps), ops.nextafter_up(t), t)
+    t_left = ops.left_limit(t_new, ops.is_member(t_new, problem.jumps))
+    start = ops.where(ops.is_member(t, problem.jumps), ops.jump_above(t), t)
 
     def cap(t_stage):
         return ops.maximum(ops.minimum(t_stage, t_left), start)

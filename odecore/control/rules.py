@@ -25,7 +25,6 @@ from odecore.control.primitives import (  # noqa: F401  (the globals ``bind`` re
     logical_not,
     maximum,
     minimum,
-    next_below,
     power_unless_kept,
     where,
 )
@@ -67,12 +66,6 @@ def land_on_stop(t, dt, next_stop, max_step, running):
     h = where(running, where(lands, gap, where(close, moved, dt)), 0.0)
     t_new = where(running & lands, next_stop, t + h)
     return h, t_new, lands
-
-
-def left_limit(t_new, on_jump):
-    """The time a step that ends on a discontinuity evaluates its last stages at: just
-    before the jump, so that it sees the left limit and never the far side."""
-    return where(on_jump, next_below(t_new), t_new)
 
 
 def step_factor(ratio, ratio_prev, accept, safety, ifactor, dfactor, icoeff, pcoeff, k, shrink):
@@ -209,7 +202,6 @@ RULES: dict[str, Callable] = {
     fn.__name__: fn
     for fn in (
         land_on_stop,
-        left_limit,
         step_factor,
         held_after_rejection,
         remembered_ratio,

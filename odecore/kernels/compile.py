@@ -22,8 +22,28 @@ def float32_time(t):
     return np.float32(t)
 
 
-# The time cast each state dtype's kernel binds as ``loop.state_time``.
-STATE_TIME = {"float64": loop.state_time, "float32": float32_time}
+def float32_jump_below(t):
+    """``loop.jump_below`` for float32 states: the float32 below the jump's nearest float32,
+    which lies below the jump in both precisions. ``np.nextafter`` rather than
+    ``math.nextafter``, which in Python works in float64 whatever its arguments."""
+    return np.float64(np.nextafter(np.float32(t), np.float32(-np.inf)))
+
+
+def float32_jump_above(t):
+    """``loop.jump_above`` for float32 states (see :func:`float32_jump_below`)."""
+    return np.float64(np.nextafter(np.float32(t), np.float32(np.inf)))
+
+
+# The loop functions each state dtype's kernel binds in place of ``odecore.kernels.loop``'s
+# float64 ones, by name: how the dynamics see time.
+BY_STATE_DTYPE = {
+    "float64": {},
+    "float32": {
+        "state_time": float32_time,
+        "jump_below": float32_jump_below,
+        "jump_above": float32_jump_above,
+    },
+}
 
 
 def compiled_rules(
@@ -53,7 +73,7 @@ def compiled_loop(
     functions of the same name: one method's sums (``odecore.kernels.specialize``). A
     positive ``state_size`` compiles them for states of that many elements only
     (``loop.STATE_SIZE``); ``state_dtype`` (``"float64"`` or ``"float32"``) is the dtype of
-    the states they solve, whose time the dynamics see (``loop.state_time``). ``watched``
+    the states they solve, whose time the dynamics see (``BY_STATE_DTYPE``). ``watched``
     compiles the loop that publishes its progress (``loop.WATCHED``); the compiler's
     ``publish`` and ``watched_value`` then come in ``replacements``."""
     namespace = {
@@ -62,7 +82,7 @@ def compiled_loop(
         "STATE_SIZE": state_size,
         "WATCHED": int(watched),
     }
-    replacements = {"state_time": STATE_TIME[state_dtype], **(replacements or {})}
+    replacements = {**BY_STATE_DTYPE[state_dtype], **(replacements or {})}
     for fn in loop.KERNEL_FUNCTIONS:
         source = replacements.get(fn.__name__, fn)
         namespace[fn.__name__] = jit(primitives.bind(source, namespace))

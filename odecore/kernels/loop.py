@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import math
 
-from odecore.control.primitives import isfinite, isnan, maximum, minimum, next_above
+from odecore.control.primitives import (
+    isfinite,
+    isnan,
+    maximum,
+    minimum,
+    next_above,
+    next_below,
+)
 from odecore.control.rules import (
     INVALID_INPUT,
     NONFINITE_STATE,
@@ -34,7 +41,6 @@ from odecore.control.rules import (
     initial_step,
     initial_step_guess,
     land_on_stop,
-    left_limit,
     next_step,
     remembered_ratio,
     stalled,
@@ -187,6 +193,20 @@ def state_time(t):
     one-element array of that dtype, tells the compiler that the state rows in its
     registers are unchanged by the call."""
     return t
+
+
+def jump_below(t):
+    """The time just before the jump at ``t`` as the dynamics read time: a step that ends
+    on it evaluates its last stages there, the left limit. This one serves float64
+    states; ``compiled_loop(state_dtype=...)`` binds one for float32 states, taken in
+    float32, since float64's neighbour of a jump rounds back onto it in float32."""
+    return next_below(t)
+
+
+def jump_above(t):
+    """The time just after the jump at ``t`` as the dynamics read time: its right limit,
+    where a step that starts on it takes its first stage (see :func:`jump_below`)."""
+    return next_above(t)
 
 
 def evaluate(t, work, y_row, dy_row, params, direction):
@@ -513,7 +533,7 @@ def begin(y0, params, ts, jumps, rtol, atol, parts, valid, tab, settings, out, w
     for i in range(state_size(work)):
         work[Y, i] = y0[i]
         out[0, i] = y0[i]
-    t_first = next_above(t) if jumps.shape[0] > 0 and is_member(t, jumps) else t
+    t_first = jump_above(t) if jumps.shape[0] > 0 and is_member(t, jumps) else t
     evaluate(t_first, work, Y, FIRST_DENSE_ROW, params, direction)
     dt, extra = first_step(t, params, rtol, atol, parts, settings, sizes, work)
     dt = minimum(maximum(dt, settings[MIN_STEP]), settings[MAX_STEP])
@@ -534,8 +554,8 @@ def plan_step(t, dt, stop_index, stops, jumps, consts):
     next_stop = stops[stop_index]
     h, t_new, lands = land_on_stop(t, dt, next_stop, max_step, True)
     t_left = t_new
-    if has_jumps:
-        t_left = left_limit(t_new, lands and is_member(next_stop, jumps))
+    if has_jumps and lands and is_member(next_stop, jumps):
+        t_left = jump_below(t_new)
     return stop_index, h, t_new, lands, t_left
 
 
@@ -621,7 +641,7 @@ def conclude_step(
             # Only now, with the step's outputs interpolated from the left limit, does
             # the next step get the right limit as its first stage (a jump at the end
             # has no next step).
-            evaluate(next_above(t_new), work, Y_NEW, f_new, params, direction)
+            evaluate(jump_above(t_new), work, Y_NEW, f_new, params, direction)
             nfev += 1
     rejected = not accept
     if adaptive:
@@ -927,6 +947,8 @@ ENTRY_POINTS = ("solve_trajectory", "solve_lanes")
 KERNEL_FUNCTIONS = (
     state_size,
     state_time,
+    jump_below,
+    jump_above,
     evaluate,
     part_norm,
     scaled_norm,

@@ -18,8 +18,6 @@ params_bar)``, which writes the cotangents of ``y`` and ``params`` for ``cotange
 
 from __future__ import annotations
 
-from odecore.control.primitives import next_above
-from odecore.control.rules import left_limit
 from odecore.kernels.loop import (
     DIRECTION,
     FIRST_DENSE_ROW,
@@ -33,6 +31,8 @@ from odecore.kernels.loop import (
     evaluate,
     interpolant_weights,
     is_member,
+    jump_above,
+    jump_below,
     solution_sum,
     stage_sum,
     state_size,
@@ -170,8 +170,9 @@ def replay_step(
     t_left = t_new
     if has_jumps:
         if is_member(t, jumps):
-            t_first = next_above(t)
-        t_left = left_limit(t_new, is_member(t_new, jumps))
+            t_first = jump_above(t)
+        if is_member(t_new, jumps):
+            t_left = jump_below(t_new)
     for e in range(n):
         work[Y, e] = tape_y[k, e]
         inputs[0, e] = tape_y[k, e]

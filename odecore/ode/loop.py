@@ -123,7 +123,7 @@ def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
     t_first = t0
     if p.jumps is not None:
         # A solve that starts on a jump starts on its far side: its right limit.
-        t_first = ops.where(ops.is_member(t0, p.jumps), ops.nextafter_up(t0), t0)
+        t_first = ops.where(ops.is_member(t0, p.jumps), ops.jump_above(t0), t0)
     f0 = p.solver.init(p.dynamics.first_call, t_first, p.y0)
     nfev = 1
     if p.controller is None:
@@ -187,7 +187,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
     # (and f at its end) are evaluated just before the jump, never on the far side of it.
     t_left, cap = None, None
     if p.jumps is not None:
-        t_left = rules.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
+        t_left = ops.left_limit(t_new, running & lands & ops.is_member(next_stop, p.jumps))
         cap = capped_at(ops, t_left)
 
     if p.callbacks is not None:
@@ -364,7 +364,7 @@ def _reevaluate_after_jump(p, t_new, y_new, f_new, accept, nfev):
     on_jump = accept & ops.is_member(t_new, p.jumps) & (t_new < p.ts[-1])
 
     def fresh(f_new, nfev):
-        f_after = p.evaluate(ops.nextafter_up(t_new), y_new)
+        f_after = p.evaluate(ops.jump_above(t_new), y_new)
         return ops.select_rows(on_jump, f_after, f_new), nfev + 1
 
     return p.backend.cond(ops.any(on_jump), fresh, lambda f_new, nfev: (f_new, nfev), f_new, nfev)

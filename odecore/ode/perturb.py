@@ -73,15 +73,17 @@ def accepts_perturb(func) -> bool:
 
 class JumpSides:
     """The internal times at which the loop evaluates ``func`` on one side of a jump: just
-    below each jump (its left limit, ``rules.left_limit``) and just above it (the
-    re-evaluation after landing), as Python floats, and the ``Perturb`` each gets."""
+    below each jump (its left limit) and just above it (the re-evaluation after landing),
+    as Python floats, and the ``Perturb`` each gets. ``limit(t, toward)`` is the number next
+    to ``t`` toward ``toward`` as the loop takes it (``odecore._ops.float_limit``: in the
+    precision ``func`` reads time in), so that the keys are the loop's times exactly."""
 
-    def __init__(self, jumps, sign: float):
+    def __init__(self, jumps, sign: float, limit):
         jumps = [float(j) for j in jumps]
         below = Perturb.PREV if sign > 0 else Perturb.NEXT
         above = Perturb.NEXT if sign > 0 else Perturb.PREV
-        self.sides = {math.nextafter(j, -math.inf): below for j in jumps}
-        self.sides.update({math.nextafter(j, math.inf): above for j in jumps})
+        self.sides = {limit(j, -math.inf): below for j in jumps}
+        self.sides.update({limit(j, math.inf): above for j in jumps})
 
     def at(self, xp, t) -> Perturb:
         """The ``Perturb`` of an evaluation at internal time ``t`` (a float, or one time per
