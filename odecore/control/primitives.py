@@ -1,9 +1,10 @@
 """The few operations the pure rules (``odecore.control.rules``) are written against.
 
 A rule is an ordinary Python function of numbers. It calls ``where``, ``minimum``,
-``maximum``, ``isfinite``, ``power_unless_kept``, ``isnan``, ``logical_not``, ``next_below``
-and ``next_above`` as module globals, and :func:`bind` re-creates it with other globals, so
-one source serves three kinds of values:
+``maximum``, ``isfinite``, ``power_unless_kept``, ``isnan`` and ``logical_not`` as module
+globals, and :func:`bind` re-creates it with other globals, so one source serves three kinds
+of values (``next_below`` and ``next_above`` serve the kernel loop's float64 jump limits
+only; the generic loop takes its limits in ``odecore._ops``):
 
 - Python numbers (the functions below): one sample on an eager backend, where a NumPy call on
   a one-element array would cost more than the whole rule;
@@ -78,12 +79,6 @@ SCALAR: dict[str, Callable] = {
 def array_primitives(xp) -> dict[str, Callable]:
     """The same operations on arrays of the array-API namespace ``xp``, element-wise."""
 
-    def next_below_array(x):
-        return xp.nextafter(x, xp.asarray(-math.inf, dtype=x.dtype))
-
-    def next_above_array(x):
-        return xp.nextafter(x, xp.asarray(math.inf, dtype=x.dtype))
-
     def power_unless_kept_array(x, exponent, accept, keep_from):
         # Choosing per element would add operations, where one sample's skip saves one.
         return x**exponent
@@ -96,8 +91,6 @@ def array_primitives(xp) -> dict[str, Callable]:
         "power_unless_kept": power_unless_kept_array,
         "isnan": xp.isnan,
         "logical_not": xp.logical_not,
-        "next_below": next_below_array,
-        "next_above": next_above_array,
     }
 
 
