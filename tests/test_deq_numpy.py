@@ -407,6 +407,32 @@ def test_cos_plus_b_implicit_derivative(backward_solver, stop_mode):
     assert abs(b_bar[0] - 1.0 / (1.0 + np.sin(z))) < 1e-10
 
 
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+def test_implicit_gradient_of_a_small_cotangent_is_as_accurate_as_of_a_large_one(backward_solver):
+    # The backward's residual was measured absolutely: a cotangent below backward_tol (a
+    # loss scaled down, a mean over a large batch) stopped at the start u = 0, a zero
+    # gradient. Its accuracy is now relative to the cotangent's norm, per sample.
+    sol, pullback = odecore.vjp_fixed_point(
+        Affine(),
+        Z0[:2],
+        (W, np.stack([B_VEC, -B_VEC])),
+        backward_solver=backward_solver,
+        batch_axis=0,
+        **TIGHT,
+    )
+    # The second sample's cotangent is 2^-50 of the first's: far below backward_tol = 1e-12.
+    w = np.stack([np.ones(4), 2.0**-50 * np.array([1.0, -2.0, 0.5, 3.0])])
+    _, b_bar = pullback(w)
+    expected = np.linalg.solve(np.eye(4) - W.T, w.T).T
+    # |u - u_exact| <= |residual| / (1 - |W|) <= 1e-12 |w| / 0.4 per sample.
+    for got, ref in zip(b_bar, expected, strict=True):
+        assert relative_error(got, ref) < 1e-10
+    # The solve is linear in w: scaling a cotangent by a power of two scales its gradient
+    # exactly.
+    _, b_bar_unscaled = pullback(np.stack([w[0], 2.0**50 * w[1]]))
+    assert np.array_equal(b_bar[1], 2.0**-50 * b_bar_unscaled[1])
+
+
 @pytest.mark.parametrize(
     "solver,backward_solver", list(itertools.product(SOLVERS, BACKWARD_SOLVERS))
 )

@@ -71,8 +71,9 @@ def solve_fixed_point(
         The gradient. ``"implicit"``: the implicit-function-theorem gradient, solving
         ``u = w + u J_f(z*)`` with ``backward_solver`` (``"picard"``, ``"anderson"`` (the
         default), ``"broyden"``, with the forward's ``m`` and ``lam``; or ``"gmres"``,
-        restarted every ``min(4 m, 20)`` vectors) to ``backward_tol`` within
-        ``backward_max_iter`` (default: the forward ``tol`` and ``max_iter``).
+        restarted every ``min(4 m, 20)`` vectors) to ``backward_tol`` (relative to ``|w|``,
+        per sample) within ``backward_max_iter`` (default: the forward ``tol`` and
+        ``max_iter``).
         ``backward_linearization`` (default ``"once"``) says how the iterations get the
         products ``u J_f(z*)``: ``"once"`` evaluates ``f`` at ``z*`` once and pulls every
         iteration's ``u`` back through what the framework recorded (torch's graph, JAX's

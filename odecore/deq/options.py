@@ -48,7 +48,7 @@ class FixedPointOptions:
     # for every iteration; "per_iteration" evaluates f again in each and frees its record
     # after the product (less memory held between iterations, one evaluation more each).
     backward_linearization: str = "once"
-    # The implicit backward's tolerance; None: the forward tol.
+    # The implicit backward's tolerance, relative to the cotangent's norm; None: the forward tol.
     backward_tol: float | None = None
     # The implicit backward's iteration limit; None: the forward max_iter.
     backward_max_iter: int | None = None
