@@ -57,6 +57,45 @@ def test_cos_fixed_point_keeps_dtype(solver, dtype):
     assert (sol.z - COS_FIXED_POINT).abs().max() < 10 * tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_16_bit_states_solve_and_differentiate(solver, dtype):
+    # z* = p / (1 - 0.5) = 600, exact in both dtypes. The loop kept the 16-bit dtype: the
+    # first residual's squares (300^2) overflowed float16, so the start read as NONFINITE,
+    # and Anderson's mixing had no linear solve in 16 bits on a CPU.
+    p = torch.full((4,), 300.0, dtype=dtype, requires_grad=True)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: 0.5 * z + p, torch.zeros(4, dtype=dtype), p, solver=solver, tol=1e-3
+    )
+    assert sol.success, sol.message
+    # The float32 iterate is within 2 tol of 600, which rounds to 600 in either dtype.
+    assert sol.z.dtype == dtype and torch.equal(sol.z, torch.full((4,), 600.0, dtype=dtype))
+    sol.z.sum().backward()
+    # dz*/dp = 2; the backward stops within 2 * 1e-3 * |w| = 0.004 of it, and bfloat16
+    # rounds 2.004 by at most 2^-7.
+    assert p.grad.dtype == dtype
+    assert (p.grad.double() - 2.0).abs().max() < 0.004 + 2.0**-7
+
+
+def test_a_float16_residual_below_the_squares_range_is_not_zero():
+    # A residual of 1e-4 in each of 1024 components has norm 3.2e-3, above tol; its squares
+    # (1e-8) vanish in float16, and the sample read as converged with a residual of 0.
+    sol = odecore.solve_fixed_point(
+        lambda z, p: 0.5 * z + p,
+        torch.zeros(1024, dtype=torch.float16),
+        torch.full((1024,), 2e-4, dtype=torch.float16),
+        solver="picard",
+        tol=1e-3,
+        max_iter=1,
+        throw=False,
+    )
+    assert int(sol.status[0]) == odecore.FixedPointStatus.MAX_ITER_REACHED
+    # After one step z = p (p rounded to float16), so the residual is |0.5 p| * 32, up to
+    # f(z) = 1.5 p rounded to float16: half a unit, 2^-23 near 3e-4, in each component.
+    half_p = 0.5 * float(torch.tensor(2e-4, dtype=torch.float16))
+    assert abs(float(sol.abs_residual[0]) - 32 * half_p) <= 32 * 2.0**-23 * (1 + 1e-3)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_square_root_and_affine(solver):
     z = odecore.fixed_point(lambda z: (z + 2 / z) / 2, t64([1.5]), solver=solver, **TIGHT)

@@ -321,7 +321,7 @@ def _setup(f, z0, params, backend, batch_axis, opts):
     z0 = float_array(bk, "z0", z0)
     check_callable(f)
     check_params(params)
-    lay = layout(z0, batch_axis)
+    lay = layout(bk.xp, z0, batch_axis)
     if params is not None and differentiate.param_leaves(bk, f, None):
         # The module's own parameters would silently get no gradient: the VJP differentiates
         # with respect to params only once params are given.
