@@ -570,6 +570,55 @@ def test_invalid_options_raise(kwargs, match):
 
 
 @pytest.mark.parametrize(
+    "kwargs,name,remedy",
+    [
+        ({"unroll_steps": 10}, "unroll_steps", "backward='unrolled'"),
+        ({"unroll_damping": 0.5}, "unroll_damping", "backward='unrolled'"),
+        ({"solver": "anderson", "damping": 0.5}, "damping", "solver='picard'"),
+        ({"solver": "broyden", "damping": 0.5}, "damping", "solver='picard'"),
+        ({"solver": "picard", "backward": "one_step", "beta": 0.5}, "beta", "solver='anderson'"),
+        (
+            {"solver": "broyden", "backward_solver": "gmres", "lam": 1e-2},
+            "lam",
+            "solver='anderson'",
+        ),
+        ({"solver": "picard", "backward_solver": "picard", "m": 3}, "m", "solver='anderson'"),
+        ({"backward": "one_step", "backward_solver": "gmres"}, "backward_solver", "'implicit'"),
+        ({"backward": "unrolled", "backward_tol": 1e-3}, "backward_tol", "'implicit'"),
+        ({"backward": "one_step", "backward_max_iter": 9}, "backward_max_iter", "'implicit'"),
+        (
+            {"backward": "unrolled", "backward_linearization": "per_iteration"},
+            "backward_linearization",
+            "'implicit'",
+        ),
+    ],
+)
+@pytest.mark.parametrize("entry", ["fixed_point", "solve_fixed_point", "vjp_fixed_point"])
+def test_an_option_the_solve_would_not_read_is_refused(entry, kwargs, name, remedy):
+    # These were accepted and ignored: unroll_steps=10 without backward='unrolled' left the
+    # implicit gradient in place, damping passed to Anderson did not damp.
+    with pytest.raises(ValueError, match=rf"^{name}=.* would have no effect: .*pass .*{remedy}"):
+        getattr(odecore, entry)(Affine(), np.zeros(4), (W, B_VEC), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # Each option where something reads it: the backward's Anderson reads beta, lam and
+        # m after a Picard forward; GMRES reads m; one_step reads no unroll_damping but
+        # accepts its only value.
+        {"solver": "picard", "beta": 0.5, "lam": 1e-3, "m": 3, "damping": 0.9},
+        {"solver": "picard", "backward_solver": "gmres", "m": 2},
+        {"backward": "unrolled", "unroll_steps": 3, "unroll_damping": 0.5},
+        {"backward": "one_step", "unroll_steps": 1},
+    ],
+)
+def test_options_that_are_read_are_accepted(kwargs):
+    sol, pullback = odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), **kwargs, **TIGHT)
+    assert relative_error(sol.z, np.linalg.solve(np.eye(4) - W, B_VEC)) < 1e-11
+
+
+@pytest.mark.parametrize(
     "kwargs,name",
     [
         ({"tol": "1e-6"}, "tol"),

@@ -113,9 +113,10 @@ def solve_fixed_point(
         the wrong type, ``f`` returns something not shaped like ``z``, or ``f`` is a module
         with its own parameters and ``params`` is given too.
     ValueError
-        An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...),
-        ``batch_axis`` is not None or 0, or, on torch, ``f`` uses a tensor that requires grad
-        outside ``params``.
+        An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...)
+        or would not be read (``damping`` without Picard, ``unroll_steps`` without
+        ``backward="unrolled"``, ...), ``batch_axis`` is not None or 0, or, on torch, ``f``
+        uses a tensor that requires grad outside ``params``.
     FixedPointError
         With ``throw=True``, a sample did not converge within ``max_iter`` iterations, or ``f``
         returned NaN or inf.
