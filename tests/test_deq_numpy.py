@@ -361,6 +361,25 @@ def test_anderson_survives_a_singular_system():
     np.testing.assert_array_equal(sol.z, 0.25)
 
 
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations(m):
+    # The second sample converges first; its memory then fills with copies of one residual,
+    # a rank-one Gram matrix, and with lam=0 NumPy's solve raised LinAlgError for the whole
+    # batch, though each sample alone converges.
+    b = np.stack([B_VEC, 1e-6 * B_VEC])
+    options = {"m": m, "lam": 0.0, "batch_axis": 0, **TIGHT}
+    sol = odecore.solve_fixed_point(Affine(), np.zeros((2, 4)), (W, b), **options)
+    expected = np.linalg.solve(np.eye(4) - W, b.T).T
+    # |z - z*| <= tol / (1 - |W|) per sample.
+    assert np.abs(sol.z - expected).max() <= 1e-12 / 0.4
+    alone = [
+        odecore.solve_fixed_point(Affine(), np.zeros((1, 4)), (W, row[None]), **options)
+        for row in b
+    ]
+    assert int(sol.iterations[1]) < int(sol.iterations[0])
+    assert sol.iterations.tolist() == [int(one.iterations[0]) for one in alone]
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients: closed forms, finite differences, one step, unrolled
 # ---------------------------------------------------------------------------------------------

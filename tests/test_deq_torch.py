@@ -430,6 +430,25 @@ def test_spectral_radius_of_a_complex_dominant_pair_on_torch():
     np.testing.assert_allclose(rho.numpy(), [modulus, modulus], atol=1e-9)
 
 
+def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations():
+    # A stopped sample's memory fills with copies of one residual; with lam=0 its mixing
+    # system is singular and torch's solve raised for the whole batch.
+    b = np.stack([B_VEC, 1e-6 * B_VEC])
+    sol = odecore.solve_fixed_point(
+        lambda z, p: z @ p[0].T + p[1],
+        t64(np.zeros((2, 4))),
+        (t64(W), t64(b)),
+        m=3,
+        lam=0.0,
+        batch_axis=0,
+        **TIGHT,
+    )
+    # |z - z*| <= tol / (1 - |W|) per sample.
+    expected = np.linalg.solve(np.eye(4) - W, b.T).T
+    assert np.abs(sol.z.numpy() - expected).max() <= 1e-12 / 0.4
+    assert int(sol.iterations[1]) < int(sol.iterations[0])
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_singular_mixing_system_does_not_raise(solver):
     # A constant map: after one step every residual is exactly zero, and with lam=0 the

@@ -19,7 +19,7 @@ def anderson_memory(xp, B, m, N, dtype):
     }
 
 
-def anderson_proposal(bk, s, m, lam, beta):
+def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     """The next iterate of each sample, by Anderson mixing with its own coefficients: store
     ``z`` and its residual ``g(z) - z`` in ``s`` (updated in place), then mix the stored pairs
     with the weights ``alpha`` (summing to one) that minimise
@@ -28,7 +28,10 @@ def anderson_proposal(bk, s, m, lam, beta):
     Every running sample has done exactly ``k`` iterations (a sample that stops never
     restarts), so all of them write the same memory slot; writing into a stopped sample's
     memory is harmless, as its proposals are discarded. One slice write replaces a masked
-    update of the whole memory."""
+    update of the whole memory. ``stopped`` (B,), where some sample has stopped, marks the
+    samples whose system is replaced by the identity: their memory fills with copies of one
+    residual, whose Gram matrix has rank one, and with ``lam=0`` NumPy's and torch's solves
+    raise for a singular matrix in the batch."""
     xp = bk.xp
     z = s["z"]
     B = z.shape[0]
@@ -65,6 +68,8 @@ def anderson_proposal(bk, s, m, lam, beta):
     unfilled = ~filled & ~border
     frame = edge | ((eye > 0) & unfilled[:, None])
     A = xp.where(both, gram + scale[:, None, None] * eye, xp.astype(frame, G.dtype))
+    if stopped is not None:
+        A = xp.where(stopped[:, None, None], eye, A)
     rhs = xp.broadcast_to(xp.astype(border, G.dtype)[:, None], (B, m + 1, 1))
     alpha = xp.linalg.solve(A, rhs)[:, 1:, 0]
     # Guard: should the system still be singular in floating point, that sample takes a

@@ -82,13 +82,14 @@ class Loop:
         active = s["status"] == RUNNING
         z, gz = s["z"], s["gz"]
         s = dict(s)
+        every_active = self.skip_identity_selects and bool(xp.all(active))
         if self.solver == "picard":
             proposal = (1.0 - self.damping) * z + self.damping * gz
         elif self.solver == "anderson":
-            proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta)
+            stopped = None if every_active else ~active
+            proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta, stopped)
         else:
             proposal = broyden_proposal(bk, s, self.m)
-        every_active = self.skip_identity_selects and bool(xp.all(active))
         z_new = proposal if every_active else xp.where(active[:, None], proposal, z)
         gz_new = self.g(z_new)
         abs_res, rel_res = residuals(xp, z_new, gz_new)
