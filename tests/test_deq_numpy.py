@@ -400,6 +400,28 @@ def test_anderson_survives_a_singular_system():
     np.testing.assert_array_equal(sol.z, 0.25)
 
 
+@pytest.mark.parametrize("m", [3, 5])
+def test_unregularised_anderson_with_more_pairs_than_directions(m):
+    # Sample 0's two components follow one map from one start, so its residuals all lie
+    # along (1, 1): with lam=0 and three stored pairs its mixing system is singular, and
+    # NumPy's solve raised LinAlgError at every iteration. The singular sample now takes a
+    # plain step, as on JAX, and sample 1 keeps its own mixing.
+    c = np.array([[1.0, 1.0], [1.0, 0.5]])
+    sol = odecore.solve_fixed_point(
+        lambda z, c: np.cos(c * z), np.zeros((2, 2)), c, m=m, lam=0.0, batch_axis=0, **TIGHT
+    )
+    # The reference: plain iteration, a contraction (|c sin(c z*)| < 0.7), to a fixed point
+    # of floating point.
+    z = np.zeros((2, 2))
+    for _ in range(200):
+        z = np.cos(c * z)
+    assert abs(z[0, 0] - COS_FIXED_POINT) < 1e-15
+    # |z - z*| <= tol / (1 - 0.7) per sample.
+    assert np.abs(sol.z - z).max() < 1e-12 / 0.3
+    one = odecore.solve_fixed_point(np.cos, np.zeros(1), m=m, lam=0.0, **TIGHT)
+    assert abs(one.z[0] - COS_FIXED_POINT) < 1e-12 / 0.3
+
+
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations(m):
     # The second sample converges first; its memory then fills with copies of one residual,

@@ -430,6 +430,14 @@ def test_spectral_radius_of_a_complex_dominant_pair_on_torch():
     np.testing.assert_allclose(rho.numpy(), [modulus, modulus], atol=1e-9)
 
 
+def test_unregularised_anderson_with_more_pairs_than_directions():
+    # A one-dimensional map stores scalar residuals: with lam=0 and m=3 the mixing system is
+    # singular from the third iteration on, and torch's solve raised at each.
+    sol = odecore.solve_fixed_point(torch.cos, t64([0.0]), m=3, lam=0.0, **TIGHT)
+    # |z - z*| <= tol / (1 - sin z*), sin z* = 0.67.
+    assert abs(float(sol.z[0]) - COS_FIXED_POINT) < 1e-12 / 0.3
+
+
 def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations():
     # A stopped sample's memory fills with copies of one residual; with lam=0 its mixing
     # system is singular and torch's solve raised for the whole batch.

@@ -8,6 +8,8 @@ system.
 
 from __future__ import annotations
 
+import math
+
 
 def anderson_memory(xp, B, m, N, dtype):
     """The empty memory of ``B`` samples of size ``N``: unfilled slots hold zeros."""
@@ -71,7 +73,7 @@ def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     if stopped is not None:
         A = xp.where(stopped[:, None, None], eye, A)
     rhs = xp.broadcast_to(xp.astype(border, G.dtype)[:, None], (B, m + 1, 1))
-    alpha = xp.linalg.solve(A, rhs)[:, 1:, 0]
+    alpha = _solve(bk, A, rhs)[:, 1:, 0]
     # Guard: should the system still be singular in floating point, that sample takes a
     # plain step from its newest pair instead. (A non-finite weight makes the sum
     # non-finite: one test per sample rather than per weight.)
@@ -79,3 +81,25 @@ def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     newest = xp.astype(index[1:] == slot + 1, G.dtype)
     alpha = xp.where(ok[:, None], alpha, newest[None, :])
     return bk.weighted_rows(alpha, F)
+
+
+def _solve(bk, A, rhs):
+    """``A^-1 rhs`` per sample, non-finite where ``A`` is singular, for the guard above.
+
+    JAX's solve gives that. NumPy's and torch's raise for the whole batch instead: with
+    ``lam=0`` and more stored pairs than independent residuals (a one-dimensional map with
+    ``m >= 3``), every iteration raised. Eagerly, a batch that raises is solved sample by
+    sample, each singular one left non-finite."""
+    xp = bk.xp
+    try:
+        return xp.linalg.solve(A, rhs)
+    except bk.singular_matrix_errors:
+        if not bk.eager:
+            raise
+    rows = []
+    for i in range(A.shape[0]):
+        try:
+            rows.append(xp.linalg.solve(A[i], rhs[i]))
+        except bk.singular_matrix_errors:
+            rows.append(xp.full_like(rhs[i], math.nan))
+    return xp.stack(rows)
