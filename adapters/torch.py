@@ -311,6 +311,7 @@ class TorchBackend(Backend):
     # overwritten values are not needed for the backward pass, which holds for the output
     # buffer: the loop only reads from it what it is about to overwrite.
     inplace_ok = True
+    singular_matrix_errors = (torch.linalg.LinAlgError,)
     autodiff = TorchAutodiff()
     kernels = Kernels(stage_store=_stacked_stages, rms_error_ratio=_rms_error_ratio)
 

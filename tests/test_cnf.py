@@ -749,6 +749,23 @@ def test_vjp_log_prob_names_the_probe_sources_it_takes():
         ({"t": (0.0, 0.5, 1.0)}, ValueError, "t must be a pair"),
         ({"base": "normal"}, TypeError, "base must be a callable"),
         ({"base": lambda z: z}, ValueError, r"base must return one log-density per sample.*"),
+        # These three were accepted and ignored: given probes are used as they are, a fixed
+        # step has no error control, and a norm of the caller's replaces the one built.
+        (
+            {"trace": "hutchinson", "eps": np.ones((4, 3)), "noise": "gaussian"},
+            ValueError,
+            "noise='gaussian' chooses how probes are drawn, and eps gives them",
+        ),
+        (
+            {"error_control": "all", "method": "rk4", "options": {"step_size": 0.1}},
+            ValueError,
+            "error_control='all' .* method='rk4' takes fixed steps",
+        ),
+        (
+            {"error_control": "all", "options": {"norm": lambda v: np.sqrt(np.mean(v * v))}},
+            ValueError,
+            r"error_control='all' builds .*options\['norm'\] gives one",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):

@@ -9,6 +9,7 @@ finite differences in float64.
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -228,6 +229,44 @@ def test_non_convergent_map_reports_max_iter():
     assert sol.trace.shape == (26, 1)
 
 
+def test_memory_follows_the_iterations_taken_not_max_iter():
+    # The residual trace was allocated for max_iter + 1 rows up front: max_iter=10**5 on a
+    # batch of 64 took 51 MB for a solve of ten iterations, and 10**6 half a gigabyte.
+    tracemalloc.start()
+    try:
+        sol = odecore.solve_fixed_point(
+            lambda z, p: 0.5 * z + p,
+            np.zeros((64, 8)),
+            np.ones((64, 8)),
+            batch_axis=0,
+            tol=1e-10,
+            max_iter=10**5,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sol.success and np.abs(sol.z - 2.0).max() <= 2e-10
+    # The batch's own arrays (64 x 8 float64: 4 kB each; Anderson's memory of 5 pairs,
+    # 41 kB) and a trace that doubles from 64 rows stay far below a megabyte.
+    assert peak < 2**20, peak
+    # The trace still reports every iteration: row 0 is the start, |p| = sqrt(8).
+    assert sol.trace.shape == (int(sol.iterations.max()) + 1, 64)
+    np.testing.assert_allclose(sol.trace[0], np.sqrt(8.0), rtol=1e-15)
+
+
+def test_a_trace_longer_than_its_first_buffer_holds_every_iteration():
+    # Picard on z -> 0.97 z + 1 from 0: the residual after k iterations is 0.97^k, past the
+    # 64 rows an eager trace starts with.
+    sol = odecore.solve_fixed_point(
+        lambda z: 0.97 * z + 1.0, np.zeros(1), solver="picard", tol=1e-9, max_iter=2000
+    )
+    k = np.arange(sol.trace.shape[0])
+    assert sol.trace.shape[0] == int(sol.iterations[0]) + 1 > 200
+    # z_k = (1 - 0.97^k) / 0.03 is about 33; its rounding, 33 * 2^-53 per step, bounds the
+    # residual's absolute error.
+    assert np.abs(sol.trace[:, 0] - 0.97**k).max() < 1e-13
+
+
 def test_best_iterate_is_returned_not_the_last():
     # z -> 2z diverges from its fixed point 0: the start is the best iterate.
     sol = odecore.solve_fixed_point(
@@ -361,6 +400,47 @@ def test_anderson_survives_a_singular_system():
     np.testing.assert_array_equal(sol.z, 0.25)
 
 
+@pytest.mark.parametrize("m", [3, 5])
+def test_unregularised_anderson_with_more_pairs_than_directions(m):
+    # Sample 0's two components follow one map from one start, so its residuals all lie
+    # along (1, 1): with lam=0 and three stored pairs its mixing system is singular, and
+    # NumPy's solve raised LinAlgError at every iteration. The singular sample now takes a
+    # plain step, as on JAX, and sample 1 keeps its own mixing.
+    c = np.array([[1.0, 1.0], [1.0, 0.5]])
+    sol = odecore.solve_fixed_point(
+        lambda z, c: np.cos(c * z), np.zeros((2, 2)), c, m=m, lam=0.0, batch_axis=0, **TIGHT
+    )
+    # The reference: plain iteration, a contraction (|c sin(c z*)| < 0.7), to a fixed point
+    # of floating point.
+    z = np.zeros((2, 2))
+    for _ in range(200):
+        z = np.cos(c * z)
+    assert abs(z[0, 0] - COS_FIXED_POINT) < 1e-15
+    # |z - z*| <= tol / (1 - 0.7) per sample.
+    assert np.abs(sol.z - z).max() < 1e-12 / 0.3
+    one = odecore.solve_fixed_point(np.cos, np.zeros(1), m=m, lam=0.0, **TIGHT)
+    assert abs(one.z[0] - COS_FIXED_POINT) < 1e-12 / 0.3
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations(m):
+    # The second sample converges first; its memory then fills with copies of one residual,
+    # a rank-one Gram matrix, and with lam=0 NumPy's solve raised LinAlgError for the whole
+    # batch, though each sample alone converges.
+    b = np.stack([B_VEC, 1e-6 * B_VEC])
+    options = {"m": m, "lam": 0.0, "batch_axis": 0, **TIGHT}
+    sol = odecore.solve_fixed_point(Affine(), np.zeros((2, 4)), (W, b), **options)
+    expected = np.linalg.solve(np.eye(4) - W, b.T).T
+    # |z - z*| <= tol / (1 - |W|) per sample.
+    assert np.abs(sol.z - expected).max() <= 1e-12 / 0.4
+    alone = [
+        odecore.solve_fixed_point(Affine(), np.zeros((1, 4)), (W, row[None]), **options)
+        for row in b
+    ]
+    assert int(sol.iterations[1]) < int(sol.iterations[0])
+    assert sol.iterations.tolist() == [int(one.iterations[0]) for one in alone]
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients: closed forms, finite differences, one step, unrolled
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +485,32 @@ def test_cos_plus_b_implicit_derivative(backward_solver, stop_mode):
     z = sol.z[0]
     assert abs(z - np.cos(z) - 0.3) < 1e-12
     assert abs(b_bar[0] - 1.0 / (1.0 + np.sin(z))) < 1e-10
+
+
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVERS)
+def test_implicit_gradient_of_a_small_cotangent_is_as_accurate_as_of_a_large_one(backward_solver):
+    # The backward's residual was measured absolutely: a cotangent below backward_tol (a
+    # loss scaled down, a mean over a large batch) stopped at the start u = 0, a zero
+    # gradient. Its accuracy is now relative to the cotangent's norm, per sample.
+    sol, pullback = odecore.vjp_fixed_point(
+        Affine(),
+        Z0[:2],
+        (W, np.stack([B_VEC, -B_VEC])),
+        backward_solver=backward_solver,
+        batch_axis=0,
+        **TIGHT,
+    )
+    # The second sample's cotangent is 2^-50 of the first's: far below backward_tol = 1e-12.
+    w = np.stack([np.ones(4), 2.0**-50 * np.array([1.0, -2.0, 0.5, 3.0])])
+    _, b_bar = pullback(w)
+    expected = np.linalg.solve(np.eye(4) - W.T, w.T).T
+    # |u - u_exact| <= |residual| / (1 - |W|) <= 1e-12 |w| / 0.4 per sample.
+    for got, ref in zip(b_bar, expected, strict=True):
+        assert relative_error(got, ref) < 1e-10
+    # The solve is linear in w: scaling a cotangent by a power of two scales its gradient
+    # exactly.
+    _, b_bar_unscaled = pullback(np.stack([w[0], 2.0**50 * w[1]]))
+    assert np.array_equal(b_bar[1], 2.0**-50 * b_bar_unscaled[1])
 
 
 @pytest.mark.parametrize(
@@ -541,6 +647,55 @@ def test_jacobian_frobenius_needs_autodiff_on_numpy():
 def test_invalid_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         odecore.solve_fixed_point(np.cos, np.zeros((2, 2)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name,remedy",
+    [
+        ({"unroll_steps": 10}, "unroll_steps", "backward='unrolled'"),
+        ({"unroll_damping": 0.5}, "unroll_damping", "backward='unrolled'"),
+        ({"solver": "anderson", "damping": 0.5}, "damping", "solver='picard'"),
+        ({"solver": "broyden", "damping": 0.5}, "damping", "solver='picard'"),
+        ({"solver": "picard", "backward": "one_step", "beta": 0.5}, "beta", "solver='anderson'"),
+        (
+            {"solver": "broyden", "backward_solver": "gmres", "lam": 1e-2},
+            "lam",
+            "solver='anderson'",
+        ),
+        ({"solver": "picard", "backward_solver": "picard", "m": 3}, "m", "solver='anderson'"),
+        ({"backward": "one_step", "backward_solver": "gmres"}, "backward_solver", "'implicit'"),
+        ({"backward": "unrolled", "backward_tol": 1e-3}, "backward_tol", "'implicit'"),
+        ({"backward": "one_step", "backward_max_iter": 9}, "backward_max_iter", "'implicit'"),
+        (
+            {"backward": "unrolled", "backward_linearization": "per_iteration"},
+            "backward_linearization",
+            "'implicit'",
+        ),
+    ],
+)
+@pytest.mark.parametrize("entry", ["fixed_point", "solve_fixed_point", "vjp_fixed_point"])
+def test_an_option_the_solve_would_not_read_is_refused(entry, kwargs, name, remedy):
+    # These were accepted and ignored: unroll_steps=10 without backward='unrolled' left the
+    # implicit gradient in place, damping passed to Anderson did not damp.
+    with pytest.raises(ValueError, match=rf"^{name}=.* would have no effect: .*pass .*{remedy}"):
+        getattr(odecore, entry)(Affine(), np.zeros(4), (W, B_VEC), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # Each option where something reads it: the backward's Anderson reads beta, lam and
+        # m after a Picard forward; GMRES reads m; one_step reads no unroll_damping but
+        # accepts its only value.
+        {"solver": "picard", "beta": 0.5, "lam": 1e-3, "m": 3, "damping": 0.9},
+        {"solver": "picard", "backward_solver": "gmres", "m": 2},
+        {"backward": "unrolled", "unroll_steps": 3, "unroll_damping": 0.5},
+        {"backward": "one_step", "unroll_steps": 1},
+    ],
+)
+def test_options_that_are_read_are_accepted(kwargs):
+    sol, pullback = odecore.vjp_fixed_point(Affine(), np.zeros(4), (W, B_VEC), **kwargs, **TIGHT)
+    assert relative_error(sol.z, np.linalg.solve(np.eye(4) - W, B_VEC)) < 1e-11
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,45 @@ def test_cos_fixed_point_keeps_dtype(solver, dtype):
     assert (sol.z - COS_FIXED_POINT).abs().max() < 10 * tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_16_bit_states_solve_and_differentiate(solver, dtype):
+    # z* = p / (1 - 0.5) = 600, exact in both dtypes. The loop kept the 16-bit dtype: the
+    # first residual's squares (300^2) overflowed float16, so the start read as NONFINITE,
+    # and Anderson's mixing had no linear solve in 16 bits on a CPU.
+    p = torch.full((4,), 300.0, dtype=dtype, requires_grad=True)
+    sol = odecore.solve_fixed_point(
+        lambda z, p: 0.5 * z + p, torch.zeros(4, dtype=dtype), p, solver=solver, tol=1e-3
+    )
+    assert sol.success, sol.message
+    # The float32 iterate is within 2 tol of 600, which rounds to 600 in either dtype.
+    assert sol.z.dtype == dtype and torch.equal(sol.z, torch.full((4,), 600.0, dtype=dtype))
+    sol.z.sum().backward()
+    # dz*/dp = 2; the backward stops within 2 * 1e-3 * |w| = 0.004 of it, and bfloat16
+    # rounds 2.004 by at most 2^-7.
+    assert p.grad.dtype == dtype
+    assert (p.grad.double() - 2.0).abs().max() < 0.004 + 2.0**-7
+
+
+def test_a_float16_residual_below_the_squares_range_is_not_zero():
+    # A residual of 1e-4 in each of 1024 components has norm 3.2e-3, above tol; its squares
+    # (1e-8) vanish in float16, and the sample read as converged with a residual of 0.
+    sol = odecore.solve_fixed_point(
+        lambda z, p: 0.5 * z + p,
+        torch.zeros(1024, dtype=torch.float16),
+        torch.full((1024,), 2e-4, dtype=torch.float16),
+        solver="picard",
+        tol=1e-3,
+        max_iter=1,
+        throw=False,
+    )
+    assert int(sol.status[0]) == odecore.FixedPointStatus.MAX_ITER_REACHED
+    # After one step z = p (p rounded to float16), so the residual is |0.5 p| * 32, up to
+    # f(z) = 1.5 p rounded to float16: half a unit, 2^-23 near 3e-4, in each component.
+    half_p = 0.5 * float(torch.tensor(2e-4, dtype=torch.float16))
+    assert abs(float(sol.abs_residual[0]) - 32 * half_p) <= 32 * 2.0**-23 * (1 + 1e-3)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_square_root_and_affine(solver):
     z = odecore.fixed_point(lambda z: (z + 2 / z) / 2, t64([1.5]), solver=solver, **TIGHT)
@@ -87,6 +126,24 @@ def test_affine_and_cos_gradients_closed_form(backward_solver):
     )
     z.sum().backward()
     assert abs(float(c.grad[0]) - 1 / (1 + np.sin(float(z.detach()[0])))) < 1e-10
+
+
+def test_a_batch_mean_loss_gets_its_implicit_gradient():
+    # A mean over 1024 samples of 4 values gives each sample a cotangent of norm
+    # 1 / (1024 * 2) < tol = 1e-3: the backward, measured absolutely, stopped at u = 0 and
+    # b's gradient was zero. Relative to the cotangent, each sample's u is within
+    # 1e-3 |w| / (1 - |W|) = 2.5e-3 |w| of (I - W)^-T w.
+    b = t64(B_VEC, True)
+    z = odecore.fixed_point(
+        lambda z, p: z @ p[0].T + p[1],
+        t64(np.zeros((1024, 4))),
+        (t64(W), b),
+        batch_axis=0,
+        tol=1e-3,
+    )
+    z.mean().backward()
+    expected = np.linalg.solve((np.eye(4) - W).T, np.full(4, 1 / 4))
+    assert relative_error(b.grad.numpy(), expected) < 2.5e-3
 
 
 @pytest.mark.parametrize(
@@ -371,6 +428,33 @@ def test_spectral_radius_of_a_complex_dominant_pair_on_torch():
     )
     modulus = np.max(np.abs(np.linalg.eigvals(jac)))
     np.testing.assert_allclose(rho.numpy(), [modulus, modulus], atol=1e-9)
+
+
+def test_unregularised_anderson_with_more_pairs_than_directions():
+    # A one-dimensional map stores scalar residuals: with lam=0 and m=3 the mixing system is
+    # singular from the third iteration on, and torch's solve raised at each.
+    sol = odecore.solve_fixed_point(torch.cos, t64([0.0]), m=3, lam=0.0, **TIGHT)
+    # |z - z*| <= tol / (1 - sin z*), sin z* = 0.67.
+    assert abs(float(sol.z[0]) - COS_FIXED_POINT) < 1e-12 / 0.3
+
+
+def test_unregularised_anderson_batch_whose_samples_stop_at_different_iterations():
+    # A stopped sample's memory fills with copies of one residual; with lam=0 its mixing
+    # system is singular and torch's solve raised for the whole batch.
+    b = np.stack([B_VEC, 1e-6 * B_VEC])
+    sol = odecore.solve_fixed_point(
+        lambda z, p: z @ p[0].T + p[1],
+        t64(np.zeros((2, 4))),
+        (t64(W), t64(b)),
+        m=3,
+        lam=0.0,
+        batch_axis=0,
+        **TIGHT,
+    )
+    # |z - z*| <= tol / (1 - |W|) per sample.
+    expected = np.linalg.solve(np.eye(4) - W, b.T).T
+    assert np.abs(sol.z.numpy() - expected).max() <= 1e-12 / 0.4
+    assert int(sol.iterations[1]) < int(sol.iterations[0])
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -245,6 +245,9 @@ class Backend:
     eager: bool = True
     #: Whether the core may write into arrays it allocated itself.
     inplace_ok: bool = True
+    #: What the library's linear solve raises for a singular matrix (CuPy raises NumPy's;
+    #: JAX returns non-finite values instead).
+    singular_matrix_errors: tuple = (np.linalg.LinAlgError,)
     #: Whether a single eager sample keeps its time, step size and counters as Python numbers
     #: (``odecore._ops.ScalarOps``). False keeps them as arrays on the state's device, where
     #: reading each step's error norm to the host would wait for the device.

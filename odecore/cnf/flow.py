@@ -630,6 +630,12 @@ def _settings(trace, noise, eps, seed, key, generator, regularizers, error_contr
         raise ValueError(
             f"noise={noise!r} is for trace='hutchinson'; the exact trace draws no probes"
         )
+    if name == "eps" and noise != "rademacher":
+        # Given probes are used as they are: the noise asked for would draw nothing.
+        raise ValueError(
+            f"noise={noise!r} chooses how probes are drawn, and eps gives them: draw eps "
+            f"from that distribution yourself, or pass seed=, key= or generator= instead of eps"
+        )
     source = None if name == "eps" else source
     return _Settings(trace, noise, eps, source, regularizers, error_control)
 
@@ -667,9 +673,21 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
         norm = _norm(bk, aug, x.shape[0], batch_axis, settings.error_control)
     else:
         flow, norm = _Solved(kept[0], (params, eps)), kept[1]
+    if settings.error_control == "all" and "norm" in options:
+        # The default is no choice of the caller's; "all" asked for would be ignored.
+        raise ValueError(
+            "error_control='all' builds the solve's error norm, and options['norm'] gives "
+            "one: leave error_control out, or measure every part in your norm"
+        )
     if _adaptive(solve_kwargs.get("method"), options):
         # A fixed-step method has no error norm, and refuses the option.
         options.setdefault("norm", norm)
+    elif settings.error_control == "all":
+        raise ValueError(
+            f"error_control='all' chooses what the step-size control measures, and "
+            f"method={solve_kwargs.get('method')!r} takes fixed steps: leave error_control "
+            f"out, or use an adaptive method"
+        )
     extra = _parameter_arguments(bk, f, params, t, x, solve_kwargs)
     return bk, aug, s0, t, flow, options, extra
 

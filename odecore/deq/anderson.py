@@ -8,6 +8,8 @@ system.
 
 from __future__ import annotations
 
+import math
+
 
 def anderson_memory(xp, B, m, N, dtype):
     """The empty memory of ``B`` samples of size ``N``: unfilled slots hold zeros."""
@@ -19,7 +21,7 @@ def anderson_memory(xp, B, m, N, dtype):
     }
 
 
-def anderson_proposal(bk, s, m, lam, beta):
+def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     """The next iterate of each sample, by Anderson mixing with its own coefficients: store
     ``z`` and its residual ``g(z) - z`` in ``s`` (updated in place), then mix the stored pairs
     with the weights ``alpha`` (summing to one) that minimise
@@ -28,7 +30,10 @@ def anderson_proposal(bk, s, m, lam, beta):
     Every running sample has done exactly ``k`` iterations (a sample that stops never
     restarts), so all of them write the same memory slot; writing into a stopped sample's
     memory is harmless, as its proposals are discarded. One slice write replaces a masked
-    update of the whole memory."""
+    update of the whole memory. ``stopped`` (B,), where some sample has stopped, marks the
+    samples whose system is replaced by the identity: their memory fills with copies of one
+    residual, whose Gram matrix has rank one, and with ``lam=0`` NumPy's and torch's solves
+    raise for a singular matrix in the batch."""
     xp = bk.xp
     z = s["z"]
     B = z.shape[0]
@@ -65,8 +70,10 @@ def anderson_proposal(bk, s, m, lam, beta):
     unfilled = ~filled & ~border
     frame = edge | ((eye > 0) & unfilled[:, None])
     A = xp.where(both, gram + scale[:, None, None] * eye, xp.astype(frame, G.dtype))
+    if stopped is not None:
+        A = xp.where(stopped[:, None, None], eye, A)
     rhs = xp.broadcast_to(xp.astype(border, G.dtype)[:, None], (B, m + 1, 1))
-    alpha = xp.linalg.solve(A, rhs)[:, 1:, 0]
+    alpha = _solve(bk, A, rhs)[:, 1:, 0]
     # Guard: should the system still be singular in floating point, that sample takes a
     # plain step from its newest pair instead. (A non-finite weight makes the sum
     # non-finite: one test per sample rather than per weight.)
@@ -74,3 +81,25 @@ def anderson_proposal(bk, s, m, lam, beta):
     newest = xp.astype(index[1:] == slot + 1, G.dtype)
     alpha = xp.where(ok[:, None], alpha, newest[None, :])
     return bk.weighted_rows(alpha, F)
+
+
+def _solve(bk, A, rhs):
+    """``A^-1 rhs`` per sample, non-finite where ``A`` is singular, for the guard above.
+
+    JAX's solve gives that. NumPy's and torch's raise for the whole batch instead: with
+    ``lam=0`` and more stored pairs than independent residuals (a one-dimensional map with
+    ``m >= 3``), every iteration raised. Eagerly, a batch that raises is solved sample by
+    sample, each singular one left non-finite."""
+    xp = bk.xp
+    try:
+        return xp.linalg.solve(A, rhs)
+    except bk.singular_matrix_errors:
+        if not bk.eager:
+            raise
+    rows = []
+    for i in range(A.shape[0]):
+        try:
+            rows.append(xp.linalg.solve(A[i], rhs[i]))
+        except bk.singular_matrix_errors:
+            rows.append(xp.full_like(rhs[i], math.nan))
+    return xp.stack(rows)

@@ -71,8 +71,9 @@ def solve_fixed_point(
         The gradient. ``"implicit"``: the implicit-function-theorem gradient, solving
         ``u = w + u J_f(z*)`` with ``backward_solver`` (``"picard"``, ``"anderson"`` (the
         default), ``"broyden"``, with the forward's ``m`` and ``lam``; or ``"gmres"``,
-        restarted every ``min(4 m, 20)`` vectors) to ``backward_tol`` within
-        ``backward_max_iter`` (default: the forward ``tol`` and ``max_iter``).
+        restarted every ``min(4 m, 20)`` vectors) to ``backward_tol`` (relative to ``|w|``,
+        per sample) within ``backward_max_iter`` (default: the forward ``tol`` and
+        ``max_iter``).
         ``backward_linearization`` (default ``"once"``) says how the iterations get the
         products ``u J_f(z*)``: ``"once"`` evaluates ``f`` at ``z*`` once and pulls every
         iteration's ``u`` back through what the framework recorded (torch's graph, JAX's
@@ -112,9 +113,10 @@ def solve_fixed_point(
         the wrong type, ``f`` returns something not shaped like ``z``, or ``f`` is a module
         with its own parameters and ``params`` is given too.
     ValueError
-        An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...),
-        ``batch_axis`` is not None or 0, or, on torch, ``f`` uses a tensor that requires grad
-        outside ``params``.
+        An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...)
+        or would not be read (``damping`` without Picard, ``unroll_steps`` without
+        ``backward="unrolled"``, ...), ``batch_axis`` is not None or 0, or, on torch, ``f``
+        uses a tensor that requires grad outside ``params``.
     FixedPointError
         With ``throw=True``, a sample did not converge within ``max_iter`` iterations, or ``f``
         returned NaN or inf.
@@ -320,7 +322,7 @@ def _setup(f, z0, params, backend, batch_axis, opts):
     z0 = float_array(bk, "z0", z0)
     check_callable(f)
     check_params(params)
-    lay = layout(z0, batch_axis)
+    lay = layout(bk.xp, z0, batch_axis)
     if params is not None and differentiate.param_leaves(bk, f, None):
         # The module's own parameters would silently get no gradient: the VJP differentiates
         # with respect to params only once params are given.

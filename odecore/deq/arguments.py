@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numbers
 
-from odecore.backend.layout import Layout
+from odecore.backend.layout import Layout, loop_dtype
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.deq.options import describe
 
 
-def layout(z0, batch_axis) -> Layout:
+def layout(xp, z0, batch_axis) -> Layout:
     """The layout of ``z0``: one sample, or (``batch_axis=0``) one per row of its first axis.
-    The loops keep ``z0``'s dtype, 16-bit included: ``f`` must return it anyway."""
+    ``f`` sees and returns ``z0``'s dtype; the loops keep a 16-bit one in float32, as the ODE
+    loop does: in float16 a residual's squares overflow beyond 256 (a finite iterate then
+    reads as NONFINITE) and vanish below 2.4e-4 (an iterate far from converged reads as
+    converged), and torch has no linear solve for Anderson's mixing in 16 bits on a CPU."""
     if batch_axis is not None and (
         isinstance(batch_axis, bool) or not isinstance(batch_axis, numbers.Integral)
     ):
@@ -23,7 +26,8 @@ def layout(z0, batch_axis) -> Layout:
         )
     if batch_axis == 0 and z0.ndim == 0:
         raise ValueError("batch_axis=0 needs z0 with at least one axis")
-    return Layout(tuple(int(n) for n in z0.shape), batch_axis, z0.dtype)
+    shape = tuple(int(n) for n in z0.shape)
+    return Layout(shape, batch_axis, loop_dtype(xp, z0.dtype), user_dtype=z0.dtype)
 
 
 def float_array(bk, name, value, dtype=None):

@@ -81,7 +81,7 @@ def jacobian_frobenius(
     check_params(params)
     z = float_array(bk, "z", z)
     probe = like_z(bk, "probe", probe, z)
-    lay = layout(z, batch_axis)
+    lay = layout(bk.xp, z, batch_axis)
 
     def fz(z_):
         out = f(z_) if params is None else f(z_, params)
@@ -168,7 +168,7 @@ def spectral_radius(
     check_params(params)
     z = float_array(bk, "z", z)
     iterations = integer("iterations", iterations)
-    lay = layout(z, batch_axis)
+    lay = layout(bk.xp, z, batch_axis)
     require_vjp(bk, f)
     fmap = Map(bk, f, params, differentiate.param_leaves(bk, f, params), lay)
     z_int = lay.to_internal(xp, bk.stop_gradient(z))

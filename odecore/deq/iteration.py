@@ -14,6 +14,9 @@ from odecore.deq.broyden import broyden_memory, broyden_proposal, broyden_update
 from odecore.deq.residual import residuals
 from odecore.deq.solution import CONVERGED, MAX_ITER_REACHED, NONFINITE, RUNNING
 
+# The rows an eager trace starts with, before it doubles.
+_FIRST_TRACE_ROWS = 64
+
 
 class Loop:
     """The iteration of a map ``g`` of ``(B, N)`` arrays with ``solver``, until each
@@ -47,7 +50,15 @@ class Loop:
         finite = xp.isfinite(res)
         status = xp.where(finite, xp.where(res <= self.tol, CONVERGED, RUNNING), NONFINITE)
         status = xp.astype(status, bk.int_dtype)
-        trace = xp.full((self.max_iter + 1, B), math.nan, dtype=z0.dtype)
+        # Eagerly the trace grows as the iterations go, doubling: a buffer of max_iter + 1
+        # rows up front held memory for iterations never taken (max_iter=10**6 on a batch of
+        # 64 allocated 512 MB for a solve of ten iterations). Under a tracing framework's
+        # loop its size must be fixed.
+        rows = self.max_iter + 1
+        if bk.eager:
+            rows = min(rows, _FIRST_TRACE_ROWS)
+            self.trace_rows_used = 1
+        trace = xp.full((rows, B), math.nan, dtype=z0.dtype)
         trace = bk.write(trace, 0, res)
         # The body keeps a sample's last finite pair whenever an evaluation is not finite,
         # so only the start can hold a non-finite one. Zeroed here, once, it cannot reach
@@ -82,13 +93,14 @@ class Loop:
         active = s["status"] == RUNNING
         z, gz = s["z"], s["gz"]
         s = dict(s)
+        every_active = self.skip_identity_selects and bool(xp.all(active))
         if self.solver == "picard":
             proposal = (1.0 - self.damping) * z + self.damping * gz
         elif self.solver == "anderson":
-            proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta)
+            stopped = None if every_active else ~active
+            proposal = anderson_proposal(bk, s, self.m, self.lam, self.beta, stopped)
         else:
             proposal = broyden_proposal(bk, s, self.m)
-        every_active = self.skip_identity_selects and bool(xp.all(active))
         z_new = proposal if every_active else xp.where(active[:, None], proposal, z)
         gz_new = self.g(z_new)
         abs_res, rel_res = residuals(xp, z_new, gz_new)
@@ -113,5 +125,13 @@ class Loop:
         status = xp.where(active & finite & (res <= self.tol), CONVERGED, status)
         s["status"] = xp.astype(status, bk.int_dtype)
         s["k"] = s["k"] + 1
-        s["trace"] = bk.write(s["trace"], s["k"], xp.where(active, res, math.nan))
+        trace = s["trace"]
+        if bk.eager:
+            # The body runs once per iteration, in order: the row it writes is a count
+            # kept on the host, with no read of k from the device.
+            if self.trace_rows_used == trace.shape[0]:
+                more = min(trace.shape[0], self.max_iter + 1 - trace.shape[0])
+                trace = xp.concat([trace, xp.full_like(trace[:more], math.nan)], axis=0)
+            self.trace_rows_used += 1
+        s["trace"] = bk.write(trace, s["k"], xp.where(active, res, math.nan))
         return s

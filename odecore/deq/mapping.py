@@ -104,7 +104,7 @@ class Map:
 def check_output(bk, out, layout):
     """``f``'s value must be an array like ``z``: the loop mixes it with ``z`` and would
     fail later, far from the cause, or silently change precision."""
-    expected = f"a {bk.name} array shaped like z {layout.shape} with z's dtype {layout.dtype}"
+    expected = f"a {bk.name} array shaped like z {layout.shape} with z's dtype {layout.user_dtype}"
     if not bk.owns(out):
         raise TypeError(f"f must return {expected}; it returned {describe(out)}")
     if tuple(out.shape) != layout.shape:
@@ -112,9 +112,9 @@ def check_output(bk, out, layout):
             f"f returned shape {tuple(out.shape)} for z of shape {layout.shape}; a "
             f"fixed-point map must return an array shaped like z"
         )
-    if out.dtype != layout.dtype:
+    if out.dtype != layout.user_dtype:
         raise TypeError(
-            f"f returned dtype {out.dtype} for z of dtype {layout.dtype}; a fixed-point map "
+            f"f returned dtype {out.dtype} for z of dtype {layout.user_dtype}; a fixed-point map "
             f"must keep z's dtype: give z0 and params the same dtype"
         )
 

@@ -48,7 +48,7 @@ class FixedPointOptions:
     # for every iteration; "per_iteration" evaluates f again in each and frees its record
     # after the product (less memory held between iterations, one evaluation more each).
     backward_linearization: str = "once"
-    # The implicit backward's tolerance; None: the forward tol.
+    # The implicit backward's tolerance, relative to the cotangent's norm; None: the forward tol.
     backward_tol: float | None = None
     # The implicit backward's iteration limit; None: the forward max_iter.
     backward_max_iter: int | None = None
@@ -69,7 +69,71 @@ class FixedPointOptions:
                 f"{caller} got unexpected keyword arguments {sorted(unknown)}; the options are "
                 f"{', '.join(f.name for f in dataclasses.fields(cls))}, batch_axis and backend"
             )
-        return cls(**keywords)
+        options = cls(**keywords)
+        options._refuse_unused(keywords)
+        return options
+
+    def _refuse_unused(self, given):
+        """Refuse an option given to a solve that does not read it: ``unroll_steps=10``
+        without ``backward="unrolled"`` would otherwise leave the implicit gradient in
+        place without a word, and ``damping`` passed to Anderson would not damp."""
+        implicit = self.backward == "implicit"
+        backward = (
+            f"backward={self.backward!r}"
+            if not implicit
+            else f"the implicit backward's backward_solver={self.backward_solver!r}"
+        )
+        anderson = self.solver == "anderson" or (implicit and self.backward_solver == "anderson")
+        memory = self.solver != "picard" or (implicit and self.backward_solver != "picard")
+        unused = {
+            "damping": (
+                self.solver != "picard",
+                f"it is the forward Picard iteration's step, and solver={self.solver!r}: pass "
+                f"solver='picard'",
+            ),
+            "beta": (
+                not anderson,
+                f"it is Anderson's mixing, and neither solver={self.solver!r} nor {backward} "
+                f"is Anderson: pass solver='anderson'",
+            ),
+            "lam": (
+                not anderson,
+                f"it is Anderson's regularisation, and neither solver={self.solver!r} nor "
+                f"{backward} is Anderson: pass solver='anderson'",
+            ),
+            "m": (
+                not memory,
+                f"it is the memory of Anderson, Broyden and GMRES, and neither "
+                f"solver={self.solver!r} nor {backward} keeps one: pass solver='anderson'",
+            ),
+            **{
+                name: (
+                    not implicit,
+                    f"it sets the implicit backward's linear solve, and backward="
+                    f"{self.backward!r} solves none: pass backward='implicit'",
+                )
+                for name in (
+                    "backward_solver",
+                    "backward_tol",
+                    "backward_max_iter",
+                    "backward_linearization",
+                )
+            },
+            **{
+                name: (
+                    implicit,
+                    "it sets the steps of backward='unrolled', and backward='implicit' "
+                    "differentiates none: pass backward='unrolled'",
+                )
+                for name in ("unroll_steps", "unroll_damping")
+            },
+        }
+        for name in given:
+            ignored, why = unused.get(name, (False, ""))
+            if ignored:
+                raise ValueError(
+                    f"{name}={given[name]!r} would have no effect: {why}, or leave {name} out"
+                )
 
     def __post_init__(self):
         # Each value is normalised (a NumPy integer to int, ...) before a later check or a

@@ -11,6 +11,7 @@ import math
 
 from odecore.deq.gmres import gmres
 from odecore.deq.iteration import Loop
+from odecore.deq.residual import norm
 from odecore.deq.solution import CONVERGED, FixedPointError, FixedPointSolution, FixedPointStatus
 
 
@@ -121,8 +122,18 @@ class FixedPointRule:
         return (lambda u: pull_all(u)[0]), pull_all
 
     def _implicit_cotangent(self, vjp_z, w):
-        """``u`` with ``u = w + u J_f(z*)``, ``vjp_z(u) = u J_f(z*)``."""
+        """``u`` with ``u = w + u J_f(z*)``, ``vjp_z(u) = u J_f(z*)``.
+
+        The system is solved for ``w / |w|`` per sample, and its solution scaled back: the
+        scale of ``w`` is the loss's (a mean over a batch makes it small), so ``backward_tol``
+        bounds the residual relative to ``|w|``. Measured absolutely, a cotangent with
+        ``|w| <= backward_tol`` counted as solved by the start ``u = 0``: a zero gradient, and
+        a slightly larger one stopped with few correct digits."""
         bk, xp, opts = self.bk, self.bk.xp, self.opts
+        scale = norm(xp, w)
+        # A zero cotangent has the solution zero, from any scale.
+        scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+        w = w / scale[:, None]
 
         if opts.backward_solver == "gmres":
             u, iterations, status = gmres(
@@ -154,7 +165,7 @@ class FixedPointRule:
             # must not leak into the solution the caller holds.
             self.solution.stats["backward_iterations"] = iterations
             self.solution.stats["backward_status"] = status
-        return self._checked_cotangent(u, iterations, status)
+        return self._checked_cotangent(u * scale[:, None], iterations, status)
 
     def _checked_cotangent(self, u, iterations, status):
         """``u``, where the backward converged for every sample. Where it did not, its best
