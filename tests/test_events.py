@@ -764,6 +764,33 @@ def test_vjp_odeint_event_gradients_of_a_batch():
     np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
 
 
+def test_vjp_odeint_equal_event_times_far_from_zero():
+    # The gradients come from a second solve whose output times are the samples' stop
+    # times: two samples stopped by the same event (y0 = 2), and two with no event (stopped
+    # at t[-1]), have equal ones. Nudged apart by a few units in the last place of their
+    # distance from t[0], they rounded back together at t[0] = 1000 and the second solve
+    # refused its repeated output times.
+    t0 = 1000.0
+    y0s = np.array([[2.0], [2.0], [1.0], [0.4], [0.3]])
+    params = (np.array(K), np.array(LEVEL))
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        y0s,
+        np.array([t0, t0 + 4.0]),
+        params,
+        batch_axis=0,
+        event=LevelWithVjp(),
+        **TIGHT,
+    )
+    hit = y0s[:3, 0]
+    np.testing.assert_allclose(events.t[:3], t0 + np.log(hit / LEVEL) / K, rtol=0, atol=CLOSE)
+    assert np.isnan(events.t[3:]).all()
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=np.ones(5))
+    np.testing.assert_allclose(y0_bar[:, 0], [*(1 / (K * hit)), 0.0, 0.0], atol=GRAD_CLOSE)
+    dk = np.sum(-np.log(hit / LEVEL) / K**2)
+    np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
+
+
 @pytest.mark.backend("numba")
 def test_numba_runs_events_through_the_generic_loop():
     def rate(t, y, dy, params):
@@ -831,6 +858,59 @@ def test_batched_event_time_gradients_per_sample(backend, mode):
     np.testing.assert_allclose(t[:3], np.log(hit / LEVEL) / K, atol=CLOSE)
     assert np.isnan(t[3])
     np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
+    np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    # Two samples stopped by the same event (y0 = 2) and two with none (both stopped at the
+    # end) share their stop times, far from zero. The gradients' second solve refused its
+    # repeated output times on torch, and on JAX, where that is known only at run time,
+    # every gradient was NaN.
+    t0 = 1000.0
+    y0s = np.array([2.0, 2.0, 1.0, 0.4, 0.3])
+    times = [t0, t0 + 4.0]
+
+    def event_times(y0, k):
+        sol = odecore.solve(
+            decay,
+            y0[:, None],
+            backend.asarray(times),
+            params=(k, backend.asarray(LEVEL)),
+            event=below_level,
+            batch_axis=0,
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t
+
+    if backend.name == "torch":
+        import torch
+
+        y0 = torch.tensor(y0s, requires_grad=True)
+        k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+        t = event_times(y0, k)
+        dy0, dk = torch.autograd.grad(torch.where(torch.isnan(t), 0.0, t).sum(), (y0, k))
+        t, dy0, dk = t.detach().numpy(), dy0.numpy(), float(dk)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def total(y0, k):
+            t = event_times(y0, k)
+            return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
+
+        (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            jnp.asarray(y0s), jnp.asarray(K)
+        )
+        t, dy0, dk = np.asarray(t), np.asarray(dy0), float(dk)
+    hit = y0s[:3]
+    # The time's absolute error does not grow with t0 (the decay is autonomous).
+    np.testing.assert_allclose(t[:3], t0 + np.log(hit / LEVEL) / K, rtol=0, atol=CLOSE)
+    assert np.isnan(t[3:]).all()
+    np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0, 0.0], atol=GRAD_CLOSE)
     np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
 
 
