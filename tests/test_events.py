@@ -595,6 +595,56 @@ def test_an_event_past_a_step_that_leaves_its_domain_is_found(backend):
     np.testing.assert_allclose(float(solution.events.t), 0.75, rtol=CLOSE)
 
 
+def test_a_single_output_time_has_an_event_record_and_checks_the_events(backend):
+    # A single output time returns y0 with no step taken: no crossing can have happened. The
+    # event was ignored: Solution.events was None, as for a solve without events, and an
+    # event function that a solve refuses passed unchecked.
+    xp = backend.xp
+    params = (backend.asarray(K), backend.asarray(LEVEL))
+    sol = odecore.solve(
+        decay, backend.asarray([Y0]), backend.asarray([0.5]), params=params, event=below_level
+    )
+    events = sol.events
+    assert int(sol.status) == int(odecore.Status.SUCCESS)
+    assert int(events.index) == -1 and int(events.count) == 0
+    assert math.isnan(float(backend.to_numpy(events.t)))
+    assert np.isnan(backend.to_numpy(events.y)).all()
+    # The crossings' buffers have options["max_events"] slots, as in a solve.
+    assert np.isnan(backend.to_numpy(events.times)).all() and events.times.shape == (64,)
+    assert (backend.to_numpy(events.which) == -1).all()
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(ValueError, match=r"event is nan at t0; an event function must"):
+            odecore.solve(
+                decay,
+                backend.asarray([Y0]),
+                backend.asarray([0.5]),
+                params=params,
+                event=lambda t, y, p: xp.sqrt(y[0] - 3.0),
+            )
+    with pytest.raises(ValueError, match=r"event returned shape \(1,\), expected \(\)"):
+        odecore.solve(
+            decay, backend.asarray([Y0]), backend.asarray([0.5]), params=params,
+            event=lambda t, y, p: y,
+        )  # fmt: skip
+    # A batch with throw=False: the sample whose event is not finite at t0 is INVALID_INPUT,
+    # as in a solve with two output times.
+    with np.errstate(invalid="ignore"):
+        sol = odecore.solve(
+            decay,
+            backend.asarray([[Y0], [0.5]]),
+            backend.asarray([0.5]),
+            params=params,
+            batch_axis=0,
+            throw=False,
+            event=lambda t, y, p: xp.sqrt(y[:, 0] - 0.75),
+            options={"max_events": 3},
+        )
+    invalid, success = int(odecore.Status.INVALID_INPUT), int(odecore.Status.SUCCESS)
+    assert backend.to_numpy(sol.status).tolist() == [success, invalid]
+    assert backend.to_numpy(sol.events.count).tolist() == [0, 0]
+    assert sol.events.times.shape == (3, 2)
+
+
 def test_an_event_that_stays_nan_fails_the_solve(backend):
     # g = sqrt(y) + 1 never crosses zero but is NaN past t = 1, where its crossings cannot be
     # watched: no shorter step gets past, and the solve says why instead of succeeding.
