@@ -1040,6 +1040,26 @@ def test_odeint_event_with_a_value_zero_at_t0_finds_the_others_crossing(backend)
     np.testing.assert_allclose(float(event_t), 1.0, rtol=CLOSE)
 
 
+def test_odeint_event_missing_a_return_within_a_step_names_max_step(backend):
+    # y' = t from y(2) = 2.075 backward: y = 2.075 + (t^2 - 4) / 2 falls to y = 1 at
+    # t = sqrt(1.85) and rises again. dopri5 integrates the quadratic exactly, so its error
+    # estimate is zero and its steps grow until one crosses y = 1 and comes back: the message
+    # said only that event_fn never crossed zero. It names max_step, which finds the crossing.
+    def rate(t, y):
+        return t + 0 * y
+
+    def level(t, y):
+        return y[0] - 1.0
+
+    y0, t0 = backend.asarray([2.075]), backend.asarray(2.0)
+    with pytest.raises(odecore.SolveError, match=r"never crossed zero .*options\['max_step'\]"):
+        odecore.odeint_event(rate, y0, t0, event_fn=level, reverse_time=True, **TIGHT)
+    event_t, _ = odecore.odeint_event(
+        rate, y0, t0, event_fn=level, reverse_time=True, options={"max_step": 0.25}, **TIGHT
+    )
+    np.testing.assert_allclose(float(backend.to_numpy(event_t)), math.sqrt(1.85), rtol=CLOSE)
+
+
 def test_odeint_event_out_of_steps_says_no_event_was_found(backend):
     # A decay keeps an explicit method's steps bounded by its stability, so an event that
     # never comes ends the solve at max_num_steps, not at the horizon: the message says that

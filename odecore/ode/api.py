@@ -991,8 +991,8 @@ def _check_event_found(bk, record, solution):
         more = f" and {count - len(first)} more" if count > len(first) else ""
         where = f"for {count} of {missing.shape[0]} samples: {listed}{more}"
     raise SolveError(
-        f"odeint_event: event_fn never crossed zero {where}, so there is no event time "
-        f"to return. {_NO_EVENT_HINT}",
+        f"odeint_event: event_fn never crossed zero {where} (its sign compared at the ends "
+        f"of the steps), so there is no event time to return. {_NO_EVENT_HINT}",
         solution,
     )
 
@@ -1000,7 +1000,10 @@ def _check_event_found(bk, record, solution):
 _NO_EVENT_HINT = (
     "Check event_fn's sign at t0 (a value that is 0 there counts once it has left zero and "
     "comes back) and that the dynamics lead to its zero (reverse_time=True solves "
-    "backward), or solve to an end time with odecore.solve(..., event=odecore.Event(event_fn))."
+    "backward), or solve to an end time with odecore.solve(..., event=odecore.Event(event_fn)). "
+    "A crossing and its return within one step are not seen: where the method integrates the "
+    "solution exactly (a polynomial of low degree) its steps grow without bound; bound them "
+    "with options['max_step']."
 )
 
 
