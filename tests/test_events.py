@@ -524,6 +524,51 @@ def test_bad_events_are_refused(backend):
         _decay_solution_with(backend, below_level, options={"max_events": 0})
 
 
+def test_a_boolean_event_is_refused(backend):
+    # diffrax's cond_fn may be a condition; here one read as 0 and 1 never went below zero,
+    # and the solve ended without its event, successfully.
+    with pytest.raises(TypeError, match=r"event returned booleans; .* rather than y\[0\] < 0.5"):
+        _decay_solution_with(backend, lambda t, y, p: y[0] < p[1])
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_a_step_event_keeps_its_time_where_gradients_are_taken(backend, mode):
+    # sign(y - c) crosses where y - c does, but is flat there: the implicit function
+    # theorem's rate along the solution is zero. Its correction, 0 / 0, made the event time
+    # and state NaN wherever gradients were attached (on JAX always), though the loop had
+    # located them.
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    xp = backend.xp
+
+    def event_time_and_state(y0):
+        sol = odecore.solve(
+            decay,
+            y0,
+            backend.asarray([0.0, 3.0]),
+            params=(backend.asarray(K), backend.asarray(LEVEL)),
+            event=lambda t, y, p: xp.sign(y[0] - p[1]),
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t, sol.events.y
+
+    if backend.name == "torch":
+        import torch
+
+        t_event, y_event = event_time_and_state(
+            torch.tensor([Y0], dtype=torch.float64, requires_grad=True)
+        )
+        t_event, y_event = float(t_event.detach()), y_event.detach().numpy()
+    else:
+        import jax
+
+        (t_event, y_event), _ = jax.vjp(event_time_and_state, backend.asarray([Y0]))
+        t_event, y_event = float(t_event), np.asarray(y_event)
+    assert abs(t_event - T_STAR) < CLOSE
+    np.testing.assert_allclose(y_event, [LEVEL], rtol=0, atol=CLOSE)
+
+
 def test_an_event_not_finite_at_t0_is_refused(backend):
     # A NaN compares false both ways: the event was never found, and the solve ended
     # without it, silently (odeint_event then said the event "never crossed zero").

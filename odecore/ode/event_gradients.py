@@ -56,9 +56,13 @@ def event_gradients(bk, func, params, t, batch_axis, events, record, solve_again
     _, pullback = bk.autodiff.vjp(fired, t_call, sg(y_stop))
     g_t, g_y = pullback(xp.ones_like(sg(g)))
     axes = tuple(i for i in range(y_stop.ndim) if not (batched and i == batch_axis))
-    denominator = g_t + xp.sum(g_y * f, axis=axes)
-    numerator = xp.where(stopped, g - sg(g), 0.0)
-    denominator = xp.where(stopped, sg(denominator), 1.0)
+    denominator = sg(g_t + xp.sum(g_y * f, axis=axes))
+    # A function flat along the solution at its crossing (a step, such as sign(y - c)) has
+    # no rate there, and its time no gradient by the identity: its value stays the loop's
+    # (0 / 0 made it NaN), and its gradient is what autodiff makes of the step (zero).
+    moving = stopped & (denominator != 0)
+    numerator = xp.where(moving, g - sg(g), 0.0)
+    denominator = xp.where(moving, denominator, 1.0)
     t_star = t_stop - xp.astype(numerator / denominator, time_dtype)
     moved = xp.astype(t_star - sg(t_star), y_stop.dtype)
     y_star = y_stop + _per_sample(xp, moved, y_stop, batch_axis) * f

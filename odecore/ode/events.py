@@ -292,6 +292,12 @@ def check_event_value(bk, g, lay, i, count):
             f"{name} returned {type(g).__name__}; return a {bk.name} array with one value "
             f"per sample"
         )
+    if bk.xp.isdtype(bk.asarray(g).dtype, "bool"):
+        # Cast to 0 and 1, a condition never goes below zero: its event never fired.
+        raise TypeError(
+            f"{name} returned booleans; an event is where a value crosses zero: return one "
+            f"whose sign changes there (y[0] - 0.5 rather than y[0] < 0.5)"
+        )
     shape = tuple(getattr(g, "shape", ()))
     want = (lay.batch,) if lay.batched else ()
     if shape != want:
