@@ -159,3 +159,24 @@ def test_linear_outputs_between_fixed_steps_get_their_own_gradient(backend):
     np.testing.assert_allclose(a_bar, Y0.sum() * theta * dR * -h, rtol=1e-13)
     # An output time's gradient is f there (the flow's, not the discrete step's).
     np.testing.assert_allclose(t_bar[1], -a * Y0.sum() * out, rtol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_a_nan_cotangent_gives_nan_gradients(backend, mode):
+    # A NaN loss sends NaN cotangents into the solve. Checkpoint's gradients are NaN, as
+    # IEEE arithmetic makes them; the backsolve started its backward solve from the NaN
+    # adjoint and raised that "y0 contains NaN or infinite values", naming an input the
+    # caller never gave.
+    ys, pullback = odecore.vjp_odeint(
+        _Decay(),
+        backend.asarray(Y0),
+        backend.asarray([0.0, 0.5, 1.0]),
+        params=backend.asarray(RATE),
+        rtol=1e-10,
+        atol=1e-12,
+        adjoint=mode,
+    )
+    cotangent = np.zeros((3, 2))
+    cotangent[1, 0] = math.nan
+    y0_bar, a_bar, _ = (backend.to_numpy(g) for g in pullback(backend.asarray(cotangent)))
+    assert np.isnan(y0_bar[0]) and np.isnan(a_bar)
