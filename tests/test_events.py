@@ -1009,6 +1009,31 @@ def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
     np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
 
 
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_an_event_within_a_float32_ulp_of_t0_gets_its_gradient(mode):
+    # Event times are float64 beside a float32 t; t* = t0 + log(1 / c) lies 1e-6 after
+    # t0 = 1000, within half a float32 unit in the last place there (a unit is 6e-5): rounded onto
+    # t0 the gradients' second solve refused its output times [t0, t0].
+    import torch
+
+    c = float(np.float32(1.0 - 1e-6))  # the level as the float32 event function sees it
+    y0 = torch.tensor([1.0], requires_grad=True)
+    sol = odecore.solve(
+        lambda t, y: -y,
+        y0,
+        torch.tensor([1000.0, 1001.0]),
+        event=lambda t, y: y[0] - c,
+        adjoint=mode,
+    )
+    # y - c near 1 is resolved to float32's unit in the last place, and |dy/dt| = 1 there.
+    eps32 = float(np.finfo(np.float32).eps)
+    assert abs(float(sol.events.t.detach()) - (1000.0 - math.log(c))) < 2 * eps32
+    (dt_dy0,) = torch.autograd.grad(sol.events.t, y0)
+    # d t*/d y0 = 1 / y0, from float32 states: a few units in float32's last place.
+    assert abs(float(dt_dy0) - 1.0) < 1e-5
+
+
 def test_odeint_event_on_a_structured_state(backend):
     # The ball from height H0 at rest: it lands at sqrt(2 H0 / G) with speed -sqrt(2 G H0).
     state = (backend.asarray([H0]), backend.asarray([0.0]))
