@@ -751,6 +751,38 @@ def test_scipy_event_attributes_are_honoured():
         odecore.solve(ball, y0, ts, event=[ground])
 
 
+def test_scipy_event_attributes_may_be_numpy_numbers():
+    # Attributes set from NumPy values (a direction read off an array, a terminal flag from
+    # a comparison): scipy takes them; odecore crashed in NumPy's refusal to subtract its
+    # booleans, or refused np.True_ as not True or False. The ball thrown up from h = -1
+    # falls through 0 at t+ = (v0 + sqrt(v0^2 - 2 g)) / g, as scipy finds it.
+    from scipy.integrate import solve_ivp
+
+    g, v0 = 9.81, 5.0
+
+    def ball(t, y):
+        return np.array([y[1], -g])
+
+    def ground(t, y):
+        return y[0]
+
+    ground.terminal, ground.direction = np.array([1.0]) > 0, np.float64(-1.0)
+    ground.terminal = ground.terminal[0]
+    y0, ts = np.array([-1.0, v0]), np.array([0.0, 2.0])
+    sol = odecore.solve(ball, y0, ts, event=ground, **TIGHT)
+    scipy_sol = solve_ivp(ball, (0.0, 2.0), y0, events=ground, rtol=1e-10, atol=1e-12)
+    t_fall = (v0 + math.sqrt(v0**2 - 2 * g)) / g
+    assert sol.status == odecore.Status.EVENT
+    np.testing.assert_allclose(float(sol.events.t), t_fall, rtol=CLOSE)
+    np.testing.assert_allclose(scipy_sol.t_events[0], [t_fall], rtol=CLOSE)
+    ground.terminal, ground.direction = np.False_, np.int64(1)
+    sol = odecore.solve(ball, y0, ts, event=ground, **TIGHT)
+    t_rise = (v0 - math.sqrt(v0**2 - 2 * g)) / g
+    assert sol.status == odecore.Status.SUCCESS and int(sol.events.count) == 1
+    np.testing.assert_allclose(float(sol.events.times[0]), t_rise, rtol=CLOSE)
+    assert odecore.Event(ground, terminal=np.True_).terminal is True
+
+
 def _decay_solution_with(backend, event, **kwargs):
     return odecore.solve(
         decay,
