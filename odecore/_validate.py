@@ -474,6 +474,13 @@ def initial_state(bk, y0, finite: bool = True, name: str = "y0", empty: bool = F
             f"{name} must have a real floating dtype, got {arr.dtype}; convert it to float64 "
             f"or float32 first ({_conversion(bk, name)}), or write its values as floats"
         )
+    if kind == "complex floating":
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {arr.dtype}: complex states are not "
+            f"solved. Solve the real and imaginary parts as a real state of twice the size "
+            f"(func takes and returns them stacked; torch.view_as_real and "
+            f"torch.view_as_complex convert a torch tensor)"
+        )
     if kind != "real floating":
         raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
     if not empty and math.prod(arr.shape) == 0:

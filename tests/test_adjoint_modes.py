@@ -159,3 +159,67 @@ def test_linear_outputs_between_fixed_steps_get_their_own_gradient(backend):
     np.testing.assert_allclose(a_bar, Y0.sum() * theta * dR * -h, rtol=1e-13)
     # An output time's gradient is f there (the flow's, not the discrete step's).
     np.testing.assert_allclose(t_bar[1], -a * Y0.sum() * out, rtol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_a_nan_cotangent_gives_nan_gradients(backend, mode):
+    # A NaN loss sends NaN cotangents into the solve. Checkpoint's gradients are NaN, as
+    # IEEE arithmetic makes them; the backsolve started its backward solve from the NaN
+    # adjoint and raised that "y0 contains NaN or infinite values", naming an input the
+    # caller never gave.
+    ys, pullback = odecore.vjp_odeint(
+        _Decay(),
+        backend.asarray(Y0),
+        backend.asarray([0.0, 0.5, 1.0]),
+        params=backend.asarray(RATE),
+        rtol=1e-10,
+        atol=1e-12,
+        adjoint=mode,
+    )
+    cotangent = np.zeros((3, 2))
+    cotangent[1, 0] = math.nan
+    y0_bar, a_bar, _ = (backend.to_numpy(g) for g in pullback(backend.asarray(cotangent)))
+    assert np.isnan(y0_bar[0]) and np.isnan(a_bar)
+
+
+def test_backsolve_gradients_beside_a_sample_with_a_nan_y0(backend):
+    # throw=False solves the other samples of a batch whose sample 1 has a NaN y0 (status
+    # INVALID_INPUT); a loss that leaves that sample out gets the others' gradients, the
+    # cotangent of its unreached outputs (zero) being dropped. The backsolve held the sample
+    # at its NaN y0 in the joint backward solve, whose state was then not finite: NaN
+    # gradients for every sample and the parameter.
+    if backend.name not in ("torch", "jax"):
+        pytest.skip("the backsolve through the framework's autodiff")
+    starts = [2.0, math.nan, 1.0]
+
+    def loss(y0, a):
+        sol = odecore.solve(
+            lambda t, y, a: -a * y,
+            y0,
+            backend.asarray([0.0, 1.0]),
+            params=a,
+            batch_axis=0,
+            throw=False,
+            rtol=1e-10,
+            atol=1e-12,
+            adjoint="backsolve",
+        )
+        last = sol.ys[-1, :, 0]
+        return backend.xp.sum(backend.xp.where(backend.xp.isnan(last), 0.0, last))
+
+    if backend.name == "torch":
+        import torch
+
+        y0 = torch.tensor(starts, dtype=torch.float64)[:, None].requires_grad_(True)
+        a = torch.tensor(RATE, dtype=torch.float64, requires_grad=True)
+        y0_bar, a_bar = (g.numpy() for g in torch.autograd.grad(loss(y0, a), (y0, a)))
+    else:
+        import jax
+
+        grads = jax.grad(loss, argnums=(0, 1))(backend.asarray(starts)[:, None], RATE)
+        y0_bar, a_bar = (np.asarray(g) for g in grads)
+    # y(1) = y0 e^{-a}: d/dy0 = e^{-a} for the solved samples, 0 for the invalid one, and
+    # d/da = -(2 + 1) e^{-a}; the backsolve's error is that of its tolerances.
+    decay = math.exp(-RATE)
+    np.testing.assert_allclose(y0_bar[:, 0], [decay, 0.0, decay], atol=1e-8)
+    np.testing.assert_allclose(a_bar, -3.0 * decay, atol=1e-8)

@@ -130,6 +130,9 @@ def test_y0_complex_is_refused(backend):
     y0 = backend.asarray([1.0 + 1.0j], dtype="complex128")
     with pytest.raises(TypeError, match=f"real floating dtype, got {re.escape(str(y0.dtype))}"):
         solve(backend, y0=y0)
+    # The message says what to do instead (torchdiffeq solves complex states).
+    with pytest.raises(TypeError, match="as a real state of twice the size"):
+        solve(backend, y0=y0)
 
 
 @pytest.mark.backend("torch")

@@ -524,6 +524,51 @@ def test_bad_events_are_refused(backend):
         _decay_solution_with(backend, below_level, options={"max_events": 0})
 
 
+def test_a_boolean_event_is_refused(backend):
+    # diffrax's cond_fn may be a condition; here one read as 0 and 1 never went below zero,
+    # and the solve ended without its event, successfully.
+    with pytest.raises(TypeError, match=r"event returned booleans; .* rather than y\[0\] < 0.5"):
+        _decay_solution_with(backend, lambda t, y, p: y[0] < p[1])
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_a_step_event_keeps_its_time_where_gradients_are_taken(backend, mode):
+    # sign(y - c) crosses where y - c does, but is flat there: the implicit function
+    # theorem's rate along the solution is zero. Its correction, 0 / 0, made the event time
+    # and state NaN wherever gradients were attached (on JAX always), though the loop had
+    # located them.
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    xp = backend.xp
+
+    def event_time_and_state(y0):
+        sol = odecore.solve(
+            decay,
+            y0,
+            backend.asarray([0.0, 3.0]),
+            params=(backend.asarray(K), backend.asarray(LEVEL)),
+            event=lambda t, y, p: xp.sign(y[0] - p[1]),
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t, sol.events.y
+
+    if backend.name == "torch":
+        import torch
+
+        t_event, y_event = event_time_and_state(
+            torch.tensor([Y0], dtype=torch.float64, requires_grad=True)
+        )
+        t_event, y_event = float(t_event.detach()), y_event.detach().numpy()
+    else:
+        import jax
+
+        (t_event, y_event), _ = jax.vjp(event_time_and_state, backend.asarray([Y0]))
+        t_event, y_event = float(t_event), np.asarray(y_event)
+    assert abs(t_event - T_STAR) < CLOSE
+    np.testing.assert_allclose(y_event, [LEVEL], rtol=0, atol=CLOSE)
+
+
 def test_an_event_not_finite_at_t0_is_refused(backend):
     # A NaN compares false both ways: the event was never found, and the solve ended
     # without it, silently (odeint_event then said the event "never crossed zero").
@@ -595,6 +640,56 @@ def test_an_event_past_a_step_that_leaves_its_domain_is_found(backend):
     np.testing.assert_allclose(float(solution.events.t), 0.75, rtol=CLOSE)
 
 
+def test_a_single_output_time_has_an_event_record_and_checks_the_events(backend):
+    # A single output time returns y0 with no step taken: no crossing can have happened. The
+    # event was ignored: Solution.events was None, as for a solve without events, and an
+    # event function that a solve refuses passed unchecked.
+    xp = backend.xp
+    params = (backend.asarray(K), backend.asarray(LEVEL))
+    sol = odecore.solve(
+        decay, backend.asarray([Y0]), backend.asarray([0.5]), params=params, event=below_level
+    )
+    events = sol.events
+    assert int(sol.status) == int(odecore.Status.SUCCESS)
+    assert int(events.index) == -1 and int(events.count) == 0
+    assert math.isnan(float(backend.to_numpy(events.t)))
+    assert np.isnan(backend.to_numpy(events.y)).all()
+    # The crossings' buffers have options["max_events"] slots, as in a solve.
+    assert np.isnan(backend.to_numpy(events.times)).all() and events.times.shape == (64,)
+    assert (backend.to_numpy(events.which) == -1).all()
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(ValueError, match=r"event is nan at t0; an event function must"):
+            odecore.solve(
+                decay,
+                backend.asarray([Y0]),
+                backend.asarray([0.5]),
+                params=params,
+                event=lambda t, y, p: xp.sqrt(y[0] - 3.0),
+            )
+    with pytest.raises(ValueError, match=r"event returned shape \(1,\), expected \(\)"):
+        odecore.solve(
+            decay, backend.asarray([Y0]), backend.asarray([0.5]), params=params,
+            event=lambda t, y, p: y,
+        )  # fmt: skip
+    # A batch with throw=False: the sample whose event is not finite at t0 is INVALID_INPUT,
+    # as in a solve with two output times.
+    with np.errstate(invalid="ignore"):
+        sol = odecore.solve(
+            decay,
+            backend.asarray([[Y0], [0.5]]),
+            backend.asarray([0.5]),
+            params=params,
+            batch_axis=0,
+            throw=False,
+            event=lambda t, y, p: xp.sqrt(y[:, 0] - 0.75),
+            options={"max_events": 3},
+        )
+    invalid, success = int(odecore.Status.INVALID_INPUT), int(odecore.Status.SUCCESS)
+    assert backend.to_numpy(sol.status).tolist() == [success, invalid]
+    assert backend.to_numpy(sol.events.count).tolist() == [0, 0]
+    assert sol.events.times.shape == (3, 2)
+
+
 def test_an_event_that_stays_nan_fails_the_solve(backend):
     # g = sqrt(y) + 1 never crosses zero but is NaN past t = 1, where its crossings cannot be
     # watched: no shorter step gets past, and the solve says why instead of succeeding.
@@ -654,6 +749,38 @@ def test_scipy_event_attributes_are_honoured():
     ground.terminal = 2  # scipy: stop at the second crossing
     with pytest.raises(ValueError, match=r"event\[0\].terminal = 2: scipy stops after"):
         odecore.solve(ball, y0, ts, event=[ground])
+
+
+def test_scipy_event_attributes_may_be_numpy_numbers():
+    # Attributes set from NumPy values (a direction read off an array, a terminal flag from
+    # a comparison): scipy takes them; odecore crashed in NumPy's refusal to subtract its
+    # booleans, or refused np.True_ as not True or False. The ball thrown up from h = -1
+    # falls through 0 at t+ = (v0 + sqrt(v0^2 - 2 g)) / g, as scipy finds it.
+    from scipy.integrate import solve_ivp
+
+    g, v0 = 9.81, 5.0
+
+    def ball(t, y):
+        return np.array([y[1], -g])
+
+    def ground(t, y):
+        return y[0]
+
+    ground.terminal, ground.direction = np.array([1.0]) > 0, np.float64(-1.0)
+    ground.terminal = ground.terminal[0]
+    y0, ts = np.array([-1.0, v0]), np.array([0.0, 2.0])
+    sol = odecore.solve(ball, y0, ts, event=ground, **TIGHT)
+    scipy_sol = solve_ivp(ball, (0.0, 2.0), y0, events=ground, rtol=1e-10, atol=1e-12)
+    t_fall = (v0 + math.sqrt(v0**2 - 2 * g)) / g
+    assert sol.status == odecore.Status.EVENT
+    np.testing.assert_allclose(float(sol.events.t), t_fall, rtol=CLOSE)
+    np.testing.assert_allclose(scipy_sol.t_events[0], [t_fall], rtol=CLOSE)
+    ground.terminal, ground.direction = np.False_, np.int64(1)
+    sol = odecore.solve(ball, y0, ts, event=ground, **TIGHT)
+    t_rise = (v0 - math.sqrt(v0**2 - 2 * g)) / g
+    assert sol.status == odecore.Status.SUCCESS and int(sol.events.count) == 1
+    np.testing.assert_allclose(float(sol.events.times[0]), t_rise, rtol=CLOSE)
+    assert odecore.Event(ground, terminal=np.True_).terminal is True
 
 
 def _decay_solution_with(backend, event, **kwargs):
@@ -764,6 +891,33 @@ def test_vjp_odeint_event_gradients_of_a_batch():
     np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
 
 
+def test_vjp_odeint_equal_event_times_far_from_zero():
+    # The gradients come from a second solve whose output times are the samples' stop
+    # times: two samples stopped by the same event (y0 = 2), and two with no event (stopped
+    # at t[-1]), have equal ones. Nudged apart by a few units in the last place of their
+    # distance from t[0], they rounded back together at t[0] = 1000 and the second solve
+    # refused its repeated output times.
+    t0 = 1000.0
+    y0s = np.array([[2.0], [2.0], [1.0], [0.4], [0.3]])
+    params = (np.array(K), np.array(LEVEL))
+    ys, events, pullback = odecore.vjp_odeint(
+        DecayWithVjp(),
+        y0s,
+        np.array([t0, t0 + 4.0]),
+        params,
+        batch_axis=0,
+        event=LevelWithVjp(),
+        **TIGHT,
+    )
+    hit = y0s[:3, 0]
+    np.testing.assert_allclose(events.t[:3], t0 + np.log(hit / LEVEL) / K, rtol=0, atol=CLOSE)
+    assert np.isnan(events.t[3:]).all()
+    y0_bar, params_bar, _ = pullback(np.zeros_like(ys), event_t_bar=np.ones(5))
+    np.testing.assert_allclose(y0_bar[:, 0], [*(1 / (K * hit)), 0.0, 0.0], atol=GRAD_CLOSE)
+    dk = np.sum(-np.log(hit / LEVEL) / K**2)
+    np.testing.assert_allclose([params_bar[0], params_bar[1]], [dk, -3 / (K * LEVEL)], atol=1e-6)
+
+
 @pytest.mark.backend("numba")
 def test_numba_runs_events_through_the_generic_loop():
     def rate(t, y, dy, params):
@@ -832,6 +986,84 @@ def test_batched_event_time_gradients_per_sample(backend, mode):
     assert np.isnan(t[3])
     np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
     np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    # Two samples stopped by the same event (y0 = 2) and two with none (both stopped at the
+    # end) share their stop times, far from zero. The gradients' second solve refused its
+    # repeated output times on torch, and on JAX, where that is known only at run time,
+    # every gradient was NaN.
+    t0 = 1000.0
+    y0s = np.array([2.0, 2.0, 1.0, 0.4, 0.3])
+    times = [t0, t0 + 4.0]
+
+    def event_times(y0, k):
+        sol = odecore.solve(
+            decay,
+            y0[:, None],
+            backend.asarray(times),
+            params=(k, backend.asarray(LEVEL)),
+            event=below_level,
+            batch_axis=0,
+            adjoint=mode,
+            **TIGHT,
+        )
+        return sol.events.t
+
+    if backend.name == "torch":
+        import torch
+
+        y0 = torch.tensor(y0s, requires_grad=True)
+        k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
+        t = event_times(y0, k)
+        dy0, dk = torch.autograd.grad(torch.where(torch.isnan(t), 0.0, t).sum(), (y0, k))
+        t, dy0, dk = t.detach().numpy(), dy0.numpy(), float(dk)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def total(y0, k):
+            t = event_times(y0, k)
+            return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
+
+        (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            jnp.asarray(y0s), jnp.asarray(K)
+        )
+        t, dy0, dk = np.asarray(t), np.asarray(dy0), float(dk)
+    hit = y0s[:3]
+    # The time's absolute error does not grow with t0 (the decay is autonomous).
+    np.testing.assert_allclose(t[:3], t0 + np.log(hit / LEVEL) / K, rtol=0, atol=CLOSE)
+    assert np.isnan(t[3:]).all()
+    np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0, 0.0], atol=GRAD_CLOSE)
+    np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_an_event_within_a_float32_ulp_of_t0_gets_its_gradient(mode):
+    # Event times are float64 beside a float32 t; t* = t0 + log(1 / c) lies 1e-6 after
+    # t0 = 1000, within half a float32 unit in the last place there (a unit is 6e-5): rounded onto
+    # t0 the gradients' second solve refused its output times [t0, t0].
+    import torch
+
+    c = float(np.float32(1.0 - 1e-6))  # the level as the float32 event function sees it
+    y0 = torch.tensor([1.0], requires_grad=True)
+    sol = odecore.solve(
+        lambda t, y: -y,
+        y0,
+        torch.tensor([1000.0, 1001.0]),
+        event=lambda t, y: y[0] - c,
+        adjoint=mode,
+    )
+    # y - c near 1 is resolved to float32's unit in the last place, and |dy/dt| = 1 there.
+    eps32 = float(np.finfo(np.float32).eps)
+    assert abs(float(sol.events.t.detach()) - (1000.0 - math.log(c))) < 2 * eps32
+    (dt_dy0,) = torch.autograd.grad(sol.events.t, y0)
+    # d t*/d y0 = 1 / y0, from float32 states: a few units in float32's last place.
+    assert abs(float(dt_dy0) - 1.0) < 1e-5
 
 
 def test_odeint_event_on_a_structured_state(backend):
@@ -908,6 +1140,26 @@ def test_odeint_event_with_a_value_zero_at_t0_finds_the_others_crossing(backend)
         field_back, backend.asarray([1.0, 0.0]), 0.0, event_fn=levels_back, **TIGHT
     )
     np.testing.assert_allclose(float(event_t), 1.0, rtol=CLOSE)
+
+
+def test_odeint_event_missing_a_return_within_a_step_names_max_step(backend):
+    # y' = t from y(2) = 2.075 backward: y = 2.075 + (t^2 - 4) / 2 falls to y = 1 at
+    # t = sqrt(1.85) and rises again. dopri5 integrates the quadratic exactly, so its error
+    # estimate is zero and its steps grow until one crosses y = 1 and comes back: the message
+    # said only that event_fn never crossed zero. It names max_step, which finds the crossing.
+    def rate(t, y):
+        return t + 0 * y
+
+    def level(t, y):
+        return y[0] - 1.0
+
+    y0, t0 = backend.asarray([2.075]), backend.asarray(2.0)
+    with pytest.raises(odecore.SolveError, match=r"never crossed zero .*options\['max_step'\]"):
+        odecore.odeint_event(rate, y0, t0, event_fn=level, reverse_time=True, **TIGHT)
+    event_t, _ = odecore.odeint_event(
+        rate, y0, t0, event_fn=level, reverse_time=True, options={"max_step": 0.25}, **TIGHT
+    )
+    np.testing.assert_allclose(float(backend.to_numpy(event_t)), math.sqrt(1.85), rtol=CLOSE)
 
 
 def test_odeint_event_out_of_steps_says_no_event_was_found(backend):

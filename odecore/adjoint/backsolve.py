@@ -101,6 +101,12 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
             attach_adjoint_callbacks(bk, aug, dyn.func, split)
             aug_params = None
         z0 = xp.concat([xp.reshape(held[i], (-1,)), xp.reshape(a, (-1,)), a_theta])
+        if not bk.is_traced(z0) and not bool(xp.all(xp.isfinite(z0))):
+            # A cotangent that is not finite (a NaN loss) makes the gradients NaN, as in the
+            # other modes and under jit; the backward solve would refuse to start from it,
+            # with a message about a y0 the user never gave.
+            nan_a = xp.full(shape, math.nan, dtype=dtype)
+            return nan_a, xp.full(a_theta.shape, math.nan, dtype=dtype), dt_next
         first = options if dt_next is None else {**options, "first_step": dt_next}
         backward = prepare(
             bk,

@@ -76,7 +76,9 @@ class FailedOutputs:
         """``ys[i]`` with each unreached output replaced by its sample's last reached one:
         finite states the backsolve can hold a sample at where it did not get to."""
         xp = self.backend.xp
-        held = [ys[0]]
+        # A sample whose y0 is not finite (INVALID_INPUT) reached nothing: it is held at
+        # zero, finite, where NaN would leak into the parameters' adjoint as 0 * NaN.
+        held = [xp.where(self.nan[0], xp.zeros_like(ys[0]), ys[0])]
         for i in range(1, ys.shape[0]):
             held.append(xp.where(self.nan[i], held[-1], ys[i]))
         return held

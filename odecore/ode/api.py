@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from odecore import _validate
 from odecore._config import resolve_backend
+from odecore._ops import ArrayOps
 from odecore.adjoint import modes
 from odecore.adjoint.failed import FailedSolvePolicy
 from odecore.adjoint.scipy_solver import METHOD as SCIPY_METHOD
@@ -33,12 +35,16 @@ from odecore.ode.event_gradients import (
     event_pullback,
 )
 from odecore.ode.events import (
+    DEFAULT_MAX_EVENTS,
     Event,
+    EventFunctions,
     as_events,
     events_at_start,
     explain_event_call,
+    init_events,
     structured_events,
 )
+from odecore.ode.events import record as event_record
 from odecore.ode.flat_call import flat_call
 from odecore.ode.loop import LoopResult, run_loop, solve_prepared, trivial_solution
 from odecore.ode.problem import check_parameters_are_known, prepare
@@ -277,6 +283,30 @@ def _compiled_structured(bk, func, y0, t, keywords):
     )
 
 
+def _with_events_at_start(bk, solution, events, params, y0, t, batch_axis, options, throw):
+    """The solution of a single output time with its ``EventRecord``: no step was taken, so
+    no crossing was seen. The event functions are checked at ``t0`` as a solve checks them
+    (what they return, whether it is finite); a sample where one is not finite gets status
+    INVALID_INPUT where a solve gives it that (a batch with ``throw=False``, or under jit)."""
+    xp = bk.xp
+    y0_arr = bk.asarray(y0)
+    layout = make_layout(xp, y0_arr, batch_axis)
+    ops = ArrayOps(bk, layout.dtype, layout.user_dtype)
+    opts = options or {}
+    functions = EventFunctions(
+        bk, ops, events, params, layout, 1.0, None, opts.get("max_events", DEFAULT_MAX_EVENTS)
+    )
+    start = SimpleNamespace(backend=bk, events=functions, layout=layout, direction=1.0)
+    y0_int = layout.to_internal(xp, y0_arr)
+    t0 = ops.full(layout.batch, xp.astype(bk.asarray(t)[0], bk.time_dtype))
+    g0, valid = events_at_start(start, t0, y0_int, throw)
+    solution.events = event_record(start, init_events(start, t0, y0_int, g0))
+    if valid is not None:  # a batch solved with throw=False, or a traced check
+        valid = valid if layout.batched else valid[0]
+        solution.status = xp.where(valid, solution.status, int(Status.INVALID_INPUT))
+    return solution
+
+
 def _check_events_at_start(problem, throw) -> None:
     """The check of the event values at ``t0`` that the loop makes (``events_at_start``), on
     the concrete inputs of a compiled solve that reported INVALID_INPUT."""
@@ -406,6 +436,10 @@ def _solve_array(
             problem = prepared_problem(y0_, t_, leaves, for_kernel)
             if problem is None:  # a single output time: the answer is y0, with no work done
                 solution = trivial_solution(bk, y0_, t_, method, batch_axis)
+                if event is not None:
+                    solution = _with_events_at_start(
+                        bk, solution, event, params, y0_, t_, batch_axis, options, throw
+                    )
                 if reporting is not None:  # nothing to report, but a bar to close
                     reporting.close()
                 return None, LoopResult(solution, None, None)
@@ -957,8 +991,8 @@ def _check_event_found(bk, record, solution):
         more = f" and {count - len(first)} more" if count > len(first) else ""
         where = f"for {count} of {missing.shape[0]} samples: {listed}{more}"
     raise SolveError(
-        f"odeint_event: event_fn never crossed zero {where}, so there is no event time "
-        f"to return. {_NO_EVENT_HINT}",
+        f"odeint_event: event_fn never crossed zero {where} (its sign compared at the ends "
+        f"of the steps), so there is no event time to return. {_NO_EVENT_HINT}",
         solution,
     )
 
@@ -966,7 +1000,10 @@ def _check_event_found(bk, record, solution):
 _NO_EVENT_HINT = (
     "Check event_fn's sign at t0 (a value that is 0 there counts once it has left zero and "
     "comes back) and that the dynamics lead to its zero (reverse_time=True solves "
-    "backward), or solve to an end time with odecore.solve(..., event=odecore.Event(event_fn))."
+    "backward), or solve to an end time with odecore.solve(..., event=odecore.Event(event_fn)). "
+    "A crossing and its return within one step are not seen: where the method integrates the "
+    "solution exactly (a polynomial of low degree) its steps grow without bound; bound them "
+    "with options['max_step']."
 )
 
 

@@ -56,9 +56,13 @@ def event_gradients(bk, func, params, t, batch_axis, events, record, solve_again
     _, pullback = bk.autodiff.vjp(fired, t_call, sg(y_stop))
     g_t, g_y = pullback(xp.ones_like(sg(g)))
     axes = tuple(i for i in range(y_stop.ndim) if not (batched and i == batch_axis))
-    denominator = g_t + xp.sum(g_y * f, axis=axes)
-    numerator = xp.where(stopped, g - sg(g), 0.0)
-    denominator = xp.where(stopped, sg(denominator), 1.0)
+    denominator = sg(g_t + xp.sum(g_y * f, axis=axes))
+    # A function flat along the solution at its crossing (a step, such as sign(y - c)) has
+    # no rate there, and its time no gradient by the identity: its value stays the loop's
+    # (0 / 0 made it NaN), and its gradient is what autodiff makes of the step (zero).
+    moving = stopped & (denominator != 0)
+    numerator = xp.where(moving, g - sg(g), 0.0)
+    denominator = xp.where(moving, denominator, 1.0)
     t_star = t_stop - xp.astype(numerator / denominator, time_dtype)
     moved = xp.astype(t_star - sg(t_star), y_stop.dtype)
     y_star = y_stop + _per_sample(xp, moved, y_stop, batch_axis) * f
@@ -99,26 +103,14 @@ def _per_sample(xp, values, like, batch_axis):
 
 def _state_at(bk, t, t_stop, batch_axis, solve_again):
     """The state at each sample's ``t_stop``, differentiable in ``y0``, ``t[0]`` and the
-    parameters: one solve with output times ``[t[0], sorted t_stop]``."""
-    xp, sg = bk.xp, bk.stop_gradient
+    parameters: one solve with output times ``[t[0], the stop times]`` (``_grid``)."""
+    xp = bk.xp
+    later, rows = _grid(xp, bk.stop_gradient(t), t_stop, bk.int_dtype)
+    ys = solve_again(xp.concat([t[:1], later]))
     if batch_axis is None:
-        ys = solve_again(xp.stack([t[0], xp.astype(t_stop, t.dtype)]))
-        return ys[1]
-    sign = xp.where(t[-1] > t[0], 1.0, -1.0)
-    sign = xp.astype(sign, t_stop.dtype)
-    t0 = xp.astype(sg(t[0]), t_stop.dtype)
-    distance = (t_stop - t0) * sign
-    order = xp.argsort(distance)
-    rank = xp.argsort(order)
-    batch = distance.shape[0]
-    # Output times must increase strictly: equal event times are spread by a few units in
-    # the last place, far below any tolerance.
-    eps = float(xp.finfo(t_stop.dtype).eps)
-    spread = 1.0 + 4 * eps * xp.astype(xp.arange(1, batch + 1), t_stop.dtype)
-    later = t0 + sign * xp.take(distance, order) * spread
-    ys = solve_again(xp.concat([t[:1], xp.astype(later, t.dtype)]))
+        return ys[rows[0]]
     ys = xp.moveaxis(ys, batch_axis + 1, 1)
-    picked = ys[1 + rank, xp.arange(batch)]
+    picked = ys[rows, xp.arange(rows.shape[0])]
     return xp.moveaxis(picked, 0, batch_axis)
 
 
@@ -166,15 +158,15 @@ def event_pullback(xp, func, params, t, batch_axis, events, record, vjp_again):
         c = xp.where(stopped, t_bar + xp.sum(y_bar * f, axis=axes), 0.0)
         _, g_y_w, params_bar = event_vjp(-c / denominator)
         y_stop_bar = y_bar + g_y_w
-        times, rows = _grid(xp, t, t_stop, batch_axis)
-        ys, pull = vjp_again(times)
+        later, rows = _grid(xp, t, t_stop, xp.int64)
+        ys, pull = vjp_again(xp.concat([t[:1], later]))
         ys_bar = xp.zeros_like(ys)
         if batched:
             ys_bar = xp.moveaxis(ys_bar, batch_axis + 1, 1)
             ys_bar[rows, xp.arange(rows.shape[0])] = xp.moveaxis(y_stop_bar, batch_axis, 0)
             ys_bar = xp.moveaxis(ys_bar, 1, batch_axis + 1)
         else:
-            ys_bar[1] = y_stop_bar
+            ys_bar[rows[0]] = y_stop_bar
         y0_bar, params_again, t_again = pull(ys_bar)
         t_grad = xp.zeros_like(t)
         t_grad[0] = t_again[0]
@@ -183,18 +175,39 @@ def event_pullback(xp, func, params, t, batch_axis, events, record, vjp_again):
     return pullback
 
 
-def _grid(xp, t, t_stop, batch_axis):
-    """Output times ``[t[0], each sample's stop time, sorted]`` and each sample's row."""
-    if batch_axis is None:
-        return xp.stack([t[0], xp.astype(t_stop, t.dtype)]), None
-    sign = 1.0 if float(t[-1]) > float(t[0]) else -1.0
-    distance = (t_stop - t[0]) * sign
-    order = xp.argsort(distance)
+def _grid(xp, t, t_stop, int_dtype):
+    """Output times after ``t[0]`` at which a second solve finds every sample's ``t_stop``
+    (0-d, or (B,)), and each sample's row among ``[t[0], *times]``.
+
+    Output times must be strictly monotonic in ``t``'s dtype, where stop times can be equal
+    (samples stopped by the same event, or all at the end ``t[-1]``) or round onto ``t[0]``
+    (a float32 ``t`` beside float64 event times). Nudging equal times apart does not survive
+    the rounding when they lie far from zero, so each distinct time gets one row, shared by
+    the samples that stop there; the rows left over take times just past the farthest, a few
+    units in its last place apart, whose states are not read."""
+    t0 = t[0]
+    dtype = t0.dtype
+    stops = xp.reshape(xp.astype(t_stop, dtype), (-1,))
+    sign = xp.where(t[-1] > t0, 1.0, -1.0)
+    sign = xp.astype(sign, dtype)
+    order = xp.argsort(stops * sign)
+    ranked = xp.take(stops, order)
+    previous = xp.concat([xp.reshape(t0, (1,)), ranked[:-1]])
+    repeated = ranked * sign <= previous * sign
+    row = xp.cumulative_sum(xp.astype(xp.logical_not(repeated), int_dtype))
+    spare = xp.cumulative_sum(xp.astype(repeated, int_dtype))
+    distinct = row[-1]
+    slot = xp.where(repeated, distinct + spare, row)
+    # The spare times stay representable and distinct: a gap of four units in the last
+    # place of the largest time in the grid outlasts the rounding of each.
+    farthest = ranked[-1]
+    finfo = xp.finfo(dtype)
+    scale = xp.maximum(xp.abs(t0), xp.abs(farthest))
+    gap = xp.maximum(4 * float(finfo.eps) * scale, float(finfo.smallest_normal))
+    values = xp.where(repeated, farthest + sign * gap * xp.astype(spare, dtype), ranked)
+    later = xp.take(values, xp.argsort(slot))
     rank = xp.argsort(order)
-    eps = float(xp.finfo(t_stop.dtype).eps)
-    spread = 1.0 + 4 * eps * xp.arange(1, distance.shape[0] + 1)
-    later = t[0] + sign * distance[order] * spread
-    return xp.concat([t[:1], xp.astype(later, t.dtype)]), 1 + rank
+    return later, xp.take(row, rank)
 
 
 def add_leaves(a, b):

@@ -23,6 +23,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from odecore.backend.signature import explain_signature
 
 DIRECTIONS = (-1, 0, 1)
@@ -80,6 +82,8 @@ class Event:
                 f"event must be callable, an odecore.Event or a list of them; got an Event whose "
                 f"fn is a {type(self.fn).__name__}: pass g(t, y) returning one value per sample"
             )
+        if isinstance(self.terminal, np.bool_):  # from a NumPy array or comparison
+            object.__setattr__(self, "terminal", bool(self.terminal))
         if not isinstance(self.terminal, bool):
             raise TypeError(f"Event terminal must be True or False, got {self.terminal!r}")
         if isinstance(self.direction, bool) or self.direction not in DIRECTIONS:
@@ -120,6 +124,8 @@ def _with_scipy_attributes(fn, i) -> Event:
     terminal, either direction."""
     name = "event" if i is None else f"event[{i}]"
     terminal = getattr(fn, "terminal", True)
+    if isinstance(terminal, np.bool_):  # scipy takes it, as any value that bool() reads
+        terminal = bool(terminal)
     if isinstance(terminal, numbers.Integral) and not isinstance(terminal, bool):
         if terminal not in (0, 1):
             raise ValueError(
@@ -135,7 +141,8 @@ def _with_scipy_attributes(fn, i) -> Event:
         raise TypeError(f"{name}.direction must be a number (its sign is used), got {direction!r}")
     if math.isnan(direction):
         raise ValueError(f"{name}.direction is NaN; use +1 (rising), -1 (falling) or 0 (either)")
-    return Event(fn, terminal=terminal, direction=(direction > 0) - (direction < 0))
+    # int(): a NumPy number's comparisons are NumPy booleans, which do not subtract.
+    return Event(fn, terminal=terminal, direction=int(direction > 0) - int(direction < 0))
 
 
 def structured_events(events, structure):
@@ -291,6 +298,12 @@ def check_event_value(bk, g, lay, i, count):
         raise TypeError(
             f"{name} returned {type(g).__name__}; return a {bk.name} array with one value "
             f"per sample"
+        )
+    if bk.xp.isdtype(bk.asarray(g).dtype, "bool"):
+        # Cast to 0 and 1, a condition never goes below zero: its event never fired.
+        raise TypeError(
+            f"{name} returned booleans; an event is where a value crosses zero: return one "
+            f"whose sign changes there (y[0] - 0.5 rather than y[0] < 0.5)"
         )
     shape = tuple(getattr(g, "shape", ()))
     want = (lay.batch,) if lay.batched else ()
