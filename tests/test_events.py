@@ -936,69 +936,10 @@ def test_numba_runs_events_through_the_generic_loop():
     assert abs(float(sol.events.t) - T_STAR) < CLOSE
 
 
-@pytest.mark.parametrize(
-    "mode", ["direct", "backsolve", pytest.param("checkpoint", marks=pytest.mark.slow_on("jax"))]
-)
-def test_batched_event_time_gradients_per_sample(backend, mode):
-    if mode not in MODES.get(backend.name, []):
-        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
-    # The last sample starts below the level: no event, NaN time, and no gradient leaking
-    # from it into the others (its cotangent is zero).
-    y0s = np.array([2.0, 1.0, 3.0, 0.4])
-    times = [0.0, 4.0]
-
-    def event_times(y0, k):
-        sol = odecore.solve(
-            decay,
-            y0[:, None],
-            backend.asarray(times),
-            params=(k, backend.asarray(LEVEL)),
-            event=below_level,
-            batch_axis=0,
-            adjoint=mode,
-            **TIGHT,
-        )
-        return sol.events.t
-
-    if backend.name == "torch":
-        import torch
-
-        y0 = torch.tensor(y0s, requires_grad=True)
-        k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
-        t = event_times(y0, k)
-        reached = ~torch.isnan(t)
-        dy0, dk = torch.autograd.grad(torch.where(reached, t, 0.0).sum(), (y0, k))
-        t, dy0, dk = t.detach().numpy(), dy0.numpy(), float(dk)
-    else:
-        import jax
-        import jax.numpy as jnp
-
-        def total(y0, k):
-            t = event_times(y0, k)
-            return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
-
-        (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
-            jnp.asarray(y0s), jnp.asarray(K)
-        )
-        t, dy0, dk = np.asarray(t), np.asarray(dy0), float(dk)
-    hit = y0s[:3]
-    np.testing.assert_allclose(t[:3], np.log(hit / LEVEL) / K, atol=CLOSE)
-    assert np.isnan(t[3])
-    np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
-    np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
-
-
-@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
-def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
-    if mode not in MODES.get(backend.name, []):
-        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
-    # Two samples stopped by the same event (y0 = 2) and two with none (both stopped at the
-    # end) share their stop times, far from zero. The gradients' second solve refused its
-    # repeated output times on torch, and on JAX, where that is known only at run time,
-    # every gradient was NaN.
-    t0 = 1000.0
-    y0s = np.array([2.0, 2.0, 1.0, 0.4, 0.3])
-    times = [t0, t0 + 4.0]
+def _event_times_and_gradients(backend, mode, y0s, times):
+    """Each sample's time of reaching LEVEL under ``decay`` (NaN where it does not), and the
+    gradients of their sum, the NaNs left out, in ``y0`` and ``K``: one batched solve in
+    ``mode``, as NumPy arrays and a float."""
 
     def event_times(y0, k):
         sol = odecore.solve(
@@ -1020,19 +961,48 @@ def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
         k = torch.tensor(K, dtype=torch.float64, requires_grad=True)
         t = event_times(y0, k)
         dy0, dk = torch.autograd.grad(torch.where(torch.isnan(t), 0.0, t).sum(), (y0, k))
-        t, dy0, dk = t.detach().numpy(), dy0.numpy(), float(dk)
-    else:
-        import jax
-        import jax.numpy as jnp
+        return t.detach().numpy(), dy0.numpy(), float(dk)
+    import jax
+    import jax.numpy as jnp
 
-        def total(y0, k):
-            t = event_times(y0, k)
-            return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
+    def total(y0, k):
+        t = event_times(y0, k)
+        return jnp.sum(jnp.where(jnp.isnan(t), 0.0, t)), t
 
-        (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
-            jnp.asarray(y0s), jnp.asarray(K)
-        )
-        t, dy0, dk = np.asarray(t), np.asarray(dy0), float(dk)
+    (_, t), (dy0, dk) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(y0s), jnp.asarray(K)
+    )
+    return np.asarray(t), np.asarray(dy0), float(dk)
+
+
+@pytest.mark.parametrize(
+    "mode", ["direct", "backsolve", pytest.param("checkpoint", marks=pytest.mark.slow_on("jax"))]
+)
+def test_batched_event_time_gradients_per_sample(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    # The last sample starts below the level: no event, NaN time, and no gradient leaking
+    # from it into the others (its cotangent is zero).
+    y0s = np.array([2.0, 1.0, 3.0, 0.4])
+    t, dy0, dk = _event_times_and_gradients(backend, mode, y0s, [0.0, 4.0])
+    hit = y0s[:3]
+    np.testing.assert_allclose(t[:3], np.log(hit / LEVEL) / K, atol=CLOSE)
+    assert np.isnan(t[3])
+    np.testing.assert_allclose(dy0, [*(1 / (K * hit)), 0.0], atol=GRAD_CLOSE)
+    np.testing.assert_allclose(dk, np.sum(-np.log(hit / LEVEL) / K**2), atol=GRAD_CLOSE)
+
+
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_equal_event_times_far_from_zero_get_their_gradients(backend, mode):
+    if mode not in MODES.get(backend.name, []):
+        pytest.skip(f"{backend.name} has no {mode!r} mode with autodiff")
+    # Two samples stopped by the same event (y0 = 2) and two with none (both stopped at the
+    # end) share their stop times, far from zero. The gradients' second solve refused its
+    # repeated output times on torch, and on JAX, where that is known only at run time,
+    # every gradient was NaN.
+    t0 = 1000.0
+    y0s = np.array([2.0, 2.0, 1.0, 0.4, 0.3])
+    t, dy0, dk = _event_times_and_gradients(backend, mode, y0s, [t0, t0 + 4.0])
     hit = y0s[:3]
     # The time's absolute error does not grow with t0 (the decay is autonomous).
     np.testing.assert_allclose(t[:3], t0 + np.log(hit / LEVEL) / K, rtol=0, atol=CLOSE)
