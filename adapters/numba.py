@@ -1365,6 +1365,9 @@ class NumbaBackend(NumpyBackend):
 
     name = "numba"
 
+    # f sees one trajectory and, of a (N, P) params, that trajectory's row.
+    sample_param_rows = True
+
     def generic_form(self, func, params, batched=False):
         return _generic_form(func, params, batched)
 
