@@ -942,6 +942,26 @@ def test_wrong_rate_shape_is_reported_by_name():
         odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
 
 
+@pytest.mark.parametrize(
+    ("shape", "hint"),
+    [((2, 3), r"pass batch_axis=0 and func sees one row of shape \(3,\)"), ((2, 3, 1), "")],
+    ids=["rows", "3-D"],
+)
+def test_a_state_of_several_dimensions_is_told_it_is_seen_flattened(shape, hint):
+    """Two Lorenz states stacked as y0 (2, 3) without batch_axis: func, written for one
+    trajectory, returns 3 rates for the 6 elements it is given. The error must say that y
+    is y0 flattened (the user never wrote a (6,) state) and how to solve the rows as a
+    batch, not only that the shapes differ."""
+    match = (
+        rf"func returned shape \(3,\), but the numba backend passes it y0 of shape "
+        rf"{re.escape(str(shape))} flattened, as y of shape \(6,\); .*{hint}"
+    )
+    with pytest.raises(ValueError, match=match):
+        odecore.odeint(
+            lorenz_returning, np.ones(shape), [0.0, 1.0], params=np.ones(3), backend="numba"
+        )
+
+
 def lorenz_returning(t, y, p):
     return np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
 
