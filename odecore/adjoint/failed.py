@@ -61,12 +61,11 @@ class FailedOutputs:
 
         y0_bar = nan_where(self.per_sample_mask(poisoned), y0_bar)
         t_bar = None if t_bar is None else nan_where(anywhere, t_bar)
-        own_rows = poisoned[:, None]
-        return (
-            y0_bar,
-            t_bar,
-            [nan_where(own_rows if self._sample_rows(g) else anywhere, g) for g in leaves_bar],
-        )
+
+        def leaf(g):
+            return nan_where(xp.reshape(poisoned, (-1, 1)) if self._sample_rows(g) else anywhere, g)
+
+        return y0_bar, t_bar, [leaf(g) for g in leaves_bar]
 
     def _sample_rows(self, gradient) -> bool:
         """Whether ``gradient`` is that of a parameter array whose row ``b`` only sample
