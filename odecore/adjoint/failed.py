@@ -93,10 +93,13 @@ class FailedOutputs:
         return self.backend.xp.logical_not(self.unreached[-1])
 
     def last_reached(self, ys):
-        """``ys[i]`` with each unreached output replaced by its sample's last reached one:
-        finite states the backsolve can hold a sample at where it did not get to."""
+        """``ys[i]`` with each unreached output replaced by its sample's last reached one
+        (zero for a sample that reached none): finite states the backsolve can hold a sample
+        at where it did not get to, and the time gradients evaluate ``f`` at."""
         xp = self.backend.xp
-        held = [ys[0]]
+        # A sample refused at the start (a NaN or infinite y0) reached no output at all: it
+        # is held at zero, a finite state at which its zero cotangents send nothing back.
+        held = [xp.where(xp.isfinite(ys[0]), ys[0], xp.zeros_like(ys[0]))]
         for i in range(1, ys.shape[0]):
             held.append(xp.where(self.nan[i], held[-1], ys[i]))
         return held
