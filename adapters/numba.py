@@ -637,10 +637,11 @@ def _check_vjp_bounds(user, in_place: bool, t, y, params) -> None:
     _vjps_checked.add(key)
 
 
-def _probe(kernel, form, t, y, params, dtype) -> None:
+def _probe(kernel, form, t, y, params, dtype, user_shape=None) -> None:
     """Compile the user's function alone, on the arguments the kernel gives it, and check
     its output: its own errors then name it, not the kernel around it. Then check that it
-    keeps to its arrays (:func:`_check_bounds`)."""
+    keeps to its arrays (:func:`_check_bounds`). ``user_shape`` is the shape of one
+    trajectory's state as the user gave it, which ``y`` holds flattened."""
     key = (dtype, y.shape[0], params.shape[-1], params.dtype)
     if key in kernel.probed:
         return
@@ -660,9 +661,31 @@ def _probe(kernel, form, t, y, params, dtype) -> None:
             f"(t a number, y a 1-D {dtype} array, params a 1-D array). Numba said:\n{exc}"
         ) from None
     if out is not None:
+        _check_flat_output(out, y, user_shape)
         _validate.dynamics_output(BACKEND, out, make_layout(np, y, None))
     _check_bounds(kernel.user, form, time, y, params)
     kernel.probed.add(key)
+
+
+def _check_flat_output(out, y, user_shape) -> None:
+    """Name the flattening where ``func``'s output does not match a state the user gave in
+    more than one dimension: ``y`` is that state flattened, which the user never wrote, and
+    a (N, D) ``y0`` without ``batch_axis`` is most often a batch of N trajectories meant for
+    ``batch_axis=0``."""
+    if user_shape is None or len(user_shape) < 2 or np.shape(out) == y.shape:
+        return
+    batch_hint = (
+        f"if each row of y0 is a trajectory of its own, pass batch_axis=0 and func sees one "
+        f"row of shape ({user_shape[1]},); otherwise "
+        if len(user_shape) == 2
+        else "move the trajectories to the first axis, reshape y0 to (N, D) and pass "
+        "batch_axis=0 to solve them as a batch; otherwise "
+    )
+    raise ValueError(
+        f"func returned shape {np.shape(out)}, but the numba backend passes it y0 of shape "
+        f"{tuple(user_shape)} flattened, as y of shape {y.shape}; {batch_hint}return dy/dt "
+        f"of shape {y.shape}, the flattened state"
+    )
 
 
 # Elements after the end of each array that _check_bounds passes: an index a little out of
@@ -988,7 +1011,16 @@ def solve(problem, options, progress=None, record=False) -> LoopResult:
         watched,
     )
     first_params = params[0] if inputs.batched else params
-    _probe(kernel, inputs.form, ts[0] * problem.direction, y0[0], first_params, y0.dtype)
+    lay = problem.layout
+    _probe(
+        kernel,
+        inputs.form,
+        ts[0] * problem.direction,
+        y0[0],
+        first_params,
+        y0.dtype,
+        None if lay.batched else lay.shape,
+    )
     capacity = _tape_capacity(problem, rows, size) if record else 0
     outputs = _run_kernel(kernel, problem, inputs, progress, capacity)
     out, status, t_reached, dt_next, stats, tape_times, tape_y = outputs
@@ -1364,6 +1396,9 @@ class NumbaBackend(NumpyBackend):
     rules run the generic loop, as on NumPy."""
 
     name = "numba"
+
+    # f sees one trajectory and, of a (N, P) params, that trajectory's row.
+    sample_param_rows = True
 
     def generic_form(self, func, params, batched=False):
         return _generic_form(func, params, batched)

@@ -656,8 +656,17 @@ def stop_times(bk, values, name: str, ts, sign: float, ends: bool = False):
     xp = bk.xp
     arr = real_numbers(bk, values, f"options[{name!r}]", "a time", convert=time_array)
     arr = xp.astype(arr, bk.time_dtype)
-    if arr.ndim != 1:
-        arr = xp.reshape(arr, (-1,))
+    if arr.ndim > 1:
+        # Flattened, a (N, 1) array meant as one time per trajectory would stop every
+        # trajectory at all N times: the solve would run, only slower, and not as meant.
+        raise ValueError(
+            f"options[{name!r}] must be a 1-D array of times, shared by every trajectory of "
+            f"a batch; got shape {tuple(arr.shape)}. For times of each trajectory's own, "
+            f"solve the trajectories that share them together, or pass all the times as one "
+            f"1-D array (each trajectory then stops at every one)"
+        )
+    if arr.ndim == 0:
+        arr = xp.reshape(arr, (1,))
     if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError(f"options[{name!r}] contains NaN or infinite values")
     arr = arr * sign

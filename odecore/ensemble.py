@@ -173,7 +173,9 @@ def solve(
         integer.
     ValueError
         ``y0`` is not of shape (N, D) with N >= 1, ``params`` is not (N, P) or (P,),
-        ``chunk_size`` is below 1, ``output`` is unknown, ``event`` is given (use
+        ``chunk_size`` is below 1, ``rtol`` or ``atol`` is neither shared by every
+        trajectory (a number, (D,) or (1, D)) nor one row per trajectory ((N, 1) or (N, D)),
+        ``output`` is unknown, ``event`` is given (use
         [`odecore.solve`][odecore.solve] with ``batch_axis=0`` for events), ``progress`` is
         given with a ``client`` or ``output="dask"``, or a Dask ``y0`` or ``params`` has an
         unknown number of rows (call its ``compute_chunk_sizes()`` first).
@@ -306,12 +308,31 @@ def _split_rows(y0, params, solve_kwargs: dict, count: int) -> tuple[dict, dict]
         shared["params"] = params
     for name in _TOLERANCES:
         value = shared.get(name)
+        if value is None:
+            continue
+        _check_tolerance_shape(name, tuple(np.shape(value)), count, y0.shape[1])
         # (N, 1) or (N, D), as odecore.solve(batch_axis=0) takes per-trajectory tolerances;
         # a (D,) tolerance is one per state element, shared by every row.
         if np.ndim(value) == 2 and np.shape(value)[0] == count:
             value = shared.pop(name)
             rows[name] = value if hasattr(value, "shape") else np.asarray(value)
     return rows, shared
+
+
+def _check_tolerance_shape(name: str, shape: tuple, count: int, width: int) -> None:
+    """Refuse a tolerance that is neither one per trajectory nor shared by all. Each chunk
+    checks its tolerance against its own rows only: a (2, 1) tolerance of a sweep of 4
+    trajectories in chunks of 2 would be taken as each chunk's own two rows, and an error
+    would name a chunk's shape, which the user never gave."""
+    if len(shape) <= 2 and shape[-1:] in ((), (1,), (width,)):
+        if len(shape) < 2 or shape[0] in (1, count):
+            return
+    shared = f"({width},)" if width == 1 else f"one per state element, ({width},) or (1, {width})"
+    own = f"({count}, 1)" if width == 1 else f"({count}, 1) or ({count}, {width})"
+    raise ValueError(
+        f"{name} of shape {shape} does not fit y0 of shape ({count}, {width}): give a number "
+        f"or {shared}, shared by every trajectory, or one row per trajectory, {own}"
+    )
 
 
 def _chunk_rows(rows: dict, lo: int, hi: int, convert) -> dict:

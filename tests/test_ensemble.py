@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 import warnings
@@ -265,6 +266,32 @@ def test_per_trajectory_tolerances_travel_with_their_rows(chunk_size, output):
     )
     assert len(set(reference.stats["nsteps"].tolist())) > 1, "the tolerances change no steps"
     assert_equals_reference(solution, reference)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk_size"),
+    [((2, 1), 2), ((4,), 2), ((4, 4), 4), ((1, 1, 3), 4)],
+    ids=["half the rows", "one per trajectory in 1-D", "too wide", "3-D"],
+)
+def test_a_tolerance_that_fits_only_a_chunk_is_refused(shape, chunk_size):
+    """Four Lorenz trajectories (D = 3). A (2, 1) tolerance fits a chunk of two rows, so each
+    chunk took it as its own two rows' (trajectories 2 and 3 got those of 0 and 1); a (4,)
+    one, meant one per trajectory, was refused naming a chunk's shape. The error must name
+    the shapes the user gave and those that fit."""
+    match = (
+        rf"atol of shape {re.escape(str(shape))} does not fit y0 of shape \(4, 3\): give a "
+        rf"number or one per state element, \(3,\) or \(1, 3\), shared by every "
+        rf"trajectory, or one row per trajectory, \(4, 1\) or \(4, 3\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        ensemble.solve(
+            lorenz,
+            np.ones((4, 3)),
+            T,
+            params=np.ones(3),
+            chunk_size=chunk_size,
+            atol=np.full(shape, 1e-9),
+        )
 
 
 class ProgressRecorder:

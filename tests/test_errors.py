@@ -388,6 +388,15 @@ def test_non_numeric_option(backend, method, key):
             solve(backend, method=method, options={key: value})
 
 
+@pytest.mark.parametrize("key", ["jump_t", "step_t"])
+def test_stop_times_of_several_dimensions_are_refused(backend, key):
+    # One time per trajectory of a batch, shape (N, 1), was flattened into N times at which
+    # every trajectory stopped: the solve ran, slower and not as meant.
+    match = rf"options\['{key}'\] must be a 1-D array of times, shared by every trajectory"
+    with pytest.raises(ValueError, match=match + r" of a batch; got shape \(2, 1\)"):
+        solve(backend, options={key: np.array([[0.25], [0.5]])})
+
+
 def test_non_finite_stop_times(backend):
     with pytest.raises(ValueError, match="jump_t'] contains NaN"):
         solve(backend, options={"jump_t": [math.nan]})

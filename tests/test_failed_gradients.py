@@ -325,3 +325,31 @@ def test_the_cubic_batch_does_reject_an_overflowing_step():
         _cubic, CUBIC_Y0, CUBIC_T, params=(A,), batch_axis=0, options={"first_step": 0.9}
     )
     assert sol.stats["nreject"][1] >= 1 and np.all(sol.status == 0)
+
+
+# torch's direct mode differentiates the forward solve itself, through the NaN state the
+# batch carries for the invalid sample: 0 * NaN there too, which its autograd sums.
+REPLAY_CASES = [case for case in CASES if case[1] != "direct"]
+
+
+@pytest.mark.parametrize(
+    "backend, mode, jit",
+    REPLAY_CASES,
+    ids=[f"{b}-{m}" + ("-jit" if jit else "") for b, m, jit in REPLAY_CASES],
+)
+def test_an_invalid_sample_of_a_batch_leaves_the_shared_gradient_finite(backend, mode, jit):
+    """A sweep whose sample 0 has a NaN y0 (refused, status invalid) and a zero cotangent:
+    it reached no output, so the others get exactly their own gradients. At its NaN state,
+    the checkpoint's replay summed f's VJP, 0 * NaN, into the shared parameter's gradient,
+    the time gradients f's rate, and the backsolve refused its augmented initial state."""
+    y0 = np.array([[math.nan], [-0.5]])
+    cot = np.random.default_rng(3).uniform(0.5, 1.5, size=(len(T), *y0.shape))
+    cot[:, 0] = 0.0
+    ys, y0_bar, (a_bar,), t_bar = gradients(backend, mode, jit, y0, T, cot, batch_axis=0)
+    finite_y0 = np.array([[1.0], [-0.5]])  # sample 0's value is irrelevant: its cot is zero
+    ys_ref, y0_bar_ref, a_bar_ref, t_bar_ref = closed_form(finite_y0, T, A, cot)
+    assert np.isnan(ys[:, 0]).all()
+    assert relative_error(ys[:, 1], ys_ref[:, 1]) < CLOSED_FORM_TOL
+    assert relative_error(y0_bar[1], y0_bar_ref[1]) < CLOSED_FORM_TOL
+    assert relative_error(a_bar, a_bar_ref) < CLOSED_FORM_TOL
+    assert relative_error(t_bar, t_bar_ref) < CLOSED_FORM_TOL

@@ -942,6 +942,26 @@ def test_wrong_rate_shape_is_reported_by_name():
         odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
 
 
+@pytest.mark.parametrize(
+    ("shape", "hint"),
+    [((2, 3), r"pass batch_axis=0 and func sees one row of shape \(3,\)"), ((2, 3, 1), "")],
+    ids=["rows", "3-D"],
+)
+def test_a_state_of_several_dimensions_is_told_it_is_seen_flattened(shape, hint):
+    """Two Lorenz states stacked as y0 (2, 3) without batch_axis: func, written for one
+    trajectory, returns 3 rates for the 6 elements it is given. The error must say that y
+    is y0 flattened (the user never wrote a (6,) state) and how to solve the rows as a
+    batch, not only that the shapes differ."""
+    match = (
+        rf"func returned shape \(3,\), but the numba backend passes it y0 of shape "
+        rf"{re.escape(str(shape))} flattened, as y of shape \(6,\); .*{hint}"
+    )
+    with pytest.raises(ValueError, match=match):
+        odecore.odeint(
+            lorenz_returning, np.ones(shape), [0.0, 1.0], params=np.ones(3), backend="numba"
+        )
+
+
 def lorenz_returning(t, y, p):
     return np.array([p[0] * (y[1] - y[0]), y[0] * (p[1] - y[2]) - y[1], y[0] * y[1] - p[2] * y[2]])
 
@@ -1328,6 +1348,54 @@ def test_backsolve_of_a_batch_with_a_failed_sample_freezes_it_as_numpy_does():
     for mine, theirs in zip(ours, numpy_pullback(weights), strict=True):
         assert np.isfinite(mine).all()
         np.testing.assert_allclose(mine, theirs, rtol=1e-11, atol=1e-12)
+
+
+def decay_rows(t, y, dy, p):
+    for i in range(y.shape[0]):
+        dy[i] = -p[0] * y[i]
+
+
+def decay_rows_vjp(t, y, p, cotangent, y_bar, p_bar):
+    p_bar[0] = 0.0
+    for i in range(y.shape[0]):
+        y_bar[i] = -p[0] * cotangent[i]
+        p_bar[0] -= y[i] * cotangent[i]
+
+
+decay_rows.vjp = decay_rows_vjp
+
+
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_a_failed_trajectory_spoils_only_its_own_row_of_per_trajectory_params(adjoint):
+    """A sweep over k in y' = -k y where one k is so stiff that its trajectory runs out of
+    steps, with a loss on every output: that trajectory's gradients are NaN, but each of
+    the others reads only its own row of params, so its gradient is its own, in closed
+    form: dL/dk = -sum_i t_i e^{-k t_i} sum_d y0_d, dL/dy0_d = sum_i e^{-k t_i}."""
+    rates = np.array([0.5, 1.0, 1e6, 2.0])
+    y0 = np.array([[1.0, 2.0], [0.5, 1.5], [1.0, 1.0], [2.0, 0.25]])
+    t = np.linspace(0.0, 1.0, 3)
+    ys, pullback = odecore.vjp_odeint(
+        decay_rows,
+        y0,
+        t,
+        rates[:, None],
+        adjoint=adjoint,
+        backend="numba",
+        batch_axis=0,
+        rtol=1e-10,
+        atol=1e-12,
+        options={"max_num_steps": 100},
+        throw=False,
+    )
+    y0_bar, p_bar, t_bar = pullback(np.ones_like(ys))
+    ok = np.array([True, True, False, True])
+    assert np.isnan(ys[-1, ~ok]).all() and np.isfinite(ys[:, ok]).all()
+    assert np.isnan(y0_bar[~ok]).all() and np.isnan(p_bar[~ok]).all() and np.isnan(t_bar).all()
+    decays = np.exp(-rates[ok][None, :] * t[:, None])  # (T, trajectories)
+    # The gradients are the solve's to about its tolerance: relative errors of a few 1e-10.
+    expected_k = -np.sum(t[:, None] * decays, axis=0) * y0[ok].sum(axis=1)
+    np.testing.assert_allclose(p_bar[ok, 0], expected_k, rtol=1e-8)
+    np.testing.assert_allclose(y0_bar[ok], np.sum(decays, axis=0)[:, None] * [1, 1], rtol=1e-8)
 
 
 @pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])

@@ -108,7 +108,13 @@ def _replay_step(problem, record, a, out_bar):
     # A single eager sample records accepted steps only.
     if not ops.scalar:
         h = ops.where(accept, h, 0.0)
-        record = record._replace(h=h)
+        # A sample that never started (a NaN y0) or stopped at a non-finite state holds it
+        # in the steps it does not take: f and its VJP there give NaN even for a zero
+        # cotangent, which a parameter shared by the batch would sum. Such rows are replayed
+        # at zero instead; what they send back is zero either way.
+        finite = xp.where(xp.isfinite(y), y, xp.zeros_like(y))
+        y = ops.select_rows(accept, y, finite)
+        record = record._replace(h=h, y=y)
     hy = ops.to_state(h)
     a_in = ops.select_rows(accept, a, a * 0.0)
     outputs = _outputs_in_step(problem, t, t_new, accept)

@@ -20,7 +20,9 @@ class FailedOutputs:
     - a nonzero cotangent (NaN included) on an unreached output means the loss depends on a
       value the solve never computed. The gradients that output depends on become NaN: its
       sample's ``y0`` gradient (samples are independent), and the gradients of the parameters
-      and of the times (every sample shares them).
+      and of the times (every sample shares them), except a parameter array of one row per
+      sample on a backend whose samples each read their own row only
+      (``Backend.sample_param_rows``): there only the poisoned samples' rows become NaN.
 
     Where the outputs are known, a solve that reached every output skips the policy; under
     tracing (jit) it is applied with ``where``, which changes nothing then.
@@ -45,9 +47,10 @@ class FailedOutputs:
         return xp.where(self.nan, xp.zeros_like(ys_bar), ys_bar), poisoned
 
     def poison(self, poisoned, y0_bar, t_bar, leaves_bar):
-        """NaN for the gradients a poisoned sample reaches: its rows of ``y0_bar``, and
-        ``t_bar`` and every parameter gradient if any sample is poisoned. ``t_bar`` may be
-        None (not wanted)."""
+        """NaN for the gradients a poisoned sample reaches: its rows of ``y0_bar`` (and of a
+        parameter array of one row per sample, where the backend gives each sample its own
+        row), and ``t_bar`` and every other parameter gradient if any sample is poisoned.
+        ``t_bar`` may be None (not wanted)."""
         bk, xp = self.backend, self.backend.xp
         if poisoned is None or (not bk.is_traced(poisoned) and not bool(xp.any(poisoned))):
             return y0_bar, t_bar, leaves_bar
@@ -58,7 +61,24 @@ class FailedOutputs:
 
         y0_bar = nan_where(self.per_sample_mask(poisoned), y0_bar)
         t_bar = None if t_bar is None else nan_where(anywhere, t_bar)
-        return y0_bar, t_bar, [nan_where(anywhere, g) for g in leaves_bar]
+
+        def leaf(g):
+            return nan_where(xp.reshape(poisoned, (-1, 1)) if self._sample_rows(g) else anywhere, g)
+
+        return y0_bar, t_bar, [leaf(g) for g in leaves_bar]
+
+    def _sample_rows(self, gradient) -> bool:
+        """Whether ``gradient`` is that of a parameter array whose row ``b`` only sample
+        ``b`` reads (``Backend.sample_param_rows``)."""
+        lay = self.layout
+        return (
+            self.backend.sample_param_rows
+            and lay.batched
+            and lay.batch_axis == 0
+            and gradient is not None
+            and gradient.ndim == 2
+            and gradient.shape[0] == lay.batch
+        )
 
     def per_sample_mask(self, mask):
         """A (B,) mask shaped to broadcast against a state in the user's layout."""
@@ -73,11 +93,13 @@ class FailedOutputs:
         return self.backend.xp.logical_not(self.unreached[-1])
 
     def last_reached(self, ys):
-        """``ys[i]`` with each unreached output replaced by its sample's last reached one:
-        finite states the backsolve can hold a sample at where it did not get to."""
+        """``ys[i]`` with each unreached output replaced by its sample's last reached one
+        (zero for a sample that reached none): finite states the backsolve can hold a sample
+        at where it did not get to, and the time gradients evaluate ``f`` at."""
         xp = self.backend.xp
-        # A sample whose y0 is not finite (INVALID_INPUT) reached nothing: it is held at
-        # zero, finite, where NaN would leak into the parameters' adjoint as 0 * NaN.
+        # A sample refused at the start (a NaN or infinite y0, INVALID_INPUT) reached no
+        # output at all: it is held at zero, a finite state at which its zero cotangents
+        # send nothing back, where NaN would leak into the parameters' adjoint as 0 * NaN.
         held = [xp.where(self.nan[0], xp.zeros_like(ys[0]), ys[0])]
         for i in range(1, ys.shape[0]):
             held.append(xp.where(self.nan[i], held[-1], ys[i]))

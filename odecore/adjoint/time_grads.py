@@ -27,7 +27,7 @@ def finish_gradients(problem, ys, ys_bar, a0, leaves_bar, want_t, failed, f_end=
             t_bar[i] = xp.sum(ys_bar[i] * user_f(problem, i, states[i]))
         if T > 1:
             t_bar[T - 1] = xp.sum(ys_bar[T - 1] * _last_rate(problem, states, f_end, failed))
-        t_bar[0] = -xp.sum(a0 * user_f(problem, 0, ys[0]))
+        t_bar[0] = -xp.sum(a0 * user_f(problem, 0, states[0]))
         t_bar = xp.stack([xp.astype(v, problem.t_user_dtype) for v in t_bar])
     leaves_bar = [
         xp.astype(g, leaf.dtype) if g.dtype != leaf.dtype else g

@@ -252,6 +252,12 @@ class Backend:
     #: (``odecore._ops.ScalarOps``). False keeps them as arrays on the state's device, where
     #: reading each step's error norm to the host would wait for the device.
     host_control_values: bool = True
+    #: Whether, in a batch along axis 0, a parameter array of one row per sample (B, P) gives
+    #: each sample its own row and nothing else (the numba backend's ``f`` sees one
+    #: trajectory and its row). Then a sample's gradient reaches only its own row, so a
+    #: failed sample's NaN gradient (``odecore.adjoint.failed``) spoils no other row; on a
+    #: backend whose ``f`` sees the whole batch, any sample may read any row.
+    sample_param_rows: bool = False
     autodiff: Autodiff | None = None
     tracing: Tracing | None = None
     kernels: Kernels = Kernels()
