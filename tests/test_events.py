@@ -717,6 +717,11 @@ def test_an_event_that_stays_nan_fails_the_solve(backend):
     np.testing.assert_allclose(backend.to_numpy(batch.ys)[-1, 1, 0], 3.0, rtol=1e-12)
 
 
+def thrown_ball(t, y):
+    """``ball`` as one array, h' = v, v' = -G: the state scipy's solve_ivp takes."""
+    return np.array([y[1], -G])
+
+
 def test_scipy_event_attributes_are_honoured():
     # scipy's solve_ivp reads `terminal` and `direction` off its event functions; odecore
     # passed over them, and a terminal, falling event written for scipy stopped at the
@@ -724,10 +729,7 @@ def test_scipy_event_attributes_are_honoured():
     # at t- and falling at t+ = (v0 + sqrt(v0^2 - 2 g)) / g.
     from scipy.integrate import solve_ivp
 
-    g, v0 = 9.81, 5.0
-
-    def ball(t, y):
-        return np.array([y[1], -g])
+    g, v0, ball = G, 5.0, thrown_ball
 
     def ground(t, y):
         return y[0]
@@ -758,10 +760,7 @@ def test_scipy_event_attributes_may_be_numpy_numbers():
     # falls through 0 at t+ = (v0 + sqrt(v0^2 - 2 g)) / g, as scipy finds it.
     from scipy.integrate import solve_ivp
 
-    g, v0 = 9.81, 5.0
-
-    def ball(t, y):
-        return np.array([y[1], -g])
+    g, v0, ball = G, 5.0, thrown_ball
 
     def ground(t, y):
         return y[0]
