@@ -1,9 +1,10 @@
 """Anderson mixing, one step of the fixed-point loop (:mod:`odecore.deq.iteration`).
 
 The loop state holds, per sample and ``m`` pairs written round-robin: ``mem_b``, the residuals
-``r_i = g(z_i) - z_i``; ``mem_a``, the points ``z_i + beta r_i`` that the mixing combines; and
-``gram``, the inner products ``r_i . r_j``, bordered by a row and column for the mixing's
-system.
+``r_i = g(z_i) - z_i``; ``mem_a``, the points ``z_i + beta r_i`` that the mixing combines;
+``inv_size``, the ``s_i = ((1 + lam) |r_i|^2 + floor)^(-1/2)``; and ``gram``, the mixing's
+whole system: the regularised inner products ``s_i s_j (r_i . r_j + lam |r_i|^2 delta_ij)``
+(a unit diagonal), bordered by a row and column of the ``s_i``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import math
 
 
 def anderson_memory(xp, B, m, N, dtype):
-    """The empty memory of ``B`` samples of size ``N``: unfilled slots hold zeros."""
+    """The empty memory of ``B`` samples of size ``N``: unfilled slots hold zeros, and the
+    system an identity row and column each, so that they get weight zero."""
+    gram = xp.eye(m + 1, dtype=dtype) - xp.astype(xp.arange(m + 1) == 0, dtype)[:, None]
     return {
         "mem_a": xp.zeros((B, m, N), dtype=dtype),
         "mem_b": xp.zeros((B, m, N), dtype=dtype),
-        # Bordered by a zero row and column, for the mixing's system (anderson_proposal).
-        "gram": xp.zeros((B, m + 1, m + 1), dtype=dtype),
+        "inv_size": xp.zeros((B, m), dtype=dtype),
+        # Index 0 is the border, index 1 + i slot i (anderson_proposal).
+        "gram": xp.broadcast_to(gram, (B, m + 1, m + 1)) * 1,
     }
 
 
@@ -25,7 +29,7 @@ def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     """The next iterate of each sample, by Anderson mixing with its own coefficients: store
     ``z`` and its residual ``g(z) - z`` in ``s`` (updated in place), then mix the stored pairs
     with the weights ``alpha`` (summing to one) that minimise
-    ``|sum_i alpha_i (g(z_i) - z_i)|^2 + lam' |alpha|^2``.
+    ``|sum_i alpha_i r_i|^2 + lam sum_i |r_i|^2 alpha_i^2``, ``r_i = g(z_i) - z_i``.
 
     Every running sample has done exactly ``k`` iterations (a sample that stops never
     restarts), so all of them write the same memory slot; writing into a stopped sample's
@@ -37,49 +41,53 @@ def anderson_proposal(bk, s, m, lam, beta, stopped=None):
     xp = bk.xp
     z = s["z"]
     B = z.shape[0]
-    k = s["k"]
-    slot = k % m
+    slot = s["k"] % m
     # Finite in every sample: the loop never lets a non-finite pair into its state.
     residual = s["gz"] - z
     # Storing z + beta r rather than z makes the proposal one product with the weights
     # instead of two and a sum.
     F = bk.write(s["mem_a"], (slice(None), slot), z + beta * residual)
     G = bk.write(s["mem_b"], (slice(None), slot), residual)
-    # Only the new residual's inner products change the Gram matrix, one row and its
-    # column: (B, m) dot products instead of the (B, m, m) of recomputing all of it.
-    row = bk.row_products(G, residual)
-    gram = bk.write(s["gram"], (slice(None), slot + 1, slice(1, None)), row)
-    gram = bk.write(gram, (slice(None), slice(1, None), slot + 1), row)
-    s["mem_a"], s["mem_b"], s["gram"] = F, G, gram
-    # The weights minimise alpha^T H alpha subject to sum(alpha) = 1, H the regularised
-    # Gram matrix: the bordered system [[0, 1^T], [1, H]] [mu, alpha] = [1, 0]. Index 0 of
-    # the (m + 1) square is the border, index 1 + i is slot i; an unfilled slot gets an
-    # identity row and no border, so weight zero. (H^-1 1 scaled to sum to one is the same
-    # in exact arithmetic, but H is singular when the residuals are linearly dependent, as
-    # when an unregularised mixing reaches the solution, and the bordered system is not.)
-    index = xp.arange(m + 1, dtype=k.dtype)
-    filled = (index >= 1) & (index <= k + 1)
-    border = index == 0
-    eye = xp.eye(m + 1, dtype=G.dtype)
-    # Regularisation relative to the residuals' size keeps the mixing scale-invariant;
-    # the floor keeps the system regular once the residuals reach zero.
+    # The weights minimise alpha^T H alpha subject to sum(alpha) = 1, with
+    # H = gram + lam diag(gram): each pair is regularised relative to its own residual. One
+    # penalty for all (relative to their mean, as before) is set by the oldest, largest
+    # residuals once the newest are small, and pushes the weights toward uniform: m = 20
+    # needed twice the iterations of m = 5. The residuals span orders of magnitude, so the
+    # system is solved equilibrated, with S = diag(s_i) and alpha = S y:
+    # [[0, (S 1)^T], [S 1, S H S]] [mu, y] = [1, 0]. (H^-1 1 scaled to sum to one is the same
+    # in exact arithmetic, but H is singular when the residuals are linearly dependent and
+    # lam = 0, and the bordered system is not.) Only the new residual's row and column
+    # change, so the system is kept and updated: (B, m) dot products instead of the
+    # (B, m, m) of recomputing it, and no per-iteration masks. The floor keeps s finite
+    # once the residuals reach zero.
     floor = xp.finfo(G.dtype).smallest_normal ** 0.5
-    scale = lam * xp.sum(xp.linalg.diagonal(gram), axis=-1) / m + floor  # (B,)
-    both = filled[:, None] & filled[None, :]
-    edge = (border[:, None] & filled[None, :]) | (filled[:, None] & border[None, :])
-    unfilled = ~filled & ~border
-    frame = edge | ((eye > 0) & unfilled[:, None])
-    A = xp.where(both, gram + scale[:, None, None] * eye, xp.astype(frame, G.dtype))
+    row = bk.row_products(G, residual)
+    s_new = ((1.0 + lam) * xp.sum(residual * residual, axis=-1) + floor) ** -0.5
+    inv_size = bk.write(s["inv_size"], (slice(None), slot), s_new)
+    row = row * inv_size * s_new[:, None]
+    row = bk.write(row, (slice(None), slot), 1.0)
+    row = xp.concat([s_new[:, None], row], axis=-1)
+    gram = bk.write(s["gram"], (slice(None), slot + 1), row)
+    gram = bk.write(gram, (slice(None), slice(None), slot + 1), row)
+    s["mem_a"], s["mem_b"], s["inv_size"], s["gram"] = F, G, inv_size, gram
+    A = gram
     if stopped is not None:
-        A = xp.where(stopped[:, None, None], eye, A)
-    rhs = xp.broadcast_to(xp.astype(border, G.dtype)[:, None], (B, m + 1, 1))
-    alpha = _solve(bk, A, rhs)[:, 1:, 0]
+        A = xp.where(stopped[:, None, None], xp.eye(m + 1, dtype=G.dtype), A)
+    border = xp.astype(xp.arange(m + 1) == 0, G.dtype)
+    rhs = xp.broadcast_to(border[:, None], (B, m + 1, 1))
+    alpha = inv_size * _solve(bk, A, rhs)[:, 1:, 0]
     # Guard: should the system still be singular in floating point, that sample takes a
     # plain step from its newest pair instead. (A non-finite weight makes the sum
-    # non-finite: one test per sample rather than per weight.)
-    ok = xp.isfinite(xp.sum(alpha, axis=-1))
-    newest = xp.astype(index[1:] == slot + 1, G.dtype)
-    alpha = xp.where(ok[:, None], alpha, newest[None, :])
+    # non-finite: one test per sample rather than per weight.) Dividing by the sum
+    # restores sum(alpha) = 1 to the last bit, which the scalings round: a single stored
+    # pair, or converged iterates, mix to exactly that pair.
+    # (A stopped sample's identity system gives all-zero weights; its proposal is
+    # discarded, and the newest pair spares it a division by zero.)
+    total = xp.sum(alpha, axis=-1)
+    ok = xp.isfinite(total) & (total != 0.0)
+    total = xp.where(ok, total, 1.0)
+    newest = xp.astype(xp.arange(m) == slot, G.dtype)
+    alpha = xp.where(ok[:, None], alpha / total[:, None], newest[None, :])
     return bk.weighted_rows(alpha, F)
 
 

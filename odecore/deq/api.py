@@ -92,7 +92,8 @@ def solve_fixed_point(
     m : int, default 5
         The memory of Anderson (stored pairs) and Broyden (low-rank terms).
     lam, beta, damping : float
-        Anderson's regularisation (default 1e-4) and mixing (default 1); Picard's damping
+        Anderson's regularisation (default 1e-4; each stored pair's weight is penalised
+        relative to its own residual) and mixing (default 1); Picard's damping
         (default 1).
     backward_solver, backward_linearization, backward_tol, backward_max_iter : optional
         The implicit gradient's solver and its settings, described under ``backward``.
