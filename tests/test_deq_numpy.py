@@ -940,6 +940,35 @@ def test_gmres_backward_max_iter_bounds_its_products():
     assert np.abs(b_bar - expected).max() <= 1e-8 * np.abs(expected).max()
 
 
+def test_a_gmres_cycle_costs_its_basis_and_one_residual():
+    # n = 5 < the default restart of 20: one cycle of 5 Krylov vectors solves the system
+    # exactly. Its cost is the 5 products for the basis and the new residual's one; the
+    # residual it starts from is w (u = 0) or the last cycle's, and recomputing it cost a
+    # seventh.
+    rng = np.random.default_rng(0)
+    n = 5
+    A = rng.standard_normal((n, n))
+    A *= 0.9 / max(abs(np.linalg.eigvals(A)))
+    b, w = rng.standard_normal(n), rng.standard_normal(n)
+    products = []
+
+    class Counted(_Linear):
+        def vjp(self, z, p, u):
+            products.append(u)
+            return super().vjp(z, p, u)
+
+    sol, pullback = odecore.vjp_fixed_point(
+        Counted(), np.zeros(n), (A, b), backward_solver="gmres", tol=1e-10, max_iter=1000
+    )
+    products.clear()
+    _, b_bar = pullback(w)
+    # The products the solver made, and one more: the parameters' cotangent at the end.
+    assert int(sol.stats["backward_iterations"][0]) == n + 1 == len(products) - 1
+    expected = np.linalg.solve((np.eye(n) - A).T, w)
+    # The exact Krylov solution, up to rounding in a system of condition ~ 1 / (1 - 0.9).
+    assert np.abs(b_bar - expected).max() <= 1e-12 * np.abs(expected).max()
+
+
 class _Scaled:
     """f(z) = c z + p: z* = p / (1 - c), dz*/dp = 1 / (1 - c); J_f = c I."""
 

@@ -11,8 +11,9 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
     builds a Krylov basis of ``restart`` vectors and solves its small least-squares problem;
     converged samples stop changing. Returns ``(u, iterations, status)``, with iterations
     counting operator applications, of which ``max_iter`` bounds the total: a cycle costs
-    ``restart + 2``, so the cycles are as many as fit (at least one, of at least one basis
-    vector: three applications).
+    ``restart + 1`` (its basis, then the new residual, which the next cycle starts from), so
+    the cycles are as many as fit (at least one, of at least one basis vector: two
+    applications).
 
     Like the forward loop, it is one masked ``while_loop`` whose cycle has a fixed number of
     steps: it runs under a tracing framework's ``jit`` as it runs eagerly."""
@@ -20,8 +21,8 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
     B, N = w.shape
     # As the other backward solvers' iterations, max_iter bounds the operator applications,
     # the cost: a smaller budget takes shorter cycles before fewer of them.
-    restart = max(1, min(restart, N, max_iter - 2))
-    cycles = max(1, max_iter // (restart + 2))
+    restart = max(1, min(restart, N, max_iter - 1))
+    cycles = max(1, max_iter // (restart + 1))
     tiny = xp.finfo(w.dtype).tiny
     eps = xp.finfo(w.dtype).eps
     # "rel" measures the linear residual against the right-hand side, per sample.
@@ -35,6 +36,9 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
         status = xp.where(res <= tol, CONVERGED, RUNNING)
         return {
             "u": xp.zeros_like(w),
+            # The residual of u, kept from the convergence test: recomputing it at the start
+            # of each cycle cost one application more.
+            "r": w,
             "status": xp.astype(status, bk.int_dtype),
             "iterations": xp.zeros((B,), dtype=bk.int_dtype),
             "k": xp.asarray(0, dtype=bk.int_dtype),
@@ -45,7 +49,7 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
 
     def body(s):
         active = s["status"] == RUNNING
-        r = residual(s["u"])
+        r = s["r"]
         beta = norm(xp, r)
         basis = [r / (beta + tiny)[:, None]]
         h_cols = []
@@ -82,14 +86,16 @@ def gmres(bk, apply_op, w, tol, stop_mode, max_iter, restart):
         y = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
         V = xp.stack(basis[:restart], axis=1)  # (B, restart, N)
         u_new = s["u"] + xp.sum(y[:, :, None] * V, axis=1)
-        res = norm(xp, residual(u_new))
+        r_new = residual(u_new)
+        res = norm(xp, r_new)
         finite = xp.isfinite(res)
         s = dict(s)
         s["u"] = xp.where((active & finite)[:, None], u_new, s["u"])
+        s["r"] = xp.where((active & finite)[:, None], r_new, s["r"])
         status = xp.where(active & ~finite, NONFINITE, s["status"])
         status = xp.where(active & finite & (res <= tol), CONVERGED, status)
         s["status"] = xp.astype(status, bk.int_dtype)
-        s["iterations"] = s["iterations"] + xp.astype(active, bk.int_dtype) * (restart + 2)
+        s["iterations"] = s["iterations"] + xp.astype(active, bk.int_dtype) * (restart + 1)
         s["k"] = s["k"] + 1
         return s
 
