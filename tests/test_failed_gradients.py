@@ -327,21 +327,16 @@ def test_the_cubic_batch_does_reject_an_overflowing_step():
     assert sol.stats["nreject"][1] >= 1 and np.all(sol.status == 0)
 
 
-# torch's direct mode differentiates the forward solve itself, through the NaN state the
-# batch carries for the invalid sample: 0 * NaN there too, which its autograd sums.
-REPLAY_CASES = [case for case in CASES if case[1] != "direct"]
-
-
 @pytest.mark.parametrize(
-    "backend, mode, jit",
-    REPLAY_CASES,
-    ids=[f"{b}-{m}" + ("-jit" if jit else "") for b, m, jit in REPLAY_CASES],
+    "backend, mode, jit", CASES, ids=[f"{b}-{m}" + ("-jit" if jit else "") for b, m, jit in CASES]
 )
 def test_an_invalid_sample_of_a_batch_leaves_the_shared_gradient_finite(backend, mode, jit):
     """A sweep whose sample 0 has a NaN y0 (refused, status invalid) and a zero cotangent:
     it reached no output, so the others get exactly their own gradients. At its NaN state,
     the checkpoint's replay summed f's VJP, 0 * NaN, into the shared parameter's gradient,
-    the time gradients f's rate, and the backsolve refused its augmented initial state."""
+    the time gradients f's rate, and the backsolve refused its augmented initial state.
+    torch's direct mode differentiates the forward solve itself, whose first evaluations of
+    f took the NaN state with the batch: 0 * NaN there too."""
     y0 = np.array([[math.nan], [-0.5]])
     cot = np.random.default_rng(3).uniform(0.5, 1.5, size=(len(T), *y0.shape))
     cot[:, 0] = 0.0

@@ -583,7 +583,16 @@ def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
     with bk.no_grad():
         problem = prepared_problem(sg(y0), t_const)
     f = problem.dynamics.at_user_time
-    solution = run(y0 + _flow_increment(xp, f, t[0], y0, t_const[0] - t[0]), t_const)[1].solution
+    invalid = ~xp.isfinite(sg(y0))
+    if bk.is_traced(invalid) or bool(xp.any(invalid)):
+        # A sample refused for its non-finite y0 (throw=False) moves by nothing; f is
+        # evaluated at a finite stand-in, so that no NaN reaches the shared parameters'
+        # gradients as 0 * NaN.
+        step = _flow_increment(xp, f, t[0], xp.where(invalid, 0.0, y0), t_const[0] - t[0])
+        start = xp.where(invalid, 0.0, step)
+    else:
+        start = _flow_increment(xp, f, t[0], y0, t_const[0] - t[0])
+    solution = run(y0 + start, t_const)[1].solution
     ys = solution.ys
     moved = []
     for i in range(1, ys.shape[0]):

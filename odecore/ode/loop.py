@@ -150,6 +150,8 @@ def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
             status = ops.where(events_valid, status, int(Status.INVALID_INPUT))
         events = ev.init_events(p, t0, p.y0, g0)
     out = xp.full((T, *lay.internal_shape), math.nan, dtype=lay.dtype)
+    # An invalid sample's state is a placeholder (prepare): its outputs stay NaN.
+    first = p.y0 if p.valid is None else xp.where(p.valid[..., None], p.y0, math.nan)
     tape = None
     if record:
         tape = [] if bk.eager else tape_buffers(p)
@@ -161,7 +163,7 @@ def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
         ratio_prev=ops.full(B, 1.0),
         last_rejected=ops.full(B, 0, "int") != 0,
         status=status,
-        out=bk.write(out, 0, p.y0),
+        out=bk.write(out, 0, first),
         out_idx=ops.full(B, 1, "int"),
         nfev=ops.full(1, nfev, "int") if not ops.scalar else nfev,
         nsteps=ops.full(B, 0, "int"),

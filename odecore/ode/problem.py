@@ -174,9 +174,14 @@ def prepare(
     valid = _combine_validity(samples_valid, _traced_shared_validity(bk, ts, rtol, atol, opts))
     valid = _combine_validity(valid, grid_valid)
     if valid is not None:
-        # An invalid sample is not solved: all its outputs are NaN. NaN, unlike inf, also
-        # passes through the first evaluations of f without floating-point warnings.
-        y0_int = xp.where(valid[..., None], y0_int, math.nan)
+        # An invalid sample is not solved: all its outputs are NaN (init_state). Its state
+        # is a placeholder that f is still evaluated at, with the batch, before the loop
+        # stops it. Where autodiff may go through those evaluations (torch's direct mode), a
+        # NaN there would reach every shared parameter's gradient as 0 * NaN, so the
+        # placeholder is zero; elsewhere it is NaN, which, unlike zero or inf, passes
+        # through f without NumPy's floating-point warnings.
+        placeholder = 0.0 if bk.has_autodiff else math.nan
+        y0_int = xp.where(valid[..., None], y0_int, placeholder)
     return Problem(
         backend=bk,
         valid=valid,
