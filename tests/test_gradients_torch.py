@@ -770,6 +770,19 @@ def test_adjoint_params_that_need_no_gradient_leave_the_module_without_one(mode,
     assert relative_error(ys[-1], exact) < 1e-8
 
 
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_changing_y0_in_place_after_the_solve_leaves_its_gradient(mode):
+    # The rules do not read y0 again (direct mode's operations save it, and autograd
+    # refuses the change there).
+    y0 = leaf(CUBIC_Y0)
+    start = y0 * 1.0
+    ys = odecore.odeint(Cubic(), start, CUBIC_T, adjoint=mode, **TIGHT)
+    with torch.no_grad():
+        start.mul_(3.0)
+    ys[-1].sum().backward()
+    assert relative_error(y0.grad, cubic_gradients()[0]) < 1e-8
+
+
 # ---------------------------------------------------------------------------------------------
 # Against torchdiffeq
 # ---------------------------------------------------------------------------------------------
