@@ -421,6 +421,13 @@ class _RuleFunction(torch.autograd.Function):
         # Attributes, not saved tensors: an in-place change of an input after the solve
         # must not break the first-order backward, which does not read them.
         ctx.primals = primals
+        # What the backward does read is saved, so that autograd refuses a backward after
+        # it was changed in place (ys.mul_(2), an optimizer's step): the backsolve then
+        # restarted from the changed outputs, or evaluated func at the changed parameters,
+        # and failed or gave a wrong gradient without a word.
+        rereads = getattr(rule, "rereads", None)
+        if rereads is not None:
+            ctx.save_for_backward(*rereads(primals, out))
         return out
 
     @staticmethod
@@ -430,6 +437,7 @@ class _RuleFunction(torch.autograd.Function):
         # needs_input_grad tells the rule which cotangents nobody asked for (the times,
         # most often), so it can skip their work.
         needs = ctx.needs_input_grad[2:]
+        ctx.saved_tensors  # noqa: B018 -- reading them checks that none was written since
         with _device_scope(out_bar):
             grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
         if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow

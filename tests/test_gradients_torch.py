@@ -783,6 +783,19 @@ def test_changing_y0_in_place_after_the_solve_leaves_its_gradient(mode):
     assert relative_error(y0.grad, cubic_gradients()[0]) < 1e-8
 
 
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("changed", ["outputs", "parameter"])
+def test_a_backward_after_what_it_reads_was_changed_in_place_raises(mode, changed):
+    # The backsolve restarts from the outputs and both modes evaluate func at the
+    # parameters: changed, the backward failed to converge or gave a wrong gradient.
+    cubic = Cubic()
+    ys = odecore.odeint(cubic, CUBIC_Y0, CUBIC_T, adjoint=mode, **TIGHT)
+    with torch.no_grad():
+        (ys if changed == "outputs" else cubic.k).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ys[-1].sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # Against torchdiffeq
 # ---------------------------------------------------------------------------------------------

@@ -326,6 +326,11 @@ class ScipyRule:
         )
         return (y0_bar, t_bar, *leaves_bar)
 
+    @staticmethod
+    def rereads(primals, out):
+        # The outputs the backward solve restarts from and the parameters of its VJPs.
+        return [out, *primals[2:]]
+
     def captured(self):
         return []
 
