@@ -8,6 +8,7 @@ the core's loop. No gradient algorithm lives here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch.autograd import forward_ad
 
 from odecore.backend import Autodiff, Backend, Kernels
+from odecore.backend.structured import StructuredFunc
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.backend.tree import replace_leaves
 
@@ -343,7 +345,20 @@ class TorchBackend(Backend):
         # torch creates tensors on the CPU unless told otherwise; a device used as a context
         # sets the default for every factory call inside. The CPU needs none, and the
         # context's function mode costs time on every operation.
-        return _device_scope(x)
+        scope = _device_scope(x)
+        settings = _autocast_settings()
+        return _outside_autocast(scope, settings) if settings else scope
+
+    def generic_form(self, func, params, batched=False):
+        # Under the caller's torch.autocast, func runs as the caller asked (generic_form is
+        # called inside device_scope, which took autocast off for the solver's own
+        # arithmetic).
+        settings = _caller_autocast.get()
+        if not settings:
+            return func
+        if isinstance(func, StructuredFunc):
+            return StructuredFunc(self, _under_autocast(func.func, settings), func.structure)
+        return _under_autocast(func, settings)
 
     def scalar_maker(self, dtype: Any):
         # Much cheaper than torch.asarray through array-api-compat, and called once per
@@ -438,7 +453,12 @@ class _RuleFunction(torch.autograd.Function):
         # most often), so it can skip their work.
         needs = ctx.needs_input_grad[2:]
         ctx.saved_tensors  # noqa: B018 -- reading them checks that none was written since
-        with _device_scope(out_bar):
+        # A backward run inside torch.autocast: the backward solve's arithmetic stays in the
+        # state's dtype, as the forward's did (func's evaluations follow the forward's
+        # autocast, see generic_form).
+        settings = _autocast_settings()
+        outside = _outside_autocast(None, settings) if settings else contextlib.nullcontext()
+        with _device_scope(out_bar), outside:
             grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
         if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow
             grads = _first_order_only(ctx, out_bar, grads)
@@ -493,6 +513,77 @@ class _FirstOrderIdentity(torch.autograd.Function):
             (x,) = ctx.saved_tensors
             (grad,) = _FirstOrderOnly.apply(ctx.message, 1, grad, x)
         return grad, None
+
+
+# The torch.autocast settings ((device type, dtype) for each device type where it is on) of
+# the code that called the solve, for generic_form: device_scope turns autocast off inside.
+_caller_autocast: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "odecore_torch_autocast", default=()
+)
+
+
+def _autocast_settings() -> tuple:
+    return tuple(
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    )
+
+
+@contextlib.contextmanager
+def _outside_autocast(scope, settings):
+    """``scope`` (a context, or None) with torch.autocast off for the device types of
+    ``settings``, which generic_form finds. autocast runs matrix products in its 16-bit
+    dtype, and the solver's stage sums are matrix products: a float32 solve's error
+    estimates were rounded to bfloat16, and the steps chosen from them."""
+    token = _caller_autocast.set(settings)
+    try:
+        with contextlib.ExitStack() as stack:
+            if scope is not None:
+                stack.enter_context(scope)
+            for device, _ in settings:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            yield
+    finally:
+        _caller_autocast.reset(token)
+
+
+def _under_autocast(func, settings):
+    """``func`` evaluated under the caller's torch.autocast ``settings``, its rates in the
+    dtype of the state: an autocast operation (a Linear layer) returns its 16-bit dtype for
+    a float32 state, and the state keeps its precision, as autocast keeps a model's
+    weights and optimizer state in float32."""
+    low = {dtype for _, dtype in settings}
+
+    def call(t, y, *args, **keywords):
+        with contextlib.ExitStack() as stack:
+            for device, dtype in settings:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            out = func(t, y, *args, **keywords)
+        return _in_state_dtype(out, y, low)
+
+    call.__wrapped__ = func  # its signature is func's, for the messages about it
+    return call
+
+
+def _in_state_dtype(out, y, low):
+    """``out`` with each tensor of an autocast dtype (``low``) cast to the dtype of the same
+    part of ``y``; anything else is left for the solve's checks to report."""
+    if isinstance(out, torch.Tensor):
+        if (
+            isinstance(y, torch.Tensor)
+            and out.dtype in low
+            and out.dtype != y.dtype
+            and y.is_floating_point()
+        ):
+            return out.to(y.dtype)
+        return out
+    if isinstance(out, dict) and isinstance(y, dict):
+        return {k: _in_state_dtype(v, y[k], low) if k in y else v for k, v in out.items()}
+    if isinstance(out, (tuple, list)) and isinstance(y, (tuple, list)) and len(out) == len(y):
+        parts = [_in_state_dtype(o, part, low) for o, part in zip(out, y, strict=True)]
+        return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)
+    return out
 
 
 def _device_scope(x):
