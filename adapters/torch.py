@@ -417,11 +417,25 @@ class TorchBackend(Backend):
         ):
             raise RuntimeError(_FORWARD_AD_MESSAGE)
 
+    def outside_compiler(self, fn, *args, **kwargs):
+        # torch.compile traced the solve's Python loop: every step reads values on the host
+        # (a graph break) and every new step size recompiled, so that compiling a model
+        # around a small ODE took minutes. The solve runs eagerly instead; what func
+        # calls is not compiled either.
+        if torch.compiler.is_compiling():
+            return _eager_call(fn, args, kwargs)
+        return fn(*args, **kwargs)
+
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
     def reads_cheaply(self, x: Any) -> bool:
         return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+@torch.compiler.disable
+def _eager_call(fn, args, kwargs):
+    return fn(*args, **kwargs)
 
 
 class _RuleFunction(torch.autograd.Function):

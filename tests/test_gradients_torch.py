@@ -796,6 +796,46 @@ def test_a_backward_after_what_it_reads_was_changed_in_place_raises(mode, change
         ys[-1].sum().backward()
 
 
+def test_a_compiled_module_runs_its_solve_eagerly():
+    # torch.compile traced the solve's loop, with a graph break at every step and a
+    # recompilation for each new step size: a model around a two-element ODE took minutes
+    # to compile (ten seconds in checkpoint mode, nine minutes in direct mode). The solve
+    # now runs as written, and func with it.
+    traced = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cubic = Cubic()
+
+        def rate(self, t, y):
+            traced.append(torch.compiler.is_compiling())
+            return self.cubic(t, y)
+
+        def forward(self, y0):
+            ys = odecore.odeint(
+                self.rate,
+                y0,
+                CUBIC_T,
+                adjoint="checkpoint",
+                adjoint_params=(self.cubic.k,),
+                **TIGHT,
+            )
+            return ys[-1]
+
+    net = Net()
+    torch._dynamo.reset()
+    try:
+        y_T = torch.compile(net)(CUBIC_Y0)
+        y_T.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert traced and not any(traced)
+    exact = CUBIC_Y0 / torch.sqrt(1 + 2 * 0.8 * CUBIC_Y0**2 * 1.5)
+    assert relative_error(y_T.detach(), exact) < 1e-8
+    assert relative_error(net.cubic.k.grad, cubic_gradients()[1]) < 1e-8
+
+
 # ---------------------------------------------------------------------------------------------
 # Against torchdiffeq
 # ---------------------------------------------------------------------------------------------

@@ -316,7 +316,15 @@ def _check_events_at_start(problem, throw) -> None:
     events_at_start(problem, t0, problem.y0, throw)
 
 
-def _solve_array(
+def _solve_array(func, y0, t, **keywords) -> Solution:
+    """:func:`solve` of a state that is one array, on the backend its inputs resolve to, run
+    by that backend (``Backend.outside_compiler``): a graph compiler tracing the caller
+    leaves the solve to run as it is written."""
+    bk = resolve_backend(keywords["backend"], {"y0": y0, "t": t, "params": keywords["params"]})
+    return bk.outside_compiler(_solve_resolved, func, y0, t, **{**keywords, "backend": bk})
+
+
+def _solve_resolved(
     func,
     y0,
     t,
@@ -390,7 +398,7 @@ def _solve_array(
         }
         with progress_reports.compiled_reporting(progress, arguments) as reporting:
             compiled = (
-                bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
+                bk.tracing.compiled_solve(_solve_resolved, func, y0, t, params, arguments)
                 if bk.tracing is not None
                 else None
             )
