@@ -8,6 +8,7 @@ the core's loop. No gradient algorithm lives here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch.autograd import forward_ad
 
 from odecore.backend import Autodiff, Backend, Kernels
+from odecore.backend.structured import StructuredFunc
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.backend.tree import replace_leaves
 
@@ -343,7 +345,20 @@ class TorchBackend(Backend):
         # torch creates tensors on the CPU unless told otherwise; a device used as a context
         # sets the default for every factory call inside. The CPU needs none, and the
         # context's function mode costs time on every operation.
-        return _device_scope(x)
+        scope = _device_scope(x)
+        settings = _autocast_settings()
+        return _outside_autocast(scope, settings) if settings else scope
+
+    def generic_form(self, func, params, batched=False):
+        # Under the caller's torch.autocast, func runs as the caller asked (generic_form is
+        # called inside device_scope, which took autocast off for the solver's own
+        # arithmetic).
+        settings = _caller_autocast.get()
+        if not settings:
+            return func
+        if isinstance(func, StructuredFunc):
+            return StructuredFunc(self, _under_autocast(func.func, settings), func.structure)
+        return _under_autocast(func, settings)
 
     def scalar_maker(self, dtype: Any):
         # Much cheaper than torch.asarray through array-api-compat, and called once per
@@ -402,11 +417,25 @@ class TorchBackend(Backend):
         ):
             raise RuntimeError(_FORWARD_AD_MESSAGE)
 
+    def outside_compiler(self, fn, *args, **kwargs):
+        # torch.compile traced the solve's Python loop: every step reads values on the host
+        # (a graph break) and every new step size recompiled, so that compiling a model
+        # around a small ODE took minutes. The solve runs eagerly instead; what func
+        # calls is not compiled either.
+        if torch.compiler.is_compiling():
+            return _eager_call(fn, args, kwargs)
+        return fn(*args, **kwargs)
+
     def to_host_float(self, x: Any) -> float:
         return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
     def reads_cheaply(self, x: Any) -> bool:
         return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+@torch.compiler.disable
+def _eager_call(fn, args, kwargs):
+    return fn(*args, **kwargs)
 
 
 class _RuleFunction(torch.autograd.Function):
@@ -421,6 +450,13 @@ class _RuleFunction(torch.autograd.Function):
         # Attributes, not saved tensors: an in-place change of an input after the solve
         # must not break the first-order backward, which does not read them.
         ctx.primals = primals
+        # What the backward does read is saved, so that autograd refuses a backward after
+        # it was changed in place (ys.mul_(2), an optimizer's step): the backsolve then
+        # restarted from the changed outputs, or evaluated func at the changed parameters,
+        # and failed or gave a wrong gradient without a word.
+        rereads = getattr(rule, "rereads", None)
+        if rereads is not None:
+            ctx.save_for_backward(*rereads(primals, out))
         return out
 
     @staticmethod
@@ -430,7 +466,13 @@ class _RuleFunction(torch.autograd.Function):
         # needs_input_grad tells the rule which cotangents nobody asked for (the times,
         # most often), so it can skip their work.
         needs = ctx.needs_input_grad[2:]
-        with _device_scope(out_bar):
+        ctx.saved_tensors  # noqa: B018 -- reading them checks that none was written since
+        # A backward run inside torch.autocast: the backward solve's arithmetic stays in the
+        # state's dtype, as the forward's did (func's evaluations follow the forward's
+        # autocast, see generic_form).
+        settings = _autocast_settings()
+        outside = _outside_autocast(None, settings) if settings else contextlib.nullcontext()
+        with _device_scope(out_bar), outside:
             grads = ctx.rule.backward(ctx.residuals, out_bar, needs)
         if torch.is_grad_enabled():  # create_graph=True: a derivative of grads may follow
             grads = _first_order_only(ctx, out_bar, grads)
@@ -485,6 +527,77 @@ class _FirstOrderIdentity(torch.autograd.Function):
             (x,) = ctx.saved_tensors
             (grad,) = _FirstOrderOnly.apply(ctx.message, 1, grad, x)
         return grad, None
+
+
+# The torch.autocast settings ((device type, dtype) for each device type where it is on) of
+# the code that called the solve, for generic_form: device_scope turns autocast off inside.
+_caller_autocast: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "odecore_torch_autocast", default=()
+)
+
+
+def _autocast_settings() -> tuple:
+    return tuple(
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    )
+
+
+@contextlib.contextmanager
+def _outside_autocast(scope, settings):
+    """``scope`` (a context, or None) with torch.autocast off for the device types of
+    ``settings``, which generic_form finds. autocast runs matrix products in its 16-bit
+    dtype, and the solver's stage sums are matrix products: a float32 solve's error
+    estimates were rounded to bfloat16, and the steps chosen from them."""
+    token = _caller_autocast.set(settings)
+    try:
+        with contextlib.ExitStack() as stack:
+            if scope is not None:
+                stack.enter_context(scope)
+            for device, _ in settings:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            yield
+    finally:
+        _caller_autocast.reset(token)
+
+
+def _under_autocast(func, settings):
+    """``func`` evaluated under the caller's torch.autocast ``settings``, its rates in the
+    dtype of the state: an autocast operation (a Linear layer) returns its 16-bit dtype for
+    a float32 state, and the state keeps its precision, as autocast keeps a model's
+    weights and optimizer state in float32."""
+    low = {dtype for _, dtype in settings}
+
+    def call(t, y, *args, **keywords):
+        with contextlib.ExitStack() as stack:
+            for device, dtype in settings:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            out = func(t, y, *args, **keywords)
+        return _in_state_dtype(out, y, low)
+
+    call.__wrapped__ = func  # its signature is func's, for the messages about it
+    return call
+
+
+def _in_state_dtype(out, y, low):
+    """``out`` with each tensor of an autocast dtype (``low``) cast to the dtype of the same
+    part of ``y``; anything else is left for the solve's checks to report."""
+    if isinstance(out, torch.Tensor):
+        if (
+            isinstance(y, torch.Tensor)
+            and out.dtype in low
+            and out.dtype != y.dtype
+            and y.is_floating_point()
+        ):
+            return out.to(y.dtype)
+        return out
+    if isinstance(out, dict) and isinstance(y, dict):
+        return {k: _in_state_dtype(v, y[k], low) if k in y else v for k, v in out.items()}
+    if isinstance(out, (tuple, list)) and isinstance(y, (tuple, list)) and len(out) == len(y):
+        parts = [_in_state_dtype(o, part, low) for o, part in zip(out, y, strict=True)]
+        return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)
+    return out
 
 
 def _device_scope(x):

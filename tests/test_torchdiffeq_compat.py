@@ -944,3 +944,53 @@ def test_adjoint_norm_receives_the_adjoint_parts_as_in_torchdiffeq(structured):
     _, _, dk = _reference_gradients(WX, WV)
     assert abs(grads["odecore"] - dk) < GRAD_CLOSE
     assert abs(grads["torchdiffeq"] - dk) < GRAD_CLOSE
+
+
+@pytest.mark.backend("torch")
+def test_the_solver_arithmetic_is_left_out_of_autocast():
+    # autocast runs matrix products in bfloat16, and the stage sums of dopri5's error
+    # estimate are one: the steps of a float32 solve were chosen from a bfloat16 estimate.
+    # A func that autocast does not touch gets the same steps and values under it.
+    import torch
+
+    y0 = torch.tensor([1.0, 0.5])
+    t = torch.linspace(0.0, 1.0, 3)
+    plain = odecore.solve(lambda t, y: -y, y0, t, rtol=1e-6, atol=1e-8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = odecore.solve(lambda t, y: -y, y0, t, rtol=1e-6, atol=1e-8)
+    assert cast.stats["nfev"] == plain.stats["nfev"]
+    assert torch.equal(cast.ys, plain.ys)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("mode", ["direct", "backsolve", "checkpoint"])
+def test_autocast_dynamics_solve_a_float32_state_as_in_torchdiffeq(mode):
+    # Under torch.autocast a Linear layer returns bfloat16 for a float32 state. torchdiffeq
+    # adds it to the float32 state; odecore refused it as a func returning the wrong dtype.
+    import torch
+
+    a = torch.tensor([[-0.5, 1.0], [-1.0, -0.25]])  # exact in bfloat16
+    field = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        field.weight.copy_(a)
+    seen = set()
+
+    def rate(t, y):
+        out = field(y)
+        seen.add(out.dtype)
+        return out
+
+    y0 = torch.tensor([1.0, 0.5], requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = odecore.odeint(rate, y0, t, adjoint=mode, adjoint_params=(field.weight,))
+        loss = ys[-1].sum()
+    loss.backward()
+    assert torch.bfloat16 in seen and ys.dtype == torch.float32
+    # y(t) = expm(a t) y0, dL/dy0 = expm(a T)^T 1. Each evaluation rounds y (and the rate)
+    # to bfloat16, a relative error up to 2**-8 per step, which over t in [0, 1] with
+    # |a| ~ 1 stays below 2 %. The gradient is the same flow's transpose.
+    exact = torch.stack([torch.linalg.matrix_exp(a * s) @ y0.detach() for s in t])
+    assert float((ys.detach() - exact).abs().max()) < 2e-2
+    y0_bar = torch.linalg.matrix_exp(a).T @ torch.ones(2)
+    assert float((y0.grad - y0_bar).abs().max()) < 2e-2

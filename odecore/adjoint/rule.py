@@ -18,7 +18,11 @@ arrays)`` rebuilds the residuals from the primals and them (``arrays=None`` only
 primals, where their values are still known). ``captured()`` lists the arrays the rule
 closes over besides its primals (tolerances given as arrays, say), which such a framework
 must pass in explicitly. ``second_order_message`` says why the backward cannot be
-differentiated again, for the error a framework raises when asked to.
+differentiated again, for the error a framework raises when asked to. ``rereads(primals,
+out)``, where a rule has it, lists the arrays among the primals and the output that
+``backward`` reads again (the outputs a backsolve restarts from, the parameters it evaluates
+the dynamics at): a framework whose arrays can be written in place refuses a backward after
+one of them was, as it does for its own operations.
 
 Policy for failed computations (NaN gradients for outputs a failed solve did not reach) lives
 in the rule's backward, never in an adapter.

@@ -113,7 +113,7 @@ def _solve_flat(bk, func, y0, t, keywords, solver, passed_on) -> Solution:
         leaves = (
             differentiate.param_leaves(bk, func, params)
             if adjoint_params is None
-            else list(adjoint_params)
+            else list(differentiate.distinct(adjoint_params))
         )
         wanted = {"y0": y0, "t": t, "params": params, "p": leaves}
         if not differentiate.requires_grad(bk, wanted) or t.shape[0] < 2:
@@ -325,6 +325,11 @@ class ScipyRule:
             problem, ys, ys_bar, a, leaves_bar, want_t, failed
         )
         return (y0_bar, t_bar, *leaves_bar)
+
+    @staticmethod
+    def rereads(primals, out):
+        # The outputs the backward solve restarts from and the parameters of its VJPs.
+        return [out, *primals[2:]]
 
     def captured(self):
         return []

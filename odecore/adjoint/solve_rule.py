@@ -43,6 +43,12 @@ class SolveRule:
         residuals = (problem, keep(ys), result.tape, result.dt_next, f_end)
         return ys, result.solution.report(), residuals
 
+    @staticmethod
+    def rereads(primals, out):
+        # The outputs (the backsolve's restarts, the time gradients' states) and the
+        # parameters (the dynamics' VJPs); y0 and t are read from copies.
+        return [out, *primals[2:]]
+
     def captured(self):
         # ``is not None``: a per-element tolerance's strictest value is an array, traced
         # under jit, whose truth value cannot be asked.

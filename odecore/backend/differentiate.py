@@ -24,6 +24,13 @@ def param_leaves(bk: Backend, func, params) -> list[Any]:
     return [leaf for _, leaf in tree_leaves(params)] if params is not None else []
 
 
+def distinct(values) -> tuple[Any, ...]:
+    """``values`` without repeats, by identity, in order. A tensor listed twice in
+    ``adjoint_params`` is one parameter; as two primals of a rule it got its gradient once
+    from each, twice in all."""
+    return tuple({id(x): x for x in values}.values())
+
+
 def requires_grad(bk: Backend, values: Any) -> bool:
     return bk.autodiff is not None and bk.autodiff.requires_grad(values)
 

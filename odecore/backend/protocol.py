@@ -344,6 +344,11 @@ class Backend:
     def to_host_float(self, x: Any) -> float:
         return float(x)
 
+    def outside_compiler(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, where a compiler of the caller's code (torch.compile)
+        would otherwise trace ``fn``: the backend has it run as written instead."""
+        return fn(*args, **kwargs)
+
     def check_context(self, inputs: Any = ()) -> None:
         """Raise where the caller's context, or the kind of its ``inputs`` (a tree of the
         call's arrays), cannot run a call of odecore (torch.func's transforms, forward-mode

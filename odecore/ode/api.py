@@ -316,7 +316,15 @@ def _check_events_at_start(problem, throw) -> None:
     events_at_start(problem, t0, problem.y0, throw)
 
 
-def _solve_array(
+def _solve_array(func, y0, t, **keywords) -> Solution:
+    """:func:`solve` of a state that is one array, on the backend its inputs resolve to, run
+    by that backend (``Backend.outside_compiler``): a graph compiler tracing the caller
+    leaves the solve to run as it is written."""
+    bk = resolve_backend(keywords["backend"], {"y0": y0, "t": t, "params": keywords["params"]})
+    return bk.outside_compiler(_solve_resolved, func, y0, t, **{**keywords, "backend": bk})
+
+
+def _solve_resolved(
     func,
     y0,
     t,
@@ -347,7 +355,7 @@ def _solve_array(
     if adjoint_params is not None:
         # Once: a generator (module.parameters()) is read by the checks and again for the
         # rule's leaves.
-        adjoint_params = tuple(adjoint_params)
+        adjoint_params = differentiate.distinct(adjoint_params)
     bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
@@ -390,7 +398,7 @@ def _solve_array(
         }
         with progress_reports.compiled_reporting(progress, arguments) as reporting:
             compiled = (
-                bk.tracing.compiled_solve(_solve_array, func, y0, t, params, arguments)
+                bk.tracing.compiled_solve(_solve_resolved, func, y0, t, params, arguments)
                 if bk.tracing is not None
                 else None
             )
@@ -460,7 +468,12 @@ def _solve_array(
         )
         several_times = t_arr.ndim == 1 and t_arr.shape[0] >= 2
         if mode != "direct" and several_times and not wants_grad:
-            solution = run(y0_arr, t_arr)[1].solution
+            # Nothing this mode differentiates requires grad, so nothing is recorded. Where
+            # adjoint_params lists none of the tensors func uses that require grad (or is
+            # empty), autograd recorded the loop and gave those tensors the gradient of
+            # direct mode, which adjoint_params was to withhold.
+            with bk.no_grad():
+                solution = run(y0_arr, t_arr)[1].solution
             # What func uses besides y0, t and the parameters the rules know of would get no
             # gradient from this solve, even where nothing else asks for one.
             if adjoint_params is None:

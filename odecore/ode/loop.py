@@ -153,11 +153,18 @@ def init_state(p: Problem, record: bool, throw: bool = True) -> LoopState:
     # An invalid sample's state is a placeholder (prepare): its outputs stay NaN.
     first = p.y0 if p.valid is None else xp.where(p.valid[..., None], p.y0, math.nan)
     tape = None
+    y0 = p.y0
     if record:
         tape = [] if bk.eager else tape_buffers(p)
+        if bk.eager:
+            # The tape keeps each step's start for the replay, and the first is y0's own
+            # memory (the layout only reshapes it): a change of y0 in place between the
+            # solve and its backward changed the replayed first step, and the gradient.
+            # The replay differentiates the copy by local VJPs, never through it.
+            y0 = xp.asarray(bk.stop_gradient(p.y0), copy=True)
     return LoopState(
         t=t0,
-        y=p.y0,
+        y=y0,
         f=f0,
         dt=dt,
         ratio_prev=ops.full(B, 1.0),
