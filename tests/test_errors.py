@@ -512,6 +512,28 @@ def test_min_step_underflow(backend):
     assert 0.9 < float(info.value.solution.t_reached) < 1.0
 
 
+@pytest.mark.parametrize("options", [{"min_step": 10.0}, {"min_step": 0.6, "step_t": [0.5]}])
+def test_min_step_above_the_distance_to_a_stop_underflows_at_once(backend, options):
+    # The first step is cut to land on the stop (t = 1, or step_t's 0.5), no longer than
+    # min_step. dopri5's error estimate on a step h of y' = -y is about h^5 / 1300 of y (the
+    # difference of its 5th- and 4th-order solutions): 2e-5 for h = 0.5, 8e-4 for h = 1, far
+    # over the default tolerances' 1e-7: the step is rejected, and its retry, raised to min_step and cut to the same
+    # stop, would be the same step. It was retried until max_num_steps (100000 rejections).
+    sol = solve(backend, options=options, throw=False)
+    assert backend.status(sol) == Status.DT_UNDERFLOW
+    assert int(backend.to_numpy(sol.stats["nsteps"])) == 1
+    assert float(sol.t_reached) == 0.0
+
+
+def test_min_step_above_the_span_takes_the_one_step_the_error_accepts(backend):
+    # At rtol = atol = 1e-2 one dopri5 step of h = 1 is accepted (its error estimate is
+    # 8e-4 of y): the solve ends in that step, within that of exp(-1).
+    sol = solve(backend, options={"min_step": 10.0}, rtol=1e-2, atol=1e-2)
+    assert backend.status(sol) == Status.SUCCESS
+    assert int(backend.to_numpy(sol.stats["nsteps"])) == 1
+    np.testing.assert_allclose(backend.to_numpy(sol.ys)[-1], Y0 * math.exp(-1.0), rtol=1e-2)
+
+
 def nan_after_half(t, y):
     return namespace(y).where(t <= 0.5, -y, y * math.nan)
 

@@ -520,8 +520,9 @@ def test_an_overflowing_error_norm_is_an_underflow_as_on_the_generic_path():
         (poisoned, np.array([0.0]), None, odecore.Status.NONFINITE_STATE),
         (blow_up, np.array([0.0]), None, odecore.Status.DT_UNDERFLOW),
         (oscillator, OSCILLATOR_P, {"min_step": 0.5}, odecore.Status.DT_UNDERFLOW),
+        (oscillator, OSCILLATOR_P, {"min_step": 5.0}, odecore.Status.DT_UNDERFLOW),
     ],
-    ids=["max_num_steps", "nonfinite", "blow_up", "min_step"],
+    ids=["max_num_steps", "nonfinite", "blow_up", "min_step", "min_step-above-span"],
 )
 def test_failures_match_the_generic_path(func, params, options, status):
     y0 = np.array([1.0, 0.5]) if func is not blow_up else np.array([1.0])
