@@ -207,10 +207,6 @@ def test_adaptive_method_at_a_fixed_step_takes_the_steps_of_its_weights(backend,
     assert sol.method == method
 
 
-def oscillator(t, y):
-    return np.stack([y[1], -y[0]])
-
-
 @pytest.mark.parametrize(
     ("method", "options"),
     [
@@ -229,7 +225,12 @@ def test_a_million_output_times_cost_seconds_not_minutes(method, options):
     t = np.linspace(0.0, 10.0, 1_000_000)
     start = time.perf_counter()
     sol = odecore.solve(
-        oscillator, np.array([1.0, 0.0]), t, method=method, rtol=1e-10, atol=1e-10,
+        oscillator,
+        np.array([1.0, 0.0]),
+        t,
+        method=method,
+        rtol=1e-10,
+        atol=1e-10,
         options=options,
     )
     assert time.perf_counter() - start < 20.0
