@@ -165,7 +165,11 @@ def _smallest_tolerance(bk, value, name) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     _not_differentiated(bk, value, name)
-    smallest = bk.xp.min(real_numbers(bk, value, name, "a positive number"))
+    arr = real_numbers(bk, value, name, "a positive number")
+    if math.prod(arr.shape) == 0:
+        # An empty tolerance has no smallest element; the tolerance's own check refuses it.
+        return None
+    smallest = bk.xp.min(arr)
     return None if bk.is_traced(smallest) else float(smallest)
 
 
@@ -528,6 +532,11 @@ def _scalar_tolerance(value, name: str) -> float:
 def _tolerance_array(bk, value, name: str, dtype=None):
     xp = bk.xp
     arr = real_numbers(bk, value, name, "a positive number")
+    if math.prod(arr.shape) == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(arr.shape)}); give a number, or an array of "
+            f"tolerances that broadcasts to y0's shape"
+        )
     if dtype is not None:
         arr = xp.asarray(arr, dtype=dtype)
     if _fails(bk, xp.all(tolerance_ok(xp, arr, name))):

@@ -326,6 +326,21 @@ def test_tolerance_must_broadcast(backend):
         solve(backend, rtol=backend.asarray(np.full(3, 1e-6)))
 
 
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_empty_tolerance_is_refused_by_name(backend, name):
+    # The smallest element, which the precision warning and the backsolve's tolerances
+    # take, of an empty array raised NumPy's (and JAX's) raw "zero-size array to reduction
+    # operation" error.
+    with pytest.raises(ValueError, match=rf"^{name} is empty \(shape \(0,\)\)"):
+        solve(backend, **{name: backend.asarray(np.zeros(0))})
+
+
+def test_empty_tolerance_is_refused_on_numba():
+    pytest.importorskip("numba")
+    with pytest.raises(ValueError, match=r"^rtol is empty"):
+        odecore.solve(decay, Y0, TS, rtol=np.zeros(0), backend="numba")
+
+
 def test_unknown_option(backend):
     with pytest.raises(ValueError, match="unknown option.*'foo'") as info:
         solve(backend, options={"foo": 1})
@@ -517,8 +532,9 @@ def test_min_step_above_the_distance_to_a_stop_underflows_at_once(backend, optio
     # The first step is cut to land on the stop (t = 1, or step_t's 0.5), no longer than
     # min_step. dopri5's error estimate on a step h of y' = -y is about h^5 / 1300 of y (the
     # difference of its 5th- and 4th-order solutions): 2e-5 for h = 0.5, 8e-4 for h = 1, far
-    # over the default tolerances' 1e-7: the step is rejected, and its retry, raised to min_step and cut to the same
-    # stop, would be the same step. It was retried until max_num_steps (100000 rejections).
+    # over the default tolerances' 1e-7: the step is rejected, and its retry, raised to
+    # min_step and cut to the same stop, would be the same step. It was retried until
+    # max_num_steps (100000 rejections).
     sol = solve(backend, options=options, throw=False)
     assert backend.status(sol) == Status.DT_UNDERFLOW
     assert int(backend.to_numpy(sol.stats["nsteps"])) == 1
