@@ -943,6 +943,25 @@ def test_wrong_rate_shape_is_reported_by_name():
         odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
 
 
+def no_rate(t, y, p):
+    y[0] + p[0]  # noqa: B018  (computes, and forgets to return)
+
+
+def no_rate_without_params(t, y):
+    y[0]  # noqa: B018
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["params", "no-params"])
+def test_a_func_that_returns_nothing_is_told_so(with_params):
+    # It compiled on its own, returning None, and failed in the kernel's typing with
+    # Numba's TypingError about the kernel's variables.
+    func, kwargs = (
+        (no_rate, {"params": np.ones(1)}) if with_params else (no_rate_without_params, {})
+    )
+    with pytest.raises(TypeError, match=r"^func returned None; the numba backend expects it"):
+        odecore.odeint(func, np.ones(2), [0.0, 1.0], backend="numba", **kwargs)
+
+
 @pytest.mark.parametrize(
     ("shape", "hint"),
     [((2, 3), r"pass batch_axis=0 and func sees one row of shape \(3,\)"), ((2, 3, 1), "")],
