@@ -453,6 +453,7 @@ def times(bk, t) -> Any:
         # NaN or infinite). Anything else, decreasing times included, takes the checks below,
         # which name what is wrong. Each reduction costs a short solve microseconds.
         if not _fails(bk, xp.all(xp.isfinite(diffs) & (diffs > 0))):
+            _span(bk, arr)
             return arr
     if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("t contains NaN or infinite values")
@@ -462,7 +463,21 @@ def times(bk, t) -> Any:
             raise ValueError(
                 "t must be strictly increasing or strictly decreasing (no repeated times)"
             )
+        _span(bk, arr)
     return arr
+
+
+def _span(bk, arr) -> None:
+    """Refuse finite times whose span overflows (-1e308 to 1e308): every step is measured
+    against the distance to the end, which is then infinite, and the solve failed at its
+    first step with an underflow in dt that blamed the tolerances."""
+    if _fails(bk, bk.xp.isfinite(arr[-1] - arr[0])):
+        raise ValueError(
+            f"t spans from {float(arr[0])!r} to {float(arr[-1])!r}, farther than the largest "
+            f"number of its dtype {_dtype_name(arr.dtype)}: the solve measures its steps "
+            f"against that distance. Shift or rescale time (solve in a time unit of which "
+            f"the span is a finite number)"
+        )
 
 
 def initial_state(bk, y0, finite: bool = True, name: str = "y0", empty: bool = False) -> Any:

@@ -73,6 +73,19 @@ def test_t_must_be_finite(backend, t):
         solve(backend, t=np.array(t))
 
 
+@pytest.mark.parametrize(
+    "t",
+    [[-1.7e308, 1.7e308], [-1.7e308, 0.0, 1.7e308], [1.7e308, -1.7e308]],
+    ids=["two", "halves-finite", "decreasing"],
+)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_t_whose_span_overflows_is_refused(backend, t):
+    # Finite times 3.4e308 apart, beyond float64's largest 1.8e308: the distance to the end
+    # is infinite, and the solve failed at its first step with an underflow in dt.
+    with pytest.raises(ValueError, match=r"^t spans from .*farther than the largest number"):
+        solve(backend, t=np.array(t))
+
+
 def test_t_whose_differences_overflow_is_accepted():
     # Finite, increasing times whose difference is not a finite float64.
     bk = odecore.get_backend("numpy")
