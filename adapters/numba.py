@@ -660,6 +660,13 @@ def _probe(kernel, form, t, y, params, dtype, user_shape=None) -> None:
             f"Numba could not compile func for the numba backend, which expects {FORMS} "
             f"(t a number, y a 1-D {dtype} array, params a 1-D array). Numba said:\n{exc}"
         ) from None
+    if form != "in place" and out is None:
+        # Compiled, a func that returns nothing fails deep in the kernel's typing, in
+        # Numba's words about the kernel rather than about func.
+        raise TypeError(
+            "func returned None; the numba backend expects it to return dy/dt, a 1-D array "
+            "shaped like y (or to write it into dy in the in-place form f(t, y, dy, params))"
+        )
     if out is not None:
         _check_flat_output(out, y, user_shape)
         _validate.dynamics_output(BACKEND, out, make_layout(np, y, None))

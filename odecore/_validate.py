@@ -165,7 +165,11 @@ def _smallest_tolerance(bk, value, name) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     _not_differentiated(bk, value, name)
-    smallest = bk.xp.min(real_numbers(bk, value, name, "a positive number"))
+    arr = real_numbers(bk, value, name, "a positive number")
+    if math.prod(arr.shape) == 0:
+        # An empty tolerance has no smallest element; the tolerance's own check refuses it.
+        return None
+    smallest = bk.xp.min(arr)
     return None if bk.is_traced(smallest) else float(smallest)
 
 
@@ -449,6 +453,7 @@ def times(bk, t) -> Any:
         # NaN or infinite). Anything else, decreasing times included, takes the checks below,
         # which name what is wrong. Each reduction costs a short solve microseconds.
         if not _fails(bk, xp.all(xp.isfinite(diffs) & (diffs > 0))):
+            _span(bk, arr)
             return arr
     if _fails(bk, xp.all(xp.isfinite(arr))):
         raise ValueError("t contains NaN or infinite values")
@@ -458,7 +463,26 @@ def times(bk, t) -> Any:
             raise ValueError(
                 "t must be strictly increasing or strictly decreasing (no repeated times)"
             )
+        _span(bk, arr)
     return arr
+
+
+def _span(bk, arr) -> None:
+    """Refuse finite times whose span overflows (-1e308 to 1e308): every step is measured
+    against the distance to the end, which is then infinite, and the solve failed at its
+    first step with an underflow in dt that blamed the tolerances."""
+    if isinstance(arr, np.ndarray):
+        # Two Python floats cost a short solve less than two array operations.
+        finite = math.isfinite(float(arr[-1]) - float(arr[0]))
+    else:
+        finite = bk.xp.isfinite(arr[-1] - arr[0])
+    if _fails(bk, finite):
+        raise ValueError(
+            f"t spans from {float(arr[0])!r} to {float(arr[-1])!r}, farther than the largest "
+            f"number of its dtype {_dtype_name(arr.dtype)}: the solve measures its steps "
+            f"against that distance. Shift or rescale time (solve in a time unit of which "
+            f"the span is a finite number)"
+        )
 
 
 def initial_state(bk, y0, finite: bool = True, name: str = "y0", empty: bool = False) -> Any:
@@ -528,6 +552,11 @@ def _scalar_tolerance(value, name: str) -> float:
 def _tolerance_array(bk, value, name: str, dtype=None):
     xp = bk.xp
     arr = real_numbers(bk, value, name, "a positive number")
+    if math.prod(arr.shape) == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(arr.shape)}); give a number, or an array of "
+            f"tolerances that broadcasts to y0's shape"
+        )
     if dtype is not None:
         arr = xp.asarray(arr, dtype=dtype)
     if _fails(bk, xp.all(tolerance_ok(xp, arr, name))):

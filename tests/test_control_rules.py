@@ -59,6 +59,7 @@ CASES = {
     "stalled": [
         [True, False],  # rejected
         [1.0, 1e20],  # t
+        [0.3, 0.5],  # h
         [0.1, 1e-30],  # dt_wanted
         [0.0, 0.5],  # min_step
         [True, False],  # lands

@@ -73,12 +73,28 @@ def test_t_must_be_finite(backend, t):
         solve(backend, t=np.array(t))
 
 
-def test_t_whose_differences_overflow_is_accepted():
-    # Finite, increasing times whose difference is not a finite float64.
+@pytest.mark.parametrize(
+    "t",
+    [[-1.7e308, 1.7e308], [-1.7e308, 0.0, 1.7e308], [1.7e308, -1.7e308]],
+    ids=["two", "halves-finite", "decreasing"],
+)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_t_whose_span_overflows_is_refused(backend, t):
+    # Finite times 3.4e308 apart, beyond float64's largest 1.8e308: the distance to the end
+    # is infinite, and the solve failed at its first step with an underflow in dt.
+    with pytest.raises(ValueError, match=r"^t spans from .*farther than the largest number"):
+        solve(backend, t=np.array(t))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_t_whose_differences_overflow_is_not_called_non_monotonic():
+    # Finite, increasing times whose difference is not a finite float64 fail the one
+    # reduction of the usual case; the checks after it name their span, not their order.
     bk = odecore.get_backend("numpy")
     t = np.array([-1e308, 1e308])
     assert np.all(np.isinf(np.diff(t)))
-    np.testing.assert_array_equal(odecore._validate.times(bk, t), t)
+    with pytest.raises(ValueError, match=r"^t spans from -1e\+308 to 1e\+308"):
+        odecore._validate.times(bk, t)
 
 
 def test_t_must_not_be_empty(backend):
@@ -326,6 +342,21 @@ def test_tolerance_must_broadcast(backend):
         solve(backend, rtol=backend.asarray(np.full(3, 1e-6)))
 
 
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_empty_tolerance_is_refused_by_name(backend, name):
+    # The smallest element, which the precision warning and the backsolve's tolerances
+    # take, of an empty array raised NumPy's (and JAX's) raw "zero-size array to reduction
+    # operation" error.
+    with pytest.raises(ValueError, match=rf"^{name} is empty \(shape \(0,\)\)"):
+        solve(backend, **{name: backend.asarray(np.zeros(0))})
+
+
+def test_empty_tolerance_is_refused_on_numba():
+    pytest.importorskip("numba")
+    with pytest.raises(ValueError, match=r"^rtol is empty"):
+        odecore.solve(decay, Y0, TS, rtol=np.zeros(0), backend="numba")
+
+
 def test_unknown_option(backend):
     with pytest.raises(ValueError, match="unknown option.*'foo'") as info:
         solve(backend, options={"foo": 1})
@@ -510,6 +541,29 @@ def test_min_step_underflow(backend):
         )
     assert backend.status(info.value.solution) == Status.DT_UNDERFLOW
     assert 0.9 < float(info.value.solution.t_reached) < 1.0
+
+
+@pytest.mark.parametrize("options", [{"min_step": 10.0}, {"min_step": 0.6, "step_t": [0.5]}])
+def test_min_step_above_the_distance_to_a_stop_underflows_at_once(backend, options):
+    # The first step is cut to land on the stop (t = 1, or step_t's 0.5), no longer than
+    # min_step. dopri5's error estimate on a step h of y' = -y is about h^5 / 1300 of y (the
+    # difference of its 5th- and 4th-order solutions): 2e-5 for h = 0.5, 8e-4 for h = 1, far
+    # over the default tolerances' 1e-7: the step is rejected, and its retry, raised to
+    # min_step and cut to the same stop, would be the same step. It was retried until
+    # max_num_steps (100000 rejections).
+    sol = solve(backend, options=options, throw=False)
+    assert backend.status(sol) == Status.DT_UNDERFLOW
+    assert int(backend.to_numpy(sol.stats["nsteps"])) == 1
+    assert float(sol.t_reached) == 0.0
+
+
+def test_min_step_above_the_span_takes_the_one_step_the_error_accepts(backend):
+    # At rtol = atol = 1e-2 one dopri5 step of h = 1 is accepted (its error estimate is
+    # 8e-4 of y): the solve ends in that step, within that of exp(-1).
+    sol = solve(backend, options={"min_step": 10.0}, rtol=1e-2, atol=1e-2)
+    assert backend.status(sol) == Status.SUCCESS
+    assert int(backend.to_numpy(sol.stats["nsteps"])) == 1
+    np.testing.assert_allclose(backend.to_numpy(sol.ys)[-1], Y0 * math.exp(-1.0), rtol=1e-2)
 
 
 def nan_after_half(t, y):

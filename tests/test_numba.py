@@ -520,8 +520,9 @@ def test_an_overflowing_error_norm_is_an_underflow_as_on_the_generic_path():
         (poisoned, np.array([0.0]), None, odecore.Status.NONFINITE_STATE),
         (blow_up, np.array([0.0]), None, odecore.Status.DT_UNDERFLOW),
         (oscillator, OSCILLATOR_P, {"min_step": 0.5}, odecore.Status.DT_UNDERFLOW),
+        (oscillator, OSCILLATOR_P, {"min_step": 5.0}, odecore.Status.DT_UNDERFLOW),
     ],
-    ids=["max_num_steps", "nonfinite", "blow_up", "min_step"],
+    ids=["max_num_steps", "nonfinite", "blow_up", "min_step", "min_step-above-span"],
 )
 def test_failures_match_the_generic_path(func, params, options, status):
     y0 = np.array([1.0, 0.5]) if func is not blow_up else np.array([1.0])
@@ -940,6 +941,25 @@ def three_rates(t, y, p):
 def test_wrong_rate_shape_is_reported_by_name():
     with pytest.raises(ValueError, match=r"func returned shape \(3,\) but the state y has shape"):
         odecore.odeint(three_rates, np.ones(2), [0.0, 1.0], params=np.ones(1), backend="numba")
+
+
+def no_rate(t, y, p):
+    y[0] + p[0]  # noqa: B018  (computes, and forgets to return)
+
+
+def no_rate_without_params(t, y):
+    y[0]  # noqa: B018
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["params", "no-params"])
+def test_a_func_that_returns_nothing_is_told_so(with_params):
+    # It compiled on its own, returning None, and failed in the kernel's typing with
+    # Numba's TypingError about the kernel's variables.
+    func, kwargs = (
+        (no_rate, {"params": np.ones(1)}) if with_params else (no_rate_without_params, {})
+    )
+    with pytest.raises(TypeError, match=r"^func returned None; the numba backend expects it"):
+        odecore.odeint(func, np.ones(2), [0.0, 1.0], backend="numba", **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -129,10 +129,12 @@ def next_step(h, dt, dt_wanted, accept, lands, min_step, max_step):
     return minimum(maximum(dt_next, min_step), max_step)
 
 
-def stalled(rejected, t, dt_wanted, min_step, lands):
-    """A rejected step whose retry could not advance time, or would fall below ``min_step``
-    (a step shortened to land on a stop may legitimately be that short)."""
-    too_small = (dt_wanted < min_step) & logical_not(lands)
+def stalled(rejected, t, h, dt_wanted, min_step, lands):
+    """A rejected step whose retry could not advance time, or would fall below ``min_step``.
+    A step shortened to land on a stop may legitimately be that short; but once such a step
+    ``h`` is itself no longer than ``min_step``, its retry (raised to ``min_step``, cut to the
+    stop) is the same step again, and would be rejected again until the step budget ran out."""
+    too_small = (dt_wanted < min_step) & (logical_not(lands) | (h <= min_step))
     return rejected & ((t + dt_wanted <= t) | too_small)
 
 

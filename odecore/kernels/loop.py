@@ -660,7 +660,7 @@ def conclude_step(
         if no_growth_after_reject:
             factor = held_after_rejection(factor, accept, last_rejected)
         dt_wanted = h * factor
-        stall = stalled(rejected, t, dt_wanted, min_step, lands) or norm_failed
+        stall = stalled(rejected, t, h, dt_wanted, min_step, lands) or norm_failed
         dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
         ratio_prev = remembered_ratio(ratio, ratio_prev, accept)
     else:

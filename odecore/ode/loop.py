@@ -251,7 +251,7 @@ def step(p: Problem, s: LoopState) -> LoopState:
     rejected = running & ops.not_(accept)
     if p.controller is not None:
         dt_wanted = p.controller.next_dt(ops, h, ratio, s.ratio_prev, accept, s.last_rejected)
-        stalled = rules.stalled(rejected, t, dt_wanted, p.min_step, lands) | norm_failed
+        stalled = rules.stalled(rejected, t, h, dt_wanted, p.min_step, lands) | norm_failed
         dt_next = rules.next_step(h, s.dt, dt_wanted, accept, lands, p.min_step, p.max_step)
         ratio_prev = rules.remembered_ratio(ratio, s.ratio_prev, accept)
     else:

@@ -302,7 +302,7 @@ def _traced_shared_validity(bk, ts, rtol, atol, opts):
     if bk.eager:
         return None
     xp = bk.xp
-    checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1])]
+    checks = [xp.all(xp.isfinite(ts)), xp.all(ts[1:] > ts[:-1]), xp.isfinite(ts[-1] - ts[0])]
     for tol, name in ((rtol, "rtol"), (atol, "atol")):
         if not isinstance(tol, float) and tol.ndim == 0:
             checks.append(_validate.tolerance_ok(xp, tol, name))
