@@ -361,6 +361,9 @@ def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
 
 def _apply_bwd(forward, backward, saved, cotangents):
     (primals, arrays, forward_consts, backward_consts), perturbed = saved
+    # Under vmap, a residual the batch does not vary (an unbatched parameter) can come back
+    # as a typed Python scalar rather than an array; the rule reads shapes.
+    primals, arrays = jax.tree_util.tree_map(_as_array, (primals, arrays))
     needs = perturbed[: len(primals)]
     out_bar = cotangents[0]
     if isinstance(out_bar, SymbolicZero) or not any(needs):
@@ -381,6 +384,12 @@ def _apply_bwd(forward, backward, saved, cotangents):
         jax.tree_util.tree_structure((forward_consts, backward_consts)), unknown
     )
     return (grads, *unknown)
+
+
+def _as_array(x):
+    if isinstance(x, (int, float, complex)) and hasattr(x, "dtype"):
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
 
 
 def _unknown_cotangent(value):
