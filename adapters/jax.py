@@ -19,6 +19,7 @@ core's own. What differs from the eager backends:
 - Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
   differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
   ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
+  A differentiated tolerance, step size or stop time raises too.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class JaxAutodiff(Autodiff):
         size = math.prod(x.shape[1:])
         basis = jnp.eye(size, dtype=x.dtype).reshape(size, 1, *x.shape[1:])
         return out, jax.vmap(push)(jnp.broadcast_to(basis, (size, *x.shape)))
+
+    def differentiates(self, x):
+        return differentiated(x)
 
     def first_order_only(self, x, message):
         return _first_order_only(x, message)

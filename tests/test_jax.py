@@ -675,6 +675,37 @@ def test_differentiating_a_captured_array_raises(x64):
         jax.jit(jax.grad(loss))(b)
 
 
+@pytest.mark.parametrize("jitted", [False, True], ids=["grad", "jit_of_grad"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        lambda v: {"rtol": v},
+        lambda v: {"atol": v, "adjoint": "checkpoint"},
+        lambda v: {"adjoint_rtol": v},
+        lambda v: {"options": {"max_step": v}},
+        lambda v: {"options": {"jump_t": jnp.stack([v])}},
+        lambda v: {"options": {"step_t": [v]}},
+        lambda v: {"options": {"step_size": v}, "method": "rk4"},
+    ],
+    ids=["rtol", "atol", "adjoint_rtol", "max_step", "jump_t", "step_t", "step_size"],
+)
+def test_differentiating_a_tolerance_or_option_raises(x64, setting, jitted):
+    """The rules have no gradient for tolerances and options. A differentiated jump_t or
+    step_t got a NaN gradient without a word, and a tolerance or step size a raw
+    ConcretizationTypeError (or "must be a number, got GradTracer")."""
+
+    def final(v):
+        kwargs = setting(v)
+        ys = odecore.odeint(lambda t, y: -y, jnp.ones(1), jnp.asarray([0.0, 1.0]), **kwargs)
+        return ys[-1, 0]
+
+    gradient = jax.jit(jax.grad(final)) if jitted else jax.grad(final)
+    with pytest.raises(ValueError, match="is being differentiated.*only y0, t and the arrays"):
+        gradient(0.1)
+    # Held constant, the same value solves.
+    assert abs(float(final(0.1)) - math.exp(-1.0)) < 1e-3
+
+
 def test_grad_of_jit_through_a_captured_array_is_nan_not_zero(x64):
     """Under grad(jit(f)) the capture cannot be seen while tracing: the gradient is NaN."""
     y0, t, (W_, b) = jax_inputs()
