@@ -141,6 +141,10 @@ def _split(backend, y0, t, params, arguments):
     # compiled solve's backward then leaves the others' cotangents out. Counted on the
     # converted inputs, which the jitted function receives: a list y0 or t is one array there.
     flags = tuple(differentiated(x) for x in jax.tree_util.tree_leaves(values[:3]))
+    if any(differentiated(x) for x in jax.tree_util.tree_leaves(values[3:])):
+        # A differentiated tolerance or stop time: inside the jit it would be a plain
+        # argument, given a NaN cotangent; the uncached path sees it and refuses it.
+        return None
     if any(backend.is_traced(x) for x in jax.tree_util.tree_leaves(values)):
         return None
     if values[1].ndim != 1 or values[1].shape[0] < 2:

@@ -19,6 +19,7 @@ core's own. What differs from the eager backends:
 - Gradients reach ``y0``, ``t`` and the floating-point arrays of ``params`` (a pytree). A
   differentiated array that ``func`` captures instead raises (or, under ``grad`` of a
   ``jit``, where the capture cannot be seen, gets a NaN gradient): the rules do not see it.
+  A differentiated tolerance, step size or stop time raises too.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class JaxAutodiff(Autodiff):
         size = math.prod(x.shape[1:])
         basis = jnp.eye(size, dtype=x.dtype).reshape(size, 1, *x.shape[1:])
         return out, jax.vmap(push)(jnp.broadcast_to(basis, (size, *x.shape)))
+
+    def differentiates(self, x):
+        return differentiated(x)
 
     def first_order_only(self, x, message):
         return _first_order_only(x, message)
@@ -361,6 +365,9 @@ def _apply_fwd(forward, backward, primals, forward_consts, backward_consts):
 
 def _apply_bwd(forward, backward, saved, cotangents):
     (primals, arrays, forward_consts, backward_consts), perturbed = saved
+    # Under vmap, a residual the batch does not vary (an unbatched parameter) can come back
+    # as a typed Python scalar rather than an array; the rule reads shapes.
+    primals, arrays = jax.tree_util.tree_map(_as_array, (primals, arrays))
     needs = perturbed[: len(primals)]
     out_bar = cotangents[0]
     if isinstance(out_bar, SymbolicZero) or not any(needs):
@@ -381,6 +388,12 @@ def _apply_bwd(forward, backward, saved, cotangents):
         jax.tree_util.tree_structure((forward_consts, backward_consts)), unknown
     )
     return (grads, *unknown)
+
+
+def _as_array(x):
+    if isinstance(x, (int, float, complex)) and hasattr(x, "dtype"):
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
 
 
 def _unknown_cotangent(value):

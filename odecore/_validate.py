@@ -101,6 +101,30 @@ def call_arguments(func, throw, adjoint_params) -> None:
         )
 
 
+def undifferentiated_settings(bk, settings: dict) -> None:
+    """Refuse a tolerance or option that the framework differentiates: the rules give
+    gradients with respect to ``y0``, ``t`` and ``params`` only, and the checks read these
+    settings as numbers. ``settings`` maps each name to its value (an options dict is
+    walked one level, and a list of times element by element)."""
+    if bk.autodiff is None:
+        return
+    named = []
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            named += [(f"{name}[{k!r}]", v) for k, v in value.items()]
+        else:
+            named.append((name, value))
+    for name, value in named:
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(bk.autodiff.differentiates(v) for v in values):
+            raise ValueError(
+                f"{name} is being differentiated, and a solve has no gradient with respect "
+                f"to its tolerances or options: only y0, t and the arrays in params get "
+                f"gradients. Pass {name} as a constant (or through jax.lax.stop_gradient); "
+                f"for a gradient with respect to a value that func reads, pass it in params"
+            )
+
+
 def adjoint_params(bk, values) -> None:
     """``adjoint_params``, once the backend is known: arrays of that backend, on a backend
     that differentiates. Each is checked, since one that is not an array would otherwise

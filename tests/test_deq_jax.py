@@ -323,3 +323,32 @@ def test_gmres_backward_when_the_krylov_space_is_invariant(x64, c):
         ).z.sum()
     )(jnp.ones((1, 5)))
     np.testing.assert_allclose(np.asarray(grad), 1 / (1 - c), rtol=1e-10)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "one_step", "unrolled"])
+@pytest.mark.parametrize("batched", ["batch_axis", "vmap"])
+def test_a_nan_sample_the_loss_skips_leaves_the_shared_gradient(x64, backward, batched):
+    """z = a z + 1 with a NaN z0 in one sample and a loss (nansum) that does not read it:
+    that sample's VJP at z* = NaN summed 0 * NaN into the shared a's gradient. The others
+    get theirs: dz*/da = 1 / (1 - a)^2 exactly (implicit), z* for the one-step gradient,
+    and 1 + a + ... + a^(k-1) times z* for k unrolled steps."""
+    a = 0.5
+    z0 = jnp.asarray([[0.0], [np.nan], [1.0]])
+
+    def fixed_point(a, z0):
+        kw = dict(tol=1e-13, max_iter=200, throw=False, backward=backward)
+        if batched == "vmap":
+            return jax.vmap(lambda z: odecore.fixed_point(lambda z, a: a * z + 1.0, z, a, **kw))(z0)
+        return odecore.fixed_point(lambda z, a: a * z + 1.0, z0, a, batch_axis=0, **kw)
+
+    got = jax.grad(lambda a: jnp.nansum(fixed_point(a, z0)))(a)
+    z_star = 1.0 / (1.0 - a)
+    per_sample = {
+        "implicit": z_star / (1.0 - a),
+        "one_step": z_star,
+        # The solver's default unroll_steps, 5 steps of the undamped map.
+        "unrolled": z_star * sum(a**i for i in range(5)),
+    }[backward]
+    assert np.isnan(np.asarray(fixed_point(a, z0))[1]).all()
+    # Rounding of a 1e-13 fixed point, amplified by at most 1 / (1 - a) = 2.
+    assert abs(float(got) - 2 * per_sample) < 1e-11

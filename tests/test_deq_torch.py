@@ -614,3 +614,28 @@ def test_gmres_backward_when_the_krylov_space_is_invariant(c):
     )  # fmt: skip
     z.sum().backward()
     np.testing.assert_allclose(p.grad.numpy(), 1 / (1 - c), rtol=1e-10)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "one_step", "unrolled"])
+def test_a_nan_sample_the_loss_skips_leaves_the_shared_gradient(backward):
+    """z = a z + 1 with a NaN z0 in one sample and a loss (nansum) that does not read it:
+    that sample's VJP at z* = NaN summed 0 * NaN into the shared a's gradient. The others
+    get theirs: dz*/da = 1 / (1 - a)^2 (implicit), z* (one step), z* (1 + a + ... + a^4)
+    (the default 5 unrolled steps)."""
+    a = t64(0.5, grad=True)
+    z0 = t64([[0.0], [float("nan")], [1.0]])
+    z = odecore.fixed_point(
+        lambda z, a: a * z + 1.0,
+        z0,
+        a,
+        batch_axis=0,
+        tol=1e-13,
+        max_iter=200,
+        throw=False,
+        backward=backward,
+    )
+    torch.nansum(z).backward()
+    per_sample = {"implicit": 4.0, "one_step": 2.0, "unrolled": 2.0 * sum(0.5**i for i in range(5))}
+    assert torch.isnan(z[1]).all()
+    # Rounding of a 1e-13 fixed point, amplified by at most 1 / (1 - a) = 2.
+    assert abs(a.grad.item() - 2 * per_sample[backward]) < 1e-11

@@ -540,6 +540,32 @@ def test_grad_of_vmap_equals_sum_of_grads(x64, mode):
     np.testing.assert_allclose(np.asarray(g_b), sum(np.asarray(p[1][1]) for p in parts), rtol=1e-11)
 
 
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("outer", ["grad_of_vmap", "vmap_of_grad"])
+def test_a_python_float_parameter_unbatched_by_vmap_gets_its_gradient(x64, mode, outer):
+    """A Python float parameter that vmap does not batch reached the backward pass as a
+    typed Python scalar, not an array: AttributeError 'TypedFloat' has no 'shape'. y' = -k y:
+    dy(T)/dk = -T y0 exp(-k T)."""
+    k, T = 0.5, 1.0
+    t = jnp.asarray([0.0, T])
+    y0s = jnp.asarray([[1.0], [3.0], [2.0]])
+
+    def final(y0, k):
+        ys = odecore.odeint(
+            lambda t, y, k: -k * y, y0, t, params=k, rtol=1e-11, atol=1e-13, adjoint=mode
+        )
+        return ys[-1, 0]
+
+    if outer == "grad_of_vmap":
+        got = jax.grad(lambda k: jnp.sum(jax.vmap(final, in_axes=(0, None))(y0s, k)))(k)
+        expected = -T * math.exp(-k * T) * float(jnp.sum(y0s))
+    else:
+        got = jax.vmap(jax.grad(final, argnums=1), in_axes=(0, None))(y0s, k)
+        expected = -T * math.exp(-k * T) * np.asarray(y0s[:, 0])
+    # The solve's own error, rtol = 1e-11, on values of order 1.
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-8)
+
+
 def test_jit_of_backsolve_grad_with_per_element_tolerances(x64):
     # The backsolve takes the strictest of per-element tolerances, an array traced under
     # jit: asking whether it was given raised TracerBoolConversionError. y' = -k y has
@@ -647,6 +673,37 @@ def test_differentiating_a_captured_array_raises(x64):
         jax.grad(loss)(b)
     with pytest.raises(ValueError, match="pass it in params"):
         jax.jit(jax.grad(loss))(b)
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["grad", "jit_of_grad"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        lambda v: {"rtol": v},
+        lambda v: {"atol": v, "adjoint": "checkpoint"},
+        lambda v: {"adjoint_rtol": v},
+        lambda v: {"options": {"max_step": v}},
+        lambda v: {"options": {"jump_t": jnp.stack([v])}},
+        lambda v: {"options": {"step_t": [v]}},
+        lambda v: {"options": {"step_size": v}, "method": "rk4"},
+    ],
+    ids=["rtol", "atol", "adjoint_rtol", "max_step", "jump_t", "step_t", "step_size"],
+)
+def test_differentiating_a_tolerance_or_option_raises(x64, setting, jitted):
+    """The rules have no gradient for tolerances and options. A differentiated jump_t or
+    step_t got a NaN gradient without a word, and a tolerance or step size a raw
+    ConcretizationTypeError (or "must be a number, got GradTracer")."""
+
+    def final(v):
+        kwargs = setting(v)
+        ys = odecore.odeint(lambda t, y: -y, jnp.ones(1), jnp.asarray([0.0, 1.0]), **kwargs)
+        return ys[-1, 0]
+
+    gradient = jax.jit(jax.grad(final)) if jitted else jax.grad(final)
+    with pytest.raises(ValueError, match="is being differentiated.*only y0, t and the arrays"):
+        gradient(0.1)
+    # Held constant, the same value solves.
+    assert abs(float(final(0.1)) - math.exp(-1.0)) < 1e-3
 
 
 def test_grad_of_jit_through_a_captured_array_is_nan_not_zero(x64):

@@ -110,6 +110,13 @@ class Autodiff:
         ``y0`` come as the solve has them, wanting a gradient where it may be taken."""
         return []
 
+    def differentiates(self, x: Any) -> bool:
+        """Whether ``x`` carries a tangent the framework will differentiate while its value
+        is known (a JAX value under ``grad`` without ``jit``): the checks that read such a
+        setting as a number refuse it, since the rules differentiate only ``y0``, ``t`` and
+        ``params``."""
+        return False
+
     def first_order_only(self, x: Any, message: str) -> Any:
         """``x`` unchanged, for a value whose gradient the core builds correctly to first
         order only (an event time from the implicit function theorem, with its second-order

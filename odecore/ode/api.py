@@ -364,6 +364,17 @@ def _solve_resolved(
             t = _validate.time_array(bk, t, "t", _validate.TIMES_NEED, like=y0)
         mode = _validate.adjoint_mode(adjoint, bk)
         _validate.adjoint_params(bk, adjoint_params)
+        _validate.undifferentiated_settings(
+            bk,
+            {
+                "rtol": rtol,
+                "atol": atol,
+                "adjoint_rtol": adjoint_rtol,
+                "adjoint_atol": adjoint_atol,
+                "options": options if isinstance(options, dict) else None,
+                "adjoint_options": adjoint_options if isinstance(adjoint_options, dict) else None,
+            },
+        )
         # Checked on every call, not only when a gradient is asked for: a bad setting must fail
         # where it is written, not later in training.
         settings = _validate.adjoint_settings(
