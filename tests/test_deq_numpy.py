@@ -917,14 +917,20 @@ class _Linear:
         return p[0].T @ u, (np.outer(u, z), u)
 
 
+def _linear_system(n, radius):
+    """``(A, b, w)``: a random ``A`` of spectral radius ``radius`` (below one, so that
+    iterating ``z = A z + b`` converges), ``b``, and a cotangent ``w``."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, n))
+    A *= radius / max(abs(np.linalg.eigvals(A)))
+    return A, rng.standard_normal(n), rng.standard_normal(n)
+
+
 def test_gmres_backward_max_iter_bounds_its_products():
     # backward_max_iter counted GMRES's restart cycles, each of restart + 2 products
     # u J_f: the reported iterations went past it, up to 22 times over.
-    rng = np.random.default_rng(0)
     n = 50
-    A = rng.standard_normal((n, n))
-    A *= 0.95 / max(abs(np.linalg.eigvals(A)))
-    b, w = rng.standard_normal(n), rng.standard_normal(n)
+    A, b, w = _linear_system(n, 0.95)
     options = {"backward_solver": "gmres", "tol": 1e-10, "max_iter": 1000}
     for budget in (3, 30, 100):
         sol, pullback = odecore.vjp_fixed_point(
@@ -945,11 +951,8 @@ def test_a_gmres_cycle_costs_its_basis_and_one_residual():
     # exactly. Its cost is the 5 products for the basis and the new residual's one; the
     # residual it starts from is w (u = 0) or the last cycle's, and recomputing it cost a
     # seventh.
-    rng = np.random.default_rng(0)
     n = 5
-    A = rng.standard_normal((n, n))
-    A *= 0.9 / max(abs(np.linalg.eigvals(A)))
-    b, w = rng.standard_normal(n), rng.standard_normal(n)
+    A, b, w = _linear_system(n, 0.9)
     products = []
 
     class Counted(_Linear):
