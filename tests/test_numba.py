@@ -14,6 +14,7 @@ once per form for the whole module (a compile takes seconds).
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import re
 import time
@@ -406,11 +407,16 @@ def _counting_allocations(call):
 
     counting = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
+    # The counts are the runtime's, for the whole process: a garbage collection during the
+    # call would free arrays that earlier tests allocated, and count them as freed here.
+    gc.collect()
+    gc.disable()
     try:
         before = rtsys.get_allocation_stats()
         result = call()
         after = rtsys.get_allocation_stats()
     finally:
+        gc.enable()
         if not counting:
             _nrt_python.memsys_disable_stats()
     return result, after.alloc - before.alloc, after.free - before.free
