@@ -660,6 +660,12 @@ def _probe(kernel, form, t, y, params, dtype, user_shape=None) -> None:
             f"Numba could not compile func for the numba backend, which expects {FORMS} "
             f"(t a number, y a 1-D {dtype} array, params a 1-D array). Numba said:\n{exc}"
         ) from None
+    if out is not None:
+        _check_flat_output(out, y, user_shape)
+        _validate.dynamics_output(BACKEND, out, make_layout(np, y, None))
+    # First: an in-place f(t, y, dy) without params returns None too, and the bounds check
+    # names what it did (wrote into its third argument, read as params).
+    _check_bounds(kernel.user, form, time, y, params)
     if form != "in place" and out is None:
         # Compiled, a func that returns nothing fails deep in the kernel's typing, in
         # Numba's words about the kernel rather than about func.
@@ -667,10 +673,6 @@ def _probe(kernel, form, t, y, params, dtype, user_shape=None) -> None:
             "func returned None; the numba backend expects it to return dy/dt, a 1-D array "
             "shaped like y (or to write it into dy in the in-place form f(t, y, dy, params))"
         )
-    if out is not None:
-        _check_flat_output(out, y, user_shape)
-        _validate.dynamics_output(BACKEND, out, make_layout(np, y, None))
-    _check_bounds(kernel.user, form, time, y, params)
     kernel.probed.add(key)
 
 
