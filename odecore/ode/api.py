@@ -347,7 +347,8 @@ def _solve_resolved(
     progress=None,
 ) -> Solution:
     """:func:`solve` of a state that is one array (a structured state arrives flattened,
-    with ``func`` a ``StructuredFunc``)."""
+    with ``func`` a ``StructuredFunc``), on ``backend``: the Backend its inputs resolved to
+    (``_solve_array``, or a compiled solve tracing this function again)."""
     adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options = modes.as_keywords(
         adjoint, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
     )
@@ -356,7 +357,7 @@ def _solve_resolved(
         # Once: a generator (module.parameters()) is read by the checks and again for the
         # rule's leaves.
         adjoint_params = differentiate.distinct(adjoint_params)
-    bk = resolve_backend(backend, {"y0": y0, "t": t, "params": params})
+    bk = backend
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
