@@ -122,9 +122,9 @@ SPAN_FROM = 3
 
 
 def _dense_coefficients(solver):
-    """The interpolant's coefficients as a (degree, nodes) float64 array, made once."""
-    coeffs = solver.__dict__.get("_span_coefficients")
+    """The interpolant's coefficients as a (degree, nodes) float64 array, made once per
+    prepared solver and kept with its other converted arrays (``ExplicitRK.native``)."""
+    coeffs = solver.native.get("dense_float64")
     if coeffs is None:
-        coeffs = np.asarray(solver.dense, dtype=np.float64).T
-        solver.__dict__["_span_coefficients"] = coeffs
+        coeffs = solver.native["dense_float64"] = np.asarray(solver.dense, dtype=np.float64).T
     return coeffs

@@ -59,7 +59,9 @@ class ExplicitRK:
         self.step_matrix = tuple(
             row.dense + (0.0,) * (self.stages - len(row.dense)) for row in self.step_rows
         )
-        self.native = {}  # stores may cache step_matrix as their own arrays here
+        # Arrays made from the tableau, kept per prepared solver: stores cache step_matrix in
+        # their own dtype here, the span outputs the interpolant's coefficients.
+        self.native = {}
         # The controller's exponent is 1/(q+1) with q the order of the error estimate
         # (Hairer, Norsett & Wanner I, section II.4).
         self.error_exponent_order = (tab.error_order or tab.order) + 1
