@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from odecore.backend import differentiate
+
 
 class FailedOutputs:
     """The outputs a failed solve did not reach, and the gradient policy for them.
@@ -98,9 +100,8 @@ class FailedOutputs:
         at where it did not get to, and the time gradients evaluate ``f`` at."""
         xp = self.backend.xp
         # A sample refused at the start (a NaN or infinite y0, INVALID_INPUT) reached no
-        # output at all: it is held at zero, a finite state at which its zero cotangents
-        # send nothing back, where NaN would leak into the parameters' adjoint as 0 * NaN.
-        held = [xp.where(self.nan[0], xp.zeros_like(ys[0]), ys[0])]
+        # output at all: it is held at a finite stand-in.
+        held = [differentiate.finite_stand_in(xp, self.nan[0], ys[0])]
         for i in range(1, ys.shape[0]):
             held.append(xp.where(self.nan[i], held[-1], ys[i]))
         return held

@@ -31,6 +31,16 @@ def distinct(values) -> tuple[Any, ...]:
     return tuple({id(x): x for x in values}.values())
 
 
+def finite_stand_in(xp, unused, y):
+    """``y`` with zero where ``unused`` (a mask that broadcasts against it): the state at
+    which ``f``, or its VJP, is evaluated for a sample nobody reads (refused at the start,
+    not reached, or sent a zero cotangent). What comes back for that sample is discarded or
+    multiplied by zero, but at a NaN or infinite state it would still reach every parameter
+    the batch shares, as ``0 * NaN`` in the summed gradient; at a finite state it is an
+    exact zero."""
+    return xp.where(unused, xp.zeros_like(y), y)
+
+
 def requires_grad(bk: Backend, values: Any) -> bool:
     return bk.autodiff is not None and bk.autodiff.requires_grad(values)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from odecore.backend import differentiate
 from odecore.deq.gmres import gmres
 from odecore.deq.iteration import Loop
 from odecore.deq.residual import norm
@@ -94,13 +95,12 @@ class FixedPointRule:
         the same VJP, so there is nothing to skip."""
         xp, opts = self.bk.xp, self.opts
         w = self.layout.to_internal(xp, z_bar)
-        # A sample with a non-finite z* (a NaN z0) that the loss does not read: f's VJP
-        # there is NaN even for its zero cotangent, which a parameter shared by the batch
-        # would sum. It is linearized at zero instead; what it sends back is zero either way.
+        # A sample with a non-finite z* (a NaN z0) that the loss does not read is
+        # linearized at a finite stand-in: f's VJP at z* is NaN even for a zero cotangent.
         unread = xp.logical_and(
             xp.logical_not(xp.all(xp.isfinite(z_star), axis=1)), xp.all(w == 0, axis=1)
         )
-        z_star = xp.where(unread[:, None], xp.zeros_like(z_star), z_star)
+        z_star = differentiate.finite_stand_in(xp, unread[:, None], z_star)
         with self.bk.no_grad():
             if opts.backward == "implicit":
                 pull_z, pull_all = self._pullbacks(z_star)

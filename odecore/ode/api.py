@@ -610,10 +610,9 @@ def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
     f = problem.dynamics.at_user_time
     invalid = ~xp.isfinite(sg(y0))
     if bk.is_traced(invalid) or bool(xp.any(invalid)):
-        # A sample refused for its non-finite y0 (throw=False) moves by nothing; f is
-        # evaluated at a finite stand-in, so that no NaN reaches the shared parameters'
-        # gradients as 0 * NaN.
-        step = _flow_increment(xp, f, t[0], xp.where(invalid, 0.0, y0), t_const[0] - t[0])
+        # A sample refused for its non-finite y0 (throw=False) moves by nothing.
+        y0_finite = differentiate.finite_stand_in(xp, invalid, y0)
+        step = _flow_increment(xp, f, t[0], y0_finite, t_const[0] - t[0])
         start = xp.where(invalid, 0.0, step)
     else:
         start = _flow_increment(xp, f, t[0], y0, t_const[0] - t[0])
@@ -625,9 +624,8 @@ def _direct_with_time_gradients(bk, run, prepared_problem, y0, t) -> Solution:
         unreached = None if solution.success else xp.isnan(sg(y))
         if unreached is not None:
             # An output the solve did not reach has no rate: its time gradient is left to
-            # FailedSolvePolicy. f is evaluated at a finite stand-in, whose graph then
-            # carries no NaN into the reached outputs' gradients.
-            y = xp.where(unreached, xp.zeros_like(y), y)
+            # FailedSolvePolicy.
+            y = differentiate.finite_stand_in(xp, unreached, y)
         step = _flow_increment(xp, f, t_const[i], y, t[i] - t_const[i])
         if unreached is not None:
             step = xp.where(unreached, xp.zeros_like(step), step)

@@ -9,7 +9,7 @@ from typing import Any
 from odecore import _validate
 from odecore._dynamics import Dynamics, explain_call
 from odecore._ops import ArrayOps, ScalarOps
-from odecore.backend import Backend
+from odecore.backend import Backend, differentiate
 from odecore.backend.layout import Layout, check_batch_axis
 from odecore.backend.layout import layout as make_layout
 from odecore.backend.parameters import check_params_tree, refuse_hidden_parameters
@@ -176,12 +176,14 @@ def prepare(
     if valid is not None:
         # An invalid sample is not solved: all its outputs are NaN (init_state). Its state
         # is a placeholder that f is still evaluated at, with the batch, before the loop
-        # stops it. Where autodiff may go through those evaluations (torch's direct mode), a
-        # NaN there would reach every shared parameter's gradient as 0 * NaN, so the
-        # placeholder is zero; elsewhere it is NaN, which, unlike zero or inf, passes
+        # stops it. Where autodiff may go through those evaluations (torch's direct mode),
+        # it is a finite stand-in; elsewhere it is NaN, which, unlike zero or inf, passes
         # through f without NumPy's floating-point warnings.
-        placeholder = 0.0 if bk.has_autodiff else math.nan
-        y0_int = xp.where(valid[..., None], y0_int, placeholder)
+        invalid = xp.logical_not(valid[..., None])
+        if bk.has_autodiff:
+            y0_int = differentiate.finite_stand_in(xp, invalid, y0_int)
+        else:
+            y0_int = xp.where(invalid, math.nan, y0_int)
     return Problem(
         backend=bk,
         valid=valid,
