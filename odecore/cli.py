@@ -6,7 +6,8 @@
 
 ``solve`` reports the final state, the solver's statistics, the error against the problem's
 reference value of ``y(t1)`` and the wall time. Bad arguments exit with status 2 and one line
-on stderr; a solve that fails (``odecore.SolveError``) exits with status 1.
+on stderr; a solve that fails (``odecore.SolveError``) exits with status 1; a warning of the
+solve (an rtol below the dtype's roundoff) is one line on stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -136,7 +138,7 @@ def _run_solve(args) -> int:
     precision = odecore.get_backend(backend).float64() if backend != "auto" else nullcontext()
     start = time.perf_counter()
     try:
-        with precision:
+        with precision, _warnings_as_lines():
             solution = odecore.solve(
                 problem.func,
                 y0,
@@ -159,6 +161,20 @@ def _run_solve(args) -> int:
 
     _report(problem, args, backend, solution, final, elapsed)
     return 0
+
+
+@contextmanager
+def _warnings_as_lines():
+    """Warnings raised by the solve, one line each on stderr as the errors are. Python's own
+    format points at the line that warned (here the console script's ``sys.exit(main())``)
+    and shows its source, which tells a command-line user nothing."""
+    with warnings.catch_warnings():
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            print(f"odecore solve: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _checked_problem(name: str) -> Problem:
@@ -208,9 +224,13 @@ def _checked_options(args) -> dict:
         )
     # rtol may be 0, as in the library (the error against atol alone); atol may not.
     if not (math.isfinite(args.rtol) and args.rtol >= 0):
-        raise _UsageError(f"odecore solve: error: --rtol must be non-negative, got {args.rtol!r}")
+        raise _UsageError(
+            f"odecore solve: error: --rtol must be a finite number >= 0, got {args.rtol!r}"
+        )
     if not (math.isfinite(args.atol) and args.atol > 0):
-        raise _UsageError(f"odecore solve: error: --atol must be positive, got {args.atol!r}")
+        raise _UsageError(
+            f"odecore solve: error: --atol must be a finite number > 0, got {args.atol!r}"
+        )
     options = {}
     if args.max_steps is not None:
         if args.max_steps < 1:

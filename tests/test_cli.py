@@ -134,6 +134,20 @@ def test_bad_numbers_exit_2(capsys, flags):
     assert_one_line_error(err, flags[0])
 
 
+def test_a_nan_rtol_is_refused_as_not_finite(capsys):
+    code, out, err = run(capsys, "solve", "decay", "--rtol", "nan")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "--rtol", "finite")
+
+
+def test_a_warning_of_the_solve_is_one_line_on_stderr(capsys):
+    # rtol below float64's unit roundoff (1.1e-16): the library warns that it cannot be met.
+    code, out, err = run(capsys, "solve", "decay", "--rtol", "1e-20", "--atol", "1e-12")
+    assert code == 0 and "final state" in out
+    assert err.startswith("odecore solve: warning: rtol=1e-20 is below the unit roundoff")
+    assert err.count("\n") == 1 and "sys.exit" not in err
+
+
 def test_zero_rtol_is_accepted_as_by_the_library(capsys):
     # rtol = 0 controls the error by atol alone; the command line refused it.
     code, out, err = run(capsys, "solve", "decay", "--rtol", "0", "--atol", "1e-10")
