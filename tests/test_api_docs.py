@@ -203,3 +203,14 @@ def test_a_lost_section_or_a_wrong_printed_value_fails() -> None:
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(wrong, out=lambda _: None)
     assert runner.failures == 1
+
+
+def test_odeint_documents_every_option() -> None:
+    """``solve`` and the API page send readers to ``odeint``'s docstring for the options:
+    every key ``options`` accepts must be named there."""
+    from odecore import _validate
+
+    valid = _validate._ADAPTIVE_OPTIONS | _validate._FIXED_OPTIONS
+    documented = sections(inspect.getdoc(odecore.odeint))["Parameters"]
+    missing = sorted(key for key in valid if f"``{key}``" not in documented)
+    assert not missing, f"odeint's docstring does not name the options {missing}"
