@@ -33,6 +33,13 @@ Checks (each gradient check covers every argument: ``y0``, each parameter, the t
   and the tolerance allow (``cross_rtol``). ``direct`` and ``checkpoint`` both give the exact
   gradient of the discrete solve, so each is compared with the other mode too (a backend has
   ``direct`` only where its framework can reverse through the loop).
+- ``cross:steps`` (float64 variants): every sample takes the accepted and rejected steps it
+  takes on every other backend. The step-size control is the same algorithm everywhere, and
+  its decisions differ only where an error ratio lies within rounding of 1, which float64's
+  rounding (1e-16 against tolerances of 1e-6 and tighter) leaves to chance alone; the
+  float32 case's rtol of 1e-5 is about 170 units of its rounding, and a decision flips now
+  and then. An error norm weighted or averaged wrongly still meets the tolerance, so the values
+  cannot show it, but it changes the steps.
 - ``vjp``: the case's hand-written VJP, evaluated on the backend in float64, matches central
   finite differences of the case's ``func`` on the same backend (one row per case).
 - ``reference-gradient``: the reference gradient itself matches central finite differences of
@@ -262,6 +269,9 @@ def cached(fn):
 class Solved:
     ys: np.ndarray
     steps: int  # accepted steps of the longest-running sample
+    # Per sample (one entry without a batch): the accepted and rejected steps.
+    naccept: np.ndarray
+    nreject: np.ndarray
 
 
 @cached
@@ -283,10 +293,11 @@ def solve_variant(backend_name: str, variant: Variant) -> Solved:
             f"ys has dtype {sol.ys.dtype}, the state {case.dtype}"
         )
         ys = to_numpy(bk, sol.ys)
-        steps = int(np.max(to_numpy(bk, sol.stats["naccept"])))
+        naccept = np.atleast_1d(to_numpy(bk, sol.stats["naccept"])).astype(np.int64)
+        nreject = np.atleast_1d(to_numpy(bk, sol.stats["nreject"])).astype(np.int64)
     expected_shape = (len(case.times), *case.y0.shape)
     assert ys.shape == expected_shape, f"ys has shape {ys.shape}, expected {expected_shape}"
-    return Solved(ys.astype(np.float64), steps)
+    return Solved(ys.astype(np.float64), int(np.max(naccept)), naccept, nreject)
 
 
 @cached
@@ -463,6 +474,30 @@ def check_cross_values(bk, variant: Variant) -> list[Measurement]:
         expected = solve_variant(peer.name, variant).ys
         labels = _labels("cross", "values", variant, f"ys vs {peer.name}")
         out.append(compare(ys, expected, cross_rtol(variant), floor, **labels))
+    return out
+
+
+def check_cross_steps(bk, variant: Variant) -> list[Measurement]:
+    """Each sample's accepted and rejected steps against every other backend's: equal. The
+    measurement is the largest difference in either count, with a bound of zero."""
+    mine = solve_variant(bk.name, variant)
+    out = []
+    for peer in peers(bk.name):
+        theirs = solve_variant(peer.name, variant)
+        labels = _labels("cross", "steps", variant, f"steps vs {peer.name}")
+        where = labels.pop("where")
+        difference = 0
+        for name in ("naccept", "nreject"):
+            a, b = getattr(mine, name), getattr(theirs, name)
+            if a.shape != b.shape:
+                out.append(Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape"))
+                break
+            gap = np.abs(a - b)
+            if gap.max() > difference:
+                sample = int(np.argmax(gap))
+                difference = int(gap.max())
+                where = f"{where}: {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
+        out.append(Measurement(**labels, error=float(difference), bound=0.0, where=where))
     return out
 
 
@@ -656,6 +691,7 @@ def finite_difference_gradient(case) -> dict:
 CHECK_FUNCTIONS = {
     "values": check_values,
     "cross:values": check_cross_values,
+    "cross:steps": check_cross_steps,
     "vjp": check_vjp,
     "reference-gradient": check_reference_gradient,
     **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
@@ -682,6 +718,8 @@ def _cells():
         modes = backend_modes(backend_name)
         for variant in VARIANTS:
             checks = ["values", "cross:values"]
+            if variant.case.dtype == "float64":
+                checks.append("cross:steps")
             if case_rows[variant.case] is variant:
                 checks.append("vjp")
                 if backend_name == REFERENCE_BACKEND:
@@ -828,3 +866,28 @@ def test_ci_subset_covers_every_family_mode_and_option() -> None:
 
     missing = cells(VARIANTS) - cells(v for v in VARIANTS if v.ci)
     assert not missing, f"no CI variant covers {sorted(missing)}"
+
+
+def test_cross_steps_fails_on_another_step_count(monkeypatch) -> None:
+    """The steps check can fail: one rejected step more on one sample is a difference of 1
+    against a bound of 0, and equal counts pass."""
+    counts = {
+        "mine": np.array([12, 30]),
+        "same": np.array([12, 30]),
+        "other": np.array([12, 31]),
+    }
+
+    def solved(name, variant):
+        return Solved(np.zeros((2, 2)), 30, np.array([10, 25]), counts[name])
+
+    class Peer:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr("conformance.test_conformance.solve_variant", solved)
+    monkeypatch.setattr(
+        "conformance.test_conformance.peers", lambda name: [Peer("same"), Peer("other")]
+    )
+    same, other = check_cross_steps(Peer("mine"), VARIANTS[0])
+    assert same.passed and not other.passed
+    assert other.error == 1.0 and "nreject[1] 30 against 31" in other.where

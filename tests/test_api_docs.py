@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import doctest
 import enum
+import importlib
 import importlib.util
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +205,51 @@ def test_a_lost_section_or_a_wrong_printed_value_fails() -> None:
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(wrong, out=lambda _: None)
     assert runner.failures == 1
+
+
+API_PAGES = sorted((Path(__file__).resolve().parents[1] / "docs" / "api").glob("*.md"))
+DIRECTIVE = re.compile(r"^::: (?P<name>[\w.]+)\n(?P<options>(?:[ \t]+\S.*\n)*)", re.M)
+
+
+def _directives() -> list[tuple[str, str, str]]:
+    """``(page, name, heading)`` of every ``::: name`` of the API pages; the heading is the
+    ``heading:`` option where the directive sets one, else the name."""
+    found = []
+    for page in API_PAGES:
+        for match in DIRECTIVE.finditer(page.read_text()):
+            heading = re.search(r"^\s+heading: ([\w.]+)$", match.group("options"), re.M)
+            name = match.group("name")
+            found.append((page.name, name, heading.group(1) if heading else name))
+    return found
+
+
+def _is_a_module_name(name: str) -> bool:
+    parent = importlib.import_module(name.rpartition(".")[0])
+    return hasattr(parent, "__path__") and importlib.util.find_spec(name) is not None
+
+
+def test_the_api_pages_render_each_public_object_itself() -> None:
+    """The reference resolves ``::: a.b.c`` from the source, a submodule first: a public
+    function named like the module that defines it (``odecore.cnf.divergence``) would render
+    as that module, its private helpers and no parameters of the function. Each directive
+    must name the object itself, and every public object must have one."""
+    shadowed = []
+    for page, name, _ in _directives():
+        module, _, attribute = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attribute)
+        if not inspect.ismodule(obj) and _is_a_module_name(name):
+            shadowed.append(f"{page}: {name} is also a module's name")
+    assert not shadowed, shadowed
+    headings = {heading for _, _, heading in _directives()}
+    assert not set(PUBLIC) - headings, sorted(set(PUBLIC) - headings)
+
+
+def test_odeint_documents_every_option() -> None:
+    """``solve`` and the API page send readers to ``odeint``'s docstring for the options:
+    every key ``options`` accepts must be named there."""
+    from odecore import _validate
+
+    valid = _validate._ADAPTIVE_OPTIONS | _validate._FIXED_OPTIONS
+    documented = sections(inspect.getdoc(odecore.odeint))["Parameters"]
+    missing = sorted(key for key in valid if f"``{key}``" not in documented)
+    assert not missing, f"odeint's docstring does not name the options {missing}"

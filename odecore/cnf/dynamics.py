@@ -222,7 +222,7 @@ def augmented_dynamics(
     ----------
     f : callable
         The velocity ``f(t, z)`` or ``f(t, z, params)``, as for
-        [`divergence`][odecore.cnf.divergence].
+        [`divergence`][odecore.cnf.divergence.divergence].
     event_shape : int or tuple of int
         One sample's shape.
     trace : {"exact", "hutchinson"}, default "exact"

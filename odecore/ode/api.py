@@ -160,9 +160,10 @@ def solve(
         ``y0`` that is not of a real floating dtype, an array of another library than the
         configured backend's).
     ValueError
-        An argument has a wrong value (a tolerance or step size that is not positive and
-        finite, an unknown method, option or ``adjoint`` mode, ``t`` not strictly monotonic, a
-        ``y0`` that is not finite with ``throw=True``, an empty ``event`` list).
+        An argument has a wrong value (an ``atol`` or step size that is not positive and
+        finite, an ``rtol`` that is negative or not finite, an unknown method, option or
+        ``adjoint`` mode, ``t`` not strictly monotonic, a ``y0`` that is not finite with
+        ``throw=True``, an empty ``event`` list).
     SolveError
         With ``throw=True``, on an eager backend, the solve failed: ``max_num_steps`` reached,
         step-size underflow, or a non-finite state. Its ``solution`` holds the partial result.
@@ -708,10 +709,12 @@ def odeint(
         that require grad, JAX arrays under ``jax.grad``). Any nesting of tuples, lists and
         dicts.
     rtol, atol : float or array, default 1e-7 and 1e-9
-        Relative and absolute tolerances (positive; arrays broadcast against ``y0``). An
-        ``rtol`` below the unit roundoff of ``y0``'s dtype (half its machine epsilon:
-        5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16) cannot be met, and
-        gets a [`PrecisionWarning`][odecore.PrecisionWarning]; so does such an ``adjoint_rtol``.
+        Relative and absolute tolerances (arrays broadcast against ``y0``): ``atol``
+        positive, ``rtol`` non-negative (``rtol=0`` measures the error against ``atol``
+        alone); both finite. An ``rtol`` below the unit roundoff of ``y0``'s dtype (half its
+        machine epsilon: 5.96e-8 for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16)
+        cannot be met, and gets a [`PrecisionWarning`][odecore.PrecisionWarning]; so does
+        such an ``adjoint_rtol``.
     method : str, optional
         One of [`odecore.METHODS`][odecore.METHODS]; ``"dopri5"`` by default.
         ``"scipy_solver"`` hands the solve to ``scipy.integrate.solve_ivp`` on the CPU
@@ -743,7 +746,8 @@ def odeint(
         never shrinks the next one; ``True``: it may, as in scipy, which rejects fewer steps
         where the error grows along the solution) and ``no_growth_after_reject`` (``True``:
         the step accepted right after a rejection may not let the next one grow) override
-        the named controller's settings.
+        the named controller's settings. With ``event``, also ``event_tol`` and
+        ``max_events``, as in [`solve`][odecore.solve].
     batch_axis : int, optional
         The axis of ``y0`` that indexes independent samples; each sample gets its own steps
         and the result for one sample equals solving it alone.
@@ -796,10 +800,10 @@ def odeint(
         ``y0`` is not of a real floating dtype, ``backend`` is not a name, or an array of
         another library is passed to a configured backend.
     ValueError
-        An argument has a wrong value: a tolerance or step size that is not positive and
-        finite, an unknown ``method``, option or ``adjoint`` mode, ``t`` not strictly
-        monotonic, a ``y0`` that is not finite, or ``adjoint_*`` settings with a mode that
-        takes none.
+        An argument has a wrong value: an ``atol`` or step size that is not positive and
+        finite, an ``rtol`` that is negative or not finite, an unknown ``method``, option or
+        ``adjoint`` mode, ``t`` not strictly monotonic, a ``y0`` that is not finite, or
+        ``adjoint_*`` settings with a mode that takes none.
     SolveError
         The solve failed (``max_num_steps`` reached, step-size underflow, a non-finite state)
         on an eager backend; the message says where and why.
