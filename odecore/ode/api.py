@@ -459,8 +459,8 @@ def _solve_resolved(
                     solution = _with_events_at_start(
                         bk, solution, event, params, y0_, t_, batch_axis, options, throw
                     )
-                if reporting is not None:  # nothing to report, but a bar to close
-                    reporting.close()
+                if reporting is not None:
+                    progress_reports.report_no_steps(bk, t_[0], reporting)
                 return None, LoopResult(solution, None, None)
             if compiled_backend:
                 _check_compiled_solve_supports(bk, problem)
