@@ -359,6 +359,37 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
+def step_budget(bk, ts, opts: dict, events) -> None:
+    """Refuse an ``options['max_step']`` too small for the solve to cover the span of the
+    (internal, increasing) times ``ts`` within ``options['max_num_steps']`` steps: every step
+    is at most ``max_step`` long, so it would run the whole budget and stop at
+    MAX_STEPS_REACHED. Left to that status where it cannot be known here: a traced span or
+    step, fixed steps (``max_step`` does not bound them), and a solve with events, which a
+    terminal event may end before ``t[-1]`` (``odeint_event`` solves toward a far horizon)."""
+    max_step = opts.get("max_step")
+    if (
+        max_step is None
+        or events is not None
+        or opts.get("step_size") is not None
+        or opts.get("grid_constructor") is not None
+        or bk.is_traced(max_step)
+        or bk.is_traced(ts)
+        or not math.isfinite(max_step)
+    ):
+        return
+    budget = opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+    span = float(ts[-1]) - float(ts[0])
+    # Steps of exactly span / budget fit; the margin keeps the rounding of the span and of
+    # the division from refusing them.
+    if span / max_step > budget * (1 + 1e-9):
+        raise ValueError(
+            f"options['max_step'] = {max_step:g} needs at least {span / max_step:.4g} steps "
+            f"to cover t's span of {span:g}, more than options['max_num_steps'] = {budget} "
+            f"allows: make max_step at least {span / budget:.6g} (the span over "
+            f"max_num_steps), or raise options['max_num_steps']"
+        )
+
+
 EVENT_OPTIONS = ("event_tol", "max_events")
 
 

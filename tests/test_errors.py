@@ -516,6 +516,55 @@ def test_max_num_steps_with_a_fixed_grid(backend, method):
     assert "rtol" not in message
 
 
+def test_a_max_step_too_small_for_max_num_steps_is_refused(backend):
+    # Steps of at most 0.001 need 1000 to cover [0, 1]; 50 cannot, whatever the solve does,
+    # and it stopped only when they ran out. The least max_step that fits is 1 / 50.
+    with pytest.raises(ValueError, match=r"max_step'\] = 0\.001 needs at least 1000 steps") as info:
+        solve(backend, options={"max_step": 1e-3, "max_num_steps": 50})
+    message = str(info.value)
+    assert "options['max_num_steps'] = 50" in message and "at least 0.02 " in message
+
+
+@pytest.mark.backend("numba")
+def test_numba_refuses_a_max_step_too_small_for_max_num_steps():
+    # The compiled solve's problem is checked as the others' are, before it runs.
+    with pytest.raises(ValueError, match=r"max_step'\] = 1e-300 needs at least 1e\+300 steps"):
+        odecore.solve(decay, Y0, TS, backend="numba", options={"max_step": 1e-300})
+
+
+def test_a_max_step_that_fits_max_num_steps_exactly_is_solved(backend):
+    # 50 steps of 1 / 50 cover [0, 1]: exactly the budget, not over it. The first step is
+    # max_step, and the error control accepts every step of that size on y' = -y at rtol
+    # 1e-7, so the solve takes all 50. Dopri5's local error at h = 0.02 is about h^6 / 720.
+    sol = solve(
+        backend,
+        t=np.array([0.0, 1.0]),
+        options={"max_step": 1 / 50, "first_step": 1 / 50, "max_num_steps": 50},
+    )
+    assert backend.stats(sol)["nsteps"] == 50
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), Y0 * math.exp(-1.0), rtol=1e-8)
+
+
+def test_a_small_max_step_with_a_terminal_event_is_not_refused(backend):
+    # The event at t = 0.05 ends the solve in 50 steps of 0.001, long before t[-1] = 1; the
+    # solve cannot know that before it runs.
+    hit = odecore.Event(lambda t, y: t - 0.05, terminal=True)
+    sol = solve(backend, options={"max_step": 1e-3, "max_num_steps": 60}, event=hit)
+    assert backend.status(sol) == Status.EVENT
+    assert float(backend.to_numpy(sol.events.t)) == pytest.approx(0.05, abs=1e-12)
+
+
+@pytest.mark.backend("jax")
+def test_a_small_max_step_under_jit_ends_in_the_status():
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        jnp = jax.numpy
+        options = {"max_step": 1e-3, "max_num_steps": 50}
+        run = jax.jit(lambda y0, t: odecore.solve(decay, y0, t, options=options, throw=False))
+        sol = run(jnp.asarray(Y0), jnp.asarray(TS))
+        assert int(sol.status) == Status.MAX_STEPS_REACHED
+
+
 def blow_up(t, y):
     return y * y  # y(0) = 1: y = 1 / (1 - t), infinite at t = 1
 

@@ -575,7 +575,8 @@ def _raise_compiled_failures(
 ) -> Solution:
     """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
     that status is known, an invalid input raises what an eager solve raises for it
-    (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
+    (``check_inputs`` runs those checks on the concrete inputs; a solve that ran out of
+    steps is checked too), and with ``throw`` a failed
     solve raises SolveError, whose remedies depend on whether ``method`` with ``options``
     stepped adaptively."""
     status, xp = solution.status, bk.xp
@@ -583,7 +584,10 @@ def _raise_compiled_failures(
         xp.all((status == int(Status.SUCCESS)) | (status == int(Status.EVENT)))
     ):
         return solution
-    if bool(xp.any(status == int(Status.INVALID_INPUT))):
+    # The compiled solve traces the times and the step sizes, so an options['max_step']
+    # too small for max_num_steps (_validate.step_budget) shows as the steps running out.
+    checked = (int(Status.INVALID_INPUT), int(Status.MAX_STEPS_REACHED))
+    if bool(xp.any((status == checked[0]) | (status == checked[1]))):
         check_inputs()
     if throw:
         adaptive = _validate.tableau(method, options).adaptive
