@@ -681,11 +681,43 @@ def time_array(bk, value, name: str, need: str, like=None):
     """Times as :func:`as_array` makes them, except that Python floats (alone or in
     sequences) are read at the backend's time dtype directly: through the library's default
     float (torch's float32) they would be rounded before reaching float64 time. Arrays keep
-    their dtype, and so do values that are not real floating (the caller refuses those)."""
-    arr = as_array(bk, value, name, need, like=like)
-    if hasattr(value, "dtype") or dtype_kind(bk.xp, arr.dtype) != "real floating":
+    their dtype, and so do values that are not real floating (the caller refuses those).
+    Python ints beyond int64, which no integer dtype holds (NumPy makes an object array of
+    them, torch and JAX refuse them), are read as floats, as scipy's ``solve_ivp`` reads
+    them."""
+    try:
+        arr = as_array(bk, value, name, need, like=like)
+    except (TypeError, OverflowError):
+        if not _python_reals(value):
+            raise
+        return _python_times(bk, value, name, need, like)
+    if hasattr(value, "dtype"):
         return arr
-    return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
+    kind = dtype_kind(bk.xp, arr.dtype)
+    if kind == "real floating":
+        return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
+    if kind is None and _python_reals(value):
+        return _python_times(bk, value, name, need, like)
+    return arr
+
+
+def _python_reals(value) -> bool:
+    """A Python real number, or a list or tuple of them (bools are not times)."""
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+
+
+def _python_times(bk, value, name: str, need: str, like):
+    """Python real numbers, some of them ints beyond int64, as times at the backend's time
+    dtype."""
+    try:
+        floats = [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} holds a Python int too large for a float: {_shown(value)}; pass the "
+            f"times as floats, in a time unit in which they are finite"
+        ) from None
+    return as_array(bk, floats, name, need, like=like, dtype=bk.time_dtype)
 
 
 def _shown(value) -> str:

@@ -73,6 +73,23 @@ def test_t_must_be_finite(backend, t):
         solve(backend, t=np.array(t))
 
 
+def test_python_ints_beyond_int64_in_t_are_read_as_floats(backend):
+    # No integer dtype holds 2**70 (NumPy made an object array, which was refused; torch and
+    # JAX refused the int): it is read as the float 2**70, as scipy's solve_ivp reads it.
+    # y' = -k y with k = 1e-21 has y(T) = y0 exp(-k T), k T = 1.18..., the span a few
+    # dozen steps; rtol 1e-10 leaves a global error far below the 1e-8 checked.
+    rate = 1e-21
+    sol = solve(backend, func=lambda t, y: -rate * y, t=[0, 2**70], rtol=1e-10, atol=1e-12)
+    assert backend.to_numpy(sol.ts).tolist() == [0.0, float(2**70)]
+    expected = Y0 * math.exp(-rate * float(2**70))
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), expected, rtol=1e-8)
+
+
+def test_a_python_int_too_large_for_a_float_in_t_is_refused(backend):
+    with pytest.raises(ValueError, match="t holds a Python int too large for a float.*floats"):
+        solve(backend, t=[0, 2**2000])
+
+
 @pytest.mark.parametrize(
     "t",
     [[-1.7e308, 1.7e308], [-1.7e308, 0.0, 1.7e308], [1.7e308, -1.7e308]],
