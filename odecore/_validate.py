@@ -668,12 +668,21 @@ def real_numbers(bk, value, name: str, what: str, convert=None):
 def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     """``value`` as the backend's array (on ``like``'s device), or a TypeError saying that
     ``name`` must be ``need`` where the library cannot convert it (each library words its
-    own refusal, and none names the argument)."""
+    own refusal, and none names the argument). ``like`` is y0: an array on another device
+    that cannot be moved to y0's is refused as being there, not as the wrong kind of value."""
     if value is None:
         raise TypeError(f"{name} must be {need}, got None")
     try:
         return bk.asarray(value, dtype=dtype, like=like)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError) as error:
+        device, target = getattr(value, "device", None), getattr(like, "device", None)
+        if device is not None and target is not None and device != target:
+            raise ValueError(
+                f"{name} is on device {str(device)!r} and y0 on {str(target)!r}, and {name} "
+                f"could not be moved to y0's device ({error}). Create {name} on y0's device, "
+                f"or move it there with .to(y0.device) (a 'meta' tensor holds no values to "
+                f"move: make {name} with its values on y0's device)"
+            ) from None
         raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
 
 

@@ -178,6 +178,17 @@ def test_y0_on_the_meta_device_is_refused():
         odecore.odeint(decay, y0, torch.tensor([0.0, 1.0]))
 
 
+@pytest.mark.backend("torch")
+def test_t_on_another_device_than_y0_is_refused_naming_both():
+    # t on the meta device cannot be moved to y0's (it holds no values); the refusal said
+    # t must be a 1-D array of output times, which it is.
+    import torch
+
+    t = torch.tensor([0.0, 1.0], device="meta")
+    with pytest.raises(ValueError, match=r"^t is on device 'meta' and y0 on 'cpu'.*y0's device"):
+        odecore.odeint(decay, torch.ones(2), t)
+
+
 def test_y0_must_be_finite(backend):
     with pytest.raises(ValueError, match="y0 contains NaN"):
         solve(backend, y0=np.array([1.0, math.nan]))
