@@ -226,8 +226,9 @@ def test_captured_differentiated_value_raises(x64):
     def loss(w):
         return solve(lambda z, p: w * z + p, z0, b).z.sum()
 
+    # The message names the fixed point's map as docs/deq.md writes it, not an ODE's func.
     for transform in (jax.grad, lambda fn: jax.jit(jax.grad(fn))):
-        with pytest.raises(ValueError, match="pass it in params"):
+        with pytest.raises(ValueError, match=r"fixed-point solve.*as f\(z, params\)"):
             transform(loss)(0.5)
     # Under grad of a jit the capture cannot be seen: the gradient is NaN, never a wrong
     # finite number (the true dz*/dw summed is 2 b / (1 - w)^2 = 8).
