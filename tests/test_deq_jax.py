@@ -240,6 +240,20 @@ def test_captured_differentiated_value_raises(x64):
     assert abs(float(g) - 8.0) < 1e-9
 
 
+@pytest.mark.parametrize("setting", ["tol", "damping"])
+def test_a_differentiated_setting_is_refused_by_name(x64, setting):
+    # Refused as being differentiated, as a solve's rtol is, not for the tracer's type.
+    z0, b = jnp.zeros((2, 1)), jnp.ones((2, 1))
+
+    def loss(value):
+        kwargs = {setting: value, "solver": "picard"}
+        return solve(lambda z, p: 0.5 * z + p, z0, b, **kwargs).z.sum()
+
+    for transform in (jax.grad, lambda fn: jax.jit(jax.grad(fn))):
+        with pytest.raises(ValueError, match=rf"^{setting} is being differentiated.*Python float"):
+            transform(loss)(0.5)
+
+
 def test_map_returning_a_list_is_named(x64):
     with pytest.raises(TypeError, match="f must return a jax array.*it returned a list"):
         solve(lambda z, b: [z, b], jnp.zeros((2, 1)), jnp.ones((2, 1)))
