@@ -815,10 +815,24 @@ def dynamics_output(bk, out, lay: Layout) -> None:
             f"dy/dt must have the shape of y"
         )
     if out.dtype != lay.user_dtype:
-        raise TypeError(
+        message = (
             f"func returned dtype {out.dtype} but the state y has dtype {lay.user_dtype}; return "
-            f"dy/dt in y's dtype (a float64 constant or t can promote it)"
+            f"dy/dt in y's dtype"
         )
+        xp = bk.xp
+        if dtype_kind(xp, out.dtype) == "real floating" and (
+            xp.finfo(out.dtype).bits > xp.finfo(lay.user_dtype).bits
+        ):
+            # The state is not promoted to what func computes in: the solve keeps y0's dtype,
+            # and a silent cast would hide that f's arithmetic runs wider than the state.
+            message += (
+                f". An array of params, a constant or t in {out.dtype} promoted it: give "
+                f"params (and constants) y0's dtype {lay.user_dtype}, cast what func returns "
+                f"to y.dtype, or pass y0 as {out.dtype} to solve in {out.dtype}"
+            )
+        else:
+            message += " (a float64 constant or t can promote it)"
+        raise TypeError(message)
 
 
 def snapshot(bk, x):

@@ -243,6 +243,23 @@ def test_func_wrong_dtype_float64_for_float32_state(backend):
         solve(backend, func=decay_in_float64, y0=Y0.astype(np.float32))
 
 
+def test_float64_params_with_a_float32_state_are_refused_saying_what_to_do(backend):
+    # The state is not promoted to func's float64 (nor func's result cast): every backend
+    # refuses, naming where the float64 comes from and the three ways out.
+    def scaled(t, y, p):
+        return -p * y
+
+    y0 = backend.asarray(Y0, dtype="float32")
+    t = backend.asarray(TS, dtype="float32")
+    wide = backend.dtype_text("float64")
+    with pytest.raises(TypeError, match=rf"An array of params.*in {re.escape(wide)} promoted"):
+        odecore.solve(scaled, y0, t, params=backend.asarray([0.5, 0.5], dtype="float64"))
+    # The first remedy: params in y0's dtype. y(1) = y0 exp(-1/2), to float32's rounding
+    # and rtol 1e-7.
+    sol = odecore.solve(scaled, y0, t, params=backend.asarray([0.5, 0.5], dtype="float32"))
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), Y0 * math.exp(-0.5), rtol=1e-5)
+
+
 def test_func_returns_a_non_array(backend):
     with pytest.raises(TypeError, match=f"func must return a {backend.name} array"):
         solve(backend, func=returns_a_list)
