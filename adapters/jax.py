@@ -144,7 +144,7 @@ class JaxAutodiff(Autodiff):
 
             forward_arrays, forward_consts = _closure_convert(forward, *primals)
             if any(differentiated(c) for c in forward_consts):
-                raise ValueError(_CAPTURED_MESSAGE)
+                raise ValueError(rule.captured_message)
             (out_shape, _), arrays_shape = jax.eval_shape(forward_arrays, *primals, *forward_consts)
 
             def backward(primals, arrays, out_bar, needs=None):
@@ -500,12 +500,6 @@ def _captures_tracers(value) -> bool:
 def _zeros_like_shapes(shapes):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-
-_CAPTURED_MESSAGE = (
-    "a value being differentiated reaches the solve other than through y0, t or params: func "
-    "captures it, or it is a tolerance or an option. The gradient rules differentiate only "
-    "y0, t and the arrays in params; pass it in params, as func(t, y, params)"
-)
 
 _ADJOINT_PARAMS_MESSAGE = (
     "on the 'jax' backend gradients reach the floating-point arrays of params (a pytree), "

@@ -359,6 +359,37 @@ def options(opts: dict | None, rk) -> dict:
     return out
 
 
+def step_budget(bk, ts, opts: dict, events) -> None:
+    """Refuse an ``options['max_step']`` too small for the solve to cover the span of the
+    (internal, increasing) times ``ts`` within ``options['max_num_steps']`` steps: every step
+    is at most ``max_step`` long, so it would run the whole budget and stop at
+    MAX_STEPS_REACHED. Left to that status where it cannot be known here: a traced span or
+    step, fixed steps (``max_step`` does not bound them), and a solve with events, which a
+    terminal event may end before ``t[-1]`` (``odeint_event`` solves toward a far horizon)."""
+    max_step = opts.get("max_step")
+    if (
+        max_step is None
+        or events is not None
+        or opts.get("step_size") is not None
+        or opts.get("grid_constructor") is not None
+        or bk.is_traced(max_step)
+        or bk.is_traced(ts)
+        or not math.isfinite(max_step)
+    ):
+        return
+    budget = opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+    span = float(ts[-1]) - float(ts[0])
+    # Steps of exactly span / budget fit; the margin keeps the rounding of the span and of
+    # the division from refusing them.
+    if span / max_step > budget * (1 + 1e-9):
+        raise ValueError(
+            f"options['max_step'] = {max_step:g} needs at least {span / max_step:.4g} steps "
+            f"to cover t's span of {span:g}, more than options['max_num_steps'] = {budget} "
+            f"allows: make max_step at least {span / budget:.6g} (the span over "
+            f"max_num_steps), or raise options['max_num_steps']"
+        )
+
+
 EVENT_OPTIONS = ("event_tol", "max_events")
 
 
@@ -637,12 +668,21 @@ def real_numbers(bk, value, name: str, what: str, convert=None):
 def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     """``value`` as the backend's array (on ``like``'s device), or a TypeError saying that
     ``name`` must be ``need`` where the library cannot convert it (each library words its
-    own refusal, and none names the argument)."""
+    own refusal, and none names the argument). ``like`` is y0: an array on another device
+    that cannot be moved to y0's is refused as being there, not as the wrong kind of value."""
     if value is None:
         raise TypeError(f"{name} must be {need}, got None")
     try:
         return bk.asarray(value, dtype=dtype, like=like)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError) as error:
+        device, target = getattr(value, "device", None), getattr(like, "device", None)
+        if device is not None and target is not None and device != target:
+            raise ValueError(
+                f"{name} is on device {str(device)!r} and y0 on {str(target)!r}, and {name} "
+                f"could not be moved to y0's device ({error}). Create {name} on y0's device, "
+                f"or move it there with .to(y0.device) (a 'meta' tensor holds no values to "
+                f"move: make {name} with its values on y0's device)"
+            ) from None
         raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
 
 
@@ -650,11 +690,43 @@ def time_array(bk, value, name: str, need: str, like=None):
     """Times as :func:`as_array` makes them, except that Python floats (alone or in
     sequences) are read at the backend's time dtype directly: through the library's default
     float (torch's float32) they would be rounded before reaching float64 time. Arrays keep
-    their dtype, and so do values that are not real floating (the caller refuses those)."""
-    arr = as_array(bk, value, name, need, like=like)
-    if hasattr(value, "dtype") or dtype_kind(bk.xp, arr.dtype) != "real floating":
+    their dtype, and so do values that are not real floating (the caller refuses those).
+    Python ints beyond int64, which no integer dtype holds (NumPy makes an object array of
+    them, torch and JAX refuse them), are read as floats, as scipy's ``solve_ivp`` reads
+    them."""
+    try:
+        arr = as_array(bk, value, name, need, like=like)
+    except (TypeError, OverflowError):
+        if not _python_reals(value):
+            raise
+        return _python_times(bk, value, name, need, like)
+    if hasattr(value, "dtype"):
         return arr
-    return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
+    kind = dtype_kind(bk.xp, arr.dtype)
+    if kind == "real floating":
+        return as_array(bk, value, name, need, like=like, dtype=bk.time_dtype)
+    if kind is None and _python_reals(value):
+        return _python_times(bk, value, name, need, like)
+    return arr
+
+
+def _python_reals(value) -> bool:
+    """A Python real number, or a list or tuple of them (bools are not times)."""
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+
+
+def _python_times(bk, value, name: str, need: str, like):
+    """Python real numbers, some of them ints beyond int64, as times at the backend's time
+    dtype."""
+    try:
+        floats = [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} holds a Python int too large for a float: {_shown(value)}; pass the "
+            f"times as floats, in a time unit in which they are finite"
+        ) from None
+    return as_array(bk, floats, name, need, like=like, dtype=bk.time_dtype)
 
 
 def _shown(value) -> str:
@@ -743,10 +815,24 @@ def dynamics_output(bk, out, lay: Layout) -> None:
             f"dy/dt must have the shape of y"
         )
     if out.dtype != lay.user_dtype:
-        raise TypeError(
+        message = (
             f"func returned dtype {out.dtype} but the state y has dtype {lay.user_dtype}; return "
-            f"dy/dt in y's dtype (a float64 constant or t can promote it)"
+            f"dy/dt in y's dtype"
         )
+        xp = bk.xp
+        if dtype_kind(xp, out.dtype) == "real floating" and (
+            xp.finfo(out.dtype).bits > xp.finfo(lay.user_dtype).bits
+        ):
+            # The state is not promoted to what func computes in: the solve keeps y0's dtype,
+            # and a silent cast would hide that f's arithmetic runs wider than the state.
+            message += (
+                f". An array of params, a constant or t in {out.dtype} promoted it: give "
+                f"params (and constants) y0's dtype {lay.user_dtype}, cast what func returns "
+                f"to y.dtype, or pass y0 as {out.dtype} to solve in {out.dtype}"
+            )
+        else:
+            message += " (a float64 constant or t can promote it)"
+        raise TypeError(message)
 
 
 def snapshot(bk, x):

@@ -470,6 +470,26 @@ def test_torch_module_parameters_get_gradients(adjoint, data):
 
 
 @pytest.mark.backend("torch")
+def test_torch_module_capturing_a_tensor_is_refused_naming_the_velocity():
+    # A tensor wanting a gradient that the module uses but does not own would get none from
+    # the backsolve. The refusal writes the velocity as the CNF documents it, f(t, z, params).
+    import torch
+
+    b = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
+
+        def forward(self, t, z):
+            return self.a * z + b
+
+    with pytest.raises(ValueError, match=r"^f uses 1 tensor.*params=\.\.\. \(f\(t, z, params\)\)"):
+        cnf.log_prob(Shifted(), torch.as_tensor(X1), (0.0, T1), adjoint="backsolve")
+
+
+@pytest.mark.backend("torch")
 def test_torch_backsolve_reuses_the_forward_probes():
     # For f = A z the Hutchinson log-density is log N(e^{AT} x) + T sum_b eps_b^T A eps_b, so
     # its A-gradient holds T sum_b eps_b eps_b^T for the forward's probes: a backward solve

@@ -226,8 +226,9 @@ def test_captured_differentiated_value_raises(x64):
     def loss(w):
         return solve(lambda z, p: w * z + p, z0, b).z.sum()
 
+    # The message names the fixed point's map as docs/deq.md writes it, not an ODE's func.
     for transform in (jax.grad, lambda fn: jax.jit(jax.grad(fn))):
-        with pytest.raises(ValueError, match="pass it in params"):
+        with pytest.raises(ValueError, match=r"fixed-point solve.*as f\(z, params\)"):
             transform(loss)(0.5)
     # Under grad of a jit the capture cannot be seen: the gradient is NaN, never a wrong
     # finite number (the true dz*/dw summed is 2 b / (1 - w)^2 = 8).
@@ -237,6 +238,20 @@ def test_captured_differentiated_value_raises(x64):
         jnp.asarray(0.5)
     )
     assert abs(float(g) - 8.0) < 1e-9
+
+
+@pytest.mark.parametrize("setting", ["tol", "damping"])
+def test_a_differentiated_setting_is_refused_by_name(x64, setting):
+    # Refused as being differentiated, as a solve's rtol is, not for the tracer's type.
+    z0, b = jnp.zeros((2, 1)), jnp.ones((2, 1))
+
+    def loss(value):
+        kwargs = {setting: value, "solver": "picard"}
+        return solve(lambda z, p: 0.5 * z + p, z0, b, **kwargs).z.sum()
+
+    for transform in (jax.grad, lambda fn: jax.jit(jax.grad(fn))):
+        with pytest.raises(ValueError, match=rf"^{setting} is being differentiated.*Python float"):
+            transform(loss)(0.5)
 
 
 def test_map_returning_a_list_is_named(x64):

@@ -73,6 +73,23 @@ def test_t_must_be_finite(backend, t):
         solve(backend, t=np.array(t))
 
 
+def test_python_ints_beyond_int64_in_t_are_read_as_floats(backend):
+    # No integer dtype holds 2**70 (NumPy made an object array, which was refused; torch and
+    # JAX refused the int): it is read as the float 2**70, as scipy's solve_ivp reads it.
+    # y' = -k y with k = 1e-21 has y(T) = y0 exp(-k T), k T = 1.18..., the span a few
+    # dozen steps; rtol 1e-10 leaves a global error far below the 1e-8 checked.
+    rate = 1e-21
+    sol = solve(backend, func=lambda t, y: -rate * y, t=[0, 2**70], rtol=1e-10, atol=1e-12)
+    assert backend.to_numpy(sol.ts).tolist() == [0.0, float(2**70)]
+    expected = Y0 * math.exp(-rate * float(2**70))
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), expected, rtol=1e-8)
+
+
+def test_a_python_int_too_large_for_a_float_in_t_is_refused(backend):
+    with pytest.raises(ValueError, match="t holds a Python int too large for a float.*floats"):
+        solve(backend, t=[0, 2**2000])
+
+
 @pytest.mark.parametrize(
     "t",
     [[-1.7e308, 1.7e308], [-1.7e308, 0.0, 1.7e308], [1.7e308, -1.7e308]],
@@ -161,6 +178,17 @@ def test_y0_on_the_meta_device_is_refused():
         odecore.odeint(decay, y0, torch.tensor([0.0, 1.0]))
 
 
+@pytest.mark.backend("torch")
+def test_t_on_another_device_than_y0_is_refused_naming_both():
+    # t on the meta device cannot be moved to y0's (it holds no values); the refusal said
+    # t must be a 1-D array of output times, which it is.
+    import torch
+
+    t = torch.tensor([0.0, 1.0], device="meta")
+    with pytest.raises(ValueError, match=r"^t is on device 'meta' and y0 on 'cpu'.*y0's device"):
+        odecore.odeint(decay, torch.ones(2), t)
+
+
 def test_y0_must_be_finite(backend):
     with pytest.raises(ValueError, match="y0 contains NaN"):
         solve(backend, y0=np.array([1.0, math.nan]))
@@ -213,6 +241,23 @@ def test_func_wrong_dtype_float64_for_float32_state(backend):
     match = f"func returned dtype {re.escape(backend.dtype_text('float64'))}"
     with pytest.raises(TypeError, match=match):
         solve(backend, func=decay_in_float64, y0=Y0.astype(np.float32))
+
+
+def test_float64_params_with_a_float32_state_are_refused_saying_what_to_do(backend):
+    # The state is not promoted to func's float64 (nor func's result cast): every backend
+    # refuses, naming where the float64 comes from and the three ways out.
+    def scaled(t, y, p):
+        return -p * y
+
+    y0 = backend.asarray(Y0, dtype="float32")
+    t = backend.asarray(TS, dtype="float32")
+    wide = backend.dtype_text("float64")
+    with pytest.raises(TypeError, match=rf"An array of params.*in {re.escape(wide)} promoted"):
+        odecore.solve(scaled, y0, t, params=backend.asarray([0.5, 0.5], dtype="float64"))
+    # The first remedy: params in y0's dtype. y(1) = y0 exp(-1/2), to float32's rounding
+    # and rtol 1e-7.
+    sol = odecore.solve(scaled, y0, t, params=backend.asarray([0.5, 0.5], dtype="float32"))
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), Y0 * math.exp(-0.5), rtol=1e-5)
 
 
 def test_func_returns_a_non_array(backend):
@@ -514,6 +559,55 @@ def test_max_num_steps_with_a_fixed_grid(backend, method):
     message = str(info.value)
     assert "take larger steps" in message and "step_size" in message
     assert "rtol" not in message
+
+
+def test_a_max_step_too_small_for_max_num_steps_is_refused(backend):
+    # Steps of at most 0.001 need 1000 to cover [0, 1]; 50 cannot, whatever the solve does,
+    # and it stopped only when they ran out. The least max_step that fits is 1 / 50.
+    with pytest.raises(ValueError, match=r"max_step'\] = 0\.001 needs at least 1000 steps") as info:
+        solve(backend, options={"max_step": 1e-3, "max_num_steps": 50})
+    message = str(info.value)
+    assert "options['max_num_steps'] = 50" in message and "at least 0.02 " in message
+
+
+@pytest.mark.backend("numba")
+def test_numba_refuses_a_max_step_too_small_for_max_num_steps():
+    # The compiled solve's problem is checked as the others' are, before it runs.
+    with pytest.raises(ValueError, match=r"max_step'\] = 1e-300 needs at least 1e\+300 steps"):
+        odecore.solve(decay, Y0, TS, backend="numba", options={"max_step": 1e-300})
+
+
+def test_a_max_step_that_fits_max_num_steps_exactly_is_solved(backend):
+    # 50 steps of 1 / 50 cover [0, 1]: exactly the budget, not over it. The first step is
+    # max_step, and the error control accepts every step of that size on y' = -y at rtol
+    # 1e-7, so the solve takes all 50. Dopri5's local error at h = 0.02 is about h^6 / 720.
+    sol = solve(
+        backend,
+        t=np.array([0.0, 1.0]),
+        options={"max_step": 1 / 50, "first_step": 1 / 50, "max_num_steps": 50},
+    )
+    assert backend.stats(sol)["nsteps"] == 50
+    np.testing.assert_allclose(backend.to_numpy(sol.ys[-1]), Y0 * math.exp(-1.0), rtol=1e-8)
+
+
+def test_a_small_max_step_with_a_terminal_event_is_not_refused(backend):
+    # The event at t = 0.05 ends the solve in 50 steps of 0.001, long before t[-1] = 1; the
+    # solve cannot know that before it runs.
+    hit = odecore.Event(lambda t, y: t - 0.05, terminal=True)
+    sol = solve(backend, options={"max_step": 1e-3, "max_num_steps": 60}, event=hit)
+    assert backend.status(sol) == Status.EVENT
+    assert float(backend.to_numpy(sol.events.t)) == pytest.approx(0.05, abs=1e-12)
+
+
+@pytest.mark.backend("jax")
+def test_a_small_max_step_under_jit_ends_in_the_status():
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        jnp = jax.numpy
+        options = {"max_step": 1e-3, "max_num_steps": 50}
+        run = jax.jit(lambda y0, t: odecore.solve(decay, y0, t, options=options, throw=False))
+        sol = run(jnp.asarray(Y0), jnp.asarray(TS))
+        assert int(sol.status) == Status.MAX_STEPS_REACHED
 
 
 def blow_up(t, y):

@@ -106,12 +106,45 @@ def test_a_stopped_sample_does_not_hold_the_reported_time(every_step):
     assert recorder.closed == 1
 
 
-def test_a_single_output_time_closes_the_target():
-    # The solve returns y0 with no steps: nothing to report, but close() is called once, as
-    # for every solve (a tqdm bar was left open).
+def decay(t, y):
+    return -y
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "torch", "jax"])
+def test_a_single_output_time_reports_once_and_closes(backend):
+    # The solve returns y0 with no step, so it ends at t0 with no steps: one update saying
+    # so, as at the end of any solve, then the close.
+    xp = {"numpy": "numpy", "numba": "numpy", "torch": "torch", "jax": "jax.numpy"}[backend]
+    xp = pytest.importorskip(xp)
+    if backend == "numba":
+        pytest.importorskip("numba")
+    y0, t = xp.asarray([1.0]), xp.asarray([0.3])
     recorder = Recorder()
-    sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.array([0.3]), progress=recorder)
-    assert sol.success and recorder.reports == [] and recorder.closed == 1
+    sol = odecore.solve(decay, y0, t, progress=recorder, backend=backend)
+    assert int(sol.stats["naccept"]) == 0
+    assert recorder.reports == [(float(t[0]), 0, 0, "")] and recorder.closed == 1
+
+
+def test_a_single_output_time_reports_at_each_run_under_jit(jax_x64):
+    jax, jnp = jax_x64, jax_x64.numpy
+    recorder = Recorder()
+    solve = jax.jit(lambda y0, t: odecore.solve(decay, y0, t, progress=recorder).ys)
+    for run in (1, 2):
+        jax.block_until_ready(solve(jnp.ones(1), jnp.array([0.3])))
+        assert recorder.reports == [(0.3, 0, 0, "")] * run and recorder.closed == run
+
+
+def test_a_single_output_time_fills_a_tqdm_bar():
+    # progress=True made no bar before the solve started, and closing it raised; a bar of
+    # the user's own was left without a total. The span is 0, and the bar reaches it.
+    tqdm = pytest.importorskip("tqdm")
+    out = io.StringIO()
+    bar = tqdm.tqdm(file=out)
+    sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.array([0.3]), progress=bar)
+    assert bar.total == 0.0 and bar.n == 0.0
+    assert "t=0.3, accepted=0, rejected=0" in out.getvalue()
+    sol = odecore.solve(lambda t, y: -y, np.array([1.0]), np.array([0.3]), progress=True)
+    assert sol.success and sol.stats["naccept"] == 0
 
 
 def test_torch_reports_and_changes_nothing(every_step):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from odecore.adjoint.rule import SOLVE_CAPTURED_MESSAGE
 from odecore.backend import differentiate
 
 
@@ -125,6 +126,7 @@ class FailedSolvePolicy:
         "second-order gradients (create_graph=True) are not available for the outputs of a "
         "failed solve"
     )
+    captured_message = SOLVE_CAPTURED_MESSAGE
 
     def __init__(self, bk, layout):
         self.backend, self.layout = bk, layout

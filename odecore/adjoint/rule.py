@@ -18,11 +18,13 @@ arrays)`` rebuilds the residuals from the primals and them (``arrays=None`` only
 primals, where their values are still known). ``captured()`` lists the arrays the rule
 closes over besides its primals (tolerances given as arrays, say), which such a framework
 must pass in explicitly. ``second_order_message`` says why the backward cannot be
-differentiated again, for the error a framework raises when asked to. ``rereads(primals,
-out)``, where a rule has it, lists the arrays among the primals and the output that
-``backward`` reads again (the outputs a backsolve restarts from, the parameters it evaluates
-the dynamics at): a framework whose arrays can be written in place refuses a backward after
-one of them was, as it does for its own operations.
+differentiated again, for the error a framework raises when asked to; ``captured_message``
+what to do about a differentiated value that reaches the rule other than through its
+primals (the framework can only refuse it), in the words of the rule's own function.
+``rereads(primals, out)``, where a rule has it, lists the arrays among the primals and the
+output that ``backward`` reads again (the outputs a backsolve restarts from, the parameters
+it evaluates the dynamics at): a framework whose arrays can be written in place refuses a
+backward after one of them was, as it does for its own operations.
 
 Policy for failed computations (NaN gradients for outputs a failed solve did not reach) lives
 in the rule's backward, never in an adapter.
@@ -32,9 +34,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+# ``captured_message`` of the rules of an ODE solve.
+SOLVE_CAPTURED_MESSAGE = (
+    "a value being differentiated reaches the solve other than through y0, t or params: func "
+    "captures it, or it is a tolerance or an option. The gradient rules differentiate only "
+    "y0, t and the arrays in params; pass it in params, as func(t, y, params)"
+)
+
 
 class Rule(Protocol):
     second_order_message: str
+    captured_message: str
 
     def forward(self, *primals: Any) -> tuple[Any, dict, Any]: ...
 

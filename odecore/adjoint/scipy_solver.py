@@ -17,6 +17,7 @@ from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.adjoint.backsolve import _augmented_dynamics
 from odecore.adjoint.failed import FailedOutputs
+from odecore.adjoint.rule import SOLVE_CAPTURED_MESSAGE
 from odecore.adjoint.time_grads import finish_gradients
 from odecore.backend import differentiate
 from odecore.backend.structured import StateStructure, StructuredFunc, describe, is_structured
@@ -203,6 +204,7 @@ class ScipyRule:
         "pass computes first-order gradients only; use one of odecore's methods with "
         "adjoint='direct'"
     )
+    captured_message = SOLVE_CAPTURED_MESSAGE
 
     def __init__(self, bk, problem_of, solver, passed_on, keywords, adjoint):
         self.bk = bk

@@ -9,12 +9,15 @@ import dataclasses
 from odecore.adjoint.backsolve import backsolve_backward
 from odecore.adjoint.checkpoint import checkpoint_backward
 from odecore.adjoint.failed import FailedOutputs
+from odecore.adjoint.rule import SOLVE_CAPTURED_MESSAGE
 from odecore.adjoint.time_grads import finish_gradients
 from odecore.ode.tape import TapeBuffers
 
 
 class SolveRule:
     """One solve as a framework-neutral forward / backward pair."""
+
+    captured_message = SOLVE_CAPTURED_MESSAGE
 
     def __init__(self, mode: str, run, backsolve_settings: dict | None = None, prepare=None):
         # ``run(y0, t, record, leaves)`` prepares and runs the forward loop, returning

@@ -43,9 +43,12 @@ def _is_array(x) -> bool:
     return library_of(x) is not None
 
 
-def refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis):
+def refuse_hidden_parameters(
+    bk, func, params, leaves, t, y0, batch_axis, called_as="func(t, y, params)"
+):
     """Refuse arrays ``func`` uses that want a gradient without being among ``leaves``:
-    backsolve and checkpoint differentiate only ``leaves``, and would give them none."""
+    backsolve and checkpoint differentiate only ``leaves``, and would give them none.
+    ``called_as``: how the caller's documentation writes ``func`` called with ``params``."""
     if bk.autodiff is None:
         return
     xp = bk.xp
@@ -57,10 +60,11 @@ def refuse_hidden_parameters(bk, func, params, leaves, t, y0, batch_axis):
     hidden = bk.autodiff.hidden_parameters(func, params, leaves, t0, y0)
     if hidden:
         shapes = ", ".join(str(tuple(x.shape)) for x in hidden[:5])
+        name = called_as.partition("(")[0]
         raise ValueError(
-            f"func uses {len(hidden)} tensor(s) that require grad but are not among its "
+            f"{name} uses {len(hidden)} tensor(s) that require grad but are not among its "
             f"parameters (shapes {shapes}); adjoint='backsolve' and 'checkpoint' "
             f"differentiate only with respect to parameters they know of, so these would "
-            f"get no gradient. Pass them with params=... (func(t, y, params)), list them "
-            f"in adjoint_params=..., or make func an nn.Module that owns them"
+            f"get no gradient. Pass them with params=... ({called_as}), list them "
+            f"in adjoint_params=..., or make {name} an nn.Module that owns them"
         )

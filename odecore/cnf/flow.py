@@ -807,7 +807,9 @@ def _parameter_arguments(bk, f, params, t, x, solve_kwargs) -> dict:
     held = differentiate.param_leaves(bk, None, params)
     if len(leaves) == len(held):
         return {}
-    refuse_hidden_parameters(bk, f, params, leaves, t, x, solve_kwargs.get("batch_axis"))
+    refuse_hidden_parameters(
+        bk, f, params, leaves, t, x, solve_kwargs.get("batch_axis"), called_as="f(t, z, params)"
+    )
     return {"adjoint_params": leaves}
 
 

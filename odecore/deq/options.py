@@ -7,6 +7,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from odecore.backend import get_backend, library_of
+
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
 BACKWARD_SOLVERS = ("picard", "anderson", "broyden", "gmres")
@@ -196,6 +198,13 @@ def integer(name, value, least=1) -> int:
 def number(name, value, low, high, low_open=False) -> float:
     """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if _differentiated(value):
+            raise ValueError(
+                f"{name} is being differentiated, and a fixed-point solve has no gradient "
+                f"with respect to its tolerances or options: only the arrays in params get "
+                f"gradients. Pass {name} as a Python float; for a gradient with respect to a "
+                f"value that f reads, pass it in params"
+            )
         raise TypeError(f"{name} must be a real number (a Python float), got {describe(value)}")
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high) or (low_open and value == low):
@@ -203,6 +212,16 @@ def number(name, value, low, high, low_open=False) -> float:
         closing = ")" if high == math.inf else "]"
         raise ValueError(f"{name} must lie in {bracket}{low}, {high}{closing}, got {value!r}")
     return value
+
+
+def _differentiated(value) -> bool:
+    """Whether ``value`` is an array its framework differentiates (``Autodiff.differentiates``:
+    a JAX value under ``grad``), so that its refusal says so rather than name its type."""
+    library = library_of(value)
+    if library is None:
+        return False
+    autodiff = get_backend(library).autodiff
+    return autodiff is not None and autodiff.differentiates(value)
 
 
 def describe(value) -> str:

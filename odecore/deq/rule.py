@@ -32,6 +32,11 @@ class FixedPointRule:
         "second-order gradients (create_graph=True) are not available through a fixed point: "
         "its backward pass computes first-order gradients only"
     )
+    captured_message = (
+        "a value being differentiated reaches the fixed-point solve other than through "
+        "params: f captures it, or it is tol or an option. The gradient reaches only the "
+        "arrays in params; pass it in params and read it there, as f(z, params)"
+    )
 
     @staticmethod
     def captured():

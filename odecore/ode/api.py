@@ -461,8 +461,8 @@ def _solve_resolved(
                     solution = _with_events_at_start(
                         bk, solution, event, params, y0_, t_, batch_axis, options, throw
                     )
-                if reporting is not None:  # nothing to report, but a bar to close
-                    reporting.close()
+                if reporting is not None:
+                    progress_reports.report_no_steps(bk, t_[0], reporting)
                 return None, LoopResult(solution, None, None)
             if compiled_backend:
                 _check_compiled_solve_supports(bk, problem)
@@ -577,7 +577,8 @@ def _raise_compiled_failures(
 ) -> Solution:
     """A compiled solve (``Backend.compiled_solve``) reports every failure in its status. Where
     that status is known, an invalid input raises what an eager solve raises for it
-    (``check_inputs`` runs those checks on the concrete inputs), and with ``throw`` a failed
+    (``check_inputs`` runs those checks on the concrete inputs; a solve that ran out of
+    steps is checked too), and with ``throw`` a failed
     solve raises SolveError, whose remedies depend on whether ``method`` with ``options``
     stepped adaptively."""
     status, xp = solution.status, bk.xp
@@ -585,7 +586,10 @@ def _raise_compiled_failures(
         xp.all((status == int(Status.SUCCESS)) | (status == int(Status.EVENT)))
     ):
         return solution
-    if bool(xp.any(status == int(Status.INVALID_INPUT))):
+    # The compiled solve traces the times and the step sizes, so an options['max_step']
+    # too small for max_num_steps (_validate.step_budget) shows as the steps running out.
+    checked = (int(Status.INVALID_INPUT), int(Status.MAX_STEPS_REACHED))
+    if bool(xp.any((status == checked[0]) | (status == checked[1]))):
         check_inputs()
     if throw:
         adaptive = _validate.tableau(method, options).adaptive

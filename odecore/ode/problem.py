@@ -143,6 +143,7 @@ def prepare(
     else:
         sign = 1.0 if bool(forward) else -1.0
     ts = ts_user * sign
+    _validate.step_budget(bk, ts, opts, events)
     ops_class = ScalarOps if scalar else ArrayOps
     ops = ops_class(bk, layout.dtype, layout.user_dtype)
     step_size = opts.get("step_size")

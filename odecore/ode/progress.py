@@ -305,6 +305,25 @@ def run_reported(problem, cond, body, state, reporting):
     return state
 
 
+def report_no_steps(bk, t0, reporting) -> None:
+    """Report a solve with a single output time, which ends at ``t0`` with no step: one
+    update with ``t0`` and no steps, then the close, as at the end of any solve. A bar's
+    total is then the zero span, and its position reaches it. Eagerly on an eager
+    backend, through the backend's host callback on a tracing one (each run of a jitted
+    solve reports)."""
+    if bk.eager:
+        t0 = float(t0)
+        try:
+            reporting.begin(t0, t0, 1.0)
+            reporting.report(t0, 0, 0, math.nan)
+        finally:
+            reporting.close()
+        return
+    host = bk.tracing.host_callback
+    host(_host_begin(reporting), t0, t0, 1.0)
+    host(_host(reporting.end), t0, 0, 0, math.nan)
+
+
 def _eager_body(problem, body, reporting):
     def reported(state):
         state = body(state)
