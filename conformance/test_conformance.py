@@ -486,18 +486,21 @@ def check_cross_steps(bk, variant: Variant) -> list[Measurement]:
         theirs = solve_variant(peer.name, variant)
         labels = _labels("cross", "steps", variant, f"steps vs {peer.name}")
         where = labels.pop("where")
-        difference = 0
+        shapes = [
+            (getattr(mine, n).shape, getattr(theirs, n).shape) for n in ("naccept", "nreject")
+        ]
+        if any(a != b for a, b in shapes):
+            out.append(Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape"))
+            continue
+        difference, detail = 0, ""
         for name in ("naccept", "nreject"):
             a, b = getattr(mine, name), getattr(theirs, name)
-            if a.shape != b.shape:
-                out.append(Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape"))
-                break
             gap = np.abs(a - b)
             if gap.max() > difference:
                 sample = int(np.argmax(gap))
                 difference = int(gap.max())
-                where = f"{where}: {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
-        out.append(Measurement(**labels, error=float(difference), bound=0.0, where=where))
+                detail = f": {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
+        out.append(Measurement(**labels, error=float(difference), bound=0.0, where=where + detail))
     return out
 
 
