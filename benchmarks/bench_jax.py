@@ -20,6 +20,8 @@ calls of one row alternating so that a change in the machine's load affects both
   (diffrax's default);
 - the steps each library took, which should be comparable;
 - compile times (trace, lower and compile, no run), separately;
+- the forward's floor: the time of odecore's function evaluations alone, chained in a jitted
+  loop, as a fraction of diffrax's forward; no solver taking those evaluations is faster;
 - each time beside the error of its result against the reference, and at the end a summary
   table of the ratios with those errors.
 
@@ -130,6 +132,20 @@ def odecore_forward(y0, params):
 
 def diffrax_forward(y0, params):
     return diffrax_solve(y0, params).ys
+
+
+def evaluations_alone(nfev):
+    """The forward's floor: ``nfev`` evaluations of the network, each input depending on the
+    last output as a stage's does, in one jitted loop and nothing else. No solver that takes
+    these evaluations can be faster; a ratio below floor / diffrax needs fewer of them."""
+
+    def run(y0, params):
+        def body(_, k):
+            return mlp(0.0, y0 + 1e-3 * k, params)
+
+        return jax.lax.fori_loop(0, nfev, body, jnp.zeros_like(y0))
+
+    return jax.jit(run)
 
 
 def odecore_gradient(mode, func=mlp, **settings):
@@ -302,6 +318,21 @@ def main(argv=None) -> int:
         f"steps: odecore {int(sol.stats['nsteps'])} ({int(sol.stats['naccept'])} accepted, "
         f"{int(sol.stats['nfev'])} evaluations); diffrax {int(dsol.stats['num_steps'])} "
         f"({int(dsol.stats['num_accepted_steps'])} accepted)"
+    )
+    floor_fn = evaluations_alone(int(sol.stats["nfev"]))
+    forward_ours, forward_theirs = jax.jit(odecore_forward), jax.jit(diffrax_forward)
+    for fn in (floor_fn, forward_ours, forward_theirs):
+        jax.block_until_ready(fn(y0, params))
+    t_floor, t_ours, t_theirs = alternating_best_times(
+        [lambda fn=fn: fn(y0, params) for fn in (floor_fn, forward_ours, forward_theirs)],
+        min_time,
+        min_repeats,
+        finish=jax.block_until_ready,
+    )
+    print(
+        f"floor: odecore's {int(sol.stats['nfev'])} forward evaluations alone take "
+        f"{t_floor * 1e3:.2f} ms, {t_floor / t_theirs:.2f} of diffrax's forward "
+        f"(odecore's forward {t_ours / t_theirs:.2f}, in the same run)"
     )
     if args.quick:
         print("evaluations per gradient: not counted with --quick (four more compiles)")
