@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from odecore.adjoint.modes import MODES, given_keywords
-from odecore.backend import is_traced
+from odecore.backend import differentiate, is_traced
 from odecore.backend.layout import Layout
 from odecore.control.controller import CONTROLLERS
 from odecore.control.controller import preset as controller_preset
@@ -117,11 +117,11 @@ def undifferentiated_settings(bk, settings: dict) -> None:
     for name, value in named:
         values = value if isinstance(value, (list, tuple)) else (value,)
         if any(bk.autodiff.differentiates(v) for v in values):
-            raise ValueError(
-                f"{name} is being differentiated, and a solve has no gradient with respect "
-                f"to its tolerances or options: only y0, t and the arrays in params get "
-                f"gradients. Pass {name} as a constant (or through jax.lax.stop_gradient); "
-                f"for a gradient with respect to a value that func reads, pass it in params"
+            raise differentiate.differentiated_setting(
+                name,
+                "a solve",
+                "y0, t and the arrays in params",
+                "a constant (or through jax.lax.stop_gradient)",
             )
 
 

@@ -41,6 +41,18 @@ def finite_stand_in(xp, unused, y):
     return xp.where(unused, xp.zeros_like(y), y)
 
 
+def differentiated_setting(name: str, solve: str, inputs: str, constant: str) -> ValueError:
+    """The refusal of a tolerance or option that the framework differentiates: a ``solve``
+    (an ODE solve, a fixed-point solve) has gradients with respect to its ``inputs`` only,
+    and its checks read the setting as a number. ``constant`` says how to pass it instead.
+    The ODE solve and the fixed-point solve differ only in those words."""
+    return ValueError(
+        f"{name} is being differentiated, and {solve} has no gradient with respect to its "
+        f"tolerances or options: only {inputs} get gradients. Pass {name} as {constant}; for "
+        f"a gradient with respect to a value that the function reads, pass it in params"
+    )
+
+
 def requires_grad(bk: Backend, values: Any) -> bool:
     return bk.autodiff is not None and bk.autodiff.requires_grad(values)
 

@@ -8,6 +8,7 @@ import numbers
 from dataclasses import dataclass
 
 from odecore.backend import get_backend, library_of
+from odecore.backend.differentiate import differentiated_setting
 
 SOLVERS = ("picard", "anderson", "broyden")
 BACKWARD_MODES = ("implicit", "one_step", "unrolled")
@@ -199,11 +200,8 @@ def number(name, value, low, high, low_open=False) -> float:
     """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         if _differentiated(value):
-            raise ValueError(
-                f"{name} is being differentiated, and a fixed-point solve has no gradient "
-                f"with respect to its tolerances or options: only the arrays in params get "
-                f"gradients. Pass {name} as a Python float; for a gradient with respect to a "
-                f"value that f reads, pass it in params"
+            raise differentiated_setting(
+                name, "a fixed-point solve", "the arrays in params", "a Python float"
             )
         raise TypeError(f"{name} must be a real number (a Python float), got {describe(value)}")
     value = float(value)
