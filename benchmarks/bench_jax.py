@@ -20,8 +20,9 @@ calls of one row alternating so that a change in the machine's load affects both
   (diffrax's default);
 - the steps each library took, which should be comparable;
 - compile times (trace, lower and compile, no run), separately;
-- the forward's floor: the time of odecore's function evaluations alone, chained in a jitted
-  loop, as a fraction of diffrax's forward; no solver taking those evaluations is faster;
+- floors: the time of odecore's function evaluations alone (and, for a gradient, of its
+  backward's VJPs), chained in a jitted loop, as a fraction of diffrax's time; no solver
+  taking those evaluations is faster;
 - each time beside the error of its result against the reference, and at the end a summary
   table of the ratios with those errors.
 
@@ -180,16 +181,57 @@ def count_evaluations(make_gradient, params, y0) -> int:
     return count[0]
 
 
-def count_gradient_evaluations(params, y0) -> str:
-    counts = []
+def count_gradient_evaluations(params, y0) -> dict:
+    """Each gradient mode's evaluations, odecore's and diffrax's: {mode: (ours, theirs)}."""
+    counts = {}
     for mode, adjoint in (
         ("backsolve", diffrax.BacksolveAdjoint()),
         ("checkpoint", diffrax.RecursiveCheckpointAdjoint()),
     ):
         ours = count_evaluations(lambda f, m=mode: odecore_gradient(m, f), params, y0)
         theirs = count_evaluations(lambda f, a=adjoint: diffrax_gradient(a, f), params, y0)
-        counts.append(f"{mode} {ours} / {theirs}")
-    return "; ".join(counts)
+        counts[mode] = (ours, theirs)
+    return counts
+
+
+def gradient_alone(forward_nfev, backward_nfev):
+    """A gradient's floor: the forward's evaluations chained as in ``evaluations_alone``,
+    then ``backward_nfev`` VJPs of the network (each evaluates it and pulls a cotangent back
+    to the state and the parameters, as each of the backward's counted evaluations does),
+    chained through the state's cotangent and summed into the parameters' as an adjoint's
+    are. No gradient that takes these evaluations can be faster."""
+
+    def run(params, y0):
+        def forward(_, k):
+            return mlp(0.0, y0 + 1e-3 * k, params)
+
+        def backward(_, carry):
+            a, g = carry
+            _, pull = jax.vjp(lambda y, p: mlp(0.0, y, p), y0 + 1e-3 * a, params)
+            a_bar, p_bar = pull(a)
+            return a + 1e-3 * a_bar, jax.tree.map(lambda x, d: x + 1e-3 * d, g, p_bar)
+
+        k = jax.lax.fori_loop(0, forward_nfev, forward, jnp.zeros_like(y0))
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return jax.lax.fori_loop(0, backward_nfev, backward, (k, zeros))[1]
+
+    return jax.jit(run)
+
+
+def print_floor(name, floor_fn, ours, theirs, call_args, min_time, min_repeats):
+    """Time a floor beside the two calls it bounds, alternating, and print the ratios."""
+    for fn in (floor_fn, ours, theirs):
+        jax.block_until_ready(fn(*call_args))
+    t_floor, t_ours, t_theirs = alternating_best_times(
+        [lambda fn=fn: fn(*call_args) for fn in (floor_fn, ours, theirs)],
+        min_time,
+        min_repeats,
+        finish=jax.block_until_ready,
+    )
+    print(
+        f"floor, {name}: {t_floor * 1e3:.2f} ms, {t_floor / t_theirs:.2f} of diffrax's "
+        f"(odecore's {t_ours / t_theirs:.2f}, in the same run)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,27 +361,38 @@ def main(argv=None) -> int:
         f"{int(sol.stats['nfev'])} evaluations); diffrax {int(dsol.stats['num_steps'])} "
         f"({int(dsol.stats['num_accepted_steps'])} accepted)"
     )
-    floor_fn = evaluations_alone(int(sol.stats["nfev"]))
-    forward_ours, forward_theirs = jax.jit(odecore_forward), jax.jit(diffrax_forward)
-    for fn in (floor_fn, forward_ours, forward_theirs):
-        jax.block_until_ready(fn(y0, params))
-    t_floor, t_ours, t_theirs = alternating_best_times(
-        [lambda fn=fn: fn(y0, params) for fn in (floor_fn, forward_ours, forward_theirs)],
+    nfev = int(sol.stats["nfev"])
+    print_floor(
+        f"forward ({nfev} evaluations alone)",
+        evaluations_alone(nfev),
+        jax.jit(odecore_forward),
+        jax.jit(diffrax_forward),
+        (y0, params),
         min_time,
         min_repeats,
-        finish=jax.block_until_ready,
-    )
-    print(
-        f"floor: odecore's {int(sol.stats['nfev'])} forward evaluations alone take "
-        f"{t_floor * 1e3:.2f} ms, {t_floor / t_theirs:.2f} of diffrax's forward "
-        f"(odecore's forward {t_ours / t_theirs:.2f}, in the same run)"
     )
     if args.quick:
         print("evaluations per gradient: not counted with --quick (four more compiles)")
     else:
+        counts = count_gradient_evaluations(params, y0)
         print(
-            f"evaluations per gradient, odecore / diffrax: {count_gradient_evaluations(params, y0)}"
+            "evaluations per gradient, odecore / diffrax: "
+            + "; ".join(f"{mode} {ours} / {theirs}" for mode, (ours, theirs) in counts.items())
         )
+        for mode, adjoint in (
+            ("backsolve", diffrax.BacksolveAdjoint()),
+            ("checkpoint", diffrax.RecursiveCheckpointAdjoint()),
+        ):
+            backward = counts[mode][0] - nfev
+            print_floor(
+                f"grad {mode} ({nfev} evaluations and {backward} VJPs alone)",
+                gradient_alone(nfev, backward),
+                jax.jit(odecore_gradient(mode)),
+                jax.jit(diffrax_gradient(adjoint)),
+                (params, y0),
+                min_time,
+                min_repeats,
+            )
     print(f"target: every ratio <= {TARGET}; compile times are odecore / diffrax, in seconds")
     if missed:
         print(f"missed: {', '.join(missed)}")
