@@ -21,7 +21,9 @@ faster):
 - time at equal error: each library's log(time) is interpolated along its log(error) curve
   (over the tolerances) at every error the other library reached (never extrapolated), and
   the ratio taken there; this includes the number of steps each controller takes.
-Last, the fixed cost of a solve: a Lorenz solve so short that both take the same two steps.
+Then the floor at rtol 1e-8: the time of odecore's evaluations of f alone, against both
+solves' times. Last, the fixed cost of a solve: a Lorenz solve so short that both take the
+same two steps.
 
 The problems and their references come from odecore.problems: a closed form, or mpmath's
 Taylor-series solution at 45 digits (Arenstorf's orbit is periodic, so y(T) = y0). The run
@@ -291,6 +293,27 @@ def print_summary(summaries: list[PairSummary]) -> None:
     )
 
 
+FLOOR_RTOL = 1e-8
+
+
+def floor_line(p: Problem, sp_method: str, od_method: str, sp: Result, od: Result, args) -> str:
+    """What odecore's ``od.nfev`` evaluations of ``f`` cost alone, against both solves' times.
+    A floor far below both says that the per-step ratio is decided by the solvers' own work
+    (Python and NumPy calls around the evaluations), not by the evaluations."""
+    t_mid = 0.5 * (p.t0 + p.t1)
+
+    def evaluations():
+        for _ in range(od.nfev):
+            p.func(t_mid, p.y0)
+
+    (seconds,) = alternating_best_times([evaluations], args.min_time, args.repeats)
+    return (
+        f"  {p.name:<10} {sp_method + '/' + od_method:<14} {od.nfev} evaluations "
+        f"{1e3 * seconds:.3f} ms: {seconds / sp.seconds:.2f} of scipy's solve, "
+        f"{seconds / od.seconds:.2f} of odecore's"
+    )
+
+
 def print_fixed_cost(args) -> None:
     """The cost of a solve apart from its steps: a Lorenz solve over so short a span that
     both libraries take the same two steps (14 evaluations each), so the difference in time
@@ -355,7 +378,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
 
-    summaries, equal_error_lines = [], []
+    summaries, equal_error_lines, floor_lines = [], [], []
     for p in selected:
         for sp_method, od_method in PAIRS:
             summary = PairSummary(f"{od_method} / {sp_method}", p.name, [], [], [], [])
@@ -368,6 +391,8 @@ def main(argv=None) -> int:
                 summary.per_step.append(ratio)
                 summary.nfev.append(od.nfev / sp.nfev)
                 summary.error.append(od.error / sp.error if sp.error > 0 else float("nan"))
+                if rtol == FLOOR_RTOL:
+                    floor_lines.append(floor_line(p, sp_method, od_method, sp, od, args))
                 print(
                     f"{p.name:<10} {sp_method + '/' + od_method:<15} {rtol:>6.0e}  "
                     f"{sp.error:>8.1e} {od.error:>8.1e}  {sp.nfev:>7} {od.nfev:>7}  "
@@ -398,6 +423,14 @@ def main(argv=None) -> int:
         print(line)
     print()
     print_summary(summaries)
+    if floor_lines:
+        print()
+        print(
+            f"floor at rtol {FLOOR_RTOL:g}: the time of odecore's evaluations of f alone, as a "
+            "fraction of each library's solve; the rest is what the solver does around them"
+        )
+        for line in floor_lines:
+            print(line)
     print()
     print_fixed_cost(args)
     return 0
