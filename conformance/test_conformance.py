@@ -40,6 +40,13 @@ Checks (each gradient check covers every argument: ``y0``, each parameter, the t
   float32 case's rtol of 1e-5 is about 170 units of its rounding, and a decision flips now
   and then. An error norm weighted or averaged wrongly still meets the tolerance, so the values
   cannot show it, but it changes the steps.
+- ``params-only:<mode>`` and ``y0-only:<mode>`` (float64 CI variants in
+  ``PARTIAL_VARIANT_IDS``): the gradient with respect to the parameters alone, or ``y0``
+  alone, with the other inputs and ``t`` held constant as a user holds them (on torch they do
+  not require grad; on JAX they are not differentiated, which the gradient rule sees through
+  symbolic zeros and skips their work), matches the exact gradient and the reference
+  backend's full gradient. Backends without autodiff have no way to ask for part of the
+  gradient (``odecore.vjp_odeint`` returns all of it), and their cells skip saying so.
 - ``vjp``: the case's hand-written VJP, evaluated on the backend in float64, matches central
   finite differences of the case's ``func`` on the same backend (one row per case).
 - ``reference-gradient``: the reference gradient itself matches central finite differences of
@@ -77,6 +84,12 @@ MODES = ("checkpoint", "backsolve", "direct")
 # held constant), by replaying the steps or by differentiating through the loop.
 SAME_GRADIENT = {"checkpoint": ("checkpoint", "direct"), "direct": ("direct", "checkpoint")}
 REFERENCE_BACKEND = "numpy"
+# The inputs a partial gradient differentiates, alone.
+PARTIAL_INPUTS = ("params", "y0")
+# The variants with partial-gradient cells: float64 CI variants (each cell compiles twice on
+# JAX) that between them have an adaptive and a fixed-step method, parameters whose
+# gradients switch on and off at a jump, and times that decrease.
+PARTIAL_VARIANT_IDS = ("jump/dopri5[jump_t]", "reversed/rk4[h=1/16]")
 
 # Bounds. Every comparison accepts |actual - expected| <= rtol * (|expected| + floor), element
 # by element, where floor is the magnitude of what the entry is made of (see
@@ -310,9 +323,7 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
     with precision(bk, case.dtype):
         y0, t, params = inputs(bk, case)
         weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
-        kwargs = solver_kwargs(variant, bk)
-        if mode == "backsolve":
-            kwargs["adjoint_options"] = variant.adjoint_options
+        kwargs = gradient_kwargs(variant, bk, mode)
         if bk.kernels.solve is not None:
             # A backend that compiles the dynamics gets them, and their VJP, in the
             # compiler's subset: its forward solve and replay are then compiled too.
@@ -337,6 +348,44 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
             "params": tuple(to_numpy(bk, g).astype(np.float64) for g in params_bar),
             "t": to_numpy(bk, t_bar).astype(np.float64),
         }
+
+
+def gradient_kwargs(variant: Variant, bk, mode: str) -> dict:
+    """The solve's keywords for a gradient in ``mode``: adjoint options go to the backsolve
+    alone, since the other modes refuse them."""
+    kwargs = solver_kwargs(variant, bk)
+    if mode == "backsolve":
+        kwargs["adjoint_options"] = variant.adjoint_options
+    return kwargs
+
+
+@cached
+def partial_gradient(backend_name: str, variant: Variant, mode: str, wrt: str) -> dict:
+    """The loss gradient with respect to ``wrt`` alone (``"params"`` or ``"y0"``), the other
+    inputs and the times held constant, as ``gradient`` returns it but with that key only.
+
+    The constants are closed over and only the differentiated inputs are the primals of
+    ``Backend.autodiff.vjp``: on torch they are the only tensors that require grad, and on
+    JAX the others are constants of the traced function, which is what ``jax.grad(...,
+    argnums=...)`` makes of the arguments it does not select. The solve's gradient rule then
+    learns that ``t`` (and ``y0`` or the parameters) need no cotangent, and skips them."""
+    bk = odecore.get_backend(backend_name)
+    case = variant.case
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
+        kwargs = gradient_kwargs(variant, bk, mode)
+
+        def solve(y0_, params_):
+            return odecore.odeint(case.dynamics, y0_, t, params=params_, adjoint=mode, **kwargs)
+
+        if wrt == "params":
+            ys, pullback = bk.autodiff.vjp(lambda *params_: solve(y0, params_), *params)
+        else:
+            ys, pullback = bk.autodiff.vjp(lambda y0_: solve(y0_, params), y0)
+        cotangents = pullback(loss_cotangent(ys, weights))
+        as_numpy = tuple(to_numpy(bk, g).astype(np.float64) for g in cotangents)
+    return {"params": as_numpy} if wrt == "params" else {"y0": as_numpy[0]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,6 +586,68 @@ def check_cross_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
     return out
 
 
+def check_partial_gradient(bk, variant: Variant, mode: str, wrt: str) -> list[Measurement]:
+    """The gradient with respect to ``wrt`` alone (see ``partial_gradient``) against the
+    matching entries of the full gradient: the exact reference's, with the bound of the
+    ``grad:<mode>`` check, and the reference backend's in the same mode (or one that
+    computes the same gradient), with the bound of the ``cross:<mode>`` checks (but see
+    ``partial_cross_rtol``)."""
+    if not bk.has_autodiff:
+        pytest.skip(NO_PARTIAL_GRADIENT)
+    column = f"{wrt}-only:{mode}"
+    partial = selected_arguments(partial_gradient(bk.name, variant, mode, wrt))
+    ref = variant_reference(variant, mode)
+    expected = dict(gradient_arguments(ref.gradient))
+    magnitude = dict(gradient_arguments(ref.magnitude))
+    out = [
+        compare(
+            g,
+            expected[name],
+            gradient_rtol(variant),
+            magnitude[name],
+            **_labels("reference", column, variant, f"d/d{name}"),
+        )
+        for name, g in partial
+    ]
+    reference_bk = available_backend(REFERENCE_BACKEND)
+    if reference_bk is None:
+        return out
+    same = [m for m in SAME_GRADIENT.get(mode, (mode,)) if has_mode(reference_bk, m)]
+    full = dict(gradient_arguments(gradient(REFERENCE_BACKEND, variant, same[0])))
+    magnitude = dict(gradient_arguments(variant_reference(variant).magnitude))
+    rtol = partial_cross_rtol(variant, mode, wrt)
+    for name, g in partial:
+        where = f"d/d{name} vs full {REFERENCE_BACKEND}/{same[0]}"
+        labels = _labels("cross", column, variant, where)
+        out.append(compare(g, full[name], rtol, magnitude[name], **labels))
+    return out
+
+
+# What the partial-gradient cells of a backend without autodiff say.
+NO_PARTIAL_GRADIENT = (
+    "odecore.vjp_odeint's pullback returns the cotangents of y0, params and t together, with "
+    "no way to ask for some of them: its partial gradient is the full one, checked by grad:<mode>"
+)
+
+
+def selected_arguments(grad: dict) -> list[tuple[str, np.ndarray]]:
+    """``gradient_arguments`` of a gradient with some of the keys."""
+    out = [("y0", grad["y0"])] if "y0" in grad else []
+    out += [(f"params[{k}]", g) for k, g in enumerate(grad.get("params", ()))]
+    return out
+
+
+def partial_cross_rtol(variant: Variant, mode: str, wrt: str) -> float:
+    """How far a partial gradient may be from a full one. Where both take the same steps it
+    is ``cross_rtol``. A ``y0``-only backsolve does not: its backward solve carries no
+    parameter adjoint, so its error control (unless the seminorm already leaves that adjoint
+    out) measures fewer components and, adaptive, takes other steps; it then meets the full
+    gradient within the tolerance, the bound both meet the exact gradient with."""
+    if mode == "backsolve" and wrt == "y0" and not variant.fixed_step and not variant.seminorm:
+        return max(cross_rtol(variant), tolerance_rtol(variant))
+    return cross_rtol(variant)
+
+
 def peers(name: str) -> list[odecore.Backend]:
     """Every other backend in this run that is installed. A required one that is missing
     fails in its own cells."""
@@ -699,6 +810,11 @@ CHECK_FUNCTIONS = {
     "reference-gradient": check_reference_gradient,
     **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
     **{f"cross:{m}": functools.partial(check_cross_gradient, mode=m) for m in MODES},
+    **{
+        f"{wrt}-only:{m}": functools.partial(check_partial_gradient, mode=m, wrt=wrt)
+        for m in MODES
+        for wrt in PARTIAL_INPUTS
+    },
 }
 
 
@@ -730,6 +846,8 @@ def _cells():
             gradient_modes = [m for m in variant.modes if m in modes]
             checks += [f"grad:{m}" for m in gradient_modes]
             checks += [f"cross:{m}" for m in gradient_modes]
+            if variant.id in PARTIAL_VARIANT_IDS:
+                checks += [f"{wrt}-only:{m}" for wrt in PARTIAL_INPUTS for m in gradient_modes]
             marks = () if variant.ci else (pytest.mark.slow,)
             for check in checks:
                 yield pytest.param(
@@ -894,3 +1012,13 @@ def test_cross_steps_fails_on_another_step_count(monkeypatch) -> None:
     same, other = check_cross_steps(Peer("mine"), VARIANTS[0])
     assert same.passed and not other.passed
     assert other.error == 1.0 and "nreject[1] 30 against 31" in other.where
+
+
+def test_partial_cells_are_on_float64_ci_variants() -> None:
+    """The partial-gradient variants are float64 CI variants of both method families."""
+    by_id = {variant.id: variant for variant in VARIANTS}
+    unknown = [i for i in PARTIAL_VARIANT_IDS if i not in by_id]
+    assert not unknown, f"PARTIAL_VARIANT_IDS names unknown variants: {unknown}"
+    chosen = [by_id[i] for i in PARTIAL_VARIANT_IDS]
+    assert all(v.ci and v.case.dtype == "float64" for v in chosen)
+    assert {v.family for v in chosen} == {"adaptive", "fixed-step"}
