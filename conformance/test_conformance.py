@@ -2,9 +2,9 @@
 
 One test per (backend, variant, check); ``conftest.py`` gathers their outcomes, and the
 agreements they measured, into the tables printed at the end of the run. Nothing here names a
-framework: a backend is whatever ``odecore.get_backend(name)`` returns for a name in
-``odecore.BACKEND_NAMES``, inputs are converted with ``backend.asarray``, and arrays come back
-to NumPy through DLPack.
+framework but the ``vmap`` check, which is about JAX's own transformations: a backend is
+whatever ``odecore.get_backend(name)`` returns for a name in ``odecore.BACKEND_NAMES``, inputs
+are converted with ``backend.asarray``, and arrays come back to NumPy through DLPack.
 
 Which backends run:
 
@@ -47,6 +47,9 @@ Checks (each gradient check covers every argument: ``y0``, each parameter, the t
   symbolic zeros and skips their work), matches the exact gradient and the reference
   backend's full gradient. Backends without autodiff have no way to ask for part of the
   gradient (``odecore.vjp_odeint`` returns all of it), and their cells skip saying so.
+- ``vmap`` (JAX, float64 CI variants with a batch): ``jax.jit(jax.vmap(...))`` of one
+  sample's solve, and of its gradient, matches the batched solve on the reference backend,
+  sample by sample (``check_vmap``).
 - ``vjp``: the case's hand-written VJP, evaluated on the backend in float64, matches central
   finite differences of the case's ``func`` on the same backend (one row per case).
 - ``reference-gradient``: the reference gradient itself matches central finite differences of
@@ -73,6 +76,7 @@ from conformance.cases import (
     VARIANTS,
     Variant,
     continuous_reference,
+    loss,
     loss_cotangent,
     variant_reference,
 )
@@ -90,6 +94,10 @@ PARTIAL_INPUTS = ("params", "y0")
 # JAX) that between them have an adaptive and a fixed-step method, parameters whose
 # gradients switch on and off at a jump, and times that decrease.
 PARTIAL_VARIANT_IDS = ("jump/dopri5[jump_t]", "reversed/rk4[h=1/16]")
+# The vmap check runs on this backend, with this gradient mode: JAX's default, the one its
+# users get without asking.
+VMAP_BACKEND = "jax"
+VMAP_MODE = "backsolve"
 
 # Bounds. Every comparison accepts |actual - expected| <= rtol * (|expected| + floor), element
 # by element, where floor is the magnitude of what the entry is made of (see
@@ -534,23 +542,25 @@ def check_cross_steps(bk, variant: Variant) -> list[Measurement]:
     for peer in peers(bk.name):
         theirs = solve_variant(peer.name, variant)
         labels = _labels("cross", "steps", variant, f"steps vs {peer.name}")
-        where = labels.pop("where")
-        shapes = [
-            (getattr(mine, n).shape, getattr(theirs, n).shape) for n in ("naccept", "nreject")
-        ]
-        if any(a != b for a, b in shapes):
-            out.append(Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape"))
-            continue
-        difference, detail = 0, ""
-        for name in ("naccept", "nreject"):
-            a, b = getattr(mine, name), getattr(theirs, name)
-            gap = np.abs(a - b)
-            if gap.max() > difference:
-                sample = int(np.argmax(gap))
-                difference = int(gap.max())
-                detail = f": {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
-        out.append(Measurement(**labels, error=float(difference), bound=0.0, where=where + detail))
+        out.append(compare_steps(mine, theirs, **labels))
     return out
+
+
+def compare_steps(mine: Solved, theirs: Solved, **labels) -> Measurement:
+    """The largest difference in either step count of any sample, against a bound of zero."""
+    where = labels.pop("where")
+    shapes = [(getattr(mine, n).shape, getattr(theirs, n).shape) for n in ("naccept", "nreject")]
+    if any(a != b for a, b in shapes):
+        return Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape")
+    difference, detail = 0, ""
+    for name in ("naccept", "nreject"):
+        a, b = getattr(mine, name), getattr(theirs, name)
+        gap = np.abs(a - b)
+        if gap.max() > difference:
+            sample = int(np.argmax(gap))
+            difference = int(gap.max())
+            detail = f": {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
+    return Measurement(**labels, error=float(difference), bound=0.0, where=where + detail)
 
 
 def check_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
@@ -620,6 +630,72 @@ def check_partial_gradient(bk, variant: Variant, mode: str, wrt: str) -> list[Me
         where = f"d/d{name} vs full {REFERENCE_BACKEND}/{same[0]}"
         labels = _labels("cross", column, variant, where)
         out.append(compare(g, full[name], rtol, magnitude[name], **labels))
+    return out
+
+
+def check_vmap(bk, variant: Variant) -> list[Measurement]:
+    """JAX's transformations over a batched variant's samples, against the batched solve on
+    the reference backend. The solve of one sample, under ``jax.jit(jax.vmap(...))`` over the
+    samples (of ``y0`` along the batch axis, of each parameter along its first axis), gives
+    the batched outputs (the bound of ``cross:values``) and each sample's accepted and
+    rejected steps (equal, as ``cross:steps``). ``jax.jit(jax.vmap(jax.grad(...)))`` of one
+    sample's loss, in ``VMAP_MODE``, gives the rows of the batched gradient of ``y0`` and the
+    parameters, and per-sample time gradients that sum to the batched one, since the samples
+    share ``t`` (the bound of ``cross:<mode>``).
+
+    The batched solve is the right reference because both promise the same thing: under
+    ``vmap`` each sample gets what it would get alone (docs/gradients.md, JAX), and in a
+    batch each sample takes its own steps and equals its solve alone (docs/solving.md,
+    ``batch_axis``). Neither shares steps between samples."""
+    if bk.name != VMAP_BACKEND:
+        raise ValueError(f"the vmap check is about JAX's transformations, not {bk.name!r}")
+    if available_backend(REFERENCE_BACKEND) is None:
+        pytest.skip(f"the vmap check compares with the batched solve on {REFERENCE_BACKEND!r}")
+    import jax  # only here: the one check that is about a framework's own transformations
+
+    case = variant.case
+    axis = case.batch_axis
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
+        kwargs = {**gradient_kwargs(variant, bk, VMAP_MODE), "batch_axis": None}
+
+        def solve_one(y0_, params_):
+            sol = odecore.solve(case.dynamics, y0_, t, params=params_, **kwargs)
+            return sol.ys, sol.stats["naccept"], sol.stats["nreject"]
+
+        def loss_one(y0_, t_, params_, weights_):
+            ys_ = odecore.odeint(
+                case.dynamics, y0_, t_, params=params_, adjoint=VMAP_MODE, **kwargs
+            )
+            return loss(ys_, weights_)
+
+        ys, naccept, nreject = jax.jit(jax.vmap(solve_one, in_axes=(axis, 0)))(y0, params)
+        per_sample = jax.vmap(
+            jax.grad(loss_one, argnums=(0, 1, 2)), in_axes=(axis, None, 0, 1 + axis)
+        )
+        g_y0, g_t, g_params = jax.jit(per_sample)(y0, t, params, weights)
+        # vmap stacks the samples first; the batched solve has them after the time axis.
+        ys = np.moveaxis(to_numpy(bk, ys), 0, 1 + axis).astype(np.float64)
+        grad = {
+            "y0": np.moveaxis(to_numpy(bk, g_y0), 0, axis).astype(np.float64),
+            "params": tuple(to_numpy(bk, g).astype(np.float64) for g in g_params),
+            "t": np.sum(to_numpy(bk, g_t).astype(np.float64), axis=0),
+        }
+        naccept = to_numpy(bk, naccept).astype(np.int64)
+        vmapped = Solved(ys, int(np.max(naccept)), naccept, to_numpy(bk, nreject).astype(np.int64))
+
+    batched = solve_variant(REFERENCE_BACKEND, variant)
+    rtol = cross_rtol(variant)
+    against = f"vs batched {REFERENCE_BACKEND}"
+    labels = _labels("cross", "vmap:values", variant, f"ys {against}")
+    out = [compare(vmapped.ys, batched.ys, rtol, values_floor(variant), **labels)]
+    out.append(compare_steps(vmapped, batched, **_labels("cross", "vmap:steps", variant, against)))
+    full = gradient(REFERENCE_BACKEND, variant, VMAP_MODE)
+    magnitude = dict(gradient_arguments(variant_reference(variant).magnitude))
+    for (name, g), (_, e) in zip(gradient_arguments(grad), gradient_arguments(full), strict=True):
+        labels = _labels("cross", f"vmap:{VMAP_MODE}", variant, f"d/d{name} {against}")
+        out.append(compare(g, e, rtol, magnitude[name], **labels))
     return out
 
 
@@ -808,6 +884,7 @@ CHECK_FUNCTIONS = {
     "cross:steps": check_cross_steps,
     "vjp": check_vjp,
     "reference-gradient": check_reference_gradient,
+    "vmap": check_vmap,
     **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
     **{f"cross:{m}": functools.partial(check_cross_gradient, mode=m) for m in MODES},
     **{
@@ -848,6 +925,9 @@ def _cells():
             checks += [f"cross:{m}" for m in gradient_modes]
             if variant.id in PARTIAL_VARIANT_IDS:
                 checks += [f"{wrt}-only:{m}" for wrt in PARTIAL_INPUTS for m in gradient_modes]
+            float64_batch = variant.case.dtype == "float64" and variant.case.batch_axis is not None
+            if backend_name == VMAP_BACKEND and variant.ci and float64_batch:
+                checks.append("vmap")
             marks = () if variant.ci else (pytest.mark.slow,)
             for check in checks:
                 yield pytest.param(
@@ -1014,11 +1094,14 @@ def test_cross_steps_fails_on_another_step_count(monkeypatch) -> None:
     assert other.error == 1.0 and "nreject[1] 30 against 31" in other.where
 
 
-def test_partial_cells_are_on_float64_ci_variants() -> None:
-    """The partial-gradient variants are float64 CI variants of both method families."""
+def test_partial_and_vmap_cells_are_on_float64_ci_variants() -> None:
+    """The partial-gradient variants are float64 CI variants of both method families, and
+    the vmap check has a cell on a float64 CI batch."""
     by_id = {variant.id: variant for variant in VARIANTS}
     unknown = [i for i in PARTIAL_VARIANT_IDS if i not in by_id]
     assert not unknown, f"PARTIAL_VARIANT_IDS names unknown variants: {unknown}"
     chosen = [by_id[i] for i in PARTIAL_VARIANT_IDS]
     assert all(v.ci and v.case.dtype == "float64" for v in chosen)
     assert {v.family for v in chosen} == {"adaptive", "fixed-step"}
+    vmap_rows = [p.values[1] for p in _cells() if p.values[2] == "vmap"]
+    assert vmap_rows and all(v.ci and v.case.batch_axis is not None for v in vmap_rows)
