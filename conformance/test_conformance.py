@@ -2,9 +2,9 @@
 
 One test per (backend, variant, check); ``conftest.py`` gathers their outcomes, and the
 agreements they measured, into the tables printed at the end of the run. Nothing here names a
-framework: a backend is whatever ``odecore.get_backend(name)`` returns for a name in
-``odecore.BACKEND_NAMES``, inputs are converted with ``backend.asarray``, and arrays come back
-to NumPy through DLPack.
+framework but the ``vmap`` check, which is about JAX's own transformations: a backend is
+whatever ``odecore.get_backend(name)`` returns for a name in ``odecore.BACKEND_NAMES``, inputs
+are converted with ``backend.asarray``, and arrays come back to NumPy through DLPack.
 
 Which backends run:
 
@@ -40,6 +40,16 @@ Checks (each gradient check covers every argument: ``y0``, each parameter, the t
   float32 case's rtol of 1e-5 is about 170 units of its rounding, and a decision flips now
   and then. An error norm weighted or averaged wrongly still meets the tolerance, so the values
   cannot show it, but it changes the steps.
+- ``params-only:<mode>`` and ``y0-only:<mode>`` (float64 CI variants in
+  ``PARTIAL_VARIANT_IDS``): the gradient with respect to the parameters alone, or ``y0``
+  alone, with the other inputs and ``t`` held constant as a user holds them (on torch they do
+  not require grad; on JAX they are not differentiated, which the gradient rule sees through
+  symbolic zeros and skips their work), matches the exact gradient and the reference
+  backend's full gradient. Backends without autodiff have no way to ask for part of the
+  gradient (``odecore.vjp_odeint`` returns all of it), and their cells skip saying so.
+- ``vmap`` (JAX, float64 CI variants with a batch): ``jax.jit(jax.vmap(...))`` of one
+  sample's solve, and of its gradient, matches the batched solve on the reference backend,
+  sample by sample (``check_vmap``).
 - ``vjp``: the case's hand-written VJP, evaluated on the backend in float64, matches central
   finite differences of the case's ``func`` on the same backend (one row per case).
 - ``reference-gradient``: the reference gradient itself matches central finite differences of
@@ -66,6 +76,7 @@ from conformance.cases import (
     VARIANTS,
     Variant,
     continuous_reference,
+    loss,
     loss_cotangent,
     variant_reference,
 )
@@ -77,6 +88,16 @@ MODES = ("checkpoint", "backsolve", "direct")
 # held constant), by replaying the steps or by differentiating through the loop.
 SAME_GRADIENT = {"checkpoint": ("checkpoint", "direct"), "direct": ("direct", "checkpoint")}
 REFERENCE_BACKEND = "numpy"
+# The inputs a partial gradient differentiates, alone.
+PARTIAL_INPUTS = ("params", "y0")
+# The variants with partial-gradient cells: float64 CI variants (each cell compiles twice on
+# JAX) that between them have an adaptive and a fixed-step method, parameters whose
+# gradients switch on and off at a jump, and times that decrease.
+PARTIAL_VARIANT_IDS = ("jump/dopri5[jump_t]", "reversed/rk4[h=1/16]")
+# The vmap check runs on this backend, with this gradient mode: JAX's default, the one its
+# users get without asking.
+VMAP_BACKEND = "jax"
+VMAP_MODE = "backsolve"
 
 # Bounds. Every comparison accepts |actual - expected| <= rtol * (|expected| + floor), element
 # by element, where floor is the magnitude of what the entry is made of (see
@@ -310,9 +331,7 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
     with precision(bk, case.dtype):
         y0, t, params = inputs(bk, case)
         weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
-        kwargs = solver_kwargs(variant, bk)
-        if mode == "backsolve":
-            kwargs["adjoint_options"] = variant.adjoint_options
+        kwargs = gradient_kwargs(variant, bk, mode)
         if bk.kernels.solve is not None:
             # A backend that compiles the dynamics gets them, and their VJP, in the
             # compiler's subset: its forward solve and replay are then compiled too.
@@ -337,6 +356,44 @@ def gradient(backend_name: str, variant: Variant, mode: str) -> dict:
             "params": tuple(to_numpy(bk, g).astype(np.float64) for g in params_bar),
             "t": to_numpy(bk, t_bar).astype(np.float64),
         }
+
+
+def gradient_kwargs(variant: Variant, bk, mode: str) -> dict:
+    """The solve's keywords for a gradient in ``mode``: adjoint options go to the backsolve
+    alone, since the other modes refuse them."""
+    kwargs = solver_kwargs(variant, bk)
+    if mode == "backsolve":
+        kwargs["adjoint_options"] = variant.adjoint_options
+    return kwargs
+
+
+@cached
+def partial_gradient(backend_name: str, variant: Variant, mode: str, wrt: str) -> dict:
+    """The loss gradient with respect to ``wrt`` alone (``"params"`` or ``"y0"``), the other
+    inputs and the times held constant, as ``gradient`` returns it but with that key only.
+
+    The constants are closed over and only the differentiated inputs are the primals of
+    ``Backend.autodiff.vjp``: on torch they are the only tensors that require grad, and on
+    JAX the others are constants of the traced function, which is what ``jax.grad(...,
+    argnums=...)`` makes of the arguments it does not select. The solve's gradient rule then
+    learns that ``t`` (and ``y0`` or the parameters) need no cotangent, and skips them."""
+    bk = odecore.get_backend(backend_name)
+    case = variant.case
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
+        kwargs = gradient_kwargs(variant, bk, mode)
+
+        def solve(y0_, params_):
+            return odecore.odeint(case.dynamics, y0_, t, params=params_, adjoint=mode, **kwargs)
+
+        if wrt == "params":
+            ys, pullback = bk.autodiff.vjp(lambda *params_: solve(y0, params_), *params)
+        else:
+            ys, pullback = bk.autodiff.vjp(lambda y0_: solve(y0_, params), y0)
+        cotangents = pullback(loss_cotangent(ys, weights))
+        as_numpy = tuple(to_numpy(bk, g).astype(np.float64) for g in cotangents)
+    return {"params": as_numpy} if wrt == "params" else {"y0": as_numpy[0]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,23 +542,25 @@ def check_cross_steps(bk, variant: Variant) -> list[Measurement]:
     for peer in peers(bk.name):
         theirs = solve_variant(peer.name, variant)
         labels = _labels("cross", "steps", variant, f"steps vs {peer.name}")
-        where = labels.pop("where")
-        shapes = [
-            (getattr(mine, n).shape, getattr(theirs, n).shape) for n in ("naccept", "nreject")
-        ]
-        if any(a != b for a, b in shapes):
-            out.append(Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape"))
-            continue
-        difference, detail = 0, ""
-        for name in ("naccept", "nreject"):
-            a, b = getattr(mine, name), getattr(theirs, name)
-            gap = np.abs(a - b)
-            if gap.max() > difference:
-                sample = int(np.argmax(gap))
-                difference = int(gap.max())
-                detail = f": {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
-        out.append(Measurement(**labels, error=float(difference), bound=0.0, where=where + detail))
+        out.append(compare_steps(mine, theirs, **labels))
     return out
+
+
+def compare_steps(mine: Solved, theirs: Solved, **labels) -> Measurement:
+    """The largest difference in either step count of any sample, against a bound of zero."""
+    where = labels.pop("where")
+    shapes = [(getattr(mine, n).shape, getattr(theirs, n).shape) for n in ("naccept", "nreject")]
+    if any(a != b for a, b in shapes):
+        return Measurement(**labels, error=np.inf, bound=0.0, where=f"{where}: shape")
+    difference, detail = 0, ""
+    for name in ("naccept", "nreject"):
+        a, b = getattr(mine, name), getattr(theirs, name)
+        gap = np.abs(a - b)
+        if gap.max() > difference:
+            sample = int(np.argmax(gap))
+            difference = int(gap.max())
+            detail = f": {name}[{sample}] {int(a[sample])} against {int(b[sample])}"
+    return Measurement(**labels, error=float(difference), bound=0.0, where=where + detail)
 
 
 def check_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
@@ -535,6 +594,134 @@ def check_cross_gradient(bk, variant: Variant, mode: str) -> list[Measurement]:
     if not out:
         pytest.skip(f"no other backend in this run computes {mode!r} gradients")
     return out
+
+
+def check_partial_gradient(bk, variant: Variant, mode: str, wrt: str) -> list[Measurement]:
+    """The gradient with respect to ``wrt`` alone (see ``partial_gradient``) against the
+    matching entries of the full gradient: the exact reference's, with the bound of the
+    ``grad:<mode>`` check, and the reference backend's in the same mode (or one that
+    computes the same gradient), with the bound of the ``cross:<mode>`` checks (but see
+    ``partial_cross_rtol``)."""
+    if not bk.has_autodiff:
+        pytest.skip(NO_PARTIAL_GRADIENT)
+    column = f"{wrt}-only:{mode}"
+    partial = selected_arguments(partial_gradient(bk.name, variant, mode, wrt))
+    ref = variant_reference(variant, mode)
+    expected = dict(gradient_arguments(ref.gradient))
+    magnitude = dict(gradient_arguments(ref.magnitude))
+    out = [
+        compare(
+            g,
+            expected[name],
+            gradient_rtol(variant),
+            magnitude[name],
+            **_labels("reference", column, variant, f"d/d{name}"),
+        )
+        for name, g in partial
+    ]
+    reference_bk = available_backend(REFERENCE_BACKEND)
+    if reference_bk is None:
+        return out
+    same = [m for m in SAME_GRADIENT.get(mode, (mode,)) if has_mode(reference_bk, m)]
+    full = dict(gradient_arguments(gradient(REFERENCE_BACKEND, variant, same[0])))
+    magnitude = dict(gradient_arguments(variant_reference(variant).magnitude))
+    rtol = partial_cross_rtol(variant, mode, wrt)
+    for name, g in partial:
+        where = f"d/d{name} vs full {REFERENCE_BACKEND}/{same[0]}"
+        labels = _labels("cross", column, variant, where)
+        out.append(compare(g, full[name], rtol, magnitude[name], **labels))
+    return out
+
+
+def check_vmap(bk, variant: Variant) -> list[Measurement]:
+    """JAX's transformations over a batched variant's samples, against the batched solve on
+    the reference backend. The solve of one sample, under ``jax.jit(jax.vmap(...))`` over the
+    samples (of ``y0`` along the batch axis, of each parameter along its first axis), gives
+    the batched outputs (the bound of ``cross:values``) and each sample's accepted and
+    rejected steps (equal, as ``cross:steps``). ``jax.jit(jax.vmap(jax.grad(...)))`` of one
+    sample's loss, in ``VMAP_MODE``, gives the rows of the batched gradient of ``y0`` and the
+    parameters, and per-sample time gradients that sum to the batched one, since the samples
+    share ``t`` (the bound of ``cross:<mode>``).
+
+    The batched solve is the right reference because both promise the same thing: under
+    ``vmap`` each sample gets what it would get alone (docs/gradients.md, JAX), and in a
+    batch each sample takes its own steps and equals its solve alone (docs/solving.md,
+    ``batch_axis``). Neither shares steps between samples."""
+    if bk.name != VMAP_BACKEND:
+        raise ValueError(f"the vmap check is about JAX's transformations, not {bk.name!r}")
+    if available_backend(REFERENCE_BACKEND) is None:
+        pytest.skip(f"the vmap check compares with the batched solve on {REFERENCE_BACKEND!r}")
+    import jax  # only here: the one check that is about a framework's own transformations
+
+    case = variant.case
+    axis = case.batch_axis
+    with precision(bk, case.dtype):
+        y0, t, params = inputs(bk, case)
+        weights = bk.asarray(case.loss_weights(), dtype=_dtype(bk, case.dtype))
+        kwargs = {**gradient_kwargs(variant, bk, VMAP_MODE), "batch_axis": None}
+
+        def solve_one(y0_, params_):
+            sol = odecore.solve(case.dynamics, y0_, t, params=params_, **kwargs)
+            return sol.ys, sol.stats["naccept"], sol.stats["nreject"]
+
+        def loss_one(y0_, t_, params_, weights_):
+            ys_ = odecore.odeint(
+                case.dynamics, y0_, t_, params=params_, adjoint=VMAP_MODE, **kwargs
+            )
+            return loss(ys_, weights_)
+
+        ys, naccept, nreject = jax.jit(jax.vmap(solve_one, in_axes=(axis, 0)))(y0, params)
+        per_sample = jax.vmap(
+            jax.grad(loss_one, argnums=(0, 1, 2)), in_axes=(axis, None, 0, 1 + axis)
+        )
+        g_y0, g_t, g_params = jax.jit(per_sample)(y0, t, params, weights)
+        # vmap stacks the samples first; the batched solve has them after the time axis.
+        ys = np.moveaxis(to_numpy(bk, ys), 0, 1 + axis).astype(np.float64)
+        grad = {
+            "y0": np.moveaxis(to_numpy(bk, g_y0), 0, axis).astype(np.float64),
+            "params": tuple(to_numpy(bk, g).astype(np.float64) for g in g_params),
+            "t": np.sum(to_numpy(bk, g_t).astype(np.float64), axis=0),
+        }
+        naccept = to_numpy(bk, naccept).astype(np.int64)
+        vmapped = Solved(ys, int(np.max(naccept)), naccept, to_numpy(bk, nreject).astype(np.int64))
+
+    batched = solve_variant(REFERENCE_BACKEND, variant)
+    rtol = cross_rtol(variant)
+    against = f"vs batched {REFERENCE_BACKEND}"
+    labels = _labels("cross", "vmap:values", variant, f"ys {against}")
+    out = [compare(vmapped.ys, batched.ys, rtol, values_floor(variant), **labels)]
+    out.append(compare_steps(vmapped, batched, **_labels("cross", "vmap:steps", variant, against)))
+    full = gradient(REFERENCE_BACKEND, variant, VMAP_MODE)
+    magnitude = dict(gradient_arguments(variant_reference(variant).magnitude))
+    for (name, g), (_, e) in zip(gradient_arguments(grad), gradient_arguments(full), strict=True):
+        labels = _labels("cross", f"vmap:{VMAP_MODE}", variant, f"d/d{name} {against}")
+        out.append(compare(g, e, rtol, magnitude[name], **labels))
+    return out
+
+
+# What the partial-gradient cells of a backend without autodiff say.
+NO_PARTIAL_GRADIENT = (
+    "odecore.vjp_odeint's pullback returns the cotangents of y0, params and t together, with "
+    "no way to ask for some of them: its partial gradient is the full one, checked by grad:<mode>"
+)
+
+
+def selected_arguments(grad: dict) -> list[tuple[str, np.ndarray]]:
+    """``gradient_arguments`` of a gradient with some of the keys."""
+    out = [("y0", grad["y0"])] if "y0" in grad else []
+    out += [(f"params[{k}]", g) for k, g in enumerate(grad.get("params", ()))]
+    return out
+
+
+def partial_cross_rtol(variant: Variant, mode: str, wrt: str) -> float:
+    """How far a partial gradient may be from a full one. Where both take the same steps it
+    is ``cross_rtol``. A ``y0``-only backsolve does not: its backward solve carries no
+    parameter adjoint, so its error control (unless the seminorm already leaves that adjoint
+    out) measures fewer components and, adaptive, takes other steps; it then meets the full
+    gradient within the tolerance, the bound both meet the exact gradient with."""
+    if mode == "backsolve" and wrt == "y0" and not variant.fixed_step and not variant.seminorm:
+        return max(cross_rtol(variant), tolerance_rtol(variant))
+    return cross_rtol(variant)
 
 
 def peers(name: str) -> list[odecore.Backend]:
@@ -697,8 +884,14 @@ CHECK_FUNCTIONS = {
     "cross:steps": check_cross_steps,
     "vjp": check_vjp,
     "reference-gradient": check_reference_gradient,
+    "vmap": check_vmap,
     **{f"grad:{m}": functools.partial(check_gradient, mode=m) for m in MODES},
     **{f"cross:{m}": functools.partial(check_cross_gradient, mode=m) for m in MODES},
+    **{
+        f"{wrt}-only:{m}": functools.partial(check_partial_gradient, mode=m, wrt=wrt)
+        for m in MODES
+        for wrt in PARTIAL_INPUTS
+    },
 }
 
 
@@ -730,6 +923,11 @@ def _cells():
             gradient_modes = [m for m in variant.modes if m in modes]
             checks += [f"grad:{m}" for m in gradient_modes]
             checks += [f"cross:{m}" for m in gradient_modes]
+            if variant.id in PARTIAL_VARIANT_IDS:
+                checks += [f"{wrt}-only:{m}" for wrt in PARTIAL_INPUTS for m in gradient_modes]
+            float64_batch = variant.case.dtype == "float64" and variant.case.batch_axis is not None
+            if backend_name == VMAP_BACKEND and variant.ci and float64_batch:
+                checks.append("vmap")
             marks = () if variant.ci else (pytest.mark.slow,)
             for check in checks:
                 yield pytest.param(
@@ -894,3 +1092,16 @@ def test_cross_steps_fails_on_another_step_count(monkeypatch) -> None:
     same, other = check_cross_steps(Peer("mine"), VARIANTS[0])
     assert same.passed and not other.passed
     assert other.error == 1.0 and "nreject[1] 30 against 31" in other.where
+
+
+def test_partial_and_vmap_cells_are_on_float64_ci_variants() -> None:
+    """The partial-gradient variants are float64 CI variants of both method families, and
+    the vmap check has a cell on a float64 CI batch."""
+    by_id = {variant.id: variant for variant in VARIANTS}
+    unknown = [i for i in PARTIAL_VARIANT_IDS if i not in by_id]
+    assert not unknown, f"PARTIAL_VARIANT_IDS names unknown variants: {unknown}"
+    chosen = [by_id[i] for i in PARTIAL_VARIANT_IDS]
+    assert all(v.ci and v.case.dtype == "float64" for v in chosen)
+    assert {v.family for v in chosen} == {"adaptive", "fixed-step"}
+    vmap_rows = [p.values[1] for p in _cells() if p.values[2] == "vmap"]
+    assert vmap_rows and all(v.ci and v.case.batch_axis is not None for v in vmap_rows)
