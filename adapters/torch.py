@@ -334,14 +334,10 @@ class TorchBackend(Backend):
             x = np.ascontiguousarray(x)
         return torch.as_tensor(x, dtype=dtype, device=device)
 
+    def holds_values(self, x: Any) -> bool:
+        return not (isinstance(x, torch.Tensor) and x.device.type == "meta")
+
     def device_scope(self, x: Any):
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
-            # The first check that reads a value failed with torch's words about .item().
-            raise ValueError(
-                "y0 is a meta tensor (device 'meta'): meta tensors have a shape and a dtype "
-                "but hold no values, and a solve computes with y0's values. Create y0 on a "
-                "real device ('cpu' or 'cuda')"
-            )
         # torch creates tensors on the CPU unless told otherwise; a device used as a context
         # sets the default for every factory call inside. The CPU needs none, and the
         # context's function mode costs time on every operation.

@@ -374,6 +374,11 @@ class Backend:
         """True when ``x`` has no value yet (a tracer under ``jit``)."""
         return False
 
+    def holds_values(self, x: Any) -> bool:
+        """False for an array that has a shape and a dtype but no values (torch's 'meta'
+        tensors): every check and step of a solve reads values."""
+        return True
+
     def reads_cheaply(self, x: Any) -> bool:
         """Whether reading values of arrays like ``x`` on the host (``bool`` of a
         reduction) costs no more than the call: an eager array in host memory. On a device
