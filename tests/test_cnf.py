@@ -746,6 +746,16 @@ def test_a_source_of_another_library_is_refused_naming_torchs():
                      generator=object())  # fmt: skip
 
 
+def test_an_int_key_is_refused_naming_seed(backend):
+    # key=0 was read as seed=0 on every backend; key is a JAX PRNG key.
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    match = r"^key must be a JAX PRNG key \(jax\.random\.key\(0\)\), got the int 0.*seed=0"
+    with pytest.raises(TypeError, match=match):
+        cnf.log_prob(LinearFlow(), x, (0.0, 1.0), A, trace="hutchinson", key=0)
+    with pytest.raises(TypeError, match=match + r".*torch\.Generator goes in generator="):
+        cnf.sample(LinearFlow(), 2, 3, (0.0, 1.0), A, key=0)
+
+
 def test_vjp_log_prob_names_the_probe_sources_it_takes():
     with pytest.raises(TypeError, match=r"key is a JAX random key.*seed= \(an int\)"):
         cnf.vjp_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", key=0)

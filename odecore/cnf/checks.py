@@ -113,6 +113,13 @@ def random_source(what: str, **given):
     name, value = named[0] if named else (None, None)
     if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if name == "key" and isinstance(value, numbers.Integral):
+        # An int key was read as a seed, on every backend: a mistake passed for a choice.
+        raise TypeError(
+            f"key must be a JAX PRNG key (jax.random.key({value!r})), got the int {value!r}; "
+            f"an int seeds the draws as seed={value!r}, and on torch a torch.Generator goes "
+            f"in generator="
+        )
     return name, value
 
 
