@@ -314,6 +314,8 @@ class TorchBackend(Backend):
     # buffer: the loop only reads from it what it is about to overwrite.
     inplace_ok = True
     singular_matrix_errors = (torch.linalg.LinAlgError,)
+    # torch's matmul and nn layers raise on float32 weights and a float64 input.
+    promotes_floats = False
     autodiff = TorchAutodiff()
     kernels = Kernels(stage_store=_stacked_stages, rms_error_ratio=_rms_error_ratio)
 

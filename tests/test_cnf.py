@@ -756,6 +756,35 @@ def test_an_int_key_is_refused_naming_seed(backend):
         cnf.sample(LinearFlow(), 2, 3, (0.0, 1.0), A, key=0)
 
 
+@pytest.mark.backend("torch")
+def test_a_state_dtype_the_parameters_do_not_have_is_refused_naming_both():
+    # torch's matmul raised "mat1 and mat2 must have the same dtype" from the velocity, deep
+    # inside the solve.
+    import torch
+
+    class Velocity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 3)  # float32 weights
+
+        def forward(self, t, z):
+            return torch.tanh(self.layer(z))
+
+    velocity = Velocity()
+
+    both = r"is torch\.float64, and f's parameters are torch\.float32.*\.to\(torch\.float64\)"
+    with pytest.raises(TypeError, match=r"^z's dtype " + both):
+        cnf.sample(velocity, 2, 3, z=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^the draws' dtype \(dtype=\) " + both):
+        cnf.sample(velocity, 2, 3, seed=0, dtype=torch.float64, backend="torch")
+    with pytest.raises(TypeError, match=r"^x's dtype " + both):
+        cnf.log_prob(velocity, torch.zeros(2, 3, dtype=torch.float64))
+    # Parameters given as params are the parameters too.
+    with pytest.raises(TypeError, match=r"^z's dtype " + both):
+        cnf.sample(LinearFlow(), 2, 3, params=torch.tensor(A3, dtype=torch.float32),
+                   z=torch.zeros(2, 3, dtype=torch.float64))  # fmt: skip
+
+
 def test_vjp_log_prob_names_the_probe_sources_it_takes():
     with pytest.raises(TypeError, match=r"key is a JAX random key.*seed= \(an int\)"):
         cnf.vjp_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", key=0)

@@ -265,6 +265,9 @@ class Backend:
     #: failed sample's NaN gradient (``odecore.adjoint.failed``) spoils no other row; on a
     #: backend whose ``f`` sees the whole batch, any sample may read any row.
     sample_param_rows: bool = False
+    #: Whether the library's products and layers promote operands of different floating
+    #: dtypes (float32 weights times a float64 state) rather than refuse them.
+    promotes_floats: bool = True
     autodiff: Autodiff | None = None
     tracing: Tracing | None = None
     kernels: Kernels = Kernels()

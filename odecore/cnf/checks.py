@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from odecore._validate import differing
+from odecore._validate import differing, dtype_kind
 from odecore.backend.host import host_array
 
 TRACE_METHODS = ("exact", "hutchinson")
@@ -97,6 +97,23 @@ def check_probes(eps, z) -> None:
         raise ValueError(
             f"eps must have the shape of the state, {tuple(z.shape)} (one probe per sample), "
             f"got {tuple(eps.shape)}"
+        )
+
+
+def check_parameter_dtype(bk, dtype, leaves, given: str, fix: str) -> None:
+    """Refuse a state dtype that none of the velocity's floating parameters (``leaves``) has,
+    on a backend that does not promote between floating dtypes: the velocity's first product
+    raised the library's own dtype mismatch from deep inside the solve, naming neither
+    argument. ``given`` says where the state's dtype came from, ``fix`` how to change it."""
+    if bk.promotes_floats:
+        return
+    floats = [leaf.dtype for leaf in leaves if dtype_kind(bk.xp, leaf.dtype) == "real floating"]
+    if floats and dtype not in floats:
+        raise TypeError(
+            f"{given} is {dtype}, and f's parameters are {floats[0]}: the velocity "
+            f"computes with both, and {bk.name} does not mix floating dtypes in one product. "
+            f"{fix.format(params=floats[0])}, or convert the parameters to {dtype} "
+            f"(.to({dtype}) on the module or the params)"
         )
 
 
