@@ -52,6 +52,25 @@ def check_regularizers(regularizers) -> tuple[str, ...]:
     return tuple(regularizers)
 
 
+def check_regularizer_range(xp, dtype, regularizers, size: int) -> None:
+    """Refuse ``jacobian_frobenius`` in a dtype whose range its rate outgrows: the rate sums
+    ``size * size`` squares, so in float16 (largest 65504) it overflowed to inf once the
+    root mean square of the Jacobian's entries reached ``256 / size``, and the solve failed
+    on a non-finite rate with a message that blamed the velocity."""
+    if "jacobian_frobenius" not in regularizers:
+        return
+    largest = float(xp.finfo(dtype).max)
+    # Below 2^127: less than float32's exponent range, which bfloat16 shares.
+    if largest < 2.0**127:
+        raise TypeError(
+            f"the 'jacobian_frobenius' regularizer cannot be integrated in {dtype}: its rate "
+            f"sums the squares of the {size}x{size} entries of df/dz, and exceeds {dtype}'s "
+            f"largest value {largest:g} once their root mean square reaches "
+            f"{math.sqrt(largest) / size:.3g}. Give x in float32 or bfloat16 (float32's "
+            f"range), or leave the regularizer out"
+        )
+
+
 def check_event_shape(event_shape) -> tuple[int, ...]:
     """One sample's shape: a positive int or a tuple of them."""
     if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
