@@ -359,11 +359,12 @@ class Backend:
         would otherwise trace ``fn``: the backend has it run as written instead."""
         return fn(*args, **kwargs)
 
-    def check_context(self, inputs: Any = ()) -> None:
+    def check_context(self, inputs: Any = (), call: str = "solve") -> None:
         """Raise where the caller's context, or the kind of its ``inputs`` (a tree of the
         call's arrays), cannot run a call of odecore (torch.func's transforms, forward-mode
         dual tensors), naming what to use instead; called once per call, so it must be
-        cheap."""
+        cheap. ``call`` is the kind of call, ``"solve"`` or ``"fixed point"``: what to use
+        instead are its options."""
         return None
 
     def allocation_limit(self) -> int | None:
