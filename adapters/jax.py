@@ -32,9 +32,11 @@ import warnings
 from typing import Any
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+from jax.interpreters import ad, batching, mlir
 from odecore.adapters._jax_cache import CompiledSolves, differentiated, is_constant
 from odecore.adapters._jax_indices import check_indices
 
@@ -375,6 +377,7 @@ def _apply_bwd(forward, backward, saved, cotangents):
         grads = tuple(_cotangent_like(None, p) for p in primals)
     else:
         grads = backward(primals, arrays, out_bar, needs, *backward_consts)
+        grads = tuple(_forward_differentiable(g) for g in grads)
     # The rule has no gradient for what func captures or the options hold: NaN, so that
     # differentiating one of them later (grad of a jit) cannot pass for a zero gradient.
     # Values nothing differentiates get a symbolic zero (None); integer and boolean values
@@ -388,6 +391,41 @@ def _apply_bwd(forward, backward, saved, cotangents):
         jax.tree_util.tree_structure((forward_consts, backward_consts)), unknown
     )
     return (grads, *unknown)
+
+
+REVERSE_OVER_REVERSE = (
+    "a reverse-mode derivative of an odecore gradient (jax.grad of jax.grad, or jax.jacrev "
+    "or jax.vjp of one) is not available on JAX: the gradient runs loops (lax.while_loop) "
+    "whose length depends on the solution, and JAX's reverse mode cannot differentiate "
+    "them. Take second derivatives forward over reverse, with jax.hessian(loss) or "
+    "jax.jacfwd(jax.grad(loss)): JAX's forward mode does run through those loops"
+)
+
+
+def _refuse_transpose(cotangent, x):
+    raise NotImplementedError(REVERSE_OVER_REVERSE)
+
+
+# The gradient's outputs pass through this identity. Being linear, forward mode (the jacfwd
+# of jax.hessian) carries their tangents through it unchanged. Reverse mode transposes the
+# gradient's program from its outputs back, so it meets this transpose before any of the
+# loops and raises in odecore's words, not JAX's about lax.while_loop.
+_reverse_refused = jex.core.Primitive("odecore_reverse_refused")
+_reverse_refused.def_impl(lambda x: x)
+_reverse_refused.def_abstract_eval(lambda x: x)
+ad.deflinear2(_reverse_refused, _refuse_transpose)
+batching.primitive_batchers[_reverse_refused] = lambda args, dims: (
+    _reverse_refused.bind(*args),
+    dims[0],
+)
+mlir.register_lowering(_reverse_refused, mlir.lower_fun(lambda x: x, multiple_results=False))
+
+
+def _forward_differentiable(grad):
+    """A gradient that reverse mode refuses to differentiate in odecore's words."""
+    if grad is None or not jnp.issubdtype(grad.dtype, jnp.inexact):
+        return grad
+    return _reverse_refused.bind(grad)
 
 
 def _as_array(x):

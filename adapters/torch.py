@@ -289,20 +289,44 @@ def _rms_error_ratio(err, y, y_new, rtol, atol, axis):
 _FUNCTORCH_MESSAGE = (
     "odecore cannot run under torch.func's transforms (grad, vmap, jacrev, jacfwd, "
     "hessian): its solves branch on tensor values and its gradient rules are "
-    "autograd.Functions. Use torch.autograd.grad or .backward() for gradients, batch_axis= "
-    "for a batch of samples (each with its own steps), and adjoint='direct' with "
-    "create_graph=True for second derivatives; torch.func.functional_call works"
+    "autograd.Functions. Use torch.autograd.grad or .backward() for gradients, {instead}; "
+    "torch.func.functional_call works"
 )
+
+# What each kind of call (Backend.check_context's ``call``) offers in the transforms' place:
+# an ODE solve and a fixed point take different options, and only the solve has second
+# derivatives.
+_FUNCTORCH_INSTEAD = {
+    "solve": (
+        "batch_axis= for a batch of samples (each with its own steps), and adjoint='direct' "
+        "with create_graph=True for second derivatives"
+    ),
+    "fixed point": (
+        "backward= ('implicit', 'one_step' or 'unrolled') to choose how they are computed, "
+        "batch_axis=0 for a batch of samples (each stops once it has converged), and "
+        "torch.autograd.functional.jacobian for a Jacobian; a fixed point has first "
+        "derivatives only"
+    ),
+}
 
 
 _FORWARD_AD_MESSAGE = (
     "odecore does not support forward-mode autodiff (torch.autograd.forward_ad dual "
     "tensors): its solves branch on tensor values and its gradient rules are reverse-mode "
     "autograd.Functions. Use reverse mode (torch.autograd.grad or .backward()); for a "
-    "Jacobian, torch.autograd.functional.jacobian (reverse mode, its default); for a "
-    "Jacobian-vector product, torch.autograd.functional.jvp with adjoint='direct' (it "
-    "differentiates a reverse pass)"
+    "Jacobian, torch.autograd.functional.jacobian (reverse mode, its default); {instead}"
 )
+
+_FORWARD_AD_INSTEAD = {
+    "solve": (
+        "for a Jacobian-vector product, torch.autograd.functional.jvp with adjoint='direct' "
+        "(it differentiates a reverse pass)"
+    ),
+    "fixed point": (
+        "a fixed point has first derivatives only, so no Jacobian-vector product "
+        "(torch.autograd.functional.jvp differentiates a reverse pass)"
+    ),
+}
 
 
 class TorchBackend(Backend):
@@ -314,6 +338,8 @@ class TorchBackend(Backend):
     # buffer: the loop only reads from it what it is about to overwrite.
     inplace_ok = True
     singular_matrix_errors = (torch.linalg.LinAlgError,)
+    # torch's matmul and nn layers raise on float32 weights and a float64 input.
+    promotes_floats = False
     autodiff = TorchAutodiff()
     kernels = Kernels(stage_store=_stacked_stages, rms_error_ratio=_rms_error_ratio)
 
@@ -334,14 +360,10 @@ class TorchBackend(Backend):
             x = np.ascontiguousarray(x)
         return torch.as_tensor(x, dtype=dtype, device=device)
 
+    def holds_values(self, x: Any) -> bool:
+        return not (isinstance(x, torch.Tensor) and x.device.type == "meta")
+
     def device_scope(self, x: Any):
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
-            # The first check that reads a value failed with torch's words about .item().
-            raise ValueError(
-                "y0 is a meta tensor (device 'meta'): meta tensors have a shape and a dtype "
-                "but hold no values, and a solve computes with y0's values. Create y0 on a "
-                "real device ('cpu' or 'cuda')"
-            )
         # torch creates tensors on the CPU unless told otherwise; a device used as a context
         # sets the default for every factory call inside. The CPU needs none, and the
         # context's function mode costs time on every operation.
@@ -402,12 +424,12 @@ class TorchBackend(Backend):
         device = like.device if isinstance(like, torch.Tensor) else source.device
         return torch.randn(shape, generator=source, dtype=dtype, device=device)
 
-    def check_context(self, inputs: Any = ()) -> None:
+    def check_context(self, inputs: Any = (), call: str = "solve") -> None:
         # Under torch.func's transforms the solve fails deep inside (functorch refuses the
         # rules' autograd.Function, a batching rule is missing), each time with a message
         # about torch's internals.
         if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(_FUNCTORCH_MESSAGE)
+            raise RuntimeError(_FUNCTORCH_MESSAGE.format(instead=_FUNCTORCH_INSTEAD[call]))
         # A dual tensor failed in the step-size control's out= kernels, with torch's words.
         # Dual tensors exist only inside a dual level, so outside one (every other call)
         # the inputs are not looked at.
@@ -415,7 +437,7 @@ class TorchBackend(Backend):
             isinstance(x, torch.Tensor) and forward_ad.unpack_dual(x).tangent is not None
             for _, x in tree_leaves(inputs)
         ):
-            raise RuntimeError(_FORWARD_AD_MESSAGE)
+            raise RuntimeError(_FORWARD_AD_MESSAGE.format(instead=_FORWARD_AD_INSTEAD[call]))
 
     def outside_compiler(self, fn, *args, **kwargs):
         # torch.compile traced the solve's Python loop: every step reads values on the host

@@ -162,8 +162,9 @@ def backend_name() -> str:
     return "auto"
 
 
-def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
-    """The backend a call runs on: ``requested`` (an argument) wins over the configuration."""
+def resolve_backend(requested: str | Backend | None, *inputs: Any, call: str = "solve") -> Backend:
+    """The backend a call runs on: ``requested`` (an argument) wins over the configuration.
+    ``call``: the kind of call, for ``Backend.check_context``'s message."""
     if isinstance(requested, Backend):
         backend = requested
     else:
@@ -173,7 +174,7 @@ def resolve_backend(requested: str | Backend | None, *inputs: Any) -> Backend:
         else:
             backend = get_backend(name)
             _check_inputs_belong(backend, inputs)
-    backend.check_context(inputs)
+    backend.check_context(inputs, call)
     return backend
 
 

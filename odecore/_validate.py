@@ -672,6 +672,7 @@ def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     that cannot be moved to y0's is refused as being there, not as the wrong kind of value."""
     if value is None:
         raise TypeError(f"{name} must be {need}, got None")
+    holding_values(bk, value, name)
     try:
         return bk.asarray(value, dtype=dtype, like=like)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -680,10 +681,20 @@ def as_array(bk, value, name: str, need: str, like=None, dtype=None):
             raise ValueError(
                 f"{name} is on device {str(device)!r} and y0 on {str(target)!r}, and {name} "
                 f"could not be moved to y0's device ({error}). Create {name} on y0's device, "
-                f"or move it there with .to(y0.device) (a 'meta' tensor holds no values to "
-                f"move: make {name} with its values on y0's device)"
+                f"or move it there with .to(y0.device)"
             ) from None
         raise TypeError(f"{name} must be {need}, got {_shown(value)}") from None
+
+
+def holding_values(bk, value, name: str) -> None:
+    """Refuse an array without values (a torch 'meta' tensor) before anything reads one:
+    the first read failed with torch's words about ``.item()``, which name no argument."""
+    if not bk.holds_values(value):
+        raise ValueError(
+            f"{name} is a meta tensor (device 'meta'): meta tensors have a shape and a dtype "
+            f"but hold no values, and a solve computes with its values. Create {name} "
+            f"on a real device ('cpu' or 'cuda')"
+        )
 
 
 def time_array(bk, value, name: str, need: str, like=None):

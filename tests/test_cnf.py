@@ -746,6 +746,73 @@ def test_a_source_of_another_library_is_refused_naming_torchs():
                      generator=object())  # fmt: skip
 
 
+def test_an_int_key_is_refused_naming_seed(backend):
+    # key=0 was read as seed=0 on every backend; key is a JAX PRNG key.
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    match = r"^key must be a JAX PRNG key \(jax\.random\.key\(0\)\), got the int 0.*seed=0"
+    with pytest.raises(TypeError, match=match):
+        cnf.log_prob(LinearFlow(), x, (0.0, 1.0), A, trace="hutchinson", key=0)
+    with pytest.raises(TypeError, match=match + r".*torch\.Generator goes in generator="):
+        cnf.sample(LinearFlow(), 2, 3, (0.0, 1.0), A, key=0)
+
+
+@pytest.mark.backend("torch")
+def test_a_state_dtype_the_parameters_do_not_have_is_refused_naming_both():
+    # torch's matmul raised "mat1 and mat2 must have the same dtype" from the velocity, deep
+    # inside the solve.
+    import torch
+
+    class Velocity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 3)  # float32 weights
+
+        def forward(self, t, z):
+            return torch.tanh(self.layer(z))
+
+    velocity = Velocity()
+
+    both = r"is torch\.float64, and f's parameters are torch\.float32.*\.to\(torch\.float64\)"
+    with pytest.raises(TypeError, match=r"^z's dtype " + both):
+        cnf.sample(velocity, 2, 3, z=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^the draws' dtype \(dtype=\) " + both):
+        cnf.sample(velocity, 2, 3, seed=0, dtype=torch.float64, backend="torch")
+    with pytest.raises(TypeError, match=r"^x's dtype " + both):
+        cnf.log_prob(velocity, torch.zeros(2, 3, dtype=torch.float64))
+    # Parameters given as params are the parameters too.
+    with pytest.raises(TypeError, match=r"^z's dtype " + both):
+        cnf.sample(LinearFlow(), 2, 3, params=torch.tensor(A3, dtype=torch.float32),
+                   z=torch.zeros(2, 3, dtype=torch.float64))  # fmt: skip
+
+
+@pytest.mark.backend("torch")
+def test_the_frobenius_regularizer_is_refused_in_float16_and_exact_in_bfloat16():
+    # In float16 its rate, ||A||_F^2 = 64 * 64 * 36 on average here, overflowed to inf and
+    # the solve failed blaming the velocity.
+    import torch
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((64, 64)) * 6.0
+    x = rng.standard_normal((2, 64)) * 0.01
+    T = 1e-4
+
+    def solve(dtype):
+        return cnf.solve_log_prob(
+            LinearFlow(), torch.tensor(x, dtype=dtype), (0.0, T), torch.tensor(A, dtype=dtype),
+            regularizers=("jacobian_frobenius",), method="rk4", options={"step_size": T},
+            rtol=1e-2,  # fixed steps: no error control, and no warning about bfloat16's
+        )  # fmt: skip
+
+    with pytest.raises(TypeError, match=r"'jacobian_frobenius' .* torch\.float16.*65504.*bfloat16"):
+        solve(torch.float16)
+    # bfloat16 has float32's range. The exact term is T ||A||_F^2 for the bfloat16-rounded
+    # A: products and the result rounded to bfloat16 (2^-9 each) and a float32 sum, so a
+    # relative error of a few 2^-9.
+    got = solve(torch.bfloat16).regularizers["jacobian_frobenius"].double().numpy()
+    A_rounded = torch.tensor(A, dtype=torch.bfloat16).double().numpy()
+    np.testing.assert_allclose(got, T * np.sum(A_rounded**2), rtol=4 * 2.0**-9)
+
+
 def test_vjp_log_prob_names_the_probe_sources_it_takes():
     with pytest.raises(TypeError, match=r"key is a JAX random key.*seed= \(an int\)"):
         cnf.vjp_log_prob(LinearFlow(), X3, (0.0, 1.0), A3, trace="hutchinson", key=0)

@@ -367,3 +367,16 @@ def test_a_nan_sample_the_loss_skips_leaves_the_shared_gradient(x64, backward, b
     assert np.isnan(np.asarray(fixed_point(a, z0))[1]).all()
     # Rounding of a 1e-13 fixed point, amplified by at most 1 / (1 - a) = 2.
     assert abs(float(got) - 2 * per_sample) < 1e-11
+
+
+def test_reverse_over_reverse_is_refused_and_forward_over_reverse_is_exact(x64):
+    # z* = a z* + 1 is 1 / (1 - a), so d2z*/da2 = 2 / (1 - a)^3. grad of grad failed with
+    # JAX's words about lax.while_loop, which name no remedy.
+    def z_star(a):
+        return odecore.fixed_point(lambda z, a: a * z + 1.0, jnp.asarray([0.0]), a, tol=1e-13)[0]
+
+    a = jnp.asarray(0.5)
+    with pytest.raises(NotImplementedError, match=r"reverse-mode derivative.*jax\.hessian"):
+        jax.grad(jax.grad(z_star))(a)
+    # Iterations converged to 1e-13, amplified by at most (1 / (1 - a))^2 = 4 per derivative.
+    assert float(jax.hessian(z_star)(a)) == pytest.approx(2 / (1 - 0.5) ** 3, abs=1e-10)

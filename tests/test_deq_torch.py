@@ -639,3 +639,30 @@ def test_a_nan_sample_the_loss_skips_leaves_the_shared_gradient(backward):
     assert torch.isnan(z[1]).all()
     # Rounding of a 1e-13 fixed point, amplified by at most 1 / (1 - a) = 2.
     assert abs(a.grad.item() - 2 * per_sample[backward]) < 1e-11
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev", "hessian"])
+def test_torch_func_transforms_are_refused_naming_the_fixed_points_options(transform):
+    # The refusal named adjoint='direct' with create_graph=True, an ODE solve's option, for
+    # second derivatives that a fixed point does not have.
+    def z_star(b):
+        return odecore.fixed_point(lambda z, b: 0.5 * torch.cos(z) + b, torch.zeros(2), b).sum()
+
+    b = torch.tensor([[0.5, -1.0]] if transform == "vmap" else [0.5, -1.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"torch\.func's transforms") as info:
+        getattr(torch.func, transform)(z_star)(b)
+    message = str(info.value)
+    for words in ("torch.autograd.grad", "backward= ('implicit', 'one_step' or 'unrolled')",
+                  "batch_axis=0", "first derivatives only"):  # fmt: skip
+        assert words in message
+    assert "adjoint" not in message and "create_graph" not in message
+
+
+def test_forward_mode_is_refused_naming_what_a_fixed_point_offers():
+    from torch.autograd import forward_ad
+
+    b = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(b, torch.ones_like(b))
+        with pytest.raises(RuntimeError, match=r"forward-mode autodiff.*first derivatives only"):
+            odecore.fixed_point(lambda z, b: 0.5 * torch.cos(z) + b, torch.zeros(2), dual)

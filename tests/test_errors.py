@@ -178,15 +178,34 @@ def test_y0_on_the_meta_device_is_refused():
         odecore.odeint(decay, y0, torch.tensor([0.0, 1.0]))
 
 
-@pytest.mark.backend("torch")
-def test_t_on_another_device_than_y0_is_refused_naming_both():
-    # t on the meta device cannot be moved to y0's (it holds no values); the refusal said
-    # t must be a 1-D array of output times, which it is.
+def _on_meta(value):
     import torch
 
-    t = torch.tensor([0.0, 1.0], device="meta")
-    with pytest.raises(ValueError, match=r"^t is on device 'meta' and y0 on 'cpu'.*y0's device"):
-        odecore.odeint(decay, torch.ones(2), t)
+    return torch.tensor(value, device="meta")
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize(
+    ("name", "y0", "meta_t", "kwargs"),
+    [
+        # t on the meta device was refused as unmovable to y0's device, or, with y0 a list
+        # that takes t's backend, failed with torch's words about .item(); so did the rest.
+        ("t", "tensor", True, lambda: {}),
+        ("t", "list", True, lambda: {}),
+        ("options['step_t']", "tensor", False, lambda: {"options": {"step_t": _on_meta([0.5])}}),
+        ("options['jump_t']", "tensor", False, lambda: {"options": {"jump_t": _on_meta([0.5])}}),
+        ("rtol", "tensor", False, lambda: {"rtol": _on_meta([1e-6])}),
+    ],
+)
+def test_an_input_on_the_meta_device_is_refused_by_name(name, y0, meta_t, kwargs):
+    import torch
+
+    y0 = torch.ones(2) if y0 == "tensor" else [1.0, 2.0]
+    t = _on_meta([0.0, 1.0]) if meta_t else torch.tensor([0.0, 1.0])
+    match = rf"^{re.escape(name)} is a meta tensor.*hold no values.*Create {re.escape(name)} on a"
+    for method in ("dopri5", "rk4"):
+        with pytest.raises(ValueError, match=match):
+            odecore.odeint(decay, y0, t, method=method, **kwargs())
 
 
 def test_y0_must_be_finite(backend):

@@ -96,6 +96,7 @@ def _solve_flat(bk, func, y0, t, keywords, solver, passed_on) -> Solution:
     adjoint = _adjoint_settings(keywords, mode, solver, passed_on)
     params, adjoint_params = keywords["params"], keywords["adjoint_params"]
     _validate.call_arguments(func, keywords["throw"], adjoint_params)
+    _validate.holding_values(bk, y0, "y0")
     with bk.device_scope(y0):
         if bk.owns(y0):
             t = _validate.time_array(bk, t, "t", _validate.TIMES_NEED, like=y0)

@@ -265,6 +265,9 @@ class Backend:
     #: failed sample's NaN gradient (``odecore.adjoint.failed``) spoils no other row; on a
     #: backend whose ``f`` sees the whole batch, any sample may read any row.
     sample_param_rows: bool = False
+    #: Whether the library's products and layers promote operands of different floating
+    #: dtypes (float32 weights times a float64 state) rather than refuse them.
+    promotes_floats: bool = True
     autodiff: Autodiff | None = None
     tracing: Tracing | None = None
     kernels: Kernels = Kernels()
@@ -356,11 +359,12 @@ class Backend:
         would otherwise trace ``fn``: the backend has it run as written instead."""
         return fn(*args, **kwargs)
 
-    def check_context(self, inputs: Any = ()) -> None:
+    def check_context(self, inputs: Any = (), call: str = "solve") -> None:
         """Raise where the caller's context, or the kind of its ``inputs`` (a tree of the
         call's arrays), cannot run a call of odecore (torch.func's transforms, forward-mode
         dual tensors), naming what to use instead; called once per call, so it must be
-        cheap."""
+        cheap. ``call`` is the kind of call, ``"solve"`` or ``"fixed point"``: what to use
+        instead are its options."""
         return None
 
     def allocation_limit(self) -> int | None:
@@ -373,6 +377,11 @@ class Backend:
     def is_traced(self, x: Any) -> bool:
         """True when ``x`` has no value yet (a tracer under ``jit``)."""
         return False
+
+    def holds_values(self, x: Any) -> bool:
+        """False for an array that has a shape and a dtype but no values (torch's 'meta'
+        tensors): every check and step of a solve reads values."""
+        return True
 
     def reads_cheaply(self, x: Any) -> bool:
         """Whether reading values of arrays like ``x`` on the host (``bool`` of a

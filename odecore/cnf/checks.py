@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from odecore._validate import differing
+from odecore._validate import differing, dtype_kind
 from odecore.backend.host import host_array
 
 TRACE_METHODS = ("exact", "hutchinson")
@@ -50,6 +50,25 @@ def check_regularizers(regularizers) -> tuple[str, ...]:
     if len(set(regularizers)) != len(regularizers):
         raise ValueError(f"regularizers lists a name twice: {tuple(regularizers)!r}")
     return tuple(regularizers)
+
+
+def check_regularizer_range(xp, dtype, regularizers, size: int) -> None:
+    """Refuse ``jacobian_frobenius`` in a dtype whose range its rate outgrows: the rate sums
+    ``size * size`` squares, so in float16 (largest 65504) it overflowed to inf once the
+    root mean square of the Jacobian's entries reached ``256 / size``, and the solve failed
+    on a non-finite rate with a message that blamed the velocity."""
+    if "jacobian_frobenius" not in regularizers:
+        return
+    largest = float(xp.finfo(dtype).max)
+    # Below 2^127: less than float32's exponent range, which bfloat16 shares.
+    if largest < 2.0**127:
+        raise TypeError(
+            f"the 'jacobian_frobenius' regularizer cannot be integrated in {dtype}: its rate "
+            f"sums the squares of the {size}x{size} entries of df/dz, and exceeds {dtype}'s "
+            f"largest value {largest:g} once their root mean square reaches "
+            f"{math.sqrt(largest) / size:.3g}. Give x in float32 or bfloat16 (float32's "
+            f"range), or leave the regularizer out"
+        )
 
 
 def check_event_shape(event_shape) -> tuple[int, ...]:
@@ -100,6 +119,23 @@ def check_probes(eps, z) -> None:
         )
 
 
+def check_parameter_dtype(bk, dtype, leaves, given: str, fix: str) -> None:
+    """Refuse a state dtype that none of the velocity's floating parameters (``leaves``) has,
+    on a backend that does not promote between floating dtypes: the velocity's first product
+    raised the library's own dtype mismatch from deep inside the solve, naming neither
+    argument. ``given`` says where the state's dtype came from, ``fix`` how to change it."""
+    if bk.promotes_floats:
+        return
+    floats = [leaf.dtype for leaf in leaves if dtype_kind(bk.xp, leaf.dtype) == "real floating"]
+    if floats and dtype not in floats:
+        raise TypeError(
+            f"{given} is {dtype}, and f's parameters are {floats[0]}: the velocity "
+            f"computes with both, and {bk.name} does not mix floating dtypes in one product. "
+            f"{fix.format(params=floats[0])}, or convert the parameters to {dtype} "
+            f"(.to({dtype}) on the module or the params)"
+        )
+
+
 def random_source(what: str, **given):
     """The one source of random numbers among ``given`` (``seed``, ``key``, ``generator``,
     or what stands in for the draws, ``eps`` or ``z``) that is not None: ``(name, value)``,
@@ -113,6 +149,13 @@ def random_source(what: str, **given):
     name, value = named[0] if named else (None, None)
     if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if name == "key" and isinstance(value, numbers.Integral):
+        # An int key was read as a seed, on every backend: a mistake passed for a choice.
+        raise TypeError(
+            f"key must be a JAX PRNG key (jax.random.key({value!r})), got the int {value!r}; "
+            f"an int seeds the draws as seed={value!r}, and on torch a torch.Generator goes "
+            f"in generator="
+        )
     return name, value
 
 

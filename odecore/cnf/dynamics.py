@@ -28,6 +28,7 @@ from odecore.backend.tree import unflatten_like
 from odecore.cnf.checks import (
     check_event_shape,
     check_probes_for_trace,
+    check_regularizer_range,
     check_regularizers,
     check_trace,
 )
@@ -104,7 +105,10 @@ class AugmentedDynamics:
         return (self.size, 1, *(1 for _ in self.regularizers))
 
     def initial_state(self, xp, x):
-        """``[x, 0, 0...]`` per sample, for data ``x`` of shape (B, *event_shape)."""
+        """``[x, 0, 0...]`` per sample, for data ``x`` of shape (B, *event_shape). A
+        TypeError for ``jacobian_frobenius`` with float16 data, whose range its rate
+        outgrows."""
+        check_regularizer_range(xp, x.dtype, self.regularizers, self.size)
         batch = x.shape[0]
         zeros = xp.zeros((batch, 1 + len(self.regularizers)), dtype=x.dtype)
         return xp.concat([xp.reshape(x, (batch, self.size)), zeros], axis=1)

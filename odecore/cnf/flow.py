@@ -53,6 +53,7 @@ from odecore.cnf.checks import (
     check_error_control,
     check_event_shape,
     check_noise,
+    check_parameter_dtype,
     check_probes,
     check_regularizers,
     check_samples_separate,
@@ -197,8 +198,9 @@ def solve_log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, or an argument of the
-        solve has the wrong type.
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int,
+        ``x``'s dtype is none of the parameters' on torch, or an argument of the solve has the
+        wrong type.
     ValueError
         ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
         not a real floating array with samples along its first axis, the probes are missing
@@ -309,8 +311,9 @@ def log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, or an argument of the
-        solve has the wrong type.
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int,
+        ``x``'s dtype is none of the parameters' on torch, or an argument of the solve has the
+        wrong type.
     ValueError
         ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
         not a real floating array with samples along its first axis, the probes are missing
@@ -555,7 +558,8 @@ def sample(
     Raises
     ------
     TypeError
-        ``seed`` is not an int, or an argument of the solve has the wrong type.
+        ``seed`` is not an int, ``key`` is an int, the draws' dtype (``z``'s or ``dtype``)
+        is none of the parameters' on torch, or an argument of the solve has the wrong type.
     ValueError
         ``n`` is not a positive int, ``event_shape`` is not a positive int or tuple of them,
         ``z`` is not of shape (n, *event_shape), more than one source of draws is given, or an
@@ -587,8 +591,13 @@ def sample(
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
     name, source = random_source("base points", z=z, seed=seed, key=key, generator=generator)
     bk = _flow_backend(solve_kwargs, {"z": z, "params": params})
+    leaves = differentiate.param_leaves(bk, f, params)
     if name != "z":
-        dtype = dtype if dtype is not None else _parameter_dtype(bk, f, params)
+        if dtype is None:
+            dtype = leaves[0].dtype if leaves else bk.xp.float64
+        check_parameter_dtype(
+            bk, dtype, leaves, "the draws' dtype (dtype=)", "Pass dtype={params} or leave it out"
+        )
         z = bk.random_normal(_random_generator(source), (int(n), *event_shape), dtype, None)
     else:
         z = z if bk.owns(z) else bk.asarray(z, dtype=dtype)
@@ -597,6 +606,9 @@ def sample(
                 f"z must have shape (n, *event_shape) = {(int(n), *event_shape)}, got "
                 f"{tuple(z.shape)}"
             )
+        check_parameter_dtype(
+            bk, z.dtype, leaves, "z's dtype", "Give z as {params} (z.to({params}))"
+        )
     t0, t1 = _time_pair(bk, t)
     reverse = bk.xp.stack([t1, t0])
     # The solve would call f its func(t, y); the flow's documentation calls it f(t, x).
@@ -656,12 +668,12 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
     xp = bk.xp
     x = x if bk.owns(x) else bk.asarray(x)
     check_batch_state(xp, x, "x")
+    leaves = differentiate.param_leaves(bk, f, params)
+    check_parameter_dtype(bk, x.dtype, leaves, "x's dtype", "Give x as {params} (x.to({params}))")
     t = _time_array(bk, t)
     check_samples_separate(bk, f, t, x, params, per_sample_time=batch_axis == 0)
     eps = _probes(bk, settings, x)
-    wanted = differentiate.requires_grad(
-        bk, {"x": x, "t": t, "params": params, "f": differentiate.param_leaves(bk, f, params)}
-    )
+    wanted = differentiate.requires_grad(bk, {"x": x, "t": t, "params": params, "f": leaves})
     aug = AugmentedDynamics(f, x.shape[1:], settings.trace, eps, settings.regularizers, bk, wanted)
     s0 = aug.initial_state(xp, x)
     options = dict(_options(solve_kwargs.pop("options", None)))
@@ -876,8 +888,3 @@ def _base(bk, base):
         return out
 
     return checked
-
-
-def _parameter_dtype(bk, f, params):
-    leaves = differentiate.param_leaves(bk, f, params)
-    return leaves[0].dtype if leaves else bk.xp.float64

@@ -319,7 +319,7 @@ def vjp_fixed_point(
 
 
 def _setup(f, z0, params, backend, batch_axis, opts):
-    bk = resolve_backend(backend, {"z0": z0, "params": params})
+    bk = resolve_backend(backend, {"z0": z0, "params": params}, call="fixed point")
     z0 = float_array(bk, "z0", z0)
     check_callable(f)
     check_params(params)

@@ -359,6 +359,8 @@ def _solve_resolved(
         # rule's leaves.
         adjoint_params = differentiate.distinct(adjoint_params)
     bk = backend
+    # Before y0's device becomes the one every array is made on.
+    _validate.holding_values(bk, y0, "y0")
     # Everything the solve allocates lives where y0 does (a CUDA device, say), and so do
     # the times.
     with bk.device_scope(y0):
