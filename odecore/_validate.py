@@ -670,8 +670,10 @@ def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     ``name`` must be ``need`` where the library cannot convert it (each library words its
     own refusal, and none names the argument). ``like`` is y0: an array on another device
     that cannot be moved to y0's is refused as being there, not as the wrong kind of value."""
-    if value is None:
-        raise TypeError(f"{name} must be {need}, got None")
+    # A string is never an array of numbers, and JAX reads one as a dtype's name ("01"
+    # raises SyntaxError from its parser, "f8" is float64): refused before any library sees it.
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be {need}, got {_shown(value)}")
     holding_values(bk, value, name)
     try:
         return bk.asarray(value, dtype=dtype, like=like)
