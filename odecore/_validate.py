@@ -766,7 +766,14 @@ def norm(bk, value, lay: Layout):
 
     def checked(n):
         # An array as it is: torch's asarray of a tensor that requires grad warns.
-        n = n if bk.owns(n) else xp.asarray(n)
+        if not bk.owns(n):
+            need = f"a real number per sample ({expected})"
+            n = as_array(bk, n, "the value options['norm'] returned", need)
+        if not is_real(xp, n.dtype):
+            raise TypeError(
+                f"options['norm'] must return real numbers (one per sample, {expected}), and "
+                f"it returned dtype {n.dtype}: return the norm of x as a float"
+            )
         if math.prod(n.shape) != lay.batch:
             raise ValueError(
                 f"options['norm'] must return one number per sample ({expected}), and it "
@@ -779,7 +786,13 @@ def norm(bk, value, lay: Layout):
         return xp.where(n >= 0, n, xp.nan)
 
     if not lay.flat:
-        return lambda x: checked(value(x))
+        # One sample, whose control values are Python floats: a one-element array that is
+        # not 0-d (a list [n], shape (1,)) would not convert to one on every backend.
+        def one_sample_norm(x):
+            n = checked(value(x))
+            return n if n.ndim == 0 else xp.reshape(n, ())
+
+        return one_sample_norm
 
     def user_norm(x):
         return xp.reshape(checked(value(lay.shaped_as_user(xp, x))), (lay.batch,))

@@ -458,6 +458,52 @@ def test_norm_returning_one_value_per_element_raises(backend, batch_axis):
         )
 
 
+@pytest.mark.parametrize(
+    ("returned", "error", "match"),
+    [
+        (None, TypeError, r"the value options\['norm'\] returned must be a real number per sample"),
+        (
+            "0.5",
+            TypeError,
+            r"the value options\['norm'\] returned must be a real number per sample",
+        ),
+        (True, TypeError, r"options\['norm'\] must return real numbers .* dtype \S*bool"),
+    ],
+    ids=["None", "str", "bool"],
+)
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_norm_returning_no_number_raises_naming_the_norm(
+    backend, batch_axis, returned, error, match
+):
+    """A norm that forgets its return, or returns a string or a truth value, used to fail
+    inside the library's comparison (``'>=' not supported``, ``Could not infer dtype``)."""
+    y0 = backend.asarray([[1.0, 2.0]])
+    with pytest.raises(error, match=match):
+        odecore.solve(
+            decay,
+            y0,
+            backend.asarray([0.0, 1.0]),
+            batch_axis=batch_axis,
+            options={"norm": lambda x: returned},
+        )
+
+
+def test_norm_returning_a_one_element_list_is_its_one_number(backend):
+    """One sample's norm as ``[n]`` holds the one number the solve needs; NumPy's float() of
+    its shape (1,) array used to fail with ``only 0-dimensional arrays can be converted``."""
+
+    def listed_rms(x):
+        xp = namespace(x)
+        return [xp.sqrt(xp.mean(x * x))]
+
+    y0, t = backend.asarray([1.0, 2.0]), backend.asarray([0.0, 1.0])
+    ys = odecore.odeint(decay, y0, t, rtol=1e-9, atol=1e-12, options={"norm": listed_rms})
+    # The global error of a tolerance-controlled solve of y' = -y over [0, 1] is a few rtol.
+    np.testing.assert_allclose(
+        backend.to_numpy(ys)[-1], np.exp(-1.0) * np.array([1.0, 2.0]), rtol=1e-7
+    )
+
+
 def _eager_only(backend):
     if not backend.backend.eager:
         pytest.skip(f"{backend.name} arrays cannot be written in place")
