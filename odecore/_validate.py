@@ -522,6 +522,25 @@ def times(bk, t) -> Any:
     return arr
 
 
+def initial_time(bk, t0, dtype) -> Any:
+    """``odeint_event``'s ``t0`` as a 0-d array: one finite real time, in ``dtype`` (y0's)
+    unless it is already a floating array of the backend. It is checked here, and not as
+    ``t``, since the solve's ``t`` is made from it and would name ``t`` for a bad ``t0``."""
+    xp = bk.xp
+    arr = real_numbers(bk, t0, "t0", "a time", convert=time_array)
+    if math.prod(arr.shape) != 1:
+        raise ValueError(
+            f"t0 must be one time (a float, or an array of one element), got shape "
+            f"{tuple(arr.shape)}; odeint_event has no end time, the event ends the solve"
+        )
+    if not (bk.owns(t0) and dtype_kind(xp, arr.dtype) == "real floating"):
+        arr = xp.astype(arr, dtype)
+    arr = xp.reshape(arr, ())
+    if _fails(bk, xp.isfinite(arr)):
+        raise ValueError(f"t0 must be a finite time, got {float(arr)!r}")
+    return arr
+
+
 def _span(bk, arr) -> None:
     """Refuse finite times whose span overflows (-1e308 to 1e308): every step is measured
     against the distance to the end, which is then infinite, and the solve failed at its

@@ -1164,6 +1164,64 @@ def test_odeint_event_refuses_several_initial_times(backend):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("t0", "error", "match"),
+    [
+        # None was read as NaN and reported as "t contains NaN"; a string was parsed as a
+        # number; True was time 1.
+        (None, TypeError, r"^t0 must be a time .* got None"),
+        ("0", TypeError, r"^t0 must be a time .* got '0'"),
+        (True, TypeError, r"^t0 must be a time .* got True"),
+        (math.nan, ValueError, r"^t0 must be a finite time, got nan"),
+        (-math.inf, ValueError, r"^t0 must be a finite time, got -inf"),
+    ],
+    ids=["None", "str", "bool", "nan", "inf"],
+)
+def test_odeint_event_names_a_bad_initial_time(backend, t0, error, match):
+    with pytest.raises(error, match=match):
+        odecore.odeint_event(
+            lambda t, y: -y, backend.asarray([1.0]), t0, event_fn=lambda t, y: y[0] - 0.5
+        )
+
+
+@pytest.mark.parametrize(
+    ("y0", "error", "match"),
+    [
+        # The dtype's largest value, which sets the horizon, failed on these first:
+        # "data type <class 'numpy.object_'> not inexact", an IndexError for an empty y0.
+        (None, TypeError, r"^y0 must be an array of real floating numbers, got None"),
+        ([1, 2], TypeError, r"^y0 must have a real floating dtype, got \S*int"),
+        ([], ValueError, r"^y0 is empty"),
+    ],
+    ids=["None", "int", "empty"],
+)
+def test_odeint_event_names_a_bad_initial_state(backend, y0, error, match):
+    y0 = y0 if y0 is None else backend.asarray(y0, dtype=None)
+    with pytest.raises(error, match=match):
+        odecore.odeint_event(lambda t, y: -y, y0, 0.0, event_fn=lambda t, y: y[0] - 0.5)
+
+
+def test_odeint_event_refuses_a_reverse_time_that_is_not_a_bool(backend):
+    with pytest.raises(TypeError, match=r"^reverse_time must be True or False, got 1"):
+        odecore.odeint_event(
+            lambda t, y: -y, backend.asarray([1.0]), 0.0, event_fn=lambda t, y: y[0] - 0.5,
+            reverse_time=1,
+        )  # fmt: skip
+
+
+def test_odeint_event_from_an_integer_initial_time_finds_the_closed_form(backend):
+    """An integer array t0 is a time in y0's dtype; torch's integer tensor failed with
+    "'torch.dtype' object has no attribute 'dtype'"."""
+    y0 = backend.asarray([Y0])
+    t0 = backend.asarray(1, dtype="int64")
+    event_t, _ = odecore.odeint_event(
+        lambda t, y: -K * y, y0, t0, event_fn=lambda t, y: y[0] - LEVEL, **TIGHT
+    )
+    # The crossing of Y0 * exp(-K (t - 1)) = LEVEL, to the global error of a tolerance
+    # of 1e-10 over a span of 2 (the event's root is located to a few ulp of the time).
+    assert abs(float(backend.to_numpy(event_t)) - (1.0 + T_STAR)) < CLOSE
+
+
 @pytest.mark.backend("torch")
 def test_second_derivative_of_an_event_time_raises_on_torch():
     # torch's 'direct' mode takes second derivatives of the states, but the event time's

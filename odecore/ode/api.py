@@ -931,11 +931,12 @@ def odeint_event(
     Raises
     ------
     TypeError
-        ``event_fn`` is not callable, or an argument of the solve has the wrong type.
+        ``event_fn`` is not callable, ``t0`` is not a real number, ``reverse_time`` is not a
+        bool, or an argument of the solve has the wrong type.
     ValueError
         ``odeint_interface`` is neither [`odeint`][odecore.odeint] nor
-        [`odeint_adjoint`][odecore.odeint_adjoint], ``t0`` holds more than one time, or an
-        argument of the solve has a wrong value.
+        [`odeint_adjoint`][odecore.odeint_adjoint], ``t0`` holds more than one time or is not
+        finite, or an argument of the solve has a wrong value.
     SolveError
         No event before ``options["max_num_steps"]`` steps, no event at all (the steps grew
         until the solve reached the square root of the dtype's largest value; with
@@ -967,16 +968,18 @@ def odeint_event(
         )
     if not callable(event_fn):
         raise TypeError(f"event_fn must be a callable g(t, y), got {type(event_fn).__name__}")
-    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t": t0, "params": None})
+    if not isinstance(reverse_time, bool):
+        raise TypeError(f"reverse_time must be True or False, got {reverse_time!r}")
+    bk = resolve_backend(kwargs.get("backend"), {"y0": y0, "t0": t0, "params": None})
     xp = bk.xp
-    like = list(tree.leaves(y0, "y0"))[0][1] if is_structured(y0) else bk.asarray(y0)
-    t0 = bk.asarray(t0, dtype=like.dtype) if not bk.owns(t0) else t0
-    if math.prod(t0.shape) != 1:
-        raise ValueError(
-            f"t0 must be one time (a float, or an array of one element), got shape "
-            f"{tuple(t0.shape)}; odeint_event has no end time, the event ends the solve"
-        )
-    t0 = xp.reshape(t0, ())
+    # The horizon is read from y0's dtype, so y0 is checked first; its values are checked by
+    # the solve, sample by sample with batch_axis.
+    if is_structured(y0):
+        path, first = next(tree.leaves(y0, "y0"), ("y0", None))
+        like = _validate.initial_state(bk, first, finite=False, name=path, empty=True)
+    else:
+        like = _validate.initial_state(bk, y0, finite=False)
+    t0 = _validate.initial_time(bk, t0, like.dtype)
     # No end time: one far enough that only the event, or max_num_steps, ends the solve.
     # Not near the largest float: steps grow toward the horizon when the event lies behind
     # the solution, and the controller's h * factor would overflow (a RuntimeWarning on NumPy)
