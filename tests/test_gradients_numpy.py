@@ -382,6 +382,32 @@ def test_wrong_number_of_parameter_cotangents(adjoint):
         pullback(np.ones((3, 2)))
 
 
+class VjpReturningNone(DecayNumpy):
+    def vjp(self, t, y, params, cotangent):
+        super().vjp(t, y, params, cotangent)  # computes the cotangents and drops them
+
+
+class VjpReturningThree(DecayNumpy):
+    def vjp(self, t, y, params, cotangent):
+        return (*super().vjp(t, y, params, cotangent), None)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.parametrize(
+    ("dynamics", "got"),
+    [(VjpReturningNone(), "NoneType"), (VjpReturningThree(), "tuple of 3")],
+    ids=["None", "three"],
+)
+def test_vjp_returning_no_pair_is_a_type_error_naming_vjp(adjoint, dynamics, got):
+    # A vjp without its return used to fail with "cannot unpack non-iterable NoneType".
+    _, pullback = odecore.vjp_odeint(dynamics, Y0, T, K, adjoint=adjoint)
+    match = (
+        rf"^{type(dynamics).__name__}\.vjp must return the pair \(cot_y, cot_params\), got {got}"
+    )
+    with pytest.raises(TypeError, match=match):
+        pullback(np.ones((3, 2)))
+
+
 @pytest.mark.parametrize("shape", [(3, 3), (2, 2), (3, 2, 1), (6,)])
 def test_pullback_with_the_wrong_shape(shape):
     _, pullback = odecore.vjp_odeint(DecayNumpy(), Y0, T, K)

@@ -116,10 +116,10 @@ def _user_vjp(bk, func, params, leaves, t, y, cot):
             f"the structure of params (None when there are no params); or use a backend "
             f"with autodiff (torch, jax)"
         )
+    name = f"{type(unwrap(func)).__name__}.vjp"
     try:
-        cot_y, cot_params = user_vjp(t, y, params, cot)
+        returned = user_vjp(t, y, params, cot)
     except TypeError as error:
-        name = f"{type(unwrap(func)).__name__}.vjp"
         explain_signature(
             user_vjp,
             4,
@@ -129,6 +129,16 @@ def _user_vjp(bk, func, params, leaves, t, y, cot):
             error,
         )
         raise
+    # Unpacked here rather than in the call above: a vjp that forgets its return would
+    # otherwise fail with "cannot unpack non-iterable NoneType object".
+    if not isinstance(returned, (tuple, list)) or len(returned) != 2:
+        got = type(returned).__name__
+        got += f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
+        raise TypeError(
+            f"{name} must return the pair (cot_y, cot_params), got {got}; return cot_params "
+            f"as None where the solve has no params"
+        )
+    cot_y, cot_params = returned
     cot_leaves = [leaf for _, leaf in tree_leaves(cot_params)] if leaves else []
     if len(cot_leaves) != len(leaves):
         raise ValueError(
