@@ -691,7 +691,9 @@ def as_array(bk, value, name: str, need: str, like=None, dtype=None):
     that cannot be moved to y0's is refused as being there, not as the wrong kind of value."""
     # A string is never an array of numbers, and JAX reads one as a dtype's name ("01"
     # raises SyntaxError from its parser, "f8" is float64): refused before any library sees it.
-    if value is None or isinstance(value, (str, bytes)):
+    # Nor is a dict (one holding arrays is a structured state, and does not come here), which
+    # NumPy would make an object array, refused for its dtype without naming the dict.
+    if value is None or isinstance(value, (str, bytes, dict)):
         raise TypeError(f"{name} must be {need}, got {_shown(value)}")
     holding_values(bk, value, name)
     try:

@@ -159,6 +159,13 @@ def test_y0_must_be_floating(backend, values, dtype):
     assert "float64" in str(converted.dtype)
 
 
+@pytest.mark.parametrize("y0", [{}, {"x": {}}], ids=["empty", "nested-empty"])
+def test_a_dict_without_arrays_as_y0_is_refused_as_a_dict(backend, y0):
+    # NumPy made it a 0-d object array, refused as "got object", naming no dict.
+    with pytest.raises(TypeError, match=r"^y0 must be an array of real floating numbers, got \{"):
+        odecore.solve(decay, y0, backend.asarray([0.0, 1.0]))
+
+
 def test_y0_complex_is_refused(backend):
     y0 = backend.asarray([1.0 + 1.0j], dtype="complex128")
     with pytest.raises(TypeError, match=f"real floating dtype, got {re.escape(str(y0.dtype))}"):
