@@ -272,7 +272,7 @@ def _fixed_grid(opts: dict) -> bool:
     return opts.get("step_size") is not None or opts.get("grid_constructor") is not None
 
 
-def options(opts: dict | None, rk) -> dict:
+def options(bk, opts: dict | None, rk) -> dict:
     if opts is None:
         return {}
     check_dict(opts, "options")
@@ -295,6 +295,9 @@ def options(opts: dict | None, rk) -> dict:
             f"valid options are: {', '.join(sorted(valid))}"
         )
     out = {k: v for k, v in opts.items() if v is not None}
+    # Reading a meta tensor's value below failed with torch's words about .item().
+    for key, value in out.items():
+        holding_values(bk, value, f"options[{key!r}]")
     # Step sizes may be traced arrays under jit, so that changing them does not recompile.
     runtime = {k for k in ("step_size", "first_step", "min_step", "max_step") if k in out}
     runtime = {k for k in runtime if is_traced(out[k])}
@@ -988,7 +991,7 @@ def adjoint_settings(
 
     seminorm = adj_options.get("norm") == "seminorm"
     rk = prepared(tab)
-    options({k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk)
+    options(bk, {k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk)
     # Name what the user gave: a bad forward rtol is reported as rtol, not adjoint_rtol.
     rtol_given = (adj_rtol, "adjoint_rtol") if adj_rtol is not None else (rtol, "rtol")
     atol_given = (adj_atol, "adjoint_atol") if adj_atol is not None else (atol, "atol")

@@ -215,6 +215,35 @@ def test_an_input_on_the_meta_device_is_refused_by_name(name, y0, meta_t, kwargs
             odecore.odeint(decay, y0, t, method=method, **kwargs())
 
 
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize(
+    ("option", "method"),
+    [
+        ("first_step", "dopri5"),
+        ("max_step", "dopri5"),
+        ("min_step", "dopri5"),
+        ("safety", "dopri5"),
+        ("step_size", "rk4"),
+        ("event_tol", "dopri5"),
+    ],
+)
+def test_a_scalar_option_on_the_meta_device_is_refused_by_name(option, method):
+    # Reading the option as a float failed with torch's words about .item().
+    import torch
+
+    name = f"options[{option!r}]"
+    match = rf"^{re.escape(name)} is a meta tensor.*hold no values.*Create {re.escape(name)} on a"
+    with pytest.raises(ValueError, match=match):
+        odecore.odeint_event(
+            decay,
+            torch.ones(1),
+            torch.tensor(0.0),
+            event_fn=lambda t, y: y[0] - 0.5,
+            method=method,
+            options={option: torch.tensor(0.1, device="meta")},
+        )
+
+
 def test_y0_must_be_finite(backend):
     with pytest.raises(ValueError, match="y0 contains NaN"):
         solve(backend, y0=np.array([1.0, math.nan]))

@@ -115,7 +115,7 @@ def prepare(
     first call need not be checked for what users' functions get wrong (``Dynamics``)."""
     xp = bk.xp
     rk = prepared(_validate.tableau(method, options))
-    opts = _validate.options(options, rk)
+    opts = _validate.options(bk, options, rk)
     if events is None:
         _validate.event_options(opts)
     ts_user = _validate.times(bk, t)
