@@ -670,6 +670,33 @@ def test_divergence_exact_and_hutchinson_on_a_nonlinear_field(backend):
     np.testing.assert_allclose(values(backend, frob), np.sum(rows**2, axis=1), rtol=1e-14)
 
 
+def test_divergence_refuses_float16_whose_range_the_frobenius_term_outgrows(backend):
+    # ||A||_F^2 = 20 * 20 * 20^2 = 160000 is beyond float16's 65504: the Frobenius term came
+    # back inf, without a word, where the solve refuses float16 for that regularizer.
+    A = backend.asarray(np.full((20, 20), 20.0), dtype="float16")
+    z = backend.asarray(np.ones((2, 20)), dtype="float16")
+    with pytest.raises(
+        TypeError,
+        match=r"^cnf\.divergence cannot compute frobenius in .*float16.*65504.*z in float32",
+    ):
+        cnf.divergence(LinearFlow(), 0.0, z, A)
+    for method, eps in (("exact", None), ("hutchinson", z)):
+        with pytest.raises(TypeError, match="cannot compute frobenius"):
+            cnf.divergence(LinearFlow(), 0.0, z, A, method, eps)
+
+
+@pytest.mark.backend("torch")
+def test_divergence_in_bfloat16_has_float32s_range():
+    # The fix the float16 refusal names. Entries 20 and their squares 400 are exact in
+    # bfloat16 and their float32 sum 160000 too; one rounding to bfloat16's 8 bits remains.
+    import torch
+
+    A = torch.full((20, 20), 20.0, dtype=torch.bfloat16)
+    div, frob = cnf.divergence(LinearFlow(), 0.0, torch.ones(2, 20, dtype=torch.bfloat16), A)
+    np.testing.assert_allclose(div.double().numpy(), 400.0, rtol=2.0**-8)
+    np.testing.assert_allclose(frob.double().numpy(), 160000.0, rtol=2.0**-8)
+
+
 class CubicCoupling:
     """``f(z) = tanh(z W^T) * (1 + t)`` on samples of event shape (2, 2), flattened inside:
     a Jacobian without zeros, for the trace over an event of more than one axis; with the

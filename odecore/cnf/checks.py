@@ -53,21 +53,33 @@ def check_regularizers(regularizers) -> tuple[str, ...]:
 
 
 def check_regularizer_range(xp, dtype, regularizers, size: int) -> None:
-    """Refuse ``jacobian_frobenius`` in a dtype whose range its rate outgrows: the rate sums
-    ``size * size`` squares, so in float16 (largest 65504) it overflowed to inf once the
-    root mean square of the Jacobian's entries reached ``256 / size``, and the solve failed
-    on a non-finite rate with a message that blamed the velocity."""
-    if "jacobian_frobenius" not in regularizers:
-        return
+    """Refuse ``jacobian_frobenius`` in a dtype whose range its rate outgrows (see
+    :func:`check_frobenius_range`): the solve failed on a non-finite rate with a message
+    that blamed the velocity."""
+    if "jacobian_frobenius" in regularizers:
+        check_frobenius_range(
+            xp,
+            dtype,
+            size,
+            "the 'jacobian_frobenius' regularizer cannot be integrated",
+            "its rate",
+            "Give x in float32 or bfloat16 (float32's range), or leave the regularizer out",
+        )
+
+
+def check_frobenius_range(xp, dtype, size: int, refused: str, term: str, fix: str) -> None:
+    """Refuse a dtype whose range ``||df/dz||_F^2`` outgrows: it sums ``size * size``
+    squares (Hutchinson's ``||eps^T J||^2`` estimates that sum), so in float16 (largest
+    65504) it overflowed to inf once the root mean square of the Jacobian's entries reached
+    ``256 / size``. ``refused`` says what cannot be done, ``term`` names the sum, ``fix``
+    says what to do instead."""
     largest = float(xp.finfo(dtype).max)
     # Below 2^127: less than float32's exponent range, which bfloat16 shares.
     if largest < 2.0**127:
         raise TypeError(
-            f"the 'jacobian_frobenius' regularizer cannot be integrated in {dtype}: its rate "
-            f"sums the squares of the {size}x{size} entries of df/dz, and exceeds {dtype}'s "
-            f"largest value {largest:g} once their root mean square reaches "
-            f"{math.sqrt(largest) / size:.3g}. Give x in float32 or bfloat16 (float32's "
-            f"range), or leave the regularizer out"
+            f"{refused} in {dtype}: {term} sums the squares of the {size}x{size} entries of "
+            f"df/dz, and exceeds {dtype}'s largest value {largest:g} once their root mean "
+            f"square reaches {math.sqrt(largest) / size:.3g}. {fix}"
         )
 
 

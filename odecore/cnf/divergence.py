@@ -28,6 +28,7 @@ from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.cnf.checks import (
     check_batch_state,
+    check_frobenius_range,
     check_probes,
     check_probes_for_trace,
     check_trace,
@@ -159,7 +160,9 @@ def divergence(
     Raises
     ------
     TypeError
-        ``f`` has no ``vjp`` on a backend without autodiff.
+        ``f`` has no ``vjp`` on a backend without autodiff, or ``z`` is float16, whose
+        range ``||J||_F^2`` outgrows once the root mean square of the entries of ``J``
+        reaches ``256 / D`` (bfloat16 has float32's range).
     ValueError
         ``method`` is unknown, ``z`` is not a real floating array with samples along its first
         axis, ``eps`` is missing for ``"hutchinson"`` (or given for ``"exact"``), or ``eps`` is
@@ -183,6 +186,15 @@ def divergence(
     bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
     z = z if bk.owns(z) else bk.asarray(z)
     check_batch_state(bk.xp, z, "z")
+    # The Frobenius term is always returned: in float16 it was inf, without a word.
+    check_frobenius_range(
+        bk.xp,
+        z.dtype,
+        math.prod(z.shape[1:]),
+        "cnf.divergence cannot compute frobenius",
+        "frobenius",
+        "Give z in float32 or bfloat16 (float32's range), and f's parameters with it",
+    )
     check_trace(method, "method")
     check_probes_for_trace(method, eps, "method")
     if eps is not None:
