@@ -9,6 +9,7 @@ global error of a dopri5 solve is then about 1e-9 relative on these unit-scale p
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -781,6 +782,23 @@ def test_an_int_key_is_refused_naming_seed(backend):
         cnf.log_prob(LinearFlow(), x, (0.0, 1.0), A, trace="hutchinson", key=0)
     with pytest.raises(TypeError, match=match + r".*torch\.Generator goes in generator="):
         cnf.sample(LinearFlow(), 2, 3, (0.0, 1.0), A, key=0)
+
+
+def test_a_generator_given_as_key_is_refused_naming_generator(backend):
+    # A numpy.random.Generator (or a torch.Generator) in key drew the probes as if given as
+    # generator=; key is a JAX PRNG key.
+    A, x = backend.asarray(A3), backend.asarray(X3)
+    sources = [(np.random.default_rng(0), "numpy.random.Generator")]
+    if backend.name == "torch":
+        import torch
+
+        sources.append((torch.Generator().manual_seed(0), "torch.Generator"))
+    for source, kind in sources:
+        match = rf"^key must be a JAX PRNG key, got a {re.escape(kind)}: pass .* as generator="
+        with pytest.raises(TypeError, match=match):
+            cnf.log_prob(LinearFlow(), x, (0.0, 1.0), A, trace="hutchinson", key=source)
+        with pytest.raises(TypeError, match=match):
+            cnf.sample(LinearFlow(), 2, 3, (0.0, 1.0), A, key=source)
 
 
 @pytest.mark.backend("torch")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import weakref
 
 import numpy as np
@@ -168,7 +169,26 @@ def random_source(what: str, **given):
             f"an int seeds the draws as seed={value!r}, and on torch a torch.Generator goes "
             f"in generator="
         )
+    generator = _generator_name(value) if name == "key" else None
+    if generator is not None:
+        # A generator in key drew the same numbers as in generator=, and the docs say key
+        # is a JAX PRNG key: accepting it hid which argument was meant.
+        raise TypeError(
+            f"key must be a JAX PRNG key, got a {generator}: pass a generator as generator= instead"
+        )
     return name, value
+
+
+def _generator_name(value) -> str | None:
+    """The name of ``value``'s kind where it is a NumPy or torch random generator, else
+    None; torch is looked for only where it was imported, since then a torch.Generator
+    can exist."""
+    if isinstance(value, np.random.Generator):
+        return "numpy.random.Generator"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Generator):
+        return "torch.Generator"
+    return None
 
 
 # velocity -> the (shape, dtype) of x it was found not to mix samples at. A velocity's

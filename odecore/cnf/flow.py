@@ -198,9 +198,9 @@ def solve_log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int,
-        ``x``'s dtype is none of the parameters' on torch, or an argument of the solve has the
-        wrong type.
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int
+        or a generator, ``x``'s dtype is none of the parameters' on torch, or an argument of
+        the solve has the wrong type.
     ValueError
         ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
         not a real floating array with samples along its first axis, the probes are missing
@@ -311,9 +311,9 @@ def log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int,
-        ``x``'s dtype is none of the parameters' on torch, or an argument of the solve has the
-        wrong type.
+        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int
+        or a generator, ``x``'s dtype is none of the parameters' on torch, or an argument of
+        the solve has the wrong type.
     ValueError
         ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
         not a real floating array with samples along its first axis, the probes are missing
@@ -558,8 +558,9 @@ def sample(
     Raises
     ------
     TypeError
-        ``seed`` is not an int, ``key`` is an int, the draws' dtype (``z``'s or ``dtype``)
-        is none of the parameters' on torch, or an argument of the solve has the wrong type.
+        ``seed`` is not an int, ``key`` is an int or a generator, the draws' dtype (``z``'s
+        or ``dtype``) is none of the parameters' on torch, or an argument of the solve has the
+        wrong type.
     ValueError
         ``n`` is not a positive int, ``event_shape`` is not a positive int or tuple of them,
         ``z`` is not of shape (n, *event_shape), more than one source of draws is given, or an
