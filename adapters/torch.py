@@ -294,8 +294,8 @@ _FUNCTORCH_MESSAGE = (
 )
 
 # What each kind of call (Backend.check_context's ``call``) offers in the transforms' place:
-# an ODE solve and a fixed point take different options, and only the solve has second
-# derivatives.
+# an ODE solve, a fixed point and a fixed point's diagnostics take different options, and
+# only the solve has second derivatives.
 _FUNCTORCH_INSTEAD = {
     "solve": (
         "batch_axis= for a batch of samples (each with its own steps), and adjoint='direct' "
@@ -306,6 +306,10 @@ _FUNCTORCH_INSTEAD = {
         "batch_axis=0 for a batch of samples (each stops once it has converged), and "
         "torch.autograd.functional.jacobian for a Jacobian; a fixed point has first "
         "derivatives only"
+    ),
+    "diagnostic": (
+        "and batch_axis=0 for one estimate per sample of a batch (jacobian_frobenius is "
+        "differentiable with respect to params)"
     ),
 }
 
@@ -325,6 +329,10 @@ _FORWARD_AD_INSTEAD = {
     "fixed point": (
         "a fixed point has first derivatives only, so no Jacobian-vector product "
         "(torch.autograd.functional.jvp differentiates a reverse pass)"
+    ),
+    "diagnostic": (
+        "for jacobian_frobenius's derivative in one direction, the dot product of its "
+        "gradient (torch.autograd.grad) with that direction"
     ),
 }
 

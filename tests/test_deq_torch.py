@@ -658,6 +658,44 @@ def test_torch_func_transforms_are_refused_naming_the_fixed_points_options(trans
     assert "adjoint" not in message and "create_graph" not in message
 
 
+@pytest.mark.parametrize("diagnostic", ["jacobian_frobenius", "spectral_radius"])
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_are_refused_naming_the_diagnostics_options(diagnostic, transform):
+    # The refusal named an ODE solve's options (adjoint='direct', batch_axis= with its own
+    # steps), which the diagnostics do not take.
+    z = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    probe = {"probe": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+    extra = probe if diagnostic == "jacobian_frobenius" else {}
+
+    def estimate(A):
+        return getattr(odecore, diagnostic)(lambda z, A: A @ z, z, A, **extra)
+
+    A = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"torch\.func's transforms") as info:
+        getattr(torch.func, transform)(estimate)(A[None] if transform == "vmap" else A)
+    message = str(info.value)
+    for words in ("torch.autograd.grad", "batch_axis=0 for one estimate per sample",
+                  "jacobian_frobenius is differentiable with respect to params"):  # fmt: skip
+        assert words in message
+    for words in ("adjoint", "create_graph", "backward=", "its own steps"):
+        assert words not in message
+
+
+def test_forward_mode_is_refused_naming_what_the_diagnostics_offer():
+    from torch.autograd import forward_ad
+
+    A = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
+    z = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(A, torch.ones_like(A))
+        for diagnostic, extra in (("jacobian_frobenius", {"probe": torch.ones_like(z)}),
+                                  ("spectral_radius", {})):  # fmt: skip
+            with pytest.raises(
+                RuntimeError, match=r"forward-mode autodiff.*dot product of its gradient"
+            ):
+                getattr(odecore, diagnostic)(lambda z, A: A @ z, z, dual, **extra)
+
+
 def test_forward_mode_is_refused_naming_what_a_fixed_point_offers():
     from torch.autograd import forward_ad
 

@@ -363,8 +363,9 @@ class Backend:
         """Raise where the caller's context, or the kind of its ``inputs`` (a tree of the
         call's arrays), cannot run a call of odecore (torch.func's transforms, forward-mode
         dual tensors), naming what to use instead; called once per call, so it must be
-        cheap. ``call`` is the kind of call, ``"solve"`` or ``"fixed point"``: what to use
-        instead are its options."""
+        cheap. ``call`` is the kind of call, ``"solve"``, ``"fixed point"`` or
+        ``"diagnostic"`` (a fixed point's diagnostics): what to use instead are its
+        options."""
         return None
 
     def allocation_limit(self) -> int | None:

@@ -70,7 +70,7 @@ def jacobian_frobenius(
     >>> [round(v, 6) for v in estimate.tolist()], round(estimate.sum().item(), 6)
     ([0.25, 0.1], 0.35)
     """
-    bk = resolve_backend(backend, {"z": z, "params": params, "probe": probe})
+    bk = resolve_backend(backend, {"z": z, "params": params, "probe": probe}, call="diagnostic")
     if not bk.has_autodiff:
         raise TypeError(
             f"jacobian_frobenius is a training penalty and needs autodiff to differentiate "
@@ -162,7 +162,7 @@ def spectral_radius(
     >>> round(float(odecore.spectral_radius(Affine(), np.zeros(2), (A, b))), 4)
     0.5
     """
-    bk = resolve_backend(backend, {"z": z, "params": params, "start": start})
+    bk = resolve_backend(backend, {"z": z, "params": params, "start": start}, call="diagnostic")
     xp = bk.xp
     check_callable(f)
     check_params(params)
