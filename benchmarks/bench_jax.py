@@ -140,13 +140,17 @@ def evaluations_alone(nfev):
     last output as a stage's does, in one jitted loop and nothing else. No solver that takes
     these evaluations can be faster; a ratio below floor / diffrax needs fewer of them."""
 
-    def run(y0, params):
-        def body(_, k):
-            return mlp(0.0, y0 + 1e-3 * k, params)
+    return jax.jit(lambda y0, params: chained_evaluations(y0, params, nfev))
 
-        return jax.lax.fori_loop(0, nfev, body, jnp.zeros_like(y0))
 
-    return jax.jit(run)
+def chained_evaluations(y0, params, nfev):
+    """``nfev`` evaluations of the network in one loop, each input depending on the last
+    output, so that none can be skipped or run beside another."""
+
+    def body(_, k):
+        return mlp(0.0, y0 + 1e-3 * k, params)
+
+    return jax.lax.fori_loop(0, nfev, body, jnp.zeros_like(y0))
 
 
 def odecore_gradient(mode, func=mlp, **settings):
@@ -163,6 +167,13 @@ def diffrax_gradient(adjoint, func=mlp, **settings):
         return jnp.sum(ys[-1] ** 2)
 
     return jax.grad(loss)
+
+
+# Each odecore gradient mode and the diffrax adjoint it is compared with.
+GRADIENT_PEERS = {
+    "backsolve": diffrax.BacksolveAdjoint(),
+    "checkpoint": diffrax.RecursiveCheckpointAdjoint(),
+}
 
 
 def count_evaluations(make_gradient, params, y0) -> int:
@@ -184,10 +195,7 @@ def count_evaluations(make_gradient, params, y0) -> int:
 def count_gradient_evaluations(params, y0) -> dict:
     """Each gradient mode's evaluations, odecore's and diffrax's: {mode: (ours, theirs)}."""
     counts = {}
-    for mode, adjoint in (
-        ("backsolve", diffrax.BacksolveAdjoint()),
-        ("checkpoint", diffrax.RecursiveCheckpointAdjoint()),
-    ):
+    for mode, adjoint in GRADIENT_PEERS.items():
         ours = count_evaluations(lambda f, m=mode: odecore_gradient(m, f), params, y0)
         theirs = count_evaluations(lambda f, a=adjoint: diffrax_gradient(a, f), params, y0)
         counts[mode] = (ours, theirs)
@@ -202,16 +210,13 @@ def gradient_alone(forward_nfev, backward_nfev):
     are. No gradient that takes these evaluations can be faster."""
 
     def run(params, y0):
-        def forward(_, k):
-            return mlp(0.0, y0 + 1e-3 * k, params)
-
         def backward(_, carry):
             a, g = carry
             _, pull = jax.vjp(lambda y, p: mlp(0.0, y, p), y0 + 1e-3 * a, params)
             a_bar, p_bar = pull(a)
             return a + 1e-3 * a_bar, jax.tree.map(lambda x, d: x + 1e-3 * d, g, p_bar)
 
-        k = jax.lax.fori_loop(0, forward_nfev, forward, jnp.zeros_like(y0))
+        k = chained_evaluations(y0, params, forward_nfev)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return jax.lax.fori_loop(0, backward_nfev, backward, (k, zeros))[1]
 
@@ -379,10 +384,7 @@ def main(argv=None) -> int:
             "evaluations per gradient, odecore / diffrax: "
             + "; ".join(f"{mode} {ours} / {theirs}" for mode, (ours, theirs) in counts.items())
         )
-        for mode, adjoint in (
-            ("backsolve", diffrax.BacksolveAdjoint()),
-            ("checkpoint", diffrax.RecursiveCheckpointAdjoint()),
-        ):
+        for mode, adjoint in GRADIENT_PEERS.items():
             backward = counts[mode][0] - nfev
             print_floor(
                 f"grad {mode} ({nfev} evaluations and {backward} VJPs alone)",
