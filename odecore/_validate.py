@@ -272,10 +272,13 @@ def _fixed_grid(opts: dict) -> bool:
     return opts.get("step_size") is not None or opts.get("grid_constructor") is not None
 
 
-def options(bk, opts: dict | None, rk) -> dict:
+def options(bk, opts: dict | None, rk, name: str = "options") -> dict:
+    """``opts`` checked for the method ``rk``, without the keys set to None. ``name`` is the
+    argument the user wrote them in (``options``, or ``adjoint_options`` for the backward
+    solve), which every message names."""
     if opts is None:
         return {}
-    check_dict(opts, "options")
+    check_dict(opts, name)
     valid = _ADAPTIVE_OPTIONS if rk.adaptive else _FIXED_OPTIONS
     unknown = sorted(set(opts) - valid, key=repr)
     if unknown:
@@ -285,80 +288,92 @@ def options(bk, opts: dict | None, rk) -> dict:
         if misplaced and not rk.adaptive and TABLEAUS[rk.name].adaptive:
             hint = (
                 f" ({', '.join(map(repr, misplaced))} only applies to adaptive steps, and "
-                f"options['step_size'] or options['grid_constructor'] fixes the grid)"
+                f"{name}['step_size'] or {name}['grid_constructor'] fixes the grid)"
             )
         elif misplaced:
             kind = "fixed-step" if rk.adaptive else "adaptive"
             hint = f" ({', '.join(map(repr, misplaced))} only applies to {kind} methods)"
         raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {rk.name!r}{hint}; "
+            f"unknown option(s) {', '.join(map(repr, unknown))} in {name} for method "
+            f"{rk.name!r}{hint}; "
             f"valid options are: {', '.join(sorted(valid))}"
         )
     out = {k: v for k, v in opts.items() if v is not None}
     # Reading a meta tensor's value below failed with torch's words about .item().
     for key, value in out.items():
-        holding_values(bk, value, f"options[{key!r}]")
+        holding_values(bk, value, f"{name}[{key!r}]")
     # Step sizes may be traced arrays under jit, so that changing them does not recompile.
     runtime = {k for k in ("step_size", "first_step", "min_step", "max_step") if k in out}
     runtime = {k for k in runtime if is_traced(out[k])}
     # An infinite max_step or ifactor means no limit; the other values must be finite.
     for key in ("step_size", "first_step", "max_step", "safety", "ifactor", "dfactor"):
         if key in out and key not in runtime:
-            out[key] = _positive_float(out[key], key, finite=key not in ("max_step", "ifactor"))
+            out[key] = _positive_float(
+                out[key], f"{name}[{key!r}]", finite=key not in ("max_step", "ifactor")
+            )
     for key in ("min_step", "pcoeff", "icoeff"):
         if key in out and key not in runtime:
-            out[key] = _positive_float(out[key], key, allow_zero=True, finite=True)
+            out[key] = _positive_float(out[key], f"{name}[{key!r}]", allow_zero=True, finite=True)
     if out.get("safety", 0.9) > 1:
         raise ValueError(
-            f"options['safety'] must be in (0, 1], got {out['safety']}: it scales the step "
+            f"{name}['safety'] must be in (0, 1], got {out['safety']}: it scales the step "
             f"the error estimate allows, and a factor above 1 steps past it (0.9 is usual)"
         )
     if out.get("dfactor", 0.2) >= 1:
-        raise ValueError(f"options['dfactor'] must be in (0, 1), got {out['dfactor']}")
+        raise ValueError(f"{name}['dfactor'] must be in (0, 1), got {out['dfactor']}")
     if out.get("ifactor", 10.0) <= 1:
-        raise ValueError(f"options['ifactor'] must be greater than 1, got {out['ifactor']}")
+        raise ValueError(f"{name}['ifactor'] must be greater than 1, got {out['ifactor']}")
     for key in ("shrink_after_accept", "no_growth_after_reject"):
         if key in out and not isinstance(out[key], bool):
-            raise TypeError(f"options[{key!r}] must be True or False, got {out[key]!r}")
-    _fixed_grid_options(out)
+            raise TypeError(f"{name}[{key!r}] must be True or False, got {out[key]!r}")
+    _fixed_grid_options(out, name)
+    if "norm" in out and not callable(out["norm"]):
+        if not isinstance(out["norm"], str):
+            raise TypeError(
+                f"{name}['norm'] must be 'rms', 'max' or a callable, got {out['norm']!r}"
+            )
+        if out["norm"] not in BUILTIN_NORMS:
+            raise ValueError(
+                f"unknown norm {out['norm']!r} in {name}['norm']; use 'rms', 'max' or a callable"
+            )
     if "controller" in out and (
         not isinstance(out["controller"], str) or out["controller"] not in CONTROLLERS
     ):
         raise ValueError(
-            f"options['controller'] must be one of {', '.join(map(repr, CONTROLLERS))}, got "
+            f"{name}['controller'] must be one of {', '.join(map(repr, CONTROLLERS))}, got "
             f"{out['controller']!r}"
         )
     if rk.adaptive and sum(controller_gains(out, rk.name)) == 0:
         raise ValueError(
-            "options['icoeff'] and options['pcoeff'] are both 0, so the step size would not "
+            f"{name}['icoeff'] and {name}['pcoeff'] are both 0, so the step size would not "
             "depend on the error estimate; make icoeff positive (1 for the I controller)"
         )
     for key in ("max_num_steps", "max_events"):
         if key in out and is_traced(out[key]):
             raise TypeError(
-                f"options[{key!r}] is traced here; it must be a Python int, known when the "
+                f"{name}[{key!r}] is traced here; it must be a Python int, known when the "
                 f"solve is traced, since it sizes the solve's buffers (make it a static "
                 f"argument of jax.jit, or a constant)"
             )
     if "max_num_steps" in out:
         n = out["max_num_steps"]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"options['max_num_steps'] must be a positive integer, got {n!r}")
+            raise ValueError(f"{name}['max_num_steps'] must be a positive integer, got {n!r}")
         out["max_num_steps"] = int(n)
     if "max_events" in out:
         n = out["max_events"]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(
-                f"options['max_events'] must be a positive integer (how many event crossings "
+                f"{name}['max_events'] must be a positive integer (how many event crossings "
                 f"a solve keeps), got {n!r}"
             )
         out["max_events"] = int(n)
     if "event_tol" in out:
-        out["event_tol"] = _positive_float(out["event_tol"], "event_tol", finite=True)
+        out["event_tol"] = _positive_float(out["event_tol"], f"{name}['event_tol']", finite=True)
     if not runtime & {"min_step", "max_step"} and out.get("min_step", 0.0) > out.get(
         "max_step", math.inf
     ):
-        raise ValueError("options['min_step'] is larger than options['max_step']")
+        raise ValueError(f"{name}['min_step'] is larger than {name}['max_step']")
     return out
 
 
@@ -416,22 +431,22 @@ def without_event_options(opts):
     return {k: v for k, v in opts.items() if k not in EVENT_OPTIONS}
 
 
-def _fixed_grid_options(out: dict) -> None:
+def _fixed_grid_options(out: dict, name: str) -> None:
     """``grid_constructor`` and ``interp``, the fixed-step methods' options from torchdiffeq."""
     if "interp" in out and (
         not isinstance(out["interp"], str) or out["interp"] not in INTERPOLATIONS
     ):
-        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {out['interp']!r}")
+        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {out['interp']!r}")
     if "grid_constructor" not in out:
         return
     if not callable(out["grid_constructor"]):
         raise TypeError(
-            f"options['grid_constructor'] must be a function (func, y0, t) -> grid, got "
+            f"{name}['grid_constructor'] must be a function (func, y0, t) -> grid, got "
             f"{out['grid_constructor']!r}"
         )
     if "step_size" in out:
         raise ValueError(
-            "options['step_size'] and options['grid_constructor'] both set the grid; pass "
+            f"{name}['step_size'] and {name}['grid_constructor'] both set the grid; pass "
             "one of them"
         )
 
@@ -474,18 +489,19 @@ def controller_gains(opts: dict, method: str) -> tuple[float, float]:
     return opts.get("icoeff", settings["icoeff"]), opts.get("pcoeff", settings["pcoeff"])
 
 
-def _positive_float(value, name: str, allow_zero: bool = False, finite: bool = False) -> float:
+def _positive_float(value, label: str, allow_zero: bool = False, finite: bool = False) -> float:
+    """``value`` as a float; ``label`` names it as the user wrote it (``options['safety']``)."""
     # float() would read a string ("0.1") as a number, where every other argument refuses it.
     if isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"options[{name!r}] must be a number, got {value!r}")
+        raise TypeError(f"{label} must be a number, got {value!r}")
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
+        raise TypeError(f"{label} must be a number, got {value!r}") from None
     if math.isnan(x) or x < 0 or (x == 0 and not allow_zero) or (finite and math.isinf(x)):
         need = "non-negative" if allow_zero else "positive"
         need = f"{need} and finite" if finite else need
-        raise ValueError(f"options[{name!r}] must be {need}, got {value!r}")
+        raise ValueError(f"{label} must be {need}, got {value!r}")
     return x
 
 
@@ -772,16 +788,13 @@ def _shown(value) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def norm(bk, value, lay: Layout):
-    """The error norm as ``norm(x (B, N)) -> (B,)``."""
+def norm(bk, value, lay: Layout, name: str = "options"):
+    """The error norm as ``norm(x (B, N)) -> (B,)``, from a ``value`` that :func:`options`
+    has checked (a built-in norm's name or a callable) in the argument ``name``."""
     xp = bk.xp
     if isinstance(value, str):
-        if value not in BUILTIN_NORMS:
-            raise ValueError(f"unknown norm {value!r}; use 'rms', 'max' or a callable")
         builtin, axis = BUILTIN_NORMS[value], lay.reduce_axis
         return lambda x: builtin(xp, x, axis)
-    if not callable(value):
-        raise TypeError(f"options['norm'] must be 'rms', 'max' or a callable, got {value!r}")
 
     # A user norm sees the state in the user's shape and returns a scalar, or one value per
     # sample when the solve is batched. It gets the loop's dtype: a scaled error rounded to
@@ -792,15 +805,15 @@ def norm(bk, value, lay: Layout):
         # An array as it is: torch's asarray of a tensor that requires grad warns.
         if not bk.owns(n):
             need = f"a real number per sample ({expected})"
-            n = as_array(bk, n, "the value options['norm'] returned", need)
+            n = as_array(bk, n, f"the value {name}['norm'] returned", need)
         if not is_real(xp, n.dtype):
             raise TypeError(
-                f"options['norm'] must return real numbers (one per sample, {expected}), and "
+                f"{name}['norm'] must return real numbers (one per sample, {expected}), and "
                 f"it returned dtype {n.dtype}: return the norm of x as a float"
             )
         if math.prod(n.shape) != lay.batch:
             raise ValueError(
-                f"options['norm'] must return one number per sample ({expected}), and it "
+                f"{name}['norm'] must return one number per sample ({expected}), and it "
                 f"returned an array of shape {tuple(n.shape)}: reduce over the state, e.g. "
                 f"the root mean square of x"
             )
@@ -824,18 +837,19 @@ def norm(bk, value, lay: Layout):
     return user_norm
 
 
-def stop_times(bk, values, name: str, ts, sign: float, ends: bool = False):
+def stop_times(bk, values, label: str, ts, sign: float, ends: bool = False):
     """``step_t`` / ``jump_t`` in internal time, keeping those strictly inside the interval,
     or with ``ends`` those on its ends too: a jump at ``t[0]`` decides which side ``f`` is
-    first evaluated on, and one at ``t[-1]`` which side the last step sees."""
+    first evaluated on, and one at ``t[-1]`` which side the last step sees. ``label`` names
+    the option as the user wrote it (``options['step_t']``)."""
     xp = bk.xp
-    arr = real_numbers(bk, values, f"options[{name!r}]", "a time", convert=time_array)
+    arr = real_numbers(bk, values, label, "a time", convert=time_array)
     arr = xp.astype(arr, bk.time_dtype)
     if arr.ndim > 1:
         # Flattened, a (N, 1) array meant as one time per trajectory would stop every
         # trajectory at all N times: the solve would run, only slower, and not as meant.
         raise ValueError(
-            f"options[{name!r}] must be a 1-D array of times, shared by every trajectory of "
+            f"{label} must be a 1-D array of times, shared by every trajectory of "
             f"a batch; got shape {tuple(arr.shape)}. For times of each trajectory's own, "
             f"solve the trajectories that share them together, or pass all the times as one "
             f"1-D array (each trajectory then stops at every one)"
@@ -843,7 +857,7 @@ def stop_times(bk, values, name: str, ts, sign: float, ends: bool = False):
     if arr.ndim == 0:
         arr = xp.reshape(arr, (1,))
     if _fails(bk, xp.all(xp.isfinite(arr))):
-        raise ValueError(f"options[{name!r}] contains NaN or infinite values")
+        raise ValueError(f"{label} contains NaN or infinite values")
     arr = arr * sign
     inside = ((arr >= ts[0]) & (arr <= ts[-1])) if ends else ((arr > ts[0]) & (arr < ts[-1]))
     if not bk.eager:
@@ -973,6 +987,8 @@ def adjoint_settings(
     if fwd_options is not None:
         check_dict(fwd_options, "options")
     fwd_options = fwd_options or {}
+    # Messages name the argument the backward solve's options came from.
+    name = "options" if adj_options is None else "adjoint_options"
     if adj_options is None:
         # The forward norm is written for y's shape, not for the augmented backward state,
         # and the backward solve has no events.
@@ -991,7 +1007,7 @@ def adjoint_settings(
 
     seminorm = adj_options.get("norm") == "seminorm"
     rk = prepared(tab)
-    options(bk, {k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk)
+    options(bk, {k: v for k, v in adj_options.items() if not (seminorm and k == "norm")}, rk, name)
     # Name what the user gave: a bad forward rtol is reported as rtol, not adjoint_rtol.
     rtol_given = (adj_rtol, "adjoint_rtol") if adj_rtol is not None else (rtol, "rtol")
     atol_given = (adj_atol, "adjoint_atol") if adj_atol is not None else (atol, "atol")
@@ -1001,4 +1017,5 @@ def adjoint_settings(
         "method": tab.name,
         "adaptive": rk.adaptive,
         "options": adj_options,
+        "options_name": name,
     }

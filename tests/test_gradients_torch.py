@@ -13,6 +13,7 @@ linear ODE, and torchdiffeq.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -928,6 +929,59 @@ def test_bad_adjoint_atol_method_and_options():
         odecore.odeint(Field(), leaf(Y0), T, adjoint="backsolve", adjoint_options=["norm"])
     with pytest.raises(ValueError, match="bogus"):
         odecore.odeint(Field(), leaf(Y0), T, adjoint="backsolve", adjoint_options={"bogus": 1})
+
+
+BAD_ADJOINT_OPTIONS = [
+    ({"bogus": 1}, ValueError, r"unknown option\(s\) 'bogus' in adjoint_options"),
+    ({"max_step": "x"}, TypeError, r"adjoint_options\['max_step'\] must be a number"),
+    ({"safety": 2.0}, ValueError, r"adjoint_options\['safety'\] must be in \(0, 1\]"),
+    ({"first_step": "meta"}, ValueError, r"adjoint_options\['first_step'\] is a meta tensor"),
+    ({"norm": "l2"}, ValueError, r"unknown norm 'l2' in adjoint_options\['norm'\]"),
+    ({"norm": 3}, TypeError, r"adjoint_options\['norm'\] must be 'rms', 'max' or a callable"),
+]
+
+
+@pytest.mark.parametrize("call", ["keywords", "odeint_adjoint", "Backsolve"])
+@pytest.mark.parametrize(("bad", "error", "message"), BAD_ADJOINT_OPTIONS)
+def test_bad_adjoint_options_name_adjoint_options(call, bad, error, message):
+    """Refused at the call, in the name of the argument the backward solve's options came
+    in, never as the forward solve's ``options[...]``."""
+    bad = {k: torch.empty((), device="meta") if v == "meta" else v for k, v in bad.items()}
+    with pytest.raises(error, match=message) as info:
+        if call == "keywords":
+            odecore.odeint(Field(), leaf(Y0), T, adjoint="backsolve", adjoint_options=bad)
+        elif call == "odeint_adjoint":
+            odecore.odeint_adjoint(Field(), leaf(Y0), T, adjoint_options=bad)
+        else:
+            odecore.odeint(Field(), leaf(Y0), T, adjoint=odecore.Backsolve(options=bad))
+    assert not re.search(r"(?<!adjoint_)options\[", str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("step_t", "message"),
+    [([math.nan], "contains NaN or infinite values"), ([[0.2]], "must be a 1-D array of times")],
+)
+def test_bad_adjoint_stop_times_name_adjoint_options(step_t, message):
+    """Stop times are read against the interval when the backward solve starts."""
+    ys = odecore.odeint(
+        Field(), leaf(Y0), T, adjoint="backsolve", adjoint_options={"step_t": step_t}
+    )
+    with pytest.raises(ValueError, match=rf"^adjoint_options\['step_t'\] {message}"):
+        ys.sum().backward()
+
+
+def test_forward_options_the_backward_solve_inherits_keep_their_name():
+    """Without adjoint_options the backward solve takes the forward's: an option that the
+    backward method cannot take is reported in ``options``, where the user wrote it."""
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'first_step' in options for"):
+        odecore.odeint(
+            Field(),
+            leaf(Y0),
+            T,
+            options={"first_step": 0.01},
+            adjoint="backsolve",
+            adjoint_method="rk4",
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def backsolve_backward(problem, ys, ys_bar, settings, failed, dt_next):
             None,
             None,
             user_func=False,
+            options_name=settings["options_name"],
         )
         if compiled is not None:
             result = solve_prepared(backward, first, record=False, throw=True)

@@ -101,6 +101,7 @@ def prepare(
     events=None,
     for_kernel=False,
     user_func=True,
+    options_name="options",
 ):
     """The checked, converted :class:`Problem`, or None for a single output time. A batch
     with samples whose y0 is not finite raises with ``throw``; without, those samples get
@@ -112,10 +113,13 @@ def prepare(
     all the same.
 
     ``user_func``: False for odecore's own dynamics (the backsolve's adjoint system), whose
-    first call need not be checked for what users' functions get wrong (``Dynamics``)."""
+    first call need not be checked for what users' functions get wrong (``Dynamics``).
+
+    ``options_name``: the argument ``options`` came from, which errors name
+    (``adjoint_options`` for the backsolve's backward solve)."""
     xp = bk.xp
     rk = prepared(_validate.tableau(method, options))
-    opts = _validate.options(bk, options, rk)
+    opts = _validate.options(bk, options, rk, options_name)
     if events is None:
         _validate.event_options(opts)
     ts_user = _validate.times(bk, t)
@@ -128,7 +132,7 @@ def prepare(
     layout = make_layout(xp, y0_arr, batch_axis, flat=not scalar)
     rtol = _validate.tolerance(bk, rtol, "rtol", layout)
     atol = _validate.tolerance(bk, atol, "atol", layout)
-    norm = _validate.norm(bk, opts.get("norm", "rms"), layout)
+    norm = _validate.norm(bk, opts.get("norm", "rms"), layout, options_name)
     y0_int = layout.to_internal(xp, y0_arr)
     samples_valid = _sample_validity(bk, y0_int, rtol, atol, layout, throw)
     if ts_user.shape[0] == 1:
@@ -150,7 +154,8 @@ def prepare(
     stops = [ts[-1:]]
     for key in ("step_t", "jump_t"):
         if opts.get(key) is not None:
-            stops.append(_validate.stop_times(bk, opts[key], key, ts, sign))
+            label = f"{options_name}[{key!r}]"
+            stops.append(_validate.stop_times(bk, opts[key], label, ts, sign))
     grid_valid = None
     if opts.get("grid_constructor") is not None:
         # The steps go from grid point to grid point; outputs between them are interpolated.
@@ -162,7 +167,7 @@ def prepare(
     merge = xp.unique_values if bk.eager else xp.sort
     stops = merge(xp.concat(stops)) if len(stops) > 1 else stops[0]
     jumps = (
-        _validate.stop_times(bk, opts["jump_t"], "jump_t", ts, sign, ends=True)
+        _validate.stop_times(bk, opts["jump_t"], f"{options_name}['jump_t']", ts, sign, ends=True)
         if opts.get("jump_t") is not None
         else None
     )
