@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.ode import progress as progress_reports
 from odecore.ode.api import solve as solve_batch
@@ -200,6 +201,7 @@ def solve(
     progress = solve_kwargs.pop("progress", None)
     _check_progress(progress, client, output)
     y0, params, count = _inputs(y0, params)
+    _check_state_dtype(backend, y0.dtype)
     size = _chunk_size(chunk_size, count)
     bounds = [(start, min(start + size, count)) for start in range(0, count, size)]
     rows, shared = _split_rows(y0, params, solve_kwargs, count)
@@ -263,6 +265,14 @@ def _inputs(y0, params):
                 f"by all, shape (P,); got shape {params.shape}"
             )
     return y0, params, count
+
+
+def _check_state_dtype(backend, dtype) -> None:
+    """Refuse a ``y0`` dtype that every chunk's solve would refuse (an integer one, say), with
+    that solve's message, at the call: a Dask array's chunks are solved only when it is
+    computed, and the error would come from there, with a result of the wrong dtype before."""
+    bk = resolve_backend(backend, np.zeros(0, dtype))
+    _validate.initial_state(bk, np.zeros(1, dtype), finite=False)
 
 
 def _check_rows_known(name: str, value) -> None:

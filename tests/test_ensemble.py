@@ -235,11 +235,29 @@ def test_dynamics_are_unpickled_once_per_worker(client):
         ({"chunk_size": 2.5}, TypeError, "chunk_size must be a positive integer"),
         ({"params": np.ones((3, 3))}, ValueError, r"params must be one row per trajectory"),
         ({"client": "tcp://127.0.0.1:8786"}, TypeError, "client must be a dask.distributed"),
+        (
+            {"client": "tcp://127.0.0.1:8786", "output": "dask"},
+            TypeError,
+            "client must be a dask.distributed",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(keywords, error, match):
     with pytest.raises(error, match=match):
         ensemble.solve(lorenz, np.ones((4, 3)), T, **{"params": np.ones(3), **keywords})
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy y0", "dask y0"])
+@pytest.mark.parametrize("output", ["numpy", "dask"])
+def test_integer_y0_is_refused_at_the_call(dtype, lazy, output):
+    """As odecore.solve refuses it. A Dask result is computed only later, and its chunks'
+    solves refused it only then, after the call had returned arrays declared integer."""
+    y0 = np.ones((4, 3), dtype=dtype)
+    y0 = da.from_array(y0, chunks=2) if lazy else y0
+    match = rf"^y0 must have a real floating dtype, got {np.dtype(dtype)}; convert it to float64"
+    with pytest.raises(TypeError, match=match):
+        ensemble.solve(lorenz, y0, T, params=np.ones(3), chunk_size=2, output=output)
 
 
 @pytest.mark.parametrize("shape", [(3,), (0, 3), (2, 3, 1)])
