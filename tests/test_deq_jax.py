@@ -313,6 +313,21 @@ def test_spectral_radius_under_jit(x64):
     assert abs(float(estimate) - np.max(np.abs(eigenvalues))) < 1e-9
 
 
+def test_spectral_radius_has_no_gradient(x64):
+    """As documented, and as on torch. Traced through, the power iteration had a nonzero
+    derivative with respect to the map's parameters."""
+
+    def estimate(w, z):
+        return odecore.spectral_radius(lambda z, p: z @ p.T, z, w, iterations=30, backend="jax")
+
+    w, z = jnp.asarray(W), jnp.zeros(3)
+    value = estimate(w, z)
+    assert abs(float(value) - np.max(np.abs(np.linalg.eigvals(W)))) < 1e-6
+    dw, dz = jax.grad(estimate, argnums=(0, 1))(w, z)
+    assert np.all(np.asarray(dw) == 0.0)
+    assert np.all(np.asarray(dz) == 0.0)
+
+
 def test_a_backward_that_does_not_converge_gives_nan_under_jit(x64):
     # f = 0.99 z + p: dz*/dp = 100; 20 Picard backward iterations gave 18.2 without a word.
     # Under jit nothing can be raised: the gradient is NaN, as a failed ODE solve's is.

@@ -112,6 +112,12 @@ def spectral_radius(
     makes the iterates turn in that plane without settling; elsewhere it is the growth
     ``|u J^2| / |u J|``, which converges to a dominant real eigenvalue's magnitude.
 
+    A diagnostic to read, not a penalty to train with: the estimate carries no gradient on
+    any backend (a torch tensor that does not require grad; zero under ``jax.grad``), even
+    where ``z`` or ``params`` do. For a differentiable measure of the Jacobian's size, add
+    [`jacobian_frobenius`][odecore.jacobian_frobenius] to the loss; odecore has no
+    differentiable spectral radius.
+
     Parameters
     ----------
     f : callable
@@ -135,7 +141,7 @@ def spectral_radius(
     Returns
     -------
     array
-        Shape ``(B,)`` with ``batch_axis=0``, else a 0-d array.
+        Shape ``(B,)`` with ``batch_axis=0``, else a 0-d array; without a gradient.
 
     Raises
     ------
@@ -197,6 +203,9 @@ def spectral_radius(
             y = v / (growth + tiny)[:, None]
             w = fmap.vjp(z_int, y)[0]
             estimate = _radius_in_plane(xp, u, y, growth, w)
+    # JAX traces through no_grad, and would differentiate the truncated power iteration: an
+    # estimate's derivative that is not that of the spectral radius, and not zero as on torch.
+    estimate = bk.stop_gradient(estimate)
     return estimate if lay.batched else estimate[0]
 
 
