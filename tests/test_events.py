@@ -458,6 +458,74 @@ def test_batched_samples_stop_at_their_own_events(backend):
     np.testing.assert_allclose(backend.to_numpy(batch.events.t)[:2], expected, atol=CLOSE)
 
 
+# t* = log(y0 / LEVEL) / K: 1.98 and 0.99 for the first two samples; the third starts below
+# the level and never crosses it. The output times fall on both sides of each.
+FILL_Y0S = [[2.0], [1.0], [0.4]]
+FILL_TIMES = [0.0, 0.5, 1.5, 2.5, 3.0]
+
+
+def _assert_filled_to_the_event(ys, y0s) -> None:
+    """One row per output time: the closed form up to each sample's event, NaN after it."""
+    times = np.asarray(FILL_TIMES)
+    assert ys.shape == (len(times), len(y0s), 1)
+    for i, (y0,) in enumerate(y0s):
+        t_star = math.log(y0 / LEVEL) / K if y0 > LEVEL else math.inf
+        before = times < t_star
+        np.testing.assert_allclose(ys[before, i, 0], y0 * np.exp(-K * times[before]), atol=CLOSE)
+        assert np.all(np.isnan(ys[~before, i, 0])), (i, ys[:, i, 0])
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one sample", "batch"])
+def test_outputs_after_a_terminal_event_are_nan_rows(backend, batched):
+    """As docs/events.md says, on every backend: ``ys`` keeps a row per time in ``t`` (a
+    fixed shape, as JAX's jit needs), NaN after the event, a batch's samples each after
+    their own."""
+
+    def run(y0):
+        return odecore.solve(
+            decay,
+            backend.asarray(y0),
+            backend.asarray(FILL_TIMES),
+            params=(backend.asarray(K), backend.asarray(LEVEL)),
+            event=below_level,
+            batch_axis=0 if batched else None,
+            **TIGHT,
+        ).ys
+
+    if batched:
+        ys = backend.to_numpy(run(FILL_Y0S))
+    else:
+        ys = np.stack([backend.to_numpy(run(y0)) for y0 in FILL_Y0S], axis=1)
+    _assert_filled_to_the_event(ys, FILL_Y0S)
+
+
+@pytest.mark.backend("jax")
+@pytest.mark.parametrize("batched", [False, True], ids=["one sample", "batch"])
+def test_outputs_after_a_terminal_event_are_nan_rows_under_jit(batched):
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def run(y0):
+            return odecore.solve(
+                decay,
+                y0,
+                jnp.asarray(FILL_TIMES),
+                params=(jnp.asarray(K), jnp.asarray(LEVEL)),
+                event=below_level,
+                batch_axis=0 if batched else None,
+                **TIGHT,
+            ).ys
+
+        if batched:
+            ys = np.asarray(run(jnp.asarray(FILL_Y0S)))
+        else:
+            ys = np.stack([np.asarray(run(jnp.asarray(y0))) for y0 in FILL_Y0S], axis=1)
+    _assert_filled_to_the_event(ys, FILL_Y0S)
+
+
 @pytest.mark.backend("jax")
 def test_events_under_jit_and_vmap():
     import jax
