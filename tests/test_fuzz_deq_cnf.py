@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cnf_cases import LinearFlow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fuzz import BACKENDS, FUZZ, OTHER_FRAMEWORK, _arr, _bad, _set, no_hang, to_backend
 
 import odecore
+from odecore import cnf
 
 # ---------------------------------------------------------------------------------------------
 # Fixed points
@@ -171,3 +173,193 @@ def test_the_fixed_point_pullback_names_a_bad_cotangent(backend, bad):
         _, pullback = odecore.vjp_fixed_point(Affine(), to_backend(backend, np.zeros(2)), params)
         with pytest.raises(error, match=match):
             pullback(make(backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------------------------
+
+# f = M z per sample, two samples of two dimensions.
+M = np.array([[-0.5, 0.3], [-0.2, 0.1]])
+X = np.array([[0.3, -1.0], [1.2, 0.4]])
+
+
+def _kw(**values):
+    """Set keyword arguments; a value ``(name, call) -> value`` is made on the backend."""
+
+    def change(call):
+        for key, value in values.items():
+            call["kwargs"][key] = value(call["backend"], call) if callable(value) else value
+
+    return change
+
+
+def _hutchinson(eps):
+    return _kw(trace="hutchinson", eps=eps)
+
+
+class Velocity(LinearFlow):
+    """A velocity whose value is ``value(t, z, params)``, with LinearFlow's VJPs (NumPy needs
+    them); these velocities are refused for their value before the VJPs are called."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, t, z, params):
+        return self.value(t, z, params)
+
+
+def _velocity(make):
+    """Replace the velocity by one returning ``make(xp)(t, z, params)``."""
+
+    def change(call):
+        call["f"] = Velocity(make(odecore.get_backend(call["backend"]).xp))
+
+    return change
+
+
+BAD_LOG_PROB_INPUTS = [
+    _bad(_set(f=3), TypeError, r"^f must be a callable f\(t, z\)"),
+    _bad(_set(x=lambda name, call: None), TypeError, r"^x must be an array of real floating"),
+    _bad(_set(x=lambda name, call: "01"), TypeError, r"^x must be an array of real floating"),
+    _bad(_set(x=_arr([[1, 2]], "int64")), TypeError, r"^x must have a real floating dtype"),
+    _bad(_set(x=_arr([[np.nan, 0.0], [1.0, 1.0]])), ValueError, r"^x contains NaN or infinite"),
+    _bad(_set(x=_arr([0.3, -1.0])), ValueError, r"^x must have shape \(batch, \*event_shape\)"),
+    _bad(_set(x=_arr(np.zeros((0, 2)))), ValueError, r"^x has no elements"),
+    _bad(_other_framework("x", X), TypeError, r"^arrays from two libraries in one call: x "),
+    _bad(_set(t=lambda name, call: None), TypeError, r"^t must be a time"),
+    _bad(_set(t=("0", "1")), TypeError, r"^t\[0\] must be a time"),
+    _bad(_set(t=(0.0,)), ValueError, r"^t must be a pair \(t0, t1\)"),
+    _bad(_set(t=(0.0, np.nan)), ValueError, r"^t contains NaN or infinite values"),
+    _bad(_set(t=(0.0, 0.0)), ValueError, r"^t must be strictly increasing or strictly decreasing"),
+    _bad(_kw(trace="exacts"), ValueError, r"^trace must be 'exact' or 'hutchinson'"),
+    _bad(_kw(regularizers="kinetic"), TypeError, r"^regularizers must be a tuple"),
+    _bad(_kw(error_control="none"), ValueError, r"^error_control must be"),
+    _bad(_kw(base=3), TypeError, r"^base must be a callable"),
+    _bad(_kw(batch_axis=1), ValueError, r"^batch_axis must be None"),
+    _bad(_kw(rtol=-1.0), ValueError, r"^rtol must be non-negative and finite"),
+    _bad(_kw(method="RK45"), ValueError, r"^unknown method 'RK45'"),
+    _bad(_kw(trace="hutchinson", seed="0"), TypeError, r"^seed must be an int"),
+    _bad(_hutchinson(_arr(np.full((2, 2), np.nan))), ValueError, r"^eps contains NaN or infinite"),
+    _bad(_hutchinson(_arr(np.ones((2, 2)), "complex128")), TypeError, r"^eps must hold real"),
+    _bad(_hutchinson(lambda name, call: "01"), TypeError, r"^eps must be an array shaped like"),
+    _bad(_hutchinson(_arr(np.ones((3, 2)))), ValueError, r"^eps must have the shape of the state"),
+    _bad(
+        _velocity(lambda xp: lambda t, z, a: xp.concat([z, z], axis=1)),
+        ValueError,
+        r"^f returned shape \(2, 4\) for x of shape \(2, 2\)",
+    ),
+]
+
+
+def _flow_call(backend: str, **arguments) -> dict:
+    return {"backend": backend, "f": LinearFlow(), "kwargs": {}, **arguments}
+
+
+def check_bad_log_prob(backend: str, bad, entry: str) -> None:
+    """A valid log-density of the linear flow, made wrong by ``bad``, raises the error ``bad``
+    names, with its message, within seconds."""
+    change, error, match, _ = bad
+    with odecore.get_backend(backend).float64(), no_hang(20):
+        params = to_backend(backend, M)
+        call = _flow_call(backend, x=to_backend(backend, X), t=(0.0, 1.0), params=params)
+        change(call)
+        with pytest.raises(error, match=match):
+            getattr(cnf, entry)(call["f"], call["x"], call["t"], call["params"], **call["kwargs"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, **FUZZ)
+@given(
+    bad=st.sampled_from(BAD_LOG_PROB_INPUTS), entry=st.sampled_from(["log_prob", "solve_log_prob"])
+)
+def test_a_bad_log_prob_argument_raises_an_error_naming_it(backend, bad, entry):
+    check_bad_log_prob(backend, bad, entry)
+
+
+BAD_SAMPLE_INPUTS = [
+    _bad(_set(f=3), TypeError, r"^f must be a callable f\(t, z\)"),
+    _bad(_set(n=0), ValueError, r"^n must be a positive int"),
+    _bad(_set(n=2.0), ValueError, r"^n must be a positive int"),
+    _bad(_set(event_shape=0), ValueError, r"^event_shape must be a positive int"),
+    _bad(_set(t=lambda name, call: None), TypeError, r"^t must be a time"),
+    _bad(_set(t=(0.0, np.inf)), ValueError, r"^t contains NaN or infinite values"),
+    _bad(_other_framework("t", [0.0, 1.0]), TypeError, r"^arrays from two libraries .* t "),
+    _bad(_kw(seed=None, z=lambda name, call: "01"), TypeError, r"^z must be an array of real"),
+    _bad(_kw(seed=None, z=_arr([[1, 2], [3, 4]], "int64")), TypeError, r"^z must have a real"),
+    _bad(_kw(seed=None, z=_arr(np.full((2, 2), np.nan))), ValueError, r"^z contains NaN"),
+    _bad(_kw(seed=None, z=_arr(np.ones((3, 2)))), ValueError, r"^z must have shape \(n, \*"),
+    _bad(_kw(dtype=3), TypeError, r"^dtype must be a real floating dtype"),
+    _bad(
+        _kw(dtype=lambda name, call: odecore.get_backend(name).xp.int64),
+        TypeError,
+        r"^dtype must be a real floating dtype",
+    ),
+    _bad(_kw(batch_axis=1), ValueError, r"^batch_axis must be None"),
+    _bad(_kw(seed="0"), TypeError, r"^seed must be an int"),
+    _bad(_kw(method="RK45"), ValueError, r"^unknown method 'RK45'"),
+]
+
+
+def check_bad_sample(backend: str, bad) -> None:
+    """Valid samples of the linear flow, made wrong by ``bad``, raise the error ``bad``
+    names, with its message, within seconds."""
+    change, error, match, _ = bad
+    with odecore.get_backend(backend).float64(), no_hang(20):
+        call = _flow_call(backend, n=2, event_shape=2, t=(0.0, 1.0), params=to_backend(backend, M))
+        call["kwargs"]["seed"] = 0
+        change(call)
+        kwargs = {k: v for k, v in call["kwargs"].items() if v is not None}
+        with pytest.raises(error, match=match):
+            cnf.sample(
+                call["f"], call["n"], call["event_shape"], call["t"], call["params"], **kwargs
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, **FUZZ)
+@given(bad=st.sampled_from(BAD_SAMPLE_INPUTS))
+def test_a_bad_sample_argument_raises_an_error_naming_it(backend, bad):
+    check_bad_sample(backend, bad)
+
+
+def _probes(eps):
+    return _kw(method="hutchinson", eps=eps)
+
+
+BAD_DIVERGENCE_INPUTS = [
+    _bad(_set(f=3), TypeError, r"^f must be a callable f\(t, z\)"),
+    _bad(_set(z=lambda name, call: None), TypeError, r"^z must be an array of real floating"),
+    _bad(_set(z=_arr([[1, 2]], "int64")), TypeError, r"^z must have a real floating dtype"),
+    _bad(_set(z=_arr([0.3, -1.0])), ValueError, r"^z must have shape \(batch, \*event_shape\)"),
+    _bad(_other_framework("z", X), TypeError, r"^arrays from two libraries in one call: .*z "),
+    _bad(_set(t=lambda name, call: None), TypeError, r"^t must be a time"),
+    _bad(_set(t=lambda name, call: "01"), TypeError, r"^t must be a time"),
+    _bad(_set(t=np.nan), ValueError, r"^t contains NaN or infinite values"),
+    _bad(_set(t=_arr(np.inf)), ValueError, r"^t contains NaN or infinite values"),
+    _bad(_kw(method="exacts"), ValueError, r"^method must be 'exact' or 'hutchinson'"),
+    _bad(_kw(method="hutchinson"), ValueError, r"^method='hutchinson' needs the probes"),
+    _bad(_probes(_arr(np.full((2, 2), np.nan))), ValueError, r"^eps contains NaN or infinite"),
+    _bad(_probes(_arr(np.ones((2, 2)), "complex128")), TypeError, r"^eps must hold real"),
+    _bad(_probes(lambda name, call: "01"), TypeError, r"^eps must be an array shaped like"),
+    _bad(_probes(_arr(np.ones((3, 2)))), ValueError, r"^eps must have the shape of the state"),
+    _bad(_kw(backend="tf"), ValueError, r"^unknown backend 'tf'"),
+]
+
+
+def check_bad_divergence(backend: str, bad) -> None:
+    """A valid divergence of the linear flow, made wrong by ``bad``, raises the error ``bad``
+    names, with its message, within seconds."""
+    change, error, match, _ = bad
+    with odecore.get_backend(backend).float64(), no_hang(20):
+        call = _flow_call(backend, t=0.0, z=to_backend(backend, X), params=to_backend(backend, M))
+        change(call)
+        with pytest.raises(error, match=match):
+            cnf.divergence(call["f"], call["t"], call["z"], call["params"], **call["kwargs"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, **FUZZ)
+@given(bad=st.sampled_from(BAD_DIVERGENCE_INPUTS))
+def test_a_bad_divergence_argument_raises_an_error_naming_it(backend, bad):
+    check_bad_divergence(backend, bad)

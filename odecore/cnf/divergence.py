@@ -27,11 +27,13 @@ from typing import Any, Literal
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.cnf.checks import (
-    check_batch_state,
+    batch_state,
     check_frobenius_range,
-    check_probes,
     check_probes_for_trace,
+    check_time,
     check_trace,
+    check_velocity,
+    probes,
 )
 
 
@@ -160,13 +162,14 @@ def divergence(
     Raises
     ------
     TypeError
-        ``f`` has no ``vjp`` on a backend without autodiff, or ``z`` is float16, whose
-        range ``||J||_F^2`` outgrows once the root mean square of the entries of ``J``
+        ``f`` is not callable, or has no ``vjp`` on a backend without autodiff, ``z`` is not a
+        real floating array, ``t`` or ``eps`` does not hold real numbers, or ``z`` is float16,
+        whose range ``||J||_F^2`` outgrows once the root mean square of the entries of ``J``
         reaches ``256 / D`` (bfloat16 has float32's range).
     ValueError
-        ``method`` is unknown, ``z`` is not a real floating array with samples along its first
-        axis, ``eps`` is missing for ``"hutchinson"`` (or given for ``"exact"``), or ``eps`` is
-        not shaped like ``z``.
+        ``method`` is unknown, ``z`` has no samples along its first axis, ``t`` is NaN or
+        infinite, ``eps`` is missing for ``"hutchinson"`` (or given for ``"exact"``), or
+        ``eps`` is not shaped like ``z`` or not finite.
 
     Examples
     --------
@@ -184,8 +187,10 @@ def divergence(
     ([-0.4, -0.4], True)
     """
     bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
-    z = z if bk.owns(z) else bk.asarray(z)
-    check_batch_state(bk.xp, z, "z")
+    check_velocity(f)
+    # NaN in z gives NaN where it is, as any function of z does; no solve fails on it.
+    z = batch_state(bk, z, "z", finite=False)
+    check_time(bk, t)
     # The Frobenius term is always returned: in float16 it was inf, without a word.
     check_frobenius_range(
         bk.xp,
@@ -198,7 +203,6 @@ def divergence(
     check_trace(method, "method")
     check_probes_for_trace(method, eps, "method")
     if eps is not None:
-        eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=z.dtype, like=z)
-        check_probes(eps, z)
+        eps = probes(bk, eps, z)
     _, div, frobenius = velocity_and_trace(bk, f, t, z, params, method, eps)
     return div, frobenius
