@@ -240,6 +240,8 @@ BAD_LOG_PROB_INPUTS = [
     _bad(_kw(rtol=-1.0), ValueError, r"^rtol must be non-negative and finite"),
     _bad(_kw(method="RK45"), ValueError, r"^unknown method 'RK45'"),
     _bad(_kw(trace="hutchinson", seed="0"), TypeError, r"^seed must be an int"),
+    _bad(_kw(trace="hutchinson", seed=-1), ValueError, r"^seed must be a non-negative int"),
+    _bad(_kw(trace="hutchinson", generator=0), TypeError, r"^generator must be a numpy\.random"),
     _bad(_hutchinson(_arr(np.full((2, 2), np.nan))), ValueError, r"^eps contains NaN or infinite"),
     _bad(_hutchinson(_arr(np.ones((2, 2)), "complex128")), TypeError, r"^eps must hold real"),
     _bad(_hutchinson(lambda name, call: "01"), TypeError, r"^eps must be an array shaped like"),
@@ -297,6 +299,8 @@ BAD_SAMPLE_INPUTS = [
     ),
     _bad(_kw(batch_axis=1), ValueError, r"^batch_axis must be None"),
     _bad(_kw(seed="0"), TypeError, r"^seed must be an int"),
+    _bad(_kw(seed=-1), ValueError, r"^seed must be a non-negative int"),
+    _bad(_kw(seed=None, generator=3), TypeError, r"^generator must be a numpy\.random"),
     _bad(_kw(method="RK45"), ValueError, r"^unknown method 'RK45'"),
 ]
 

@@ -239,6 +239,15 @@ def random_source(what: str, **given):
     name, value = named[0] if named else (None, None)
     if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if name == "seed" and value < 0:
+        # NumPy's generator refused it, in words that named no argument.
+        raise ValueError(f"seed must be a non-negative int, got {value!r}")
+    if name == "generator" and isinstance(value, numbers.Integral):
+        # An int generator was read as a seed: a mistake passed for a choice, as an int key.
+        raise TypeError(
+            f"generator must be a numpy.random.Generator (or a torch.Generator on torch), got "
+            f"the int {value!r}; an int seeds the draws as seed={value!r}"
+        )
     if name == "key" and isinstance(value, numbers.Integral):
         # An int key was read as a seed, on every backend: a mistake passed for a choice.
         raise TypeError(
