@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from test_fuzz import BACKENDS, FUZZ, OTHER_FRAMEWORK, _arr, _bad, _set, no_hang, to_backend
 
 import odecore
-from odecore import cnf
+from odecore import cnf, ensemble
 
 # ---------------------------------------------------------------------------------------------
 # Fixed points
@@ -367,3 +367,54 @@ def check_bad_divergence(backend: str, bad) -> None:
 @given(bad=st.sampled_from(BAD_DIVERGENCE_INPUTS))
 def test_a_bad_divergence_argument_raises_an_error_naming_it(backend, bad):
     check_bad_divergence(backend, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles
+# ---------------------------------------------------------------------------------------------
+
+
+def _rates_decay(t, y, rate):
+    return -rate * y
+
+
+BAD_ENSEMBLE_INPUTS = [
+    _bad(_set(func=3), TypeError, r"^func must be a callable"),
+    _bad(_set(y0=lambda name, call: None), TypeError, r"^y0 must be an array of shape \(N, D\)"),
+    _bad(_set(y0=lambda name, call: "01"), TypeError, r"^y0 must be an array of shape \(N, D\)"),
+    _bad(_set(y0=np.ones(4)), ValueError, r"^y0 must be one row per trajectory"),
+    _bad(_set(y0=np.ones((0, 1))), ValueError, r"^y0 must be one row per trajectory"),
+    # Refused by each chunk's solve, it named the chunk's shape (2, 0), not y0's.
+    _bad(_set(y0=np.ones((4, 0))), ValueError, r"^y0 must be one row .* got shape \(4, 0\)"),
+    _bad(_set(y0=np.ones((4, 1), dtype=np.int64)), TypeError, r"^y0 must have a real floating"),
+    _bad(_set(t=np.array([0.0, np.nan])), ValueError, r"^t contains NaN or infinite values"),
+    _bad(_set(t=np.array([[0.0, 1.0]])), ValueError, r"^t must be a 1-D array"),
+    _bad(_set(params=np.ones((3, 1))), ValueError, r"^params must be one row per trajectory"),
+    _bad(_set(chunk_size=0), ValueError, r"^chunk_size must be a positive integer"),
+    _bad(_set(chunk_size=2.5), TypeError, r"^chunk_size must be a positive integer"),
+    _bad(_set(output="csv"), ValueError, r"^output must be one of"),
+    _bad(_set(batch_axis=0), TypeError, r"sets batch_axis itself"),
+    _bad(_set(rtol=np.ones((3, 1))), ValueError, r"^rtol of shape \(3, 1\) does not fit y0"),
+    _bad(_set(method="RK45"), ValueError, r"^unknown method 'RK45'"),
+]
+
+
+@pytest.mark.backend("numpy")
+@settings(max_examples=30, **FUZZ)
+@given(bad=st.sampled_from(BAD_ENSEMBLE_INPUTS))
+def test_a_bad_ensemble_argument_raises_an_error_naming_it(bad):
+    """An ensemble of four decays in chunks of two, made wrong by ``bad``, raises the error
+    ``bad`` names, with its message, within seconds."""
+    change, error, match, _ = bad
+    call = {
+        "backend": "numpy",
+        "func": _rates_decay,
+        "y0": np.ones((4, 1)),
+        "t": np.array([0.0, 1.0]),
+        "params": np.linspace(0.1, 1.0, 4)[:, None],
+        "chunk_size": 2,
+    }
+    change(call)
+    func, y0, t = call.pop("func"), call.pop("y0"), call.pop("t")
+    with no_hang(20), pytest.raises(error, match=match):
+        ensemble.solve(func, y0, t, **call)
