@@ -251,6 +251,12 @@ BAD_LOG_PROB_INPUTS = [
         ValueError,
         r"^f returned shape \(2, 4\) for x of shape \(2, 2\)",
     ),
+    # An integer velocity was a constant to torch's autograd: its divergence came out zero.
+    _bad(
+        _velocity(lambda xp: lambda t, z, a: xp.astype(z @ a.T, xp.int64)),
+        TypeError,
+        r"^f returned dtype \S*int64 for z of dtype \S*float64",
+    ),
 ]
 
 
@@ -348,6 +354,17 @@ BAD_DIVERGENCE_INPUTS = [
     _bad(_probes(lambda name, call: "01"), TypeError, r"^eps must be an array shaped like"),
     _bad(_probes(_arr(np.ones((3, 2)))), ValueError, r"^eps must have the shape of the state"),
     _bad(_kw(backend="tf"), ValueError, r"^unknown backend 'tf'"),
+    _bad(_velocity(lambda xp: lambda t, z, a: None), TypeError, r"^f must return a \w+ array"),
+    _bad(
+        _velocity(lambda xp: lambda t, z, a: xp.concat([z, z], axis=1)),
+        ValueError,
+        r"^f returned shape \(2, 4\) for z of shape \(2, 2\)",
+    ),
+    _bad(
+        _velocity(lambda xp: lambda t, z, a: xp.astype(z, xp.complex128)),
+        TypeError,
+        r"^f returned dtype \S*complex128 for z",
+    ),
 ]
 
 
@@ -363,7 +380,7 @@ def check_bad_divergence(backend: str, bad) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=25, **FUZZ)
+@settings(max_examples=30, **FUZZ)
 @given(bad=st.sampled_from(BAD_DIVERGENCE_INPUTS))
 def test_a_bad_divergence_argument_raises_an_error_naming_it(backend, bad):
     check_bad_divergence(backend, bad)

@@ -104,6 +104,28 @@ def check_velocity(f) -> None:
         raise TypeError(f"f must be a callable f(t, z) or f(t, z, params), got {f!r}")
 
 
+def check_velocity_value(bk, value, z) -> None:
+    """The velocity ``f`` returned at ``z``: an array of the backend shaped like ``z``, of a
+    real floating dtype. Anything else failed inside the framework's autodiff, in words that
+    named neither ``f`` nor its value; an integer velocity was a constant to autodiff, whose
+    divergence came out zero, and a complex one made it complex."""
+    if not bk.owns(value):
+        raise TypeError(
+            f"f must return a {bk.name} array shaped like z, the velocity dz/dt; it returned "
+            f"{type(value).__name__}"
+        )
+    if tuple(value.shape) != tuple(z.shape):
+        raise ValueError(
+            f"f returned shape {tuple(value.shape)} for z of shape {tuple(z.shape)}; return "
+            f"the velocity dz/dt shaped like z: one rate per element of each sample"
+        )
+    if dtype_kind(bk.xp, value.dtype) != "real floating":
+        raise TypeError(
+            f"f returned dtype {value.dtype} for z of dtype {z.dtype}; the velocity must be "
+            f"real floating, as z is: return it in z's dtype"
+        )
+
+
 def check_batch_axis(batch_axis) -> None:
     if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
         raise ValueError(
