@@ -41,6 +41,7 @@ import numpy as np
 
 from odecore import _validate
 from odecore._config import resolve_backend
+from odecore.backend import get_backend
 from odecore.ode import progress as progress_reports
 from odecore.ode.api import solve as solve_batch
 from odecore.ode.solution import Status
@@ -170,10 +171,10 @@ def solve(
     Raises
     ------
     TypeError
-        ``solve_kwargs`` names ``batch_axis`` or ``throw``, or ``chunk_size`` is not an
-        integer.
+        ``y0`` is not an array, ``solve_kwargs`` names ``batch_axis`` or ``throw``, or
+        ``chunk_size`` is not an integer.
     ValueError
-        ``y0`` is not of shape (N, D) with N >= 1, ``params`` is not (N, P) or (P,),
+        ``y0`` is not of shape (N, D) with N >= 1 and D >= 1, ``params`` is not (N, P) or (P,),
         ``chunk_size`` is below 1, ``rtol`` or ``atol`` is neither shared by every
         trajectory (a number, (D,) or (1, D)) nor one row per trajectory ((N, 1) or (N, D)),
         ``output`` is unknown, ``event`` is given (use
@@ -247,11 +248,15 @@ def _check_progress(progress, client, output) -> None:
 def _inputs(y0, params):
     """``y0`` and ``params`` checked: NumPy arrays, or Dask arrays with each row in one
     chunk along the state axis; the number of trajectories."""
-    y0 = y0 if _is_dask(y0) else np.asarray(y0)
-    if y0.ndim != 2 or y0.shape[0] == 0:
+    if not _is_dask(y0):
+        # None or a string made a 0-d array, refused for its shape rather than its kind.
+        need = "an array of shape (N, D), one row per trajectory"
+        y0 = np.asarray(_validate.as_array(get_backend("numpy"), y0, "y0", need))
+    if y0.ndim != 2 or y0.shape[0] == 0 or y0.shape[1] == 0:
+        # Rows of no elements were refused by each chunk's solve, naming the chunk's shape.
         raise ValueError(
-            f"y0 must be one row per trajectory, shape (N, D) with N >= 1, got shape "
-            f"{y0.shape}; flatten each trajectory's state into its row"
+            f"y0 must be one row per trajectory, shape (N, D) with N >= 1 and D >= 1, got "
+            f"shape {y0.shape}; flatten each trajectory's state into its row"
         )
     _check_rows_known("y0", y0)
     count = y0.shape[0]

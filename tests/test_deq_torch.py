@@ -321,7 +321,7 @@ def test_map_returning_another_librarys_array_or_dtype_is_named():
 
 
 def test_z0_that_is_not_an_array_is_refused():
-    with pytest.raises(TypeError, match="^z0 must be a real floating array, got None"):
+    with pytest.raises(TypeError, match="^z0 must be an array of real floating numbers, got None"):
         odecore.fixed_point(torch.cos, None, backend="torch")
 
 

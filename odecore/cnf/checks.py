@@ -11,6 +11,7 @@ import weakref
 
 import numpy as np
 
+from odecore import _validate
 from odecore._validate import differing, dtype_kind
 from odecore.backend.host import host_array
 
@@ -98,6 +99,73 @@ def check_event_shape(event_shape) -> tuple[int, ...]:
     return tuple(int(n) for n in event_shape)
 
 
+def check_velocity(f) -> None:
+    if not callable(f):
+        raise TypeError(f"f must be a callable f(t, z) or f(t, z, params), got {f!r}")
+
+
+def check_velocity_value(bk, value, z) -> None:
+    """The velocity ``f`` returned at ``z``: an array of the backend shaped like ``z``, of a
+    real floating dtype. Anything else failed inside the framework's autodiff, in words that
+    named neither ``f`` nor its value; an integer velocity was a constant to autodiff, whose
+    divergence came out zero, and a complex one made it complex."""
+    if not bk.owns(value):
+        raise TypeError(
+            f"f must return a {bk.name} array shaped like z, the velocity dz/dt; it returned "
+            f"{type(value).__name__}"
+        )
+    if tuple(value.shape) != tuple(z.shape):
+        raise ValueError(
+            f"f returned shape {tuple(value.shape)} for z of shape {tuple(z.shape)}; return "
+            f"the velocity dz/dt shaped like z: one rate per element of each sample"
+        )
+    if dtype_kind(bk.xp, value.dtype) != "real floating":
+        raise TypeError(
+            f"f returned dtype {value.dtype} for z of dtype {z.dtype}; the velocity must be "
+            f"real floating, as z is: return it in z's dtype"
+        )
+
+
+def check_batch_axis(batch_axis) -> None:
+    if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
+        raise ValueError(
+            f"batch_axis must be None (one solve for the whole batch) or 0 (each sample "
+            f"steps on its own): the samples of x are along its first axis, got {batch_axis!r}"
+        )
+
+
+def batch_state(bk, value, name: str, finite: bool, dtype=None):
+    """``value`` as the backend's array of samples, checked as an ODE's ``y0`` is (and named
+    ``name``, where the solve would name it ``y0``), then for its sample axis. A plain value
+    is read at ``dtype`` (None: the library's default). ``finite``: whether NaN and inf are
+    refused here, or left to a batched solve's per-sample statuses."""
+    if not bk.owns(value):
+        value = _validate.as_array(
+            bk, value, name, "an array of real floating numbers", dtype=dtype
+        )
+    array = _validate.initial_state(bk, value, finite=finite, name=name, empty=True)
+    check_batch_state(bk.xp, array, name)
+    return array
+
+
+def time_value(bk, value, name: str):
+    """A time, or times, given as numbers or arrays of real numbers (a string or None is
+    refused naming ``name``, where the library raised its own error or parsed it)."""
+    return _validate.real_numbers(bk, value, name, "a time", convert=_validate.time_array)
+
+
+def check_time(bk, t) -> None:
+    """``t`` at which a velocity is evaluated: real and finite, one time or one per sample;
+    the velocity is called with ``t`` as it was given."""
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        finite = math.isfinite(t)
+    else:
+        arr = time_value(bk, t, "t")
+        finite = bk.is_traced(arr) or bool(bk.xp.all(bk.xp.isfinite(arr)))
+    if not finite:
+        raise ValueError(f"t contains NaN or infinite values, got {t!r}")
+
+
 def check_batch_state(xp, z, name: str) -> None:
     """A real floating-point state with the samples along its first axis and at least one
     element each."""
@@ -124,6 +192,27 @@ def check_probes_for_trace(trace: str, eps, name: str) -> None:
         raise ValueError(f"eps is for {name}='hutchinson'; the exact trace uses no probes")
 
 
+def probes(bk, eps, z):
+    """The Hutchinson probes ``eps``, one per sample of the state ``z``: real and finite, in
+    ``z``'s dtype. A probe of another real dtype is converted (the VJP of JAX refused one,
+    while NumPy and torch promoted it); a complex probe made the divergence complex, and
+    NaN made it NaN, or failed the log-density's solve naming the dynamics."""
+    if not bk.owns(eps):
+        eps = _validate.as_array(
+            bk, eps, "eps", "an array shaped like the state", dtype=z.dtype, like=z
+        )
+    if not _validate.is_real(bk.xp, eps.dtype):
+        raise TypeError(
+            f"eps must hold real numbers (Rademacher or standard normal probes), got dtype "
+            f"{eps.dtype}"
+        )
+    if eps.dtype != z.dtype:
+        eps = bk.xp.astype(eps, z.dtype)
+    eps = _validate.initial_state(bk, eps, name="eps", empty=True)
+    check_probes(eps, z)
+    return eps
+
+
 def check_probes(eps, z) -> None:
     if tuple(eps.shape) != tuple(z.shape):
         raise ValueError(
@@ -139,7 +228,7 @@ def check_parameter_dtype(bk, dtype, leaves, given: str, fix: str) -> None:
     argument. ``given`` says where the state's dtype came from, ``fix`` how to change it."""
     if bk.promotes_floats:
         return
-    floats = [leaf.dtype for leaf in leaves if dtype_kind(bk.xp, leaf.dtype) == "real floating"]
+    floats = floating_dtypes(bk, leaves)
     if floats and dtype not in floats:
         raise TypeError(
             f"{given} is {dtype}, and f's parameters are {floats[0]}: the velocity "
@@ -147,6 +236,16 @@ def check_parameter_dtype(bk, dtype, leaves, given: str, fix: str) -> None:
             f"{fix.format(params=floats[0])}, or convert the parameters to {dtype} "
             f"(.to({dtype}) on the module or the params)"
         )
+
+
+def floating_dtypes(bk, leaves) -> list:
+    """The real floating dtypes of ``leaves``, in order; leaves that are not arrays (a
+    number, or what a velocity ignores) have none."""
+    return [
+        leaf.dtype
+        for leaf in leaves
+        if hasattr(leaf, "dtype") and dtype_kind(bk.xp, leaf.dtype) == "real floating"
+    ]
 
 
 def random_source(what: str, **given):
@@ -162,6 +261,15 @@ def random_source(what: str, **given):
     name, value = named[0] if named else (None, None)
     if name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if name == "seed" and value < 0:
+        # NumPy's generator refused it, in words that named no argument.
+        raise ValueError(f"seed must be a non-negative int, got {value!r}")
+    if name == "generator" and isinstance(value, numbers.Integral):
+        # An int generator was read as a seed: a mistake passed for a choice, as an int key.
+        raise TypeError(
+            f"generator must be a numpy.random.Generator (or a torch.Generator on torch), got "
+            f"the int {value!r}; an int seeds the draws as seed={value!r}"
+        )
     if name == "key" and isinstance(value, numbers.Integral):
         # An int key was read as a seed, on every backend: a mistake passed for a choice.
         raise TypeError(

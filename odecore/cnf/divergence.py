@@ -27,11 +27,14 @@ from typing import Any, Literal
 from odecore._config import resolve_backend
 from odecore.backend import differentiate
 from odecore.cnf.checks import (
-    check_batch_state,
+    batch_state,
     check_frobenius_range,
-    check_probes,
     check_probes_for_trace,
+    check_time,
     check_trace,
+    check_velocity,
+    check_velocity_value,
+    probes,
 )
 
 
@@ -39,12 +42,22 @@ def pullback(bk, f, t, z, params, differentiable=True):
     """``(f(t, z[, params]), pull)`` with ``pull(u) = u^T df/dz`` for a batch ``z``;
     ``differentiable=False`` promises that no gradient of the result will be asked for."""
     if bk.autodiff is not None:
-        return bk.autodiff.differentiable_vjp(
-            lambda z_: differentiate.call(f, t, z_, params), z, differentiable
-        )
+        return bk.autodiff.differentiable_vjp(_velocity(bk, f, t, params), z, differentiable)
     user_vjp = own_method(bk, f, "vjp", "vjp(t, z, params, u) -> (u^T df/dz, u^T df/dparams)")
-    value = differentiate.call(f, t, z, params)
+    value = _velocity(bk, f, t, params)(z)
     return value, lambda u: user_vjp(t, z, params, u)[0]
+
+
+def _velocity(bk, f, t, params):
+    """``z -> f(t, z[, params])``, its value checked at every call (a shape and a dtype to
+    compare: under a tracing framework, once, when it is traced)."""
+
+    def velocity(z):
+        value = differentiate.call(f, t, z, params)
+        check_velocity_value(bk, value, z)
+        return value
+
+    return velocity
 
 
 def own_method(bk, f, name: str, signature: str):
@@ -65,9 +78,7 @@ def velocity_and_trace(bk, f, t, z, params, method: str, eps, differentiable=Tru
     ``||eps^T J||^2``. ``differentiable=False`` promises that no gradient of the results
     will be asked for."""
     if method == "exact" and bk.autodiff is not None:
-        value, products = bk.autodiff.basis_products(
-            lambda z_: differentiate.call(f, t, z_, params), z, differentiable
-        )
+        value, products = bk.autodiff.basis_products(_velocity(bk, f, t, params), z, differentiable)
         return (value, *_exact_terms(bk.xp, products, z))
     value, pull = pullback(bk, f, t, z, params, differentiable)
     return (value, *trace_terms(bk.xp, pull, z, method, eps))
@@ -160,13 +171,16 @@ def divergence(
     Raises
     ------
     TypeError
-        ``f`` has no ``vjp`` on a backend without autodiff, or ``z`` is float16, whose
-        range ``||J||_F^2`` outgrows once the root mean square of the entries of ``J``
+        ``f`` is not callable, has no ``vjp`` on a backend without autodiff, or returns no
+        array of the backend or one of a dtype that is not real floating, ``z`` is not a
+        real floating array, ``t`` or ``eps`` does not hold real numbers, or ``z`` is float16,
+        whose range ``||J||_F^2`` outgrows once the root mean square of the entries of ``J``
         reaches ``256 / D`` (bfloat16 has float32's range).
     ValueError
-        ``method`` is unknown, ``z`` is not a real floating array with samples along its first
-        axis, ``eps`` is missing for ``"hutchinson"`` (or given for ``"exact"``), or ``eps`` is
-        not shaped like ``z``.
+        ``method`` is unknown, ``z`` has no samples along its first axis, ``f`` returns an
+        array not shaped like ``z``, ``t`` is NaN or infinite, ``eps`` is missing for
+        ``"hutchinson"`` (or given for ``"exact"``), or ``eps`` is not shaped like ``z`` or
+        not finite.
 
     Examples
     --------
@@ -184,8 +198,10 @@ def divergence(
     ([-0.4, -0.4], True)
     """
     bk = resolve_backend(backend, {"t": t, "z": z, "params": params})
-    z = z if bk.owns(z) else bk.asarray(z)
-    check_batch_state(bk.xp, z, "z")
+    check_velocity(f)
+    # NaN in z gives NaN where it is, as any function of z does; no solve fails on it.
+    z = batch_state(bk, z, "z", finite=False)
+    check_time(bk, t)
     # The Frobenius term is always returned: in float16 it was inf, without a word.
     check_frobenius_range(
         bk.xp,
@@ -198,7 +214,6 @@ def divergence(
     check_trace(method, "method")
     check_probes_for_trace(method, eps, "method")
     if eps is not None:
-        eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=z.dtype, like=z)
-        check_probes(eps, z)
+        eps = probes(bk, eps, z)
     _, div, frobenius = velocity_and_trace(bk, f, t, z, params, method, eps)
     return div, frobenius

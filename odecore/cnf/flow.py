@@ -49,16 +49,20 @@ from odecore.backend import differentiate
 from odecore.backend.parameters import refuse_hidden_parameters
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.cnf.checks import (
-    check_batch_state,
+    batch_state,
+    check_batch_axis,
     check_error_control,
     check_event_shape,
     check_noise,
     check_parameter_dtype,
-    check_probes,
     check_regularizers,
     check_samples_separate,
     check_trace,
+    check_velocity,
+    floating_dtypes,
+    probes,
     random_source,
+    time_value,
 )
 from odecore.cnf.divergence import row_dot
 from odecore.cnf.dynamics import AugmentedDynamics
@@ -198,14 +202,16 @@ def solve_log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int
-        or a generator, ``x``'s dtype is none of the parameters' on torch, or an argument of
-        the solve has the wrong type.
+        ``f`` is not callable, ``x`` is not a real floating array, a time of ``t`` is not a
+        real number, ``eps`` does not hold real numbers, ``regularizers`` is not a tuple of
+        names, ``seed`` is not an int, ``key`` is an int or a generator, ``x``'s dtype is none
+        of the parameters' on torch, or an argument of the solve has the wrong type.
     ValueError
-        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
-        not a real floating array with samples along its first axis, the probes are missing
-        for ``"hutchinson"`` (or given for ``"exact"``) or not shaped like ``x``, more than one
-        source of probes is given, or an argument of the solve has a wrong value.
+        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` has
+        no samples along its first axis or (without ``batch_axis=0``) holds NaN or inf, the
+        probes are missing for ``"hutchinson"`` (or given for ``"exact"``), not shaped like
+        ``x`` or not finite, more than one source of probes is given, or an argument of the
+        solve has a wrong value.
     SolveError
         The solve failed (with the default ``throw=True``).
 
@@ -311,14 +317,16 @@ def log_prob(
     Raises
     ------
     TypeError
-        ``regularizers`` is not a tuple of names, ``seed`` is not an int, ``key`` is an int
-        or a generator, ``x``'s dtype is none of the parameters' on torch, or an argument of
-        the solve has the wrong type.
+        ``f`` is not callable, ``x`` is not a real floating array, a time of ``t`` is not a
+        real number, ``eps`` does not hold real numbers, ``regularizers`` is not a tuple of
+        names, ``seed`` is not an int, ``key`` is an int or a generator, ``x``'s dtype is none
+        of the parameters' on torch, or an argument of the solve has the wrong type.
     ValueError
-        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` is
-        not a real floating array with samples along its first axis, the probes are missing
-        for ``"hutchinson"`` (or given for ``"exact"``) or not shaped like ``x``, more than one
-        source of probes is given, or an argument of the solve has a wrong value.
+        ``trace``, ``noise``, ``error_control`` or a regulariser's name is unknown, ``x`` has
+        no samples along its first axis or (without ``batch_axis=0``) holds NaN or inf, the
+        probes are missing for ``"hutchinson"`` (or given for ``"exact"``), not shaped like
+        ``x`` or not finite, more than one source of probes is given, or an argument of the
+        solve has a wrong value.
     SolveError
         The solve failed (with the default ``throw=True``).
 
@@ -558,12 +566,14 @@ def sample(
     Raises
     ------
     TypeError
-        ``seed`` is not an int, ``key`` is an int or a generator, the draws' dtype (``z``'s
-        or ``dtype``) is none of the parameters' on torch, or an argument of the solve has the
-        wrong type.
+        ``f`` is not callable, ``z`` is not a real floating array, ``dtype`` is not a real
+        floating dtype, ``seed`` is not an int, ``key`` is an int or a generator, the draws'
+        dtype (``z``'s or ``dtype``) is none of the parameters' on torch, or an argument of the
+        solve has the wrong type.
     ValueError
         ``n`` is not a positive int, ``event_shape`` is not a positive int or tuple of them,
-        ``z`` is not of shape (n, *event_shape), more than one source of draws is given, or an
+        ``z`` is not of shape (n, *event_shape) or (without ``batch_axis=0``) holds NaN or
+        inf, ``batch_axis`` is not None or 0, more than one source of draws is given, or an
         argument of the solve has a wrong value.
 
     Examples
@@ -587,21 +597,25 @@ def sample(
     >>> bool(np.allclose(data, base @ scipy.linalg.expm(-M).T))  # the flow run backward
     True
     """
+    check_velocity(f)
     event_shape = check_event_shape(event_shape)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, the number of samples, got {n!r}")
+    batch_axis = solve_kwargs.get("batch_axis")
+    check_batch_axis(batch_axis)
     name, source = random_source("base points", z=z, seed=seed, key=key, generator=generator)
-    bk = _flow_backend(solve_kwargs, {"z": z, "params": params})
+    bk = _flow_backend(solve_kwargs, {"z": z, "t": t, "params": params})
     leaves = differentiate.param_leaves(bk, f, params)
     if name != "z":
         if dtype is None:
-            dtype = leaves[0].dtype if leaves else bk.xp.float64
+            dtype = next(iter(floating_dtypes(bk, leaves)), bk.xp.float64)
+        dtype = _draw_dtype(bk, dtype)
         check_parameter_dtype(
             bk, dtype, leaves, "the draws' dtype (dtype=)", "Pass dtype={params} or leave it out"
         )
         z = bk.random_normal(_random_generator(source), (int(n), *event_shape), dtype, None)
     else:
-        z = z if bk.owns(z) else bk.asarray(z, dtype=dtype)
+        z = batch_state(bk, z, "z", finite=batch_axis is None, dtype=dtype)
         if tuple(z.shape) != (int(n), *event_shape):
             raise ValueError(
                 f"z must have shape (n, *event_shape) = {(int(n), *event_shape)}, got "
@@ -657,18 +671,13 @@ def _setup(f, x, t, params, settings: _Settings, solve_kwargs):
     """The checked inputs of a log-density solve: ``(backend, augmented dynamics, initial
     state, times, options, extra solve arguments)``; ``solve_kwargs`` names the backend the
     solve runs on."""
-    if not callable(f):
-        raise TypeError(f"f must be a callable f(t, z) or f(t, z, params), got {f!r}")
+    check_velocity(f)
     batch_axis = solve_kwargs.get("batch_axis")
-    if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
-        raise ValueError(
-            f"batch_axis must be None (one solve for the whole batch) or 0 (each sample "
-            f"steps on its own): the samples of x are along its first axis, got {batch_axis!r}"
-        )
+    check_batch_axis(batch_axis)
     bk = _flow_backend(solve_kwargs, {"x": x, "t": t, "params": params})
     xp = bk.xp
-    x = x if bk.owns(x) else bk.asarray(x)
-    check_batch_state(xp, x, "x")
+    # A batch's samples are left to the solve's statuses, as a batched ODE's are.
+    x = batch_state(bk, x, "x", finite=batch_axis is None)
     leaves = differentiate.param_leaves(bk, f, params)
     check_parameter_dtype(bk, x.dtype, leaves, "x's dtype", "Give x as {params} (x.to({params}))")
     t = _time_array(bk, t)
@@ -835,22 +844,40 @@ def _time_pair(bk, t):
     if isinstance(t, (tuple, list)):
         if len(t) != 2:
             raise ValueError(f"t must be a pair (t0, t1), got {len(t)} times")
-        return tuple(v if bk.owns(v) else bk.asarray(v, dtype=bk.time_dtype) for v in t)
-    t = t if bk.owns(t) else bk.asarray(t, dtype=bk.time_dtype)
+        return tuple(_given_time(bk, v, f"t[{i}]") for i, v in enumerate(t))
+    t = _given_time(bk, t, "t")
     if tuple(t.shape) != (2,):
         raise ValueError(f"t must be a pair (t0, t1), got an array of shape {tuple(t.shape)}")
     return t[0], t[1]
+
+
+def _given_time(bk, value, name):
+    """A time of ``t`` as the backend's array: as it was, or read at the time dtype."""
+    if bk.owns(value):
+        return value
+    return bk.xp.astype(time_value(bk, value, name), bk.time_dtype)
+
+
+def _draw_dtype(bk, dtype):
+    """``dtype`` as the backend's real floating dtype, for the draws of ``sample``."""
+    try:
+        resolved = bk.xp.empty((0,), dtype=dtype).dtype
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        resolved = None
+    if resolved is None or _validate.dtype_kind(bk.xp, resolved) != "real floating":
+        raise TypeError(
+            f"dtype must be a real floating dtype of {bk.name} (float64 or float32, say), got "
+            f"{dtype!r}"
+        )
+    return resolved
 
 
 def _probes(bk, settings: _Settings, x):
     """The Hutchinson probes, one per sample, drawn once here (None for the exact trace)."""
     if settings.trace == "exact":
         return None
-    eps = settings.eps
-    if eps is not None:
-        eps = eps if bk.owns(eps) else bk.asarray(eps, dtype=x.dtype, like=x)
-        check_probes(eps, x)
-        return eps
+    if settings.eps is not None:
+        return probes(bk, settings.eps, x)
     source = _random_generator(settings.source)
     draws = bk.random_normal(source, tuple(x.shape), x.dtype, x)
     if settings.noise == "gaussian":

@@ -6,9 +6,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from odecore import _validate
 from odecore._config import resolve_backend
 from odecore.backend import differentiate, tree
-from odecore.deq.arguments import check_callable, check_params, float_array, layout
+from odecore.deq.arguments import check_callable, check_params, cotangent, layout
 from odecore.deq.mapping import Map, check_output, require_vjp
 from odecore.deq.options import FixedPointOptions
 from odecore.deq.rule import FixedPointRule
@@ -116,8 +117,9 @@ def solve_fixed_point(
     ValueError
         An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...)
         or would not be read (``damping`` without Picard, ``unroll_steps`` without
-        ``backward="unrolled"``, ...), ``batch_axis`` is not None or 0, or, on torch, ``f``
-        uses a tensor that requires grad outside ``params``.
+        ``backward="unrolled"``, ...), ``batch_axis`` is not None or 0, ``z0`` is empty or,
+        without ``batch_axis``, holds NaN or inf, or, on torch, ``f`` uses a tensor that
+        requires grad outside ``params``.
     FixedPointError
         With ``throw=True``, a sample did not converge within ``max_iter`` iterations, or ``f``
         returned NaN or inf.
@@ -269,7 +271,9 @@ def vjp_fixed_point(
         As [`solve_fixed_point`][odecore.solve_fixed_point] returns it.
     pullback : callable
         ``pullback(z_bar) -> params_bar``, the gradient of ``sum(z_bar * z*)`` in the structure
-        of ``params``; it raises ``ValueError`` for a ``z_bar`` not shaped like ``z``.
+        of ``params``; it raises ``TypeError`` for a ``z_bar`` that is not a real floating
+        array of ``z``'s dtype, and ``ValueError`` for one not shaped like ``z`` or holding
+        NaN or inf.
 
     Raises
     ------
@@ -307,11 +311,7 @@ def vjp_fixed_point(
     _raise_if_failed(bk, rule.solution, opts, lay)
 
     def pullback(z_bar):
-        z_bar = bk.asarray(z_bar)
-        if tuple(z_bar.shape) != lay.shape:
-            raise ValueError(
-                f"pullback expects a cotangent shaped like z {lay.shape}, got {tuple(z_bar.shape)}"
-            )
+        z_bar = cotangent(bk, z_bar, rule.solution.z)
         _, *leaves_bar = rule.backward(z_star, z_bar)
         return tree.unflatten_like(params, leaves_bar)
 
@@ -320,7 +320,9 @@ def vjp_fixed_point(
 
 def _setup(f, z0, params, backend, batch_axis, opts):
     bk = resolve_backend(backend, {"z0": z0, "params": params}, call="fixed point")
-    z0 = float_array(bk, "z0", z0)
+    # As an ODE's y0: NaN in the start read as f returning NaN, and an empty z0 "converged".
+    # A batch's samples are left to their own statuses, as a batched ODE solve's are.
+    z0 = _validate.initial_state(bk, z0, finite=batch_axis is None, name="z0")
     check_callable(f)
     check_params(params)
     lay = layout(bk.xp, z0, batch_axis)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+from odecore import _validate
 from odecore.backend.layout import Layout, loop_dtype
 from odecore.backend.tree import leaves as tree_leaves
 from odecore.deq.options import describe
@@ -31,10 +32,7 @@ def layout(xp, z0, batch_axis) -> Layout:
 
 
 def float_array(bk, name, value, dtype=None):
-    try:
-        array = bk.asarray(value, dtype=dtype)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a real floating array, got {describe(value)}") from exc
+    array = _validate.as_array(bk, value, name, "a real floating array", dtype=dtype)
     if not bk.xp.isdtype(array.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype, got {array.dtype}; convert it, e.g. to "
@@ -52,6 +50,14 @@ def like_z(bk, name, value, z):
     if array.dtype != z.dtype:
         raise TypeError(f"{name} must have z's dtype {z.dtype}, got {array.dtype}")
     return array
+
+
+def cotangent(bk, value, z):
+    """The pullback's ``z_bar``: shaped like ``z``, in its dtype, finite. Converted as it
+    came, a complex one lost its imaginary part, an integer one ran the backward in integers,
+    and one with NaN made the backward fail with advice about its own settings."""
+    array = like_z(bk, "z_bar", value, z)
+    return _validate.initial_state(bk, array, name="z_bar")
 
 
 def check_callable(f):
