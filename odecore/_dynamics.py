@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 
 from odecore import _validate
 from odecore._ops import float_limit
@@ -42,9 +43,19 @@ class Dynamics:
         self.params = params
         self.layout = layout
         self.sign = sign
-        self.leaves = (
-            differentiate.param_leaves(bk, func, params) if leaves is None else list(leaves)
-        )
+        leaves = differentiate.param_leaves(bk, func, params) if leaves is None else list(leaves)
+        if bk.autodiff is None:
+            # A Python number among the parameters (params=0.7) gets its gradient as a 0-d
+            # array, as JAX's grad gives one: the backward sizes and zeroes each leaf's
+            # cotangent by its shape and dtype, which a number lacks. func and its vjp still
+            # receive params as given.
+            leaves = [
+                bk.asarray(float(x))
+                if isinstance(x, numbers.Real) and not hasattr(x, "shape")
+                else x
+                for x in leaves
+            ]
+        self.leaves = leaves
         self._vjp_checked = False
         # Whether the first call checks for a func that writes into y or indexes past an
         # array's end: the user's func, not odecore's own (a backsolve's adjoint system,

@@ -110,6 +110,41 @@ def test_exponential_decay_rate(adjoint, direction, batched):
     assert relative_error(t_bar, t_ref) < 1e-8
 
 
+class DecayByNumber:
+    """``y' = -k y`` with ``params`` the rate itself, or ``{"k": rate}``: a Python number."""
+
+    def __call__(self, t, y, params):
+        return -self.rate(params) * y
+
+    def vjp(self, t, y, params, cotangent):
+        k_bar = np.asarray(-np.sum(cotangent * y))  # a cotangent is an array, as documented
+        return -self.rate(params) * cotangent, {"k": k_bar} if isinstance(params, dict) else k_bar
+
+    @staticmethod
+    def rate(params):
+        return params["k"] if isinstance(params, dict) else params
+
+
+@pytest.mark.parametrize("params", [0.7, 2, {"k": 0.7}], ids=["float", "int", "dict"])
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_python_number_parameters_get_gradients(adjoint, params):
+    """A rate given as a Python number, as users write ``params=0.7``: its gradient comes
+    back as a 0-d array in its place (the backward had sized each parameter by its
+    ``shape``, which a number lacks)."""
+    t = TIMES["up"]
+    y0 = np.array([1.0, -2.0])
+    k = float(DecayByNumber.rate(params))
+    c = cotangents((len(t), *y0.shape), seed=3)
+    ys, pullback = odecore.vjp_odeint(DecayByNumber(), y0, t, params, adjoint=adjoint, **TIGHT)
+    y0_bar, params_bar, _ = pullback(c)
+    ys_ref, y0_ref, k_ref, _ = decay_reference(y0, k, t, c)
+    k_bar = params_bar["k"] if isinstance(params, dict) else params_bar
+    assert relative_error(ys, ys_ref) < 1e-8
+    assert relative_error(y0_bar, y0_ref) < 1e-8
+    assert np.shape(k_bar) == ()
+    assert relative_error(k_bar, k_ref) < 1e-8
+
+
 # ---------------------------------------------------------------------------------------------
 # Finite differences of odecore's own solve
 # ---------------------------------------------------------------------------------------------
