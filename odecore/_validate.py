@@ -231,18 +231,32 @@ def _stacklevel_outside_odecore() -> int:
     return level
 
 
-def tableau(method: str | None, opts: dict | None = None) -> Tableau:
+def tableau(method: str | None, opts: dict | None = None, argument: str = "method") -> Tableau:
     """The method's tableau; an adaptive method given a fixed grid in ``opts``
     (``step_size`` or ``grid_constructor``) comes without its error estimate, and steps on
-    that grid."""
+    that grid. ``argument``: where the user named it (``method``, ``adjoint_method``)."""
     name = DEFAULT_METHOD if method is None else method
+    if name == "scipy_solver":
+        # Listed below as a valid method, it read as a contradiction where it is not one.
+        raise ValueError(
+            f"{argument}='scipy_solver' is not available here: scipy runs the solves of "
+            f"odecore.solve, odeint and odeint_adjoint on NumPy and torch, and this call "
+            f"takes one of odecore's methods: fixed-step {', '.join(FIXED_STEP_METHODS)}; "
+            f"adaptive {', '.join(ADAPTIVE_METHODS)}"
+        )
     if not isinstance(name, str) or name not in TABLEAUS:
         hint = _OTHER_NAMES.get(name, "") if isinstance(name, str) else ""
+        # scipy runs forward solves only: the backward solve takes odecore's methods.
+        scipy = (
+            "; and 'scipy_solver' (options={'solver': ...}: any of scipy's solve_ivp methods, "
+            "LSODA and BDF for stiff problems)"
+            if argument == "method"
+            else ""
+        )
         raise ValueError(
-            f"unknown method {method!r}; valid methods are: fixed-step "
-            f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}; and "
-            f"'scipy_solver' (options={{'solver': ...}}: any of scipy's solve_ivp methods, "
-            f"LSODA and BDF for stiff problems){hint}"
+            f"unknown {argument} {method!r}; valid methods are: fixed-step "
+            f"{', '.join(FIXED_STEP_METHODS)}; adaptive {', '.join(ADAPTIVE_METHODS)}"
+            f"{scipy}{hint if scipy or 'scipy_solver' not in hint else ''}"
         )
     tab = TABLEAUS[name]
     if isinstance(opts, dict) and tab.adaptive and _fixed_grid(opts):
@@ -995,7 +1009,11 @@ def adjoint_settings(
         adj_options = {k: v for k, v in without_event_options(fwd_options).items() if k != "norm"}
     check_dict(adj_options, "adjoint_options")
     event_options(adj_options, "adjoint_options")
-    tab = tableau(adj_method if adj_method is not None else method, adj_options)
+    tab = (
+        tableau(adj_method, adj_options, "adjoint_method")
+        if adj_method is not None
+        else tableau(method, adj_options)
+    )
     # The backward solve crosses the forward's stops and discontinuities too: it lands on
     # them unless the user's adjoint_options name their own.
     landing = {

@@ -389,6 +389,57 @@ def test_unknown_method_lists_valid_ones(backend, method):
 
 
 @pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        ("vjp_odeint", r"^method='scipy_solver' is not available here"),
+        ("adjoint_method", r"^adjoint_method='scipy_solver' is not available here"),
+    ],
+)
+def test_scipy_solver_where_scipy_does_not_run_is_refused_as_such(call, match):
+    """Where scipy runs no solve, 'scipy_solver' was refused as an unknown method by a
+    message that listed it among the valid ones."""
+    t = np.array([0.0, 1.0])
+    with pytest.raises(ValueError, match=match) as info:
+        if call == "vjp_odeint":
+
+            class Decay:
+                def __call__(self, t, y, k):
+                    return -k * y
+
+                def vjp(self, t, y, k, c):
+                    return -k * c, np.asarray(-np.sum(c * y))
+
+            odecore.vjp_odeint(Decay(), np.ones(1), t, np.asarray(1.0), method="scipy_solver")
+        else:
+            torch = pytest.importorskip("torch")
+            odecore.odeint(
+                lambda t, y: -y,
+                torch.ones(1, requires_grad=True),
+                torch.tensor(t),
+                adjoint="backsolve",
+                adjoint_method="scipy_solver",
+            )
+    for name in odecore.METHODS:
+        assert name in str(info.value)
+
+
+def test_unknown_adjoint_method_is_named_and_lists_odecores_methods():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"^unknown adjoint_method 'LSODA'") as info:
+        odecore.odeint(
+            lambda t, y: -y,
+            torch.ones(1, requires_grad=True),
+            torch.tensor([0.0, 1.0]),
+            adjoint="backsolve",
+            adjoint_method="LSODA",
+        )
+    for name in odecore.METHODS:
+        assert name in str(info.value)
+    # The backward solve is odecore's: scipy's solvers are no choice there.
+    assert "scipy_solver" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("method", "pointer"),
     [
         ("RK45", r"scipy's RK45 is 'dopri5'"),
