@@ -228,11 +228,38 @@ def test_module_parameters_get_gradients():
     assert relative_error(layer.bias.grad.numpy(), expected) < 1e-9
 
 
-def test_module_with_params_is_refused():
-    # Its own weights would silently get no gradient once params are given.
-    layer = torch.nn.Linear(3, 3)
-    with pytest.raises(TypeError, match="functional_call"):
-        odecore.fixed_point(layer, torch.zeros(3), torch.ones(3))
+def test_module_with_an_injection_gives_gradients_to_both():
+    """A layer and its input injection, f(z, x) = tanh(W z + b + x) with x in params: the
+    module's own weights and x both get the implicit gradient, by the closed form at z*
+    (u = (I - J)^{-T} c per sample with J = diag(1 - z*^2) W; dL/dx = u (1 - z*^2),
+    dL/dW = sum over samples of outer(u (1 - z*^2), z*))."""
+    torch.manual_seed(0)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4).double()
+            with torch.no_grad():
+                self.lin.weight.mul_(0.3)
+
+        def forward(self, z, x):
+            return torch.tanh(self.lin(z) + x)
+
+    f = Layer()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 4, dtype=torch.float64)
+    z = odecore.fixed_point(f, torch.zeros(3, 4, dtype=torch.float64), x, batch_axis=0, **TIGHT)
+    (z * c).sum().backward()
+    Wm = f.lin.weight.detach().numpy()
+    x_bar, W_bar = [], 0.0
+    for zs, cs in zip(z.detach().numpy(), c.numpy(), strict=True):
+        J = np.diag(1 - zs**2) @ Wm
+        v = np.linalg.solve((np.eye(4) - J).T, cs) * (1 - zs**2)
+        x_bar.append(v)
+        W_bar = W_bar + np.outer(v, zs)
+    assert relative_error(x.grad.numpy(), np.stack(x_bar)) < 1e-9
+    assert relative_error(f.lin.weight.grad.numpy(), W_bar) < 1e-9
+    assert relative_error(f.lin.bias.grad.numpy(), np.sum(x_bar, axis=0)) < 1e-9
 
 
 def test_batch_independence_of_iterations():

@@ -35,11 +35,12 @@ def solve_fixed_point(
     Parameters
     ----------
     f : callable
-        ``f(z, params)``, or ``f(z)`` when ``params`` is None (an ``nn.Module`` carries its
-        own parameters), returning an array shaped like ``z``. Inputs such as ``x`` travel
-        in ``params``. With ``batch_axis=0`` it is called on the whole batch, and must treat
-        samples independently. On NumPy, [`vjp_fixed_point`][odecore.vjp_fixed_point] needs its
-        method ``vjp(z, params, cotangent) -> (cot_z, cot_params)``.
+        ``f(z, params)``, or ``f(z)`` when ``params`` is None, returning an array shaped
+        like ``z``. Inputs such as ``x`` travel in ``params``; an ``nn.Module`` carries its
+        own parameters, with or without ``params``. With ``batch_axis=0`` it is called on
+        the whole batch, and must treat samples independently. On NumPy,
+        [`vjp_fixed_point`][odecore.vjp_fixed_point] needs its method
+        ``vjp(z, params, cotangent) -> (cot_z, cot_params)``.
     z0 : array
         The starting iterate, real floating dtype.
     params : pytree of arrays, optional
@@ -127,8 +128,8 @@ def solve_fixed_point(
     Notes
     -----
     On torch, ``f`` must not use a tensor that requires grad other than through ``params``
-    (or, for an ``nn.Module`` called without params, its own parameters): the gradient
-    reaches only those, so such a tensor raises ``ValueError`` while grad mode is on.
+    (or, for an ``nn.Module``, its own parameters): the gradient reaches only those, so
+    such a tensor raises ``ValueError`` while grad mode is on.
 
     Examples
     --------
@@ -326,14 +327,6 @@ def _setup(f, z0, params, backend, batch_axis, opts):
     check_callable(f)
     check_params(params)
     lay = layout(bk.xp, z0, batch_axis)
-    if params is not None and differentiate.param_leaves(bk, f, None):
-        # The module's own parameters would silently get no gradient: the VJP differentiates
-        # with respect to params only once params are given.
-        raise TypeError(
-            "f is a module with its own parameters and params is given too; pass everything "
-            "through params (e.g. torch.func.functional_call(module, weights, (z, x)) with "
-            "params=(weights, x)), or params=None with the inputs held by the module"
-        )
     leaves = differentiate.param_leaves(bk, f, params)
     return bk, z0, lay, leaves, Map(bk, f, params, leaves, lay)
 
@@ -362,8 +355,8 @@ def _raise_if_failed(bk, solution, opts, lay):
 
 _HIDDEN_GRADIENT_MESSAGE = (
     "f uses a tensor that requires grad but is not in params: the fixed point's gradient "
-    "reaches only the arrays in params (and the own parameters of an nn.Module f called "
-    "without params), so that tensor would silently get no gradient. Pass it in params and "
+    "reaches only the arrays in params (and the own parameters of an nn.Module f), so "
+    "that tensor would silently get no gradient. Pass it in params and "
     "read it there, as f(z, params); or detach it if it needs no gradient"
 )
 
