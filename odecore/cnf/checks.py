@@ -335,7 +335,7 @@ def check_samples_separate(bk, f, t, x, params, per_sample_time: bool) -> None:
     try:
         with bk.no_grad():
             # On copies: the caller's x must not change whatever f does with its argument.
-            first, again = call(xp.asarray(x, copy=True)), call(xp.asarray(x, copy=True))
+            first, again = call(_copy(bk, x)), call(_copy(bk, x))
             shape = tuple(getattr(first, "shape", ()))
             if shape != tuple(x.shape):
                 changed = None
@@ -373,3 +373,9 @@ def _differ(xp, a, b) -> int | None:
     rows = xp.reshape(different, (different.shape[0], -1))
     found = np.flatnonzero(host_array(xp.any(rows, axis=1)))
     return int(found[0]) if found.size else None
+
+
+def _copy(bk, x):
+    """A copy of ``x`` that records nothing: the probes of ``check_samples_separate`` run
+    under no_grad, where torch warns about copying a tensor that requires grad."""
+    return bk.xp.asarray(bk.stop_gradient(x), copy=True)
