@@ -491,6 +491,44 @@ def test_torch_module_capturing_a_tensor_is_refused_naming_the_velocity():
 
 
 @pytest.mark.backend("torch")
+@pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
+def test_torch_closure_capturing_weights_is_refused_in_every_mode(adjoint):
+    # A plain function closing over a layer's weights: the flow records its divergence only
+    # where x, t or the known parameters want a gradient, so the log-density came back
+    # without one in every mode (backward() then failed in torch's words, naming nothing).
+    import torch
+
+    a = torch.tensor(A1, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^f uses 1 tensor.*z and its parameters alone"):
+        cnf.log_prob(lambda t, z: a * z, torch.as_tensor(X1), (0.0, T1), adjoint=adjoint)
+    # Given as params, the same weight gets the gradient of the closed form.
+    lp = cnf.log_prob(lambda t, z, p: p * z, torch.as_tensor(X1), (0.0, T1), a, **TIGHT)
+    lp.sum().backward()
+    assert float(a.grad) == pytest.approx(scalar_gradient(), rel=1e-8)
+
+
+@pytest.mark.backend("torch")
+def test_torch_sample_follows_a_module_velocity():
+    # With nothing but the module to say which backend, the draws were NumPy arrays and the
+    # module's first layer failed on them in torch's words.
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
+
+        def forward(self, t, z):
+            return self.a * z
+
+    module = Scale()
+    inferred = cnf.sample(module, 5, (1,), (0.0, T1), seed=3, **TIGHT)
+    named = cnf.sample(module, 5, (1,), (0.0, T1), seed=3, backend="torch", **TIGHT)
+    assert isinstance(inferred, torch.Tensor)
+    assert torch.equal(inferred, named)
+
+
+@pytest.mark.backend("torch")
 def test_torch_backsolve_reuses_the_forward_probes():
     # For f = A z the Hutchinson log-density is log N(e^{AT} x) + T sum_b eps_b^T A eps_b, so
     # its A-gradient holds T sum_b eps_b eps_b^T for the forward's probes: a backward solve

@@ -44,11 +44,21 @@ def _is_array(x) -> bool:
 
 
 def refuse_hidden_parameters(
-    bk, func, params, leaves, t, y0, batch_axis, called_as="func(t, y, params)"
+    bk,
+    func,
+    params,
+    leaves,
+    t,
+    y0,
+    batch_axis,
+    called_as="func(t, y, params)",
+    why="adjoint='backsolve' and 'checkpoint' differentiate only with respect to parameters "
+    "they know of",
 ):
     """Refuse arrays ``func`` uses that want a gradient without being among ``leaves``:
     backsolve and checkpoint differentiate only ``leaves``, and would give them none.
-    ``called_as``: how the caller's documentation writes ``func`` called with ``params``."""
+    ``called_as``: how the caller's documentation writes ``func`` called with ``params``;
+    ``why``: why the caller differentiates ``leaves`` alone."""
     if bk.autodiff is None:
         return
     xp = bk.xp
@@ -63,8 +73,7 @@ def refuse_hidden_parameters(
         name = called_as.partition("(")[0]
         raise ValueError(
             f"{name} uses {len(hidden)} tensor(s) that require grad but are not among its "
-            f"parameters (shapes {shapes}); adjoint='backsolve' and 'checkpoint' "
-            f"differentiate only with respect to parameters they know of, so these would "
+            f"parameters (shapes {shapes}); {why}, so these would "
             f"get no gradient. Pass them with params=... ({called_as}), list them "
             f"in adjoint_params=..., or make {name} an nn.Module that owns them"
         )

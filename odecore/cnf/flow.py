@@ -555,8 +555,9 @@ def sample(
     dtype : optional
         The draws' dtype; by default that of ``z``, else of the parameters, else float64.
     **solve_kwargs
-        The arguments of [`odecore.solve`][odecore.solve]; the backend follows ``z`` or
-        ``params``, else name it (``backend="torch"``).
+        The arguments of [`odecore.solve`][odecore.solve]; the backend follows ``z``,
+        ``params`` or the parameters of an ``nn.Module`` ``f``, else name it
+        (``backend="torch"``).
 
     Returns
     -------
@@ -604,7 +605,9 @@ def sample(
     batch_axis = solve_kwargs.get("batch_axis")
     check_batch_axis(batch_axis)
     name, source = random_source("base points", z=z, seed=seed, key=key, generator=generator)
-    bk = _flow_backend(solve_kwargs, {"z": z, "t": t, "params": params})
+    bk = _flow_backend(
+        solve_kwargs, {"z": z, "t": t, "params": params, "f's parameters": _own_arrays(f)}
+    )
     leaves = differentiate.param_leaves(bk, f, params)
     if name != "z":
         if dtype is None:
@@ -785,6 +788,20 @@ def _kept_flow(bk, f, aug: AugmentedDynamics, batch: int, batch_axis, error_cont
     return kept[key]
 
 
+def _own_arrays(f) -> list:
+    """The first array a velocity holds as its own (a torch ``nn.Module``'s first parameter
+    or buffer), or none: ``sample`` draws its base points on the backend the inputs name,
+    and a module with nothing else given would be handed NumPy draws, failing inside its
+    first layer."""
+    for holder in ("parameters", "buffers"):
+        method = getattr(f, holder, None)
+        if callable(method):
+            first = next(iter(method()), None)
+            if first is not None:
+                return [first]
+    return []
+
+
 def _flow_backend(solve_kwargs: dict, inputs: dict):
     """The backend a flow's solve runs on, set in ``solve_kwargs`` for the solve: the one
     asked for or inferred, or the backend whose generic loop serves it
@@ -822,17 +839,29 @@ def _norm(bk, aug: AugmentedDynamics, batch: int, batch_axis, error_control: str
 def _parameter_arguments(bk, f, params, t, x, solve_kwargs) -> dict:
     """``adjoint_params`` where ``f`` owns parameters that ``params`` does not hold (a torch
     ``nn.Module``): the augmented dynamics wrap ``f`` and would hide them. The check that
-    ``f`` uses no other array wanting a gradient then runs on ``f`` itself."""
+    ``f`` uses no other array wanting a gradient runs on ``f`` itself, in every mode: the
+    flow records its divergence for autodiff only where ``x``, ``t`` or these parameters
+    want a gradient, so a weight a closure captures got none, even with adjoint='direct'."""
     if bk.autodiff is None or "adjoint_params" in solve_kwargs:
         return {}
     leaves = differentiate.param_leaves(bk, f, params)
     held = differentiate.param_leaves(bk, None, params)
-    if len(leaves) == len(held):
-        return {}
-    refuse_hidden_parameters(
-        bk, f, params, leaves, t, x, solve_kwargs.get("batch_axis"), called_as="f(t, z, params)"
-    )
-    return {"adjoint_params": leaves}
+    try:
+        refuse_hidden_parameters(
+            bk,
+            f,
+            params,
+            leaves,
+            t,
+            x,
+            solve_kwargs.get("batch_axis"),
+            called_as="f(t, z, params)",
+            why="the flow differentiates f with respect to z and its parameters alone",
+        )
+    except TypeError as error:  # the probe may be f's first call
+        explain_call(f, params is not None, error, name="f", state="x")
+        raise
+    return {} if len(leaves) == len(held) else {"adjoint_params": leaves}
 
 
 def _time_array(bk, t):
