@@ -138,7 +138,11 @@ LANE_RATIO_PREV = 2
 LANE_H = 3
 LANE_T_NEW = 4
 LANE_T_LEFT = 5
-LANE_FLOATS = 6
+# The step's verdict (judge_step) and factor (size_factor), kept from the lanes' judging
+# to their concluding.
+LANE_RATIO = 6
+LANE_FACTOR = 7
+LANE_FLOATS = 8
 LANE_TRAJECTORY = 0  # the trajectory the lane solves; -1: idle
 LANE_STATUS = 1
 LANE_OUT_INDEX = 2
@@ -149,7 +153,11 @@ LANE_NACCEPT = 6
 LANE_NREJECT = 7
 LANE_LAST_REJECTED = 8
 LANE_LANDS = 9
-LANE_INTS = 10
+LANE_NORM_FAILED = 10  # the rest of the verdict, as LANE_RATIO
+LANE_FINITE = 11
+LANE_ACCEPT = 12
+LANE_NO_PROGRESS = 13
+LANE_INTS = 14
 
 
 def state_size(work) -> int:
@@ -559,15 +567,50 @@ def plan_step(t, dt, stop_index, stops, jumps, consts):
     return stop_index, h, t_new, lands, t_left
 
 
+def judge_step(t, h, t_new, rtol, atol, parts, tab, settings, consts, work):
+    """A step's verdict from its stages: ``(ratio, norm_failed, finite, accept,
+    no_progress)``, its error ratio and what :func:`error_ratio` says of it, whether it is
+    accepted, and whether it was too short to move time."""
+    (_, _, tab_b, _, _, _, sizes) = tab
+    ratio = 0.0
+    norm_failed = False
+    if consts[4]:  # adaptive
+        ratio, norm_failed, finite = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
+        accept = ratio <= 1.0
+    else:
+        finite = all_finite(work, Y_NEW)
+        accept = finite
+    # A step too short to move time is not taken: it would change y but not t.
+    no_progress = accept and t_new <= t
+    return ratio, norm_failed, finite, accept and not no_progress, no_progress
+
+
+def size_factor(verdict, ratio_prev, last_rejected, consts):
+    """The factor from the size of the step judged ``verdict`` (:func:`judge_step`) to the
+    next one's; 1 for a fixed-step method."""
+    (ratio, _, _, accept, _) = verdict
+    (_, _, _, _, adaptive, _, safety, ifactor, dfactor, icoeff, pcoeff, error_order, shrink,
+     no_growth_after_reject, _) = consts  # fmt: skip
+    if not adaptive:
+        return 1.0
+    factor = step_factor(
+        ratio, ratio_prev, accept, safety, ifactor, dfactor, icoeff, pcoeff, error_order, shrink
+    )
+    if no_growth_after_reject:
+        factor = held_after_rejection(factor, accept, last_rejected)
+    return factor
+
+
 def conclude_step(
     t,
     h,
     t_new,
     t_left,
     lands,
+    verdict,
+    factor,
     dt,
     ratio_prev,
-    last_rejected,
     status,
     out_index,
     nfev,
@@ -577,9 +620,6 @@ def conclude_step(
     params,
     ts,
     jumps,
-    rtol,
-    atol,
-    parts,
     tab,
     settings,
     consts,
@@ -589,41 +629,17 @@ def conclude_step(
     tape_times,
     tape_y,
 ):
-    """Everything after a step's stages: its error, acceptance, outputs, the tape, the
-    next step's size and the status. Returns the loop's state after it, ``(t, dt,
+    """Everything after a step's stages, its ``verdict`` (:func:`judge_step`) and the
+    factor from its size to the next one's (:func:`size_factor`): its outputs, the tape,
+    the next step's size and the status. Returns the loop's state after it, ``(t, dt,
     ratio_prev, last_rejected, status, out_index, nfev, nsteps, naccept, nreject)``."""
-    (_, _, tab_b, _, _, _, sizes) = tab
-    (
-        direction,
-        min_step,
-        max_step,
-        max_num_steps,
-        adaptive,
-        has_jumps,
-        safety,
-        ifactor,
-        dfactor,
-        icoeff,
-        pcoeff,
-        error_order,
-        shrink,
-        no_growth_after_reject,
-        t_end,
-    ) = consts
+    sizes = tab[6]
+    (direction, min_step, max_step, max_num_steps, adaptive, has_jumps) = consts[:6]
+    t_end = consts[14]
     f = FIRST_DENSE_ROW
     # f_new is the last stage of an FSAL method, else a dense row of its own after the stages.
     f_new = f + sizes[STAGES] - (1 if sizes[FSAL] != 0 else 0)
-    ratio = 0.0
-    norm_failed = False
-    if adaptive:
-        ratio, norm_failed, finite = error_ratio(h, tab_b, rtol, atol, parts, sizes, settings, work)
-        accept = ratio <= 1.0
-    else:
-        finite = all_finite(work, Y_NEW)
-        accept = finite
-    # A step too short to move time is not taken: it would change y but not t.
-    no_progress = accept and t_new <= t
-    accept = accept and not no_progress
+    (ratio, norm_failed, finite, accept, no_progress) = verdict
     if sizes[FSAL] == 0:
         evaluate(t_left, work, Y_NEW, f_new, params, direction)
     nfev += sizes[NFEV_PER_STEP]
@@ -645,20 +661,6 @@ def conclude_step(
             nfev += 1
     rejected = not accept
     if adaptive:
-        factor = step_factor(
-            ratio,
-            ratio_prev,
-            accept,
-            safety,
-            ifactor,
-            dfactor,
-            icoeff,
-            pcoeff,
-            error_order,
-            shrink,
-        )
-        if no_growth_after_reject:
-            factor = held_after_rejection(factor, accept, last_rejected)
         dt_wanted = h * factor
         stall = stalled(rejected, t, h, dt_wanted, min_step, lands) or norm_failed
         dt_next = next_step(h, dt, dt_wanted, accept, lands, min_step, max_step)
@@ -749,11 +751,13 @@ def solve_trajectory(
     while status == RUNNING:
         stop_index, h, t_new, lands, t_left = plan_step(t, dt, stop_index, stops, jumps, consts)
         take_step(t, h, t_left, has_jumps, params, tab_a, tab_c, tab_b, sizes, settings, work)
+        verdict = judge_step(t, h, t_new, rtol, atol, parts, tab, settings, consts, work)
+        factor = size_factor(verdict, ratio_prev, last_rejected, consts)
         (t, dt, ratio_prev, last_rejected, status, out_index, nfev, nsteps, naccept, nreject) = (
             conclude_step(
-                t, h, t_new, t_left, lands, dt, ratio_prev, last_rejected, status, out_index,
-                nfev, nsteps, naccept, nreject, params, ts, jumps, rtol, atol, parts, tab,
-                settings, consts, out, work, weights, tape_times, tape_y,
+                t, h, t_new, t_left, lands, verdict, factor, dt, ratio_prev, status, out_index,
+                nfev, nsteps, naccept, nreject, params, ts, jumps, tab, settings, consts, out,
+                work, weights, tape_times, tape_y,
             )
         )  # fmt: skip
         if WATCHED and publish_progress(watch, t, dt, naccept, nreject, status):
@@ -796,6 +800,28 @@ def keep_lane_state(
     lane_n[lane, LANE_NSTEPS] = nsteps
     lane_n[lane, LANE_NACCEPT] = naccept
     lane_n[lane, LANE_NREJECT] = nreject
+
+
+def keep_verdict(lane_t, lane_n, lane, verdict):
+    """A lane's step's ``verdict`` (:func:`judge_step`) into its rows of ``lane_t`` and
+    ``lane_n``, until it concludes the step."""
+    (ratio, norm_failed, finite, accept, no_progress) = verdict
+    lane_t[lane, LANE_RATIO] = ratio
+    lane_n[lane, LANE_NORM_FAILED] = norm_failed
+    lane_n[lane, LANE_FINITE] = finite
+    lane_n[lane, LANE_ACCEPT] = accept
+    lane_n[lane, LANE_NO_PROGRESS] = no_progress
+
+
+def kept_verdict(lane_t, lane_n, lane):
+    """The verdict :func:`keep_verdict` kept for ``lane``."""
+    return (
+        lane_t[lane, LANE_RATIO],
+        lane_n[lane, LANE_NORM_FAILED] != 0,
+        lane_n[lane, LANE_FINITE] != 0,
+        lane_n[lane, LANE_ACCEPT] != 0,
+        lane_n[lane, LANE_NO_PROGRESS] != 0,
+    )
 
 
 def start_lane(
@@ -854,7 +880,8 @@ def solve_lanes(
 ):
     """Solve trajectories ``order[first:last]`` of a batch, :data:`LANES` at a time: each
     lane holds one trajectory, all busy lanes take a step together (their stages
-    interleaved, :func:`take_lane_steps`), and a lane whose trajectory ends takes the next.
+    interleaved, :func:`take_lane_steps`, then their errors and their step-size factors),
+    and a lane whose trajectory ends takes the next.
     Each trajectory takes the steps and gets the numbers :func:`solve_trajectory` gives it
     alone; the lanes only let the processor overlap one trajectory's chain of dependent
     operations (each stage waits for the last, the next step for the controller) with
@@ -896,6 +923,27 @@ def solve_lanes(
                 lane_t[lane, LANE_T_NEW] = t_new
                 lane_t[lane, LANE_T_LEFT] = t_left
         take_lane_steps(has_jumps, params, tab, settings, works, lane_t, lane_n)
+        # Every lane's error, then every lane's factor, then the rest, as the stages: each
+        # is a chain of operations that wait for one another (the norm's divisions and
+        # square root; the controller's power, most of a step's wait), and the next lane's
+        # chain, independent of it, fills the wait. Judged and concluded lane after lane
+        # instead, a tsit5 step on the Lorenz sweep waited for each power in turn.
+        for lane in range(LANES):
+            n = lane_n[lane, LANE_TRAJECTORY]
+            if n >= 0:
+                verdict = judge_step(
+                    lane_t[lane, LANE_T], lane_t[lane, LANE_H], lane_t[lane, LANE_T_NEW],
+                    row_of(rtol, n), row_of(atol, n), parts, tab, settings, consts, works[lane],
+                )  # fmt: skip
+                keep_verdict(lane_t, lane_n, lane, verdict)
+        for lane in range(LANES):
+            if lane_n[lane, LANE_TRAJECTORY] >= 0:
+                lane_t[lane, LANE_FACTOR] = size_factor(
+                    kept_verdict(lane_t, lane_n, lane),
+                    lane_t[lane, LANE_RATIO_PREV],
+                    lane_n[lane, LANE_LAST_REJECTED] != 0,
+                    consts,
+                )
         for lane in range(LANES):
             n = lane_n[lane, LANE_TRAJECTORY]
             if n < 0:
@@ -904,13 +952,12 @@ def solve_lanes(
              nreject) = conclude_step(
                 lane_t[lane, LANE_T], lane_t[lane, LANE_H], lane_t[lane, LANE_T_NEW],
                 lane_t[lane, LANE_T_LEFT], lane_n[lane, LANE_LANDS] != 0,
-                lane_t[lane, LANE_DT], lane_t[lane, LANE_RATIO_PREV],
-                lane_n[lane, LANE_LAST_REJECTED] != 0, lane_n[lane, LANE_STATUS],
+                kept_verdict(lane_t, lane_n, lane), lane_t[lane, LANE_FACTOR],
+                lane_t[lane, LANE_DT], lane_t[lane, LANE_RATIO_PREV], lane_n[lane, LANE_STATUS],
                 lane_n[lane, LANE_OUT_INDEX], lane_n[lane, LANE_NFEV],
                 lane_n[lane, LANE_NSTEPS], lane_n[lane, LANE_NACCEPT],
-                lane_n[lane, LANE_NREJECT], row_of(params, n), ts, jumps, row_of(rtol, n),
-                row_of(atol, n), parts, tab, settings, consts, out[n], works[lane], weights,
-                tape_times[n], tape_y[n],
+                lane_n[lane, LANE_NREJECT], row_of(params, n), ts, jumps, tab, settings, consts,
+                out[n], works[lane], weights, tape_times[n], tape_y[n],
             )  # fmt: skip
             asked_to_stop = False
             if WATCHED:
@@ -977,12 +1024,16 @@ KERNEL_FUNCTIONS = (
     loop_constants,
     begin,
     plan_step,
+    judge_step,
+    size_factor,
     conclude_step,
     publish_progress,
     record_counts,
     solve_trajectory,
     finish_trajectory,
     keep_lane_state,
+    keep_verdict,
+    kept_verdict,
     start_lane,
     solve_lanes,
 )
