@@ -443,13 +443,8 @@ def test_torch_data_that_requires_grad_keeps_the_log_density_right(adjoint):
     np.testing.assert_allclose(grad.numpy(), -X3 @ (E.T @ E).T, atol=1e-7)
 
 
-@pytest.mark.backend("torch")
-@pytest.mark.parametrize("data", ["plain", "inference_mode"])
-@pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
-def test_torch_module_parameters_get_gradients(adjoint, data):
-    # An nn.Module's own parameters are found although the augmented dynamics wrap it. The
-    # divergence differentiates f with respect to a leaf made from the data, and torch
-    # refuses requires_grad on a tensor made under inference_mode: the leaf is a clone.
+def torch_scale():
+    """``f = a z`` as an ``nn.Module`` owning ``a = A1``: the velocity of scalar_gradient()."""
     import torch
 
     class Scale(torch.nn.Module):
@@ -460,7 +455,19 @@ def test_torch_module_parameters_get_gradients(adjoint, data):
         def forward(self, t, z):
             return self.a * z
 
-    module = Scale()
+    return Scale()
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize("data", ["plain", "inference_mode"])
+@pytest.mark.parametrize("adjoint", ["direct", "backsolve", "checkpoint"])
+def test_torch_module_parameters_get_gradients(adjoint, data):
+    # An nn.Module's own parameters are found although the augmented dynamics wrap it. The
+    # divergence differentiates f with respect to a leaf made from the data, and torch
+    # refuses requires_grad on a tensor made under inference_mode: the leaf is a clone.
+    import torch
+
+    module = torch_scale()
     x = torch.as_tensor(X1)
     if data == "inference_mode":
         with torch.inference_mode():
@@ -513,15 +520,7 @@ def test_torch_sample_follows_a_module_velocity():
     # module's first layer failed on them in torch's words.
     import torch
 
-    class Scale(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(torch.tensor(A1, dtype=torch.float64))
-
-        def forward(self, t, z):
-            return self.a * z
-
-    module = Scale()
+    module = torch_scale()
     inferred = cnf.sample(module, 5, (1,), (0.0, T1), seed=3, **TIGHT)
     named = cnf.sample(module, 5, (1,), (0.0, T1), seed=3, backend="torch", **TIGHT)
     assert isinstance(inferred, torch.Tensor)
