@@ -113,8 +113,7 @@ def solve_fixed_point(
     ------
     TypeError
         ``f`` is not callable, ``z0`` is not a real floating array, an option is unknown or of
-        the wrong type, ``f`` returns something not shaped like ``z``, or ``f`` is a module
-        with its own parameters and ``params`` is given too.
+        the wrong type, or ``f`` returns something not shaped like ``z``.
     ValueError
         An option has a wrong value (an unknown solver, a ``tol`` that is not positive, ...)
         or would not be read (``damping`` without Picard, ``unroll_steps`` without
