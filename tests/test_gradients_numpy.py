@@ -145,6 +145,26 @@ def test_python_number_parameters_get_gradients(adjoint, params):
     assert relative_error(k_bar, k_ref) < 1e-8
 
 
+def test_pullback_checks_its_cotangent():
+    """``ys_bar`` is the gradient with respect to real outputs: a complex one had lost its
+    imaginary part with a warning per evaluation (gradients of the wrong kind), and None
+    was read as an object array; an integer one is read as the numbers it holds."""
+    t = TIMES["up"]
+    y0 = np.array([1.0, -2.0])
+    ys, pullback = odecore.vjp_odeint(DecayNumpy(), y0, t, (np.asarray(0.7),), **TIGHT)
+    with pytest.raises(TypeError, match=r"^pullback expects a real cotangent.*complex128"):
+        pullback(np.ones(ys.shape) * 1j)
+    with pytest.raises(TypeError, match=r"^ys_bar must be an array shaped like ys, got None"):
+        pullback(None)
+    with pytest.raises(ValueError, match=r"^pullback expects a cotangent shaped like ys"):
+        pullback(np.ones((1, 2)))
+    c = np.arange(ys.size).reshape(ys.shape)
+    _, y0_ref, k_ref, _ = decay_reference(y0, 0.7, t, c.astype(float))
+    y0_bar, (k_bar,), _ = pullback(c)
+    assert relative_error(y0_bar, y0_ref) < 1e-8
+    assert relative_error(k_bar, k_ref) < 1e-8
+
+
 # ---------------------------------------------------------------------------------------------
 # Finite differences of odecore's own solve
 # ---------------------------------------------------------------------------------------------

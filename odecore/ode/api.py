@@ -1347,7 +1347,14 @@ def _vjp_odeint_array(
     ys, report, residuals = rule.forward(bk.asarray(y0), bk.asarray(t))
 
     def pullback(ys_bar):
-        ys_bar = bk.asarray(ys_bar)
+        ys_bar = _validate.as_array(bk, ys_bar, "ys_bar", "an array shaped like ys")
+        if not _validate.is_real(bk.xp, ys_bar.dtype):
+            # Converted, a complex cotangent lost its imaginary part, with a warning per
+            # evaluation, and gave gradients of the wrong kind.
+            raise TypeError(
+                f"pullback expects a real cotangent, the gradient with respect to ys "
+                f"({ys.dtype}); got dtype {ys_bar.dtype}"
+            )
         if tuple(ys_bar.shape) != tuple(ys.shape):
             raise ValueError(
                 f"pullback expects a cotangent shaped like ys {tuple(ys.shape)}, "
